@@ -1,0 +1,117 @@
+"""Model bundle: a self-contained folder that ``predict``, the server and the exporters load.
+
+Layout (``<run>/model/``)::
+
+    bundle.json        format, classes, backbone spec + preprocessing, head, classifier mode, config, metrics
+    head.npz           W (n_classes x n_features), b: scores = softmax(normalise(features) @ W.T + b)
+    backbone.pt        fine-tuned backbone state_dict (only when the backbone was trained)
+
+Every classifier mode (svm, dnn, svm_on_refined) ends as backbone + linear head, so every consumer
+treats bundles the same way. The folder is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from imgclf import __version__
+from imgclf.backbones import Backbone, create_backbone
+from imgclf.data.io import Preprocess
+from imgclf.heads.linear import LinearHead
+from imgclf.utils import atomic_dir, file_sha256
+
+FORMAT = "imgclf-bundle/1"
+BUNDLE_DIR = "model"
+
+
+class BundleError(RuntimeError):
+    """A folder that is not a loadable bundle; the message says why."""
+
+
+@dataclass
+class Bundle:
+    """A trained classifier: class names, backbone (spec and optional trained weights) and linear head."""
+
+    classes: list[str]
+    backbone_spec: dict[str, Any]
+    head: LinearHead
+    classifier: str = "svm"
+    config: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    backbone_state: dict[str, torch.Tensor] | None = None
+    path: Path | None = None
+    created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return Preprocess(**self.backbone_spec["preprocess"])
+
+    @property
+    def model_id(self) -> str:
+        """Short content id of the bundle (changes whenever the head or the backbone weights change)."""
+        digest = np.asarray(self.head.weight, np.float32).tobytes() + self.backbone_spec["weights_id"].encode()
+        import hashlib
+
+        return hashlib.sha256(digest).hexdigest()[:12]
+
+    def build_backbone(self) -> Backbone:
+        """The backbone with its trained (or packaged pretrained) weights, in eval mode."""
+        spec = self.backbone_spec
+        bb = create_backbone(spec["name"], resolution=spec["preprocess"]["resolution"],
+                             pretrained=self.backbone_state is None)
+        if self.backbone_state is not None:
+            bb.model.load_state_dict(self.backbone_state)
+            bb.weights_id = spec["weights_id"]
+        bb.model.eval()
+        return bb
+
+    def classifier_net(self) -> nn.Module:
+        """uint8 NHWC image batch -> class probabilities, as one torch module (for export and parity checks)."""
+        return nn.Sequential(self.build_backbone().feature_net(), self.head.module()).eval()
+
+    def save(self, run_dir: Path) -> Path:
+        """Write the bundle to ``run_dir/model`` atomically; return that folder."""
+        target = Path(run_dir) / BUNDLE_DIR
+        with atomic_dir(target) as tmp:
+            np.savez(tmp / "head.npz", weight=self.head.weight, bias=self.head.bias)
+            spec = dict(self.backbone_spec)
+            if self.backbone_state is not None:
+                torch.save(self.backbone_state, tmp / "backbone.pt")
+                spec["weights_id"] = f"finetuned:{file_sha256(tmp / 'backbone.pt')[:16]}"
+                self.backbone_spec = spec
+            meta = {"format": FORMAT, "imgclf_version": __version__, "created": self.created,
+                    "classes": self.classes, "classifier": self.classifier, "backbone": spec,
+                    "head": {"type": "linear", "l2_normalize": self.head.l2_normalize, "file": "head.npz"},
+                    "backbone_weights": "backbone.pt" if self.backbone_state is not None else None,
+                    "config": self.config, "metrics": self.metrics}
+            (tmp / "bundle.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        self.path = target
+        return target
+
+    @classmethod
+    def load(cls, path: str | Path) -> Bundle:
+        """Load from a bundle folder, or from a run folder that holds one in ``model/``."""
+        path = Path(path)
+        if (path / BUNDLE_DIR / "bundle.json").exists():
+            path = path / BUNDLE_DIR
+        meta_file = path / "bundle.json"
+        if not meta_file.exists():
+            raise BundleError(f"no model bundle in {path} (expected {path}/model/bundle.json: train a model first)")
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        if meta.get("format") != FORMAT:
+            raise BundleError(f"{meta_file}: unknown bundle format {meta.get('format')!r} (expected {FORMAT})")
+        with np.load(path / meta["head"]["file"]) as npz:
+            head = LinearHead(npz["weight"], npz["bias"], meta["head"]["l2_normalize"])
+        state = None
+        if meta.get("backbone_weights"):
+            state = torch.load(path / meta["backbone_weights"], map_location="cpu", weights_only=True)
+        return cls(meta["classes"], meta["backbone"], head, meta["classifier"], meta.get("config", {}),
+                   meta.get("metrics", {}), state, path, meta.get("created", ""))

@@ -1,0 +1,113 @@
+"""Command line: a thin layer over the Python API. Every configuration field is a flag of the same name."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from imgclf.config import Config, field_index, parameter_table
+
+# Sub-command modules; each defines ``register(subparsers)`` adding its commands.
+COMMAND_MODULES = ("imgclf.commands",)
+
+
+def _arg_type(annotation: Any) -> dict[str, Any]:
+    """argparse keyword arguments for a pydantic field annotation."""
+    origin = typing.get_origin(annotation)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if origin is Literal:
+        return {"choices": list(typing.get_args(annotation)), "type": type(typing.get_args(annotation)[0])}
+    if origin is list:
+        return {"nargs": "+", "type": args[0]}
+    if args and origin is not None:  # Optional[X]
+        return _arg_type(args[0])
+    if annotation is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if annotation is Path:
+        return {"type": str}
+    return {"type": annotation}
+
+
+def add_config_args(parser: argparse.ArgumentParser, sections: Sequence[str] | None = None) -> None:
+    """Add ``--config FILE`` and one flag per configuration field (of the given sections)."""
+    parser.add_argument("--config", metavar="FILE", help="TOML or YAML configuration file; flags override it.")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for section, name, _, default, help_text in parameter_table():
+        if sections is not None and section not in sections:
+            continue
+        group = groups.setdefault(section, parser.add_argument_group(f"{section} parameters"))
+        annotation = Config.model_fields[section].annotation.model_fields[name].annotation  # type: ignore[union-attr]
+        flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
+        group.add_argument(*flags, dest=f"cfg__{name}", default=argparse.SUPPRESS,
+                           help=f"{help_text} [default: {default}]", **_arg_type(annotation))
+
+
+def config_from_args(args: argparse.Namespace, **overrides: Any) -> Config:
+    """The resolved configuration: defaults < --config file < flags < ``overrides``."""
+    cfg = Config.from_file(args.config) if getattr(args, "config", None) else Config()
+    flat = {k.removeprefix("cfg__"): v for k, v in vars(args).items() if k.startswith("cfg__")}
+    flat.update({k: v for k, v in overrides.items() if v is not None})
+    return cfg.updated(**flat) if flat else cfg
+
+
+def _show_config(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    cfg = config_from_args(args)
+    table = Table(title="imgclf parameters", show_lines=False)
+    for col in ("section", "parameter", "type", "value", "description"):
+        table.add_column(col, overflow="fold")
+    index = field_index()
+    flat = cfg.flat()
+    for section, name, type_, _, help_text in parameter_table():
+        assert index[name] == section
+        table.add_row(section, name, type_, str(flat[name]), help_text)
+    Console().print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from imgclf import __version__
+
+    parser = argparse.ArgumentParser(prog="imgclf", description=__doc__.split("\n")[0] if __doc__ else None)
+    parser.add_argument("--version", action="version", version=f"imgclf {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="More log output.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("config", help="Show every parameter, its value and one line of help.")
+    p.add_argument("--show", action="store_true", help="Print the table (the default action).")
+    add_config_args(p)
+    p.set_defaults(func=_show_config)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - user-facing errors end with a message, not a traceback
+        if args.verbose:
+            raise
+        from imgclf.errors import USER_ERRORS
+
+        if isinstance(e, USER_ERRORS):
+            print(f"imgclf: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""One typed configuration: every parameter, its default and a one-line description.
+
+The configuration is grouped in sections (``data``, ``backbone``, ``features``, ``classifier``,
+``finetune``, ``output``). A TOML or YAML file uses the same sections; on the command line every field is a flag of
+the same name (``--train-fraction 0.8``, ``--train_fraction 0.8``), field names being unique across
+sections. The resolved configuration is saved with every run (``config.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Where the images are and how they are split."""
+
+    data_root: Path | None = Field(None, description="Folder with one sub-folder per class (or train/ and val/ or test/).")
+    split_mode: Literal["auto", "random", "predefined", "list", "group"] = Field(
+        "auto",
+        description="auto: predefined if train/ + val/|test/ exist, else random; list: --test-list; "
+        "group: sub-folders of a class never straddle.",
+    )
+    train_fraction: float = Field(0.75, gt=0.0, lt=1.0, description="Share of each class put in the training split.")
+    split_seed: int = Field(0, description="Seed of the random split (same split on every machine).")
+    test_list: Path | None = Field(None, description="Text file of image paths (relative to data_root) that form the test split.")
+    max_image_pixels: int = Field(
+        100_000_000, gt=0, description="Images with more pixels are skipped (decompression-bomb guard)."
+    )
+    max_file_mb: float = Field(100.0, gt=0, description="Image files larger than this many MB are skipped.")
+
+
+class BackboneConfig(_Section):
+    """The pretrained network that turns an image into features."""
+
+    backbone: str = Field(
+        "efficientnet_lite0",
+        description="Backbone name: efficientnet_lite0/1/2 (offline), or any timm / torchvision:NAME model.",
+    )
+    weights: Path | None = Field(None, description="Local state_dict file for the backbone (instead of downloading).")
+    resolution: int | None = Field(None, ge=32, description="Input resolution in pixels (224, 448, 896...); default: the backbone's.")
+
+
+class FeatureConfig(_Section):
+    """How features are computed and cached."""
+
+    runtime: Literal["auto", "openvino", "onnxruntime", "torch"] = Field(
+        "auto", description="Inference engine for features: auto = openvino if installed, else torch."
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Compute precision: auto = bf16 on GPUs and AMX CPUs (where it is faster), else fp32."
+    )
+    device: str = Field("auto", description="torch device: auto (cuda if present, else cpu), cpu, cuda, cuda:1...")
+    batch_size: int = Field(32, ge=1, description="Images per forward pass.")
+    workers: int = Field(0, ge=0, description="Decoding threads and inference threads; 0 = number of CPU cores.")
+    cache_dir: Path | None = Field(
+        None, description="Feature cache folder; default $IMGCLF_CACHE or ~/.cache/imgclf."
+    )
+    use_cache: bool = Field(True, description="Reuse cached features of unchanged images.")
+    flip_tta: bool = Field(True, description="Average the features of each image and its mirror image.")
+
+
+class ClassifierConfig(_Section):
+    """The classifier on top of the backbone."""
+
+    classifier: Literal["svm", "dnn", "svm_on_refined"] = Field(
+        "svm", description="svm: linear SVM on frozen features; dnn: fine-tune; svm_on_refined: SVM on fine-tuned features."
+    )
+    l2_normalize: bool = Field(True, description="L2-normalise feature vectors before the SVM.")
+    svm_c_grid: list[float] = Field(
+        [0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0],
+        min_length=1,
+        description="SVM C values tried; the best is chosen by cross-validation on the training split.",
+    )
+    cv_folds: int = Field(5, ge=2, description="Stratified cross-validation folds used to choose C and calibrate.")
+    class_weight: Literal["none", "balanced"] = Field("none", description="balanced: weight classes inversely to their size.")
+
+
+class FinetuneConfig(_Section):
+    """Fine-tuning the whole network (classifier dnn / svm_on_refined)."""
+
+    epochs: int = Field(12, ge=1, description="Training epochs (passes over the training part).")
+    ft_batch_size: int = Field(32, ge=1, description="Images per training step.")
+    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="sgd: momentum SGD (the tutorial's); adamw.")
+    lr: float = Field(0.01, gt=0, description="Peak learning rate of the new last layer.")
+    backbone_lr_mult: float = Field(0.1, ge=0, description="Backbone learning rate = lr x this (0 with freeze_backbone).")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    weight_decay: float = Field(1e-4, ge=0, description="L2 weight decay.")
+    schedule: Literal["cosine", "step"] = Field("cosine", description="cosine with warm-up, or the tutorial's step decay.")
+    warmup_epochs: float = Field(1.0, ge=0, description="Linear learning-rate warm-up (cosine schedule).")
+    step_epochs: int = Field(5, ge=1, description="Step schedule: multiply the rate by step_gamma every this many epochs.")
+    step_gamma: float = Field(0.1, gt=0, le=1, description="Step schedule: factor applied every step_epochs.")
+    dropout: float = Field(0.2, ge=0, lt=1, description="Dropout before the new last layer.")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="Label smoothing of the cross-entropy loss.")
+    freeze_backbone: bool = Field(False, description="Train the new last layer only.")
+    head_warmup_epochs: int = Field(1, ge=0, description="Epochs training the head only before unfreezing the backbone.")
+    val_fraction: float = Field(0.15, ge=0, lt=1, description="Share of the training split held out for early stopping.")
+    early_stopping: int = Field(5, ge=0, description="Stop after this many epochs without validation gain (0 = off).")
+    aug_crop: bool = Field(True, description="Augment: random resized crop.")
+    aug_flip: bool = Field(True, description="Augment: horizontal flip.")
+    aug_color: bool = Field(True, description="Augment: colour jitter.")
+    aug_rotate: float = Field(10.0, ge=0, le=180, description="Augment: random rotation up to this many degrees (0 = off).")
+    balance_classes: bool = Field(False, description="Draw training images with class-balancing weights.")
+    compile: bool = Field(False, description="torch.compile the model (GPU; slower start, faster epochs).")
+    resume: bool = Field(False, description="Resume an interrupted fine-tuning run from its last checkpoint.")
+
+
+class ServeConfig(_Section):
+    """The REST service."""
+
+    host: str = Field("127.0.0.1", description="Address the server listens on (0.0.0.0 for all).")
+    port: int = Field(8000, ge=0, le=65535, description="Port the server listens on.")
+    api_key: str | None = Field(None, description="If set, requests need header X-API-Key with this value.")
+    serve_runtime: Literal["auto", "openvino", "onnxruntime", "torch"] = Field(
+        "auto", description="Inference engine of the server (auto: openvino on CPU, torch on GPU)."
+    )
+    max_upload_mb: float = Field(20.0, gt=0, description="Largest request body accepted, in MB.")
+    max_images_per_request: int = Field(16, ge=1, description="Most images in one request.")
+    max_batch: int = Field(16, ge=1, description="Most images in one micro-batched forward pass.")
+    max_wait_ms: float = Field(5.0, ge=0, description="Longest wait for more requests to fill a micro-batch.")
+    top_k: int = Field(3, ge=1, description="Labels returned per image, best first.")
+
+
+class DataToolsConfig(_Section):
+    """Downloading, image search and near-duplicate detection."""
+
+    download_workers: int = Field(8, ge=1, description="Concurrent downloads.")
+    timeout_s: float = Field(20.0, gt=0, description="Per-request timeout in seconds.")
+    retries: int = Field(3, ge=0, description="Retries per URL, with exponential back-off.")
+    max_download_mb: float = Field(20.0, gt=0, description="Downloads larger than this are refused.")
+    max_side: int = Field(1000, ge=0, description="Downloaded images are resized to this longest side (0 = keep).")
+    keep_originals: bool = Field(False, description="Also keep the original downloaded file.")
+    provider: Literal["openverse", "bing"] = Field("openverse", description="Image search provider for scrape.")
+    provider_url: str | None = Field(None, description="Base URL of the search provider (default: the provider's own).")
+    per_query: int = Field(50, ge=1, description="Results per search query.")
+    hash_size: int = Field(16, ge=2, description="dhash size for near-duplicate detection.")
+    max_distance: int = Field(0, ge=0, description="Images whose dhashes differ in at most this many bits are duplicates.")
+    fail_on_leak: bool = Field(False, description="train refuses to run when near-duplicates straddle train and test.")
+
+
+class OutputConfig(_Section):
+    """Where results go."""
+
+    out: Path = Field(Path("runs/latest"), description="Run folder: split, metrics, report, predictions, model bundle.")
+    seed: int = Field(0, description="Seed for everything random besides the split.")
+    progress: bool = Field(True, description="Show progress bars.")
+
+
+class Config(BaseModel):
+    """The whole configuration of a run."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    features: FeatureConfig = Field(default_factory=FeatureConfig)
+    classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    datatools: DataToolsConfig = Field(default_factory=DataToolsConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Config:
+        """Load a TOML (.toml) or YAML (.yaml/.yml) file with the same sections."""
+        path = Path(path)
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() == ".toml":
+            raw = tomllib.loads(text)
+        elif path.suffix.lower() in (".yaml", ".yml"):
+            raw = yaml.safe_load(text) or {}
+        elif path.suffix.lower() == ".json":
+            raw = json.loads(text)
+        else:
+            raise ValueError(f"{path}: configuration files must end in .toml, .yaml, .yml or .json")
+        return cls.model_validate(raw)
+
+    def updated(self, **flat: Any) -> Config:
+        """A copy with fields replaced by flat name (``train_fraction=0.8``), validated."""
+        raw = self.model_dump()
+        index = field_index()
+        for name, value in flat.items():
+            if name not in index:
+                raise KeyError(f"unknown parameter {name!r}; see `imgclf config --show`")
+            raw[index[name]][name] = value
+        return Config.model_validate(raw)
+
+    def flat(self) -> dict[str, Any]:
+        """Every field by its flat name, JSON-ready."""
+        dumped = self.model_dump(mode="json")
+        return {name: value for section in dumped.values() for name, value in section.items()}
+
+    def save(self, path: str | Path) -> None:
+        from imgclf.utils import atomic_write_text
+
+        atomic_write_text(Path(path), self.model_dump_json(indent=2))
+
+
+def field_index() -> dict[str, str]:
+    """Flat field name -> section name."""
+    index: dict[str, str] = {}
+    for section_name, section in Config.model_fields.items():
+        for name in section.annotation.model_fields:  # type: ignore[union-attr]
+            index[name] = section_name
+    return index
+
+
+def parameter_table() -> list[tuple[str, str, str, str, str]]:
+    """(section, name, type, default, description) for every parameter."""
+    rows = []
+    for section_name, section in Config.model_fields.items():
+        for name, info in section.annotation.model_fields.items():  # type: ignore[union-attr]
+            default = info.get_default(call_default_factory=True)
+            rows.append((section_name, name, type_name(info.annotation), json.dumps(default, default=str),
+                         info.description or ""))
+    return rows
+
+
+def type_name(annotation: Any) -> str:
+    """Readable name of a field's type."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return "|".join(str(a) for a in typing.get_args(annotation))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_name(a) for a in typing.get_args(annotation) if a is not type(None)) + " | None"
+    if origin is list:
+        return f"list[{type_name(typing.get_args(annotation)[0])}]"
+    return getattr(annotation, "__name__", str(annotation))

@@ -1,0 +1,1 @@
+"""Data: scanning, splitting, decoding and demo data."""

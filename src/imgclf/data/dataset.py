@@ -1,0 +1,193 @@
+"""Scanning a folder of labelled images and splitting it into train and test, reproducibly."""
+
+from __future__ import annotations
+
+import csv
+import io
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from imgclf.config import DataConfig
+from imgclf.data.io import ImageError, check_image
+from imgclf.utils import atomic_write_text
+
+PREDEFINED_TEST_NAMES = ("val", "test")
+UNLABELED_DIR = "unlabeled"
+
+
+class DatasetError(ValueError):
+    """The data folder cannot be used as given; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One usable image."""
+
+    rel: str  # POSIX path relative to the data root: stable across machines
+    label: int
+    group: str  # images sharing a group never straddle train and test in "group" mode
+    preset: str | None = None  # "train" / "test" where the folder layout fixes the split
+
+
+@dataclass
+class Dataset:
+    """Images found under ``root``: class names (sorted), usable samples and skipped files with reasons."""
+
+    root: Path
+    classes: list[str]
+    samples: list[Sample]
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+    def path(self, sample: Sample) -> Path:
+        return self.root / sample.rel
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([s.label for s in self.samples], dtype=np.int64)
+
+
+def _is_hidden(p: Path) -> bool:
+    return p.name.startswith(".")
+
+
+def _class_dirs(base: Path) -> list[Path]:
+    return sorted((p for p in base.iterdir() if p.is_dir() and not _is_hidden(p) and p.name != UNLABELED_DIR),
+                  key=lambda p: p.name)
+
+
+def _predefined_dirs(root: Path) -> tuple[Path, Path] | None:
+    names = {p.name.lower(): p for p in root.iterdir() if p.is_dir()}
+    if "train" in names:
+        for test_name in PREDEFINED_TEST_NAMES:
+            if test_name in names:
+                return names["train"], names[test_name]
+    return None
+
+
+def scan_dataset(cfg: DataConfig, root: Path | None = None) -> Dataset:
+    """List the usable images under the data root; unusable files are reported in ``skipped``, never touched."""
+    root = Path(root if root is not None else cfg.data_root or "")
+    if not str(root) or not root.exists():
+        raise DatasetError(f"data folder not found: {root!s} (give the folder that holds one sub-folder per class)")
+    if not root.is_dir():
+        raise DatasetError(f"{root} is a file; give the folder that holds one sub-folder per class")
+    root = root.resolve()
+    predefined = _predefined_dirs(root) if cfg.split_mode in ("auto", "predefined") else None
+    if cfg.split_mode == "predefined" and predefined is None:
+        raise DatasetError(f"split_mode=predefined needs {root}/train and {root}/val (or test) sub-folders")
+    parts = [(predefined[0], "train"), (predefined[1], "test")] if predefined else [(root, None)]
+    class_names = sorted({d.name for base, _ in parts for d in _class_dirs(base)})
+    if not class_names:
+        raise DatasetError(f"no class sub-folders in {root}: expected {root}/<class name>/<images>")
+    if len(class_names) < 2:
+        raise DatasetError(f"only one class ({class_names[0]!r}) in {root}: a classifier needs at least two class folders")
+    label_of = {name: i for i, name in enumerate(class_names)}
+    samples: list[Sample] = []
+    skipped: list[dict[str, str]] = []
+    max_bytes = int(cfg.max_file_mb * 1e6)
+    for base, preset in parts:
+        for f in sorted(p for p in base.iterdir() if p.is_file()):
+            skipped.append({"path": str(f), "reason": "not inside a class folder: move it into one to use it"})
+        for class_dir in _class_dirs(base):
+            for f in sorted(p for p in class_dir.rglob("*") if p.is_file()):
+                rel_in_class = f.relative_to(class_dir)
+                if any(part.startswith(".") for part in rel_in_class.parts[:-1]):
+                    continue  # inside a hidden folder (e.g. a quarantine or cache the tools keep)
+                try:
+                    check_image(f, cfg.max_image_pixels, max_bytes)
+                except ImageError as e:
+                    skipped.append({"path": str(f), "reason": str(e)})
+                    continue
+                group = rel_in_class.parts[0] if len(rel_in_class.parts) > 1 else rel_in_class.as_posix()
+                samples.append(Sample(f.relative_to(root).as_posix(), label_of[class_dir.name],
+                                      f"{class_dir.name}/{group}", preset))
+    counts = np.bincount([s.label for s in samples], minlength=len(class_names))
+    empty = [class_names[i] for i in np.flatnonzero(counts == 0)]
+    if empty:
+        raise DatasetError(f"class folder(s) without a usable image: {', '.join(empty)} "
+                           f"(add images or remove the folder; {len(skipped)} file(s) skipped, see above)")
+    return Dataset(root, class_names, samples, skipped)
+
+
+def _rng(seed: int, key: str) -> np.random.Generator:
+    """A generator that depends only on the seed and a name (never on listing order or platform)."""
+    return np.random.default_rng([seed, zlib.crc32(key.encode("utf-8"))])
+
+
+def _n_test(n: int, train_fraction: float) -> int:
+    return 0 if n < 2 else min(n - 1, max(1, round(n * (1.0 - train_fraction))))
+
+
+def make_split(ds: Dataset, cfg: DataConfig) -> np.ndarray:
+    """Array of "train"/"test", one per sample, by ``cfg.split_mode``."""
+    split = np.full(len(ds.samples), "train", dtype=object)
+    if all(s.preset is not None for s in ds.samples) and cfg.split_mode in ("auto", "predefined"):
+        split[:] = [s.preset for s in ds.samples]
+    elif cfg.split_mode == "list":
+        if cfg.test_list is None:
+            raise DatasetError("split_mode=list needs --test-list FILE (image paths, one per line)")
+        wanted = _read_list(Path(cfg.test_list), ds.root)
+        index = {s.rel: i for i, s in enumerate(ds.samples)}
+        missing = sorted(wanted - index.keys())
+        if missing:
+            raise DatasetError(f"{len(missing)} path(s) in {cfg.test_list} are not usable images under {ds.root}, "
+                               f"e.g. {missing[:3]}")
+        split[[index[r] for r in wanted]] = "test"
+    else:
+        labels = ds.labels
+        for c, name in enumerate(ds.classes):
+            idx = np.flatnonzero(labels == c)  # samples are sorted by path: order is platform-independent
+            rng = _rng(cfg.split_seed, name)
+            if cfg.split_mode == "group":
+                groups = sorted({ds.samples[i].group for i in idx})
+                order = [groups[j] for j in rng.permutation(len(groups))]
+                target, taken = _n_test(len(idx), cfg.train_fraction), 0
+                members = {g: [i for i in idx if ds.samples[i].group == g] for g in groups}
+                for g in order[:-1] if len(order) > 1 else []:
+                    if taken >= target:
+                        break
+                    split[members[g]] = "test"
+                    taken += len(members[g])
+            else:
+                split[idx[rng.permutation(len(idx))[: _n_test(len(idx), cfg.train_fraction)]]] = "test"
+    for part in ("train", "test"):
+        present = {ds.samples[i].label for i in np.flatnonzero(split == part)}
+        if len(present) < 2:
+            raise DatasetError(f"the {part} split holds fewer than two classes; add images or change the split")
+    return split
+
+
+def _read_list(path: Path, root: Path) -> set[str]:
+    if not path.is_file():
+        raise DatasetError(f"test list not found: {path}")
+    out = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            p = Path(line)
+            out.add((p.resolve().relative_to(root) if p.is_absolute() else p).as_posix())
+    return out
+
+
+def save_split(path: Path, ds: Dataset, split: np.ndarray) -> None:
+    """Write the split as CSV (path, label, split), atomically."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["path", "label", "split"])
+    for s, part in zip(ds.samples, split, strict=True):
+        w.writerow([s.rel, ds.classes[s.label], part])
+    atomic_write_text(path, buf.getvalue())
+
+
+def load_split(path: Path, root: Path, classes: list[str]) -> tuple[Dataset, np.ndarray]:
+    """Read a split CSV written by :func:`save_split` back into a Dataset and split array."""
+    label_of = {c: i for i, c in enumerate(classes)}
+    samples, split = [], []
+    with open(path, newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            samples.append(Sample(row["path"], label_of[row["label"]], row["path"]))
+            split.append(row["split"])
+    return Dataset(Path(root), list(classes), samples), np.array(split, dtype=object)

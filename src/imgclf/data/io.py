@@ -1,0 +1,116 @@
+"""Reading images safely: format check, EXIF orientation, fast JPEG downscaling, clear errors."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+
+
+class ImageError(Exception):
+    """An image that cannot be used; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Eval-time geometry of a backbone: resize the shorter side, then centre-crop a square."""
+
+    resolution: int
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
+
+    @property
+    def resize_to(self) -> int:
+        return int(round(self.resolution / self.crop_pct))
+
+
+_RESAMPLE = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+def check_image(path: Path, max_pixels: int, max_bytes: int) -> None:
+    """Cheap header check; raise ImageError saying what is wrong with the file."""
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise ImageError(f"unreadable: {e.strerror}") from e
+    if size == 0:
+        raise ImageError("empty file (0 bytes): re-download or remove it")
+    if size > max_bytes:
+        raise ImageError(f"file too large ({size / 1e6:.0f} MB > {max_bytes / 1e6:.0f} MB): downscale it or raise --max-file-mb")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                fmt, (w, h) = im.format, im.size
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"oversized image ({e}): downscale it or raise --max-image-pixels") from e
+    except Exception as e:  # noqa: BLE001 - Pillow raises many types for non-images
+        raise ImageError(f"not an image Pillow can read ({type(e).__name__}): check or convert the file") from e
+    if w * h > max_pixels:
+        raise ImageError(
+            f"oversized image ({w}x{h} = {w * h / 1e6:.0f} Mpx > {max_pixels / 1e6:.0f} Mpx): "
+            "downscale it or raise --max-image-pixels"
+        )
+    ext = path.suffix.lower()
+    if ext not in IMAGE_EXTENSIONS:
+        raise ImageError(f"{fmt} image with extension {ext or '(none)'!r}: rename it to a known image extension to use it")
+
+
+def open_rgb(path: Path, draft_to: int | None = None, max_pixels: int | None = None) -> Image.Image:
+    """Decode an image as upright RGB.
+
+    ``draft_to`` lets JPEG decoding downscale by 1/2..1/8 while keeping the shorter side >= draft_to.
+    EXIF orientation is applied after decoding; transparent pixels are composited on white.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(path)
+            if max_pixels is not None and im.size[0] * im.size[1] > max_pixels:
+                raise ImageError(f"oversized image ({im.size[0]}x{im.size[1]}): downscale it or raise --max-image-pixels")
+            if draft_to is not None and im.format == "JPEG":
+                im.draft("RGB", (draft_to, draft_to))
+            im.load()
+            im = ImageOps.exif_transpose(im)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"oversized image ({e}): downscale it or raise --max-image-pixels") from e
+    except OSError as e:
+        msg = str(e)
+        if "truncated" in msg:
+            raise ImageError("truncated or corrupt image data: re-download or re-save the file") from e
+        raise ImageError(f"cannot decode ({msg}): re-download or re-save the file") from e
+    except Exception as e:  # noqa: BLE001 - corrupt files raise anything from SyntaxError to ValueError
+        raise ImageError(f"cannot decode ({type(e).__name__}: {e}): re-download or re-save the file") from e
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, im)
+    return im.convert("RGB") if im.mode != "RGB" else im
+
+
+def resize_center_crop(im: Image.Image, pre: Preprocess) -> np.ndarray:
+    """Resize the shorter side to ``pre.resize_to`` and centre-crop ``pre.resolution``: HxWx3 uint8."""
+    w, h = im.size
+    scale = pre.resize_to / min(w, h)
+    nw, nh = max(pre.resolution, round(w * scale)), max(pre.resolution, round(h * scale))
+    im = im.resize((nw, nh), _RESAMPLE[pre.interpolation], reducing_gap=3.0)
+    left, top = (nw - pre.resolution) // 2, (nh - pre.resolution) // 2
+    im = im.crop((left, top, left + pre.resolution, top + pre.resolution))
+    return np.asarray(im, dtype=np.uint8)
+
+
+def load_for_model(path: Path, pre: Preprocess, max_pixels: int | None = None) -> np.ndarray:
+    """Decode, orient and crop one image for a backbone: HxWx3 uint8."""
+    return resize_center_crop(open_rgb(path, draft_to=pre.resize_to, max_pixels=max_pixels), pre)

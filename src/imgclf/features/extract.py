@@ -1,0 +1,192 @@
+"""Batched feature extraction: parallel decoding feeding a runtime, with an on-disk cache per image."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from imgclf.backbones import Backbone, create_backbone
+from imgclf.config import Config
+from imgclf.data.io import ImageError, Preprocess, load_for_model
+from imgclf.features.runtimes import Runtime, create_runtime, resolve_device, resolve_precision, resolve_runtime
+from imgclf.utils import atomic_write_bytes, cpu_count, file_sha256
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("IMGCLF_CACHE") or Path.home() / ".cache" / "imgclf")
+
+
+class FeatureCache:
+    """One ``.npy`` per (image content, feature model): ``root/<model key>/<sha[:2]>/<sha>.npy``."""
+
+    def __init__(self, root: Path, model_key: str) -> None:
+        self.dir = root / "features" / model_key
+
+    def _path(self, digest: str) -> Path:
+        return self.dir / digest[:2] / f"{digest}.npy"
+
+    def get(self, digest: str) -> np.ndarray | None:
+        try:
+            return np.load(self._path(digest), allow_pickle=False)
+        except (FileNotFoundError, ValueError, OSError):
+            return None
+
+    def put(self, digest: str, vector: np.ndarray) -> None:
+        import io
+
+        buf = io.BytesIO()
+        np.save(buf, vector.astype(np.float32, copy=False), allow_pickle=False)
+        atomic_write_bytes(self._path(digest), buf.getvalue())
+
+
+@dataclass
+class FeatureResult:
+    """Features of the images that decoded (rows in input order) and the reasons of those that did not."""
+
+    features: np.ndarray
+    ok: np.ndarray  # bool mask over the input paths
+    errors: dict[int, str] = field(default_factory=dict)
+    n_cached: int = 0
+
+
+class FeatureExtractor:
+    """Turn image files into backbone features, reusing cached ones.
+
+    Decoding runs in a thread pool (Pillow releases the GIL) while the runtime computes the previous batch.
+    """
+
+    def __init__(self, backbone: Backbone, *, runtime: str = "auto", precision: str = "auto", device: str = "auto",
+                 batch_size: int = 32, workers: int = 0, cache_dir: Path | None = None, use_cache: bool = True,
+                 flip_tta: bool = False, max_pixels: int | None = None, progress: bool = True) -> None:
+        self.backbone, self.batch_size, self.flip_tta = backbone, batch_size, flip_tta
+        self.workers, self.max_pixels, self.progress = workers or cpu_count(), max_pixels, progress
+        dev = resolve_device(device)
+        self.runtime_name = resolve_runtime(runtime, dev)
+        self.precision = resolve_precision(precision, self.runtime_name, dev)
+        self.device = device
+        self.cache_root = cache_dir or default_cache_dir()
+        self.cache = FeatureCache(self.cache_root, self.model_key) if use_cache else None
+        self._runtime: Runtime | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Config, backbone: Backbone | None = None) -> FeatureExtractor:
+        b, f = cfg.backbone, cfg.features
+        backbone = backbone or create_backbone(b.backbone, weights=b.weights, resolution=b.resolution)
+        return cls(backbone, runtime=f.runtime, precision=f.precision, device=f.device, batch_size=f.batch_size,
+                   workers=f.workers, cache_dir=f.cache_dir, use_cache=f.use_cache, flip_tta=f.flip_tta,
+                   max_pixels=cfg.data.max_image_pixels, progress=cfg.output.progress)
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return self.backbone.preprocess
+
+    @property
+    def model_key(self) -> str:
+        """Names the feature model: backbone, weights, preprocessing, runtime, precision, test-time flip."""
+        spec = dict(self.backbone.spec(), runtime=self.runtime_name, precision=self.precision, flip=self.flip_tta)
+        digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+        res = self.preprocess.resolution
+        return f"{self.backbone.name.replace(':', '_')}-{res}-{self.runtime_name}-{self.precision}-{digest}"
+
+    @property
+    def runtime(self) -> Runtime:
+        if self._runtime is None:
+            model_dir = self.cache_root / "models" / self.model_key
+            self._runtime = create_runtime(self.backbone.feature_net(), self.preprocess.resolution, self.runtime_name,
+                                           self.precision, self.device, self.workers, model_dir)
+        return self._runtime
+
+    def embed_arrays(self, batch: np.ndarray) -> np.ndarray:
+        """Features of a uint8 NHWC batch (already resized and cropped)."""
+        out = np.empty((0, self.backbone.num_features), np.float32)
+        for i in range(0, len(batch), self.batch_size):
+            chunk = batch[i:i + self.batch_size]
+            f = self.runtime(chunk)
+            if self.flip_tta:
+                f = 0.5 * (f + self.runtime(np.ascontiguousarray(chunk[:, :, ::-1])))
+            out = np.concatenate([out, f])
+        return out
+
+    def _decode(self, path: Path) -> np.ndarray | str:
+        try:
+            return load_for_model(path, self.preprocess, self.max_pixels)
+        except ImageError as e:
+            return str(e)
+        except OSError as e:
+            return f"unreadable: {e}"
+
+    def _decoded(self, pool: ThreadPoolExecutor, paths: Sequence[Path]) -> Iterator[np.ndarray | str]:
+        """Decoded images in order, with a bounded number decoding ahead."""
+        ahead = 3 * self.batch_size
+        futures: list[Future] = [pool.submit(self._decode, p) for p in paths[:ahead]]
+        for i in range(len(paths)):
+            if i + ahead < len(paths):
+                futures.append(pool.submit(self._decode, paths[i + ahead]))
+            yield futures[i].result()
+            futures[i] = None  # type: ignore[call-overload]  # free the decoded image
+
+    def extract(self, paths: Sequence[Path], desc: str = "features") -> FeatureResult:
+        """Features for every path; images that fail to decode are reported in ``errors``, never raised."""
+        n = len(paths)
+        feats = np.zeros((n, self.backbone.num_features), np.float32)
+        ok = np.zeros(n, bool)
+        errors: dict[int, str] = {}
+        digests: list[str | None] = [None] * n
+        todo: list[int] = []
+        with ThreadPoolExecutor(self.workers) as pool:
+            if self.cache is not None:
+                for i, d in enumerate(pool.map(_digest, paths)):
+                    digests[i] = d
+                    if isinstance(d, str) and d.startswith("!"):
+                        errors[i] = d[1:]
+                        continue
+                    v = self.cache.get(d)
+                    if v is not None and v.shape == (self.backbone.num_features,):
+                        feats[i], ok[i] = v, True
+                    else:
+                        todo.append(i)
+            else:
+                todo = list(range(n))
+            n_cached = int(ok.sum())
+            bar = tqdm(total=len(todo), desc=desc, unit="img", disable=not self.progress or not todo, leave=False)
+            batch_idx: list[int] = []
+            batch: list[np.ndarray] = []
+
+            def flush() -> None:
+                f = self.embed_arrays(np.stack(batch))
+                for j, i in enumerate(batch_idx):
+                    feats[i], ok[i] = f[j], True
+                    if self.cache is not None and digests[i] is not None:
+                        self.cache.put(digests[i], f[j])  # type: ignore[arg-type]
+                bar.update(len(batch))
+                batch.clear()
+                batch_idx.clear()
+
+            for i, img in zip(todo, self._decoded(pool, [paths[i] for i in todo]), strict=True):
+                if isinstance(img, str):
+                    errors[i] = img
+                    bar.update(1)
+                    continue
+                batch.append(img)
+                batch_idx.append(i)
+                if len(batch) == self.batch_size:
+                    flush()
+            if batch:
+                flush()
+            bar.close()
+        return FeatureResult(feats, ok, errors, n_cached)
+
+
+def _digest(path: Path) -> str:
+    try:
+        return file_sha256(path)
+    except OSError as e:
+        return f"!unreadable: {e.strerror}"

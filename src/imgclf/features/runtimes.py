@@ -1,0 +1,168 @@
+"""Inference runtimes for feature extraction: OpenVINO (fast on CPUs), ONNX Runtime, PyTorch (CPU/GPU).
+
+Every runtime takes a batch of uint8 NHWC images and returns float32 features; normalisation lives in
+the graph (:class:`imgclf.backbones.factory.UInt8FeatureNet`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from imgclf.utils import atomic_write_bytes, cpu_count, cpu_has_amx_bf16
+
+log = logging.getLogger(__name__)
+
+
+class Runtime(Protocol):
+    name: str
+    precision: str
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` -> cuda when present, else cpu; a GPU is never required."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} asked for, but no CUDA GPU is visible; use --device cpu or auto")
+    return dev
+
+
+def resolve_runtime(runtime: str, device: torch.device) -> str:
+    if runtime != "auto":
+        return runtime
+    if device.type == "cpu" and importlib.util.find_spec("openvino") is not None:
+        return "openvino"
+    return "torch"
+
+
+def resolve_precision(precision: str, runtime: str, device: torch.device) -> str:
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if runtime == "openvino" and cpu_has_amx_bf16() else "fp32"
+
+
+class TorchRuntime:
+    """Eager PyTorch on CPU or GPU (bf16 autocast and channels_last on GPU)."""
+
+    name = "torch"
+
+    def __init__(self, net: nn.Module, device: torch.device, precision: str, threads: int) -> None:
+        self.net, self.device, self.precision = net.to(device).eval(), device, precision
+        if device.type == "cpu":
+            torch.set_num_threads(threads)
+        else:
+            self.net = self.net.to(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            return self.net(x).float().cpu().numpy()
+
+
+def export_onnx(net: nn.Module, resolution: int, path: Path) -> Path:
+    """Write ``net`` (uint8 NHWC in, features out; dynamic batch) as an ONNX file, atomically."""
+    import io
+
+    buf = io.BytesIO()
+    example = torch.zeros(1, resolution, resolution, 3, dtype=torch.uint8)
+    torch.onnx.export(net.eval().cpu(), (example,), buf, input_names=["image"], output_names=["output"],
+                      dynamic_axes={"image": {0: "batch"}, "output": {0: "batch"}}, opset_version=17, dynamo=False)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def convert_openvino(net: nn.Module, resolution: int):  # -> openvino.Model
+    """Convert ``net`` to an OpenVINO model with a dynamic batch and a fixed image size."""
+    import openvino as ov
+
+    example = torch.zeros(1, resolution, resolution, 3, dtype=torch.uint8)
+    with torch.no_grad():
+        model = ov.convert_model(net.eval().cpu(), example_input=example,
+                                 input=[([-1, resolution, resolution, 3], ov.Type.u8)])
+    return model
+
+
+class OpenVINORuntime:
+    """OpenVINO on the CPU; the converted model is kept in ``model_dir`` so later runs skip conversion."""
+
+    name = "openvino"
+
+    def __init__(self, net: nn.Module, resolution: int, precision: str, threads: int, model_dir: Path | None) -> None:
+        import openvino as ov
+
+        core = ov.Core()
+        xml = model_dir / "model.xml" if model_dir is not None else None
+        if xml is not None and xml.exists():
+            model = core.read_model(xml)
+        else:
+            model = convert_openvino(net, resolution)
+            if xml is not None:
+                tmp = model_dir / ".tmp-model.xml"
+                model_dir.mkdir(parents=True, exist_ok=True)
+                ov.save_model(model, tmp, compress_to_fp16=False)
+                tmp.with_suffix(".bin").replace(xml.with_suffix(".bin"))
+                tmp.replace(xml)
+        config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+                  "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"}
+        self.compiled = core.compile_model(model, "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        self.precision = precision
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.request.infer([np.ascontiguousarray(batch)])
+        return np.array(self.request.get_output_tensor(0).data, dtype=np.float32)
+
+
+class OnnxRuntime:
+    """ONNX Runtime on the CPU; the exported model is kept in ``model_dir``."""
+
+    name = "onnxruntime"
+
+    def __init__(self, net: nn.Module, resolution: int, threads: int, model_dir: Path | None) -> None:
+        import onnxruntime as ort
+
+        path = model_dir / "model.onnx" if model_dir is not None else None
+        if path is None or not path.exists():
+            if path is None:
+                import tempfile
+
+                path = Path(tempfile.mkdtemp(prefix="imgclf-onnx-")) / "model.onnx"
+            export_onnx(net, resolution, path)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.precision = "fp32"
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {"image": np.ascontiguousarray(batch)})[0].astype(np.float32, copy=False)
+
+
+def create_runtime(net: nn.Module, resolution: int, runtime: str = "auto", precision: str = "auto",
+                   device: str = "auto", threads: int = 0, model_dir: Path | None = None) -> Runtime:
+    """Build the runtime named by ``runtime`` ("auto" picks the fastest available for the device)."""
+    dev = resolve_device(device)
+    name = resolve_runtime(runtime, dev)
+    prec = resolve_precision(precision, name, dev)
+    threads = threads or cpu_count()
+    if name == "openvino":
+        if importlib.util.find_spec("openvino") is None:
+            raise RuntimeError("runtime openvino asked for but not installed: pip install openvino")
+        return OpenVINORuntime(net, resolution, prec, threads, model_dir)
+    if name == "onnxruntime":
+        if importlib.util.find_spec("onnxruntime") is None:
+            raise RuntimeError("runtime onnxruntime asked for but not installed: pip install onnxruntime")
+        return OnnxRuntime(net, resolution, threads, model_dir)
+    return TorchRuntime(net, dev, prec, threads)

@@ -1,0 +1,111 @@
+"""Linear SVM on frozen features, C chosen by cross-validation on the training data, calibrated scores.
+
+Calibration is a multinomial logistic regression on the SVM's out-of-fold decision values. Both stages
+are linear, so the whole head folds into one linear layer + softmax (:meth:`LinearSVMHead.linear`), which
+is what bundles store and exporters write.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.svm import LinearSVC
+from sklearn.utils.multiclass import unique_labels
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+class LinearSVMHead(ClassifierMixin, BaseEstimator):
+    """Linear SVM with C picked by stratified k-fold CV on the data given to ``fit`` and calibrated scores.
+
+    Parameters
+    ----------
+    c_grid: C values tried.
+    cv_folds: folds for choosing C and for the out-of-fold calibration data.
+    l2_normalize: scale every feature vector to unit length first.
+    class_weight: None or "balanced".
+    random_state: seed of the fold assignment.
+    """
+
+    def __init__(self, c_grid: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0), cv_folds: int = 5,
+                 l2_normalize: bool = True, class_weight: str | None = None, random_state: int = 0) -> None:
+        self.c_grid = c_grid
+        self.cv_folds = cv_folds
+        self.l2_normalize = l2_normalize
+        self.class_weight = class_weight
+        self.random_state = random_state
+
+    def _prep(self, X: np.ndarray) -> np.ndarray:
+        X = np.asarray(X, dtype=np.float64)
+        return l2_normalize(X) if self.l2_normalize else X
+
+    def _svc(self, c: float) -> LinearSVC:
+        return LinearSVC(C=c, class_weight=self.class_weight, max_iter=20000, random_state=self.random_state)
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> LinearSVMHead:
+        X, y = validate_data(self, X, y)
+        self.classes_ = unique_labels(y)
+        if len(self.classes_) < 2:
+            raise ValueError("the training data holds a single class; a classifier needs at least two")
+        Xp = self._prep(X)
+        folds = int(min(self.cv_folds, np.bincount(np.searchsorted(self.classes_, y)).min()))
+        if folds >= 2:
+            cv = StratifiedKFold(folds, shuffle=True, random_state=self.random_state)
+            self.cv_scores_ = {}
+            oof_by_c = {}
+            for c in self.c_grid:
+                oof = cross_val_predict(self._svc(c), Xp, y, cv=cv, method="decision_function")
+                oof_by_c[c] = oof.reshape(len(y), -1)
+                pred = self.classes_[_argmax_decision(oof_by_c[c])]
+                self.cv_scores_[c] = float(np.mean(pred == y))
+            # best CV accuracy; ties go to the smaller (more regularised) C
+            self.C_ = max(self.c_grid, key=lambda c: (self.cv_scores_[c], -c))
+            oof = oof_by_c[self.C_]
+        else:  # too few images per class to cross-validate
+            self.C_, self.cv_scores_ = 1.0, {}
+            oof = None
+        self.svm_ = self._svc(self.C_).fit(Xp, y)
+        decision = oof if oof is not None else self.svm_.decision_function(Xp).reshape(len(y), -1)
+        self.calibrator_ = LogisticRegression(C=1.0, max_iter=1000).fit(decision, y)
+        self.coef_, self.intercept_ = self._fold()
+        return self
+
+    def _fold(self) -> tuple[np.ndarray, np.ndarray]:
+        """Compose SVM and calibrator into one (n_classes, n_features) layer whose softmax gives the scores."""
+        w, b = self.svm_.coef_, self.svm_.intercept_
+        a, c = self.calibrator_.coef_, self.calibrator_.intercept_
+        W, B = a @ w, a @ b + c
+        if len(self.classes_) == 2:  # binary: one logit for classes_[1]; softmax over [0, z]
+            W, B = np.vstack([np.zeros_like(W), W]), np.concatenate([[0.0], B])
+        return W, B
+
+    def decision_function(self, X: np.ndarray) -> np.ndarray:
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False)
+        return self._prep(X) @ self.coef_.T + self.intercept_
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        return softmax(self.decision_function(X))
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.classes_[np.argmax(self.decision_function(X), axis=1)]
+
+    def linear(self) -> tuple[np.ndarray, np.ndarray]:
+        """(W, b) with ``scores = softmax(normalise(x) @ W.T + b)``."""
+        check_is_fitted(self)
+        return self.coef_.astype(np.float32), self.intercept_.astype(np.float32)
+
+
+def _argmax_decision(d: np.ndarray) -> np.ndarray:
+    return (d[:, 0] > 0).astype(int) if d.shape[1] == 1 else np.argmax(d, axis=1)
