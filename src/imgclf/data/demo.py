@@ -24,7 +24,6 @@ MARKER_NAME = ".imgclf-demo.json"
 
 _VERSION = 1  # bump whenever the images change, so that older demo folders are not taken as current
 _SS = 2  # supersampling factor of drawn shapes (anti-aliasing)
-_GAIN = 1.4  # headroom of the 8-bit fabric shading, undone after the perspective warp
 _BILINEAR = Image.Resampling.BILINEAR
 _BICUBIC = Image.Resampling.BICUBIC
 _TAU = 2 * np.pi
@@ -56,10 +55,10 @@ def _to_image(arr: np.ndarray) -> Image.Image:
     return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8))
 
 
-def _smooth(rng: np.random.Generator, cells: int, size: int) -> np.ndarray:
-    """Smooth random field (size, size) of roughly unit amplitude with about `cells` bumps per side."""
+def _smooth(rng: np.random.Generator, cells: int, size: tuple[int, int]) -> np.ndarray:
+    """Smooth random field (h, w) for size (w, h), of roughly unit amplitude, with about `cells` bumps a side."""
     small = rng.standard_normal((cells + 1, cells + 1)).astype(np.float32)
-    return np.asarray(Image.fromarray(small).resize((size, size), _BICUBIC))
+    return np.asarray(Image.fromarray(small).resize(size, _BICUBIC))
 
 
 def _palette(rng: np.random.Generator, label: str) -> Palette:
@@ -74,10 +73,10 @@ def _palette(rng: np.random.Generator, label: str) -> Palette:
     return np.clip(colours * rng.uniform(0.85, 1.12, (3, 1)) + rng.normal(0, 9, (3, 3)), 0, 255)
 
 
-def _grid(rng: np.random.Generator, extent: int, period: float, jitter: float, hexagonal: bool) -> np.ndarray:
-    """Centres (n, 2) of a jittered square or hexagonal lattice covering a square of side `extent`."""
+def _grid(rng: np.random.Generator, size: tuple[int, int], period: float, jitter: float, hexagonal: bool) -> np.ndarray:
+    """Centres (n, 2) of a jittered square or hexagonal lattice covering a canvas of size (w, h)."""
     dy = period * (np.sqrt(3) / 2 if hexagonal else 1.0)
-    j, i = np.mgrid[-1 : int(extent / dy) + 2, -1 : int(extent / period) + 2]
+    j, i = np.mgrid[-1 : int(size[1] / dy) + 2, -1 : int(size[0] / period) + 2]
     pts = np.stack([((i + 0.5 * (j % 2) * hexagonal) * period).ravel(), (j * dy).ravel()], axis=1)
     return pts + rng.normal(0, jitter * period, pts.shape)
 
@@ -110,18 +109,18 @@ def _blobs(
 def _rings(
     rng: np.random.Generator, centres: np.ndarray, radius: np.ndarray, aspect: np.ndarray, angle: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Broken rings of 2-5 tapered arcs around each centre: polygons (f, 16, 2) and each arc's rosette."""
-    owner = np.repeat(np.arange(len(centres)), rng.integers(2, 6, len(centres)))
+    """Broken rings of 2-4 tapered arcs around each centre: polygons (f, 16, 2) and each arc's rosette."""
+    owner = np.repeat(np.arange(len(centres)), rng.integers(2, 5, len(centres)))
     share = rng.uniform(0.6, 1.4, len(owner))
     total = np.bincount(owner, share)
     before = np.cumsum(share) - share - np.r_[0, np.cumsum(total)[:-1]][owner]  # share of earlier arcs
     start = before / total[owner] * _TAU + rng.uniform(0, _TAU, len(centres))[owner]
     span = share / total[owner] * _TAU
-    fill = rng.uniform(0.5, 0.85, (len(owner), 1))
+    fill = rng.uniform(0.55, 0.9, (len(owner), 1))
     t = np.linspace(0, 1, 8)
     theta = start[:, None] + span[:, None] * ((1 - fill) / 2 + fill * t)
     ring = radius[owner, None] * rng.normal(1, 0.04, (len(owner), 8))
-    width = ring * rng.uniform(0.3, 0.5) * rng.normal(1, 0.15, (len(owner), 1)) * (0.35 + 0.65 * np.sin(np.pi * t))
+    width = ring * rng.uniform(0.35, 0.6) * rng.normal(1, 0.15, (len(owner), 1)) * (0.3 + 0.7 * np.sin(np.pi * t))
     r = np.concatenate([ring + width / 2, (ring - width / 2)[:, ::-1]], axis=1)
     theta = np.concatenate([theta, theta[:, ::-1]], axis=1)
     return _place(r * np.cos(theta), r * np.sin(theta), centres[owner], aspect[owner], angle[owner]), owner
@@ -135,19 +134,25 @@ def _draw(img: Image.Image, polygons: np.ndarray, colours: np.ndarray) -> None:
         draw.polygon(poly, fill=tuple(colour))
 
 
-def _dotted(rng: np.random.Generator, c: int, period: float, pal: Palette) -> Image.Image:
+def _blank(size: tuple[int, int], colour: np.ndarray) -> Image.Image:
+    """A supersampled canvas filled with `colour`."""
+    return Image.new("RGB", (size[0] * _SS, size[1] * _SS), tuple(np.clip(colour, 0, 255).astype(int).tolist()))
+
+
+def _dotted(rng: np.random.Generator, size: tuple[int, int], period: float, pal: Palette) -> Image.Image:
     """Polka dots on a regular or jittered lattice; sometimes irregular, two-coloured or ringed."""
     base, fg, accent = pal
-    img = Image.new("RGB", (c * _SS, c * _SS), tuple(base.astype(int).tolist()))
+    img = _blank(size, base)
     regular = rng.random() < 0.6
-    centres = _grid(rng, c, period, rng.uniform(0, 0.05) if regular else rng.uniform(0.12, 0.22), rng.random() < 0.5)
+    jitter = rng.uniform(0, 0.05) if regular else rng.uniform(0.12, 0.22)
+    centres = _grid(rng, size, period, jitter, rng.random() < 0.5)
     n = len(centres)
     radius = period * rng.uniform(0.13, 0.33) * rng.normal(1, rng.uniform(0, 0.12), n)
     aspect = rng.uniform(1, 1.4) * rng.normal(1, 0.05, n)
     angle = rng.uniform(0, np.pi) + rng.normal(0, 0.2, n)
     wobble = rng.uniform(0.1, 0.35) if rng.random() < 0.4 else 0.03
     two_tone = rng.random((n, 1)) < (0.5 if rng.random() < 0.25 else 0.0)
-    if rng.random() < 0.12:  # ringed dots, easy to confuse with rosettes
+    if rng.random() < 0.18:  # ringed dots, easy to confuse with rosettes
         rings = _blobs(rng, centres, radius * rng.uniform(1.3, 1.6), aspect, angle, wobble)
         _draw(img, rings, np.broadcast_to(accent, (n, 3)))
     colours = np.where(two_tone, accent, fg) + rng.normal(0, 6, (n, 3))
@@ -155,33 +160,33 @@ def _dotted(rng: np.random.Generator, c: int, period: float, pal: Palette) -> Im
     return img.reduce(_SS)
 
 
-def _leopard(rng: np.random.Generator, c: int, period: float, pal: Palette) -> Image.Image:
-    """Rosettes (broken dark rings around a tinted centre) and small spots; sometimes solid or elongated."""
+def _leopard(rng: np.random.Generator, size: tuple[int, int], period: float, pal: Palette) -> Image.Image:
+    """Rosettes (broken dark rings around a darker centre) and small spots; sometimes solid or elongated."""
     base, fg, accent = pal
-    img = Image.new("RGB", (c * _SS, c * _SS), tuple(base.astype(int).tolist()))
-    centres = _grid(rng, c, period, rng.uniform(0.12, 0.25), hexagonal=True)
+    img = _blank(size, base)
+    centres = _grid(rng, size, period, rng.uniform(0.12, 0.25), hexagonal=True)
     n = len(centres)
     radius = period * rng.uniform(0.26, 0.36) * rng.normal(1, 0.12, n)
     aspect = rng.uniform(1, 1.9 if rng.random() < 0.3 else 1.3) * rng.normal(1, 0.1, n)
     angle = rng.uniform(0, np.pi) + rng.normal(0, 0.35, n)
     dark = fg + rng.normal(0, 8, (n, 3))
-    if rng.random() < 0.2:  # solid spots, easy to confuse with irregular dots
+    if rng.random() < 0.25:  # solid spots, easy to confuse with irregular dots
         _draw(img, _blobs(rng, centres, radius * rng.uniform(0.45, 0.7), aspect, angle, 0.35), dark)
     else:
-        tint = base + (0.5 * fg + 0.5 * accent - base) * rng.uniform(0.2, 0.45)
+        tint = base * rng.uniform(0.6, 0.85) + (accent - base) * rng.uniform(0, 0.2)
         _draw(img, _blobs(rng, centres, radius * 0.85, aspect, angle, 0.25), tint + rng.normal(0, 8, (n, 3)))
         arcs, owner = _rings(rng, centres, radius, aspect, angle)
         _draw(img, arcs, dark[owner])
     k = int(n * rng.uniform(0.3, 1.0))
     spots = _blobs(
-        rng, rng.uniform(0, c, (k, 2)), period * rng.uniform(0.04, 0.09, k), rng.uniform(1, 1.6, k),
+        rng, rng.uniform(0, 1, (k, 2)) * size, period * rng.uniform(0.04, 0.09, k), rng.uniform(1, 1.6, k),
         rng.uniform(0, np.pi, k), 0.35,
     )  # fmt: skip
     _draw(img, spots, fg + rng.normal(0, 8, (k, 3)))
     return img.reduce(_SS)
 
 
-def _striped(rng: np.random.Generator, c: int, period: float, pal: Palette) -> Image.Image:
+def _striped(rng: np.random.Generator, size: tuple[int, int], period: float, pal: Palette) -> Image.Image:
     """Parallel stripes of varying widths, sometimes multi-coloured, wavy or broken into dashes."""
     base, fg, accent = pal
     k = int(rng.choice([2, 2, 3, 4, 5, 6, 9]))
@@ -194,117 +199,127 @@ def _striped(rng: np.random.Generator, c: int, period: float, pal: Palette) -> I
     which = np.minimum(np.searchsorted(np.cumsum(widths) / widths.sum() * fine, np.arange(fine) + 0.5), k - 1)
     lut = np.mean([np.roll(colours[which], s, axis=0) for s in range(4)], axis=0)  # 1-pixel box filter
     lut = np.clip(lut + 0.5, 0, 255).astype(np.uint8)
-    y = np.arange(c, dtype=np.float32)[:, None]
-    u = np.arange(c, dtype=np.float32)[None, :] + _smooth(rng, 6, c) * repeat * rng.uniform(0, 0.05)
-    if rng.random() < 0.25:
-        u = u + period * rng.uniform(0.1, 0.4) * np.sin(_TAU * y / (period * rng.uniform(2, 6)) + rng.uniform(0, _TAU))
+    y = np.arange(size[1], dtype=np.float32)[:, None]
+    u = np.arange(size[0], dtype=np.float32) + _smooth(rng, 6, size) * np.float32(repeat * rng.uniform(0, 0.05))
+    if rng.random() < 0.2:  # wavy
+        wave = period * rng.uniform(0.05, 0.25) * np.sin(_TAU * y / (period * rng.uniform(3, 8)) + rng.uniform(0, _TAU))
+        u += wave.astype(np.float32)
     pos = np.minimum(((u % repeat) * (fine / repeat)).astype(np.int64), fine - 1)
     rgb = lut[pos]
-    if rng.random() < 0.3:  # broken stripes: dashes, easy to confuse with elongated dots
+    if rng.random() < 0.2:  # broken stripes: dashes, easy to confuse with elongated dots
         stripe = (np.floor(u / repeat).astype(np.int64) * k + which[pos]) % 1024
         dash = period * rng.uniform(1, 4, 1024)
-        gap = ((y + rng.uniform(0, 100 * period, 1024)[stripe]) % dash[stripe]) > rng.uniform(0.55, 0.85) * dash[stripe]
+        gap = ((y + rng.uniform(0, 100 * period, 1024)[stripe]) % dash[stripe]) > rng.uniform(0.65, 0.9) * dash[stripe]
         rgb[gap & odd[which[pos]]] = np.clip(base + 0.5, 0, 255).astype(np.uint8)
     return Image.fromarray(rgb)
 
 
-_PATTERNS: dict[str, Callable[[np.random.Generator, int, float, Palette], Image.Image]] = {
+_PATTERNS: dict[str, Callable[[np.random.Generator, tuple[int, int], float, Palette], Image.Image]] = {
     "dotted": _dotted,
     "leopard": _leopard,
     "striped": _striped,
 }
 
 
-def _fabric_shading(rng: np.random.Generator, c: int) -> tuple[list, Image.Image]:
-    """Mesh (for Image.transform) displacing a c x c canvas along folds, and the matching 8-bit shading."""
-    g = 12
-    grid = np.linspace(0, c, g + 1)
+def _weave(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
+    """Darkening by woven threads (a fine checker of crossings and uneven yarns) as an RGB image."""
+    p = rng.uniform(2.2, 4.0)
+    cx, cy = (np.cos(np.arange(n, dtype=np.float32) * np.float32(_TAU / p)) for n in size)
+    yarn_x, yarn_y = (rng.uniform(0, 0.04 * 255, n).astype(np.float32) for n in size)
+    weave = 255 - np.float32(rng.uniform(0.03, 0.1) * 255 / 2) * (1 - cy[:, None] * cx) - yarn_y[:, None] - yarn_x
+    return _to_image(weave).convert("RGB")
+
+
+def _folds(rng: np.random.Generator, size: int) -> tuple[list, np.ndarray]:
+    """Mesh (for Image.transform) displacing the fabric along random folds, and their shading (size, size)."""
+    grid = np.linspace(0, size, 33)
     xx, yy = np.meshgrid(grid, grid)
     height = np.zeros_like(xx)
     for _ in range(rng.integers(1, 4)):
         a = rng.uniform(0, np.pi)
         d = xx * np.cos(a) + yy * np.sin(a)
         if rng.random() < 0.5:  # a crease through a random point
-            d0 = rng.uniform(0, c, 2) @ (np.cos(a), np.sin(a))
-            height += rng.uniform(-1, 1) * np.exp(-(((d - d0) / (c * rng.uniform(0.04, 0.15))) ** 2))
+            d0 = rng.uniform(0, size, 2) @ (np.cos(a), np.sin(a))
+            height += rng.uniform(-1, 1) * np.exp(-(((d - d0) / (size * rng.uniform(0.04, 0.15))) ** 2))
         else:  # gentle waves
-            height += rng.uniform(0.2, 0.8) * np.sin(_TAU * d / (c * rng.uniform(0.2, 0.6)) + rng.uniform(0, _TAU))
+            height += rng.uniform(0.2, 0.8) * np.sin(_TAU * d / (size * rng.uniform(0.3, 0.8)) + rng.uniform(0, _TAU))
     height /= np.abs(height).max() + 1e-9
     gy, gx = np.gradient(height)
     light = rng.uniform(0, _TAU)
     slope = gx * np.cos(light) + gy * np.sin(light)
     shade = 1 + rng.uniform(0.1, 0.45) * slope / (np.abs(slope).max() + 1e-9) + rng.uniform(0, 0.12) * height
+    shift = height[::4, ::4] * size * rng.uniform(0.003, 0.012)
+    shift[[0, -1]] = shift[:, [0, -1]] = 0  # keep the frame edges in place
     tilt = rng.uniform(0, _TAU)
-    shift = height * c * rng.uniform(0.005, 0.03)
-    sx, sy = (xx + shift * np.cos(tilt)).tolist(), (yy + shift * np.sin(tilt)).tolist()
-    e = np.round(grid).astype(int).tolist()
+    sx, sy = (xx[::4, ::4] + shift * np.cos(tilt)).tolist(), (yy[::4, ::4] + shift * np.sin(tilt)).tolist()
+    e = np.round(grid[::4]).astype(int).tolist()
     mesh = [
         (
             (e[i], e[j], e[i + 1], e[j + 1]),
             (sx[j][i], sy[j][i], sx[j + 1][i], sy[j + 1][i], sx[j + 1][i + 1], sy[j + 1][i + 1], sx[j][i + 1], sy[j][i + 1]),
         )
-        for j in range(g)
-        for i in range(g)
+        for j in range(8)
+        for i in range(8)
     ]
-    # Woven threads: a fine checker of crossings plus thicker and thinner yarns.
-    t = np.arange(c, dtype=np.float32)
-    w = rng.uniform(2.2, 4.0)
-    weave = (1 + rng.uniform(0.02, 0.08) * np.cos(_TAU * t / w)[:, None] * np.cos(_TAU * t / w)[None, :]
-             + rng.normal(0, 0.02, (c, 1)) + rng.normal(0, 0.02, (1, c)))  # fmt: skip
-    shade_full = np.asarray(Image.fromarray(shade.astype(np.float32)).resize((c, c), _BICUBIC))
-    return mesh, _to_image(shade_full * weave * (255 / _GAIN))
+    return mesh, np.asarray(Image.fromarray(shade.astype(np.float32)).resize((size, size), _BICUBIC))
 
 
-def _perspective(quad: np.ndarray, c: int) -> list[float]:
-    """PERSPECTIVE coefficients mapping output pixels to the canvas, whose corners land on `quad` (4, 2)."""
+def _perspective(quad: np.ndarray, side: float) -> np.ndarray:
+    """PERSPECTIVE coefficients mapping output pixels to a fabric canvas whose corners land on `quad` (4, 2)."""
     rows, rhs = [], []
-    for (x, y), (u, v) in zip(quad, [(0, 0), (c, 0), (c, c), (0, c)], strict=True):
+    for (x, y), (u, v) in zip(quad, [(0, 0), (side, 0), (side, side), (0, side)], strict=True):
         rows += [[x, y, 1, 0, 0, 0, -u * x, -u * y], [0, 0, 0, x, y, 1, -v * x, -v * y]]
         rhs += [u, v]
-    return np.linalg.solve(np.array(rows, dtype=np.float64), np.array(rhs, dtype=np.float64)).tolist()
+    return np.linalg.solve(np.array(rows, dtype=np.float64), np.array(rhs, dtype=np.float64))
 
 
 def _background(rng: np.random.Generator, size: int, alpha: np.ndarray) -> np.ndarray:
     """A table, floor or wall (size, size, 3), darkened by the soft contact shadow of the fabric."""
-    colour = _SURFACE[rng.integers(len(_SURFACE))] * rng.uniform(0.8, 1.15) + rng.normal(0, 8, 3)
-    shade = 1 + 0.12 * _smooth(rng, 3, size)
+    colour = (_SURFACE[rng.integers(len(_SURFACE))] * rng.uniform(0.8, 1.15) + rng.normal(0, 8, 3)).astype(np.float32)
+    shade = 1 + np.float32(0.12) * _smooth(rng, 3, (size, size))
     if rng.random() < 0.3:  # wood grain
         y, x = np.ogrid[:size, :size]
         a = rng.uniform(0, np.pi)
-        phase = _TAU * (x * np.cos(a) + y * np.sin(a)) / (size * rng.uniform(0.02, 0.06)) + 3 * _smooth(rng, 4, size)
-        shade = shade * (1 + 0.08 * np.sin(phase))
+        phase = (_TAU * (x * np.cos(a) + y * np.sin(a)) / (size * rng.uniform(0.02, 0.06))).astype(np.float32)
+        shade = shade * (1 + np.float32(0.08) * np.sin(phase + 3 * _smooth(rng, 4, (size, size))))
     halo = _to_image(alpha * 255).filter(ImageFilter.GaussianBlur(size * rng.uniform(0.01, 0.04)))
-    return colour * (shade * (1 - 0.4 * np.asarray(halo, np.float32) / 255))[..., None]
+    return colour * (shade * (1 - np.asarray(halo, np.float32) * np.float32(0.4 / 255)))[..., None]
 
 
 def _clutter(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
     """Occlude the scene with 0-3 shaded objects (buttons, cards, pencils, stones) casting soft shadows."""
     size = img.shape[0]
-    y, x = np.ogrid[:size, :size]
     for _ in range(rng.choice(4, p=[0.35, 0.35, 0.2, 0.1])):
         kind = rng.integers(4)
         centre = rng.uniform(0, size, (1, 2))
         angle = rng.uniform(0, np.pi, 1)
         r = size * rng.uniform(0.06, 0.18)
         if kind in (0, 3):  # button or stone
-            poly = _blobs(rng, centre, np.array([r]), rng.uniform(1, 1.5, 1), angle, 0.02 if kind == 0 else 0.3)
+            poly = _blobs(rng, centre, np.array([r]), rng.uniform(1, 1.5, 1), angle, 0.02 if kind == 0 else 0.3)[0]
         else:  # card or pencil
             half = (r, r * rng.uniform(0.5, 0.9)) if kind == 1 else (size * rng.uniform(0.2, 0.4), r * 0.2)
             corners = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * half
-            poly = _place(corners[None, :, 0], corners[None, :, 1], centre, np.ones(1), angle)
-        mask = Image.new("L", (size * _SS, size * _SS))
-        ImageDraw.Draw(mask).polygon((poly[0] * _SS).ravel().tolist(), fill=255)
+            poly = _place(corners[None, :, 0], corners[None, :, 1], centre, np.ones(1), angle)[0]
+        shift = rng.uniform(-0.3, 0.3, 2) * r
+        # Work inside the box that holds the object and its shadow.
+        pad = np.abs(shift) + r * 0.75
+        x0, y0 = np.clip(np.floor(poly.min(axis=0) - pad), 0, size).astype(int)
+        x1, y1 = np.clip(np.ceil(poly.max(axis=0) + pad), 0, size).astype(int)
+        mask = Image.new("L", ((x1 - x0) * _SS, (y1 - y0) * _SS))
+        ImageDraw.Draw(mask).polygon(((poly - (x0, y0)) * _SS).ravel().tolist(), fill=255)
         mask = mask.reduce(_SS)
-        dx, dy = rng.uniform(-0.3, 0.3, 2) * r
-        shadow = mask.filter(ImageFilter.GaussianBlur(r * 0.25)).transform(
-            mask.size, Image.Transform.AFFINE, (1, 0, -dx, 0, 1, -dy), _BILINEAR
+        # Soft shadow, blurred at quarter resolution and shifted away from the light.
+        shadow = mask.reduce(4).filter(ImageFilter.GaussianBlur(r / 16)).transform(
+            mask.size, Image.Transform.AFFINE, (0.25, 0, -shift[0] / 4, 0, 0.25, -shift[1] / 4), _BILINEAR
         )
-        m = np.asarray(mask, np.float32)[..., None] / 255
-        s = np.asarray(shadow, np.float32)[..., None] / 255
+        m = np.asarray(mask, np.float32)[..., None] * np.float32(1 / 255)
+        s = np.asarray(shadow, np.float32)[..., None] * np.float32(0.45 / 255)
         colour = _FABRIC[rng.integers(len(_FABRIC))] if rng.random() < 0.3 else rng.uniform(20, 240, 3)
         light = rng.uniform(0, _TAU)
+        y, x = np.ogrid[y0:y1, x0:x1]
         grad = 1 + 0.25 * ((x - centre[0, 0]) * np.cos(light) + (y - centre[0, 1]) * np.sin(light)) / r
-        img = img * (1 - 0.45 * s) * (1 - m) + (colour * np.clip(grad, 0.5, 1.5)[..., None]) * m
+        paint = colour.astype(np.float32) * np.clip(grad, 0.5, 1.5).astype(np.float32)[..., None]
+        img[y0:y1, x0:x1] = img[y0:y1, x0:x1] * (1 - s) * (1 - m) + paint * m
     return img
 
 
@@ -317,7 +332,8 @@ def _lighting(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
     if rng.random() < 0.3:
         x0, y0 = rng.uniform(-0.4, 0.4, 2)
         field = field + rng.uniform(0.1, 0.35) * np.exp(-((x - x0) ** 2 + (y - y0) ** 2) / rng.uniform(0.01, 0.05))
-    return img * field[..., None] * (rng.uniform(0.7, 1.15) * rng.normal(1, 0.04, 3))
+    gain = (rng.uniform(0.7, 1.15) * rng.normal(1, 0.04, 3)).astype(np.float32)  # exposure and white balance
+    return img * field.astype(np.float32)[..., None] * gain
 
 
 def render_texture(label: str, rng: np.random.Generator, size: int = 256) -> Image.Image:
@@ -335,25 +351,33 @@ def render_texture(label: str, rng: np.random.Generator, size: int = 256) -> Ima
     local[:, 0] *= 1 - tilt * local[:, 1]
     local += rng.normal(0, 0.03, (4, 2))
     rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
-    quad = centre + half * local @ rot.T
-    c = int(min(2 * half, 3 * size))  # about one canvas pixel per output pixel
-    period = size * rng.uniform(0.07, 0.2) * c / (2 * half)
+    side = 2 * half  # fabric canvas side: about one canvas pixel per output pixel
+    a, b, c, d, e, f, g, h = _perspective(centre + half * local @ rot.T, side)
+    # Render only the visible part of the fabric: the bounding box of the frame's preimage.
+    fx, fy = np.array([0, size, size, 0]), np.array([0, 0, size, size])
+    den = g * fx + h * fy + 1
+    u, v = (a * fx + b * fy + c) / den, (d * fx + e * fy + f) / den
+    u0, v0 = max(int(u.min()) - 2, 0), max(int(v.min()) - 2, 0)
+    box = (min(int(u.max()) + 3, int(side)) - u0, min(int(v.max()) + 3, int(side)) - v0)
+    coeffs = (a - u0 * g, b - u0 * h, c - u0, d - v0 * g, e - v0 * h, f - v0, g, h)
 
-    canvas = _PATTERNS[label](rng, c, period, _palette(rng, label))
-    mesh, shading = _fabric_shading(rng, c)
-    canvas = ImageChops.multiply(canvas, Image.merge("RGB", [shading] * 3))
+    period = size * rng.uniform(0.07, 0.2) * side / (2 * half)
+    canvas = _PATTERNS[label](rng, box, period, _palette(rng, label))
+    canvas = ImageChops.multiply(canvas, _weave(rng, box))
     canvas.putalpha(255)
-    fabric = canvas.convert("RGBa").transform((c, c), Image.Transform.MESH, mesh, _BILINEAR, fillcolor=(0,) * 4)
-    fabric = fabric.transform((size, size), Image.Transform.PERSPECTIVE, _perspective(quad, c), _BILINEAR,
-                              fillcolor=(0,) * 4)  # fmt: skip
-    rgba = np.asarray(fabric, np.float32)  # premultiplied alpha
-    alpha = rgba[..., 3:] / 255
-    img = rgba[..., :3] * _GAIN + _background(rng, size, alpha[..., 0]) * (1 - alpha)
+    mesh, shade = _folds(rng, size)
+    fabric = canvas.convert("RGBa").transform((size, size), Image.Transform.PERSPECTIVE, coeffs, _BILINEAR)
+    fabric = fabric.transform((size, size), Image.Transform.MESH, mesh, _BILINEAR)
+    rgba = np.asarray(fabric, np.float32)  # premultiplied alpha: 0 outside the fabric
+    alpha = rgba[..., 3:] * np.float32(1 / 255)
+    img = rgba[..., :3] * shade[..., None]
+    if alpha.min() < 1:  # part of the table, floor or wall shows
+        img += _background(rng, size, alpha[..., 0]) * (1 - alpha)
     img = _lighting(rng, _clutter(rng, img))
 
     # Camera: optical blur, sensor noise, JPEG compression.
     img = np.asarray(_to_image(img).filter(ImageFilter.GaussianBlur(rng.uniform(0.2, 1.3) * size / 256)), np.float32)
-    img = img + rng.standard_normal(img.shape, dtype=np.float32) * rng.uniform(1, 7)
+    img = img + rng.standard_normal(img.shape, dtype=np.float32) * np.float32(rng.uniform(1, 7))
     buf = io.BytesIO()
     _to_image(img).save(buf, format="JPEG", quality=int(rng.integers(35, 93)))
     return Image.open(buf).convert("RGB")

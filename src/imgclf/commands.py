@@ -1,0 +1,85 @@
+"""Core commands: ``train``, ``evaluate``, ``predict``, ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from imgclf.cli import add_config_args, config_from_args
+
+CORE_SECTIONS = ("data", "backbone", "features", "classifier", "finetune", "datatools", "output")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from imgclf.pipeline import train
+
+    train(config_from_args(args, data_root=args.data_dir))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from imgclf.bundle import Bundle
+    from imgclf.config import Config
+    from imgclf.pipeline import evaluate
+
+    base = Config.model_validate(Bundle.load(args.run_dir).config)
+    flat = {k.removeprefix("cfg__"): v for k, v in vars(args).items() if k.startswith("cfg__")}
+    evaluate(args.run_dir, on_train=args.on_train, cfg=base.updated(**flat) if flat else base)
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from imgclf.bundle import Bundle
+    from imgclf.config import Config
+    from imgclf.pipeline import predict, write_predictions_csv
+
+    base = Config.model_validate(Bundle.load(args.run_dir).config)
+    flat = {k.removeprefix("cfg__"): v for k, v in vars(args).items() if k.startswith("cfg__")}
+    classes, preds = predict(args.run_dir, args.inputs, base.updated(**flat) if flat else base)
+    for p in preds:
+        if p.scores is None:
+            print(f"{p.path}\tERROR\t{p.error}")
+        else:
+            top = sorted(zip(classes, p.scores, strict=True), key=lambda t: -t[1])[: args.top_k]
+            print(f"{p.path}\t" + "\t".join(f"{c} {s:.3f}" for c, s in top))
+    if args.csv:
+        write_predictions_csv(Path(args.csv), classes, preds, args.top_k)
+    return 0 if all(p.error is None for p in preds) else 1
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from imgclf.data.demo import generate_demo_dataset
+    from imgclf.pipeline import train
+
+    data = generate_demo_dataset(args.data, n_per_class=args.n_per_class, seed=args.demo_seed)
+    cfg = config_from_args(args, data_root=data)
+    train(cfg if hasattr(args, "cfg__out") else cfg.updated(out=Path("runs/demo")))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="Train and evaluate a classifier on a folder of labelled images.")
+    p.add_argument("data_dir", help="Folder with one sub-folder per class (or train/ and val/ or test/).")
+    add_config_args(p, CORE_SECTIONS)
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("evaluate", help="Score a run's model on its test split (or training split) again.")
+    p.add_argument("run_dir", help="Run folder written by train.")
+    p.add_argument("--on-train", action="store_true", help="Evaluate on the training split instead.")
+    add_config_args(p, ("features", "output"))
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("predict", help="Classify images with a trained model.")
+    p.add_argument("run_dir", help="Run folder (or its model/ bundle).")
+    p.add_argument("inputs", nargs="+", help="Image files, folders (searched recursively) or .txt lists of paths.")
+    p.add_argument("--top-k", type=int, default=3, help="Labels shown per image.")
+    p.add_argument("--csv", help="Also write the predictions to this CSV file.")
+    add_config_args(p, ("features",))
+    p.set_defaults(func=_predict)
+
+    p = sub.add_parser("demo", help="Generate the built-in texture data set and train on it.")
+    p.add_argument("--data", default="demo-data", help="Folder for the generated images.")
+    p.add_argument("--n-per-class", type=int, default=60, help="Generated images per class.")
+    p.add_argument("--demo-seed", type=int, default=0, help="Seed of the generator.")
+    add_config_args(p, CORE_SECTIONS)
+    p.set_defaults(func=_demo)

@@ -1,0 +1,56 @@
+"""Accuracy (overall, per class, class-averaged), ROC AUC (per class, micro, macro) and the confusion matrix."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
+from sklearn.preprocessing import label_binarize
+
+
+def compute_metrics(y_true: np.ndarray, scores: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """Metrics of class scores (n x n_classes) against true class ids; accuracies are fractions 0..1."""
+    y_true = np.asarray(y_true)
+    y_pred = np.argmax(scores, axis=1)
+    k = len(classes)
+    cm = confusion_matrix(y_true, y_pred, labels=list(range(k)))
+    support = cm.sum(axis=1)
+    per_class = {c: (float(cm[i, i] / support[i]) if support[i] else None) for i, c in enumerate(classes)}
+    present = [v for v in per_class.values() if v is not None]
+    onehot = label_binarize(y_true, classes=list(range(k)))
+    if k == 2:
+        onehot = np.hstack([1 - onehot, onehot])
+    auc: dict[str, float | None] = {}
+    for i, c in enumerate(classes):
+        both = 0 < onehot[:, i].sum() < len(y_true)
+        auc[c] = float(roc_auc_score(onehot[:, i], scores[:, i])) if both else None
+    auc["micro"] = float(roc_auc_score(onehot.ravel(), scores.ravel())) if len(np.unique(y_true)) > 1 else None
+    per_class_auc = [v for c, v in auc.items() if c != "micro" and v is not None]
+    auc["macro"] = float(np.mean(per_class_auc)) if per_class_auc else None
+    return {
+        "overall_accuracy": float(np.mean(y_pred == y_true)) if len(y_true) else None,
+        "class_averaged_accuracy": float(np.mean(present)) if present else None,
+        "per_class_accuracy": per_class,
+        "per_class_support": {c: int(s) for c, s in zip(classes, support, strict=True)},
+        "auc": auc,
+        "confusion_matrix": cm.tolist(),
+        "classes": list(classes),
+    }
+
+
+def roc_curves(y_true: np.ndarray, scores: np.ndarray, classes: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(fpr, tpr) per class (one vs rest) and micro-averaged."""
+    k = len(classes)
+    onehot = label_binarize(y_true, classes=list(range(k)))
+    if k == 2:
+        onehot = np.hstack([1 - onehot, onehot])
+    curves = {}
+    for i, c in enumerate(classes):
+        if 0 < onehot[:, i].sum() < len(y_true):
+            fpr, tpr, _ = roc_curve(onehot[:, i], scores[:, i])
+            curves[c] = (fpr, tpr)
+    if len(np.unique(y_true)) > 1:
+        fpr, tpr, _ = roc_curve(onehot.ravel(), scores.ravel())
+        curves["micro"] = (fpr, tpr)
+    return curves

@@ -1,0 +1,213 @@
+"""The Python API behind the CLI: ``train``, ``evaluate``, ``predict``."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imgclf.backbones import Backbone, create_backbone
+from imgclf.bundle import Bundle
+from imgclf.config import Config
+from imgclf.data.dataset import Dataset, load_split, make_split, save_split, scan_dataset
+from imgclf.data.io import IMAGE_EXTENSIONS
+from imgclf.evaluation.metrics import compute_metrics
+from imgclf.evaluation.report import summary_lines, write_reports
+from imgclf.features import FeatureExtractor
+from imgclf.heads import LinearHead, create_head
+from imgclf.utils import atomic_write_text
+
+log = logging.getLogger("imgclf")
+
+
+@dataclass
+class RunResult:
+    """What a train or evaluate call produced."""
+
+    run_dir: Path
+    metrics: dict[str, Any]
+    bundle: Bundle
+
+
+def _extractor(cfg: Config, backbone: Backbone) -> FeatureExtractor:
+    return FeatureExtractor.from_config(cfg, backbone)
+
+
+def _features(fx: FeatureExtractor, ds: Dataset, idx: np.ndarray, desc: str,
+              skipped: list[dict[str, str]]) -> tuple[np.ndarray, np.ndarray]:
+    """Features of ``ds.samples[idx]``; returns (features, kept idx), appending decode failures to ``skipped``."""
+    paths = [ds.path(ds.samples[i]) for i in idx]
+    res = fx.extract(paths, desc=desc)
+    for j, reason in sorted(res.errors.items()):
+        skipped.append({"path": str(paths[j]), "reason": reason})
+    return res.features[res.ok], idx[res.ok]
+
+
+def _write_predictions(path: Path, rels: Sequence[str], y_true: np.ndarray | None, scores: np.ndarray,
+                       classes: list[str]) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["path", "true_label", "predicted_label", *[f"score_{c}" for c in classes]])
+    pred = np.argmax(scores, axis=1)
+    for i, rel in enumerate(rels):
+        true = classes[y_true[i]] if y_true is not None else ""
+        w.writerow([rel, true, classes[pred[i]], *[f"{s:.6f}" for s in scores[i]]])
+    atomic_write_text(path, buf.getvalue())
+
+
+def _finish(run_dir: Path, cfg: Config, bundle: Bundle, ds: Dataset, test_idx: np.ndarray, scores: np.ndarray,
+            n_train: int, skipped: list[dict[str, str]], timings: dict[str, float], prefix: str = "",
+            extra_figures: dict[str, Path] | None = None) -> dict[str, Any]:
+    """Metrics, predictions, figures and reports of scored samples; prints the summary."""
+    y = ds.labels[test_idx]
+    metrics = compute_metrics(y, scores, ds.classes)
+    metrics.update(n_train=n_train, n_test=len(test_idx), skipped=skipped, timings_s=timings,
+                   classifier=bundle.classifier, backbone=bundle.backbone_spec["name"],
+                   resolution=bundle.preprocess.resolution, data_root=str(ds.root))
+    _write_predictions(run_dir / f"{prefix}predictions.csv", [ds.samples[i].rel for i in test_idx], y, scores,
+                       ds.classes)
+    atomic_write_text(run_dir / f"{prefix}metrics.json", json.dumps(metrics, indent=2))
+    if not prefix:
+        write_reports(run_dir, y, scores, metrics, cfg.flat(), extra_figures)
+    for s in skipped:
+        log.warning("skipped %s: %s", s["path"], s["reason"])
+    print("\n".join(summary_lines(metrics)))
+    return metrics
+
+
+def train(cfg: Config) -> RunResult:
+    """Scan, split, extract features (or fine-tune), fit the classifier, evaluate on the test split, bundle."""
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    run_dir = Path(cfg.output.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ds = scan_dataset(cfg.data)
+    split = make_split(ds, cfg.data)
+    save_split(run_dir / "split.csv", ds, split)
+    cfg = cfg.updated(data_root=ds.root)
+    cfg.save(run_dir / "config.json")
+    timings["scan_s"] = time.perf_counter() - t0
+    skipped = list(ds.skipped)
+    train_idx, test_idx = np.flatnonzero(split == "train"), np.flatnonzero(split == "test")
+    log.info("%d classes, %d training and %d test images, %d files skipped", len(ds.classes), len(train_idx),
+             len(test_idx), len(skipped))
+    backbone = create_backbone(cfg.backbone.backbone, weights=cfg.backbone.weights, resolution=cfg.backbone.resolution)
+    mode = cfg.classifier.classifier
+    extra_figures: dict[str, Path] = {}
+    backbone_state = None
+    fitted_head = None
+    if mode in ("dnn", "svm_on_refined"):
+        from imgclf.finetune import finetune
+
+        t = time.perf_counter()
+        ft = finetune(cfg, ds, train_idx, backbone, run_dir)
+        timings["finetune_s"] = time.perf_counter() - t
+        backbone, backbone_state = ft.backbone, ft.backbone.model.state_dict()
+        extra_figures.update(ft.figures)
+        if mode == "dnn":
+            fitted_head = ft.head
+    t = time.perf_counter()
+    fx = _extractor(cfg, backbone)
+    x_train, train_idx = _features(fx, ds, train_idx, "train features", skipped)
+    x_test, test_idx = _features(fx, ds, test_idx, "test features", skipped)
+    timings["features_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    if fitted_head is None:
+        svm = create_head(cfg.classifier, cfg.output.seed).fit(x_train, ds.labels[train_idx])
+        w, b = svm.linear()
+        fitted_head = LinearHead(w, b, svm.l2_normalize)
+        log.info("SVM C=%g chosen by %d-fold cross-validation on the training split (CV accuracy %.3f)",
+                 svm.C_, cfg.classifier.cv_folds, svm.cv_scores_.get(svm.C_, float("nan")))
+    timings["fit_s"] = time.perf_counter() - t
+    scores = fitted_head.predict_proba(x_test)
+    timings["total_s"] = time.perf_counter() - t0
+    bundle = Bundle(ds.classes, backbone.spec(), fitted_head, mode, cfg.model_dump(mode="json"),
+                    backbone_state=backbone_state)
+    metrics = _finish(run_dir, cfg, bundle, ds, test_idx, scores, len(train_idx), skipped, timings,
+                      extra_figures=extra_figures)
+    bundle.metrics = {k: metrics[k] for k in ("overall_accuracy", "class_averaged_accuracy", "auc", "n_train", "n_test")}
+    bundle.save(run_dir)
+    log.info("run folder: %s (report.html, metrics.json, predictions.csv, model/)", run_dir)
+    return RunResult(run_dir, metrics, bundle)
+
+
+def evaluate(run_dir: str | Path, on_train: bool = False, cfg: Config | None = None) -> RunResult:
+    """Score a run's bundle on its saved test split (or training split) and rewrite the metrics."""
+    run_dir = Path(run_dir)
+    bundle = Bundle.load(run_dir)
+    cfg = cfg or Config.model_validate(bundle.config)
+    ds, split = load_split(run_dir / "split.csv", Path(cfg.data.data_root or ""), bundle.classes)
+    part = "train" if on_train else "test"
+    idx = np.flatnonzero(split == part)
+    t0 = time.perf_counter()
+    skipped: list[dict[str, str]] = []
+    x, idx = _features(_extractor(cfg, bundle.build_backbone()), ds, idx, f"{part} features", skipped)
+    scores = bundle.head.predict_proba(x)
+    timings = {"total_s": time.perf_counter() - t0}
+    n_train = int(np.sum(split == "train"))
+    metrics = _finish(run_dir, cfg, bundle, ds, idx, scores, n_train, skipped, timings,
+                      prefix="train_" if on_train else "")
+    return RunResult(run_dir, metrics, bundle)
+
+
+def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
+    """Files as given, folders searched recursively for images, ``.txt`` files read as lists of paths."""
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+        elif p.suffix.lower() == ".txt" and p.is_file():
+            base = p.parent
+            for line in p.read_text(encoding="utf-8").splitlines():
+                if line.strip() and not line.startswith("#"):
+                    q = Path(line.strip())
+                    out.append(q if q.is_absolute() else base / q)
+        elif p.exists():
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"no such file or folder: {p}")
+    return out
+
+
+@dataclass
+class Prediction:
+    path: Path
+    scores: np.ndarray | None
+    error: str | None = None
+
+
+def predict(run_dir: str | Path, inputs: Iterable[str | Path], cfg: Config | None = None) -> tuple[list[str], list[Prediction]]:
+    """Class scores for images (files, folders, lists of paths); unreadable images carry an error."""
+    bundle = Bundle.load(run_dir)
+    cfg = cfg or Config.model_validate(bundle.config)
+    paths = expand_inputs(inputs)
+    res = _extractor(cfg, bundle.build_backbone()).extract(paths, desc="predict")
+    probs = bundle.head.predict_proba(res.features[res.ok]) if res.ok.any() else np.zeros((0, len(bundle.classes)))
+    rows = iter(probs)
+    preds = [Prediction(p, next(rows) if res.ok[i] else None, res.errors.get(i)) for i, p in enumerate(paths)]
+    return bundle.classes, preds
+
+
+def write_predictions_csv(path: Path, classes: list[str], preds: list[Prediction], top_k: int) -> None:
+    """CSV of the top-k labels and scores per image (errors in their own column)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    header = ["path"] + [f"{kind}_{i + 1}" for i in range(top_k) for kind in ("label", "score")] + ["error"]
+    w.writerow(header)
+    for p in preds:
+        cells: list[str] = []
+        if p.scores is not None:
+            for j in np.argsort(-p.scores)[:top_k]:
+                cells += [classes[j], f"{p.scores[j]:.6f}"]
+        cells += [""] * (2 * top_k - len(cells))
+        w.writerow([str(p.path), *cells, p.error or ""])
+    atomic_write_text(path, buf.getvalue())
