@@ -14,7 +14,7 @@ from typing import Any, Literal
 from imgclf.config import Config, field_index, parameter_table
 
 # Sub-command modules; each defines ``register(subparsers)`` adding its commands.
-COMMAND_MODULES = ("imgclf.commands",)
+COMMAND_MODULES = ("imgclf.commands", "imgclf.tracking.cli")
 
 
 def _arg_type(annotation: Any) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from imgclf.cli import add_config_args, config_from_args
 
-CORE_SECTIONS = ("data", "backbone", "features", "classifier", "finetune", "datatools", "output")
+CORE_SECTIONS = ("data", "backbone", "features", "classifier", "finetune", "datatools", "tracking", "output")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -66,7 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="Score a run's model on its test split (or training split) again.")
     p.add_argument("run_dir", help="Run folder written by train.")
     p.add_argument("--on-train", action="store_true", help="Evaluate on the training split instead.")
-    add_config_args(p, ("features", "output"))
+    add_config_args(p, ("features", "tracking", "output"))
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("predict", help="Classify images with a trained model.")
@@ -74,7 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="+", help="Image files, folders (searched recursively) or .txt lists of paths.")
     p.add_argument("--top-k", type=int, default=3, help="Labels shown per image.")
     p.add_argument("--csv", help="Also write the predictions to this CSV file.")
-    add_config_args(p, ("features",))
+    add_config_args(p, ("features", "output"))
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("demo", help="Generate the built-in texture data set and train on it.")

@@ -23,6 +23,7 @@ from imgclf.evaluation.metrics import compute_metrics
 from imgclf.evaluation.report import summary_lines, write_reports
 from imgclf.features import FeatureExtractor
 from imgclf.heads import LinearHead, create_head
+from imgclf.tracking import log_run
 from imgclf.utils import atomic_write_text
 
 log = logging.getLogger("imgclf")
@@ -136,7 +137,10 @@ def train(cfg: Config) -> RunResult:
     bundle.metrics = {k: metrics[k] for k in ("overall_accuracy", "class_averaged_accuracy", "auc", "n_train", "n_test")}
     bundle.save(run_dir)
     log.info("run folder: %s (report.html, metrics.json, predictions.csv, model/)", run_dir)
-    return RunResult(run_dir, metrics, bundle)
+    result = RunResult(run_dir, metrics, bundle)
+    if cfg.tracking.tracking:
+        log_run("train", cfg, result)
+    return result
 
 
 def evaluate(run_dir: str | Path, on_train: bool = False, cfg: Config | None = None) -> RunResult:
@@ -155,7 +159,10 @@ def evaluate(run_dir: str | Path, on_train: bool = False, cfg: Config | None = N
     n_train = int(np.sum(split == "train"))
     metrics = _finish(run_dir, cfg, bundle, ds, idx, scores, n_train, skipped, timings,
                       prefix="train_" if on_train else "")
-    return RunResult(run_dir, metrics, bundle)
+    result = RunResult(run_dir, metrics, bundle)
+    if cfg.tracking.tracking:
+        log_run("evaluate", cfg, result, on_train=on_train)
+    return result
 
 
 def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from imgclf.config import DataConfig
-from imgclf.data.io import ImageError, check_image
+from imgclf.data.io import IMAGE_EXTENSIONS, ImageError, check_image
 from imgclf.utils import atomic_write_text
 
 PREDEFINED_TEST_NAMES = ("val", "test")
@@ -89,8 +89,8 @@ def scan_dataset(cfg: DataConfig, root: Path | None = None) -> Dataset:
     skipped: list[dict[str, str]] = []
     max_bytes = int(cfg.max_file_mb * 1e6)
     for base, preset in parts:
-        for f in sorted(p for p in base.iterdir() if p.is_file()):
-            skipped.append({"path": str(f), "reason": "not inside a class folder: move it into one to use it"})
+        for f in sorted(p for p in base.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS):
+            skipped.append({"path": str(f), "reason": "image not inside a class folder: move it into one to use it"})
         for class_dir in _class_dirs(base):
             for f in sorted(p for p in class_dir.rglob("*") if p.is_file()):
                 rel_in_class = f.relative_to(class_dir)

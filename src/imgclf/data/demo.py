@@ -56,7 +56,7 @@ def _to_image(arr: np.ndarray) -> Image.Image:
 
 
 def _smooth(rng: np.random.Generator, cells: int, size: tuple[int, int]) -> np.ndarray:
-    """Smooth random field (h, w) for size (w, h), of roughly unit amplitude, with about `cells` bumps a side."""
+    """Smooth random field (h, w) for size (w, h), roughly unit amplitude, about `cells` bumps a side."""
     small = rng.standard_normal((cells + 1, cells + 1)).astype(np.float32)
     return np.asarray(Image.fromarray(small).resize(size, _BICUBIC))
 
@@ -69,11 +69,15 @@ def _palette(rng: np.random.Generator, label: str) -> Palette:
     candidates = np.flatnonzero(np.abs(luma - base @ _LUMA) > 70)
     if warm:  # dark markings on a tan base
         candidates = candidates[luma[candidates] < base @ _LUMA]
-    colours = np.stack([base, _FABRIC[rng.choice(candidates)], _FABRIC[rng.integers(len(_FABRIC))]])
+    fg = _FABRIC[rng.choice(candidates)]
+    fg = base + (fg - base) * rng.uniform(0.5, 1.0)  # faded prints
+    colours = np.stack([base, fg, _FABRIC[rng.integers(len(_FABRIC))]])
     return np.clip(colours * rng.uniform(0.85, 1.12, (3, 1)) + rng.normal(0, 9, (3, 3)), 0, 255)
 
 
-def _grid(rng: np.random.Generator, size: tuple[int, int], period: float, jitter: float, hexagonal: bool) -> np.ndarray:
+def _grid(
+    rng: np.random.Generator, size: tuple[int, int], period: float, jitter: float, hexagonal: bool
+) -> np.ndarray:
     """Centres (n, 2) of a jittered square or hexagonal lattice covering a canvas of size (w, h)."""
     dy = period * (np.sqrt(3) / 2 if hexagonal else 1.0)
     j, i = np.mgrid[-1 : int(size[1] / dy) + 2, -1 : int(size[0] / period) + 2]
@@ -81,7 +85,9 @@ def _grid(rng: np.random.Generator, size: tuple[int, int], period: float, jitter
     return pts + rng.normal(0, jitter * period, pts.shape)
 
 
-def _place(x: np.ndarray, y: np.ndarray, centres: np.ndarray, aspect: np.ndarray, angle: np.ndarray) -> np.ndarray:
+def _place(
+    x: np.ndarray, y: np.ndarray, centres: np.ndarray, aspect: np.ndarray, angle: np.ndarray
+) -> np.ndarray:
     """Stretch local shape coordinates (n, k) by `aspect`, rotate by `angle`, move to `centres`: (n, k, 2)."""
     x = x * aspect[:, None]
     cos, sin = np.cos(angle)[:, None], np.sin(angle)[:, None]
@@ -120,7 +126,9 @@ def _rings(
     t = np.linspace(0, 1, 8)
     theta = start[:, None] + span[:, None] * ((1 - fill) / 2 + fill * t)
     ring = radius[owner, None] * rng.normal(1, 0.04, (len(owner), 8))
-    width = ring * rng.uniform(0.35, 0.6) * rng.normal(1, 0.15, (len(owner), 1)) * (0.3 + 0.7 * np.sin(np.pi * t))
+    width = (
+        ring * rng.uniform(0.35, 0.6) * rng.normal(1, 0.15, (len(owner), 1)) * (0.3 + 0.7 * np.sin(np.pi * t))
+    )
     r = np.concatenate([ring + width / 2, (ring - width / 2)[:, ::-1]], axis=1)
     theta = np.concatenate([theta, theta[:, ::-1]], axis=1)
     return _place(r * np.cos(theta), r * np.sin(theta), centres[owner], aspect[owner], angle[owner]), owner
@@ -136,7 +144,8 @@ def _draw(img: Image.Image, polygons: np.ndarray, colours: np.ndarray) -> None:
 
 def _blank(size: tuple[int, int], colour: np.ndarray) -> Image.Image:
     """A supersampled canvas filled with `colour`."""
-    return Image.new("RGB", (size[0] * _SS, size[1] * _SS), tuple(np.clip(colour, 0, 255).astype(int).tolist()))
+    fill = tuple(np.clip(colour, 0, 255).astype(int).tolist())
+    return Image.new("RGB", (size[0] * _SS, size[1] * _SS), fill)
 
 
 def _dotted(rng: np.random.Generator, size: tuple[int, int], period: float, pal: Palette) -> Image.Image:
@@ -192,7 +201,8 @@ def _striped(rng: np.random.Generator, size: tuple[int, int], period: float, pal
     k = int(rng.choice([2, 2, 3, 4, 5, 6, 9]))
     odd = np.arange(k) % 2 == 1
     pick_accent = odd & (rng.random(k) < (0.5 if rng.random() < 0.35 else 0.0))
-    colours = np.where(odd[:, None], np.where(pick_accent[:, None], accent, fg), base) + rng.normal(0, 6, (k, 3))
+    ink = np.where(pick_accent[:, None], accent, fg)
+    colours = np.where(odd[:, None], ink, base) + rng.normal(0, 6, (k, 3))
     widths = rng.uniform(0.3, 1.7, k) if rng.random() < 0.6 else np.ones(k)
     repeat = period * k / 2
     fine = max(int(repeat * 4), k)  # colour look-up table at 4 samples per pixel
@@ -200,16 +210,18 @@ def _striped(rng: np.random.Generator, size: tuple[int, int], period: float, pal
     lut = np.mean([np.roll(colours[which], s, axis=0) for s in range(4)], axis=0)  # 1-pixel box filter
     lut = np.clip(lut + 0.5, 0, 255).astype(np.uint8)
     y = np.arange(size[1], dtype=np.float32)[:, None]
-    u = np.arange(size[0], dtype=np.float32) + _smooth(rng, 6, size) * np.float32(repeat * rng.uniform(0, 0.05))
+    wobble = np.float32(repeat * rng.uniform(0, 0.05))
+    u = np.arange(size[0], dtype=np.float32) + _smooth(rng, 6, size) * wobble
     if rng.random() < 0.2:  # wavy
-        wave = period * rng.uniform(0.05, 0.25) * np.sin(_TAU * y / (period * rng.uniform(3, 8)) + rng.uniform(0, _TAU))
-        u += wave.astype(np.float32)
+        amp, wavelength = period * rng.uniform(0.05, 0.25), period * rng.uniform(3, 8)
+        u += (amp * np.sin(_TAU * y / wavelength + rng.uniform(0, _TAU))).astype(np.float32)
     pos = np.minimum(((u % repeat) * (fine / repeat)).astype(np.int64), fine - 1)
     rgb = lut[pos]
-    if rng.random() < 0.2:  # broken stripes: dashes, easy to confuse with elongated dots
+    if rng.random() < 0.3:  # broken stripes: dashes, easy to confuse with elongated dots
         stripe = (np.floor(u / repeat).astype(np.int64) * k + which[pos]) % 1024
-        dash = period * rng.uniform(1, 4, 1024)
-        gap = ((y + rng.uniform(0, 100 * period, 1024)[stripe]) % dash[stripe]) > rng.uniform(0.65, 0.9) * dash[stripe]
+        dash = period * rng.uniform(1, 4, 1024)[stripe]
+        phase = rng.uniform(0, 100 * period, 1024)[stripe]
+        gap = (y + phase) % dash < period * rng.uniform(0.15, 0.4)
         rgb[gap & odd[which[pos]]] = np.clip(base + 0.5, 0, 255).astype(np.uint8)
     return Image.fromarray(rgb)
 
@@ -226,7 +238,8 @@ def _weave(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
     p = rng.uniform(2.2, 4.0)
     cx, cy = (np.cos(np.arange(n, dtype=np.float32) * np.float32(_TAU / p)) for n in size)
     yarn_x, yarn_y = (rng.uniform(0, 0.04 * 255, n).astype(np.float32) for n in size)
-    weave = 255 - np.float32(rng.uniform(0.03, 0.1) * 255 / 2) * (1 - cy[:, None] * cx) - yarn_y[:, None] - yarn_x
+    depth = np.float32(rng.uniform(0.03, 0.1) * 255 / 2)
+    weave = 255 - depth * (1 - cy[:, None] * cx) - yarn_y[:, None] - yarn_x
     return _to_image(weave).convert("RGB")
 
 
@@ -242,7 +255,8 @@ def _folds(rng: np.random.Generator, size: int) -> tuple[list, np.ndarray]:
             d0 = rng.uniform(0, size, 2) @ (np.cos(a), np.sin(a))
             height += rng.uniform(-1, 1) * np.exp(-(((d - d0) / (size * rng.uniform(0.04, 0.15))) ** 2))
         else:  # gentle waves
-            height += rng.uniform(0.2, 0.8) * np.sin(_TAU * d / (size * rng.uniform(0.3, 0.8)) + rng.uniform(0, _TAU))
+            wavelength = size * rng.uniform(0.3, 0.8)
+            height += rng.uniform(0.2, 0.8) * np.sin(_TAU * d / wavelength + rng.uniform(0, _TAU))
     height /= np.abs(height).max() + 1e-9
     gy, gx = np.gradient(height)
     light = rng.uniform(0, _TAU)
@@ -251,21 +265,17 @@ def _folds(rng: np.random.Generator, size: int) -> tuple[list, np.ndarray]:
     shift = height[::4, ::4] * size * rng.uniform(0.003, 0.012)
     shift[[0, -1]] = shift[:, [0, -1]] = 0  # keep the frame edges in place
     tilt = rng.uniform(0, _TAU)
-    sx, sy = (xx[::4, ::4] + shift * np.cos(tilt)).tolist(), (yy[::4, ::4] + shift * np.sin(tilt)).tolist()
-    e = np.round(grid[::4]).astype(int).tolist()
-    mesh = [
-        (
-            (e[i], e[j], e[i + 1], e[j + 1]),
-            (sx[j][i], sy[j][i], sx[j + 1][i], sy[j + 1][i], sx[j + 1][i + 1], sy[j + 1][i + 1], sx[j][i + 1], sy[j][i + 1]),
-        )
-        for j in range(8)
-        for i in range(8)
-    ]
+    src = np.stack([xx[::4, ::4] + shift * np.cos(tilt), yy[::4, ::4] + shift * np.sin(tilt)], axis=-1)
+    # Each 8 x 8 target cell samples the quad (upper left, lower left, lower right, upper right) of src.
+    quads = np.concatenate([src[:-1, :-1], src[1:, :-1], src[1:, 1:], src[:-1, 1:]], axis=-1).reshape(-1, 8)
+    e = np.round(grid[::4]).astype(int)
+    boxes = np.stack(np.broadcast_arrays(e[None, :-1], e[:-1, None], e[None, 1:], e[1:, None]), axis=-1)
+    mesh = list(zip(map(tuple, boxes.reshape(-1, 4).tolist()), map(tuple, quads.tolist()), strict=True))
     return mesh, np.asarray(Image.fromarray(shade.astype(np.float32)).resize((size, size), _BICUBIC))
 
 
 def _perspective(quad: np.ndarray, side: float) -> np.ndarray:
-    """PERSPECTIVE coefficients mapping output pixels to a fabric canvas whose corners land on `quad` (4, 2)."""
+    """PERSPECTIVE coefficients mapping output pixels to a fabric canvas whose corners land on `quad`."""
     rows, rhs = [], []
     for (x, y), (u, v) in zip(quad, [(0, 0), (side, 0), (side, side), (0, side)], strict=True):
         rows += [[x, y, 1, 0, 0, 0, -u * x, -u * y], [0, 0, 0, x, y, 1, -v * x, -v * y]]
@@ -275,7 +285,8 @@ def _perspective(quad: np.ndarray, side: float) -> np.ndarray:
 
 def _background(rng: np.random.Generator, size: int, alpha: np.ndarray) -> np.ndarray:
     """A table, floor or wall (size, size, 3), darkened by the soft contact shadow of the fabric."""
-    colour = (_SURFACE[rng.integers(len(_SURFACE))] * rng.uniform(0.8, 1.15) + rng.normal(0, 8, 3)).astype(np.float32)
+    colour = _SURFACE[rng.integers(len(_SURFACE))] * rng.uniform(0.8, 1.15) + rng.normal(0, 8, 3)
+    colour = colour.astype(np.float32)
     shade = 1 + np.float32(0.12) * _smooth(rng, 3, (size, size))
     if rng.random() < 0.3:  # wood grain
         y, x = np.ogrid[:size, :size]
@@ -295,7 +306,8 @@ def _clutter(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
         angle = rng.uniform(0, np.pi, 1)
         r = size * rng.uniform(0.06, 0.18)
         if kind in (0, 3):  # button or stone
-            poly = _blobs(rng, centre, np.array([r]), rng.uniform(1, 1.5, 1), angle, 0.02 if kind == 0 else 0.3)[0]
+            wobble = 0.02 if kind == 0 else 0.3
+            poly = _blobs(rng, centre, np.array([r]), rng.uniform(1, 1.5, 1), angle, wobble)[0]
         else:  # card or pencil
             half = (r, r * rng.uniform(0.5, 0.9)) if kind == 1 else (size * rng.uniform(0.2, 0.4), r * 0.2)
             corners = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * half
@@ -309,8 +321,12 @@ def _clutter(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
         ImageDraw.Draw(mask).polygon(((poly - (x0, y0)) * _SS).ravel().tolist(), fill=255)
         mask = mask.reduce(_SS)
         # Soft shadow, blurred at quarter resolution and shifted away from the light.
-        shadow = mask.reduce(4).filter(ImageFilter.GaussianBlur(r / 16)).transform(
-            mask.size, Image.Transform.AFFINE, (0.25, 0, -shift[0] / 4, 0, 0.25, -shift[1] / 4), _BILINEAR
+        shadow = (
+            mask.reduce(4)
+            .filter(ImageFilter.GaussianBlur(r / 16))
+            .transform(
+                mask.size, Image.Transform.AFFINE, (0.25, 0, -shift[0] / 4, 0, 0.25, -shift[1] / 4), _BILINEAR
+            )
         )
         m = np.asarray(mask, np.float32)[..., None] * np.float32(1 / 255)
         s = np.asarray(shadow, np.float32)[..., None] * np.float32(0.45 / 255)
@@ -328,10 +344,13 @@ def _lighting(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
     size = img.shape[0]
     y, x = ((g.astype(np.float32) + 0.5) / size - 0.5 for g in np.ogrid[:size, :size])
     a = rng.uniform(0, _TAU)
-    field = (1 + rng.uniform(0, 0.7) * (x * np.cos(a) + y * np.sin(a))) * (1 - rng.uniform(0, 0.9) * (x**2 + y**2))
-    if rng.random() < 0.3:
+    ramp = 1 + rng.uniform(0, 0.7) * (x * np.cos(a) + y * np.sin(a))
+    field = ramp * (1 - rng.uniform(0, 0.9) * (x**2 + y**2))
+    if rng.random() < 0.3:  # hot spot
         x0, y0 = rng.uniform(-0.4, 0.4, 2)
-        field = field + rng.uniform(0.1, 0.35) * np.exp(-((x - x0) ** 2 + (y - y0) ** 2) / rng.uniform(0.01, 0.05))
+        field = field + rng.uniform(0.1, 0.35) * np.exp(
+            -((x - x0) ** 2 + (y - y0) ** 2) / rng.uniform(0.01, 0.05)
+        )
     gain = (rng.uniform(0.7, 1.15) * rng.normal(1, 0.04, 3)).astype(np.float32)  # exposure and white balance
     return img * field.astype(np.float32)[..., None] * gain
 
@@ -376,7 +395,8 @@ def render_texture(label: str, rng: np.random.Generator, size: int = 256) -> Ima
     img = _lighting(rng, _clutter(rng, img))
 
     # Camera: optical blur, sensor noise, JPEG compression.
-    img = np.asarray(_to_image(img).filter(ImageFilter.GaussianBlur(rng.uniform(0.2, 1.3) * size / 256)), np.float32)
+    blurred = _to_image(img).filter(ImageFilter.GaussianBlur(rng.uniform(0.2, 1.3) * size / 256))
+    img = np.asarray(blurred, np.float32)
     img = img + rng.standard_normal(img.shape, dtype=np.float32) * np.float32(rng.uniform(1, 7))
     buf = io.BytesIO()
     _to_image(img).save(buf, format="JPEG", quality=int(rng.integers(35, 93)))
@@ -403,7 +423,12 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def generate_demo_dataset(
-    out_dir: str | os.PathLike, n_per_class: int = 60, seed: int = 0, size: int = 256, *, progress: bool = True
+    out_dir: str | os.PathLike,
+    n_per_class: int = 60,
+    seed: int = 0,
+    size: int = 256,
+    *,
+    progress: bool = True,
 ) -> Path:
     """Write out_dir/<class>/<class>_<i:04d>.jpg for every class; return out_dir as a Path.
 

@@ -1,0 +1,76 @@
+"""Decode every training image once into a uint8 memmap, so that later epochs decode no JPEG."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from imgclf.data.io import ImageError, Preprocess, open_rgb, resize_center_crop
+from imgclf.utils import atomic_write_text
+
+log = logging.getLogger("imgclf")
+
+
+@dataclass
+class ImageCache:
+    """``images[i]`` is image i resized (shorter side = ``side``) and centre-cropped to side x side."""
+
+    images: np.ndarray  # (n, side, side, 3) uint8, a read-only memmap
+    ok: np.ndarray  # (n,) bool: False where decoding failed
+    side: int
+
+
+def _key(paths: Sequence[Path], side: int, interpolation: str) -> str:
+    h = hashlib.sha256(f"{side}:{interpolation}".encode())
+    for p in paths:
+        st = p.stat()
+        h.update(f"\0{p}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:20]
+
+
+def build_image_cache(paths: Sequence[Path], side: int, interpolation: str, folder: Path, workers: int,
+                      max_pixels: int | None = None, progress: bool = True) -> ImageCache:
+    """Decode ``paths`` (EXIF-oriented) into ``folder/images-<key>.u8``; reused while the files are unchanged.
+
+    Images that fail to decode are zero-filled, marked not ``ok`` and logged as warnings.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    key = _key(paths, side, interpolation)
+    data, meta = folder / f"images-{key}.u8", folder / f"images-{key}.json"
+    shape = (len(paths), side, side, 3)
+    if data.exists() and meta.exists():
+        ok = np.array(json.loads(meta.read_text(encoding="utf-8"))["ok"], dtype=bool)
+        return ImageCache(np.memmap(data, np.uint8, "r", shape=shape), ok, side)
+    pre = Preprocess(side, 1.0, interpolation)
+    tmp = data.with_name(f".{data.name}.tmp")
+    out = np.memmap(tmp, np.uint8, "w+", shape=shape)
+    ok = np.ones(len(paths), dtype=bool)
+
+    def load(path: Path) -> np.ndarray | str:
+        try:
+            return resize_center_crop(open_rgb(path, draft_to=side, max_pixels=max_pixels), pre)
+        except ImageError as e:
+            return str(e)
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        decoded = pool.map(load, paths)
+        for i, img in enumerate(tqdm(decoded, total=len(paths), desc="decode (once)", unit="img",
+                                     disable=not progress, leave=False)):
+            if isinstance(img, str):
+                ok[i] = False
+                log.warning("fine-tuning skips %s: %s", paths[i], img)
+            else:
+                out[i] = img
+    out.flush()
+    del out
+    tmp.replace(data)
+    atomic_write_text(meta, json.dumps({"side": side, "n": len(paths), "ok": ok.tolist()}))
+    return ImageCache(np.memmap(data, np.uint8, "r", shape=shape), ok, side)

@@ -1,0 +1,400 @@
+"""``finetune``: a new last layer (dropout + linear) on a pretrained backbone, trained end to end.
+
+Head-only warm-up, then the whole network with a lower backbone rate; early stopping and the best epoch
+chosen on a validation part carved from the training split; a checkpoint every epoch for ``resume``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from imgclf.backbones import Backbone
+from imgclf.config import Config, FinetuneConfig
+from imgclf.data.dataset import Dataset
+from imgclf.features.runtimes import resolve_device
+from imgclf.finetune.augment import Augment, Normalizer
+from imgclf.finetune.imagecache import ImageCache, build_image_cache
+from imgclf.finetune.schedule import lr_factor
+from imgclf.heads import LinearHead
+from imgclf.utils import atomic_write_bytes, atomic_write_text, cpu_count
+
+log = logging.getLogger("imgclf")
+
+LOG_FIELDS = ("epoch", "lr", "train_loss", "train_error", "val_loss", "val_error", "img_per_s", "seconds")
+CKPT_NAME = "finetune_ckpt.pt"
+EpochHook = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class FinetuneResult:
+    """The fine-tuned backbone (eval mode, on CPU), its new last layer, the per-epoch log and figures."""
+
+    backbone: Backbone
+    head: LinearHead
+    history: list[dict[str, float]]
+    figures: dict[str, Path]
+
+
+class Classifier(nn.Module):
+    """Backbone features -> dropout -> linear layer."""
+
+    def __init__(self, backbone: nn.Module, num_features: int, n_classes: int, dropout: float) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(num_features, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.dropout(self.backbone(x)))
+
+
+def split_validation(labels: np.ndarray, train_idx: np.ndarray, fraction: float,
+                     seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified, seeded (fit, val) partition of ``train_idx``; each class keeps a fitting image."""
+    rng = np.random.default_rng([seed, 0x5EED])
+    val: list[np.ndarray] = []
+    for c in np.unique(labels[train_idx]):
+        idx = np.sort(train_idx[labels[train_idx] == c])
+        n_val = min(len(idx) - 1, round(len(idx) * fraction))
+        val.append(idx[rng.permutation(len(idx))[:n_val]])
+    val_idx = np.sort(np.concatenate(val)) if val else np.empty(0, np.int64)
+    return np.setdiff1d(train_idx, val_idx), val_idx
+
+
+def _param_groups(model: Classifier, cfg: FinetuneConfig) -> list[dict[str, Any]]:
+    """Head and backbone groups (backbone at lr x backbone_lr_mult); no weight decay on biases and norms."""
+    parts = [(model.fc, cfg.lr)]
+    if not cfg.freeze_backbone:
+        parts.append((model.backbone, cfg.lr * cfg.backbone_lr_mult))
+    groups = []
+    for module, lr in parts:
+        params = [p for p in module.parameters() if p.requires_grad]
+        groups += [{"params": [p for p in params if p.ndim > 1], "lr": lr, "weight_decay": cfg.weight_decay},
+                   {"params": [p for p in params if p.ndim <= 1], "lr": lr, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def _optimizer(model: Classifier, cfg: FinetuneConfig) -> torch.optim.Optimizer:
+    groups = _param_groups(model, cfg)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+
+
+def _fingerprint(cfg: Config, backbone: Backbone, rels: list[str]) -> str:
+    """What a checkpoint must match to be resumed: settings, backbone, seed and training images."""
+    ft = cfg.finetune.model_dump(mode="json", exclude={"resume"})
+    key = json.dumps([ft, backbone.spec(), cfg.output.seed, rels], sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _state_digest(state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k, v in state.items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _copy_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def _prefetch(batches: list[np.ndarray], load: Callable[[np.ndarray], Any]) -> Iterator[Any]:
+    """``load`` each batch of indices one step ahead, in a background thread."""
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(load, batches[0]) if batches else None
+        for i in range(len(batches)):
+            assert pending is not None
+            item = pending.result()
+            pending = pool.submit(load, batches[i + 1]) if i + 1 < len(batches) else None
+            yield item
+
+
+class _Loader:
+    """Batches of (uint8 NHWC images, labels) from the image cache, on the training device."""
+
+    def __init__(self, cache: ImageCache, rows: np.ndarray, labels: np.ndarray, device: torch.device) -> None:
+        self.cache, self.rows, self.labels, self.device = cache, rows, labels, device
+
+    def __call__(self, batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        order = np.sort(batch)  # ascending rows read the memmap sequentially
+        x = torch.from_numpy(np.ascontiguousarray(self.cache.images[self.rows[order]]))
+        y = torch.from_numpy(self.labels[order])
+        if self.device.type == "cuda":
+            x, y = x.pin_memory(), y.pin_memory()
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def epoch_batches(self, batch_size: int, gen: torch.Generator, balance: bool) -> list[np.ndarray]:
+        n = len(self.rows)
+        if balance:
+            counts = np.bincount(self.labels)
+            weights = torch.from_numpy(1.0 / counts[self.labels])
+            order = torch.multinomial(weights, n, replacement=True, generator=gen).numpy()
+        else:
+            order = torch.randperm(n, generator=gen).numpy()
+        batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+        return [b for b in batches if len(b) > 1]  # batch norm cannot train on a single image
+
+    def in_order(self, batch_size: int) -> list[np.ndarray]:
+        n = len(self.rows)
+        return [np.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+
+
+def _write_log(path: Path, history: list[dict[str, float]]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=LOG_FIELDS, lineterminator="\n")
+    w.writeheader()
+    for row in history:
+        w.writerow({k: (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]) for k in LOG_FIELDS})
+    atomic_write_text(path, buf.getvalue())
+
+
+def _plot(path: Path, history: list[dict[str, float]], best_epoch: int) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax_loss.plot(ep, [h["train_loss"] for h in history], "o-", label="training")
+    ax_loss.plot(ep, [h["val_loss"] for h in history], "s-", label="validation")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
+    ax_err.plot(ep, [h["train_error"] for h in history], "o-", label="training (augmented)")
+    ax_err.plot(ep, [h["val_error"] for h in history], "s-", label="validation")
+    ax_err.axvline(best_epoch, color="gray", ls=":", label=f"best epoch ({best_epoch})")
+    ax_err.set(xlabel="epoch", ylabel="error rate", title="Error")
+    for ax in (ax_loss, ax_err):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def _rng_state(gen: torch.Generator) -> dict[str, Any]:
+    state = {"gen": gen.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(gen: torch.Generator, state: dict[str, Any]) -> None:
+    gen.set_state(state["gen"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save_ckpt(path: Path, ckpt: dict[str, Any]) -> None:
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def finetune(cfg: Config, ds: Dataset, train_idx: np.ndarray, backbone: Backbone, run_dir: Path,
+             on_epoch_end: EpochHook | None = None) -> FinetuneResult:
+    """Fine-tune ``backbone`` plus a new last layer on ``ds.samples[train_idx]`` (never sees the test split).
+
+    ``on_epoch_end(epoch, row)`` is called after each epoch's checkpoint is written.
+    """
+    ft = cfg.finetune
+    run_dir = Path(run_dir)
+    seed = cfg.output.seed
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    device = resolve_device(cfg.features.device)
+    workers = cfg.features.workers or cpu_count()
+    labels_all = ds.labels
+    n_classes = len(ds.classes)
+    rels = [ds.samples[i].rel for i in train_idx]
+    fingerprint = _fingerprint(cfg, backbone, rels)
+    ckpt_path = run_dir / CKPT_NAME
+    ckpt: dict[str, Any] | None = None
+    if ft.resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if ckpt["fingerprint"] != fingerprint:
+            raise ValueError(f"{ckpt_path} belongs to another fine-tuning run (different settings, backbone "
+                             "or training images); run without --resume to start afresh")
+        log.info("resuming fine-tuning after epoch %d", ckpt["epoch"])
+    elif ft.resume:
+        log.info("no checkpoint in %s: fine-tuning from the start", run_dir)
+
+    model = Classifier(backbone.model, backbone.num_features, n_classes, ft.dropout)
+    if ft.freeze_backbone:
+        model.backbone.requires_grad_(False)
+    history: list[dict[str, float]] = []
+    best: dict[str, Any] = {"epoch": 0, "val_error": float("inf"), "val_loss": float("inf"), "state": None}
+    start_epoch, done = 0, False
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        history, best, start_epoch, done = ckpt["history"], ckpt["best"], ckpt["epoch"], ckpt["done"]
+
+    if not done:
+        fit_idx, val_idx = split_validation(labels_all, train_idx, ft.val_fraction, seed)
+        pre = backbone.preprocess
+        cache = build_image_cache([ds.path(ds.samples[i]) for i in train_idx], pre.resize_to,
+                                  pre.interpolation, run_dir / "finetune_cache", workers,
+                                  cfg.data.max_image_pixels, cfg.output.progress)
+        row_of = {int(s): r for r, s in enumerate(train_idx)}
+        fit_idx = np.array([i for i in fit_idx if cache.ok[row_of[int(i)]]], np.int64)
+        val_idx = np.array([i for i in val_idx if cache.ok[row_of[int(i)]]], np.int64)
+        if len(fit_idx) < 2:
+            raise ValueError("fine-tuning needs at least two decodable training images")
+        log.info("fine-tuning on %d images, validating on %d (%s)", len(fit_idx), len(val_idx), device)
+        fit = _Loader(cache, np.array([row_of[int(i)] for i in fit_idx]), labels_all[fit_idx], device)
+        val = _Loader(cache, np.array([row_of[int(i)] for i in val_idx], np.int64), labels_all[val_idx],
+                      device)
+        _train(cfg, model, backbone, fit, val, device, ckpt, history, best, start_epoch, fingerprint,
+               ckpt_path, on_epoch_end)
+        del cache
+        with contextlib.suppress(OSError):
+            for f in (run_dir / "finetune_cache").iterdir():
+                f.unlink()
+            (run_dir / "finetune_cache").rmdir()
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        best = ckpt["best"]
+        history = ckpt["history"]
+
+    if best["state"] is not None:
+        model.load_state_dict(best["state"])
+    model = model.to("cpu", memory_format=torch.contiguous_format).eval()
+    state = model.backbone.state_dict()
+    tuned = dataclasses.replace(backbone, model=model.backbone,
+                                weights_id=f"finetuned:{_state_digest(state)}")
+    head = LinearHead(model.fc.weight.detach().numpy().astype(np.float64),
+                      model.fc.bias.detach().numpy().astype(np.float64), l2_normalize=False)
+    figures = {}
+    if history:
+        best_epoch = best["epoch"] or history[-1]["epoch"]
+        figures["Fine-tuning curves"] = _plot(run_dir / "finetune_curves.png", history, int(best_epoch))
+        log.info("fine-tuning: best epoch %d of %d (validation error %.3f)", best_epoch, len(history),
+                 best["val_error"])
+    return FinetuneResult(tuned, head, history, figures)
+
+
+def train_resolution(ft: FinetuneConfig, resolution: int, device: torch.device) -> int:
+    """Training side: ``ft_resolution``, else the backbone's on GPU, 3/4 of it (multiple of 8) on CPU."""
+    if ft.ft_resolution is not None:
+        return ft.ft_resolution
+    return resolution if device.type == "cuda" else max(32, round(resolution * 0.75 / 8) * 8)
+
+
+def _evaluate(model: Classifier, loader: _Loader, norm: Normalizer, batch_size: int,
+              autocast: contextlib.AbstractContextManager[Any] | Callable[[], Any]) -> tuple[float, float]:
+    """(mean cross-entropy, error rate) on the validation part, eval-time view."""
+    model.eval()
+    loss_sum, wrong, n = 0.0, 0, 0
+    with torch.no_grad():
+        for x, y in _prefetch(loader.in_order(batch_size), loader):
+            with autocast():  # type: ignore[operator]
+                logits = model(norm.center(x)).float()
+            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+            wrong += int((logits.argmax(1) != y).sum())
+            n += len(y)
+    return (loss_sum / n, wrong / n) if n else (float("nan"), float("nan"))
+
+
+def _train(cfg: Config, model: Classifier, backbone: Backbone, fit: _Loader, val: _Loader,
+           device: torch.device, ckpt: dict[str, Any] | None, history: list[dict[str, float]],
+           best: dict[str, Any], start_epoch: int, fingerprint: str, ckpt_path: Path,
+           on_epoch_end: EpochHook | None) -> None:
+    """The epoch loop: writes the log, the checkpoint (with ``best``) after every epoch."""
+    ft = cfg.finetune
+    model.to(device, memory_format=torch.channels_last)
+    opt = _optimizer(model, ft)
+    bs = ft.ft_batch_size
+    steps = max(1, len(fit.epoch_batches(bs, torch.Generator().manual_seed(0), ft.balance_classes)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(ft, steps))
+    gen = torch.Generator().manual_seed(cfg.output.seed)
+    if ckpt is not None:
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        _set_rng_state(gen, ckpt["rng"])
+    backbone_fwd: Callable[[torch.Tensor], torch.Tensor] = model.backbone
+    if ft.compile:
+        backbone_fwd = torch.compile(model.backbone)  # type: ignore[assignment]
+    aug = Augment(ft.aug_crop, ft.aug_flip, ft.aug_color, ft.aug_rotate)
+    norm = Normalizer(backbone.preprocess.resolution, backbone.mean, backbone.std, device)
+    train_res = train_resolution(ft, backbone.preprocess.resolution, device)
+    use_bf16 = device.type == "cuda"
+
+    def autocast() -> contextlib.AbstractContextManager[Any]:
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    criterion = nn.CrossEntropyLoss(label_smoothing=ft.label_smoothing)
+    for epoch in range(start_epoch + 1, ft.epochs + 1):
+        head_only = ft.freeze_backbone or epoch <= ft.head_warmup_epochs
+        model.train()
+        if head_only:
+            model.backbone.eval()  # frozen: keep the pretrained batch-norm statistics
+        t0, seen, loss_sum, wrong = time.perf_counter(), 0, 0.0, 0
+        batches = fit.epoch_batches(bs, gen, ft.balance_classes)
+        bar = tqdm(_prefetch(batches, fit), total=len(batches), desc=f"epoch {epoch}/{ft.epochs}",
+                   unit="batch", disable=not cfg.output.progress, leave=False)
+        for x, y in bar:
+            xb = norm.random(x, aug, gen, train_res)
+            with autocast():
+                if head_only:
+                    with torch.no_grad():
+                        feats = backbone_fwd(xb)
+                    logits = model.fc(model.dropout(feats.float()))
+                else:
+                    logits = model.fc(model.dropout(backbone_fwd(xb)))
+                loss = criterion(logits.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            seen += len(y)
+            loss_sum += float(loss) * len(y)
+            wrong += int((logits.argmax(1) != y).sum())
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", img_s=f"{seen / (time.perf_counter() - t0):.1f}")
+        train_s = time.perf_counter() - t0
+        val_loss, val_error = _evaluate(model, val, norm, 2 * bs, autocast)
+        row = {"epoch": epoch, "lr": float(opt.param_groups[0]["lr"]), "train_loss": loss_sum / max(1, seen),
+               "train_error": wrong / max(1, seen), "val_loss": val_loss, "val_error": val_error,
+               "img_per_s": seen / train_s, "seconds": time.perf_counter() - t0}
+        history.append(row)
+        log.info("epoch %d/%d: train loss %.3f error %.3f | val loss %.3f error %.3f | %.1f img/s", epoch,
+                 ft.epochs, row["train_loss"], row["train_error"], val_loss, val_error, row["img_per_s"])
+        improved = len(val.rows) > 0 and (val_error, val_loss) < (best["val_error"], best["val_loss"])
+        if improved:
+            best.update(epoch=epoch, val_error=val_error, val_loss=val_loss, state=_copy_state(model))
+        no_gain = epoch - best["epoch"] if len(val.rows) else 0
+        stop = ft.early_stopping > 0 and no_gain >= ft.early_stopping
+        done = stop or epoch == ft.epochs
+        if done and best["state"] is None:
+            best.update(epoch=epoch, state=_copy_state(model))
+        _write_log(ckpt_path.parent / "finetune_log.csv", history)
+        _save_ckpt(ckpt_path, {"fingerprint": fingerprint, "epoch": epoch, "done": done,
+                               "model": _copy_state(model), "optimizer": opt.state_dict(),
+                               "scheduler": sched.state_dict(), "best": best, "history": history,
+                               "rng": _rng_state(gen)})
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, row)
+        if stop:
+            log.info("early stopping: no validation gain for %d epochs", ft.early_stopping)
+            break

@@ -1,0 +1,235 @@
+"""The REST service: a FastAPI app serving one model bundle.
+
+Routes: ``POST /v1/predict`` (multipart files, base64 JSON or one raw image), ``GET /v1/model``,
+``GET /healthz``, the web page at ``/``, OpenAPI docs at ``/docs``, and ``POST /score`` for clients of
+the 2017 tutorial. Decoding runs in a thread pool, inference in one micro-batching worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from imgclf import __version__
+from imgclf.bundle import Bundle
+from imgclf.config import Config
+from imgclf.features.extract import default_cache_dir
+from imgclf.features.runtimes import Runtime, create_runtime, resolve_device, resolve_runtime
+from imgclf.serving.batching import MicroBatcher
+from imgclf.serving.inputs import (
+    ApiError,
+    ImageInput,
+    check_count,
+    decode_image,
+    images_from_request,
+    images_from_tutorial_json,
+    read_body,
+)
+from imgclf.utils import cpu_count
+
+log = logging.getLogger(__name__)
+
+
+class LabelScore(BaseModel):
+    label: str
+    score: float
+
+
+class Prediction(BaseModel):
+    label: str = Field(description="Most likely class.")
+    score: float = Field(description="Its probability.")
+    scores: dict[str, float] = Field(description="Probability of every class.")
+    top_k: list[LabelScore] = Field(description="The top_k most likely classes, best first.")
+
+
+class PredictResponse(BaseModel):
+    predictions: list[Prediction] = Field(description="One per image, in request order.")
+    model_id: str
+    server_time_ms: float = Field(description="Time spent in the server, from request to response.")
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(description="Short error code, e.g. bad_image, body_too_large.")
+    detail: str = Field(description="What is wrong with the request.")
+
+
+_PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {"schema": {"type": "object", "properties": {
+                "file": {"type": "string", "format": "binary"},
+                "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+            "application/json": {"schema": {"type": "object", "required": ["images"], "properties": {
+                "images": {"type": "array", "items": {"type": "string", "description": "base64 image file"}}}}},
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422)
+}
+
+
+def _net_key(bundle: Bundle) -> str:
+    """Content key of the classifier network, naming its converted-model cache folder."""
+    h = hashlib.sha256(json.dumps(bundle.backbone_spec, sort_keys=True).encode())
+    for a in (bundle.head.weight, bundle.head.bias):
+        h.update(np.ascontiguousarray(a, np.float32).tobytes())
+    h.update(str(bundle.head.l2_normalize).encode())
+    return h.hexdigest()[:16]
+
+
+def build_runtime(bundle: Bundle, cfg: Config) -> Runtime:
+    """The classifier (uint8 NHWC -> probabilities) on the serving runtime; OpenVINO/ONNX models are cached."""
+    f = cfg.features
+    device = resolve_device(f.device)
+    runtime = resolve_runtime(cfg.serve.serve_runtime, device)
+    model_dir = (f.cache_dir or default_cache_dir()) / "models" / f"serve-{runtime}-{_net_key(bundle)}"
+    try:
+        model_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        log.warning("cannot cache the converted model in %s (%s); converting at every start", model_dir, e)
+        model_dir = None
+    return create_runtime(bundle.classifier_net(), bundle.preprocess.resolution, runtime, f.precision, f.device,
+                          f.workers or cpu_count(), model_dir)
+
+
+def _web_page() -> str | None:
+    try:
+        return resources.files("imgclf.serving").joinpath("static/index.html").read_text(encoding="utf-8")
+    except (FileNotFoundError, ModuleNotFoundError):
+        return None
+
+
+class ModelService:
+    """A loaded bundle, its runtime and the micro-batcher: image bytes -> predictions."""
+
+    def __init__(self, bundle: Bundle, runtime: Runtime, cfg: Config) -> None:
+        self.bundle, self.runtime, self.cfg = bundle, runtime, cfg
+        self.top_k = min(cfg.serve.top_k, len(bundle.classes))
+        self.batcher = MicroBatcher(runtime, cfg.serve.max_batch, cfg.serve.max_wait_ms)
+        self.decoders = ThreadPoolExecutor(cfg.features.workers or cpu_count(), thread_name_prefix="imgclf-decode")
+        self.model_id = bundle.model_id
+        self.started = time.time()
+
+    async def predict(self, images: list[ImageInput]) -> list[Prediction]:
+        check_count(images, self.cfg.serve.max_images_per_request)
+        loop = asyncio.get_running_loop()
+        pre, max_pixels = self.bundle.preprocess, self.cfg.data.max_image_pixels
+        with self.batcher.incoming():
+            arrays = await asyncio.gather(
+                *(loop.run_in_executor(self.decoders, decode_image, im, pre, max_pixels) for im in images))
+        return [self._prediction(p) for p in await self.batcher.infer(arrays)]
+
+    def _prediction(self, probs: np.ndarray) -> Prediction:
+        classes = self.bundle.classes
+        order = np.argsort(-probs, kind="stable")
+        best = int(order[0])
+        return Prediction(label=classes[best], score=float(probs[best]),
+                          scores={c: float(p) for c, p in zip(classes, probs, strict=True)},
+                          top_k=[LabelScore(label=classes[i], score=float(probs[i])) for i in order[: self.top_k]])
+
+    def info(self) -> dict[str, Any]:
+        b, pre = self.bundle, self.bundle.preprocess
+        return {"model_id": self.model_id, "classes": b.classes, "backbone": b.backbone_spec["name"],
+                "backbone_weights": b.backbone_spec["weights_id"], "resolution": pre.resolution,
+                "crop_pct": pre.crop_pct, "interpolation": pre.interpolation, "classifier": b.classifier,
+                "metrics": b.metrics, "created": b.created, "version": __version__,
+                "runtime": self.runtime.name, "precision": self.runtime.precision}
+
+
+def _error(status: int, code: str, detail: str) -> JSONResponse:
+    return JSONResponse({"error": code, "detail": detail}, status_code=status)
+
+
+def create_app(bundle: Bundle | str | Path, cfg: Config | None = None) -> FastAPI:
+    """The service for ``bundle`` (a Bundle, run folder or bundle folder); loads the model now."""
+    bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
+    cfg = cfg or Config.model_validate(bundle.config)
+    service = ModelService(bundle, build_runtime(bundle, cfg), cfg)
+    max_body = int(cfg.serve.max_upload_mb * 1e6)
+    page = _web_page()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await service.batcher.start()
+        yield
+        await service.batcher.stop()
+        service.decoders.shutdown(wait=False)
+
+    app = FastAPI(title="imgclf", version=__version__, lifespan=lifespan,
+                  description=f"Image classifier `{bundle.backbone_spec['name']}` over classes {bundle.classes}.")
+    app.state.service = service
+
+    def check_key(request: Request) -> None:
+        key = cfg.serve.api_key
+        given = request.headers.get("x-api-key")
+        if key and (given is None or not secrets.compare_digest(given.encode(), key.encode())):
+            raise ApiError(401, "unauthorized", "missing or wrong API key: send it in the X-API-Key header")
+
+    auth = [Depends(check_key)]
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, e: ApiError) -> JSONResponse:
+        return _error(e.status, e.code, e.detail)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        return _error(e.status_code, "http_error", str(e.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+        return _error(422, "invalid_request", str(e.errors()))
+
+    @app.post("/v1/predict", response_model=PredictResponse, dependencies=auth, responses=_ERRORS,
+              openapi_extra=_PREDICT_BODY, summary="Classify one or several images")
+    async def predict(request: Request) -> PredictResponse:
+        t0 = time.perf_counter()
+        body = await read_body(request, max_body)
+        predictions = await service.predict(await images_from_request(request, body))
+        return PredictResponse(predictions=predictions, model_id=service.model_id,
+                               server_time_ms=(time.perf_counter() - t0) * 1000)
+
+    @app.post("/score", response_model=PredictResponse, dependencies=auth, responses=_ERRORS,
+              summary='2017 tutorial clients: {"input_df": [{"image base64 string": "..."}]}')
+    async def score(request: Request) -> PredictResponse:
+        t0 = time.perf_counter()
+        predictions = await service.predict(images_from_tutorial_json(await read_body(request, max_body)))
+        return PredictResponse(predictions=predictions, model_id=service.model_id,
+                               server_time_ms=(time.perf_counter() - t0) * 1000)
+
+    @app.get("/v1/model", dependencies=auth, responses=_ERRORS, summary="The served model")
+    async def model() -> dict[str, Any]:
+        return service.info()
+
+    @app.get("/healthz", summary="Liveness, with micro-batching counters")
+    async def healthz() -> dict[str, Any]:
+        s = service.batcher.stats
+        return {"status": "ok", "model_id": service.model_id, "uptime_s": round(time.time() - service.started, 1),
+                "batches": s.batches, "images": s.images, "largest_batch": s.largest}
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index() -> HTMLResponse:
+        if page is None:
+            raise ApiError(404, "no_web_page", "the web page (imgclf/serving/static/index.html) is not installed")
+        return HTMLResponse(page)
+
+    return app

@@ -1,0 +1,155 @@
+"""Request bodies -> image bytes -> model-ready arrays, with every way a request can be wrong as an ApiError."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect, Request
+
+from imgclf.data.io import ImageError, Preprocess, open_rgb, resize_center_crop
+
+FILE_FIELDS = ("file", "files")
+
+
+class ApiError(Exception):
+    """A request the service refuses: HTTP status, short error code and a message saying what is wrong."""
+
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.code, self.detail = status, code, detail
+
+
+@dataclass
+class ImageInput:
+    """One image of a request: its bytes and a name for error messages."""
+
+    data: bytes
+    name: str
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request body, refused (413) when Content-Length or the bytes actually sent exceed ``max_bytes``."""
+    limit_mb = max_bytes / 1e6
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.isdigit():
+            raise ApiError(400, "bad_request", f"invalid Content-Length header {length!r}")
+        if int(length) > max_bytes:
+            raise ApiError(413, "body_too_large",
+                           f"request body of {int(length) / 1e6:.1f} MB exceeds the limit of {limit_mb:g} MB")
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise ApiError(413, "body_too_large", f"request body exceeds the limit of {limit_mb:g} MB")
+            chunks.append(chunk)
+    except ClientDisconnect as e:
+        raise ApiError(400, "client_disconnected", "the client closed the connection while sending") from e
+    return b"".join(chunks)
+
+
+async def _once(body: bytes) -> AsyncIterator[bytes]:
+    yield body
+    yield b""
+
+
+async def parse_multipart(request: Request, body: bytes) -> list[ImageInput]:
+    """Files of the ``file`` / ``files`` fields of a multipart/form-data body."""
+    try:
+        form = await MultiPartParser(request.headers, _once(body)).parse()
+    except MultiPartException as e:
+        raise ApiError(400, "bad_multipart", f"malformed multipart body: {e.message}") from e
+    images: list[ImageInput] = []
+    try:
+        for key, value in form.multi_items():
+            if not isinstance(value, UploadFile):
+                if key in FILE_FIELDS:
+                    raise ApiError(400, "bad_multipart", f"field {key!r} must be a file upload, not a text value")
+                continue
+            if key not in FILE_FIELDS:
+                raise ApiError(400, "bad_multipart", f"unexpected file field {key!r}: send images as 'file' or 'files'")
+            images.append(ImageInput(await value.read(), value.filename or f"image {len(images)}"))
+    finally:
+        await form.close()
+    return images
+
+
+def decode_base64(text: Any, name: str) -> ImageInput:
+    """Standard base64 (a ``data:...;base64,`` prefix and line breaks allowed) -> bytes."""
+    if not isinstance(text, str):
+        raise ApiError(400, "bad_json", f"{name}: expected a base64 string, got {type(text).__name__}")
+    if text.startswith("data:") and "," in text:
+        text = text.split(",", 1)[1]
+    try:
+        data = base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ApiError(400, "bad_base64", f"{name}: not valid base64 ({e})") from e
+    return ImageInput(data, name)
+
+
+def parse_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ApiError(400, "bad_json", f"request body is not valid JSON ({e})") from e
+
+
+def images_from_json(body: bytes) -> list[ImageInput]:
+    """``{"images": ["<base64>", ...]}`` -> image bytes."""
+    doc = parse_json(body)
+    if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
+        raise ApiError(400, "bad_json", 'expected a JSON object {"images": ["<base64 image>", ...]}')
+    return [decode_base64(text, f"images[{i}]") for i, text in enumerate(doc["images"])]
+
+
+def images_from_tutorial_json(body: bytes) -> list[ImageInput]:
+    """The 2017 tutorial's ``{"input_df": [{"image base64 string": "<base64>"}, ...]}`` -> image bytes."""
+    doc = parse_json(body)
+    rows = doc.get("input_df") if isinstance(doc, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "image base64 string" in r for r in rows):
+        raise ApiError(400, "bad_json", 'expected {"input_df": [{"image base64 string": "<base64 image>"}, ...]}')
+    return [decode_base64(r["image base64 string"], f"input_df[{i}]") for i, r in enumerate(rows)]
+
+
+async def images_from_request(request: Request, body: bytes) -> list[ImageInput]:
+    """Images of a /v1/predict body: multipart files, base64 JSON, or one raw image (image/*)."""
+    ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if ctype == "multipart/form-data":
+        return await parse_multipart(request, body)
+    if ctype == "application/json":
+        return images_from_json(body)
+    if ctype.startswith("image/") or ctype == "application/octet-stream":
+        return [ImageInput(body, "body")]
+    raise ApiError(415, "unsupported_media_type",
+                   f"content type {ctype or '(none)'!r} not supported: send multipart/form-data with 'file'/'files', "
+                   'application/json {"images": ["<base64>", ...]}, or one image as image/*')
+
+
+def check_count(images: list[ImageInput], max_images: int) -> None:
+    if not images:
+        raise ApiError(400, "no_images", "the request holds no image")
+    if len(images) > max_images:
+        raise ApiError(413, "too_many_images", f"{len(images)} images in one request; the limit is {max_images}")
+
+
+def decode_image(image: ImageInput, pre: Preprocess, max_pixels: int) -> np.ndarray:
+    """Bytes -> upright RGB, resized and centre-cropped for the model (HxWx3 uint8); ApiError 422 if unusable."""
+    if not image.data:
+        raise ApiError(422, "bad_image", f"{image.name}: empty image")
+    try:
+        im = open_rgb(io.BytesIO(image.data), draft_to=pre.resize_to, max_pixels=max_pixels)  # type: ignore[arg-type]
+        return resize_center_crop(im, pre)
+    except ImageError as e:
+        raise ApiError(422, "bad_image", f"{image.name}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - any failure on user bytes is the image's fault, never a server error
+        raise ApiError(422, "bad_image", f"{image.name}: cannot use this image ({type(e).__name__}: {e})") from e

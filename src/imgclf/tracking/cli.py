@@ -1,0 +1,137 @@
+"""``imgclf runs list | compare | ui``: the run history recorded with MLflow."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+from imgclf.cli import add_config_args, config_from_args
+from imgclf.utils import atomic_write_text
+
+TAG_COLUMNS = ("kind", "dataset", "classifier", "backbone", "run_dir")
+
+
+def _write_outputs(args: argparse.Namespace, csv_text: str, markdown: str) -> None:
+    for path, text in ((args.csv, csv_text), (args.markdown, markdown)):
+        if path:
+            atomic_write_text(Path(path), text)
+            print(f"wrote {path}")
+
+
+def _list(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from imgclf.tracking.compare import table_csv, table_markdown
+    from imgclf.tracking.store import list_runs, tracking_uri
+
+    cfg = config_from_args(args).tracking
+    runs = list_runs(cfg, args.limit)
+    if not runs:
+        print(f"no runs recorded in {tracking_uri(cfg)} (experiment {cfg.experiment!r})")
+        return 0
+    table = Table(title=f"latest runs in {tracking_uri(cfg)}")
+    for col in runs[0]:
+        table.add_column(col.replace("_", " "), justify="right" if "accuracy" in col else "left")
+    for run in runs:
+        table.add_row(*("-" if v is None else f"{100 * v:.1f} %" if isinstance(v, float) else str(v)
+                        for v in run.values()))
+    Console().print(table)
+    _write_outputs(args, table_csv(runs), table_markdown(runs))
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from imgclf.tracking.compare import SECTIONS, compare, format_value, load_run, to_csv, to_markdown
+
+    if len(args.runs) < 2:
+        raise ValueError("runs compare needs at least two runs")
+    cfg = config_from_args(args).tracking
+    records = [load_run(ref, cfg) for ref in args.runs]
+    labels = [r.label for r in records]
+    console = Console()
+    runs = Table(title="runs")
+    for col in ("run", *TAG_COLUMNS):
+        runs.add_column(col)
+    for r in records:
+        runs.add_row(r.label, *(r.tags.get(k, "") for k in TAG_COLUMNS))
+    console.print(runs)
+    rows = compare(records, all_params=args.all_params)
+    titles = {"parameter": "parameters (differing ones highlighted)"
+              if args.all_params else "parameters that differ",
+              "metric": "metrics (best marked ★)", "class accuracy": "accuracy per class (best marked ★)"}
+    for section in SECTIONS:
+        table = Table(title=titles[section])
+        table.add_column("name")
+        for label in labels:
+            table.add_column(label, justify="left" if section == "parameter" else "right")
+        chosen = [r for r in rows if r.section == section]
+        for row in chosen:
+            cells = [format_value(row, v) for v in row.values]
+            if section == "parameter":
+                table.add_row(row.name, *cells, style="bold yellow" if any(row.marked) else None)
+            else:
+                table.add_row(row.name, *(f"[bold green]{c} ★[/]" if m else c
+                                          for c, m in zip(cells, row.marked, strict=True)))
+        if chosen:
+            console.print(table)
+        elif section == "parameter":
+            console.print("the runs have the same parameters")
+    _write_outputs(args, to_csv(rows, labels), to_markdown(rows, labels))
+    return 0
+
+
+def ui_command(uri: str, port: int) -> list[str]:
+    """The ``mlflow ui`` command line serving a store on 127.0.0.1."""
+    from imgclf.tracking.store import ARTIFACT_FOLDER, sqlite_file
+
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+           "--port", str(port)]
+    db = sqlite_file(uri)
+    if db is not None:
+        cmd += ["--default-artifact-root", (db.resolve().parent / ARTIFACT_FOLDER).as_uri()]
+    return cmd
+
+
+def _ui(args: argparse.Namespace) -> int:
+    from imgclf.tracking.store import tracking_uri
+
+    uri = tracking_uri(config_from_args(args).tracking)
+    if uri.startswith(("http://", "https://")):
+        print(f"the runs are on a tracking server: open {uri} in a browser")
+        return 0
+    print(f"serving {uri} at http://127.0.0.1:{args.port} (Ctrl-C stops it)")
+    return subprocess.call(ui_command(uri, args.port))
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("runs", help="Run history recorded with MLflow: list, compare, browse.")
+    actions = p.add_subparsers(dest="runs_command", required=True, metavar="ACTION")
+
+    q = actions.add_parser("list", help="Latest runs: id, date, data set, classifier, backbone, accuracy.")
+    q.add_argument("--limit", type=int, default=20, help="Most runs shown, newest first.")
+    _output_args(q)
+    add_config_args(q, ("tracking",))
+    q.set_defaults(func=_list)
+
+    q = actions.add_parser("compare", help="Differing parameters, metrics, per-class accuracy side by side.")
+    q.add_argument("runs", nargs="+", metavar="RUN", help="MLflow run ids (imgclf runs list) or run folders.")
+    q.add_argument("--all-params", action="store_true", help="Show every parameter, not only differing ones.")
+    _output_args(q)
+    add_config_args(q, ("tracking",))
+    q.set_defaults(func=_compare)
+
+    q = actions.add_parser("ui", help="Browse the runs in the MLflow web UI (mlflow ui on 127.0.0.1).")
+    q.add_argument("--port", type=int, default=5000, help="Port of the web UI.")
+    add_config_args(q, ("tracking",))
+    q.set_defaults(func=_ui)
+
+
+def _output_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--csv", metavar="FILE", help="Also write the table(s) to this CSV file.")
+    p.add_argument("--markdown", metavar="FILE", help="Also write the table(s) to this Markdown file.")

@@ -1,0 +1,178 @@
+"""Runs side by side, given as MLflow run ids or run folders: parameters, metrics, per-class accuracy."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from imgclf.config import Config, TrackingConfig, field_index
+from imgclf.tracking.store import TrackingError, connect, flat_metrics, flat_params, tracking_uri
+
+SECTIONS = ("parameter", "metric", "class accuracy")
+
+
+@dataclass
+class RunRecord:
+    """One run as compared: a short label, its parameters (strings), metrics and tags."""
+
+    label: str
+    params: dict[str, str]
+    metrics: dict[str, float]
+    tags: dict[str, str]
+
+
+@dataclass
+class Row:
+    """One compared quantity: its values per run (None where absent) and which cells stand out.
+
+    A parameter row is marked everywhere when the runs differ; a metric row marks its best value(s).
+    """
+
+    section: str
+    name: str
+    values: list[str | float | None]
+    marked: list[bool]
+
+
+def _from_folder(folder: Path) -> RunRecord:
+    try:
+        cfg = Config.model_validate_json((folder / "config.json").read_text(encoding="utf-8"))
+        metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise TrackingError(f"{folder} is not a finished run folder (no {Path(e.filename).name})") from e
+    tags = {k: str(metrics.get(k, "")) for k in ("classifier", "backbone")}
+    tags |= {"kind": "folder", "dataset": Path(cfg.data.data_root or "").name}
+    tags["run_dir"] = str(folder.resolve())
+    return RunRecord(str(folder), flat_params(cfg), flat_metrics(metrics), tags)
+
+
+def load_run(ref: str | Path, cfg: TrackingConfig | None = None) -> RunRecord:
+    """A run folder (read directly) or an MLflow run id (read from the store)."""
+    if Path(ref).is_dir():
+        return _from_folder(Path(ref))
+    cfg = cfg or TrackingConfig()
+    client = connect(cfg)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(str(ref))
+    except MlflowException as e:
+        raise TrackingError(f"{ref}: neither a run folder nor a run id in {tracking_uri(cfg)}") from e
+    return RunRecord(str(ref)[:8], dict(run.data.params), dict(run.data.metrics), dict(run.data.tags))
+
+
+def _lower_is_better(name: str) -> bool | None:
+    """Direction of a metric: times lower, counts neither, accuracies and AUCs higher."""
+    if name.startswith("time_"):
+        return True
+    return None if name.startswith("n_") else False
+
+
+def _best(name: str, values: list[float | None]) -> list[bool]:
+    present = [v for v in values if v is not None]
+    lower = _lower_is_better(name)
+    if lower is None or len(present) < 2 or len(set(present)) == 1:
+        return [False] * len(values)
+    best = min(present) if lower else max(present)
+    return [v == best for v in values]
+
+
+def _metric_order(name: str) -> tuple[int, str]:
+    ranks = {"overall_accuracy": 0, "class_averaged_accuracy": 1}
+    group = next((i for i, p in enumerate(("auc_", "n_", "time_"), start=3) if name.startswith(p)), 2)
+    return ranks.get(name, group), name
+
+
+def compare(records: Sequence[RunRecord], all_params: bool = False) -> list[Row]:
+    """Rows of parameters (only those that differ unless ``all_params``), metrics and per-class accuracies."""
+    rows: list[Row] = []
+    order = {name: i for i, name in enumerate(field_index())}
+    names = sorted({n for r in records for n in r.params}, key=lambda n: (order.get(n, len(order)), n))
+    for name in names:
+        values: list[str | float | None] = [r.params.get(name) for r in records]
+        differs = len(set(values)) > 1
+        if differs or all_params:
+            rows.append(Row("parameter", name, values, [differs] * len(records)))
+    metrics = sorted({n for r in records for n in r.metrics}, key=_metric_order)
+    for name in metrics:
+        nums = [r.metrics.get(name) for r in records]
+        per_class = name.startswith("acc_")
+        section, label = ("class accuracy", name.removeprefix("acc_")) if per_class else ("metric", name)
+        rows.append(Row(section, label, list(nums), _best(name, nums)))
+    return sorted(rows, key=lambda row: SECTIONS.index(row.section))
+
+
+def format_value(row: Row, value: str | float | None) -> str:
+    """A cell as shown: accuracies in percent, counts as integers, seconds with two decimals."""
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    if row.section == "class accuracy" or row.name.endswith("accuracy"):
+        return f"{100 * value:.1f} %"
+    if row.name.startswith("n_"):
+        return str(int(value))
+    return f"{value:.2f}" if row.name.startswith("time_") else f"{value:.3f}"
+
+
+def _note(row: Row, labels: Sequence[str]) -> str:
+    if row.section == "parameter":
+        return "differs" if any(row.marked) else ""
+    best = [label for label, m in zip(labels, row.marked, strict=True) if m]
+    return f"best: {', '.join(best)}" if best else ""
+
+
+def to_csv(rows: Sequence[Row], labels: Sequence[str]) -> str:
+    """CSV: section, name, one raw value per run, note (``differs`` or ``best: <label>``)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["section", "name", *labels, "note"])
+    for row in rows:
+        w.writerow([row.section, row.name, *("" if v is None else v for v in row.values), _note(row, labels)])
+    return buf.getvalue()
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def to_markdown(rows: Sequence[Row], labels: Sequence[str]) -> str:
+    """One Markdown table per section; differing parameters and best values in bold."""
+    parts = []
+    for section in SECTIONS:
+        chosen = [r for r in rows if r.section == section]
+        if not chosen:
+            continue
+        lines = [f"### {section}", "", "| name | " + " | ".join(map(_md_cell, labels)) + " |",
+                 "|---" * (len(labels) + 1) + "|"]
+        for row in chosen:
+            cells = [_md_cell(format_value(row, v)) for v in row.values]
+            cells = [f"**{c}**" if m else c for c, m in zip(cells, row.marked, strict=True)]
+            lines.append(f"| {_md_cell(row.name)} | " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+def table_csv(records: Sequence[dict[str, object]]) -> str:
+    """CSV of dictionaries sharing the same keys (``runs list``)."""
+    buf = io.StringIO()
+    if records:
+        w = csv.DictWriter(buf, fieldnames=list(records[0]), lineterminator="\n")
+        w.writeheader()
+        w.writerows(records)
+    return buf.getvalue()
+
+
+def table_markdown(records: Sequence[dict[str, object]]) -> str:
+    """A Markdown table of dictionaries sharing the same keys (``runs list``)."""
+    if not records:
+        return ""
+    keys = list(records[0])
+    lines = ["| " + " | ".join(keys) + " |", "|---" * len(keys) + "|"]
+    for r in records:
+        lines.append("| " + " | ".join(_md_cell("" if r[k] is None else str(r[k])) for k in keys) + " |")
+    return "\n".join(lines) + "\n"

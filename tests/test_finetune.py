@@ -1,0 +1,104 @@
+"""Fine-tuning: end to end on tiny generated data, resume after interruption, validation part, bundles."""
+
+from __future__ import annotations
+
+import csv
+import functools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import imgclf.finetune
+from imgclf.config import Config
+from imgclf.data.dataset import load_split
+from imgclf.data.demo import generate_demo_dataset
+from imgclf.finetune import split_validation
+from imgclf.pipeline import predict, train
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate_demo_dataset(tmp_path_factory.mktemp("demo") / "data", n_per_class=8, seed=0, size=96,
+                                 progress=False)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def _cfg(data: Path, out: Path, **kw: object) -> Config:
+    base = dict(data_root=data, out=out, classifier="dnn", epochs=2, resolution=64, ft_batch_size=8,
+                cache_dir=out.parent / "cache", progress=False, workers=1, runtime="torch", flip_tta=False,
+                cv_folds=2, svm_c_grid=[1.0])
+    return Config().updated(**{**base, **kw})
+
+
+def test_dnn_end_to_end(demo: Path, tmp_path: Path) -> None:
+    res = train(_cfg(demo, tmp_path / "run"))
+    run = res.run_dir
+    rows = list(csv.DictReader(open(run / "finetune_log.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert set(rows[0]) == {"epoch", "lr", "train_loss", "train_error", "val_loss", "val_error", "img_per_s",
+                            "seconds"}
+    assert (run / "finetune_curves.png").stat().st_size > 0
+    assert not (run / "finetune_cache").exists()
+    assert 0.0 <= res.metrics["overall_accuracy"] <= 1.0
+    assert res.bundle.backbone_spec["weights_id"].startswith("finetuned:")
+
+
+def test_resume_after_interruption(demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def crash(epoch: int, row: dict[str, float]) -> None:
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    original = imgclf.finetune.finetune
+    monkeypatch.setattr(imgclf.finetune, "finetune", functools.partial(original, on_epoch_end=crash))
+    cfg = _cfg(demo, tmp_path / "run", epochs=3)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    assert (tmp_path / "run" / "finetune_ckpt.pt").exists()
+    monkeypatch.setattr(imgclf.finetune, "finetune", original)
+    res = train(cfg.updated(resume=True))
+    rows = list(csv.DictReader(open(res.run_dir / "finetune_log.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    classes, preds = predict(res.run_dir, [demo])
+    assert all(p.scores is not None for p in preds)
+
+
+def test_resume_matches_uninterrupted(demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    full = train(_cfg(demo, tmp_path / "full", epochs=2))
+
+    def crash(epoch: int, row: dict[str, float]) -> None:
+        raise KeyboardInterrupt
+
+    original = imgclf.finetune.finetune
+    monkeypatch.setattr(imgclf.finetune, "finetune", functools.partial(original, on_epoch_end=crash))
+    cfg = _cfg(demo, tmp_path / "cut", epochs=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    monkeypatch.setattr(imgclf.finetune, "finetune", original)
+    resumed = train(cfg.updated(resume=True))
+    np.testing.assert_allclose(resumed.bundle.head.weight, full.bundle.head.weight, atol=1e-5)
+
+
+def test_validation_part_never_overlaps_test(demo: Path, tmp_path: Path) -> None:
+    cfg = _cfg(demo, tmp_path / "run", epochs=1)
+    train(cfg)
+    ds, split = load_split(tmp_path / "run" / "split.csv", demo, sorted(p.name for p in demo.iterdir()
+                                                                         if p.is_dir()))
+    train_idx, test_idx = np.flatnonzero(split == "train"), np.flatnonzero(split == "test")
+    fit, val = split_validation(ds.labels, train_idx, 0.3, seed=0)
+    assert len(val) > 0 and not set(val) & set(test_idx) and not set(val) & set(fit)
+    assert sorted([*fit, *val]) == sorted(train_idx)
+    assert set(ds.labels[val]) == set(ds.labels[train_idx])  # stratified
+
+
+@pytest.mark.parametrize("mode", ["svm", "dnn", "svm_on_refined"])
+def test_bundles_of_all_modes_predict(demo: Path, tmp_path: Path, mode: str) -> None:
+    res = train(_cfg(demo, tmp_path / mode, classifier=mode, epochs=1))
+    classes, preds = predict(res.run_dir, [demo])
+    assert len(classes) == 3 and len(preds) == 24
+    assert all(p.scores is not None and abs(p.scores.sum() - 1) < 1e-5 for p in preds)

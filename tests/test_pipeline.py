@@ -1,0 +1,100 @@
+"""End to end on generated data: train -> metrics, report, bundle -> evaluate -> predict (API and CLI)."""
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from imgclf.bundle import Bundle
+from imgclf.cli import main
+from imgclf.config import Config
+from imgclf.pipeline import evaluate, predict, train
+
+FAST = {"resolution": 64, "progress": False, "svm_c_grid": [0.1, 1.0, 10.0], "cv_folds": 3}
+
+
+def _digests(root: Path) -> dict[str, str]:
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from helpers import make_folder
+
+    tmp = tmp_path_factory.mktemp("e2e")
+    data = make_folder(tmp / "data", n=12)
+    bad = data / "circles"
+    (bad / "zero.jpg").write_bytes(b"")
+    (bad / "readme.txt").write_text("notes")
+    good = (bad / "circles_00.jpg").read_bytes()
+    (bad / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    before = _digests(data)
+    result = train(Config().updated(data_root=data, out=tmp / "run", **FAST))
+    return data, result, before
+
+
+def test_run_folder_contents(run):
+    data, result, before = run
+    out = result.run_dir
+    for name in ("metrics.json", "predictions.csv", "split.csv", "config.json", "evaluation.png", "report.html",
+                 "report.md", "model/bundle.json", "model/head.npz"):
+        assert (out / name).is_file(), name
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["classes"] == ["circles", "squares", "stripes"]
+    for key in ("overall_accuracy", "class_averaged_accuracy", "per_class_accuracy", "auc", "confusion_matrix",
+                "n_train", "n_test", "skipped"):
+        assert key in m
+    assert 0 <= m["overall_accuracy"] <= 1 and set(m["auc"]) >= {"circles", "micro", "macro"}
+    reasons = {Path(s["path"]).name: s["reason"] for s in m["skipped"]}
+    assert set(reasons) == {"zero.jpg", "readme.txt", "truncated.jpg"}
+    assert m["n_train"] + m["n_test"] == 36  # every good image used, the truncated one skipped
+    assert _digests(data) == before  # nothing deleted or modified
+    with open(out / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == m["n_test"] and {"score_circles", "true_label", "predicted_label"} <= set(rows[0])
+    assert "data:image/png;base64," in (out / "report.html").read_text()
+    assert m["overall_accuracy"] > 0.6  # three visibly different shapes
+
+
+def test_bundle_reload_and_evaluate_reproduce(run):
+    _, result, _ = run
+    bundle = Bundle.load(result.run_dir)
+    assert bundle.classes == result.bundle.classes and bundle.classifier == "svm"
+    again = evaluate(result.run_dir)
+    assert again.metrics["overall_accuracy"] == pytest.approx(result.metrics["overall_accuracy"])
+    on_train = evaluate(result.run_dir, on_train=True)
+    assert (result.run_dir / "train_metrics.json").is_file() and on_train.metrics["n_test"] == result.metrics["n_train"]
+
+
+def test_predict_api_and_cli(run, tmp_path, capsys):
+    data, result, _ = run
+    classes, preds = predict(result.run_dir, [data / "squares"])
+    assert len(preds) == 12 and all(p.scores is not None for p in preds)
+    assert sum(classes[int(p.scores.argmax())] == "squares" for p in preds) >= 8
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{data / 'circles' / 'circles_01.jpg'}\n{data / 'circles' / 'zero.jpg'}\n")
+    out_csv = tmp_path / "pred.csv"
+    code = main(["predict", str(result.run_dir), str(listing), "--top-k", "2", "--csv", str(out_csv), "--no-progress"])
+    assert code == 1  # one input could not be read, and says so
+    rows = list(csv.DictReader(out_csv.open()))
+    assert rows[0]["label_1"] in classes and rows[0]["label_2"] in classes and not rows[0]["error"]
+    assert "empty" in rows[1]["error"]
+    assert "ERROR" in capsys.readouterr().out
+
+
+def test_cli_train_warm_cache_and_config_show(run, tmp_path, capsys):
+    data, _, _ = run
+    out = tmp_path / "cli-run"
+    assert main(["train", str(data), "--out", str(out), "--resolution", "64", "--no-progress", "--cv-folds", "3"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["timings_s"]["features_s"] < 30
+    assert "Overall accuracy" in capsys.readouterr().out
+    assert main(["config", "--show"]) == 0
+    assert "train_fraction" in capsys.readouterr().out
+
+
+def test_cli_errors_are_messages(tmp_path, capsys):
+    assert main(["train", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")]) == 2
+    assert "data folder not found" in capsys.readouterr().err
