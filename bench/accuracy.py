@@ -1,6 +1,6 @@
 """Overall accuracy of `imgclf train` over several split seeds (the feature cache makes later seeds cheap).
 
-    python bench/accuracy.py ../shared/datasets/flowers5 --seeds 0 1 2 3 4 [-- extra train flags]
+python bench/accuracy.py ../shared/datasets/flowers5 --seeds 0 1 2 3 4 [-- extra train flags]
 """
 
 from __future__ import annotations

@@ -65,8 +65,13 @@ def main() -> None:
     ds = scan_dataset(cfg.data)
     paths = [ds.path(s) for s in ds.samples]
     bb = create_backbone(cfg.backbone.backbone)
-    timm_cfg = {"input_size": (3, bb.preprocess.resolution, bb.preprocess.resolution), "crop_pct": bb.preprocess.crop_pct,
-                "interpolation": bb.preprocess.interpolation, "mean": bb.mean, "std": bb.std}
+    timm_cfg = {
+        "input_size": (3, bb.preprocess.resolution, bb.preprocess.resolution),
+        "crop_pct": bb.preprocess.crop_pct,
+        "interpolation": bb.preprocess.interpolation,
+        "mean": bb.mean,
+        "std": bb.std,
+    }
 
     ours, theirs = [], []
     x_ours = x_base = None
@@ -86,8 +91,10 @@ def main() -> None:
     print(f"baseline (ImageFolder + DataLoader + eager fp32): {med_base:.1f} img/s (median)")
     print(f"speed-up: {med_ours / med_base:.2f}x")
     acc_ours, acc_base = svm_accuracy(x_ours, ds, args.seeds), svm_accuracy(x_base, ds, args.seeds)
-    print(f"SVM accuracy, mean over split seeds {args.seeds}: imgclf features {acc_ours:.4f}, "
-          f"baseline features {acc_base:.4f}, difference {100 * (acc_ours - acc_base):+.2f} points")
+    print(
+        f"SVM accuracy, mean over split seeds {args.seeds}: imgclf features {acc_ours:.4f}, "
+        f"baseline features {acc_base:.4f}, difference {100 * (acc_ours - acc_base):+.2f} points"
+    )
 
 
 if __name__ == "__main__":

@@ -37,8 +37,13 @@ def draw_image(kind: str, rng: np.random.Generator, size: int = 96) -> Image.Ima
     return im
 
 
-def make_folder(root: Path, classes: tuple[str, ...] = ("circles", "squares", "stripes"), n: int = 12,
-                seed: int = 0, ext: str = ".jpg") -> Path:
+def make_folder(
+    root: Path,
+    classes: tuple[str, ...] = ("circles", "squares", "stripes"),
+    n: int = 12,
+    seed: int = 0,
+    ext: str = ".jpg",
+) -> Path:
     rng = np.random.default_rng(seed)
     for c in classes:
         (root / c).mkdir(parents=True, exist_ok=True)

@@ -25,10 +25,13 @@ def test_updated_validates_and_rejects_unknown():
         Config().updated(train_fraction=1.5)
 
 
-@pytest.mark.parametrize("suffix,text", [
-    (".toml", "[data]\ntrain_fraction = 0.6\n[classifier]\nsvm_c_grid = [0.5, 2.0]\n"),
-    (".yaml", "data:\n  train_fraction: 0.6\nclassifier:\n  svm_c_grid: [0.5, 2.0]\n"),
-])
+@pytest.mark.parametrize(
+    "suffix,text",
+    [
+        (".toml", "[data]\ntrain_fraction = 0.6\n[classifier]\nsvm_c_grid = [0.5, 2.0]\n"),
+        (".yaml", "data:\n  train_fraction: 0.6\nclassifier:\n  svm_c_grid: [0.5, 2.0]\n"),
+    ],
+)
 def test_file_then_flags(tmp_path: Path, suffix: str, text: str):
     f = tmp_path / f"cfg{suffix}"
     f.write_text(text)

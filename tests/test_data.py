@@ -4,18 +4,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import make_folder
 from PIL import Image
 
 from imgclf.config import DataConfig
 from imgclf.data.dataset import DatasetError, load_split, make_split, save_split, scan_dataset
 from imgclf.data.io import Preprocess, load_for_model, open_rgb
 
-from helpers import make_folder
-
 
 def _tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_scan_sorted_classes_and_extensions(tmp_path: Path):
@@ -62,12 +64,15 @@ def test_bad_files_listed_with_reasons_and_untouched(tmp_path: Path):
     assert _tree_digest(root) == before
 
 
-@pytest.mark.parametrize("setup,match", [
-    (lambda r: None, "not found"),
-    (lambda r: (r / "only").mkdir(parents=True), "only one class"),
-    (lambda r: [(r / c).mkdir(parents=True) for c in ("a", "b")], "without a usable image"),
-    (lambda r: r.mkdir(), "no class sub-folders"),
-])
+@pytest.mark.parametrize(
+    "setup,match",
+    [
+        (lambda r: None, "not found"),
+        (lambda r: (r / "only").mkdir(parents=True), "only one class"),
+        (lambda r: [(r / c).mkdir(parents=True) for c in ("a", "b")], "without a usable image"),
+        (lambda r: r.mkdir(), "no class sub-folders"),
+    ],
+)
 def test_clear_errors(tmp_path: Path, setup, match):
     root = tmp_path / "data"
     setup(root)
@@ -97,7 +102,9 @@ def test_predefined_list_and_group_modes(tmp_path: Path):
     make_folder(pre / "val", n=2, seed=1)
     ds = scan_dataset(DataConfig(data_root=pre))
     split = make_split(ds, DataConfig(data_root=pre))
-    assert sum(split == "test") == 6 and all(s.rel.startswith("val/") for s, p in zip(ds.samples, split) if p == "test")
+    assert sum(split == "test") == 6 and all(
+        s.rel.startswith("val/") for s, p in zip(ds.samples, split, strict=True) if p == "test"
+    )
 
     root = make_folder(tmp_path / "flat", n=6)
     (tmp_path / "test.txt").write_text("circles/circles_00.jpg\nsquares/squares_01.jpg\nstripes/stripes_02.jpg\n")
@@ -113,7 +120,7 @@ def test_predefined_list_and_group_modes(tmp_path: Path):
     ds = scan_dataset(cfg)
     split = make_split(ds, cfg)
     for g in {s.group for s in ds.samples}:
-        assert len({p for s, p in zip(ds.samples, split) if s.group == g}) == 1
+        assert len({p for s, p in zip(ds.samples, split, strict=True) if s.group == g}) == 1
 
 
 def test_split_csv_round_trip(tmp_path: Path):

@@ -18,13 +18,15 @@ def test_cache_hit_and_runtime_parity(tmp_path: Path, backbone):
     paths = sorted(root.rglob("*.jpg"))
     (root / "circles" / "bad.jpg").write_bytes(paths[0].read_bytes()[:300])
     paths.append(root / "circles" / "bad.jpg")
-    fx = FeatureExtractor(backbone, runtime="openvino", precision="fp32", cache_dir=tmp_path / "c",
-                          batch_size=5, progress=False)
+    fx = FeatureExtractor(
+        backbone, runtime="openvino", precision="fp32", cache_dir=tmp_path / "c", batch_size=5, progress=False
+    )
     first = fx.extract(paths)
     assert first.n_cached == 0 and first.ok.sum() == 12 and list(first.errors) == [12]
     assert "truncated" in first.errors[12] or "decode" in first.errors[12]
-    again = FeatureExtractor(backbone, runtime="openvino", precision="fp32", cache_dir=tmp_path / "c",
-                             progress=False).extract(paths)
+    again = FeatureExtractor(
+        backbone, runtime="openvino", precision="fp32", cache_dir=tmp_path / "c", progress=False
+    ).extract(paths)
     assert again.n_cached == 12 and np.array_equal(again.features, first.features)
     ref = FeatureExtractor(backbone, runtime="torch", use_cache=False, progress=False).extract(paths[:12])
     assert np.allclose(ref.features, first.features[:12], atol=1e-3)

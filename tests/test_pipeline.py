@@ -38,13 +38,30 @@ def run(tmp_path_factory):
 def test_run_folder_contents(run):
     data, result, before = run
     out = result.run_dir
-    for name in ("metrics.json", "predictions.csv", "split.csv", "config.json", "evaluation.png", "report.html",
-                 "report.md", "model/bundle.json", "model/head.npz"):
+    for name in (
+        "metrics.json",
+        "predictions.csv",
+        "split.csv",
+        "config.json",
+        "evaluation.png",
+        "report.html",
+        "report.md",
+        "model/bundle.json",
+        "model/head.npz",
+    ):
         assert (out / name).is_file(), name
     m = json.loads((out / "metrics.json").read_text())
     assert m["classes"] == ["circles", "squares", "stripes"]
-    for key in ("overall_accuracy", "class_averaged_accuracy", "per_class_accuracy", "auc", "confusion_matrix",
-                "n_train", "n_test", "skipped"):
+    for key in (
+        "overall_accuracy",
+        "class_averaged_accuracy",
+        "per_class_accuracy",
+        "auc",
+        "confusion_matrix",
+        "n_train",
+        "n_test",
+        "skipped",
+    ):
         assert key in m
     assert 0 <= m["overall_accuracy"] <= 1 and set(m["auc"]) >= {"circles", "micro", "macro"}
     reasons = {Path(s["path"]).name: s["reason"] for s in m["skipped"]}
@@ -98,3 +115,20 @@ def test_cli_train_warm_cache_and_config_show(run, tmp_path, capsys):
 def test_cli_errors_are_messages(tmp_path, capsys):
     assert main(["train", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")]) == 2
     assert "data folder not found" in capsys.readouterr().err
+
+
+def test_leak_between_train_and_test_warns_or_refuses(tmp_path, caplog):
+    from helpers import make_folder
+
+    data = tmp_path / "data"
+    make_folder(data / "train", n=6)
+    make_folder(data / "val", n=3, seed=1)
+    dup = data / "val" / "circles" / "copy_of_train.jpg"
+    dup.write_bytes((data / "train" / "circles" / "circles_00.jpg").read_bytes())
+    cfg = Config().updated(data_root=data, out=tmp_path / "run", **FAST, tracking=False)
+    with pytest.raises(Exception, match="near-duplicate"):
+        train(cfg.updated(fail_on_leak=True))
+    train(cfg)
+    leaks = (tmp_path / "run" / "leaks.csv").read_text()
+    assert "copy_of_train.jpg" in leaks and "circles_00.jpg" in leaks
+    assert "straddle train and test" in caplog.text

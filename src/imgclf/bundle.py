@@ -65,8 +65,9 @@ class Bundle:
     def build_backbone(self) -> Backbone:
         """The backbone with its trained (or packaged pretrained) weights, in eval mode."""
         spec = self.backbone_spec
-        bb = create_backbone(spec["name"], resolution=spec["preprocess"]["resolution"],
-                             pretrained=self.backbone_state is None)
+        bb = create_backbone(
+            spec["name"], resolution=spec["preprocess"]["resolution"], pretrained=self.backbone_state is None
+        )
         if self.backbone_state is not None:
             bb.model.load_state_dict(self.backbone_state)
             bb.weights_id = spec["weights_id"]
@@ -87,11 +88,18 @@ class Bundle:
                 torch.save(self.backbone_state, tmp / "backbone.pt")
                 spec["weights_id"] = f"finetuned:{file_sha256(tmp / 'backbone.pt')[:16]}"
                 self.backbone_spec = spec
-            meta = {"format": FORMAT, "imgclf_version": __version__, "created": self.created,
-                    "classes": self.classes, "classifier": self.classifier, "backbone": spec,
-                    "head": {"type": "linear", "l2_normalize": self.head.l2_normalize, "file": "head.npz"},
-                    "backbone_weights": "backbone.pt" if self.backbone_state is not None else None,
-                    "config": self.config, "metrics": self.metrics}
+            meta = {
+                "format": FORMAT,
+                "imgclf_version": __version__,
+                "created": self.created,
+                "classes": self.classes,
+                "classifier": self.classifier,
+                "backbone": spec,
+                "head": {"type": "linear", "l2_normalize": self.head.l2_normalize, "file": "head.npz"},
+                "backbone_weights": "backbone.pt" if self.backbone_state is not None else None,
+                "config": self.config,
+                "metrics": self.metrics,
+            }
             (tmp / "bundle.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
         self.path = target
         return target
@@ -113,5 +121,14 @@ class Bundle:
         state = None
         if meta.get("backbone_weights"):
             state = torch.load(path / meta["backbone_weights"], map_location="cpu", weights_only=True)
-        return cls(meta["classes"], meta["backbone"], head, meta["classifier"], meta.get("config", {}),
-                   meta.get("metrics", {}), state, path, meta.get("created", ""))
+        return cls(
+            meta["classes"],
+            meta["backbone"],
+            head,
+            meta["classifier"],
+            meta.get("config", {}),
+            meta.get("metrics", {}),
+            state,
+            path,
+            meta.get("created", ""),
+        )

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from imgclf.config import Config, field_index, parameter_table
 
 # Sub-command modules; each defines ``register(subparsers)`` adding its commands.
-COMMAND_MODULES = ("imgclf.commands", "imgclf.tracking.cli")
+COMMAND_MODULES = ("imgclf.commands", "imgclf.tracking.cli", "imgclf.serving.cli", "imgclf.datatools.cli")
 
 
 def _arg_type(annotation: Any) -> dict[str, Any]:
@@ -44,8 +44,13 @@ def add_config_args(parser: argparse.ArgumentParser, sections: Sequence[str] | N
         group = groups.setdefault(section, parser.add_argument_group(f"{section} parameters"))
         annotation = Config.model_fields[section].annotation.model_fields[name].annotation  # type: ignore[union-attr]
         flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
-        group.add_argument(*flags, dest=f"cfg__{name}", default=argparse.SUPPRESS,
-                           help=f"{help_text} [default: {default}]", **_arg_type(annotation))
+        group.add_argument(
+            *flags,
+            dest=f"cfg__{name}",
+            default=argparse.SUPPRESS,
+            help=f"{help_text} [default: {default}]",
+            **_arg_type(annotation),
+        )
 
 
 def config_from_args(args: argparse.Namespace, **overrides: Any) -> Config:
@@ -98,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # noqa: BLE001 - user-facing errors end with a message, not a traceback
+    except Exception as e:
         if args.verbose:
             raise
         from imgclf.errors import USER_ERRORS

@@ -26,7 +26,9 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     """Where the images are and how they are split."""
 
-    data_root: Path | None = Field(None, description="Folder with one sub-folder per class (or train/ and val/ or test/).")
+    data_root: Path | None = Field(
+        None, description="Folder with one sub-folder per class (or train/ and val/ or test/)."
+    )
     split_mode: Literal["auto", "random", "predefined", "list", "group"] = Field(
         "auto",
         description="auto: predefined if train/ + val/|test/ exist, else random; list: --test-list; "
@@ -34,7 +36,9 @@ class DataConfig(_Section):
     )
     train_fraction: float = Field(0.75, gt=0.0, lt=1.0, description="Share of each class put in the training split.")
     split_seed: int = Field(0, description="Seed of the random split (same split on every machine).")
-    test_list: Path | None = Field(None, description="Text file of image paths (relative to data_root) that form the test split.")
+    test_list: Path | None = Field(
+        None, description="Text file of image paths (relative to data_root) that form the test split."
+    )
     max_image_pixels: int = Field(
         100_000_000, gt=0, description="Images with more pixels are skipped (decompression-bomb guard)."
     )
@@ -49,7 +53,9 @@ class BackboneConfig(_Section):
         description="Backbone name: efficientnet_lite0/1/2 (offline), or any timm / torchvision:NAME model.",
     )
     weights: Path | None = Field(None, description="Local state_dict file for the backbone (instead of downloading).")
-    resolution: int | None = Field(None, ge=32, description="Input resolution in pixels (224, 448, 896...); default: the backbone's.")
+    resolution: int | None = Field(
+        None, ge=32, description="Input resolution in pixels (224, 448, 896...); default: the backbone's."
+    )
 
 
 class FeatureConfig(_Section):
@@ -64,18 +70,17 @@ class FeatureConfig(_Section):
     device: str = Field("auto", description="torch device: auto (cuda if present, else cpu), cpu, cuda, cuda:1...")
     batch_size: int = Field(32, ge=1, description="Images per forward pass.")
     workers: int = Field(0, ge=0, description="Decoding threads and inference threads; 0 = number of CPU cores.")
-    cache_dir: Path | None = Field(
-        None, description="Feature cache folder; default $IMGCLF_CACHE or ~/.cache/imgclf."
-    )
+    cache_dir: Path | None = Field(None, description="Feature cache folder; default $IMGCLF_CACHE or ~/.cache/imgclf.")
     use_cache: bool = Field(True, description="Reuse cached features of unchanged images.")
-    flip_tta: bool = Field(True, description="Average the features of each image and its mirror image.")
+    flip_tta: bool = Field(False, description="Average the features of each image and its mirror image (2x slower).")
 
 
 class ClassifierConfig(_Section):
     """The classifier on top of the backbone."""
 
     classifier: Literal["svm", "dnn", "svm_on_refined"] = Field(
-        "svm", description="svm: linear SVM on frozen features; dnn: fine-tune; svm_on_refined: SVM on fine-tuned features."
+        "svm",
+        description="svm: linear SVM on frozen features; dnn: fine-tune; svm_on_refined: SVM on fine-tuned features.",
     )
     l2_normalize: bool = Field(True, description="L2-normalise feature vectors before the SVM.")
     svm_c_grid: list[float] = Field(
@@ -84,7 +89,9 @@ class ClassifierConfig(_Section):
         description="SVM C values tried; the best is chosen by cross-validation on the training split.",
     )
     cv_folds: int = Field(5, ge=2, description="Stratified cross-validation folds used to choose C and calibrate.")
-    class_weight: Literal["none", "balanced"] = Field("none", description="balanced: weight classes inversely to their size.")
+    class_weight: Literal["none", "balanced"] = Field(
+        "none", description="balanced: weight classes inversely to their size."
+    )
 
 
 class FinetuneConfig(_Section):
@@ -97,23 +104,34 @@ class FinetuneConfig(_Section):
     )
     optimizer: Literal["sgd", "adamw"] = Field("sgd", description="sgd: momentum SGD (the tutorial's); adamw.")
     lr: float = Field(0.05, gt=0, description="Peak learning rate of the new last layer.")
-    backbone_lr_mult: float = Field(0.2, ge=0, description="Backbone learning rate = lr x this (0 with freeze_backbone).")
+    backbone_lr_mult: float = Field(
+        0.1, ge=0, description="Backbone learning rate = lr x this (0 with freeze_backbone)."
+    )
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
     weight_decay: float = Field(1e-4, ge=0, description="L2 weight decay.")
-    schedule: Literal["cosine", "step"] = Field("cosine", description="cosine with warm-up, or the tutorial's step decay.")
+    schedule: Literal["cosine", "step"] = Field(
+        "cosine", description="cosine with warm-up, or the tutorial's step decay."
+    )
     warmup_epochs: float = Field(1.0, ge=0, description="Linear learning-rate warm-up (cosine schedule).")
-    step_epochs: int = Field(5, ge=1, description="Step schedule: multiply the rate by step_gamma every this many epochs.")
+    step_epochs: int = Field(
+        5, ge=1, description="Step schedule: multiply the rate by step_gamma every this many epochs."
+    )
     step_gamma: float = Field(0.1, gt=0, le=1, description="Step schedule: factor applied every step_epochs.")
     dropout: float = Field(0.2, ge=0, lt=1, description="Dropout before the new last layer.")
     label_smoothing: float = Field(0.1, ge=0, lt=1, description="Label smoothing of the cross-entropy loss.")
     freeze_backbone: bool = Field(False, description="Train the new last layer only.")
-    head_warmup_epochs: int = Field(1, ge=0, description="Epochs training the head only before unfreezing the backbone.")
+    freeze_bn: bool = Field(True, description="Keep the backbone's pretrained batch-norm statistics while training.")
+    head_warmup_epochs: int = Field(
+        1, ge=0, description="Epochs training the head only before unfreezing the backbone."
+    )
     val_fraction: float = Field(0.1, ge=0, lt=1, description="Share of the training split held out for early stopping.")
     early_stopping: int = Field(3, ge=0, description="Stop after this many epochs without validation gain (0 = off).")
     aug_crop: bool = Field(True, description="Augment: random resized crop.")
     aug_flip: bool = Field(True, description="Augment: horizontal flip.")
     aug_color: bool = Field(True, description="Augment: colour jitter.")
-    aug_rotate: float = Field(10.0, ge=0, le=180, description="Augment: random rotation up to this many degrees (0 = off).")
+    aug_rotate: float = Field(
+        10.0, ge=0, le=180, description="Augment: random rotation up to this many degrees (0 = off)."
+    )
     balance_classes: bool = Field(False, description="Draw training images with class-balancing weights.")
     compile: bool = Field(False, description="torch.compile the model (GPU; slower start, faster epochs).")
     resume: bool = Field(False, description="Resume an interrupted fine-tuning run from its last checkpoint.")
@@ -141,8 +159,8 @@ class DataToolsConfig(_Section):
     download_workers: int = Field(8, ge=1, description="Concurrent downloads.")
     timeout_s: float = Field(20.0, gt=0, description="Per-request timeout in seconds.")
     retries: int = Field(3, ge=0, description="Retries per URL, with exponential back-off.")
-    backoff_s: float = Field(1.0, ge=0, description="Wait before the first retry in seconds; doubled on each further retry.")
-    max_backoff_s: float = Field(30.0, ge=0, description="Longest wait between retries, also capping a server's Retry-After.")
+    backoff_s: float = Field(1.0, ge=0, description="Seconds before the first retry; doubled for each next one.")
+    max_backoff_s: float = Field(30.0, ge=0, description="Longest wait between retries (caps Retry-After too).")
     max_download_mb: float = Field(20.0, gt=0, description="Downloads larger than this are refused.")
     max_side: int = Field(1000, ge=0, description="Downloaded images are resized to this longest side (0 = keep).")
     keep_originals: bool = Field(False, description="Also keep the original downloaded file.")
@@ -150,7 +168,9 @@ class DataToolsConfig(_Section):
     provider_url: str | None = Field(None, description="Base URL of the search provider (default: the provider's own).")
     per_query: int = Field(50, ge=1, description="Results per search query.")
     hash_size: int = Field(16, ge=2, description="dhash size for near-duplicate detection.")
-    max_distance: int = Field(0, ge=0, description="Images whose dhashes differ in at most this many bits are duplicates.")
+    max_distance: int = Field(
+        0, ge=0, description="Images whose dhashes differ in at most this many bits are duplicates."
+    )
     fail_on_leak: bool = Field(False, description="train refuses to run when near-duplicates straddle train and test.")
 
 
@@ -239,8 +259,15 @@ def parameter_table() -> list[tuple[str, str, str, str, str]]:
     for section_name, section in Config.model_fields.items():
         for name, info in section.annotation.model_fields.items():  # type: ignore[union-attr]
             default = info.get_default(call_default_factory=True)
-            rows.append((section_name, name, type_name(info.annotation), json.dumps(default, default=str),
-                         info.description or ""))
+            rows.append(
+                (
+                    section_name,
+                    name,
+                    type_name(info.annotation),
+                    json.dumps(default, default=str),
+                    info.description or "",
+                )
+            )
     return rows
 
 

@@ -5,5 +5,11 @@ from imgclf.data.dataset import DatasetError
 from imgclf.data.io import ImageError
 
 USER_ERRORS: tuple[type[Exception], ...] = (
-    BackboneError, DatasetError, ImageError, FileNotFoundError, FileExistsError, KeyError, ValueError,
+    BackboneError,
+    DatasetError,
+    ImageError,
+    FileNotFoundError,
+    FileExistsError,
+    KeyError,
+    ValueError,
 )

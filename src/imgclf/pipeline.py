@@ -17,7 +17,7 @@ import numpy as np
 from imgclf.backbones import Backbone, create_backbone
 from imgclf.bundle import Bundle
 from imgclf.config import Config
-from imgclf.data.dataset import Dataset, load_split, make_split, save_split, scan_dataset
+from imgclf.data.dataset import Dataset, DatasetError, load_split, make_split, save_split, scan_dataset
 from imgclf.data.io import IMAGE_EXTENSIONS
 from imgclf.evaluation.metrics import compute_metrics
 from imgclf.evaluation.report import summary_lines, write_reports
@@ -42,8 +42,9 @@ def _extractor(cfg: Config, backbone: Backbone) -> FeatureExtractor:
     return FeatureExtractor.from_config(cfg, backbone)
 
 
-def _features(fx: FeatureExtractor, ds: Dataset, idx: np.ndarray, desc: str,
-              skipped: list[dict[str, str]]) -> tuple[np.ndarray, np.ndarray]:
+def _features(
+    fx: FeatureExtractor, ds: Dataset, idx: np.ndarray, desc: str, skipped: list[dict[str, str]]
+) -> tuple[np.ndarray, np.ndarray]:
     """Features of ``ds.samples[idx]``; returns (features, kept idx), appending decode failures to ``skipped``."""
     paths = [ds.path(ds.samples[i]) for i in idx]
     res = fx.extract(paths, desc=desc)
@@ -52,8 +53,9 @@ def _features(fx: FeatureExtractor, ds: Dataset, idx: np.ndarray, desc: str,
     return res.features[res.ok], idx[res.ok]
 
 
-def _write_predictions(path: Path, rels: Sequence[str], y_true: np.ndarray | None, scores: np.ndarray,
-                       classes: list[str]) -> None:
+def _write_predictions(
+    path: Path, rels: Sequence[str], y_true: np.ndarray | None, scores: np.ndarray, classes: list[str]
+) -> None:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["path", "true_label", "predicted_label", *[f"score_{c}" for c in classes]])
@@ -64,17 +66,35 @@ def _write_predictions(path: Path, rels: Sequence[str], y_true: np.ndarray | Non
     atomic_write_text(path, buf.getvalue())
 
 
-def _finish(run_dir: Path, cfg: Config, bundle: Bundle, ds: Dataset, test_idx: np.ndarray, scores: np.ndarray,
-            n_train: int, skipped: list[dict[str, str]], timings: dict[str, float], prefix: str = "",
-            extra_figures: dict[str, Path] | None = None) -> dict[str, Any]:
+def _finish(
+    run_dir: Path,
+    cfg: Config,
+    bundle: Bundle,
+    ds: Dataset,
+    test_idx: np.ndarray,
+    scores: np.ndarray,
+    n_train: int,
+    skipped: list[dict[str, str]],
+    timings: dict[str, float],
+    prefix: str = "",
+    extra_figures: dict[str, Path] | None = None,
+) -> dict[str, Any]:
     """Metrics, predictions, figures and reports of scored samples; prints the summary."""
     y = ds.labels[test_idx]
     metrics = compute_metrics(y, scores, ds.classes)
-    metrics.update(n_train=n_train, n_test=len(test_idx), skipped=skipped, timings_s=timings,
-                   classifier=bundle.classifier, backbone=bundle.backbone_spec["name"],
-                   resolution=bundle.preprocess.resolution, data_root=str(ds.root))
-    _write_predictions(run_dir / f"{prefix}predictions.csv", [ds.samples[i].rel for i in test_idx], y, scores,
-                       ds.classes)
+    metrics.update(
+        n_train=n_train,
+        n_test=len(test_idx),
+        skipped=skipped,
+        timings_s=timings,
+        classifier=bundle.classifier,
+        backbone=bundle.backbone_spec["name"],
+        resolution=bundle.preprocess.resolution,
+        data_root=str(ds.root),
+    )
+    _write_predictions(
+        run_dir / f"{prefix}predictions.csv", [ds.samples[i].rel for i in test_idx], y, scores, ds.classes
+    )
     atomic_write_text(run_dir / f"{prefix}metrics.json", json.dumps(metrics, indent=2))
     if not prefix:
         write_reports(run_dir, y, scores, metrics, cfg.flat(), extra_figures)
@@ -82,6 +102,33 @@ def _finish(run_dir: Path, cfg: Config, bundle: Bundle, ds: Dataset, test_idx: n
         log.warning("skipped %s: %s", s["path"], s["reason"])
     print("\n".join(summary_lines(metrics)))
     return metrics
+
+
+def _check_leaks(cfg: Config, ds: Dataset, split: np.ndarray, run_dir: Path) -> None:
+    """Warn (or refuse, with fail_on_leak) when near-duplicate images straddle train and test."""
+    from imgclf.datatools.dedup import find_leaks
+
+    paths = [ds.path(s) for s in ds.samples]
+    leaks = find_leaks(
+        [p for p, part in zip(paths, split, strict=True) if part == "train"],
+        [p for p, part in zip(paths, split, strict=True) if part == "test"],
+        cfg.datatools.hash_size,
+        cfg.datatools.max_distance,
+    )
+    if not leaks:
+        return
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["train_path", "test_path", "distance"])
+    w.writerows(leaks)
+    atomic_write_text(run_dir / "leaks.csv", buf.getvalue())
+    msg = (
+        f"{len(leaks)} near-duplicate pair(s) straddle train and test (listed in {run_dir / 'leaks.csv'}): "
+        "test accuracy will be optimistic; run `imgclf dedup` on the data, or use --split-mode group"
+    )
+    if cfg.datatools.fail_on_leak:
+        raise DatasetError(msg)
+    log.warning("warning: %s", msg)
 
 
 def train(cfg: Config) -> RunResult:
@@ -96,10 +143,16 @@ def train(cfg: Config) -> RunResult:
     cfg = cfg.updated(data_root=ds.root)
     cfg.save(run_dir / "config.json")
     timings["scan_s"] = time.perf_counter() - t0
+    _check_leaks(cfg, ds, split, run_dir)
     skipped = list(ds.skipped)
     train_idx, test_idx = np.flatnonzero(split == "train"), np.flatnonzero(split == "test")
-    log.info("%d classes, %d training and %d test images, %d files skipped", len(ds.classes), len(train_idx),
-             len(test_idx), len(skipped))
+    log.info(
+        "%d classes, %d training and %d test images, %d files skipped",
+        len(ds.classes),
+        len(train_idx),
+        len(test_idx),
+        len(skipped),
+    )
     backbone = create_backbone(cfg.backbone.backbone, weights=cfg.backbone.weights, resolution=cfg.backbone.resolution)
     mode = cfg.classifier.classifier
     extra_figures: dict[str, Path] = {}
@@ -125,16 +178,24 @@ def train(cfg: Config) -> RunResult:
         svm = create_head(cfg.classifier, cfg.output.seed).fit(x_train, ds.labels[train_idx])
         w, b = svm.linear()
         fitted_head = LinearHead(w, b, svm.l2_normalize)
-        log.info("SVM C=%g chosen by %d-fold cross-validation on the training split (CV accuracy %.3f)",
-                 svm.C_, cfg.classifier.cv_folds, svm.cv_scores_.get(svm.C_, float("nan")))
+        log.info(
+            "SVM C=%g chosen by %d-fold cross-validation on the training split (CV accuracy %.3f)",
+            svm.C_,
+            cfg.classifier.cv_folds,
+            svm.cv_scores_.get(svm.C_, float("nan")),
+        )
     timings["fit_s"] = time.perf_counter() - t
     scores = fitted_head.predict_proba(x_test)
     timings["total_s"] = time.perf_counter() - t0
-    bundle = Bundle(ds.classes, backbone.spec(), fitted_head, mode, cfg.model_dump(mode="json"),
-                    backbone_state=backbone_state)
-    metrics = _finish(run_dir, cfg, bundle, ds, test_idx, scores, len(train_idx), skipped, timings,
-                      extra_figures=extra_figures)
-    bundle.metrics = {k: metrics[k] for k in ("overall_accuracy", "class_averaged_accuracy", "auc", "n_train", "n_test")}
+    bundle = Bundle(
+        ds.classes, backbone.spec(), fitted_head, mode, cfg.model_dump(mode="json"), backbone_state=backbone_state
+    )
+    metrics = _finish(
+        run_dir, cfg, bundle, ds, test_idx, scores, len(train_idx), skipped, timings, extra_figures=extra_figures
+    )
+    bundle.metrics = {
+        k: metrics[k] for k in ("overall_accuracy", "class_averaged_accuracy", "auc", "n_train", "n_test")
+    }
     bundle.save(run_dir)
     log.info("run folder: %s (report.html, metrics.json, predictions.csv, model/)", run_dir)
     result = RunResult(run_dir, metrics, bundle)
@@ -157,8 +218,9 @@ def evaluate(run_dir: str | Path, on_train: bool = False, cfg: Config | None = N
     scores = bundle.head.predict_proba(x)
     timings = {"total_s": time.perf_counter() - t0}
     n_train = int(np.sum(split == "train"))
-    metrics = _finish(run_dir, cfg, bundle, ds, idx, scores, n_train, skipped, timings,
-                      prefix="train_" if on_train else "")
+    metrics = _finish(
+        run_dir, cfg, bundle, ds, idx, scores, n_train, skipped, timings, prefix="train_" if on_train else ""
+    )
     result = RunResult(run_dir, metrics, bundle)
     if cfg.tracking.tracking:
         log_run("evaluate", cfg, result, on_train=on_train)
@@ -192,7 +254,9 @@ class Prediction:
     error: str | None = None
 
 
-def predict(run_dir: str | Path, inputs: Iterable[str | Path], cfg: Config | None = None) -> tuple[list[str], list[Prediction]]:
+def predict(
+    run_dir: str | Path, inputs: Iterable[str | Path], cfg: Config | None = None
+) -> tuple[list[str], list[Prediction]]:
     """Class scores for images (files, folders, lists of paths); unreadable images carry an error."""
     bundle = Bundle.load(run_dir)
     cfg = cfg or Config.model_validate(bundle.config)

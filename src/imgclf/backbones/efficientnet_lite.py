@@ -33,7 +33,11 @@ def weights_file(name: str) -> Path:
 def convert_state_dict(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Map EfficientNet-PyTorch tensors onto timm keys, in order; the source's classifier is dropped
     when the target has none. Raises ValueError on any count or shape mismatch."""
-    src = [(k, v) for k, v in source.items() if not k.startswith("_fc.") or any(t.startswith("classifier.") for t in target)]
+    src = [
+        (k, v)
+        for k, v in source.items()
+        if not k.startswith("_fc.") or any(t.startswith("classifier.") for t in target)
+    ]
     if len(src) != len(target):
         raise ValueError(f"checkpoint has {len(src)} tensors, the timm model {len(target)}")
     out = {}

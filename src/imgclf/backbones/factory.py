@@ -35,8 +35,14 @@ class Backbone:
 
     def spec(self) -> dict[str, Any]:
         """JSON-ready description, enough to rebuild it with :func:`create_backbone`."""
-        return {"name": self.name, "weights_id": self.weights_id, "num_features": self.num_features,
-                "mean": list(self.mean), "std": list(self.std), "preprocess": asdict(self.preprocess)}
+        return {
+            "name": self.name,
+            "weights_id": self.weights_id,
+            "num_features": self.num_features,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "preprocess": asdict(self.preprocess),
+        }
 
     def feature_net(self) -> nn.Module:
         """The model behind a uint8 NHWC input (0..255): normalisation happens inside the graph."""
@@ -78,9 +84,13 @@ def list_backbones() -> list[str]:
 
 def _timm_data_config(model: nn.Module) -> dict[str, Any]:
     cfg = getattr(model, "pretrained_cfg", {}) or {}
-    return {"resolution": int(cfg.get("input_size", (3, 224, 224))[-1]), "crop_pct": float(cfg.get("crop_pct", 0.875)),
-            "interpolation": cfg.get("interpolation", "bicubic") or "bicubic",
-            "mean": tuple(cfg.get("mean", (0.485, 0.456, 0.406))), "std": tuple(cfg.get("std", (0.229, 0.224, 0.225)))}
+    return {
+        "resolution": int(cfg.get("input_size", (3, 224, 224))[-1]),
+        "crop_pct": float(cfg.get("crop_pct", 0.875)),
+        "interpolation": cfg.get("interpolation", "bicubic") or "bicubic",
+        "mean": tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
+        "std": tuple(cfg.get("std", (0.229, 0.224, 0.225))),
+    }
 
 
 def _lite_builder(name: str) -> Builder:
@@ -113,7 +123,7 @@ def _build_timm(name: str, pretrained: bool) -> tuple[nn.Module, dict[str, Any],
         raise BackboneError(f"unknown backbone {name!r}: use one of {list_backbones()}, timm:NAME or torchvision:NAME")
     try:
         model = timm.create_model(name, pretrained=pretrained, num_classes=0)
-    except Exception as e:  # noqa: BLE001 - hub errors come in many types
+    except Exception as e:
         raise _offline_hint(name, e) from e
     return model, _timm_data_config(model), f"timm:{name}" if pretrained else "random"
 
@@ -128,7 +138,7 @@ def _build_torchvision(name: str, pretrained: bool) -> tuple[nn.Module, dict[str
             model.load_state_dict(weights.get_state_dict(progress=False))
     except ValueError as e:
         raise BackboneError(f"unknown torchvision model {name!r}: {e}") from e
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise _offline_hint(f"torchvision:{name}", e) from e
     for attr in ("fc", "classifier", "head", "heads"):
         if hasattr(model, attr):
@@ -138,15 +148,20 @@ def _build_torchvision(name: str, pretrained: bool) -> tuple[nn.Module, dict[str
         num_features = model.eval()(torch.zeros(1, 3, 224, 224)).shape[-1]
     t = weights.transforms() if weights is not None else None
     crop = int(t.crop_size[0]) if t is not None else 224
-    data = {"resolution": crop, "crop_pct": crop / int(t.resize_size[0]) if t is not None else 0.875,
-            "interpolation": t.interpolation.value if t is not None else "bilinear",
-            "mean": tuple(t.mean) if t is not None else (0.485, 0.456, 0.406),
-            "std": tuple(t.std) if t is not None else (0.229, 0.224, 0.225), "num_features": num_features}
+    data = {
+        "resolution": crop,
+        "crop_pct": crop / int(t.resize_size[0]) if t is not None else 0.875,
+        "interpolation": t.interpolation.value if t is not None else "bilinear",
+        "mean": tuple(t.mean) if t is not None else (0.485, 0.456, 0.406),
+        "std": tuple(t.std) if t is not None else (0.229, 0.224, 0.225),
+        "num_features": num_features,
+    }
     return model, data, f"torchvision:{weights}" if weights is not None else "random"
 
 
-def create_backbone(name: str, *, weights: str | Path | None = None, resolution: int | None = None,
-                    pretrained: bool = True) -> Backbone:
+def create_backbone(
+    name: str, *, weights: str | Path | None = None, resolution: int | None = None, pretrained: bool = True
+) -> Backbone:
     """Build a backbone by name, with pretrained weights unless ``weights`` gives a local state_dict."""
     if name.startswith("torchvision:"):
         builder: Builder = _build_torchvision
@@ -162,7 +177,7 @@ def create_backbone(name: str, *, weights: str | Path | None = None, resolution:
             raise BackboneError(f"weights file not found: {weights}")
         state = torch.load(weights, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state) if isinstance(state, dict) else state
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing, _ = model.load_state_dict(state, strict=False)
         if missing:
             raise BackboneError(f"{weights} lacks {len(missing)} tensors of {name}, e.g. {missing[:3]}")
         weights_id = f"file:{file_sha256(weights)[:16]}"

@@ -54,8 +54,10 @@ def _is_hidden(p: Path) -> bool:
 
 
 def _class_dirs(base: Path) -> list[Path]:
-    return sorted((p for p in base.iterdir() if p.is_dir() and not _is_hidden(p) and p.name != UNLABELED_DIR),
-                  key=lambda p: p.name)
+    return sorted(
+        (p for p in base.iterdir() if p.is_dir() and not _is_hidden(p) and p.name != UNLABELED_DIR),
+        key=lambda p: p.name,
+    )
 
 
 def _predefined_dirs(root: Path) -> tuple[Path, Path] | None:
@@ -83,7 +85,9 @@ def scan_dataset(cfg: DataConfig, root: Path | None = None) -> Dataset:
     if not class_names:
         raise DatasetError(f"no class sub-folders in {root}: expected {root}/<class name>/<images>")
     if len(class_names) < 2:
-        raise DatasetError(f"only one class ({class_names[0]!r}) in {root}: a classifier needs at least two class folders")
+        raise DatasetError(
+            f"only one class ({class_names[0]!r}) in {root}: a classifier needs at least two class folders"
+        )
     label_of = {name: i for i, name in enumerate(class_names)}
     samples: list[Sample] = []
     skipped: list[dict[str, str]] = []
@@ -102,13 +106,18 @@ def scan_dataset(cfg: DataConfig, root: Path | None = None) -> Dataset:
                     skipped.append({"path": str(f), "reason": str(e)})
                     continue
                 group = rel_in_class.parts[0] if len(rel_in_class.parts) > 1 else rel_in_class.as_posix()
-                samples.append(Sample(f.relative_to(root).as_posix(), label_of[class_dir.name],
-                                      f"{class_dir.name}/{group}", preset))
+                samples.append(
+                    Sample(
+                        f.relative_to(root).as_posix(), label_of[class_dir.name], f"{class_dir.name}/{group}", preset
+                    )
+                )
     counts = np.bincount([s.label for s in samples], minlength=len(class_names))
     empty = [class_names[i] for i in np.flatnonzero(counts == 0)]
     if empty:
-        raise DatasetError(f"class folder(s) without a usable image: {', '.join(empty)} "
-                           f"(add images or remove the folder; {len(skipped)} file(s) skipped, see above)")
+        raise DatasetError(
+            f"class folder(s) without a usable image: {', '.join(empty)} "
+            f"(add images or remove the folder; {len(skipped)} file(s) skipped, see above)"
+        )
     return Dataset(root, class_names, samples, skipped)
 
 
@@ -133,8 +142,9 @@ def make_split(ds: Dataset, cfg: DataConfig) -> np.ndarray:
         index = {s.rel: i for i, s in enumerate(ds.samples)}
         missing = sorted(wanted - index.keys())
         if missing:
-            raise DatasetError(f"{len(missing)} path(s) in {cfg.test_list} are not usable images under {ds.root}, "
-                               f"e.g. {missing[:3]}")
+            raise DatasetError(
+                f"{len(missing)} path(s) in {cfg.test_list} are not usable images under {ds.root}, e.g. {missing[:3]}"
+            )
         split[[index[r] for r in wanted]] = "test"
     else:
         labels = ds.labels

@@ -219,10 +219,11 @@ def _striped(rng: np.random.Generator, size: tuple[int, int], period: float, pal
     rgb = lut[pos]
     if rng.random() < 0.3:  # broken stripes: dashes, easy to confuse with elongated dots
         stripe = (np.floor(u / repeat).astype(np.int64) * k + which[pos]) % 1024
-        dash = period * rng.uniform(1, 4, 1024)[stripe]
+        dash = period * rng.uniform(1.5, 5, 1024)[stripe]
         phase = rng.uniform(0, 100 * period, 1024)[stripe]
-        gap = (y + phase) % dash < period * rng.uniform(0.15, 0.4)
-        rgb[gap & odd[which[pos]]] = np.clip(base + 0.5, 0, 255).astype(np.uint8)
+        gap = (y + phase) % dash < period * rng.uniform(0.1, 0.3)
+        breakable = odd & (widths <= widths.mean())  # narrow stripes only: wide ones would look like bricks
+        rgb[gap & breakable[which[pos]]] = np.clip(base + 0.5, 0, 255).astype(np.uint8)
     return Image.fromarray(rgb)
 
 
@@ -341,18 +342,17 @@ def _clutter(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
 
 def _lighting(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
     """Apply a lighting gradient, vignette, optional hot spot, exposure and white balance."""
-    size = img.shape[0]
-    y, x = ((g.astype(np.float32) + 0.5) / size - 0.5 for g in np.ogrid[:size, :size])
+    y, x = np.mgrid[-0.5:0.5:33j, -0.5:0.5:33j]  # smooth, so computed coarse and upsampled
     a = rng.uniform(0, _TAU)
     ramp = 1 + rng.uniform(0, 0.7) * (x * np.cos(a) + y * np.sin(a))
     field = ramp * (1 - rng.uniform(0, 0.9) * (x**2 + y**2))
     if rng.random() < 0.3:  # hot spot
         x0, y0 = rng.uniform(-0.4, 0.4, 2)
-        field = field + rng.uniform(0.1, 0.35) * np.exp(
-            -((x - x0) ** 2 + (y - y0) ** 2) / rng.uniform(0.01, 0.05)
-        )
+        spot = np.exp(-((x - x0) ** 2 + (y - y0) ** 2) / rng.uniform(0.01, 0.05))
+        field = field + rng.uniform(0.1, 0.35) * spot
+    field = np.asarray(Image.fromarray(field.astype(np.float32)).resize(img.shape[1::-1], _BICUBIC))
     gain = (rng.uniform(0.7, 1.15) * rng.normal(1, 0.04, 3)).astype(np.float32)  # exposure and white balance
-    return img * field.astype(np.float32)[..., None] * gain
+    return img * field[..., None] * gain
 
 
 def render_texture(label: str, rng: np.random.Generator, size: int = 256) -> Image.Image:
@@ -385,9 +385,10 @@ def render_texture(label: str, rng: np.random.Generator, size: int = 256) -> Ima
     canvas = ImageChops.multiply(canvas, _weave(rng, box))
     canvas.putalpha(255)
     mesh, shade = _folds(rng, size)
-    fabric = canvas.convert("RGBa").transform((size, size), Image.Transform.PERSPECTIVE, coeffs, _BILINEAR)
+    fabric = canvas.transform((size, size), Image.Transform.PERSPECTIVE, coeffs, _BILINEAR)
     fabric = fabric.transform((size, size), Image.Transform.MESH, mesh, _BILINEAR)
-    rgba = np.asarray(fabric, np.float32)  # premultiplied alpha: 0 outside the fabric
+    # Opaque canvas, transparent black fill: the interpolated colours come out premultiplied by alpha.
+    rgba = np.asarray(fabric, np.float32)
     alpha = rgba[..., 3:] * np.float32(1 / 255)
     img = rgba[..., :3] * shade[..., None]
     if alpha.min() < 1:  # part of the table, floor or wall shows
@@ -432,9 +433,11 @@ def generate_demo_dataset(
 ) -> Path:
     """Write out_dir/<class>/<class>_<i:04d>.jpg for every class; return out_dir as a Path.
 
-    Deterministic: image i of class k comes from its own generator, SeedSequence(seed, spawn_key=(k, i)).
-    Refuses (FileExistsError) to write into an existing folder unless it is empty; returns at once when it
-    already holds a complete demo set with the same parameters (the marker file is written last).
+    Deterministic: image i of class k comes from its own generator, SeedSequence(seed, spawn_key=(k, i)),
+    so the same seed gives the same bytes whatever the order or count. Returns at once (cached) when
+    out_dir holds a complete demo set made with the same parameters, recognised by the marker file
+    written last; otherwise refuses (FileExistsError) any existing out_dir that is not an empty folder.
+    Each image is written to a temporary file in its folder, then moved into place.
     """
     if n_per_class < 1 or size < 32:
         raise ValueError(f"need n_per_class >= 1 and size >= 32, got {n_per_class} and {size}")

@@ -26,7 +26,7 @@ class Preprocess:
 
     @property
     def resize_to(self) -> int:
-        return int(round(self.resolution / self.crop_pct))
+        return round(self.resolution / self.crop_pct)
 
 
 _RESAMPLE = {
@@ -46,7 +46,9 @@ def check_image(path: Path, max_pixels: int, max_bytes: int) -> None:
     if size == 0:
         raise ImageError("empty file (0 bytes): re-download or remove it")
     if size > max_bytes:
-        raise ImageError(f"file too large ({size / 1e6:.0f} MB > {max_bytes / 1e6:.0f} MB): downscale it or raise --max-file-mb")
+        raise ImageError(
+            f"file too large ({size / 1e6:.0f} MB > {max_bytes / 1e6:.0f} MB): downscale it or raise --max-file-mb"
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -54,7 +56,7 @@ def check_image(path: Path, max_pixels: int, max_bytes: int) -> None:
                 fmt, (w, h) = im.format, im.size
     except Image.DecompressionBombError as e:
         raise ImageError(f"oversized image ({e}): downscale it or raise --max-image-pixels") from e
-    except Exception as e:  # noqa: BLE001 - Pillow raises many types for non-images
+    except Exception as e:
         raise ImageError(f"not an image Pillow can read ({type(e).__name__}): check or convert the file") from e
     if w * h > max_pixels:
         raise ImageError(
@@ -63,7 +65,9 @@ def check_image(path: Path, max_pixels: int, max_bytes: int) -> None:
         )
     ext = path.suffix.lower()
     if ext not in IMAGE_EXTENSIONS:
-        raise ImageError(f"{fmt} image with extension {ext or '(none)'!r}: rename it to a known image extension to use it")
+        raise ImageError(
+            f"{fmt} image with extension {ext or '(none)'!r}: rename it to a known image extension to use it"
+        )
 
 
 def open_rgb(path: Path, draft_to: int | None = None, max_pixels: int | None = None) -> Image.Image:
@@ -73,11 +77,15 @@ def open_rgb(path: Path, draft_to: int | None = None, max_pixels: int | None = N
     EXIF orientation is applied after decoding; transparent pixels are composited on white.
     """
     try:
+        if path.stat().st_size == 0:
+            raise ImageError("empty file (0 bytes): re-download or remove it")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(path)
             if max_pixels is not None and im.size[0] * im.size[1] > max_pixels:
-                raise ImageError(f"oversized image ({im.size[0]}x{im.size[1]}): downscale it or raise --max-image-pixels")
+                raise ImageError(
+                    f"oversized image ({im.size[0]}x{im.size[1]}): downscale it or raise --max-image-pixels"
+                )
             if draft_to is not None and im.format == "JPEG":
                 im.draft("RGB", (draft_to, draft_to))
             im.load()
@@ -91,7 +99,7 @@ def open_rgb(path: Path, draft_to: int | None = None, max_pixels: int | None = N
         if "truncated" in msg:
             raise ImageError("truncated or corrupt image data: re-download or re-save the file") from e
         raise ImageError(f"cannot decode ({msg}): re-download or re-save the file") from e
-    except Exception as e:  # noqa: BLE001 - corrupt files raise anything from SyntaxError to ValueError
+    except Exception as e:
         raise ImageError(f"cannot decode ({type(e).__name__}: {e}): re-download or re-save the file") from e
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         im = im.convert("RGBA")

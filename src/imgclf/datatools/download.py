@@ -7,7 +7,7 @@ import io
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -71,7 +71,8 @@ class DownloadReport:
 
     def summary(self) -> str:
         lines = [f"downloaded {self.count('downloaded')}, already present {self.count('exists')}, "
-                 f"failed {self.count('failed')}, duplicate URLs skipped {self.count('duplicate')} -> {self.out}"]
+                 f"failed {self.count('failed')}, duplicate URLs skipped {self.count('duplicate')} "
+                 f"-> {self.out}"]
         if self.failures:
             kinds = Counter(_reason_kind(o.reason) for o in self.failures)
             lines.append("failures: " + ", ".join(f"{n} {k}" for k, n in kinds.most_common()))
@@ -97,7 +98,10 @@ def check_label(label: str, where: str) -> str:
 
 
 def read_url_list(path: Path) -> list[UrlEntry]:
-    """Parse ``label<TAB>url[<TAB>source page<TAB>licence<TAB>creator<TAB>title<TAB>note]`` lines; '#' starts a comment."""
+    """Parse ``label<TAB>url[<TAB>source page<TAB>licence<TAB>creator<TAB>title<TAB>note]`` lines.
+
+    Blank lines and lines starting with '#' are skipped; ValueError names the file and line of a bad one.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"URL list not found: {path}")
@@ -149,36 +153,43 @@ def _read_limited(response: httpx.Response, max_bytes: int) -> tuple[bytes, str]
     return bytes(buf), response.headers.get("content-type", "").split(";")[0].strip()
 
 
-def _decode(data: bytes, content_type: str, max_pixels: int) -> Image.Image:
+def _decode(data: bytes, content_type: str, max_pixels: int, draft_to: int = 0
+            ) -> tuple[Image.Image, int, int]:
+    """The decoded image and its stored size; JPEGs larger than ``draft_to`` are decoded at reduced scale."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
             w, h = im.size
             if w * h > max_pixels:
-                raise FetchError(f"too many pixels ({w}x{h} > {max_pixels / 1e6:g} Mpx; raise max_image_pixels)")
+                raise FetchError(f"too many pixels ({w}x{h} > {max_pixels / 1e6:g} Mpx; "
+                                 "raise max_image_pixels)")
+            if draft_to and im.format == "JPEG" and max(w, h) > draft_to:
+                im.draft("RGB", (draft_to, draft_to))  # DCT scaling: less memory and time, same result
             im.load()
     except FetchError:
         raise
     except Image.DecompressionBombError as e:
         raise FetchError(f"too many pixels ({e})") from e
-    except Exception as e:  # noqa: BLE001 - Pillow raises many types for non-images
-        raise FetchError(f"not an image ({content_type or 'unknown content type'}; "
-                         f"{type(e).__name__}): the URL does not point at an image file") from e
-    return im
+    except Image.UnidentifiedImageError as e:
+        raise FetchError(f"not an image ({content_type or 'no content type'}): "
+                         "the URL does not point at an image file") from e
+    except Exception as e:  # Pillow raises many types for broken files
+        raise FetchError(f"broken image data ({type(e).__name__}: {e})") from e
+    return im, w, h
 
 
 def save_image(data: bytes, content_type: str, out: Path, label: str, stem: str, cfg: DataToolsConfig,
                max_pixels: int) -> str:
     """Check, orient, shrink and write one downloaded image; return its path relative to ``out``.
 
-    The bytes are kept as they are for JPEG/PNG files that need neither rotation nor resizing; other images are
-    re-encoded: PNG where they have transparency, else JPEG. Existing files are never overwritten.
+    The bytes are kept as they are for JPEG/PNG files that need neither rotation nor resizing; other images
+    are re-encoded: PNG where they have transparency, else JPEG. Existing files are never overwritten.
     """
-    im = _decode(data, content_type, max_pixels)
+    im, w, h = _decode(data, content_type, max_pixels, cfg.max_side)
     orientation = im.getexif().get(0x0112, 1)
     has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
-    needs_resize = cfg.max_side > 0 and max(im.size) > cfg.max_side
+    needs_resize = cfg.max_side > 0 and max(w, h) > cfg.max_side
     keep_bytes = not needs_resize and orientation in (None, 1) and im.format in ("JPEG", "PNG")
     if keep_bytes:
         ext, payload = (".jpg" if im.format == "JPEG" else ".png"), data
@@ -212,7 +223,8 @@ def _write_new(path: Path, data: bytes) -> None:
     atomic_write_bytes(path, data)
 
 
-def _fetch_one(client: httpx.Client, entry: UrlEntry, out: Path, cfg: DataToolsConfig, max_pixels: int) -> Outcome:
+def _fetch_one(client: httpx.Client, entry: UrlEntry, out: Path, cfg: DataToolsConfig, max_pixels: int
+               ) -> Outcome:
     stem = file_stem(entry.url)
     existing = _existing(out, entry.label, stem)
     if existing:
@@ -221,11 +233,14 @@ def _fetch_one(client: httpx.Client, entry: UrlEntry, out: Path, cfg: DataToolsC
     max_bytes = int(cfg.max_download_mb * 1e6)
     try:
         data, content_type = with_retries(client, entry.url, policy, lambda r: _read_limited(r, max_bytes))
-        return Outcome(entry, "downloaded", save_image(data, content_type, out, entry.label, stem, cfg, max_pixels))
+        saved = save_image(data, content_type, out, entry.label, stem, cfg, max_pixels)
+        return Outcome(entry, "downloaded", saved)
     except FetchError as e:
         return Outcome(entry, "failed", reason=str(e))
     except OSError as e:  # disk full, permissions: name the folder
         return Outcome(entry, "failed", reason=f"cannot write under {out / entry.label} ({e.strerror or e})")
+    except Exception as e:  # one odd file (e.g. malformed EXIF) must not stop a long run
+        return Outcome(entry, "failed", reason=f"unexpected error ({type(e).__name__}: {e})")
 
 
 def _plan(entries: Sequence[UrlEntry]) -> tuple[list[UrlEntry], dict[int, Outcome]]:
@@ -239,9 +254,9 @@ def _plan(entries: Sequence[UrlEntry]) -> tuple[list[UrlEntry], dict[int, Outcom
         if e.url in first:
             j = first[e.url]
             notes.setdefault(j, []).append(f"also listed for {e.label}")
-            skipped[i] = Outcome(e, "duplicate", reason=f"same URL listed before for label {entries[j].label}")
+            skipped[i] = Outcome(e, "duplicate", reason=f"URL listed before (for {entries[j].label})")
         elif stems.get(stem, e.url) != e.url:
-            skipped[i] = Outcome(e, "failed", reason=f"file name collision with {stems[stem]} (SHA-1 prefix): download it in a separate run")
+            skipped[i] = Outcome(e, "failed", reason=f"file name (SHA-1 prefix) collides with {stems[stem]}")
         else:
             first[e.url], stems[stem] = i, e.url
     todo = []
@@ -265,14 +280,16 @@ def download(entries: Sequence[UrlEntry], out: Path, cfg: DataToolsConfig, max_p
     with make_client(cfg.timeout_s, cfg.download_workers) as client:
         pool = ThreadPoolExecutor(max_workers=cfg.download_workers, thread_name_prefix="imgclf-download")
         try:
-            futures: dict[Future[Outcome], UrlEntry] = {
-                pool.submit(_fetch_one, client, e, out, cfg, max_pixels): e for e in todo}
-            with tqdm(total=len(futures), unit="img", desc="download", disable=None if progress else True) as bar:
+            futures = [pool.submit(_fetch_one, client, e, out, cfg, max_pixels) for e in todo]
+            bar_off = None if progress else True  # None: on where the output is a terminal
+            failed = 0
+            with tqdm(total=len(futures), unit="img", desc="download", disable=bar_off) as bar:
                 for fut in as_completed(futures):
                     o = fut.result()
                     results[o.entry.url] = o
+                    failed += o.status == "failed"
                     bar.update()
-                    bar.set_postfix(failed=sum(r.status == "failed" for r in results.values()), refresh=False)
+                    bar.set_postfix(failed=failed, refresh=False)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
     first_index = {e.url: i for i, e in reversed(list(enumerate(entries)))}

@@ -35,18 +35,29 @@ def evaluation_figure(y_true: np.ndarray, scores: np.ndarray, metrics: dict[str,
         style = {"linestyle": "--", "color": "black"} if name == "micro" else {}
         ax_roc.plot(fpr, tpr, label=f"{name} (AUC {_fmt(auc, False)})", **style)
     ax_roc.plot([0, 1], [0, 1], color="grey", linewidth=0.8)
-    ax_roc.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC (one vs rest)",
-               xlim=(0, 1), ylim=(0, 1.01))
+    ax_roc.set(
+        xlabel="false positive rate",
+        ylabel="true positive rate",
+        title="ROC (one vs rest)",
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+    )
     ax_roc.legend(loc="lower right", fontsize=8)
     ax_cm.imshow(cm, cmap="Blues")
-    ax_cm.set(xticks=range(len(classes)), yticks=range(len(classes)), xlabel="predicted", ylabel="true",
-              title="confusion matrix")
+    ax_cm.set(
+        xticks=range(len(classes)),
+        yticks=range(len(classes)),
+        xlabel="predicted",
+        ylabel="true",
+        title="confusion matrix",
+    )
     ax_cm.set_xticklabels(classes, rotation=45, ha="right")
     ax_cm.set_yticklabels(classes)
     for i in range(cm.shape[0]):
         for j in range(cm.shape[1]):
-            ax_cm.text(j, i, str(cm[i, j]), ha="center", va="center",
-                       color="white" if cm[i, j] > cm.max() / 2 else "black")
+            ax_cm.text(
+                j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > cm.max() / 2 else "black"
+            )
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
@@ -60,17 +71,26 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
     width = max(len(c) for c in metrics["classes"])
     for c in metrics["classes"]:
         n = metrics["per_class_support"][c]
-        lines.append(f"Class {c:<{width}}: accuracy {_fmt(metrics['per_class_accuracy'][c]):>8} "
-                     f"(n={n}, AUC {_fmt(metrics['auc'].get(c), False)})")
+        lines.append(
+            f"Class {c:<{width}}: accuracy {_fmt(metrics['per_class_accuracy'][c]):>8} "
+            f"(n={n}, AUC {_fmt(metrics['auc'].get(c), False)})"
+        )
     lines.append(f"Overall accuracy       : {_fmt(metrics['overall_accuracy'])} (n={metrics['n_test']})")
     lines.append(f"Class-averaged accuracy: {_fmt(metrics['class_averaged_accuracy'])}")
-    lines.append(f"AUC micro / macro      : {_fmt(metrics['auc']['micro'], False)} / "
-                 f"{_fmt(metrics['auc']['macro'], False)}")
+    lines.append(
+        f"AUC micro / macro      : {_fmt(metrics['auc']['micro'], False)} / {_fmt(metrics['auc']['macro'], False)}"
+    )
     return lines
 
 
-def write_reports(run_dir: Path, y_true: np.ndarray, scores: np.ndarray, metrics: dict[str, Any],
-                  params: dict[str, Any], extra_figures: dict[str, Path] | None = None) -> dict[str, Path]:
+def write_reports(
+    run_dir: Path,
+    y_true: np.ndarray,
+    scores: np.ndarray,
+    metrics: dict[str, Any],
+    params: dict[str, Any],
+    extra_figures: dict[str, Path] | None = None,
+) -> dict[str, Path]:
     """Write ``evaluation.png``, ``report.html`` and ``report.md`` into the run folder."""
     png = evaluation_figure(y_true, scores, metrics)
     fig_path = run_dir / "evaluation.png"
@@ -79,31 +99,46 @@ def write_reports(run_dir: Path, y_true: np.ndarray, scores: np.ndarray, metrics
     rows = "".join(
         f"<tr><td>{html.escape(c)}</td><td>{_fmt(metrics['per_class_accuracy'][c])}</td>"
         f"<td>{metrics['per_class_support'][c]}</td><td>{_fmt(metrics['auc'].get(c), False)}</td></tr>"
-        for c in metrics["classes"])
+        for c in metrics["classes"]
+    )
     skipped = metrics.get("skipped", [])
-    skipped_html = "".join(f"<li><code>{html.escape(s['path'])}</code>: {html.escape(s['reason'])}</li>" for s in skipped)
+    skipped_html = "".join(
+        f"<li><code>{html.escape(s['path'])}</code>: {html.escape(s['reason'])}</li>" for s in skipped
+    )
     figs_html = "".join(
         f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' style='max-width:100%' "
-        f"src='data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}'>" for title, p in figures.items())
+        f"src='data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}'>"
+        for title, p in figures.items()
+    )
     param_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in params.items())
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>imgclf report</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}</style></head><body>
 <h1>imgclf report</h1>
-<p>Overall accuracy <b>{_fmt(metrics['overall_accuracy'])}</b>, class-averaged accuracy
-<b>{_fmt(metrics['class_averaged_accuracy'])}</b>, AUC micro {_fmt(metrics['auc']['micro'], False)} /
-macro {_fmt(metrics['auc']['macro'], False)}; {metrics['n_train']} training and {metrics['n_test']} test images.</p>
+<p>Overall accuracy <b>{_fmt(metrics["overall_accuracy"])}</b>, class-averaged accuracy
+<b>{_fmt(metrics["class_averaged_accuracy"])}</b>, AUC micro {_fmt(metrics["auc"]["micro"], False)} /
+macro {_fmt(metrics["auc"]["macro"], False)}; {metrics["n_train"]} training and {metrics["n_test"]} test images.</p>
 <table><tr><th>class</th><th>accuracy</th><th>test images</th><th>AUC</th></tr>{rows}</table>
 {figs_html}
-<h2>Skipped files ({len(skipped)})</h2><ul>{skipped_html or '<li>none</li>'}</ul>
+<h2>Skipped files ({len(skipped)})</h2><ul>{skipped_html or "<li>none</li>"}</ul>
 <h2>Parameters</h2><table>{param_rows}</table></body></html>"""
     atomic_write_text(run_dir / "report.html", page)
-    md = ["# imgclf report", "", "```", *summary_lines(metrics), "```", "",
-          "| class | accuracy | test images | AUC |", "|---|---|---|---|"]
-    md += [f"| {c} | {_fmt(metrics['per_class_accuracy'][c])} | {metrics['per_class_support'][c]} | "
-           f"{_fmt(metrics['auc'].get(c), False)} |" for c in metrics["classes"]]
-    md += ["", *[f"![{title}]({p.name})" for title, p in figures.items()], "",
-           f"## Skipped files ({len(skipped)})", ""]
+    md = [
+        "# imgclf report",
+        "",
+        "```",
+        *summary_lines(metrics),
+        "```",
+        "",
+        "| class | accuracy | test images | AUC |",
+        "|---|---|---|---|",
+    ]
+    md += [
+        f"| {c} | {_fmt(metrics['per_class_accuracy'][c])} | {metrics['per_class_support'][c]} | "
+        f"{_fmt(metrics['auc'].get(c), False)} |"
+        for c in metrics["classes"]
+    ]
+    md += ["", *[f"![{title}]({p.name})" for title, p in figures.items()], "", f"## Skipped files ({len(skipped)})", ""]
     md += [f"- `{s['path']}`: {s['reason']}" for s in skipped] or ["none"]
     atomic_write_text(run_dir / "report.md", "\n".join(md) + "\n")
     return {"figure": fig_path, "html": run_dir / "report.html", "markdown": run_dir / "report.md"}

@@ -63,9 +63,21 @@ class FeatureExtractor:
     Decoding runs in a thread pool (Pillow releases the GIL) while the runtime computes the previous batch.
     """
 
-    def __init__(self, backbone: Backbone, *, runtime: str = "auto", precision: str = "auto", device: str = "auto",
-                 batch_size: int = 32, workers: int = 0, cache_dir: Path | None = None, use_cache: bool = True,
-                 flip_tta: bool = False, max_pixels: int | None = None, progress: bool = True) -> None:
+    def __init__(
+        self,
+        backbone: Backbone,
+        *,
+        runtime: str = "auto",
+        precision: str = "auto",
+        device: str = "auto",
+        batch_size: int = 32,
+        workers: int = 0,
+        cache_dir: Path | None = None,
+        use_cache: bool = True,
+        flip_tta: bool = False,
+        max_pixels: int | None = None,
+        progress: bool = True,
+    ) -> None:
         self.backbone, self.batch_size, self.flip_tta = backbone, batch_size, flip_tta
         self.workers, self.max_pixels, self.progress = workers or cpu_count(), max_pixels, progress
         dev = resolve_device(device)
@@ -80,9 +92,19 @@ class FeatureExtractor:
     def from_config(cls, cfg: Config, backbone: Backbone | None = None) -> FeatureExtractor:
         b, f = cfg.backbone, cfg.features
         backbone = backbone or create_backbone(b.backbone, weights=b.weights, resolution=b.resolution)
-        return cls(backbone, runtime=f.runtime, precision=f.precision, device=f.device, batch_size=f.batch_size,
-                   workers=f.workers, cache_dir=f.cache_dir, use_cache=f.use_cache, flip_tta=f.flip_tta,
-                   max_pixels=cfg.data.max_image_pixels, progress=cfg.output.progress)
+        return cls(
+            backbone,
+            runtime=f.runtime,
+            precision=f.precision,
+            device=f.device,
+            batch_size=f.batch_size,
+            workers=f.workers,
+            cache_dir=f.cache_dir,
+            use_cache=f.use_cache,
+            flip_tta=f.flip_tta,
+            max_pixels=cfg.data.max_image_pixels,
+            progress=cfg.output.progress,
+        )
 
     @property
     def preprocess(self) -> Preprocess:
@@ -100,15 +122,22 @@ class FeatureExtractor:
     def runtime(self) -> Runtime:
         if self._runtime is None:
             model_dir = self.cache_root / "models" / self.model_key
-            self._runtime = create_runtime(self.backbone.feature_net(), self.preprocess.resolution, self.runtime_name,
-                                           self.precision, self.device, self.workers, model_dir)
+            self._runtime = create_runtime(
+                self.backbone.feature_net(),
+                self.preprocess.resolution,
+                self.runtime_name,
+                self.precision,
+                self.device,
+                self.workers,
+                model_dir,
+            )
         return self._runtime
 
     def embed_arrays(self, batch: np.ndarray) -> np.ndarray:
         """Features of a uint8 NHWC batch (already resized and cropped)."""
         out = np.empty((0, self.backbone.num_features), np.float32)
         for i in range(0, len(batch), self.batch_size):
-            chunk = batch[i:i + self.batch_size]
+            chunk = batch[i : i + self.batch_size]
             f = self.runtime(chunk)
             if self.flip_tta:
                 f = 0.5 * (f + self.runtime(np.ascontiguousarray(chunk[:, :, ::-1])))

@@ -78,8 +78,16 @@ def export_onnx(net: nn.Module, resolution: int, path: Path) -> Path:
 
     buf = io.BytesIO()
     example = torch.zeros(1, resolution, resolution, 3, dtype=torch.uint8)
-    torch.onnx.export(net.eval().cpu(), (example,), buf, input_names=["image"], output_names=["output"],
-                      dynamic_axes={"image": {0: "batch"}, "output": {0: "batch"}}, opset_version=17, dynamo=False)
+    torch.onnx.export(
+        net.eval().cpu(),
+        (example,),
+        buf,
+        input_names=["image"],
+        output_names=["output"],
+        dynamic_axes={"image": {0: "batch"}, "output": {0: "batch"}},
+        opset_version=17,
+        dynamo=False,
+    )
     atomic_write_bytes(path, buf.getvalue())
     return path
 
@@ -90,8 +98,9 @@ def convert_openvino(net: nn.Module, resolution: int):  # -> openvino.Model
 
     example = torch.zeros(1, resolution, resolution, 3, dtype=torch.uint8)
     with torch.no_grad():
-        model = ov.convert_model(net.eval().cpu(), example_input=example,
-                                 input=[([-1, resolution, resolution, 3], ov.Type.u8)])
+        model = ov.convert_model(
+            net.eval().cpu(), example_input=example, input=[([-1, resolution, resolution, 3], ov.Type.u8)]
+        )
     return model
 
 
@@ -115,8 +124,12 @@ class OpenVINORuntime:
                 ov.save_model(model, tmp, compress_to_fp16=False)
                 tmp.with_suffix(".bin").replace(xml.with_suffix(".bin"))
                 tmp.replace(xml)
-        config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
-                  "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"}
+        config = {
+            "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+            "INFERENCE_NUM_THREADS": threads,
+            "NUM_STREAMS": 1,
+            "PERFORMANCE_HINT": "LATENCY",
+        }
         self.compiled = core.compile_model(model, "CPU", config)
         self.request = self.compiled.create_infer_request()
         self.precision = precision
@@ -150,8 +163,15 @@ class OnnxRuntime:
         return self.session.run(None, {"image": np.ascontiguousarray(batch)})[0].astype(np.float32, copy=False)
 
 
-def create_runtime(net: nn.Module, resolution: int, runtime: str = "auto", precision: str = "auto",
-                   device: str = "auto", threads: int = 0, model_dir: Path | None = None) -> Runtime:
+def create_runtime(
+    net: nn.Module,
+    resolution: int,
+    runtime: str = "auto",
+    precision: str = "auto",
+    device: str = "auto",
+    threads: int = 0,
+    model_dir: Path | None = None,
+) -> Runtime:
     """Build the runtime named by ``runtime`` ("auto" picks the fastest available for the device)."""
     dev = resolve_device(device)
     name = resolve_runtime(runtime, dev)

@@ -129,7 +129,7 @@ def _prefetch(batches: list[np.ndarray], load: Callable[[np.ndarray], Any]) -> I
             yield item
 
 
-class _Loader:
+class CacheLoader:
     """Batches of (uint8 NHWC images, labels) from the image cache, on the training device."""
 
     def __init__(self, cache: ImageCache, rows: np.ndarray, labels: np.ndarray, device: torch.device) -> None:
@@ -264,9 +264,9 @@ def finetune(cfg: Config, ds: Dataset, train_idx: np.ndarray, backbone: Backbone
         if len(fit_idx) < 2:
             raise ValueError("fine-tuning needs at least two decodable training images")
         log.info("fine-tuning on %d images, validating on %d (%s)", len(fit_idx), len(val_idx), device)
-        fit = _Loader(cache, np.array([row_of[int(i)] for i in fit_idx]), labels_all[fit_idx], device)
-        val = _Loader(cache, np.array([row_of[int(i)] for i in val_idx], np.int64), labels_all[val_idx],
-                      device)
+        fit = CacheLoader(cache, np.array([row_of[int(i)] for i in fit_idx]), labels_all[fit_idx], device)
+        val = CacheLoader(cache, np.array([row_of[int(i)] for i in val_idx], np.int64), labels_all[val_idx],
+                          device)
         _train(cfg, model, backbone, fit, val, device, ckpt, history, best, start_epoch, fingerprint,
                ckpt_path, on_epoch_end)
         del cache
@@ -274,9 +274,6 @@ def finetune(cfg: Config, ds: Dataset, train_idx: np.ndarray, backbone: Backbone
             for f in (run_dir / "finetune_cache").iterdir():
                 f.unlink()
             (run_dir / "finetune_cache").rmdir()
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        best = ckpt["best"]
-        history = ckpt["history"]
 
     if best["state"] is not None:
         model.load_state_dict(best["state"])
@@ -302,14 +299,14 @@ def train_resolution(ft: FinetuneConfig, resolution: int, device: torch.device) 
     return resolution if device.type == "cuda" else max(32, round(resolution * 0.75 / 8) * 8)
 
 
-def _evaluate(model: Classifier, loader: _Loader, norm: Normalizer, batch_size: int,
-              autocast: contextlib.AbstractContextManager[Any] | Callable[[], Any]) -> tuple[float, float]:
+def _evaluate(model: Classifier, loader: CacheLoader, norm: Normalizer, batch_size: int,
+              autocast: Callable[[], contextlib.AbstractContextManager[Any]]) -> tuple[float, float]:
     """(mean cross-entropy, error rate) on the validation part, eval-time view."""
     model.eval()
     loss_sum, wrong, n = 0.0, 0, 0
     with torch.no_grad():
         for x, y in _prefetch(loader.in_order(batch_size), loader):
-            with autocast():  # type: ignore[operator]
+            with autocast():
                 logits = model(norm.center(x)).float()
             loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
             wrong += int((logits.argmax(1) != y).sum())
@@ -317,7 +314,7 @@ def _evaluate(model: Classifier, loader: _Loader, norm: Normalizer, batch_size: 
     return (loss_sum / n, wrong / n) if n else (float("nan"), float("nan"))
 
 
-def _train(cfg: Config, model: Classifier, backbone: Backbone, fit: _Loader, val: _Loader,
+def _train(cfg: Config, model: Classifier, backbone: Backbone, fit: CacheLoader, val: CacheLoader,
            device: torch.device, ckpt: dict[str, Any] | None, history: list[dict[str, float]],
            best: dict[str, Any], start_epoch: int, fingerprint: str, ckpt_path: Path,
            on_epoch_end: EpochHook | None) -> None:
@@ -350,6 +347,10 @@ def _train(cfg: Config, model: Classifier, backbone: Backbone, fit: _Loader, val
         model.train()
         if head_only:
             model.backbone.eval()  # frozen: keep the pretrained batch-norm statistics
+        elif ft.freeze_bn:
+            for m in model.backbone.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         t0, seen, loss_sum, wrong = time.perf_counter(), 0, 0.0, 0
         batches = fit.epoch_batches(bs, gen, ft.balance_classes)
         bar = tqdm(_prefetch(batches, fit), total=len(batches), desc=f"epoch {epoch}/{ft.epochs}",
@@ -369,7 +370,7 @@ def _train(cfg: Config, model: Classifier, backbone: Backbone, fit: _Loader, val
             opt.step()
             sched.step()
             seen += len(y)
-            loss_sum += float(loss) * len(y)
+            loss_sum += float(loss.detach()) * len(y)
             wrong += int((logits.argmax(1) != y).sum())
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", img_s=f"{seen / (time.perf_counter() - t0):.1f}")
         train_s = time.perf_counter() - t0

@@ -10,8 +10,13 @@ from imgclf.heads.svm import LinearSVMHead, l2_normalize, softmax
 def create_head(cfg: ClassifierConfig, seed: int = 0) -> LinearSVMHead:
     """The feature classifier named by the configuration (``svm`` and ``svm_on_refined`` use a linear SVM)."""
     if cfg.classifier in ("svm", "svm_on_refined"):
-        return LinearSVMHead(tuple(cfg.svm_c_grid), cfg.cv_folds, cfg.l2_normalize,
-                             None if cfg.class_weight == "none" else cfg.class_weight, seed)
+        return LinearSVMHead(
+            tuple(cfg.svm_c_grid),
+            cfg.cv_folds,
+            cfg.l2_normalize,
+            None if cfg.class_weight == "none" else cfg.class_weight,
+            seed,
+        )
     raise ValueError(f"classifier {cfg.classifier!r} is not a feature head")
 
 

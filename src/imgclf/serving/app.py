@@ -78,7 +78,7 @@ _PREDICT_BODY = {
                 "file": {"type": "string", "format": "binary"},
                 "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
             "application/json": {"schema": {"type": "object", "required": ["images"], "properties": {
-                "images": {"type": "array", "items": {"type": "string", "description": "base64 image file"}}}}},
+                "images": {"type": "array", "items": {"type": "string", "description": "base64 image"}}}}},
             "image/*": {"schema": {"type": "string", "format": "binary"}},
         },
     }
@@ -98,7 +98,7 @@ def _net_key(bundle: Bundle) -> str:
 
 
 def build_runtime(bundle: Bundle, cfg: Config) -> Runtime:
-    """The classifier (uint8 NHWC -> probabilities) on the serving runtime; OpenVINO/ONNX models are cached."""
+    """The classifier (uint8 NHWC -> probabilities) on the serving runtime; converted models are cached."""
     f = cfg.features
     device = resolve_device(f.device)
     runtime = resolve_runtime(cfg.serve.serve_runtime, device)
@@ -108,8 +108,8 @@ def build_runtime(bundle: Bundle, cfg: Config) -> Runtime:
     except OSError as e:
         log.warning("cannot cache the converted model in %s (%s); converting at every start", model_dir, e)
         model_dir = None
-    return create_runtime(bundle.classifier_net(), bundle.preprocess.resolution, runtime, f.precision, f.device,
-                          f.workers or cpu_count(), model_dir)
+    return create_runtime(bundle.classifier_net(), bundle.preprocess.resolution, runtime, f.precision,
+                          f.device, f.workers or cpu_count(), model_dir)
 
 
 def _web_page() -> str | None:
@@ -126,9 +126,16 @@ class ModelService:
         self.bundle, self.runtime, self.cfg = bundle, runtime, cfg
         self.top_k = min(cfg.serve.top_k, len(bundle.classes))
         self.batcher = MicroBatcher(runtime, cfg.serve.max_batch, cfg.serve.max_wait_ms)
-        self.decoders = ThreadPoolExecutor(cfg.features.workers or cpu_count(), thread_name_prefix="imgclf-decode")
+        threads = cfg.features.workers or cpu_count()
+        self.decoders = ThreadPoolExecutor(threads, thread_name_prefix="imgclf-decode")
         self.model_id = bundle.model_id
         self.started = time.time()
+
+    def warm_up(self) -> None:
+        """Run every batch size once, so no request pays for a runtime's first-call set-up of a shape."""
+        res = self.bundle.preprocess.resolution
+        for n in range(1, self.cfg.serve.max_batch + 1):
+            self.runtime(np.zeros((n, res, res, 3), np.uint8))
 
     async def predict(self, images: list[ImageInput]) -> list[Prediction]:
         check_count(images, self.cfg.serve.max_images_per_request)
@@ -143,9 +150,9 @@ class ModelService:
         classes = self.bundle.classes
         order = np.argsort(-probs, kind="stable")
         best = int(order[0])
+        top = [LabelScore(label=classes[i], score=float(probs[i])) for i in order[: self.top_k]]
         return Prediction(label=classes[best], score=float(probs[best]),
-                          scores={c: float(p) for c, p in zip(classes, probs, strict=True)},
-                          top_k=[LabelScore(label=classes[i], score=float(probs[i])) for i in order[: self.top_k]])
+                          scores={c: float(p) for c, p in zip(classes, probs, strict=True)}, top_k=top)
 
     def info(self) -> dict[str, Any]:
         b, pre = self.bundle, self.bundle.preprocess
@@ -165,6 +172,7 @@ def create_app(bundle: Bundle | str | Path, cfg: Config | None = None) -> FastAP
     bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
     cfg = cfg or Config.model_validate(bundle.config)
     service = ModelService(bundle, build_runtime(bundle, cfg), cfg)
+    service.warm_up()
     max_body = int(cfg.serve.max_upload_mb * 1e6)
     page = _web_page()
 
@@ -175,8 +183,8 @@ def create_app(bundle: Bundle | str | Path, cfg: Config | None = None) -> FastAP
         await service.batcher.stop()
         service.decoders.shutdown(wait=False)
 
-    app = FastAPI(title="imgclf", version=__version__, lifespan=lifespan,
-                  description=f"Image classifier `{bundle.backbone_spec['name']}` over classes {bundle.classes}.")
+    about = f"Image classifier `{bundle.backbone_spec['name']}` over classes {bundle.classes}."
+    app = FastAPI(title="imgclf", version=__version__, description=about, lifespan=lifespan)
     app.state.service = service
 
     def check_key(request: Request) -> None:
@@ -194,6 +202,10 @@ def create_app(bundle: Bundle | str | Path, cfg: Config | None = None) -> FastAP
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
         return _error(e.status_code, "http_error", str(e.detail))
+
+    @app.exception_handler(Exception)
+    async def _server_error(_: Request, e: Exception) -> JSONResponse:
+        return _error(500, "internal_error", f"the server failed ({type(e).__name__}); see its log")
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
@@ -223,13 +235,14 @@ def create_app(bundle: Bundle | str | Path, cfg: Config | None = None) -> FastAP
     @app.get("/healthz", summary="Liveness, with micro-batching counters")
     async def healthz() -> dict[str, Any]:
         s = service.batcher.stats
-        return {"status": "ok", "model_id": service.model_id, "uptime_s": round(time.time() - service.started, 1),
+        uptime = round(time.time() - service.started, 1)
+        return {"status": "ok", "model_id": service.model_id, "uptime_s": uptime,
                 "batches": s.batches, "images": s.images, "largest_batch": s.largest}
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:
         if page is None:
-            raise ApiError(404, "no_web_page", "the web page (imgclf/serving/static/index.html) is not installed")
+            raise ApiError(404, "no_web_page", "imgclf/serving/static/index.html is not installed")
         return HTMLResponse(page)
 
     return app

@@ -100,7 +100,7 @@ class MicroBatcher:
             batch = np.stack([image for image, _ in items])
             try:
                 out = await loop.run_in_executor(self._thread, self.model, batch)
-            except Exception as e:  # noqa: BLE001 - the error goes to the waiting requests; the loop lives on
+            except Exception as e:  # the error goes to the waiting requests; the loop lives on
                 log.exception("inference failed on a batch of %d images", len(items))
                 for _, fut in items:
                     if not fut.done():

@@ -1,4 +1,4 @@
-"""Request bodies -> image bytes -> model-ready arrays, with every way a request can be wrong as an ApiError."""
+"""Request body -> image bytes -> model-ready arrays; every way a request can be wrong is an ApiError."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from starlette.requests import ClientDisconnect, Request
 from imgclf.data.io import ImageError, Preprocess, open_rgb, resize_center_crop
 
 FILE_FIELDS = ("file", "files")
+TUTORIAL_KEY = "image base64 string"
 
 
 class ApiError(Exception):
@@ -74,10 +75,10 @@ async def parse_multipart(request: Request, body: bytes) -> list[ImageInput]:
         for key, value in form.multi_items():
             if not isinstance(value, UploadFile):
                 if key in FILE_FIELDS:
-                    raise ApiError(400, "bad_multipart", f"field {key!r} must be a file upload, not a text value")
+                    raise ApiError(400, "bad_multipart", f"field {key!r} must be a file upload, not text")
                 continue
             if key not in FILE_FIELDS:
-                raise ApiError(400, "bad_multipart", f"unexpected file field {key!r}: send images as 'file' or 'files'")
+                raise ApiError(400, "bad_multipart", f"unknown file field {key!r}: use 'file' or 'files'")
             images.append(ImageInput(await value.read(), value.filename or f"image {len(images)}"))
     finally:
         await form.close()
@@ -116,9 +117,9 @@ def images_from_tutorial_json(body: bytes) -> list[ImageInput]:
     """The 2017 tutorial's ``{"input_df": [{"image base64 string": "<base64>"}, ...]}`` -> image bytes."""
     doc = parse_json(body)
     rows = doc.get("input_df") if isinstance(doc, dict) else None
-    if not isinstance(rows, list) or not all(isinstance(r, dict) and "image base64 string" in r for r in rows):
-        raise ApiError(400, "bad_json", 'expected {"input_df": [{"image base64 string": "<base64 image>"}, ...]}')
-    return [decode_base64(r["image base64 string"], f"input_df[{i}]") for i, r in enumerate(rows)]
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and TUTORIAL_KEY in r for r in rows):
+        raise ApiError(400, "bad_json", f'expected {{"input_df": [{{"{TUTORIAL_KEY}": "<base64>"}}, ...]}}')
+    return [decode_base64(r[TUTORIAL_KEY], f"input_df[{i}]") for i, r in enumerate(rows)]
 
 
 async def images_from_request(request: Request, body: bytes) -> list[ImageInput]:
@@ -131,19 +132,20 @@ async def images_from_request(request: Request, body: bytes) -> list[ImageInput]
     if ctype.startswith("image/") or ctype == "application/octet-stream":
         return [ImageInput(body, "body")]
     raise ApiError(415, "unsupported_media_type",
-                   f"content type {ctype or '(none)'!r} not supported: send multipart/form-data with 'file'/'files', "
-                   'application/json {"images": ["<base64>", ...]}, or one image as image/*')
+                   f"content type {ctype or '(none)'!r} not supported: send multipart/form-data with "
+                   """'file'/'files', application/json {"images": ["<base64>", ...]}, """
+                   "or one image as image/*")
 
 
 def check_count(images: list[ImageInput], max_images: int) -> None:
     if not images:
         raise ApiError(400, "no_images", "the request holds no image")
     if len(images) > max_images:
-        raise ApiError(413, "too_many_images", f"{len(images)} images in one request; the limit is {max_images}")
+        raise ApiError(413, "too_many_images", f"{len(images)} images in one request; limit {max_images}")
 
 
 def decode_image(image: ImageInput, pre: Preprocess, max_pixels: int) -> np.ndarray:
-    """Bytes -> upright RGB, resized and centre-cropped for the model (HxWx3 uint8); ApiError 422 if unusable."""
+    """Bytes -> upright RGB, resized and centre-cropped for the model (HxWx3 uint8); 422 if unusable."""
     if not image.data:
         raise ApiError(422, "bad_image", f"{image.name}: empty image")
     try:
@@ -151,5 +153,5 @@ def decode_image(image: ImageInput, pre: Preprocess, max_pixels: int) -> np.ndar
         return resize_center_crop(im, pre)
     except ImageError as e:
         raise ApiError(422, "bad_image", f"{image.name}: {e}") from e
-    except Exception as e:  # noqa: BLE001 - any failure on user bytes is the image's fault, never a server error
-        raise ApiError(422, "bad_image", f"{image.name}: cannot use this image ({type(e).__name__}: {e})") from e
+    except Exception as e:  # any failure on user bytes is the image's fault, never a server error
+        raise ApiError(422, "bad_image", f"{image.name}: unusable image ({type(e).__name__}: {e})") from e

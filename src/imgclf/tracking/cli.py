@@ -11,6 +11,7 @@ from imgclf.cli import add_config_args, config_from_args
 from imgclf.utils import atomic_write_text
 
 TAG_COLUMNS = ("kind", "dataset", "classifier", "backbone", "run_dir")
+ID_SHOWN = 8  # run id characters shown by `runs list`; `runs compare` accepts such prefixes
 
 
 def _write_outputs(args: argparse.Namespace, csv_text: str, markdown: str) -> None:
@@ -18,6 +19,12 @@ def _write_outputs(args: argparse.Namespace, csv_text: str, markdown: str) -> No
         if path:
             atomic_write_text(Path(path), text)
             print(f"wrote {path}")
+
+
+def _list_cell(value: object) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.1f} %" if isinstance(value, float) else str(value)
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -32,12 +39,13 @@ def _list(args: argparse.Namespace) -> int:
     if not runs:
         print(f"no runs recorded in {tracking_uri(cfg)} (experiment {cfg.experiment!r})")
         return 0
-    table = Table(title=f"latest runs in {tracking_uri(cfg)}")
+    table = Table(title=f"Latest runs in {tracking_uri(cfg)}")
     for col in runs[0]:
-        table.add_column(col.replace("_", " "), justify="right" if "accuracy" in col else "left")
+        table.add_column(col.replace("_", " "), justify="right" if "accuracy" in col else "left",
+                         no_wrap=col in ("id", "date"))
     for run in runs:
-        table.add_row(*("-" if v is None else f"{100 * v:.1f} %" if isinstance(v, float) else str(v)
-                        for v in run.values()))
+        cells = [_list_cell(v) for v in run.values()]
+        table.add_row(run["id"][:ID_SHOWN], *cells[1:])
     Console().print(table)
     _write_outputs(args, table_csv(runs), table_markdown(runs))
     return 0
@@ -47,7 +55,7 @@ def _compare(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from imgclf.tracking.compare import SECTIONS, compare, format_value, load_run, to_csv, to_markdown
+    from imgclf.tracking.compare import SECTIONS, TITLES, compare, format_value, load_run, to_csv, to_markdown
 
     if len(args.runs) < 2:
         raise ValueError("runs compare needs at least two runs")
@@ -62,9 +70,9 @@ def _compare(args: argparse.Namespace) -> int:
         runs.add_row(r.label, *(r.tags.get(k, "") for k in TAG_COLUMNS))
     console.print(runs)
     rows = compare(records, all_params=args.all_params)
-    titles = {"parameter": "parameters (differing ones highlighted)"
-              if args.all_params else "parameters that differ",
-              "metric": "metrics (best marked ★)", "class accuracy": "accuracy per class (best marked ★)"}
+    titles = {**TITLES, "metric": "Metrics (best ★)", "class accuracy": "Accuracy per class (best ★)"}
+    if args.all_params:
+        titles["parameter"] = "Parameters (differing ones highlighted)"
     for section in SECTIONS:
         table = Table(title=titles[section])
         table.add_column("name")

@@ -10,9 +10,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imgclf.config import Config, TrackingConfig, field_index
-from imgclf.tracking.store import TrackingError, connect, flat_metrics, flat_params, tracking_uri
+from imgclf.tracking.store import (
+    TrackingError,
+    connect,
+    experiment_id,
+    flat_metrics,
+    flat_params,
+    store_exists,
+    tracking_uri,
+)
 
 SECTIONS = ("parameter", "metric", "class accuracy")
+TITLES = {"parameter": "Parameters that differ", "metric": "Metrics", "class accuracy": "Accuracy per class"}
+ID_LENGTH = 32  # characters of a full MLflow run id; shorter references are prefixes
 
 
 @dataclass
@@ -47,22 +57,34 @@ def _from_folder(folder: Path) -> RunRecord:
     tags = {k: str(metrics.get(k, "")) for k in ("classifier", "backbone")}
     tags |= {"kind": "folder", "dataset": Path(cfg.data.data_root or "").name}
     tags["run_dir"] = str(folder.resolve())
-    return RunRecord(str(folder), flat_params(cfg), flat_metrics(metrics), tags)
+    return RunRecord(folder.name, flat_params(cfg), flat_metrics(metrics), tags)
 
 
 def load_run(ref: str | Path, cfg: TrackingConfig | None = None) -> RunRecord:
-    """A run folder (read directly) or an MLflow run id (read from the store)."""
+    """A run folder (read directly) or an MLflow run id or id prefix (read from the store)."""
     if Path(ref).is_dir():
         return _from_folder(Path(ref))
-    cfg = cfg or TrackingConfig()
+    ref, cfg = str(ref), cfg or TrackingConfig()
+    missing = TrackingError(f"{ref}: neither a run folder nor a run id in {tracking_uri(cfg)}")
+    if not store_exists(cfg):
+        raise missing
     client = connect(cfg)
     from mlflow.exceptions import MlflowException
 
-    try:
-        run = client.get_run(str(ref))
-    except MlflowException as e:
-        raise TrackingError(f"{ref}: neither a run folder nor a run id in {tracking_uri(cfg)}") from e
-    return RunRecord(str(ref)[:8], dict(run.data.params), dict(run.data.metrics), dict(run.data.tags))
+    if len(ref) == ID_LENGTH:
+        try:
+            run = client.get_run(ref)
+        except MlflowException as e:
+            raise missing from e
+    else:
+        exp = experiment_id(client, cfg) if ref.isalnum() else None
+        found = client.search_runs([exp], f"attributes.run_id LIKE '{ref}%'", max_results=2) if exp else []
+        if len(found) > 1:
+            raise TrackingError(f"{ref}: several runs have ids starting so; give more characters")
+        if not found:
+            raise missing
+        run = found[0]
+    return RunRecord(run.info.run_id[:8], dict(run.data.params), dict(run.data.metrics), dict(run.data.tags))
 
 
 def _lower_is_better(name: str) -> bool | None:
@@ -82,8 +104,8 @@ def _best(name: str, values: list[float | None]) -> list[bool]:
 
 
 def _metric_order(name: str) -> tuple[int, str]:
-    ranks = {"overall_accuracy": 0, "class_averaged_accuracy": 1}
-    group = next((i for i, p in enumerate(("auc_", "n_", "time_"), start=3) if name.startswith(p)), 2)
+    ranks = {"overall_accuracy": 0, "class_averaged_accuracy": 1, "auc_macro": 2, "auc_micro": 3}
+    group = next((i for i, p in enumerate(("auc_", "n_", "time_"), start=5) if name.startswith(p)), 4)
     return ranks.get(name, group), name
 
 
@@ -147,7 +169,7 @@ def to_markdown(rows: Sequence[Row], labels: Sequence[str]) -> str:
         chosen = [r for r in rows if r.section == section]
         if not chosen:
             continue
-        lines = [f"### {section}", "", "| name | " + " | ".join(map(_md_cell, labels)) + " |",
+        lines = [f"### {TITLES[section]}", "", "| name | " + " | ".join(map(_md_cell, labels)) + " |",
                  "|---" * (len(labels) + 1) + "|"]
         for row in chosen:
             cells = [_md_cell(format_value(row, v)) for v in row.values]

@@ -1,0 +1,101 @@
+"""Data-set building commands: ``download``, ``scrape``, ``dedup``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from imgclf.cli import add_config_args, config_from_args
+
+SECTIONS = ("datatools",)
+
+
+def _quiet_http_log() -> None:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
+
+
+def _download(args: argparse.Namespace) -> int:
+    from imgclf.datatools.download import download, read_url_list
+
+    _quiet_http_log()
+    cfg = config_from_args(args)
+    entries = read_url_list(Path(args.url_list))
+    report = download(entries, Path(args.out), cfg.datatools, cfg.data.max_image_pixels, cfg.output.progress)
+    print(report.summary())
+    return 1 if entries and report.count("downloaded") + report.count("exists") == 0 else 0
+
+
+def _scrape(args: argparse.Namespace) -> int:
+    from imgclf.datatools.providers import ProviderError
+    from imgclf.datatools.scrape import parse_terms, scrape
+
+    _quiet_http_log()
+    cfg = config_from_args(args)
+    items, attributes = parse_terms(args.items, "--items"), parse_terms(args.attributes, "--attributes")
+    try:
+        report = scrape(items, attributes, Path(args.out), cfg.datatools, cfg.data.max_image_pixels,
+                        cfg.output.progress)
+    except ProviderError as e:
+        print(f"imgclf: error: {e}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    assert report.download is not None
+    return 1 if report.download.count("downloaded") + report.download.count("exists") == 0 else 0
+
+
+def _dedup(args: argparse.Namespace) -> int:
+    from imgclf.datatools.dedup import find_duplicates, write_reports
+    from imgclf.datatools.journal import QUARANTINE_DIR, quarantine, undo
+
+    root = Path(args.data_dir)
+    if args.undo:
+        report = undo(root)
+        print(f"restored {len(report.done)} file(s) from {root / QUARANTINE_DIR}")
+    else:
+        cfg = config_from_args(args)
+        tools = cfg.datatools
+        result = find_duplicates(root, tools.hash_size, tools.max_distance, cfg.output.progress)
+        csv_path, html_path = write_reports(result)
+        extras = result.extras
+        print(f"{result.n_images} images, {len(result.groups)} duplicate groups, {len(extras)} extra copies; "
+              f"report: {csv_path}, {html_path}")
+        for path, why in result.skipped:
+            print(f"  not hashed: {path}: {why}")
+        if not args.apply:
+            if extras:
+                print(f"nothing moved; `imgclf dedup {root} --apply` moves the extra copies to "
+                      f"{root / QUARANTINE_DIR} (and --undo brings them back)")
+            return 0
+        report = quarantine(root, extras)
+        print(f"moved {len(report.done)} extra copies to {root / QUARANTINE_DIR} "
+              f"(`imgclf dedup {root} --undo` restores them)")
+    for problem in report.problems:
+        print(f"  {problem}", file=sys.stderr)
+    return 1 if report.problems else 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("download", help="Download a label<TAB>url list into one folder per label.")
+    p.add_argument("url_list", help="File of label<TAB>url[<TAB>source page<TAB>licence<TAB>creator] lines.")
+    p.add_argument("--out", required=True, help="Data folder: images go to OUT/<label>/ (kept if there).")
+    add_config_args(p, SECTIONS)
+    p.set_defaults(func=_download)
+
+    p = sub.add_parser("scrape", help="Search images for every attribute x item; download them by attribute.")
+    p.add_argument("--items", required=True, help="Comma-separated things, e.g. blouse,hoodie,shirt.")
+    p.add_argument("--attributes", required=True,
+                   help="Comma-separated attributes, e.g. striped,dotted,leopard: one class folder each.")
+    p.add_argument("--out", required=True, help="Data folder; also gets urls.tsv, sources.tsv, failure list.")
+    add_config_args(p, SECTIONS)
+    p.set_defaults(func=_scrape)
+
+    p = sub.add_parser("dedup", help="Find duplicate images (dhash), report them, quarantine extra copies.")
+    p.add_argument("data_dir", help="Folder with one sub-folder per class.")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--apply", action="store_true",
+                      help="Move extra copies to DATA_DIR/.imgclf-quarantine/ (journaled, never deleted).")
+    mode.add_argument("--undo", action="store_true", help="Move every quarantined file back.")
+    add_config_args(p, SECTIONS)
+    p.set_defaults(func=_dedup)

@@ -1,0 +1,360 @@
+"""Duplicate and near-duplicate images by difference hash (dhash), and train/test leaks.
+
+Images whose dhashes are equal (``max_distance`` 0) or differ in at most ``max_distance`` bits form a group
+(connected components, so a chain A~B~C is one group). In each group the largest image is kept (ties: the
+lexicographically first path). Hashes are cached per file in ``$IMGCLF_CACHE/dhash``
+(default ``~/.cache/imgclf/dhash``).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import logging
+import os
+import sqlite3
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import imagehash
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from imgclf.data.io import IMAGE_EXTENSIONS, ImageError, open_rgb
+from imgclf.utils import atomic_write_text, cpu_count
+
+log = logging.getLogger(__name__)
+
+REPORT_CSV = "dedup_report.csv"
+REPORT_HTML = "dedup_report.html"
+DEFAULT_MAX_PIXELS = 100_000_000
+THUMB_SIDE = 128
+_BLOCK = 128  # rows per block of the pairwise distance computation
+_POP8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+def popcount_lut(x: np.ndarray) -> np.ndarray:
+    """Set bits per uint64 element by table lookup (for numpy < 2.0, which lacks ``np.bitwise_count``)."""
+    x = np.ascontiguousarray(x, dtype=np.uint64)
+    return _POP8[x.view(np.uint8)].reshape(*x.shape, 8).sum(axis=-1, dtype=np.uint8)
+
+
+popcount = getattr(np, "bitwise_count", popcount_lut)
+
+
+@dataclass(frozen=True)
+class HashInfo:
+    """An image's dhash (packed bits) and its upright size in pixels."""
+
+    bits: bytes
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class Member:
+    """One image of a duplicate group."""
+
+    path: str  # relative to the data root, POSIX
+    kept: bool
+    distance: int  # Hamming distance to the kept image's hash
+    width: int
+    height: int
+
+
+@dataclass
+class DedupResult:
+    """Duplicate groups (kept image first), images that could not be hashed, and how many were hashed."""
+
+    root: Path
+    groups: list[list[Member]]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    n_images: int = 0
+
+    @property
+    def extras(self) -> list[tuple[str, str]]:
+        """(extra copy, kept image) for every image that is not kept."""
+        return [(m.path, g[0].path) for g in self.groups for m in g[1:]]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("IMGCLF_CACHE") or Path.home() / ".cache" / "imgclf") / "dhash"
+
+
+class HashCache:
+    """dhashes keyed by (hash size, absolute path, size, mtime) in a small SQLite file; no-op if unusable."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        path = path or cache_dir() / "dhash.sqlite"
+        self._db: sqlite3.Connection | None = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, timeout=30)
+            self._db.execute("CREATE TABLE IF NOT EXISTS dhash "
+                             "(key TEXT PRIMARY KEY, bits BLOB, w INT, h INT)")
+        except (OSError, sqlite3.Error) as e:
+            log.warning("dhash cache %s unusable (%s); hashing without a cache", path, e)
+            self._db = None
+
+    @staticmethod
+    def key(path: Path, hash_size: int) -> str:
+        st = path.stat()
+        return f"{hash_size}|{st.st_size}|{st.st_mtime_ns}|{path.resolve()}"
+
+    def get(self, keys: Sequence[str]) -> dict[str, HashInfo]:
+        found: dict[str, HashInfo] = {}
+        if self._db is None:
+            return found
+        try:
+            for start in range(0, len(keys), 500):
+                chunk = keys[start:start + 500]
+                marks = ",".join("?" * len(chunk))
+                rows = self._db.execute(f"SELECT key, bits, w, h FROM dhash WHERE key IN ({marks})", chunk)
+                found.update({k: HashInfo(bytes(b), w, h) for k, b, w, h in rows})
+        except sqlite3.Error as e:
+            log.warning("dhash cache unreadable (%s); hashing again", e)
+        return found
+
+    def put(self, items: dict[str, HashInfo]) -> None:
+        if self._db is None or not items:
+            return
+        try:
+            with self._db:
+                self._db.executemany("INSERT OR REPLACE INTO dhash VALUES (?, ?, ?, ?)",
+                                     [(k, v.bits, v.width, v.height) for k, v in items.items()])
+        except sqlite3.Error as e:
+            log.warning("dhash cache not updated (%s)", e)
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+
+
+def compute_hash(path: Path, hash_size: int = 16, max_pixels: int = DEFAULT_MAX_PIXELS) -> HashInfo:
+    """dhash of the upright image (EXIF orientation applied); raises ImageError for unusable files."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+                w, h = h, w
+    except Exception as e:  # Pillow raises many types for non-images
+        raise ImageError(f"not an image Pillow can read ({type(e).__name__})") from e
+    # JPEG draft decoding (to >= 8 x hash_size pixels) is ~3x faster and as good for hashing
+    im = open_rgb(path, draft_to=8 * hash_size, max_pixels=max_pixels)
+    bits = imagehash.dhash(im, hash_size).hash
+    return HashInfo(np.packbits(bits.ravel()).tobytes(), w, h)
+
+
+def hash_images(paths: Sequence[Path], hash_size: int = 16, max_pixels: int = DEFAULT_MAX_PIXELS,
+                progress: bool = False) -> tuple[dict[Path, HashInfo], dict[Path, str]]:
+    """Hashes of ``paths`` (cached), and the reason for each file that could not be hashed."""
+    cache = HashCache()
+    try:
+        keys = {}
+        skipped: dict[Path, str] = {}
+        for p in paths:
+            try:
+                keys[p] = HashCache.key(p, hash_size)
+            except OSError as e:
+                skipped[p] = f"unreadable: {e.strerror or e}"
+        known = cache.get(list(keys.values()))
+        hashes = {p: known[k] for p, k in keys.items() if k in known}
+        todo = [p for p in keys if p not in hashes]
+
+        def one(p: Path) -> HashInfo | str:
+            try:
+                return compute_hash(p, hash_size, max_pixels)
+            except (ImageError, OSError) as e:
+                return str(e)
+
+        new: dict[str, HashInfo] = {}
+        with ThreadPoolExecutor(max_workers=min(4, cpu_count())) as pool, \
+                tqdm(total=len(todo), unit="img", desc="hash", disable=None if progress else True) as bar:
+            for p, result in zip(todo, pool.map(one, todo), strict=True):
+                bar.update()
+                if isinstance(result, str):
+                    skipped[p] = result
+                else:
+                    hashes[p] = new[keys[p]] = result
+                if len(new) >= 1000:
+                    cache.put(new)
+                    new = {}
+        cache.put(new)
+    finally:
+        cache.close()
+    return hashes, skipped
+
+
+def _words(bits: Sequence[bytes]) -> np.ndarray:
+    """Packed hashes as an (n, k) uint64 matrix (zero-padded to whole words)."""
+    if not bits:
+        return np.zeros((0, 1), dtype=np.uint64)
+    width = -(-len(bits[0]) // 8) * 8
+    buf = np.frombuffer(b"".join(b.ljust(width, b"\0") for b in bits), dtype=np.uint8)
+    return buf.view(np.uint64).reshape(len(bits), width // 8)
+
+
+def close_pairs(a: np.ndarray, b: np.ndarray, max_distance: int, upper: bool = False
+                ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Blocks of (i, j, distance) with Hamming distance(a[i], b[j]) <= max_distance; ``upper``: only j > i."""
+    for start in range(0, len(a), _BLOCK):
+        rows = a[start:start + _BLOCK]
+        col0 = start + 1 if upper else 0
+        cols = b[col0:]
+        dist = np.zeros((len(rows), len(cols)), dtype=np.uint16)
+        for w in range(a.shape[1]):
+            dist += popcount(rows[:, w, None] ^ cols[None, :, w])
+        if upper:  # keep j > i only
+            dist[np.tril_indices(len(rows), k=-1, m=len(cols))] = max_distance + 1
+        i, j = np.nonzero(dist <= max_distance)
+        yield i + start, j + col0, dist[i, j]
+
+
+def _groups(words: np.ndarray, max_distance: int) -> list[list[int]]:
+    """Connected components (size >= 2) of the "within max_distance" graph, by union-find."""
+    n = len(words)
+    parent = np.arange(n)
+
+    def find(x: int) -> int:
+        root = x
+        while parent[root] != root:
+            root = parent[root]
+        while parent[x] != root:
+            parent[x], x = root, parent[x]
+        return root
+
+    if max_distance == 0:
+        by_hash: dict[bytes, list[int]] = {}
+        for i, row in enumerate(words):
+            by_hash.setdefault(row.tobytes(), []).append(i)
+        return [g for g in by_hash.values() if len(g) > 1]
+    for ii, jj, _ in close_pairs(words, words, max_distance, upper=True):
+        for i, j in zip(ii.tolist(), jj.tolist(), strict=True):
+            ri, rj = find(i), find(j)
+            if ri != rj:
+                parent[max(ri, rj)] = min(ri, rj)
+    members: dict[int, list[int]] = {}
+    for i in range(n):
+        members.setdefault(find(i), []).append(i)
+    return [g for g in members.values() if len(g) > 1]
+
+
+def group_duplicates(names: Sequence[str], infos: Sequence[HashInfo], max_distance: int = 0
+                     ) -> list[list[Member]]:
+    """Duplicate groups, kept image first (largest, then first name); groups sorted by kept name."""
+    words = _words([h.bits for h in infos])
+    out = []
+    for g in _groups(words, max_distance):
+        order = sorted(g, key=lambda i: (-infos[i].width * infos[i].height, names[i]))
+        keep = order[0]
+        dists = popcount(words[order] ^ words[keep]).sum(axis=1)
+        out.append([Member(names[i], i == keep, int(d), infos[i].width, infos[i].height)
+                    for i, d in zip(order, dists, strict=True)])
+    return sorted(out, key=lambda g: g[0].path)
+
+
+def find_images(root: Path) -> list[str]:
+    """Image files inside class folders (any depth, hidden folders excluded): sorted POSIX relative paths."""
+    root = Path(root)
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        if Path(dirpath) == root:
+            continue  # files beside the class folders are not in any class
+        rel_dir = Path(dirpath).relative_to(root)
+        found += [(rel_dir / f).as_posix() for f in filenames if Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+    return sorted(found)
+
+
+def find_duplicates(root: Path, hash_size: int = 16, max_distance: int = 0, progress: bool = False
+                    ) -> DedupResult:
+    """Hash every image under ``root``'s class folders and group the duplicates."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder not found: {root} "
+                                "(give the folder that holds one sub-folder per class)")
+    rels = find_images(root)
+    hashes, skipped = hash_images([root / r for r in rels], hash_size, progress=progress)
+    ok = [r for r in rels if root / r in hashes]
+    groups = group_duplicates(ok, [hashes[root / r] for r in ok], max_distance)
+    skipped_rel = sorted((p.relative_to(root).as_posix(), why) for p, why in skipped.items())
+    return DedupResult(root, groups, skipped_rel, len(ok))
+
+
+def find_leaks(train_paths: Sequence[str | Path], test_paths: Sequence[str | Path], hash_size: int = 16,
+               max_distance: int = 0) -> list[tuple[str, str, int]]:
+    """(train path, test path, distance) for every near-duplicate pair straddling train and test.
+
+    Images that cannot be hashed are ignored. Pairs are sorted by test path, then train path.
+    """
+    unique = list(dict.fromkeys(Path(p) for p in [*train_paths, *test_paths]))
+    hashes, _ = hash_images(unique, hash_size)
+    train = [str(p) for p in train_paths if Path(p) in hashes]
+    test = [str(p) for p in test_paths if Path(p) in hashes]
+    if not train or not test:
+        return []
+    a = _words([hashes[Path(p)].bits for p in test])
+    b = _words([hashes[Path(p)].bits for p in train])
+    pairs = [(train[j], test[i], int(d)) for ii, jj, dd in close_pairs(a, b, max_distance)
+             for i, j, d in zip(ii.tolist(), jj.tolist(), dd.tolist(), strict=True)]
+    return sorted(pairs, key=lambda t: (t[1], t[0]))
+
+
+def write_reports(result: DedupResult) -> tuple[Path, Path]:
+    """Write ``dedup_report.csv`` (group, path, kept, distance, width, height) and ``dedup_report.html``."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["group", "path", "kept", "distance", "width", "height"])
+    for n, g in enumerate(result.groups, 1):
+        for m in g:
+            w.writerow([n, m.path, "yes" if m.kept else "no", m.distance, m.width, m.height])
+    csv_path, html_path = result.root / REPORT_CSV, result.root / REPORT_HTML
+    atomic_write_text(csv_path, buf.getvalue())
+    atomic_write_text(html_path, _html(result))
+    return csv_path, html_path
+
+
+def _thumbnail(path: Path) -> str:
+    """A small JPEG of the image as a data: URI ('' if it cannot be read)."""
+    try:
+        im = open_rgb(path, draft_to=THUMB_SIDE)
+    except Exception:  # a thumbnail is best-effort
+        return ""
+    im.thumbnail((THUMB_SIDE, THUMB_SIDE))
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=70)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _html(result: DedupResult) -> str:
+    n_extra = len(result.extras)
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>imgclf dedup report</title><style>",
+        "body{font-family:sans-serif;margin:1em}figure{display:inline-block;margin:4px;padding:4px;"
+        "border:3px solid #ccc;vertical-align:top;width:140px;font-size:11px;word-break:break-all}"
+        "figure.kept{border-color:#2a2}img{max-width:128px;max-height:128px;display:block}"
+        "section{border-bottom:1px solid #ddd;padding:6px 0}</style></head><body>",
+        f"<h1>Duplicates in {html.escape(str(result.root))}</h1>",
+        f"<p>{result.n_images} images, {len(result.groups)} groups, {n_extra} extra copies "
+        "(green: kept; the others go to .imgclf-quarantine/ with <code>imgclf dedup --apply</code>).</p>",
+    ]
+    for n, g in enumerate(result.groups, 1):
+        parts.append(f"<section><h3>group {n}</h3>")
+        for m in g:
+            src = _thumbnail(result.root / m.path)
+            label = "kept" if m.kept else f"duplicate, distance {m.distance}"
+            img = f"<img src='{src}' alt=''>" if src else ""
+            parts.append(f"<figure class='{'kept' if m.kept else 'extra'}'>{img}<figcaption>"
+                         f"{html.escape(m.path)}<br>{m.width}x{m.height}, {label}</figcaption></figure>")
+        parts.append("</section>")
+    if result.skipped:
+        parts.append("<h2>Not hashed</h2><ul>")
+        parts += [f"<li>{html.escape(p)}: {html.escape(why)}</li>" for p, why in result.skipped]
+        parts.append("</ul>")
+    parts.append("</body></html>")
+    return "\n".join(parts)

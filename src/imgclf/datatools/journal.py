@@ -1,0 +1,142 @@
+"""Reversible file moves: extra copies go to ``<data>/.imgclf-quarantine/`` and every move is journaled.
+
+The journal (``journal.jsonl``, one JSON record a line) is appended before each move, with the file's SHA-256;
+:func:`undo` moves the files back. Nothing is ever deleted or overwritten.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from imgclf.utils import file_sha256
+
+QUARANTINE_DIR = ".imgclf-quarantine"
+JOURNAL_FILE = "journal.jsonl"
+
+
+@dataclass
+class JournalReport:
+    """Files moved (or restored), and problems that left a file where it was."""
+
+    done: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def journal_path(root: Path) -> Path:
+    return Path(root) / QUARANTINE_DIR / JOURNAL_FILE
+
+
+def _append(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"time": datetime.now(UTC).isoformat(timespec="seconds"), **record}
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def move_no_overwrite(src: Path, dst: Path) -> None:
+    """Move ``src`` to ``dst``; FileExistsError if ``dst`` exists (atomic check where hard links work)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)  # fails if dst exists
+    except FileExistsError:
+        raise FileExistsError(f"{dst} exists") from None
+    except OSError:  # file system without hard links
+        if dst.exists():
+            raise FileExistsError(f"{dst} exists") from None
+        os.rename(src, dst)
+        return
+    os.unlink(src)
+
+
+def quarantine(root: Path, moves: Sequence[tuple[str, str]]) -> JournalReport:
+    """Move each ``(path, kept)`` (paths relative to ``root``) to the quarantine, journaling it first."""
+    root = Path(root)
+    journal = journal_path(root)
+    report = JournalReport()
+    for rel, kept in moves:
+        src, dst = root / rel, root / QUARANTINE_DIR / rel
+        if dst.exists():
+            report.problems.append(f"{src}: not moved, {dst} exists (run `imgclf dedup --undo` first)")
+            continue
+        try:
+            digest = file_sha256(src)
+            _append(journal, {"op": "move", "path": rel, "quarantined": f"{QUARANTINE_DIR}/{rel}",
+                              "sha256": digest, "kept": kept})
+            move_no_overwrite(src, dst)
+        except OSError as e:
+            report.problems.append(f"{src}: not moved ({e})")
+            continue
+        report.done.append(rel)
+    return report
+
+
+def _active_moves(journal: Path, problems: list[str]) -> list[dict[str, Any]]:
+    """Move records not yet undone, oldest first."""
+    active: dict[str, dict[str, Any]] = {}
+    for n, line in enumerate(journal.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            key = rec["quarantined"]
+        except (ValueError, KeyError, TypeError):
+            problems.append(f"{journal}:{n}: unreadable record skipped")
+            continue
+        if rec.get("op") == "move":
+            active[key] = rec
+        elif rec.get("op") == "restore":
+            active.pop(key, None)
+    return list(active.values())
+
+
+def undo(root: Path) -> JournalReport:
+    """Move every quarantined file back; one whose original place is taken stays (reported as a problem)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder not found: {root}")
+    journal = journal_path(root)
+    report = JournalReport()
+    if not journal.is_file():
+        report.problems.append(f"no journal at {journal}: nothing to undo")
+        return report
+    for rec in reversed(_active_moves(journal, report.problems)):
+        src, back = root / rec["quarantined"], root / rec["path"]
+        if not src.exists():
+            if back.exists():  # moved back by hand, or a move that never happened
+                _append(journal, {"op": "restore", "path": rec["path"], "quarantined": rec["quarantined"]})
+            else:
+                report.problems.append(f"{src}: missing, and nothing at {back} either")
+            continue
+        if back.exists():
+            report.problems.append(f"{back} exists: not overwritten; the quarantined copy stays at {src}")
+            continue
+        digest = file_sha256(src)
+        if digest != rec.get("sha256"):
+            report.problems.append(f"{src}: content changed since it was quarantined (restored anyway)")
+        try:
+            move_no_overwrite(src, back)
+        except OSError as e:
+            report.problems.append(f"{src}: not restored ({e})")
+            continue
+        _append(journal, {"op": "restore", "path": rec["path"], "quarantined": rec["quarantined"],
+                          "sha256": digest})
+        report.done.append(rec["path"])
+    _remove_empty_dirs(root / QUARANTINE_DIR)
+    return report
+
+
+def _remove_empty_dirs(top: Path) -> None:
+    """Remove empty folders below ``top`` (folders only; never a file)."""
+    for dirpath, _, _ in sorted(os.walk(top), key=lambda t: -len(t[0])):
+        if Path(dirpath) != top:
+            with contextlib.suppress(OSError):
+                os.rmdir(dirpath)  # fails (and is skipped) unless the folder is empty

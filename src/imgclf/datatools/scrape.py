@@ -1,0 +1,89 @@
+"""Building a data set from image search: one query per item x attribute, the attribute is the class."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from imgclf.config import DataToolsConfig
+from imgclf.datatools.download import DownloadReport, UrlEntry, check_label, download, write_url_list
+from imgclf.datatools.fetch import RetryPolicy, make_client
+from imgclf.datatools.providers import Provider, ProviderError, make_provider
+
+URL_LIST_FILE = "urls.tsv"
+
+
+@dataclass
+class ScrapeReport:
+    """The URL list written, searches that failed (query, reason) and the download's outcome."""
+
+    url_list: Path
+    entries: list[UrlEntry]
+    search_failures: list[tuple[str, str]] = field(default_factory=list)
+    download: DownloadReport | None = None
+
+    def summary(self) -> str:
+        lines = [f"{len(self.entries)} distinct image URLs found; list: {self.url_list}"]
+        lines += [f"search failed: {reason}" for _, reason in self.search_failures]
+        if self.download is not None:
+            lines.append(self.download.summary())
+        return "\n".join(lines)
+
+
+def parse_terms(text: str, what: str) -> list[str]:
+    """Comma-separated terms, stripped and without repeats; ValueError if none."""
+    terms = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    if not terms:
+        raise ValueError(f"{what}: give at least one term, separated by commas (e.g. striped,dotted)")
+    return terms
+
+
+def build_queries(items: Sequence[str], attributes: Sequence[str]) -> list[tuple[str, str]]:
+    """(query, label) for every attribute x item: ("striped blouse", "striped")."""
+    return [(f"{attr} {item}", check_label(attr, "--attributes")) for attr in attributes for item in items]
+
+
+def collect(provider: Provider, queries: Sequence[tuple[str, str]], per_query: int, progress: bool = False
+            ) -> tuple[list[UrlEntry], list[tuple[str, str]]]:
+    """Search every query; each URL is listed once, under the first query's label, later finds noted."""
+    found: dict[str, tuple[UrlEntry, list[str]]] = {}
+    failures = []
+    for query, label in tqdm(queries, unit="query", desc="search", disable=None if progress else True):
+        try:
+            results = provider.search(query, per_query)
+        except ProviderError as e:
+            failures.append((query, str(e)))
+            continue
+        for r in results:
+            if r.url in found:
+                found[r.url][1].append(f"also found for {query!r}")
+            else:
+                entry = UrlEntry(label, r.url, r.source_page, r.licence, r.creator, r.title)
+                found[r.url] = (entry, [f"query {query!r}"])
+    entries = [UrlEntry(e.label, e.url, e.source_page, e.licence, e.creator, e.title,
+                        "; ".join(dict.fromkeys(notes))) for e, notes in found.values()]
+    return entries, failures
+
+
+def scrape(items: Sequence[str], attributes: Sequence[str], out: Path, cfg: DataToolsConfig,
+           max_pixels: int = 100_000_000, progress: bool = True, provider: Provider | None = None
+           ) -> ScrapeReport:
+    """Search, write ``<out>/urls.tsv``, then download into ``<out>/<attribute>/`` (see :func:`download`).
+
+    Raises ProviderError when every search failed (nothing to download).
+    """
+    out = Path(out)
+    queries = build_queries(items, attributes)
+    with make_client(cfg.timeout_s) as client:
+        provider = provider or make_provider(cfg.provider, client, cfg.provider_url,
+                                             RetryPolicy(cfg.retries, cfg.backoff_s, cfg.max_backoff_s))
+        entries, failures = collect(provider, queries, cfg.per_query, progress)
+    if len(failures) == len(queries):
+        raise ProviderError(f"every search failed, nothing downloaded; first error: {failures[0][1]}")
+    report = ScrapeReport(out / URL_LIST_FILE, entries, failures)
+    write_url_list(report.url_list, entries)
+    report.download = download(entries, out, cfg, max_pixels, progress)
+    return report

@@ -1,0 +1,273 @@
+"""Export a bundle as one self-contained model file (ONNX, OpenVINO IR or TorchScript) plus a JSON sidecar.
+
+The exported network is the whole classifier: uint8 NHWC images (already resized and centre-cropped to the
+bundle's resolution) -> normalisation -> backbone -> linear head -> softmax probabilities. The sidecar
+(``<out stem>.json``) names the classes and the resize/crop to apply, so users need neither imgclf nor torch.
+Every export is checked against the PyTorch bundle before its files replace anything.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+from imgclf import __version__
+from imgclf.bundle import Bundle
+from imgclf.config import DataConfig
+from imgclf.data.io import IMAGE_EXTENSIONS, ImageError, load_for_model
+from imgclf.features.runtimes import convert_openvino, export_onnx
+from imgclf.utils import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+Format = Literal["onnx", "openvino", "torchscript"]
+Precision = Literal["fp32", "bf16", "int8"]
+PRECISIONS: dict[str, tuple[str, ...]] = {"onnx": ("fp32", "int8"), "openvino": ("fp32", "bf16", "int8"),
+                                          "torchscript": ("fp32",)}
+FP32_TOLERANCE = 1e-3
+MIN_TOP1_AGREEMENT = 0.99
+SIDECAR_FORMAT = "imgclf-export/1"
+
+
+class ExportError(ValueError):
+    """An export that cannot be done as asked, or whose model does not match the bundle."""
+
+
+@dataclass
+class ParityReport:
+    """How the exported model's probabilities compare with the PyTorch bundle's on the same images."""
+
+    source: str
+    n_images: int
+    max_abs_diff: float
+    top1_agreement: float
+    criterion: str
+    passed: bool
+
+
+@dataclass
+class ExportResult:
+    files: list[Path]
+    sidecar: Path
+    parity: ParityReport
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def split_paths(bundle: Bundle, run_dir: Path, part: str) -> list[Path]:
+    """Image paths of one part ("train"/"test") of the run's ``split.csv``; [] when there is none."""
+    root = (bundle.config.get("data") or {}).get("data_root")
+    candidates = [run_dir / "split.csv"] + ([bundle.path.parent / "split.csv"] if bundle.path else [])
+    split_csv = next((p for p in candidates if p.is_file()), None)
+    if split_csv is None or not root:
+        return []
+    with open(split_csv, newline="", encoding="utf-8") as f:
+        return [Path(root) / row["path"] for row in csv.DictReader(f) if row["split"] == part]
+
+
+def load_images(paths: Sequence[Path], bundle: Bundle, limit: int) -> list[np.ndarray]:
+    """Model-ready arrays of up to ``limit`` readable images (unreadable ones are skipped)."""
+    out: list[np.ndarray] = []
+    max_pixels = DataConfig().max_image_pixels
+    for p in paths:
+        if len(out) >= limit:
+            break
+        try:
+            out.append(load_for_model(p, bundle.preprocess, max_pixels))
+        except (ImageError, OSError) as e:
+            log.warning("parity check skips %s: %s", p, e)
+    return out
+
+
+def random_images(n: int, resolution: int, seed: int = 0) -> list[np.ndarray]:
+    """Smooth random colour images (blobs, not pixel noise): a stand-in when no real images are at hand."""
+    rng = np.random.default_rng(seed)
+    return [np.asarray(Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8))
+                       .resize((resolution, resolution), Image.Resampling.BICUBIC)) for _ in range(n)]
+
+
+def parity_images(bundle: Bundle, run_dir: Path, check_dir: Path | None,
+                  limit: int) -> tuple[np.ndarray, str]:
+    """Images for the parity check: ``check_dir``, else the run's test split, else random images."""
+    if check_dir is not None:
+        images = load_images(_image_files(check_dir), bundle, limit)
+        if not images:
+            raise ExportError(f"no readable image in {check_dir} for the parity check")
+        return np.stack(images), str(check_dir)
+    images = load_images(split_paths(bundle, run_dir, "test"), bundle, limit)
+    if images:
+        return np.stack(images), "test split"
+    log.warning("no test-split images found: checking parity on random images")
+    return np.stack(random_images(min(limit, 32), bundle.preprocess.resolution)), "random images"
+
+
+def torch_probabilities(net: torch.nn.Module, images: np.ndarray, batch: int = 16) -> np.ndarray:
+    with torch.inference_mode():
+        return np.concatenate([net(torch.from_numpy(images[i:i + batch])).float().numpy()
+                               for i in range(0, len(images), batch)])
+
+
+def openvino_config(precision: str) -> dict[str, str]:
+    """Compile options of an OpenVINO export (CPUs with bf16 units default to bf16, even for fp32)."""
+    return {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
+
+
+def _predictor(path: Path, fmt: str, precision: str) -> Callable[[np.ndarray], Any]:
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return lambda x: session.run(None, {name: x})[0]
+    if fmt == "openvino":
+        import openvino as ov
+
+        compiled = ov.Core().compile_model(str(path), "CPU", openvino_config(precision))
+        return lambda x: compiled([x])[0]
+    module = torch.jit.load(str(path), map_location="cpu")
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return module(torch.from_numpy(x)).numpy()
+
+    return run
+
+
+def run_exported(path: Path, fmt: str, precision: str, images: np.ndarray, batch: int = 16) -> np.ndarray:
+    """Probabilities of an exported model file, computed by its own runtime."""
+    run = _predictor(path, fmt, precision)
+    chunks = [np.asarray(run(images[i:i + batch]), np.float32) for i in range(0, len(images), batch)]
+    return np.concatenate(chunks)
+
+
+def compare(reference: np.ndarray, probs: np.ndarray, precision: str, source: str) -> ParityReport:
+    """fp32 must match within FP32_TOLERANCE; bf16/int8 must agree on the top-1 class of >= 99 % of images."""
+    diff = float(np.abs(reference - probs).max())
+    top1 = float(np.mean(reference.argmax(1) == probs.argmax(1)))
+    if precision == "fp32":
+        criterion, passed = f"max |p - p_torch| <= {FP32_TOLERANCE:g}", diff <= FP32_TOLERANCE
+    else:
+        criterion, passed = f"top-1 agreement >= {MIN_TOP1_AGREEMENT:.0%}", top1 >= MIN_TOP1_AGREEMENT
+    return ParityReport(source, len(probs), diff, top1, criterion, passed)
+
+
+def _quantize(model: Any, calibration: np.ndarray, input_name: str | None) -> Any:
+    try:
+        import nncf
+    except ImportError as e:
+        raise ExportError("int8 export needs NNCF: pip install nncf (fp32, and bf16 for openvino, "
+                          "work without it)") from e
+    items = [calibration[i:i + 1] for i in range(len(calibration))]
+    data = nncf.Dataset(items, (lambda x: {input_name: x}) if input_name else None)
+    return nncf.quantize(model, data, subset_size=len(items))
+
+
+def _write_model(net: torch.nn.Module, resolution: int, fmt: str, precision: str, path: Path,
+                 calibration: np.ndarray) -> list[Path]:
+    """Write the classifier network to ``path`` (in a scratch folder); return the files written."""
+    res = resolution
+    if fmt == "onnx":
+        if precision == "int8":
+            import onnx
+
+            fp32 = path.with_name(f"fp32-{path.name}")
+            export_onnx(net, res, fp32)
+            onnx.save(_quantize(onnx.load(str(fp32)), calibration, "image"), str(path))
+            fp32.unlink()
+        else:
+            export_onnx(net, res, path)
+        return [path]
+    if fmt == "openvino":
+        import openvino as ov
+
+        model = convert_openvino(net, res)
+        if precision == "int8":
+            model = _quantize(model, calibration, None)
+        ov.save_model(model, str(path), compress_to_fp16=precision == "bf16")
+        return [path.with_suffix(".bin"), path]
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated in favour of torch.export
+        torch.jit.save(torch.jit.trace(net, torch.zeros(1, res, res, 3, dtype=torch.uint8)), str(path))
+    return [path]
+
+
+def sidecar(bundle: Bundle, fmt: str, precision: str, files: list[Path],
+            parity: ParityReport) -> dict[str, Any]:
+    """What a user of the exported file needs: classes and the resize/crop to apply before the model."""
+    pre = bundle.preprocess
+    doc: dict[str, Any] = {
+        "format": SIDECAR_FORMAT, "export_format": fmt, "precision": precision,
+        "files": [f.name for f in files], "classes": bundle.classes, "resolution": pre.resolution,
+        "crop_pct": pre.crop_pct, "resize_to": pre.resize_to, "interpolation": pre.interpolation,
+        "input": {"dtype": "uint8", "layout": "NHWC", "shape": ["batch", pre.resolution, pre.resolution, 3],
+                  "preprocessing": f"RGB; resize the shorter side to resize_to ({pre.interpolation}), then "
+                                   "centre-crop resolution x resolution; normalisation is inside the model"},
+        "output": {"dtype": "float32", "shape": ["batch", len(bundle.classes)],
+                   "meaning": "class probabilities (softmax), in the order of classes"},
+        "model_id": bundle.model_id, "backbone": bundle.backbone_spec["name"],
+        "classifier": bundle.classifier, "imgclf_version": __version__, "parity": asdict(parity),
+    }
+    if fmt == "openvino":
+        doc["openvino_config"] = openvino_config(precision)
+    return doc
+
+
+def export_model(run_dir: str | Path, fmt: Format, out: str | Path, precision: Precision = "fp32",
+                 check_images: str | Path | None = None, max_check_images: int = 100) -> ExportResult:
+    """Export the bundle of ``run_dir``, check it against PyTorch, then move its files into place atomically.
+
+    Raises ExportError (nothing written) when the format/precision pair is unsupported or parity fails.
+    """
+    run_dir, out = Path(run_dir), Path(out)
+    if fmt not in PRECISIONS:
+        raise ExportError(f"unknown export format {fmt!r}: use one of {', '.join(PRECISIONS)}")
+    if precision not in PRECISIONS[fmt]:
+        raise ExportError(f"{fmt} export supports precision {', '.join(PRECISIONS[fmt])}, not {precision}")
+    if fmt == "openvino" and out.suffix != ".xml":
+        raise ExportError(f"an OpenVINO export is an .xml + .bin pair: --out must end in .xml ({out.name})")
+    if out.suffix == ".json":
+        raise ExportError("--out must not end in .json (that name is used by the sidecar)")
+    bundle = Bundle.load(run_dir)
+    check_dir = Path(check_images) if check_images else None
+    images, source = parity_images(bundle, run_dir, check_dir, max_check_images)
+    calibration = images
+    if precision == "int8":  # calibrate on training images where the run has them
+        train = load_images(split_paths(bundle, run_dir, "train"), bundle, 300)
+        calibration = np.stack(train) if train else images
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        net = bundle.classifier_net()
+        res = bundle.preprocess.resolution
+        files = _write_model(net, res, fmt, precision, scratch / out.name, calibration)
+        parity = compare(torch_probabilities(net, images),
+                         run_exported(scratch / out.name, fmt, precision, images), precision, source)
+        if not parity.passed:
+            raise ExportError(
+                f"parity check failed: the {fmt} {precision} model differs from the PyTorch bundle on "
+                f"{parity.n_images} images ({source}): max |p - p_torch| = {parity.max_abs_diff:.2e}, "
+                f"top-1 agreement {parity.top1_agreement:.1%}; needed: {parity.criterion}. Nothing written.")
+        final = [out.parent / f.name for f in files]
+        for f, dst in zip(files, final, strict=True):
+            os.chmod(f, 0o644)  # scratch files are private (0600); exported models are meant to be shared
+            os.replace(f, dst)
+        side = out.with_suffix(".json")
+        atomic_write_text(side, json.dumps(sidecar(bundle, fmt, precision, final, parity), indent=2))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return ExportResult(final, side, parity)

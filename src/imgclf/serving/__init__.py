@@ -1,0 +1,1 @@
+"""Deployment: the REST service (``imgclf serve``) with its micro-batcher and web page."""

@@ -1,0 +1,63 @@
+"""Deployment commands: ``serve`` (REST service, web page) and ``export`` (ONNX, OpenVINO, TorchScript)."""
+
+from __future__ import annotations
+
+import argparse
+
+from imgclf.cli import add_config_args
+from imgclf.config import DataConfig
+
+SERVE_SECTIONS = ("serve", "features")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from imgclf.bundle import Bundle
+    from imgclf.config import Config
+    from imgclf.serving.app import create_app
+
+    bundle = Bundle.load(args.run_dir)
+    base = Config.from_file(args.config) if args.config else Config.model_validate(bundle.config)
+    flat = {k.removeprefix("cfg__"): v for k, v in vars(args).items() if k.startswith("cfg__")}
+    cfg = base.updated(**flat) if flat else base
+    app = create_app(bundle, cfg)
+    uvicorn.run(app, host=cfg.serve.host, port=cfg.serve.port, log_level="info")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from imgclf.export import export_model
+
+    result = export_model(args.run_dir, args.format, args.out, args.precision, args.check_images,
+                          args.check_max)
+    p = result.parity
+    print(f"parity on {p.n_images} images ({p.source}): max |p - p_torch| = {p.max_abs_diff:.2e}, "
+          f"top-1 agreement {p.top1_agreement:.1%} (required: {p.criterion})")
+    for f in [*result.files, result.sidecar]:
+        print(f"wrote {f}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="Serve a trained model over HTTP: REST API, web page, OpenAPI docs.")
+    p.add_argument("run_dir", help="Run folder (or its model/ bundle).")
+    add_config_args(p, SERVE_SECTIONS)
+    p.add_argument("--max-image-pixels", "--max_image_pixels", dest="cfg__max_image_pixels", type=int,
+                   default=argparse.SUPPRESS, help=DataConfig.model_fields["max_image_pixels"].description)
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("export", help="Export a trained model as one ONNX, OpenVINO or TorchScript file.")
+    p.add_argument("run_dir", help="Run folder (or its model/ bundle).")
+    p.add_argument("--format", required=True, choices=["onnx", "openvino", "torchscript"],
+                   help="Model file format.")
+    p.add_argument("--out", required=True,
+                   help="Model file to write (.onnx, .xml + .bin, .pt); a .json sidecar goes beside it.")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "int8"],
+                   help="fp32 (all formats), bf16 (openvino), int8 (onnx, openvino; needs nncf). "
+                        "[default: fp32]")
+    p.add_argument("--check-images", metavar="DIR",
+                   help="Images for the parity check [default: the run's test split, else random images].")
+    p.add_argument("--check-max", type=int, default=100,
+                   help="Most images used by the parity check. [default: 100]")
+    p.set_defaults(func=_export)

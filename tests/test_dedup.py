@@ -1,0 +1,184 @@
+import csv
+import hashlib
+import io
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fakeprovider import make_image, run_cli
+from PIL import Image
+
+import imgclf.datatools.dedup as dedup
+from imgclf.datatools.dedup import (
+    HashInfo,
+    find_duplicates,
+    find_leaks,
+    group_duplicates,
+    hash_images,
+    popcount,
+    popcount_lut,
+    write_reports,
+)
+from imgclf.datatools.journal import QUARANTINE_DIR, journal_path
+
+
+def _put(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def _recompressed(data: bytes, scale: float, quality: int) -> bytes:
+    im = Image.open(io.BytesIO(data)).convert("RGB")
+    im = im.resize((round(im.width * scale), round(im.height * scale)), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _digests(root: Path, skip_quarantine: bool = True) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*.jpg")) + sorted(root.rglob("*.png"))
+            if not (skip_quarantine and QUARANTINE_DIR in p.relative_to(root).parts)}
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    """a/, b/: one picture in three copies (one larger), two distinct pictures, and files dedup ignores."""
+    root = tmp_path / "data"
+    pic = make_image(1, size=(160, 120))
+    _put(root / "a" / "x1.jpg", pic)
+    _put(root / "b" / "x0.jpg", pic)
+    big = Image.open(io.BytesIO(pic)).resize((320, 240), Image.Resampling.LANCZOS)
+    big.save(root / "b" / "zz_large.png")
+    _put(root / "a" / "other.jpg", make_image(2, size=(160, 120)))
+    _put(root / "b" / "nested" / "third.jpg", make_image(3, size=(160, 120)))
+    _put(root / "b" / ".hidden" / "x.jpg", pic)  # hidden folder: ignored
+    _put(root / "loose.jpg", pic)  # not in a class folder: ignored
+    _put(root / "a" / "broken.jpg", b"not an image")
+    return root
+
+
+def test_groups_keep_largest_then_first_path_and_reports(data: Path):
+    result = find_duplicates(data, max_distance=4)
+    assert result.n_images == 5 and result.skipped[0][0] == "a/broken.jpg"
+    assert len(result.groups) == 1
+    group = result.groups[0]
+    assert [m.path for m in group] == ["b/zz_large.png", "a/x1.jpg", "b/x0.jpg"]
+    assert [m.kept for m in group] == [True, False, False] and (group[0].width, group[0].height) == (320, 240)
+    assert result.extras == [("a/x1.jpg", "b/zz_large.png"), ("b/x0.jpg", "b/zz_large.png")]
+    csv_path, html_path = write_reports(result)
+    rows = list(csv.DictReader(csv_path.open()))
+    assert [(r["group"], r["path"], r["kept"]) for r in rows] == [
+        ("1", "b/zz_large.png", "yes"), ("1", "a/x1.jpg", "no"), ("1", "b/x0.jpg", "no")]
+    assert rows[1]["distance"] == rows[2]["distance"] and rows[0]["width"] == "320"
+    page = html_path.read_text()
+    assert page.count("data:image/jpeg;base64,") == 3 and "a/broken.jpg" in page
+
+
+def test_keep_rule_is_deterministic():
+    same = np.packbits(np.zeros(256, dtype=bool)).tobytes()
+    infos = [HashInfo(same, 100, 100), HashInfo(same, 200, 100), HashInfo(same, 200, 100)]
+    groups = group_duplicates(["c.jpg", "b.jpg", "a.jpg"], infos)
+    assert [m.path for m in groups[0]] == ["a.jpg", "b.jpg", "c.jpg"]  # largest, then first path
+
+
+def test_apply_then_undo_restores_exactly(data: Path, capsys: pytest.CaptureFixture[str]):
+    before = _digests(data)
+    assert run_cli(["dedup", str(data), "--max-distance", "4"]) == 0
+    assert "nothing moved" in capsys.readouterr().out and _digests(data) == before
+    assert run_cli(["dedup", str(data), "--max-distance", "4", "--apply"]) == 0
+    assert "moved 2 extra copies" in capsys.readouterr().out
+    assert not (data / "a" / "x1.jpg").exists() and (data / "b" / "zz_large.png").exists()
+    moved = _digests(data / QUARANTINE_DIR)
+    assert moved == {"a/x1.jpg": before["a/x1.jpg"], "b/x0.jpg": before["b/x0.jpg"]}  # nothing deleted
+    records = [json.loads(line) for line in journal_path(data).read_text().splitlines()]
+    assert [(r["op"], r["path"], r["sha256"]) for r in records] == [
+        ("move", "a/x1.jpg", before["a/x1.jpg"]), ("move", "b/x0.jpg", before["b/x0.jpg"])]
+    assert run_cli(["dedup", str(data), "--max-distance", "4", "--apply"]) == 0  # nothing left to move
+    assert run_cli(["dedup", str(data), "--undo"]) == 0
+    assert _digests(data) == before
+    assert [p.name for p in (data / QUARANTINE_DIR).iterdir()] == ["journal.jsonl"]
+    assert run_cli(["dedup", str(data), "--undo"]) == 0  # already undone: nothing to do
+
+
+def test_undo_refuses_to_overwrite(data: Path, capsys: pytest.CaptureFixture[str]):
+    assert run_cli(["dedup", str(data), "--max-distance", "4", "--apply"]) == 0
+    _put(data / "a" / "x1.jpg", b"a new file the user put there")
+    assert run_cli(["dedup", str(data), "--undo"]) == 1
+    assert "a/x1.jpg exists: not overwritten" in capsys.readouterr().err
+    assert (data / "a" / "x1.jpg").read_bytes() == b"a new file the user put there"
+    assert (data / QUARANTINE_DIR / "a" / "x1.jpg").exists() and (data / "b" / "x0.jpg").exists()
+
+
+def test_near_duplicate_found_only_with_max_distance(tmp_path: Path):
+    root = tmp_path / "d"
+    original = make_image(4, size=(400, 300))
+    _put(root / "a" / "original.jpg", original)
+    _put(root / "a" / "copy.jpg", _recompressed(original, 0.55, 40))
+    for i in range(5):
+        _put(root / "b" / f"different{i}.jpg", make_image(10 + i, size=(400, 300)))
+    near = find_duplicates(root, max_distance=12)
+    assert [[m.path for m in g] for g in near.groups] == [["a/original.jpg", "a/copy.jpg"]]
+    assert 0 <= near.groups[0][1].distance <= 12
+    if near.groups[0][1].distance > 0:
+        assert find_duplicates(root, max_distance=0).groups == []
+
+
+def test_find_leaks(tmp_path: Path):
+    a, b, c = (make_image(20 + i, size=(300, 200)) for i in range(3))
+    train = [_put(tmp_path / "train" / n, d) for n, d in (("a.jpg", a), ("b.jpg", b))]
+    test = [_put(tmp_path / "test" / "a_copy.jpg", a),
+            _put(tmp_path / "test" / "b_small.jpg", _recompressed(b, 0.6, 50)),
+            _put(tmp_path / "test" / "c.jpg", c)]
+    exact = find_leaks(train, test)
+    assert exact[0] == (str(train[0]), str(test[0]), 0)
+    near = find_leaks([str(p) for p in train], [str(p) for p in test], max_distance=12)
+    assert [(Path(t).name, Path(s).name) for t, s, _ in near] == [
+        ("a.jpg", "a_copy.jpg"), ("b.jpg", "b_small.jpg")]
+    assert find_leaks(train, []) == []
+
+
+def test_hashes_are_cached(data: Path, monkeypatch: pytest.MonkeyPatch):
+    paths = [data / "a" / "x1.jpg", data / "a" / "other.jpg"]
+    first, _ = hash_images(paths)
+
+    def no_decoding(*args: object, **kwargs: object) -> HashInfo:
+        raise AssertionError("decoded although cached")
+
+    monkeypatch.setattr(dedup, "compute_hash", no_decoding)
+    start = time.perf_counter()
+    again, skipped = hash_images(paths)
+    assert again == first and not skipped and time.perf_counter() - start < 1
+
+
+def test_grouping_10000_hashes_in_seconds():
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 2, (10_000, 256), dtype=np.uint8).astype(bool)
+    for k in range(50):  # 50 planted near-duplicates: 1..4 flipped bits
+        bits[9_000 + k] = bits[k]
+        bits[9_000 + k, rng.choice(256, 1 + k % 4, replace=False)] ^= True
+    bits[9_999] = bits[100]  # and one exact copy
+    infos = [HashInfo(np.packbits(b).tobytes(), 10, 10) for b in bits]
+    names = [f"{i:05d}.jpg" for i in range(len(infos))]
+    start = time.perf_counter()
+    groups = group_duplicates(names, infos, max_distance=4)
+    elapsed = time.perf_counter() - start
+    assert sorted((g[0].path, g[1].path) for g in groups) == sorted(
+        [(f"{k:05d}.jpg", f"{9_000 + k:05d}.jpg") for k in range(50)] + [("00100.jpg", "09999.jpg")])
+    assert elapsed < 10, f"grouping 10,000 hashes took {elapsed:.1f} s"
+    assert [(g[0].path, g[1].path) for g in group_duplicates(names, infos)] == [("00100.jpg", "09999.jpg")]
+
+
+def test_chains_join_one_group_and_popcount_fallback():
+    base = np.zeros(256, dtype=bool)
+    a, b, c = base.copy(), base.copy(), base.copy()
+    b[:3] = True
+    c[:6] = True  # a~b (3 bits), b~c (3 bits), a-c 6 bits
+    infos = [HashInfo(np.packbits(x).tobytes(), 10, 10) for x in (a, b, c)]
+    groups = group_duplicates(["a", "b", "c"], infos, max_distance=4)
+    assert [(m.path, m.distance) for m in groups[0]] == [("a", 0), ("b", 3), ("c", 6)]
+    x = np.random.default_rng(1).integers(0, 2**63, (7, 5), dtype=np.uint64)
+    assert np.array_equal(popcount_lut(x), popcount(x))

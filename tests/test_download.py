@@ -1,0 +1,186 @@
+import hashlib
+import io
+import time
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fakeprovider import FakeServer, Route, make_image, run_cli
+from PIL import Image, ImageOps
+
+from imgclf.config import DataToolsConfig
+from imgclf.datatools.download import (
+    FAILURES_FILE,
+    SOURCES_FILE,
+    UrlEntry,
+    download,
+    file_stem,
+    read_url_list,
+)
+from imgclf.datatools.fetch import parse_retry_after
+
+FAST = DataToolsConfig(download_workers=4, timeout_s=2.0, retries=2, backoff_s=0.01, max_backoff_s=0.5)
+
+
+@pytest.fixture
+def server():
+    with FakeServer() as s:
+        yield s
+
+
+def _read_tsv(path: Path) -> list[dict[str, str]]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    head = lines[0].split("\t")
+    return [dict(zip(head, line.split("\t"), strict=True)) for line in lines[1:]]
+
+
+def _all_files(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+
+
+def test_read_url_list(tmp_path: Path):
+    f = tmp_path / "urls.tsv"
+    f.write_text("\ufeff# a comment\n\ncats\thttp://x/1.jpg\n  # indented comment\n"
+                 "dogs\thttp://x/2.jpg\thttp://page\tCC BY 4.0\tAda\tA dog\n", encoding="utf-8")
+    entries = read_url_list(f)
+    assert entries == [UrlEntry("cats", "http://x/1.jpg"),
+                       UrlEntry("dogs", "http://x/2.jpg", "http://page", "CC BY 4.0", "Ada", "A dog")]
+    f.write_text("cats\thttp://x/1.jpg\n\n../etc\thttp://x/2.jpg\n")
+    with pytest.raises(ValueError, match=r"urls.tsv:3: label '\.\./etc'"):
+        read_url_list(f)
+    f.write_text("cats http://x/1.jpg\n")
+    with pytest.raises(ValueError, match=r"urls.tsv:1: expected label<TAB>url.*tab"):
+        read_url_list(f)
+
+
+def test_download_checks_names_and_reports(server: FakeServer, tmp_path: Path):
+    jpeg, png = make_image(1), make_image(2, fmt="PNG", mode="RGBA")
+    entries = [
+        UrlEntry("cats", server.image("/a.jpg", jpeg), "http://page/a", "CC BY 4.0", "Ada"),
+        UrlEntry("cats", server.image("/same-picture-other-url.jpg", jpeg)),
+        UrlEntry("dogs", server.image("/b.png", png, "image/png")),
+        UrlEntry("dogs", server.url("/a.jpg")),  # the same URL again, other label: fetched once
+        UrlEntry("dogs", server.add("/page.html", Route("html"))),
+        UrlEntry("dogs", server.image("/truncated.jpg", jpeg[: len(jpeg) // 2])),
+        UrlEntry("dogs", server.add("/missing.jpg", Route("404"))),
+        UrlEntry("dogs", server.add("/reset.jpg", Route("reset"))),
+        UrlEntry("dogs", "ftp://example.invalid/x.jpg"),
+    ]
+    out = tmp_path / "data"
+    report = download(entries, out, FAST, progress=False)
+    a, other, b = (file_stem(server.url(p)) for p in ("/a.jpg", "/same-picture-other-url.jpg", "/b.png"))
+    assert file_stem(server.url("/a.jpg")) == hashlib.sha1(server.url("/a.jpg").encode()).hexdigest()[:16]
+    assert (out / f"cats/{a}.jpg").read_bytes() == jpeg  # no resize or rotation needed: bytes kept
+    assert (out / f"cats/{other}.jpg").read_bytes() == jpeg  # same picture, other URL: its own file
+    assert (out / f"dogs/{b}.png").read_bytes() == png  # transparency kept as PNG
+    assert _all_files(out) == {f"cats/{a}.jpg", f"cats/{other}.jpg", f"dogs/{b}.png",
+                               SOURCES_FILE, FAILURES_FILE}
+    assert [o.status for o in report.outcomes] == ["downloaded"] * 3 + ["duplicate"] + ["failed"] * 5
+    assert server.hits["/a.jpg"] == 1
+    assert server.hits["/missing.jpg"] == 1  # 404 is not retried
+    assert server.hits["/reset.jpg"] == FAST.retries + 1  # connection errors are
+    failures = {r["url"].rsplit("/", 1)[-1]: r["reason"] for r in _read_tsv(out / FAILURES_FILE)}
+    assert failures["page.html"].startswith("not an image (text/html)")
+    assert failures["truncated.jpg"].startswith("broken image data")
+    assert failures["missing.jpg"].startswith("HTTP 404")
+    assert failures["reset.jpg"].startswith("connection failed")
+    assert failures["x.jpg"].startswith("invalid URL")
+    sources = {r["file"]: r for r in _read_tsv(out / SOURCES_FILE)}
+    assert sources[f"cats/{a}.jpg"]["licence"] == "CC BY 4.0" and sources[f"cats/{a}.jpg"]["creator"] == "Ada"
+    assert sources[f"cats/{a}.jpg"]["note"] == "also listed for dogs"
+    assert "failed 5" in report.summary() and "duplicate URLs skipped 1" in report.summary()
+
+
+def test_resume_skips_existing_and_never_overwrites(server: FakeServer, tmp_path: Path):
+    out = tmp_path / "data"
+    old_url, new_url = server.image("/old.jpg", make_image(3)), server.image("/new.jpg", make_image(4))
+    existing = out / "cats" / f"{file_stem(old_url)}.jpg"
+    existing.parent.mkdir(parents=True)
+    existing.write_bytes(b"the user's own bytes")
+    entries = [UrlEntry("cats", old_url), UrlEntry("cats", new_url)]
+    report = download(entries, out, FAST, progress=False)
+    assert [o.status for o in report.outcomes] == ["exists", "downloaded"]
+    assert existing.read_bytes() == b"the user's own bytes" and server.hits["/old.jpg"] == 0
+    before = {p: p.read_bytes() for p in out.rglob("*.jpg")}
+    again = download(entries, out, FAST, progress=False)
+    assert [o.status for o in again.outcomes] == ["exists", "exists"] and server.hits["/new.jpg"] == 1
+    assert {p: p.read_bytes() for p in out.rglob("*.jpg")} == before
+    assert len(_read_tsv(out / SOURCES_FILE)) == 2
+
+
+def test_size_limit_stops_streaming(server: FakeServer, tmp_path: Path):
+    cfg = FAST.model_copy(update={"max_download_mb": 1.0})
+    entries = [UrlEntry("x", server.add("/declared.jpg", Route("big", size=50_000_000))),
+               UrlEntry("x", server.add("/undeclared.jpg",
+                                        Route("big", size=3_000_000, declare_length=False)))]
+    start = time.perf_counter()
+    report = download(entries, tmp_path / "d", cfg, progress=False)
+    assert time.perf_counter() - start < 5
+    assert all(o.status == "failed" and o.reason.startswith("larger than 1 MB") for o in report.outcomes)
+    assert _all_files(tmp_path / "d") == {SOURCES_FILE, FAILURES_FILE}  # no partial or temporary file
+
+
+def test_exif_orientation_then_resize_and_originals(server: FakeServer, tmp_path: Path):
+    raw = make_image(5, size=(1600, 800), exif_orientation=6)  # stored landscape, shown portrait
+    url = server.image("/rotated.jpg", raw)
+    cfg = FAST.model_copy(update={"max_side": 1000, "keep_originals": True})
+    download([UrlEntry("x", url)], tmp_path / "d", cfg, progress=False)
+    saved = Image.open(tmp_path / "d" / "x" / f"{file_stem(url)}.jpg")
+    assert saved.size == (500, 1000)
+    expected = ImageOps.exif_transpose(Image.open(io.BytesIO(raw))).convert("RGB").resize((500, 1000))
+    assert np.abs(np.asarray(saved, dtype=float) - np.asarray(expected, dtype=float)).mean() < 6
+    assert (tmp_path / "d" / ".originals" / "x" / f"{file_stem(url)}.jpg").read_bytes() == raw
+    download([UrlEntry("y", url)], tmp_path / "d", cfg.model_copy(update={"max_side": 0}), progress=False)
+    assert Image.open(tmp_path / "d" / "y" / f"{file_stem(url)}.jpg").size == (800, 1600)  # upright, full
+    large = server.image("/large.jpg", make_image(11, size=(2400, 1800)))  # JPEG draft at 1/2, then resize
+    download([UrlEntry("z", large)], tmp_path / "d", cfg, progress=False)
+    assert Image.open(tmp_path / "d" / "z" / f"{file_stem(large)}.jpg").size == (1000, 750)
+
+
+def test_retry_after_honoured_and_bounded(server: FakeServer, tmp_path: Path):
+    polite = server.add("/polite.jpg", Route("429", make_image(6), times=1, retry_after="1"))
+    start = time.perf_counter()
+    cfg = FAST.model_copy(update={"max_backoff_s": 5.0})
+    report = download([UrlEntry("x", polite)], tmp_path / "d", cfg, progress=False)
+    assert report.outcomes[0].status == "downloaded" and time.perf_counter() - start >= 0.9
+    greedy = server.add("/greedy.jpg", Route("429", make_image(7), times=2, retry_after="3600"))
+    start = time.perf_counter()
+    report = download([UrlEntry("x", greedy)], tmp_path / "d", cfg.model_copy(update={"max_backoff_s": 0.1}),
+                      progress=False)
+    assert report.outcomes[0].status == "downloaded" and time.perf_counter() - start < 2
+    assert server.hits["/greedy.jpg"] == 3
+    stubborn = server.add("/stubborn.jpg", Route("429", make_image(8), times=99, retry_after="0"))
+    report = download([UrlEntry("x", stubborn)], tmp_path / "d", FAST, progress=False)
+    assert report.outcomes[0].reason == "HTTP 429 Too Many Requests after 3 tries"
+
+
+def test_parse_retry_after():
+    assert parse_retry_after("7") == 7.0
+    assert parse_retry_after(None) is None and parse_retry_after("soon") is None
+    def http_date(delta: timedelta) -> str:
+        return format_datetime(datetime.now(UTC) + delta, usegmt=True)
+
+    assert parse_retry_after(http_date(timedelta(hours=-1))) == 0.0
+    assert 50 < (parse_retry_after(http_date(timedelta(seconds=60))) or 0) <= 60
+
+
+def test_slow_server_times_out(server: FakeServer, tmp_path: Path):
+    url = server.add("/slow.jpg", Route("slow", make_image(9), delay=1.5))
+    cfg = FAST.model_copy(update={"timeout_s": 0.2, "retries": 0})
+    start = time.perf_counter()
+    report = download([UrlEntry("x", url)], tmp_path / "d", cfg, progress=False)
+    assert report.outcomes[0].reason.startswith("timed out") and time.perf_counter() - start < 1.2
+
+
+def test_download_cli(server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    urls = tmp_path / "urls.tsv"
+    urls.write_text(f"# label\turl\ncats\t{server.image('/c.jpg', make_image(10))}\n"
+                    f"dogs\t{server.add('/gone.jpg', Route('404'))}\n")
+    out = tmp_path / "data"
+    assert run_cli(["download", str(urls), "--out", str(out), "--retries", "0"]) == 0
+    assert "downloaded 1, already present 0, failed 1" in capsys.readouterr().out
+    assert len(list((out / "cats").iterdir())) == 1
+    assert run_cli(["download", str(urls), "--out", str(out)]) == 0
+    assert "downloaded 0, already present 1, failed 1" in capsys.readouterr().out

@@ -1,0 +1,328 @@
+"""The REST service, tested over real HTTP: a uvicorn server on a loopback port, httpx clients."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import uvicorn
+from PIL import Image
+
+from imgclf.backbones import create_backbone
+from imgclf.bundle import Bundle
+from imgclf.config import Config
+from imgclf.data.io import load_for_model
+from imgclf.heads.linear import LinearHead
+from imgclf.serving.app import create_app
+from imgclf.serving.batching import MicroBatcher
+
+API_KEY = "test-key"
+AUTH = {"X-API-Key": API_KEY}
+LIMITS = {"max_upload_mb": 1.0, "max_images_per_request": 4, "max_image_pixels": 1_000_000}
+
+
+def make_bundle(run_dir: Path) -> Bundle:
+    """A real efficientnet_lite0 bundle with a fixed random head over three classes."""
+    w = np.random.default_rng(0).normal(0, 4, (3, 1280)).astype(np.float32)
+    bundle = Bundle(["cat", "dog", "fish"], create_backbone("efficientnet_lite0").spec(),
+                    LinearHead(w, np.zeros(3, np.float32), True), "svm", metrics={"overall_accuracy": 0.5})
+    bundle.save(run_dir)
+    return bundle
+
+
+def blob_image(seed: int, size: tuple[int, int] = (160, 120), fmt: str = "JPEG") -> bytes:
+    """A small smooth colour image, encoded."""
+    rng = np.random.default_rng(seed)
+    im = Image.fromarray(rng.integers(0, 256, (5, 5, 3), dtype=np.uint8)).resize(size, Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    im.save(buf, fmt)
+    return buf.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims a huge size (a decompression bomb as far as any header check can tell)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 4096)) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("serve-run")
+    make_bundle(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> list[bytes]:
+    return [blob_image(i, (160 + 8 * i, 120)) for i in range(16)]
+
+
+@pytest.fixture(scope="module")
+def reference(run_dir: Path, images: list[bytes], tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
+    """The bundle's own PyTorch probabilities for ``images`` (decoded from files, the pipeline's way)."""
+    bundle = Bundle.load(run_dir)
+    folder = tmp_path_factory.mktemp("ref-images")
+    arrays = []
+    for i, data in enumerate(images):
+        (folder / f"{i}.jpg").write_bytes(data)
+        arrays.append(load_for_model(folder / f"{i}.jpg", bundle.preprocess))
+    with torch.inference_mode():
+        return bundle.classifier_net()(torch.from_numpy(np.stack(arrays))).numpy()
+
+
+@pytest.fixture(scope="module")
+def base_url(run_dir: Path) -> Iterator[str]:
+    """A real uvicorn server in a thread, on a free 127.0.0.1 port."""
+    cfg = Config().updated(api_key=API_KEY, workers=1, max_batch=8, max_wait_ms=5.0, **LIMITS)
+    app = create_app(run_dir, cfg)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server.should_exit = True
+    thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def client(base_url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=base_url, headers=AUTH, timeout=60, limits=httpx.Limits(max_connections=64)) as c:
+        yield c
+
+
+def check_prediction(pred: dict, probs: np.ndarray, top_k: int = 3) -> None:
+    """A prediction agrees with the bundle's own probabilities and is well formed."""
+    classes = ["cat", "dog", "fish"]
+    scores = np.array([pred["scores"][c] for c in classes])
+    assert np.abs(scores - probs).max() <= 1e-3
+    assert pred["label"] == classes[int(np.argmax(probs))]
+    assert pred["score"] == pytest.approx(float(probs.max()), abs=1e-3)
+    assert scores.sum() == pytest.approx(1.0, abs=1e-4)
+    assert [t["label"] for t in pred["top_k"]][0] == pred["label"]
+    assert len(pred["top_k"]) == top_k
+    assert [t["score"] for t in pred["top_k"]] == sorted((t["score"] for t in pred["top_k"]), reverse=True)
+
+
+def test_healthz_model_and_docs(client: httpx.Client, run_dir: Path) -> None:
+    bundle = Bundle.load(run_dir)
+    health = client.get("/healthz").json()
+    assert health["status"] == "ok" and health["model_id"] == bundle.model_id
+    info = client.get("/v1/model").json()
+    assert info["classes"] == ["cat", "dog", "fish"]
+    assert info["backbone"] == "efficientnet_lite0" and info["resolution"] == 224
+    assert info["classifier"] == "svm" and info["metrics"] == {"overall_accuracy": 0.5}
+    assert info["runtime"] == "openvino" and info["version"]
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/v1/predict", "/v1/model", "/healthz", "/score"} <= set(paths)
+    assert "multipart/form-data" in paths["/v1/predict"]["post"]["requestBody"]["content"]
+    assert client.get("/docs").status_code == 200
+
+
+def test_web_page_is_offline(client: httpx.Client) -> None:
+    r = client.get("/", headers={})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert "v1/predict" in r.text and "<script" in r.text and "drop" in r.text
+    assert "://" not in r.text  # no CDN or other outside resource
+
+
+def test_predict_multipart_one_and_several(client: httpx.Client, images: list[bytes], reference: np.ndarray) -> None:
+    r = client.post("/v1/predict", files={"file": ("a.jpg", images[0], "image/jpeg")})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["model_id"] and body["server_time_ms"] > 0 and len(body["predictions"]) == 1
+    check_prediction(body["predictions"][0], reference[0])
+    files = [("files", (f"{i}.jpg", images[i], "image/jpeg")) for i in (3, 1, 2)]
+    preds = client.post("/v1/predict", files=files).json()["predictions"]
+    for pred, i in zip(preds, (3, 1, 2), strict=True):
+        check_prediction(pred, reference[i])
+
+
+def test_predict_base64_json_and_raw_body(client: httpx.Client, images: list[bytes], reference: np.ndarray) -> None:
+    b64 = [base64.b64encode(images[i]).decode() for i in (4, 5)]
+    b64[1] = "data:image/jpeg;base64," + b64[1]
+    preds = client.post("/v1/predict", json={"images": b64}).json()["predictions"]
+    check_prediction(preds[0], reference[4])
+    check_prediction(preds[1], reference[5])
+    r = client.post("/v1/predict", content=images[6], headers={"content-type": "image/jpeg"})
+    check_prediction(r.json()["predictions"][0], reference[6])
+
+
+def test_tutorial_compat_route_returns_real_json(client: httpx.Client, images: list[bytes],
+                                                 reference: np.ndarray) -> None:
+    doc = {"input_df": [{"image base64 string": base64.b64encode(images[7]).decode()}]}
+    r = client.post("/score", json=doc)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    body = r.json()
+    assert isinstance(body, dict)  # an object, not a JSON string holding JSON
+    check_prediction(body["predictions"][0], reference[7])
+
+
+def _chunks(total: int) -> Iterator[bytes]:
+    for _ in range(total // 65536 + 1):
+        yield b"\xff" * 65536
+
+
+def _png(size: tuple[int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (10, 200, 30)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _one(name: str, data: bytes) -> dict:
+    return {"files": {"file": (name, data, "application/octet-stream")}}
+
+
+BAD_REQUESTS = {
+    "not_an_image": (_one("notes.jpg", b"this is text, not a picture"), 422, "bad_image"),
+    "corrupt_jpeg": (_one("cut.jpg", blob_image(1, (640, 480))[:2000]), 422, "bad_image"),
+    "empty_file": (_one("empty.jpg", b""), 422, "bad_image"),
+    "pixel_limit": (_one("big.png", _png((1200, 1000))), 422, "bad_image"),
+    "decompression_bomb": (_one("bomb.png", png_header_only(30000, 30000)), 422, "bad_image"),
+    "body_too_large_by_length": ({"content": b"\xff" * 1_500_000, "headers": {"content-type": "image/jpeg"}},
+                                 413, "body_too_large"),
+    "body_too_large_chunked": ({"content": _chunks(1_500_000), "headers": {"content-type": "image/jpeg"}},
+                               413, "body_too_large"),
+    "too_many_files": ({"files": [("files", (f"{i}.jpg", blob_image(i), "image/jpeg")) for i in range(5)]},
+                       413, "too_many_images"),
+    "too_many_base64": ({"json": {"images": [base64.b64encode(blob_image(i)).decode() for i in range(5)]}},
+                        413, "too_many_images"),
+    "malformed_json": ({"content": b'{"images": [', "headers": {"content-type": "application/json"}}, 400, "bad_json"),
+    "json_without_images": ({"json": {"pictures": []}}, 400, "bad_json"),
+    "json_images_not_strings": ({"json": {"images": [42]}}, 400, "bad_json"),
+    "bad_base64": ({"json": {"images": ["not base64 at all!"]}}, 400, "bad_base64"),
+    "no_images": ({"json": {"images": []}}, 400, "no_images"),
+    "multipart_without_file": ({"data": {"note": "hello"}, "files": {"other": ("x.txt", b"x")}}, 400, "bad_multipart"),
+    "unsupported_content_type": ({"content": b"hello", "headers": {"content-type": "text/plain"}},
+                                 415, "unsupported_media_type"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_requests_get_4xx_json_and_server_lives(client: httpx.Client, case: str) -> None:
+    kwargs, status, code = BAD_REQUESTS[case]
+    r = client.post("/v1/predict", **kwargs)
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert body["error"] == code and body["detail"]
+    assert client.get("/healthz").json()["status"] == "ok"
+
+
+def test_bad_requests_elsewhere(client: httpx.Client) -> None:
+    r = client.post("/score", json={"input_df": [{"image": "abc"}]})
+    assert r.status_code == 400 and "image base64 string" in r.json()["detail"]
+    assert client.get("/no/such/route").json()["error"] == "http_error"
+    assert client.get("/v1/predict").status_code == 405
+    assert "oversized" in client.post("/v1/predict", **BAD_REQUESTS["pixel_limit"][0]).json()["detail"]
+
+
+def test_api_key(base_url: str, images: list[bytes]) -> None:
+    with httpx.Client(base_url=base_url, timeout=60) as anonymous:
+        for method, path in (("POST", "/v1/predict"), ("GET", "/v1/model"), ("POST", "/score")):
+            r = anonymous.request(method, path, files={"file": ("a.jpg", images[0])} if method == "POST" else None)
+            assert r.status_code == 401 and r.json()["error"] == "unauthorized"
+        r = anonymous.get("/v1/model", headers={"X-API-Key": "wrong"})
+        assert r.status_code == 401
+        assert anonymous.get("/healthz").status_code == 200 and anonymous.get("/").status_code == 200
+        assert anonymous.get("/v1/model", headers=AUTH).status_code == 200
+
+
+def test_concurrent_requests_are_batched_and_correct(client: httpx.Client, images: list[bytes],
+                                                     reference: np.ndarray) -> None:
+    before = client.get("/healthz").json()
+
+    def ask(i: int) -> tuple[int, httpx.Response]:
+        k = i % len(images)
+        return k, client.post("/v1/predict", files={"file": (f"{k}.jpg", images[k], "image/jpeg")})
+
+    with ThreadPoolExecutor(64) as pool:
+        answers = list(pool.map(ask, range(64)))
+    for k, r in answers:
+        assert r.status_code == 200, r.text
+        check_prediction(r.json()["predictions"][0], reference[k])
+    after = client.get("/healthz").json()
+    assert after["images"] - before["images"] == 64
+    assert after["batches"] - before["batches"] < 64  # several requests shared forward passes
+    assert 1 < after["largest_batch"] <= 8
+
+
+def test_micro_batcher_batches_and_survives_model_errors() -> None:
+    sizes: list[int] = []
+
+    def model(batch: np.ndarray) -> np.ndarray:
+        sizes.append(len(batch))
+        if (batch == 255).any():
+            raise RuntimeError("boom")
+        time.sleep(0.02)
+        return batch.reshape(len(batch), -1)[:, :2].astype(np.float32)
+
+    async def scenario() -> None:
+        batcher = MicroBatcher(model, max_batch=4, max_wait_ms=50)
+        await batcher.start()
+        try:
+            images = [np.full((2, 2, 3), i, np.uint8) for i in range(10)]
+            outs = await asyncio.gather(*(batcher.infer([im]) for im in images))
+            assert [int(o[0, 0]) for o in outs] == list(range(10))
+            assert max(sizes) == 4 and len(sizes) < 10
+            with pytest.raises(RuntimeError, match="boom"):
+                await batcher.infer([np.full((2, 2, 3), 255, np.uint8)])
+            assert (await batcher.infer([images[3]]))[0, 0] == 3  # the worker survived the failure
+        finally:
+            await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_serve_command(run_dir: Path, images: list[bytes], base_url: str) -> None:
+    """``imgclf serve`` in a subprocess (after the module's server has cached the converted model)."""
+    port = _free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "imgclf.cli", "serve", str(run_dir), "--port", str(port), "--workers", "1",
+           "--max-batch", "2"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert time.monotonic() < deadline, "imgclf serve did not start"
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.3)
+        r = httpx.post(f"{url}/v1/predict", files={"file": ("a.jpg", images[0])}, timeout=60)
+        assert r.status_code == 200 and r.json()["predictions"][0]["label"] in ("cat", "dog", "fish")
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -1,0 +1,172 @@
+"""Run history: runs recorded offline in a local MLflow store or on an MLflow server, listed and compared."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import make_folder
+
+from imgclf.cli import main
+from imgclf.config import Config
+from imgclf.pipeline import RunResult, evaluate, train
+from imgclf.tracking import log_run
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason="mlflow is not installed")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of an `mlflow server` on a free local port; started first so that it boots while runs train."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+           "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1"]
+    with open(root / "server.log", "wb") as log_file:
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    yield f"http://127.0.0.1:{port}"
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _wait_for(url: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory, server: str) -> Iterator[Path]:
+    """Working folder of the default local store (mlflow.db, mlruns/); MLFLOW_TRACKING_URI unset."""
+    root = tmp_path_factory.mktemp("tracking")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        yield root
+
+
+@pytest.fixture(scope="module")
+def base_cfg(work: Path) -> Config:
+    data = make_folder(work / "data", n=8)
+    return Config().updated(data_root=data, resolution=96, cache_dir=work / "cache", flip_tta=False,
+                            svm_c_grid=[1.0], cv_folds=2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def two_runs(base_cfg: Config, work: Path) -> tuple[RunResult, RunResult]:
+    a = train(base_cfg.updated(out=work / "runs" / "a"))
+    b = train(base_cfg.updated(out=work / "runs" / "b", l2_normalize=False, svm_c_grid=[0.5]))
+    return a, b
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _runs(uri: str) -> list:
+    client = _client(uri)
+    exp = client.get_experiment_by_name("imgclf")
+    order = ["attributes.start_time ASC"]
+    return [] if exp is None else client.search_runs([exp.experiment_id], order_by=order)
+
+
+def test_train_and_evaluate_land_in_local_store(two_runs: tuple[RunResult, RunResult], work: Path):
+    evaluate(two_runs[0].run_dir, on_train=True)
+    assert (work / "mlflow.db").is_file() and (work / "mlruns").is_dir()
+    runs = _runs("sqlite:///mlflow.db")
+    assert [r.data.tags["kind"] for r in runs] == ["train", "train", "evaluate"]
+    run = runs[0]
+    assert run.data.params["l2_normalize"] == "true" and run.data.params["svm_c_grid"] == "[1.0]"
+    assert run.data.params["train_fraction"] == "0.75"
+    assert {"overall_accuracy", "class_averaged_accuracy", "acc_circles", "auc_macro", "auc_squares",
+            "n_train", "n_test", "time_total_s"} <= set(run.data.metrics)
+    assert run.data.metrics["n_test"] == two_runs[0].metrics["n_test"]
+    tags = run.data.tags
+    assert (tags["dataset"], tags["classifier"], tags["backbone"]) == ("data", "svm", "efficientnet_lite0")
+    assert tags["run_dir"] == str((work / "runs" / "a").resolve())
+    client = _client("sqlite:///mlflow.db")
+    files = {f.path for f in client.list_artifacts(run.info.run_id)}
+    assert {"report.html", "report.md", "evaluation.png", "predictions.csv", "split.csv", "model"} <= files
+    assert "model/bundle.json" in {f.path for f in client.list_artifacts(run.info.run_id, "model")}
+    assert runs[2].data.tags["split"] == "train"
+    assert runs[2].data.metrics["n_test"] == runs[2].data.metrics["n_train"]
+
+
+def test_runs_list_and_compare(two_runs: tuple[RunResult, RunResult], work: Path,
+                               capsys: pytest.CaptureFixture[str]):
+    assert main(["runs", "list", "--csv", "list.csv"]) == 0
+    ids = [line.split(",")[0] for line in (work / "list.csv").read_text().splitlines()[1:]]
+    train_a = _runs("sqlite:///mlflow.db")[0].info.run_id
+    assert train_a in ids
+    capsys.readouterr()
+    # A run id prefix (as `runs list` shows it) and a run folder.
+    assert main(["runs", "compare", train_a[:8], str(work / "runs" / "b"), "--markdown", "cmp.md",
+                 "--csv", "cmp.csv"]) == 0
+    out = capsys.readouterr().out
+    assert "l2_normalize" in out and "svm_c_grid" in out and "train_fraction" not in out
+    assert "circles" in out and "overall_accuracy" in out
+    md = (work / "cmp.md").read_text()
+    assert "| l2_normalize | **true** | **false** |" in md
+    assert "| svm_c_grid | **[1.0]** | **[0.5]** |" in md
+    assert "### Accuracy per class" in md and "| stripes |" in md
+    rows = (work / "cmp.csv").read_text().splitlines()
+    assert rows[0] == f"section,name,{train_a[:8]},b,note"
+    assert "parameter,l2_normalize,true,false,differs" in rows
+    assert any(r.startswith("class accuracy,circles,") for r in rows)
+
+
+def test_no_tracking_and_failures_never_break_runs(two_runs: tuple[RunResult, RunResult], base_cfg: Config,
+                                                   work: Path, caplog: pytest.LogCaptureFixture):
+    before = len(_runs("sqlite:///mlflow.db"))
+    train(base_cfg.updated(out=work / "runs" / "off", tracking=False))
+    assert len(_runs("sqlite:///mlflow.db")) == before
+    bad = base_cfg.updated(tracking_uri="nosuchstore://nowhere")
+    with caplog.at_level(logging.WARNING, logger="imgclf"):
+        assert log_run("train", bad, two_runs[0]) is None
+    assert "run not recorded" in caplog.text
+
+
+def test_runs_land_on_tracking_server(server: str, base_cfg: Config, work: Path,
+                                      monkeypatch: pytest.MonkeyPatch):
+    _wait_for(server)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
+    result = train(base_cfg.updated(out=work / "runs" / "remote"))
+    (run,) = _runs(server)
+    assert run.data.tags["run_dir"] == str(result.run_dir.resolve())
+    assert run.data.metrics["overall_accuracy"] == result.metrics["overall_accuracy"]
+    assert "report.html" in {f.path for f in _client(server).list_artifacts(run.info.run_id)}
+
+
+def test_mlflow_is_imported_lazily():
+    code = ("import sys, imgclf.cli, imgclf.tracking; "
+            "imgclf.cli.build_parser(); sys.exit('mlflow' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
