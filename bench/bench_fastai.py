@@ -56,12 +56,16 @@ def run_fastai(data: Path, seed: int, epochs: int, backbone_name: str) -> tuple[
     train = [i for i in range(len(items)) if split[i] == "train"]
     bb = create_backbone(backbone_name)
     res = bb.preprocess.resolution
+
+    def get_y(path: Path) -> str:
+        return label[path]
+
     block = DataBlock(
-        blocks=(ImageBlock, CategoryBlock), get_items=lambda _: items, get_y=label.__getitem__,
+        blocks=(ImageBlock, CategoryBlock), get_items=lambda _: items, get_y=get_y,
         splitter=lambda _: (train, test), item_tfms=Resize(bb.preprocess.resize_to),
         batch_tfms=[*aug_transforms(size=res), Normalize.from_stats(bb.mean, bb.std)],
     )
-    dls = block.dataloaders(data, bs=32, num_workers=0)
+    dls = block.dataloaders(data, bs=min(32, max(2, len(train) // 2)), num_workers=0)
 
     def arch(pretrained: bool = True) -> torch.nn.Module:
         return create_backbone(backbone_name).model  # the packaged ImageNet weights, as imgclf uses them

@@ -44,6 +44,7 @@ def test_bad_files_listed_with_reasons_and_untouched(tmp_path: Path):
     (bad / "truncated.jpg").write_bytes(good[: len(good) // 2])
     (bad / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 100)
     Image.new("RGB", (30, 30), "blue").save(bad / "actually_png.dat", format="PNG")
+    Image.new("RGB", (30, 30), "blue").save(bad / "png_named.jpg", format="PNG")
     Image.new("L", (1, 1)).save(bad / "huge.png")  # header patched below to claim 20000x20000
     data = bytearray((bad / "huge.png").read_bytes())
     data[16:24] = (20000).to_bytes(4, "big") * 2
@@ -61,6 +62,8 @@ def test_bad_files_listed_with_reasons_and_untouched(tmp_path: Path):
     assert "truncated.jpg" not in reasons
     with pytest.raises(Exception, match="truncated"):
         load_for_model(bad / "truncated.jpg", Preprocess(64))
+    assert "png_named.jpg" not in reasons  # usable, and noted
+    assert [Path(n["path"]).name for n in ds.notes] == ["png_named.jpg"] and "rename it to .png" in ds.notes[0]["note"]
     assert _tree_digest(root) == before
 
 

@@ -122,7 +122,7 @@ def check_prediction(pred: dict, probs: np.ndarray, top_k: int = 3) -> None:
     assert pred["label"] == classes[int(np.argmax(probs))]
     assert pred["score"] == pytest.approx(float(probs.max()), abs=1e-3)
     assert scores.sum() == pytest.approx(1.0, abs=1e-4)
-    assert [t["label"] for t in pred["top_k"]][0] == pred["label"]
+    assert pred["top_k"][0]["label"] == pred["label"]
     assert len(pred["top_k"]) == top_k
     assert [t["score"] for t in pred["top_k"]] == sorted((t["score"] for t in pred["top_k"]), reverse=True)
 

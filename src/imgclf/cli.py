@@ -14,7 +14,13 @@ from typing import Any, Literal
 from imgclf.config import Config, field_index, parameter_table
 
 # Sub-command modules; each defines ``register(subparsers)`` adding its commands.
-COMMAND_MODULES = ("imgclf.commands", "imgclf.tracking.cli", "imgclf.serving.cli", "imgclf.datatools.cli")
+COMMAND_MODULES = (
+    "imgclf.commands",
+    "imgclf.tracking.cli",
+    "imgclf.serving.cli",
+    "imgclf.datatools.cli",
+    "imgclf.ui.cli",
+)
 
 
 def _arg_type(annotation: Any) -> dict[str, Any]:

@@ -103,7 +103,7 @@ class FinetuneConfig(_Section):
         None, ge=32, description="Training input side; default: the backbone's on GPU, 3/4 of it on CPU."
     )
     optimizer: Literal["sgd", "adamw"] = Field("sgd", description="sgd: momentum SGD (the tutorial's); adamw.")
-    lr: float = Field(0.05, gt=0, description="Peak learning rate of the new last layer.")
+    lr: float = Field(0.03, gt=0, description="Peak learning rate of the new last layer.")
     backbone_lr_mult: float = Field(
         0.1, ge=0, description="Backbone learning rate = lr x this (0 with freeze_backbone)."
     )
@@ -120,7 +120,6 @@ class FinetuneConfig(_Section):
     dropout: float = Field(0.2, ge=0, lt=1, description="Dropout before the new last layer.")
     label_smoothing: float = Field(0.1, ge=0, lt=1, description="Label smoothing of the cross-entropy loss.")
     freeze_backbone: bool = Field(False, description="Train the new last layer only.")
-    freeze_bn: bool = Field(True, description="Keep the backbone's pretrained batch-norm statistics while training.")
     head_warmup_epochs: int = Field(
         1, ge=0, description="Epochs training the head only before unfreezing the backbone."
     )

@@ -139,7 +139,9 @@ def _predictor(path: Path, fmt: str, precision: str) -> Callable[[np.ndarray], A
 
         compiled = ov.Core().compile_model(str(path), "CPU", openvino_config(precision))
         return lambda x: compiled([x])[0]
-    module = torch.jit.load(str(path), map_location="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated in favour of torch.export
+        module = torch.jit.load(str(path), map_location="cpu")
 
     def run(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -202,7 +204,8 @@ def _write_model(net: torch.nn.Module, resolution: int, fmt: str, precision: str
         return [path.with_suffix(".bin"), path]
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated in favour of torch.export
-        torch.jit.save(torch.jit.trace(net, torch.zeros(1, res, res, 3, dtype=torch.uint8)), str(path))
+        example = torch.zeros(1, res, res, 3, dtype=torch.uint8)
+        torch.jit.save(torch.jit.trace(net, example, check_trace=False), str(path))  # parity is checked below
     return [path]
 
 
@@ -268,6 +271,7 @@ def export_model(run_dir: str | Path, fmt: Format, out: str | Path, precision: P
             os.replace(f, dst)
         side = out.with_suffix(".json")
         atomic_write_text(side, json.dumps(sidecar(bundle, fmt, precision, final, parity), indent=2))
+        os.chmod(side, 0o644)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return ExportResult(final, side, parity)

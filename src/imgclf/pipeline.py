@@ -83,6 +83,7 @@ def _finish(
     y = ds.labels[test_idx]
     metrics = compute_metrics(y, scores, ds.classes)
     metrics.update(
+        notes=ds.notes,
         n_train=n_train,
         n_test=len(test_idx),
         skipped=skipped,
@@ -100,6 +101,8 @@ def _finish(
         write_reports(run_dir, y, scores, metrics, cfg.flat(), extra_figures)
     for s in skipped:
         log.warning("skipped %s: %s", s["path"], s["reason"])
+    for n in ds.notes:
+        log.warning("note: %s: %s", n["path"], n["note"])
     print("\n".join(summary_lines(metrics)))
     return metrics
 

@@ -40,6 +40,7 @@ class Dataset:
     classes: list[str]
     samples: list[Sample]
     skipped: list[dict[str, str]] = field(default_factory=list)
+    notes: list[dict[str, str]] = field(default_factory=list)  # usable, but worth a look (e.g. wrongly named)
 
     def path(self, sample: Sample) -> Path:
         return self.root / sample.rel
@@ -91,6 +92,7 @@ def scan_dataset(cfg: DataConfig, root: Path | None = None) -> Dataset:
     label_of = {name: i for i, name in enumerate(class_names)}
     samples: list[Sample] = []
     skipped: list[dict[str, str]] = []
+    notes: list[dict[str, str]] = []
     max_bytes = int(cfg.max_file_mb * 1e6)
     for base, preset in parts:
         for f in sorted(p for p in base.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS):
@@ -101,10 +103,12 @@ def scan_dataset(cfg: DataConfig, root: Path | None = None) -> Dataset:
                 if any(part.startswith(".") for part in rel_in_class.parts[:-1]):
                     continue  # inside a hidden folder (e.g. a quarantine or cache the tools keep)
                 try:
-                    check_image(f, cfg.max_image_pixels, max_bytes)
+                    note = check_image(f, cfg.max_image_pixels, max_bytes)
                 except ImageError as e:
                     skipped.append({"path": str(f), "reason": str(e)})
                     continue
+                if note:
+                    notes.append({"path": str(f), "note": note})
                 group = rel_in_class.parts[0] if len(rel_in_class.parts) > 1 else rel_in_class.as_posix()
                 samples.append(
                     Sample(
@@ -118,7 +122,7 @@ def scan_dataset(cfg: DataConfig, root: Path | None = None) -> Dataset:
             f"class folder(s) without a usable image: {', '.join(empty)} "
             f"(add images or remove the folder; {len(skipped)} file(s) skipped, see above)"
         )
-    return Dataset(root, class_names, samples, skipped)
+    return Dataset(root, class_names, samples, skipped, notes)
 
 
 def _rng(seed: int, key: str) -> np.random.Generator:

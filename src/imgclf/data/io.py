@@ -37,8 +37,15 @@ _RESAMPLE = {
 }
 
 
-def check_image(path: Path, max_pixels: int, max_bytes: int) -> None:
-    """Cheap header check; raise ImageError saying what is wrong with the file."""
+_FORMAT_EXTENSIONS = {"JPEG": (".jpg", ".jpeg"), "PNG": (".png",), "BMP": (".bmp",), "GIF": (".gif",),
+                      "WEBP": (".webp",), "TIFF": (".tif", ".tiff")}
+
+
+def check_image(path: Path, max_pixels: int, max_bytes: int) -> str | None:
+    """Cheap header check; raise ImageError saying what is wrong with the file.
+
+    Returns a note for a usable image whose content does not match its extension (a PNG named .jpg).
+    """
     try:
         size = path.stat().st_size
     except OSError as e:
@@ -68,6 +75,9 @@ def check_image(path: Path, max_pixels: int, max_bytes: int) -> None:
         raise ImageError(
             f"{fmt} image with extension {ext or '(none)'!r}: rename it to a known image extension to use it"
         )
+    if fmt in _FORMAT_EXTENSIONS and ext not in _FORMAT_EXTENSIONS[fmt]:
+        return f"{fmt} content named {ext}: used as {fmt}; rename it to {_FORMAT_EXTENSIONS[fmt][0]} to avoid confusion"
+    return None
 
 
 def open_rgb(path: Path, draft_to: int | None = None, max_pixels: int | None = None) -> Image.Image:

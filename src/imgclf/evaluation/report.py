@@ -102,6 +102,8 @@ def write_reports(
         for c in metrics["classes"]
     )
     skipped = metrics.get("skipped", [])
+    notes = metrics.get("notes", [])
+    notes_html = "".join(f"<li><code>{html.escape(n['path'])}</code>: {html.escape(n['note'])}</li>" for n in notes)
     skipped_html = "".join(
         f"<li><code>{html.escape(s['path'])}</code>: {html.escape(s['reason'])}</li>" for s in skipped
     )
@@ -121,6 +123,7 @@ macro {_fmt(metrics["auc"]["macro"], False)}; {metrics["n_train"]} training and 
 <table><tr><th>class</th><th>accuracy</th><th>test images</th><th>AUC</th></tr>{rows}</table>
 {figs_html}
 <h2>Skipped files ({len(skipped)})</h2><ul>{skipped_html or "<li>none</li>"}</ul>
+{f"<h2>Notes ({len(notes)})</h2><ul>{notes_html}</ul>" if notes else ""}
 <h2>Parameters</h2><table>{param_rows}</table></body></html>"""
     atomic_write_text(run_dir / "report.html", page)
     md = [
@@ -140,5 +143,7 @@ macro {_fmt(metrics["auc"]["macro"], False)}; {metrics["n_train"]} training and 
     ]
     md += ["", *[f"![{title}]({p.name})" for title, p in figures.items()], "", f"## Skipped files ({len(skipped)})", ""]
     md += [f"- `{s['path']}`: {s['reason']}" for s in skipped] or ["none"]
+    if notes:
+        md += ["", f"## Notes ({len(notes)})", "", *[f"- `{n['path']}`: {n['note']}" for n in notes]]
     atomic_write_text(run_dir / "report.md", "\n".join(md) + "\n")
     return {"figure": fig_path, "html": run_dir / "report.html", "markdown": run_dir / "report.md"}

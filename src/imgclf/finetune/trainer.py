@@ -347,10 +347,6 @@ def _train(cfg: Config, model: Classifier, backbone: Backbone, fit: CacheLoader,
         model.train()
         if head_only:
             model.backbone.eval()  # frozen: keep the pretrained batch-norm statistics
-        elif ft.freeze_bn:
-            for m in model.backbone.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
         t0, seen, loss_sum, wrong = time.perf_counter(), 0, 0.0, 0
         batches = fit.epoch_batches(bs, gen, ft.balance_classes)
         bar = tqdm(_prefetch(batches, fit), total=len(batches), desc=f"epoch {epoch}/{ft.epochs}",

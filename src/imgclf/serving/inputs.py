@@ -6,6 +6,7 @@ import base64
 import binascii
 import io
 import json
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -144,12 +145,19 @@ def check_count(images: list[ImageInput], max_images: int) -> None:
         raise ApiError(413, "too_many_images", f"{len(images)} images in one request; limit {max_images}")
 
 
+class _MemoryFile(io.BytesIO):
+    """Image bytes as the file :func:`open_rgb` reads (it asks a path for its size first)."""
+
+    def stat(self) -> os.stat_result:
+        return os.stat_result((0, 0, 0, 0, 0, 0, len(self.getbuffer()), 0, 0, 0))
+
+
 def decode_image(image: ImageInput, pre: Preprocess, max_pixels: int) -> np.ndarray:
     """Bytes -> upright RGB, resized and centre-cropped for the model (HxWx3 uint8); 422 if unusable."""
     if not image.data:
         raise ApiError(422, "bad_image", f"{image.name}: empty image")
     try:
-        im = open_rgb(io.BytesIO(image.data), draft_to=pre.resize_to, max_pixels=max_pixels)  # type: ignore[arg-type]
+        im = open_rgb(_MemoryFile(image.data), pre.resize_to, max_pixels)  # type: ignore[arg-type]
         return resize_center_crop(im, pre)
     except ImageError as e:
         raise ApiError(422, "bad_image", f"{image.name}: {e}") from e

@@ -1,0 +1,280 @@
+"""The review web app: browse and relabel a data set, inspect a run's results, fix suspected label errors,
+label unlabeled images. JSON APIs are paged; features and out-of-fold scores are computed once in the background.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel
+
+from imgclf.backbones import Backbone
+from imgclf.config import Config
+from imgclf.data.dataset import UNLABELED_DIR
+from imgclf.data.io import ImageError
+from imgclf.ui.analysis import Analyzer
+from imgclf.ui.labels import RelabelError, RelabelJournal, UnsafePathError, list_images, safe_rel
+from imgclf.ui.thumbs import ThumbCache
+
+BROWSER_FORMATS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp"})
+Page = Annotated[int, Query(ge=1)]
+PerPage = Annotated[int, Query(ge=1, le=500)]
+
+
+class RelabelRequest(BaseModel):
+    path: str
+    label: str
+
+
+class UndoRequest(BaseModel):
+    all: bool = False
+
+
+@dataclass
+class RunResults:
+    """A run's test predictions (predictions.csv) and confusion matrix (metrics.json)."""
+
+    classes: list[str]
+    rows: list[dict[str, Any]]
+    confusion: list[list[int]]
+
+    @classmethod
+    def load(cls, run_dir: Path) -> RunResults:
+        pred_file, metrics_file = run_dir / "predictions.csv", run_dir / "metrics.json"
+        for f in (pred_file, metrics_file):
+            if not f.is_file():
+                raise FileNotFoundError(f"{f} not found: give a run folder written by `imgclf train`")
+        metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
+        classes = list(metrics["classes"])
+        rows = []
+        with open(pred_file, newline="", encoding="utf-8") as f:
+            for r in csv.DictReader(f):
+                scores = [float(r[f"score_{c}"]) for c in classes]
+                rows.append(
+                    {
+                        "path": r["path"],
+                        "true": r["true_label"],
+                        "pred": r["predicted_label"],
+                        "confidence": max(scores),
+                        "correct": r["true_label"] == r["predicted_label"],
+                        "scores": scores,
+                    }
+                )
+        return cls(classes, rows, metrics["confusion_matrix"])
+
+
+class ImageIndex:
+    """Image paths per top-level folder, re-listed when a folder's modification time changes."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._signature: tuple[int, ...] = ()
+        self._folders: dict[str, list[str]] = {}
+        self._present: frozenset[str] = frozenset()
+
+    def _current_signature(self) -> tuple[int, ...]:
+        dirs = [self.root, *sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))]
+        return (*(d.stat().st_mtime_ns for d in dirs), len(dirs))
+
+    def folders(self) -> dict[str, list[str]]:
+        sig = self._current_signature()
+        if sig != self._signature:
+            self._folders, self._signature = list_images(self.root), sig
+            self._present = frozenset(r for rels in self._folders.values() for r in rels)
+        return self._folders
+
+    def invalidate(self) -> None:
+        """Re-list on next use (moves inside sub-folders do not change a top-level folder's time)."""
+        self._signature = ()
+
+    def present(self) -> frozenset[str]:
+        """Every listed image path."""
+        self.folders()
+        return self._present
+
+    def classes(self) -> list[str]:
+        return [k for k in self.folders() if k != UNLABELED_DIR]
+
+
+def _page(items: list[Any], page: int, per_page: int, **extra: Any) -> dict[str, Any]:
+    start = (page - 1) * per_page
+    return {"total": len(items), "page": page, "per_page": per_page, "items": items[start : start + per_page], **extra}
+
+
+def static_dir() -> Path:
+    return Path(str(resources.files("imgclf.ui").joinpath("static")))
+
+
+def create_app(
+    data_root: Path,
+    run_dir: Path | None = None,
+    cfg: Config | None = None,
+    *,
+    backbone: Backbone | None = None,
+    analyse_on_start: bool = True,
+    thumbs: ThumbCache | None = None,
+) -> FastAPI:
+    """The app for the data folder ``data_root`` (and optionally the results of ``run_dir``)."""
+    root = Path(data_root).resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder not found: {data_root}")
+    cfg = cfg or Config()
+    index = ImageIndex(root)
+    journal = RelabelJournal(root)
+    thumbs = thumbs or ThumbCache(cfg.features.cache_dir / "thumbs" if cfg.features.cache_dir else None)
+    results = RunResults.load(Path(run_dir)) if run_dir is not None else None
+    analyzer = Analyzer(root, cfg, backbone)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if analyse_on_start:
+            analyzer.start()
+        yield
+
+    app = FastAPI(title="imgclf review", docs_url="/api/docs", openapi_url="/api/openapi.json", lifespan=lifespan)
+    app.state.analyzer = analyzer
+
+    @app.exception_handler(UnsafePathError)
+    def _unsafe(_: Request, e: UnsafePathError) -> JSONResponse:
+        return JSONResponse({"detail": str(e)}, status_code=400)
+
+    @app.exception_handler(RelabelError)
+    def _relabel_error(_: Request, e: RelabelError) -> JSONResponse:
+        return JSONResponse({"detail": str(e)}, status_code=409)
+
+    @app.exception_handler(FileNotFoundError)
+    def _missing(_: Request, e: FileNotFoundError) -> JSONResponse:
+        return JSONResponse({"detail": str(e)}, status_code=404)
+
+    @app.exception_handler(ImageError)
+    def _bad_image(_: Request, e: ImageError) -> JSONResponse:
+        return JSONResponse({"detail": f"cannot show this image: {e}"}, status_code=422)
+
+    def image_file(path: str) -> Path:
+        f = safe_rel(root, path)
+        if not f.is_file():
+            raise FileNotFoundError(f"no image {path!r} in the data folder")
+        return f
+
+    def need_run() -> RunResults:
+        if results is None:
+            raise HTTPException(404, "no run given: start the app with --run RUN_DIR to see results")
+        return results
+
+    @app.get("/", include_in_schema=False)
+    def index_page() -> FileResponse:
+        return FileResponse(static_dir() / "index.html")
+
+    @app.get("/api/info")
+    def info() -> dict[str, Any]:
+        folders = index.folders()
+        return {
+            "data_root": str(root),
+            "classes": index.classes(),
+            "counts": {k: len(v) for k, v in folders.items()},
+            "unlabeled_dir": UNLABELED_DIR,
+            "run": None if results is None else {"path": str(run_dir), "classes": results.classes},
+            "journal": str(journal.path),
+        }
+
+    @app.get("/api/images")
+    def images(label: str, page: Page = 1, per_page: PerPage = 60) -> dict[str, Any]:
+        folders = index.folders()
+        if label not in folders:
+            raise HTTPException(404, f"no folder {label!r} in the data folder")
+        return _page([{"path": p, "label": label} for p in folders[label]], page, per_page)
+
+    @app.get("/api/thumb")
+    def thumb(path: str, size: Annotated[int, Query(ge=32, le=512)] = 160) -> FileResponse:
+        return FileResponse(
+            thumbs.get(image_file(path), size), media_type="image/jpeg", headers={"Cache-Control": "no-cache"}
+        )
+
+    @app.get("/api/image")
+    def image(path: str) -> Response:
+        f = image_file(path)
+        if f.suffix.lower() in BROWSER_FORMATS:
+            return FileResponse(f, headers={"Cache-Control": "no-cache"})
+        return Response(thumbs.preview(f), media_type="image/jpeg")
+
+    @app.post("/api/relabel")
+    def relabel(req: RelabelRequest) -> dict[str, Any]:
+        record = journal.move(req.path, req.label, index.classes())
+        index.invalidate()
+        return record
+
+    @app.post("/api/undo")
+    def undo(req: UndoRequest) -> dict[str, Any]:
+        report = journal.undo(everything=req.all)
+        index.invalidate()
+        return {"undone": report.undone, "problems": report.problems}
+
+    @app.get("/api/journal")
+    def journal_moves(page: Page = 1, per_page: PerPage = 50) -> dict[str, Any]:
+        return _page(journal.active()[::-1], page, per_page)
+
+    @app.get("/api/results")
+    def run_results(
+        outcome: Literal["all", "right", "wrong"] = "all",
+        true: str | None = None,
+        pred: str | None = None,
+        sort: Literal["confidence_asc", "confidence_desc", "path"] = "confidence_asc",
+        page: Page = 1,
+        per_page: PerPage = 60,
+    ) -> dict[str, Any]:
+        res = need_run()
+        rows = [
+            r
+            for r in res.rows
+            if (outcome == "all" or r["correct"] == (outcome == "right"))
+            and (true is None or r["true"] == true)
+            and (pred is None or r["pred"] == pred)
+        ]
+        if sort == "path":
+            rows.sort(key=lambda r: r["path"])
+        else:
+            rows.sort(key=lambda r: r["confidence"], reverse=sort == "confidence_desc")
+        out = _page(rows, page, per_page, classes=res.classes)
+        present = index.present()
+        out["items"] = [dict(r, exists=r["path"] in present) for r in out["items"]]
+        return out
+
+    @app.get("/api/confusion")
+    def confusion() -> dict[str, Any]:
+        res = need_run()
+        return {"classes": res.classes, "matrix": res.confusion}
+
+    @app.get("/api/analysis")
+    def analysis_status() -> dict[str, Any]:
+        return analyzer.status()
+
+    @app.post("/api/analysis")
+    def analysis_start() -> dict[str, Any]:
+        return dict(analyzer.status(), started=analyzer.start())
+
+    def scored(kind: Literal["suspects", "unlabeled"], page: int, per_page: int) -> dict[str, Any]:
+        r = analyzer.result
+        present = index.present()
+        items = [s for s in getattr(r, kind) if s["path"] in present] if r else []
+        return _page(items, page, per_page, classes=r.classes if r else [], analysis=analyzer.status())
+
+    @app.get("/api/suspects")
+    def suspects(page: Page = 1, per_page: PerPage = 60) -> dict[str, Any]:
+        return scored("suspects", page, per_page)
+
+    @app.get("/api/unlabeled")
+    def unlabeled(page: Page = 1, per_page: PerPage = 60) -> dict[str, Any]:
+        return scored("unlabeled", page, per_page)
+
+    app.mount("/static", StaticFiles(directory=static_dir()), name="static")
+    return app

@@ -1,0 +1,62 @@
+"""``imgclf ui DATA_DIR [--run RUN_DIR] [--port 8001]``: the review web app."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from imgclf.cli import add_config_args
+
+UI_SECTIONS = ("backbone", "features", "classifier")
+
+
+def _ui(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from imgclf.bundle import Bundle
+    from imgclf.config import Config
+    from imgclf.ui.app import create_app
+
+    backbone = None
+    if args.config:
+        base = Config.from_file(args.config)
+    elif args.run:
+        config_file = Path(args.run) / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{config_file} not found: give a run folder written by `imgclf train`")
+        base = Config.model_validate(json.loads(config_file.read_text(encoding="utf-8")))
+    else:
+        base = Config()
+    if args.run:
+        bundle = Bundle.load(args.run)
+        if bundle.backbone_state is not None:  # fine-tuned: score with the run's own features
+            backbone = bundle.build_backbone()
+    flat = {k.removeprefix("cfg__"): v for k, v in vars(args).items() if k.startswith("cfg__")}
+    cfg = base.updated(**flat, data_root=Path(args.data_dir))
+    app = create_app(
+        Path(args.data_dir),
+        Path(args.run) if args.run else None,
+        cfg,
+        backbone=backbone,
+        analyse_on_start=args.analysis,
+    )
+    print(f"imgclf review app: http://{args.host}:{args.port}/")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ui", help="Review web app: browse, relabel (undoable), results, label errors, labelling.")
+    p.add_argument("data_dir", help="Data folder: one sub-folder per class, optional unlabeled/ sub-folder.")
+    p.add_argument("--run", metavar="RUN_DIR", help="Run folder whose results to show (its config is used too).")
+    p.add_argument("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0 for all). [default: 127.0.0.1]")
+    p.add_argument("--port", type=int, default=8001, help="Port to listen on. [default: 8001]")
+    p.add_argument(
+        "--analysis",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Compute label-error and active-learning scores in the background at start. [default: on]",
+    )
+    add_config_args(p, UI_SECTIONS)
+    p.set_defaults(func=_ui)

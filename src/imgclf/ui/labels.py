@@ -1,0 +1,195 @@
+"""Relabelling by moving files between class folders, journaled and undoable; label-error and uncertainty scores.
+
+Every move is appended to ``<data>/.imgclf-journal.jsonl`` (``from``, ``to``, ``sha256``) before it happens;
+:meth:`RelabelJournal.undo` moves files back. Nothing is ever deleted or overwritten: a name already taken in
+the target folder gets a free ``-1``, ``-2``... suffix, recorded in the journal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+from sklearn.model_selection import StratifiedKFold
+
+from imgclf.data.io import IMAGE_EXTENSIONS
+from imgclf.datatools.journal import move_no_overwrite
+from imgclf.utils import file_sha256
+
+JOURNAL_FILE = ".imgclf-journal.jsonl"
+
+
+class UnsafePathError(ValueError):
+    """A path that is not a plain relative path inside the data folder."""
+
+
+class RelabelError(ValueError):
+    """A move that cannot be done; the message says why."""
+
+
+def safe_rel(root: Path, rel: str) -> Path:
+    """``root / rel`` if ``rel`` is a relative POSIX path to a visible file inside ``root``; else raise."""
+    parts = PurePosixPath(rel).parts
+    if not rel or "\\" in rel or "\x00" in rel or PurePosixPath(rel).is_absolute():
+        raise UnsafePathError(f"not a relative path: {rel!r}")
+    if any(p in ("..", ".") or p.startswith(".") for p in parts):
+        raise UnsafePathError(f"path outside the data folder or hidden: {rel!r}")
+    path = root / Path(*parts)
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise UnsafePathError(f"path leads outside the data folder: {rel!r}")
+    return path
+
+
+def list_images(root: Path) -> dict[str, list[str]]:
+    """Image paths (relative, sorted) per top-level folder: class folders and ``unlabeled``; hidden ones skipped."""
+    out: dict[str, list[str]] = {}
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        rels = []
+        for dirpath, dirnames, filenames in os.walk(d):
+            dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
+            base = Path(dirpath).relative_to(root).as_posix()
+            rels.extend(
+                f"{base}/{n}" for n in filenames if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_EXTENSIONS
+            )
+        out[d.name] = sorted(rels)
+    return out
+
+
+@dataclass
+class UndoReport:
+    """Moves undone (their records) and problems that left a file where it was."""
+
+    undone: list[dict[str, Any]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+class RelabelJournal:
+    """Moves images between class folders of ``root``, journaling each move; undo the last or all."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).resolve()
+        self.path = self.root / JOURNAL_FILE
+        self._lock = threading.Lock()
+
+    def _append(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def active(self) -> list[dict[str, Any]]:
+        """Move records not undone yet, oldest first (unreadable lines are skipped)."""
+        if not self.path.is_file():
+            return []
+        moves: dict[str, dict[str, Any]] = {}
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+                if rec["op"] == "move":
+                    moves[rec["id"]] = rec
+                elif rec["op"] == "undo":
+                    moves.pop(rec["id"], None)
+            except (ValueError, KeyError, TypeError):
+                continue
+        return list(moves.values())
+
+    def _free_name(self, folder: Path, name: str) -> Path:
+        target, stem, suffix, n = folder / name, Path(name).stem, Path(name).suffix, 0
+        while target.exists():
+            n += 1
+            target = folder / f"{stem}-{n}{suffix}"
+        return target
+
+    def move(self, rel: str, label: str, classes: list[str]) -> dict[str, Any]:
+        """Move the image ``rel`` into the folder of class ``label``; return the journal record."""
+        if label not in classes:
+            raise RelabelError(f"unknown class {label!r}; classes: {', '.join(classes)}")
+        src = safe_rel(self.root, rel)
+        if not src.is_file():
+            raise FileNotFoundError(f"no image {rel!r} in {self.root}")
+        current = PurePosixPath(rel).parts[0]
+        if current == label:
+            raise RelabelError(f"{rel} is already in class {label!r}")
+        with self._lock:
+            for _ in range(3):  # another process may take the free name between the check and the move
+                dst = self._free_name(self.root / label, src.name)
+                record = {
+                    "op": "move",
+                    "id": uuid.uuid4().hex[:12],
+                    "time": datetime.now(UTC).isoformat(timespec="seconds"),
+                    "from": rel,
+                    "to": dst.relative_to(self.root).as_posix(),
+                    "sha256": file_sha256(src),
+                }
+                self._append(record)
+                try:
+                    move_no_overwrite(src, dst)
+                except FileExistsError:
+                    self._append({"op": "undo", "id": record["id"], "note": "target taken, not moved"})
+                    continue
+                return record
+        raise RelabelError(f"could not find a free name for {src.name} in {label}/")
+
+    def undo(self, everything: bool = False) -> UndoReport:
+        """Move back the last move not undone yet (or all of them, newest first)."""
+        report = UndoReport()
+        with self._lock:
+            moves = self.active()
+            for rec in reversed(moves if everything else moves[-1:]):
+                try:
+                    src, back = safe_rel(self.root, rec["to"]), safe_rel(self.root, rec["from"])
+                except UnsafePathError as e:
+                    report.problems.append(f"journal record {rec['id']}: {e}")
+                    continue
+                if not src.is_file():
+                    report.problems.append(f"{rec['to']} is missing: cannot move it back to {rec['from']}")
+                    continue
+                if back.exists():
+                    report.problems.append(f"{rec['from']} exists: not overwritten; {rec['to']} stays")
+                    continue
+                digest = file_sha256(src)
+                try:
+                    move_no_overwrite(src, back)
+                except OSError as e:
+                    report.problems.append(f"{rec['to']}: not moved back ({e})")
+                    continue
+                note = {} if digest == rec.get("sha256") else {"note": "content changed since the move"}
+                self._append({"op": "undo", "id": rec["id"], "time": datetime.now(UTC).isoformat(), **note})
+                report.undone.append(rec)
+        return report
+
+
+def out_of_fold_proba(
+    x: np.ndarray, y: np.ndarray, n_classes: int, make_head: Callable[[], Any], folds: int = 5, seed: int = 0
+) -> np.ndarray:
+    """Probabilities of every class for every sample from a head that never saw it (stratified k-fold).
+
+    Classes with fewer samples than folds are still scored; a class absent from a training fold gets 0.
+    """
+    proba = np.zeros((len(y), n_classes))
+    k = int(max(2, min(folds, np.bincount(y, minlength=n_classes)[np.unique(y)].min())))
+    for train, test in StratifiedKFold(k, shuffle=True, random_state=seed).split(x, y):
+        if len(np.unique(y[train])) < 2:
+            continue
+        head = make_head().fit(x[train], y[train])
+        proba[np.ix_(test, head.classes_)] = head.predict_proba(x[test])
+    return proba
+
+
+def label_error_order(proba: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Sample indices, most suspect first: lowest out-of-fold probability of the given label."""
+    return np.argsort(proba[np.arange(len(y)), y], kind="stable")
+
+
+def margins(proba: np.ndarray) -> np.ndarray:
+    """Best minus second-best probability per row (small: the classifier hesitates)."""
+    top2 = np.sort(proba, axis=1)[:, -2:]
+    return top2[:, 1] - top2[:, 0]

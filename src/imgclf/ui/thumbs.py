@@ -1,0 +1,54 @@
+"""Thumbnails made once and cached on disk, keyed by image content (SHA-256) and size."""
+
+from __future__ import annotations
+
+import io
+import threading
+from pathlib import Path
+
+from PIL import Image
+
+from imgclf.data.io import open_rgb
+from imgclf.features.extract import default_cache_dir
+from imgclf.utils import atomic_write_bytes, file_sha256
+
+
+class ThumbCache:
+    """``root/<sha[:2]>/<sha>-<size>.jpg``: JPEG thumbnails whose longer side is ``size`` pixels at most."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = Path(root) if root is not None else default_cache_dir() / "thumbs"
+        self._digests: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> sha256
+        self._lock = threading.Lock()
+
+    def digest(self, path: Path) -> str:
+        """SHA-256 of the file, remembered while its size and modification time stay the same."""
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        with self._lock:
+            known = self._digests.get(key)
+        if known is None:
+            known = file_sha256(path)
+            with self._lock:
+                self._digests[key] = known
+        return known
+
+    def get(self, path: Path, size: int) -> Path:
+        """The thumbnail file of ``path``, made on first use (raises ImageError for undecodable images)."""
+        digest = self.digest(path)
+        thumb = self.root / digest[:2] / f"{digest}-{size}.jpg"
+        if not thumb.is_file():
+            im = open_rgb(path, draft_to=size)
+            im.thumbnail((size, size), Image.Resampling.LANCZOS)
+            buf = io.BytesIO()
+            im.save(buf, "JPEG", quality=85)
+            atomic_write_bytes(thumb, buf.getvalue())
+        return thumb
+
+    def preview(self, path: Path, size: int = 2048) -> bytes:
+        """A JPEG of the whole image (upright, longer side at most ``size``) for formats browsers cannot show."""
+        im = open_rgb(path, draft_to=size)
+        im.thumbnail((size, size), Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=90)
+        return buf.getvalue()

@@ -1,0 +1,196 @@
+"""Exported models match the PyTorch bundle and run where neither torch nor imgclf can be imported."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import make_folder
+from PIL import Image
+
+from imgclf.backbones import create_backbone
+from imgclf.bundle import Bundle
+from imgclf.cli import main
+from imgclf.data.io import load_for_model
+from imgclf.export import ExportError, export_model
+from imgclf.heads.linear import LinearHead
+
+# Runs an exported model with torch and imgclf made unimportable: the sidecar and the file must be enough.
+BLOCKED_RUNNER = r"""
+import importlib.abc, json, sys
+
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "imgclf"):
+            raise ImportError(f"{name} is blocked in this test")
+
+sys.meta_path.insert(0, Block())
+import numpy as np
+
+model, sidecar, images, out = sys.argv[1:5]
+meta = json.load(open(sidecar))
+x = np.load(images)
+assert x.shape[1:] == (meta["resolution"], meta["resolution"], 3) and x.dtype == np.uint8
+if model.endswith(".onnx"):
+    import onnxruntime as ort
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    probs = session.run(None, {session.get_inputs()[0].name: x})[0]
+else:
+    import openvino as ov
+    probs = ov.Core().compile_model(model, "CPU", meta["openvino_config"])([x])[0]
+np.save(out, np.asarray(probs))
+print(json.dumps({"torch_imported": "torch" in sys.modules, "imgclf_imported": "imgclf" in sys.modules}))
+"""
+
+
+def make_bundle(run_dir: Path, config: dict | None = None) -> Bundle:
+    """A real efficientnet_lite0 bundle with a fixed random head over three classes."""
+    w = np.random.default_rng(0).normal(0, 4, (3, 1280)).astype(np.float32)
+    bundle = Bundle(["cat", "dog", "fish"], create_backbone("efficientnet_lite0").spec(),
+                    LinearHead(w, np.zeros(3, np.float32), True), "svm", config or {})
+    bundle.save(run_dir)
+    return bundle
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("export-run")
+    make_bundle(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def check_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("check-images")
+    rng = np.random.default_rng(1)
+    for i in range(8):
+        im = Image.fromarray(rng.integers(0, 256, (5, 5, 3), dtype=np.uint8)).resize((200 + 10 * i, 150))
+        im.save(folder / f"{i}.{'png' if i % 2 else 'jpg'}")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def arrays(run_dir: Path, check_dir: Path) -> np.ndarray:
+    pre = Bundle.load(run_dir).preprocess
+    return np.stack([load_for_model(p, pre) for p in sorted(check_dir.iterdir())])
+
+
+@pytest.fixture(scope="module")
+def reference(run_dir: Path, arrays: np.ndarray) -> np.ndarray:
+    with torch.inference_mode():
+        return Bundle.load(run_dir).classifier_net()(torch.from_numpy(arrays)).numpy()
+
+
+def run_without_torch(model: Path, sidecar: Path, arrays: np.ndarray, tmp_path: Path) -> np.ndarray:
+    np.save(tmp_path / "x.npy", arrays)
+    proc = subprocess.run([sys.executable, "-c", BLOCKED_RUNNER, str(model), str(sidecar), str(tmp_path / "x.npy"),
+                           str(tmp_path / "p.npy")], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"torch_imported": False, "imgclf_imported": False}
+    return np.load(tmp_path / "p.npy")
+
+
+def check_sidecar(sidecar: Path, fmt: str, files: list[str]) -> dict:
+    meta = json.loads(sidecar.read_text())
+    assert meta["classes"] == ["cat", "dog", "fish"] and meta["export_format"] == fmt
+    assert (meta["resolution"], meta["crop_pct"], meta["interpolation"]) == (224, 0.875, "bicubic")
+    assert meta["input"]["dtype"] == "uint8" and meta["input"]["layout"] == "NHWC"
+    assert meta["files"] == files and meta["parity"]["passed"]
+    return meta
+
+
+@pytest.mark.parametrize(("fmt", "name"), [("onnx", "model.onnx"), ("openvino", "model.xml")])
+def test_export_matches_torch_and_runs_without_it(fmt: str, name: str, run_dir: Path, check_dir: Path,
+                                                  arrays: np.ndarray, reference: np.ndarray, tmp_path: Path) -> None:
+    out = tmp_path / "export" / name
+    result = export_model(run_dir, fmt, out, check_images=check_dir)  # type: ignore[arg-type]
+    assert result.parity.passed and result.parity.n_images == 8 and result.parity.max_abs_diff <= 1e-3
+    files = ["model.bin", "model.xml"] if fmt == "openvino" else ["model.onnx"]
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted([*files, "model.json"])  # no scratch left
+    check_sidecar(out.with_suffix(".json"), fmt, files)
+    probs = run_without_torch(out, out.with_suffix(".json"), arrays, tmp_path)
+    assert probs.shape == (8, 3)
+    assert np.abs(probs - reference).max() <= 1e-3
+    assert (probs.argmax(1) == reference.argmax(1)).all()
+
+
+def test_torchscript_export_checks_on_the_test_split(tmp_path: Path, check_dir: Path) -> None:
+    """Without --check-images, parity is checked on the run's test split (paths relative to data_root)."""
+    data = tmp_path / "data"
+    rows = ["path,label,split"]
+    for i, src in enumerate(sorted(check_dir.iterdir())):
+        (data / "cat").mkdir(parents=True, exist_ok=True)
+        (data / "cat" / src.name).write_bytes(src.read_bytes())
+        rows.append(f"cat/{src.name},cat,{'test' if i < 5 else 'train'}")
+    run = tmp_path / "run"
+    make_bundle(run, {"data": {"data_root": str(data)}})
+    (run / "split.csv").write_text("\n".join(rows) + "\n")
+    assert main(["export", str(run), "--format", "torchscript", "--out", str(tmp_path / "m.pt")]) == 0
+    meta = check_sidecar(tmp_path / "m.json", "torchscript", ["m.pt"])
+    assert meta["parity"]["source"] == "test split" and meta["parity"]["n_images"] == 5
+    module = torch.jit.load(str(tmp_path / "m.pt"))
+    x = np.stack([load_for_model(data / "cat" / src.name, Bundle.load(run).preprocess)
+                  for src in sorted(check_dir.iterdir())])
+    with torch.inference_mode():
+        expected = Bundle.load(run).classifier_net()(torch.from_numpy(x)).numpy()
+        assert np.abs(module(torch.from_numpy(x)).numpy() - expected).max() <= 1e-3
+
+
+def test_parity_failure_exits_non_zero_and_writes_nothing(run_dir: Path, check_dir: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    import imgclf.export as export
+
+    real = export.run_exported
+    monkeypatch.setattr(export, "run_exported", lambda *a, **k: np.roll(real(*a, **k), 1, axis=1))
+    out = tmp_path / "out" / "m.pt"
+    code = main(["export", str(run_dir), "--format", "torchscript", "--out", str(out), "--check-images", str(check_dir)])
+    assert code != 0
+    assert "parity check failed" in capsys.readouterr().err
+    assert list(out.parent.iterdir()) == []  # neither the model, nor the sidecar, nor scratch files
+
+
+def test_unsupported_requests_are_refused(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ExportError, match="onnx export supports precision fp32, int8"):
+        export_model(run_dir, "onnx", tmp_path / "m.onnx", "bf16")
+    with pytest.raises(ExportError, match=r"must end in \.xml"):
+        export_model(run_dir, "openvino", tmp_path / "m.onnx")
+    assert main(["export", str(run_dir), "--format", "torchscript", "--precision", "int8",
+                 "--out", str(tmp_path / "m.pt")]) == 2
+    assert "torchscript export supports precision fp32" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_openvino_bf16_export_agrees_on_top1(run_dir: Path, check_dir: Path, tmp_path: Path) -> None:
+    result = export_model(run_dir, "openvino", tmp_path / "bf16.xml", "bf16", check_images=check_dir)
+    assert result.parity.passed and result.parity.top1_agreement >= 0.99
+    meta = json.loads(result.sidecar.read_text())
+    assert meta["precision"] == "bf16" and meta["openvino_config"] == {"INFERENCE_PRECISION_HINT": "bf16"}
+    fp32_weights = 4 * sum(p.numel() for p in Bundle.load(run_dir).classifier_net().parameters())
+    assert (tmp_path / "bf16.bin").stat().st_size < 0.6 * fp32_weights  # weights stored in 16 bits
+
+
+@pytest.mark.slow
+def test_openvino_int8_export_with_nncf(tmp_path: Path) -> None:
+    """int8 (NNCF) on a head fitted to real features: the top-1 class agrees with the fp32 bundle."""
+    pytest.importorskip("nncf")
+    data = make_folder(tmp_path / "data", n=8)
+    classes = sorted(p.name for p in data.iterdir())
+    backbone = create_backbone("efficientnet_lite0")
+    files = sorted(data.rglob("*.jpg"))
+    with torch.inference_mode():
+        x = np.stack([load_for_model(f, backbone.preprocess) for f in files])
+        feats = torch.nn.functional.normalize(backbone.feature_net()(torch.from_numpy(x)), dim=1).numpy()
+    labels = np.array([classes.index(f.parent.name) for f in files])
+    centroids = np.stack([feats[labels == k].mean(0) for k in range(len(classes))])
+    Bundle(classes, backbone.spec(), LinearHead(20 * centroids, np.zeros(len(classes)), True)).save(tmp_path / "run")
+    result = export_model(tmp_path / "run", "openvino", tmp_path / "q.xml", "int8", check_images=data)
+    assert result.parity.passed and result.parity.n_images == len(files)
+    fp32_weights = 4 * sum(p.numel() for p in backbone.model.parameters())
+    assert (tmp_path / "q.bin").stat().st_size < 0.4 * fp32_weights  # weights stored in 8 bits

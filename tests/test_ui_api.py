@@ -1,0 +1,268 @@
+"""The review app's HTTP API, against a real uvicorn server on a free 127.0.0.1 port."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from helpers import draw_image, make_folder, shared_dataset
+from PIL import Image
+
+from imgclf.config import Config
+from imgclf.pipeline import train
+from imgclf.ui.analysis import analyse
+from imgclf.ui.app import create_app
+from imgclf.ui.labels import JOURNAL_FILE
+from imgclf.utils import file_sha256
+
+CLASSES = ["circles", "squares", "stripes"]
+
+
+class Server:
+    """A uvicorn server for an app, in a thread; ``url`` is its base URL."""
+
+    def __init__(self, app: object) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> Server:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def make_review_data(tmp: Path) -> tuple[Path, Path, Config]:
+    """A 3-class folder with 12 images each and 4 unlabeled images, and a tiny trained run on it."""
+    data = make_folder(tmp / "data", n=12)
+    rng = np.random.default_rng(7)
+    (data / "unlabeled").mkdir()
+    for i, kind in enumerate(["circles", "squares", "stripes", "circles"]):
+        draw_image(kind, rng).save(data / "unlabeled" / f"new_{i}.jpg")
+    cfg = Config().updated(
+        data_root=data, out=tmp / "run", resolution=64, progress=False, tracking=False, cache_dir=tmp / "cache"
+    )
+    train(cfg)
+    return data, tmp / "run", cfg
+
+
+def sha_map(root: Path) -> dict[str, str]:
+    """Every visible file under ``root`` (relative path -> SHA-256); the journal and hidden folders are left out."""
+    return {
+        p.relative_to(root).as_posix(): file_sha256(p)
+        for p in root.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    }
+
+
+def wait_analysis(client: httpx.Client, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while (s := client.get("/api/analysis").json())["state"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert s["state"] == "done", s
+    return s
+
+
+@pytest.fixture(scope="session")
+def review_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Config]:
+    """Shared with the browser tests (tests/test_ui.py): every test leaves the files as it found them."""
+    return make_review_data(tmp_path_factory.mktemp("review"))
+
+
+@pytest.fixture(scope="module")
+def review(review_data: tuple[Path, Path, Config]) -> Iterator[tuple[httpx.Client, Path]]:
+    data, run, cfg = review_data
+    with Server(create_app(data, run, cfg)) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+        yield client, data
+
+
+def test_info_and_listing(review: tuple[httpx.Client, Path]) -> None:
+    client, _ = review
+    info = client.get("/api/info").json()
+    assert info["classes"] == CLASSES
+    assert info["counts"] == {"circles": 12, "squares": 12, "stripes": 12, "unlabeled": 4}
+    assert info["run"]["classes"] == CLASSES
+    assert client.get("/").status_code == 200
+    assert "imgclf review" in client.get("/").text
+    assert client.get("/static/app.js").status_code == 200
+
+
+def test_paging(review: tuple[httpx.Client, Path]) -> None:
+    client, _ = review
+    seen: list[str] = []
+    for page in (1, 2, 3):
+        data = client.get("/api/images", params={"label": "squares", "page": page, "per_page": 5}).json()
+        assert data["total"] == 12
+        seen += [it["path"] for it in data["items"]]
+    assert seen == sorted(seen) and len(set(seen)) == 12 and all(p.startswith("squares/") for p in seen)
+    assert client.get("/api/images", params={"label": "squares", "page": 4, "per_page": 5}).json()["items"] == []
+    assert client.get("/api/images", params={"label": "squares", "per_page": 0}).status_code == 422
+    assert client.get("/api/images", params={"label": "nope"}).status_code == 404
+
+
+def test_thumbnail_and_full_image(review: tuple[httpx.Client, Path]) -> None:
+    client, data = review
+    r = client.get("/api/thumb", params={"path": "circles/circles_00.jpg", "size": 48})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+    with Image.open(io.BytesIO(r.content)) as im:
+        assert max(im.size) == 48
+    assert client.get("/api/thumb", params={"path": "circles/circles_00.jpg", "size": 48}).content == r.content
+    full = client.get("/api/image", params={"path": "circles/circles_00.jpg"})
+    assert full.content == (data / "circles" / "circles_00.jpg").read_bytes()
+    assert client.get("/api/thumb", params={"path": "circles/missing.jpg"}).status_code == 404
+
+
+def test_relabel_and_undo_leave_files_byte_identical(review: tuple[httpx.Client, Path]) -> None:
+    client, data = review
+    before = sha_map(data)
+    a = client.post("/api/relabel", json={"path": "circles/circles_03.jpg", "label": "stripes"})
+    b = client.post("/api/relabel", json={"path": "unlabeled/new_1.jpg", "label": "squares"})
+    assert a.status_code == 200 and b.status_code == 200, (a.text, b.text)
+    assert a.json()["to"] == "stripes/circles_03.jpg" and b.json()["to"] == "squares/new_1.jpg"
+    assert a.json()["sha256"] == before["circles/circles_03.jpg"]
+    assert not (data / "circles" / "circles_03.jpg").exists() and (data / "stripes" / "circles_03.jpg").is_file()
+    counts = client.get("/api/info").json()["counts"]
+    assert counts["circles"] == 11 and counts["stripes"] == 13 and counts["unlabeled"] == 3
+    records = [json.loads(line) for line in (data / JOURNAL_FILE).read_text().splitlines()]
+    assert [(r["from"], r["to"]) for r in records] == [
+        ("circles/circles_03.jpg", "stripes/circles_03.jpg"),
+        ("unlabeled/new_1.jpg", "squares/new_1.jpg"),
+    ]
+    assert len(client.get("/api/journal").json()["items"]) == 2
+    last = client.post("/api/undo", json={}).json()
+    assert [m["to"] for m in last["undone"]] == ["squares/new_1.jpg"] and not last["problems"]
+    assert (data / "unlabeled" / "new_1.jpg").is_file()
+    rest = client.post("/api/undo", json={"all": True}).json()
+    assert [m["to"] for m in rest["undone"]] == ["stripes/circles_03.jpg"]
+    assert sha_map(data) == before
+    assert client.post("/api/undo", json={"all": True}).json()["undone"] == []
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["../data/circles/circles_00.jpg", "circles/../../x.jpg", "/etc/passwd", ".imgclf-journal.jsonl", "..", ""],
+)
+def test_refuses_paths_outside_the_data(review: tuple[httpx.Client, Path], path: str) -> None:
+    client, data = review
+    before = sha_map(data)
+    assert client.post("/api/relabel", json={"path": path, "label": "squares"}).status_code == 400
+    assert client.get("/api/thumb", params={"path": path}).status_code == 400
+    assert client.get("/api/image", params={"path": path}).status_code == 400
+    assert sha_map(data) == before
+
+
+def test_refuses_bad_moves(review: tuple[httpx.Client, Path]) -> None:
+    client, data = review
+    before = sha_map(data)
+    assert client.post("/api/relabel", json={"path": "circles/circles_00.jpg", "label": "circles"}).status_code == 409
+    assert client.post("/api/relabel", json={"path": "circles/circles_00.jpg", "label": "../x"}).status_code == 409
+    assert client.post("/api/relabel", json={"path": "circles/nope.jpg", "label": "squares"}).status_code == 404
+    assert sha_map(data) == before
+
+
+def test_name_clash_gets_a_free_name(tmp_path: Path) -> None:
+    data = make_folder(tmp_path / "data", n=2)
+    shutil.copy(data / "squares" / "squares_00.jpg", data / "circles" / "squares_00.jpg")
+    before = sha_map(data)
+    with Server(create_app(data, analyse_on_start=False)) as server, httpx.Client(base_url=server.url) as client:
+        rec = client.post("/api/relabel", json={"path": "circles/squares_00.jpg", "label": "squares"}).json()
+        assert rec["to"] == "squares/squares_00-1.jpg"
+        assert sha_map(data)["squares/squares_00.jpg"] == before["squares/squares_00.jpg"]
+        assert client.get("/api/results").status_code == 404  # no run given
+        assert client.post("/api/undo", json={}).json()["problems"] == []
+    assert sha_map(data) == before
+
+
+def test_results_filters_and_sort(review: tuple[httpx.Client, Path]) -> None:
+    client, _ = review
+    every = client.get("/api/results", params={"per_page": 500}).json()
+    right = client.get("/api/results", params={"outcome": "right", "per_page": 500}).json()
+    wrong = client.get("/api/results", params={"outcome": "wrong", "per_page": 500}).json()
+    assert every["total"] == right["total"] + wrong["total"] > 0
+    assert all(it["correct"] for it in right["items"]) and not any(it["correct"] for it in wrong["items"])
+    conf = [it["confidence"] for it in every["items"]]
+    assert conf == sorted(conf)
+    desc = client.get("/api/results", params={"sort": "confidence_desc", "per_page": 500}).json()
+    assert [it["confidence"] for it in desc["items"]] == sorted(conf, reverse=True)
+    item = every["items"][0]
+    assert len(item["scores"]) == 3 and item["exists"] and abs(sum(item["scores"]) - 1) < 1e-3
+    only = client.get("/api/results", params={"true": "squares", "per_page": 500}).json()
+    assert only["total"] > 0 and all(it["true"] == "squares" for it in only["items"])
+
+
+def test_confusion_cells_list_their_images(review: tuple[httpx.Client, Path]) -> None:
+    client, _ = review
+    cm = client.get("/api/confusion").json()
+    assert cm["classes"] == CLASSES
+    total = 0
+    for i, t in enumerate(cm["classes"]):
+        for j, p in enumerate(cm["classes"]):
+            cell = client.get("/api/results", params={"true": t, "pred": p, "per_page": 500}).json()
+            assert cell["total"] == cm["matrix"][i][j]
+            assert all(it["true"] == t and it["pred"] == p for it in cell["items"])
+            total += cell["total"]
+    assert total == client.get("/api/results").json()["total"]
+
+
+def test_suspects_and_active_learning(review: tuple[httpx.Client, Path]) -> None:
+    client, data = review
+    status = wait_analysis(client)
+    assert status["n_suspects"] == 36 and status["n_unlabeled"] == 4
+    sus = client.get("/api/suspects", params={"per_page": 500}).json()
+    p = [it["p_label"] for it in sus["items"]]
+    assert sus["total"] == 36 and p == sorted(p) and sus["classes"] == CLASSES
+    assert all(it["suggested"] in CLASSES and len(it["scores"]) == 3 for it in sus["items"])
+    unl = client.get("/api/unlabeled").json()
+    margins = [it["margin"] for it in unl["items"]]
+    assert unl["total"] == 4 and margins == sorted(margins)
+    first = unl["items"][0]
+    before = sha_map(data)
+    assert client.post("/api/relabel", json={"path": first["path"], "label": first["suggested"]}).status_code == 200
+    assert client.get("/api/unlabeled").json()["total"] == 3  # labelled images leave the queue
+    client.post("/api/undo", json={})
+    assert sha_map(data) == before
+    assert client.post("/api/analysis").json()["started"] is True
+    assert wait_analysis(client)["runs"] == 2
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+def test_acceptance_flowers5_mislabelled_images_rank_first(tmp_path: Path) -> None:
+    src = shared_dataset("flowers5")
+    data = tmp_path / "flowers5"
+    shutil.copytree(src, data, ignore=shutil.ignore_patterns("*.md", "*.tsv"))
+    classes = sorted(p.name for p in data.iterdir() if p.is_dir())
+    rng = np.random.default_rng(0)
+    moved = []
+    for k in range(8):
+        here, there = classes[k % len(classes)], classes[(k + 1 + k // len(classes)) % len(classes)]
+        files = sorted((data / here).iterdir())
+        f = files[int(rng.integers(len(files)))]
+        f.rename(data / there / f.name)
+        moved.append(f"{there}/{f.name}")
+    result = analyse(data, Config().updated(progress=False))
+    rank = {s["path"]: s["rank"] for s in result.suspects}
+    ranks = sorted(rank[m] for m in moved)
+    print(f"ranks of the {len(moved)} mislabelled images among {len(rank)}: {ranks}")
+    assert sum(r <= 20 for r in ranks) >= 6, ranks
