@@ -21,7 +21,8 @@ demo: $(VENV)/.installed-run
 	$(BIN)/imgclf demo --data demo-data --out runs/demo
 
 test: $(VENV)/.installed-dev
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench docs notebooks
+	$(BIN)/ruff format --check src tests bench docs
 	$(BIN)/python -m pytest -q
 
 bench: $(VENV)/.installed-dev

@@ -89,7 +89,7 @@ def baseline_server(run_dir: str, port: int) -> None:
     def predict(file: UploadFile) -> dict:
         x = decode_image(ImageInput(file.file.read(), "upload"), pre, 100_000_000)  # the service's decoding
         with torch.inference_mode():
-            probs = net(torch.from_numpy(x[None]))[0].numpy()
+            probs = net(torch.from_numpy(x[None].copy()))[0].numpy()
         best = int(probs.argmax())
         return {"predictions": [{"label": bundle.classes[best], "score": float(probs[best]),
                                  "scores": dict(zip(bundle.classes, probs.tolist(), strict=True))}]}

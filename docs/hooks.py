@@ -49,8 +49,7 @@ def parameters_page() -> str:
         if sec != section:
             section = sec
             doc = (Config.model_fields[sec].annotation.__doc__ or "").strip()  # type: ignore[union-attr]
-            lines += ["", f"## {sec}", "", doc, "", "| parameter | type | default | description |",
-                      "|---|---|---|---|"]
+            lines += ["", f"## {sec}", "", doc, "", "| parameter | type | default | description |", "|---|---|---|---|"]
         shown = "none" if default == "null" else f"`{default}`"
         lines.append(f"| `{name}` | `{type_}` | {shown} | {_cell(description)} |")
     return "\n".join(lines) + "\n"
@@ -88,8 +87,11 @@ def _argument_rows(group: argparse._ArgumentGroup) -> list[str]:
         help_text = action.help or ""
         if action.required and action.option_strings:
             help_text += " (required)"
-        elif (action.default not in (None, False, argparse.SUPPRESS) and action.option_strings
-              and "default" not in help_text):
+        elif (
+            action.default not in (None, False, argparse.SUPPRESS)
+            and action.option_strings
+            and "default" not in help_text
+        ):
             help_text += f" [default: {action.default}]"
         rows.append(f"| {_flag(action)} | {_cell(help_text)} |")
     return rows
@@ -108,8 +110,11 @@ def cli_page() -> str:
         "| command | what it does |",
         "|---|---|",
     ]
-    commands = [c for c in _commands(parser, "imgclf") if not any(
-        isinstance(a, argparse._SubParsersAction) for a in c[2]._actions)]
+    commands = [
+        c
+        for c in _commands(parser, "imgclf")
+        if not any(isinstance(a, argparse._SubParsersAction) for a in c[2]._actions)
+    ]
     lines += [f"| [`{cmd}`](#{cmd.replace(' ', '-')}) | {_cell(help_text)} |" for cmd, help_text, _ in commands]
     lines += ["", "Every command also takes `-v` / `--verbose` (before the command) for more log output."]
     for cmd, help_text, sub in commands:

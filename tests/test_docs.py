@@ -16,14 +16,19 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_docs_build_strict(tmp_path: Path):
     pytest.importorskip("mkdocs")
     site = tmp_path / "site"
-    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
-                          cwd=ROOT, capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     parameters = (site / "parameters" / "index.html").read_text(encoding="utf-8")
     for section, name, *_ in parameter_table():
         assert f'id="{section}"' in parameters and f"<code>{name}</code>" in parameters, name
     cli = (site / "cli" / "index.html").read_text(encoding="utf-8")
     for command in ("imgclf train", "imgclf runs compare", "imgclf runs list", "imgclf runs ui"):
-        assert f"<h2 id=\"{command.replace(' ', '-')}\">{command}" in cli, command
+        assert f'<h2 id="{command.replace(" ", "-")}">{command}' in cli, command
     for page in ("getting-started", "data", "tuning", "tracking", "deployment", "data-tools", "finetuning"):
         assert (site / page / "index.html").is_file(), page

@@ -36,10 +36,15 @@ def _cfg(data: Path, out: Path, **kw: object) -> Config:
     return Config().updated(**{**base, **kw})
 
 
+def _log(run: Path) -> list[dict[str, str]]:
+    with open(run / "finetune_log.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def test_dnn_end_to_end(demo: Path, tmp_path: Path) -> None:
     res = train(_cfg(demo, tmp_path / "run"))
     run = res.run_dir
-    rows = list(csv.DictReader(open(run / "finetune_log.csv")))
+    rows = _log(run)
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert set(rows[0]) == {"epoch", "lr", "train_loss", "train_error", "val_loss", "val_error", "img_per_s",
                             "seconds"}
@@ -62,9 +67,9 @@ def test_resume_after_interruption(demo: Path, tmp_path: Path, monkeypatch: pyte
     assert (tmp_path / "run" / "finetune_ckpt.pt").exists()
     monkeypatch.setattr(imgclf.finetune, "finetune", original)
     res = train(cfg.updated(resume=True))
-    rows = list(csv.DictReader(open(res.run_dir / "finetune_log.csv")))
+    rows = _log(res.run_dir)
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
-    classes, preds = predict(res.run_dir, [demo])
+    _, preds = predict(res.run_dir, [demo])
     assert all(p.scores is not None for p in preds)
 
 

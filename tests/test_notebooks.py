@@ -33,6 +33,7 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
         pytest.skip(f"{path.name} needs {needed}, which is not in this checkout")
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # the notebooks write into tempfile.mkdtemp() folders
     notebook = nbformat.read(path, as_version=4)
-    client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
-                                     resources={"metadata": {"path": str(tmp_path)}})
+    client = nbclient.NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
     client.execute()

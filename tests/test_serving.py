@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -267,6 +268,23 @@ def test_concurrent_requests_are_batched_and_correct(client: httpx.Client, image
     assert after["images"] - before["images"] == 64
     assert after["batches"] - before["batches"] < 64  # several requests shared forward passes
     assert 1 < after["largest_batch"] <= 8
+
+
+def test_example_client(base_url: str, images: list[bytes], reference: np.ndarray, tmp_path: Path) -> None:
+    """examples/client.py (standard library only) prints the label, score and both timings."""
+    (tmp_path / "a.jpg").write_bytes(images[2])
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    client = Path(__file__).resolve().parents[1] / "examples" / "client.py"
+    label = ["cat", "dog", "fish"][int(np.argmax(reference[2]))]
+    for extra in ([], ["--tutorial"]):
+        proc = subprocess.run([sys.executable, str(client), str(tmp_path / "a.jpg"), str(tmp_path / "bad.jpg"),
+                               "--url", base_url, "--api-key", API_KEY, *extra],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 1  # one of the two images failed
+        found = re.search(rf"a\.jpg: {label} \((0\.\d+)\)", proc.stdout)
+        assert found and float(found[1]) == pytest.approx(reference[2].max(), abs=2e-3), proc.stdout
+        assert re.search(r"round trip [\d.]+ ms, of which [\d.]+ ms in the server", proc.stdout)
+        assert re.search(r"bad\.jpg: HTTP 422: (images|input_df)\[0\]: ", proc.stdout)
 
 
 def test_micro_batcher_batches_and_survives_model_errors() -> None:

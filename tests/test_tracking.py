@@ -36,9 +36,22 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """URL of an `mlflow server` on a free local port; started first so that it boots while runs train."""
     root = tmp_path_factory.mktemp("mlflow-server")
     port = _free_port()
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-           "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{root}/mlflow.db",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     with open(root / "server.log", "wb") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     yield f"http://127.0.0.1:{port}"
@@ -75,8 +88,15 @@ def work(tmp_path_factory: pytest.TempPathFactory, server: str) -> Iterator[Path
 @pytest.fixture(scope="module")
 def base_cfg(work: Path) -> Config:
     data = make_folder(work / "data", n=8)
-    return Config().updated(data_root=data, resolution=96, cache_dir=work / "cache", flip_tta=False,
-                            svm_c_grid=[1.0], cv_folds=2, progress=False)
+    return Config().updated(
+        data_root=data,
+        resolution=96,
+        cache_dir=work / "cache",
+        flip_tta=False,
+        svm_c_grid=[1.0],
+        cv_folds=2,
+        progress=False,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +127,16 @@ def test_train_and_evaluate_land_in_local_store(two_runs: tuple[RunResult, RunRe
     run = runs[0]
     assert run.data.params["l2_normalize"] == "true" and run.data.params["svm_c_grid"] == "[1.0]"
     assert run.data.params["train_fraction"] == "0.75"
-    assert {"overall_accuracy", "class_averaged_accuracy", "acc_circles", "auc_macro", "auc_squares",
-            "n_train", "n_test", "time_total_s"} <= set(run.data.metrics)
+    assert {
+        "overall_accuracy",
+        "class_averaged_accuracy",
+        "acc_circles",
+        "auc_macro",
+        "auc_squares",
+        "n_train",
+        "n_test",
+        "time_total_s",
+    } <= set(run.data.metrics)
     assert run.data.metrics["n_test"] == two_runs[0].metrics["n_test"]
     tags = run.data.tags
     assert (tags["dataset"], tags["classifier"], tags["backbone"]) == ("data", "svm", "efficientnet_lite0")
@@ -121,16 +149,17 @@ def test_train_and_evaluate_land_in_local_store(two_runs: tuple[RunResult, RunRe
     assert runs[2].data.metrics["n_test"] == runs[2].data.metrics["n_train"]
 
 
-def test_runs_list_and_compare(two_runs: tuple[RunResult, RunResult], work: Path,
-                               capsys: pytest.CaptureFixture[str]):
+def test_runs_list_and_compare(two_runs: tuple[RunResult, RunResult], work: Path, capsys: pytest.CaptureFixture[str]):
     assert main(["runs", "list", "--csv", "list.csv"]) == 0
     ids = [line.split(",")[0] for line in (work / "list.csv").read_text().splitlines()[1:]]
     train_a = _runs("sqlite:///mlflow.db")[0].info.run_id
     assert train_a in ids
     capsys.readouterr()
     # A run id prefix (as `runs list` shows it) and a run folder.
-    assert main(["runs", "compare", train_a[:8], str(work / "runs" / "b"), "--markdown", "cmp.md",
-                 "--csv", "cmp.csv"]) == 0
+    assert (
+        main(["runs", "compare", train_a[:8], str(work / "runs" / "b"), "--markdown", "cmp.md", "--csv", "cmp.csv"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "l2_normalize" in out and "svm_c_grid" in out and "train_fraction" not in out
     assert "circles" in out and "overall_accuracy" in out
@@ -144,8 +173,9 @@ def test_runs_list_and_compare(two_runs: tuple[RunResult, RunResult], work: Path
     assert any(r.startswith("class accuracy,circles,") for r in rows)
 
 
-def test_no_tracking_and_failures_never_break_runs(two_runs: tuple[RunResult, RunResult], base_cfg: Config,
-                                                   work: Path, caplog: pytest.LogCaptureFixture):
+def test_no_tracking_and_failures_never_break_runs(
+    two_runs: tuple[RunResult, RunResult], base_cfg: Config, work: Path, caplog: pytest.LogCaptureFixture
+):
     before = len(_runs("sqlite:///mlflow.db"))
     train(base_cfg.updated(out=work / "runs" / "off", tracking=False))
     assert len(_runs("sqlite:///mlflow.db")) == before
@@ -155,8 +185,7 @@ def test_no_tracking_and_failures_never_break_runs(two_runs: tuple[RunResult, Ru
     assert "run not recorded" in caplog.text
 
 
-def test_runs_land_on_tracking_server(server: str, base_cfg: Config, work: Path,
-                                      monkeypatch: pytest.MonkeyPatch):
+def test_runs_land_on_tracking_server(server: str, base_cfg: Config, work: Path, monkeypatch: pytest.MonkeyPatch):
     _wait_for(server)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
     result = train(base_cfg.updated(out=work / "runs" / "remote"))
@@ -167,6 +196,5 @@ def test_runs_land_on_tracking_server(server: str, base_cfg: Config, work: Path,
 
 
 def test_mlflow_is_imported_lazily():
-    code = ("import sys, imgclf.cli, imgclf.tracking; "
-            "imgclf.cli.build_parser(); sys.exit('mlflow' in sys.modules)")
+    code = "import sys, imgclf.cli, imgclf.tracking; imgclf.cli.build_parser(); sys.exit('mlflow' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -39,7 +39,8 @@ review_data = test_ui_api.review_data  # the session fixture: data and tiny run 
 @pytest.fixture(scope="module")
 def site(request: pytest.FixtureRequest) -> Iterator[tuple[str, Path]]:
     data, run, cfg = request.getfixturevalue("review_data")
-    with Server(create_app(data, run, cfg)) as server:
+    with Server(create_app(data, run, cfg)) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+        wait_analysis(client)  # scores of a fixed file set: the tests move files
         yield server.url, data
 
 
@@ -126,9 +127,7 @@ def test_results_filter_and_confusion_cell(page: object, artifacts: Path) -> Non
 
 
 def test_label_errors_and_keyboard_labelling(page: object, site: tuple[str, Path], artifacts: Path) -> None:
-    pg, (url, data), expect = page, site, sync_api.expect
-    with httpx.Client(base_url=url, timeout=30) as client:
-        wait_analysis(client)
+    pg, (_, data), expect = page, site, sync_api.expect
     before = sha_map(data)
     pg.locator('#tabs button[data-tab="suspects"]').click()
     expect(pg.locator("#suspects-grid .card")).to_have_count(36)

@@ -94,6 +94,7 @@ def review_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, C
 def review(review_data: tuple[Path, Path, Config]) -> Iterator[tuple[httpx.Client, Path]]:
     data, run, cfg = review_data
     with Server(create_app(data, run, cfg)) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+        wait_analysis(client)  # scores of a fixed file set: the tests below move files
         yield client, data
 
 

@@ -50,12 +50,11 @@ def add_config_args(parser: argparse.ArgumentParser, sections: Sequence[str] | N
         group = groups.setdefault(section, parser.add_argument_group(f"{section} parameters"))
         annotation = Config.model_fields[section].annotation.model_fields[name].annotation  # type: ignore[union-attr]
         flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
+        kwargs = _arg_type(annotation)
+        if "choices" not in kwargs and annotation is not bool:
+            kwargs["metavar"] = name.upper()
         group.add_argument(
-            *flags,
-            dest=f"cfg__{name}",
-            default=argparse.SUPPRESS,
-            help=f"{help_text} [default: {default}]",
-            **_arg_type(annotation),
+            *flags, dest=f"cfg__{name}", default=argparse.SUPPRESS, help=f"{help_text} [default: {default}]", **kwargs
         )
 
 

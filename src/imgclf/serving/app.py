@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -168,9 +167,13 @@ def _error(status: int, code: str, detail: str) -> JSONResponse:
 
 
 def create_app(bundle: Bundle | str | Path, cfg: Config | None = None) -> FastAPI:
-    """The service for ``bundle`` (a Bundle, run folder or bundle folder); loads the model now."""
+    """The service for ``bundle`` (a Bundle, run folder or bundle folder); loads the model now.
+
+    ``cfg`` defaults to the default configuration, not the training run's: serving settings (device,
+    threads, limits) belong to the serving host.
+    """
     bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
-    cfg = cfg or Config.model_validate(bundle.config)
+    cfg = cfg or Config()
     service = ModelService(bundle, build_runtime(bundle, cfg), cfg)
     service.warm_up()
     max_body = int(cfg.serve.max_upload_mb * 1e6)
@@ -185,9 +188,8 @@ def create_app(bundle: Bundle | str | Path, cfg: Config | None = None) -> FastAP
 
     about = f"Image classifier `{bundle.backbone_spec['name']}` over classes {bundle.classes}."
     app = FastAPI(title="imgclf", version=__version__, description=about, lifespan=lifespan)
-    app.state.service = service
 
-    def check_key(request: Request) -> None:
+    async def check_key(request: Request) -> None:
         key = cfg.serve.api_key
         given = request.headers.get("x-api-key")
         if key and (given is None or not secrets.compare_digest(given.encode(), key.encode())):
@@ -206,10 +208,6 @@ def create_app(bundle: Bundle | str | Path, cfg: Config | None = None) -> FastAP
     @app.exception_handler(Exception)
     async def _server_error(_: Request, e: Exception) -> JSONResponse:
         return _error(500, "internal_error", f"the server failed ({type(e).__name__}); see its log")
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
-        return _error(422, "invalid_request", str(e.errors()))
 
     @app.post("/v1/predict", response_model=PredictResponse, dependencies=auth, responses=_ERRORS,
               openapi_extra=_PREDICT_BODY, summary="Classify one or several images")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from imgclf.cli import add_config_args
+from imgclf.cli import add_config_args, config_from_args
 from imgclf.config import DataConfig
 
 SERVE_SECTIONS = ("serve", "features")
@@ -13,15 +13,11 @@ SERVE_SECTIONS = ("serve", "features")
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from imgclf.bundle import Bundle
-    from imgclf.config import Config
     from imgclf.serving.app import create_app
 
-    bundle = Bundle.load(args.run_dir)
-    base = Config.from_file(args.config) if args.config else Config.model_validate(bundle.config)
-    flat = {k.removeprefix("cfg__"): v for k, v in vars(args).items() if k.startswith("cfg__")}
-    cfg = base.updated(**flat) if flat else base
-    app = create_app(bundle, cfg)
+    # Defaults < --config < flags; not the training run's settings (device, threads, cache are the host's).
+    cfg = config_from_args(args)
+    app = create_app(args.run_dir, cfg)
     uvicorn.run(app, host=cfg.serve.host, port=cfg.serve.port, log_level="info")
     return 0
 

@@ -7,6 +7,15 @@ from imgclf.tracking.compare import Row, RunRecord, compare, load_run, table_mar
 from imgclf.tracking.store import TrackingError, list_runs, log_run, tracking_uri
 
 __all__ = [
-    "Row", "RunRecord", "TrackingError", "compare", "list_runs", "load_run", "log_run", "table_markdown",
-    "to_csv", "to_markdown", "tracking_uri",
+    "Row",
+    "RunRecord",
+    "TrackingError",
+    "compare",
+    "list_runs",
+    "load_run",
+    "log_run",
+    "table_markdown",
+    "to_csv",
+    "to_markdown",
+    "tracking_uri",
 ]

@@ -41,8 +41,9 @@ def _list(args: argparse.Namespace) -> int:
         return 0
     table = Table(title=f"Latest runs in {tracking_uri(cfg)}")
     for col in runs[0]:
-        table.add_column(col.replace("_", " "), justify="right" if "accuracy" in col else "left",
-                         no_wrap=col in ("id", "date"))
+        table.add_column(
+            col.replace("_", " "), justify="right" if "accuracy" in col else "left", no_wrap=col in ("id", "date")
+        )
     for run in runs:
         cells = [_list_cell(v) for v in run.values()]
         table.add_row(run["id"][:ID_SHOWN], *cells[1:])
@@ -71,8 +72,7 @@ def _compare(args: argparse.Namespace) -> int:
     console.print(runs)
     rows = compare(records, all_params=args.all_params)
     titles = {**TITLES, "metric": "Metrics (best ★)", "class accuracy": "Accuracy per class (best ★)"}
-    if args.all_params:
-        titles["parameter"] = "Parameters (differing ones highlighted)"
+    titles["parameter"] = "Parameters (differing ones highlighted)" if args.all_params else "Parameters that differ"
     for section in SECTIONS:
         table = Table(title=titles[section])
         table.add_column("name")
@@ -84,8 +84,9 @@ def _compare(args: argparse.Namespace) -> int:
             if section == "parameter":
                 table.add_row(row.name, *cells, style="bold yellow" if any(row.marked) else None)
             else:
-                table.add_row(row.name, *(f"[bold green]{c} ★[/]" if m else c
-                                          for c, m in zip(cells, row.marked, strict=True)))
+                table.add_row(
+                    row.name, *(f"[bold green]{c} ★[/]" if m else c for c, m in zip(cells, row.marked, strict=True))
+                )
         if chosen:
             console.print(table)
         elif section == "parameter":
@@ -94,12 +95,11 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def ui_command(uri: str, port: int) -> list[str]:
+def _ui_command(uri: str, port: int) -> list[str]:
     """The ``mlflow ui`` command line serving a store on 127.0.0.1."""
     from imgclf.tracking.store import ARTIFACT_FOLDER, sqlite_file
 
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
-           "--port", str(port)]
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)]
     db = sqlite_file(uri)
     if db is not None:
         cmd += ["--default-artifact-root", (db.resolve().parent / ARTIFACT_FOLDER).as_uri()]
@@ -114,7 +114,7 @@ def _ui(args: argparse.Namespace) -> int:
         print(f"the runs are on a tracking server: open {uri} in a browser")
         return 0
     print(f"serving {uri} at http://127.0.0.1:{args.port} (Ctrl-C stops it)")
-    return subprocess.call(ui_command(uri, args.port))
+    return subprocess.call(_ui_command(uri, args.port))
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -9,19 +9,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from imgclf.config import Config, TrackingConfig, field_index
+from imgclf.config import TrackingConfig, field_index
 from imgclf.tracking.store import (
     TrackingError,
     connect,
     experiment_id,
     flat_metrics,
-    flat_params,
+    param_value,
     store_exists,
     tracking_uri,
 )
 
 SECTIONS = ("parameter", "metric", "class accuracy")
-TITLES = {"parameter": "Parameters that differ", "metric": "Metrics", "class accuracy": "Accuracy per class"}
+TITLES = {"parameter": "Parameters", "metric": "Metrics", "class accuracy": "Accuracy per class"}
 ID_LENGTH = 32  # characters of a full MLflow run id; shorter references are prefixes
 
 
@@ -49,15 +49,17 @@ class Row:
 
 
 def _from_folder(folder: Path) -> RunRecord:
+    """A run folder's ``config.json`` (read as saved, so older runs compare too) and ``metrics.json``."""
     try:
-        cfg = Config.model_validate_json((folder / "config.json").read_text(encoding="utf-8"))
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
     except FileNotFoundError as e:
         raise TrackingError(f"{folder} is not a finished run folder (no {Path(e.filename).name})") from e
+    params = {name: param_value(v) for section in config.values() for name, v in section.items()}
     tags = {k: str(metrics.get(k, "")) for k in ("classifier", "backbone")}
-    tags |= {"kind": "folder", "dataset": Path(cfg.data.data_root or "").name}
+    tags |= {"kind": "folder", "dataset": Path(config["data"].get("data_root") or "").name}
     tags["run_dir"] = str(folder.resolve())
-    return RunRecord(folder.name, flat_params(cfg), flat_metrics(metrics), tags)
+    return RunRecord(folder.name, params, flat_metrics(metrics), tags)
 
 
 def load_run(ref: str | Path, cfg: TrackingConfig | None = None) -> RunRecord:
@@ -169,8 +171,12 @@ def to_markdown(rows: Sequence[Row], labels: Sequence[str]) -> str:
         chosen = [r for r in rows if r.section == section]
         if not chosen:
             continue
-        lines = [f"### {TITLES[section]}", "", "| name | " + " | ".join(map(_md_cell, labels)) + " |",
-                 "|---" * (len(labels) + 1) + "|"]
+        lines = [
+            f"### {TITLES[section]}",
+            "",
+            "| name | " + " | ".join(map(_md_cell, labels)) + " |",
+            "|---" * (len(labels) + 1) + "|",
+        ]
         for row in chosen:
             cells = [_md_cell(format_value(row, v)) for v in row.values]
             cells = [f"**{c}**" if m else c for c, m in zip(cells, row.marked, strict=True)]

@@ -146,15 +146,16 @@ def _record(kind: str, cfg: Config, result: RunResult, on_train: bool) -> str:
     return run_id
 
 
-def log_run(kind: Literal["train", "evaluate"], cfg: Config, result: RunResult, *,
-            on_train: bool = False) -> str | None:
+def log_run(
+    kind: Literal["train", "evaluate"], cfg: Config, result: RunResult, *, on_train: bool = False
+) -> str | None:
     """Record a run (configuration, metrics, run-folder files, tags); its MLflow id, None when that failed.
 
     Never raises: a run is complete without its record, so a tracking failure only logs a warning.
     """
     try:
         run_id = _record(kind, cfg, result, on_train)
-    except Exception as e:  # tracking must never break a run
+    except Exception as e:  # noqa: BLE001 - tracking must never break a run
         log.warning("run not recorded in %s: %s", tracking_uri(cfg.tracking), e)
         return None
     log.info("recorded as MLflow run %s in %s (imgclf runs list)", run_id, tracking_uri(cfg.tracking))
