@@ -18,7 +18,7 @@ RUN pip install --index-url https://download.pytorch.org/whl/cpu torch torchvisi
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY src ./src
-RUN pip install ".[serve]" \
+RUN pip install . \
     && useradd --create-home --uid 1000 imgclf \
     && mkdir -p /cache \
     && chown imgclf /cache

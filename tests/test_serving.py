@@ -73,7 +73,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> list[bytes]:
+def images() -> list[bytes]:
     return [blob_image(i, (160 + 8 * i, 120)) for i in range(16)]
 
 
@@ -182,9 +182,15 @@ def test_tutorial_compat_route_returns_real_json(client: httpx.Client, images: l
     check_prediction(body["predictions"][0], reference[7])
 
 
-def _chunks(total: int) -> Iterator[bytes]:
-    for _ in range(total // 65536 + 1):
-        yield b"\xff" * 65536
+class Chunks:
+    """A body of ``total`` bytes sent in chunks, without Content-Length (re-iterable)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+
+    def __iter__(self) -> Iterator[bytes]:
+        for _ in range(self.total // 65536 + 1):
+            yield b"\xff" * 65536
 
 
 def _png(size: tuple[int, int]) -> bytes:
@@ -205,7 +211,7 @@ BAD_REQUESTS = {
     "decompression_bomb": (_one("bomb.png", png_header_only(30000, 30000)), 422, "bad_image"),
     "body_too_large_by_length": ({"content": b"\xff" * 1_500_000, "headers": {"content-type": "image/jpeg"}},
                                  413, "body_too_large"),
-    "body_too_large_chunked": ({"content": _chunks(1_500_000), "headers": {"content-type": "image/jpeg"}},
+    "body_too_large_chunked": ({"content": Chunks(1_500_000), "headers": {"content-type": "image/jpeg"}},
                                413, "body_too_large"),
     "too_many_files": ({"files": [("files", (f"{i}.jpg", blob_image(i), "image/jpeg")) for i in range(5)]},
                        413, "too_many_images"),

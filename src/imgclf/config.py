@@ -103,9 +103,9 @@ class FinetuneConfig(_Section):
         None, ge=32, description="Training input side; default: the backbone's on GPU, 3/4 of it on CPU."
     )
     optimizer: Literal["sgd", "adamw"] = Field("sgd", description="sgd: momentum SGD (the tutorial's); adamw.")
-    lr: float = Field(0.03, gt=0, description="Peak learning rate of the new last layer.")
+    lr: float = Field(0.01, gt=0, description="Peak learning rate of the new last layer.")
     backbone_lr_mult: float = Field(
-        0.1, ge=0, description="Backbone learning rate = lr x this (0 with freeze_backbone)."
+        0.3, ge=0, description="Backbone learning rate = lr x this (0 with freeze_backbone)."
     )
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
     weight_decay: float = Field(1e-4, ge=0, description="L2 weight decay.")
@@ -120,8 +120,13 @@ class FinetuneConfig(_Section):
     dropout: float = Field(0.2, ge=0, lt=1, description="Dropout before the new last layer.")
     label_smoothing: float = Field(0.1, ge=0, lt=1, description="Label smoothing of the cross-entropy loss.")
     freeze_backbone: bool = Field(False, description="Train the new last layer only.")
+    head_init: Literal["linear_probe", "random"] = Field(
+        "linear_probe",
+        description="New last layer starts as a logistic regression on frozen features (linear_probe) or random.",
+    )
+    probe_c: float = Field(0.5, gt=0, description="Inverse L2 strength of the linear-probe logistic regression.")
     head_warmup_epochs: int = Field(
-        1, ge=0, description="Epochs training the head only before unfreezing the backbone."
+        0, ge=0, description="Epochs training the head only before unfreezing the backbone."
     )
     val_fraction: float = Field(0.1, ge=0, lt=1, description="Share of the training split held out for early stopping.")
     early_stopping: int = Field(3, ge=0, description="Stop after this many epochs without validation gain (0 = off).")

@@ -264,6 +264,8 @@ def finetune(cfg: Config, ds: Dataset, train_idx: np.ndarray, backbone: Backbone
         if len(fit_idx) < 2:
             raise ValueError("fine-tuning needs at least two decodable training images")
         log.info("fine-tuning on %d images, validating on %d (%s)", len(fit_idx), len(val_idx), device)
+        if ckpt is None and ft.head_init == "linear_probe":
+            _linear_probe_init(cfg, ds, fit_idx, backbone, model.fc)
         fit = CacheLoader(cache, np.array([row_of[int(i)] for i in fit_idx]), labels_all[fit_idx], device)
         val = CacheLoader(cache, np.array([row_of[int(i)] for i in val_idx], np.int64), labels_all[val_idx],
                           device)
@@ -290,6 +292,31 @@ def finetune(cfg: Config, ds: Dataset, train_idx: np.ndarray, backbone: Backbone
         log.info("fine-tuning: best epoch %d of %d (validation error %.3f)", best_epoch, len(history),
                  best["val_error"])
     return FinetuneResult(tuned, head, history, figures)
+
+
+def _linear_probe_init(cfg: Config, ds: Dataset, fit_idx: np.ndarray, backbone: Backbone, fc: nn.Linear) -> None:
+    """Start the new layer as a logistic regression on the frozen (cached) features of the fitting images.
+
+    Fine-tuning then starts from a good classifier instead of a random one, so the first full-network
+    steps refine the backbone rather than undo it ("linear probe, then fine-tune").
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    from imgclf.features import FeatureExtractor
+
+    res = FeatureExtractor.from_config(cfg, backbone).extract([ds.path(ds.samples[i]) for i in fit_idx],
+                                                              desc="linear probe features")
+    x, y = res.features[res.ok], ds.labels[fit_idx][res.ok]
+    lr = LogisticRegression(C=cfg.finetune.probe_c, max_iter=2000).fit(x, y)
+    w, b = np.zeros((fc.out_features, x.shape[1])), np.zeros(fc.out_features)
+    if len(lr.classes_) == 2:  # one logit for classes_[1]: split it symmetrically over the two rows
+        w[lr.classes_], b[lr.classes_] = np.vstack([-lr.coef_, lr.coef_]) / 2, np.array([-1, 1]) * lr.intercept_ / 2
+    else:
+        w[lr.classes_], b[lr.classes_] = lr.coef_, lr.intercept_
+    with torch.no_grad():
+        fc.weight.copy_(torch.from_numpy(w))
+        fc.bias.copy_(torch.from_numpy(b))
+    log.info("new last layer initialised by a linear probe (training accuracy %.3f)", lr.score(x, y))
 
 
 def train_resolution(ft: FinetuneConfig, resolution: int, device: torch.device) -> int:
