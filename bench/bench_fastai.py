@@ -27,8 +27,20 @@ from imgclf.data.dataset import make_split, scan_dataset
 
 def run_imgclf(data: Path, out: Path, seed: int, epochs: int, extra: list[str]) -> tuple[float, float]:
     t = time.perf_counter()
-    argv = ["train", str(data), "--classifier", "dnn", "--out", str(out), "--split-seed", str(seed),
-            "--epochs", str(epochs), "--no-progress", *extra]
+    argv = [
+        "train",
+        str(data),
+        "--classifier",
+        "dnn",
+        "--out",
+        str(out),
+        "--split-seed",
+        str(seed),
+        "--epochs",
+        str(epochs),
+        "--no-progress",
+        *extra,
+    ]
     if imgclf_main(argv) != 0:
         sys.exit("imgclf train failed")
     acc = json.loads((out / "metrics.json").read_text())["overall_accuracy"]
@@ -61,8 +73,11 @@ def run_fastai(data: Path, seed: int, epochs: int, backbone_name: str) -> tuple[
         return label[path]
 
     block = DataBlock(
-        blocks=(ImageBlock, CategoryBlock), get_items=lambda _: items, get_y=get_y,
-        splitter=lambda _: (train, test), item_tfms=Resize(bb.preprocess.resize_to),
+        blocks=(ImageBlock, CategoryBlock),
+        get_items=lambda _: items,
+        get_y=get_y,
+        splitter=lambda _: (train, test),
+        item_tfms=Resize(bb.preprocess.resize_to),
         batch_tfms=[*aug_transforms(size=res), Normalize.from_stats(bb.mean, bb.std)],
     )
     dls = block.dataloaders(data, bs=min(32, max(2, len(train) // 2)), num_workers=0)
@@ -95,11 +110,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     np.random.seed(args.split_seed)
     with tempfile.TemporaryDirectory() as tmp:
-        ours = run_imgclf(args.data, Path(tmp) / "imgclf", args.split_seed, args.epochs,
-                          ["--backbone", args.backbone, *extra])
+        ours = run_imgclf(
+            args.data, Path(tmp) / "imgclf", args.split_seed, args.epochs, ["--backbone", args.backbone, *extra]
+        )
     theirs = run_fastai(args.data, args.split_seed, args.epochs, args.backbone)
-    print(f"{'':8} {'accuracy':>9} {'wall s':>8}   ({args.backbone}, split seed {args.split_seed}, "
-          f"{args.epochs} epochs)")
+    print(
+        f"{'':8} {'accuracy':>9} {'wall s':>8}   ({args.backbone}, split seed {args.split_seed}, {args.epochs} epochs)"
+    )
     for name, (acc, secs) in (("imgclf", ours), ("fastai", theirs)):
         print(f"{name:8} {acc:9.4f} {secs:8.1f}")
 

@@ -27,8 +27,9 @@ from imgclf.finetune.trainer import CacheLoader, Classifier, train_resolution
 from imgclf.utils import cpu_count
 
 
-def _step(model: Classifier, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-          device: torch.device) -> None:
+def _step(
+    model: Classifier, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, device: torch.device
+) -> None:
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         loss = F.cross_entropy(model(x).float(), y)
     opt.zero_grad(set_to_none=True)
@@ -41,15 +42,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def bench(device: torch.device, data: Path, backbone_name: str, batch: int, batches: int,
-          cache_dir: Path) -> None:
+def bench(device: torch.device, data: Path, backbone_name: str, batch: int, batches: int, cache_dir: Path) -> None:
     bb = create_backbone(backbone_name)
     res = train_resolution(FinetuneConfig(), bb.preprocess.resolution, device)
     ds = scan_dataset(Config().data, data)
     t = time.perf_counter()
     pre = bb.preprocess
-    cache = build_image_cache([ds.path(s) for s in ds.samples], pre.resize_to, pre.interpolation, cache_dir,
-                              cpu_count(), progress=False)
+    cache = build_image_cache(
+        [ds.path(s) for s in ds.samples], pre.resize_to, pre.interpolation, cache_dir, cpu_count(), progress=False
+    )
     decode_s = time.perf_counter() - t
     model = Classifier(bb.model, bb.num_features, len(ds.classes), 0.2)
     model.to(device, memory_format=torch.channels_last).train()
@@ -78,9 +79,11 @@ def bench(device: torch.device, data: Path, backbone_name: str, batch: int, batc
         n += len(yb)
     _sync(device)
     real = n / (time.perf_counter() - t)
-    print(f"{device.type:>4} {backbone_name} @{res} batch {batch}: synthetic {synthetic:7.1f} img/s | "
-          f"cached+augmented {real:7.1f} img/s | ratio {real / synthetic:.2f} | "
-          f"one-off decode of {len(ds.samples)} images {decode_s:.1f} s")
+    print(
+        f"{device.type:>4} {backbone_name} @{res} batch {batch}: synthetic {synthetic:7.1f} img/s | "
+        f"cached+augmented {real:7.1f} img/s | ratio {real / synthetic:.2f} | "
+        f"one-off decode of {len(ds.samples)} images {decode_s:.1f} s"
+    )
 
 
 def main() -> None:

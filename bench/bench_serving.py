@@ -91,8 +91,15 @@ def baseline_server(run_dir: str, port: int) -> None:
         with torch.inference_mode():
             probs = net(torch.from_numpy(x[None].copy()))[0].numpy()
         best = int(probs.argmax())
-        return {"predictions": [{"label": bundle.classes[best], "score": float(probs[best]),
-                                 "scores": dict(zip(bundle.classes, probs.tolist(), strict=True))}]}
+        return {
+            "predictions": [
+                {
+                    "label": bundle.classes[best],
+                    "score": float(probs[best]),
+                    "scores": dict(zip(bundle.classes, probs.tolist(), strict=True)),
+                }
+            ]
+        }
 
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
@@ -157,21 +164,23 @@ async def load(url: str, images: list[bytes], clients: int, seconds: float) -> t
         return latencies, errors, time.perf_counter() - t0
 
 
-def measure(name: str, cmd: list[str], url: str, images: list[bytes], args: argparse.Namespace,
-            logs: Path) -> Result:
+def measure(name: str, cmd: list[str], url: str, images: list[bytes], args: argparse.Namespace, logs: Path) -> Result:
     print(f"[{name}] starting: {' '.join(cmd)}", flush=True)
     proc = start(cmd, url, logs / f"{name}.log")
     try:
         single = single_latency(url, images[0], args.single)
-        print(f"[{name}] single-request p50 {single:.1f} ms; load: {args.clients} clients, {args.seconds:g} s",
-              flush=True)
+        print(
+            f"[{name}] single-request p50 {single:.1f} ms; load: {args.clients} clients, {args.seconds:g} s", flush=True
+        )
         cpu0 = cpu_seconds(proc.pid)
         latencies, errors, elapsed = asyncio.run(load(url, images, args.clients, args.seconds))
         cpu = cpu_seconds(proc.pid) - cpu0
         if name == "service":
             stats = httpx.get(f"{url}/healthz").json()
-            print(f"[{name}] {stats['images']} images in {stats['batches']} forward passes "
-                  f"(mean batch {stats['images'] / max(stats['batches'], 1):.1f}, largest {stats['largest_batch']})")
+            print(
+                f"[{name}] {stats['images']} images in {stats['batches']} forward passes "
+                f"(mean batch {stats['images'] / max(stats['batches'], 1):.1f}, largest {stats['largest_batch']})"
+            )
     finally:
         proc.terminate()
         proc.wait(60)
@@ -197,8 +206,14 @@ def main() -> None:
     env_note = f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start"
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         port = free_port()
-        service = measure("service", [sys.executable, "-m", "imgclf.cli", "serve", args.run_dir, "--port", str(port)],
-                          f"http://127.0.0.1:{port}", images, args, Path(tmp))
+        service = measure(
+            "service",
+            [sys.executable, "-m", "imgclf.cli", "serve", args.run_dir, "--port", str(port)],
+            f"http://127.0.0.1:{port}",
+            images,
+            args,
+            Path(tmp),
+        )
         results = {"service": service}
         if not args.skip_baseline:
             port = free_port()
@@ -206,16 +221,24 @@ def main() -> None:
             results["baseline"] = measure("baseline", cmd, f"http://127.0.0.1:{port}", images, args, Path(tmp))
     print(f"\n{args.clients} clients x {args.seconds:g} s per server, 640x480 JPEGs ({env_note})")
     print(f"{'':28s}" + "".join(f"{name:>12s}" for name in results))
-    rows = [("throughput (req/s)", "throughput", ".1f"), ("p50 latency (ms)", "p50_ms", ".0f"),
-            ("p95 latency (ms)", "p95_ms", ".0f"), ("errors", "errors", "d"), ("requests", "requests", "d"),
-            ("idle single-request p50 (ms)", "single_p50_ms", ".1f"), ("server CPU ms per request", "cpu_ms", ".1f")]
+    rows = [
+        ("throughput (req/s)", "throughput", ".1f"),
+        ("p50 latency (ms)", "p50_ms", ".0f"),
+        ("p95 latency (ms)", "p95_ms", ".0f"),
+        ("errors", "errors", "d"),
+        ("requests", "requests", "d"),
+        ("idle single-request p50 (ms)", "single_p50_ms", ".1f"),
+        ("server CPU ms per request", "cpu_ms", ".1f"),
+    ]
     for label, attr, fmt in rows:
         print(f"{label:28s}" + "".join(f"{getattr(r, attr):>12{fmt}}" for r in results.values()))
     if "baseline" in results:
         base = results["baseline"]
         print(f"throughput ratio service/baseline: {service.throughput / base.throughput:.1f}x (target >= 3x)")
-        print(f"CPU time per request, baseline/service: {base.cpu_ms / service.cpu_ms:.1f}x "
-              "(the throughput ratio on otherwise idle cores)")
+        print(
+            f"CPU time per request, baseline/service: {base.cpu_ms / service.cpu_ms:.1f}x "
+            "(the throughput ratio on otherwise idle cores)"
+        )
     print(f"idle single-request p50: {service.single_p50_ms:.1f} ms (target <= 20 ms)")
 
 

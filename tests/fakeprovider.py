@@ -22,8 +22,13 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 
-def make_image(seed: int, size: tuple[int, int] | None = None, fmt: str = "JPEG", mode: str = "RGB",
-               exif_orientation: int | None = None) -> bytes:
+def make_image(
+    seed: int,
+    size: tuple[int, int] | None = None,
+    fmt: str = "JPEG",
+    mode: str = "RGB",
+    exif_orientation: int | None = None,
+) -> bytes:
     """A varied synthetic picture (gradient, shapes) encoded as ``fmt``; ``seed`` fixes its content."""
     rng = np.random.default_rng(seed)
     w, h = size or (int(rng.integers(64, 120)), int(rng.integers(48, 100)))
@@ -82,8 +87,7 @@ class FakeServer:
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
         self._httpd.daemon_threads = True
         self._httpd.handle_error = lambda request, address: None  # type: ignore[method-assign]
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     @property
     def base_url(self) -> str:
@@ -116,8 +120,7 @@ def _make_handler(server: FakeServer) -> type[BaseHTTPRequestHandler]:
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
-        def _send(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None
-                  ) -> None:
+        def _send(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
@@ -170,26 +173,43 @@ def _make_handler(server: FakeServer) -> type[BaseHTTPRequestHandler]:
             page, size = int(params.get("page", 1)), int(params.get("page_size", 20))
             if page > server.openverse_max_page:
                 return self._json({"detail": "Authentication credentials were not provided."}, 401)
-            chunk = results[(page - 1) * size: page * size]
-            self._json({
-                "result_count": len(results),
-                "page_count": -(-len(results) // size),
-                "page": page,
-                "results": [{"url": r["url"], "foreign_landing_url": r.get("page", ""),
-                             "license": r.get("licence", "by"), "license_version": "4.0",
-                             "creator": r.get("creator", ""), "title": r.get("title", "")} for r in chunk],
-            })
+            chunk = results[(page - 1) * size : page * size]
+            self._json(
+                {
+                    "result_count": len(results),
+                    "page_count": -(-len(results) // size),
+                    "page": page,
+                    "results": [
+                        {
+                            "url": r["url"],
+                            "foreign_landing_url": r.get("page", ""),
+                            "license": r.get("licence", "by"),
+                            "license_version": "4.0",
+                            "creator": r.get("creator", ""),
+                            "title": r.get("title", ""),
+                        }
+                        for r in chunk
+                    ],
+                }
+            )
 
         def _bing(self, params: dict[str, str]) -> None:
             if self.headers.get("Ocp-Apim-Subscription-Key") != server.bing_key:
                 return self._json({"error": {"code": "401", "message": "Access denied"}}, 401)
             results = server.results.get(params.get("q", ""), [])
             offset, count = int(params.get("offset", 0)), int(params.get("count", 35))
-            chunk = results[offset: offset + count]
-            self._json({"_type": "Images", "totalEstimatedMatches": len(results),
-                        "nextOffset": offset + len(chunk),
-                        "value": [{"contentUrl": r["url"], "hostPageUrl": r.get("page", ""),
-                                   "name": r.get("title", "")} for r in chunk]})
+            chunk = results[offset : offset + count]
+            self._json(
+                {
+                    "_type": "Images",
+                    "totalEstimatedMatches": len(results),
+                    "nextOffset": offset + len(chunk),
+                    "value": [
+                        {"contentUrl": r["url"], "hostPageUrl": r.get("page", ""), "name": r.get("title", "")}
+                        for r in chunk
+                    ],
+                }
+            )
             return None
 
     return Handler

@@ -39,9 +39,11 @@ def _recompressed(data: bytes, scale: float, quality: int) -> bytes:
 
 
 def _digests(root: Path, skip_quarantine: bool = True) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*.jpg")) + sorted(root.rglob("*.png"))
-            if not (skip_quarantine and QUARANTINE_DIR in p.relative_to(root).parts)}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*.jpg")) + sorted(root.rglob("*.png"))
+        if not (skip_quarantine and QUARANTINE_DIR in p.relative_to(root).parts)
+    }
 
 
 @pytest.fixture
@@ -72,7 +74,10 @@ def test_groups_keep_largest_then_first_path_and_reports(data: Path):
     csv_path, html_path = write_reports(result)
     rows = list(csv.DictReader(csv_path.open()))
     assert [(r["group"], r["path"], r["kept"]) for r in rows] == [
-        ("1", "b/zz_large.png", "yes"), ("1", "a/x1.jpg", "no"), ("1", "b/x0.jpg", "no")]
+        ("1", "b/zz_large.png", "yes"),
+        ("1", "a/x1.jpg", "no"),
+        ("1", "b/x0.jpg", "no"),
+    ]
     assert rows[1]["distance"] == rows[2]["distance"] and rows[0]["width"] == "320"
     page = html_path.read_text()
     assert page.count("data:image/jpeg;base64,") == 3 and "a/broken.jpg" in page
@@ -96,7 +101,9 @@ def test_apply_then_undo_restores_exactly(data: Path, capsys: pytest.CaptureFixt
     assert moved == {"a/x1.jpg": before["a/x1.jpg"], "b/x0.jpg": before["b/x0.jpg"]}  # nothing deleted
     records = [json.loads(line) for line in journal_path(data).read_text().splitlines()]
     assert [(r["op"], r["path"], r["sha256"]) for r in records] == [
-        ("move", "a/x1.jpg", before["a/x1.jpg"]), ("move", "b/x0.jpg", before["b/x0.jpg"])]
+        ("move", "a/x1.jpg", before["a/x1.jpg"]),
+        ("move", "b/x0.jpg", before["b/x0.jpg"]),
+    ]
     assert run_cli(["dedup", str(data), "--max-distance", "4", "--apply"]) == 0  # nothing left to move
     assert run_cli(["dedup", str(data), "--undo"]) == 0
     assert _digests(data) == before
@@ -130,14 +137,15 @@ def test_near_duplicate_found_only_with_max_distance(tmp_path: Path):
 def test_find_leaks(tmp_path: Path):
     a, b, c = (make_image(20 + i, size=(300, 200)) for i in range(3))
     train = [_put(tmp_path / "train" / n, d) for n, d in (("a.jpg", a), ("b.jpg", b))]
-    test = [_put(tmp_path / "test" / "a_copy.jpg", a),
-            _put(tmp_path / "test" / "b_small.jpg", _recompressed(b, 0.6, 50)),
-            _put(tmp_path / "test" / "c.jpg", c)]
+    test = [
+        _put(tmp_path / "test" / "a_copy.jpg", a),
+        _put(tmp_path / "test" / "b_small.jpg", _recompressed(b, 0.6, 50)),
+        _put(tmp_path / "test" / "c.jpg", c),
+    ]
     exact = find_leaks(train, test)
     assert exact[0] == (str(train[0]), str(test[0]), 0)
     near = find_leaks([str(p) for p in train], [str(p) for p in test], max_distance=12)
-    assert [(Path(t).name, Path(s).name) for t, s, _ in near] == [
-        ("a.jpg", "a_copy.jpg"), ("b.jpg", "b_small.jpg")]
+    assert [(Path(t).name, Path(s).name) for t, s, _ in near] == [("a.jpg", "a_copy.jpg"), ("b.jpg", "b_small.jpg")]
     assert find_leaks(train, []) == []
 
 
@@ -167,7 +175,8 @@ def test_grouping_10000_hashes_in_seconds():
     groups = group_duplicates(names, infos, max_distance=4)
     elapsed = time.perf_counter() - start
     assert sorted((g[0].path, g[1].path) for g in groups) == sorted(
-        [(f"{k:05d}.jpg", f"{9_000 + k:05d}.jpg") for k in range(50)] + [("00100.jpg", "09999.jpg")])
+        [(f"{k:05d}.jpg", f"{9_000 + k:05d}.jpg") for k in range(50)] + [("00100.jpg", "09999.jpg")]
+    )
     assert elapsed < 10, f"grouping 10,000 hashes took {elapsed:.1f} s"
     assert [(g[0].path, g[1].path) for g in group_duplicates(names, infos)] == [("00100.jpg", "09999.jpg")]
 

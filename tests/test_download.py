@@ -42,11 +42,16 @@ def _all_files(root: Path) -> set[str]:
 
 def test_read_url_list(tmp_path: Path):
     f = tmp_path / "urls.tsv"
-    f.write_text("\ufeff# a comment\n\ncats\thttp://x/1.jpg\n  # indented comment\n"
-                 "dogs\thttp://x/2.jpg\thttp://page\tCC BY 4.0\tAda\tA dog\n", encoding="utf-8")
+    f.write_text(
+        "\ufeff# a comment\n\ncats\thttp://x/1.jpg\n  # indented comment\n"
+        "dogs\thttp://x/2.jpg\thttp://page\tCC BY 4.0\tAda\tA dog\n",
+        encoding="utf-8",
+    )
     entries = read_url_list(f)
-    assert entries == [UrlEntry("cats", "http://x/1.jpg"),
-                       UrlEntry("dogs", "http://x/2.jpg", "http://page", "CC BY 4.0", "Ada", "A dog")]
+    assert entries == [
+        UrlEntry("cats", "http://x/1.jpg"),
+        UrlEntry("dogs", "http://x/2.jpg", "http://page", "CC BY 4.0", "Ada", "A dog"),
+    ]
     f.write_text("cats\thttp://x/1.jpg\n\n../etc\thttp://x/2.jpg\n")
     with pytest.raises(ValueError, match=r"urls.tsv:3: label '\.\./etc'"):
         read_url_list(f)
@@ -75,8 +80,7 @@ def test_download_checks_names_and_reports(server: FakeServer, tmp_path: Path):
     assert (out / f"cats/{a}.jpg").read_bytes() == jpeg  # no resize or rotation needed: bytes kept
     assert (out / f"cats/{other}.jpg").read_bytes() == jpeg  # same picture, other URL: its own file
     assert (out / f"dogs/{b}.png").read_bytes() == png  # transparency kept as PNG
-    assert _all_files(out) == {f"cats/{a}.jpg", f"cats/{other}.jpg", f"dogs/{b}.png",
-                               SOURCES_FILE, FAILURES_FILE}
+    assert _all_files(out) == {f"cats/{a}.jpg", f"cats/{other}.jpg", f"dogs/{b}.png", SOURCES_FILE, FAILURES_FILE}
     assert [o.status for o in report.outcomes] == ["downloaded"] * 3 + ["duplicate"] + ["failed"] * 5
     assert server.hits["/a.jpg"] == 1
     assert server.hits["/missing.jpg"] == 1  # 404 is not retried
@@ -112,9 +116,10 @@ def test_resume_skips_existing_and_never_overwrites(server: FakeServer, tmp_path
 
 def test_size_limit_stops_streaming(server: FakeServer, tmp_path: Path):
     cfg = FAST.model_copy(update={"max_download_mb": 1.0})
-    entries = [UrlEntry("x", server.add("/declared.jpg", Route("big", size=50_000_000))),
-               UrlEntry("x", server.add("/undeclared.jpg",
-                                        Route("big", size=3_000_000, declare_length=False)))]
+    entries = [
+        UrlEntry("x", server.add("/declared.jpg", Route("big", size=50_000_000))),
+        UrlEntry("x", server.add("/undeclared.jpg", Route("big", size=3_000_000, declare_length=False))),
+    ]
     start = time.perf_counter()
     report = download(entries, tmp_path / "d", cfg, progress=False)
     assert time.perf_counter() - start < 5
@@ -147,8 +152,9 @@ def test_retry_after_honoured_and_bounded(server: FakeServer, tmp_path: Path):
     assert report.outcomes[0].status == "downloaded" and time.perf_counter() - start >= 0.9
     greedy = server.add("/greedy.jpg", Route("429", make_image(7), times=2, retry_after="3600"))
     start = time.perf_counter()
-    report = download([UrlEntry("x", greedy)], tmp_path / "d", cfg.model_copy(update={"max_backoff_s": 0.1}),
-                      progress=False)
+    report = download(
+        [UrlEntry("x", greedy)], tmp_path / "d", cfg.model_copy(update={"max_backoff_s": 0.1}), progress=False
+    )
     assert report.outcomes[0].status == "downloaded" and time.perf_counter() - start < 2
     assert server.hits["/greedy.jpg"] == 3
     stubborn = server.add("/stubborn.jpg", Route("429", make_image(8), times=99, retry_after="0"))
@@ -159,6 +165,7 @@ def test_retry_after_honoured_and_bounded(server: FakeServer, tmp_path: Path):
 def test_parse_retry_after():
     assert parse_retry_after("7") == 7.0
     assert parse_retry_after(None) is None and parse_retry_after("soon") is None
+
     def http_date(delta: timedelta) -> str:
         return format_datetime(datetime.now(UTC) + delta, usegmt=True)
 
@@ -176,8 +183,9 @@ def test_slow_server_times_out(server: FakeServer, tmp_path: Path):
 
 def test_download_cli(server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     urls = tmp_path / "urls.tsv"
-    urls.write_text(f"# label\turl\ncats\t{server.image('/c.jpg', make_image(10))}\n"
-                    f"dogs\t{server.add('/gone.jpg', Route('404'))}\n")
+    urls.write_text(
+        f"# label\turl\ncats\t{server.image('/c.jpg', make_image(10))}\ndogs\t{server.add('/gone.jpg', Route('404'))}\n"
+    )
     out = tmp_path / "data"
     assert run_cli(["download", str(urls), "--out", str(out), "--retries", "0"]) == 0
     assert "downloaded 1, already present 0, failed 1" in capsys.readouterr().out

@@ -51,8 +51,13 @@ print(json.dumps({"torch_imported": "torch" in sys.modules, "imgclf_imported": "
 def make_bundle(run_dir: Path, config: dict | None = None) -> Bundle:
     """A real efficientnet_lite0 bundle with a fixed random head over three classes."""
     w = np.random.default_rng(0).normal(0, 4, (3, 1280)).astype(np.float32)
-    bundle = Bundle(["cat", "dog", "fish"], create_backbone("efficientnet_lite0").spec(),
-                    LinearHead(w, np.zeros(3, np.float32), True), "svm", config or {})
+    bundle = Bundle(
+        ["cat", "dog", "fish"],
+        create_backbone("efficientnet_lite0").spec(),
+        LinearHead(w, np.zeros(3, np.float32), True),
+        "svm",
+        config or {},
+    )
     bundle.save(run_dir)
     return bundle
 
@@ -88,8 +93,21 @@ def reference(run_dir: Path, arrays: np.ndarray) -> np.ndarray:
 
 def run_without_torch(model: Path, sidecar: Path, arrays: np.ndarray, tmp_path: Path) -> np.ndarray:
     np.save(tmp_path / "x.npy", arrays)
-    proc = subprocess.run([sys.executable, "-c", BLOCKED_RUNNER, str(model), str(sidecar), str(tmp_path / "x.npy"),
-                           str(tmp_path / "p.npy")], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            BLOCKED_RUNNER,
+            str(model),
+            str(sidecar),
+            str(tmp_path / "x.npy"),
+            str(tmp_path / "p.npy"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"torch_imported": False, "imgclf_imported": False}
     return np.load(tmp_path / "p.npy")
@@ -105,8 +123,9 @@ def check_sidecar(sidecar: Path, fmt: str, files: list[str]) -> dict:
 
 
 @pytest.mark.parametrize(("fmt", "name"), [("onnx", "model.onnx"), ("openvino", "model.xml")])
-def test_export_matches_torch_and_runs_without_it(fmt: str, name: str, run_dir: Path, check_dir: Path,
-                                                  arrays: np.ndarray, reference: np.ndarray, tmp_path: Path) -> None:
+def test_export_matches_torch_and_runs_without_it(
+    fmt: str, name: str, run_dir: Path, check_dir: Path, arrays: np.ndarray, reference: np.ndarray, tmp_path: Path
+) -> None:
     out = tmp_path / "export" / name
     result = export_model(run_dir, fmt, out, check_images=check_dir)  # type: ignore[arg-type]
     assert result.parity.passed and result.parity.n_images == 8 and result.parity.max_abs_diff <= 1e-3
@@ -134,22 +153,25 @@ def test_torchscript_export_checks_on_the_test_split(tmp_path: Path, check_dir: 
     meta = check_sidecar(tmp_path / "m.json", "torchscript", ["m.pt"])
     assert meta["parity"]["source"] == "test split" and meta["parity"]["n_images"] == 5
     module = torch.jit.load(str(tmp_path / "m.pt"))
-    x = np.stack([load_for_model(data / "cat" / src.name, Bundle.load(run).preprocess)
-                  for src in sorted(check_dir.iterdir())])
+    x = np.stack(
+        [load_for_model(data / "cat" / src.name, Bundle.load(run).preprocess) for src in sorted(check_dir.iterdir())]
+    )
     with torch.inference_mode():
         expected = Bundle.load(run).classifier_net()(torch.from_numpy(x)).numpy()
         assert np.abs(module(torch.from_numpy(x)).numpy() - expected).max() <= 1e-3
 
 
-def test_parity_failure_exits_non_zero_and_writes_nothing(run_dir: Path, check_dir: Path, tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_parity_failure_exits_non_zero_and_writes_nothing(
+    run_dir: Path, check_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     import imgclf.export as export
 
     real = export.run_exported
     monkeypatch.setattr(export, "run_exported", lambda *a, **k: np.roll(real(*a, **k), 1, axis=1))
     out = tmp_path / "out" / "m.pt"
-    code = main(["export", str(run_dir), "--format", "torchscript", "--out", str(out), "--check-images", str(check_dir)])
+    code = main(
+        ["export", str(run_dir), "--format", "torchscript", "--out", str(out), "--check-images", str(check_dir)]
+    )
     assert code != 0
     assert "parity check failed" in capsys.readouterr().err
     assert list(out.parent.iterdir()) == []  # neither the model, nor the sidecar, nor scratch files
@@ -160,8 +182,12 @@ def test_unsupported_requests_are_refused(run_dir: Path, tmp_path: Path, capsys:
         export_model(run_dir, "onnx", tmp_path / "m.onnx", "bf16")
     with pytest.raises(ExportError, match=r"must end in \.xml"):
         export_model(run_dir, "openvino", tmp_path / "m.onnx")
-    assert main(["export", str(run_dir), "--format", "torchscript", "--precision", "int8",
-                 "--out", str(tmp_path / "m.pt")]) == 2
+    assert (
+        main(
+            ["export", str(run_dir), "--format", "torchscript", "--precision", "int8", "--out", str(tmp_path / "m.pt")]
+        )
+        == 2
+    )
     assert "torchscript export supports precision fp32" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 

@@ -20,8 +20,9 @@ from imgclf.pipeline import predict, train
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return generate_demo_dataset(tmp_path_factory.mktemp("demo") / "data", n_per_class=8, seed=0, size=96,
-                                 progress=False)
+    return generate_demo_dataset(
+        tmp_path_factory.mktemp("demo") / "data", n_per_class=8, seed=0, size=96, progress=False
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -30,9 +31,21 @@ def _one_thread() -> None:
 
 
 def _cfg(data: Path, out: Path, **kw: object) -> Config:
-    base = dict(data_root=data, out=out, classifier="dnn", epochs=2, resolution=64, ft_batch_size=8,
-                cache_dir=out.parent / "cache", progress=False, workers=1, runtime="torch", flip_tta=False,
-                cv_folds=2, svm_c_grid=[1.0])
+    base = dict(
+        data_root=data,
+        out=out,
+        classifier="dnn",
+        epochs=2,
+        resolution=64,
+        ft_batch_size=8,
+        cache_dir=out.parent / "cache",
+        progress=False,
+        workers=1,
+        runtime="torch",
+        flip_tta=False,
+        cv_folds=2,
+        svm_c_grid=[1.0],
+    )
     return Config().updated(**{**base, **kw})
 
 
@@ -46,8 +59,7 @@ def test_dnn_end_to_end(demo: Path, tmp_path: Path) -> None:
     run = res.run_dir
     rows = _log(run)
     assert [int(r["epoch"]) for r in rows] == [1, 2]
-    assert set(rows[0]) == {"epoch", "lr", "train_loss", "train_error", "val_loss", "val_error", "img_per_s",
-                            "seconds"}
+    assert set(rows[0]) == {"epoch", "lr", "train_loss", "train_error", "val_loss", "val_error", "img_per_s", "seconds"}
     assert (run / "finetune_curves.png").stat().st_size > 0
     assert not (run / "finetune_cache").exists()
     assert 0.0 <= res.metrics["overall_accuracy"] <= 1.0
@@ -92,8 +104,7 @@ def test_resume_matches_uninterrupted(demo: Path, tmp_path: Path, monkeypatch: p
 def test_validation_part_never_overlaps_test(demo: Path, tmp_path: Path) -> None:
     cfg = _cfg(demo, tmp_path / "run", epochs=1)
     train(cfg)
-    ds, split = load_split(tmp_path / "run" / "split.csv", demo, sorted(p.name for p in demo.iterdir()
-                                                                         if p.is_dir()))
+    ds, split = load_split(tmp_path / "run" / "split.csv", demo, sorted(p.name for p in demo.iterdir() if p.is_dir()))
     train_idx, test_idx = np.flatnonzero(split == "train"), np.flatnonzero(split == "test")
     fit, val = split_validation(ds.labels, train_idx, 0.3, seed=0)
     assert len(val) > 0 and not set(val) & set(test_idx) and not set(val) & set(fit)

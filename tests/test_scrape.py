@@ -23,9 +23,16 @@ def server():
 
 
 def _results(server: FakeServer, query: str, n: int, start: int = 0) -> list[dict[str, str]]:
-    return [{"url": server.url(f"/{query.replace(' ', '_')}/{i}.jpg"), "page": f"http://page/{i}",
-             "creator": f"creator {i}", "title": f"title {i}", "licence": "by-sa"}
-            for i in range(start, start + n)]
+    return [
+        {
+            "url": server.url(f"/{query.replace(' ', '_')}/{i}.jpg"),
+            "page": f"http://page/{i}",
+            "creator": f"creator {i}",
+            "title": f"title {i}",
+            "licence": "by-sa",
+        }
+        for i in range(start, start + n)
+    ]
 
 
 def test_queries_and_terms():
@@ -33,7 +40,9 @@ def test_queries_and_terms():
     with pytest.raises(ValueError, match="--items: give at least one term"):
         parse_terms(" , ", "--items")
     assert build_queries(["blouse", "shirt"], ["striped"]) == [
-        ("striped blouse", "striped"), ("striped shirt", "striped")]
+        ("striped blouse", "striped"),
+        ("striped shirt", "striped"),
+    ]
     with pytest.raises(ValueError, match="--attributes: label 'a/b'"):
         build_queries(["blouse"], ["a/b"])
 
@@ -47,14 +56,20 @@ def test_openverse_pages_until_n(server: FakeServer, monkeypatch: pytest.MonkeyP
         found = provider.search("striped blouse", 30)
         assert [r.url for r in found] == [r["url"] for r in server.results["striped blouse"][:30]]
         assert (found[0].source_page, found[0].licence, found[0].creator, found[0].title) == (
-            "http://page/0", "by-sa 4.0", "creator 0", "title 0")
+            "http://page/0",
+            "by-sa 4.0",
+            "creator 0",
+            "title 0",
+        )
         assert len(provider.search("rare", 50)) == 5
         server.openverse_max_page = 1
         assert len(provider.search("striped blouse", 30)) == 20  # page 2 refused: page 1 is kept
     paths = [p for p, _ in server.requests[:3]]
-    assert paths == ["/v1/images/?q=striped+blouse&page=1&page_size=20",
-                     "/v1/images/?q=striped+blouse&page=2&page_size=20",
-                     "/v1/images/?q=rare&page=1&page_size=20"]
+    assert paths == [
+        "/v1/images/?q=striped+blouse&page=1&page_size=20",
+        "/v1/images/?q=striped+blouse&page=2&page_size=20",
+        "/v1/images/?q=rare&page=1&page_size=20",
+    ]
     assert all(h["Authorization"] == "Bearer tok-456" for _, h in server.requests)
 
 
@@ -71,8 +86,10 @@ def test_bing_offsets_and_key(server: FakeServer, monkeypatch: pytest.MonkeyPatc
         with pytest.raises(ProviderError, match="HTTP 401") as err:
             BingProvider(client, server.base_url, POLICY, key="wrong-key").search("dotted shirt", 5)
         assert "wrong-key" not in str(err.value)
-    assert [p for p, _ in server.requests[:2]] == ["/v7.0/images/search?q=dotted+shirt&count=150&offset=0",
-                                                   "/v7.0/images/search?q=dotted+shirt&count=10&offset=150"]
+    assert [p for p, _ in server.requests[:2]] == [
+        "/v7.0/images/search?q=dotted+shirt&count=150&offset=0",
+        "/v7.0/images/search?q=dotted+shirt&count=10&offset=150",
+    ]
     assert server.requests[0][1]["Ocp-Apim-Subscription-Key"] == "secret-key-123"
 
 
@@ -81,23 +98,47 @@ def test_scrape_lists_each_url_once_under_its_first_label(server: FakeServer, tm
     server.results["striped shirt"] = [{"url": server.image("/s.jpg", make_image(2))}, {"url": shared}]
     server.results["dotted shirt"] = [{"url": shared}, {"url": server.image("/d.jpg", make_image(3))}]
     with make_client(2.0) as client:
-        report = scrape(["shirt"], ["striped", "dotted"], tmp_path / "d", FAST, progress=False,
-                        provider=OpenverseProvider(client, server.base_url, POLICY))
+        report = scrape(
+            ["shirt"],
+            ["striped", "dotted"],
+            tmp_path / "d",
+            FAST,
+            progress=False,
+            provider=OpenverseProvider(client, server.base_url, POLICY),
+        )
     entries = read_url_list(tmp_path / "d" / "urls.tsv")
     assert [(e.label, e.url.rsplit("/", 1)[-1]) for e in entries] == [
-        ("striped", "s.jpg"), ("striped", "shared.jpg"), ("dotted", "d.jpg")]
+        ("striped", "s.jpg"),
+        ("striped", "shared.jpg"),
+        ("dotted", "d.jpg"),
+    ]
     assert entries[1].note == "query 'striped shirt'; also found for 'dotted shirt'"
     assert server.hits["/shared.jpg"] == 1 and report.download is not None
     assert report.download.count("downloaded") == 3
     assert sorted(p.parent.name for p in (tmp_path / "d").rglob("*.jpg")) == ["dotted", "striped", "striped"]
 
 
-def test_scrape_cli_fails_clearly_when_every_search_fails(server: FakeServer, tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch,
-                                                          capsys: pytest.CaptureFixture[str]):
+def test_scrape_cli_fails_clearly_when_every_search_fails(
+    server: FakeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
     monkeypatch.setenv("IMGCLF_BING_KEY", "not-the-key")
-    code = run_cli(["scrape", "--items", "shirt", "--attributes", "striped", "--out", str(tmp_path / "d"),
-                    "--provider", "bing", "--provider-url", server.base_url, "--retries", "0"])
+    code = run_cli(
+        [
+            "scrape",
+            "--items",
+            "shirt",
+            "--attributes",
+            "striped",
+            "--out",
+            str(tmp_path / "d"),
+            "--provider",
+            "bing",
+            "--provider-url",
+            server.base_url,
+            "--retries",
+            "0",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "every search failed" in err and "HTTP 401" in err and "not-the-key" not in err
 
@@ -106,8 +147,9 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_acceptance_scrape_then_dedup_apply_and_undo(server: FakeServer, tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch):
+def test_acceptance_scrape_then_dedup_apply_and_undo(
+    server: FakeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     """3 attributes x 3 items x 20 results, 10 % broken links, 10 % duplicate pictures under other URLs."""
     attributes, items = ["striped", "dotted", "leopard"], ["blouse", "hoodie", "shirt"]
     expected: dict[str, set[str]] = {a: set() for a in attributes}  # sha256 of each class's distinct pictures
@@ -123,9 +165,14 @@ def test_acceptance_scrape_then_dedup_apply_and_undo(server: FakeServer, tmp_pat
         for j, item in enumerate(items):
             query, results = f"{a} {item}", []
             for k in range(16):
-                results.append({"url": server.image(f"/{a}/{item}/{k}.jpg", pictures[a, item, k]),
-                                "page": f"http://shop/{a}/{item}/{k}", "creator": "someone",
-                                "title": f"{a} {item}"})
+                results.append(
+                    {
+                        "url": server.image(f"/{a}/{item}/{k}.jpg", pictures[a, item, k]),
+                        "page": f"http://shop/{a}/{item}/{k}",
+                        "creator": "someone",
+                        "title": f"{a} {item}",
+                    }
+                )
             for k in range(2):  # duplicates: a picture of another query of the same class, under a new URL
                 picture = pictures[a, items[(j + 1) % 3], k]
                 results.append({"url": server.image(f"/{a}/{item}/dup{k}.jpg", picture)})
@@ -134,9 +181,30 @@ def test_acceptance_scrape_then_dedup_apply_and_undo(server: FakeServer, tmp_pat
             server.results[query] = results
     out = tmp_path / "fashion"
     monkeypatch.delenv("IMGCLF_OPENVERSE_TOKEN", raising=False)
-    assert run_cli(["scrape", "--items", ",".join(items), "--attributes", ",".join(attributes),
-                    "--per-query", "20", "--out", str(out), "--provider-url", server.base_url,
-                    "--retries", "1", "--backoff-s", "0.01", "--timeout-s", "5"]) == 0
+    assert (
+        run_cli(
+            [
+                "scrape",
+                "--items",
+                ",".join(items),
+                "--attributes",
+                ",".join(attributes),
+                "--per-query",
+                "20",
+                "--out",
+                str(out),
+                "--provider-url",
+                server.base_url,
+                "--retries",
+                "1",
+                "--backoff-s",
+                "0.01",
+                "--timeout-s",
+                "5",
+            ]
+        )
+        == 0
+    )
     assert len(read_url_list(out / "urls.tsv")) == 180
     failures = (out / FAILURES_FILE).read_text().splitlines()[1:]
     assert len(failures) == 18 and all(("gone.jpg" in f) != ("reset.jpg" in f) for f in failures)
@@ -159,14 +227,30 @@ def test_acceptance_scrape_then_dedup_apply_and_undo(server: FakeServer, tmp_pat
     assert images() == downloaded
 
 
-def test_bing_scrape_never_writes_or_prints_the_key(server: FakeServer, tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch,
-                                                    capsys: pytest.CaptureFixture[str]):
+def test_bing_scrape_never_writes_or_prints_the_key(
+    server: FakeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
     server.results["striped shirt"] = [{"url": server.image("/b.jpg", make_image(5)), "title": "b"}]
     monkeypatch.setenv("IMGCLF_BING_KEY", "secret-key-123")
     out = tmp_path / "d"
-    assert run_cli(["scrape", "--items", "shirt", "--attributes", "striped", "--out", str(out),
-                    "--provider", "bing", "--provider-url", server.base_url]) == 0
+    assert (
+        run_cli(
+            [
+                "scrape",
+                "--items",
+                "shirt",
+                "--attributes",
+                "striped",
+                "--out",
+                str(out),
+                "--provider",
+                "bing",
+                "--provider-url",
+                server.base_url,
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert "downloaded 1" in captured.out
     assert not any(b"secret-key-123" in p.read_bytes() for p in out.rglob("*") if p.is_file())

@@ -41,8 +41,13 @@ LIMITS = {"max_upload_mb": 1.0, "max_images_per_request": 4, "max_image_pixels":
 def make_bundle(run_dir: Path) -> Bundle:
     """A real efficientnet_lite0 bundle with a fixed random head over three classes."""
     w = np.random.default_rng(0).normal(0, 4, (3, 1280)).astype(np.float32)
-    bundle = Bundle(["cat", "dog", "fish"], create_backbone("efficientnet_lite0").spec(),
-                    LinearHead(w, np.zeros(3, np.float32), True), "svm", metrics={"overall_accuracy": 0.5})
+    bundle = Bundle(
+        ["cat", "dog", "fish"],
+        create_backbone("efficientnet_lite0").spec(),
+        LinearHead(w, np.zeros(3, np.float32), True),
+        "svm",
+        metrics={"overall_accuracy": 0.5},
+    )
     bundle.save(run_dir)
     return bundle
 
@@ -58,11 +63,14 @@ def blob_image(seed: int, size: tuple[int, int] = (160, 120), fmt: str = "JPEG")
 
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG that claims a huge size (a decompression bomb as far as any header check can tell)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 4096)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 4096)) + chunk(b"IEND", b"")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -172,8 +180,9 @@ def test_predict_base64_json_and_raw_body(client: httpx.Client, images: list[byt
     check_prediction(r.json()["predictions"][0], reference[6])
 
 
-def test_tutorial_compat_route_returns_real_json(client: httpx.Client, images: list[bytes],
-                                                 reference: np.ndarray) -> None:
+def test_tutorial_compat_route_returns_real_json(
+    client: httpx.Client, images: list[bytes], reference: np.ndarray
+) -> None:
     doc = {"input_df": [{"image base64 string": base64.b64encode(images[7]).decode()}]}
     r = client.post("/score", json=doc)
     assert r.status_code == 200 and r.headers["content-type"] == "application/json"
@@ -209,22 +218,37 @@ BAD_REQUESTS = {
     "empty_file": (_one("empty.jpg", b""), 422, "bad_image"),
     "pixel_limit": (_one("big.png", _png((1200, 1000))), 422, "bad_image"),
     "decompression_bomb": (_one("bomb.png", png_header_only(30000, 30000)), 422, "bad_image"),
-    "body_too_large_by_length": ({"content": b"\xff" * 1_500_000, "headers": {"content-type": "image/jpeg"}},
-                                 413, "body_too_large"),
-    "body_too_large_chunked": ({"content": Chunks(1_500_000), "headers": {"content-type": "image/jpeg"}},
-                               413, "body_too_large"),
-    "too_many_files": ({"files": [("files", (f"{i}.jpg", blob_image(i), "image/jpeg")) for i in range(5)]},
-                       413, "too_many_images"),
-    "too_many_base64": ({"json": {"images": [base64.b64encode(blob_image(i)).decode() for i in range(5)]}},
-                        413, "too_many_images"),
+    "body_too_large_by_length": (
+        {"content": b"\xff" * 1_500_000, "headers": {"content-type": "image/jpeg"}},
+        413,
+        "body_too_large",
+    ),
+    "body_too_large_chunked": (
+        {"content": Chunks(1_500_000), "headers": {"content-type": "image/jpeg"}},
+        413,
+        "body_too_large",
+    ),
+    "too_many_files": (
+        {"files": [("files", (f"{i}.jpg", blob_image(i), "image/jpeg")) for i in range(5)]},
+        413,
+        "too_many_images",
+    ),
+    "too_many_base64": (
+        {"json": {"images": [base64.b64encode(blob_image(i)).decode() for i in range(5)]}},
+        413,
+        "too_many_images",
+    ),
     "malformed_json": ({"content": b'{"images": [', "headers": {"content-type": "application/json"}}, 400, "bad_json"),
     "json_without_images": ({"json": {"pictures": []}}, 400, "bad_json"),
     "json_images_not_strings": ({"json": {"images": [42]}}, 400, "bad_json"),
     "bad_base64": ({"json": {"images": ["not base64 at all!"]}}, 400, "bad_base64"),
     "no_images": ({"json": {"images": []}}, 400, "no_images"),
     "multipart_without_file": ({"data": {"note": "hello"}, "files": {"other": ("x.txt", b"x")}}, 400, "bad_multipart"),
-    "unsupported_content_type": ({"content": b"hello", "headers": {"content-type": "text/plain"}},
-                                 415, "unsupported_media_type"),
+    "unsupported_content_type": (
+        {"content": b"hello", "headers": {"content-type": "text/plain"}},
+        415,
+        "unsupported_media_type",
+    ),
 }
 
 
@@ -257,8 +281,9 @@ def test_api_key(base_url: str, images: list[bytes]) -> None:
         assert anonymous.get("/v1/model", headers=AUTH).status_code == 200
 
 
-def test_concurrent_requests_are_batched_and_correct(client: httpx.Client, images: list[bytes],
-                                                     reference: np.ndarray) -> None:
+def test_concurrent_requests_are_batched_and_correct(
+    client: httpx.Client, images: list[bytes], reference: np.ndarray
+) -> None:
     before = client.get("/healthz").json()
 
     def ask(i: int) -> tuple[int, httpx.Response]:
@@ -283,9 +308,22 @@ def test_example_client(base_url: str, images: list[bytes], reference: np.ndarra
     client = Path(__file__).resolve().parents[1] / "examples" / "client.py"
     label = ["cat", "dog", "fish"][int(np.argmax(reference[2]))]
     for extra in ([], ["--tutorial"]):
-        proc = subprocess.run([sys.executable, str(client), str(tmp_path / "a.jpg"), str(tmp_path / "bad.jpg"),
-                               "--url", base_url, "--api-key", API_KEY, *extra],
-                              capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                str(client),
+                str(tmp_path / "a.jpg"),
+                str(tmp_path / "bad.jpg"),
+                "--url",
+                base_url,
+                "--api-key",
+                API_KEY,
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert proc.returncode == 1  # one of the two images failed
         found = re.search(rf"a\.jpg: {label} \((0\.\d+)\)", proc.stdout)
         assert found and float(found[1]) == pytest.approx(reference[2].max(), abs=2e-3), proc.stdout
@@ -331,8 +369,19 @@ def test_serve_command(run_dir: Path, images: list[bytes], base_url: str) -> Non
     """``imgclf serve`` in a subprocess (after the module's server has cached the converted model)."""
     port = _free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "imgclf.cli", "serve", str(run_dir), "--port", str(port), "--workers", "1",
-           "--max-batch", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "imgclf.cli",
+        "serve",
+        str(run_dir),
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--max-batch",
+        "2",
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"

@@ -120,6 +120,7 @@ class FinetuneConfig(_Section):
     dropout: float = Field(0.2, ge=0, lt=1, description="Dropout before the new last layer.")
     label_smoothing: float = Field(0.1, ge=0, lt=1, description="Label smoothing of the cross-entropy loss.")
     freeze_backbone: bool = Field(False, description="Train the new last layer only.")
+    freeze_bn: bool = Field(True, description="Keep the backbone's batch-norm statistics fixed (best on small data).")
     head_init: Literal["linear_probe", "random"] = Field(
         "linear_probe",
         description="New last layer starts as a logistic regression on frozen features (linear_probe) or random.",

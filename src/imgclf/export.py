@@ -35,8 +35,11 @@ log = logging.getLogger(__name__)
 
 Format = Literal["onnx", "openvino", "torchscript"]
 Precision = Literal["fp32", "bf16", "int8"]
-PRECISIONS: dict[str, tuple[str, ...]] = {"onnx": ("fp32", "int8"), "openvino": ("fp32", "bf16", "int8"),
-                                          "torchscript": ("fp32",)}
+PRECISIONS: dict[str, tuple[str, ...]] = {
+    "onnx": ("fp32", "int8"),
+    "openvino": ("fp32", "bf16", "int8"),
+    "torchscript": ("fp32",),
+}
 FP32_TOLERANCE = 1e-3
 MIN_TOP1_AGREEMENT = 0.99
 SIDECAR_FORMAT = "imgclf-export/1"
@@ -97,12 +100,17 @@ def load_images(paths: Sequence[Path], bundle: Bundle, limit: int) -> list[np.nd
 def random_images(n: int, resolution: int, seed: int = 0) -> list[np.ndarray]:
     """Smooth random colour images (blobs, not pixel noise): a stand-in when no real images are at hand."""
     rng = np.random.default_rng(seed)
-    return [np.asarray(Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8))
-                       .resize((resolution, resolution), Image.Resampling.BICUBIC)) for _ in range(n)]
+    return [
+        np.asarray(
+            Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize(
+                (resolution, resolution), Image.Resampling.BICUBIC
+            )
+        )
+        for _ in range(n)
+    ]
 
 
-def parity_images(bundle: Bundle, run_dir: Path, check_dir: Path | None,
-                  limit: int) -> tuple[np.ndarray, str]:
+def parity_images(bundle: Bundle, run_dir: Path, check_dir: Path | None, limit: int) -> tuple[np.ndarray, str]:
     """Images for the parity check: ``check_dir``, else the run's test split, else random images."""
     if check_dir is not None:
         images = load_images(_image_files(check_dir), bundle, limit)
@@ -118,8 +126,9 @@ def parity_images(bundle: Bundle, run_dir: Path, check_dir: Path | None,
 
 def torch_probabilities(net: torch.nn.Module, images: np.ndarray, batch: int = 16) -> np.ndarray:
     with torch.inference_mode():
-        return np.concatenate([net(torch.from_numpy(images[i:i + batch])).float().numpy()
-                               for i in range(0, len(images), batch)])
+        return np.concatenate(
+            [net(torch.from_numpy(images[i : i + batch])).float().numpy() for i in range(0, len(images), batch)]
+        )
 
 
 def openvino_config(precision: str) -> dict[str, str]:
@@ -153,7 +162,7 @@ def _predictor(path: Path, fmt: str, precision: str) -> Callable[[np.ndarray], A
 def run_exported(path: Path, fmt: str, precision: str, images: np.ndarray, batch: int = 16) -> np.ndarray:
     """Probabilities of an exported model file, computed by its own runtime."""
     run = _predictor(path, fmt, precision)
-    chunks = [np.asarray(run(images[i:i + batch]), np.float32) for i in range(0, len(images), batch)]
+    chunks = [np.asarray(run(images[i : i + batch]), np.float32) for i in range(0, len(images), batch)]
     return np.concatenate(chunks)
 
 
@@ -172,15 +181,17 @@ def _quantize(model: Any, calibration: np.ndarray, input_name: str | None) -> An
     try:
         import nncf
     except ImportError as e:
-        raise ExportError("int8 export needs NNCF: pip install nncf (fp32, and bf16 for openvino, "
-                          "work without it)") from e
-    items = [calibration[i:i + 1] for i in range(len(calibration))]
+        raise ExportError(
+            "int8 export needs NNCF: pip install nncf (fp32, and bf16 for openvino, work without it)"
+        ) from e
+    items = [calibration[i : i + 1] for i in range(len(calibration))]
     data = nncf.Dataset(items, (lambda x: {input_name: x}) if input_name else None)
     return nncf.quantize(model, data, subset_size=len(items))
 
 
-def _write_model(net: torch.nn.Module, resolution: int, fmt: str, precision: str, path: Path,
-                 calibration: np.ndarray) -> list[Path]:
+def _write_model(
+    net: torch.nn.Module, resolution: int, fmt: str, precision: str, path: Path, calibration: np.ndarray
+) -> list[Path]:
     """Write the classifier network to ``path`` (in a scratch folder); return the files written."""
     res = resolution
     if fmt == "onnx":
@@ -209,29 +220,50 @@ def _write_model(net: torch.nn.Module, resolution: int, fmt: str, precision: str
     return [path]
 
 
-def sidecar(bundle: Bundle, fmt: str, precision: str, files: list[Path],
-            parity: ParityReport) -> dict[str, Any]:
+def sidecar(bundle: Bundle, fmt: str, precision: str, files: list[Path], parity: ParityReport) -> dict[str, Any]:
     """What a user of the exported file needs: classes and the resize/crop to apply before the model."""
     pre = bundle.preprocess
     doc: dict[str, Any] = {
-        "format": SIDECAR_FORMAT, "export_format": fmt, "precision": precision,
-        "files": [f.name for f in files], "classes": bundle.classes, "resolution": pre.resolution,
-        "crop_pct": pre.crop_pct, "resize_to": pre.resize_to, "interpolation": pre.interpolation,
-        "input": {"dtype": "uint8", "layout": "NHWC", "shape": ["batch", pre.resolution, pre.resolution, 3],
-                  "preprocessing": f"RGB; resize the shorter side to resize_to ({pre.interpolation}), then "
-                                   "centre-crop resolution x resolution; normalisation is inside the model"},
-        "output": {"dtype": "float32", "shape": ["batch", len(bundle.classes)],
-                   "meaning": "class probabilities (softmax), in the order of classes"},
-        "model_id": bundle.model_id, "backbone": bundle.backbone_spec["name"],
-        "classifier": bundle.classifier, "imgclf_version": __version__, "parity": asdict(parity),
+        "format": SIDECAR_FORMAT,
+        "export_format": fmt,
+        "precision": precision,
+        "files": [f.name for f in files],
+        "classes": bundle.classes,
+        "resolution": pre.resolution,
+        "crop_pct": pre.crop_pct,
+        "resize_to": pre.resize_to,
+        "interpolation": pre.interpolation,
+        "input": {
+            "dtype": "uint8",
+            "layout": "NHWC",
+            "shape": ["batch", pre.resolution, pre.resolution, 3],
+            "preprocessing": f"RGB; resize the shorter side to resize_to ({pre.interpolation}), then "
+            "centre-crop resolution x resolution; normalisation is inside the model",
+        },
+        "output": {
+            "dtype": "float32",
+            "shape": ["batch", len(bundle.classes)],
+            "meaning": "class probabilities (softmax), in the order of classes",
+        },
+        "model_id": bundle.model_id,
+        "backbone": bundle.backbone_spec["name"],
+        "classifier": bundle.classifier,
+        "imgclf_version": __version__,
+        "parity": asdict(parity),
     }
     if fmt == "openvino":
         doc["openvino_config"] = openvino_config(precision)
     return doc
 
 
-def export_model(run_dir: str | Path, fmt: Format, out: str | Path, precision: Precision = "fp32",
-                 check_images: str | Path | None = None, max_check_images: int = 100) -> ExportResult:
+def export_model(
+    run_dir: str | Path,
+    fmt: Format,
+    out: str | Path,
+    precision: Precision = "fp32",
+    check_images: str | Path | None = None,
+    max_check_images: int = 100,
+) -> ExportResult:
     """Export the bundle of ``run_dir``, check it against PyTorch, then move its files into place atomically.
 
     Raises ExportError (nothing written) when the format/precision pair is unsupported or parity fails.
@@ -258,13 +290,18 @@ def export_model(run_dir: str | Path, fmt: Format, out: str | Path, precision: P
         net = bundle.classifier_net()
         res = bundle.preprocess.resolution
         files = _write_model(net, res, fmt, precision, scratch / out.name, calibration)
-        parity = compare(torch_probabilities(net, images),
-                         run_exported(scratch / out.name, fmt, precision, images), precision, source)
+        parity = compare(
+            torch_probabilities(net, images),
+            run_exported(scratch / out.name, fmt, precision, images),
+            precision,
+            source,
+        )
         if not parity.passed:
             raise ExportError(
                 f"parity check failed: the {fmt} {precision} model differs from the PyTorch bundle on "
                 f"{parity.n_images} images ({source}): max |p - p_torch| = {parity.max_abs_diff:.2e}, "
-                f"top-1 agreement {parity.top1_agreement:.1%}; needed: {parity.criterion}. Nothing written.")
+                f"top-1 agreement {parity.top1_agreement:.1%}; needed: {parity.criterion}. Nothing written."
+            )
         final = [out.parent / f.name for f in files]
         for f, dst in zip(files, final, strict=True):
             os.chmod(f, 0o644)  # scratch files are private (0600); exported models are meant to be shared

@@ -75,9 +75,7 @@ def _palette(rng: np.random.Generator, label: str) -> Palette:
     return np.clip(colours * rng.uniform(0.85, 1.12, (3, 1)) + rng.normal(0, 9, (3, 3)), 0, 255)
 
 
-def _grid(
-    rng: np.random.Generator, size: tuple[int, int], period: float, jitter: float, hexagonal: bool
-) -> np.ndarray:
+def _grid(rng: np.random.Generator, size: tuple[int, int], period: float, jitter: float, hexagonal: bool) -> np.ndarray:
     """Centres (n, 2) of a jittered square or hexagonal lattice covering a canvas of size (w, h)."""
     dy = period * (np.sqrt(3) / 2 if hexagonal else 1.0)
     j, i = np.mgrid[-1 : int(size[1] / dy) + 2, -1 : int(size[0] / period) + 2]
@@ -85,9 +83,7 @@ def _grid(
     return pts + rng.normal(0, jitter * period, pts.shape)
 
 
-def _place(
-    x: np.ndarray, y: np.ndarray, centres: np.ndarray, aspect: np.ndarray, angle: np.ndarray
-) -> np.ndarray:
+def _place(x: np.ndarray, y: np.ndarray, centres: np.ndarray, aspect: np.ndarray, angle: np.ndarray) -> np.ndarray:
     """Stretch local shape coordinates (n, k) by `aspect`, rotate by `angle`, move to `centres`: (n, k, 2)."""
     x = x * aspect[:, None]
     cos, sin = np.cos(angle)[:, None], np.sin(angle)[:, None]
@@ -126,9 +122,7 @@ def _rings(
     t = np.linspace(0, 1, 8)
     theta = start[:, None] + span[:, None] * ((1 - fill) / 2 + fill * t)
     ring = radius[owner, None] * rng.normal(1, 0.04, (len(owner), 8))
-    width = (
-        ring * rng.uniform(0.35, 0.6) * rng.normal(1, 0.15, (len(owner), 1)) * (0.3 + 0.7 * np.sin(np.pi * t))
-    )
+    width = ring * rng.uniform(0.35, 0.6) * rng.normal(1, 0.15, (len(owner), 1)) * (0.3 + 0.7 * np.sin(np.pi * t))
     r = np.concatenate([ring + width / 2, (ring - width / 2)[:, ::-1]], axis=1)
     theta = np.concatenate([theta, theta[:, ::-1]], axis=1)
     return _place(r * np.cos(theta), r * np.sin(theta), centres[owner], aspect[owner], angle[owner]), owner
@@ -325,9 +319,7 @@ def _clutter(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
         shadow = (
             mask.reduce(4)
             .filter(ImageFilter.GaussianBlur(r / 16))
-            .transform(
-                mask.size, Image.Transform.AFFINE, (0.25, 0, -shift[0] / 4, 0, 0.25, -shift[1] / 4), _BILINEAR
-            )
+            .transform(mask.size, Image.Transform.AFFINE, (0.25, 0, -shift[0] / 4, 0, 0.25, -shift[1] / 4), _BILINEAR)
         )
         m = np.asarray(mask, np.float32)[..., None] * np.float32(1 / 255)
         s = np.asarray(shadow, np.float32)[..., None] * np.float32(0.45 / 255)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -37,8 +38,14 @@ _RESAMPLE = {
 }
 
 
-_FORMAT_EXTENSIONS = {"JPEG": (".jpg", ".jpeg"), "PNG": (".png",), "BMP": (".bmp",), "GIF": (".gif",),
-                      "WEBP": (".webp",), "TIFF": (".tif", ".tiff")}
+_FORMAT_EXTENSIONS = {
+    "JPEG": (".jpg", ".jpeg"),
+    "PNG": (".png",),
+    "BMP": (".bmp",),
+    "GIF": (".gif",),
+    "WEBP": (".webp",),
+    "TIFF": (".tif", ".tiff"),
+}
 
 
 def check_image(path: Path, max_pixels: int, max_bytes: int) -> str | None:
@@ -80,14 +87,14 @@ def check_image(path: Path, max_pixels: int, max_bytes: int) -> str | None:
     return None
 
 
-def open_rgb(path: Path, draft_to: int | None = None, max_pixels: int | None = None) -> Image.Image:
-    """Decode an image as upright RGB.
+def open_rgb(path: Path | BinaryIO, draft_to: int | None = None, max_pixels: int | None = None) -> Image.Image:
+    """Decode an image (a path or a binary file object) as upright RGB.
 
     ``draft_to`` lets JPEG decoding downscale by 1/2..1/8 while keeping the shorter side >= draft_to.
     EXIF orientation is applied after decoding; transparent pixels are composited on white.
     """
     try:
-        if path.stat().st_size == 0:
+        if isinstance(path, Path) and path.stat().st_size == 0:
             raise ImageError("empty file (0 bytes): re-download or remove it")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

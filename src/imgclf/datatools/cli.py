@@ -35,8 +35,9 @@ def _scrape(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     items, attributes = parse_terms(args.items, "--items"), parse_terms(args.attributes, "--attributes")
     try:
-        report = scrape(items, attributes, Path(args.out), cfg.datatools, cfg.data.max_image_pixels,
-                        cfg.output.progress)
+        report = scrape(
+            items, attributes, Path(args.out), cfg.datatools, cfg.data.max_image_pixels, cfg.output.progress
+        )
     except ProviderError as e:
         print(f"imgclf: error: {e}", file=sys.stderr)
         return 2
@@ -59,18 +60,24 @@ def _dedup(args: argparse.Namespace) -> int:
         result = find_duplicates(root, tools.hash_size, tools.max_distance, cfg.output.progress)
         csv_path, html_path = write_reports(result)
         extras = result.extras
-        print(f"{result.n_images} images, {len(result.groups)} duplicate groups, {len(extras)} extra copies; "
-              f"report: {csv_path}, {html_path}")
+        print(
+            f"{result.n_images} images, {len(result.groups)} duplicate groups, {len(extras)} extra copies; "
+            f"report: {csv_path}, {html_path}"
+        )
         for path, why in result.skipped:
             print(f"  not hashed: {path}: {why}")
         if not args.apply:
             if extras:
-                print(f"nothing moved; `imgclf dedup {root} --apply` moves the extra copies to "
-                      f"{root / QUARANTINE_DIR} (and --undo brings them back)")
+                print(
+                    f"nothing moved; `imgclf dedup {root} --apply` moves the extra copies to "
+                    f"{root / QUARANTINE_DIR} (and --undo brings them back)"
+                )
             return 0
         report = quarantine(root, extras)
-        print(f"moved {len(report.done)} extra copies to {root / QUARANTINE_DIR} "
-              f"(`imgclf dedup {root} --undo` restores them)")
+        print(
+            f"moved {len(report.done)} extra copies to {root / QUARANTINE_DIR} "
+            f"(`imgclf dedup {root} --undo` restores them)"
+        )
     for problem in report.problems:
         print(f"  {problem}", file=sys.stderr)
     return 1 if report.problems else 0
@@ -85,8 +92,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("scrape", help="Search images for every attribute x item; download them by attribute.")
     p.add_argument("--items", required=True, help="Comma-separated things, e.g. blouse,hoodie,shirt.")
-    p.add_argument("--attributes", required=True,
-                   help="Comma-separated attributes, e.g. striped,dotted,leopard: one class folder each.")
+    p.add_argument(
+        "--attributes",
+        required=True,
+        help="Comma-separated attributes, e.g. striped,dotted,leopard: one class folder each.",
+    )
     p.add_argument("--out", required=True, help="Data folder; also gets urls.tsv, sources.tsv, failure list.")
     add_config_args(p, SECTIONS)
     p.set_defaults(func=_scrape)
@@ -94,8 +104,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("dedup", help="Find duplicate images (dhash), report them, quarantine extra copies.")
     p.add_argument("data_dir", help="Folder with one sub-folder per class.")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--apply", action="store_true",
-                      help="Move extra copies to DATA_DIR/.imgclf-quarantine/ (journaled, never deleted).")
+    mode.add_argument(
+        "--apply",
+        action="store_true",
+        help="Move extra copies to DATA_DIR/.imgclf-quarantine/ (journaled, never deleted).",
+    )
     mode.add_argument("--undo", action="store_true", help="Move every quarantined file back.")
     add_config_args(p, SECTIONS)
     p.set_defaults(func=_dedup)

@@ -95,8 +95,7 @@ class HashCache:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, timeout=30)
-            self._db.execute("CREATE TABLE IF NOT EXISTS dhash "
-                             "(key TEXT PRIMARY KEY, bits BLOB, w INT, h INT)")
+            self._db.execute("CREATE TABLE IF NOT EXISTS dhash (key TEXT PRIMARY KEY, bits BLOB, w INT, h INT)")
         except (OSError, sqlite3.Error) as e:
             log.warning("dhash cache %s unusable (%s); hashing without a cache", path, e)
             self._db = None
@@ -112,7 +111,7 @@ class HashCache:
             return found
         try:
             for start in range(0, len(keys), 500):
-                chunk = keys[start:start + 500]
+                chunk = keys[start : start + 500]
                 marks = ",".join("?" * len(chunk))
                 rows = self._db.execute(f"SELECT key, bits, w, h FROM dhash WHERE key IN ({marks})", chunk)
                 found.update({k: HashInfo(bytes(b), w, h) for k, b, w, h in rows})
@@ -125,8 +124,10 @@ class HashCache:
             return
         try:
             with self._db:
-                self._db.executemany("INSERT OR REPLACE INTO dhash VALUES (?, ?, ?, ?)",
-                                     [(k, v.bits, v.width, v.height) for k, v in items.items()])
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO dhash VALUES (?, ?, ?, ?)",
+                    [(k, v.bits, v.width, v.height) for k, v in items.items()],
+                )
         except sqlite3.Error as e:
             log.warning("dhash cache not updated (%s)", e)
 
@@ -150,8 +151,9 @@ def compute_hash(path: Path, hash_size: int = 16, max_pixels: int = DEFAULT_MAX_
     return HashInfo(np.packbits(bits.ravel()).tobytes(), w, h)
 
 
-def hash_images(paths: Sequence[Path], hash_size: int = 16, max_pixels: int = DEFAULT_MAX_PIXELS,
-                progress: bool = False) -> tuple[dict[Path, HashInfo], dict[Path, str]]:
+def hash_images(
+    paths: Sequence[Path], hash_size: int = 16, max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = False
+) -> tuple[dict[Path, HashInfo], dict[Path, str]]:
     """Hashes of ``paths`` (cached), and the reason for each file that could not be hashed."""
     cache = HashCache()
     try:
@@ -173,8 +175,10 @@ def hash_images(paths: Sequence[Path], hash_size: int = 16, max_pixels: int = DE
                 return str(e)
 
         new: dict[str, HashInfo] = {}
-        with ThreadPoolExecutor(max_workers=min(4, cpu_count())) as pool, \
-                tqdm(total=len(todo), unit="img", desc="hash", disable=None if progress else True) as bar:
+        with (
+            ThreadPoolExecutor(max_workers=min(4, cpu_count())) as pool,
+            tqdm(total=len(todo), unit="img", desc="hash", disable=None if progress else True) as bar,
+        ):
             for p, result in zip(todo, pool.map(one, todo), strict=True):
                 bar.update()
                 if isinstance(result, str):
@@ -199,11 +203,12 @@ def _words(bits: Sequence[bytes]) -> np.ndarray:
     return buf.view(np.uint64).reshape(len(bits), width // 8)
 
 
-def close_pairs(a: np.ndarray, b: np.ndarray, max_distance: int, upper: bool = False
-                ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def close_pairs(
+    a: np.ndarray, b: np.ndarray, max_distance: int, upper: bool = False
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Blocks of (i, j, distance) with Hamming distance(a[i], b[j]) <= max_distance; ``upper``: only j > i."""
     for start in range(0, len(a), _BLOCK):
-        rows = a[start:start + _BLOCK]
+        rows = a[start : start + _BLOCK]
         col0 = start + 1 if upper else 0
         cols = b[col0:]
         dist = np.zeros((len(rows), len(cols)), dtype=np.uint16)
@@ -244,8 +249,7 @@ def _groups(words: np.ndarray, max_distance: int) -> list[list[int]]:
     return [g for g in members.values() if len(g) > 1]
 
 
-def group_duplicates(names: Sequence[str], infos: Sequence[HashInfo], max_distance: int = 0
-                     ) -> list[list[Member]]:
+def group_duplicates(names: Sequence[str], infos: Sequence[HashInfo], max_distance: int = 0) -> list[list[Member]]:
     """Duplicate groups, kept image first (largest, then first name); groups sorted by kept name."""
     words = _words([h.bits for h in infos])
     out = []
@@ -253,8 +257,12 @@ def group_duplicates(names: Sequence[str], infos: Sequence[HashInfo], max_distan
         order = sorted(g, key=lambda i: (-infos[i].width * infos[i].height, names[i]))
         keep = order[0]
         dists = popcount(words[order] ^ words[keep]).sum(axis=1)
-        out.append([Member(names[i], i == keep, int(d), infos[i].width, infos[i].height)
-                    for i, d in zip(order, dists, strict=True)])
+        out.append(
+            [
+                Member(names[i], i == keep, int(d), infos[i].width, infos[i].height)
+                for i, d in zip(order, dists, strict=True)
+            ]
+        )
     return sorted(out, key=lambda g: g[0].path)
 
 
@@ -271,13 +279,11 @@ def find_images(root: Path) -> list[str]:
     return sorted(found)
 
 
-def find_duplicates(root: Path, hash_size: int = 16, max_distance: int = 0, progress: bool = False
-                    ) -> DedupResult:
+def find_duplicates(root: Path, hash_size: int = 16, max_distance: int = 0, progress: bool = False) -> DedupResult:
     """Hash every image under ``root``'s class folders and group the duplicates."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"data folder not found: {root} "
-                                "(give the folder that holds one sub-folder per class)")
+        raise FileNotFoundError(f"data folder not found: {root} (give the folder that holds one sub-folder per class)")
     rels = find_images(root)
     hashes, skipped = hash_images([root / r for r in rels], hash_size, progress=progress)
     ok = [r for r in rels if root / r in hashes]
@@ -286,8 +292,9 @@ def find_duplicates(root: Path, hash_size: int = 16, max_distance: int = 0, prog
     return DedupResult(root, groups, skipped_rel, len(ok))
 
 
-def find_leaks(train_paths: Sequence[str | Path], test_paths: Sequence[str | Path], hash_size: int = 16,
-               max_distance: int = 0) -> list[tuple[str, str, int]]:
+def find_leaks(
+    train_paths: Sequence[str | Path], test_paths: Sequence[str | Path], hash_size: int = 16, max_distance: int = 0
+) -> list[tuple[str, str, int]]:
     """(train path, test path, distance) for every near-duplicate pair straddling train and test.
 
     Images that cannot be hashed are ignored. Pairs are sorted by test path, then train path.
@@ -300,8 +307,11 @@ def find_leaks(train_paths: Sequence[str | Path], test_paths: Sequence[str | Pat
         return []
     a = _words([hashes[Path(p)].bits for p in test])
     b = _words([hashes[Path(p)].bits for p in train])
-    pairs = [(train[j], test[i], int(d)) for ii, jj, dd in close_pairs(a, b, max_distance)
-             for i, j, d in zip(ii.tolist(), jj.tolist(), dd.tolist(), strict=True)]
+    pairs = [
+        (train[j], test[i], int(d))
+        for ii, jj, dd in close_pairs(a, b, max_distance)
+        for i, j, d in zip(ii.tolist(), jj.tolist(), dd.tolist(), strict=True)
+    ]
     return sorted(pairs, key=lambda t: (t[1], t[0]))
 
 
@@ -323,7 +333,7 @@ def _thumbnail(path: Path) -> str:
     """A small JPEG of the image as a data: URI ('' if it cannot be read)."""
     try:
         im = open_rgb(path, draft_to=THUMB_SIDE)
-    except Exception:  # a thumbnail is best-effort
+    except Exception:  # noqa: BLE001 - a thumbnail is best-effort
         return ""
     im.thumbnail((THUMB_SIDE, THUMB_SIDE))
     buf = io.BytesIO()
@@ -349,8 +359,10 @@ def _html(result: DedupResult) -> str:
             src = _thumbnail(result.root / m.path)
             label = "kept" if m.kept else f"duplicate, distance {m.distance}"
             img = f"<img src='{src}' alt=''>" if src else ""
-            parts.append(f"<figure class='{'kept' if m.kept else 'extra'}'>{img}<figcaption>"
-                         f"{html.escape(m.path)}<br>{m.width}x{m.height}, {label}</figcaption></figure>")
+            parts.append(
+                f"<figure class='{'kept' if m.kept else 'extra'}'>{img}<figcaption>"
+                f"{html.escape(m.path)}<br>{m.width}x{m.height}, {label}</figcaption></figure>"
+            )
         parts.append("</section>")
     if result.skipped:
         parts.append("<h2>Not hashed</h2><ul>")

@@ -25,8 +25,15 @@ SOURCES_FILE = "sources.tsv"
 FAILURES_FILE = "download_failures.tsv"
 SOURCES_COLUMNS = ("file", "label", "url", "source_page", "licence", "creator", "title", "note")
 JPEG_QUALITY = 90
-_FORMAT_EXT = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "GIF": ".gif", "WEBP": ".webp", "BMP": ".bmp",
-               "TIFF": ".tif"}
+_FORMAT_EXT = {
+    "JPEG": ".jpg",
+    "MPO": ".jpg",
+    "PNG": ".png",
+    "GIF": ".gif",
+    "WEBP": ".webp",
+    "BMP": ".bmp",
+    "TIFF": ".tif",
+}
 
 
 @dataclass(frozen=True)
@@ -70,9 +77,11 @@ class DownloadReport:
         return [o for o in self.outcomes if o.status == "failed"]
 
     def summary(self) -> str:
-        lines = [f"downloaded {self.count('downloaded')}, already present {self.count('exists')}, "
-                 f"failed {self.count('failed')}, duplicate URLs skipped {self.count('duplicate')} "
-                 f"-> {self.out}"]
+        lines = [
+            f"downloaded {self.count('downloaded')}, already present {self.count('exists')}, "
+            f"failed {self.count('failed')}, duplicate URLs skipped {self.count('duplicate')} "
+            f"-> {self.out}"
+        ]
         if self.failures:
             kinds = Counter(_reason_kind(o.reason) for o in self.failures)
             lines.append("failures: " + ", ".join(f"{n} {k}" for k, n in kinds.most_common()))
@@ -92,8 +101,10 @@ def clean_field(value: str) -> str:
 def check_label(label: str, where: str) -> str:
     """A label usable as a class folder name, or ValueError naming ``where``."""
     if not label or label in (".", "..") or label.startswith(".") or any(c in label for c in "/\\\0"):
-        raise ValueError(f"{where}: label {label!r} cannot be a folder name "
-                         "(no '/', '\\', leading '.' or empty labels); fix the label")
+        raise ValueError(
+            f"{where}: label {label!r} cannot be a folder name "
+            "(no '/', '\\', leading '.' or empty labels); fix the label"
+        )
     return label
 
 
@@ -111,8 +122,10 @@ def read_url_list(path: Path) -> list[UrlEntry]:
             continue
         cells = [c.strip() for c in line.split("\t")]
         if len(cells) < 2 or not cells[1]:
-            raise ValueError(f"{path}:{n}: expected label<TAB>url, got {line[:80]!r} "
-                             "(columns must be separated by a tab, not spaces)")
+            raise ValueError(
+                f"{path}:{n}: expected label<TAB>url, got {line[:80]!r} "
+                "(columns must be separated by a tab, not spaces)"
+            )
         check_label(cells[0], f"{path}:{n}")
         entries.append(UrlEntry(*cells[: len(LIST_COLUMNS)]))
     return entries
@@ -153,8 +166,7 @@ def _read_limited(response: httpx.Response, max_bytes: int) -> tuple[bytes, str]
     return bytes(buf), response.headers.get("content-type", "").split(";")[0].strip()
 
 
-def _decode(data: bytes, content_type: str, max_pixels: int, draft_to: int = 0
-            ) -> tuple[Image.Image, int, int]:
+def _decode(data: bytes, content_type: str, max_pixels: int, draft_to: int = 0) -> tuple[Image.Image, int, int]:
     """The decoded image and its stored size; JPEGs larger than ``draft_to`` are decoded at reduced scale."""
     try:
         with warnings.catch_warnings():
@@ -162,8 +174,7 @@ def _decode(data: bytes, content_type: str, max_pixels: int, draft_to: int = 0
             im = Image.open(io.BytesIO(data))
             w, h = im.size
             if w * h > max_pixels:
-                raise FetchError(f"too many pixels ({w}x{h} > {max_pixels / 1e6:g} Mpx; "
-                                 "raise max_image_pixels)")
+                raise FetchError(f"too many pixels ({w}x{h} > {max_pixels / 1e6:g} Mpx; raise max_image_pixels)")
             if draft_to and im.format == "JPEG" and max(w, h) > draft_to:
                 im.draft("RGB", (draft_to, draft_to))  # DCT scaling: less memory and time, same result
             im.load()
@@ -172,15 +183,17 @@ def _decode(data: bytes, content_type: str, max_pixels: int, draft_to: int = 0
     except Image.DecompressionBombError as e:
         raise FetchError(f"too many pixels ({e})") from e
     except Image.UnidentifiedImageError as e:
-        raise FetchError(f"not an image ({content_type or 'no content type'}): "
-                         "the URL does not point at an image file") from e
+        raise FetchError(
+            f"not an image ({content_type or 'no content type'}): the URL does not point at an image file"
+        ) from e
     except Exception as e:  # Pillow raises many types for broken files
         raise FetchError(f"broken image data ({type(e).__name__}: {e})") from e
     return im, w, h
 
 
-def save_image(data: bytes, content_type: str, out: Path, label: str, stem: str, cfg: DataToolsConfig,
-               max_pixels: int) -> str:
+def save_image(
+    data: bytes, content_type: str, out: Path, label: str, stem: str, cfg: DataToolsConfig, max_pixels: int
+) -> str:
     """Check, orient, shrink and write one downloaded image; return its path relative to ``out``.
 
     The bytes are kept as they are for JPEG/PNG files that need neither rotation nor resizing; other images
@@ -223,8 +236,7 @@ def _write_new(path: Path, data: bytes) -> None:
     atomic_write_bytes(path, data)
 
 
-def _fetch_one(client: httpx.Client, entry: UrlEntry, out: Path, cfg: DataToolsConfig, max_pixels: int
-               ) -> Outcome:
+def _fetch_one(client: httpx.Client, entry: UrlEntry, out: Path, cfg: DataToolsConfig, max_pixels: int) -> Outcome:
     stem = file_stem(entry.url)
     existing = _existing(out, entry.label, stem)
     if existing:
@@ -239,7 +251,7 @@ def _fetch_one(client: httpx.Client, entry: UrlEntry, out: Path, cfg: DataToolsC
         return Outcome(entry, "failed", reason=str(e))
     except OSError as e:  # disk full, permissions: name the folder
         return Outcome(entry, "failed", reason=f"cannot write under {out / entry.label} ({e.strerror or e})")
-    except Exception as e:  # one odd file (e.g. malformed EXIF) must not stop a long run
+    except Exception as e:  # noqa: BLE001 - one odd file (e.g. malformed EXIF) must not stop a long run
         return Outcome(entry, "failed", reason=f"unexpected error ({type(e).__name__}: {e})")
 
 
@@ -267,8 +279,9 @@ def _plan(entries: Sequence[UrlEntry]) -> tuple[list[UrlEntry], dict[int, Outcom
     return todo, skipped
 
 
-def download(entries: Sequence[UrlEntry], out: Path, cfg: DataToolsConfig, max_pixels: int = 100_000_000,
-             progress: bool = True) -> DownloadReport:
+def download(
+    entries: Sequence[UrlEntry], out: Path, cfg: DataToolsConfig, max_pixels: int = 100_000_000, progress: bool = True
+) -> DownloadReport:
     """Download every entry into ``out/<label>/``; write ``sources.tsv`` and ``download_failures.tsv`` there.
 
     Files already present are skipped (the run resumes), never overwritten; each URL is fetched once.

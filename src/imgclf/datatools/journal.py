@@ -69,8 +69,10 @@ def quarantine(root: Path, moves: Sequence[tuple[str, str]]) -> JournalReport:
             continue
         try:
             digest = file_sha256(src)
-            _append(journal, {"op": "move", "path": rel, "quarantined": f"{QUARANTINE_DIR}/{rel}",
-                              "sha256": digest, "kept": kept})
+            _append(
+                journal,
+                {"op": "move", "path": rel, "quarantined": f"{QUARANTINE_DIR}/{rel}", "sha256": digest, "kept": kept},
+            )
             move_no_overwrite(src, dst)
         except OSError as e:
             report.problems.append(f"{src}: not moved ({e})")
@@ -127,8 +129,7 @@ def undo(root: Path) -> JournalReport:
         except OSError as e:
             report.problems.append(f"{src}: not restored ({e})")
             continue
-        _append(journal, {"op": "restore", "path": rec["path"], "quarantined": rec["quarantined"],
-                          "sha256": digest})
+        _append(journal, {"op": "restore", "path": rec["path"], "quarantined": rec["quarantined"], "sha256": digest})
         report.done.append(rec["path"])
     _remove_empty_dirs(root / QUARANTINE_DIR)
     return report

@@ -43,8 +43,7 @@ class Provider(ABC):
     name: ClassVar[str]
     default_url: ClassVar[str]
 
-    def __init__(self, client: httpx.Client, base_url: str | None = None, policy: RetryPolicy | None = None
-                 ) -> None:
+    def __init__(self, client: httpx.Client, base_url: str | None = None, policy: RetryPolicy | None = None) -> None:
         self.client = client
         self.base_url = (base_url or self.default_url).rstrip("/")
         self.policy = policy or RetryPolicy()
@@ -53,8 +52,9 @@ class Provider(ABC):
     def search(self, query: str, n: int) -> list[Result]:
         """Up to ``n`` results for ``query``; raises ProviderError."""
 
-    def _next_page(self, path: str, query: str, params: Mapping[str, Any], headers: Mapping[str, str],
-                   found: int) -> dict[str, Any] | None:
+    def _next_page(
+        self, path: str, query: str, params: Mapping[str, Any], headers: Mapping[str, str], found: int
+    ) -> dict[str, Any] | None:
         """The next page of results; None (with a warning) where a later page fails after some results."""
         try:
             return self._get_json(path, query, params, headers)
@@ -64,8 +64,9 @@ class Provider(ABC):
             log.warning("%s; keeping the %d result(s) found before", e, found)
             return None
 
-    def _get_json(self, path: str, query: str, params: Mapping[str, Any],
-                  headers: Mapping[str, str] | None = None) -> dict[str, Any]:
+    def _get_json(
+        self, path: str, query: str, params: Mapping[str, Any], headers: Mapping[str, str] | None = None
+    ) -> dict[str, Any]:
         def parse(response: httpx.Response) -> dict[str, Any]:
             body = bytearray()
             for chunk in response.iter_bytes():
@@ -94,8 +95,13 @@ class OpenverseProvider(Provider):
     default_url = "https://api.openverse.org"
     page_size = 20  # the most anonymous clients may ask for
 
-    def __init__(self, client: httpx.Client, base_url: str | None = None, policy: RetryPolicy | None = None,
-                 token: str | None = None) -> None:
+    def __init__(
+        self,
+        client: httpx.Client,
+        base_url: str | None = None,
+        policy: RetryPolicy | None = None,
+        token: str | None = None,
+    ) -> None:
         super().__init__(client, base_url, policy)
         token = token if token is not None else os.environ.get("IMGCLF_OPENVERSE_TOKEN")
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -110,9 +116,16 @@ class OpenverseProvider(Provider):
             if data is None:
                 break
             items = [it for it in data.get("results") or [] if isinstance(it, dict) and it.get("url")]
-            results += [Result(str(it["url"]), str(it.get("foreign_landing_url") or ""),
-                               _openverse_licence(it), str(it.get("creator") or ""),
-                               str(it.get("title") or "")) for it in items]
+            results += [
+                Result(
+                    str(it["url"]),
+                    str(it.get("foreign_landing_url") or ""),
+                    _openverse_licence(it),
+                    str(it.get("creator") or ""),
+                    str(it.get("title") or ""),
+                )
+                for it in items
+            ]
             if len(items) < size or page >= int(data.get("page_count") or page):
                 break
             page += 1
@@ -131,13 +144,20 @@ class BingProvider(Provider):
     default_url = "https://api.bing.microsoft.com"
     max_count = 150  # results per request the API allows
 
-    def __init__(self, client: httpx.Client, base_url: str | None = None, policy: RetryPolicy | None = None,
-                 key: str | None = None) -> None:
+    def __init__(
+        self,
+        client: httpx.Client,
+        base_url: str | None = None,
+        policy: RetryPolicy | None = None,
+        key: str | None = None,
+    ) -> None:
         super().__init__(client, base_url, policy)
         key = key if key is not None else os.environ.get("IMGCLF_BING_KEY")
         if not key:
-            raise ProviderError("the bing provider needs a subscription key: set the environment variable "
-                                "IMGCLF_BING_KEY (or use --provider openverse, which needs none)")
+            raise ProviderError(
+                "the bing provider needs a subscription key: set the environment variable "
+                "IMGCLF_BING_KEY (or use --provider openverse, which needs none)"
+            )
         self._headers = {"Ocp-Apim-Subscription-Key": key}
 
     def search(self, query: str, n: int) -> list[Result]:
@@ -151,8 +171,10 @@ class BingProvider(Provider):
                 break
             raw = data.get("value") or []
             items = [it for it in raw if isinstance(it, dict) and it.get("contentUrl")]
-            results += [Result(str(it["contentUrl"]), str(it.get("hostPageUrl") or ""), "", "",
-                               str(it.get("name") or "")) for it in items]
+            results += [
+                Result(str(it["contentUrl"]), str(it.get("hostPageUrl") or ""), "", "", str(it.get("name") or ""))
+                for it in items
+            ]
             next_offset = int(data.get("nextOffset") or offset + len(raw))
             if not raw or next_offset <= offset:
                 break
@@ -163,8 +185,9 @@ class BingProvider(Provider):
 PROVIDERS: dict[str, type[Provider]] = {p.name: p for p in (OpenverseProvider, BingProvider)}
 
 
-def make_provider(name: str, client: httpx.Client, base_url: str | None = None,
-                  policy: RetryPolicy | None = None) -> Provider:
+def make_provider(
+    name: str, client: httpx.Client, base_url: str | None = None, policy: RetryPolicy | None = None
+) -> Provider:
     """The provider called ``name`` (openverse or bing)."""
     if name not in PROVIDERS:
         raise ValueError(f"unknown image search provider {name!r}; choose one of {', '.join(PROVIDERS)}")

@@ -46,8 +46,9 @@ def build_queries(items: Sequence[str], attributes: Sequence[str]) -> list[tuple
     return [(f"{attr} {item}", check_label(attr, "--attributes")) for attr in attributes for item in items]
 
 
-def collect(provider: Provider, queries: Sequence[tuple[str, str]], per_query: int, progress: bool = False
-            ) -> tuple[list[UrlEntry], list[tuple[str, str]]]:
+def collect(
+    provider: Provider, queries: Sequence[tuple[str, str]], per_query: int, progress: bool = False
+) -> tuple[list[UrlEntry], list[tuple[str, str]]]:
     """Search every query; each URL is listed once, under the first query's label, later finds noted."""
     found: dict[str, tuple[UrlEntry, list[str]]] = {}
     failures = []
@@ -63,14 +64,22 @@ def collect(provider: Provider, queries: Sequence[tuple[str, str]], per_query: i
             else:
                 entry = UrlEntry(label, r.url, r.source_page, r.licence, r.creator, r.title)
                 found[r.url] = (entry, [f"query {query!r}"])
-    entries = [UrlEntry(e.label, e.url, e.source_page, e.licence, e.creator, e.title,
-                        "; ".join(dict.fromkeys(notes))) for e, notes in found.values()]
+    entries = [
+        UrlEntry(e.label, e.url, e.source_page, e.licence, e.creator, e.title, "; ".join(dict.fromkeys(notes)))
+        for e, notes in found.values()
+    ]
     return entries, failures
 
 
-def scrape(items: Sequence[str], attributes: Sequence[str], out: Path, cfg: DataToolsConfig,
-           max_pixels: int = 100_000_000, progress: bool = True, provider: Provider | None = None
-           ) -> ScrapeReport:
+def scrape(
+    items: Sequence[str],
+    attributes: Sequence[str],
+    out: Path,
+    cfg: DataToolsConfig,
+    max_pixels: int = 100_000_000,
+    progress: bool = True,
+    provider: Provider | None = None,
+) -> ScrapeReport:
     """Search, write ``<out>/urls.tsv``, then download into ``<out>/<attribute>/`` (see :func:`download`).
 
     Raises ProviderError when every search failed (nothing to download).
@@ -78,8 +87,9 @@ def scrape(items: Sequence[str], attributes: Sequence[str], out: Path, cfg: Data
     out = Path(out)
     queries = build_queries(items, attributes)
     with make_client(cfg.timeout_s) as client:
-        provider = provider or make_provider(cfg.provider, client, cfg.provider_url,
-                                             RetryPolicy(cfg.retries, cfg.backoff_s, cfg.max_backoff_s))
+        provider = provider or make_provider(
+            cfg.provider, client, cfg.provider_url, RetryPolicy(cfg.retries, cfg.backoff_s, cfg.max_backoff_s)
+        )
         entries, failures = collect(provider, queries, cfg.per_query, progress)
     if len(failures) == len(queries):
         raise ProviderError(f"every search failed, nothing downloaded; first error: {failures[0][1]}")

@@ -30,8 +30,7 @@ class Augment:
 class Normalizer:
     """uint8 NHWC -> normalised float NCHW (channels_last) crops of ``resolution`` pixels."""
 
-    def __init__(self, resolution: int, mean: tuple[float, ...], std: tuple[float, ...],
-                 device: torch.device) -> None:
+    def __init__(self, resolution: int, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> None:
         self.resolution = resolution
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
@@ -43,7 +42,7 @@ class Normalizer:
         """The eval view: centre crop (the cache holds the backbone's resize_to side)."""
         side, r = batch.shape[1], self.resolution
         o = (side - r) // 2
-        x = batch[:, o:o + r, o:o + r].permute(0, 3, 1, 2).float() / 255.0
+        x = batch[:, o : o + r, o : o + r].permute(0, 3, 1, 2).float() / 255.0
         return self._finish(x)
 
     def random(self, batch: torch.Tensor, aug: Augment, gen: torch.Generator, size: int) -> torch.Tensor:
@@ -65,8 +64,7 @@ class Normalizer:
         flip = torch.where(u[:, 4] < 0.5, -1.0, 1.0) if aug.flip else torch.ones(n)
         angle = (2 * u[:, 5] - 1) * math.radians(aug.rotate_deg)
         c, s = torch.cos(angle), torch.sin(angle)
-        theta = torch.stack([torch.stack([c * w * flip, -s * h, cx], 1),
-                             torch.stack([s * w * flip, c * h, cy], 1)], 1)
+        theta = torch.stack([torch.stack([c * w * flip, -s * h, cx], 1), torch.stack([s * w * flip, c * h, cy], 1)], 1)
         x = batch.permute(0, 3, 1, 2).float() / 255.0
         grid = F.affine_grid(theta.to(x.device), [n, 3, size, size], align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
@@ -74,6 +72,6 @@ class Normalizer:
             f = (1 + aug.jitter * (2 * torch.rand(n, 3, generator=gen) - 1)).to(x.device).view(n, 3, 1, 1, 1)
             x = x * f[:, 0]
             x = (x - x.mean(dim=(1, 2, 3), keepdim=True)) * f[:, 1] + x.mean(dim=(1, 2, 3), keepdim=True)
-            gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+            gray = 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
             x = ((x - gray) * f[:, 2] + gray).clamp(0.0, 1.0)
         return self._finish(x)

@@ -36,8 +36,15 @@ def _key(paths: Sequence[Path], side: int, interpolation: str) -> str:
     return h.hexdigest()[:20]
 
 
-def build_image_cache(paths: Sequence[Path], side: int, interpolation: str, folder: Path, workers: int,
-                      max_pixels: int | None = None, progress: bool = True) -> ImageCache:
+def build_image_cache(
+    paths: Sequence[Path],
+    side: int,
+    interpolation: str,
+    folder: Path,
+    workers: int,
+    max_pixels: int | None = None,
+    progress: bool = True,
+) -> ImageCache:
     """Decode ``paths`` (EXIF-oriented) into ``folder/images-<key>.u8``; reused while the files are unchanged.
 
     Images that fail to decode are zero-filled, marked not ``ok`` and logged as warnings.
@@ -62,8 +69,9 @@ def build_image_cache(paths: Sequence[Path], side: int, interpolation: str, fold
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
         decoded = pool.map(load, paths)
-        for i, img in enumerate(tqdm(decoded, total=len(paths), desc="decode (once)", unit="img",
-                                     disable=not progress, leave=False)):
+        for i, img in enumerate(
+            tqdm(decoded, total=len(paths), desc="decode (once)", unit="img", disable=not progress, leave=False)
+        ):
             if isinstance(img, str):
                 ok[i] = False
                 log.warning("fine-tuning skips %s: %s", paths[i], img)

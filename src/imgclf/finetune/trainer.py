@@ -66,8 +66,9 @@ class Classifier(nn.Module):
         return self.fc(self.dropout(self.backbone(x)))
 
 
-def split_validation(labels: np.ndarray, train_idx: np.ndarray, fraction: float,
-                     seed: int) -> tuple[np.ndarray, np.ndarray]:
+def split_validation(
+    labels: np.ndarray, train_idx: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Stratified, seeded (fit, val) partition of ``train_idx``; each class keeps a fitting image."""
     rng = np.random.default_rng([seed, 0x5EED])
     val: list[np.ndarray] = []
@@ -87,8 +88,10 @@ def _param_groups(model: Classifier, cfg: FinetuneConfig) -> list[dict[str, Any]
     groups = []
     for module, lr in parts:
         params = [p for p in module.parameters() if p.requires_grad]
-        groups += [{"params": [p for p in params if p.ndim > 1], "lr": lr, "weight_decay": cfg.weight_decay},
-                   {"params": [p for p in params if p.ndim <= 1], "lr": lr, "weight_decay": 0.0}]
+        groups += [
+            {"params": [p for p in params if p.ndim > 1], "lr": lr, "weight_decay": cfg.weight_decay},
+            {"params": [p for p in params if p.ndim <= 1], "lr": lr, "weight_decay": 0.0},
+        ]
     return [g for g in groups if g["params"]]
 
 
@@ -151,7 +154,7 @@ class CacheLoader:
             order = torch.multinomial(weights, n, replacement=True, generator=gen).numpy()
         else:
             order = torch.randperm(n, generator=gen).numpy()
-        batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+        batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
         return [b for b in batches if len(b) > 1]  # batch norm cannot train on a single image
 
     def in_order(self, batch_size: int) -> list[np.ndarray]:
@@ -214,8 +217,14 @@ def _save_ckpt(path: Path, ckpt: dict[str, Any]) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def finetune(cfg: Config, ds: Dataset, train_idx: np.ndarray, backbone: Backbone, run_dir: Path,
-             on_epoch_end: EpochHook | None = None) -> FinetuneResult:
+def finetune(
+    cfg: Config,
+    ds: Dataset,
+    train_idx: np.ndarray,
+    backbone: Backbone,
+    run_dir: Path,
+    on_epoch_end: EpochHook | None = None,
+) -> FinetuneResult:
     """Fine-tune ``backbone`` plus a new last layer on ``ds.samples[train_idx]`` (never sees the test split).
 
     ``on_epoch_end(epoch, row)`` is called after each epoch's checkpoint is written.
@@ -236,8 +245,10 @@ def finetune(cfg: Config, ds: Dataset, train_idx: np.ndarray, backbone: Backbone
     if ft.resume and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         if ckpt["fingerprint"] != fingerprint:
-            raise ValueError(f"{ckpt_path} belongs to another fine-tuning run (different settings, backbone "
-                             "or training images); run without --resume to start afresh")
+            raise ValueError(
+                f"{ckpt_path} belongs to another fine-tuning run (different settings, backbone "
+                "or training images); run without --resume to start afresh"
+            )
         log.info("resuming fine-tuning after epoch %d", ckpt["epoch"])
     elif ft.resume:
         log.info("no checkpoint in %s: fine-tuning from the start", run_dir)
@@ -255,9 +266,15 @@ def finetune(cfg: Config, ds: Dataset, train_idx: np.ndarray, backbone: Backbone
     if not done:
         fit_idx, val_idx = split_validation(labels_all, train_idx, ft.val_fraction, seed)
         pre = backbone.preprocess
-        cache = build_image_cache([ds.path(ds.samples[i]) for i in train_idx], pre.resize_to,
-                                  pre.interpolation, run_dir / "finetune_cache", workers,
-                                  cfg.data.max_image_pixels, cfg.output.progress)
+        cache = build_image_cache(
+            [ds.path(ds.samples[i]) for i in train_idx],
+            pre.resize_to,
+            pre.interpolation,
+            run_dir / "finetune_cache",
+            workers,
+            cfg.data.max_image_pixels,
+            cfg.output.progress,
+        )
         row_of = {int(s): r for r, s in enumerate(train_idx)}
         fit_idx = np.array([i for i in fit_idx if cache.ok[row_of[int(i)]]], np.int64)
         val_idx = np.array([i for i in val_idx if cache.ok[row_of[int(i)]]], np.int64)
@@ -267,10 +284,22 @@ def finetune(cfg: Config, ds: Dataset, train_idx: np.ndarray, backbone: Backbone
         if ckpt is None and ft.head_init == "linear_probe":
             _linear_probe_init(cfg, ds, fit_idx, backbone, model.fc)
         fit = CacheLoader(cache, np.array([row_of[int(i)] for i in fit_idx]), labels_all[fit_idx], device)
-        val = CacheLoader(cache, np.array([row_of[int(i)] for i in val_idx], np.int64), labels_all[val_idx],
-                          device)
-        _train(cfg, model, backbone, fit, val, device, ckpt, history, best, start_epoch, fingerprint,
-               ckpt_path, on_epoch_end)
+        val = CacheLoader(cache, np.array([row_of[int(i)] for i in val_idx], np.int64), labels_all[val_idx], device)
+        _train(
+            cfg,
+            model,
+            backbone,
+            fit,
+            val,
+            device,
+            ckpt,
+            history,
+            best,
+            start_epoch,
+            fingerprint,
+            ckpt_path,
+            on_epoch_end,
+        )
         del cache
         with contextlib.suppress(OSError):
             for f in (run_dir / "finetune_cache").iterdir():
@@ -281,16 +310,19 @@ def finetune(cfg: Config, ds: Dataset, train_idx: np.ndarray, backbone: Backbone
         model.load_state_dict(best["state"])
     model = model.to("cpu", memory_format=torch.contiguous_format).eval()
     state = model.backbone.state_dict()
-    tuned = dataclasses.replace(backbone, model=model.backbone,
-                                weights_id=f"finetuned:{_state_digest(state)}")
-    head = LinearHead(model.fc.weight.detach().numpy().astype(np.float64),
-                      model.fc.bias.detach().numpy().astype(np.float64), l2_normalize=False)
+    tuned = dataclasses.replace(backbone, model=model.backbone, weights_id=f"finetuned:{_state_digest(state)}")
+    head = LinearHead(
+        model.fc.weight.detach().numpy().astype(np.float64),
+        model.fc.bias.detach().numpy().astype(np.float64),
+        l2_normalize=False,
+    )
     figures = {}
     if history:
-        best_epoch = best["epoch"] or history[-1]["epoch"]
+        best_epoch = best["epoch"] if best["state"] is not None else history[-1]["epoch"]
         figures["Fine-tuning curves"] = _plot(run_dir / "finetune_curves.png", history, int(best_epoch))
-        log.info("fine-tuning: best epoch %d of %d (validation error %.3f)", best_epoch, len(history),
-                 best["val_error"])
+        log.info(
+            "fine-tuning: best epoch %d of %d (validation error %.3f)", best_epoch, len(history), best["val_error"]
+        )
     return FinetuneResult(tuned, head, history, figures)
 
 
@@ -304,8 +336,9 @@ def _linear_probe_init(cfg: Config, ds: Dataset, fit_idx: np.ndarray, backbone: 
 
     from imgclf.features import FeatureExtractor
 
-    res = FeatureExtractor.from_config(cfg, backbone).extract([ds.path(ds.samples[i]) for i in fit_idx],
-                                                              desc="linear probe features")
+    res = FeatureExtractor.from_config(cfg, backbone).extract(
+        [ds.path(ds.samples[i]) for i in fit_idx], desc="linear probe features"
+    )
     x, y = res.features[res.ok], ds.labels[fit_idx][res.ok]
     lr = LogisticRegression(C=cfg.finetune.probe_c, max_iter=2000).fit(x, y)
     w, b = np.zeros((fc.out_features, x.shape[1])), np.zeros(fc.out_features)
@@ -326,8 +359,13 @@ def train_resolution(ft: FinetuneConfig, resolution: int, device: torch.device) 
     return resolution if device.type == "cuda" else max(32, round(resolution * 0.75 / 8) * 8)
 
 
-def _evaluate(model: Classifier, loader: CacheLoader, norm: Normalizer, batch_size: int,
-              autocast: Callable[[], contextlib.AbstractContextManager[Any]]) -> tuple[float, float]:
+def _evaluate(
+    model: Classifier,
+    loader: CacheLoader,
+    norm: Normalizer,
+    batch_size: int,
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]],
+) -> tuple[float, float]:
     """(mean cross-entropy, error rate) on the validation part, eval-time view."""
     model.eval()
     loss_sum, wrong, n = 0.0, 0, 0
@@ -341,10 +379,21 @@ def _evaluate(model: Classifier, loader: CacheLoader, norm: Normalizer, batch_si
     return (loss_sum / n, wrong / n) if n else (float("nan"), float("nan"))
 
 
-def _train(cfg: Config, model: Classifier, backbone: Backbone, fit: CacheLoader, val: CacheLoader,
-           device: torch.device, ckpt: dict[str, Any] | None, history: list[dict[str, float]],
-           best: dict[str, Any], start_epoch: int, fingerprint: str, ckpt_path: Path,
-           on_epoch_end: EpochHook | None) -> None:
+def _train(
+    cfg: Config,
+    model: Classifier,
+    backbone: Backbone,
+    fit: CacheLoader,
+    val: CacheLoader,
+    device: torch.device,
+    ckpt: dict[str, Any] | None,
+    history: list[dict[str, float]],
+    best: dict[str, Any],
+    start_epoch: int,
+    fingerprint: str,
+    ckpt_path: Path,
+    on_epoch_end: EpochHook | None,
+) -> None:
     """The epoch loop: writes the log, the checkpoint (with ``best``) after every epoch."""
     ft = cfg.finetune
     model.to(device, memory_format=torch.channels_last)
@@ -369,15 +418,30 @@ def _train(cfg: Config, model: Classifier, backbone: Backbone, fit: CacheLoader,
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
     criterion = nn.CrossEntropyLoss(label_smoothing=ft.label_smoothing)
+    if start_epoch == 0 and ft.head_init == "linear_probe" and len(val.rows):
+        # epoch 0 is the linear probe itself: fine-tuning has to beat it on validation to be kept
+        val_loss, val_error = _evaluate(model, val, norm, 2 * bs, autocast)
+        best.update(epoch=0, val_error=val_error, val_loss=val_loss, state=_copy_state(model))
+        log.info("epoch 0 (linear probe): val loss %.3f error %.3f", val_loss, val_error)
     for epoch in range(start_epoch + 1, ft.epochs + 1):
         head_only = ft.freeze_backbone or epoch <= ft.head_warmup_epochs
         model.train()
         if head_only:
             model.backbone.eval()  # frozen: keep the pretrained batch-norm statistics
+        elif ft.freeze_bn:
+            for m in model.backbone.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()  # keep the pretrained statistics; the affine weights still train
         t0, seen, loss_sum, wrong = time.perf_counter(), 0, 0.0, 0
         batches = fit.epoch_batches(bs, gen, ft.balance_classes)
-        bar = tqdm(_prefetch(batches, fit), total=len(batches), desc=f"epoch {epoch}/{ft.epochs}",
-                   unit="batch", disable=not cfg.output.progress, leave=False)
+        bar = tqdm(
+            _prefetch(batches, fit),
+            total=len(batches),
+            desc=f"epoch {epoch}/{ft.epochs}",
+            unit="batch",
+            disable=not cfg.output.progress,
+            leave=False,
+        )
         for x, y in bar:
             xb = norm.random(x, aug, gen, train_res)
             with autocast():
@@ -398,12 +462,27 @@ def _train(cfg: Config, model: Classifier, backbone: Backbone, fit: CacheLoader,
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", img_s=f"{seen / (time.perf_counter() - t0):.1f}")
         train_s = time.perf_counter() - t0
         val_loss, val_error = _evaluate(model, val, norm, 2 * bs, autocast)
-        row = {"epoch": epoch, "lr": float(opt.param_groups[0]["lr"]), "train_loss": loss_sum / max(1, seen),
-               "train_error": wrong / max(1, seen), "val_loss": val_loss, "val_error": val_error,
-               "img_per_s": seen / train_s, "seconds": time.perf_counter() - t0}
+        row = {
+            "epoch": epoch,
+            "lr": float(opt.param_groups[0]["lr"]),
+            "train_loss": loss_sum / max(1, seen),
+            "train_error": wrong / max(1, seen),
+            "val_loss": val_loss,
+            "val_error": val_error,
+            "img_per_s": seen / train_s,
+            "seconds": time.perf_counter() - t0,
+        }
         history.append(row)
-        log.info("epoch %d/%d: train loss %.3f error %.3f | val loss %.3f error %.3f | %.1f img/s", epoch,
-                 ft.epochs, row["train_loss"], row["train_error"], val_loss, val_error, row["img_per_s"])
+        log.info(
+            "epoch %d/%d: train loss %.3f error %.3f | val loss %.3f error %.3f | %.1f img/s",
+            epoch,
+            ft.epochs,
+            row["train_loss"],
+            row["train_error"],
+            val_loss,
+            val_error,
+            row["img_per_s"],
+        )
         improved = len(val.rows) > 0 and (val_error, val_loss) < (best["val_error"], best["val_loss"])
         if improved:
             best.update(epoch=epoch, val_error=val_error, val_loss=val_loss, state=_copy_state(model))
@@ -413,10 +492,20 @@ def _train(cfg: Config, model: Classifier, backbone: Backbone, fit: CacheLoader,
         if done and best["state"] is None:
             best.update(epoch=epoch, state=_copy_state(model))
         _write_log(ckpt_path.parent / "finetune_log.csv", history)
-        _save_ckpt(ckpt_path, {"fingerprint": fingerprint, "epoch": epoch, "done": done,
-                               "model": _copy_state(model), "optimizer": opt.state_dict(),
-                               "scheduler": sched.state_dict(), "best": best, "history": history,
-                               "rng": _rng_state(gen)})
+        _save_ckpt(
+            ckpt_path,
+            {
+                "fingerprint": fingerprint,
+                "epoch": epoch,
+                "done": done,
+                "model": _copy_state(model),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "best": best,
+                "history": history,
+                "rng": _rng_state(gen),
+            },
+        )
         if on_epoch_end is not None:
             on_epoch_end(epoch, row)
         if stop:

@@ -73,18 +73,29 @@ _PREDICT_BODY = {
     "requestBody": {
         "required": True,
         "content": {
-            "multipart/form-data": {"schema": {"type": "object", "properties": {
-                "file": {"type": "string", "format": "binary"},
-                "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
-            "application/json": {"schema": {"type": "object", "required": ["images"], "properties": {
-                "images": {"type": "array", "items": {"type": "string", "description": "base64 image"}}}}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                    },
+                }
+            },
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["images"],
+                    "properties": {
+                        "images": {"type": "array", "items": {"type": "string", "description": "base64 image"}}
+                    },
+                }
+            },
             "image/*": {"schema": {"type": "string", "format": "binary"}},
         },
     }
 }
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422)
-}
+_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422)}
 
 
 def _net_key(bundle: Bundle) -> str:
@@ -107,8 +118,15 @@ def build_runtime(bundle: Bundle, cfg: Config) -> Runtime:
     except OSError as e:
         log.warning("cannot cache the converted model in %s (%s); converting at every start", model_dir, e)
         model_dir = None
-    return create_runtime(bundle.classifier_net(), bundle.preprocess.resolution, runtime, f.precision,
-                          f.device, f.workers or cpu_count(), model_dir)
+    return create_runtime(
+        bundle.classifier_net(),
+        bundle.preprocess.resolution,
+        runtime,
+        f.precision,
+        f.device,
+        f.workers or cpu_count(),
+        model_dir,
+    )
 
 
 def _web_page() -> str | None:
@@ -142,7 +160,8 @@ class ModelService:
         pre, max_pixels = self.bundle.preprocess, self.cfg.data.max_image_pixels
         with self.batcher.incoming():
             arrays = await asyncio.gather(
-                *(loop.run_in_executor(self.decoders, decode_image, im, pre, max_pixels) for im in images))
+                *(loop.run_in_executor(self.decoders, decode_image, im, pre, max_pixels) for im in images)
+            )
         return [self._prediction(p) for p in await self.batcher.infer(arrays)]
 
     def _prediction(self, probs: np.ndarray) -> Prediction:
@@ -150,16 +169,30 @@ class ModelService:
         order = np.argsort(-probs, kind="stable")
         best = int(order[0])
         top = [LabelScore(label=classes[i], score=float(probs[i])) for i in order[: self.top_k]]
-        return Prediction(label=classes[best], score=float(probs[best]),
-                          scores={c: float(p) for c, p in zip(classes, probs, strict=True)}, top_k=top)
+        return Prediction(
+            label=classes[best],
+            score=float(probs[best]),
+            scores={c: float(p) for c, p in zip(classes, probs, strict=True)},
+            top_k=top,
+        )
 
     def info(self) -> dict[str, Any]:
         b, pre = self.bundle, self.bundle.preprocess
-        return {"model_id": self.model_id, "classes": b.classes, "backbone": b.backbone_spec["name"],
-                "backbone_weights": b.backbone_spec["weights_id"], "resolution": pre.resolution,
-                "crop_pct": pre.crop_pct, "interpolation": pre.interpolation, "classifier": b.classifier,
-                "metrics": b.metrics, "created": b.created, "version": __version__,
-                "runtime": self.runtime.name, "precision": self.runtime.precision}
+        return {
+            "model_id": self.model_id,
+            "classes": b.classes,
+            "backbone": b.backbone_spec["name"],
+            "backbone_weights": b.backbone_spec["weights_id"],
+            "resolution": pre.resolution,
+            "crop_pct": pre.crop_pct,
+            "interpolation": pre.interpolation,
+            "classifier": b.classifier,
+            "metrics": b.metrics,
+            "created": b.created,
+            "version": __version__,
+            "runtime": self.runtime.name,
+            "precision": self.runtime.precision,
+        }
 
 
 def _error(status: int, code: str, detail: str) -> JSONResponse:
@@ -209,22 +242,35 @@ def create_app(bundle: Bundle | str | Path, cfg: Config | None = None) -> FastAP
     async def _server_error(_: Request, e: Exception) -> JSONResponse:
         return _error(500, "internal_error", f"the server failed ({type(e).__name__}); see its log")
 
-    @app.post("/v1/predict", response_model=PredictResponse, dependencies=auth, responses=_ERRORS,
-              openapi_extra=_PREDICT_BODY, summary="Classify one or several images")
+    @app.post(
+        "/v1/predict",
+        response_model=PredictResponse,
+        dependencies=auth,
+        responses=_ERRORS,
+        openapi_extra=_PREDICT_BODY,
+        summary="Classify one or several images",
+    )
     async def predict(request: Request) -> PredictResponse:
         t0 = time.perf_counter()
         body = await read_body(request, max_body)
         predictions = await service.predict(await images_from_request(request, body))
-        return PredictResponse(predictions=predictions, model_id=service.model_id,
-                               server_time_ms=(time.perf_counter() - t0) * 1000)
+        return PredictResponse(
+            predictions=predictions, model_id=service.model_id, server_time_ms=(time.perf_counter() - t0) * 1000
+        )
 
-    @app.post("/score", response_model=PredictResponse, dependencies=auth, responses=_ERRORS,
-              summary='2017 tutorial clients: {"input_df": [{"image base64 string": "..."}]}')
+    @app.post(
+        "/score",
+        response_model=PredictResponse,
+        dependencies=auth,
+        responses=_ERRORS,
+        summary='2017 tutorial clients: {"input_df": [{"image base64 string": "..."}]}',
+    )
     async def score(request: Request) -> PredictResponse:
         t0 = time.perf_counter()
         predictions = await service.predict(images_from_tutorial_json(await read_body(request, max_body)))
-        return PredictResponse(predictions=predictions, model_id=service.model_id,
-                               server_time_ms=(time.perf_counter() - t0) * 1000)
+        return PredictResponse(
+            predictions=predictions, model_id=service.model_id, server_time_ms=(time.perf_counter() - t0) * 1000
+        )
 
     @app.get("/v1/model", dependencies=auth, responses=_ERRORS, summary="The served model")
     async def model() -> dict[str, Any]:
@@ -234,8 +280,14 @@ def create_app(bundle: Bundle | str | Path, cfg: Config | None = None) -> FastAP
     async def healthz() -> dict[str, Any]:
         s = service.batcher.stats
         uptime = round(time.time() - service.started, 1)
-        return {"status": "ok", "model_id": service.model_id, "uptime_s": uptime,
-                "batches": s.batches, "images": s.images, "largest_batch": s.largest}
+        return {
+            "status": "ok",
+            "model_id": service.model_id,
+            "uptime_s": uptime,
+            "batches": s.batches,
+            "images": s.images,
+            "largest_batch": s.largest,
+        }
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:

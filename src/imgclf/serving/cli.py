@@ -25,11 +25,12 @@ def _serve(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from imgclf.export import export_model
 
-    result = export_model(args.run_dir, args.format, args.out, args.precision, args.check_images,
-                          args.check_max)
+    result = export_model(args.run_dir, args.format, args.out, args.precision, args.check_images, args.check_max)
     p = result.parity
-    print(f"parity on {p.n_images} images ({p.source}): max |p - p_torch| = {p.max_abs_diff:.2e}, "
-          f"top-1 agreement {p.top1_agreement:.1%} (required: {p.criterion})")
+    print(
+        f"parity on {p.n_images} images ({p.source}): max |p - p_torch| = {p.max_abs_diff:.2e}, "
+        f"top-1 agreement {p.top1_agreement:.1%} (required: {p.criterion})"
+    )
     for f in [*result.files, result.sidecar]:
         print(f"wrote {f}")
     return 0
@@ -39,21 +40,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="Serve a trained model over HTTP: REST API, web page, OpenAPI docs.")
     p.add_argument("run_dir", help="Run folder (or its model/ bundle).")
     add_config_args(p, SERVE_SECTIONS)
-    p.add_argument("--max-image-pixels", "--max_image_pixels", dest="cfg__max_image_pixels", type=int,
-                   default=argparse.SUPPRESS, help=DataConfig.model_fields["max_image_pixels"].description)
+    p.add_argument(
+        "--max-image-pixels",
+        "--max_image_pixels",
+        dest="cfg__max_image_pixels",
+        type=int,
+        default=argparse.SUPPRESS,
+        help=DataConfig.model_fields["max_image_pixels"].description,
+    )
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("export", help="Export a trained model as one ONNX, OpenVINO or TorchScript file.")
     p.add_argument("run_dir", help="Run folder (or its model/ bundle).")
-    p.add_argument("--format", required=True, choices=["onnx", "openvino", "torchscript"],
-                   help="Model file format.")
-    p.add_argument("--out", required=True,
-                   help="Model file to write (.onnx, .xml + .bin, .pt); a .json sidecar goes beside it.")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "int8"],
-                   help="fp32 (all formats), bf16 (openvino), int8 (onnx, openvino; needs nncf). "
-                        "[default: fp32]")
-    p.add_argument("--check-images", metavar="DIR",
-                   help="Images for the parity check [default: the run's test split, else random images].")
-    p.add_argument("--check-max", type=int, default=100,
-                   help="Most images used by the parity check. [default: 100]")
+    p.add_argument("--format", required=True, choices=["onnx", "openvino", "torchscript"], help="Model file format.")
+    p.add_argument(
+        "--out", required=True, help="Model file to write (.onnx, .xml + .bin, .pt); a .json sidecar goes beside it."
+    )
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16", "int8"],
+        help="fp32 (all formats), bf16 (openvino), int8 (onnx, openvino; needs nncf). [default: fp32]",
+    )
+    p.add_argument(
+        "--check-images",
+        metavar="DIR",
+        help="Images for the parity check [default: the run's test split, else random images].",
+    )
+    p.add_argument("--check-max", type=int, default=100, help="Most images used by the parity check. [default: 100]")
     p.set_defaults(func=_export)

@@ -6,7 +6,6 @@ import base64
 import binascii
 import io
 import json
-import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -46,8 +45,11 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
         if not length.isdigit():
             raise ApiError(400, "bad_request", f"invalid Content-Length header {length!r}")
         if int(length) > max_bytes:
-            raise ApiError(413, "body_too_large",
-                           f"request body of {int(length) / 1e6:.1f} MB exceeds the limit of {limit_mb:g} MB")
+            raise ApiError(
+                413,
+                "body_too_large",
+                f"request body of {int(length) / 1e6:.1f} MB exceeds the limit of {limit_mb:g} MB",
+            )
     chunks, size = [], 0
     try:
         async for chunk in request.stream():
@@ -132,10 +134,13 @@ async def images_from_request(request: Request, body: bytes) -> list[ImageInput]
         return images_from_json(body)
     if ctype.startswith("image/") or ctype == "application/octet-stream":
         return [ImageInput(body, "body")]
-    raise ApiError(415, "unsupported_media_type",
-                   f"content type {ctype or '(none)'!r} not supported: send multipart/form-data with "
-                   """'file'/'files', application/json {"images": ["<base64>", ...]}, """
-                   "or one image as image/*")
+    raise ApiError(
+        415,
+        "unsupported_media_type",
+        f"content type {ctype or '(none)'!r} not supported: send multipart/form-data with "
+        """'file'/'files', application/json {"images": ["<base64>", ...]}, """
+        "or one image as image/*",
+    )
 
 
 def check_count(images: list[ImageInput], max_images: int) -> None:
@@ -145,19 +150,12 @@ def check_count(images: list[ImageInput], max_images: int) -> None:
         raise ApiError(413, "too_many_images", f"{len(images)} images in one request; limit {max_images}")
 
 
-class _MemoryFile(io.BytesIO):
-    """Image bytes as the file :func:`open_rgb` reads (it asks a path for its size first)."""
-
-    def stat(self) -> os.stat_result:
-        return os.stat_result((0, 0, 0, 0, 0, 0, len(self.getbuffer()), 0, 0, 0))
-
-
 def decode_image(image: ImageInput, pre: Preprocess, max_pixels: int) -> np.ndarray:
     """Bytes -> upright RGB, resized and centre-cropped for the model (HxWx3 uint8); 422 if unusable."""
     if not image.data:
         raise ApiError(422, "bad_image", f"{image.name}: empty image")
     try:
-        im = open_rgb(_MemoryFile(image.data), pre.resize_to, max_pixels)  # type: ignore[arg-type]
+        im = open_rgb(io.BytesIO(image.data), pre.resize_to, max_pixels)
         return resize_center_crop(im, pre)
     except ImageError as e:
         raise ApiError(422, "bad_image", f"{image.name}: {e}") from e
