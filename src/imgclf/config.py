@@ -100,7 +100,7 @@ class FinetuneConfig(_Section):
     epochs: int = Field(6, ge=1, description="Training epochs (passes over the training part).")
     ft_batch_size: int = Field(32, ge=1, description="Images per training step.")
     ft_resolution: int | None = Field(
-        None, ge=32, description="Training input side; default: the backbone's on GPU, 3/4 of it on CPU."
+        None, ge=32, description="Training input side; default: the evaluation resolution."
     )
     optimizer: Literal["sgd", "adamw"] = Field("sgd", description="sgd: momentum SGD (the tutorial's); adamw.")
     lr: float = Field(0.01, gt=0, description="Peak learning rate of the new last layer.")
