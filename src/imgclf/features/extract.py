@@ -44,7 +44,7 @@ class FeatureCache:
 
         buf = io.BytesIO()
         np.save(buf, vector.astype(np.float32, copy=False), allow_pickle=False)
-        atomic_write_bytes(self._path(digest), buf.getvalue())
+        atomic_write_bytes(self._path(digest), buf.getvalue(), durable=False)
 
 
 @dataclass
