@@ -75,29 +75,39 @@ def store(tmp_path: Path) -> str:
 
 @pytest.fixture
 def ui(tmp_path: Path, store: str) -> Iterator[Callable[[], str]]:
-    """Waits for `mlflow ui` as `imgclf runs ui` starts it and gives its URL; it boots while the runs train."""
+    """Starts `mlflow ui` as `imgclf runs ui` does, once the runs are recorded (a server creating the
+    store's tables while a run logs to it can lock the SQLite file), and gives its URL."""
     port = _free_port()
     log = tmp_path / "mlflow-ui.log"
-    with open(log, "wb") as log_file:
-        proc = subprocess.Popen(
-            [*_ui_command(store, port), "--workers", "1"],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            cwd=tmp_path,
-        )
-    url = f"http://127.0.0.1:{port}"
+    procs: list[subprocess.Popen] = []
+
+    def start() -> str:
+        with open(log, "wb") as log_file:
+            procs.append(
+                subprocess.Popen(
+                    [*_ui_command(store, port), "--workers", "1"],
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    cwd=tmp_path,
+                )
+            )
+        url = f"http://127.0.0.1:{port}"
+        _wait_for(url, procs[0], log)
+        return url
+
     try:
-        yield lambda: _wait_for(url, proc, log) or url
+        yield start
     finally:
         # The whole process group: mlflow ui runs uvicorn in child processes.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(10)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(10)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 @pytest.fixture
