@@ -50,3 +50,34 @@ def make_folder(
         for i in range(n):
             draw_image(c, rng).save(root / c / f"{c}_{i:02d}{ext}")
     return root
+
+
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's, installed by .ci/install-browser
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+def make_bundle(run_dir: Path, config: dict | None = None):
+    """A real efficientnet_lite0 bundle with a fixed random head over three classes, saved in ``run_dir``."""
+    from imgclf.backbones import create_backbone
+    from imgclf.bundle import Bundle
+    from imgclf.heads.linear import LinearHead
+
+    w = np.random.default_rng(0).normal(0, 4, (3, 1280)).astype(np.float32)
+    bundle = Bundle(
+        ["cat", "dog", "fish"],
+        create_backbone("efficientnet_lite0").spec(),
+        LinearHead(w, np.zeros(3, np.float32), True),
+        "svm",
+        config or {},
+        metrics={"overall_accuracy": 0.5},
+    )
+    bundle.save(run_dir)
+    return bundle

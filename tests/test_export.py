@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import make_folder
+from helpers import make_bundle, make_folder
 from PIL import Image
 
 from imgclf.backbones import create_backbone
@@ -46,20 +46,6 @@ else:
 np.save(out, np.asarray(probs))
 print(json.dumps({"torch_imported": "torch" in sys.modules, "imgclf_imported": "imgclf" in sys.modules}))
 """
-
-
-def make_bundle(run_dir: Path, config: dict | None = None) -> Bundle:
-    """A real efficientnet_lite0 bundle with a fixed random head over three classes."""
-    w = np.random.default_rng(0).normal(0, 4, (3, 1280)).astype(np.float32)
-    bundle = Bundle(
-        ["cat", "dog", "fish"],
-        create_backbone("efficientnet_lite0").spec(),
-        LinearHead(w, np.zeros(3, np.float32), True),
-        "svm",
-        config or {},
-    )
-    bundle.save(run_dir)
-    return bundle
 
 
 @pytest.fixture(scope="module")

@@ -22,13 +22,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers import make_folder
+from helpers import CHROMIUM, CHROMIUM_ARGS, make_folder
 
 from imgclf.config import Config
 from imgclf.pipeline import train
 from imgclf.tracking.cli import _ui_command
 
-CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
     pytest.skip(f"{CHROMIUM} is missing (install it with .ci/install-browser)", allow_module_level=True)
 if importlib.util.find_spec("mlflow") is None:
@@ -36,16 +35,6 @@ if importlib.util.find_spec("mlflow") is None:
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (run .ci/install-browser)")
 
 pytestmark = pytest.mark.slow
-
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 
 
 def _free_port() -> int:

@@ -23,33 +23,18 @@ import numpy as np
 import pytest
 import torch
 import uvicorn
+from helpers import make_bundle
 from PIL import Image
 
-from imgclf.backbones import create_backbone
 from imgclf.bundle import Bundle
 from imgclf.config import Config
 from imgclf.data.io import load_for_model
-from imgclf.heads.linear import LinearHead
 from imgclf.serving.app import create_app
 from imgclf.serving.batching import MicroBatcher
 
 API_KEY = "test-key"
 AUTH = {"X-API-Key": API_KEY}
 LIMITS = {"max_upload_mb": 1.0, "max_images_per_request": 4, "max_image_pixels": 1_000_000}
-
-
-def make_bundle(run_dir: Path) -> Bundle:
-    """A real efficientnet_lite0 bundle with a fixed random head over three classes."""
-    w = np.random.default_rng(0).normal(0, 4, (3, 1280)).astype(np.float32)
-    bundle = Bundle(
-        ["cat", "dog", "fish"],
-        create_backbone("efficientnet_lite0").spec(),
-        LinearHead(w, np.zeros(3, np.float32), True),
-        "svm",
-        metrics={"overall_accuracy": 0.5},
-    )
-    bundle.save(run_dir)
-    return bundle
 
 
 def blob_image(seed: int, size: tuple[int, int] = (160, 120), fmt: str = "JPEG") -> bytes:

@@ -13,24 +13,14 @@ from pathlib import Path
 import httpx
 import pytest
 import test_ui_api
+from helpers import CHROMIUM, CHROMIUM_ARGS
 from test_ui_api import Server, sha_map, wait_analysis
 
 from imgclf.ui.app import create_app
 
-CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
     pytest.skip(f"{CHROMIUM} is missing (install it with .ci/install-browser)", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (run .ci/install-browser)")
-
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 
 
 review_data = test_ui_api.review_data  # the session fixture: data and tiny run shared with the API tests
