@@ -12,6 +12,7 @@ treats bundles the same way. The folder is written atomically.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -58,8 +59,6 @@ class Bundle:
     def model_id(self) -> str:
         """Short content id of the bundle (changes whenever the head or the backbone weights change)."""
         digest = np.asarray(self.head.weight, np.float32).tobytes() + self.backbone_spec["weights_id"].encode()
-        import hashlib
-
         return hashlib.sha256(digest).hexdigest()[:12]
 
     def build_backbone(self) -> Backbone:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from imgclf.config import Config, field_index, parameter_table
+from imgclf.config import Config, parameter_table
 
 # Sub-command modules; each defines ``register(subparsers)`` adding its commands.
 COMMAND_MODULES = (
@@ -58,9 +58,9 @@ def add_config_args(parser: argparse.ArgumentParser, sections: Sequence[str] | N
         )
 
 
-def config_from_args(args: argparse.Namespace, **overrides: Any) -> Config:
-    """The resolved configuration: defaults < --config file < flags < ``overrides``."""
-    cfg = Config.from_file(args.config) if getattr(args, "config", None) else Config()
+def config_from_args(args: argparse.Namespace, base: Config | None = None, **overrides: Any) -> Config:
+    """The resolved configuration: ``base`` (default: defaults) < --config file < flags < ``overrides``."""
+    cfg = Config.from_file(args.config) if getattr(args, "config", None) else base or Config()
     flat = {k.removeprefix("cfg__"): v for k, v in vars(args).items() if k.startswith("cfg__")}
     flat.update({k: v for k, v in overrides.items() if v is not None})
     return cfg.updated(**flat) if flat else cfg
@@ -74,10 +74,8 @@ def _show_config(args: argparse.Namespace) -> int:
     table = Table(title="imgclf parameters", show_lines=False)
     for col in ("section", "parameter", "type", "value", "description"):
         table.add_column(col, overflow="fold")
-    index = field_index()
     flat = cfg.flat()
     for section, name, type_, _, help_text in parameter_table():
-        assert index[name] == section
         table.add_row(section, name, type_, str(flat[name]), help_text)
     Console().print(table)
     return 0

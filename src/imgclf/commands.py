@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from imgclf.cli import add_config_args, config_from_args
+from imgclf.config import Config
 
 CORE_SECTIONS = ("data", "backbone", "features", "classifier", "finetune", "datatools", "tracking", "output")
 
@@ -17,25 +18,24 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate(args: argparse.Namespace) -> int:
+def _run_config(run_dir: str) -> Config:
+    """The configuration a run was trained with (flags given to evaluate/predict override it)."""
     from imgclf.bundle import Bundle
-    from imgclf.config import Config
+
+    return Config.model_validate(Bundle.load(run_dir).config)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     from imgclf.pipeline import evaluate
 
-    base = Config.model_validate(Bundle.load(args.run_dir).config)
-    flat = {k.removeprefix("cfg__"): v for k, v in vars(args).items() if k.startswith("cfg__")}
-    evaluate(args.run_dir, on_train=args.on_train, cfg=base.updated(**flat) if flat else base)
+    evaluate(args.run_dir, on_train=args.on_train, cfg=config_from_args(args, _run_config(args.run_dir)))
     return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from imgclf.bundle import Bundle
-    from imgclf.config import Config
     from imgclf.pipeline import predict, write_predictions_csv
 
-    base = Config.model_validate(Bundle.load(args.run_dir).config)
-    flat = {k.removeprefix("cfg__"): v for k, v in vars(args).items() if k.startswith("cfg__")}
-    classes, preds = predict(args.run_dir, args.inputs, base.updated(**flat) if flat else base)
+    classes, preds = predict(args.run_dir, args.inputs, config_from_args(args, _run_config(args.run_dir)))
     for p in preds:
         if p.scores is None:
             print(f"{p.path}\tERROR\t{p.error}")

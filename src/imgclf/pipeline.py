@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from imgclf.backbones import Backbone, create_backbone
+from imgclf.backbones import create_backbone
 from imgclf.bundle import Bundle
 from imgclf.config import Config
 from imgclf.data.dataset import Dataset, DatasetError, load_split, make_split, save_split, scan_dataset
@@ -36,10 +36,6 @@ class RunResult:
     run_dir: Path
     metrics: dict[str, Any]
     bundle: Bundle
-
-
-def _extractor(cfg: Config, backbone: Backbone) -> FeatureExtractor:
-    return FeatureExtractor.from_config(cfg, backbone)
 
 
 def _features(
@@ -172,7 +168,7 @@ def train(cfg: Config) -> RunResult:
         if mode == "dnn":
             fitted_head = ft.head
     t = time.perf_counter()
-    fx = _extractor(cfg, backbone)
+    fx = FeatureExtractor.from_config(cfg, backbone)
     x_train, train_idx = _features(fx, ds, train_idx, "train features", skipped)
     x_test, test_idx = _features(fx, ds, test_idx, "test features", skipped)
     timings["features_s"] = time.perf_counter() - t
@@ -217,7 +213,7 @@ def evaluate(run_dir: str | Path, on_train: bool = False, cfg: Config | None = N
     idx = np.flatnonzero(split == part)
     t0 = time.perf_counter()
     skipped: list[dict[str, str]] = []
-    x, idx = _features(_extractor(cfg, bundle.build_backbone()), ds, idx, f"{part} features", skipped)
+    x, idx = _features(FeatureExtractor.from_config(cfg, bundle.build_backbone()), ds, idx, f"{part} features", skipped)
     scores = bundle.head.predict_proba(x)
     timings = {"total_s": time.perf_counter() - t0}
     n_train = int(np.sum(split == "train"))
@@ -264,7 +260,7 @@ def predict(
     bundle = Bundle.load(run_dir)
     cfg = cfg or Config.model_validate(bundle.config)
     paths = expand_inputs(inputs)
-    res = _extractor(cfg, bundle.build_backbone()).extract(paths, desc="predict")
+    res = FeatureExtractor.from_config(cfg, bundle.build_backbone()).extract(paths, desc="predict")
     probs = bundle.head.predict_proba(res.features[res.ok]) if res.ok.any() else np.zeros((0, len(bundle.classes)))
     rows = iter(probs)
     preds = [Prediction(p, next(rows) if res.ok[i] else None, res.errors.get(i)) for i, p in enumerate(paths)]

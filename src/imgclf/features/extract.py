@@ -135,14 +135,14 @@ class FeatureExtractor:
 
     def embed_arrays(self, batch: np.ndarray) -> np.ndarray:
         """Features of a uint8 NHWC batch (already resized and cropped)."""
-        out = np.empty((0, self.backbone.num_features), np.float32)
+        parts = [np.empty((0, self.backbone.num_features), np.float32)]
         for i in range(0, len(batch), self.batch_size):
             chunk = batch[i : i + self.batch_size]
             f = self.runtime(chunk)
             if self.flip_tta:
                 f = 0.5 * (f + self.runtime(np.ascontiguousarray(chunk[:, :, ::-1])))
-            out = np.concatenate([out, f])
-        return out
+            parts.append(f)
+        return np.concatenate(parts)
 
     def _decode(self, path: Path) -> np.ndarray | str:
         try:
