@@ -57,3 +57,17 @@ def test_lite0_imagenet_weights_recognise_daisies():
         top1 = net(x).argmax(1)
     assert (top1 == 985).float().mean() > 0.75
     assert weights_file("efficientnet_lite0").is_file()
+
+
+def test_static_data_configs_match_timm():
+    """The offline backbones' preprocessing is known without building them; it must be timm's own."""
+    import timm
+
+    from imgclf.backbones.efficientnet_lite import DATA_CONFIGS
+
+    for name, data in DATA_CONFIGS.items():
+        model = timm.create_model(f"tf_{name}", pretrained=False, num_classes=0)
+        cfg = model.pretrained_cfg
+        assert data["resolution"] == cfg["input_size"][-1] and data["crop_pct"] == cfg["crop_pct"]
+        assert (data["mean"], data["std"]) == (tuple(cfg["mean"]), tuple(cfg["std"]))
+        assert data["interpolation"] == cfg["interpolation"] and data["num_features"] == model.num_features

@@ -26,6 +26,7 @@ from helpers import CHROMIUM, CHROMIUM_ARGS, make_folder
 
 from imgclf.config import Config
 from imgclf.pipeline import train
+from imgclf.tracking import drain_pending
 from imgclf.tracking.cli import _ui_command
 
 if not CHROMIUM.exists():
@@ -120,6 +121,7 @@ def test_runs_compared_in_mlflow_ui(ui: Callable[[], str], store: str, tmp_path:
     )
     train(base.updated(out=tmp_path / "runs" / "svm-c1", svm_c_grid=[1.0]))
     train(base.updated(out=tmp_path / "runs" / "svm-c05", svm_c_grid=[0.5]))
+    drain_pending(base.tracking)  # as `imgclf runs ui` does before it starts the server
     client = MlflowClient(tracking_uri=store)
     exp = client.get_experiment_by_name("imgclf")
     assert exp is not None

@@ -3,6 +3,8 @@
 import csv
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -110,6 +112,30 @@ def test_cli_train_warm_cache_and_config_show(run, tmp_path, capsys):
     assert "Overall accuracy" in capsys.readouterr().out
     assert main(["config", "--show"]) == 0
     assert "train_fraction" in capsys.readouterr().out
+
+
+def test_warm_rerun_imports_no_heavy_library(run, tmp_path):
+    """A repeated train with everything cached reads features, head fit, metrics and figure back: it
+    imports neither PyTorch, scikit-learn, matplotlib, OpenVINO nor MLflow, and reproduces the results."""
+    data, _, _ = run
+    probe = (
+        "import sys; from imgclf.cli import main; rc = main(sys.argv[1:]); "
+        "print('HEAVY', sorted(m for m in ('torch', 'timm', 'sklearn', 'matplotlib', 'openvino', 'mlflow') "
+        "if m in sys.modules)); raise SystemExit(rc)"
+    )
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"rerun{i}"
+        args = ["train", str(data), "--out", str(out), "--resolution", "64", "--no-progress", "--cv-folds", "3"]
+        proc = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, check=True)
+        outs.append((proc.stdout, json.loads((out / "metrics.json").read_text())))
+    assert "HEAVY []" in outs[1][0], outs[1][0]
+    first, second = outs[0][1], outs[1][1]
+    for key in ("overall_accuracy", "auc", "confusion_matrix", "per_class_accuracy"):
+        assert first[key] == second[key]
+    assert (tmp_path / "rerun1" / "evaluation.png").read_bytes() == (
+        tmp_path / "rerun0" / "evaluation.png"
+    ).read_bytes()
 
 
 def test_cli_errors_are_messages(tmp_path, capsys):

@@ -18,9 +18,10 @@ import pytest
 from helpers import make_folder
 
 from imgclf.cli import main
-from imgclf.config import Config
+from imgclf.config import Config, TrackingConfig
 from imgclf.pipeline import RunResult, evaluate, train
-from imgclf.tracking import log_run
+from imgclf.tracking import drain_pending, log_run
+from imgclf.tracking.store import queue_dir
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason="mlflow is not installed")
 
@@ -113,6 +114,7 @@ def _client(uri: str):
 
 
 def _runs(uri: str) -> list:
+    drain_pending(TrackingConfig(tracking_uri=uri))  # runs still queued for the background writer
     client = _client(uri)
     exp = client.get_experiment_by_name("imgclf")
     order = ["attributes.start_time ASC"]
@@ -121,8 +123,8 @@ def _runs(uri: str) -> list:
 
 def test_train_and_evaluate_land_in_local_store(two_runs: tuple[RunResult, RunResult], work: Path):
     evaluate(two_runs[0].run_dir, on_train=True)
-    assert (work / "mlflow.db").is_file() and (work / "mlruns").is_dir()
     runs = _runs("sqlite:///mlflow.db")
+    assert (work / "mlflow.db").is_file() and (work / "mlruns").is_dir()
     assert [r.data.tags["kind"] for r in runs] == ["train", "train", "evaluate"]
     run = runs[0]
     assert run.data.params["l2_normalize"] == "true" and run.data.params["svm_c_grid"] == "[1.0]"
@@ -179,10 +181,37 @@ def test_no_tracking_and_failures_never_break_runs(
     before = len(_runs("sqlite:///mlflow.db"))
     train(base_cfg.updated(out=work / "runs" / "off", tracking=False))
     assert len(_runs("sqlite:///mlflow.db")) == before
-    bad = base_cfg.updated(tracking_uri="nosuchstore://nowhere")
+    bad = base_cfg.updated(tracking_uri="nosuchstore://nowhere", tracking_background=False)
     with caplog.at_level(logging.WARNING, logger="imgclf"):
         assert log_run("train", bad, two_runs[0]) is None
-    assert "run not recorded" in caplog.text
+    assert "not recorded" in caplog.text
+
+
+def test_background_writer_records_runs_and_reports_failures(
+    two_runs: tuple[RunResult, RunResult], base_cfg: Config, work: Path, caplog: pytest.LogCaptureFixture
+):
+    uri = f"sqlite:///{work / 'background.db'}"
+    cfg = base_cfg.updated(tracking_uri=uri)
+    assert cfg.tracking.tracking_background
+    assert log_run("train", cfg, two_runs[0]) is None  # queued: the id is not known yet
+    deadline = time.monotonic() + 120
+    while any(queue_dir(uri).glob("*.json")) and time.monotonic() < deadline:
+        time.sleep(0.2)  # the detached writer drains the queue on its own
+    runs = _runs(uri)
+    assert [r.data.tags["run_dir"] for r in runs] == [str((work / "runs" / "a").resolve())]
+    assert runs[0].data.metrics["overall_accuracy"] == two_runs[0].metrics["overall_accuracy"]
+    # A record the store refuses is reported by whoever drains the queue, and leaves the queue.
+    bad = base_cfg.updated(tracking_uri="nosuchstore://nowhere")
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr("imgclf.tracking.store.subprocess.Popen", lambda *a, **k: None)  # no writer: drain here
+    try:
+        assert log_run("train", bad, two_runs[0]) is None
+    finally:
+        monkey.undo()
+    with caplog.at_level(logging.WARNING, logger="imgclf"):
+        drain_pending(bad.tracking)
+    assert "not recorded" in caplog.text
+    assert not any(queue_dir("nosuchstore://nowhere").glob("*.json"))
 
 
 def test_runs_land_on_tracking_server(server: str, base_cfg: Config, work: Path, monkeypatch: pytest.MonkeyPatch):

@@ -12,22 +12,25 @@ treats bundles the same way. The folder is written atomically.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from imgclf import __version__
 from imgclf.backbones import Backbone, create_backbone
 from imgclf.data.io import Preprocess
 from imgclf.heads.linear import LinearHead
 from imgclf.utils import atomic_dir, file_sha256
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 FORMAT = "imgclf-bundle/1"
 BUNDLE_DIR = "model"
@@ -67,14 +70,21 @@ class Bundle:
         bb = create_backbone(
             spec["name"], resolution=spec["preprocess"]["resolution"], pretrained=self.backbone_state is None
         )
-        if self.backbone_state is not None:
-            bb.model.load_state_dict(self.backbone_state)
-            bb.weights_id = spec["weights_id"]
-        bb.model.eval()
-        return bb
+        if self.backbone_state is None:
+            return bb
+        state, pretrained = self.backbone_state, bb.loader
+
+        def loader() -> nn.Module:
+            model = pretrained()
+            model.load_state_dict(state)
+            return model
+
+        return dataclasses.replace(bb, loader=loader, weights_id=spec["weights_id"])
 
     def classifier_net(self) -> nn.Module:
         """uint8 NHWC image batch -> class probabilities, as one torch module (for export and parity checks)."""
+        from torch import nn
+
         return nn.Sequential(self.build_backbone().feature_net(), self.head.module()).eval()
 
     def save(self, run_dir: Path) -> Path:
@@ -84,6 +94,8 @@ class Bundle:
             np.savez(tmp / "head.npz", weight=self.head.weight, bias=self.head.bias)
             spec = dict(self.backbone_spec)
             if self.backbone_state is not None:
+                import torch
+
                 torch.save(self.backbone_state, tmp / "backbone.pt")
                 spec["weights_id"] = f"finetuned:{file_sha256(tmp / 'backbone.pt')[:16]}"
                 self.backbone_spec = spec
@@ -119,6 +131,8 @@ class Bundle:
             head = LinearHead(npz["weight"], npz["bias"], meta["head"]["l2_normalize"])
         state = None
         if meta.get("backbone_weights"):
+            import torch
+
             state = torch.load(path / meta["backbone_weights"], map_location="cpu", weights_only=True)
         return cls(
             meta["classes"],

@@ -71,7 +71,10 @@ class FeatureConfig(_Section):
     batch_size: int = Field(32, ge=1, description="Images per forward pass.")
     workers: int = Field(0, ge=0, description="Decoding threads and inference threads; 0 = number of CPU cores.")
     cache_dir: Path | None = Field(None, description="Feature cache folder; default $IMGCLF_CACHE or ~/.cache/imgclf.")
-    use_cache: bool = Field(True, description="Reuse cached features of unchanged images.")
+    use_cache: bool = Field(
+        True,
+        description="Reuse cached features of unchanged images, and head fits, metrics and figures of identical ones.",
+    )
     flip_tta: bool = Field(False, description="Average the features of each image and its mirror image (2x slower).")
 
 
@@ -120,6 +123,9 @@ class FinetuneConfig(_Section):
     dropout: float = Field(0.2, ge=0, lt=1, description="Dropout before the new last layer.")
     label_smoothing: float = Field(0.1, ge=0, lt=1, description="Label smoothing of the cross-entropy loss.")
     freeze_backbone: bool = Field(False, description="Train the new last layer only.")
+    train_groups: int = Field(
+        0, ge=0, description="Fine-tune only the last N layer groups (stages) of the backbone; 0 = all of it."
+    )
     freeze_bn: bool = Field(True, description="Keep the backbone's batch-norm statistics fixed (best on small data).")
     head_init: Literal["linear_probe", "random"] = Field(
         "linear_probe",
@@ -188,6 +194,9 @@ class TrackingConfig(_Section):
         description="MLflow store; default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db and mlruns/ in the working folder.",
     )
     experiment: str = Field("imgclf", description="MLflow experiment the runs are recorded in.")
+    tracking_background: bool = Field(
+        True, description="Record runs from a background process, so commands return without waiting for MLflow."
+    )
 
 
 class OutputConfig(_Section):

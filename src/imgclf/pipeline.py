@@ -22,9 +22,9 @@ from imgclf.data.io import IMAGE_EXTENSIONS
 from imgclf.evaluation.metrics import compute_metrics
 from imgclf.evaluation.report import summary_lines, write_reports
 from imgclf.features import FeatureExtractor
-from imgclf.heads import LinearHead, create_head
+from imgclf.heads import fit_head
 from imgclf.tracking import log_run
-from imgclf.utils import atomic_write_text
+from imgclf.utils import Memo, atomic_write_text, default_cache_dir
 
 log = logging.getLogger("imgclf")
 
@@ -62,6 +62,11 @@ def _write_predictions(
     atomic_write_text(path, buf.getvalue())
 
 
+def _memo_root(cfg: Config) -> Path | None:
+    """Where deterministic results (head fits, metrics, figures) are memoised; None with use_cache off."""
+    return (cfg.features.cache_dir or default_cache_dir()) if cfg.features.use_cache else None
+
+
 def _finish(
     run_dir: Path,
     cfg: Config,
@@ -77,7 +82,8 @@ def _finish(
 ) -> dict[str, Any]:
     """Metrics, predictions, figures and reports of scored samples; prints the summary."""
     y = ds.labels[test_idx]
-    metrics = compute_metrics(y, scores, ds.classes)
+    memo = _memo_root(cfg)
+    metrics = compute_metrics(y, scores, ds.classes, Memo(memo, "metrics") if memo else None)
     metrics.update(
         notes=ds.notes,
         n_train=n_train,
@@ -94,7 +100,7 @@ def _finish(
     )
     atomic_write_text(run_dir / f"{prefix}metrics.json", json.dumps(metrics, indent=2))
     if not prefix:
-        write_reports(run_dir, y, scores, metrics, cfg.flat(), extra_figures)
+        write_reports(run_dir, y, scores, metrics, cfg.flat(), extra_figures, Memo(memo, "figures") if memo else None)
     for s in skipped:
         log.warning("skipped %s: %s", s["path"], s["reason"])
     for n in ds.notes:
@@ -174,14 +180,17 @@ def train(cfg: Config) -> RunResult:
     timings["features_s"] = time.perf_counter() - t
     t = time.perf_counter()
     if fitted_head is None:
-        svm = create_head(cfg.classifier, cfg.output.seed).fit(x_train, ds.labels[train_idx])
-        w, b = svm.linear()
-        fitted_head = LinearHead(w, b, svm.l2_normalize)
+        memo = _memo_root(cfg)
+        fit = fit_head(
+            cfg.classifier, x_train, ds.labels[train_idx], cfg.output.seed, Memo(memo, "heads") if memo else None
+        )
+        fitted_head = fit.head
         log.info(
-            "SVM C=%g chosen by %d-fold cross-validation on the training split (CV accuracy %.3f)",
-            svm.C_,
+            "SVM C=%g chosen by %d-fold cross-validation on the training split (CV accuracy %.3f%s)",
+            fit.C,
             cfg.classifier.cv_folds,
-            svm.cv_scores_.get(svm.C_, float("nan")),
+            fit.cv_accuracy,
+            "; the identical earlier fit reused" if fit.reused else "",
         )
     timings["fit_s"] = time.perf_counter() - t
     scores = fitted_head.predict_proba(x_test)

@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+
+def default_cache_dir() -> Path:
+    """``$IMGCLF_CACHE``, else ``~/.cache/imgclf``: features, converted models, hashes, memoised fits."""
+    return Path(os.environ.get("IMGCLF_CACHE") or Path.home() / ".cache" / "imgclf")
 
 
 def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
@@ -37,6 +45,47 @@ def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+class Memo:
+    """Outputs of deterministic steps, kept under ``root/<kind>/`` by a digest of everything they depend on.
+
+    A re-run with the same inputs and settings reads an output back instead of computing it again. Keys
+    should include the code that computes the output (pass its source file as a ``Path``) and the library
+    versions it depends on. ``root=None`` turns the memo off.
+    """
+
+    def __init__(self, root: Path | None, kind: str) -> None:
+        self.dir = root / kind if root is not None else None
+
+    @staticmethod
+    def key(*parts: object) -> str:
+        """Digest of ``parts``: arrays by dtype, shape and bytes, paths by file content, the rest as JSON."""
+        h = hashlib.sha256()
+        for part in parts:
+            if isinstance(part, np.ndarray):
+                a = np.ascontiguousarray(part)
+                h.update(f"{a.dtype.str}{a.shape}".encode())
+                h.update(a.tobytes())
+            elif isinstance(part, Path):
+                h.update(part.read_bytes())
+            else:
+                h.update(json.dumps(part, sort_keys=True, default=str).encode())
+            h.update(b"\0")
+        return h.hexdigest()[:32]
+
+    def get(self, key: str) -> bytes | None:
+        if self.dir is None:
+            return None
+        try:
+            return (self.dir / key).read_bytes()
+        except OSError:
+            return None
+
+    def put(self, key: str, data: bytes) -> None:
+        if self.dir is not None:
+            with contextlib.suppress(OSError):  # a memo that cannot be written only costs a recomputation
+                atomic_write_bytes(self.dir / key, data, durable=False)
 
 
 @contextlib.contextmanager

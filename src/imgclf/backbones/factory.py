@@ -6,14 +6,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from imgclf.backbones import efficientnet_lite
 from imgclf.data.io import Preprocess
 from imgclf.utils import file_sha256
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class BackboneError(RuntimeError):
@@ -22,16 +22,28 @@ class BackboneError(RuntimeError):
 
 @dataclass
 class Backbone:
-    """A network mapping normalised NCHW float images to pooled feature vectors, with its preprocessing."""
+    """A network mapping normalised NCHW float images to pooled feature vectors, with its preprocessing.
+
+    The network itself is built by ``loader`` on first use of :attr:`model`, so everything that only needs
+    the description (cache keys, bundles, preprocessing) runs without importing torch.
+    """
 
     name: str
-    model: nn.Module
+    loader: Callable[[], nn.Module] = field(repr=False, compare=False)
     preprocess: Preprocess
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     num_features: int
     weights_id: str
     extra: dict[str, Any] = field(default_factory=dict)
+    _model: nn.Module | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def model(self) -> nn.Module:
+        """The network in eval mode (built, with its weights, on first use)."""
+        if self._model is None:
+            self._model = self.loader().eval()
+        return self._model
 
     def spec(self) -> dict[str, Any]:
         """JSON-ready description, enough to rebuild it with :func:`create_backbone`."""
@@ -46,35 +58,30 @@ class Backbone:
 
     def feature_net(self) -> nn.Module:
         """The model behind a uint8 NHWC input (0..255): normalisation happens inside the graph."""
+        from imgclf.backbones.nets import UInt8FeatureNet
+
         return UInt8FeatureNet(self.model, self.mean, self.std).eval()
 
 
-class UInt8FeatureNet(nn.Module):
-    """uint8 NHWC images -> normalised float NCHW -> backbone features."""
+@dataclass(frozen=True)
+class Entry:
+    """A registered backbone: its data config (known without building it) and how to build it.
 
-    def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
-        super().__init__()
-        self.model = model
-        self.register_buffer("scale", 1.0 / (255.0 * torch.tensor(std).view(1, 3, 1, 1)))
-        self.register_buffer("shift", (torch.tensor(mean) / torch.tensor(std)).view(1, 3, 1, 1))
+    ``build(pretrained)`` returns the network and the id of the weights it loaded.
+    """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.permute(0, 3, 1, 2).float() * self.scale - self.shift
-        return self.model(x)
+    data: dict[str, Any]  # resolution, crop_pct, interpolation, mean, std, num_features
+    build: Callable[[bool], nn.Module]
+    weights_id: Callable[[], str]
 
 
-Builder = Callable[[str, bool], tuple[nn.Module, dict[str, Any], str]]
-_REGISTRY: dict[str, Builder] = {}
+_REGISTRY: dict[str, Entry] = {}
 
 
-def register_backbone(name: str) -> Callable[[Builder], Builder]:
-    """Decorator adding a builder ``(name, pretrained) -> (model, data_config, weights_id)``."""
-
-    def add(fn: Builder) -> Builder:
-        _REGISTRY[name] = fn
-        return fn
-
-    return add
+def register_backbone(name: str, entry: Entry) -> Entry:
+    """Add a backbone under ``name`` (an offline one: ``create_backbone`` never fetches for it)."""
+    _REGISTRY[name] = entry
+    return entry
 
 
 def list_backbones() -> list[str]:
@@ -90,22 +97,24 @@ def _timm_data_config(model: nn.Module) -> dict[str, Any]:
         "interpolation": cfg.get("interpolation", "bicubic") or "bicubic",
         "mean": tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
         "std": tuple(cfg.get("std", (0.229, 0.224, 0.225))),
+        "num_features": int(getattr(model, "num_features", 0)),
     }
 
 
-def _lite_builder(name: str) -> Builder:
-    def build(_: str, pretrained: bool) -> tuple[nn.Module, dict[str, Any], str]:
+def _lite_entry(name: str) -> Entry:
+    def build(pretrained: bool) -> nn.Module:
         import timm
 
         model = timm.create_model(f"tf_{name}", pretrained=False, num_classes=0)
-        weights_id = efficientnet_lite.load_pretrained(model, name) if pretrained else "random"
-        return model, _timm_data_config(model), weights_id
+        if pretrained:
+            efficientnet_lite.load_pretrained(model, name)
+        return model
 
-    return build
+    return Entry(efficientnet_lite.DATA_CONFIGS[name], build, lambda: efficientnet_lite.weights_id(name))
 
 
 for _n in efficientnet_lite.PACKAGES:
-    register_backbone(_n)(_lite_builder(_n))
+    register_backbone(_n, _lite_entry(_n))
 
 
 def _offline_hint(name: str, err: Exception) -> BackboneError:
@@ -129,7 +138,9 @@ def _build_timm(name: str, pretrained: bool) -> tuple[nn.Module, dict[str, Any],
 
 
 def _build_torchvision(name: str, pretrained: bool) -> tuple[nn.Module, dict[str, Any], str]:
+    import torch
     import torchvision
+    from torch import nn
 
     try:
         weights = torchvision.models.get_model_weights(name).DEFAULT if pretrained else None
@@ -159,29 +170,48 @@ def _build_torchvision(name: str, pretrained: bool) -> tuple[nn.Module, dict[str
     return model, data, f"torchvision:{weights}" if weights is not None else "random"
 
 
+def _load_weights(model: nn.Module, path: Path, name: str) -> None:
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    missing, _ = model.load_state_dict(state, strict=False)
+    if missing:
+        raise BackboneError(f"{path} lacks {len(missing)} tensors of {name}, e.g. {missing[:3]}")
+
+
 def create_backbone(
     name: str, *, weights: str | Path | None = None, resolution: int | None = None, pretrained: bool = True
 ) -> Backbone:
-    """Build a backbone by name, with pretrained weights unless ``weights`` gives a local state_dict."""
-    if name.startswith("torchvision:"):
-        builder: Builder = _build_torchvision
-        arch = name.split(":", 1)[1]
-    elif name in _REGISTRY:
-        builder, arch = _REGISTRY[name], name
+    """A backbone by name, with pretrained weights unless ``weights`` gives a local state_dict.
+
+    Registered (offline) backbones are described without being built; hub backbones are built at once,
+    so that a missing download fails here, with a message that says how to fix it.
+    """
+    from_hub = pretrained and weights is None
+    if name in _REGISTRY:
+        entry = _REGISTRY[name]
+        data, weights_id = entry.data, entry.weights_id() if from_hub else "random"
+
+        def loader() -> nn.Module:
+            return entry.build(from_hub)
     else:
-        builder, arch = _build_timm, name.removeprefix("timm:")
-    model, data, weights_id = builder(arch, pretrained and weights is None)
+        build = _build_torchvision if name.startswith("torchvision:") else _build_timm
+        model, data, weights_id = build(name.split(":", 1)[1] if ":" in name else name, from_hub)
+
+        def loader() -> nn.Module:
+            return model
+
     if weights is not None:
         weights = Path(weights)
         if not weights.is_file():
             raise BackboneError(f"weights file not found: {weights}")
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
-        missing, _ = model.load_state_dict(state, strict=False)
-        if missing:
-            raise BackboneError(f"{weights} lacks {len(missing)} tensors of {name}, e.g. {missing[:3]}")
+        loaded = loader()
+        _load_weights(loaded, weights, name)
         weights_id = f"file:{file_sha256(weights)[:16]}"
-    model.eval()
-    num_features = int(data.get("num_features") or getattr(model, "num_features", 0))
+
+        def loader() -> nn.Module:
+            return loaded
+
     pre = Preprocess(resolution or data["resolution"], data["crop_pct"], data["interpolation"])
-    return Backbone(name, model, pre, data["mean"], data["std"], num_features, weights_id)
+    return Backbone(name, loader, pre, tuple(data["mean"]), tuple(data["std"]), int(data["num_features"]), weights_id)

@@ -2,16 +2,37 @@
 
 from __future__ import annotations
 
+import json
+from importlib.metadata import version
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
-from sklearn.preprocessing import label_binarize
+
+from imgclf.utils import Memo
 
 
-def compute_metrics(y_true: np.ndarray, scores: np.ndarray, classes: list[str]) -> dict[str, Any]:
-    """Metrics of class scores (n x n_classes) against true class ids; accuracies are fractions 0..1."""
-    y_true = np.asarray(y_true)
+def compute_metrics(
+    y_true: np.ndarray, scores: np.ndarray, classes: list[str], memo: Memo | None = None
+) -> dict[str, Any]:
+    """Metrics of class scores (n x n_classes) against true class ids; accuracies are fractions 0..1.
+
+    With ``memo``, metrics of identical labels and scores are read back (scikit-learn is not even imported).
+    """
+    y_true, scores = np.asarray(y_true), np.asarray(scores)
+    key = Memo.key("metrics", list(classes), y_true.astype(np.int64), scores, Path(__file__), version("scikit-learn"))
+    if memo is not None and (data := memo.get(key)) is not None:
+        return json.loads(data)
+    metrics = _compute(y_true, scores, classes)
+    if memo is not None:
+        memo.put(key, json.dumps(metrics).encode())
+    return metrics
+
+
+def _compute(y_true: np.ndarray, scores: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    from sklearn.metrics import confusion_matrix, roc_auc_score
+    from sklearn.preprocessing import label_binarize
+
     y_pred = np.argmax(scores, axis=1)
     k = len(classes)
     cm = confusion_matrix(y_true, y_pred, labels=list(range(k)))
@@ -41,6 +62,9 @@ def compute_metrics(y_true: np.ndarray, scores: np.ndarray, classes: list[str]) 
 
 def roc_curves(y_true: np.ndarray, scores: np.ndarray, classes: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """(fpr, tpr) per class (one vs rest) and micro-averaged."""
+    from sklearn.metrics import roc_curve
+    from sklearn.preprocessing import label_binarize
+
     k = len(classes)
     onehot = label_binarize(y_true, classes=list(range(k)))
     if k == 2:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import base64
 import html
 import io
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from imgclf.evaluation.metrics import roc_curves
-from imgclf.utils import atomic_write_bytes, atomic_write_text
+from imgclf.utils import Memo, atomic_write_bytes, atomic_write_text
 
 
 def _fmt(v: float | None, pct: bool = True) -> str:
@@ -90,9 +91,21 @@ def write_reports(
     metrics: dict[str, Any],
     params: dict[str, Any],
     extra_figures: dict[str, Path] | None = None,
+    memo: Memo | None = None,
 ) -> dict[str, Path]:
-    """Write ``evaluation.png``, ``report.html`` and ``report.md`` into the run folder."""
-    png = evaluation_figure(y_true, scores, metrics)
+    """Write ``evaluation.png``, ``report.html`` and ``report.md`` into the run folder.
+
+    With ``memo``, the figure of identical labels and scores is read back instead of drawn again.
+    """
+    shown = {k: metrics[k] for k in ("classes", "auc", "confusion_matrix")}
+    key = Memo.key(
+        "figure", shown, np.asarray(y_true, np.int64), np.asarray(scores), Path(__file__), version("matplotlib")
+    )
+    png = memo.get(key) if memo is not None else None
+    if png is None:
+        png = evaluation_figure(y_true, scores, metrics)
+        if memo is not None:
+            memo.put(key, png)
     fig_path = run_dir / "evaluation.png"
     atomic_write_bytes(fig_path, png)
     figures = {"ROC curves and confusion matrix": fig_path, **(extra_figures or {})}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -16,12 +15,8 @@ from tqdm.auto import tqdm
 from imgclf.backbones import Backbone, create_backbone
 from imgclf.config import Config
 from imgclf.data.io import ImageError, Preprocess, load_for_model
-from imgclf.features.runtimes import Runtime, create_runtime, resolve_device, resolve_precision, resolve_runtime
-from imgclf.utils import atomic_write_bytes, cpu_count, file_sha256
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("IMGCLF_CACHE") or Path.home() / ".cache" / "imgclf")
+from imgclf.features.runtimes import Runtime, create_runtime, device_type, resolve_precision, resolve_runtime
+from imgclf.utils import atomic_write_bytes, cpu_count, default_cache_dir, file_sha256
 
 
 class FeatureCache:
@@ -80,7 +75,7 @@ class FeatureExtractor:
     ) -> None:
         self.backbone, self.batch_size, self.flip_tta = backbone, batch_size, flip_tta
         self.workers, self.max_pixels, self.progress = workers or cpu_count(), max_pixels, progress
-        dev = resolve_device(device)
+        dev = device_type(device)
         self.runtime_name = resolve_runtime(runtime, dev)
         self.precision = resolve_precision(precision, self.runtime_name, dev)
         self.device = device
@@ -123,7 +118,7 @@ class FeatureExtractor:
         if self._runtime is None:
             model_dir = self.cache_root / "models" / self.model_key
             self._runtime = create_runtime(
-                self.backbone.feature_net(),
+                self.backbone.feature_net,
                 self.preprocess.resolution,
                 self.runtime_name,
                 self.precision,

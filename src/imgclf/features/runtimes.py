@@ -1,21 +1,26 @@
 """Inference runtimes for feature extraction: OpenVINO (fast on CPUs), ONNX Runtime, PyTorch (CPU/GPU).
 
 Every runtime takes a batch of uint8 NHWC images and returns float32 features; normalisation lives in
-the graph (:class:`imgclf.backbones.factory.UInt8FeatureNet`).
+the graph (:class:`imgclf.backbones.nets.UInt8FeatureNet`). torch is imported only where it is used: a
+run whose features are all cached, or whose converted model is cached, never builds the torch network.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-import torch
-from torch import nn
 
 from imgclf.utils import atomic_write_bytes, cpu_count, cpu_has_amx_bf16
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +32,24 @@ class Runtime(Protocol):
     def __call__(self, batch: np.ndarray) -> np.ndarray: ...
 
 
+def _cuda_possible() -> bool:
+    """False on a Linux machine without an NVIDIA driver, where asking torch (a slow import) is pointless."""
+    if sys.platform != "linux":
+        return True
+    return Path("/proc/driver/nvidia").exists() or Path("/dev/nvidiactl").exists()
+
+
+def device_type(device: str = "auto") -> str:
+    """``cuda`` or ``cpu`` for a device setting (``auto``, ``cpu``, ``cuda``, ``cuda:1``...)."""
+    if device == "cpu" or (device == "auto" and not _cuda_possible()):
+        return "cpu"
+    return resolve_device(device).type
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` -> cuda when present, else cpu; a GPU is never required."""
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
@@ -37,18 +58,22 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
-def resolve_runtime(runtime: str, device: torch.device) -> str:
+def resolve_runtime(runtime: str, device: str) -> str:
+    """The runtime for a device type: ``auto`` -> openvino on a CPU where installed, else torch."""
     if runtime != "auto":
         return runtime
-    if device.type == "cpu" and importlib.util.find_spec("openvino") is not None:
+    if device == "cpu" and importlib.util.find_spec("openvino") is not None:
         return "openvino"
     return "torch"
 
 
-def resolve_precision(precision: str, runtime: str, device: torch.device) -> str:
+def resolve_precision(precision: str, runtime: str, device: str) -> str:
+    """``auto`` -> bf16 on GPUs that have it and with OpenVINO on CPUs with AMX, else fp32."""
     if precision != "auto":
         return precision
-    if device.type == "cuda":
+    if device == "cuda":
+        import torch
+
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     return "bf16" if runtime == "openvino" and cpu_has_amx_bf16() else "fp32"
 
@@ -59,22 +84,30 @@ class TorchRuntime:
     name = "torch"
 
     def __init__(self, net: nn.Module, device: torch.device, precision: str, threads: int) -> None:
+        import torch
+
         self.net, self.device, self.precision = net.to(device).eval(), device, precision
         if device.type == "cpu":
             torch.set_num_threads(threads)
         else:
             self.net = self.net.to(memory_format=torch.channels_last)
 
-    @torch.inference_mode()
     def __call__(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
         x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+        with (
+            torch.inference_mode(),
+            torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"),
+        ):
             return self.net(x).float().cpu().numpy()
 
 
 def export_onnx(net: nn.Module, resolution: int, path: Path) -> Path:
     """Write ``net`` (uint8 NHWC in, features out; dynamic batch) as an ONNX file, atomically."""
     import io
+
+    import torch
 
     buf = io.BytesIO()
     example = torch.zeros(1, resolution, resolution, 3, dtype=torch.uint8)
@@ -95,6 +128,7 @@ def export_onnx(net: nn.Module, resolution: int, path: Path) -> Path:
 def convert_openvino(net: nn.Module, resolution: int):  # -> openvino.Model
     """Convert ``net`` to an OpenVINO model with a dynamic batch and a fixed image size."""
     import openvino as ov
+    import torch
 
     example = torch.zeros(1, resolution, resolution, 3, dtype=torch.uint8)
     with torch.no_grad():
@@ -109,7 +143,9 @@ class OpenVINORuntime:
 
     name = "openvino"
 
-    def __init__(self, net: nn.Module, resolution: int, precision: str, threads: int, model_dir: Path | None) -> None:
+    def __init__(
+        self, net: Callable[[], nn.Module], resolution: int, precision: str, threads: int, model_dir: Path | None
+    ) -> None:
         import openvino as ov
 
         core = ov.Core()
@@ -117,7 +153,7 @@ class OpenVINORuntime:
         if xml is not None and xml.exists():
             model = core.read_model(xml)
         else:
-            model = convert_openvino(net, resolution)
+            model = convert_openvino(net(), resolution)
             if xml is not None:
                 tmp = model_dir / ".tmp-model.xml"
                 model_dir.mkdir(parents=True, exist_ok=True)
@@ -144,7 +180,7 @@ class OnnxRuntime:
 
     name = "onnxruntime"
 
-    def __init__(self, net: nn.Module, resolution: int, threads: int, model_dir: Path | None) -> None:
+    def __init__(self, net: Callable[[], nn.Module], resolution: int, threads: int, model_dir: Path | None) -> None:
         import onnxruntime as ort
 
         path = model_dir / "model.onnx" if model_dir is not None else None
@@ -153,7 +189,7 @@ class OnnxRuntime:
                 import tempfile
 
                 path = Path(tempfile.mkdtemp(prefix="imgclf-onnx-")) / "model.onnx"
-            export_onnx(net, resolution, path)
+            export_onnx(net(), resolution, path)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
@@ -164,7 +200,7 @@ class OnnxRuntime:
 
 
 def create_runtime(
-    net: nn.Module,
+    net: Callable[[], nn.Module],
     resolution: int,
     runtime: str = "auto",
     precision: str = "auto",
@@ -172,8 +208,11 @@ def create_runtime(
     threads: int = 0,
     model_dir: Path | None = None,
 ) -> Runtime:
-    """Build the runtime named by ``runtime`` ("auto" picks the fastest available for the device)."""
-    dev = resolve_device(device)
+    """Build the runtime named by ``runtime`` ("auto" picks the fastest available for the device).
+
+    ``net`` builds the torch network; it is not called when a converted model is already in ``model_dir``.
+    """
+    dev = device_type(device)
     name = resolve_runtime(runtime, dev)
     prec = resolve_precision(precision, name, dev)
     threads = threads or cpu_count()
@@ -185,4 +224,4 @@ def create_runtime(
         if importlib.util.find_spec("onnxruntime") is None:
             raise RuntimeError("runtime onnxruntime asked for but not installed: pip install onnxruntime")
         return OnnxRuntime(net, resolution, threads, model_dir)
-    return TorchRuntime(net, dev, prec, threads)
+    return TorchRuntime(net(), resolve_device(device), prec, threads)

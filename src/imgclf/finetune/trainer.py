@@ -256,6 +256,8 @@ def finetune(
     model = Classifier(backbone.model, backbone.num_features, n_classes, ft.dropout)
     if ft.freeze_backbone:
         model.backbone.requires_grad_(False)
+    elif ft.train_groups:
+        _freeze_lower_groups(model.backbone, ft.train_groups)
     history: list[dict[str, float]] = []
     best: dict[str, Any] = {"epoch": 0, "val_error": float("inf"), "val_loss": float("inf"), "state": None}
     start_epoch, done = 0, False
@@ -310,7 +312,8 @@ def finetune(
         model.load_state_dict(best["state"])
     model = model.to("cpu", memory_format=torch.contiguous_format).eval()
     state = model.backbone.state_dict()
-    tuned = dataclasses.replace(backbone, model=model.backbone, weights_id=f"finetuned:{_state_digest(state)}")
+    tuned_net = model.backbone
+    tuned = dataclasses.replace(backbone, loader=lambda: tuned_net, weights_id=f"finetuned:{_state_digest(state)}")
     head = LinearHead(
         model.fc.weight.detach().numpy().astype(np.float64),
         model.fc.bias.detach().numpy().astype(np.float64),
@@ -324,6 +327,26 @@ def finetune(
             "fine-tuning: best epoch %d of %d (validation error %.3f)", best_epoch, len(history), best["val_error"]
         )
     return FinetuneResult(tuned, head, history, figures)
+
+
+def layer_groups(net: nn.Module) -> list[list[str]]:
+    """Parameter names by layer group, input side first: timm's stages (``group_matcher``), else the
+    network's top-level children."""
+    if hasattr(net, "group_matcher"):
+        from timm.models import group_parameters
+
+        return [list(names) for names in group_parameters(net, net.group_matcher(coarse=True)).values()]
+    groups = [[f"{child}.{n}" for n, _ in module.named_parameters()] for child, module in net.named_children()]
+    return [g for g in groups if g]
+
+
+def _freeze_lower_groups(net: nn.Module, keep: int) -> None:
+    """Freeze every layer group but the last ``keep``; autograd then skips the frozen part's backward."""
+    groups = layer_groups(net)
+    frozen = {n for g in groups[: max(0, len(groups) - keep)] for n in g}
+    for name, p in net.named_parameters():
+        p.requires_grad_(name not in frozen)
+    log.info("fine-tuning the last %d of %d layer groups of the backbone", min(keep, len(groups)), len(groups))
 
 
 def _linear_probe_init(cfg: Config, ds: Dataset, fit_idx: np.ndarray, backbone: Backbone, fc: nn.Linear) -> None:

@@ -1,14 +1,30 @@
-"""Classifier heads on top of backbone features; every trained head folds into one linear layer."""
+"""Classifier heads on top of backbone features; every trained head folds into one linear layer.
+
+scikit-learn is imported only when a head is fitted: ``LinearSVMHead`` loads on first access.
+"""
 
 from __future__ import annotations
 
+import io
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
 from imgclf.config import ClassifierConfig
-from imgclf.heads.linear import LinearHead
-from imgclf.heads.svm import LinearSVMHead, l2_normalize, softmax
+from imgclf.heads.linear import LinearHead, l2_normalize, softmax
+from imgclf.utils import Memo
+
+if TYPE_CHECKING:
+    from imgclf.heads.svm import LinearSVMHead
 
 
 def create_head(cfg: ClassifierConfig, seed: int = 0) -> LinearSVMHead:
     """The feature classifier named by the configuration (``svm`` and ``svm_on_refined`` use a linear SVM)."""
+    from imgclf.heads.svm import LinearSVMHead
+
     if cfg.classifier in ("svm", "svm_on_refined"):
         return LinearSVMHead(
             tuple(cfg.svm_c_grid),
@@ -20,4 +36,56 @@ def create_head(cfg: ClassifierConfig, seed: int = 0) -> LinearSVMHead:
     raise ValueError(f"classifier {cfg.classifier!r} is not a feature head")
 
 
-__all__ = ["LinearHead", "LinearSVMHead", "create_head", "l2_normalize", "softmax"]
+@dataclass
+class FittedHead:
+    """A fitted feature head in its deployed form, with the C chosen and its cross-validated accuracy."""
+
+    head: LinearHead
+    C: float
+    cv_accuracy: float
+    reused: bool = False
+
+
+def fit_head(
+    cfg: ClassifierConfig, x: np.ndarray, y: np.ndarray, seed: int = 0, memo: Memo | None = None
+) -> FittedHead:
+    """Fit the configured head on (x, y) and fold it into a :class:`LinearHead`.
+
+    With ``memo``, an identical earlier fit (same features, labels, settings, seed, code and scikit-learn
+    version) is read back instead of cross-validated again.
+    """
+    key = Memo.key(
+        "svm",
+        cfg.model_dump(mode="json"),
+        seed,
+        version("scikit-learn"),
+        Path(__file__).parent / "svm.py",
+        np.asarray(x, np.float32),
+        np.asarray(y, np.int64),
+    )
+    if memo is not None and (data := memo.get(key)) is not None:
+        try:
+            with np.load(io.BytesIO(data)) as z:
+                head = LinearHead(z["weight"], z["bias"], bool(z["l2_normalize"]))
+                return FittedHead(head, float(z["C"]), float(z["cv_accuracy"]), reused=True)
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable entry: fit again and replace it
+    svm = create_head(cfg, seed).fit(x, y)
+    w, b = svm.linear()
+    fitted = FittedHead(LinearHead(w, b, svm.l2_normalize), svm.C_, svm.cv_scores_.get(svm.C_, float("nan")))
+    if memo is not None:
+        buf = io.BytesIO()
+        np.savez(buf, weight=w, bias=b, l2_normalize=svm.l2_normalize, C=fitted.C, cv_accuracy=fitted.cv_accuracy)
+        memo.put(key, buf.getvalue())
+    return fitted
+
+
+def __getattr__(name: str) -> Any:
+    if name == "LinearSVMHead":
+        from imgclf.heads.svm import LinearSVMHead
+
+        return LinearSVMHead
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["FittedHead", "LinearHead", "LinearSVMHead", "create_head", "fit_head", "l2_normalize", "softmax"]

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import nn
 
-from imgclf.heads.svm import l2_normalize, softmax
+if TYPE_CHECKING:
+    from torch import nn
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
 
 
 @dataclass
@@ -31,19 +41,6 @@ class LinearHead:
 
     def module(self) -> nn.Module:
         """The head as a torch module returning probabilities (for export)."""
+        from imgclf.heads.nets import TorchLinearHead
+
         return TorchLinearHead(self)
-
-
-class TorchLinearHead(nn.Module):
-    def __init__(self, head: LinearHead) -> None:
-        super().__init__()
-        self.l2 = head.l2_normalize
-        self.fc = nn.Linear(head.weight.shape[1], head.weight.shape[0])
-        with torch.no_grad():
-            self.fc.weight.copy_(torch.from_numpy(np.asarray(head.weight, np.float32)))
-            self.fc.bias.copy_(torch.from_numpy(np.asarray(head.bias, np.float32)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.l2:
-            x = nn.functional.normalize(x, dim=1, eps=1e-12)
-        return torch.softmax(self.fc(x), dim=1)

@@ -30,7 +30,7 @@ from imgclf import __version__
 from imgclf.bundle import Bundle
 from imgclf.config import Config
 from imgclf.features.extract import default_cache_dir
-from imgclf.features.runtimes import Runtime, create_runtime, resolve_device, resolve_runtime
+from imgclf.features.runtimes import Runtime, create_runtime, device_type, resolve_runtime
 from imgclf.serving.batching import MicroBatcher
 from imgclf.serving.inputs import (
     ApiError,
@@ -110,8 +110,7 @@ def _net_key(bundle: Bundle) -> str:
 def build_runtime(bundle: Bundle, cfg: Config) -> Runtime:
     """The classifier (uint8 NHWC -> probabilities) on the serving runtime; converted models are cached."""
     f = cfg.features
-    device = resolve_device(f.device)
-    runtime = resolve_runtime(cfg.serve.serve_runtime, device)
+    runtime = resolve_runtime(cfg.serve.serve_runtime, device_type(f.device))
     model_dir = (f.cache_dir or default_cache_dir()) / "models" / f"serve-{runtime}-{_net_key(bundle)}"
     try:
         model_dir.mkdir(parents=True, exist_ok=True)
@@ -119,7 +118,7 @@ def build_runtime(bundle: Bundle, cfg: Config) -> Runtime:
         log.warning("cannot cache the converted model in %s (%s); converting at every start", model_dir, e)
         model_dir = None
     return create_runtime(
-        bundle.classifier_net(),
+        bundle.classifier_net,
         bundle.preprocess.resolution,
         runtime,
         f.precision,

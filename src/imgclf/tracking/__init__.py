@@ -4,13 +4,14 @@ mlflow is imported only when a run is recorded or read, so ``import imgclf`` sta
 """
 
 from imgclf.tracking.compare import Row, RunRecord, compare, load_run, table_markdown, to_csv, to_markdown
-from imgclf.tracking.store import TrackingError, list_runs, log_run, tracking_uri
+from imgclf.tracking.store import TrackingError, drain_pending, list_runs, log_run, tracking_uri
 
 __all__ = [
     "Row",
     "RunRecord",
     "TrackingError",
     "compare",
+    "drain_pending",
     "list_runs",
     "load_run",
     "log_run",

@@ -107,9 +107,11 @@ def _ui_command(uri: str, port: int) -> list[str]:
 
 
 def _ui(args: argparse.Namespace) -> int:
-    from imgclf.tracking.store import tracking_uri
+    from imgclf.tracking.store import drain_pending, tracking_uri
 
-    uri = tracking_uri(config_from_args(args).tracking)
+    cfg = config_from_args(args).tracking
+    drain_pending(cfg)
+    uri = tracking_uri(cfg)
     if uri.startswith(("http://", "https://")):
         print(f"the runs are on a tracking server: open {uri} in a browser")
         return 0

@@ -13,6 +13,7 @@ from imgclf.config import TrackingConfig, field_index
 from imgclf.tracking.store import (
     TrackingError,
     connect,
+    drain_pending,
     experiment_id,
     flat_metrics,
     param_value,
@@ -68,6 +69,7 @@ def load_run(ref: str | Path, cfg: TrackingConfig | None = None) -> RunRecord:
         return _from_folder(Path(ref))
     ref, cfg = str(ref), cfg or TrackingConfig()
     missing = TrackingError(f"{ref}: neither a run folder nor a run id in {tracking_uri(cfg)}")
+    drain_pending(cfg)
     if not store_exists(cfg):
         raise missing
     client = connect(cfg)

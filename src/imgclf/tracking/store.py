@@ -3,20 +3,32 @@
 The store is ``tracking_uri`` from the configuration, else ``$MLFLOW_TRACKING_URI``, else a SQLite file
 ``mlflow.db`` in the working folder; runs in a SQLite store keep their files in ``mlruns/`` beside it.
 mlflow is imported only here, when a run is recorded or read.
+
+With ``tracking_background`` (the default) a finished run is queued as a JSON record in
+``$IMGCLF_CACHE/tracking/<store>/`` and a detached process writes it to MLflow, so a command does not wait
+for MLflow's start-up. Whoever holds the queue's lock drains it; every reader drains it first, so a
+listing or comparison always includes the runs that finished before it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
 import re
+import subprocess
+import sys
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from imgclf import __version__
 from imgclf.config import Config, TrackingConfig
+from imgclf.utils import atomic_write_text, default_cache_dir
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -39,6 +51,12 @@ class TrackingError(ValueError):
 def tracking_uri(cfg: TrackingConfig) -> str:
     """The store: configured URI, else $MLFLOW_TRACKING_URI, else the local SQLite default."""
     return cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def absolute_uri(uri: str) -> str:
+    """``uri`` with a relative SQLite path made absolute (so it names the same store from anywhere)."""
+    db = sqlite_file(uri)
+    return f"sqlite:///{db.resolve()}" if db is not None and not db.is_absolute() else uri
 
 
 def sqlite_file(uri: str) -> Path | None:
@@ -120,19 +138,33 @@ def experiment_id(client: MlflowClient, cfg: TrackingConfig, create: bool = Fals
     return exp.experiment_id
 
 
-def _record(kind: str, cfg: Config, result: RunResult, on_train: bool) -> str:
+def run_record(kind: str, cfg: Config, result: RunResult, on_train: bool) -> dict[str, Any]:
+    """Everything MLflow is told about a run, as JSON: store, names, tags, parameters, metrics, files."""
+    run_dir = Path(result.run_dir).resolve()
+    return {
+        "uri": absolute_uri(tracking_uri(cfg.tracking)),
+        "experiment": cfg.tracking.experiment,
+        "run_name": f"{run_dir.name} {kind}" + (" on train" if on_train else ""),
+        "start_ms": int(time.time() * 1000),
+        "tags": run_tags(kind, cfg, result, on_train),
+        "params": flat_params(cfg),
+        "metrics": flat_metrics(result.metrics),
+        "run_dir": str(run_dir),
+    }
+
+
+def _record(rec: dict[str, Any]) -> str:
+    """Write one run record to its store; returns the MLflow run id."""
     from mlflow.entities import Metric, Param
 
-    client = connect(cfg.tracking)
-    exp = experiment_id(client, cfg.tracking, create=True)
-    run_dir = Path(result.run_dir)
-    run_name = f"{run_dir.name} {kind}" + (" on train" if on_train else "")
-    run_id = client.create_run(exp, tags=run_tags(kind, cfg, result, on_train), run_name=run_name).info.run_id
+    client = connect(TrackingConfig(tracking_uri=rec["uri"]))
+    exp = experiment_id(client, TrackingConfig(tracking_uri=rec["uri"], experiment=rec["experiment"]), create=True)
+    run_dir = Path(rec["run_dir"])
+    run_id = client.create_run(exp, start_time=rec["start_ms"], tags=rec["tags"], run_name=rec["run_name"]).info.run_id
     status = "FAILED"
     try:
-        now = int(time.time() * 1000)
-        params = [Param(k, v) for k, v in flat_params(cfg).items()]
-        metrics = [Metric(k, v, now, 0) for k, v in flat_metrics(result.metrics).items()]
+        params = [Param(k, v) for k, v in rec["params"].items()]
+        metrics = [Metric(k, v, rec["start_ms"], 0) for k, v in rec["metrics"].items()]
         for i in range(0, max(len(params), len(metrics)), _BATCH):
             client.log_batch(run_id, metrics=metrics[i : i + _BATCH], params=params[i : i + _BATCH])
         for f in sorted(run_dir.iterdir()):
@@ -146,24 +178,100 @@ def _record(kind: str, cfg: Config, result: RunResult, on_train: bool) -> str:
     return run_id
 
 
+def _record_or_warn(rec: dict[str, Any]) -> str | None:
+    try:
+        run_id = _record(rec)
+    except Exception as e:  # noqa: BLE001 - tracking must never break a run
+        log.warning("run %s not recorded in %s: %s", rec["run_dir"], rec["uri"], e)
+        return None
+    log.info("recorded as MLflow run %s in %s (imgclf runs list)", run_id, rec["uri"])
+    return run_id
+
+
+def queue_dir(uri: str) -> Path:
+    """Folder of the records waiting for the store ``uri``."""
+    return default_cache_dir() / "tracking" / hashlib.sha256(absolute_uri(uri).encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def drain(uri: str) -> int:
+    """Write every queued record of the store ``uri`` (waiting for a process already doing it); their count.
+
+    A record that fails is logged as a warning and dropped from the queue (its run folder is untouched).
+    """
+    folder = queue_dir(uri)
+    if not folder.is_dir():
+        return 0
+    n = 0
+    with _locked(folder):
+        for job in sorted(folder.glob("*.json")):
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                _record_or_warn(json.loads(job.read_text(encoding="utf-8")))
+                n += 1
+            job.unlink(missing_ok=True)
+    return n
+
+
+def drain_pending(cfg: TrackingConfig) -> None:
+    """Record the runs still queued for the configured store (called before reading it)."""
+    drain(tracking_uri(cfg))
+
+
+def _queue(rec: dict[str, Any]) -> bool:
+    """Queue ``rec`` and start a detached writer; False where that is impossible (then record in-process)."""
+    if sys.platform == "win32":
+        return False
+    folder = queue_dir(rec["uri"])
+    try:
+        atomic_write_text(folder / f"{rec['start_ms']:015d}-{uuid.uuid4().hex[:8]}.json", json.dumps(rec))
+        subprocess.Popen(
+            [sys.executable, "-m", "imgclf.tracking.writer", rec["uri"]],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=open(folder / "writer.log", "ab"),  # noqa: SIM115 - the child owns it
+            start_new_session=True,
+            close_fds=True,
+        )
+    except OSError as e:
+        log.warning("cannot record in the background (%s); recording now", e)
+        return False
+    return True
+
+
 def log_run(
     kind: Literal["train", "evaluate"], cfg: Config, result: RunResult, *, on_train: bool = False
 ) -> str | None:
-    """Record a run (configuration, metrics, run-folder files, tags); its MLflow id, None when that failed.
+    """Record a run (configuration, metrics, run-folder files, tags); its MLflow id, None when that failed
+    or when the record was queued for the background writer.
 
     Never raises: a run is complete without its record, so a tracking failure only logs a warning.
     """
     try:
-        run_id = _record(kind, cfg, result, on_train)
+        rec = run_record(kind, cfg, result, on_train)
     except Exception as e:  # noqa: BLE001 - tracking must never break a run
         log.warning("run not recorded in %s: %s", tracking_uri(cfg.tracking), e)
         return None
-    log.info("recorded as MLflow run %s in %s (imgclf runs list)", run_id, tracking_uri(cfg.tracking))
-    return run_id
+    if cfg.tracking.tracking_background and _queue(rec):
+        log.info("run queued for MLflow (%s); `imgclf runs list` shows it", rec["uri"])
+        return None
+    return _record_or_warn(rec)
 
 
 def list_runs(cfg: TrackingConfig, limit: int = 20) -> list[dict[str, Any]]:
     """The experiment's latest runs: id, date, kind, data set, classifier, backbone, accuracies."""
+    drain_pending(cfg)
     if not store_exists(cfg):
         return []
     client = connect(cfg)
