@@ -136,7 +136,12 @@ class FinetuneConfig(_Section):
         0, ge=0, description="Epochs training the head only before unfreezing the backbone."
     )
     val_fraction: float = Field(0.1, ge=0, lt=1, description="Share of the training split held out for early stopping.")
-    early_stopping: int = Field(3, ge=0, description="Stop after this many epochs without validation gain (0 = off).")
+    early_stopping: int = Field(3, ge=0, description="Stop after this many epochs past the best epoch (0 = off).")
+    val_tolerance: float = Field(
+        1.0,
+        ge=0,
+        description="Best epoch: the latest whose validation error is within this many standard errors of the lowest.",
+    )
     aug_crop: bool = Field(True, description="Augment: random resized crop.")
     aug_flip: bool = Field(True, description="Augment: horizontal flip.")
     aug_color: bool = Field(True, description="Augment: colour jitter.")

@@ -171,11 +171,14 @@ def train(cfg: Config) -> RunResult:
         timings["finetune_s"] = time.perf_counter() - t
         backbone, backbone_state = ft.backbone, ft.backbone.model.state_dict()
         extra_figures.update(ft.figures)
+        skipped += [{"path": str(ds.path(ds.samples[i])), "reason": why} for i, why in sorted(ft.skipped.items())]
+        train_idx = np.array([i for i in train_idx if i not in ft.skipped], np.int64)
         if mode == "dnn":
             fitted_head = ft.head
     t = time.perf_counter()
     fx = FeatureExtractor.from_config(cfg, backbone)
-    x_train, train_idx = _features(fx, ds, train_idx, "train features", skipped)
+    if fitted_head is None:  # the dnn head comes trained; only feature heads need training features
+        x_train, train_idx = _features(fx, ds, train_idx, "train features", skipped)
     x_test, test_idx = _features(fx, ds, test_idx, "test features", skipped)
     timings["features_s"] = time.perf_counter() - t
     t = time.perf_counter()

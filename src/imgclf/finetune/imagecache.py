@@ -7,7 +7,7 @@ import json
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ class ImageCache:
     images: np.ndarray  # (n, side, side, 3) uint8, a read-only memmap
     ok: np.ndarray  # (n,) bool: False where decoding failed
     side: int
+    errors: dict[int, str] = field(default_factory=dict)  # why image i failed to decode
 
 
 def _key(paths: Sequence[Path], side: int, interpolation: str) -> str:
@@ -54,12 +55,14 @@ def build_image_cache(
     data, meta = folder / f"images-{key}.u8", folder / f"images-{key}.json"
     shape = (len(paths), side, side, 3)
     if data.exists() and meta.exists():
-        ok = np.array(json.loads(meta.read_text(encoding="utf-8"))["ok"], dtype=bool)
-        return ImageCache(np.memmap(data, np.uint8, "r", shape=shape), ok, side)
+        info = json.loads(meta.read_text(encoding="utf-8"))
+        errors = {int(i): why for i, why in info.get("errors", {}).items()}
+        return ImageCache(np.memmap(data, np.uint8, "r", shape=shape), np.array(info["ok"], dtype=bool), side, errors)
     pre = Preprocess(side, 1.0, interpolation)
     tmp = data.with_name(f".{data.name}.tmp")
     out = np.memmap(tmp, np.uint8, "w+", shape=shape)
     ok = np.ones(len(paths), dtype=bool)
+    errors: dict[int, str] = {}
 
     def load(path: Path) -> np.ndarray | str:
         try:
@@ -73,12 +76,12 @@ def build_image_cache(
             tqdm(decoded, total=len(paths), desc="decode (once)", unit="img", disable=not progress, leave=False)
         ):
             if isinstance(img, str):
-                ok[i] = False
+                ok[i], errors[i] = False, img
                 log.warning("fine-tuning skips %s: %s", paths[i], img)
             else:
                 out[i] = img
     out.flush()
     del out
     tmp.replace(data)
-    atomic_write_text(meta, json.dumps({"side": side, "n": len(paths), "ok": ok.tolist()}))
-    return ImageCache(np.memmap(data, np.uint8, "r", shape=shape), ok, side)
+    atomic_write_text(meta, json.dumps({"side": side, "n": len(paths), "ok": ok.tolist(), "errors": errors}))
+    return ImageCache(np.memmap(data, np.uint8, "r", shape=shape), ok, side, errors)

@@ -13,10 +13,11 @@ import hashlib
 import io
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,7 @@ class FinetuneResult:
     head: LinearHead
     history: list[dict[str, float]]
     figures: dict[str, Path]
+    skipped: dict[int, str] = field(default_factory=dict)  # sample index -> why it could not be used
 
 
 class Classifier(nn.Module):
@@ -259,12 +261,14 @@ def finetune(
     elif ft.train_groups:
         _freeze_lower_groups(model.backbone, ft.train_groups)
     history: list[dict[str, float]] = []
-    best: dict[str, Any] = {"epoch": 0, "val_error": float("inf"), "val_loss": float("inf"), "state": None}
+    inf = float("inf")
+    best: dict[str, Any] = {"epoch": 0, "val_error": inf, "val_loss": inf, "min_error": inf, "state": None}
     start_epoch, done = 0, False
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         history, best, start_epoch, done = ckpt["history"], ckpt["best"], ckpt["epoch"], ckpt["done"]
 
+    skipped: dict[int, str] = {}
     if not done:
         fit_idx, val_idx = split_validation(labels_all, train_idx, ft.val_fraction, seed)
         pre = backbone.preprocess
@@ -302,6 +306,7 @@ def finetune(
             ckpt_path,
             on_epoch_end,
         )
+        skipped = {int(train_idx[r]): why for r, why in cache.errors.items()}
         del cache
         with contextlib.suppress(OSError):
             for f in (run_dir / "finetune_cache").iterdir():
@@ -326,7 +331,7 @@ def finetune(
         log.info(
             "fine-tuning: best epoch %d of %d (validation error %.3f)", best_epoch, len(history), best["val_error"]
         )
-    return FinetuneResult(tuned, head, history, figures)
+    return FinetuneResult(tuned, head, history, figures, skipped)
 
 
 def layer_groups(net: nn.Module) -> list[list[str]]:
@@ -373,6 +378,13 @@ def _linear_probe_init(cfg: Config, ds: Dataset, fit_idx: np.ndarray, backbone: 
         fc.weight.copy_(torch.from_numpy(w))
         fc.bias.copy_(torch.from_numpy(b))
     log.info("new last layer initialised by a linear probe (training accuracy %.3f)", lr.score(x, y))
+
+
+def within_noise(error: float, min_error: float, n: int, tolerance: float) -> bool:
+    """Whether a validation error on ``n`` images is within ``tolerance`` binomial standard errors of the
+    lowest one seen: differences smaller than that are noise (one image of 75 is 1.3 points)."""
+    p = max(min_error, 1.0 / n)
+    return error <= min_error + tolerance * math.sqrt(p * (1.0 - p) / n) + 1e-12
 
 
 def train_resolution(ft: FinetuneConfig, resolution: int) -> int:
@@ -442,7 +454,7 @@ def _train(
     if start_epoch == 0 and ft.head_init == "linear_probe" and len(val.rows):
         # epoch 0 is the linear probe itself: fine-tuning has to beat it on validation to be kept
         val_loss, val_error = _evaluate(model, val, norm, 2 * bs, autocast)
-        best.update(epoch=0, val_error=val_error, val_loss=val_loss, state=_copy_state(model))
+        best.update(epoch=0, val_error=val_error, val_loss=val_loss, min_error=val_error, state=_copy_state(model))
         log.info("epoch 0 (linear probe): val loss %.3f error %.3f", val_loss, val_error)
     for epoch in range(start_epoch + 1, ft.epochs + 1):
         head_only = ft.freeze_backbone or epoch <= ft.head_warmup_epochs
@@ -504,9 +516,10 @@ def _train(
             val_error,
             row["img_per_s"],
         )
-        improved = len(val.rows) > 0 and (val_error, val_loss) < (best["val_error"], best["val_loss"])
-        if improved:
-            best.update(epoch=epoch, val_error=val_error, val_loss=val_loss, state=_copy_state(model))
+        if len(val.rows):
+            best["min_error"] = min(best["min_error"], val_error)
+            if within_noise(val_error, best["min_error"], len(val.rows), ft.val_tolerance):
+                best.update(epoch=epoch, val_error=val_error, val_loss=val_loss, state=_copy_state(model))
         no_gain = epoch - best["epoch"] if len(val.rows) else 0
         stop = ft.early_stopping > 0 and no_gain >= ft.early_stopping
         done = stop or epoch == ft.epochs
