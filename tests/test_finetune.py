@@ -85,15 +85,18 @@ def test_resume_after_interruption(demo: Path, tmp_path: Path, monkeypatch: pyte
     assert all(p.scores is not None for p in preds)
 
 
-def test_resume_matches_uninterrupted(demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    full = train(_cfg(demo, tmp_path / "full", epochs=2))
+@pytest.mark.parametrize("extra", [{}, {"ema_decay": 0.9, "clip_grad": 1.0}], ids=["plain", "ema+clip"])
+def test_resume_matches_uninterrupted(
+    demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: dict[str, float]
+) -> None:
+    full = train(_cfg(demo, tmp_path / "full", epochs=2, **extra))
 
     def crash(epoch: int, row: dict[str, float]) -> None:
         raise KeyboardInterrupt
 
     original = imgclf.finetune.finetune
     monkeypatch.setattr(imgclf.finetune, "finetune", functools.partial(original, on_epoch_end=crash))
-    cfg = _cfg(demo, tmp_path / "cut", epochs=2)
+    cfg = _cfg(demo, tmp_path / "cut", epochs=2, **extra)
     with pytest.raises(KeyboardInterrupt):
         train(cfg)
     monkeypatch.setattr(imgclf.finetune, "finetune", original)

@@ -121,6 +121,13 @@ class FinetuneConfig(_Section):
     )
     step_gamma: float = Field(0.1, gt=0, le=1, description="Step schedule: factor applied every step_epochs.")
     dropout: float = Field(0.2, ge=0, lt=1, description="Dropout before the new last layer.")
+    clip_grad: float = Field(0.0, ge=0, description="Clip the gradient norm to this value before each step (0 = off).")
+    ema_decay: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Validate and keep an exponential moving average of the weights, this decay per step (0 = off).",
+    )
     label_smoothing: float = Field(0.1, ge=0, lt=1, description="Label smoothing of the cross-entropy loss.")
     freeze_backbone: bool = Field(False, description="Train the new last layer only.")
     train_groups: int = Field(

@@ -451,10 +451,19 @@ def _train(
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
     criterion = nn.CrossEntropyLoss(label_smoothing=ft.label_smoothing)
+    ema = None
+    if ft.ema_decay:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ft.ema_decay), use_buffers=True)
+        if ckpt is not None:
+            ema.load_state_dict(ckpt["ema"])
+    kept: nn.Module = ema.module if ema is not None else model  # the weights validated and kept
+    trainable = [p for p in model.parameters() if p.requires_grad]
     if start_epoch == 0 and ft.head_init == "linear_probe" and len(val.rows):
         # epoch 0 is the linear probe itself: fine-tuning has to beat it on validation to be kept
-        val_loss, val_error = _evaluate(model, val, norm, 2 * bs, autocast)
-        best.update(epoch=0, val_error=val_error, val_loss=val_loss, min_error=val_error, state=_copy_state(model))
+        val_loss, val_error = _evaluate(kept, val, norm, 2 * bs, autocast)
+        best.update(epoch=0, val_error=val_error, val_loss=val_loss, min_error=val_error, state=_copy_state(kept))
         log.info("epoch 0 (linear probe): val loss %.3f error %.3f", val_loss, val_error)
     for epoch in range(start_epoch + 1, ft.epochs + 1):
         head_only = ft.freeze_backbone or epoch <= ft.head_warmup_epochs
@@ -487,14 +496,18 @@ def _train(
                 loss = criterion(logits.float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if ft.clip_grad:
+                nn.utils.clip_grad_norm_(trainable, ft.clip_grad)
             opt.step()
             sched.step()
+            if ema is not None:
+                ema.update_parameters(model)
             seen += len(y)
             loss_sum += float(loss.detach()) * len(y)
             wrong += int((logits.argmax(1) != y).sum())
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", img_s=f"{seen / (time.perf_counter() - t0):.1f}")
         train_s = time.perf_counter() - t0
-        val_loss, val_error = _evaluate(model, val, norm, 2 * bs, autocast)
+        val_loss, val_error = _evaluate(kept, val, norm, 2 * bs, autocast)
         row = {
             "epoch": epoch,
             "lr": float(opt.param_groups[0]["lr"]),
@@ -519,12 +532,12 @@ def _train(
         if len(val.rows):
             best["min_error"] = min(best["min_error"], val_error)
             if within_noise(val_error, best["min_error"], len(val.rows), ft.val_tolerance):
-                best.update(epoch=epoch, val_error=val_error, val_loss=val_loss, state=_copy_state(model))
+                best.update(epoch=epoch, val_error=val_error, val_loss=val_loss, state=_copy_state(kept))
         no_gain = epoch - best["epoch"] if len(val.rows) else 0
         stop = ft.early_stopping > 0 and no_gain >= ft.early_stopping
         done = stop or epoch == ft.epochs
         if done and best["state"] is None:
-            best.update(epoch=epoch, state=_copy_state(model))
+            best.update(epoch=epoch, state=_copy_state(kept))
         _write_log(ckpt_path.parent / "finetune_log.csv", history)
         _save_ckpt(
             ckpt_path,
@@ -533,6 +546,7 @@ def _train(
                 "epoch": epoch,
                 "done": done,
                 "model": _copy_state(model),
+                "ema": ema.state_dict() if ema is not None else None,
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
                 "best": best,
