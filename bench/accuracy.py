@@ -10,6 +10,7 @@ import json
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from imgclf.cli import main as imgclf_main
@@ -21,9 +22,11 @@ def run(data: str, seeds: list[int], extra: list[str]) -> list[float]:
         for seed in seeds:
             out = Path(tmp) / f"seed{seed}"
             argv = ["train", data, "--out", str(out), "--split-seed", str(seed), "--no-progress", *extra]
+            t = time.perf_counter()
             if imgclf_main(argv) != 0:
                 sys.exit(f"train failed for seed {seed}")
             accs.append(json.loads((out / "metrics.json").read_text())["overall_accuracy"])
+            print(f"seed {seed}: overall accuracy {accs[-1]:.4f} ({time.perf_counter() - t:.0f} s)", flush=True)
     return accs
 
 

@@ -100,15 +100,15 @@ class ClassifierConfig(_Section):
 class FinetuneConfig(_Section):
     """Fine-tuning the whole network (classifier dnn / svm_on_refined)."""
 
-    epochs: int = Field(6, ge=1, description="Training epochs (passes over the training part).")
+    epochs: int = Field(8, ge=1, description="Training epochs (passes over the training part).")
     ft_batch_size: int = Field(32, ge=1, description="Images per training step.")
     ft_resolution: int | None = Field(
         None, ge=32, description="Training input side; default: the evaluation resolution."
     )
     optimizer: Literal["sgd", "adamw"] = Field("sgd", description="sgd: momentum SGD (the tutorial's); adamw.")
-    lr: float = Field(0.01, gt=0, description="Peak learning rate of the new last layer.")
+    lr: float = Field(0.003, gt=0, description="Peak learning rate of the new last layer.")
     backbone_lr_mult: float = Field(
-        0.3, ge=0, description="Backbone learning rate = lr x this (0 with freeze_backbone)."
+        0.1, ge=0, description="Backbone learning rate = lr x this (0 with freeze_backbone)."
     )
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
     weight_decay: float = Field(1e-4, ge=0, description="L2 weight decay.")
@@ -128,7 +128,7 @@ class FinetuneConfig(_Section):
         lt=1,
         description="Validate and keep an exponential moving average of the weights, this decay per step (0 = off).",
     )
-    label_smoothing: float = Field(0.1, ge=0, lt=1, description="Label smoothing of the cross-entropy loss.")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the cross-entropy loss.")
     freeze_backbone: bool = Field(False, description="Train the new last layer only.")
     train_groups: int = Field(
         0, ge=0, description="Fine-tune only the last N layer groups (stages) of the backbone; 0 = all of it."
