@@ -82,8 +82,8 @@ def _finish(
 ) -> dict[str, Any]:
     """Metrics, predictions, figures and reports of scored samples; prints the summary."""
     y = ds.labels[test_idx]
-    memo = _memo_root(cfg)
-    metrics = compute_metrics(y, scores, ds.classes, Memo(memo, "metrics") if memo else None)
+    memo_root = _memo_root(cfg)
+    metrics = compute_metrics(y, scores, ds.classes, Memo(memo_root, "metrics"))
     metrics.update(
         notes=ds.notes,
         n_train=n_train,
@@ -100,7 +100,7 @@ def _finish(
     )
     atomic_write_text(run_dir / f"{prefix}metrics.json", json.dumps(metrics, indent=2))
     if not prefix:
-        write_reports(run_dir, y, scores, metrics, cfg.flat(), extra_figures, Memo(memo, "figures") if memo else None)
+        write_reports(run_dir, y, scores, metrics, cfg.flat(), extra_figures, Memo(memo_root, "figures"))
     for s in skipped:
         log.warning("skipped %s: %s", s["path"], s["reason"])
     for n in ds.notes:
@@ -183,10 +183,7 @@ def train(cfg: Config) -> RunResult:
     timings["features_s"] = time.perf_counter() - t
     t = time.perf_counter()
     if fitted_head is None:
-        memo = _memo_root(cfg)
-        fit = fit_head(
-            cfg.classifier, x_train, ds.labels[train_idx], cfg.output.seed, Memo(memo, "heads") if memo else None
-        )
+        fit = fit_head(cfg.classifier, x_train, ds.labels[train_idx], cfg.output.seed, Memo(_memo_root(cfg), "heads"))
         fitted_head = fit.head
         log.info(
             "SVM C=%g chosen by %d-fold cross-validation on the training split (CV accuracy %.3f%s)",

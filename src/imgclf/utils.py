@@ -8,7 +8,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +86,14 @@ class Memo:
         if self.dir is not None:
             with contextlib.suppress(OSError):  # a memo that cannot be written only costs a recomputation
                 atomic_write_bytes(self.dir / key, data, durable=False)
+
+    def compute(self, key: str, fn: Callable[[], bytes]) -> bytes:
+        """The output stored under ``key``, else ``fn()`` (then stored)."""
+        data = self.get(key)
+        if data is None:
+            data = fn()
+            self.put(key, data)
+        return data
 
 
 @contextlib.contextmanager

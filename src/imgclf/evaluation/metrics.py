@@ -20,13 +20,9 @@ def compute_metrics(
     With ``memo``, metrics of identical labels and scores are read back (scikit-learn is not even imported).
     """
     y_true, scores = np.asarray(y_true), np.asarray(scores)
+    memo = memo or Memo(None, "metrics")
     key = Memo.key("metrics", list(classes), y_true.astype(np.int64), scores, Path(__file__), version("scikit-learn"))
-    if memo is not None and (data := memo.get(key)) is not None:
-        return json.loads(data)
-    metrics = _compute(y_true, scores, classes)
-    if memo is not None:
-        memo.put(key, json.dumps(metrics).encode())
-    return metrics
+    return json.loads(memo.compute(key, lambda: json.dumps(_compute(y_true, scores, classes)).encode()))
 
 
 def _compute(y_true: np.ndarray, scores: np.ndarray, classes: list[str]) -> dict[str, Any]:

@@ -97,15 +97,12 @@ def write_reports(
 
     With ``memo``, the figure of identical labels and scores is read back instead of drawn again.
     """
+    memo = memo or Memo(None, "figures")
     shown = {k: metrics[k] for k in ("classes", "auc", "confusion_matrix")}
     key = Memo.key(
         "figure", shown, np.asarray(y_true, np.int64), np.asarray(scores), Path(__file__), version("matplotlib")
     )
-    png = memo.get(key) if memo is not None else None
-    if png is None:
-        png = evaluation_figure(y_true, scores, metrics)
-        if memo is not None:
-            memo.put(key, png)
+    png = memo.compute(key, lambda: evaluation_figure(y_true, scores, metrics))
     fig_path = run_dir / "evaluation.png"
     atomic_write_bytes(fig_path, png)
     figures = {"ROC curves and confusion matrix": fig_path, **(extra_figures or {})}

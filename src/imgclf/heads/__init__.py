@@ -54,6 +54,7 @@ def fit_head(
     With ``memo``, an identical earlier fit (same features, labels, settings, seed, code and scikit-learn
     version) is read back instead of cross-validated again.
     """
+    memo = memo or Memo(None, "heads")
     key = Memo.key(
         "svm",
         cfg.model_dump(mode="json"),
@@ -63,7 +64,7 @@ def fit_head(
         np.asarray(x, np.float32),
         np.asarray(y, np.int64),
     )
-    if memo is not None and (data := memo.get(key)) is not None:
+    if (data := memo.get(key)) is not None:
         try:
             with np.load(io.BytesIO(data)) as z:
                 head = LinearHead(z["weight"], z["bias"], bool(z["l2_normalize"]))
@@ -73,10 +74,9 @@ def fit_head(
     svm = create_head(cfg, seed).fit(x, y)
     w, b = svm.linear()
     fitted = FittedHead(LinearHead(w, b, svm.l2_normalize), svm.C_, svm.cv_scores_.get(svm.C_, float("nan")))
-    if memo is not None:
-        buf = io.BytesIO()
-        np.savez(buf, weight=w, bias=b, l2_normalize=svm.l2_normalize, C=fitted.C, cv_accuracy=fitted.cv_accuracy)
-        memo.put(key, buf.getvalue())
+    buf = io.BytesIO()
+    np.savez(buf, weight=w, bias=b, l2_normalize=svm.l2_normalize, C=fitted.C, cv_accuracy=fitted.cv_accuracy)
+    memo.put(key, buf.getvalue())
     return fitted
 
 

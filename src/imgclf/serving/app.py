@@ -229,6 +229,13 @@ def create_app(bundle: Bundle | str | Path, cfg: Config | None = None) -> FastAP
 
     auth = [Depends(check_key)]
 
+    async def answer(images: list[ImageInput], t0: float) -> PredictResponse:
+        """Scores of ``images`` with the model id and the time since ``t0`` (the request's arrival)."""
+        predictions = await service.predict(images)
+        return PredictResponse(
+            predictions=predictions, model_id=service.model_id, server_time_ms=(time.perf_counter() - t0) * 1000
+        )
+
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, e: ApiError) -> JSONResponse:
         return _error(e.status, e.code, e.detail)
@@ -252,10 +259,7 @@ def create_app(bundle: Bundle | str | Path, cfg: Config | None = None) -> FastAP
     async def predict(request: Request) -> PredictResponse:
         t0 = time.perf_counter()
         body = await read_body(request, max_body)
-        predictions = await service.predict(await images_from_request(request, body))
-        return PredictResponse(
-            predictions=predictions, model_id=service.model_id, server_time_ms=(time.perf_counter() - t0) * 1000
-        )
+        return await answer(await images_from_request(request, body), t0)
 
     @app.post(
         "/score",
@@ -266,10 +270,7 @@ def create_app(bundle: Bundle | str | Path, cfg: Config | None = None) -> FastAP
     )
     async def score(request: Request) -> PredictResponse:
         t0 = time.perf_counter()
-        predictions = await service.predict(images_from_tutorial_json(await read_body(request, max_body)))
-        return PredictResponse(
-            predictions=predictions, model_id=service.model_id, server_time_ms=(time.perf_counter() - t0) * 1000
-        )
+        return await answer(images_from_tutorial_json(await read_body(request, max_body)), t0)
 
     @app.get("/v1/model", dependencies=auth, responses=_ERRORS, summary="The served model")
     async def model() -> dict[str, Any]:

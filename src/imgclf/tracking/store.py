@@ -157,8 +157,9 @@ def _record(rec: dict[str, Any]) -> str:
     """Write one run record to its store; returns the MLflow run id."""
     from mlflow.entities import Metric, Param
 
-    client = connect(TrackingConfig(tracking_uri=rec["uri"]))
-    exp = experiment_id(client, TrackingConfig(tracking_uri=rec["uri"], experiment=rec["experiment"]), create=True)
+    store = TrackingConfig(tracking_uri=rec["uri"], experiment=rec["experiment"])
+    client = connect(store)
+    exp = experiment_id(client, store, create=True)
     run_dir = Path(rec["run_dir"])
     run_id = client.create_run(exp, start_time=rec["start_ms"], tags=rec["tags"], run_name=rec["run_name"]).info.run_id
     status = "FAILED"
@@ -206,22 +207,19 @@ def _locked(folder: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def drain(uri: str) -> int:
-    """Write every queued record of the store ``uri`` (waiting for a process already doing it); their count.
+def drain(uri: str) -> None:
+    """Write every queued record of the store ``uri`` (waiting for a process already doing it).
 
     A record that fails is logged as a warning and dropped from the queue (its run folder is untouched).
     """
     folder = queue_dir(uri)
     if not folder.is_dir():
-        return 0
-    n = 0
+        return
     with _locked(folder):
         for job in sorted(folder.glob("*.json")):
             with contextlib.suppress(FileNotFoundError, ValueError):
                 _record_or_warn(json.loads(job.read_text(encoding="utf-8")))
-                n += 1
             job.unlink(missing_ok=True)
-    return n
 
 
 def drain_pending(cfg: TrackingConfig) -> None:
@@ -236,14 +234,15 @@ def _queue(rec: dict[str, Any]) -> bool:
     folder = queue_dir(rec["uri"])
     try:
         atomic_write_text(folder / f"{rec['start_ms']:015d}-{uuid.uuid4().hex[:8]}.json", json.dumps(rec))
-        subprocess.Popen(
-            [sys.executable, "-m", "imgclf.tracking.writer", rec["uri"]],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=open(folder / "writer.log", "ab"),  # noqa: SIM115 - the child owns it
-            start_new_session=True,
-            close_fds=True,
-        )
+        with open(folder / "writer.log", "ab") as errors:  # the child keeps its own copy of the handle
+            subprocess.Popen(
+                [sys.executable, "-m", "imgclf.tracking.writer", rec["uri"]],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=errors,
+                start_new_session=True,
+                close_fds=True,
+            )
     except OSError as e:
         log.warning("cannot record in the background (%s); recording now", e)
         return False
