@@ -105,10 +105,12 @@ class FinetuneConfig(_Section):
     ft_resolution: int | None = Field(
         None, ge=32, description="Training input side; default: the evaluation resolution."
     )
-    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="sgd: momentum SGD (the tutorial's); adamw.")
-    lr: float = Field(0.003, gt=0, description="Peak learning rate of the new last layer.")
+    optimizer: Literal["sgd", "adamw"] = Field(
+        "adamw", description="adamw (stable on small data sets), or sgd: momentum SGD (the tutorial's)."
+    )
+    lr: float = Field(0.001, gt=0, description="Peak learning rate of the new last layer.")
     backbone_lr_mult: float = Field(
-        0.1, ge=0, description="Backbone learning rate = lr x this (0 with freeze_backbone)."
+        0.05, ge=0, description="Backbone learning rate = lr x this (0 with freeze_backbone)."
     )
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
     weight_decay: float = Field(1e-4, ge=0, description="L2 weight decay.")
