@@ -113,7 +113,7 @@ class FinetuneConfig(_Section):
         0.05, ge=0, description="Backbone learning rate = lr x this (0 with freeze_backbone)."
     )
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
-    weight_decay: float = Field(1e-4, ge=0, description="L2 weight decay.")
+    weight_decay: float = Field(1e-4, ge=0, description="Weight decay (L2 with sgd, decoupled with adamw).")
     schedule: Literal["cosine", "step"] = Field(
         "cosine", description="cosine with warm-up, or the tutorial's step decay."
     )
