@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 
 from imgclf.backbones import create_backbone
-from imgclf.config import Config, FinetuneConfig
+from imgclf.config import Config
 from imgclf.data.dataset import scan_dataset
 from imgclf.finetune.augment import Augment, Normalizer
 from imgclf.finetune.imagecache import build_image_cache
-from imgclf.finetune.trainer import CacheLoader, Classifier, train_resolution
+from imgclf.finetune.trainer import CacheLoader, Classifier
 from imgclf.utils import cpu_count
 
 
@@ -44,7 +44,7 @@ def _sync(device: torch.device) -> None:
 
 def bench(device: torch.device, data: Path, backbone_name: str, batch: int, batches: int, cache_dir: Path) -> None:
     bb = create_backbone(backbone_name)
-    res = train_resolution(FinetuneConfig(), bb.preprocess.resolution, device)
+    res = bb.preprocess.resolution  # fine-tuning trains at the backbone's resolution
     ds = scan_dataset(Config().data, data)
     t = time.perf_counter()
     pre = bb.preprocess

@@ -66,8 +66,10 @@ def main() -> int:
         best = answer["predictions"][0]
         others = ", ".join(f"{t['label']} {t['score']:.3f}" for t in best["top_k"][1:])
         print(f"{image}: {best['label']} ({best['score']:.3f}){'; then ' + others if others else ''}")
-        print(f"    round trip {round_trip:.1f} ms, of which {answer['server_time_ms']:.1f} ms in the server "
-              f"(model {answer['model_id']})")
+        print(
+            f"    round trip {round_trip:.1f} ms, of which {answer['server_time_ms']:.1f} ms in the server "
+            f"(model {answer['model_id']})"
+        )
     return 1 if failures else 0
 
 

@@ -14,7 +14,9 @@ import imgclf.finetune
 from imgclf.config import Config
 from imgclf.data.dataset import load_split
 from imgclf.data.demo import generate_demo_dataset
+from imgclf.data.io import Preprocess
 from imgclf.finetune import split_validation
+from imgclf.finetune.trainer import eval_preprocess
 from imgclf.pipeline import predict, train
 
 
@@ -64,6 +66,19 @@ def test_dnn_end_to_end(demo: Path, tmp_path: Path) -> None:
     assert not (run / "finetune_cache").exists()
     assert 0.0 <= res.metrics["overall_accuracy"] <= 1.0
     assert res.bundle.backbone_spec["weights_id"].startswith("finetuned:")
+    assert res.bundle.preprocess.resolution == 72  # trained at 64, deployed at 64 x test_scale 1.15, rounded to 8
+
+
+def test_eval_preprocess_scales_and_rounds() -> None:
+    train_pre = Preprocess(224, 0.875, "bicubic")
+    assert eval_preprocess(train_pre, 1.15) == Preprocess(256, 0.875, "bicubic")
+    assert eval_preprocess(train_pre, 1.0) == train_pre
+    assert eval_preprocess(Preprocess(448), 1.15).resolution == 512
+
+
+def test_test_scale_one_deploys_the_training_side(demo: Path, tmp_path: Path) -> None:
+    res = train(_cfg(demo, tmp_path / "run", epochs=1, test_scale=1.0))
+    assert res.bundle.preprocess.resolution == 64
 
 
 def test_resume_after_interruption(demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

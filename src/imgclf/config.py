@@ -54,7 +54,9 @@ class BackboneConfig(_Section):
     )
     weights: Path | None = Field(None, description="Local state_dict file for the backbone (instead of downloading).")
     resolution: int | None = Field(
-        None, ge=32, description="Input resolution in pixels (224, 448, 896...); default: the backbone's."
+        None,
+        ge=32,
+        description="Input resolution in pixels (224, 448, 896...); default: the backbone's. Fine-tuning trains at it.",
     )
 
 
@@ -102,8 +104,11 @@ class FinetuneConfig(_Section):
 
     epochs: int = Field(8, ge=1, description="Training epochs (passes over the training part).")
     ft_batch_size: int = Field(32, ge=1, description="Images per training step.")
-    ft_resolution: int | None = Field(
-        None, ge=32, description="Training input side; default: the evaluation resolution."
+    test_scale: float = Field(
+        1.15,
+        ge=0.5,
+        le=2.0,
+        description="A fine-tuned network is evaluated and deployed at resolution x this (1 = the training side).",
     )
     optimizer: Literal["sgd", "adamw"] = Field(
         "adamw", description="adamw (stable on small data sets), or sgd: momentum SGD (the tutorial's)."

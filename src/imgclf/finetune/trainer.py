@@ -30,6 +30,7 @@ from tqdm import tqdm
 from imgclf.backbones import Backbone
 from imgclf.config import Config, FinetuneConfig
 from imgclf.data.dataset import Dataset
+from imgclf.data.io import Preprocess
 from imgclf.features.runtimes import resolve_device
 from imgclf.finetune.augment import Augment, Normalizer
 from imgclf.finetune.imagecache import ImageCache, build_image_cache
@@ -271,16 +272,19 @@ def finetune(
     skipped: dict[int, str] = {}
     if not done:
         fit_idx, val_idx = split_validation(labels_all, train_idx, ft.val_fraction, seed)
-        pre = backbone.preprocess
-        cache = build_image_cache(
-            [ds.path(ds.samples[i]) for i in train_idx],
-            pre.resize_to,
-            pre.interpolation,
-            run_dir / "finetune_cache",
-            workers,
-            cfg.data.max_image_pixels,
-            cfg.output.progress,
-        )
+
+        def decode(idx: np.ndarray, pre: Preprocess) -> ImageCache:
+            return build_image_cache(
+                [ds.path(ds.samples[i]) for i in idx],
+                pre.resize_to,
+                pre.interpolation,
+                run_dir / "finetune_cache",
+                workers,
+                cfg.data.max_image_pixels,
+                cfg.output.progress,
+            )
+
+        cache = decode(train_idx, backbone.preprocess)
         row_of = {int(s): r for r, s in enumerate(train_idx)}
         fit_idx = np.array([i for i in fit_idx if cache.ok[row_of[int(i)]]], np.int64)
         val_idx = np.array([i for i in val_idx if cache.ok[row_of[int(i)]]], np.int64)
@@ -290,7 +294,14 @@ def finetune(
         if ckpt is None and ft.head_init == "linear_probe":
             _linear_probe_init(cfg, ds, fit_idx, backbone, model.fc)
         fit = CacheLoader(cache, np.array([row_of[int(i)] for i in fit_idx]), labels_all[fit_idx], device)
-        val = CacheLoader(cache, np.array([row_of[int(i)] for i in val_idx], np.int64), labels_all[val_idx], device)
+        # the validation part is scored as the test split will be: centre crops at the test resolution
+        val_pre = eval_preprocess(backbone.preprocess, ft.test_scale)
+        val_rows = np.array([row_of[int(i)] for i in val_idx], np.int64)
+        if val_pre != backbone.preprocess:
+            val_cache, val_rows = decode(val_idx, val_pre), np.arange(len(val_idx))
+        else:
+            val_cache = cache
+        val = CacheLoader(val_cache, val_rows, labels_all[val_idx], device)
         _train(
             cfg,
             model,
@@ -307,7 +318,7 @@ def finetune(
             on_epoch_end,
         )
         skipped = {int(train_idx[r]): why for r, why in cache.errors.items()}
-        del cache
+        del cache, val_cache, fit, val
         with contextlib.suppress(OSError):
             for f in (run_dir / "finetune_cache").iterdir():
                 f.unlink()
@@ -318,7 +329,12 @@ def finetune(
     model = model.to("cpu", memory_format=torch.contiguous_format).eval()
     state = model.backbone.state_dict()
     tuned_net = model.backbone
-    tuned = dataclasses.replace(backbone, loader=lambda: tuned_net, weights_id=f"finetuned:{_state_digest(state)}")
+    tuned = dataclasses.replace(
+        backbone,
+        loader=lambda: tuned_net,
+        weights_id=f"finetuned:{_state_digest(state)}",
+        preprocess=eval_preprocess(backbone.preprocess, ft.test_scale),
+    )
     head = LinearHead(
         model.fc.weight.detach().numpy().astype(np.float64),
         model.fc.bias.detach().numpy().astype(np.float64),
@@ -387,9 +403,13 @@ def within_noise(error: float, min_error: float, n: int, tolerance: float) -> bo
     return error <= min_error + tolerance * math.sqrt(p * (1.0 - p) / n) + 1e-12
 
 
-def train_resolution(ft: FinetuneConfig, resolution: int) -> int:
-    """Training side: ``ft_resolution``, else the evaluation resolution (a lower one hurt on flowers5)."""
-    return ft.ft_resolution or resolution
+def eval_preprocess(train: Preprocess, scale: float) -> Preprocess:
+    """Eval-time geometry of a network fine-tuned at ``train.resolution``: the side times ``scale``, rounded to 8.
+
+    Random-resized crops show objects larger than a centre crop of the same side does, so the trained network
+    sees them at their training size when tested a little above it ("FixRes", Touvron et al., 2019).
+    """
+    return dataclasses.replace(train, resolution=max(8, round(train.resolution * scale / 8) * 8))
 
 
 def _evaluate(
@@ -443,8 +463,11 @@ def _train(
     if ft.compile:
         backbone_fwd = torch.compile(model.backbone)  # type: ignore[assignment]
     aug = Augment(ft.aug_crop, ft.aug_flip, ft.aug_color, ft.aug_rotate)
-    norm = Normalizer(backbone.preprocess.resolution, backbone.mean, backbone.std, device)
-    train_res = train_resolution(ft, backbone.preprocess.resolution)
+    train_res = backbone.preprocess.resolution
+    norm = Normalizer(train_res, backbone.mean, backbone.std, device)
+    val_norm = Normalizer(
+        eval_preprocess(backbone.preprocess, ft.test_scale).resolution, backbone.mean, backbone.std, device
+    )
     use_bf16 = device.type == "cuda"
 
     def autocast() -> contextlib.AbstractContextManager[Any]:
@@ -462,7 +485,7 @@ def _train(
     trainable = [p for p in model.parameters() if p.requires_grad]
     if start_epoch == 0 and ft.head_init == "linear_probe" and len(val.rows):
         # epoch 0 is the linear probe itself: fine-tuning has to beat it on validation to be kept
-        val_loss, val_error = _evaluate(kept, val, norm, 2 * bs, autocast)
+        val_loss, val_error = _evaluate(kept, val, val_norm, 2 * bs, autocast)
         best.update(epoch=0, val_error=val_error, val_loss=val_loss, min_error=val_error, state=_copy_state(kept))
         log.info("epoch 0 (linear probe): val loss %.3f error %.3f", val_loss, val_error)
     for epoch in range(start_epoch + 1, ft.epochs + 1):
@@ -507,7 +530,7 @@ def _train(
             wrong += int((logits.argmax(1) != y).sum())
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", img_s=f"{seen / (time.perf_counter() - t0):.1f}")
         train_s = time.perf_counter() - t0
-        val_loss, val_error = _evaluate(kept, val, norm, 2 * bs, autocast)
+        val_loss, val_error = _evaluate(kept, val, val_norm, 2 * bs, autocast)
         row = {
             "epoch": epoch,
             "lr": float(opt.param_groups[0]["lr"]),
