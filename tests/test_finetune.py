@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import math
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +80,16 @@ def test_eval_preprocess_scales_and_rounds() -> None:
 def test_test_scale_one_deploys_the_training_side(demo: Path, tmp_path: Path) -> None:
     res = train(_cfg(demo, tmp_path / "run", epochs=1, test_scale=1.0))
     assert res.bundle.preprocess.resolution == 64
+
+
+def test_no_validation_part_keeps_the_last_epoch(demo: Path, tmp_path: Path) -> None:
+    res = train(_cfg(demo, tmp_path / "run", val_fraction=0.0))
+    rows = _log(res.run_dir)
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert all(math.isnan(float(r["val_error"])) for r in rows)
+    assert res.bundle.preprocess.resolution == 72
+    _, preds = predict(res.run_dir, [demo])
+    assert all(p.scores is not None for p in preds)
 
 
 def test_resume_after_interruption(demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
