@@ -68,6 +68,7 @@ def test_dnn_end_to_end(demo: Path, tmp_path: Path) -> None:
     assert 0.0 <= res.metrics["overall_accuracy"] <= 1.0
     assert res.bundle.backbone_spec["weights_id"].startswith("finetuned:")
     assert res.bundle.preprocess.resolution == 72  # trained at 64, deployed at 64 x test_scale 1.15, rounded to 8
+    assert "dnn on efficientnet_lite0, 72 px input" in (run / "report.md").read_text()
 
 
 def test_eval_preprocess_scales_and_rounds() -> None:

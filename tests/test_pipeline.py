@@ -74,6 +74,8 @@ def test_run_folder_contents(run):
         rows = list(csv.DictReader(f))
     assert len(rows) == m["n_test"] and {"score_circles", "true_label", "predicted_label"} <= set(rows[0])
     assert "data:image/png;base64," in (out / "report.html").read_text()
+    model = f"{m['classifier']} on {m['backbone']}, {m['resolution']} px input"
+    assert model in (out / "report.html").read_text() and model in (out / "report.md").read_text()
     assert m["overall_accuracy"] > 0.6  # three visibly different shapes
 
 

@@ -81,7 +81,13 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
     lines.append(
         f"AUC micro / macro      : {_fmt(metrics['auc']['micro'], False)} / {_fmt(metrics['auc']['macro'], False)}"
     )
+    if "classifier" in metrics:
+        lines.append(f"Model                  : {_model(metrics)}")
     return lines
+
+
+def _model(metrics: dict[str, Any]) -> str:
+    return f"{metrics['classifier']} on {metrics['backbone']}, {metrics['resolution']} px input"
 
 
 def write_reports(
@@ -129,7 +135,8 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;te
 <h1>imgclf report</h1>
 <p>Overall accuracy <b>{_fmt(metrics["overall_accuracy"])}</b>, class-averaged accuracy
 <b>{_fmt(metrics["class_averaged_accuracy"])}</b>, AUC micro {_fmt(metrics["auc"]["micro"], False)} /
-macro {_fmt(metrics["auc"]["macro"], False)}; {metrics["n_train"]} training and {metrics["n_test"]} test images.</p>
+macro {_fmt(metrics["auc"]["macro"], False)}; {metrics["n_train"]} training and {metrics["n_test"]} test images.
+{f"Model: {html.escape(_model(metrics))}." if "classifier" in metrics else ""}</p>
 <table><tr><th>class</th><th>accuracy</th><th>test images</th><th>AUC</th></tr>{rows}</table>
 {figs_html}
 <h2>Skipped files ({len(skipped)})</h2><ul>{skipped_html or "<li>none</li>"}</ul>
