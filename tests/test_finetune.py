@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import logging
 import math
 from pathlib import Path
 
@@ -83,8 +84,10 @@ def test_test_scale_one_deploys_the_training_side(demo: Path, tmp_path: Path) ->
     assert res.bundle.preprocess.resolution == 64
 
 
-def test_no_validation_part_keeps_the_last_epoch(demo: Path, tmp_path: Path) -> None:
-    res = train(_cfg(demo, tmp_path / "run", val_fraction=0.0))
+def test_no_validation_part_keeps_the_last_epoch(demo: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="imgclf"):
+        res = train(_cfg(demo, tmp_path / "run", val_fraction=0.0))
+    assert "epoch 2/2: train loss" in caplog.text and "| no validation part |" in caplog.text
     rows = _log(res.run_dir)
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert all(math.isnan(float(r["val_error"])) for r in rows)

@@ -542,14 +542,14 @@ def _train(
             "seconds": time.perf_counter() - t0,
         }
         history.append(row)
+        val_text = f"val loss {val_loss:.3f} error {val_error:.3f}" if len(val.rows) else "no validation part"
         log.info(
-            "epoch %d/%d: train loss %.3f error %.3f | val loss %.3f error %.3f | %.1f img/s",
+            "epoch %d/%d: train loss %.3f error %.3f | %s | %.1f img/s",
             epoch,
             ft.epochs,
             row["train_loss"],
             row["train_error"],
-            val_loss,
-            val_error,
+            val_text,
             row["img_per_s"],
         )
         if len(val.rows):
