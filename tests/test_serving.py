@@ -133,7 +133,13 @@ def test_healthz_model_and_docs(client: httpx.Client, run_dir: Path) -> None:
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/v1/predict", "/v1/model", "/healthz", "/score"} <= set(paths)
     assert "multipart/form-data" in paths["/v1/predict"]["post"]["requestBody"]["content"]
-    assert client.get("/docs").status_code == 200
+    for page in ("/docs", "/redoc"):  # the docs pages load their scripts from the server, not from a CDN
+        html = client.get(page).text
+        assert "://" not in html, page
+        assets = re.findall(r'(?:src|href)="(/[^"]+)"', html)
+        assert any(a.endswith(".js") for a in assets), page
+        for asset in assets:
+            assert client.get(asset).status_code == 200, asset
 
 
 def test_web_page_is_offline(client: httpx.Client) -> None:

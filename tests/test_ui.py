@@ -135,3 +135,26 @@ def test_label_errors_and_keyboard_labelling(page: object, site: tuple[str, Path
     pg.locator("#undo-all").click()
     expect(queue).to_have_count(4)
     assert sha_map(data) == before
+
+
+def test_api_docs_render_offline(browser: object, site: tuple[str, Path]) -> None:
+    """The OpenAPI page draws its operations with every request off this server refused."""
+    base, expect = site[0], sync_api.expect
+    context = browser.new_context()  # type: ignore[attr-defined]
+    outside: list[str] = []
+
+    def only_local(route: object) -> None:
+        url = route.request.url  # type: ignore[attr-defined]
+        if url.startswith(base):
+            route.continue_()  # type: ignore[attr-defined]
+        else:
+            outside.append(url)
+            route.abort()  # type: ignore[attr-defined]
+
+    context.route("**/*", only_local)
+    pg = context.new_page()
+    pg.goto(base + "/api/docs")
+    expect(pg.locator(".swagger-ui .info .title")).to_contain_text("imgclf review", timeout=15_000)
+    expect(pg.locator(".opblock").first).to_be_visible()
+    context.close()
+    assert not outside, outside

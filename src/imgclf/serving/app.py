@@ -1,8 +1,8 @@
 """The REST service: a FastAPI app serving one model bundle.
 
 Routes: ``POST /v1/predict`` (multipart files, base64 JSON or one raw image), ``GET /v1/model``,
-``GET /healthz``, the web page at ``/``, OpenAPI docs at ``/docs``, and ``POST /score`` for clients of
-the 2017 tutorial. Decoding runs in a thread pool, inference in one micro-batching worker.
+``GET /healthz``, the web page at ``/``, OpenAPI docs at ``/docs`` and ``/redoc`` (served offline), and
+``POST /score`` for clients of the 2017 tutorial. Decoding runs in a thread pool, inference in one micro-batching worker.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -219,7 +220,9 @@ def create_app(bundle: Bundle | str | Path, cfg: Config | None = None) -> FastAP
         service.decoders.shutdown(wait=False)
 
     about = f"Image classifier `{bundle.backbone_spec['name']}` over classes {bundle.classes}."
-    app = FastAPI(title="imgclf", version=__version__, description=about, lifespan=lifespan)
+    app = FastAPIOffline(  # /docs and /redoc load their scripts from the package, not from a CDN
+        title="imgclf", version=__version__, description=about, static_url="/docs-assets", lifespan=lifespan
+    )
 
     async def check_key(request: Request) -> None:
         key = cfg.serve.api_key

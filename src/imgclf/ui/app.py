@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel
 
 from imgclf.backbones import Backbone
@@ -141,7 +142,14 @@ def create_app(
             analyzer.start()
         yield
 
-    app = FastAPI(title="imgclf review", docs_url="/api/docs", openapi_url="/api/openapi.json", lifespan=lifespan)
+    app = FastAPIOffline(
+        title="imgclf review",
+        docs_url="/api/docs",
+        redoc_url="/api/redoc",
+        openapi_url="/api/openapi.json",
+        static_url="/api/docs-assets",
+        lifespan=lifespan,
+    )
     app.state.analyzer = analyzer
 
     @app.exception_handler(UnsafePathError)
