@@ -202,12 +202,18 @@ def test_background_writer_records_runs_and_reports_failures(
     assert runs[0].data.metrics["overall_accuracy"] == two_runs[0].metrics["overall_accuracy"]
     # A record the store refuses is reported by whoever drains the queue, and leaves the queue.
     bad = base_cfg.updated(tracking_uri="nosuchstore://nowhere")
+    errors = queue_dir(bad.tracking.tracking_uri) / "writer.log"
+    errors.parent.mkdir(parents=True, exist_ok=True)
+    errors.write_bytes(b"old warning\n" * 20)
     monkey = pytest.MonkeyPatch()
     monkey.setattr("imgclf.tracking.store.subprocess.Popen", lambda *a, **k: None)  # no writer: drain here
+    monkey.setattr("imgclf.tracking.store._WRITER_LOG_MAX", 100)
     try:
         assert log_run("train", bad, two_runs[0]) is None
     finally:
         monkey.undo()
+    assert errors.with_name("writer.log.1").read_bytes() == b"old warning\n" * 20  # the writer's log is capped
+    assert errors.stat().st_size == 0
     with caplog.at_level(logging.WARNING, logger="imgclf"):
         drain_pending(bad.tracking)
     assert "not recorded" in caplog.text

@@ -42,6 +42,7 @@ ARTIFACT_FOLDER = "mlruns"
 # Run-folder files recorded as artifacts, besides the model/ bundle (checkpoints and temporary files are not).
 ARTIFACT_SUFFIXES = frozenset({".csv", ".json", ".html", ".md", ".png", ".svg", ".txt"})
 _BATCH = 100  # most parameters per MLflow log_batch call
+_WRITER_LOG_MAX = 1 << 20  # writer.log is moved to writer.log.1 (replacing it) beyond this many bytes
 
 
 class TrackingError(ValueError):
@@ -234,7 +235,11 @@ def _queue(rec: dict[str, Any]) -> bool:
     folder = queue_dir(rec["uri"])
     try:
         atomic_write_text(folder / f"{rec['start_ms']:015d}-{uuid.uuid4().hex[:8]}.json", json.dumps(rec))
-        with open(folder / "writer.log", "ab") as errors:  # the child keeps its own copy of the handle
+        errors_path = folder / "writer.log"
+        with contextlib.suppress(FileNotFoundError):
+            if errors_path.stat().st_size > _WRITER_LOG_MAX:
+                os.replace(errors_path, folder / "writer.log.1")
+        with open(errors_path, "ab") as errors:  # the child keeps its own copy of the handle
             subprocess.Popen(
                 [sys.executable, "-m", "imgclf.tracking.writer", rec["uri"]],
                 stdin=subprocess.DEVNULL,
