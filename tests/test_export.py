@@ -145,6 +145,8 @@ def test_torchscript_export_checks_on_the_test_split(tmp_path: Path, check_dir: 
     with torch.inference_mode():
         expected = Bundle.load(run).classifier_net()(torch.from_numpy(x)).numpy()
         assert np.abs(module(torch.from_numpy(x)).numpy() - expected).max() <= 1e-3
+    assert main(["export", str(run), "--format", "torchscript", "--out", str(tmp_path / "m.pt")]) == 0  # again
+    assert check_sidecar(tmp_path / "m.json", "torchscript", ["m.pt"])["model_id"] == meta["model_id"]
 
 
 def test_parity_failure_exits_non_zero_and_writes_nothing(
@@ -176,6 +178,13 @@ def test_unsupported_requests_are_refused(run_dir: Path, tmp_path: Path, capsys:
     )
     assert "torchscript export supports precision fp32" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+    notes = tmp_path / "m.json"  # a sidecar of another export, or a file of the user's: never replaced
+    for text in ('{"files": ["m.xml", "m.bin"]}', "my notes"):
+        notes.write_text(text)
+        with pytest.raises(ExportError, match=r"m\.json exists and does not describe m\.onnx"):
+            export_model(run_dir, "onnx", tmp_path / "m.onnx")
+        assert notes.read_text() == text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
 
 
 @pytest.mark.slow

@@ -256,6 +256,22 @@ def sidecar(bundle: Bundle, fmt: str, precision: str, files: list[Path], parity:
     return doc
 
 
+def _check_sidecar_free(out: Path, names: list[str]) -> None:
+    """Refuse an export whose sidecar (``<out stem>.json``) already describes other model files."""
+    side = out.with_suffix(".json")
+    if not side.exists():
+        return
+    try:
+        owner = json.loads(side.read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, AttributeError):
+        owner = None
+    if owner != names:
+        raise ExportError(
+            f"{side} exists and does not describe {out.name} (it lists {owner}): exporting would replace it. "
+            "Choose an --out with another file stem, or move that file away."
+        )
+
+
 def export_model(
     run_dir: str | Path,
     fmt: Format,
@@ -277,6 +293,7 @@ def export_model(
         raise ExportError(f"an OpenVINO export is an .xml + .bin pair: --out must end in .xml ({out.name})")
     if out.suffix == ".json":
         raise ExportError("--out must not end in .json (that name is used by the sidecar)")
+    _check_sidecar_free(out, [out.with_suffix(".bin").name, out.name] if fmt == "openvino" else [out.name])
     bundle = Bundle.load(run_dir)
     check_dir = Path(check_images) if check_images else None
     images, source = parity_images(bundle, run_dir, check_dir, max_check_images)
