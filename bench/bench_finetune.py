@@ -1,10 +1,11 @@
 """Fine-tuning throughput (img/s): the real data pipeline (uint8 cache + batched augmentation) against the
 same model trained on synthetic tensors in the same run, on CPU and on the GPU when there is one.
 
-    python bench/bench_finetune.py [--data FOLDER] [--batches 8] [--threads 2]
+    python bench/bench_finetune.py [--data FOLDER] [--batches 8] [--threads 2] [--precision auto]
 
 Without --data, a small generated demo data set is used. A ratio near 1 means the data pipeline keeps the
-device fed; well below 1, training waits for data.
+device fed; well below 1, training waits for data. Precision follows the trainer's rule: auto = bf16
+autocast on GPUs that support it, fp32 on the CPU.
 """
 
 from __future__ import annotations
@@ -21,16 +22,15 @@ import torch.nn.functional as F
 from imgclf.backbones import create_backbone
 from imgclf.config import Config
 from imgclf.data.dataset import scan_dataset
+from imgclf.features.runtimes import resolve_precision
 from imgclf.finetune.augment import Augment, Normalizer
 from imgclf.finetune.imagecache import build_image_cache
 from imgclf.finetune.trainer import CacheLoader, Classifier
 from imgclf.utils import cpu_count
 
 
-def _step(
-    model: Classifier, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, device: torch.device
-) -> None:
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+def _step(model: Classifier, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, bf16: bool) -> None:
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         loss = F.cross_entropy(model(x).float(), y)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -42,7 +42,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def bench(device: torch.device, data: Path, backbone_name: str, batch: int, batches: int, cache_dir: Path) -> None:
+def bench(
+    device: torch.device, data: Path, backbone_name: str, batch: int, batches: int, cache_dir: Path, precision: str
+) -> None:
+    prec = resolve_precision(precision, "torch", device.type)
+    bf16 = prec == "bf16"
     bb = create_backbone(backbone_name)
     res = bb.preprocess.resolution  # fine-tuning trains at the backbone's resolution
     ds = scan_dataset(Config().data, data)
@@ -61,11 +65,11 @@ def bench(device: torch.device, data: Path, backbone_name: str, batch: int, batc
     x = torch.randn(batch, 3, res, res, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, len(ds.classes), (batch,), device=device)
     for _ in range(2):  # warm-up
-        _step(model, opt, x, y, device)
+        _step(model, opt, x, y, bf16)
     _sync(device)
     t = time.perf_counter()
     for _ in range(batches):
-        _step(model, opt, x, y, device)
+        _step(model, opt, x, y, bf16)
     _sync(device)
     synthetic = batches * batch / (time.perf_counter() - t)
     epochs = 1 + batches * batch // max(1, len(ds.samples))
@@ -75,12 +79,12 @@ def bench(device: torch.device, data: Path, backbone_name: str, batch: int, batc
     n = 0
     for idx in todo:
         xb, yb = loader(idx)
-        _step(model, opt, norm.random(xb, aug, gen, res), yb, device)
+        _step(model, opt, norm.random(xb, aug, gen, res), yb, bf16)
         n += len(yb)
     _sync(device)
     real = n / (time.perf_counter() - t)
     print(
-        f"{device.type:>4} {backbone_name} @{res} batch {batch}: synthetic {synthetic:7.1f} img/s | "
+        f"{device.type:>4} {prec} {backbone_name} @{res} batch {batch}: synthetic {synthetic:7.1f} img/s | "
         f"cached+augmented {real:7.1f} img/s | ratio {real / synthetic:.2f} | "
         f"one-off decode of {len(ds.samples)} images {decode_s:.1f} s"
     )
@@ -93,6 +97,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--batches", type=int, default=8, help="timed training steps per measurement")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all cores)")
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="training precision")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -104,7 +109,7 @@ def main() -> None:
             data = generate_demo_dataset(Path(tmp) / "demo", n_per_class=40, seed=0, size=320, progress=False)
         devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
         for device in devices:
-            bench(device, data, args.backbone, args.batch, args.batches, Path(tmp) / "cache")
+            bench(device, data, args.backbone, args.batch, args.batches, Path(tmp) / "cache", args.precision)
 
 
 if __name__ == "__main__":

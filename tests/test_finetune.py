@@ -72,6 +72,18 @@ def test_dnn_end_to_end(demo: Path, tmp_path: Path) -> None:
     assert "dnn on efficientnet_lite0, 72 px input" in (run / "report.md").read_text()
 
 
+def test_bf16_autocast_trains_on_cpu(demo: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """--precision bf16 runs the GPU's mixed-precision training path on the CPU."""
+    with caplog.at_level(logging.INFO, logger="imgclf"):
+        res = train(_cfg(demo, tmp_path / "run", precision="bf16", epochs=1))
+    assert "training precision: bf16 autocast" in caplog.text
+    rows = _log(res.run_dir)
+    assert len(rows) == 1 and math.isfinite(float(rows[0]["train_loss"])) and math.isfinite(float(rows[0]["val_loss"]))
+    _, preds = predict(res.run_dir, [demo])
+    probs = np.array([p.scores for p in preds])
+    assert np.isfinite(probs).all() and np.allclose(probs.sum(1), 1.0, atol=1e-3)
+
+
 def test_eval_preprocess_scales_and_rounds() -> None:
     train_pre = Preprocess(224, 0.875, "bicubic")
     assert eval_preprocess(train_pre, 1.15) == Preprocess(256, 0.875, "bicubic")
@@ -88,6 +100,7 @@ def test_no_validation_part_keeps_the_last_epoch(demo: Path, tmp_path: Path, cap
     with caplog.at_level(logging.INFO, logger="imgclf"):
         res = train(_cfg(demo, tmp_path / "run", val_fraction=0.0))
     assert "epoch 2/2: train loss" in caplog.text and "| no validation part |" in caplog.text
+    assert "training precision: fp32" in caplog.text  # precision auto on the CPU
     rows = _log(res.run_dir)
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert all(math.isnan(float(r["val_error"])) for r in rows)

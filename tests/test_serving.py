@@ -86,7 +86,8 @@ def reference(run_dir: Path, images: list[bytes], tmp_path_factory: pytest.TempP
 @pytest.fixture(scope="module")
 def base_url(run_dir: Path) -> Iterator[str]:
     """A real uvicorn server in a thread, on a free 127.0.0.1 port."""
-    cfg = Config().updated(api_key=API_KEY, workers=1, max_batch=8, max_wait_ms=5.0, **LIMITS)
+    # fp32 to match the fp32 reference to 1e-3: precision auto serves bf16 on CPUs with AMX
+    cfg = Config().updated(api_key=API_KEY, workers=1, max_batch=8, max_wait_ms=5.0, precision="fp32", **LIMITS)
     app = create_app(run_dir, cfg)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -129,7 +130,7 @@ def test_healthz_model_and_docs(client: httpx.Client, run_dir: Path) -> None:
     assert info["classes"] == ["cat", "dog", "fish"]
     assert info["backbone"] == "efficientnet_lite0" and info["resolution"] == 224
     assert info["classifier"] == "svm" and info["metrics"] == {"overall_accuracy": 0.5}
-    assert info["runtime"] == "openvino" and info["version"]
+    assert info["runtime"] == "openvino" and info["precision"] == "fp32" and info["version"]
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/v1/predict", "/v1/model", "/healthz", "/score"} <= set(paths)
     assert "multipart/form-data" in paths["/v1/predict"]["post"]["requestBody"]["content"]
@@ -356,8 +357,8 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_serve_command(run_dir: Path, images: list[bytes], base_url: str) -> None:
-    """``imgclf serve`` in a subprocess (after the module's server has cached the converted model)."""
+def test_serve_command(run_dir: Path, images: list[bytes], reference: np.ndarray, base_url: str) -> None:
+    """``imgclf serve`` in a subprocess, in bf16 (what precision auto picks on CPUs with AMX)."""
     port = _free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [
@@ -372,6 +373,8 @@ def test_serve_command(run_dir: Path, images: list[bytes], base_url: str) -> Non
         "1",
         "--max-batch",
         "2",
+        "--precision",
+        "bf16",
     ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -385,8 +388,11 @@ def test_serve_command(run_dir: Path, images: list[bytes], base_url: str) -> Non
                     break
             except httpx.TransportError:
                 time.sleep(0.3)
+        assert httpx.get(f"{url}/v1/model", timeout=10).json()["precision"] == "bf16"
         r = httpx.post(f"{url}/v1/predict", files={"file": ("a.jpg", images[0])}, timeout=60)
-        assert r.status_code == 200 and r.json()["predictions"][0]["label"] in ("cat", "dog", "fish")
+        assert r.status_code == 200
+        scores = r.json()["predictions"][0]["scores"]
+        assert np.abs(np.array([scores[c] for c in ("cat", "dog", "fish")]) - reference[0]).max() < 0.05
     finally:
         proc.terminate()
         proc.wait(30)

@@ -67,7 +67,9 @@ class FeatureConfig(_Section):
         "auto", description="Inference engine for features: auto = openvino if installed, else torch."
     )
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="Compute precision: auto = bf16 on GPUs and AMX CPUs (where it is faster), else fp32."
+        "auto",
+        description="Compute precision (features, serving, fine-tuning): auto = bf16 on GPUs, and for OpenVINO on "
+        "AMX CPUs, else fp32.",
     )
     device: str = Field("auto", description="torch device: auto (cuda if present, else cpu), cpu, cuda, cuda:1...")
     batch_size: int = Field(32, ge=1, description="Images per forward pass.")

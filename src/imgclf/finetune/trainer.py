@@ -31,7 +31,7 @@ from imgclf.backbones import Backbone
 from imgclf.config import Config, FinetuneConfig
 from imgclf.data.dataset import Dataset
 from imgclf.data.io import Preprocess
-from imgclf.features.runtimes import resolve_device
+from imgclf.features.runtimes import resolve_device, resolve_precision
 from imgclf.finetune.augment import Augment, Normalizer
 from imgclf.finetune.imagecache import ImageCache, build_image_cache
 from imgclf.finetune.schedule import lr_factor
@@ -468,7 +468,8 @@ def _train(
     val_norm = Normalizer(
         eval_preprocess(backbone.preprocess, ft.test_scale).resolution, backbone.mean, backbone.std, device
     )
-    use_bf16 = device.type == "cuda"
+    use_bf16 = resolve_precision(cfg.features.precision, "torch", device.type) == "bf16"
+    log.info("training precision: %s", "bf16 autocast" if use_bf16 else "fp32")
 
     def autocast() -> contextlib.AbstractContextManager[Any]:
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
