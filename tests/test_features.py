@@ -42,3 +42,16 @@ def test_onnxruntime_matches_torch(tmp_path: Path, backbone):
     ort = FeatureExtractor(backbone, runtime="onnxruntime", cache_dir=tmp_path, progress=False)
     torch_fx = FeatureExtractor(backbone, runtime="torch", cache_dir=tmp_path, progress=False)
     assert np.allclose(ort.embed_arrays(batch), torch_fx.embed_arrays(batch), atol=1e-3)
+
+
+@pytest.mark.parametrize("amx", [False, True])
+def test_auto_precision_is_fp32_on_cpus_but_for_the_server(monkeypatch: pytest.MonkeyPatch, amx: bool) -> None:
+    """Results of train/evaluate/predict never depend on the CPU; only the server takes AMX's bf16."""
+    from imgclf.features import runtimes
+
+    monkeypatch.setattr(runtimes, "cpu_has_amx_bf16", lambda: amx)
+    assert runtimes.resolve_precision("auto", "openvino", "cpu") == "fp32"
+    assert runtimes.resolve_precision("auto", "torch", "cpu", serving=True) == "fp32"
+    assert runtimes.resolve_precision("auto", "openvino", "cpu", serving=True) == ("bf16" if amx else "fp32")
+    assert runtimes.resolve_precision("bf16", "torch", "cpu") == "bf16"
+    assert runtimes.resolve_precision("fp32", "openvino", "cpu", serving=True) == "fp32"

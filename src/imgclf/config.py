@@ -68,8 +68,8 @@ class FeatureConfig(_Section):
     )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
-        description="Compute precision (features, serving, fine-tuning): auto = bf16 on GPUs, and for OpenVINO on "
-        "AMX CPUs, else fp32.",
+        description="Compute precision: auto = bf16 on GPUs with native bf16 (and in the server with OpenVINO on "
+        "AMX CPUs), else fp32.",
     )
     device: str = Field("auto", description="torch device: auto (cuda if present, else cpu), cpu, cuda, cuda:1...")
     batch_size: int = Field(32, ge=1, description="Images per forward pass.")

@@ -31,7 +31,7 @@ from imgclf import __version__
 from imgclf.bundle import Bundle
 from imgclf.config import Config
 from imgclf.features.extract import default_cache_dir
-from imgclf.features.runtimes import Runtime, create_runtime, device_type, resolve_runtime
+from imgclf.features.runtimes import Runtime, create_runtime, device_type, resolve_precision, resolve_runtime
 from imgclf.serving.batching import MicroBatcher
 from imgclf.serving.inputs import (
     ApiError,
@@ -111,7 +111,8 @@ def _net_key(bundle: Bundle) -> str:
 def build_runtime(bundle: Bundle, cfg: Config) -> Runtime:
     """The classifier (uint8 NHWC -> probabilities) on the serving runtime; converted models are cached."""
     f = cfg.features
-    runtime = resolve_runtime(cfg.serve.serve_runtime, device_type(f.device))
+    dev = device_type(f.device)
+    runtime = resolve_runtime(cfg.serve.serve_runtime, dev)
     model_dir = (f.cache_dir or default_cache_dir()) / "models" / f"serve-{runtime}-{_net_key(bundle)}"
     try:
         model_dir.mkdir(parents=True, exist_ok=True)
@@ -122,7 +123,7 @@ def build_runtime(bundle: Bundle, cfg: Config) -> Runtime:
         bundle.classifier_net,
         bundle.preprocess.resolution,
         runtime,
-        f.precision,
+        resolve_precision(f.precision, runtime, dev, serving=True),
         f.device,
         f.workers or cpu_count(),
         model_dir,
