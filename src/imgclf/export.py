@@ -14,7 +14,6 @@ import logging
 import os
 import shutil
 import tempfile
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from imgclf.bundle import Bundle
 from imgclf.config import DataConfig
 from imgclf.data.io import IMAGE_EXTENSIONS, ImageError, load_for_model
 from imgclf.features.runtimes import convert_openvino, export_onnx
-from imgclf.utils import atomic_write_text
+from imgclf.utils import atomic_write_text, quiet_torch_jit
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +147,7 @@ def _predictor(path: Path, fmt: str, precision: str) -> Callable[[np.ndarray], A
 
         compiled = ov.Core().compile_model(str(path), "CPU", openvino_config(precision))
         return lambda x: compiled([x])[0]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated in favour of torch.export
+    with quiet_torch_jit():
         module = torch.jit.load(str(path), map_location="cpu")
 
     def run(x: np.ndarray) -> np.ndarray:
@@ -213,8 +211,7 @@ def _write_model(
             model = _quantize(model, calibration, None)
         ov.save_model(model, str(path), compress_to_fp16=precision == "bf16")
         return [path.with_suffix(".bin"), path]
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated in favour of torch.export
+    with quiet_torch_jit(), torch.no_grad():
         example = torch.zeros(1, res, res, 3, dtype=torch.uint8)
         torch.jit.save(torch.jit.trace(net, example, check_trace=False), str(path))  # parity is checked below
     return [path]

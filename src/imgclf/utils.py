@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -113,6 +114,14 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def quiet_torch_jit() -> Iterator[None]:
+    """Silence torch.jit's deprecation warnings (its tracer still serves OpenVINO, ONNX and TorchScript)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+        yield
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from imgclf.utils import atomic_write_bytes, cpu_count, cpu_has_amx_bf16
+from imgclf.utils import atomic_write_bytes, cpu_count, cpu_has_amx_bf16, quiet_torch_jit
 
 if TYPE_CHECKING:
     import torch
@@ -116,16 +116,17 @@ def export_onnx(net: nn.Module, resolution: int, path: Path) -> Path:
 
     buf = io.BytesIO()
     example = torch.zeros(1, resolution, resolution, 3, dtype=torch.uint8)
-    torch.onnx.export(
-        net.eval().cpu(),
-        (example,),
-        buf,
-        input_names=["image"],
-        output_names=["output"],
-        dynamic_axes={"image": {0: "batch"}, "output": {0: "batch"}},
-        opset_version=17,
-        dynamo=False,
-    )
+    with quiet_torch_jit():
+        torch.onnx.export(
+            net.eval().cpu(),
+            (example,),
+            buf,
+            input_names=["image"],
+            output_names=["output"],
+            dynamic_axes={"image": {0: "batch"}, "output": {0: "batch"}},
+            opset_version=17,
+            dynamo=False,
+        )
     atomic_write_bytes(path, buf.getvalue())
     return path
 
@@ -136,7 +137,7 @@ def convert_openvino(net: nn.Module, resolution: int):  # -> openvino.Model
     import torch
 
     example = torch.zeros(1, resolution, resolution, 3, dtype=torch.uint8)
-    with torch.no_grad():
+    with torch.no_grad(), quiet_torch_jit():
         model = ov.convert_model(
             net.eval().cpu(), example_input=example, input=[([-1, resolution, resolution, 3], ov.Type.u8)]
         )
