@@ -1,6 +1,12 @@
 """Overall accuracy of `imgclf train` over several split seeds (the feature cache makes later seeds cheap).
 
 python bench/accuracy.py ../shared/datasets/flowers5 --seeds 0 1 2 3 4 [-- extra train flags]
+
+With ``--cv K`` it cross-validates instead: the images of DATA (a folder per class) are dealt into K
+stratified folds, and each fold is the test split of one run trained on the others. Point it at a
+training folder (``hymenoptera/train``) to compare settings without touching a data set's test split.
+
+python bench/accuracy.py ../shared/datasets/hymenoptera/train --cv 4 [-- extra train flags]
 """
 
 from __future__ import annotations
@@ -13,29 +19,72 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from imgclf.cli import main as imgclf_main
+from imgclf.config import DataConfig
+from imgclf.data.dataset import scan_dataset
+
+
+def _train(argv: list[str], out: Path) -> dict:
+    if imgclf_main(["train", *argv, "--out", str(out), "--no-progress"]) != 0:
+        sys.exit(f"train failed: {' '.join(argv)}")
+    return json.loads((out / "metrics.json").read_text())
 
 
 def run(data: str, seeds: list[int], extra: list[str]) -> list[float]:
     accs = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
-            out = Path(tmp) / f"seed{seed}"
-            argv = ["train", data, "--out", str(out), "--split-seed", str(seed), "--no-progress", *extra]
             t = time.perf_counter()
-            if imgclf_main(argv) != 0:
-                sys.exit(f"train failed for seed {seed}")
-            accs.append(json.loads((out / "metrics.json").read_text())["overall_accuracy"])
+            accs.append(
+                _train([data, "--split-seed", str(seed), *extra], Path(tmp) / f"seed{seed}")["overall_accuracy"]
+            )
             print(f"seed {seed}: overall accuracy {accs[-1]:.4f} ({time.perf_counter() - t:.0f} s)", flush=True)
     return accs
+
+
+def cv_folds(data: str, k: int, seed: int) -> list[list[str]]:
+    """Relative paths of the images of ``data`` dealt into ``k`` folds, class by class, in seeded random order."""
+    ds = scan_dataset(DataConfig(data_root=Path(data)))
+    rng = np.random.default_rng(seed)
+    folds: list[list[str]] = [[] for _ in range(k)]
+    for label in range(len(ds.classes)):
+        rels = [s.rel for s in ds.samples if s.label == label]
+        for j, i in enumerate(rng.permutation(len(rels))):
+            folds[j % k].append(rels[i])
+    return [sorted(f) for f in folds]
+
+
+def cross_validate(data: str, k: int, seed: int, extra: list[str]) -> tuple[int, int]:
+    right = total = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, fold in enumerate(cv_folds(data, k, seed)):
+            listing = Path(tmp) / f"fold{i}.txt"
+            listing.write_text("\n".join(fold) + "\n")
+            t = time.perf_counter()
+            m = _train([data, "--split-mode", "list", "--test-list", str(listing), *extra], Path(tmp) / f"fold{i}")
+            n_right = round(m["overall_accuracy"] * m["n_test"])
+            right, total = right + n_right, total + m["n_test"]
+            print(f"fold {i}: {n_right} of {m['n_test']} right ({time.perf_counter() - t:.0f} s)", flush=True)
+    return right, total
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--cv", type=int, default=0, metavar="K", help="K-fold cross-validation over DATA instead")
+    parser.add_argument("--cv-seed", type=int, default=0, help="Seed of the fold assignment.")
     args, extra = parser.parse_known_args()
-    accs = run(args.data, args.seeds, [a for a in extra if a != "--"])
+    extra = [a for a in extra if a != "--"]
+    if args.cv == 1:
+        parser.error("--cv needs at least 2 folds")
+    if args.cv:
+        right, total = cross_validate(args.data, args.cv, args.cv_seed, extra)
+        print(f"{args.cv}-fold cross-validation: {right} of {total} right ({right / total:.4f})")
+        return
+    accs = run(args.data, args.seeds, extra)
     print(f"overall accuracy per seed: {[round(a, 4) for a in accs]}")
     print(f"mean {statistics.mean(accs):.4f}  median {statistics.median(accs):.4f}  min {min(accs):.4f}")
 

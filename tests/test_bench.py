@@ -1,10 +1,14 @@
-"""The fine-tuning throughput benchmark runs end to end (tiny settings; the numbers are not checked here)."""
+"""Benchmark scripts run end to end (tiny settings; throughput numbers are not checked here)."""
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+from helpers import make_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,3 +28,27 @@ def test_bench_finetune_runs() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "cpu bf16" in done.stdout and "synthetic" in done.stdout and "img/s" in done.stdout, done.stdout
+
+
+def test_bench_accuracy_cross_validates(tmp_path: Path) -> None:
+    data = make_folder(tmp_path / "d", n=6)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "accuracy.py"),
+            str(data),
+            *("--cv", "3", "--"),
+            *("--resolution", "64", "--no-tracking", "--cv-folds", "2"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+        env={**os.environ, "IMGCLF_CACHE": str(tmp_path / "cache")},
+    )
+    assert done.returncode == 0, done.stderr
+    folds = re.findall(r"fold \d: (\d+) of (\d+) right", done.stdout)
+    assert [int(n) for _, n in folds] == [6, 6, 6], done.stdout  # 18 images, each tested once, 2 a class a fold
+    right = sum(int(r) for r, _ in folds)
+    assert f"3-fold cross-validation: {right} of 18 right" in done.stdout, done.stdout
+    assert right >= 10, done.stdout  # chance is 6 of 18; four training images a class at 64 px give 14
