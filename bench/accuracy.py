@@ -78,7 +78,7 @@ def main() -> None:
     parser.add_argument("--cv-seed", type=int, default=0, help="Seed of the fold assignment.")
     args, extra = parser.parse_known_args()
     extra = [a for a in extra if a != "--"]
-    if args.cv == 1:
+    if args.cv and args.cv < 2:
         parser.error("--cv needs at least 2 folds")
     if args.cv:
         right, total = cross_validate(args.data, args.cv, args.cv_seed, extra)

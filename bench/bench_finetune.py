@@ -5,7 +5,7 @@ same model trained on synthetic tensors in the same run, on CPU and on the GPU w
 
 Without --data, a small generated demo data set is used. A ratio near 1 means the data pipeline keeps the
 device fed; well below 1, training waits for data. Precision follows the trainer's rule: auto = bf16
-autocast on GPUs that support it, fp32 on the CPU.
+autocast on GPUs with native bf16 (Ampere and newer), fp32 on the CPU and older GPUs.
 """
 
 from __future__ import annotations
