@@ -18,7 +18,7 @@ from imgclf.data.dataset import load_split
 from imgclf.data.demo import generate_demo_dataset
 from imgclf.data.io import Preprocess
 from imgclf.finetune import split_validation
-from imgclf.finetune.trainer import eval_preprocess
+from imgclf.finetune.trainer import eval_preprocess, within_noise
 from imgclf.pipeline import predict, train
 
 
@@ -89,6 +89,17 @@ def test_eval_preprocess_scales_and_rounds() -> None:
     assert eval_preprocess(train_pre, 1.15) == Preprocess(256, 0.875, "bicubic")
     assert eval_preprocess(train_pre, 1.0) == train_pre
     assert eval_preprocess(Preprocess(448), 1.15).resolution == 512
+
+
+def test_one_image_is_within_noise() -> None:
+    """One image more than a zero (or one) error minimum is noise on a small validation part; two are not."""
+    assert within_noise(1 / 18, 0.0, 18, 1.0)
+    assert not within_noise(2 / 18, 0.0, 18, 1.0)
+    assert within_noise(2 / 24, 1 / 24, 24, 1.0)
+    assert not within_noise(1 / 18, 0.0, 18, 0.0)
+    # 10 of 75 wrong against a best of 8: the binomial standard error (2.6 images) decides
+    assert within_noise(10 / 75, 8 / 75, 75, 1.0)
+    assert not within_noise(11 / 75, 8 / 75, 75, 1.0)
 
 
 def test_test_scale_one_deploys_the_training_side(demo: Path, tmp_path: Path) -> None:

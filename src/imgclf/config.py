@@ -156,7 +156,8 @@ class FinetuneConfig(_Section):
     val_tolerance: float = Field(
         1.0,
         ge=0,
-        description="Best epoch: the latest whose validation error is within this many standard errors of the lowest.",
+        description="Best epoch: the latest whose validation error is within this many standard errors (each at "
+        "least one image) of the lowest.",
     )
     aug_crop: bool = Field(True, description="Augment: random resized crop.")
     aug_flip: bool = Field(True, description="Augment: horizontal flip.")
