@@ -97,7 +97,7 @@ def test_one_image_is_within_noise() -> None:
     assert not within_noise(2 / 18, 0.0, 18, 1.0)
     assert within_noise(2 / 24, 1 / 24, 24, 1.0)
     assert not within_noise(1 / 18, 0.0, 18, 0.0)
-    # 10 of 75 wrong against a best of 8: the binomial standard error (2.6 images) decides
+    # 10 of 75 wrong against a best of 8: the binomial standard error (2.7 images) decides
     assert within_noise(10 / 75, 8 / 75, 75, 1.0)
     assert not within_noise(11 / 75, 8 / 75, 75, 1.0)
 
