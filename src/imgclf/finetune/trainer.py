@@ -400,11 +400,11 @@ def within_noise(error: float, min_error: float, n: int, tolerance: float) -> bo
     """Whether a validation error on ``n`` images is within ``tolerance`` binomial standard errors of the
     lowest one seen: differences smaller than that are noise (one image of 75 is 1.3 points).
 
-    The standard error counts as at least one image: near zero errors the binomial one is a little below
-    it (0 of 18 against 1 of 18: 0.054 against 0.056), and one image is never evidence.
+    The standard error counts as at least one image: near zero errors the binomial one is below it (0 at
+    0 of 18, 0.054 at 1 of 18, against 0.056 for one image), and one image is never evidence.
     """
-    p = max(min_error, 1.0 / n)
-    return error <= min_error + tolerance * max(math.sqrt(p * (1.0 - p) / n), 1.0 / n) + 1e-12
+    se = math.sqrt(min_error * (1.0 - min_error) / n)
+    return error <= min_error + tolerance * max(se, 1.0 / n) + 1e-12
 
 
 def eval_preprocess(train: Preprocess, scale: float) -> Preprocess:
