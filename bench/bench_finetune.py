@@ -1,9 +1,11 @@
 """Fine-tuning throughput (img/s): the real data pipeline (uint8 cache + batched augmentation) against the
 same model trained on synthetic tensors in the same run, on CPU and on the GPU when there is one.
 
-    python bench/bench_finetune.py [--data FOLDER] [--batches 8] [--threads 2] [--precision auto]
+    python bench/bench_finetune.py [--data FOLDER] [--batches N] [--repeats 3] [--threads 2] [--precision auto]
 
-Without --data, a small generated demo data set is used. A ratio near 1 means the data pipeline keeps the
+Without --data, a small generated demo data set is used. Each repeat times ``--batches`` training steps
+on synthetic tensors, then as many on cached, augmented images (later epochs: the cache is built once,
+before timing); medians over the repeats are printed. A ratio near 1 means the data pipeline keeps the
 device fed; well below 1, training waits for data. Precision follows the trainer's rule: auto = bf16
 autocast on GPUs with native bf16 (Ampere and newer), fp32 on the CPU and older GPUs.
 """
@@ -43,7 +45,14 @@ def _sync(device: torch.device) -> None:
 
 
 def bench(
-    device: torch.device, data: Path, backbone_name: str, batch: int, batches: int, cache_dir: Path, precision: str
+    device: torch.device,
+    data: Path,
+    backbone_name: str,
+    batch: int,
+    batches: int,
+    repeats: int,
+    cache_dir: Path,
+    precision: str,
 ) -> None:
     prec = resolve_precision(precision, "torch", device.type)
     bf16 = prec == "bf16"
@@ -64,29 +73,32 @@ def bench(
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, res, res, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, len(ds.classes), (batch,), device=device)
+    aug = Augment(rotate_deg=10.0)
     for _ in range(2):  # warm-up
         _step(model, opt, x, y, bf16)
     _sync(device)
-    t = time.perf_counter()
-    for _ in range(batches):
-        _step(model, opt, x, y, bf16)
-    _sync(device)
-    synthetic = batches * batch / (time.perf_counter() - t)
-    epochs = 1 + batches * batch // max(1, len(ds.samples))
-    todo = [b for _ in range(epochs) for b in loader.epoch_batches(batch, gen, False)][:batches]
-    aug = Augment(rotate_deg=10.0)
-    t = time.perf_counter()
-    n = 0
-    for idx in todo:
-        xb, yb = loader(idx)
-        _step(model, opt, norm.random(xb, aug, gen, res), yb, bf16)
-        n += len(yb)
-    _sync(device)
-    real = n / (time.perf_counter() - t)
+    synthetic, real = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(batches):
+            _step(model, opt, x, y, bf16)
+        _sync(device)
+        synthetic.append(batches * batch / (time.perf_counter() - t))
+        epochs = 1 + batches * batch // max(1, len(ds.samples))
+        todo = [b for _ in range(epochs) for b in loader.epoch_batches(batch, gen, False)][:batches]
+        t = time.perf_counter()
+        n = 0
+        for idx in todo:
+            xb, yb = loader(idx)
+            _step(model, opt, norm.random(xb, aug, gen, res), yb, bf16)
+            n += len(yb)
+        _sync(device)
+        real.append(n / (time.perf_counter() - t))
+    ratio = float(np.median(np.array(real) / np.array(synthetic)))
     print(
-        f"{device.type:>4} {prec} {backbone_name} @{res} batch {batch}: synthetic {synthetic:7.1f} img/s | "
-        f"cached+augmented {real:7.1f} img/s | ratio {real / synthetic:.2f} | "
-        f"one-off decode of {len(ds.samples)} images {decode_s:.1f} s"
+        f"{device.type:>4} {prec} {backbone_name} @{res} batch {batch}, {batches} steps x {repeats}: "
+        f"synthetic {np.median(synthetic):7.1f} img/s | cached+augmented {np.median(real):7.1f} img/s | "
+        f"ratio {ratio:.2f} (medians) | one-off decode of {len(ds.samples)} images {decode_s:.1f} s"
     )
 
 
@@ -95,7 +107,10 @@ def main() -> None:
     ap.add_argument("--data", type=Path, help="image folder (default: a generated demo set)")
     ap.add_argument("--backbone", default="efficientnet_lite0")
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--batches", type=int, default=8, help="timed training steps per measurement")
+    ap.add_argument(
+        "--batches", type=int, default=0, help="timed training steps per measurement (0: 8 on the CPU, 200 on a GPU)"
+    )
+    ap.add_argument("--repeats", type=int, default=3, help="measurements per device; medians are printed")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all cores)")
     ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="training precision")
     args = ap.parse_args()
@@ -109,7 +124,9 @@ def main() -> None:
             data = generate_demo_dataset(Path(tmp) / "demo", n_per_class=40, seed=0, size=320, progress=False)
         devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
         for device in devices:
-            bench(device, data, args.backbone, args.batch, args.batches, Path(tmp) / "cache", args.precision)
+            batches = args.batches or (8 if device.type == "cpu" else 200)
+            cache = Path(tmp) / "cache"
+            bench(device, data, args.backbone, args.batch, batches, args.repeats, cache, args.precision)
 
 
 if __name__ == "__main__":
