@@ -77,6 +77,7 @@ def bench(
     for _ in range(2):  # warm-up
         _step(model, opt, x, y, bf16)
     _sync(device)
+    epochs = 1 + batches * batch // max(1, len(ds.samples))  # epochs of batches one measurement needs
     synthetic, real = [], []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -84,7 +85,6 @@ def bench(
             _step(model, opt, x, y, bf16)
         _sync(device)
         synthetic.append(batches * batch / (time.perf_counter() - t))
-        epochs = 1 + batches * batch // max(1, len(ds.samples))
         todo = [b for _ in range(epochs) for b in loader.epoch_batches(batch, gen, False)][:batches]
         t = time.perf_counter()
         n = 0
@@ -123,9 +123,9 @@ def main() -> None:
 
             data = generate_demo_dataset(Path(tmp) / "demo", n_per_class=40, seed=0, size=320, progress=False)
         devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+        cache = Path(tmp) / "cache"
         for device in devices:
             batches = args.batches or (8 if device.type == "cpu" else 200)
-            cache = Path(tmp) / "cache"
             bench(device, data, args.backbone, args.batch, batches, args.repeats, cache, args.precision)
 
 
