@@ -56,16 +56,17 @@ def bench(
 ) -> None:
     prec = resolve_precision(precision, "torch", device.type)
     bf16 = prec == "bf16"
-    bb = create_backbone(backbone_name)
+    cfg = Config()
+    bb = create_backbone(backbone_name, drop_path_rate=cfg.finetune.drop_path)  # trained as with the defaults
     res = bb.preprocess.resolution  # fine-tuning trains at the backbone's resolution
-    ds = scan_dataset(Config().data, data)
+    ds = scan_dataset(cfg.data, data)
     t = time.perf_counter()
     pre = bb.preprocess
     cache = build_image_cache(
         [ds.path(s) for s in ds.samples], pre.resize_to, pre.interpolation, cache_dir, cpu_count(), progress=False
     )
     decode_s = time.perf_counter() - t
-    model = Classifier(bb.model, bb.num_features, len(ds.classes), 0.2)
+    model = Classifier(bb.model, bb.num_features, len(ds.classes), cfg.finetune.dropout)
     model.to(device, memory_format=torch.channels_last).train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     norm = Normalizer(bb.preprocess.resolution, bb.mean, bb.std, device)

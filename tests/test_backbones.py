@@ -71,3 +71,23 @@ def test_static_data_configs_match_timm():
         assert data["resolution"] == cfg["input_size"][-1] and data["crop_pct"] == cfg["crop_pct"]
         assert (data["mean"], data["std"]) == (tuple(cfg["mean"]), tuple(cfg["std"]))
         assert data["interpolation"] == cfg["interpolation"] and data["num_features"] == model.num_features
+
+
+def test_drop_path_trains_only_and_warns_where_missing(caplog):
+    """Stochastic depth is built in at the asked rate, is off in eval mode, and is skipped with a warning by
+    networks that have none."""
+    from timm.layers import DropPath
+
+    deep = create_backbone("efficientnet_lite0", drop_path_rate=0.2).model
+    rates = [m.drop_prob for m in deep.modules() if isinstance(m, DropPath)]
+    assert len(rates) > 10 and 0.15 < max(rates) <= 0.2  # timm raises the rate linearly with depth
+    plain = create_backbone("efficientnet_lite0").model
+    assert not any(isinstance(m, DropPath) for m in plain.modules())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(deep(x), plain(x))
+    tv = create_backbone("torchvision:efficientnet_b0", pretrained=False, drop_path_rate=0.05).model
+    assert {m.p for m in tv.modules() if type(m).__name__ == "StochasticDepth"} >= {0.0, 0.05 * 15 / 16}
+    with caplog.at_level("WARNING"):
+        create_backbone("torchvision:resnet18", pretrained=False, drop_path_rate=0.1)
+    assert "torchvision:resnet18 has no stochastic depth" in caplog.text

@@ -130,6 +130,12 @@ class FinetuneConfig(_Section):
     )
     step_gamma: float = Field(0.1, gt=0, le=1, description="Step schedule: factor applied every step_epochs.")
     dropout: float = Field(0.2, ge=0, lt=1, description="Dropout before the new last layer.")
+    drop_path: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Stochastic depth in training: residual blocks skipped at random, up to this rate in the last.",
+    )
     clip_grad: float = Field(0.0, ge=0, description="Clip the gradient norm to this value before each step (0 = off).")
     ema_decay: float = Field(
         0.0,

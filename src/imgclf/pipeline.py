@@ -158,8 +158,13 @@ def train(cfg: Config) -> RunResult:
         len(test_idx),
         len(skipped),
     )
-    backbone = create_backbone(cfg.backbone.backbone, weights=cfg.backbone.weights, resolution=cfg.backbone.resolution)
     mode = cfg.classifier.classifier
+    backbone = create_backbone(
+        cfg.backbone.backbone,
+        weights=cfg.backbone.weights,
+        resolution=cfg.backbone.resolution,
+        drop_path_rate=cfg.finetune.drop_path if mode in ("dnn", "svm_on_refined") else 0.0,
+    )
     extra_figures: dict[str, Path] = {}
     backbone_state = None
     fitted_head = None

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,6 +15,8 @@ from imgclf.utils import file_sha256
 
 if TYPE_CHECKING:
     from torch import nn
+
+log = logging.getLogger(__name__)
 
 
 class BackboneError(RuntimeError):
@@ -67,11 +70,11 @@ class Backbone:
 class Entry:
     """A registered backbone: its data config (known without building it) and how to build it.
 
-    ``build(pretrained)`` returns the network and the id of the weights it loaded.
+    ``build(pretrained, drop_path_rate)`` returns the network, with stochastic depth at that rate in training.
     """
 
     data: dict[str, Any]  # resolution, crop_pct, interpolation, mean, std, num_features
-    build: Callable[[bool], nn.Module]
+    build: Callable[[bool, float], nn.Module]
     weights_id: Callable[[], str]
 
 
@@ -102,10 +105,10 @@ def _timm_data_config(model: nn.Module) -> dict[str, Any]:
 
 
 def _lite_entry(name: str) -> Entry:
-    def build(pretrained: bool) -> nn.Module:
+    def build(pretrained: bool, drop_path_rate: float) -> nn.Module:
         import timm
 
-        model = timm.create_model(f"tf_{name}", pretrained=False, num_classes=0)
+        model = timm.create_model(f"tf_{name}", pretrained=False, num_classes=0, drop_path_rate=drop_path_rate)
         if pretrained:
             efficientnet_lite.load_pretrained(model, name)
         return model
@@ -125,26 +128,39 @@ def _offline_hint(name: str, err: Exception) -> BackboneError:
     )
 
 
-def _build_timm(name: str, pretrained: bool) -> tuple[nn.Module, dict[str, Any], str]:
+def _warn_no_drop_path(name: str, rate: float) -> None:
+    if rate:
+        log.warning("%s has no stochastic depth: training it without drop_path", name)
+
+
+def _build_timm(name: str, pretrained: bool, drop_path_rate: float) -> tuple[nn.Module, dict[str, Any], str]:
     import timm
 
     if not timm.is_model(name):
         raise BackboneError(f"unknown backbone {name!r}: use one of {list_backbones()}, timm:NAME or torchvision:NAME")
     try:
-        model = timm.create_model(name, pretrained=pretrained, num_classes=0)
+        try:
+            model = timm.create_model(name, pretrained=pretrained, num_classes=0, drop_path_rate=drop_path_rate)
+        except TypeError:  # a timm model without stochastic depth
+            _warn_no_drop_path(name, drop_path_rate)
+            model = timm.create_model(name, pretrained=pretrained, num_classes=0)
     except Exception as e:
         raise _offline_hint(name, e) from e
     return model, _timm_data_config(model), f"timm:{name}" if pretrained else "random"
 
 
-def _build_torchvision(name: str, pretrained: bool) -> tuple[nn.Module, dict[str, Any], str]:
+def _build_torchvision(name: str, pretrained: bool, drop_path_rate: float) -> tuple[nn.Module, dict[str, Any], str]:
     import torch
     import torchvision
     from torch import nn
 
     try:
         weights = torchvision.models.get_model_weights(name).DEFAULT if pretrained else None
-        model = torchvision.models.get_model(name, weights=None)
+        try:
+            model = torchvision.models.get_model(name, weights=None, stochastic_depth_prob=drop_path_rate)
+        except TypeError:  # a torchvision model without stochastic depth
+            _warn_no_drop_path(f"torchvision:{name}", drop_path_rate)
+            model = torchvision.models.get_model(name, weights=None)
         if weights is not None:
             model.load_state_dict(weights.get_state_dict(progress=False))
     except ValueError as e:
@@ -181,9 +197,17 @@ def _load_weights(model: nn.Module, path: Path, name: str) -> None:
 
 
 def create_backbone(
-    name: str, *, weights: str | Path | None = None, resolution: int | None = None, pretrained: bool = True
+    name: str,
+    *,
+    weights: str | Path | None = None,
+    resolution: int | None = None,
+    pretrained: bool = True,
+    drop_path_rate: float = 0.0,
 ) -> Backbone:
     """A backbone by name, with pretrained weights unless ``weights`` gives a local state_dict.
+
+    ``drop_path_rate`` sets stochastic depth (timm's ``drop_path_rate``, torchvision's
+    ``stochastic_depth_prob``), active in training mode only; networks without it warn and build without.
 
     Registered (offline) backbones are described without being built; hub backbones are built at once,
     so that a missing download fails here, with a message that says how to fix it.
@@ -194,10 +218,10 @@ def create_backbone(
         data, weights_id = entry.data, entry.weights_id() if from_hub else "random"
 
         def loader() -> nn.Module:
-            return entry.build(from_hub)
+            return entry.build(from_hub, drop_path_rate)
     else:
         build = _build_torchvision if name.startswith("torchvision:") else _build_timm
-        model, data, weights_id = build(name.split(":", 1)[1] if ":" in name else name, from_hub)
+        model, data, weights_id = build(name.split(":", 1)[1] if ":" in name else name, from_hub, drop_path_rate)
 
         def loader() -> nn.Module:
             return model
