@@ -139,7 +139,9 @@ def test_resume_after_interruption(demo: Path, tmp_path: Path, monkeypatch: pyte
     assert all(p.scores is not None for p in preds)
 
 
-@pytest.mark.parametrize("extra", [{}, {"ema_decay": 0.9, "clip_grad": 1.0}], ids=["plain", "ema+clip"])
+@pytest.mark.parametrize(
+    "extra", [{}, {"ema_decay": 0.9, "clip_grad": 1.0, "drop_path": 0.2}], ids=["plain", "ema+clip+drop_path"]
+)
 def test_resume_matches_uninterrupted(
     demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: dict[str, float]
 ) -> None:
