@@ -159,16 +159,17 @@ def train(cfg: Config) -> RunResult:
         len(skipped),
     )
     mode = cfg.classifier.classifier
+    fine_tunes = mode in ("dnn", "svm_on_refined")
     backbone = create_backbone(
         cfg.backbone.backbone,
         weights=cfg.backbone.weights,
         resolution=cfg.backbone.resolution,
-        drop_path_rate=cfg.finetune.drop_path if mode in ("dnn", "svm_on_refined") else 0.0,
+        drop_path_rate=cfg.finetune.drop_path if fine_tunes else 0.0,
     )
     extra_figures: dict[str, Path] = {}
     backbone_state = None
     fitted_head = None
-    if mode in ("dnn", "svm_on_refined"):
+    if fine_tunes:
         from imgclf.finetune import finetune
 
         t = time.perf_counter()
