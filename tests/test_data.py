@@ -8,7 +8,7 @@ from helpers import make_folder
 from PIL import Image
 
 from imgclf.config import DataConfig
-from imgclf.data.dataset import DatasetError, load_split, make_split, save_split, scan_dataset
+from imgclf.data.dataset import DatasetError, leave_out_untrained, load_split, make_split, save_split, scan_dataset
 from imgclf.data.io import Preprocess, load_for_model, open_rgb
 
 
@@ -72,7 +72,7 @@ def test_bad_files_listed_with_reasons_and_untouched(tmp_path: Path):
     [
         (lambda r: None, "not found"),
         (lambda r: (r / "only").mkdir(parents=True), "only one class"),
-        (lambda r: [(r / c).mkdir(parents=True) for c in ("a", "b")], "without a usable image"),
+        (lambda r: [(r / c).mkdir(parents=True) for c in ("a", "b")], "fewer than two class folders with a usable"),
         (lambda r: r.mkdir(), "no class sub-folders"),
     ],
 )
@@ -81,6 +81,30 @@ def test_clear_errors(tmp_path: Path, setup, match):
     setup(root)
     with pytest.raises(DatasetError, match=match):
         scan_dataset(DataConfig(data_root=root))
+
+
+def test_classes_that_cannot_be_learned_are_left_out_and_reported(tmp_path: Path):
+    """An empty class folder, or one only in val/, is left out with a reason; the run goes on."""
+    root = make_folder(tmp_path / "flat", n=4)
+    (root / "empty").mkdir()
+    (root / "empty" / "notes.txt").write_text("not an image")
+    ds = scan_dataset(DataConfig(data_root=root))
+    assert ds.classes == ["circles", "squares", "stripes"] and sorted(ds.labels.tolist()) == [0] * 4 + [1] * 4 + [2] * 4
+    reasons = {Path(s["path"]).name: s["reason"] for s in ds.skipped}
+    assert "class left out" in reasons["empty"] and "not an image" in reasons["notes.txt"]
+
+    pre = tmp_path / "pre"
+    make_folder(pre / "train", classes=("a", "b"), n=4)
+    make_folder(pre / "val", classes=("a", "b", "only_val"), n=2, seed=1)
+    cfg = DataConfig(data_root=pre)
+    before = _tree_digest(pre)
+    full = scan_dataset(cfg)
+    ds, split = leave_out_untrained(full, make_split(full, cfg))
+    assert ds.classes == ["a", "b"] and len(ds.samples) == len(split) == 12 and sum(split == "test") == 4
+    assert [s.label for s in ds.samples] == [0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 1, 1]
+    left_out = [s for s in ds.skipped if "has no training image" in s["reason"]]
+    assert sorted(Path(s["path"]).name for s in left_out) == ["only_val_00.jpg", "only_val_01.jpg"]
+    assert _tree_digest(pre) == before
 
 
 def test_random_split_stratified_deterministic_and_order_free(tmp_path: Path):

@@ -156,7 +156,11 @@ def test_leak_between_train_and_test_warns_or_refuses(tmp_path, caplog):
     cfg = Config().updated(data_root=data, out=tmp_path / "run", **FAST, tracking=False)
     with pytest.raises(Exception, match="near-duplicate"):
         train(cfg.updated(fail_on_leak=True))
-    train(cfg)
+    make_folder(tmp_path / "extra", classes=("squares",), n=2, seed=2)
+    (tmp_path / "extra" / "squares").rename(data / "val" / "only_in_val")  # a class that cannot be learned
+    result = train(cfg)
     leaks = (tmp_path / "run" / "leaks.csv").read_text()
     assert "copy_of_train.jpg" in leaks and "circles_00.jpg" in leaks
     assert "straddle train and test" in caplog.text
+    assert result.bundle.classes == ["circles", "squares", "stripes"] and result.metrics["n_test"] == 10
+    assert sum("only_in_val" in s["path"] for s in result.metrics["skipped"]) == 2

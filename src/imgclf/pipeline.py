@@ -17,7 +17,15 @@ import numpy as np
 from imgclf.backbones import create_backbone
 from imgclf.bundle import Bundle
 from imgclf.config import Config
-from imgclf.data.dataset import Dataset, DatasetError, load_split, make_split, save_split, scan_dataset
+from imgclf.data.dataset import (
+    Dataset,
+    DatasetError,
+    leave_out_untrained,
+    load_split,
+    make_split,
+    save_split,
+    scan_dataset,
+)
 from imgclf.data.io import IMAGE_EXTENSIONS
 from imgclf.evaluation.metrics import compute_metrics
 from imgclf.evaluation.report import summary_lines, write_reports
@@ -143,7 +151,7 @@ def train(cfg: Config) -> RunResult:
     run_dir = Path(cfg.output.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     ds = scan_dataset(cfg.data)
-    split = make_split(ds, cfg.data)
+    ds, split = leave_out_untrained(ds, make_split(ds, cfg.data))
     save_split(run_dir / "split.csv", ds, split)
     cfg = cfg.updated(data_root=ds.root)
     cfg.save(run_dir / "config.json")

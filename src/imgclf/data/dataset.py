@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -89,8 +89,7 @@ def scan_dataset(cfg: DataConfig, root: Path | None = None) -> Dataset:
         raise DatasetError(
             f"only one class ({class_names[0]!r}) in {root}: a classifier needs at least two class folders"
         )
-    label_of = {name: i for i, name in enumerate(class_names)}
-    samples: list[Sample] = []
+    found: list[tuple[str, str, str, str | None]] = []  # rel, class name, group, preset
     skipped: list[dict[str, str]] = []
     notes: list[dict[str, str]] = []
     max_bytes = int(cfg.max_file_mb * 1e6)
@@ -110,18 +109,23 @@ def scan_dataset(cfg: DataConfig, root: Path | None = None) -> Dataset:
                 if note:
                     notes.append({"path": str(f), "note": note})
                 group = rel_in_class.parts[0] if len(rel_in_class.parts) > 1 else rel_in_class.as_posix()
-                samples.append(
-                    Sample(
-                        f.relative_to(root).as_posix(), label_of[class_dir.name], f"{class_dir.name}/{group}", preset
-                    )
-                )
-    counts = np.bincount([s.label for s in samples], minlength=len(class_names))
-    empty = [class_names[i] for i in np.flatnonzero(counts == 0)]
-    if empty:
+                found.append((f.relative_to(root).as_posix(), class_dir.name, f"{class_dir.name}/{group}", preset))
+    used = {name for _, name, _, _ in found}
+    empty = [name for name in class_names if name not in used]
+    if len(used) < 2:
+        shown = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:5])
         raise DatasetError(
-            f"class folder(s) without a usable image: {', '.join(empty)} "
-            f"(add images or remove the folder; {len(skipped)} file(s) skipped, see above)"
+            f"fewer than two class folders with a usable image in {root} (without one: {', '.join(empty)}); "
+            f"add images to them" + (f". {len(skipped)} file(s) skipped: {shown}" if skipped else "")
         )
+    for base, _ in parts:
+        for class_dir in _class_dirs(base):
+            if class_dir.name in empty:
+                reason = "class folder without a usable image: class left out (add images to train it)"
+                skipped.append({"path": str(class_dir), "reason": reason})
+    class_names = [name for name in class_names if name in used]
+    label_of = {name: i for i, name in enumerate(class_names)}
+    samples = [Sample(rel, label_of[name], group, preset) for rel, name, group, preset in found]
     return Dataset(root, class_names, samples, skipped, notes)
 
 
@@ -172,6 +176,33 @@ def make_split(ds: Dataset, cfg: DataConfig) -> np.ndarray:
         if len(present) < 2:
             raise DatasetError(f"the {part} split holds fewer than two classes; add images or change the split")
     return split
+
+
+def leave_out_untrained(ds: Dataset, split: np.ndarray) -> tuple[Dataset, np.ndarray]:
+    """Leave out classes without a training image (e.g. a folder only in ``val/``): none can be learned.
+
+    Their images are listed in ``skipped`` with the reason; the remaining classes keep their sorted order.
+    """
+    trained = sorted({ds.samples[i].label for i in np.flatnonzero(split == "train")})
+    if len(trained) == len(ds.classes):
+        return ds, split
+    if len(trained) < 2:
+        raise DatasetError("the train split holds fewer than two classes; add images or change the split")
+    new_label = {old: new for new, old in enumerate(trained)}
+    keep = np.array([s.label in new_label for s in ds.samples])
+    skipped = ds.skipped + [
+        {
+            "path": str(ds.path(s)),
+            "reason": f"class {ds.classes[s.label]!r} has no training image: left out (add training images to it)",
+        }
+        for s in ds.samples
+        if s.label not in new_label
+    ]
+    samples = [replace(s, label=new_label[s.label]) for s in ds.samples if s.label in new_label]
+    kept = Dataset(ds.root, [ds.classes[c] for c in trained], samples, skipped, ds.notes)
+    if len({s.label for s, part in zip(samples, split[keep], strict=True) if part == "test"}) < 2:
+        raise DatasetError("the test split holds fewer than two trainable classes; add images or change the split")
+    return kept, split[keep]
 
 
 def _read_list(path: Path, root: Path) -> set[str]:
