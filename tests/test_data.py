@@ -1,4 +1,7 @@
 import hashlib
+import subprocess
+import sys
+import warnings
 import zlib
 from pathlib import Path
 
@@ -9,7 +12,7 @@ from PIL import Image
 
 from imgclf.config import DataConfig
 from imgclf.data.dataset import DatasetError, leave_out_untrained, load_split, make_split, save_split, scan_dataset
-from imgclf.data.io import Preprocess, load_for_model, open_rgb
+from imgclf.data.io import ImageError, Preprocess, check_image, load_for_model, open_rgb
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
@@ -159,6 +162,27 @@ def test_split_csv_round_trip(tmp_path: Path):
     ds2, split2 = load_split(tmp_path / "split.csv", root, ds.classes)
     assert [s.rel for s in ds2.samples] == [s.rel for s in ds.samples]
     assert (split2 == split).all() and (ds2.labels == ds.labels).all()
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # pytest drops import-time filters
+def test_readers_leave_warning_filters_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Images decode in threads, where warnings.catch_warnings (not thread-safe) would drop others' filters."""
+    from imgclf.datatools.download import _decode
+
+    path = tmp_path / "big.png"
+    Image.new("RGB", (30, 20), "red").save(path)
+    real, entered = warnings.catch_warnings, []
+    monkeypatch.setattr(warnings, "catch_warnings", lambda *a, **k: entered.append(1) or real(*a, **k))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # Pillow's own limit, below the image's 600 pixels
+    assert check_image(path, 10_000, 10**6) is None
+    assert open_rgb(path, max_pixels=10_000).size == (30, 20)
+    assert _decode(path.read_bytes(), "image/png", 10_000)[1:] == (30, 20)
+    assert not entered
+    with pytest.raises(ImageError, match="oversized"):
+        open_rgb(path)  # no limit of its own: Pillow's applies
+    # Pillow's warning is filtered once, when imgclf is imported, even where warnings are errors
+    code = f"import imgclf; from PIL import Image; Image.MAX_IMAGE_PIXELS = 500; Image.open({str(path)!r}).load()"
+    subprocess.run([sys.executable, "-W", "error", "-c", code], check=True)
 
 
 def test_exif_orientation_applied(tmp_path: Path):

@@ -25,3 +25,30 @@ def test_binary_and_missing_class():
     assert m["auc"]["bees"] == 1.0 and m["overall_accuracy"] == 0.75
     m = compute_metrics(np.array([0, 0]), np.array([[0.9, 0.1], [0.2, 0.8]]), ["ants", "bees"])
     assert m["per_class_accuracy"]["bees"] is None and m["auc"]["micro"] is None
+
+
+def test_evaluation_figure_stays_readable_with_many_classes(monkeypatch: pytest.MonkeyPatch):
+    """Above a dozen classes only the five lowest-AUC ROC curves get a legend entry, and the figure grows."""
+    import matplotlib.pyplot as plt
+
+    from imgclf.evaluation.report import evaluation_figure
+
+    rng = np.random.default_rng(0)
+    figs: list = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", figs.append)  # keep the figures to look into
+    for k in (3, 20):
+        classes = [f"class{i:02d}" for i in range(k)]
+        y = np.repeat(np.arange(k), 4)
+        scores = rng.dirichlet(np.ones(k), len(y)) + 2 * np.eye(k)[y] * rng.random((len(y), 1))
+        scores /= scores.sum(1, keepdims=True)
+        m = compute_metrics(y, scores, classes)
+        assert evaluation_figure(y, scores, m) == evaluation_figure(y, scores, m)  # deterministic
+        legend = [t.get_text() for t in figs[-1].axes[0].get_legend().get_texts()]
+        weakest = sorted(classes, key=lambda c: (m["auc"][c], c))[:5]
+        expected = classes if k == 3 else sorted(weakest)
+        assert legend == [f"{c} (AUC {m['auc'][c]:.3f})" for c in expected] + [f"micro (AUC {m['auc']['micro']:.3f})"]
+    small, large = (f.get_size_inches() for f in figs[::2])
+    assert large[0] > small[0] and large[1] > small[1]
+    for f in figs:
+        close(f)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -64,10 +63,8 @@ def check_image(path: Path, max_pixels: int, max_bytes: int) -> str | None:
             f"file too large ({size / 1e6:.0f} MB > {max_bytes / 1e6:.0f} MB): downscale it or raise --max-file-mb"
         )
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                fmt, (w, h) = im.format, im.size
+        with Image.open(path) as im:
+            fmt, (w, h) = im.format, im.size
     except Image.DecompressionBombError as e:
         raise ImageError(f"oversized image ({e}): downscale it or raise --max-image-pixels") from e
     except Exception as e:
@@ -96,20 +93,17 @@ def open_rgb(path: Path | BinaryIO, draft_to: int | None = None, max_pixels: int
     try:
         if isinstance(path, Path) and path.stat().st_size == 0:
             raise ImageError("empty file (0 bytes): re-download or remove it")
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(path)
-            if max_pixels is not None and im.size[0] * im.size[1] > max_pixels:
-                raise ImageError(
-                    f"oversized image ({im.size[0]}x{im.size[1]}): downscale it or raise --max-image-pixels"
-                )
-            if draft_to is not None and im.format == "JPEG":
-                im.draft("RGB", (draft_to, draft_to))
-            im.load()
-            im = ImageOps.exif_transpose(im)
+        im = Image.open(path)
+        if im.size[0] * im.size[1] > (max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS):
+            im.close()
+            raise ImageError(f"oversized image ({im.size[0]}x{im.size[1]}): downscale it or raise --max-image-pixels")
+        if draft_to is not None and im.format == "JPEG":
+            im.draft("RGB", (draft_to, draft_to))
+        im.load()
+        im = ImageOps.exif_transpose(im)
     except ImageError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except Image.DecompressionBombError as e:
         raise ImageError(f"oversized image ({e}): downscale it or raise --max-image-pixels") from e
     except OSError as e:
         msg = str(e)

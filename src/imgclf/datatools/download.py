@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import warnings
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -169,15 +168,13 @@ def _read_limited(response: httpx.Response, max_bytes: int) -> tuple[bytes, str]
 def _decode(data: bytes, content_type: str, max_pixels: int, draft_to: int = 0) -> tuple[Image.Image, int, int]:
     """The decoded image and its stored size; JPEGs larger than ``draft_to`` are decoded at reduced scale."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
-            w, h = im.size
-            if w * h > max_pixels:
-                raise FetchError(f"too many pixels ({w}x{h} > {max_pixels / 1e6:g} Mpx; raise max_image_pixels)")
-            if draft_to and im.format == "JPEG" and max(w, h) > draft_to:
-                im.draft("RGB", (draft_to, draft_to))  # DCT scaling: less memory and time, same result
-            im.load()
+        im = Image.open(io.BytesIO(data))  # Pillow's pixel warning is off (see imgclf/__init__.py)
+        w, h = im.size
+        if w * h > max_pixels:
+            raise FetchError(f"too many pixels ({w}x{h} > {max_pixels / 1e6:g} Mpx; raise max_image_pixels)")
+        if draft_to and im.format == "JPEG" and max(w, h) > draft_to:
+            im.draft("RGB", (draft_to, draft_to))  # DCT scaling: less memory and time, same result
+        im.load()
     except FetchError:
         raise
     except Image.DecompressionBombError as e:

@@ -21,44 +21,61 @@ def _fmt(v: float | None, pct: bool = True) -> str:
     return f"{100 * v:.1f} %" if pct else f"{v:.3f}"
 
 
+MANY_CLASSES = 12  # above this, the figure labels only the weakest ROC curves and writes counts smaller
+
+
 def evaluation_figure(y_true: np.ndarray, scores: np.ndarray, metrics: dict[str, Any]) -> bytes:
-    """PNG bytes: ROC curves with AUC (left) and the confusion matrix (right)."""
+    """PNG bytes: ROC curves with AUC (left) and the confusion matrix (right), sized to the number of classes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     classes = metrics["classes"]
+    k = len(classes)
     cm = np.asarray(metrics["confusion_matrix"])
-    fig, (ax_roc, ax_cm) = plt.subplots(1, 2, figsize=(12, 5.2))
-    for name, (fpr, tpr) in roc_curves(y_true, scores, classes).items():
-        auc = metrics["auc"].get(name)
-        style = {"linestyle": "--", "color": "black"} if name == "micro" else {}
-        ax_roc.plot(fpr, tpr, label=f"{name} (AUC {_fmt(auc, False)})", **style)
+    side = max(5.2, 0.2 * k + 2.0)  # the confusion matrix gets about 0.2 inch a class
+    fig, (ax_roc, ax_cm) = plt.subplots(1, 2, figsize=(6.5 + side, side), width_ratios=[6.0, side])
+    curves = roc_curves(y_true, scores, classes)
+    auc = metrics["auc"]
+    labelled = {c for c in curves if c != "micro"}
+    if k > MANY_CLASSES:  # a legend of every class is unreadable: label the five weakest, draw the rest faintly
+        labelled = set(sorted(labelled, key=lambda c: (auc.get(c) or 0.0, c))[:5])
+    for name, (fpr, tpr) in curves.items():
+        if name == "micro":
+            style: dict[str, Any] = {"linestyle": "--", "color": "black", "zorder": 3}
+        elif name in labelled:
+            style = {"linewidth": 1.5}
+        else:
+            style = {"color": "tab:blue", "alpha": 0.25, "linewidth": 0.8}
+        label = f"{name} (AUC {_fmt(auc.get(name), False)})" if name in labelled or name == "micro" else None
+        ax_roc.plot(fpr, tpr, label=label, **style)
     ax_roc.plot([0, 1], [0, 1], color="grey", linewidth=0.8)
     ax_roc.set(
         xlabel="false positive rate",
         ylabel="true positive rate",
-        title="ROC (one vs rest)",
+        title="ROC (one vs rest)" + (f"; the {len(labelled)} lowest AUC labelled" if k > MANY_CLASSES else ""),
         xlim=(0, 1),
         ylim=(0, 1.01),
     )
+    ax_roc.set_box_aspect(1)
     ax_roc.legend(loc="lower right", fontsize=8)
     ax_cm.imshow(cm, cmap="Blues")
     ax_cm.set(
-        xticks=range(len(classes)),
-        yticks=range(len(classes)),
+        xticks=range(k),
+        yticks=range(k),
         xlabel="predicted",
         ylabel="true",
         title="confusion matrix",
     )
-    ax_cm.set_xticklabels(classes, rotation=45, ha="right")
-    ax_cm.set_yticklabels(classes)
-    for i in range(cm.shape[0]):
-        for j in range(cm.shape[1]):
-            ax_cm.text(
-                j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > cm.max() / 2 else "black"
-            )
+    font = 8 if k <= MANY_CLASSES else 6
+    ax_cm.set_xticklabels(classes, rotation=45 if k <= MANY_CLASSES else 90, ha="right", fontsize=font)
+    ax_cm.set_yticklabels(classes, fontsize=font)
+    for i in range(k):
+        for j in range(k):
+            if cm[i, j] or k <= MANY_CLASSES:  # many classes: zeros left blank
+                color = "white" if cm[i, j] > cm.max() / 2 else "black"
+                ax_cm.text(j, i, str(cm[i, j]), ha="center", va="center", color=color, fontsize=font + 1)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
