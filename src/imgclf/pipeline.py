@@ -35,6 +35,7 @@ from imgclf.tracking import log_run
 from imgclf.utils import Memo, atomic_write_text, default_cache_dir
 
 log = logging.getLogger("imgclf")
+LOGGED_MAX = 20  # skipped files and notes printed; all of them go to the report and metrics.json
 
 
 @dataclass
@@ -109,10 +110,15 @@ def _finish(
     atomic_write_text(run_dir / f"{prefix}metrics.json", json.dumps(metrics, indent=2))
     if not prefix:
         write_reports(run_dir, y, scores, metrics, cfg.flat(), extra_figures, Memo(memo_root, "figures"))
-    for s in skipped:
+    for s in skipped[:LOGGED_MAX]:
         log.warning("skipped %s: %s", s["path"], s["reason"])
-    for n in ds.notes:
+    for n in ds.notes[:LOGGED_MAX]:
         log.warning("note: %s: %s", n["path"], n["note"])
+    for what, items in (("skipped files", skipped), ("notes", ds.notes)):
+        if len(items) > LOGGED_MAX:
+            log.warning(
+                "... and %d more %s: all are listed in report.html and metrics.json", len(items) - LOGGED_MAX, what
+            )
     print("\n".join(summary_lines(metrics)))
     return metrics
 
