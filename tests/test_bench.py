@@ -18,7 +18,7 @@ def test_bench_finetune_runs() -> None:
         [
             sys.executable,
             str(ROOT / "bench" / "bench_finetune.py"),
-            *("--batch", "4", "--batches", "1", "--repeats", "2", "--threads", "1"),
+            *("--batch", "4", "--batches", "1", "--repeats", "2", "--threads", "1", "--epochs", "2"),
             *("--precision", "bf16"),  # the GPU's autocast path, run on the CPU
         ],
         capture_output=True,
@@ -28,6 +28,7 @@ def test_bench_finetune_runs() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "cpu bf16" in done.stdout and "1 steps x 2" in done.stdout and "(medians)" in done.stdout, done.stdout
+    assert re.search(r"trainer, 2 epochs of 4 images: epoch 2 onward +[\d.]+ img/s", done.stdout), done.stdout
 
 
 def test_bench_accuracy_cross_validates(tmp_path: Path) -> None:

@@ -98,7 +98,8 @@ def _param_groups(model: Classifier, cfg: FinetuneConfig) -> list[dict[str, Any]
     return [g for g in groups if g["params"]]
 
 
-def _optimizer(model: Classifier, cfg: FinetuneConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: Classifier, cfg: FinetuneConfig) -> torch.optim.Optimizer:
+    """AdamW or momentum SGD over the parameter groups of :func:`_param_groups`."""
     groups = _param_groups(model, cfg)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr)
@@ -454,7 +455,7 @@ def _train(
     """The epoch loop: writes the log, the checkpoint (with ``best``) after every epoch."""
     ft = cfg.finetune
     model.to(device, memory_format=torch.channels_last)
-    opt = _optimizer(model, ft)
+    opt = build_optimizer(model, ft)
     bs = ft.ft_batch_size
     steps = max(1, len(fit.epoch_batches(bs, torch.Generator().manual_seed(0), ft.balance_classes)))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(ft, steps))
@@ -502,8 +503,12 @@ def _train(
             for m in model.backbone.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()  # keep the pretrained statistics; the affine weights still train
-        t0, seen, loss_sum, wrong = time.perf_counter(), 0, 0.0, 0
+        t0, seen = time.perf_counter(), 0
+        # summed on the device: reading a value back each step would stall a GPU until it drains
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        wrong = torch.zeros((), dtype=torch.int64, device=device)
         batches = fit.epoch_batches(bs, gen, ft.balance_classes)
+        shown = max(1, len(batches) // 50)  # progress-bar updates read the sums back: about 50 an epoch
         bar = tqdm(
             _prefetch(batches, fit),
             total=len(batches),
@@ -512,7 +517,7 @@ def _train(
             disable=not cfg.output.progress,
             leave=False,
         )
-        for x, y in bar:
+        for step, (x, y) in enumerate(bar, 1):
             xb = norm.random(x, aug, gen, train_res)
             with autocast():
                 if head_only:
@@ -531,16 +536,18 @@ def _train(
             if ema is not None:
                 ema.update_parameters(model)
             seen += len(y)
-            loss_sum += float(loss.detach()) * len(y)
-            wrong += int((logits.argmax(1) != y).sum())
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", img_s=f"{seen / (time.perf_counter() - t0):.1f}")
+            loss_sum += loss.detach().double() * len(y)
+            wrong += (logits.detach().argmax(1) != y).sum()
+            if cfg.output.progress and (step % shown == 0 or step == len(batches)):
+                bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}", img_s=f"{seen / (time.perf_counter() - t0):.1f}")
+        train_loss, train_error = float(loss_sum) / max(1, seen), int(wrong) / max(1, seen)  # waits for the device
         train_s = time.perf_counter() - t0
         val_loss, val_error = _evaluate(kept, val, val_norm, 2 * bs, autocast)
         row = {
             "epoch": epoch,
             "lr": float(opt.param_groups[0]["lr"]),
-            "train_loss": loss_sum / max(1, seen),
-            "train_error": wrong / max(1, seen),
+            "train_loss": train_loss,
+            "train_error": train_error,
             "val_loss": val_loss,
             "val_error": val_error,
             "img_per_s": seen / train_s,
