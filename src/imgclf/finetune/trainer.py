@@ -508,7 +508,7 @@ def _train(
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         wrong = torch.zeros((), dtype=torch.int64, device=device)
         batches = fit.epoch_batches(bs, gen, ft.balance_classes)
-        shown = max(1, len(batches) // 50)  # progress-bar updates read the sums back: about 50 an epoch
+        shown = t0  # when the progress bar last read the sums back: at most twice a second
         bar = tqdm(
             _prefetch(batches, fit),
             total=len(batches),
@@ -538,8 +538,10 @@ def _train(
             seen += len(y)
             loss_sum += loss.detach().double() * len(y)
             wrong += (logits.detach().argmax(1) != y).sum()
-            if cfg.output.progress and (step % shown == 0 or step == len(batches)):
-                bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}", img_s=f"{seen / (time.perf_counter() - t0):.1f}")
+            now = time.perf_counter()
+            if cfg.output.progress and (now - shown >= 0.5 or step == len(batches)):
+                shown = now
+                bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}", img_s=f"{seen / (now - t0):.1f}")
         train_loss, train_error = float(loss_sum) / max(1, seen), int(wrong) / max(1, seen)  # waits for the device
         train_s = time.perf_counter() - t0
         val_loss, val_error = _evaluate(kept, val, val_norm, 2 * bs, autocast)
