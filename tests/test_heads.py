@@ -27,20 +27,38 @@ def test_fit_predict_proba_and_linear_fold(n_classes: int):
     assert 0.5 < p.max(1).mean() <= 1.0
 
 
-def test_c_chosen_on_training_data_only():
-    x, y = _blobs(3, seed=1)
-    a = LinearSVMHead(c_grid=(0.001, 0.1, 10.0)).fit(x, y)
-    b = LinearSVMHead(c_grid=(0.001, 0.1, 10.0)).fit(x, y)
-    assert a.C_ == b.C_ and np.allclose(a.coef_, b.coef_)  # deterministic
+def test_c_chosen_on_training_data_only_and_fits_repeat_exactly():
+    """Parallel CV fits give the same solution every time (liblinear's random state is per process)."""
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 60)
+    x = np.abs(rng.normal(0, 0.3, (3, 256))[y] + rng.normal(0, 1.0, (len(y), 256)))  # overlapping classes
+    a, b = (LinearSVMHead(n_jobs=2).fit(x, y) for _ in range(2))
+    assert a.C_ == b.C_ and np.array_equal(a.coef_, b.coef_) and np.array_equal(a.intercept_, b.intercept_)
     assert a.cv_scores_[a.C_] == max(a.cv_scores_.values())
 
 
 def test_tiny_classes_fall_back_without_cv_and_estimator_protocol():
     x, y = _blobs(2, n=1)
     head = LinearSVMHead().fit(x, y)
-    assert head.cv_scores_ == {} and head.C_ == 1.0
+    assert head.cv_scores_ == {} and head.C_ == 1.0 and head.cv_folds_ == 0
     params = LinearSVMHead(c_grid=(1.0,), class_weight="balanced").get_params()
     assert params["class_weight"] == "balanced"
     assert clone(LinearSVMHead(cv_folds=3)).cv_folds == 3
     with pytest.raises(ValueError, match="single class"):
         LinearSVMHead().fit(x, np.zeros(len(x)))
+
+
+def test_single_image_classes_stay_in_training_and_c_is_still_cross_validated():
+    """A class with one image is fitted in every fold; the others decide C, as many folds as they allow."""
+    x, y = _blobs(3, n=12, seed=2)
+    grid = (0.01, 1.0, 100.0)
+    plain = LinearSVMHead(c_grid=grid, cv_folds=4).fit(x, y)
+    xs, ys = np.vstack([x, x[:1] + 5.0]), np.r_[y, 3]  # plus class 3, a single image
+    head = LinearSVMHead(c_grid=grid, cv_folds=4).fit(xs, ys)
+    assert head.cv_folds_ == 4 and set(head.cv_scores_) == set(grid) and list(head.classes_) == [0, 1, 2, 3]
+    # held out: only the images of the classes that can be split, so C is chosen as without the single one
+    assert head.C_ == plain.C_
+    p = head.predict_proba(xs)
+    assert p.shape == (len(ys), 4) and p[-1, 3] > p[:-1, 3].max()  # ranked above every other image
+    few = np.r_[np.flatnonzero(y == 0)[:3], np.flatnonzero(y == 1)[:2], np.flatnonzero(y == 2)]
+    assert LinearSVMHead(cv_folds=5).fit(x[few], y[few]).cv_folds_ == 2  # the smallest splittable class: 2

@@ -205,13 +205,21 @@ def train(cfg: Config) -> RunResult:
     if fitted_head is None:
         fit = fit_head(cfg.classifier, x_train, ds.labels[train_idx], cfg.output.seed, Memo(_memo_root(cfg), "heads"))
         fitted_head = fit.head
-        log.info(
-            "SVM C=%g chosen by %d-fold cross-validation on the training split (CV accuracy %.3f%s)",
-            fit.C,
-            cfg.classifier.cv_folds,
-            fit.cv_accuracy,
-            "; the identical earlier fit reused" if fit.reused else "",
-        )
+        reused = "; the identical earlier fit reused" if fit.reused else ""
+        if fit.cv_folds:
+            log.info(
+                "SVM C=%g chosen by %d-fold cross-validation on the training split (CV accuracy %.3f%s)",
+                fit.C,
+                fit.cv_folds,
+                fit.cv_accuracy,
+                reused,
+            )
+        else:
+            log.warning(
+                "warning: SVM C=%g, not cross-validated: no class has two training images (add images)%s",
+                fit.C,
+                reused,
+            )
     timings["fit_s"] = time.perf_counter() - t
     scores = fitted_head.predict_proba(x_test)
     timings["total_s"] = time.perf_counter() - t0

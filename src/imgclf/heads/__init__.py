@@ -43,6 +43,7 @@ class FittedHead:
     head: LinearHead
     C: float
     cv_accuracy: float
+    cv_folds: int  # folds actually used (0: too few images per class to cross-validate)
     reused: bool = False
 
 
@@ -68,14 +69,23 @@ def fit_head(
         try:
             with np.load(io.BytesIO(data)) as z:
                 head = LinearHead(z["weight"], z["bias"], bool(z["l2_normalize"]))
-                return FittedHead(head, float(z["C"]), float(z["cv_accuracy"]), reused=True)
+                return FittedHead(head, float(z["C"]), float(z["cv_accuracy"]), int(z["cv_folds"]), reused=True)
         except (OSError, ValueError, KeyError):
             pass  # unreadable entry: fit again and replace it
     svm = create_head(cfg, seed).fit(x, y)
     w, b = svm.linear()
-    fitted = FittedHead(LinearHead(w, b, svm.l2_normalize), svm.C_, svm.cv_scores_.get(svm.C_, float("nan")))
+    cv_accuracy = svm.cv_scores_.get(svm.C_, float("nan"))
+    fitted = FittedHead(LinearHead(w, b, svm.l2_normalize), svm.C_, cv_accuracy, svm.cv_folds_)
     buf = io.BytesIO()
-    np.savez(buf, weight=w, bias=b, l2_normalize=svm.l2_normalize, C=fitted.C, cv_accuracy=fitted.cv_accuracy)
+    np.savez(
+        buf,
+        weight=w,
+        bias=b,
+        l2_normalize=svm.l2_normalize,
+        C=fitted.C,
+        cv_accuracy=fitted.cv_accuracy,
+        cv_folds=fitted.cv_folds,
+    )
     memo.put(key, buf.getvalue())
     return fitted
 

@@ -7,9 +7,8 @@ is what bundles store and exporters write.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
+from joblib import Parallel, delayed
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
@@ -31,7 +30,7 @@ class LinearSVMHead(ClassifierMixin, BaseEstimator):
     l2_normalize: scale every feature vector to unit length first.
     class_weight: None or "balanced".
     random_state: seed of the fold assignment.
-    n_jobs: threads for the cross-validation fits (None: one per CPU core).
+    n_jobs: processes for the cross-validation fits (None: one per CPU core).
     """
 
     def __init__(
@@ -63,22 +62,29 @@ class LinearSVMHead(ClassifierMixin, BaseEstimator):
         if len(self.classes_) < 2:
             raise ValueError("the training data holds a single class; a classifier needs at least two")
         Xp = self._prep(X)
-        folds = int(min(self.cv_folds, np.bincount(np.searchsorted(self.classes_, y)).min()))
-        if folds >= 2:
-            splits = list(StratifiedKFold(folds, shuffle=True, random_state=self.random_state).split(Xp, y))
+        counts = np.bincount(np.searchsorted(self.classes_, y))
+        # a class with one image cannot be split: it stays on the fitting side of every fold
+        single = np.isin(y, self.classes_[counts == 1])
+        splittable = counts[counts > 1]
+        self.cv_folds_ = int(min(self.cv_folds, splittable.min())) if len(splittable) else 0
+        if self.cv_folds_:
+            rest, always = np.flatnonzero(~single), np.flatnonzero(single)
+            kfold = StratifiedKFold(self.cv_folds_, shuffle=True, random_state=self.random_state)
+            splits = [(np.sort(np.r_[rest[tr], always]), rest[te]) for tr, te in kfold.split(Xp[rest], y[rest])]
             oof_by_c = {
                 c: np.zeros((len(y), 1 if len(self.classes_) == 2 else len(self.classes_))) for c in self.c_grid
             }
 
-            def fold_fit(task: tuple[float, np.ndarray, np.ndarray]) -> None:
-                c, tr, te = task
-                oof_by_c[c][te] = self._svc(c).fit(Xp[tr], y[tr]).decision_function(Xp[te]).reshape(len(te), -1)
-
-            # liblinear releases the GIL: threads run the (C, fold) fits in parallel without copying X
-            with ThreadPoolExecutor(self.n_jobs or cpu_count()) as pool:
-                list(pool.map(fold_fit, [(c, tr, te) for c in self.c_grid for tr, te in splits]))
+            tasks = [(c, tr, te) for c in self.c_grid for tr, te in splits]
+            # processes, not threads: liblinear draws from one process-wide random state, which fits
+            # running in threads of one process interleave, so their solutions would vary from run to run
+            decisions = Parallel(n_jobs=self.n_jobs or cpu_count())(
+                delayed(_fold_decision)(self._svc(c), Xp, y, tr, te) for c, tr, te in tasks
+            )
+            for (c, _, te), d in zip(tasks, decisions, strict=True):
+                oof_by_c[c][te] = d
             self.cv_scores_ = {
-                c: float(np.mean(self.classes_[_argmax_decision(oof_by_c[c])] == y)) for c in self.c_grid
+                c: float(np.mean(self.classes_[_argmax_decision(oof_by_c[c][rest])] == y[rest])) for c in self.c_grid
             }
             # best CV accuracy; ties go to the smaller (more regularised) C
             self.C_ = max(self.c_grid, key=lambda c: (self.cv_scores_[c], -c))
@@ -87,7 +93,9 @@ class LinearSVMHead(ClassifierMixin, BaseEstimator):
             self.C_, self.cv_scores_ = 1.0, {}
             oof = None
         self.svm_ = self._svc(self.C_).fit(Xp, y)
-        decision = oof if oof is not None else self.svm_.decision_function(Xp).reshape(len(y), -1)
+        decision = self.svm_.decision_function(Xp).reshape(len(y), -1)  # in-sample: only where no fold held it out
+        if oof is not None:
+            decision[~single] = oof[~single]
         self.calibrator_ = LogisticRegression(C=1.0, max_iter=1000).fit(decision, y)
         self.coef_, self.intercept_ = self._fold()
         return self
@@ -116,6 +124,11 @@ class LinearSVMHead(ClassifierMixin, BaseEstimator):
         """(W, b) with ``scores = softmax(normalise(x) @ W.T + b)``."""
         check_is_fitted(self)
         return self.coef_.astype(np.float32), self.intercept_.astype(np.float32)
+
+
+def _fold_decision(svc: LinearSVC, X: np.ndarray, y: np.ndarray, tr: np.ndarray, te: np.ndarray) -> np.ndarray:
+    """Out-of-fold decision values: fit on rows ``tr``, score rows ``te``."""
+    return svc.fit(X[tr], y[tr]).decision_function(X[te]).reshape(len(te), -1)
 
 
 def _argmax_decision(d: np.ndarray) -> np.ndarray:
