@@ -186,8 +186,6 @@ def leave_out_untrained(ds: Dataset, split: np.ndarray) -> tuple[Dataset, np.nda
     trained = sorted({ds.samples[i].label for i in np.flatnonzero(split == "train")})
     if len(trained) == len(ds.classes):
         return ds, split
-    if len(trained) < 2:
-        raise DatasetError("the train split holds fewer than two classes; add images or change the split")
     new_label = {old: new for new, old in enumerate(trained)}
     keep = np.array([s.label in new_label for s in ds.samples])
     skipped = ds.skipped + [
