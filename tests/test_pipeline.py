@@ -140,9 +140,26 @@ def test_warm_rerun_imports_no_heavy_library(run, tmp_path):
     ).read_bytes()
 
 
-def test_cli_errors_are_messages(tmp_path, capsys):
+def test_cli_errors_are_messages(tmp_path, capsys, monkeypatch):
     assert main(["train", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")]) == 2
     assert "data folder not found" in capsys.readouterr().err
+    import torch
+
+    import imgclf.pipeline
+
+    def out_of_memory(cfg):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(imgclf.pipeline, "train", out_of_memory)
+    assert main(["train", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    assert "out of GPU memory: lower --ft-batch-size" in capsys.readouterr().err
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(imgclf.pipeline, "train", interrupted)
+    assert main(["train", str(tmp_path), "--out", str(tmp_path / "r")]) == 130
+    assert "the same command plus --resume" in capsys.readouterr().err
 
 
 def test_leak_between_train_and_test_warns_or_refuses(tmp_path, caplog):

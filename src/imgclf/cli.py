@@ -104,11 +104,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        hint = " (fine-tuning continues from its last finished epoch: the same command plus --resume)"
+        print("interrupted" + (hint if args.command == "train" else ""), file=sys.stderr)
         return 130
     except Exception as e:
         if args.verbose:
             raise
+        if type(e).__name__ == "OutOfMemoryError":  # torch's, without importing torch here
+            print(
+                "imgclf: error: out of GPU memory: lower --ft-batch-size (fine-tuning), --batch-size (features) "
+                "or --resolution, or train on the CPU with --device cpu",
+                file=sys.stderr,
+            )
+            return 2
         from imgclf.errors import USER_ERRORS
 
         if isinstance(e, USER_ERRORS):
