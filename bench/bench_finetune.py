@@ -2,7 +2,7 @@
 CPU and on the GPU when there is one.
 
     python bench/bench_finetune.py [--data FOLDER] [--batches N] [--epochs 3] [--repeats 3] [--threads 2]
-                                   [--precision auto] [--compile]
+                                   [--precision auto] [--compile] [--devices all|cpu|cuda]
 
 Without --data, a small generated demo data set is used. Three numbers per device, each against the
 synthetic-tensor rate of the same model, optimiser, precision and batch size:
@@ -148,16 +148,21 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all cores)")
     ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="training precision")
     ap.add_argument("--compile", action="store_true", help="torch.compile the backbone (as --compile in training)")
+    ap.add_argument("--devices", choices=["all", "cpu", "cuda"], default="all", help="all: the CPU, then a GPU if any")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    devices = [torch.device("cpu")] if args.devices in ("all", "cpu") else []
+    if args.devices in ("all", "cuda") and torch.cuda.is_available():
+        devices.append(torch.device("cuda"))
+    if not devices:
+        ap.error("no CUDA device here")
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data
         if data is None:
             from imgclf.data.demo import generate_demo_dataset
 
             data = generate_demo_dataset(Path(tmp) / "demo", n_per_class=40, seed=0, size=320, progress=False)
-        devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
         for device in devices:
             cfg = Config().updated(
                 backbone=args.backbone,
