@@ -21,7 +21,7 @@ from imgclf.cli import main
 from imgclf.config import Config, TrackingConfig
 from imgclf.pipeline import RunResult, evaluate, train
 from imgclf.tracking import drain_pending, log_run
-from imgclf.tracking.store import queue_dir
+from imgclf.tracking.store import queue_dir, tracking_uri
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason="mlflow is not installed")
 
@@ -185,6 +185,23 @@ def test_no_tracking_and_failures_never_break_runs(
     with caplog.at_level(logging.WARNING, logger="imgclf"):
         assert log_run("train", bad, two_runs[0]) is None
     assert "not recorded" in caplog.text
+
+
+def test_a_folder_as_store_is_a_sqlite_store_in_it(
+    two_runs: tuple[RunResult, RunResult], base_cfg: Config, work: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """MLflow refuses its old plain-folder store; a folder given as the store holds a SQLite one instead."""
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    assert tracking_uri(TrackingConfig(tracking_uri="runs/mlruns")) == "sqlite:///runs/mlruns/mlflow.db"
+    assert tracking_uri(TrackingConfig(tracking_uri="file:///srv/a%20b")) == "sqlite:////srv/a b/mlflow.db"
+    assert tracking_uri(TrackingConfig(tracking_uri="team.db")) == "sqlite:///team.db"
+    for kept in ("http://mlflow.example.org:5000", "sqlite:///x.db", "databricks"):
+        assert tracking_uri(TrackingConfig(tracking_uri=kept)) == kept
+    folder = work / "new" / "store"  # does not exist yet
+    cfg = base_cfg.updated(tracking_uri=str(folder), tracking_background=False)
+    run_id = log_run("train", cfg, two_runs[0])
+    assert run_id is not None and (folder / "mlflow.db").is_file() and (folder / "mlruns").is_dir()
+    assert [r.info.run_id for r in _runs(f"sqlite:///{folder / 'mlflow.db'}")] == [run_id]
 
 
 def test_background_writer_records_runs_and_reports_failures(

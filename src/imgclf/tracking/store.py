@@ -25,6 +25,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from imgclf import __version__
 from imgclf.config import Config, TrackingConfig
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("imgclf")
 
 DEFAULT_URI = "sqlite:///mlflow.db"
+_SCHEME = re.compile(r"^(?!file:)[A-Za-z][A-Za-z0-9+.-]+:")  # a URI scheme; not "C:", a Windows drive
 ARTIFACT_FOLDER = "mlruns"
 # Run-folder files recorded as artifacts, besides the model/ bundle (checkpoints and temporary files are not).
 ARTIFACT_SUFFIXES = frozenset({".csv", ".json", ".html", ".md", ".png", ".svg", ".txt"})
@@ -50,8 +53,21 @@ class TrackingError(ValueError):
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:
-    """The store: configured URI, else $MLFLOW_TRACKING_URI, else the local SQLite default."""
-    return cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    """The store: configured URI, else $MLFLOW_TRACKING_URI, else the local SQLite default.
+
+    A plain folder or ``file:`` URI (MLflow's file store, which MLflow now refuses) names a SQLite store in
+    that folder, ``FOLDER/mlflow.db`` with the files in ``FOLDER/mlruns``, unless MLFLOW_ALLOW_FILE_STORE
+    asks for the file store itself. A path ending in ``.db`` is the SQLite file.
+    """
+    uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    if (
+        _SCHEME.match(uri)
+        or uri == "databricks"
+        or os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("1", "true")
+    ):
+        return uri
+    path = Path(url2pathname(urlparse(uri).path) if uri.startswith("file:") else uri)
+    return f"sqlite:///{(path if path.suffix == '.db' else path / 'mlflow.db').as_posix()}"
 
 
 def absolute_uri(uri: str) -> str:
@@ -159,6 +175,8 @@ def _record(rec: dict[str, Any]) -> str:
     from mlflow.entities import Metric, Param
 
     store = TrackingConfig(tracking_uri=rec["uri"], experiment=rec["experiment"])
+    if (db := sqlite_file(rec["uri"])) is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)  # a new store in a new folder
     client = connect(store)
     exp = experiment_id(client, store, create=True)
     run_dir = Path(rec["run_dir"])
