@@ -204,6 +204,16 @@ def test_a_folder_as_store_is_a_sqlite_store_in_it(
     assert [r.info.run_id for r in _runs(f"sqlite:///{folder / 'mlflow.db'}")] == [run_id]
 
 
+def test_unreachable_store_is_a_message(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    from imgclf.tracking import TrackingError, list_runs
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with pytest.raises(TrackingError, match=r"cannot read the run store http://127\.0\.0\.1:9"):
+        list_runs(TrackingConfig(tracking_uri="http://127.0.0.1:9"))
+    assert main(["runs", "compare", "0" * 32, "1" * 8, "--tracking-uri", "http://127.0.0.1:9"]) == 2
+    assert "cannot read the run store" in capsys.readouterr().err
+
+
 def test_background_writer_records_runs_and_reports_failures(
     two_runs: tuple[RunResult, RunResult], base_cfg: Config, work: Path, caplog: pytest.LogCaptureFixture
 ):

@@ -17,6 +17,7 @@ from imgclf.tracking.store import (
     experiment_id,
     flat_metrics,
     param_value,
+    reading,
     store_exists,
     tracking_uri,
 )
@@ -72,22 +73,25 @@ def load_run(ref: str | Path, cfg: TrackingConfig | None = None) -> RunRecord:
     drain_pending(cfg)
     if not store_exists(cfg):
         raise missing
-    client = connect(cfg)
-    from mlflow.exceptions import MlflowException
+    with reading(cfg):
+        client = connect(cfg)
+        from mlflow.exceptions import MlflowException
 
-    if len(ref) == ID_LENGTH:
-        try:
-            run = client.get_run(ref)
-        except MlflowException as e:
-            raise missing from e
-    else:
-        exp = experiment_id(client, cfg) if ref.isalnum() else None
-        found = client.search_runs([exp], f"attributes.run_id LIKE '{ref}%'", max_results=2) if exp else []
-        if len(found) > 1:
-            raise TrackingError(f"{ref}: several runs have ids starting so; give more characters")
-        if not found:
-            raise missing
-        run = found[0]
+        if len(ref) == ID_LENGTH:
+            try:
+                run = client.get_run(ref)
+            except MlflowException as e:
+                if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                    raise
+                raise missing from e
+        else:
+            exp = experiment_id(client, cfg) if ref.isalnum() else None
+            found = client.search_runs([exp], f"attributes.run_id LIKE '{ref}%'", max_results=2) if exp else []
+            if len(found) > 1:
+                raise TrackingError(f"{ref}: several runs have ids starting so; give more characters")
+            if not found:
+                raise missing
+            run = found[0]
     return RunRecord(run.info.run_id[:8], dict(run.data.params), dict(run.data.metrics), dict(run.data.tags))
 
 

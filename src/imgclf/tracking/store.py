@@ -135,6 +135,21 @@ def connect(cfg: TrackingConfig) -> MlflowClient:
     return MlflowClient(tracking_uri=tracking_uri(cfg))
 
 
+@contextlib.contextmanager
+def reading(cfg: TrackingConfig) -> Iterator[None]:
+    """Turn a store that cannot be read (unreachable server, broken database) into a TrackingError."""
+    try:
+        yield
+    except TrackingError:
+        raise
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrackingError(
+            f"cannot read the run store {tracking_uri(cfg)}: {first[:300]} (check the address and that the server "
+            "runs; MLFLOW_HTTP_REQUEST_MAX_RETRIES and MLFLOW_HTTP_REQUEST_TIMEOUT set how long it is tried)"
+        ) from e
+
+
 def store_exists(cfg: TrackingConfig) -> bool:
     """False for a local SQLite store that has no database file yet (reading it would create one)."""
     db = sqlite_file(tracking_uri(cfg))
@@ -296,11 +311,12 @@ def list_runs(cfg: TrackingConfig, limit: int = 20) -> list[dict[str, Any]]:
     drain_pending(cfg)
     if not store_exists(cfg):
         return []
-    client = connect(cfg)
-    exp = experiment_id(client, cfg)
-    if exp is None:
-        return []
-    runs = client.search_runs([exp], order_by=["attributes.start_time DESC"], max_results=limit)
+    with reading(cfg):
+        client = connect(cfg)
+        exp = experiment_id(client, cfg)
+        if exp is None:
+            return []
+        runs = client.search_runs([exp], order_by=["attributes.start_time DESC"], max_results=limit)
     return [
         {
             "id": r.info.run_id,
