@@ -505,7 +505,7 @@ def _train(
                     m.eval()  # keep the pretrained statistics; the affine weights still train
         t0, seen = time.perf_counter(), 0
         # summed on the device: reading a value back each step would stall a GPU until it drains
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        loss_sum = torch.zeros((), dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
         wrong = torch.zeros((), dtype=torch.int64, device=device)
         batches = fit.epoch_batches(bs, gen, ft.balance_classes)
         shown = t0  # when the progress bar last read the sums back: at most twice a second
@@ -536,7 +536,7 @@ def _train(
             if ema is not None:
                 ema.update_parameters(model)
             seen += len(y)
-            loss_sum += loss.detach().double() * len(y)
+            loss_sum += loss.detach().to(loss_sum.dtype) * len(y)
             wrong += (logits.detach().argmax(1) != y).sum()
             now = time.perf_counter()
             if cfg.output.progress and (now - shown >= 0.5 or step == len(batches)):
