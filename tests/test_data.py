@@ -1,4 +1,5 @@
 import hashlib
+import os
 import subprocess
 import sys
 import warnings
@@ -108,6 +109,15 @@ def test_classes_that_cannot_be_learned_are_left_out_and_reported(tmp_path: Path
     left_out = [s for s in ds.skipped if "has no training image" in s["reason"]]
     assert sorted(Path(s["path"]).name for s in left_out) == ["only_val_00.jpg", "only_val_01.jpg"]
     assert _tree_digest(pre) == before
+    try:  # names that are not UTF-8 (possible on Linux): skipped and shown with \x escapes, not a crash
+        (root / os.fsdecode(b"cls\xfe")).mkdir()
+        (root / "circles" / os.fsdecode(b"bad\xff.jpg")).write_bytes((root / "circles" / "circles_00.jpg").read_bytes())
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system refuses file names that are not UTF-8")
+    ds = scan_dataset(DataConfig(data_root=root))
+    assert ds.classes == ["circles", "squares", "stripes"] and len(ds.samples) == 12
+    reasons = {Path(s["path"]).name: s["reason"] for s in ds.skipped}
+    assert "not valid UTF-8" in reasons["cls\\xfe"] and "rename it" in reasons["bad\\xff.jpg"]
 
 
 def test_random_split_stratified_deterministic_and_order_free(tmp_path: Path):

@@ -3,6 +3,7 @@
 import csv
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -103,6 +104,15 @@ def test_predict_api_and_cli(run, tmp_path, capsys):
     assert rows[0]["label_1"] in classes and rows[0]["label_2"] in classes and not rows[0]["error"]
     assert "empty" in rows[1]["error"]
     assert "ERROR" in capsys.readouterr().out
+    # a file name that is not UTF-8 (possible on Linux) is classified and shown with \x escapes
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    try:
+        (odd / os.fsdecode(b"bad\xff.jpg")).write_bytes((data / "squares" / "squares_00.jpg").read_bytes())
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system refuses file names that are not UTF-8")
+    assert main(["predict", str(result.run_dir), str(odd), "--csv", str(out_csv), "--no-progress"]) == 0
+    assert "bad\\xff.jpg\t" in capsys.readouterr().out and "bad\\xff.jpg," in out_csv.read_text()
 
 
 def test_cli_train_warm_cache_and_config_show(run, tmp_path, capsys):

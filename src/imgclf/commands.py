@@ -34,14 +34,15 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     from imgclf.pipeline import predict, write_predictions_csv
+    from imgclf.utils import display_path
 
     classes, preds = predict(args.run_dir, args.inputs, config_from_args(args, _run_config(args.run_dir)))
     for p in preds:
         if p.scores is None:
-            print(f"{p.path}\tERROR\t{p.error}")
+            print(f"{display_path(p.path)}\tERROR\t{p.error}")
         else:
             top = sorted(zip(classes, p.scores, strict=True), key=lambda t: -t[1])[: args.top_k]
-            print(f"{p.path}\t" + "\t".join(f"{c} {s:.3f}" for c, s in top))
+            print(f"{display_path(p.path)}\t" + "\t".join(f"{c} {s:.3f}" for c, s in top))
     if args.csv:
         write_predictions_csv(Path(args.csv), classes, preds, args.top_k)
     return 0 if all(p.error is None for p in preds) else 1

@@ -32,7 +32,7 @@ from imgclf.evaluation.report import summary_lines, write_reports
 from imgclf.features import FeatureExtractor
 from imgclf.heads import fit_head
 from imgclf.tracking import log_run
-from imgclf.utils import Memo, atomic_write_text, default_cache_dir
+from imgclf.utils import Memo, atomic_write_text, default_cache_dir, display_path
 
 log = logging.getLogger("imgclf")
 LOGGED_MAX = 20  # skipped files and notes printed; all of them go to the report and metrics.json
@@ -316,5 +316,5 @@ def write_predictions_csv(path: Path, classes: list[str], preds: list[Prediction
             for j in np.argsort(-p.scores)[:top_k]:
                 cells += [classes[j], f"{p.scores[j]:.6f}"]
         cells += [""] * (2 * top_k - len(cells))
-        w.writerow([str(p.path), *cells, p.error or ""])
+        w.writerow([display_path(p.path), *cells, p.error or ""])
     atomic_write_text(path, buf.getvalue())

@@ -12,7 +12,7 @@ import numpy as np
 
 from imgclf.config import DataConfig
 from imgclf.data.io import IMAGE_EXTENSIONS, ImageError, check_image
-from imgclf.utils import atomic_write_text
+from imgclf.utils import atomic_write_text, display_path, is_utf8
 
 PREDEFINED_TEST_NAMES = ("val", "test")
 UNLABELED_DIR = "unlabeled"
@@ -82,7 +82,8 @@ def scan_dataset(cfg: DataConfig, root: Path | None = None) -> Dataset:
     if cfg.split_mode == "predefined" and predefined is None:
         raise DatasetError(f"split_mode=predefined needs {root}/train and {root}/val (or test) sub-folders")
     parts = [(predefined[0], "train"), (predefined[1], "test")] if predefined else [(root, None)]
-    class_names = sorted({d.name for base, _ in parts for d in _class_dirs(base)})
+    unnamed = [d for base, _ in parts for d in _class_dirs(base) if not is_utf8(d.name)]
+    class_names = sorted({d.name for base, _ in parts for d in _class_dirs(base) if is_utf8(d.name)})
     if not class_names:
         raise DatasetError(f"no class sub-folders in {root}: expected {root}/<class name>/<images>")
     if len(class_names) < 2:
@@ -90,17 +91,25 @@ def scan_dataset(cfg: DataConfig, root: Path | None = None) -> Dataset:
             f"only one class ({class_names[0]!r}) in {root}: a classifier needs at least two class folders"
         )
     found: list[tuple[str, str, str, str | None]] = []  # rel, class name, group, preset
-    skipped: list[dict[str, str]] = []
+    bad_name = "name is not valid UTF-8 text (undecodable bytes shown as \\x..): rename it to use it"
+    skipped = [{"path": display_path(d), "reason": f"class folder {bad_name}"} for d in unnamed]
     notes: list[dict[str, str]] = []
     max_bytes = int(cfg.max_file_mb * 1e6)
     for base, preset in parts:
         for f in sorted(p for p in base.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS):
-            skipped.append({"path": str(f), "reason": "image not inside a class folder: move it into one to use it"})
+            skipped.append(
+                {"path": display_path(f), "reason": "image not inside a class folder: move it into one to use it"}
+            )
         for class_dir in _class_dirs(base):
+            if class_dir in unnamed:
+                continue
             for f in sorted(p for p in class_dir.rglob("*") if p.is_file()):
                 rel_in_class = f.relative_to(class_dir)
                 if any(part.startswith(".") for part in rel_in_class.parts[:-1]):
                     continue  # inside a hidden folder (e.g. a quarantine or cache the tools keep)
+                if not is_utf8(rel_in_class.as_posix()):
+                    skipped.append({"path": display_path(f), "reason": f"file {bad_name}"})
+                    continue
                 try:
                     note = check_image(f, cfg.max_image_pixels, max_bytes)
                 except ImageError as e:
