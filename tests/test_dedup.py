@@ -2,6 +2,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import time
 from pathlib import Path
 
@@ -132,6 +133,18 @@ def test_near_duplicate_found_only_with_max_distance(tmp_path: Path):
     assert 0 <= near.groups[0][1].distance <= 12
     if near.groups[0][1].distance > 0:
         assert find_duplicates(root, max_distance=0).groups == []
+
+
+def test_names_that_are_not_utf8_are_reported_not_fatal(tmp_path: Path):
+    root = tmp_path / "d"
+    pic = make_image(4, size=(200, 150))
+    _put(root / "a" / "one.jpg", pic)
+    try:
+        _put(root / "a" / os.fsdecode(b"copy\xff.jpg"), pic)
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system refuses file names that are not UTF-8")
+    result = find_duplicates(root)
+    assert result.groups == [] and result.skipped == [("a/copy\\xff.jpg", "name is not valid UTF-8 text: rename it")]
 
 
 def test_find_leaks(tmp_path: Path):

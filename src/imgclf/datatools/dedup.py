@@ -26,7 +26,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from imgclf.data.io import IMAGE_EXTENSIONS, ImageError, open_rgb
-from imgclf.utils import atomic_write_text, cpu_count
+from imgclf.utils import atomic_write_text, cpu_count, display_path, is_utf8
 
 log = logging.getLogger(__name__)
 
@@ -285,10 +285,12 @@ def find_duplicates(root: Path, hash_size: int = 16, max_distance: int = 0, prog
     if not root.is_dir():
         raise FileNotFoundError(f"data folder not found: {root} (give the folder that holds one sub-folder per class)")
     rels = find_images(root)
+    unnamed = [(display_path(r), "name is not valid UTF-8 text: rename it") for r in rels if not is_utf8(r)]
+    rels = [r for r in rels if is_utf8(r)]
     hashes, skipped = hash_images([root / r for r in rels], hash_size, progress=progress)
     ok = [r for r in rels if root / r in hashes]
     groups = group_duplicates(ok, [hashes[root / r] for r in ok], max_distance)
-    skipped_rel = sorted((p.relative_to(root).as_posix(), why) for p, why in skipped.items())
+    skipped_rel = sorted([(p.relative_to(root).as_posix(), why) for p, why in skipped.items()] + unnamed)
     return DedupResult(root, groups, skipped_rel, len(ok))
 
 
