@@ -267,3 +267,19 @@ def test_acceptance_flowers5_mislabelled_images_rank_first(tmp_path: Path) -> No
     ranks = sorted(rank[m] for m in moved)
     print(f"ranks of the {len(moved)} mislabelled images among {len(rank)}: {ranks}")
     assert sum(r <= 20 for r in ranks) >= 6, ranks
+
+
+def test_listing_leaves_out_names_that_are_not_utf8(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """No URL or JSON can name such a file: it is left out of the listing, with a warning naming it."""
+    import os
+
+    from imgclf.ui.labels import list_images
+
+    root = make_folder(tmp_path / "d", classes=("a", "b"), n=2)
+    try:
+        (root / "a" / os.fsdecode(b"bad\xff.jpg")).write_bytes((root / "a" / "a_00.jpg").read_bytes())
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system refuses file names that are not UTF-8")
+    with caplog.at_level("WARNING", logger="imgclf"):
+        assert list_images(root) == {"a": ["a/a_00.jpg", "a/a_01.jpg"], "b": ["b/b_00.jpg", "b/b_01.jpg"]}
+    assert "not shown: a/bad\\xff.jpg" in caplog.text

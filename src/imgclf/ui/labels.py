@@ -8,6 +8,7 @@ the target folder gets a free ``-1``, ``-2``... suffix, recorded in the journal.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import uuid
@@ -22,7 +23,9 @@ from sklearn.model_selection import StratifiedKFold
 
 from imgclf.data.io import IMAGE_EXTENSIONS
 from imgclf.datatools.journal import move_no_overwrite
-from imgclf.utils import file_sha256
+from imgclf.utils import display_path, file_sha256, is_utf8
+
+log = logging.getLogger("imgclf")
 
 JOURNAL_FILE = ".imgclf-journal.jsonl"
 
@@ -51,6 +54,7 @@ def safe_rel(root: Path, rel: str) -> Path:
 def list_images(root: Path) -> dict[str, list[str]]:
     """Image paths (relative, sorted) per top-level folder: class folders and ``unlabeled``; hidden ones skipped."""
     out: dict[str, list[str]] = {}
+    unnamed: list[str] = []  # not valid UTF-8: no URL or JSON can name them
     for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         rels = []
         for dirpath, dirnames, filenames in os.walk(d):
@@ -59,7 +63,11 @@ def list_images(root: Path) -> dict[str, list[str]]:
             rels.extend(
                 f"{base}/{n}" for n in filenames if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_EXTENSIONS
             )
-        out[d.name] = sorted(rels)
+        unnamed += [r for r in rels if not is_utf8(r)]
+        if is_utf8(d.name):
+            out[d.name] = sorted(r for r in rels if is_utf8(r))
+    for rel in sorted(unnamed):
+        log.warning("not shown: %s (its name is not valid UTF-8 text; rename it)", display_path(rel))
     return out
 
 
