@@ -110,11 +110,12 @@ def _finish(
     atomic_write_text(run_dir / f"{prefix}metrics.json", json.dumps(metrics, indent=2))
     if not prefix:
         write_reports(run_dir, y, scores, metrics, cfg.flat(), extra_figures, Memo(memo_root, "figures"))
-    for s in skipped[:LOGGED_MAX]:
-        log.warning("skipped %s: %s", s["path"], s["reason"])
-    for n in ds.notes[:LOGGED_MAX]:
-        log.warning("note: %s: %s", n["path"], n["note"])
-    for what, items in (("skipped files", skipped), ("notes", ds.notes)):
+    for items, line, key, what in (
+        (skipped, "skipped %s: %s", "reason", "skipped files"),
+        (ds.notes, "note: %s: %s", "note", "notes"),
+    ):
+        for item in items[:LOGGED_MAX]:
+            log.warning(line, item["path"], item[key])
         if len(items) > LOGGED_MAX:
             log.warning(
                 "... and %d more %s: all are listed in report.html and metrics.json", len(items) - LOGGED_MAX, what

@@ -82,8 +82,9 @@ def scan_dataset(cfg: DataConfig, root: Path | None = None) -> Dataset:
     if cfg.split_mode == "predefined" and predefined is None:
         raise DatasetError(f"split_mode=predefined needs {root}/train and {root}/val (or test) sub-folders")
     parts = [(predefined[0], "train"), (predefined[1], "test")] if predefined else [(root, None)]
-    unnamed = [d for base, _ in parts for d in _class_dirs(base) if not is_utf8(d.name)]
-    class_names = sorted({d.name for base, _ in parts for d in _class_dirs(base) if is_utf8(d.name)})
+    dirs = {base: _class_dirs(base) for base, _ in parts}  # listed once
+    unnamed = [d for base, _ in parts for d in dirs[base] if not is_utf8(d.name)]
+    class_names = sorted({d.name for base, _ in parts for d in dirs[base] if is_utf8(d.name)})
     if not class_names:
         raise DatasetError(f"no class sub-folders in {root}: expected {root}/<class name>/<images>")
     if len(class_names) < 2:
@@ -100,7 +101,7 @@ def scan_dataset(cfg: DataConfig, root: Path | None = None) -> Dataset:
             skipped.append(
                 {"path": display_path(f), "reason": "image not inside a class folder: move it into one to use it"}
             )
-        for class_dir in _class_dirs(base):
+        for class_dir in dirs[base]:
             if class_dir in unnamed:
                 continue
             for f in sorted(p for p in class_dir.rglob("*") if p.is_file()):
@@ -127,11 +128,8 @@ def scan_dataset(cfg: DataConfig, root: Path | None = None) -> Dataset:
             f"fewer than two class folders with a usable image in {root} (without one: {', '.join(empty)}); "
             f"add images to them" + (f". {len(skipped)} file(s) skipped: {shown}" if skipped else "")
         )
-    for base, _ in parts:
-        for class_dir in _class_dirs(base):
-            if class_dir.name in empty:
-                reason = "class folder without a usable image: class left out (add images to train it)"
-                skipped.append({"path": str(class_dir), "reason": reason})
+    reason = "class folder without a usable image: class left out (add images to train it)"
+    skipped += [{"path": str(d), "reason": reason} for base, _ in parts for d in dirs[base] if d.name in empty]
     class_names = [name for name in class_names if name in used]
     label_of = {name: i for i, name in enumerate(class_names)}
     samples = [Sample(rel, label_of[name], group, preset) for rel, name, group, preset in found]

@@ -27,9 +27,9 @@ class Augment:
     jitter: float = 0.3  # brightness, contrast and saturation factors drawn from 1 +- jitter
 
 
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Copy a small CPU tensor to ``device``; to a GPU through pinned memory, without waiting for it
-    (a copy from pageable memory would first wait for every queued kernel, once per training step)."""
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a CPU tensor to ``device``; to a GPU through pinned memory, without waiting for it
+    (a copy from pageable memory would first wait for every queued kernel)."""
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
@@ -72,10 +72,10 @@ class Normalizer:
         c, s = torch.cos(angle), torch.sin(angle)
         theta = torch.stack([torch.stack([c * w * flip, -s * h, cx], 1), torch.stack([s * w * flip, c * h, cy], 1)], 1)
         x = batch.permute(0, 3, 1, 2).float() / 255.0
-        grid = F.affine_grid(_to_device(theta, x.device), [n, 3, size, size], align_corners=False)
+        grid = F.affine_grid(to_device(theta, x.device), [n, 3, size, size], align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
         if aug.color:
-            f = _to_device(1 + aug.jitter * (2 * torch.rand(n, 3, generator=gen) - 1), x.device).view(n, 3, 1, 1, 1)
+            f = to_device(1 + aug.jitter * (2 * torch.rand(n, 3, generator=gen) - 1), x.device).view(n, 3, 1, 1, 1)
             x = x * f[:, 0]
             x = (x - x.mean(dim=(1, 2, 3), keepdim=True)) * f[:, 1] + x.mean(dim=(1, 2, 3), keepdim=True)
             gray = 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]

@@ -32,7 +32,7 @@ from imgclf.config import Config, FinetuneConfig
 from imgclf.data.dataset import Dataset
 from imgclf.data.io import Preprocess
 from imgclf.features.runtimes import resolve_device, resolve_precision
-from imgclf.finetune.augment import Augment, Normalizer
+from imgclf.finetune.augment import Augment, Normalizer, to_device
 from imgclf.finetune.imagecache import ImageCache, build_image_cache
 from imgclf.finetune.schedule import lr_factor
 from imgclf.heads import LinearHead
@@ -145,10 +145,7 @@ class CacheLoader:
     def __call__(self, batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         order = np.sort(batch)  # ascending rows read the memmap sequentially
         x = torch.from_numpy(np.ascontiguousarray(self.cache.images[self.rows[order]]))
-        y = torch.from_numpy(self.labels[order])
-        if self.device.type == "cuda":
-            x, y = x.pin_memory(), y.pin_memory()
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        return to_device(x, self.device), to_device(torch.from_numpy(self.labels[order]), self.device)
 
     def epoch_batches(self, batch_size: int, gen: torch.Generator, balance: bool) -> list[np.ndarray]:
         n = len(self.rows)
