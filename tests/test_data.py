@@ -39,6 +39,63 @@ def test_scan_sorted_classes_and_extensions(tmp_path: Path):
     assert ds.skipped == []
 
 
+@pytest.mark.parametrize("ext", [".avif", ".heic"])
+def test_phone_formats_read_upright(tmp_path: Path, ext: str):
+    """AVIF (Pillow) and HEIC (the pillow-heif plugin) are read, EXIF orientation applied once."""
+    if ext == ".heic":
+        pytest.importorskip("pillow_heif")
+    root = make_folder(tmp_path / "d", n=2)
+    im = Image.new("RGB", (60, 20), "white")
+    im.paste((255, 0, 0), (0, 0, 10, 20))  # red band on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    im.save(root / "circles" / f"photo{ext}", exif=exif.tobytes(), quality=95)
+    ds = scan_dataset(DataConfig(data_root=root))
+    assert f"circles/photo{ext}" in [s.rel for s in ds.samples] and ds.skipped == [] and ds.notes == []
+    out = np.asarray(open_rgb(root / "circles" / f"photo{ext}"))
+    assert out.shape == (60, 20, 3) and out[:5, :, 0].mean() > 200 and out[:5, :, 1].mean() < 80
+
+
+def test_heic_without_its_plugin_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import imgclf.data.io as io
+
+    monkeypatch.setattr(io, "HEIF_READABLE", False)
+    (tmp_path / "photo.heic").write_bytes(b"\x00\x00\x00\x18ftypheic" + b"\x00" * 64)  # not registered: unreadable
+    Image.init()  # every plugin registered first, so none registers into the patched list
+    monkeypatch.setattr(Image, "ID", [k for k in Image.ID if k != "HEIF"])
+    for read in (lambda f: check_image(f, 10**8, 10**9), open_rgb):
+        with pytest.raises(ImageError, match=r"imgclf\[heif\]"):
+            read(tmp_path / "photo.heic")
+
+
+def test_hidden_and_system_files_links_and_loops(tmp_path: Path):
+    """Archive and file-manager litter is ignored; folder links are followed once; a broken link is reported."""
+    root = make_folder(tmp_path / "d", n=3)
+    elsewhere = make_folder(tmp_path / "elsewhere", classes=("more",), n=2)
+    (root / "__MACOSX" / "circles").mkdir(parents=True)  # what unzipping a macOS archive leaves
+    (root / "__MACOSX" / "circles" / "._circles_00.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (root / "circles" / "._circles_00.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (root / "circles" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (root / "squares" / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+    (root / "squares" / ".cache").mkdir()
+    (root / "squares" / ".cache" / "a.jpg").write_bytes((root / "squares" / "squares_00.jpg").read_bytes())
+    try:
+        (root / "circles" / "linked").symlink_to(elsewhere / "more", target_is_directory=True)
+        (root / "circles" / "linked_again").symlink_to(elsewhere / "more", target_is_directory=True)
+        (root / "squares" / "loop").symlink_to(root / "squares", target_is_directory=True)
+        (root / "stripes" / "gone.jpg").symlink_to(tmp_path / "no_such.jpg")
+    except OSError:
+        pytest.skip("this file system or user cannot make symbolic links")
+    before = _tree_digest(root)
+    ds = scan_dataset(DataConfig(data_root=root))
+    assert ds.classes == ["circles", "squares", "stripes"]
+    rels = [s.rel for s in ds.samples]
+    assert len(rels) == 11 and "circles/linked/more_00.jpg" in rels and "circles/linked_again/more_00.jpg" not in rels
+    assert [Path(s["path"]).name for s in ds.skipped] == ["gone.jpg"]
+    assert ds.skipped[0]["reason"].startswith("broken link to") and "no_such.jpg" in ds.skipped[0]["reason"]
+    assert ds.notes == [] and _tree_digest(root) == before
+
+
 def test_bad_files_listed_with_reasons_and_untouched(tmp_path: Path):
     root = make_folder(tmp_path / "d", n=4)
     bad = root / "circles"

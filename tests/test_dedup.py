@@ -204,3 +204,22 @@ def test_chains_join_one_group_and_popcount_fallback():
     assert [(m.path, m.distance) for m in groups[0]] == [("a", 0), ("b", 3), ("c", 6)]
     x = np.random.default_rng(1).integers(0, 2**63, (7, 5), dtype=np.uint64)
     assert np.array_equal(popcount_lut(x), popcount(x))
+
+
+def test_links_and_system_folders(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """__MACOSX is not a class; one file reached through two folder links is never quarantined."""
+    root = tmp_path / "d"
+    pic = make_image(5, size=(200, 150))
+    _put(root / "a" / "one.jpg", make_image(6, size=(200, 150)))
+    _put(root / "__MACOSX" / "a" / "one.jpg", pic)
+    shared = _put(tmp_path / "shared" / "pic.jpg", pic).parent
+    try:
+        (root / "a" / "via_link").symlink_to(shared, target_is_directory=True)
+        (root / "b").symlink_to(shared, target_is_directory=True)
+    except OSError:
+        pytest.skip("this file system or user cannot make symbolic links")
+    result = find_duplicates(root)
+    assert [[m.path for m in g] for g in result.groups] == [["a/via_link/pic.jpg", "b/pic.jpg"]]
+    assert run_cli(["dedup", str(root), "--apply"]) == 1
+    assert "it is a/via_link/pic.jpg itself, reached through a link" in capsys.readouterr().err
+    assert (shared / "pic.jpg").read_bytes() == pic

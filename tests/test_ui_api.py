@@ -283,3 +283,24 @@ def test_listing_leaves_out_names_that_are_not_utf8(tmp_path: Path, caplog: pyte
     with caplog.at_level("WARNING", logger="imgclf"):
         assert list_images(root) == {"a": ["a/a_00.jpg", "a/a_01.jpg"], "b": ["b/b_00.jpg", "b/b_01.jpg"]}
     assert "not shown: a/bad\\xff.jpg" in caplog.text
+
+
+def test_images_reached_through_a_folder_link_are_shown_not_moved(tmp_path: Path) -> None:
+    """A linked folder outside the data folder: its images are listed and viewable; moving them is refused."""
+    root = make_folder(tmp_path / "d", classes=("a", "b"), n=2)
+    outside = make_folder(tmp_path / "outside", classes=("more",), n=1) / "more"
+    try:
+        (root / "a" / "linked").symlink_to(outside, target_is_directory=True)
+    except OSError:
+        pytest.skip("this file system or user cannot make symbolic links")
+    (root / "__MACOSX").mkdir()
+    before = sha_map(tmp_path)
+    with Server(create_app(root, analyse_on_start=False)) as server, httpx.Client(base_url=server.url) as client:
+        assert client.get("/api/info").json()["classes"] == ["a", "b"]
+        listed = [i["path"] for i in client.get("/api/images", params={"label": "a"}).json()["items"]]
+        assert listed == ["a/a_00.jpg", "a/a_01.jpg", "a/linked/more_00.jpg"]
+        assert client.get("/api/thumb", params={"path": "a/linked/more_00.jpg"}).status_code == 200
+        assert client.get("/api/image", params={"path": "a/linked/more_00.jpg"}).status_code == 200
+        moved = client.post("/api/relabel", json={"path": "a/linked/more_00.jpg", "label": "b"})
+        assert moved.status_code == 400 and "through a link" in moved.json()["detail"]
+    assert sha_map(tmp_path) == before

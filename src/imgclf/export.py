@@ -26,7 +26,7 @@ from PIL import Image
 from imgclf import __version__
 from imgclf.bundle import Bundle
 from imgclf.config import DataConfig
-from imgclf.data.io import IMAGE_EXTENSIONS, ImageError, load_for_model
+from imgclf.data.io import IMAGE_EXTENSIONS, ImageError, list_files, load_for_model
 from imgclf.features.runtimes import convert_openvino, export_onnx
 from imgclf.utils import atomic_write_text, quiet_torch_jit
 
@@ -68,7 +68,7 @@ class ExportResult:
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    return [p for p in list_files(folder) if p.suffix.lower() in IMAGE_EXTENSIONS]
 
 
 def split_paths(bundle: Bundle, run_dir: Path, part: str) -> list[Path]:

@@ -26,7 +26,7 @@ from imgclf.data.dataset import (
     save_split,
     scan_dataset,
 )
-from imgclf.data.io import IMAGE_EXTENSIONS
+from imgclf.data.io import IMAGE_EXTENSIONS, list_files
 from imgclf.evaluation.metrics import compute_metrics
 from imgclf.evaluation.report import summary_lines, write_reports
 from imgclf.features import FeatureExtractor
@@ -167,7 +167,7 @@ def train(cfg: Config) -> RunResult:
     skipped = list(ds.skipped)
     train_idx, test_idx = np.flatnonzero(split == "train"), np.flatnonzero(split == "test")
     log.info(
-        "%d classes, %d training and %d test images, %d files skipped",
+        "%d classes, %d training and %d test images, %d skipped",
         len(ds.classes),
         len(train_idx),
         len(test_idx),
@@ -270,7 +270,7 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            out += [f for f in list_files(p) if f.suffix.lower() in IMAGE_EXTENSIONS]
         elif p.suffix.lower() == ".txt" and p.is_file():
             base = p.parent
             for line in p.read_text(encoding="utf-8").splitlines():

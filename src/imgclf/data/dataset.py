@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from imgclf.config import DataConfig
-from imgclf.data.io import IMAGE_EXTENSIONS, ImageError, check_image
+from imgclf.data.io import IMAGE_EXTENSIONS, ImageError, check_image, is_ignored, list_files
 from imgclf.utils import atomic_write_text, display_path, is_utf8
 
 PREDEFINED_TEST_NAMES = ("val", "test")
@@ -50,13 +50,9 @@ class Dataset:
         return np.array([s.label for s in self.samples], dtype=np.int64)
 
 
-def _is_hidden(p: Path) -> bool:
-    return p.name.startswith(".")
-
-
 def _class_dirs(base: Path) -> list[Path]:
     return sorted(
-        (p for p in base.iterdir() if p.is_dir() and not _is_hidden(p) and p.name != UNLABELED_DIR),
+        (p for p in base.iterdir() if p.is_dir() and not is_ignored(p.name) and p.name != UNLABELED_DIR),
         key=lambda p: p.name,
     )
 
@@ -97,17 +93,17 @@ def scan_dataset(cfg: DataConfig, root: Path | None = None) -> Dataset:
     notes: list[dict[str, str]] = []
     max_bytes = int(cfg.max_file_mb * 1e6)
     for base, preset in parts:
-        for f in sorted(p for p in base.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS):
+        for f in sorted(
+            p for p in base.iterdir() if p.is_file() and not is_ignored(p.name) and p.suffix.lower() in IMAGE_EXTENSIONS
+        ):
             skipped.append(
                 {"path": display_path(f), "reason": "image not inside a class folder: move it into one to use it"}
             )
         for class_dir in dirs[base]:
             if class_dir in unnamed:
                 continue
-            for f in sorted(p for p in class_dir.rglob("*") if p.is_file()):
+            for f in list_files(class_dir):
                 rel_in_class = f.relative_to(class_dir)
-                if any(part.startswith(".") for part in rel_in_class.parts[:-1]):
-                    continue  # inside a hidden folder (e.g. a quarantine or cache the tools keep)
                 if not is_utf8(rel_in_class.as_posix()):
                     skipped.append({"path": display_path(f), "reason": f"file {bad_name}"})
                     continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -9,11 +10,69 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".avif", ".heic", ".heif"}
+)
+HEIF_EXTENSIONS = frozenset({".heic", ".heif"})
+# What file managers and archivers leave in folders (lower case); ignored like hidden names.
+SYSTEM_NAMES = frozenset({"__macosx", "thumbs.db", "ehthumbs.db", "desktop.ini"})
+
+try:  # HEIC/HEIF (phone photos) through the optional pillow-heif plugin: pip install "imgclf[heif]"
+    from pillow_heif import register_heif_opener
+except ImportError:
+    HEIF_READABLE = False
+else:
+    register_heif_opener()
+    HEIF_READABLE = True
 
 
 class ImageError(Exception):
     """An image that cannot be used; the message says why and what to do."""
+
+
+def is_ignored(name: str) -> bool:
+    """Hidden names (a leading dot) and the metadata files and folders of file managers and archivers."""
+    return name.startswith(".") or name.lower() in SYSTEM_NAMES
+
+
+def list_files(folder: Path) -> list[Path]:
+    """Files under ``folder``, sorted, without ignored names; folder links are followed, each real folder once.
+
+    Broken links are listed too, so that callers can report them; sockets and pipes are not.
+    """
+    out: list[Path] = []
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a link back up the tree, or a second link to the same folder
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not is_ignored(d))
+        for name in filenames:
+            f = Path(dirpath, name)
+            if not is_ignored(name) and (f.is_file() or not f.exists()):
+                out.append(f)
+    return sorted(out)
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError as e:
+        if path.is_symlink():
+            raise ImageError(f"broken link to {os.readlink(path)} (no such file): fix or remove the link") from e
+        raise ImageError(f"unreadable: {e.strerror}") from e
+    except OSError as e:
+        raise ImageError(f"unreadable: {e.strerror}") from e
+
+
+def _unreadable(path: Path | BinaryIO, e: Exception) -> ImageError:
+    if isinstance(path, Path) and path.suffix.lower() in HEIF_EXTENSIONS and not HEIF_READABLE:
+        return ImageError(
+            'HEIC/HEIF image: install the plugin that reads it (pip install "imgclf[heif]") or convert it'
+        )
+    return ImageError(f"not an image Pillow can read ({type(e).__name__}): check or convert the file")
 
 
 @dataclass(frozen=True)
@@ -44,6 +103,8 @@ _FORMAT_EXTENSIONS = {
     "GIF": (".gif",),
     "WEBP": (".webp",),
     "TIFF": (".tif", ".tiff"),
+    "AVIF": (".avif",),
+    "HEIF": (".heic", ".heif"),
 }
 
 
@@ -52,10 +113,7 @@ def check_image(path: Path, max_pixels: int, max_bytes: int) -> str | None:
 
     Returns a note for a usable image whose content does not match its extension (a PNG named .jpg).
     """
-    try:
-        size = path.stat().st_size
-    except OSError as e:
-        raise ImageError(f"unreadable: {e.strerror}") from e
+    size = _file_size(path)
     if size == 0:
         raise ImageError("empty file (0 bytes): re-download or remove it")
     if size > max_bytes:
@@ -68,7 +126,7 @@ def check_image(path: Path, max_pixels: int, max_bytes: int) -> str | None:
     except Image.DecompressionBombError as e:
         raise ImageError(f"oversized image ({e}): downscale it or raise --max-image-pixels") from e
     except Exception as e:
-        raise ImageError(f"not an image Pillow can read ({type(e).__name__}): check or convert the file") from e
+        raise _unreadable(path, e) from e
     if w * h > max_pixels:
         raise ImageError(
             f"oversized image ({w}x{h} = {w * h / 1e6:.0f} Mpx > {max_pixels / 1e6:.0f} Mpx): "
@@ -91,7 +149,7 @@ def open_rgb(path: Path | BinaryIO, draft_to: int | None = None, max_pixels: int
     EXIF orientation is applied after decoding; transparent pixels are composited on white.
     """
     try:
-        if isinstance(path, Path) and path.stat().st_size == 0:
+        if isinstance(path, Path) and _file_size(path) == 0:
             raise ImageError("empty file (0 bytes): re-download or remove it")
         im = Image.open(path)
         if im.size[0] * im.size[1] > (max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS):
@@ -105,6 +163,8 @@ def open_rgb(path: Path | BinaryIO, draft_to: int | None = None, max_pixels: int
         raise
     except Image.DecompressionBombError as e:
         raise ImageError(f"oversized image ({e}): downscale it or raise --max-image-pixels") from e
+    except Image.UnidentifiedImageError as e:
+        raise _unreadable(path, e) from e
     except OSError as e:
         msg = str(e)
         if "truncated" in msg:

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from imgclf.data.io import IMAGE_EXTENSIONS, ImageError, open_rgb
+from imgclf.data.io import IMAGE_EXTENSIONS, ImageError, is_ignored, list_files, open_rgb
 from imgclf.utils import atomic_write_text, cpu_count, display_path, is_utf8
 
 log = logging.getLogger(__name__)
@@ -267,16 +267,15 @@ def group_duplicates(names: Sequence[str], infos: Sequence[HashInfo], max_distan
 
 
 def find_images(root: Path) -> list[str]:
-    """Image files inside class folders (any depth, hidden folders excluded): sorted POSIX relative paths."""
+    """Image files inside class folders (any depth, hidden and system names excluded): sorted POSIX relative paths.
+
+    Files beside the class folders are in no class and not listed.
+    """
     root = Path(root)
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        if Path(dirpath) == root:
-            continue  # files beside the class folders are not in any class
-        rel_dir = Path(dirpath).relative_to(root)
-        found += [(rel_dir / f).as_posix() for f in filenames if Path(f).suffix.lower() in IMAGE_EXTENSIONS]
-    return sorted(found)
+    folders = sorted(d for d in root.iterdir() if d.is_dir() and not is_ignored(d.name))
+    return sorted(
+        f.relative_to(root).as_posix() for d in folders for f in list_files(d) if f.suffix.lower() in IMAGE_EXTENSIONS
+    )
 
 
 def find_duplicates(root: Path, hash_size: int = 16, max_distance: int = 0, progress: bool = False) -> DedupResult:

@@ -67,6 +67,9 @@ def quarantine(root: Path, moves: Sequence[tuple[str, str]]) -> JournalReport:
         if dst.exists():
             report.problems.append(f"{src}: not moved, {dst} exists (run `imgclf dedup --undo` first)")
             continue
+        if os.path.realpath(src) == os.path.realpath(root / kept):
+            report.problems.append(f"{src}: not moved, it is {kept} itself, reached through a link")
+            continue
         try:
             digest = file_sha256(src)
             _append(

@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from imgclf.backbones import Backbone
 from imgclf.config import Config
 from imgclf.data.dataset import UNLABELED_DIR
-from imgclf.data.io import ImageError
+from imgclf.data.io import ImageError, is_ignored
 from imgclf.ui.analysis import Analyzer
 from imgclf.ui.labels import RelabelError, RelabelJournal, UnsafePathError, list_images, safe_rel
 from imgclf.ui.thumbs import ThumbCache
@@ -84,7 +84,7 @@ class ImageIndex:
         self._present: frozenset[str] = frozenset()
 
     def _current_signature(self) -> tuple[int, ...]:
-        dirs = [self.root, *sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))]
+        dirs = [self.root, *sorted(p for p in self.root.iterdir() if p.is_dir() and not is_ignored(p.name))]
         return (*(d.stat().st_mtime_ns for d in dirs), len(dirs))
 
     def folders(self) -> dict[str, list[str]]:
@@ -169,7 +169,7 @@ def create_app(
         return JSONResponse({"detail": f"cannot show this image: {e}"}, status_code=422)
 
     def image_file(path: str) -> Path:
-        f = safe_rel(root, path)
+        f = safe_rel(root, path, through_links=path in index.present())  # listed: reached by a link in root
         if not f.is_file():
             raise FileNotFoundError(f"no image {path!r} in the data folder")
         return f

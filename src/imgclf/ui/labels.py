@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from sklearn.model_selection import StratifiedKFold
 
-from imgclf.data.io import IMAGE_EXTENSIONS
+from imgclf.data.io import IMAGE_EXTENSIONS, is_ignored, list_files
 from imgclf.datatools.journal import move_no_overwrite
 from imgclf.utils import display_path, file_sha256, is_utf8
 
@@ -38,16 +38,19 @@ class RelabelError(ValueError):
     """A move that cannot be done; the message says why."""
 
 
-def safe_rel(root: Path, rel: str) -> Path:
-    """``root / rel`` if ``rel`` is a relative POSIX path to a visible file inside ``root``; else raise."""
+def safe_rel(root: Path, rel: str, through_links: bool = False) -> Path:
+    """``root / rel`` if ``rel`` is a relative POSIX path to a visible file inside ``root``; else raise.
+
+    ``through_links`` accepts a path that a folder link inside ``root`` leads outside it (for reading only).
+    """
     parts = PurePosixPath(rel).parts
     if not rel or "\\" in rel or "\x00" in rel or PurePosixPath(rel).is_absolute():
         raise UnsafePathError(f"not a relative path: {rel!r}")
     if any(p in ("..", ".") or p.startswith(".") for p in parts):
         raise UnsafePathError(f"path outside the data folder or hidden: {rel!r}")
     path = root / Path(*parts)
-    if not path.resolve().is_relative_to(root.resolve()):
-        raise UnsafePathError(f"path leads outside the data folder: {rel!r}")
+    if not through_links and not path.resolve().is_relative_to(root.resolve()):
+        raise UnsafePathError(f"path leads outside the data folder through a link: {rel!r}; move it where it lies")
     return path
 
 
@@ -55,14 +58,8 @@ def list_images(root: Path) -> dict[str, list[str]]:
     """Image paths (relative, sorted) per top-level folder: class folders and ``unlabeled``; hidden ones skipped."""
     out: dict[str, list[str]] = {}
     unnamed: list[str] = []  # not valid UTF-8: no URL or JSON can name them
-    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        rels = []
-        for dirpath, dirnames, filenames in os.walk(d):
-            dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
-            base = Path(dirpath).relative_to(root).as_posix()
-            rels.extend(
-                f"{base}/{n}" for n in filenames if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_EXTENSIONS
-            )
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and not is_ignored(p.name)):
+        rels = [f.relative_to(root).as_posix() for f in list_files(d) if f.suffix.lower() in IMAGE_EXTENSIONS]
         unnamed += [r for r in rels if not is_utf8(r)]
         if is_utf8(d.name):
             out[d.name] = sorted(r for r in rels if is_utf8(r))
