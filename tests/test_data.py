@@ -177,6 +177,20 @@ def test_classes_that_cannot_be_learned_are_left_out_and_reported(tmp_path: Path
     assert "not valid UTF-8" in reasons["cls\\xfe"] and "rename it" in reasons["bad\\xff.jpg"]
 
 
+def test_class_names_with_control_characters_are_reported(tmp_path: Path):
+    """A line break in a folder name would break every line of text that prints the label."""
+    root = make_folder(tmp_path / "d", n=2)
+    try:
+        (root / "new\nline").mkdir()
+    except OSError:
+        pytest.skip("this file system refuses line breaks in names")
+    (root / "new\nline" / "x.jpg").write_bytes((root / "circles" / "circles_00.jpg").read_bytes())
+    ds = scan_dataset(DataConfig(data_root=root))
+    assert ds.classes == ["circles", "squares", "stripes"]
+    assert [s["path"] for s in ds.skipped] == [str(root / "new\\nline")]
+    assert "control character" in ds.skipped[0]["reason"]
+
+
 def test_random_split_stratified_deterministic_and_order_free(tmp_path: Path):
     root = make_folder(tmp_path / "d", n=20)
     cfg = DataConfig(data_root=root, split_seed=7)

@@ -8,3 +8,5 @@ __version__ = "0.1.0"
 # limit (max_image_pixels) instead. Set once here, not per call: warnings.catch_warnings is not thread-safe,
 # and images are decoded in threads, where a per-call context drops filters that other code set meanwhile.
 warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit", module=r"PIL\.Image")
+# A class name with a character the plot font lacks (an emoji) is drawn as a box; matplotlib warns once per draw.
+warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font", category=UserWarning)

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import tempfile
+import unicodedata
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,8 +25,14 @@ def default_cache_dir() -> Path:
 
 
 def display_path(path: str | os.PathLike[str]) -> str:
-    """``path`` as printable text: bytes of a file name that are not UTF-8 shown as ``\\xff`` escapes."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+    """``path`` as printable text: bytes that are not UTF-8 and control characters (a line break) escaped."""
+    text = os.fsencode(path).decode("utf-8", "backslashreplace")
+    return "".join(c.encode("unicode_escape").decode("ascii") if unicodedata.category(c) == "Cc" else c for c in text)
+
+
+def has_control_character(name: str) -> bool:
+    """Whether ``name`` holds a control character (a line break or tab), which breaks text output."""
+    return any(unicodedata.category(c) == "Cc" for c in name)
 
 
 def is_utf8(name: str) -> bool:

@@ -12,7 +12,7 @@ import numpy as np
 
 from imgclf.config import DataConfig
 from imgclf.data.io import IMAGE_EXTENSIONS, ImageError, check_image, is_ignored, list_files
-from imgclf.utils import atomic_write_text, display_path, is_utf8
+from imgclf.utils import atomic_write_text, display_path, has_control_character, is_utf8
 
 PREDEFINED_TEST_NAMES = ("val", "test")
 UNLABELED_DIR = "unlabeled"
@@ -50,6 +50,18 @@ class Dataset:
         return np.array([s.label for s in self.samples], dtype=np.int64)
 
 
+NOT_UTF8 = "name is not valid UTF-8 text (undecodable bytes shown as \\x..): rename it to use it"
+
+
+def _name_problem(name: str) -> str | None:
+    """Why a class folder's name cannot be a label (it is printed, and written in text and CSV files)."""
+    if not is_utf8(name):
+        return NOT_UTF8
+    if has_control_character(name):
+        return "name holds a control character (a line break or tab, shown as \\n or \\t): rename it to use it"
+    return None
+
+
 def _class_dirs(base: Path) -> list[Path]:
     return sorted(
         (p for p in base.iterdir() if p.is_dir() and not is_ignored(p.name) and p.name != UNLABELED_DIR),
@@ -79,8 +91,8 @@ def scan_dataset(cfg: DataConfig, root: Path | None = None) -> Dataset:
         raise DatasetError(f"split_mode=predefined needs {root}/train and {root}/val (or test) sub-folders")
     parts = [(predefined[0], "train"), (predefined[1], "test")] if predefined else [(root, None)]
     dirs = {base: _class_dirs(base) for base, _ in parts}  # listed once
-    unnamed = [d for base, _ in parts for d in dirs[base] if not is_utf8(d.name)]
-    class_names = sorted({d.name for base, _ in parts for d in dirs[base] if is_utf8(d.name)})
+    bad_names = {d: why for base, _ in parts for d in dirs[base] if (why := _name_problem(d.name))}
+    class_names = sorted({d.name for base, _ in parts for d in dirs[base] if d not in bad_names})
     if not class_names:
         raise DatasetError(f"no class sub-folders in {root}: expected {root}/<class name>/<images>")
     if len(class_names) < 2:
@@ -88,8 +100,7 @@ def scan_dataset(cfg: DataConfig, root: Path | None = None) -> Dataset:
             f"only one class ({class_names[0]!r}) in {root}: a classifier needs at least two class folders"
         )
     found: list[tuple[str, str, str, str | None]] = []  # rel, class name, group, preset
-    bad_name = "name is not valid UTF-8 text (undecodable bytes shown as \\x..): rename it to use it"
-    skipped = [{"path": display_path(d), "reason": f"class folder {bad_name}"} for d in unnamed]
+    skipped = [{"path": display_path(d), "reason": f"class folder {why}"} for d, why in bad_names.items()]
     notes: list[dict[str, str]] = []
     max_bytes = int(cfg.max_file_mb * 1e6)
     for base, preset in parts:
@@ -100,12 +111,12 @@ def scan_dataset(cfg: DataConfig, root: Path | None = None) -> Dataset:
                 {"path": display_path(f), "reason": "image not inside a class folder: move it into one to use it"}
             )
         for class_dir in dirs[base]:
-            if class_dir in unnamed:
+            if class_dir in bad_names:
                 continue
             for f in list_files(class_dir):
                 rel_in_class = f.relative_to(class_dir)
                 if not is_utf8(rel_in_class.as_posix()):
-                    skipped.append({"path": display_path(f), "reason": f"file {bad_name}"})
+                    skipped.append({"path": display_path(f), "reason": f"file {NOT_UTF8}"})
                     continue
                 try:
                     note = check_image(f, cfg.max_image_pixels, max_bytes)
