@@ -153,6 +153,19 @@ def test_warm_rerun_imports_no_heavy_library(run, tmp_path):
 def test_cli_errors_are_messages(tmp_path, capsys, monkeypatch):
     assert main(["train", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")]) == 2
     assert "data folder not found" in capsys.readouterr().err
+    assert main(["predict", str(tmp_path / "no_run"), str(tmp_path / "x.jpg")]) == 2
+    assert "no model bundle in" in capsys.readouterr().err
+    assert main(["train", str(tmp_path), "--epochs", "0", "--svm-c-grid", "1", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "finetune.epochs = 0 (--epochs): Input should be greater than or equal to 1" in err
+    assert "every C must be greater than 0" in err and "errors.pydantic.dev" not in err
+    (tmp_path / "run.toml").write_text("[finetune]\nepoch = 3\n[bogus]\n")
+    assert main(["train", str(tmp_path), "--config", str(tmp_path / "run.toml")]) == 2
+    err = capsys.readouterr().err
+    assert "run.toml: finetune.epoch: unknown parameter (did you mean epochs?); bogus: unknown section" in err
+    (tmp_path / "run.toml").write_text("[finetune\n")
+    assert main(["train", str(tmp_path), "--config", str(tmp_path / "run.toml")]) == 2
+    assert "run.toml: not a valid TOML file" in capsys.readouterr().err
     import torch
 
     import imgclf.pipeline

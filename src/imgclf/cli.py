@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from imgclf.config import Config, parameter_table
+from imgclf.config import Config, describe_errors, parameter_table
 
 # Sub-command modules; each defines ``register(subparsers)`` adding its commands.
 COMMAND_MODULES = (
@@ -117,8 +117,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
+        from pydantic import ValidationError
+
         from imgclf.errors import USER_ERRORS
 
+        if isinstance(e, ValidationError):
+            print(f"imgclf: error: {describe_errors(e)}", file=sys.stderr)
+            return 2
         if isinstance(e, USER_ERRORS):
             print(f"imgclf: error: {e}", file=sys.stderr)
             return 2

@@ -8,6 +8,7 @@ sections. The resolved configuration is saved with every run (``config.json``).
 
 from __future__ import annotations
 
+import difflib
 import json
 import tomllib
 import types
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class _Section(BaseModel):
@@ -96,6 +97,14 @@ class ClassifierConfig(_Section):
         description="SVM C values tried; the best is chosen by cross-validation on the training split.",
     )
     cv_folds: int = Field(5, ge=2, description="Stratified cross-validation folds used to choose C and calibrate.")
+
+    @field_validator("svm_c_grid")
+    @classmethod
+    def _c_positive(cls, grid: list[float]) -> list[float]:
+        if any(not c > 0 for c in grid):
+            raise ValueError("every C must be greater than 0")
+        return grid
+
     class_weight: Literal["none", "balanced"] = Field(
         "none", description="balanced: weight classes inversely to their size."
     )
@@ -254,16 +263,24 @@ class Config(BaseModel):
     def from_file(cls, path: str | Path) -> Config:
         """Load a TOML (.toml) or YAML (.yaml/.yml) file with the same sections."""
         path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"configuration file not found: {path}")
         text = path.read_text(encoding="utf-8")
-        if path.suffix.lower() == ".toml":
-            raw = tomllib.loads(text)
-        elif path.suffix.lower() in (".yaml", ".yml"):
-            raw = yaml.safe_load(text) or {}
-        elif path.suffix.lower() == ".json":
-            raw = json.loads(text)
-        else:
-            raise ValueError(f"{path}: configuration files must end in .toml, .yaml, .yml or .json")
-        return cls.model_validate(raw)
+        try:
+            if path.suffix.lower() == ".toml":
+                raw = tomllib.loads(text)
+            elif path.suffix.lower() in (".yaml", ".yml"):
+                raw = yaml.safe_load(text) or {}
+            elif path.suffix.lower() == ".json":
+                raw = json.loads(text)
+            else:
+                raise ValueError(f"{path}: configuration files must end in .toml, .yaml, .yml or .json")
+        except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not a valid {path.suffix.lstrip('.').upper()} file ({e})") from None
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as e:
+            raise ValueError(f"{path}: {describe_errors(e)}") from None
 
     def updated(self, **flat: Any) -> Config:
         """A copy with fields replaced by flat name (``train_fraction=0.8``), validated."""
@@ -323,3 +340,22 @@ def type_name(annotation: Any) -> str:
     if origin is list:
         return f"list[{type_name(typing.get_args(annotation)[0])}]"
     return getattr(annotation, "__name__", str(annotation))
+
+
+def describe_errors(error: ValidationError) -> str:
+    """Pydantic's errors as one line naming each parameter and its flag, with a guess for a misspelt name."""
+    index = field_index()
+    out = []
+    for err in error.errors():
+        names = [part for part in err["loc"] if isinstance(part, str)]
+        dotted = ".".join(names)
+        if err["type"] == "extra_forbidden":
+            known = list(index) if len(names) > 1 else list(Config.model_fields)
+            close = difflib.get_close_matches(names[-1], known, n=1)
+            kind = "parameter" if len(names) > 1 else "section"
+            out.append(f"{dotted}: unknown {kind}" + (f" (did you mean {close[0]}?)" if close else ""))
+        elif len(names) > 1:
+            out.append(f"{dotted} = {err['input']!r} (--{names[-1].replace('_', '-')}): {err['msg']}")
+        else:
+            out.append(f"{dotted or 'configuration'}: {err['msg']}")
+    return "; ".join(out)

@@ -1,11 +1,13 @@
 """Errors that mean "the input or the setup is wrong": the CLI prints their message instead of a traceback."""
 
 from imgclf.backbones.factory import BackboneError
+from imgclf.bundle import BundleError
 from imgclf.data.dataset import DatasetError
 from imgclf.data.io import ImageError
 
 USER_ERRORS: tuple[type[Exception], ...] = (
     BackboneError,
+    BundleError,
     DatasetError,
     ImageError,
     FileNotFoundError,
