@@ -247,6 +247,36 @@ def test_background_writer_records_runs_and_reports_failures(
     assert not any(queue_dir("nosuchstore://nowhere").glob("*.json"))
 
 
+def test_a_queued_run_keeps_its_own_files(
+    two_runs: tuple[RunResult, RunResult], base_cfg: Config, work: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The next run into the same folder (runs/latest) must not change what a queued record logs."""
+    import shutil
+
+    from imgclf.utils import atomic_dir, atomic_write_text
+
+    run_dir = work / "runs" / "snapshot"
+    shutil.copytree(two_runs[0].run_dir, run_dir)
+    (run_dir / "leaks.csv").write_text("left by an earlier run\n")
+    (run_dir / "notes.txt").write_text("the user's own file\n")
+    first = train(base_cfg.updated(out=run_dir, tracking=False))
+    assert not (run_dir / "leaks.csv").exists() and (run_dir / "notes.txt").is_file()  # only stale results go
+    uri = f"sqlite:///{work / 'snapshot.db'}"
+    monkeypatch.setattr("imgclf.tracking.store.subprocess.Popen", lambda *a, **k: None)  # no writer: drain below
+    assert log_run("train", base_cfg.updated(tracking_uri=uri), first) is None
+    monkeypatch.undo()  # MLflow itself starts processes
+    config = (run_dir / "config.json").read_bytes()
+    atomic_write_text(run_dir / "config.json", "{}")  # a next run replaces the files, as every run does
+    with atomic_dir(run_dir / "model") as tmp:
+        (tmp / "bundle.json").write_text("{}")
+    (run,) = _runs(uri)
+    client = _client(uri)
+    got = Path(client.download_artifacts(run.info.run_id, "config.json", str(work / "downloaded")))
+    assert got.read_bytes() == config
+    assert "model/head.npz" in {f.path for f in client.list_artifacts(run.info.run_id, "model")}
+    assert {p.name for p in queue_dir(uri).iterdir()} == {".lock", "writer.log"}  # record and snapshot gone
+
+
 def test_runs_land_on_tracking_server(server: str, base_cfg: Config, work: Path, monkeypatch: pytest.MonkeyPatch):
     _wait_for(server)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server)

@@ -36,6 +36,14 @@ from imgclf.utils import Memo, atomic_write_text, default_cache_dir, display_pat
 
 log = logging.getLogger("imgclf")
 LOGGED_MAX = 20  # skipped files and notes printed; all of them go to the report and metrics.json
+# Results an earlier run in the same folder may have left that a new run does not always rewrite.
+EARLIER_OUTPUTS = (
+    "leaks.csv",
+    "finetune_log.csv",
+    "finetune_curves.png",
+    "train_metrics.json",
+    "train_predictions.csv",
+)
 
 
 @dataclass
@@ -151,6 +159,17 @@ def _check_leaks(cfg: Config, ds: Dataset, split: np.ndarray, run_dir: Path) -> 
     log.warning("warning: %s", msg)
 
 
+def _remove_earlier_outputs(run_dir: Path) -> None:
+    """Remove the results of an earlier run in ``run_dir`` that this run might not replace (stale curves, leaks)."""
+    earlier = [run_dir / name for name in EARLIER_OUTPUTS if (run_dir / name).is_file()]
+    if earlier:
+        log.info(
+            "run folder %s: removing results of the earlier run there: %s", run_dir, ", ".join(p.name for p in earlier)
+        )
+    for p in earlier:
+        p.unlink()
+
+
 def train(cfg: Config) -> RunResult:
     """Scan, split, extract features (or fine-tune), fit the classifier, evaluate on the test split, bundle."""
     t0 = time.perf_counter()
@@ -159,6 +178,8 @@ def train(cfg: Config) -> RunResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     ds = scan_dataset(cfg.data)
     ds, split = leave_out_untrained(ds, make_split(ds, cfg.data))
+    if not cfg.finetune.resume:
+        _remove_earlier_outputs(run_dir)
     save_split(run_dir / "split.csv", ds, split)
     cfg = cfg.updated(data_root=ds.root)
     cfg.save(run_dir / "config.json")

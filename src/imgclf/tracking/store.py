@@ -5,8 +5,9 @@ The store is ``tracking_uri`` from the configuration, else ``$MLFLOW_TRACKING_UR
 mlflow is imported only here, when a run is recorded or read.
 
 With ``tracking_background`` (the default) a finished run is queued as a JSON record in
-``$IMGCLF_CACHE/tracking/<store>/`` and a detached process writes it to MLflow, so a command does not wait
-for MLflow's start-up. Whoever holds the queue's lock drains it; every reader drains it first, so a
+``$IMGCLF_CACHE/tracking/<store>/``, with a snapshot of its files (hard links), and a detached process
+writes it to MLflow, so a command does not wait for MLflow's start-up, and a next run into the same
+folder cannot change what is recorded. Whoever holds the queue's lock drains it; every reader drains it first, so a
 listing or comparison always includes the runs that finished before it.
 """
 
@@ -18,6 +19,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -185,6 +187,31 @@ def run_record(kind: str, cfg: Config, result: RunResult, on_train: bool) -> dic
     }
 
 
+def _artifact_files(folder: Path) -> list[Path]:
+    return [
+        f
+        for f in sorted(folder.iterdir())
+        if f.is_file() and f.suffix.lower() in ARTIFACT_SUFFIXES and not f.name.startswith(".")
+    ]
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)  # run-folder files are replaced by rename, never rewritten: the link keeps this version
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def snapshot(run_dir: Path, dest: Path) -> None:
+    """The run folder's recorded files as they are now, in ``dest`` (hard links, else copies), so that a
+    later run into the same folder cannot change what a queued record logs."""
+    dest.mkdir(parents=True)
+    for f in _artifact_files(run_dir):
+        _link_or_copy(str(f), str(dest / f.name))
+    if (run_dir / "model").is_dir():
+        shutil.copytree(run_dir / "model", dest / "model", copy_function=_link_or_copy)
+
+
 def _record(rec: dict[str, Any]) -> str:
     """Write one run record to its store; returns the MLflow run id."""
     from mlflow.entities import Metric, Param
@@ -194,7 +221,7 @@ def _record(rec: dict[str, Any]) -> str:
         db.parent.mkdir(parents=True, exist_ok=True)  # a new store in a new folder
     client = connect(store)
     exp = experiment_id(client, store, create=True)
-    run_dir = Path(rec["run_dir"])
+    files = Path(rec.get("files") or rec["run_dir"])  # the snapshot of a queued record
     run_id = client.create_run(exp, start_time=rec["start_ms"], tags=rec["tags"], run_name=rec["run_name"]).info.run_id
     status = "FAILED"
     try:
@@ -202,11 +229,10 @@ def _record(rec: dict[str, Any]) -> str:
         metrics = [Metric(k, v, rec["start_ms"], 0) for k, v in rec["metrics"].items()]
         for i in range(0, max(len(params), len(metrics)), _BATCH):
             client.log_batch(run_id, metrics=metrics[i : i + _BATCH], params=params[i : i + _BATCH])
-        for f in sorted(run_dir.iterdir()):
-            if f.is_file() and f.suffix.lower() in ARTIFACT_SUFFIXES and not f.name.startswith("."):
-                client.log_artifact(run_id, str(f))
-        if (run_dir / "model").is_dir():
-            client.log_artifacts(run_id, str(run_dir / "model"), "model")
+        for f in _artifact_files(files):
+            client.log_artifact(run_id, str(f))
+        if (files / "model").is_dir():
+            client.log_artifacts(run_id, str(files / "model"), "model")
         status = "FINISHED"
     finally:
         client.set_terminated(run_id, status)
@@ -254,6 +280,7 @@ def drain(uri: str) -> None:
             with contextlib.suppress(FileNotFoundError, ValueError):
                 _record_or_warn(json.loads(job.read_text(encoding="utf-8")))
             job.unlink(missing_ok=True)
+            shutil.rmtree(job.with_suffix(".files"), ignore_errors=True)
 
 
 def drain_pending(cfg: TrackingConfig) -> None:
@@ -266,8 +293,10 @@ def _queue(rec: dict[str, Any]) -> bool:
     if sys.platform == "win32":
         return False
     folder = queue_dir(rec["uri"])
+    job = folder / f"{rec['start_ms']:015d}-{uuid.uuid4().hex[:8]}.json"
     try:
-        atomic_write_text(folder / f"{rec['start_ms']:015d}-{uuid.uuid4().hex[:8]}.json", json.dumps(rec))
+        snapshot(Path(rec["run_dir"]), job.with_suffix(".files"))
+        atomic_write_text(job, json.dumps({**rec, "files": str(job.with_suffix(".files"))}))
         errors_path = folder / "writer.log"
         with contextlib.suppress(FileNotFoundError):
             if errors_path.stat().st_size > _WRITER_LOG_MAX:
@@ -282,6 +311,8 @@ def _queue(rec: dict[str, Any]) -> bool:
                 close_fds=True,
             )
     except OSError as e:
+        if not job.exists():
+            shutil.rmtree(job.with_suffix(".files"), ignore_errors=True)
         log.warning("cannot record in the background (%s); recording now", e)
         return False
     return True
