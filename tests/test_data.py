@@ -216,6 +216,18 @@ def test_predefined_list_and_group_modes(tmp_path: Path):
     assert sum(split == "test") == 6 and all(
         s.rel.startswith("val/") for s, p in zip(ds.samples, split, strict=True) if p == "test"
     )
+    make_folder(pre / "test", n=3, seed=2)  # train/, val/ and test/: test/ tests, val/ trains too
+    make_folder(pre / "extra", classes=("circles",), n=1, seed=3)
+    Image.new("RGB", (30, 30), "red").save(pre / "loose.png")
+    (pre / "PROVENANCE.md").write_text("not an image, not reported")
+    ds = scan_dataset(DataConfig(data_root=pre))
+    split = make_split(ds, DataConfig(data_root=pre))
+    tests = [s.rel.split("/")[0] for s, p in zip(ds.samples, split, strict=True) if p == "test"]
+    assert tests == ["test"] * 9 and sum(split == "train") == 15 + 6
+    assert [(Path(s["path"]).name, s["reason"]) for s in ds.skipped] == [
+        ("extra", "folder beside train/, val/, test/: in no split, not used"),
+        ("loose.png", "image not inside a class folder: move it into one to use it"),
+    ]
 
     root = make_folder(tmp_path / "flat", n=6)
     (tmp_path / "test.txt").write_text("circles/circles_00.jpg\nsquares/squares_01.jpg\nstripes/stripes_02.jpg\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -14,8 +15,9 @@ from imgclf.config import DataConfig
 from imgclf.data.io import IMAGE_EXTENSIONS, ImageError, check_image, is_ignored, list_files
 from imgclf.utils import atomic_write_text, display_path, has_control_character, is_utf8
 
-PREDEFINED_TEST_NAMES = ("val", "test")
 UNLABELED_DIR = "unlabeled"
+
+log = logging.getLogger("imgclf")
 
 
 class DatasetError(ValueError):
@@ -69,13 +71,14 @@ def _class_dirs(base: Path) -> list[Path]:
     )
 
 
-def _predefined_dirs(root: Path) -> tuple[Path, Path] | None:
+def _predefined_parts(root: Path) -> list[tuple[Path, str]] | None:
+    """(folder, split) of ``train/`` and ``test/`` or ``val/``; with both, ``val/`` trains too."""
     names = {p.name.lower(): p for p in root.iterdir() if p.is_dir()}
-    if "train" in names:
-        for test_name in PREDEFINED_TEST_NAMES:
-            if test_name in names:
-                return names["train"], names[test_name]
-    return None
+    if "train" not in names or not ({"val", "test"} & names.keys()):
+        return None
+    if "test" not in names:
+        return [(names["train"], "train"), (names["val"], "test")]
+    return [(names["train"], "train"), *([(names["val"], "train")] if "val" in names else []), (names["test"], "test")]
 
 
 def scan_dataset(cfg: DataConfig, root: Path | None = None) -> Dataset:
@@ -86,10 +89,16 @@ def scan_dataset(cfg: DataConfig, root: Path | None = None) -> Dataset:
     if not root.is_dir():
         raise DatasetError(f"{root} is a file; give the folder that holds one sub-folder per class")
     root = root.resolve()
-    predefined = _predefined_dirs(root) if cfg.split_mode in ("auto", "predefined") else None
+    predefined = _predefined_parts(root) if cfg.split_mode in ("auto", "predefined") else None
     if cfg.split_mode == "predefined" and predefined is None:
         raise DatasetError(f"split_mode=predefined needs {root}/train and {root}/val (or test) sub-folders")
-    parts = [(predefined[0], "train"), (predefined[1], "test")] if predefined else [(root, None)]
+    parts: list[tuple[Path, str | None]] = list(predefined) if predefined else [(root, None)]
+    if predefined:
+        log.info(
+            "predefined split: %s train, %s tests",
+            " and ".join(f"{base.name}/" for base, preset in predefined if preset == "train"),
+            predefined[-1][0].name + "/",
+        )
     dirs = {base: _class_dirs(base) for base, _ in parts}  # listed once
     bad_names = {d: why for base, _ in parts for d in dirs[base] if (why := _name_problem(d.name))}
     class_names = sorted({d.name for base, _ in parts for d in dirs[base] if d not in bad_names})
@@ -103,13 +112,22 @@ def scan_dataset(cfg: DataConfig, root: Path | None = None) -> Dataset:
     skipped = [{"path": display_path(d), "reason": f"class folder {why}"} for d, why in bad_names.items()]
     notes: list[dict[str, str]] = []
     max_bytes = int(cfg.max_file_mb * 1e6)
+    loose = "image not inside a class folder: move it into one to use it"
+    if predefined:  # what lies beside train/ and val/ or test/ is in no split
+        split_dirs = [base for base, _ in parts]
+        for p in sorted(root.iterdir()):
+            if p in split_dirs or is_ignored(p.name) or p.name == UNLABELED_DIR:
+                continue
+            if p.is_dir():
+                names = ", ".join(f"{base.name}/" for base in split_dirs)
+                skipped.append({"path": display_path(p), "reason": f"folder beside {names}: in no split, not used"})
+            elif p.suffix.lower() in IMAGE_EXTENSIONS:
+                skipped.append({"path": display_path(p), "reason": loose})
     for base, preset in parts:
         for f in sorted(
             p for p in base.iterdir() if p.is_file() and not is_ignored(p.name) and p.suffix.lower() in IMAGE_EXTENSIONS
         ):
-            skipped.append(
-                {"path": display_path(f), "reason": "image not inside a class folder: move it into one to use it"}
-            )
+            skipped.append({"path": display_path(f), "reason": loose})
         for class_dir in dirs[base]:
             if class_dir in bad_names:
                 continue
