@@ -304,3 +304,29 @@ def test_images_reached_through_a_folder_link_are_shown_not_moved(tmp_path: Path
         moved = client.post("/api/relabel", json={"path": "a/linked/more_00.jpg", "label": "b"})
         assert moved.status_code == 400 and "through a link" in moved.json()["detail"]
     assert sha_map(tmp_path) == before
+
+
+def test_a_data_folder_laid_out_by_split(tmp_path: Path) -> None:
+    """train/<class>/ and val/<class>/: the classes are the class folders, and a move stays in its split."""
+    root = tmp_path / "d"
+    make_folder(root / "train", classes=("a", "b"), n=3)
+    make_folder(root / "val", classes=("a", "b"), n=2, seed=1)
+    make_folder(root / "unlabeled", classes=("new",), n=1, seed=2)
+    (root / "unlabeled" / "new" / "new_00.jpg").rename(root / "unlabeled" / "new_00.jpg")
+    before = sha_map(root)
+    with Server(create_app(root, analyse_on_start=False)) as server, httpx.Client(base_url=server.url) as client:
+        info = client.get("/api/info").json()
+        assert info["classes"] == ["a", "b"] and info["splits"] == ["train", "val"]
+        assert info["counts"] == {"a": 5, "b": 5, "unlabeled": 1}
+        listed = [i["path"] for i in client.get("/api/images", params={"label": "a"}).json()["items"]]
+        assert listed == ["train/a/a_00.jpg", "train/a/a_01.jpg", "train/a/a_02.jpg", "val/a/a_00.jpg", "val/a/a_01.jpg"]
+        moved = client.post("/api/relabel", json={"path": "val/a/a_01.jpg", "label": "b"}).json()
+        assert moved["to"] == "val/b/a_01.jpg"
+        same = client.post("/api/relabel", json={"path": "val/b/a_01.jpg", "label": "b"})
+        assert same.status_code == 409
+        assert client.post("/api/relabel", json={"path": "unlabeled/new_00.jpg", "label": "a"}).json()["to"] == (
+            "train/a/new_00.jpg"
+        )
+        assert client.get("/api/info").json()["counts"] == {"a": 5, "b": 6, "unlabeled": 0}
+        assert len(client.post("/api/undo", json={"all": True}).json()["undone"]) == 2
+    assert sha_map(root) == before

@@ -81,6 +81,11 @@ def _predefined_parts(root: Path) -> list[tuple[Path, str]] | None:
     return [(names["train"], "train"), *([(names["val"], "train")] if "val" in names else []), (names["test"], "test")]
 
 
+def split_folders(root: Path) -> list[str]:
+    """Names of the split folders (``train``, ``val``, ``test``) of a data folder laid out by split; [] if flat."""
+    return [base.name for base, _ in _predefined_parts(Path(root)) or []]
+
+
 def scan_dataset(cfg: DataConfig, root: Path | None = None) -> Dataset:
     """List the usable images under the data root; unusable files are reported in ``skipped``, never touched."""
     root = Path(root if root is not None else cfg.data_root or "")

@@ -39,7 +39,7 @@ def analyse(root: Path, cfg: Config, backbone: Backbone | None = None) -> Analys
     if len(classes) < 2:
         raise ValueError(f"{root}: label errors need at least two class folders with images")
     rels = [r for c in classes for r in folders[c]]
-    y_all = np.array([classes.index(r.split("/", 1)[0]) for r in rels])
+    y_all = np.array([i for i, c in enumerate(classes) for _ in folders[c]])
     unl = folders.get(UNLABELED_DIR, [])
     fx = FeatureExtractor.from_config(cfg, backbone)
     res = fx.extract([root / r for r in [*rels, *unl]], desc="review features")

@@ -21,10 +21,10 @@ from pydantic import BaseModel
 
 from imgclf.backbones import Backbone
 from imgclf.config import Config
-from imgclf.data.dataset import UNLABELED_DIR
-from imgclf.data.io import ImageError, is_ignored
+from imgclf.data.dataset import UNLABELED_DIR, split_folders
+from imgclf.data.io import ImageError
 from imgclf.ui.analysis import Analyzer
-from imgclf.ui.labels import RelabelError, RelabelJournal, UnsafePathError, list_images, safe_rel
+from imgclf.ui.labels import RelabelError, RelabelJournal, UnsafePathError, class_folders, list_images, safe_rel
 from imgclf.ui.thumbs import ThumbCache
 
 BROWSER_FORMATS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp"})
@@ -84,7 +84,7 @@ class ImageIndex:
         self._present: frozenset[str] = frozenset()
 
     def _current_signature(self) -> tuple[int, ...]:
-        dirs = [self.root, *sorted(p for p in self.root.iterdir() if p.is_dir() and not is_ignored(p.name))]
+        dirs = [self.root, *(self.root / s for s in split_folders(self.root)), *class_folders(self.root)]
         return (*(d.stat().st_mtime_ns for d in dirs), len(dirs))
 
     def folders(self) -> dict[str, list[str]]:
@@ -191,6 +191,7 @@ def create_app(
             "classes": index.classes(),
             "counts": {k: len(v) for k, v in folders.items()},
             "unlabeled_dir": UNLABELED_DIR,
+            "splits": split_folders(root),  # a data folder laid out by split: train/<class>/..., val/<class>/...
             "run": None if results is None else {"path": str(run_dir), "classes": results.classes},
             "journal": str(journal.path),
         }

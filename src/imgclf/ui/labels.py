@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from sklearn.model_selection import StratifiedKFold
 
+from imgclf.data.dataset import UNLABELED_DIR, split_folders
 from imgclf.data.io import IMAGE_EXTENSIONS, is_ignored, list_files
 from imgclf.datatools.journal import move_no_overwrite
 from imgclf.utils import display_path, file_sha256, is_utf8
@@ -54,18 +55,42 @@ def safe_rel(root: Path, rel: str, through_links: bool = False) -> Path:
     return path
 
 
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not is_ignored(p.name))
+
+
+def class_folders(root: Path) -> list[Path]:
+    """The class folders (and ``unlabeled``): the sub-folders of ``root``, or of its split folders (``train/``,
+    ``val/``, ``test/``) when the data is laid out by split."""
+    splits = split_folders(root)
+    if not splits:
+        return _subfolders(root)
+    return [d for s in splits for d in _subfolders(root / s)] + [
+        d for d in _subfolders(root) if d.name == UNLABELED_DIR
+    ]
+
+
+def label_of(rel: str, splits: list[str]) -> str:
+    """The class (or ``unlabeled``) of an image path relative to the data folder."""
+    parts = rel.split("/")
+    return parts[1] if splits and parts[0] in splits and len(parts) > 2 else parts[0]
+
+
 def list_images(root: Path) -> dict[str, list[str]]:
-    """Image paths (relative, sorted) per top-level folder: class folders and ``unlabeled``; hidden ones skipped."""
-    out: dict[str, list[str]] = {}
+    """Image paths (relative, sorted) per class, and ``unlabeled``; hidden and system names skipped.
+
+    In a data folder laid out by split, a class gathers its images from every split folder.
+    """
+    found: dict[str, list[str]] = {}
     unnamed: list[str] = []  # not valid UTF-8: no URL or JSON can name them
-    for d in sorted(p for p in root.iterdir() if p.is_dir() and not is_ignored(p.name)):
+    for d in class_folders(root):
         rels = [f.relative_to(root).as_posix() for f in list_files(d) if f.suffix.lower() in IMAGE_EXTENSIONS]
         unnamed += [r for r in rels if not is_utf8(r)]
         if is_utf8(d.name):
-            out[d.name] = sorted(r for r in rels if is_utf8(r))
+            found.setdefault(d.name, []).extend(r for r in rels if is_utf8(r))
     for rel in sorted(unnamed):
         log.warning("not shown: %s (its name is not valid UTF-8 text; rename it)", display_path(rel))
-    return out
+    return {name: sorted(found[name]) for name in sorted(found)}
 
 
 @dataclass
@@ -120,12 +145,16 @@ class RelabelJournal:
         src = safe_rel(self.root, rel)
         if not src.is_file():
             raise FileNotFoundError(f"no image {rel!r} in {self.root}")
-        current = PurePosixPath(rel).parts[0]
-        if current == label:
+        splits = split_folders(self.root)
+        if label_of(rel, splits) == label:
             raise RelabelError(f"{rel} is already in class {label!r}")
+        folder = self.root / label
+        if splits:  # stay in the image's split folder; a new image joins the first (train/)
+            first = PurePosixPath(rel).parts[0]
+            folder = self.root / (first if first in splits else splits[0]) / label
         with self._lock:
             for _ in range(3):  # another process may take the free name between the check and the move
-                dst = self._free_name(self.root / label, src.name)
+                dst = self._free_name(folder, src.name)
                 record = {
                     "op": "move",
                     "id": uuid.uuid4().hex[:12],

@@ -88,10 +88,16 @@ async function undo(all) {
   } catch (e) { toast(e.message, true); }
 }
 
+// The class of an image path: its first folder, or its second in a data folder laid out by split (train/ants/x.jpg).
+function labelOf(path) {
+  const parts = path.split("/");
+  return state.info && state.info.splits.includes(parts[0]) && parts.length > 2 ? parts[1] : parts[0];
+}
+
 function zoom(path) {
   $("#zoom-img").src = `/api/image?${q({ path })}`;
   $("#zoom-path").textContent = path;
-  const current = path.split("/")[0];
+  const current = labelOf(path);
   $("#zoom-labels").replaceChildren(moveButtons(path, current, null));
   $("#zoom-labels").querySelectorAll("button").forEach((b) => b.addEventListener("click", closeZoom));
   $("#zoom").hidden = false;
@@ -175,7 +181,7 @@ async function loadScored(kind, page) {
     state.unlabeled.current = Math.min(state.unlabeled.current, Math.max(0, data.items.length - 1));
   }
   grid.replaceChildren(...data.items.map((it, n) => {
-    const current = it.path.split("/")[0];
+    const current = labelOf(it.path);
     const title = kind === "suspects"
       ? `#${it.rank} labelled ${it.label}, p=${it.p_label.toFixed(2)} · suggests ${it.suggested}`
       : `suggests ${it.suggested} (margin ${it.margin.toFixed(2)})`;
