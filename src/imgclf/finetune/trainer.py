@@ -342,9 +342,12 @@ def finetune(
     if history:
         best_epoch = best["epoch"] if best["state"] is not None else history[-1]["epoch"]
         figures["Fine-tuning curves"] = _plot(run_dir / "finetune_curves.png", history, int(best_epoch))
-        log.info(
-            "fine-tuning: best epoch %d of %d (validation error %.3f)", best_epoch, len(history), best["val_error"]
-        )
+        if np.isfinite(best["val_error"]):
+            log.info(
+                "fine-tuning: best epoch %d of %d (validation error %.3f)", best_epoch, len(history), best["val_error"]
+            )
+        else:
+            log.info("fine-tuning: no validation part, the last epoch (%d) is kept", best_epoch)
     return FinetuneResult(tuned, head, history, figures, skipped)
 
 
