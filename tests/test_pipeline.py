@@ -77,6 +77,11 @@ def test_run_folder_contents(run):
     assert "data:image/png;base64," in (out / "report.html").read_text()
     model = f"{m['classifier']} on {m['backbone']}, {m['resolution']} px input"
     assert model in (out / "report.html").read_text() and model in (out / "report.md").read_text()
+    changed = (out / "report.html").read_text().split("Changed from the default")[1].split("All ")[0]
+    assert (
+        "<td>resolution</td><td>64</td><td>None</td>" in changed and "<td>cv_folds</td><td>3</td><td>5</td>" in changed
+    )
+    assert "<td>lr</td>" not in changed  # left at its default
     assert m["overall_accuracy"] > 0.6  # three visibly different shapes
 
 

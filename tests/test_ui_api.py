@@ -319,7 +319,13 @@ def test_a_data_folder_laid_out_by_split(tmp_path: Path) -> None:
         assert info["classes"] == ["a", "b"] and info["splits"] == ["train", "val"]
         assert info["counts"] == {"a": 5, "b": 5, "unlabeled": 1}
         listed = [i["path"] for i in client.get("/api/images", params={"label": "a"}).json()["items"]]
-        assert listed == ["train/a/a_00.jpg", "train/a/a_01.jpg", "train/a/a_02.jpg", "val/a/a_00.jpg", "val/a/a_01.jpg"]
+        assert listed == [
+            "train/a/a_00.jpg",
+            "train/a/a_01.jpg",
+            "train/a/a_02.jpg",
+            "val/a/a_00.jpg",
+            "val/a/a_01.jpg",
+        ]
         moved = client.post("/api/relabel", json={"path": "val/a/a_01.jpg", "label": "b"}).json()
         assert moved["to"] == "val/b/a_01.jpg"
         same = client.post("/api/relabel", json={"path": "val/b/a_01.jpg", "label": "b"})

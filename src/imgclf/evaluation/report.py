@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from imgclf.config import Config
 from imgclf.evaluation.metrics import roc_curves
 from imgclf.utils import Memo, atomic_write_bytes, atomic_write_text
 
@@ -107,6 +108,9 @@ def _model(metrics: dict[str, Any]) -> str:
     return f"{metrics['classifier']} on {metrics['backbone']}, {metrics['resolution']} px input"
 
 
+SKIPPED_OPEN_MAX = 20  # a longer list of skipped files starts folded in report.html
+
+
 def write_reports(
     run_dir: Path,
     y_true: np.ndarray,
@@ -146,6 +150,13 @@ def write_reports(
         for title, p in figures.items()
     )
     param_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in params.items())
+    defaults = Config().flat()
+    changed = [k for k, v in params.items() if k in defaults and defaults[k] != v]
+    changed_rows = "".join(
+        f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(params[k]))}</td><td>{html.escape(str(defaults[k]))}</td></tr>"
+        for k in changed
+    )
+    many = len(skipped) > SKIPPED_OPEN_MAX
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>imgclf report</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}</style></head><body>
@@ -156,9 +167,13 @@ macro {_fmt(metrics["auc"]["macro"], False)}; {metrics["n_train"]} training and 
 {f"Model: {html.escape(_model(metrics))}." if "classifier" in metrics else ""}</p>
 <table><tr><th>class</th><th>accuracy</th><th>test images</th><th>AUC</th></tr>{rows}</table>
 {figs_html}
-<h2>Skipped files ({len(skipped)})</h2><ul>{skipped_html or "<li>none</li>"}</ul>
+<h2>Skipped files ({len(skipped)})</h2>
+{"<details><summary>show them</summary>" if many else ""}<ul>{skipped_html or "<li>none</li>"}</ul>{"</details>" if many else ""}
 {f"<h2>Notes ({len(notes)})</h2><ul>{notes_html}</ul>" if notes else ""}
-<h2>Parameters</h2><table>{param_rows}</table></body></html>"""
+<h2>Parameters</h2>
+<p>Changed from the default ({len(changed)}):</p>
+<table><tr><th>parameter</th><th>value</th><th>default</th></tr>{changed_rows}</table>
+<details><summary>All {len(params)} parameters</summary><table>{param_rows}</table></details></body></html>"""
     atomic_write_text(run_dir / "report.html", page)
     md = [
         "# imgclf report",
