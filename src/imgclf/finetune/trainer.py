@@ -177,17 +177,22 @@ def _plot(path: Path, history: list[dict[str, float]], best_epoch: int) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     ep = [h["epoch"] for h in history]
+    validated = any(np.isfinite(h["val_error"]) for h in history)
     fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(10, 3.8))
     ax_loss.plot(ep, [h["train_loss"] for h in history], "o-", label="training")
-    ax_loss.plot(ep, [h["val_loss"] for h in history], "s-", label="validation")
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
     ax_err.plot(ep, [h["train_error"] for h in history], "o-", label="training (augmented)")
-    ax_err.plot(ep, [h["val_error"] for h in history], "s-", label="validation")
-    ax_err.axvline(best_epoch, color="gray", ls=":", label=f"best epoch ({best_epoch})")
-    ax_err.set(xlabel="epoch", ylabel="error rate", title="Error")
+    if validated:
+        ax_loss.plot(ep, [h["val_loss"] for h in history], "s-", label="validation")
+        ax_err.plot(ep, [h["val_error"] for h in history], "s-", label="validation")
+    ax_err.axvline(best_epoch, color="gray", ls=":", label=f"{'best' if validated else 'kept'} epoch ({best_epoch})")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
+    ax_err.set(xlabel="epoch", ylabel="error rate", title="Error" + ("" if validated else " (no validation part)"))
+    ax_err.set_ylim(bottom=0)
     for ax in (ax_loss, ax_err):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
