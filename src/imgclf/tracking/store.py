@@ -7,8 +7,8 @@ mlflow is imported only here, when a run is recorded or read.
 With ``tracking_background`` (the default) a finished run is queued as a JSON record in
 ``$IMGCLF_CACHE/tracking/<store>/``, with a snapshot of its files (hard links), and a detached process
 writes it to MLflow, so a command does not wait for MLflow's start-up, and a next run into the same
-folder cannot change what is recorded. Whoever holds the queue's lock drains it; every reader drains it first, so a
-listing or comparison always includes the runs that finished before it.
+folder cannot change what is recorded. Whoever holds the queue's lock drains it; every reader drains it
+first, so a listing or comparison always includes the runs that finished before it.
 """
 
 from __future__ import annotations
