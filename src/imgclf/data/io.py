@@ -56,15 +56,18 @@ def list_files(folder: Path) -> list[Path]:
     return sorted(out)
 
 
+def unreadable_reason(path: Path, e: OSError) -> str:
+    """Why ``path`` cannot be read, for the list of skipped files."""
+    if isinstance(e, FileNotFoundError) and path.is_symlink():
+        return f"broken link to {os.readlink(path)} (no such file): fix or remove the link"
+    return f"unreadable: {e.strerror or e}"
+
+
 def _file_size(path: Path) -> int:
     try:
         return path.stat().st_size
-    except FileNotFoundError as e:
-        if path.is_symlink():
-            raise ImageError(f"broken link to {os.readlink(path)} (no such file): fix or remove the link") from e
-        raise ImageError(f"unreadable: {e.strerror}") from e
     except OSError as e:
-        raise ImageError(f"unreadable: {e.strerror}") from e
+        raise ImageError(unreadable_reason(path, e)) from e
 
 
 def _unreadable(path: Path | BinaryIO, e: Exception) -> ImageError:

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from imgclf.data.io import IMAGE_EXTENSIONS, ImageError, is_ignored, list_files, open_rgb
+from imgclf.data.io import IMAGE_EXTENSIONS, ImageError, is_ignored, list_files, open_rgb, unreadable_reason
 from imgclf.utils import atomic_write_text, cpu_count, display_path, is_utf8
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ def hash_images(
             try:
                 keys[p] = HashCache.key(p, hash_size)
             except OSError as e:
-                skipped[p] = f"unreadable: {e.strerror or e}"
+                skipped[p] = unreadable_reason(p, e)
         known = cache.get(list(keys.values()))
         hashes = {p: known[k] for p, k in keys.items() if k in known}
         todo = [p for p in keys if p not in hashes]

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from imgclf.backbones import Backbone, create_backbone
 from imgclf.config import Config
-from imgclf.data.io import ImageError, Preprocess, load_for_model
+from imgclf.data.io import ImageError, Preprocess, load_for_model, unreadable_reason
 from imgclf.features.runtimes import Runtime, create_runtime, device_type, resolve_precision, resolve_runtime
 from imgclf.utils import atomic_write_bytes, cpu_count, default_cache_dir, file_sha256
 
@@ -145,7 +145,7 @@ class FeatureExtractor:
         except ImageError as e:
             return str(e)
         except OSError as e:
-            return f"unreadable: {e}"
+            return unreadable_reason(path, e)
 
     def _decoded(self, pool: ThreadPoolExecutor, paths: Sequence[Path]) -> Iterator[np.ndarray | str]:
         """Decoded images in order, with a bounded number decoding ahead."""
@@ -213,4 +213,4 @@ def _digest(path: Path) -> str:
     try:
         return file_sha256(path)
     except OSError as e:
-        return f"!unreadable: {e.strerror}"
+        return f"!{unreadable_reason(path, e)}"
