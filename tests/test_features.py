@@ -3,6 +3,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from helpers import make_folder
 
 from imgclf.backbones import create_backbone
@@ -64,3 +65,13 @@ def test_auto_precision_is_fp32_on_cpus_but_for_the_server(monkeypatch: pytest.M
     assert runtimes.resolve_precision("auto", "openvino", "cpu", serving=True) == ("bf16" if amx else "fp32")
     assert runtimes.resolve_precision("bf16", "torch", "cpu") == "bf16"
     assert runtimes.resolve_precision("fp32", "openvino", "cpu", serving=True) == "fp32"
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:99", "cuda:0" if not torch.cuda.is_available() else "cuda:98"])
+def test_an_unusable_device_is_a_message(device: str):
+    from imgclf.errors import USER_ERRORS
+    from imgclf.features.runtimes import DeviceError, resolve_device
+
+    with pytest.raises(DeviceError, match=r"use |visible") as e:
+        resolve_device(device)
+    assert isinstance(e.value, USER_ERRORS)

@@ -4,11 +4,13 @@ from imgclf.backbones.factory import BackboneError
 from imgclf.bundle import BundleError
 from imgclf.data.dataset import DatasetError
 from imgclf.data.io import ImageError
+from imgclf.features.runtimes import DeviceError
 
 USER_ERRORS: tuple[type[Exception], ...] = (
     BackboneError,
     BundleError,
     DatasetError,
+    DeviceError,
     ImageError,
     FileNotFoundError,
     FileExistsError,

@@ -46,15 +46,28 @@ def device_type(device: str = "auto") -> str:
     return resolve_device(device).type
 
 
+class DeviceError(ValueError):
+    """A device setting that names no usable device; the message says what to use."""
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` -> cuda when present, else cpu; a GPU is never required."""
     import torch
 
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} asked for, but no CUDA GPU is visible; use --device cpu or auto")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise DeviceError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps") from e
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise DeviceError(f"device {device!r} asked for, but no CUDA GPU is visible; use --device cpu or auto")
+        if dev.index is not None and dev.index >= count:
+            raise DeviceError(f"device {device!r} asked for, but only cuda:0 to cuda:{count - 1} are visible")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"device {device!r} asked for, but this PyTorch has no Apple GPU (MPS); use --device cpu")
     return dev
 
 
