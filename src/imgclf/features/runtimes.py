@@ -47,7 +47,7 @@ def device_type(device: str = "auto") -> str:
 
 
 class DeviceError(ValueError):
-    """A device setting that names no usable device; the message says what to use."""
+    """A device or runtime setting that cannot be used on this machine; the message says what to do."""
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -237,10 +237,10 @@ def create_runtime(
     threads = threads or cpu_count()
     if name == "openvino":
         if importlib.util.find_spec("openvino") is None:
-            raise RuntimeError("runtime openvino asked for but not installed: pip install openvino")
+            raise DeviceError("runtime openvino asked for but not installed: pip install openvino")
         return OpenVINORuntime(net, resolution, prec, threads, model_dir)
     if name == "onnxruntime":
         if importlib.util.find_spec("onnxruntime") is None:
-            raise RuntimeError("runtime onnxruntime asked for but not installed: pip install onnxruntime")
+            raise DeviceError("runtime onnxruntime asked for but not installed: pip install onnxruntime")
         return OnnxRuntime(net, resolution, threads, model_dir)
     return TorchRuntime(net(), resolve_device(device), prec, threads)
