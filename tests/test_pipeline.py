@@ -4,6 +4,7 @@ import csv
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -160,6 +161,13 @@ def test_cli_errors_are_messages(tmp_path, capsys, monkeypatch):
     assert "data folder not found" in capsys.readouterr().err
     assert main(["predict", str(tmp_path / "no_run"), str(tmp_path / "x.jpg")]) == 2
     assert "no model bundle in" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for cmd in (["serve", str(tmp_path / "no_run")], ["ui", str(tmp_path)]):
+            assert main([*cmd, "--port", port]) == 2
+            assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
     assert main(["train", str(tmp_path), "--epochs", "0", "--svm-c-grid", "1", "-1"]) == 2
     err = capsys.readouterr().err
     assert "finetune.epochs = 0 (--epochs): Input should be greater than or equal to 1" in err

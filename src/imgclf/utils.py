@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 import unicodedata
 import warnings
@@ -169,3 +170,15 @@ def cpu_has_amx_bf16() -> bool:
     except OSError:
         return False
     return " amx_bf16" in flags
+
+
+def ensure_port_free(host: str, port: int) -> None:
+    """Raise ValueError, saying what to do, when a server could not listen on ``host:port``."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ValueError(
+                f"cannot listen on {host}:{port} ({e.strerror or e}): choose another --port, or stop what uses it"
+            ) from None

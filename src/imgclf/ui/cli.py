@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from imgclf.cli import add_config_args
+from imgclf.utils import ensure_port_free
 
 UI_SECTIONS = ("backbone", "features", "classifier")
 
@@ -18,6 +19,7 @@ def _ui(args: argparse.Namespace) -> int:
     from imgclf.config import Config
     from imgclf.ui.app import create_app
 
+    ensure_port_free(args.host, args.port)
     backbone = None
     if args.config:
         base = Config.from_file(args.config)
