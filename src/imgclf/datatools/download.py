@@ -110,23 +110,30 @@ def check_label(label: str, where: str) -> str:
 def read_url_list(path: Path) -> list[UrlEntry]:
     """Parse ``label<TAB>url[<TAB>source page<TAB>licence<TAB>creator<TAB>title<TAB>note]`` lines.
 
-    Blank lines and lines starting with '#' are skipped; ValueError names the file and line of a bad one.
+    Blank lines and lines starting with '#' are skipped; ValueError names the file and line of every bad one.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"URL list not found: {path}")
-    entries = []
+    entries, errors = [], []
     for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         cells = [c.strip() for c in line.split("\t")]
-        if len(cells) < 2 or not cells[1]:
-            raise ValueError(
-                f"{path}:{n}: expected label<TAB>url, got {line[:80]!r} "
-                "(columns must be separated by a tab, not spaces)"
-            )
-        check_label(cells[0], f"{path}:{n}")
+        try:
+            if len(cells) < 2 or not cells[1]:
+                raise ValueError(
+                    f"{path}:{n}: expected label<TAB>url, got {line[:80]!r} "
+                    "(columns must be separated by a tab, not spaces)"
+                )
+            check_label(cells[0], f"{path}:{n}")
+        except ValueError as e:
+            errors.append(str(e))
+            continue
         entries.append(UrlEntry(*cells[: len(LIST_COLUMNS)]))
+    if errors:
+        more = f"\n... and {len(errors) - 10} more bad lines" if len(errors) > 10 else ""
+        raise ValueError(f"{len(errors)} bad line(s), nothing downloaded:\n" + "\n".join(errors[:10]) + more)
     return entries
 
 
