@@ -52,3 +52,19 @@ def test_evaluation_figure_stays_readable_with_many_classes(monkeypatch: pytest.
     assert large[0] > small[0] and large[1] > small[1]
     for f in figs:
         close(f)
+
+
+def test_printed_summary_lists_the_least_accurate_classes_when_there_are_many():
+    from imgclf.evaluation.report import summary_lines
+
+    for k in (3, 30):
+        classes = [f"c{i:02d}" for i in range(k)]
+        y = np.repeat(np.arange(k), 2)
+        scores = np.eye(k)[y]
+        scores[5] = np.eye(k)[0]  # c02's second image is taken for c00
+        m = {**compute_metrics(y, scores, classes), "n_test": len(y)}
+        lines = summary_lines(m, max_classes=20)
+        listed = [line.split()[1].rstrip(":") for line in lines if line.startswith("Class ")]
+        assert listed == (classes if k == 3 else ["c02", *classes[:2], *classes[3:10]])
+        assert lines[len(listed) + (k > 20)].startswith("Overall accuracy")
+        assert (lines[0] == "The 10 least accurate of 30 classes (all in report.html):") == (k > 20)

@@ -22,6 +22,7 @@ def _fmt(v: float | None, pct: bool = True) -> str:
     return f"{100 * v:.1f} %" if pct else f"{v:.3f}"
 
 
+SUMMARY_CLASSES_MAX = 20  # above this, the printed summary lists the least accurate half of this many classes
 MANY_CLASSES = 12  # above this, the figure labels only the weakest ROC curves and writes counts smaller
 
 
@@ -84,15 +85,22 @@ def evaluation_figure(y_true: np.ndarray, scores: np.ndarray, metrics: dict[str,
     return buf.getvalue()
 
 
-def summary_lines(metrics: dict[str, Any]) -> list[str]:
-    """The tutorial's printed summary: one line per class, then overall and class-averaged accuracy."""
+def summary_lines(metrics: dict[str, Any], max_classes: int = SUMMARY_CLASSES_MAX) -> list[str]:
+    """The tutorial's printed summary: one line per class, then overall and class-averaged accuracy.
+
+    Beyond ``max_classes`` classes, only the ``max_classes // 2`` least accurate are listed (ties by name).
+    """
     lines = []
-    width = max(len(c) for c in metrics["classes"])
-    for c in metrics["classes"]:
+    classes = list(metrics["classes"])
+    acc = metrics["per_class_accuracy"]
+    if len(classes) > max_classes:
+        classes = sorted(classes, key=lambda c: (acc[c] if acc[c] is not None else 2.0, c))[: max_classes // 2]
+        lines.append(f"The {len(classes)} least accurate of {len(metrics['classes'])} classes (all in report.html):")
+    width = max(len(c) for c in classes)
+    for c in classes:
         n = metrics["per_class_support"][c]
         lines.append(
-            f"Class {c:<{width}}: accuracy {_fmt(metrics['per_class_accuracy'][c]):>8} "
-            f"(n={n}, AUC {_fmt(metrics['auc'].get(c), False)})"
+            f"Class {c:<{width}}: accuracy {_fmt(acc[c]):>8} (n={n}, AUC {_fmt(metrics['auc'].get(c), False)})"
         )
     lines.append(f"Overall accuracy       : {_fmt(metrics['overall_accuracy'])} (n={metrics['n_test']})")
     lines.append(f"Class-averaged accuracy: {_fmt(metrics['class_averaged_accuracy'])}")
