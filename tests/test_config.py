@@ -46,3 +46,11 @@ def test_saved_config_round_trips(tmp_path: Path):
     cfg = Config().updated(resolution=448, classifier="dnn")
     cfg.save(tmp_path / "config.json")
     assert Config.from_file(tmp_path / "config.json") == cfg
+
+
+def test_an_abbreviated_flag_matching_both_spellings_is_taken():
+    args = build_parser().parse_args(["train", "data", "--balance", "--early-stop", "2"])
+    cfg = config_from_args(args)
+    assert cfg.finetune.balance_classes is True and cfg.finetune.early_stopping == 2
+    with pytest.raises(SystemExit):  # two different flags still are ambiguous
+        build_parser().parse_args(["train", "data", "--s", "1"])

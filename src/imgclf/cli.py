@@ -81,10 +81,19 @@ def _show_config(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, taking an abbreviation that matches only the two spellings of one flag (``--balance`` for
+    ``--balance-classes`` / ``--balance_classes``), which argparse on Python 3.11 calls ambiguous."""
+
+    def _get_option_tuples(self, option_string: str) -> list[Any]:
+        tuples = super()._get_option_tuples(option_string)  # type: ignore[misc]
+        return [t for i, t in enumerate(tuples) if all(t[0] is not u[0] for u in tuples[:i])]
+
+
 def build_parser() -> argparse.ArgumentParser:
     from imgclf import __version__
 
-    parser = argparse.ArgumentParser(prog="imgclf", description=__doc__.split("\n")[0] if __doc__ else None)
+    parser = _Parser(prog="imgclf", description=__doc__.split("\n")[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"imgclf {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="More log output.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
