@@ -217,3 +217,38 @@ def test_leak_between_train_and_test_warns_or_refuses(tmp_path, caplog):
     assert "straddle train and test" in caplog.text
     assert result.bundle.classes == ["circles", "squares", "stripes"] and result.metrics["n_test"] == 10
     assert sum("only_in_val" in s["path"] for s in result.metrics["skipped"]) == 2
+
+
+def test_backbone_auto_chooses_on_the_training_split(tmp_path, caplog, monkeypatch):
+    """Every candidate is cross-validated on training images only; the best is used and recorded."""
+    from helpers import make_folder
+    from pydantic import ValidationError
+
+    import imgclf.pipeline
+    from imgclf.config import AUTO_CANDIDATES
+
+    data = make_folder(tmp_path / "data", n=6)
+    seen: list[tuple[str, list[int]]] = []
+    features = imgclf.pipeline._features
+
+    def recording(fx, ds, idx, desc, skipped):
+        seen.append((desc, [int(i) for i in idx]))
+        return features(fx, ds, idx, desc, skipped)
+
+    monkeypatch.setattr(imgclf.pipeline, "_features", recording)
+    cfg = Config().updated(data_root=data, out=tmp_path / "run", **FAST, backbone="auto", runtime="torch")
+    with caplog.at_level("INFO", logger="imgclf"):
+        result = train(cfg.updated(tracking=False))
+    cv = result.metrics["backbone_cv_accuracy"]
+    assert list(cv) == list(AUTO_CANDIDATES) and all(0 <= v <= 1 for v in cv.values())
+    chosen = max(AUTO_CANDIDATES, key=lambda n: (cv[n], -AUTO_CANDIDATES.index(n)))
+    assert result.metrics["backbone"] == chosen and result.bundle.backbone_spec["name"] == chosen
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["backbone"]["backbone"] == chosen
+    assert f"backbone auto: {chosen} chosen by cross-validation on the training split" in caplog.text
+    with open(tmp_path / "run" / "split.csv") as f:
+        test_rows = {i for i, row in enumerate(csv.DictReader(f)) if row["split"] == "test"}
+    choosing = [idx for desc, idx in seen if desc.endswith(" train features")]
+    assert len(choosing) == 3 and not any(test_rows & set(idx) for idx in choosing)  # the test split plays no part
+    assert [desc for desc, _ in seen][3:] == ["test features"]
+    with pytest.raises(ValidationError, match="use it with --classifier svm"):
+        Config().updated(backbone="auto", classifier="dnn")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class _Section(BaseModel):
@@ -46,12 +46,17 @@ class DataConfig(_Section):
     max_file_mb: float = Field(100.0, gt=0, description="Image files larger than this many MB are skipped.")
 
 
+AUTO_BACKBONE = "auto"
+AUTO_CANDIDATES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")  # offline, cheapest first
+
+
 class BackboneConfig(_Section):
     """The pretrained network that turns an image into features."""
 
     backbone: str = Field(
         "efficientnet_lite0",
-        description="Backbone name: efficientnet_lite0/1/2 (offline), or any timm / torchvision:NAME model.",
+        description="Backbone name: efficientnet_lite0/1/2 (offline), any timm / torchvision:NAME model, or auto "
+        "(svm: the lite0/1/2 whose SVM cross-validates best on the training split).",
     )
     weights: Path | None = Field(None, description="Local state_dict file for the backbone (instead of downloading).")
     resolution: int | None = Field(
@@ -259,6 +264,17 @@ class Config(BaseModel):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
+    @model_validator(mode="after")
+    def _auto_backbone_for_svm(self) -> Config:
+        if self.backbone.backbone == AUTO_BACKBONE and (
+            self.classifier.classifier != "svm" or self.backbone.weights is not None
+        ):
+            raise ValueError(
+                "backbone auto chooses by the SVM's cross-validation on frozen features: use it with "
+                "--classifier svm and without --weights"
+            )
+        return self
+
     @classmethod
     def from_file(cls, path: str | Path) -> Config:
         """Load a TOML (.toml) or YAML (.yaml/.yml) file with the same sections."""
@@ -347,6 +363,7 @@ def describe_errors(error: ValidationError) -> str:
     index = field_index()
     out = []
     for err in error.errors():
+        err["msg"] = err["msg"].removeprefix("Value error, ")  # a check of ours: its text says it all
         names = [part for part in err["loc"] if isinstance(part, str)]
         dotted = ".".join(names)
         if err["type"] == "extra_forbidden":

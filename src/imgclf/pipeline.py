@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from imgclf.backbones import create_backbone
+from imgclf.backbones import Backbone, create_backbone
 from imgclf.bundle import Bundle
-from imgclf.config import Config
+from imgclf.config import AUTO_BACKBONE, AUTO_CANDIDATES, Config
 from imgclf.data.dataset import (
     Dataset,
     DatasetError,
@@ -30,7 +30,7 @@ from imgclf.data.io import IMAGE_EXTENSIONS, list_files
 from imgclf.evaluation.metrics import compute_metrics
 from imgclf.evaluation.report import summary_lines, write_reports
 from imgclf.features import FeatureExtractor
-from imgclf.heads import fit_head
+from imgclf.heads import FittedHead, fit_head
 from imgclf.tracking import log_run
 from imgclf.utils import Memo, atomic_write_text, default_cache_dir, display_path
 
@@ -94,8 +94,9 @@ def _finish(
     n_train: int,
     skipped: list[dict[str, str]],
     timings: dict[str, float],
-    prefix: str = "",
     extra_figures: dict[str, Path] | None = None,
+    extra: dict[str, Any] | None = None,
+    prefix: str = "",
 ) -> dict[str, Any]:
     """Metrics, predictions, figures and reports of scored samples; prints the summary."""
     y = ds.labels[test_idx]
@@ -111,6 +112,7 @@ def _finish(
         backbone=bundle.backbone_spec["name"],
         resolution=bundle.preprocess.resolution,
         data_root=str(ds.root),
+        **(extra or {}),
     )
     _write_predictions(
         run_dir / f"{prefix}predictions.csv", [ds.samples[i].rel for i in test_idx], y, scores, ds.classes
@@ -170,6 +172,31 @@ def _remove_earlier_outputs(run_dir: Path) -> None:
         p.unlink()
 
 
+def _choose_backbone(
+    cfg: Config, ds: Dataset, train_idx: np.ndarray, skipped: list[dict[str, str]]
+) -> tuple[Backbone, np.ndarray, np.ndarray, FittedHead, dict[str, float]]:
+    """``--backbone auto``: the candidate whose SVM cross-validates best on the training split (ties: the
+    cheaper), with its training features, kept training indices and fitted head, and every CV accuracy."""
+    best = None
+    scores: dict[str, float] = {}
+    for name in AUTO_CANDIDATES:
+        backbone = create_backbone(name, resolution=cfg.backbone.resolution)
+        fx = FeatureExtractor.from_config(cfg, backbone)
+        failed: list[dict[str, str]] = []
+        x, idx = _features(fx, ds, train_idx, f"{name} train features", failed)
+        fit = fit_head(cfg.classifier, x, ds.labels[idx], cfg.output.seed, Memo(_memo_root(cfg), "heads"))
+        scores[name] = fit.cv_accuracy
+        log.info("backbone auto: %s, SVM CV accuracy %.3f (C=%g)", name, fit.cv_accuracy, fit.C)
+        if best is None or fit.cv_accuracy > best[3].cv_accuracy:
+            best = (backbone, x, idx, fit, failed)
+    assert best is not None
+    if not np.isfinite(best[3].cv_accuracy):
+        raise DatasetError("backbone auto needs cross-validation, and no class has two training images: add images")
+    skipped += best[4]
+    log.info("backbone auto: %s chosen by cross-validation on the training split", best[0].name)
+    return best[0], best[1], best[2], best[3], scores
+
+
 def train(cfg: Config) -> RunResult:
     """Scan, split, extract features (or fine-tune), fit the classifier, evaluate on the test split, bundle."""
     t0 = time.perf_counter()
@@ -196,12 +223,20 @@ def train(cfg: Config) -> RunResult:
     )
     mode = cfg.classifier.classifier
     fine_tunes = mode in ("dnn", "svm_on_refined")
-    backbone = create_backbone(
-        cfg.backbone.backbone,
-        weights=cfg.backbone.weights,
-        resolution=cfg.backbone.resolution,
-        drop_path_rate=cfg.finetune.drop_path if fine_tunes else 0.0,
-    )
+    fit, extra = None, {}
+    if cfg.backbone.backbone == AUTO_BACKBONE:
+        t = time.perf_counter()
+        backbone, x_train, train_idx, fit, extra["backbone_cv_accuracy"] = _choose_backbone(cfg, ds, train_idx, skipped)
+        timings["backbone_choice_s"] = time.perf_counter() - t
+        cfg = cfg.updated(backbone=backbone.name)  # the run is repeated by its config.json
+        cfg.save(run_dir / "config.json")
+    else:
+        backbone = create_backbone(
+            cfg.backbone.backbone,
+            weights=cfg.backbone.weights,
+            resolution=cfg.backbone.resolution,
+            drop_path_rate=cfg.finetune.drop_path if fine_tunes else 0.0,
+        )
     extra_figures: dict[str, Path] = {}
     backbone_state = None
     fitted_head = None
@@ -219,13 +254,16 @@ def train(cfg: Config) -> RunResult:
             fitted_head = ft.head
     t = time.perf_counter()
     fx = FeatureExtractor.from_config(cfg, backbone)
-    if fitted_head is None:  # the dnn head comes trained; only feature heads need training features
+    if fitted_head is None and fit is None:  # the dnn head comes trained; only feature heads need training features
         x_train, train_idx = _features(fx, ds, train_idx, "train features", skipped)
     x_test, test_idx = _features(fx, ds, test_idx, "test features", skipped)
     timings["features_s"] = time.perf_counter() - t
     t = time.perf_counter()
     if fitted_head is None:
-        fit = fit_head(cfg.classifier, x_train, ds.labels[train_idx], cfg.output.seed, Memo(_memo_root(cfg), "heads"))
+        if fit is None:
+            fit = fit_head(
+                cfg.classifier, x_train, ds.labels[train_idx], cfg.output.seed, Memo(_memo_root(cfg), "heads")
+            )
         fitted_head = fit.head
         reused = "; the identical earlier fit reused" if fit.reused else ""
         if fit.cv_folds:
@@ -249,7 +287,7 @@ def train(cfg: Config) -> RunResult:
         ds.classes, backbone.spec(), fitted_head, mode, cfg.model_dump(mode="json"), backbone_state=backbone_state
     )
     metrics = _finish(
-        run_dir, cfg, bundle, ds, test_idx, scores, len(train_idx), skipped, timings, extra_figures=extra_figures
+        run_dir, cfg, bundle, ds, test_idx, scores, len(train_idx), skipped, timings, extra_figures, extra
     )
     bundle.metrics = {
         k: metrics[k] for k in ("overall_accuracy", "class_averaged_accuracy", "auc", "n_train", "n_test")

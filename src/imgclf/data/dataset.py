@@ -100,7 +100,7 @@ def scan_dataset(cfg: DataConfig, root: Path | None = None) -> Dataset:
     parts: list[tuple[Path, str | None]] = list(predefined) if predefined else [(root, None)]
     if predefined:
         log.info(
-            "predefined split: %s train, %s tests",
+            "predefined split: training images from %s, test images from %s",
             " and ".join(f"{base.name}/" for base, preset in predefined if preset == "train"),
             predefined[-1][0].name + "/",
         )
