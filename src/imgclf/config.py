@@ -55,8 +55,8 @@ class BackboneConfig(_Section):
 
     backbone: str = Field(
         "efficientnet_lite0",
-        description="Backbone name: efficientnet_lite0/1/2 (offline), any timm / torchvision:NAME model, or auto "
-        "(svm: the lite0/1/2 whose SVM cross-validates best on the training split).",
+        description="efficientnet_lite0/1/2 (offline), a timm or torchvision:NAME model, or auto (svm: the lite "
+        "best in cross-validation).",
     )
     weights: Path | None = Field(None, description="Local state_dict file for the backbone (instead of downloading).")
     resolution: int | None = Field(
