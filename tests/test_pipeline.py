@@ -110,6 +110,8 @@ def test_predict_api_and_cli(run, tmp_path, capsys):
     assert rows[0]["label_1"] in classes and rows[0]["label_2"] in classes and not rows[0]["error"]
     assert "empty" in rows[1]["error"]
     assert "ERROR" in capsys.readouterr().out
+    main(["predict", str(result.run_dir), str(listing), "--top-k", "9", "--csv", str(out_csv), "--no-progress"])
+    assert out_csv.read_text().splitlines()[0] == "path,label_1,score_1,label_2,score_2,label_3,score_3,error"
     # a file name that is not UTF-8 (possible on Linux) is classified and shown with \x escapes
     odd = tmp_path / "odd"
     odd.mkdir()

@@ -365,7 +365,8 @@ def predict(
 
 
 def write_predictions_csv(path: Path, classes: list[str], preds: list[Prediction], top_k: int) -> None:
-    """CSV of the top-k labels and scores per image (errors in their own column)."""
+    """CSV of the top-k labels and scores per image (errors in their own column); k at most the class count."""
+    top_k = min(top_k, len(classes))
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     header = ["path"] + [f"{kind}_{i + 1}" for i in range(top_k) for kind in ("label", "score")] + ["error"]
