@@ -25,6 +25,20 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("IMGCLF_CACHE") or Path.home() / ".cache" / "imgclf")
 
 
+def writable_cache_dir(path: Path) -> Path:
+    """``path``, created if needed; ValueError saying what to do when it cannot hold the cache."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        why = "a file is in the way" if path.is_file() else e.strerror or e
+        raise ValueError(
+            f"cache folder {path} cannot be written ({why}): point $IMGCLF_CACHE or --cache-dir at a writable folder"
+        ) from None
+    return path
+
+
 def display_path(path: str | os.PathLike[str]) -> str:
     """``path`` as printable text: bytes that are not UTF-8 and control characters (a line break) escaped."""
     text = os.fsencode(path).decode("utf-8", "backslashreplace")

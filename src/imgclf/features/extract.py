@@ -16,7 +16,7 @@ from imgclf.backbones import Backbone, create_backbone
 from imgclf.config import Config
 from imgclf.data.io import ImageError, Preprocess, load_for_model, unreadable_reason
 from imgclf.features.runtimes import Runtime, create_runtime, device_type, resolve_precision, resolve_runtime
-from imgclf.utils import atomic_write_bytes, cpu_count, default_cache_dir, file_sha256
+from imgclf.utils import atomic_write_bytes, cpu_count, default_cache_dir, file_sha256, writable_cache_dir
 
 
 class FeatureCache:
@@ -79,7 +79,7 @@ class FeatureExtractor:
         self.runtime_name = resolve_runtime(runtime, dev)
         self.precision = resolve_precision(precision, self.runtime_name, dev)
         self.device = device
-        self.cache_root = cache_dir or default_cache_dir()
+        self.cache_root = writable_cache_dir(cache_dir or default_cache_dir())
         self.cache = FeatureCache(self.cache_root, self.model_key) if use_cache else None
         self._runtime: Runtime | None = None
 
