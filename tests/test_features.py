@@ -81,5 +81,5 @@ def test_a_cache_folder_that_cannot_be_written_is_a_message(tmp_path: Path):
     from imgclf.errors import USER_ERRORS
 
     (tmp_path / "cache").write_text("a file where the cache folder should be")
-    with pytest.raises(USER_ERRORS, match="cache folder .* cannot be written .*IMGCLF_CACHE"):
+    with pytest.raises(USER_ERRORS, match=r"cache folder .* cannot be written .*IMGCLF_CACHE"):
         FeatureExtractor(create_backbone("efficientnet_lite0", resolution=64), cache_dir=tmp_path / "cache")
