@@ -296,3 +296,15 @@ def test_transparency_and_modes(tmp_path: Path):
     assert np.asarray(open_rgb(tmp_path / "clear.png")).min() == 255  # composited on white
     arr = load_for_model(tmp_path / "grey.gif", Preprocess(24))
     assert arr.shape == (24, 24, 3) and arr.dtype == np.uint8
+
+
+def test_high_bit_depth_images_are_scaled_not_clipped(tmp_path: Path):
+    """16-bit PNG/TIFF (microscopy, scans) and float TIFF: Pillow's own conversion would clip them to white."""
+    ramp = np.linspace(0, 1, 256)[None].repeat(8, 0)
+    Image.fromarray((ramp * 65535).astype(np.uint16)).save(tmp_path / "g16.png")
+    Image.fromarray((ramp * 65535).astype(np.uint16)).save(tmp_path / "g16.tif")
+    Image.fromarray(ramp.astype(np.float32), mode="F").save(tmp_path / "unit.tif")
+    Image.fromarray((ramp * 5000 - 1000).astype(np.float32), mode="F").save(tmp_path / "wide.tif")
+    for name in ("g16.png", "g16.tif", "unit.tif", "wide.tif"):
+        row = np.asarray(open_rgb(tmp_path / name))[0, :, 0].astype(int)
+        assert row[0] == 0 and row[-1] == 255 and abs(row[128] - 128) <= 1, name

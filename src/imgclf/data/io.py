@@ -14,6 +14,8 @@ IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".avif", ".heic", ".heif"}
 )
 HEIF_EXTENSIONS = frozenset({".heic", ".heif"})
+# Bump when decoding gives some image other pixels than before: cached features and hashes are keyed by it.
+DECODE_VERSION = 2  # 2: high-bit-depth one-channel images scaled to 8 bits instead of clipped
 # What file managers and archivers leave in folders (lower case); ignored like hidden names.
 SYSTEM_NAMES = frozenset({"__macosx", "thumbs.db", "ehthumbs.db", "desktop.ini"})
 
@@ -145,6 +147,28 @@ def check_image(path: Path, max_pixels: int, max_bytes: int) -> str | None:
     return None
 
 
+_HIGH_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
+
+
+def to_8bit(im: Image.Image) -> Image.Image:
+    """A high-bit-depth one-channel image (16-bit PNG or TIFF, 32-bit integer or float TIFF) as 8-bit "L".
+
+    Pillow's own conversion clips such images at 255, so a 16-bit photo comes out nearly white. Integer
+    images are scaled from the 16-bit range (from their own minimum and maximum when outside it); float
+    images from 0..1 when they lie in it, else from their own minimum and maximum. Other modes pass as they are.
+    """
+    if im.mode not in _HIGH_BIT_MODES:
+        return im
+    a = np.nan_to_num(np.asarray(im, dtype=np.float64))
+    lo, hi = float(a.min()), float(a.max())
+    if im.mode == "F" and lo >= 0 and hi <= 1:
+        lo, hi = 0.0, 1.0
+    elif im.mode != "F" and lo >= 0 and hi <= 65535:
+        lo, hi = 0.0, 65535.0
+    scaled = (a - lo) * (255.0 / max(hi - lo, 1e-12))
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
+
+
 def open_rgb(path: Path | BinaryIO, draft_to: int | None = None, max_pixels: int | None = None) -> Image.Image:
     """Decode an image (a path or a binary file object) as upright RGB.
 
@@ -161,7 +185,7 @@ def open_rgb(path: Path | BinaryIO, draft_to: int | None = None, max_pixels: int
         if draft_to is not None and im.format == "JPEG":
             im.draft("RGB", (draft_to, draft_to))
         im.load()
-        im = ImageOps.exif_transpose(im)
+        im = to_8bit(ImageOps.exif_transpose(im))
     except ImageError:
         raise
     except Image.DecompressionBombError as e:

@@ -25,7 +25,15 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from imgclf.data.io import IMAGE_EXTENSIONS, ImageError, is_ignored, list_files, open_rgb, unreadable_reason
+from imgclf.data.io import (
+    DECODE_VERSION,
+    IMAGE_EXTENSIONS,
+    ImageError,
+    is_ignored,
+    list_files,
+    open_rgb,
+    unreadable_reason,
+)
 from imgclf.utils import atomic_write_text, cpu_count, display_path, is_utf8
 
 log = logging.getLogger(__name__)
@@ -103,7 +111,7 @@ class HashCache:
     @staticmethod
     def key(path: Path, hash_size: int) -> str:
         st = path.stat()
-        return f"{hash_size}|{st.st_size}|{st.st_mtime_ns}|{path.resolve()}"
+        return f"{hash_size}|{DECODE_VERSION}|{st.st_size}|{st.st_mtime_ns}|{path.resolve()}"
 
     def get(self, keys: Sequence[str]) -> dict[str, HashInfo]:
         found: dict[str, HashInfo] = {}

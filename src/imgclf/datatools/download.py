@@ -15,6 +15,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from imgclf.config import DataToolsConfig
+from imgclf.data.io import to_8bit
 from imgclf.datatools.fetch import FetchError, RetryPolicy, make_client, with_retries
 from imgclf.datatools.journal import QUARANTINE_DIR
 from imgclf.utils import atomic_write_bytes, atomic_write_text
@@ -222,7 +223,7 @@ def save_image(
             im.convert("RGBA").save(buf, "PNG", icc_profile=icc)
         else:
             ext = ".jpg"
-            im.convert("RGB").save(buf, "JPEG", quality=JPEG_QUALITY, icc_profile=icc)
+            to_8bit(im).convert("RGB").save(buf, "JPEG", quality=JPEG_QUALITY, icc_profile=icc)
         payload = buf.getvalue()
         if cfg.keep_originals:
             original = out / ORIGINALS_DIR / label / f"{stem}{_FORMAT_EXT.get(fmt or '', '.img')}"

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from imgclf.backbones import Backbone, create_backbone
 from imgclf.config import Config
-from imgclf.data.io import ImageError, Preprocess, load_for_model, unreadable_reason
+from imgclf.data.io import DECODE_VERSION, ImageError, Preprocess, load_for_model, unreadable_reason
 from imgclf.features.runtimes import Runtime, create_runtime, device_type, resolve_precision, resolve_runtime
 from imgclf.utils import atomic_write_bytes, cpu_count, default_cache_dir, file_sha256, writable_cache_dir
 
@@ -108,7 +108,13 @@ class FeatureExtractor:
     @property
     def model_key(self) -> str:
         """Names the feature model: backbone, weights, preprocessing, runtime, precision, test-time flip."""
-        spec = dict(self.backbone.spec(), runtime=self.runtime_name, precision=self.precision, flip=self.flip_tta)
+        spec = dict(
+            self.backbone.spec(),
+            runtime=self.runtime_name,
+            precision=self.precision,
+            flip=self.flip_tta,
+            decode=DECODE_VERSION,
+        )
         digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
         res = self.preprocess.resolution
         return f"{self.backbone.name.replace(':', '_')}-{res}-{self.runtime_name}-{self.precision}-{digest}"
