@@ -192,6 +192,27 @@ def test_cli_errors_are_messages(tmp_path, capsys, monkeypatch):
     assert main(["train", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
     assert "out of GPU memory: lower --ft-batch-size" in capsys.readouterr().err
 
+    def disk_full(cfg):
+        import errno
+
+        from imgclf.utils import atomic_write_bytes
+
+        real_write = os.fdopen
+
+        def failing(fd, *a, **k):
+            f = real_write(fd, *a, **k)
+            f.write = lambda data: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))
+            return f
+
+        monkeypatch.setattr(os, "fdopen", failing)
+        atomic_write_bytes(tmp_path / "r" / "metrics.json", b"{}")
+
+    monkeypatch.setattr(imgclf.pipeline, "train", disk_full)
+    assert main(["train", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert f"No space left on device: {tmp_path / 'r' / 'metrics.json'} (free space, or write elsewhere" in err
+
     def interrupted(cfg):
         raise KeyboardInterrupt
 

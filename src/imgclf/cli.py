@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
@@ -13,6 +14,8 @@ from typing import Any, Literal
 
 from imgclf.config import Config, describe_errors, parameter_table
 
+# Errors of the disk rather than of imgclf: full, over quota, read-only, not permitted.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 # Sub-command modules; each defines ``register(subparsers)`` adding its commands.
 COMMAND_MODULES = (
     "imgclf.commands",
@@ -132,6 +135,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if isinstance(e, ValidationError):
             print(f"imgclf: error: {describe_errors(e)}", file=sys.stderr)
+            return 2
+        if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+            where = f": {e.filename}" if e.filename else ""
+            print(
+                f"imgclf: error: {e.strerror}{where} (free space, or write elsewhere: --out, IMGCLF_CACHE)",
+                file=sys.stderr,
+            )
             return 2
         if isinstance(e, USER_ERRORS):
             print(f"imgclf: error: {e}", file=sys.stderr)

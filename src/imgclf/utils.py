@@ -74,9 +74,11 @@ def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None:  # a failed write names no file: name it
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -18,12 +19,15 @@ from imgclf.data.io import DECODE_VERSION, ImageError, Preprocess, load_for_mode
 from imgclf.features.runtimes import Runtime, create_runtime, device_type, resolve_precision, resolve_runtime
 from imgclf.utils import atomic_write_bytes, cpu_count, default_cache_dir, file_sha256, writable_cache_dir
 
+log = logging.getLogger("imgclf")
+
 
 class FeatureCache:
     """One ``.npy`` per (image content, feature model): ``root/<model key>/<sha[:2]>/<sha>.npy``."""
 
     def __init__(self, root: Path, model_key: str) -> None:
         self.dir = root / "features" / model_key
+        self.writable = True
 
     def _path(self, digest: str) -> Path:
         return self.dir / digest[:2] / f"{digest}.npy"
@@ -37,9 +41,15 @@ class FeatureCache:
     def put(self, digest: str, vector: np.ndarray) -> None:
         import io
 
+        if not self.writable:
+            return
         buf = io.BytesIO()
         np.save(buf, vector.astype(np.float32, copy=False), allow_pickle=False)
-        atomic_write_bytes(self._path(digest), buf.getvalue(), durable=False)
+        try:
+            atomic_write_bytes(self._path(digest), buf.getvalue(), durable=False)
+        except OSError as e:  # a full disk: the run goes on, later runs compute these features again
+            self.writable = False
+            log.warning("warning: features not cached from here on (%s in %s)", e.strerror or e, self.dir)
 
 
 @dataclass

@@ -175,10 +175,17 @@ class OpenVINORuntime:
             model = convert_openvino(net(), resolution)
             if xml is not None:
                 tmp = model_dir / ".tmp-model.xml"
-                model_dir.mkdir(parents=True, exist_ok=True)
-                ov.save_model(model, tmp, compress_to_fp16=False)
-                tmp.with_suffix(".bin").replace(xml.with_suffix(".bin"))
-                tmp.replace(xml)
+                try:
+                    model_dir.mkdir(parents=True, exist_ok=True)
+                    ov.save_model(model, tmp, compress_to_fp16=False)
+                    tmp.with_suffix(".bin").replace(xml.with_suffix(".bin"))
+                    tmp.replace(xml)
+                except (OSError, RuntimeError) as e:  # OpenVINO reports a full disk as a RuntimeError
+                    for f in (tmp, tmp.with_suffix(".bin")):
+                        f.unlink(missing_ok=True)
+                    log.warning(
+                        "warning: converted model not kept in %s (%s); it is converted again next time", model_dir, e
+                    )
         config = {
             "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
             "INFERENCE_NUM_THREADS": threads,
