@@ -83,3 +83,22 @@ def test_a_cache_folder_that_cannot_be_written_is_a_message(tmp_path: Path):
     (tmp_path / "cache").write_text("a file where the cache folder should be")
     with pytest.raises(USER_ERRORS, match=r"cache folder .* cannot be written .*IMGCLF_CACHE"):
         FeatureExtractor(create_backbone("efficientnet_lite0", resolution=64), cache_dir=tmp_path / "cache")
+
+
+def test_a_full_cache_disk_costs_the_cache_not_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    import errno
+
+    import imgclf.features.extract as extract
+
+    def full(*_: object, **__: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(extract, "atomic_write_bytes", full)
+    data = make_folder(tmp_path / "d", n=2)
+    fx = FeatureExtractor(create_backbone("efficientnet_lite0", resolution=64), runtime="torch", cache_dir=tmp_path)
+    with caplog.at_level("WARNING", logger="imgclf"):
+        res = fx.extract(sorted(data.rglob("*.jpg")))
+    assert res.ok.all() and fx.cache is not None and not fx.cache.writable
+    assert caplog.text.count("features not cached from here on (No space left on device") == 1
