@@ -161,6 +161,8 @@ def test_warm_rerun_imports_no_heavy_library(run, tmp_path):
 def test_cli_errors_are_messages(tmp_path, capsys, monkeypatch):
     assert main(["train", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")]) == 2
     assert "data folder not found" in capsys.readouterr().err
+    assert main(["train", str(tmp_path), "--out", str(tmp_path / "runs" / "latest")]) == 2
+    assert "is inside the data folder" in capsys.readouterr().err and not (tmp_path / "runs").exists()
     assert main(["predict", str(tmp_path / "no_run"), str(tmp_path / "x.jpg")]) == 2
     assert "no model bundle in" in capsys.readouterr().err
     with socket.socket() as taken:

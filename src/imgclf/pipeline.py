@@ -202,6 +202,12 @@ def train(cfg: Config) -> RunResult:
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     run_dir = Path(cfg.output.out)
+    data_root = Path(cfg.data.data_root or "")
+    if data_root.is_dir() and run_dir.resolve().is_relative_to(data_root.resolve()):
+        raise DatasetError(
+            f"the run folder {run_dir} is inside the data folder {data_root}: its figures would be read as "
+            "images of a class; give an --out outside it"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     ds = scan_dataset(cfg.data)
     ds, split = leave_out_untrained(ds, make_split(ds, cfg.data))
