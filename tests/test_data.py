@@ -144,6 +144,12 @@ def test_clear_errors(tmp_path: Path, setup, match):
         scan_dataset(DataConfig(data_root=root))
 
 
+def test_an_archive_given_as_data_says_to_unpack_it(tmp_path: Path):
+    (tmp_path / "photos.zip").write_bytes(b"PK\x03\x04")
+    with pytest.raises(DatasetError, match=r"is a file \(an archive: unpack it first\)"):
+        scan_dataset(DataConfig(data_root=tmp_path / "photos.zip"))
+
+
 def test_classes_that_cannot_be_learned_are_left_out_and_reported(tmp_path: Path):
     """An empty class folder, or one only in val/, is left out with a reason; the run goes on."""
     root = make_folder(tmp_path / "flat", n=4)

@@ -16,6 +16,7 @@ from imgclf.data.io import IMAGE_EXTENSIONS, ImageError, check_image, is_ignored
 from imgclf.utils import atomic_write_text, display_path, has_control_character, is_utf8
 
 UNLABELED_DIR = "unlabeled"
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".7z", ".rar")
 
 log = logging.getLogger("imgclf")
 
@@ -92,7 +93,8 @@ def scan_dataset(cfg: DataConfig, root: Path | None = None) -> Dataset:
     if not str(root) or not root.exists():
         raise DatasetError(f"data folder not found: {root!s} (give the folder that holds one sub-folder per class)")
     if not root.is_dir():
-        raise DatasetError(f"{root} is a file; give the folder that holds one sub-folder per class")
+        unpack = " (an archive: unpack it first)" if root.name.lower().endswith(ARCHIVE_SUFFIXES) else ""
+        raise DatasetError(f"{root} is a file{unpack}; give the folder that holds one sub-folder per class")
     root = root.resolve()
     predefined = _predefined_parts(root) if cfg.split_mode in ("auto", "predefined") else None
     if cfg.split_mode == "predefined" and predefined is None:
