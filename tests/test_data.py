@@ -240,6 +240,9 @@ def test_predefined_list_and_group_modes(tmp_path: Path):
     cfg = DataConfig(data_root=root, split_mode="list", test_list=tmp_path / "test.txt")
     split = make_split(scan_dataset(cfg), cfg)
     assert sum(split == "test") == 3
+    (tmp_path / "test.txt").write_text("circles\\circles_00.jpg\n/elsewhere/x.jpg\n")  # a Windows path; outside
+    with pytest.raises(DatasetError, match=r"1 path\(s\) in .*test.txt are not usable images .*'/elsewhere/x.jpg'"):
+        make_split(scan_dataset(cfg), cfg)
 
     grouped = tmp_path / "grouped"
     for c in ("a", "b"):

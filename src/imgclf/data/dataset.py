@@ -246,11 +246,14 @@ def _read_list(path: Path, root: Path) -> set[str]:
     if not path.is_file():
         raise DatasetError(f"test list not found: {path}")
     out = set()
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
+    for line in path.read_text(encoding="utf-8-sig").splitlines():
+        line = line.strip().replace("\\", "/")  # lists written on Windows
         if line and not line.startswith("#"):
             p = Path(line)
-            out.add((p.resolve().relative_to(root) if p.is_absolute() else p).as_posix())
+            if p.is_absolute():
+                p = p.resolve()
+                p = p.relative_to(root) if p.is_relative_to(root) else p  # outside: reported as not usable
+            out.add(p.as_posix())
     return out
 
 
