@@ -234,6 +234,10 @@ def test_predefined_list_and_group_modes(tmp_path: Path):
         ("extra", "folder beside train/, val/, test/: in no split, not used"),
         ("loose.png", "image not inside a class folder: move it into one to use it"),
     ]
+    pooled = DataConfig(data_root=pre, split_mode="random")  # split again: the classes stay the classes
+    ds = scan_dataset(pooled)
+    assert ds.classes == ["circles", "squares", "stripes"] and len(ds.samples) == 30
+    assert sum(make_split(ds, pooled) == "test") == 6  # a quarter of each class's 10, rounded to 2
 
     root = make_folder(tmp_path / "flat", n=6)
     (tmp_path / "test.txt").write_text("circles/circles_00.jpg\nsquares/squares_01.jpg\nstripes/stripes_02.jpg\n")

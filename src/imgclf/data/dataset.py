@@ -96,16 +96,21 @@ def scan_dataset(cfg: DataConfig, root: Path | None = None) -> Dataset:
         unpack = " (an archive: unpack it first)" if root.name.lower().endswith(ARCHIVE_SUFFIXES) else ""
         raise DatasetError(f"{root} is a file{unpack}; give the folder that holds one sub-folder per class")
     root = root.resolve()
-    predefined = _predefined_parts(root) if cfg.split_mode in ("auto", "predefined") else None
+    predefined = _predefined_parts(root)
     if cfg.split_mode == "predefined" and predefined is None:
         raise DatasetError(f"split_mode=predefined needs {root}/train and {root}/val (or test) sub-folders")
-    parts: list[tuple[Path, str | None]] = list(predefined) if predefined else [(root, None)]
-    if predefined:
+    parts: list[tuple[Path, str | None]] = [(root, None)]
+    if predefined and cfg.split_mode in ("auto", "predefined"):
+        parts = list(predefined)
         log.info(
             "predefined split: training images from %s, test images from %s",
             " and ".join(f"{base.name}/" for base, preset in predefined if preset == "train"),
             predefined[-1][0].name + "/",
         )
+    elif predefined:  # the classes are in the split folders: pool them, then split by split_mode
+        parts = [(base, None) for base, _ in predefined]
+        names = ", ".join(f"{base.name}/" for base, _ in predefined)
+        log.info("split_mode %s: the images of %s are pooled and split again", cfg.split_mode, names)
     dirs = {base: _class_dirs(base) for base, _ in parts}  # listed once
     bad_names = {d: why for base, _ in parts for d in dirs[base] if (why := _name_problem(d.name))}
     class_names = sorted({d.name for base, _ in parts for d in dirs[base] if d not in bad_names})
