@@ -54,3 +54,12 @@ def test_an_abbreviated_flag_matching_both_spellings_is_taken():
     assert cfg.finetune.balance_classes is True and cfg.finetune.early_stopping == 2
     with pytest.raises(SystemExit):  # two different flags still are ambiguous
         build_parser().parse_args(["train", "data", "--s", "1"])
+
+
+def test_progress_bars_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch):
+    import io
+    import sys
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # a pipe or log file
+    assert config_from_args(build_parser().parse_args(["train", "d"])).output.progress is False
+    assert config_from_args(build_parser().parse_args(["train", "d", "--progress"])).output.progress is True

@@ -66,6 +66,8 @@ def config_from_args(args: argparse.Namespace, base: Config | None = None, **ove
     cfg = Config.from_file(args.config) if getattr(args, "config", None) else base or Config()
     flat = {k.removeprefix("cfg__"): v for k, v in vars(args).items() if k.startswith("cfg__")}
     flat.update({k: v for k, v in overrides.items() if v is not None})
+    if "progress" not in flat and not sys.stderr.isatty():
+        flat["progress"] = False  # bars written to a log file or a pipe are noise; --progress keeps them
     return cfg.updated(**flat) if flat else cfg
 
 

@@ -246,7 +246,7 @@ class OutputConfig(_Section):
 
     out: Path = Field(Path("runs/latest"), description="Run folder: split, metrics, report, predictions, model bundle.")
     seed: int = Field(0, description="Seed for everything random besides the split.")
-    progress: bool = Field(True, description="Show progress bars.")
+    progress: bool = Field(True, description="Show progress bars (on the command line: only on a terminal).")
 
 
 class Config(BaseModel):
