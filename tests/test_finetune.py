@@ -197,3 +197,12 @@ def test_undecodable_training_images_are_reported(demo: Path, tmp_path: Path) ->
     reported = {s["path"] for s in res.metrics["skipped"]}
     assert set(broken) <= reported
     assert res.metrics["n_train"] + res.metrics["n_test"] == 3 * 8
+
+
+def test_many_small_classes_still_get_a_validation_part() -> None:
+    labels = np.repeat(np.arange(250), 3)  # 250 classes of three training images
+    fit, val = split_validation(labels, np.arange(750), 0.1, seed=0)
+    assert len(val) == 75 and np.bincount(labels[val]).max() == 1  # one image from each of 75 classes
+    assert set(labels[fit]) == set(range(250))  # every class keeps its fitting images
+    balanced = np.repeat(np.arange(2), [124, 120])  # hymenoptera's training split: 12 + 12, as before
+    assert np.bincount(balanced[split_validation(balanced, np.arange(244), 0.1, seed=0)[1]]).tolist() == [12, 12]

@@ -72,13 +72,25 @@ class Classifier(nn.Module):
 def split_validation(
     labels: np.ndarray, train_idx: np.ndarray, fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified, seeded (fit, val) partition of ``train_idx``; each class keeps a fitting image."""
+    """Stratified, seeded (fit, val) partition of ``train_idx``; each class keeps a fitting image.
+
+    ``fraction`` of all the images are held out, shared among the classes by largest remainder, so that
+    many small classes (three images each) still give a validation part, one image from some of them.
+    """
     rng = np.random.default_rng([seed, 0x5EED])
+    classes = np.unique(labels[train_idx])
+    sizes = np.array([np.sum(labels[train_idx] == c) for c in classes])
+    quota = sizes * fraction
+    n_val = np.minimum(np.floor(quota).astype(int), sizes - 1)
+    tie_break = np.random.default_rng([seed, 0x7A1]).permutation(len(classes))
+    for k in sorted(range(len(classes)), key=lambda k: (-(quota[k] - np.floor(quota[k])), tie_break[k])):
+        if n_val.sum() >= round(len(train_idx) * fraction):
+            break
+        n_val[k] += int(n_val[k] < sizes[k] - 1)
     val: list[np.ndarray] = []
-    for c in np.unique(labels[train_idx]):
+    for c, n in zip(classes, n_val, strict=True):
         idx = np.sort(train_idx[labels[train_idx] == c])
-        n_val = min(len(idx) - 1, round(len(idx) * fraction))
-        val.append(idx[rng.permutation(len(idx))[:n_val]])
+        val.append(idx[rng.permutation(len(idx))[:n]])
     val_idx = np.sort(np.concatenate(val)) if val else np.empty(0, np.int64)
     return np.setdiff1d(train_idx, val_idx), val_idx
 
