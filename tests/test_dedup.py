@@ -223,3 +223,12 @@ def test_links_and_system_folders(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert run_cli(["dedup", str(root), "--apply"]) == 1
     assert "it is a/via_link/pic.jpg itself, reached through a link" in capsys.readouterr().err
     assert (shared / "pic.jpg").read_bytes() == pic
+
+
+def test_reports_can_go_elsewhere_for_a_read_only_data_folder(data: Path, tmp_path: Path):
+    before = _digests(data)
+    assert run_cli(["dedup", str(data), "--report-dir", str(tmp_path / "reports")]) == 0
+    assert (tmp_path / "reports" / "dedup_report.csv").is_file() and (
+        tmp_path / "reports" / "dedup_report.html"
+    ).is_file()
+    assert not (data / "dedup_report.csv").exists() and _digests(data) == before

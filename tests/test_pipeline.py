@@ -213,7 +213,7 @@ def test_cli_errors_are_messages(tmp_path, capsys, monkeypatch):
     assert main(["train", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
     monkeypatch.undo()
     err = capsys.readouterr().err
-    assert f"No space left on device: {tmp_path / 'r' / 'metrics.json'} (free space, or write elsewhere" in err
+    assert f"No space left on device: {tmp_path / 'r' / 'metrics.json'} (free space or allow writing there" in err
 
     def interrupted(cfg):
         raise KeyboardInterrupt

@@ -140,10 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
             where = f": {e.filename}" if e.filename else ""
-            print(
-                f"imgclf: error: {e.strerror}{where} (free space, or write elsewhere: --out, IMGCLF_CACHE)",
-                file=sys.stderr,
-            )
+            hint = "free space or allow writing there, or write elsewhere: see the command's --help"
+            print(f"imgclf: error: {e.strerror}{where} ({hint})", file=sys.stderr)
             return 2
         if isinstance(e, USER_ERRORS):
             print(f"imgclf: error: {e}", file=sys.stderr)

@@ -58,7 +58,7 @@ def _dedup(args: argparse.Namespace) -> int:
         cfg = config_from_args(args)
         tools = cfg.datatools
         result = find_duplicates(root, tools.hash_size, tools.max_distance, cfg.output.progress)
-        csv_path, html_path = write_reports(result)
+        csv_path, html_path = write_reports(result, args.report_dir)
         extras = result.extras
         print(
             f"{result.n_images} images, {len(result.groups)} duplicate groups, {len(extras)} extra copies; "
@@ -103,6 +103,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("dedup", help="Find duplicate images (dhash), report them, quarantine extra copies.")
     p.add_argument("data_dir", help="Folder with one sub-folder per class.")
+    p.add_argument(
+        "--report-dir",
+        type=Path,
+        help="Folder for dedup_report.csv and .html [default: DATA_DIR; for a read-only one].",
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument(
         "--apply",

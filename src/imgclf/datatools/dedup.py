@@ -324,15 +324,17 @@ def find_leaks(
     return sorted(pairs, key=lambda t: (t[1], t[0]))
 
 
-def write_reports(result: DedupResult) -> tuple[Path, Path]:
-    """Write ``dedup_report.csv`` (group, path, kept, distance, width, height) and ``dedup_report.html``."""
+def write_reports(result: DedupResult, folder: Path | None = None) -> tuple[Path, Path]:
+    """Write ``dedup_report.csv`` (group, path, kept, distance, width, height) and ``dedup_report.html``
+    into ``folder`` (default: the data folder)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["group", "path", "kept", "distance", "width", "height"])
     for n, g in enumerate(result.groups, 1):
         for m in g:
             w.writerow([n, m.path, "yes" if m.kept else "no", m.distance, m.width, m.height])
-    csv_path, html_path = result.root / REPORT_CSV, result.root / REPORT_HTML
+    folder = Path(folder) if folder is not None else result.root
+    csv_path, html_path = folder / REPORT_CSV, folder / REPORT_HTML
     atomic_write_text(csv_path, buf.getvalue())
     atomic_write_text(html_path, _html(result))
     return csv_path, html_path
