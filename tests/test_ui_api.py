@@ -336,3 +336,20 @@ def test_a_data_folder_laid_out_by_split(tmp_path: Path) -> None:
         assert client.get("/api/info").json()["counts"] == {"a": 5, "b": 6, "unlabeled": 0}
         assert len(client.post("/api/undo", json={"all": True}).json()["undone"]) == 2
     assert sha_map(root) == before
+
+
+def test_a_read_only_data_folder_is_a_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from imgclf.ui.labels import RelabelJournal
+
+    def read_only(self: RelabelJournal, record: dict) -> None:
+        raise OSError(errno.EROFS, "Read-only file system", str(self.path))
+
+    monkeypatch.setattr(RelabelJournal, "_append", read_only)
+    root = make_folder(tmp_path / "d", classes=("a", "b"), n=1)
+    before = sha_map(root)
+    with Server(create_app(root, analyse_on_start=False)) as server, httpx.Client(base_url=server.url) as client:
+        r = client.post("/api/relabel", json={"path": "a/a_00.jpg", "label": "b"})
+        assert r.status_code == 409 and "cannot be changed: Read-only file system" in r.json()["detail"]
+    assert sha_map(root) == before

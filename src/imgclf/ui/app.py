@@ -164,6 +164,11 @@ def create_app(
     def _missing(_: Request, e: FileNotFoundError) -> JSONResponse:
         return JSONResponse({"detail": str(e)}, status_code=404)
 
+    @app.exception_handler(OSError)
+    def _unwritable(_: Request, e: OSError) -> JSONResponse:  # a read-only data folder, a full disk
+        where = f" ({e.filename})" if e.filename else ""
+        return JSONResponse({"detail": f"the data folder cannot be changed: {e.strerror or e}{where}"}, status_code=409)
+
     @app.exception_handler(ImageError)
     def _bad_image(_: Request, e: ImageError) -> JSONResponse:
         return JSONResponse({"detail": f"cannot show this image: {e}"}, status_code=422)
