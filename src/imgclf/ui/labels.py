@@ -29,6 +29,7 @@ from imgclf.utils import display_path, file_sha256, is_utf8
 log = logging.getLogger("imgclf")
 
 JOURNAL_FILE = ".imgclf-journal.jsonl"
+_WARNED: dict[Path, set[str]] = {}  # per data folder, the names not valid UTF-8 already warned about
 
 
 class UnsafePathError(ValueError):
@@ -88,8 +89,9 @@ def list_images(root: Path) -> dict[str, list[str]]:
         unnamed += [r for r in rels if not is_utf8(r)]
         if is_utf8(d.name):
             found.setdefault(d.name, []).extend(r for r in rels if is_utf8(r))
-    for rel in sorted(unnamed):
+    for rel in sorted(set(unnamed) - _WARNED.get(root, set())):  # once per name, not at every listing
         log.warning("not shown: %s (its name is not valid UTF-8 text; rename it)", display_path(rel))
+    _WARNED.setdefault(root, set()).update(unnamed)
     return {name: sorted(found[name]) for name in sorted(found)}
 
 
