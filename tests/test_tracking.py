@@ -156,7 +156,8 @@ def test_runs_list_and_compare(two_runs: tuple[RunResult, RunResult], work: Path
     ids = [line.split(",")[0] for line in (work / "list.csv").read_text().splitlines()[1:]]
     train_a = _runs("sqlite:///mlflow.db")[0].info.run_id
     assert train_a in ids
-    capsys.readouterr()
+    listed = capsys.readouterr().out  # into a pipe: whole names, not rich's 80 columns of "effi…"
+    assert "efficientnet_lite0" in listed and "class averaged accuracy" in listed
     # A run id prefix (as `runs list` shows it) and a run folder.
     assert (
         main(["runs", "compare", train_a[:8], str(work / "runs" / "b"), "--markdown", "cmp.md", "--csv", "cmp.csv"])

@@ -71,8 +71,15 @@ def config_from_args(args: argparse.Namespace, base: Config | None = None, **ove
     return cfg.updated(**flat) if flat else cfg
 
 
-def _show_config(args: argparse.Namespace) -> int:
+def console() -> Any:
+    """A rich console for tables: the terminal's width, or 200 columns into a file or pipe (not rich's 80,
+    which cuts names to one or two letters)."""
     from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 200)
+
+
+def _show_config(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     cfg = config_from_args(args)
@@ -82,7 +89,7 @@ def _show_config(args: argparse.Namespace) -> int:
     flat = cfg.flat()
     for section, name, type_, _, help_text in parameter_table():
         table.add_row(section, name, type_, str(flat[name]), help_text)
-    Console().print(table)
+    console().print(table)
     return 0
 
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from imgclf.cli import add_config_args, config_from_args
+from imgclf.cli import add_config_args, config_from_args, console
 from imgclf.utils import atomic_write_text
 
 TAG_COLUMNS = ("kind", "dataset", "classifier", "backbone", "run_dir")
@@ -28,7 +28,6 @@ def _list_cell(value: object) -> str:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from imgclf.tracking.compare import table_csv, table_markdown
@@ -47,13 +46,12 @@ def _list(args: argparse.Namespace) -> int:
     for run in runs:
         cells = [_list_cell(v) for v in run.values()]
         table.add_row(run["id"][:ID_SHOWN], *cells[1:])
-    Console().print(table)
+    console().print(table)
     _write_outputs(args, table_csv(runs), table_markdown(runs))
     return 0
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from imgclf.tracking.compare import SECTIONS, TITLES, compare, format_value, load_run, to_csv, to_markdown
@@ -63,13 +61,13 @@ def _compare(args: argparse.Namespace) -> int:
     cfg = config_from_args(args).tracking
     records = [load_run(ref, cfg) for ref in args.runs]
     labels = [r.label for r in records]
-    console = Console()
+    out = console()
     runs = Table(title="runs")
     for col in ("run", *TAG_COLUMNS):
         runs.add_column(col)
     for r in records:
         runs.add_row(r.label, *(r.tags.get(k, "") for k in TAG_COLUMNS))
-    console.print(runs)
+    out.print(runs)
     rows = compare(records, all_params=args.all_params)
     titles = {**TITLES, "metric": "Metrics (best ★)", "class accuracy": "Accuracy per class (best ★)"}
     titles["parameter"] = "Parameters (differing ones highlighted)" if args.all_params else "Parameters that differ"
@@ -88,9 +86,9 @@ def _compare(args: argparse.Namespace) -> int:
                     row.name, *(f"[bold green]{c} ★[/]" if m else c for c, m in zip(cells, row.marked, strict=True))
                 )
         if chosen:
-            console.print(table)
+            out.print(table)
         elif section == "parameter":
-            console.print("the runs have the same parameters")
+            out.print("the runs have the same parameters")
     _write_outputs(args, to_csv(rows, labels), to_markdown(rows, labels))
     return 0
 
