@@ -62,7 +62,7 @@ def _features(
     paths = [ds.path(ds.samples[i]) for i in idx]
     res = fx.extract(paths, desc=desc)
     for j, reason in sorted(res.errors.items()):
-        skipped.append({"path": str(paths[j]), "reason": reason})
+        skipped.append({"path": display_path(paths[j]), "reason": reason})
     return res.features[res.ok], idx[res.ok]
 
 
@@ -254,7 +254,9 @@ def train(cfg: Config) -> RunResult:
         timings["finetune_s"] = time.perf_counter() - t
         backbone, backbone_state = ft.backbone, ft.backbone.model.state_dict()
         extra_figures.update(ft.figures)
-        skipped += [{"path": str(ds.path(ds.samples[i])), "reason": why} for i, why in sorted(ft.skipped.items())]
+        skipped += [
+            {"path": display_path(ds.path(ds.samples[i])), "reason": why} for i, why in sorted(ft.skipped.items())
+        ]
         train_idx = np.array([i for i in train_idx if i not in ft.skipped], np.int64)
         if mode == "dnn":
             fitted_head = ft.head

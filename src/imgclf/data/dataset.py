@@ -151,10 +151,10 @@ def scan_dataset(cfg: DataConfig, root: Path | None = None) -> Dataset:
                 try:
                     note = check_image(f, cfg.max_image_pixels, max_bytes)
                 except ImageError as e:
-                    skipped.append({"path": str(f), "reason": str(e)})
+                    skipped.append({"path": display_path(f), "reason": str(e)})
                     continue
                 if note:
-                    notes.append({"path": str(f), "note": note})
+                    notes.append({"path": display_path(f), "note": note})
                 group = rel_in_class.parts[0] if len(rel_in_class.parts) > 1 else rel_in_class.as_posix()
                 found.append((f.relative_to(root).as_posix(), class_dir.name, f"{class_dir.name}/{group}", preset))
     used = {name for _, name, _, _ in found}
@@ -166,7 +166,7 @@ def scan_dataset(cfg: DataConfig, root: Path | None = None) -> Dataset:
             f"add images to them" + (f". {len(skipped)} file(s) skipped: {shown}" if skipped else "")
         )
     reason = "class folder without a usable image: class left out (add images to train it)"
-    skipped += [{"path": str(d), "reason": reason} for base, _ in parts for d in dirs[base] if d.name in empty]
+    skipped += [{"path": display_path(d), "reason": reason} for base, _ in parts for d in dirs[base] if d.name in empty]
     class_names = [name for name in class_names if name in used]
     label_of = {name: i for i, name in enumerate(class_names)}
     samples = [Sample(rel, label_of[name], group, preset) for rel, name, group, preset in found]
@@ -234,7 +234,7 @@ def leave_out_untrained(ds: Dataset, split: np.ndarray) -> tuple[Dataset, np.nda
     keep = np.array([s.label in new_label for s in ds.samples])
     skipped = ds.skipped + [
         {
-            "path": str(ds.path(s)),
+            "path": display_path(ds.path(s)),
             "reason": f"class {ds.classes[s.label]!r} has no training image: left out (add training images to it)",
         }
         for s in ds.samples
