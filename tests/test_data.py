@@ -83,6 +83,7 @@ def test_hidden_and_system_files_links_and_loops(tmp_path: Path):
         (root / "circles" / "linked").symlink_to(elsewhere / "more", target_is_directory=True)
         (root / "circles" / "linked_again").symlink_to(elsewhere / "more", target_is_directory=True)
         (root / "squares" / "loop").symlink_to(root / "squares", target_is_directory=True)
+        (root / "stripes" / "everything").symlink_to("/", target_is_directory=True)  # never walked
         (root / "stripes" / "gone.jpg").symlink_to(tmp_path / "no_such.jpg")
     except OSError:
         pytest.skip("this file system or user cannot make symbolic links")

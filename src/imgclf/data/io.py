@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,9 @@ else:
     HEIF_READABLE = True
 
 
+log = logging.getLogger("imgclf")
+
+
 class ImageError(Exception):
     """An image that cannot be used; the message says why and what to do."""
 
@@ -44,13 +48,21 @@ def list_files(folder: Path) -> list[Path]:
     """
     out: list[Path] = []
     seen: set[str] = set()
+    top = Path(os.path.realpath(folder))
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         real = os.path.realpath(dirpath)
-        if real in seen:  # a link back up the tree, or a second link to the same folder
+        if real in seen:  # a second link to the same folder
             dirnames[:] = []
             continue
         seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not is_ignored(d))
+        kept = []
+        for d in sorted(d for d in dirnames if not is_ignored(d)):
+            target = os.path.realpath(os.path.join(dirpath, d))
+            if top.is_relative_to(target):  # a link up the tree: it would walk everything above (even /)
+                log.warning("not followed: %s links to %s, which holds %s", Path(dirpath, d), target, folder)
+            else:
+                kept.append(d)
+        dirnames[:] = kept
         for name in filenames:
             f = Path(dirpath, name)
             if not is_ignored(name) and (f.is_file() or not f.exists()):
