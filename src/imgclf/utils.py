@@ -39,15 +39,19 @@ def writable_cache_dir(path: Path) -> Path:
     return path
 
 
+def _is_control(c: str) -> bool:
+    return unicodedata.category(c) == "Cc"
+
+
 def display_path(path: str | os.PathLike[str]) -> str:
     """``path`` as printable text: bytes that are not UTF-8 and control characters (a line break) escaped."""
     text = os.fsencode(path).decode("utf-8", "backslashreplace")
-    return "".join(c.encode("unicode_escape").decode("ascii") if unicodedata.category(c) == "Cc" else c for c in text)
+    return "".join(c.encode("unicode_escape").decode("ascii") if _is_control(c) else c for c in text)
 
 
 def has_control_character(name: str) -> bool:
     """Whether ``name`` holds a control character (a line break or tab), which breaks text output."""
-    return any(unicodedata.category(c) == "Cc" for c in name)
+    return any(map(_is_control, name))
 
 
 def is_utf8(name: str) -> bool:

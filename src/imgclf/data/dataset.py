@@ -65,11 +65,13 @@ def _name_problem(name: str) -> str | None:
     return None
 
 
+def subfolders(folder: Path) -> list[Path]:
+    """The sub-folders of ``folder`` by name, without hidden and system ones."""
+    return sorted((p for p in folder.iterdir() if p.is_dir() and not is_ignored(p.name)), key=lambda p: p.name)
+
+
 def _class_dirs(base: Path) -> list[Path]:
-    return sorted(
-        (p for p in base.iterdir() if p.is_dir() and not is_ignored(p.name) and p.name != UNLABELED_DIR),
-        key=lambda p: p.name,
-    )
+    return [p for p in subfolders(base) if p.name != UNLABELED_DIR]
 
 
 def _predefined_parts(root: Path) -> list[tuple[Path, str]] | None:
@@ -127,11 +129,11 @@ def scan_dataset(cfg: DataConfig, root: Path | None = None) -> Dataset:
     loose = "image not inside a class folder: move it into one to use it"
     if predefined:  # what lies beside train/ and val/ or test/ is in no split
         split_dirs = [base for base, _ in parts]
+        names = ", ".join(f"{base.name}/" for base in split_dirs)
         for p in sorted(root.iterdir()):
             if p in split_dirs or is_ignored(p.name) or p.name == UNLABELED_DIR:
                 continue
             if p.is_dir():
-                names = ", ".join(f"{base.name}/" for base in split_dirs)
                 skipped.append({"path": display_path(p), "reason": f"folder beside {names}: in no split, not used"})
             elif p.suffix.lower() in IMAGE_EXTENSIONS:
                 skipped.append({"path": display_path(p), "reason": loose})

@@ -25,11 +25,11 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from imgclf.data.dataset import subfolders
 from imgclf.data.io import (
     DECODE_VERSION,
     IMAGE_EXTENSIONS,
     ImageError,
-    is_ignored,
     list_files,
     open_rgb,
     unreadable_reason,
@@ -280,9 +280,11 @@ def find_images(root: Path) -> list[str]:
     Files beside the class folders are in no class and not listed.
     """
     root = Path(root)
-    folders = sorted(d for d in root.iterdir() if d.is_dir() and not is_ignored(d.name))
     return sorted(
-        f.relative_to(root).as_posix() for d in folders for f in list_files(d) if f.suffix.lower() in IMAGE_EXTENSIONS
+        f.relative_to(root).as_posix()
+        for d in subfolders(root)
+        for f in list_files(d)
+        if f.suffix.lower() in IMAGE_EXTENSIONS
     )
 
 

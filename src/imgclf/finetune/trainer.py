@@ -78,8 +78,7 @@ def split_validation(
     many small classes (three images each) still give a validation part, one image from some of them.
     """
     rng = np.random.default_rng([seed, 0x5EED])
-    classes = np.unique(labels[train_idx])
-    sizes = np.array([np.sum(labels[train_idx] == c) for c in classes])
+    classes, sizes = np.unique(labels[train_idx], return_counts=True)
     quota = sizes * fraction
     n_val = np.minimum(np.floor(quota).astype(int), sizes - 1)
     tie_break = np.random.default_rng([seed, 0x7A1]).permutation(len(classes))

@@ -42,7 +42,7 @@ from imgclf.serving.inputs import (
     images_from_tutorial_json,
     read_body,
 )
-from imgclf.utils import cpu_count, writable_cache_dir
+from imgclf.utils import cpu_count
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +113,7 @@ def build_runtime(bundle: Bundle, cfg: Config) -> Runtime:
     f = cfg.features
     dev = device_type(f.device)
     runtime = resolve_runtime(cfg.serve.serve_runtime, dev)
-    model_dir = (
-        writable_cache_dir(f.cache_dir or default_cache_dir()) / "models" / f"serve-{runtime}-{_net_key(bundle)}"
-    )
+    model_dir = (f.cache_dir or default_cache_dir()) / "models" / f"serve-{runtime}-{_net_key(bundle)}"
     try:
         model_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:

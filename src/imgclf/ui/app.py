@@ -174,7 +174,12 @@ def create_app(
         return JSONResponse({"detail": f"cannot show this image: {e}"}, status_code=422)
 
     def image_file(path: str) -> Path:
-        f = safe_rel(root, path, through_links=path in index.present())  # listed: reached by a link in root
+        try:
+            f = safe_rel(root, path)
+        except UnsafePathError:  # outside through a link: readable if listed (it is inside the data set)
+            if path not in index.present():
+                raise
+            f = safe_rel(root, path, through_links=True)
         if not f.is_file():
             raise FileNotFoundError(f"no image {path!r} in the data folder")
         return f

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 from sklearn.model_selection import StratifiedKFold
 
-from imgclf.data.dataset import UNLABELED_DIR, split_folders
-from imgclf.data.io import IMAGE_EXTENSIONS, is_ignored, list_files
+from imgclf.data.dataset import UNLABELED_DIR, split_folders, subfolders
+from imgclf.data.io import IMAGE_EXTENSIONS, list_files
 from imgclf.datatools.journal import move_no_overwrite
 from imgclf.utils import display_path, file_sha256, is_utf8
 
@@ -56,19 +56,13 @@ def safe_rel(root: Path, rel: str, through_links: bool = False) -> Path:
     return path
 
 
-def _subfolders(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not is_ignored(p.name))
-
-
 def class_folders(root: Path) -> list[Path]:
     """The class folders (and ``unlabeled``): the sub-folders of ``root``, or of its split folders (``train/``,
     ``val/``, ``test/``) when the data is laid out by split."""
     splits = split_folders(root)
     if not splits:
-        return _subfolders(root)
-    return [d for s in splits for d in _subfolders(root / s)] + [
-        d for d in _subfolders(root) if d.name == UNLABELED_DIR
-    ]
+        return subfolders(root)
+    return [d for s in splits for d in subfolders(root / s)] + [d for d in subfolders(root) if d.name == UNLABELED_DIR]
 
 
 def label_of(rel: str, splits: list[str]) -> str:
