@@ -63,3 +63,18 @@ def test_progress_bars_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(sys, "stderr", io.StringIO())  # a pipe or log file
     assert config_from_args(build_parser().parse_args(["train", "d"])).output.progress is False
     assert config_from_args(build_parser().parse_args(["train", "d", "--progress"])).output.progress is True
+
+
+def test_demo_data_bar_follows_the_same_rule(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import io
+    import sys
+
+    from imgclf import pipeline
+    from imgclf.cli import main
+
+    trained: list[Config] = []
+    monkeypatch.setattr(pipeline, "train", trained.append)
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert main(["demo", "--data", str(tmp_path / "d"), "--n-per-class", "1", "--out", str(tmp_path / "r")]) == 0
+    assert "demo data" not in sys.stderr.getvalue()
+    assert trained[0].data.data_root == tmp_path / "d" and trained[0].output.out == tmp_path / "r"

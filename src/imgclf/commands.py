@@ -52,8 +52,11 @@ def _demo(args: argparse.Namespace) -> int:
     from imgclf.data.demo import generate_demo_dataset
     from imgclf.pipeline import train
 
-    data = generate_demo_dataset(args.data, n_per_class=args.n_per_class, seed=args.demo_seed)
-    cfg = config_from_args(args, data_root=data)
+    cfg = config_from_args(args)
+    data = generate_demo_dataset(
+        args.data, n_per_class=args.n_per_class, seed=args.demo_seed, progress=cfg.output.progress
+    )
+    cfg = cfg.updated(data_root=data)
     train(cfg if hasattr(args, "cfg__out") else cfg.updated(out=Path("runs/demo")))
     return 0
 
