@@ -96,6 +96,19 @@ def test_bundle_reload_and_evaluate_reproduce(run):
     assert (result.run_dir / "train_metrics.json").is_file() and on_train.metrics["n_test"] == result.metrics["n_train"]
 
 
+def test_a_run_folder_in_use_is_refused(run, tmp_path, capsys):
+    from imgclf.utils import run_folder_lock
+
+    data, result, _ = run
+    before = _digests(result.run_dir)
+    with run_folder_lock(result.run_dir):  # as another train or evaluate would hold it
+        assert main(["train", str(data), "--out", str(result.run_dir), "--no-tracking"]) == 2
+        assert "is in use by another imgclf train or evaluate" in capsys.readouterr().err
+        assert main(["evaluate", str(result.run_dir), "--no-tracking"]) == 2
+    assert _digests(result.run_dir) == before  # neither wrote a file
+    assert main(["evaluate", str(result.run_dir), "--no-tracking", "--no-progress"]) == 0  # released
+
+
 def test_predict_api_and_cli(run, tmp_path, capsys):
     data, result, _ = run
     classes, preds = predict(result.run_dir, [data / "squares"])

@@ -5,12 +5,14 @@ from imgclf.bundle import BundleError
 from imgclf.data.dataset import DatasetError
 from imgclf.data.io import ImageError
 from imgclf.features.runtimes import DeviceError
+from imgclf.utils import FolderInUse
 
 USER_ERRORS: tuple[type[Exception], ...] = (
     BackboneError,
     BundleError,
     DatasetError,
     DeviceError,
+    FolderInUse,
     ImageError,
     FileNotFoundError,
     FileExistsError,

@@ -32,7 +32,7 @@ from imgclf.evaluation.report import summary_lines, write_reports
 from imgclf.features import FeatureExtractor
 from imgclf.heads import FittedHead, fit_head
 from imgclf.tracking import log_run
-from imgclf.utils import Memo, atomic_write_text, default_cache_dir, display_path
+from imgclf.utils import Memo, atomic_write_text, default_cache_dir, display_path, run_folder_lock
 
 log = logging.getLogger("imgclf")
 LOGGED_MAX = 20  # skipped files and notes printed; all of them go to the report and metrics.json
@@ -200,7 +200,6 @@ def _choose_backbone(
 def train(cfg: Config) -> RunResult:
     """Scan, split, extract features (or fine-tune), fit the classifier, evaluate on the test split, bundle."""
     t0 = time.perf_counter()
-    timings: dict[str, float] = {}
     run_dir = Path(cfg.output.out)
     data_root = Path(cfg.data.data_root or "")
     if data_root.is_dir() and run_dir.resolve().is_relative_to(data_root.resolve()):
@@ -209,6 +208,13 @@ def train(cfg: Config) -> RunResult:
             "images of a class; give an --out outside it"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
+    with run_folder_lock(run_dir):
+        return _train(cfg, run_dir, t0)
+
+
+def _train(cfg: Config, run_dir: Path, t0: float) -> RunResult:
+    """``train`` holding the run folder."""
+    timings: dict[str, float] = {}
     ds = scan_dataset(cfg.data)
     ds, split = leave_out_untrained(ds, make_split(ds, cfg.data))
     if not cfg.finetune.resume:
@@ -312,7 +318,12 @@ def evaluate(run_dir: str | Path, on_train: bool = False, cfg: Config | None = N
     """Score a run's bundle on its saved test split (or training split) and rewrite the metrics."""
     run_dir = Path(run_dir)
     bundle = Bundle.load(run_dir)
-    cfg = cfg or Config.model_validate(bundle.config)
+    with run_folder_lock(run_dir):
+        return _evaluate(run_dir, bundle, on_train, cfg or Config.model_validate(bundle.config))
+
+
+def _evaluate(run_dir: Path, bundle: Bundle, on_train: bool, cfg: Config) -> RunResult:
+    """``evaluate`` holding the run folder."""
     ds, split = load_split(run_dir / "split.csv", Path(cfg.data.data_root or ""), bundle.classes)
     part = "train" if on_train else "test"
     idx = np.flatnonzero(split == part)

@@ -161,6 +161,33 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         raise
 
 
+class FolderInUse(RuntimeError):
+    """Another imgclf command is writing into the same run folder."""
+
+
+@contextlib.contextmanager
+def run_folder_lock(run_dir: Path) -> Iterator[None]:
+    """Hold ``run_dir`` for one train or evaluate: a second one into it stops at once (``FolderInUse``)
+    instead of mixing two runs' files. The lock (a hidden file, ``flock``) ends with the process."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(run_dir / ".imgclf.lock", timeout=0)
+    try:
+        lock.acquire()
+    except NotImplementedError:  # a file system without flock (some network mounts): run unguarded
+        yield
+        return
+    except Timeout:
+        raise FolderInUse(
+            f"the run folder {run_dir} is in use by another imgclf train or evaluate: wait for it to end, "
+            "or give another --out"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 @contextlib.contextmanager
 def quiet_torch_jit() -> Iterator[None]:
     """Silence torch.jit's deprecation warnings (its tracer still serves OpenVINO, ONNX and TorchScript)."""
