@@ -109,6 +109,25 @@ def test_a_run_folder_in_use_is_refused(run, tmp_path, capsys):
     assert main(["evaluate", str(result.run_dir), "--no-tracking", "--no-progress"]) == 0  # released
 
 
+def test_evaluate_after_the_data_folder_moved(run, tmp_path, capsys, caplog):
+    import shutil
+
+    data, result, _ = run
+    run_dir, moved = tmp_path / "run", tmp_path / "moved"
+    shutil.copytree(result.run_dir, run_dir)
+    shutil.copytree(data, moved)
+    assert main(["evaluate", str(run_dir), "--data-root", str(tmp_path / "gone"), "--no-tracking"]) == 2
+    assert "is not there (moved or renamed?): give it with --data-root" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["evaluate", str(run_dir), "--data-root", str(tmp_path / "empty"), "--no-tracking"]) == 2
+    assert "none of the" in capsys.readouterr().err
+    first_test = next(r["path"] for r in csv.DictReader(open(run_dir / "split.csv")) if r["split"] == "test")
+    (moved / first_test).unlink()
+    assert main(["evaluate", str(run_dir), "--data-root", str(moved), "--no-tracking", "--no-progress"]) == 0
+    assert "are no longer in" in caplog.text
+    assert json.loads((run_dir / "metrics.json").read_text())["n_test"] == result.metrics["n_test"] - 1
+
+
 def test_predict_api_and_cli(run, tmp_path, capsys):
     data, result, _ = run
     classes, preds = predict(result.run_dir, [data / "squares"])

@@ -70,6 +70,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="Score a run's model on its test split (or training split) again.")
     p.add_argument("run_dir", help="Run folder written by train.")
     p.add_argument("--on-train", action="store_true", help="Evaluate on the training split instead.")
+    p.add_argument(
+        "--data-root",
+        "--data_root",
+        dest="cfg__data_root",
+        default=argparse.SUPPRESS,
+        help="The data folder, where it has moved since training. [default: the run's]",
+    )
     add_config_args(p, ("features", "tracking", "output"))
     p.set_defaults(func=_evaluate)
 

@@ -324,9 +324,27 @@ def evaluate(run_dir: str | Path, on_train: bool = False, cfg: Config | None = N
 
 def _evaluate(run_dir: Path, bundle: Bundle, on_train: bool, cfg: Config) -> RunResult:
     """``evaluate`` holding the run folder."""
-    ds, split = load_split(run_dir / "split.csv", Path(cfg.data.data_root or ""), bundle.classes)
+    root = Path(cfg.data.data_root or "")
+    if not root.is_dir():
+        raise DatasetError(f"the run's data folder {root} is not there (moved or renamed?): give it with --data-root")
+    ds, split = load_split(run_dir / "split.csv", root, bundle.classes)
     part = "train" if on_train else "test"
     idx = np.flatnonzero(split == part)
+    missing = sum(not ds.path(ds.samples[i]).exists() for i in idx)
+    if missing == len(idx):
+        raise DatasetError(
+            f"none of the {len(idx)} {part} images in {run_dir / 'split.csv'} is in {root}: "
+            "if the data folder moved, give it with --data-root"
+        )
+    if missing:
+        log.warning(
+            "warning: %d of the %d %s images in split.csv are no longer in %s (moved, renamed or deleted since "
+            "training): they are left out; train again to use the data folder as it is now",
+            missing,
+            len(idx),
+            part,
+            root,
+        )
     t0 = time.perf_counter()
     skipped: list[dict[str, str]] = []
     x, idx = _features(FeatureExtractor.from_config(cfg, bundle.build_backbone()), ds, idx, f"{part} features", skipped)
