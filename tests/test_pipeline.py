@@ -2,6 +2,7 @@
 
 import csv
 import hashlib
+import io
 import json
 import os
 import socket
@@ -121,7 +122,8 @@ def test_evaluate_after_the_data_folder_moved(run, tmp_path, capsys, caplog):
     (tmp_path / "empty").mkdir()
     assert main(["evaluate", str(run_dir), "--data-root", str(tmp_path / "empty"), "--no-tracking"]) == 2
     assert "none of the" in capsys.readouterr().err
-    first_test = next(r["path"] for r in csv.DictReader(open(run_dir / "split.csv")) if r["split"] == "test")
+    rows = csv.DictReader(io.StringIO((run_dir / "split.csv").read_text()))
+    first_test = next(r["path"] for r in rows if r["split"] == "test")
     (moved / first_test).unlink()
     assert main(["evaluate", str(run_dir), "--data-root", str(moved), "--no-tracking", "--no-progress"]) == 0
     assert "are no longer in" in caplog.text
