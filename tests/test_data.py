@@ -31,12 +31,18 @@ def test_scan_sorted_classes_and_extensions(tmp_path: Path):
     Image.new("RGB", (40, 30), "red").save(root / "b_cls" / "pic.TIFF")
     (root / "b_cls" / "nested").mkdir()
     Image.new("RGB", (40, 30), "red").save(root / "b_cls" / "nested" / "deep.bmp")
+    # JPEG aliases (browsers on Windows save .jfif), Netpbm (classic data sets; 16-bit too) and JPEG 2000
+    for name, fmt in (("web.jfif", "JPEG"), ("old.jpe", "JPEG"), ("sign.ppm", "PPM"), ("scan.jp2", "JPEG2000")):
+        Image.new("RGB", (40, 30), "red").save(root / "a_cls" / name, format=fmt)
+    Image.fromarray(np.full((30, 40), 40000, np.uint16)).save(root / "b_cls" / "face.pgm")
     ds = scan_dataset(DataConfig(data_root=root))
     assert ds.classes == ["a_cls", "b_cls"]
     rels = [s.rel for s in ds.samples]
-    assert rels == sorted(rels) and len(rels) == 10
-    assert "a_cls/UPPER.PNG" in rels and "b_cls/nested/deep.bmp" in rels
-    assert ds.skipped == []
+    assert rels == sorted(rels) and len(rels) == 15
+    assert "a_cls/UPPER.PNG" in rels and "b_cls/nested/deep.bmp" in rels and "a_cls/web.jfif" in rels
+    assert ds.skipped == [] and ds.notes == []
+    assert np.asarray(open_rgb(root / "a_cls" / "web.jfif"))[..., 0].min() > 240
+    assert abs(int(np.asarray(open_rgb(root / "b_cls" / "face.pgm")).mean()) - 40000 * 255 // 65535) <= 1
 
 
 @pytest.mark.parametrize("ext", [".avif", ".heic"])

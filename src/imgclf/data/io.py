@@ -11,9 +11,20 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps
 
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".avif", ".heic", ".heif"}
-)
+# The extensions read, by the format Pillow detects (a file whose content is another format gets a note).
+_FORMAT_EXTENSIONS = {
+    "JPEG": (".jpg", ".jpeg", ".jfif", ".jpe"),  # .jfif: how browsers on Windows often save JPEGs
+    "PNG": (".png",),
+    "BMP": (".bmp",),
+    "GIF": (".gif",),
+    "WEBP": (".webp",),
+    "TIFF": (".tif", ".tiff"),
+    "AVIF": (".avif",),
+    "HEIF": (".heic", ".heif"),
+    "PPM": (".ppm", ".pgm", ".pbm", ".pnm"),  # Netpbm, the format of some classic data sets
+    "JPEG2000": (".jp2", ".j2k"),
+}
+IMAGE_EXTENSIONS = frozenset(ext for exts in _FORMAT_EXTENSIONS.values() for ext in exts)
 HEIF_EXTENSIONS = frozenset({".heic", ".heif"})
 # Bump when decoding gives some image other pixels than before: cached features and hashes are keyed by it.
 DECODE_VERSION = 2  # 2: high-bit-depth one-channel images scaled to 8 bits instead of clipped
@@ -110,18 +121,6 @@ _RESAMPLE = {
     "bilinear": Image.Resampling.BILINEAR,
     "nearest": Image.Resampling.NEAREST,
     "lanczos": Image.Resampling.LANCZOS,
-}
-
-
-_FORMAT_EXTENSIONS = {
-    "JPEG": (".jpg", ".jpeg"),
-    "PNG": (".png",),
-    "BMP": (".bmp",),
-    "GIF": (".gif",),
-    "WEBP": (".webp",),
-    "TIFF": (".tif", ".tiff"),
-    "AVIF": (".avif",),
-    "HEIF": (".heic", ".heif"),
 }
 
 
