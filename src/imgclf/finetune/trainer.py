@@ -519,7 +519,7 @@ def _train(
             for m in model.backbone.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()  # keep the pretrained statistics; the affine weights still train
-        t0, seen = time.perf_counter(), 0
+        t0, seen, step, lr_sum = time.perf_counter(), 0, 0, 0.0
         # summed on the device: reading a value back each step would stall a GPU until it drains
         loss_sum = torch.zeros((), dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
         wrong = torch.zeros((), dtype=torch.int64, device=device)
@@ -548,6 +548,7 @@ def _train(
             if ft.clip_grad:
                 nn.utils.clip_grad_norm_(trainable, ft.clip_grad)
             opt.step()
+            lr_sum += opt.param_groups[0]["lr"]  # the rate this step used (the head's)
             sched.step()
             if ema is not None:
                 ema.update_parameters(model)
@@ -563,7 +564,7 @@ def _train(
         val_loss, val_error = _evaluate(kept, val, val_norm, 2 * bs, autocast)
         row = {
             "epoch": epoch,
-            "lr": float(opt.param_groups[0]["lr"]),
+            "lr": lr_sum / max(1, step),  # the head's mean rate over the epoch (the last epoch ends at 0)
             "train_loss": train_loss,
             "train_error": train_error,
             "val_loss": val_loss,
