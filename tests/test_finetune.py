@@ -65,7 +65,7 @@ def test_dnn_end_to_end(demo: Path, tmp_path: Path) -> None:
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert set(rows[0]) == {"epoch", "lr", "train_loss", "train_error", "val_loss", "val_error", "img_per_s", "seconds"}
     lr = res.bundle.config["finetune"]["lr"]
-    assert all(0 < float(r["lr"]) <= lr for r in rows)  # the mean rate each epoch used: the last epoch.s too
+    assert all(0 < float(r["lr"]) <= lr for r in rows)  # the mean rate each epoch used, the last one's too
     assert (run / "finetune_curves.png").stat().st_size > 0
     assert not (run / "finetune_cache").exists()
     assert 0.0 <= res.metrics["overall_accuracy"] <= 1.0
