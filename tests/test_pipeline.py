@@ -4,12 +4,14 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from imgclf.bundle import Bundle
@@ -311,3 +313,21 @@ def test_backbone_auto_chooses_on_the_training_split(tmp_path, caplog, monkeypat
     assert [desc for desc, _ in seen][3:] == ["test features"]
     with pytest.raises(ValidationError, match="use it with --classifier svm"):
         Config().updated(backbone="auto", classifier="dnn")
+
+
+def test_unbalanced_classes_get_a_hint_unless_balanced(caplog):
+    from imgclf.data.dataset import Dataset, Sample
+    from imgclf.pipeline import _note_unbalanced
+
+    ds = Dataset(Path("d"), ["few", "many"], [Sample(f"{i}", int(i >= 3), f"{i}") for i in range(18)])
+    idx = np.arange(18)  # 3 against 15
+    with caplog.at_level(logging.INFO, logger="imgclf"):
+        _note_unbalanced(Config(), ds, idx, fine_tunes=False)
+        _note_unbalanced(Config(), ds, idx, fine_tunes=True)
+        _note_unbalanced(Config().updated(class_weight="balanced"), ds, idx, fine_tunes=False)
+        _note_unbalanced(Config().updated(balance_classes=True), ds, idx, fine_tunes=True)
+        _note_unbalanced(Config(), ds, idx[1:], fine_tunes=False)  # 2 against 15
+        _note_unbalanced(Config(), ds, np.r_[idx[:3], idx[3:16]], fine_tunes=False)  # 3 against 13: not yet
+    notes = [r.getMessage() for r in caplog.records if "unbalanced" in r.getMessage()]
+    assert len(notes) == 3 and "few: 3 training images, many: 15" in notes[0]
+    assert "--class-weight balanced" in notes[0] and "--balance-classes" in notes[1] and "few: 2" in notes[2]

@@ -212,6 +212,28 @@ def train(cfg: Config) -> RunResult:
         return _train(cfg, run_dir, t0)
 
 
+UNBALANCED = 5  # largest / smallest training class size from which the log suggests balancing
+
+
+def _note_unbalanced(cfg: Config, ds: Dataset, train_idx: np.ndarray, fine_tunes: bool) -> None:
+    """Log a hint when the training classes differ in size by UNBALANCED times or more and nothing balances them."""
+    balanced = cfg.finetune.balance_classes if fine_tunes else cfg.classifier.class_weight == "balanced"
+    counts = np.bincount(ds.labels[train_idx], minlength=len(ds.classes))
+    small, large = int(np.argmin(counts)), int(np.argmax(counts))
+    if balanced or counts[small] * UNBALANCED > counts[large]:
+        return
+    flag = "--balance-classes" if fine_tunes else "--class-weight balanced"
+    log.info(
+        "note: unbalanced classes (%s: %d training images, %s: %d): the class-averaged accuracy is the fairer "
+        "measure; %s weighs the classes equally in training",
+        ds.classes[small],
+        counts[small],
+        ds.classes[large],
+        counts[large],
+        flag,
+    )
+
+
 def _train(cfg: Config, run_dir: Path, t0: float) -> RunResult:
     """``train`` holding the run folder."""
     timings: dict[str, float] = {}
@@ -235,6 +257,7 @@ def _train(cfg: Config, run_dir: Path, t0: float) -> RunResult:
     )
     mode = cfg.classifier.classifier
     fine_tunes = mode in ("dnn", "svm_on_refined")
+    _note_unbalanced(cfg, ds, train_idx, fine_tunes)
     fit, extra = None, {}
     if cfg.backbone.backbone == AUTO_BACKBONE:
         t = time.perf_counter()
