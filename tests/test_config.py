@@ -42,6 +42,16 @@ def test_file_then_flags(tmp_path: Path, suffix: str, text: str):
     assert cfg.data.data_root == Path("data")
 
 
+def test_files_may_name_parameters_without_their_section(tmp_path: Path):
+    (tmp_path / "flat.yaml").write_text("epochs: 2\nclassifier: dnn\nfinetune:\n  lr: 0.002\nresolution: 64\n")
+    (tmp_path / "flat.toml").write_text('epochs = 2\nclassifier = "dnn"\nresolution = 64\n[finetune]\nlr = 0.002\n')
+    expected = Config().updated(epochs=2, classifier="dnn", lr=0.002, resolution=64)
+    assert Config.from_file(tmp_path / "flat.yaml") == Config.from_file(tmp_path / "flat.toml") == expected
+    (tmp_path / "typo.yaml").write_text("epochz: 2\n")
+    with pytest.raises(ValueError, match=r"epochz: unknown section or parameter \(did you mean epochs\?\)"):
+        Config.from_file(tmp_path / "typo.yaml")
+
+
 def test_saved_config_round_trips(tmp_path: Path):
     cfg = Config().updated(resolution=448, classifier="dnn")
     cfg.save(tmp_path / "config.json")

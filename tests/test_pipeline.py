@@ -219,6 +219,11 @@ def test_cli_errors_are_messages(tmp_path, capsys, monkeypatch):
     (tmp_path / "run.toml").write_text("[finetune\n")
     assert main(["train", str(tmp_path), "--config", str(tmp_path / "run.toml")]) == 2
     assert "run.toml: not a valid TOML file" in capsys.readouterr().err
+    (tmp_path / "run.yaml").write_text("finetune: [\n")
+    assert main(["train", str(tmp_path), "--config", str(tmp_path / "run.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "run.yaml: not a valid YAML file (line 2, column 1: expected the node content" in err
+    assert len(err.strip().splitlines()) == 1
     import torch
 
     import imgclf.pipeline

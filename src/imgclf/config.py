@@ -249,6 +249,21 @@ class OutputConfig(_Section):
     progress: bool = Field(True, description="Show progress bars (on the command line: only on a terminal).")
 
 
+def _nest(raw: Any) -> Any:
+    """A file's top level with flat parameter names (``epochs: 5``) moved into their sections."""
+    if not isinstance(raw, dict):
+        return raw
+    index, out = field_index(), {}
+    for key, value in raw.items():
+        if key in index and not (key in Config.model_fields and isinstance(value, dict)):
+            out.setdefault(index[key], {})[key] = value
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key].update(value)
+        else:
+            out[key] = value  # sections, and unknown names left for the validation message
+    return out
+
+
 class Config(BaseModel):
     """The whole configuration of a run."""
 
@@ -277,7 +292,7 @@ class Config(BaseModel):
 
     @classmethod
     def from_file(cls, path: str | Path) -> Config:
-        """Load a TOML (.toml) or YAML (.yaml/.yml) file with the same sections."""
+        """Load a TOML (.toml), YAML (.yaml/.yml) or JSON file with the same sections, or flat parameter names."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"configuration file not found: {path}")
@@ -292,9 +307,11 @@ class Config(BaseModel):
             else:
                 raise ValueError(f"{path}: configuration files must end in .toml, .yaml, .yml or .json")
         except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: not a valid {path.suffix.lstrip('.').upper()} file ({e})") from None
+            mark = getattr(e, "problem_mark", None)  # YAML's own message spans several lines
+            why = f"line {mark.line + 1}, column {mark.column + 1}: {e.problem}" if mark else str(e)  # type: ignore[attr-defined]
+            raise ValueError(f"{path}: not a valid {path.suffix.lstrip('.').upper()} file ({why})") from None
         try:
-            return cls.model_validate(raw)
+            return cls.model_validate(_nest(raw))
         except ValidationError as e:
             raise ValueError(f"{path}: {describe_errors(e)}") from None
 
@@ -367,9 +384,9 @@ def describe_errors(error: ValidationError) -> str:
         names = [part for part in err["loc"] if isinstance(part, str)]
         dotted = ".".join(names)
         if err["type"] == "extra_forbidden":
-            known = list(index) if len(names) > 1 else list(Config.model_fields)
+            known = list(index) if len(names) > 1 else [*Config.model_fields, *index]
             close = difflib.get_close_matches(names[-1], known, n=1)
-            kind = "parameter" if len(names) > 1 else "section"
+            kind = "parameter" if len(names) > 1 else "section or parameter"
             out.append(f"{dotted}: unknown {kind}" + (f" (did you mean {close[0]}?)" if close else ""))
         elif len(names) > 1:
             out.append(f"{dotted} = {err['input']!r} (--{names[-1].replace('_', '-')}): {err['msg']}")
