@@ -201,6 +201,39 @@ def test_undecodable_training_images_are_reported(demo: Path, tmp_path: Path) ->
     assert res.metrics["n_train"] + res.metrics["n_test"] == 3 * 8
 
 
+@pytest.mark.parametrize("check", ["fallocate", "free_space"])
+def test_image_cache_without_room_is_an_error_not_a_crash(
+    demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, check: str
+) -> None:
+    """Writing into a memory map that the disk cannot hold kills the process (SIGBUS, no message): the cache
+    reserves its space first, so a full disk is an error naming the cache, with no file left behind."""
+    import errno
+    import os
+    import shutil
+    import types
+
+    from imgclf.finetune.imagecache import build_image_cache
+
+    if check == "fallocate":
+        if not hasattr(os, "posix_fallocate"):
+            pytest.skip("no posix_fallocate here")
+
+        def full(fd: int, offset: int, size: int) -> None:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(os, "posix_fallocate", full)
+    else:  # macOS, Windows
+        monkeypatch.delattr(os, "posix_fallocate", raising=False)
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: types.SimpleNamespace(free=1000))
+    paths, folder = sorted(demo.rglob("*.jpg"))[:3], tmp_path / "cache"
+    with pytest.raises(OSError, match="for the 0 MB fine-tuning image cache") as e:
+        build_image_cache(paths, 64, "bilinear", folder, 1, progress=False)
+    assert e.value.errno == errno.ENOSPC and list(folder.iterdir()) == []
+    monkeypatch.undo()
+    cache = build_image_cache(paths, 64, "bilinear", folder, 1, progress=False)
+    assert cache.ok.all() and cache.images.shape == (3, 64, 64, 3) and cache.images.any()
+
+
 def test_many_small_classes_still_get_a_validation_part() -> None:
     labels = np.repeat(np.arange(250), 3)  # 250 classes of three training images
     fit, val = split_validation(labels, np.arange(750), 0.1, seed=0)

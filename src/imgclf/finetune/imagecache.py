@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
+import os
+import shutil
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -60,13 +63,53 @@ def build_image_cache(
         return ImageCache(np.memmap(data, np.uint8, "r", shape=shape), np.array(info["ok"], dtype=bool), side, errors)
     pre = Preprocess(side, 1.0, interpolation)
     tmp = data.with_name(f".{data.name}.tmp")
-    out = np.memmap(tmp, np.uint8, "w+", shape=shape)
+    try:
+        _allocate(tmp, int(np.prod(shape)))
+        return _decode_into(tmp, data, meta, paths, shape, pre, workers, max_pixels, progress)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _allocate(path: Path, size: int) -> None:
+    """Create ``path`` with ``size`` bytes of disk reserved: writing into a memory map of a file the disk
+    cannot hold kills the process (SIGBUS) instead of raising an error."""
+    with open(path, "wb") as f:
+        try:
+            if hasattr(os, "posix_fallocate"):  # not on macOS or Windows: the free-space check below instead
+                os.posix_fallocate(f.fileno(), 0, size)
+                return
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # those: the file system cannot reserve
+                raise _no_room(e.errno or errno.ENOSPC, size, path) from None
+        if shutil.disk_usage(path.parent).free < size:
+            raise _no_room(errno.ENOSPC, size, path)
+        f.truncate(size)
+
+
+def _no_room(code: int, size: int, path: Path) -> OSError:
+    return OSError(code, f"{os.strerror(code)} for the {size / 1e6:.0f} MB fine-tuning image cache", str(path))
+
+
+def _decode_into(
+    tmp: Path,
+    data: Path,
+    meta: Path,
+    paths: Sequence[Path],
+    shape: tuple[int, ...],
+    pre: Preprocess,
+    workers: int,
+    max_pixels: int | None,
+    progress: bool,
+) -> ImageCache:
+    """Decode into the reserved file ``tmp``, then move it to ``data`` and write ``meta``."""
+    out = np.memmap(tmp, np.uint8, "r+", shape=shape)
     ok = np.ones(len(paths), dtype=bool)
     errors: dict[int, str] = {}
 
     def load(path: Path) -> np.ndarray | str:
         try:
-            return resize_center_crop(open_rgb(path, draft_to=side, max_pixels=max_pixels), pre)
+            return resize_center_crop(open_rgb(path, draft_to=pre.resolution, max_pixels=max_pixels), pre)
         except ImageError as e:
             return str(e)
 
@@ -83,5 +126,5 @@ def build_image_cache(
     out.flush()
     del out
     tmp.replace(data)
-    atomic_write_text(meta, json.dumps({"side": side, "n": len(paths), "ok": ok.tolist(), "errors": errors}))
-    return ImageCache(np.memmap(data, np.uint8, "r", shape=shape), ok, side, errors)
+    atomic_write_text(meta, json.dumps({"side": pre.resolution, "n": len(paths), "ok": ok.tolist(), "errors": errors}))
+    return ImageCache(np.memmap(data, np.uint8, "r", shape=shape), ok, pre.resolution, errors)
