@@ -102,3 +102,17 @@ def test_a_full_cache_disk_costs_the_cache_not_the_run(
         res = fx.extract(sorted(data.rglob("*.jpg")))
     assert res.ok.all() and fx.cache is not None and not fx.cache.writable
     assert caplog.text.count("features not cached from here on (No space left on device") == 1
+
+
+def test_thread_pools_are_sized_to_a_containers_cpu_quota(monkeypatch: pytest.MonkeyPatch):
+    """A container limited to 1 CPU (cgroup quota) on a larger host: pools get 1 thread, not one per host core."""
+    from joblib.externals.loky.backend import context
+
+    from imgclf.utils import cpu_count
+
+    monkeypatch.setattr(context, "_cpu_count_cgroup", lambda os_cpu_count: 1)
+    cpu_count.cache_clear()
+    try:
+        assert cpu_count() == 1
+    finally:
+        cpu_count.cache_clear()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -205,12 +206,13 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+@functools.cache
 def cpu_count() -> int:
-    """CPU cores this process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+    """CPU cores this process may use: its CPU affinity and a container's CPU quota (cgroups) counted, so
+    that ``docker run --cpus 4`` on a 64-core host sizes thread pools for 4, not 64."""
+    from joblib import cpu_count as usable  # loky's count: affinity, cgroup quota, $LOKY_MAX_CPU_COUNT
+
+    return max(1, usable())
 
 
 def cpu_has_amx_bf16() -> bool:

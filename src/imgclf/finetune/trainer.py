@@ -253,6 +253,8 @@ def finetune(
     np.random.seed(seed)
     device = resolve_device(cfg.features.device)
     workers = cfg.features.workers or cpu_count()
+    if device.type == "cpu":
+        torch.set_num_threads(workers)  # PyTorch's own default ignores a container's CPU quota
     labels_all = ds.labels
     n_classes = len(ds.classes)
     rels = [ds.samples[i].rel for i in train_idx]
