@@ -11,6 +11,8 @@ def test_known_values():
     scores = np.eye(3)[pred] * 0.8 + 0.2 / 3
     m = compute_metrics(y, scores, classes)
     assert m["overall_accuracy"] == pytest.approx(6 / 8)
+    lo, hi = m["overall_accuracy_ci95"]  # Wilson: (p + z²/2n -+ z sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n)
+    assert (lo, hi) == pytest.approx((0.4093, 0.9285), abs=1e-4)
     assert m["per_class_accuracy"] == {"a": 0.75, "b": 0.5, "c": 1.0}
     assert m["class_averaged_accuracy"] == pytest.approx((0.75 + 0.5 + 1.0) / 3)
     assert m["confusion_matrix"] == [[3, 1, 0], [1, 1, 0], [0, 0, 2]]

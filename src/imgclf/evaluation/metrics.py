@@ -1,4 +1,4 @@
-"""Accuracy (overall, per class, class-averaged), ROC AUC (per class, micro, macro) and the confusion matrix."""
+"""Accuracy (overall with its 95 % interval, per class, class-averaged), ROC AUC (per class, micro, macro) and the confusion matrix."""
 
 from __future__ import annotations
 
@@ -45,8 +45,10 @@ def _compute(y_true: np.ndarray, scores: np.ndarray, classes: list[str]) -> dict
     auc["micro"] = float(roc_auc_score(onehot.ravel(), scores.ravel())) if len(np.unique(y_true)) > 1 else None
     per_class_auc = [v for c, v in auc.items() if c != "micro" and v is not None]
     auc["macro"] = float(np.mean(per_class_auc)) if per_class_auc else None
+    right = int(np.sum(y_pred == y_true))
     return {
-        "overall_accuracy": float(np.mean(y_pred == y_true)) if len(y_true) else None,
+        "overall_accuracy": right / len(y_true),
+        "overall_accuracy_ci95": accuracy_interval(right, len(y_true)),
         "class_averaged_accuracy": float(np.mean(present)) if present else None,
         "per_class_accuracy": per_class,
         "per_class_support": {c: int(s) for c, s in zip(classes, support, strict=True)},
@@ -54,6 +56,15 @@ def _compute(y_true: np.ndarray, scores: np.ndarray, classes: list[str]) -> dict
         "confusion_matrix": cm.tolist(),
         "classes": list(classes),
     }
+
+
+def accuracy_interval(right: int, n: int, confidence: float = 0.95) -> list[float]:
+    """Wilson score interval of an accuracy of ``right`` of ``n``: where the accuracy on all such images
+    lies, at this confidence, given that only ``n`` were tested."""
+    from scipy.stats import binomtest
+
+    ci = binomtest(right, n).proportion_ci(confidence, method="wilson")
+    return [float(ci.low), float(ci.high)]
 
 
 def roc_curves(y_true: np.ndarray, scores: np.ndarray, classes: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -102,7 +102,9 @@ def summary_lines(metrics: dict[str, Any], max_classes: int = SUMMARY_CLASSES_MA
         lines.append(
             f"Class {c:<{width}}: accuracy {_fmt(acc[c]):>8} (n={n}, AUC {_fmt(metrics['auc'].get(c), False)})"
         )
-    lines.append(f"Overall accuracy       : {_fmt(metrics['overall_accuracy'])} (n={metrics['n_test']})")
+    lines.append(
+        f"Overall accuracy       : {_fmt(metrics['overall_accuracy'])} (n={metrics['n_test']}{_interval(metrics)})"
+    )
     lines.append(f"Class-averaged accuracy: {_fmt(metrics['class_averaged_accuracy'])}")
     lines.append(
         f"AUC micro / macro      : {_fmt(metrics['auc']['micro'], False)} / {_fmt(metrics['auc']['macro'], False)}"
@@ -110,6 +112,11 @@ def summary_lines(metrics: dict[str, Any], max_classes: int = SUMMARY_CLASSES_MA
     if "classifier" in metrics:
         lines.append(f"Model                  : {_model(metrics)}")
     return lines
+
+
+def _interval(metrics: dict[str, Any]) -> str:
+    ci = metrics.get("overall_accuracy_ci95")
+    return f"; 95 % interval {ci[0] * 100:.1f} to {ci[1] * 100:.1f} %" if ci else ""
 
 
 def _model(metrics: dict[str, Any]) -> str:
@@ -169,7 +176,7 @@ def write_reports(
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}</style></head><body>
 <h1>imgclf report</h1>
-<p>Overall accuracy <b>{_fmt(metrics["overall_accuracy"])}</b>, class-averaged accuracy
+<p>Overall accuracy <b>{_fmt(metrics["overall_accuracy"])}</b> (n={metrics["n_test"]}{_interval(metrics)}), class-averaged accuracy
 <b>{_fmt(metrics["class_averaged_accuracy"])}</b>, AUC micro {_fmt(metrics["auc"]["micro"], False)} /
 macro {_fmt(metrics["auc"]["macro"], False)}; {metrics["n_train"]} training and {metrics["n_test"]} test images.
 {f"Model: {html.escape(_model(metrics))}." if "classifier" in metrics else ""}</p>
