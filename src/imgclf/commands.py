@@ -61,6 +61,12 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of 1 or more, got {text!r}")
+    return int(text)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="Train and evaluate a classifier on a folder of labelled images.")
     p.add_argument("data_dir", help="Folder with one sub-folder per class (or train/ and val/ or test/).")
@@ -83,7 +89,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="Classify images with a trained model.")
     p.add_argument("run_dir", help="Run folder (or its model/ bundle).")
     p.add_argument("inputs", nargs="+", help="Image files, folders (searched recursively) or .txt lists of paths.")
-    p.add_argument("--top-k", type=int, default=3, help="Labels shown per image.")
+    p.add_argument("--top-k", type=_positive_int, default=3, help="Labels shown per image (1 or more).")
     p.add_argument("--csv", help="Also write the predictions to this CSV file.")
     add_config_args(p, ("features", "output"))
     p.set_defaults(func=_predict)
