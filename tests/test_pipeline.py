@@ -200,10 +200,10 @@ def test_cli_errors_are_messages(tmp_path, capsys, monkeypatch):
     assert main(["train", str(tmp_path), "--out", str(tmp_path / "runs" / "latest")]) == 2
     assert "is inside the data folder" in capsys.readouterr().err and not (tmp_path / "runs").exists()
     assert main(["predict", str(tmp_path / "no_run"), str(tmp_path / "x.jpg")]) == 2
+    assert "no model bundle in" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["predict", str(tmp_path / "no_run"), str(tmp_path / "x.jpg"), "--top-k", "0"])
     assert "--top-k: expected a whole number of 1 or more, got '0'" in capsys.readouterr().err
-    assert "no model bundle in" in capsys.readouterr().err
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
