@@ -170,6 +170,9 @@ def test_runs_list_and_compare(two_runs: tuple[RunResult, RunResult], work: Path
     assert "| l2_normalize | **true** | **false** |" in md
     assert "| svm_c_grid | **[1.0]** | **[0.5]** |" in md
     assert "### Accuracy per class" in md and "| stripes |" in md
+    n_test = two_runs[1].metrics["n_test"]  # the stored run's predictions.csv paired with the folder's
+    assert "Paired test against" in out and f"### Paired test against {train_a[:8]}" in md
+    assert f"| b | {n_test} |" in md
     rows = (work / "cmp.csv").read_text().splitlines()
     assert rows[0] == f"section,name,{train_a[:8]},b,note"
     assert "parameter,l2_normalize,true,false,differs" in rows
@@ -291,3 +294,23 @@ def test_runs_land_on_tracking_server(server: str, base_cfg: Config, work: Path,
 def test_mlflow_is_imported_lazily():
     code = "import sys, imgclf.cli, imgclf.tracking; imgclf.cli.build_parser(); sys.exit('mlflow' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_paired_test_counts_the_images_only_one_run_gets_right():
+    from imgclf.tracking.compare import RunRecord, paired_tests
+
+    truth = {f"x/{i}.jpg": "x" for i in range(20)}
+
+    def run(label: str, wrong: set[int], paths: dict[str, str] = truth) -> RunRecord:
+        preds = {p: (t, "y" if int(p[2:-4]) in wrong else t) for p, t in paths.items()}
+        return RunRecord(label, {}, {}, {}, preds)
+
+    base = run("base", wrong=set(range(9)))  # 9 wrong
+    better = run("better", wrong={0})  # 8 gained, none lost
+    mixed = run("mixed", wrong={0, 1, 2, 9, 10})  # 6 gained, 2 lost
+    other = run("other", set(), {f"x/{i}.jpg": "x" for i in range(19)})
+    tests, notes = paired_tests([base, better, mixed, other, RunRecord("bare", {}, {}, {})])
+    assert [(t.label, t.n, t.gained, t.lost) for t in tests] == [("better", 20, 8, 0), ("mixed", 20, 6, 2)]
+    assert tests[0].p_value == pytest.approx(2 / 2**8)  # all 8 discordant images one way, either way
+    assert tests[1].p_value == pytest.approx(2 * (1 + 8 + 28) / 2**8)  # at most 2 of 8 one way, either way
+    assert "other: scored other test images" in notes[0] and "bare: no predictions.csv" in notes[1]

@@ -54,7 +54,17 @@ def _list(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from imgclf.tracking.compare import SECTIONS, TITLES, compare, format_value, load_run, to_csv, to_markdown
+    from imgclf.tracking.compare import (
+        SECTIONS,
+        TITLES,
+        compare,
+        format_value,
+        load_run,
+        paired_markdown,
+        paired_tests,
+        to_csv,
+        to_markdown,
+    )
 
     if len(args.runs) < 2:
         raise ValueError("runs compare needs at least two runs")
@@ -89,7 +99,20 @@ def _compare(args: argparse.Namespace) -> int:
             out.print(table)
         elif section == "parameter":
             out.print("the runs have the same parameters")
-    _write_outputs(args, to_csv(rows, labels), to_markdown(rows, labels))
+    tests, notes = paired_tests(records)
+    if tests:
+        table = Table(title=f"Paired test against {labels[0]} on the same test images (exact McNemar)")
+        for col in ("run", "test images", f"right here, wrong in {labels[0]}", "wrong here, right there", "p"):
+            table.add_column(col, justify="left" if col == "run" else "right")
+        table.add_column("verdict")
+        for t in tests:
+            verdict = "a clear difference" if t.p_value < 0.05 else "within chance (p >= 0.05)"
+            table.add_row(t.label, str(t.n), str(t.gained), str(t.lost), f"{t.p_value:.3g}", verdict)
+        out.print(table)
+    for note in notes:
+        out.print(f"paired test: {note}")
+    markdown = to_markdown(rows, labels) + (f"\n{paired_markdown(tests, labels[0])}" if tests else "")
+    _write_outputs(args, to_csv(rows, labels), markdown)
     return 0
 
 

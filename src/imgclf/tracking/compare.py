@@ -1,10 +1,12 @@
-"""Runs side by side, given as MLflow run ids or run folders: parameters, metrics, per-class accuracy."""
+"""Runs side by side, given as MLflow run ids or run folders: parameters, metrics, per-class accuracy, and a
+paired test of each run against the first on the same test images."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,23 @@ class RunRecord:
     params: dict[str, str]
     metrics: dict[str, float]
     tags: dict[str, str]
+    predictions: dict[str, tuple[str, str]] | None = None  # test image -> (true, predicted label)
+
+
+@dataclass
+class PairedTest:
+    """A run against the first on the same test images: exact McNemar test of the images only one gets right."""
+
+    label: str
+    n: int  # test images both runs scored
+    gained: int  # right in this run, wrong in the first
+    lost: int  # wrong in this run, right in the first
+    p_value: float  # two-sided: how often chance alone splits gained + lost this unevenly or more
+
+
+def read_predictions(text: str) -> dict[str, tuple[str, str]]:
+    """``predictions.csv`` as test image -> (true, predicted label)."""
+    return {r["path"]: (r["true_label"], r["predicted_label"]) for r in csv.DictReader(io.StringIO(text))}
 
 
 @dataclass
@@ -61,7 +80,9 @@ def _from_folder(folder: Path) -> RunRecord:
     tags = {k: str(metrics.get(k, "")) for k in ("classifier", "backbone")}
     tags |= {"kind": "folder", "dataset": Path(config["data"].get("data_root") or "").name}
     tags["run_dir"] = str(folder.resolve())
-    return RunRecord(folder.name, params, flat_metrics(metrics), tags)
+    preds = folder / "predictions.csv"
+    predictions = read_predictions(preds.read_text(encoding="utf-8")) if preds.is_file() else None
+    return RunRecord(folder.name, params, flat_metrics(metrics), tags, predictions)
 
 
 def load_run(ref: str | Path, cfg: TrackingConfig | None = None) -> RunRecord:
@@ -92,7 +113,48 @@ def load_run(ref: str | Path, cfg: TrackingConfig | None = None) -> RunRecord:
             if not found:
                 raise missing
             run = found[0]
-    return RunRecord(run.info.run_id[:8], dict(run.data.params), dict(run.data.metrics), dict(run.data.tags))
+        predictions = None
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                local = client.download_artifacts(run.info.run_id, "predictions.csv", tmp)
+                predictions = read_predictions(Path(local).read_text(encoding="utf-8"))
+            except (MlflowException, OSError):
+                pass  # recorded without its files: no paired test for it
+    data = run.data
+    return RunRecord(run.info.run_id[:8], dict(data.params), dict(data.metrics), dict(data.tags), predictions)
+
+
+def paired_tests(records: Sequence[RunRecord]) -> tuple[list[PairedTest], list[str]]:
+    """Every later run against the first, where both scored the same test images with the same labels;
+    and a note for each run that cannot be paired (no predictions, or another split)."""
+    from scipy.stats import binomtest
+
+    base, tests, notes = records[0], [], []
+    for r in records[1:]:
+        if base.predictions is None or r.predictions is None:
+            notes.append(f"{r.label}: no predictions.csv for a paired test with {base.label}")
+            continue
+        if {k: v[0] for k, v in base.predictions.items()} != {k: v[0] for k, v in r.predictions.items()}:
+            notes.append(f"{r.label}: scored other test images than {base.label} (another split or data): not paired")
+            continue
+        right_base = {k for k, (t, p) in base.predictions.items() if t == p}
+        right = {k for k, (t, p) in r.predictions.items() if t == p}
+        gained, lost = len(right - right_base), len(right_base - right)
+        p_value = float(binomtest(gained, gained + lost).pvalue) if gained + lost else 1.0
+        tests.append(PairedTest(r.label, len(r.predictions), gained, lost, p_value))
+    return tests, notes
+
+
+def paired_markdown(tests: Sequence[PairedTest], base: str) -> str:
+    """The paired tests as a Markdown table."""
+    lines = [
+        f"### Paired test against {_md_cell(base)} (same test images, exact McNemar)",
+        "",
+        "| run | test images | right only here | right only in the first | p |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [f"| {_md_cell(t.label)} | {t.n} | {t.gained} | {t.lost} | {t.p_value:.3g} |" for t in tests]
+    return "\n".join(lines) + "\n"
 
 
 def _lower_is_better(name: str) -> bool | None:
