@@ -52,6 +52,15 @@ def test_files_may_name_parameters_without_their_section(tmp_path: Path):
         Config.from_file(tmp_path / "typo.yaml")
 
 
+def test_a_tilde_in_a_path_is_the_home_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Only the shell expands ~, and only in flags: a configuration file's ~/runs made a folder named ~."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "run.yaml").write_text("data_root: ~/photos\nout: ~/runs/x\ncache_dir: ~/cache\n")
+    cfg = Config.from_file(tmp_path / "run.yaml")
+    assert cfg.data.data_root == tmp_path / "photos" and cfg.output.out == tmp_path / "runs" / "x"
+    assert cfg.features.cache_dir == tmp_path / "cache" and cfg.updated(out="~/y").output.out == tmp_path / "y"
+
+
 def test_saved_config_round_trips(tmp_path: Path):
     cfg = Config().updated(resolution=448, classifier="dnn")
     cfg.save(tmp_path / "config.json")

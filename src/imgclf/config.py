@@ -23,6 +23,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    @field_validator("*")
+    @classmethod
+    def _expand_home(cls, value: Any) -> Any:
+        """``~`` in a path is the home folder, in a configuration file too (the shell expands only flags)."""
+        return value.expanduser() if isinstance(value, Path) else value
+
 
 class DataConfig(_Section):
     """Where the images are and how they are split."""

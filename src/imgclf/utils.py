@@ -23,7 +23,7 @@ os.umask(_UMASK)
 
 def default_cache_dir() -> Path:
     """``$IMGCLF_CACHE``, else ``~/.cache/imgclf``: features, converted models, hashes, memoised fits."""
-    return Path(os.environ.get("IMGCLF_CACHE") or Path.home() / ".cache" / "imgclf")
+    return Path(os.environ.get("IMGCLF_CACHE") or Path.home() / ".cache" / "imgclf").expanduser()
 
 
 def writable_cache_dir(path: Path) -> Path:
