@@ -264,6 +264,12 @@ def test_predefined_list_and_group_modes(tmp_path: Path):
     split = make_split(ds, cfg)
     for g in {s.group for s in ds.samples}:
         assert len({p for s, p in zip(ds.samples, split, strict=True) if s.group == g}) == 1
+    make_folder(tmp_path / "one_group" / "a" / "session0", classes=("x",), n=4)
+    make_folder(tmp_path / "one_group" / "b" / "session0", classes=("x",), n=4)
+    make_folder(tmp_path / "one_group" / "b" / "session1", classes=("x",), n=4, seed=1)
+    cfg = DataConfig(data_root=tmp_path / "one_group", split_mode="group")
+    with pytest.raises(DatasetError, match=r"test split holds fewer than two classes \(none of a\): .* one group"):
+        make_split(scan_dataset(cfg), cfg)
 
 
 def test_split_csv_round_trip(tmp_path: Path):

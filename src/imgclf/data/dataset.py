@@ -184,10 +184,28 @@ def _n_test(n: int, train_fraction: float) -> int:
     return 0 if n < 2 else min(n - 1, max(1, round(n * (1.0 - train_fraction))))
 
 
+def _split_hint(mode: str, cfg: DataConfig, part: str) -> str:
+    """What to change when a split lacks classes, by the split mode used."""
+    if mode == "predefined":
+        return "put images of each class in train/ and in val/ (or test/), or pool them with --split-mode random"
+    if part == "test" and mode == "group":
+        return (
+            "a class whose images lie in one sub-folder (one group) stays whole in training; give it several "
+            "sub-folders, or use --split-mode random"
+        )
+    if mode == "list":
+        return f"list images of at least two classes in {cfg.test_list}, and leave others for training"
+    if part == "test" and mode == "random":
+        return "a class needs two images or more to have one in the test split; add images"
+    return "add images of these classes to it, or change the split (--split-mode)"
+
+
 def make_split(ds: Dataset, cfg: DataConfig) -> np.ndarray:
     """Array of "train"/"test", one per sample, by ``cfg.split_mode``."""
     split = np.full(len(ds.samples), "train", dtype=object)
+    mode = "random" if cfg.split_mode == "auto" else cfg.split_mode
     if all(s.preset is not None for s in ds.samples) and cfg.split_mode in ("auto", "predefined"):
+        mode = "predefined"
         split[:] = [s.preset for s in ds.samples]
     elif cfg.split_mode == "list":
         if cfg.test_list is None:
@@ -220,7 +238,11 @@ def make_split(ds: Dataset, cfg: DataConfig) -> np.ndarray:
     for part in ("train", "test"):
         present = {ds.samples[i].label for i in np.flatnonzero(split == part)}
         if len(present) < 2:
-            raise DatasetError(f"the {part} split holds fewer than two classes; add images or change the split")
+            absent = [c for i, c in enumerate(ds.classes) if i not in present]
+            named = ", ".join(absent[:5]) + (f" and {len(absent) - 5} more" if len(absent) > 5 else "")
+            raise DatasetError(
+                f"the {part} split holds fewer than two classes (none of {named}): {_split_hint(mode, cfg, part)}"
+            )
     return split
 
 
