@@ -1,4 +1,5 @@
 import hashlib
+import logging
 import os
 import subprocess
 import sys
@@ -220,7 +221,7 @@ def test_random_split_stratified_deterministic_and_order_free(tmp_path: Path):
     assert not (make_split(ds, DataConfig(data_root=root, split_seed=8)) == split).all()
 
 
-def test_predefined_list_and_group_modes(tmp_path: Path):
+def test_predefined_list_and_group_modes(tmp_path: Path, caplog: pytest.LogCaptureFixture):
     pre = tmp_path / "pre"
     make_folder(pre / "train", n=5)
     make_folder(pre / "val", n=2, seed=1)
@@ -273,6 +274,12 @@ def test_predefined_list_and_group_modes(tmp_path: Path):
         match=r"test split holds fewer than two classes \(none of a\): a class whose images lie in one sub-folder",
     ):
         make_split(scan_dataset(cfg), cfg)
+    make_folder(tmp_path / "one_group" / "c" / "session0", classes=("x",), n=4, seed=2)
+    make_folder(tmp_path / "one_group" / "c" / "session1", classes=("x",), n=4, seed=3)
+    with caplog.at_level(logging.WARNING, logger="imgclf"):
+        split = make_split(ds := scan_dataset(cfg), cfg)
+    assert "no test image of a: learned but not evaluated" in caplog.text
+    assert {ds.classes[s.label] for s, p in zip(ds.samples, split, strict=True) if p == "test"} == {"b", "c"}
 
 
 def test_split_csv_round_trip(tmp_path: Path):

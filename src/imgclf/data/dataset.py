@@ -194,7 +194,7 @@ def _split_hint(mode: str, cfg: DataConfig, part: str) -> str:
             "sub-folders, or use --split-mode random"
         )
     if mode == "list":
-        return f"list images of at least two classes in {cfg.test_list}, and leave others for training"
+        return f"list images of these classes in {cfg.test_list}"
     if part == "test" and mode == "random":
         return "a class needs two images or more to have one in the test split; add images"
     return "add images of these classes to it, or change the split (--split-mode)"
@@ -243,6 +243,14 @@ def make_split(ds: Dataset, cfg: DataConfig) -> np.ndarray:
             raise DatasetError(
                 f"the {part} split holds fewer than two classes (none of {named}): {_split_hint(mode, cfg, part)}"
             )
+    tested = {ds.samples[i].label for i in np.flatnonzero(split == "test")}
+    untested = [c for i, c in enumerate(ds.classes) if i not in tested]
+    if untested:
+        log.warning(
+            "warning: no test image of %s: learned but not evaluated (%s)",
+            ", ".join(untested[:5]) + (f" and {len(untested) - 5} more" if len(untested) > 5 else ""),
+            _split_hint(mode, cfg, "test"),
+        )
     return split
 
 
