@@ -72,6 +72,18 @@ def test_dnn_end_to_end(demo: Path, tmp_path: Path) -> None:
     assert res.bundle.backbone_spec["weights_id"].startswith("finetuned:")
     assert res.bundle.preprocess.resolution == 72  # trained at 64, deployed at 64 x test_scale 1.15, rounded to 8
     assert "dnn on efficientnet_lite0, 72 px input" in (run / "report.md").read_text()
+    import shutil
+
+    from imgclf.bundle import Bundle, BundleError
+
+    copy = shutil.copytree(run / "model", tmp_path / "copied")
+    with open(copy / "backbone.pt", "r+b") as f:  # one byte changed, as a bad copy might
+        f.seek(1000)
+        byte = f.read(1)
+        f.seek(1000)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(BundleError, match=r"backbone.pt is damaged or incomplete \(ValueError: its checksum differs"):
+        Bundle.load(copy)
 
 
 def test_bf16_autocast_trains_on_cpu(demo: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

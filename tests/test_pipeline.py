@@ -99,6 +99,21 @@ def test_bundle_reload_and_evaluate_reproduce(run):
     assert (result.run_dir / "train_metrics.json").is_file() and on_train.metrics["n_test"] == result.metrics["n_train"]
 
 
+def test_a_damaged_bundle_is_named_not_a_traceback(run, tmp_path, capsys):
+    import shutil
+
+    _, result, _ = run
+    for name, damage in (
+        ("head.npz", lambda f: f.write_bytes(f.read_bytes()[:100])),  # a copy cut short
+        ("bundle.json", lambda f: f.write_text('{"format": "imgclf-bundle/1"}')),
+        ("head.npz", lambda f: f.unlink()),
+    ):
+        model = shutil.copytree(result.run_dir / "model", tmp_path / "model", dirs_exist_ok=True)
+        damage(model / name)
+        assert main(["predict", str(model), str(tmp_path)]) == 2
+        assert f"{model / name} is " in capsys.readouterr().err
+
+
 def test_a_run_folder_in_use_is_refused(run, tmp_path, capsys):
     from imgclf.utils import run_folder_lock
 

@@ -12,10 +12,12 @@ treats bundles the same way. The folder is written atomically.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -124,24 +126,39 @@ class Bundle:
         meta_file = path / "bundle.json"
         if not meta_file.exists():
             raise BundleError(f"no model bundle in {path} (expected {path}/model/bundle.json: train a model first)")
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-        if meta.get("format") != FORMAT:
-            raise BundleError(f"{meta_file}: unknown bundle format {meta.get('format')!r} (expected {FORMAT})")
-        with np.load(path / meta["head"]["file"]) as npz:
+        with _reading(meta_file):
+            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+            if meta.get("format") != FORMAT:
+                raise BundleError(f"{meta_file}: unknown bundle format {meta.get('format')!r} (expected {FORMAT})")
+            head_file, weights = path / meta["head"]["file"], meta.get("backbone_weights")
+            spec, classes, classifier = meta["backbone"], meta["classes"], meta["classifier"]
+        with _reading(head_file), np.load(head_file) as npz:
             head = LinearHead(npz["weight"], npz["bias"], meta["head"]["l2_normalize"])
         state = None
-        if meta.get("backbone_weights"):
+        if weights:
             import torch
 
-            state = torch.load(path / meta["backbone_weights"], map_location="cpu", weights_only=True)
-        return cls(
-            meta["classes"],
-            meta["backbone"],
-            head,
-            meta["classifier"],
-            meta.get("config", {}),
-            meta.get("metrics", {}),
-            state,
-            path,
-            meta.get("created", ""),
-        )
+            weights_file = path / weights
+            with _reading(weights_file):
+                recorded = spec.get("weights_id", "").removeprefix("finetuned:")
+                if recorded and not file_sha256(weights_file).startswith(recorded):
+                    raise ValueError("its checksum differs from the one recorded when it was written")
+                state = torch.load(weights_file, map_location="cpu", weights_only=True)
+        config, metrics, created = meta.get("config", {}), meta.get("metrics", {}), meta.get("created", "")
+        return cls(classes, spec, head, classifier, config, metrics, state, path, created)
+
+
+@contextlib.contextmanager
+def _reading(file: Path) -> Iterator[None]:
+    """Turn any failure to read a bundle file into a BundleError naming it (a copy cut short, a stray edit)."""
+    try:
+        yield
+    except BundleError:
+        raise
+    except FileNotFoundError as e:
+        raise BundleError(f"{file} is missing: copy the whole model folder again, or train again") from e
+    except Exception as e:
+        why = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+        raise BundleError(
+            f"{file} is damaged or incomplete ({why}): copy the model folder again, or train again"
+        ) from e
