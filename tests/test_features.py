@@ -42,6 +42,28 @@ def test_cache_hit_and_runtime_parity(tmp_path: Path, backbone):
     assert not np.allclose(flip.extract(paths[:2]).features, ref.features[:2], atol=1e-3)
 
 
+def test_a_damaged_kept_openvino_model_is_converted_again(tmp_path: Path, backbone, caplog: pytest.LogCaptureFixture):
+    """A converted model cut short or altered in the cache (a full disk, a crash, a bad sector) would give
+    wrong features without a word, and they would be cached: its checksum catches it."""
+    import logging
+
+    batch = np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
+
+    def embed() -> np.ndarray:
+        fx = FeatureExtractor(backbone, runtime="openvino", precision="fp32", cache_dir=tmp_path, progress=False)
+        return fx.embed_arrays(batch)
+
+    good = embed()
+    (weights,) = (tmp_path / "models").glob("*/model.bin")
+    for damage in (lambda b: b[:1000], lambda b: b[:-4096] + bytes(4096)):
+        weights.write_bytes(damage(weights.read_bytes()))
+        with caplog.at_level(logging.WARNING):
+            assert np.array_equal(embed(), good)
+        assert "is damaged (" in caplog.text and "converting it again" in caplog.text
+        caplog.clear()
+    assert np.array_equal(embed(), good) and not caplog.text  # kept again, whole
+
+
 def test_onnxruntime_matches_torch(tmp_path: Path, backbone):
     pytest.importorskip("onnxruntime")
     batch = np.random.default_rng(0).integers(0, 255, (3, 64, 64, 3), dtype=np.uint8)

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from imgclf.utils import atomic_write_bytes, cpu_count, cpu_has_amx_bf16, quiet_torch_jit
+from imgclf.utils import atomic_write_bytes, cpu_count, cpu_has_amx_bf16, file_sha256, quiet_torch_jit
 
 if TYPE_CHECKING:
+    import openvino as ov
     import torch
     from torch import nn
 
@@ -157,6 +160,42 @@ def convert_openvino(net: nn.Module, resolution: int):  # -> openvino.Model
     return model
 
 
+def _read_kept(core: ov.Core, model_dir: Path) -> ov.Model | None:
+    """The converted model kept in ``model_dir``, if there and whole (its weights match the checksum kept
+    beside them); else None, so that it is converted again."""
+    xml, digest = model_dir / "model.xml", model_dir / "model.bin.sha256"
+    if not (xml.exists() and digest.exists()):
+        return None
+    try:
+        if file_sha256(xml.with_suffix(".bin")) != digest.read_text(encoding="utf-8").strip():
+            raise ValueError("its weights differ from their checksum")
+        return core.read_model(xml)
+    except (OSError, RuntimeError, ValueError) as e:  # a damaged file; OpenVINO raises RuntimeError
+        log.warning("warning: the converted model kept in %s is damaged (%s); converting it again", model_dir, e)
+        return None
+
+
+def _keep(model: ov.Model, model_dir: Path) -> None:
+    """Save a converted model into ``model_dir`` for later runs (best effort: a full disk only warns).
+
+    Processes converting at once write their own temporary files; the checksum, written last, makes a
+    reader that sees one process's weights with another's checksum convert again instead of using them."""
+    import openvino
+
+    tmp = model_dir / f".tmp-{os.getpid()}-{threading.get_ident()}-model.xml"
+    try:
+        model_dir.mkdir(parents=True, exist_ok=True)
+        openvino.save_model(model, tmp, compress_to_fp16=False)
+        digest = file_sha256(tmp.with_suffix(".bin"))
+        tmp.with_suffix(".bin").replace(model_dir / "model.bin")
+        tmp.replace(model_dir / "model.xml")
+        atomic_write_bytes(model_dir / "model.bin.sha256", digest.encode(), durable=False)
+    except (OSError, RuntimeError) as e:  # OpenVINO reports a full disk as a RuntimeError
+        for f in (tmp, tmp.with_suffix(".bin")):
+            f.unlink(missing_ok=True)
+        log.warning("warning: converted model not kept in %s (%s); it is converted again next time", model_dir, e)
+
+
 class OpenVINORuntime:
     """OpenVINO on the CPU; the converted model is kept in ``model_dir`` so later runs skip conversion."""
 
@@ -168,24 +207,11 @@ class OpenVINORuntime:
         import openvino as ov
 
         core = ov.Core()
-        xml = model_dir / "model.xml" if model_dir is not None else None
-        if xml is not None and xml.exists():
-            model = core.read_model(xml)
-        else:
+        model = _read_kept(core, model_dir) if model_dir is not None else None
+        if model is None:
             model = convert_openvino(net(), resolution)
-            if xml is not None:
-                tmp = model_dir / ".tmp-model.xml"
-                try:
-                    model_dir.mkdir(parents=True, exist_ok=True)
-                    ov.save_model(model, tmp, compress_to_fp16=False)
-                    tmp.with_suffix(".bin").replace(xml.with_suffix(".bin"))
-                    tmp.replace(xml)
-                except (OSError, RuntimeError) as e:  # OpenVINO reports a full disk as a RuntimeError
-                    for f in (tmp, tmp.with_suffix(".bin")):
-                        f.unlink(missing_ok=True)
-                    log.warning(
-                        "warning: converted model not kept in %s (%s); it is converted again next time", model_dir, e
-                    )
+            if model_dir is not None:
+                _keep(model, model_dir)
         config = {
             "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
             "INFERENCE_NUM_THREADS": threads,
