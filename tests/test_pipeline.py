@@ -73,6 +73,7 @@ def test_run_folder_contents(run):
     assert 0 <= m["overall_accuracy"] <= 1 and set(m["auc"]) >= {"circles", "micro", "macro"}
     reasons = {Path(s["path"]).name: s["reason"] for s in m["skipped"]}
     assert set(reasons) == {"zero.jpg", "readme.txt", "truncated.jpg"}
+    assert reasons["readme.txt"] == "not an image (nor named as one): not used"
     assert m["n_train"] + m["n_test"] == 36  # every good image used, the truncated one skipped
     assert _digests(data) == before  # nothing deleted or modified
     with open(out / "predictions.csv") as f:
@@ -174,10 +175,15 @@ def test_predict_api_and_cli(run, tmp_path, capsys):
     assert "bad\\xff.jpg\t" in capsys.readouterr().out and "bad\\xff.jpg," in out_csv.read_text()
 
 
-def test_cli_train_warm_cache_and_config_show(run, tmp_path, capsys):
+def test_cli_train_warm_cache_and_config_show(run, tmp_path, capsys, caplog):
     data, _, _ = run
     out = tmp_path / "cli-run"
-    assert main(["train", str(data), "--out", str(out), "--resolution", "64", "--no-progress", "--cv-folds", "3"]) == 0
+    with caplog.at_level(logging.INFO, logger="imgclf"):
+        assert (
+            main(["train", str(data), "--out", str(out), "--resolution", "64", "--no-progress", "--cv-folds", "3"]) == 0
+        )
+    assert "1 file(s) not images, not used (.txt 1)" in caplog.text and "readme.txt" not in caplog.text
+    assert "zero.jpg: empty file" in caplog.text  # damaged images are still named one by one
     m = json.loads((out / "metrics.json").read_text())
     assert m["timings_s"]["features_s"] < 30
     assert "Overall accuracy" in capsys.readouterr().out

@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from imgclf.data.dataset import (
     save_split,
     scan_dataset,
 )
-from imgclf.data.io import IMAGE_EXTENSIONS, list_files
+from imgclf.data.io import IMAGE_EXTENSIONS, NOT_AN_IMAGE, list_files
 from imgclf.evaluation.metrics import compute_metrics
 from imgclf.evaluation.report import summary_lines, write_reports
 from imgclf.features import FeatureExtractor
@@ -120,8 +121,16 @@ def _finish(
     atomic_write_text(run_dir / f"{prefix}metrics.json", json.dumps(metrics, indent=2))
     if not prefix:
         write_reports(run_dir, y, scores, metrics, cfg.flat(), extra_figures, Memo(memo_root, "figures"))
+    others = [s for s in skipped if s["reason"] != NOT_AN_IMAGE]
+    if len(others) < len(skipped):  # annotation or text files beside the images: counted, not listed one by one
+        kinds = Counter(Path(s["path"]).suffix.lower() or "no extension" for s in skipped if s not in others)
+        log.info(
+            "%d file(s) not images, not used (%s): all are listed in report.html and metrics.json",
+            len(skipped) - len(others),
+            ", ".join(f"{ext} {n}" for ext, n in sorted(kinds.items())),
+        )
     for items, line, key, what in (
-        (skipped, "skipped %s: %s", "reason", "skipped files"),
+        (others, "skipped %s: %s", "reason", "skipped files"),
         (ds.notes, "note: %s: %s", "note", "notes"),
     ):
         for item in items[:LOGGED_MAX]:

@@ -95,11 +95,16 @@ def _file_size(path: Path) -> int:
         raise ImageError(unreadable_reason(path, e)) from e
 
 
+NOT_AN_IMAGE = "not an image (nor named as one): not used"
+
+
 def _unreadable(path: Path | BinaryIO, e: Exception) -> ImageError:
     if isinstance(path, Path) and path.suffix.lower() in HEIF_EXTENSIONS and not HEIF_READABLE:
         return ImageError(
             'HEIC/HEIF image: install the plugin that reads it (pip install "imgclf[heif]") or convert it'
         )
+    if isinstance(path, Path) and path.suffix.lower() not in IMAGE_EXTENSIONS:  # notes, annotations beside images
+        return ImageError(NOT_AN_IMAGE)
     return ImageError(f"not an image Pillow can read ({type(e).__name__}): check or convert the file")
 
 
