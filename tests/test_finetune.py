@@ -253,3 +253,9 @@ def test_many_small_classes_still_get_a_validation_part() -> None:
     assert set(labels[fit]) == set(range(250))  # every class keeps its fitting images
     balanced = np.repeat(np.arange(2), [124, 120])  # hymenoptera's training split: 12 + 12, as before
     assert np.bincount(balanced[split_validation(balanced, np.arange(244), 0.1, seed=0)[1]]).tolist() == [12, 12]
+
+
+def test_time_left_reads_easily() -> None:
+    from imgclf.finetune.trainer import _duration
+
+    assert [_duration(s) for s in (7.4, 89, 95, 3599, 3900)] == ["7 s", "89 s", "2 min", "1 h 00 min", "1 h 05 min"]

@@ -174,6 +174,14 @@ class CacheLoader:
         return [np.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
 
 
+def _duration(seconds: float) -> str:
+    """``45 s``, ``12 min``, ``1 h 05 min``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
 def _write_log(path: Path, history: list[dict[str, float]]) -> None:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=LOG_FIELDS, lineterminator="\n")
@@ -576,14 +584,16 @@ def _train(
         }
         history.append(row)
         val_text = f"val loss {val_loss:.3f} error {val_error:.3f}" if len(val.rows) else "no validation part"
+        left = (ft.epochs - epoch) * row["seconds"]  # at this epoch's pace; early stopping may end sooner
         log.info(
-            "epoch %d/%d: train loss %.3f error %.3f | %s | %.1f img/s",
+            "epoch %d/%d: train loss %.3f error %.3f | %s | %.1f img/s%s",
             epoch,
             ft.epochs,
             row["train_loss"],
             row["train_error"],
             val_text,
             row["img_per_s"],
+            f" | about {_duration(left)} to go" if left else "",
         )
         if len(val.rows):
             best["min_error"] = min(best["min_error"], val_error)
