@@ -17,6 +17,7 @@ import pytest
 from imgclf.bundle import Bundle
 from imgclf.cli import main
 from imgclf.config import Config
+from imgclf.data.dataset import DatasetError
 from imgclf.pipeline import evaluate, predict, train
 
 FAST = {"resolution": 64, "progress": False, "svm_c_grid": [0.1, 1.0, 10.0], "cv_folds": 3}
@@ -150,6 +151,11 @@ def test_evaluate_after_the_data_folder_moved(run, tmp_path, capsys, caplog):
 
 def test_predict_api_and_cli(run, tmp_path, capsys):
     data, result, _ = run
+    one = sorted((data / "circles").glob("circles_*.jpg"))[0]
+    classes, (only,) = predict(result.run_dir, one)  # one path, not a list: not read letter by letter
+    assert only.path == one and only.scores is not None and len(only.scores) == len(classes)
+    with pytest.raises(DatasetError, match="no data folder given"):
+        train(Config().updated(out=tmp_path / "r"))
     classes, preds = predict(result.run_dir, [data / "squares"])
     assert len(preds) == 12 and all(p.scores is not None for p in preds)
     assert sum(classes[int(p.scores.argmax())] == "squares" for p in preds) >= 8

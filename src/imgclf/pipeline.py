@@ -19,6 +19,7 @@ from imgclf.backbones import Backbone, create_backbone
 from imgclf.bundle import Bundle
 from imgclf.config import AUTO_BACKBONE, AUTO_CANDIDATES, Config
 from imgclf.data.dataset import (
+    NO_DATA_ROOT,
     Dataset,
     DatasetError,
     leave_out_untrained,
@@ -209,8 +210,9 @@ def _choose_backbone(
 def train(cfg: Config) -> RunResult:
     """Scan, split, extract features (or fine-tune), fit the classifier, evaluate on the test split, bundle."""
     t0 = time.perf_counter()
-    run_dir = Path(cfg.output.out)
-    data_root = Path(cfg.data.data_root or "")
+    if cfg.data.data_root is None:
+        raise DatasetError(NO_DATA_ROOT)
+    run_dir, data_root = Path(cfg.output.out), Path(cfg.data.data_root)
     if data_root.is_dir() and run_dir.resolve().is_relative_to(data_root.resolve()):
         raise DatasetError(
             f"the run folder {run_dir} is inside the data folder {data_root}: its figures would be read as "
@@ -420,12 +422,12 @@ class Prediction:
 
 
 def predict(
-    run_dir: str | Path, inputs: Iterable[str | Path], cfg: Config | None = None
+    run_dir: str | Path, inputs: str | Path | Iterable[str | Path], cfg: Config | None = None
 ) -> tuple[list[str], list[Prediction]]:
-    """Class scores for images (files, folders, lists of paths); unreadable images carry an error."""
+    """Class scores for images (a file, folder or list of paths, or several); unreadable images carry an error."""
     bundle = Bundle.load(run_dir)
     cfg = cfg or Config.model_validate(bundle.config)
-    paths = expand_inputs(inputs)
+    paths = expand_inputs([inputs] if isinstance(inputs, str | Path) else inputs)
     res = FeatureExtractor.from_config(cfg, bundle.build_backbone()).extract(paths, desc="predict")
     probs = bundle.head.predict_proba(res.features[res.ok]) if res.ok.any() else np.zeros((0, len(bundle.classes)))
     rows = iter(probs)

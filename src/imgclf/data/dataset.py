@@ -89,10 +89,15 @@ def split_folders(root: Path) -> list[str]:
     return [base.name for base, _ in _predefined_parts(Path(root)) or []]
 
 
-def scan_dataset(cfg: DataConfig, root: Path | None = None) -> Dataset:
+NO_DATA_ROOT = "no data folder given: give DATA_DIR (data_root), the folder that holds one sub-folder per class"
+
+
+def scan_dataset(cfg: DataConfig) -> Dataset:
     """List the usable images under the data root; unusable files are reported in ``skipped``, never touched."""
-    root = Path(root if root is not None else cfg.data_root or "")
-    if not str(root) or not root.exists():
+    if cfg.data_root is None:
+        raise DatasetError(NO_DATA_ROOT)
+    root = Path(cfg.data_root)
+    if not root.exists():
         raise DatasetError(f"data folder not found: {root!s} (give the folder that holds one sub-folder per class)")
     if not root.is_dir():
         unpack = " (an archive: unpack it first)" if root.name.lower().endswith(ARCHIVE_SUFFIXES) else ""
