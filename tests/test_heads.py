@@ -27,6 +27,17 @@ def test_fit_predict_proba_and_linear_fold(n_classes: int):
     assert 0.5 < p.max(1).mean() <= 1.0
 
 
+@pytest.mark.filterwarnings("ignore:Skipping check check_array_api_input")  # array API checks: not applicable
+def test_passes_scikit_learns_estimator_checks():
+    """fit/predict/predict_proba/decision_function and class_weight as scikit-learn's own checks expect
+    (among them: "balanced" weights still favour the small classes after calibration)."""
+    from sklearn.utils.estimator_checks import check_estimator
+
+    results = check_estimator(LinearSVMHead(c_grid=(0.1, 1.0), cv_folds=2, n_jobs=1), on_fail=None)
+    assert len(results) > 40
+    assert {r["check_name"]: str(r["exception"])[:300] for r in results if r["status"] == "failed"} == {}
+
+
 def test_c_chosen_on_training_data_only_and_fits_repeat_exactly():
     """Parallel CV fits give the same solution every time (liblinear's random state is per process)."""
     rng = np.random.default_rng(0)
@@ -44,7 +55,7 @@ def test_tiny_classes_fall_back_without_cv_and_estimator_protocol():
     params = LinearSVMHead(c_grid=(1.0,), class_weight="balanced").get_params()
     assert params["class_weight"] == "balanced"
     assert clone(LinearSVMHead(cv_folds=3)).cv_folds == 3
-    with pytest.raises(ValueError, match="single class"):
+    with pytest.raises(ValueError, match="1 class"):
         LinearSVMHead().fit(x, np.zeros(len(x)))
 
 

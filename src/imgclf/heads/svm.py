@@ -60,7 +60,7 @@ class LinearSVMHead(ClassifierMixin, BaseEstimator):
         X, y = validate_data(self, X, y)
         self.classes_ = unique_labels(y)
         if len(self.classes_) < 2:
-            raise ValueError("the training data holds a single class; a classifier needs at least two")
+            raise ValueError("the training data holds 1 class; a classifier needs at least two")
         Xp = self._prep(X)
         counts = np.bincount(np.searchsorted(self.classes_, y))
         # a class with one image cannot be split: it stays on the fitting side of every fold
@@ -96,7 +96,8 @@ class LinearSVMHead(ClassifierMixin, BaseEstimator):
         decision = self.svm_.decision_function(Xp).reshape(len(y), -1)  # in-sample: only where no fold held it out
         if oof is not None:
             decision[~single] = oof[~single]
-        self.calibrator_ = LogisticRegression(C=1.0, max_iter=1000).fit(decision, y)
+        # weighted as the SVM was: else calibration would undo class_weight="balanced"
+        self.calibrator_ = LogisticRegression(C=1.0, max_iter=1000, class_weight=self.class_weight).fit(decision, y)
         self.coef_, self.intercept_ = self._fold()
         return self
 
@@ -109,16 +110,23 @@ class LinearSVMHead(ClassifierMixin, BaseEstimator):
             W, B = np.vstack([np.zeros_like(W), W]), np.concatenate([[0.0], B])
         return W, B
 
-    def decision_function(self, X: np.ndarray) -> np.ndarray:
+    def _logits(self, X: np.ndarray) -> np.ndarray:
         check_is_fitted(self)
         X = validate_data(self, X, reset=False)
         return self._prep(X) @ self.coef_.T + self.intercept_
 
+    def decision_function(self, X: np.ndarray) -> np.ndarray:
+        """Calibrated class scores before the softmax; with two classes, scikit-learn's single column
+        (above 0: ``classes_[1]``)."""
+        z = self._logits(X)
+        return z[:, 1] - z[:, 0] if len(self.classes_) == 2 else z
+
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        return softmax(self.decision_function(X))
+        return softmax(self._logits(X))
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        return self.classes_[np.argmax(self.decision_function(X), axis=1)]
+        z = self._logits(X)  # first: it checks that the head is fitted
+        return self.classes_[np.argmax(z, axis=1)]
 
     def linear(self) -> tuple[np.ndarray, np.ndarray]:
         """(W, b) with ``scores = softmax(normalise(x) @ W.T + b)``."""
