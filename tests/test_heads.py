@@ -38,6 +38,27 @@ def test_passes_scikit_learns_estimator_checks():
     assert {r["check_name"]: str(r["exception"])[:300] for r in results if r["status"] == "failed"} == {}
 
 
+def test_balanced_weights_choose_c_by_the_class_averaged_accuracy():
+    """With class_weight="balanced" the CV score of each C is the class-averaged accuracy of the out-of-fold
+    predictions (plain accuracy otherwise), recomputed here with scikit-learn's own parts."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.svm import LinearSVC
+
+    x, y = _blobs(3, n=30, seed=4)
+    keep = (y != 2) | (np.arange(len(y)) % 10 == 0)  # classes of 30, 30 and 3 images
+    x, y = x[keep], y[keep]
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    for weight, score in ((None, accuracy_score), ("balanced", balanced_accuracy_score)):
+        head = LinearSVMHead(c_grid=(0.01, 1.0), cv_folds=3, class_weight=weight, n_jobs=1).fit(x, y)
+        for c in (0.01, 1.0):
+            oof = np.zeros(len(y), int)
+            for tr, te in StratifiedKFold(3, shuffle=True, random_state=0).split(xn, y):
+                svc = LinearSVC(C=c, class_weight=weight, max_iter=20000, random_state=0).fit(xn[tr], y[tr])
+                oof[te] = svc.predict(xn[te])
+            assert head.cv_scores_[c] == pytest.approx(score(y, oof))
+
+
 def test_c_chosen_on_training_data_only_and_fits_repeat_exactly():
     """Parallel CV fits give the same solution every time (liblinear's random state is per process)."""
     rng = np.random.default_rng(0)

@@ -316,9 +316,10 @@ def _train(cfg: Config, run_dir: Path, t0: float) -> RunResult:
         reused = "; the identical earlier fit reused" if fit.reused else ""
         if fit.cv_folds:
             log.info(
-                "SVM C=%g chosen by %d-fold cross-validation on the training split (CV accuracy %.3f%s)",
+                "SVM C=%g chosen by %d-fold cross-validation on the training split (CV %saccuracy %.3f%s)",
                 fit.C,
                 fit.cv_folds,
+                "class-averaged " if cfg.classifier.class_weight == "balanced" else "",
                 fit.cv_accuracy,
                 reused,
             )

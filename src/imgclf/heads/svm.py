@@ -11,6 +11,7 @@ import numpy as np
 from joblib import Parallel, delayed
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, balanced_accuracy_score
 from sklearn.model_selection import StratifiedKFold
 from sklearn.svm import LinearSVC
 from sklearn.utils.multiclass import unique_labels
@@ -28,7 +29,7 @@ class LinearSVMHead(ClassifierMixin, BaseEstimator):
     c_grid: C values tried.
     cv_folds: folds for choosing C and for the out-of-fold calibration data.
     l2_normalize: scale every feature vector to unit length first.
-    class_weight: None or "balanced".
+    class_weight: None or "balanced" (then C is chosen by the class-averaged accuracy).
     random_state: seed of the fold assignment.
     n_jobs: processes for the cross-validation fits (None: one per CPU core).
     """
@@ -83,8 +84,10 @@ class LinearSVMHead(ClassifierMixin, BaseEstimator):
             )
             for (c, _, te), d in zip(tasks, decisions, strict=True):
                 oof_by_c[c][te] = d
+            # balanced weights aim at the class-averaged accuracy: C is chosen by it too
+            score = balanced_accuracy_score if self.class_weight == "balanced" else accuracy_score
             self.cv_scores_ = {
-                c: float(np.mean(self.classes_[_argmax_decision(oof_by_c[c][rest])] == y[rest])) for c in self.c_grid
+                c: float(score(y[rest], self.classes_[_argmax_decision(oof_by_c[c][rest])])) for c in self.c_grid
             }
             # best CV accuracy; ties go to the smaller (more regularised) C
             self.C_ = max(self.c_grid, key=lambda c: (self.cv_scores_[c], -c))
