@@ -117,7 +117,7 @@ class ClassifierConfig(_Section):
         return grid
 
     class_weight: Literal["none", "balanced"] = Field(
-        "none", description="balanced: weight classes inversely to their size."
+        "none", description="balanced: weight classes inversely to their size; C chosen by class-averaged accuracy."
     )
 
 
