@@ -75,7 +75,7 @@ def bench(
     name, batch = cfg.backbone.backbone, cfg.finetune.ft_batch_size
     bb = create_backbone(name, drop_path_rate=cfg.finetune.drop_path)  # trained as with the defaults
     res = bb.preprocess.resolution  # fine-tuning trains at the backbone's resolution
-    ds = scan_dataset(cfg.data, data)
+    ds = scan_dataset(cfg.data.model_copy(update={"data_root": data}))
     t = time.perf_counter()
     pre = bb.preprocess
     cache = build_image_cache(
