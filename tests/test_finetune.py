@@ -146,6 +146,8 @@ def test_resume_after_interruption(demo: Path, tmp_path: Path, monkeypatch: pyte
         train(cfg)
     assert (tmp_path / "run" / "finetune_ckpt.pt").exists()
     monkeypatch.setattr(imgclf.finetune, "finetune", original)
+    with pytest.raises(ValueError, match=r"another fine-tuning run \(epochs 3 -> 4, lr 0.001 -> 0.002\)"):
+        train(cfg.updated(resume=True, epochs=4, lr=0.002))  # the schedule depends on both: no continuing
     res = train(cfg.updated(resume=True))
     rows = _log(res.run_dir)
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]

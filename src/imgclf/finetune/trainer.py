@@ -117,11 +117,20 @@ def build_optimizer(model: Classifier, cfg: FinetuneConfig) -> torch.optim.Optim
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
 
 
-def _fingerprint(cfg: Config, backbone: Backbone, rels: list[str]) -> str:
-    """What a checkpoint must match to be resumed: settings, backbone, seed and training images."""
+def _identity(cfg: Config, backbone: Backbone, rels: list[str]) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed (settings, backbone, seed and training images): their
+    digest, and the settings themselves, to say what differs."""
     ft = cfg.finetune.model_dump(mode="json", exclude={"resume"})
     key = json.dumps([ft, backbone.spec(), cfg.output.seed, rels], sort_keys=True)
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
+    settings = {**ft, "backbone": backbone.name, "resolution": backbone.preprocess.resolution}
+    settings |= {"seed": cfg.output.seed, "training images": len(rels)}
+    return {"fingerprint": hashlib.sha256(key.encode()).hexdigest()[:16], "settings": settings}
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """``epochs 8 -> 12, lr 0.001 -> 0.002``; a change not among the settings is in the images' names."""
+    changed = [f"{k} {old.get(k)} -> {new.get(k)}" for k in new if old.get(k) != new.get(k)]
+    return ", ".join(changed[:6]) if changed else "the training images (same number, other files)"
 
 
 def _state_digest(state: dict[str, torch.Tensor]) -> str:
@@ -266,15 +275,20 @@ def finetune(
     labels_all = ds.labels
     n_classes = len(ds.classes)
     rels = [ds.samples[i].rel for i in train_idx]
-    fingerprint = _fingerprint(cfg, backbone, rels)
+    identity = _identity(cfg, backbone, rels)
     ckpt_path = run_dir / CKPT_NAME
     ckpt: dict[str, Any] | None = None
     if ft.resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if ckpt["fingerprint"] != fingerprint:
+        try:
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        except Exception as e:  # cut short or altered: nothing to resume from
+            raise ValueError(f"{ckpt_path} cannot be read ({type(e).__name__}); run without --resume") from e
+        if ckpt["fingerprint"] != identity["fingerprint"]:
+            old = ckpt.get("settings")
+            diff = _differences(old, identity["settings"]) if old else "different settings, backbone or images"
             raise ValueError(
-                f"{ckpt_path} belongs to another fine-tuning run (different settings, backbone "
-                "or training images); run without --resume to start afresh"
+                f"{ckpt_path} belongs to another fine-tuning run ({diff}): the learning-rate schedule and the "
+                "data order depend on them, so it cannot be continued; run without --resume to start afresh"
             )
         log.info("resuming fine-tuning after epoch %d", ckpt["epoch"])
     elif ft.resume:
@@ -337,7 +351,7 @@ def finetune(
             history,
             best,
             start_epoch,
-            fingerprint,
+            identity,
             ckpt_path,
             on_epoch_end,
         )
@@ -474,7 +488,7 @@ def _train(
     history: list[dict[str, float]],
     best: dict[str, Any],
     start_epoch: int,
-    fingerprint: str,
+    identity: dict[str, Any],
     ckpt_path: Path,
     on_epoch_end: EpochHook | None,
 ) -> None:
@@ -608,7 +622,7 @@ def _train(
         _save_ckpt(
             ckpt_path,
             {
-                "fingerprint": fingerprint,
+                **identity,
                 "epoch": epoch,
                 "done": done,
                 "model": _copy_state(model),
