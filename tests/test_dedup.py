@@ -15,6 +15,7 @@ import imgclf.datatools.dedup as dedup
 from imgclf.datatools.dedup import (
     HashInfo,
     find_duplicates,
+    find_label_conflicts,
     find_leaks,
     group_duplicates,
     hash_images,
@@ -160,6 +161,27 @@ def test_find_leaks(tmp_path: Path):
     near = find_leaks([str(p) for p in train], [str(p) for p in test], max_distance=12)
     assert [(Path(t).name, Path(s).name) for t, s, _ in near] == [("a.jpg", "a_copy.jpg"), ("b.jpg", "b_small.jpg")]
     assert find_leaks(train, []) == []
+
+
+def test_find_label_conflicts(tmp_path: Path):
+    """Copies filed under different labels are pairs (one label is wrong); copies under one label are not."""
+    a, b = make_image(20, size=(300, 200)), make_image(21, size=(300, 200))
+    paths = [
+        _put(tmp_path / "cats" / "a.jpg", a),
+        _put(tmp_path / "cats" / "a_again.jpg", a),  # a duplicate, but labelled alike
+        _put(tmp_path / "dogs" / "a_copy.jpg", a),
+        _put(tmp_path / "dogs" / "b.jpg", b),
+        _put(tmp_path / "cats" / "b_small.jpg", _recompressed(b, 0.6, 50)),
+    ]
+    labels = ["cats", "cats", "dogs", "dogs", "cats"]
+    exact = find_label_conflicts(paths, labels)
+    assert [(Path(p).name, Path(q).name, d) for p, q, d in exact] == [
+        ("a.jpg", "a_copy.jpg", 0),
+        ("a_again.jpg", "a_copy.jpg", 0),
+    ]
+    near = find_label_conflicts(paths, labels, max_distance=12)
+    assert ("b.jpg", "b_small.jpg") in [(Path(q).name, Path(p).name) for p, q, _ in near] and len(near) == 3
+    assert find_label_conflicts(paths[:2], labels[:2]) == []
 
 
 def test_hashes_are_cached(data: Path, monkeypatch: pytest.MonkeyPatch):

@@ -302,6 +302,8 @@ def test_leak_between_train_and_test_warns_or_refuses(tmp_path, caplog):
     make_folder(data / "val", n=3, seed=1)
     dup = data / "val" / "circles" / "copy_of_train.jpg"
     dup.write_bytes((data / "train" / "circles" / "circles_00.jpg").read_bytes())
+    mislabelled = data / "train" / "squares" / "a_circle.jpg"  # the same picture under another label
+    mislabelled.write_bytes((data / "train" / "circles" / "circles_01.jpg").read_bytes())
     cfg = Config().updated(data_root=data, out=tmp_path / "run", **FAST, tracking=False)
     with pytest.raises(Exception, match="near-duplicate"):
         train(cfg.updated(fail_on_leak=True))
@@ -311,6 +313,9 @@ def test_leak_between_train_and_test_warns_or_refuses(tmp_path, caplog):
     leaks = (tmp_path / "run" / "leaks.csv").read_text()
     assert "copy_of_train.jpg" in leaks and "circles_00.jpg" in leaks
     assert "straddle train and test" in caplog.text
+    assert "1 near-duplicate pair(s) carry different labels" in caplog.text
+    conflicts = (tmp_path / "run" / "label_conflicts.csv").read_text().splitlines()
+    assert len(conflicts) == 2 and "circles_01.jpg" in conflicts[1] and "a_circle.jpg" in conflicts[1]
     assert result.bundle.classes == ["circles", "squares", "stripes"] and result.metrics["n_test"] == 10
     assert sum("only_in_val" in s["path"] for s in result.metrics["skipped"]) == 2
 

@@ -41,6 +41,7 @@ LOGGED_MAX = 20  # skipped files and notes printed; all of them go to the report
 # Results an earlier run in the same folder may have left that a new run does not always rewrite.
 EARLIER_OUTPUTS = (
     "leaks.csv",
+    "label_conflicts.csv",
     "finetune_log.csv",
     "finetune_curves.png",
     "train_metrics.json",
@@ -145,10 +146,23 @@ def _finish(
 
 
 def _check_leaks(cfg: Config, ds: Dataset, split: np.ndarray, run_dir: Path) -> None:
-    """Warn (or refuse, with fail_on_leak) when near-duplicate images straddle train and test."""
-    from imgclf.datatools.dedup import find_leaks
+    """Warn (or refuse, with fail_on_leak) when near-duplicate images straddle train and test; warn when
+    near-duplicates carry different labels."""
+    from imgclf.datatools.dedup import find_label_conflicts, find_leaks
 
     paths = [ds.path(s) for s in ds.samples]
+    conflicts = find_label_conflicts(
+        paths, [ds.classes[s.label] for s in ds.samples], cfg.datatools.hash_size, cfg.datatools.max_distance
+    )
+    if conflicts:
+        _write_pairs(run_dir / "label_conflicts.csv", ("path", "other_path", "distance"), conflicts)
+        log.warning(
+            "warning: %d near-duplicate pair(s) carry different labels (listed in %s): at least one label of "
+            "each pair is wrong; fix it with `imgclf ui %s`, or remove one copy",
+            len(conflicts),
+            run_dir / "label_conflicts.csv",
+            ds.root,
+        )
     leaks = find_leaks(
         [p for p, part in zip(paths, split, strict=True) if part == "train"],
         [p for p, part in zip(paths, split, strict=True) if part == "test"],
@@ -157,11 +171,7 @@ def _check_leaks(cfg: Config, ds: Dataset, split: np.ndarray, run_dir: Path) -> 
     )
     if not leaks:
         return
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["train_path", "test_path", "distance"])
-    w.writerows(leaks)
-    atomic_write_text(run_dir / "leaks.csv", buf.getvalue())
+    _write_pairs(run_dir / "leaks.csv", ("train_path", "test_path", "distance"), leaks)
     msg = (
         f"{len(leaks)} near-duplicate pair(s) straddle train and test (listed in {run_dir / 'leaks.csv'}): "
         "test accuracy will be optimistic; run `imgclf dedup` on the data, or use --split-mode group"
@@ -169,6 +179,14 @@ def _check_leaks(cfg: Config, ds: Dataset, split: np.ndarray, run_dir: Path) -> 
     if cfg.datatools.fail_on_leak:
         raise DatasetError(msg)
     log.warning("warning: %s", msg)
+
+
+def _write_pairs(path: Path, header: tuple[str, str, str], rows: list[tuple[str, str, int]]) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
 
 
 def _remove_earlier_outputs(run_dir: Path) -> None:

@@ -318,12 +318,41 @@ def find_leaks(
         return []
     a = _words([hashes[Path(p)].bits for p in test])
     b = _words([hashes[Path(p)].bits for p in train])
-    pairs = [
-        (train[j], test[i], int(d))
-        for ii, jj, dd in close_pairs(a, b, max_distance)
-        for i, j, d in zip(ii.tolist(), jj.tolist(), dd.tolist(), strict=True)
-    ]
+    pairs = [(train[j], test[i], d) for i, j, d in _matches(a, b, max_distance)]
     return sorted(pairs, key=lambda t: (t[1], t[0]))
+
+
+def find_label_conflicts(
+    paths: Sequence[str | Path], labels: Sequence[str], hash_size: int = 16, max_distance: int = 0
+) -> list[tuple[str, str, int]]:
+    """(path, path, distance) for near-duplicate images filed under different labels: at least one of the
+    two labels is wrong. Images that cannot be hashed are ignored; pairs are sorted by path."""
+    hashes, _ = hash_images(list(dict.fromkeys(Path(p) for p in paths)), hash_size)
+    kept = [(str(p), label) for p, label in zip(paths, labels, strict=True) if Path(p) in hashes]
+    if len(kept) < 2:
+        return []
+    words = _words([hashes[Path(p)].bits for p, _ in kept])
+    pairs = []
+    for i, j, d in _matches(words, words, max_distance, upper=True):
+        (path_a, label_a), (path_b, label_b) = kept[i], kept[j]
+        if i < j and label_a != label_b:
+            pairs.append((min(path_a, path_b), max(path_a, path_b), d))
+    return sorted(pairs)
+
+
+def _matches(a: np.ndarray, b: np.ndarray, max_distance: int, upper: bool = False) -> Iterator[tuple[int, int, int]]:
+    """(i, j, distance) for rows of ``a`` and ``b`` within ``max_distance`` bits (``upper``, with ``a`` as
+    ``b``: at least the pairs j > i). Equal hashes (distance 0) are looked up, not compared pair by pair,
+    so the default check stays fast on large data sets."""
+    if max_distance == 0:
+        index: dict[bytes, list[int]] = {}
+        for j, row in enumerate(b):
+            index.setdefault(row.tobytes(), []).append(j)
+        for i, row in enumerate(a):
+            yield from ((i, j, 0) for j in index.get(row.tobytes(), ()))
+        return
+    for ii, jj, dd in close_pairs(a, b, max_distance, upper):
+        yield from zip(ii.tolist(), jj.tolist(), dd.tolist(), strict=True)
 
 
 def write_reports(result: DedupResult, folder: Path | None = None) -> tuple[Path, Path]:
