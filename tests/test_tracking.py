@@ -149,6 +149,10 @@ def test_train_and_evaluate_land_in_local_store(two_runs: tuple[RunResult, RunRe
     assert "model/bundle.json" in {f.path for f in client.list_artifacts(run.info.run_id, "model")}
     assert runs[2].data.tags["split"] == "train"
     assert runs[2].data.metrics["n_test"] == runs[2].data.metrics["n_train"]
+    from imgclf.tracking.compare import load_run
+
+    on_train = load_run(runs[2].info.run_id[:8], TrackingConfig())  # pairs its training-split predictions
+    assert on_train.predictions is not None and len(on_train.predictions) == runs[2].data.metrics["n_train"]
 
 
 def test_runs_list_and_compare(two_runs: tuple[RunResult, RunResult], work: Path, capsys: pytest.CaptureFixture[str]):

@@ -116,7 +116,8 @@ def load_run(ref: str | Path, cfg: TrackingConfig | None = None) -> RunRecord:
         predictions = None
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                local = client.download_artifacts(run.info.run_id, "predictions.csv", tmp)
+                scored = "train_predictions.csv" if run.data.tags.get("split") == "train" else "predictions.csv"
+                local = client.download_artifacts(run.info.run_id, scored, tmp)
                 predictions = read_predictions(Path(local).read_text(encoding="utf-8"))
             except (MlflowException, OSError):
                 pass  # recorded without its files: no paired test for it
