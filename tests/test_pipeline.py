@@ -228,6 +228,11 @@ def test_cli_errors_are_messages(tmp_path, capsys, monkeypatch):
     assert "is inside the data folder" in capsys.readouterr().err and not (tmp_path / "runs").exists()
     assert main(["predict", str(tmp_path / "no_run"), str(tmp_path / "x.jpg")]) == 2
     assert "no model bundle in" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("not a folder")
+    for out in ("a_file", "a_file/run"):
+        assert main(["train", str(tmp_path / "data"), "--out", str(tmp_path / out)]) == 2
+        assert "a file is in the way; give another --out" in capsys.readouterr().err
+    assert (tmp_path / "a_file").read_text() == "not a folder"
     with pytest.raises(SystemExit):
         main(["predict", str(tmp_path / "no_run"), str(tmp_path / "x.jpg"), "--top-k", "0"])
     assert "--top-k: expected a whole number of 1 or more, got '0'" in capsys.readouterr().err

@@ -16,6 +16,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     ImageError,
     FileNotFoundError,
     FileExistsError,
+    NotADirectoryError,
     KeyError,
     ValueError,
 )

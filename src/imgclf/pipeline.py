@@ -236,7 +236,10 @@ def train(cfg: Config) -> RunResult:
             f"the run folder {run_dir} is inside the data folder {data_root}: its figures would be read as "
             "images of a class; give an --out outside it"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:  # --out, or a folder above it, is a file
+        raise DatasetError(f"cannot make the run folder {run_dir}: a file is in the way; give another --out") from e
     with run_folder_lock(run_dir):
         return _train(cfg, run_dir, t0)
 
