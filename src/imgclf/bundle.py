@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import time
 from collections.abc import Iterator
@@ -140,10 +141,11 @@ class Bundle:
 
             weights_file = path / weights
             with _reading(weights_file):
+                data = weights_file.read_bytes()  # read once: checked, then loaded
                 recorded = spec.get("weights_id", "").removeprefix("finetuned:")
-                if recorded and not file_sha256(weights_file).startswith(recorded):
+                if recorded and not hashlib.sha256(data).hexdigest().startswith(recorded):
                     raise ValueError("its checksum differs from the one recorded when it was written")
-                state = torch.load(weights_file, map_location="cpu", weights_only=True)
+                state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         config, metrics, created = meta.get("config", {}), meta.get("metrics", {}), meta.get("created", "")
         return cls(classes, spec, head, classifier, config, metrics, state, path, created)
 

@@ -125,7 +125,9 @@ def _finish(
         write_reports(run_dir, y, scores, metrics, cfg.flat(), extra_figures, Memo(memo_root, "figures"))
     others = [s for s in skipped if s["reason"] != NOT_AN_IMAGE]
     if len(others) < len(skipped):  # annotation or text files beside the images: counted, not listed one by one
-        kinds = Counter(Path(s["path"]).suffix.lower() or "no extension" for s in skipped if s not in others)
+        kinds = Counter(
+            Path(s["path"]).suffix.lower() or "no extension" for s in skipped if s["reason"] == NOT_AN_IMAGE
+        )
         log.info(
             "%d file(s) not images, not used (%s): all are listed in report.html and metrics.json",
             len(skipped) - len(others),
@@ -148,12 +150,13 @@ def _finish(
 def _check_leaks(cfg: Config, ds: Dataset, split: np.ndarray, run_dir: Path) -> None:
     """Warn (or refuse, with fail_on_leak) when near-duplicate images straddle train and test; warn when
     near-duplicates carry different labels."""
-    from imgclf.datatools.dedup import find_label_conflicts, find_leaks
+    from imgclf.datatools.dedup import find_label_conflicts, find_leaks, hash_images
 
     paths = [ds.path(s) for s in ds.samples]
-    conflicts = find_label_conflicts(
-        paths, [ds.classes[s.label] for s in ds.samples], cfg.datatools.hash_size, cfg.datatools.max_distance
-    )
+    tools = cfg.datatools
+    hashes, _ = hash_images(paths, tools.hash_size)  # once, for both checks
+    labels = [ds.classes[s.label] for s in ds.samples]
+    conflicts = find_label_conflicts(paths, labels, tools.hash_size, tools.max_distance, hashes)
     if conflicts:
         _write_pairs(run_dir / "label_conflicts.csv", ("path", "other_path", "distance"), conflicts)
         log.warning(
@@ -166,8 +169,9 @@ def _check_leaks(cfg: Config, ds: Dataset, split: np.ndarray, run_dir: Path) -> 
     leaks = find_leaks(
         [p for p, part in zip(paths, split, strict=True) if part == "train"],
         [p for p, part in zip(paths, split, strict=True) if part == "test"],
-        cfg.datatools.hash_size,
-        cfg.datatools.max_distance,
+        tools.hash_size,
+        tools.max_distance,
+        hashes,
     )
     if not leaks:
         return

@@ -240,23 +240,27 @@ def make_split(ds: Dataset, cfg: DataConfig) -> np.ndarray:
                     taken += len(members[g])
             else:
                 split[idx[rng.permutation(len(idx))[: _n_test(len(idx), cfg.train_fraction)]]] = "test"
+    absent: dict[str, list[str]] = {}
     for part in ("train", "test"):
         present = {ds.samples[i].label for i in np.flatnonzero(split == part)}
+        absent[part] = [c for i, c in enumerate(ds.classes) if i not in present]
         if len(present) < 2:
-            absent = [c for i, c in enumerate(ds.classes) if i not in present]
-            named = ", ".join(absent[:5]) + (f" and {len(absent) - 5} more" if len(absent) > 5 else "")
             raise DatasetError(
-                f"the {part} split holds fewer than two classes (none of {named}): {_split_hint(mode, cfg, part)}"
+                f"the {part} split holds fewer than two classes (none of {_first(absent[part])}): "
+                f"{_split_hint(mode, cfg, part)}"
             )
-    tested = {ds.samples[i].label for i in np.flatnonzero(split == "test")}
-    untested = [c for i, c in enumerate(ds.classes) if i not in tested]
-    if untested:
+    if absent["test"]:
         log.warning(
             "warning: no test image of %s: learned but not evaluated (%s)",
-            ", ".join(untested[:5]) + (f" and {len(untested) - 5} more" if len(untested) > 5 else ""),
+            _first(absent["test"]),
             _split_hint(mode, cfg, "test"),
         )
     return split
+
+
+def _first(names: list[str], most: int = 5) -> str:
+    """The first ``most`` names, and how many more."""
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def leave_out_untrained(ds: Dataset, split: np.ndarray) -> tuple[Dataset, np.ndarray]:

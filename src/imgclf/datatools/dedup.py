@@ -303,15 +303,24 @@ def find_duplicates(root: Path, hash_size: int = 16, max_distance: int = 0, prog
     return DedupResult(root, groups, skipped_rel, len(ok))
 
 
+def _hashes(paths: Sequence[str | Path], hash_size: int) -> dict[Path, HashInfo]:
+    return hash_images(list(dict.fromkeys(Path(p) for p in paths)), hash_size)[0]
+
+
 def find_leaks(
-    train_paths: Sequence[str | Path], test_paths: Sequence[str | Path], hash_size: int = 16, max_distance: int = 0
+    train_paths: Sequence[str | Path],
+    test_paths: Sequence[str | Path],
+    hash_size: int = 16,
+    max_distance: int = 0,
+    hashes: dict[Path, HashInfo] | None = None,
 ) -> list[tuple[str, str, int]]:
     """(train path, test path, distance) for every near-duplicate pair straddling train and test.
 
-    Images that cannot be hashed are ignored. Pairs are sorted by test path, then train path.
+    Images that cannot be hashed are ignored. Pairs are sorted by test path, then train path. ``hashes``:
+    already computed ones (:func:`hash_images`), else they are computed here.
     """
-    unique = list(dict.fromkeys(Path(p) for p in [*train_paths, *test_paths]))
-    hashes, _ = hash_images(unique, hash_size)
+    if hashes is None:
+        hashes = _hashes([*train_paths, *test_paths], hash_size)
     train = [str(p) for p in train_paths if Path(p) in hashes]
     test = [str(p) for p in test_paths if Path(p) in hashes]
     if not train or not test:
@@ -323,11 +332,17 @@ def find_leaks(
 
 
 def find_label_conflicts(
-    paths: Sequence[str | Path], labels: Sequence[str], hash_size: int = 16, max_distance: int = 0
+    paths: Sequence[str | Path],
+    labels: Sequence[str],
+    hash_size: int = 16,
+    max_distance: int = 0,
+    hashes: dict[Path, HashInfo] | None = None,
 ) -> list[tuple[str, str, int]]:
     """(path, path, distance) for near-duplicate images filed under different labels: at least one of the
-    two labels is wrong. Images that cannot be hashed are ignored; pairs are sorted by path."""
-    hashes, _ = hash_images(list(dict.fromkeys(Path(p) for p in paths)), hash_size)
+    two labels is wrong. Images that cannot be hashed are ignored; pairs are sorted by path. ``hashes``: as
+    for :func:`find_leaks`."""
+    if hashes is None:
+        hashes = _hashes(paths, hash_size)
     kept = [(str(p), label) for p, label in zip(paths, labels, strict=True) if Path(p) in hashes]
     if len(kept) < 2:
         return []

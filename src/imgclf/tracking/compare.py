@@ -131,14 +131,15 @@ def paired_tests(records: Sequence[RunRecord]) -> tuple[list[PairedTest], list[s
     from scipy.stats import binomtest
 
     base, tests, notes = records[0], [], []
+    truth = {k: t for k, (t, _) in (base.predictions or {}).items()}
+    right_base = {k for k, (t, p) in (base.predictions or {}).items() if t == p}
     for r in records[1:]:
         if base.predictions is None or r.predictions is None:
             notes.append(f"{r.label}: no predictions.csv for a paired test with {base.label}")
             continue
-        if {k: v[0] for k, v in base.predictions.items()} != {k: v[0] for k, v in r.predictions.items()}:
+        if {k: t for k, (t, _) in r.predictions.items()} != truth:
             notes.append(f"{r.label}: scored other test images than {base.label} (another split or data): not paired")
             continue
-        right_base = {k for k, (t, p) in base.predictions.items() if t == p}
         right = {k for k, (t, p) in r.predictions.items() if t == p}
         gained, lost = len(right - right_base), len(right_base - right)
         p_value = float(binomtest(gained, gained + lost).pvalue) if gained + lost else 1.0
