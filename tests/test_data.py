@@ -344,3 +344,28 @@ def test_high_bit_depth_images_are_scaled_not_clipped(tmp_path: Path):
     for name in ("g16.png", "g16.tif", "unit.tif", "wide.tif"):
         row = np.asarray(open_rgb(tmp_path / name))[0, :, 0].astype(int)
         assert row[0] == 0 and row[-1] == 255 and abs(row[128] - 128) <= 1, name
+
+
+def test_a_thin_strip_is_cropped_before_it_is_enlarged(tmp_path: Path):
+    """A 1-pixel-high strip scaled so its short side fits the model would need gigabytes (a 1 kB PNG could
+    take down the server); only the centre square is resized. Ordinary shapes keep their exact pixels."""
+    Image.new("RGB", (60_000, 1), (10, 200, 30)).save(tmp_path / "strip.png")
+    code = (
+        "import resource, sys; from pathlib import Path; from imgclf.data.io import Preprocess, load_for_model;"
+        f"a = load_for_model(Path({str(tmp_path / 'strip.png')!r}), Preprocess(224));"
+        "print(a.shape, a[112, 112].tolist(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[:5] == ["(224,", "224,", "3)", "[10,", "200,"], out
+    assert int(out[6]) < 2000, f"peak memory {out[6]} MB"  # about 12 GB before the crop came first
+    rng = np.random.default_rng(0)
+    for size in ((500, 375), (240, 214), (2000, 120)):  # the last is 17:1, beyond most photos
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(tmp_path / "p.png")
+        im = open_rgb(tmp_path / "p.png")
+        pre = Preprocess(224)
+        nw, nh = max(224, round(size[0] * 256 / min(size))), max(224, round(size[1] * 256 / min(size)))
+        whole = np.asarray(im.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0))
+        top, left = (nh - 224) // 2, (nw - 224) // 2
+        np.testing.assert_array_equal(
+            load_for_model(tmp_path / "p.png", pre), whole[top : top + 224, left : left + 224]
+        )

@@ -127,6 +127,8 @@ _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
     "lanczos": Image.Resampling.LANCZOS,
 }
+# An image whose long side, once its short side is resized, exceeds this many times that side: a strip, not a photo.
+_WHOLE_RESIZE_LIMIT = 32
 
 
 def check_image(path: Path, max_pixels: int, max_bytes: int) -> str | None:
@@ -227,9 +229,16 @@ def resize_center_crop(im: Image.Image, pre: Preprocess) -> np.ndarray:
     w, h = im.size
     scale = pre.resize_to / min(w, h)
     nw, nh = max(pre.resolution, round(w * scale)), max(pre.resolution, round(h * scale))
-    im = im.resize((nw, nh), _RESAMPLE[pre.interpolation], reducing_gap=3.0)
     left, top = (nw - pre.resolution) // 2, (nh - pre.resolution) // 2
-    im = im.crop((left, top, left + pre.resolution, top + pre.resolution))
+    if max(nw, nh) > _WHOLE_RESIZE_LIMIT * pre.resize_to:
+        # A thin strip (say 60000x1) would need gigabytes resized whole: resize only the crop's source box.
+        # Not for ordinary shapes, whose pixels the box's rounding would move by one level here and there.
+        sx, sy = w / nw, h / nh
+        box = (left * sx, top * sy, (left + pre.resolution) * sx, (top + pre.resolution) * sy)
+        im = im.resize((pre.resolution, pre.resolution), _RESAMPLE[pre.interpolation], box=box)
+    else:
+        im = im.resize((nw, nh), _RESAMPLE[pre.interpolation], reducing_gap=3.0)
+        im = im.crop((left, top, left + pre.resolution, top + pre.resolution))
     return np.asarray(im, dtype=np.uint8)
 
 
