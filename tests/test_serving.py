@@ -170,6 +170,11 @@ def test_predict_base64_json_and_raw_body(client: httpx.Client, images: list[byt
     check_prediction(preds[1], reference[5])
     r = client.post("/v1/predict", content=images[6], headers={"content-type": "image/jpeg"})
     check_prediction(r.json()["predictions"][0], reference[6])
+    one = client.post("/v1/predict", json={"image": base64.b64encode(images[7]).decode()}).json()["predictions"]
+    assert len(one) == 1
+    check_prediction(one[0], reference[7])
+    both = client.post("/v1/predict", json={"image": b64[0], "images": b64})
+    assert both.status_code == 400 and both.json()["error"] == "bad_json"
 
 
 def test_tutorial_compat_route_returns_real_json(

@@ -86,9 +86,9 @@ _PREDICT_BODY = {
             "application/json": {
                 "schema": {
                     "type": "object",
-                    "required": ["images"],
                     "properties": {
-                        "images": {"type": "array", "items": {"type": "string", "description": "base64 image"}}
+                        "images": {"type": "array", "items": {"type": "string", "description": "base64 image"}},
+                        "image": {"type": "string", "description": "one base64 image, instead of images"},
                     },
                 }
             },

@@ -109,11 +109,15 @@ def parse_json(body: bytes) -> Any:
 
 
 def images_from_json(body: bytes) -> list[ImageInput]:
-    """``{"images": ["<base64>", ...]}`` -> image bytes."""
+    """``{"images": ["<base64>", ...]}`` or, for one image, ``{"image": "<base64>"}`` -> image bytes."""
     doc = parse_json(body)
-    if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
-        raise ApiError(400, "bad_json", 'expected a JSON object {"images": ["<base64 image>", ...]}')
-    return [decode_base64(text, f"images[{i}]") for i, text in enumerate(doc["images"])]
+    if isinstance(doc, dict) and isinstance(doc.get("images"), list) and "image" not in doc:
+        return [decode_base64(text, f"images[{i}]") for i, text in enumerate(doc["images"])]
+    if isinstance(doc, dict) and "image" in doc and "images" not in doc:
+        return [decode_base64(doc["image"], "image")]
+    raise ApiError(
+        400, "bad_json", 'expected a JSON object {"images": ["<base64 image>", ...]} or {"image": "<base64 image>"}'
+    )
 
 
 def images_from_tutorial_json(body: bytes) -> list[ImageInput]:
