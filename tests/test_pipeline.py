@@ -181,6 +181,21 @@ def test_predict_api_and_cli(run, tmp_path, capsys):
     assert "bad\\xff.jpg\t" in capsys.readouterr().out and "bad\\xff.jpg," in out_csv.read_text()
 
 
+def test_predict_on_folders_without_images_says_so(run, tmp_path, capsys, caplog):
+    data, result, _ = run
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "notes.txt").write_text("not a photo")
+    (tmp_path / "notes" / "IMG_0001").write_bytes((data / "squares" / "squares_00.jpg").read_bytes())
+    assert main(["predict", str(result.run_dir), str(tmp_path / "notes"), "--no-progress"]) == 2
+    assert f"no image to classify in {tmp_path / 'notes'}" in capsys.readouterr().err
+    assert "2 file(s) in the folders given not named as images, not classified (.txt 1, no extension 1)" in caplog.text
+    with pytest.raises(DatasetError, match="no image to classify"):
+        predict(result.run_dir, [])
+    (tmp_path / "notes" / "a.jpg").write_bytes((data / "squares" / "squares_00.jpg").read_bytes())
+    assert main(["predict", str(result.run_dir), str(tmp_path / "notes"), "--no-progress"]) == 0
+    assert capsys.readouterr().out.startswith(f"{tmp_path / 'notes' / 'a.jpg'}\t")
+
+
 def test_cli_train_warm_cache_and_config_show(run, tmp_path, capsys, caplog):
     data, _, _ = run
     out = tmp_path / "cli-run"

@@ -421,12 +421,20 @@ def _evaluate(run_dir: Path, bundle: Bundle, on_train: bool, cfg: Config) -> Run
 
 
 def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
-    """Files as given, folders searched recursively for images, ``.txt`` files read as lists of paths."""
+    """Files as given, folders searched recursively for images, ``.txt`` files read as lists of paths.
+
+    Files in folders whose names are not those of images are left out, counted in one log line.
+    """
     out: list[Path] = []
+    others: Counter[str] = Counter()
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            out += [f for f in list_files(p) if f.suffix.lower() in IMAGE_EXTENSIONS]
+            for f in list_files(p):
+                if f.suffix.lower() in IMAGE_EXTENSIONS:
+                    out.append(f)
+                else:
+                    others[f.suffix.lower() or "no extension"] += 1
         elif p.suffix.lower() == ".txt" and p.is_file():
             base = p.parent
             for line in p.read_text(encoding="utf-8").splitlines():
@@ -437,6 +445,13 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
             out.append(p)
         else:
             raise FileNotFoundError(f"no such file or folder: {p}")
+    if others:
+        log.warning(
+            "%d file(s) in the folders given not named as images, not classified (%s); "
+            "give a file by its own path to try it",
+            others.total(),
+            ", ".join(f"{ext} {n}" for ext, n in sorted(others.items())),
+        )
     return out
 
 
@@ -453,7 +468,10 @@ def predict(
     """Class scores for images (a file, folder or list of paths, or several); unreadable images carry an error."""
     bundle = Bundle.load(run_dir)
     cfg = cfg or Config.model_validate(bundle.config)
-    paths = expand_inputs([inputs] if isinstance(inputs, str | Path) else inputs)
+    items = [inputs] if isinstance(inputs, str | Path) else list(inputs)
+    paths = expand_inputs(items)
+    if not paths:
+        raise DatasetError(f"no image to classify in {', '.join(display_path(i) for i in items) or 'no input'}")
     res = FeatureExtractor.from_config(cfg, bundle.build_backbone()).extract(paths, desc="predict")
     probs = bundle.head.predict_proba(res.features[res.ok]) if res.ok.any() else np.zeros((0, len(bundle.classes)))
     rows = iter(probs)
