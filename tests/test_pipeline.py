@@ -311,7 +311,8 @@ def test_cli_errors_are_messages(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(imgclf.pipeline, "train", interrupted)
     assert main(["train", str(tmp_path), "--out", str(tmp_path / "r")]) == 130
-    assert "the same command plus --resume" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "the same command plus --resume" in err and "reuses the image features computed so far" in err
 
 
 def test_leak_between_train_and_test_warns_or_refuses(tmp_path, caplog):

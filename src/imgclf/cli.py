@@ -125,7 +125,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        hint = " (fine-tuning continues from its last finished epoch: the same command plus --resume)"
+        hint = (
+            " (the same command again reuses the image features computed so far; a fine-tuning run"
+            " continues from its last finished epoch with the same command plus --resume)"
+        )
         print("interrupted" + (hint if args.command == "train" else ""), file=sys.stderr)
         return 130
     except Exception as e:
