@@ -147,6 +147,9 @@ def test_torchscript_export_checks_on_the_test_split(tmp_path: Path, check_dir: 
         assert np.abs(module(torch.from_numpy(x)).numpy() - expected).max() <= 1e-3
     assert main(["export", str(run), "--format", "torchscript", "--out", str(tmp_path / "m.pt")]) == 0  # again
     assert check_sidecar(tmp_path / "m.json", "torchscript", ["m.pt"])["model_id"] == meta["model_id"]
+    (tmp_path / "folder").mkdir()  # a folder as --out: the file goes into it, named after the run
+    assert main(["export", str(run / "model"), "--format", "torchscript", "--out", str(tmp_path / "folder")]) == 0
+    assert sorted(p.name for p in (tmp_path / "folder").iterdir()) == ["run.json", "run.pt"]
 
 
 def test_parity_failure_exits_non_zero_and_writes_nothing(

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from imgclf import __version__
-from imgclf.bundle import Bundle
+from imgclf.bundle import BUNDLE_DIR, Bundle
 from imgclf.config import DataConfig
 from imgclf.data.io import IMAGE_EXTENSIONS, ImageError, list_files, load_for_model
 from imgclf.features.runtimes import convert_openvino, export_onnx
@@ -39,6 +39,7 @@ PRECISIONS: dict[str, tuple[str, ...]] = {
     "openvino": ("fp32", "bf16", "int8"),
     "torchscript": ("fp32",),
 }
+_SUFFIXES = {"onnx": ".onnx", "openvino": ".xml", "torchscript": ".pt"}  # of a file written into an --out folder
 FP32_TOLERANCE = 1e-3
 MIN_TOP1_AGREEMENT = 0.99
 SIDECAR_FORMAT = "imgclf-export/1"
@@ -284,6 +285,9 @@ def export_model(
     run_dir, out = Path(run_dir), Path(out)
     if fmt not in PRECISIONS:
         raise ExportError(f"unknown export format {fmt!r}: use one of {', '.join(PRECISIONS)}")
+    if out.is_dir():  # a folder: the file goes into it, named after the run
+        run = run_dir.resolve()
+        out = out / f"{(run.parent if run.name == BUNDLE_DIR else run).name}{_SUFFIXES[fmt]}"
     if precision not in PRECISIONS[fmt]:
         raise ExportError(f"{fmt} export supports precision {', '.join(PRECISIONS[fmt])}, not {precision}")
     if fmt == "openvino" and out.suffix != ".xml":

@@ -56,7 +56,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", help="Run folder (or its model/ bundle).")
     p.add_argument("--format", required=True, choices=["onnx", "openvino", "torchscript"], help="Model file format.")
     p.add_argument(
-        "--out", required=True, help="Model file to write (.onnx, .xml + .bin, .pt); a .json sidecar goes beside it."
+        "--out",
+        required=True,
+        help="Model file to write (.onnx, .xml + .bin, .pt), or a folder to write it into, named after the run; "
+        "a .json sidecar goes beside it.",
     )
     p.add_argument(
         "--precision",
