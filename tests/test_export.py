@@ -150,6 +150,8 @@ def test_torchscript_export_checks_on_the_test_split(tmp_path: Path, check_dir: 
     (tmp_path / "folder").mkdir()  # a folder as --out: the file goes into it, named after the run
     assert main(["export", str(run / "model"), "--format", "torchscript", "--out", str(tmp_path / "folder")]) == 0
     assert sorted(p.name for p in (tmp_path / "folder").iterdir()) == ["run.json", "run.pt"]
+    assert main(["export", str(run), "--format", "torchscript", "--out", f"{tmp_path / 'new'}/"]) == 0
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["run.json", "run.pt"]
 
 
 def test_parity_failure_exits_non_zero_and_writes_nothing(

@@ -282,10 +282,11 @@ def export_model(
 
     Raises ExportError (nothing written) when the format/precision pair is unsupported or parity fails.
     """
+    folder = str(out).endswith(("/", os.sep)) or Path(out).is_dir()
     run_dir, out = Path(run_dir), Path(out)
     if fmt not in PRECISIONS:
         raise ExportError(f"unknown export format {fmt!r}: use one of {', '.join(PRECISIONS)}")
-    if out.is_dir():  # a folder: the file goes into it, named after the run
+    if folder:  # the file goes into it, named after the run
         run = run_dir.resolve()
         out = out / f"{(run.parent if run.name == BUNDLE_DIR else run).name}{_SUFFIXES[fmt]}"
     if precision not in PRECISIONS[fmt]:
