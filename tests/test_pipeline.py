@@ -169,6 +169,8 @@ def test_predict_api_and_cli(run, tmp_path, capsys):
     assert "empty" in rows[1]["error"]
     assert "ERROR" in capsys.readouterr().out
     main(["predict", str(result.run_dir), str(listing), "--top-k", "9", "--csv", str(out_csv), "--no-progress"])
+    code = main(["predict", str(result.run_dir), str(listing), "--csv", str(tmp_path), "--no-progress"])
+    assert code == 2 and f"{tmp_path} is a folder: give the name of a file to write" in capsys.readouterr().err
     assert out_csv.read_text().splitlines()[0] == "path,label_1,score_1,label_2,score_2,label_3,score_3,error"
     # a file name that is not UTF-8 (possible on Linux) is classified and shown with \x escapes
     odd = tmp_path / "odd"

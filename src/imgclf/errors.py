@@ -17,6 +17,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     FileNotFoundError,
     FileExistsError,
     NotADirectoryError,
+    IsADirectoryError,
     KeyError,
     ValueError,
 )
