@@ -190,6 +190,8 @@ def test_unsupported_requests_are_refused(run_dir: Path, tmp_path: Path, capsys:
             export_model(run_dir, "onnx", tmp_path / "m.onnx")
         assert notes.read_text() == text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
+    assert main(["export", str(run_dir), "--format", "onnx", "--out", str(tmp_path / "m.json" / "m.onnx")]) == 2
+    assert f"cannot make the folder {notes}: a file is in the way; give another --out" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -249,6 +249,9 @@ def test_cli_errors_are_messages(tmp_path, capsys, monkeypatch):
     for out in ("a_file", "a_file/run"):
         assert main(["train", str(tmp_path / "data"), "--out", str(tmp_path / out)]) == 2
         assert "a file is in the way; give another --out" in capsys.readouterr().err
+    (tmp_path / "urls.tsv").write_text("cat\thttp://127.0.0.1:9/cat.jpg\n")
+    assert main(["download", str(tmp_path / "urls.tsv"), "--out", str(tmp_path / "a_file" / "data")]) == 2
+    assert "cannot make the data folder" in capsys.readouterr().err
     assert (tmp_path / "a_file").read_text() == "not a folder"
     with pytest.raises(SystemExit):
         main(["predict", str(tmp_path / "no_run"), str(tmp_path / "x.jpg"), "--top-k", "0"])

@@ -28,7 +28,7 @@ from imgclf.bundle import BUNDLE_DIR, Bundle
 from imgclf.config import DataConfig
 from imgclf.data.io import IMAGE_EXTENSIONS, ImageError, list_files, load_for_model
 from imgclf.features.runtimes import convert_openvino, export_onnx
-from imgclf.utils import atomic_write_text, quiet_torch_jit
+from imgclf.utils import atomic_write_text, make_folder, quiet_torch_jit
 
 log = logging.getLogger(__name__)
 
@@ -303,7 +303,7 @@ def export_model(
     if precision == "int8":  # calibrate on training images where the run has them
         train = load_images(split_paths(bundle, run_dir, "train"), bundle, 300)
         calibration = np.stack(train) if train else images
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(out.parent, "folder", "--out")
     scratch = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
         net = bundle.classifier_net()

@@ -34,7 +34,7 @@ from imgclf.evaluation.report import summary_lines, write_reports
 from imgclf.features import FeatureExtractor
 from imgclf.heads import FittedHead, fit_head
 from imgclf.tracking import log_run
-from imgclf.utils import Memo, atomic_write_text, default_cache_dir, display_path, run_folder_lock
+from imgclf.utils import Memo, atomic_write_text, default_cache_dir, display_path, make_folder, run_folder_lock
 
 log = logging.getLogger("imgclf")
 LOGGED_MAX = 20  # skipped files and notes printed; all of them go to the report and metrics.json
@@ -240,10 +240,7 @@ def train(cfg: Config) -> RunResult:
             f"the run folder {run_dir} is inside the data folder {data_root}: its figures would be read as "
             "images of a class; give an --out outside it"
         )
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError) as e:  # --out, or a folder above it, is a file
-        raise DatasetError(f"cannot make the run folder {run_dir}: a file is in the way; give another --out") from e
+    make_folder(run_dir, "run folder", "--out")
     with run_folder_lock(run_dir):
         return _train(cfg, run_dir, t0)
 

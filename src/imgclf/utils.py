@@ -64,6 +64,14 @@ def is_utf8(name: str) -> bool:
     return True
 
 
+def make_folder(path: Path, what: str, flag: str) -> None:
+    """``mkdir -p path``; a file in the way (at ``path`` or above it) is an error naming ``what`` and ``flag``."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:
+        raise NotADirectoryError(f"cannot make the {what} {path}: a file is in the way; give another {flag}") from e
+
+
 def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
     """Write ``data`` to ``path`` so readers see the old file or the new one, never a partial one.
 

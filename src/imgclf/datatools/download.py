@@ -18,7 +18,7 @@ from imgclf.config import DataToolsConfig
 from imgclf.data.io import to_8bit
 from imgclf.datatools.fetch import FetchError, RetryPolicy, make_client, with_retries
 from imgclf.datatools.journal import QUARANTINE_DIR
-from imgclf.utils import atomic_write_bytes, atomic_write_text
+from imgclf.utils import atomic_write_bytes, atomic_write_text, make_folder
 
 ORIGINALS_DIR = ".originals"
 SOURCES_FILE = "sources.tsv"
@@ -292,7 +292,7 @@ def download(
     Files already present are skipped (the run resumes), never overwritten; each URL is fetched once.
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out, "data folder", "--out")
     todo, outcomes_by_index = _plan(entries)
     results: dict[str, Outcome] = {}
     with make_client(cfg.timeout_s, cfg.download_workers) as client:
