@@ -5,6 +5,7 @@ from pydantic import ValidationError
 
 from imgclf.cli import build_parser, config_from_args
 from imgclf.config import Config, field_index, parameter_table
+from imgclf.datatools.dedup import HashCache
 
 
 def test_defaults_and_descriptions():
@@ -59,6 +60,10 @@ def test_a_tilde_in_a_path_is_the_home_folder(tmp_path: Path, monkeypatch: pytes
     cfg = Config.from_file(tmp_path / "run.yaml")
     assert cfg.data.data_root == tmp_path / "photos" and cfg.output.out == tmp_path / "runs" / "x"
     assert cfg.features.cache_dir == tmp_path / "cache" and cfg.updated(out="~/y").output.out == tmp_path / "y"
+    monkeypatch.setenv("IMGCLF_CACHE", "~/c")
+    monkeypatch.chdir(tmp_path)
+    HashCache()  # the near-duplicate hashes' cache follows $IMGCLF_CACHE like every other cache
+    assert (tmp_path / "c" / "dhash" / "dhash.sqlite").is_file() and not (tmp_path / "~").exists()
 
 
 def test_saved_config_round_trips(tmp_path: Path):

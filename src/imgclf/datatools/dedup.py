@@ -13,7 +13,6 @@ import csv
 import html
 import io
 import logging
-import os
 import sqlite3
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +33,7 @@ from imgclf.data.io import (
     open_rgb,
     unreadable_reason,
 )
-from imgclf.utils import atomic_write_text, cpu_count, display_path, is_utf8
+from imgclf.utils import atomic_write_text, cpu_count, default_cache_dir, display_path, is_utf8
 
 log = logging.getLogger(__name__)
 
@@ -90,15 +89,11 @@ class DedupResult:
         return [(m.path, g[0].path) for g in self.groups for m in g[1:]]
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("IMGCLF_CACHE") or Path.home() / ".cache" / "imgclf") / "dhash"
-
-
 class HashCache:
     """dhashes keyed by (hash size, absolute path, size, mtime) in a small SQLite file; no-op if unusable."""
 
     def __init__(self, path: Path | None = None) -> None:
-        path = path or cache_dir() / "dhash.sqlite"
+        path = path or default_cache_dir() / "dhash" / "dhash.sqlite"
         self._db: sqlite3.Connection | None = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
