@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -235,8 +237,11 @@ def test_background_writer_records_runs_and_reports_failures(
     runs = _runs(uri)
     assert [r.data.tags["run_dir"] for r in runs] == [str((work / "runs" / "a").resolve())]
     assert runs[0].data.metrics["overall_accuracy"] == two_runs[0].metrics["overall_accuracy"]
-    # A record the store refuses is reported by whoever drains the queue, and leaves the queue.
-    bad = base_cfg.updated(tracking_uri="nosuchstore://nowhere")
+    # While the store cannot be read, whoever drains the queue says so and the record stays queued;
+    # once the store is mended, the next drain writes it.
+    broken = work / "broken.db"
+    broken.write_text("not a database")
+    bad = base_cfg.updated(tracking_uri=f"sqlite:///{broken}")
     errors = queue_dir(bad.tracking.tracking_uri) / "writer.log"
     errors.parent.mkdir(parents=True, exist_ok=True)
     errors.write_bytes(b"old warning\n" * 20)
@@ -251,8 +256,16 @@ def test_background_writer_records_runs_and_reports_failures(
     assert errors.stat().st_size == 0
     with caplog.at_level(logging.WARNING, logger="imgclf"):
         drain_pending(bad.tracking)
-    assert "not recorded" in caplog.text
-    assert not any(queue_dir("nosuchstore://nowhere").glob("*.json"))
+    assert "runs not recorded in" in caplog.text and "1 record(s) stay queued in" in caplog.text
+    assert len(list(queue_dir(bad.tracking.tracking_uri).glob("*.json"))) == 1
+    broken.unlink()  # mended; a new process drains (MLflow keeps a store's first connection per process)
+    subprocess.run([sys.executable, "-m", "imgclf.tracking.writer", bad.tracking.tracking_uri], check=True)
+    with contextlib.closing(sqlite3.connect(broken)) as db:  # this process's MLflow still sees the broken file
+        tags = db.execute("SELECT value FROM tags WHERE key = 'run_dir'").fetchall()
+        (accuracy,) = db.execute("SELECT value FROM metrics WHERE key = 'overall_accuracy'").fetchone()
+    assert tags == [(str((work / "runs" / "a").resolve()),)]
+    assert accuracy == pytest.approx(two_runs[0].metrics["overall_accuracy"])
+    assert not any(queue_dir(bad.tracking.tracking_uri).glob("*.json"))
 
 
 def test_a_queued_run_keeps_its_own_files(

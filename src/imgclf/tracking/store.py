@@ -212,17 +212,25 @@ def snapshot(run_dir: Path, dest: Path) -> None:
         shutil.copytree(run_dir / "model", dest / "model", copy_function=_link_or_copy)
 
 
+class StoreUnavailable(Exception):
+    """The store could not be reached, read or written to: nothing of the record was written."""
+
+
 def _record(rec: dict[str, Any]) -> str:
     """Write one run record to its store; returns the MLflow run id."""
     from mlflow.entities import Metric, Param
 
     store = TrackingConfig(tracking_uri=rec["uri"], experiment=rec["experiment"])
-    if (db := sqlite_file(rec["uri"])) is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)  # a new store in a new folder
-    client = connect(store)
-    exp = experiment_id(client, store, create=True)
+    try:
+        if (db := sqlite_file(rec["uri"])) is not None:
+            db.parent.mkdir(parents=True, exist_ok=True)  # a new store in a new folder
+        client = connect(store)
+        exp = experiment_id(client, store, create=True)
+        run = client.create_run(exp, start_time=rec["start_ms"], tags=rec["tags"], run_name=rec["run_name"])
+    except Exception as e:  # any failure here wrote nothing
+        raise StoreUnavailable((str(e).splitlines() or [type(e).__name__])[0]) from e  # not SQLAlchemy's SQL
+    run_id = run.info.run_id
     files = Path(rec.get("files") or rec["run_dir"])  # the snapshot of a queued record
-    run_id = client.create_run(exp, start_time=rec["start_ms"], tags=rec["tags"], run_name=rec["run_name"]).info.run_id
     status = "FAILED"
     try:
         params = [Param(k, v) for k, v in rec["params"].items()]
@@ -239,10 +247,13 @@ def _record(rec: dict[str, Any]) -> str:
     return run_id
 
 
-def _record_or_warn(rec: dict[str, Any]) -> str | None:
+def _record_or_warn(rec: dict[str, Any], keep: bool = False) -> str | None:
+    """``_record``, a failure logged as a warning; ``keep``: a StoreUnavailable is raised instead."""
     try:
         run_id = _record(rec)
-    except Exception as e:  # noqa: BLE001 - tracking must never break a run
+    except Exception as e:  # tracking must never break a run
+        if keep and isinstance(e, StoreUnavailable):
+            raise
         log.warning("run %s not recorded in %s: %s", rec["run_dir"], rec["uri"], e)
         return None
     log.info("recorded as MLflow run %s in %s (imgclf runs list)", run_id, rec["uri"])
@@ -268,17 +279,31 @@ def _locked(folder: Path) -> Iterator[None]:
 
 
 def drain(uri: str) -> None:
-    """Write every queued record of the store ``uri`` (waiting for a process already doing it).
+    """Write every queued record of the store ``uri`` (waiting for a process already doing it), oldest first.
 
-    A record that fails is logged as a warning and dropped from the queue (its run folder is untouched).
+    While the store cannot be reached or read (a server offline, a damaged database), the records stay
+    queued for the next drain: nothing is lost. A record that fails once the store is reached is logged as
+    a warning and leaves the queue (MLflow shows its run as failed; its run folder is untouched).
     """
     folder = queue_dir(uri)
     if not folder.is_dir():
         return
     with _locked(folder):
         for job in sorted(folder.glob("*.json")):
-            with contextlib.suppress(FileNotFoundError, ValueError):
-                _record_or_warn(json.loads(job.read_text(encoding="utf-8")))
+            try:
+                _record_or_warn(json.loads(job.read_text(encoding="utf-8")), keep=True)
+            except (FileNotFoundError, ValueError):
+                pass
+            except StoreUnavailable as e:
+                log.warning(
+                    "runs not recorded in %s yet (%s): %d record(s) stay queued in %s, written by the next "
+                    "imgclf train, evaluate or runs command",
+                    uri,
+                    e,
+                    sum(1 for _ in folder.glob("*.json")),
+                    folder,
+                )
+                return
             job.unlink(missing_ok=True)
             shutil.rmtree(job.with_suffix(".files"), ignore_errors=True)
 
