@@ -23,7 +23,7 @@ from imgclf.pipeline import train
 from imgclf.ui.analysis import analyse
 from imgclf.ui.app import create_app
 from imgclf.ui.labels import JOURNAL_FILE
-from imgclf.utils import file_sha256
+from imgclf.utils import file_sha256, only_local_hosts
 
 CLASSES = ["circles", "squares", "stripes"]
 
@@ -354,3 +354,20 @@ def test_a_read_only_data_folder_is_a_message(tmp_path: Path, monkeypatch: pytes
         r = client.post("/api/relabel", json={"path": "a/a_00.jpg", "label": "b"})
         assert r.status_code == 409 and "cannot be changed: Read-only file system" in r.json()["detail"]
     assert sha_map(root) == before
+
+
+def test_a_loopback_server_refuses_other_host_names(review_data: tuple[Path, Path, Config]) -> None:
+    """DNS rebinding: a page of evil.example, its name pointed at 127.0.0.1, must not read or move images."""
+    data, _, cfg = review_data
+    app = create_app(data, None, cfg, analyse_on_start=False)
+    assert only_local_hosts(app, "0.0.0.0") is app and only_local_hosts(app, "192.168.1.5") is app
+    with Server(only_local_hosts(app, "127.0.0.1")) as server, httpx.Client(base_url=server.url) as client:
+        port = server.url.rsplit(":", 1)[1]
+        assert client.get("/api/info").json()["classes"] == CLASSES
+        assert client.get("/api/info", headers={"host": f"localhost:{port}"}).status_code == 200
+        before = sha_map(data)
+        for method, path in (("GET", "/api/images"), ("POST", "/api/relabel")):
+            body = {"path": "circles/circles_00.jpg", "label": "squares"} if method == "POST" else None
+            r = client.request(method, path, json=body, headers={"host": f"evil.example:{port}"})
+            assert r.status_code == 400 and r.text == "Invalid host header"
+        assert sha_map(data) == before

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import ipaddress
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import unicodedata
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -244,3 +246,20 @@ def ensure_port_free(host: str, port: int) -> None:
             raise ValueError(
                 f"cannot listen on {host}:{port} ({e.strerror or e}): choose another --port, or stop what uses it"
             ) from None
+
+
+def only_local_hosts(app: Any, host: str) -> Any:
+    """``app``, refusing (400) requests whose Host header names another machine when it listens on a
+    loopback address: against DNS rebinding, where a web page, once its site's name points at 127.0.0.1,
+    could read the app and act in it from the user's own browser. Other addresses are the user's choice."""
+    name = host.strip("[]")
+    try:
+        local = name == "localhost" or ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        local = False
+    if not local:
+        return app
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+    literal = f"[{name}]" if ":" in name else name
+    return TrustedHostMiddleware(app, allowed_hosts=sorted({"localhost", "127.0.0.1", "[::1]", literal}))

@@ -6,7 +6,7 @@ import argparse
 
 from imgclf.cli import add_config_args, config_from_args
 from imgclf.config import DataConfig
-from imgclf.utils import ensure_port_free
+from imgclf.utils import ensure_port_free, only_local_hosts
 
 SERVE_SECTIONS = ("serve", "features")
 
@@ -20,7 +20,7 @@ def _serve(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     ensure_port_free(cfg.serve.host, cfg.serve.port)  # before the model loads
     app = create_app(args.run_dir, cfg)
-    uvicorn.run(app, host=cfg.serve.host, port=cfg.serve.port, log_level="info")
+    uvicorn.run(only_local_hosts(app, cfg.serve.host), host=cfg.serve.host, port=cfg.serve.port, log_level="info")
     return 0
 
 

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from imgclf.cli import add_config_args
-from imgclf.utils import ensure_port_free
+from imgclf.utils import ensure_port_free, only_local_hosts
 
 UI_SECTIONS = ("backbone", "features", "classifier")
 
@@ -44,7 +44,7 @@ def _ui(args: argparse.Namespace) -> int:
         analyse_on_start=args.analysis,
     )
     print(f"imgclf review app: http://{args.host}:{args.port}/")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(only_local_hosts(app, args.host), host=args.host, port=args.port, log_level="warning")
     return 0
 
 
