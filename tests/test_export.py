@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -124,7 +125,9 @@ def test_export_matches_torch_and_runs_without_it(
     assert (probs.argmax(1) == reference.argmax(1)).all()
 
 
-def test_torchscript_export_checks_on_the_test_split(tmp_path: Path, check_dir: Path) -> None:
+def test_torchscript_export_checks_on_the_test_split(
+    tmp_path: Path, check_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """Without --check-images, parity is checked on the run's test split (paths relative to data_root)."""
     data = tmp_path / "data"
     rows = ["path,label,split"]
@@ -152,6 +155,17 @@ def test_torchscript_export_checks_on_the_test_split(tmp_path: Path, check_dir: 
     assert sorted(p.name for p in (tmp_path / "folder").iterdir()) == ["run.json", "run.pt"]
     assert main(["export", str(run), "--format", "torchscript", "--out", f"{tmp_path / 'new'}/"]) == 0
     assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["run.json", "run.pt"]
+    first, second = sorted((data / "cat").iterdir())[:2]
+    first.unlink()
+    second.unlink()
+    with caplog.at_level(logging.WARNING, logger="imgclf"):
+        export_model(run, "torchscript", tmp_path / "m.pt")  # test images gone: one line, not one per image
+        assert "2 image(s) not readable, not used:" in caplog.text
+        data.rename(tmp_path / "moved")
+        caplog.clear()
+        result = export_model(run, "torchscript", tmp_path / "m.pt")
+    assert result.parity.source == "random images" and len(caplog.records) == 2
+    assert f"the run's data folder {data} is not there (moved or renamed?)" in caplog.text
 
 
 def test_parity_failure_exits_non_zero_and_writes_nothing(

@@ -79,6 +79,9 @@ def split_paths(bundle: Bundle, run_dir: Path, part: str) -> list[Path]:
     split_csv = next((p for p in candidates if p.is_file()), None)
     if split_csv is None or not root:
         return []
+    if not Path(root).is_dir():
+        log.warning("the run's data folder %s is not there (moved or renamed?): its %s images are not used", root, part)
+        return []
     with open(split_csv, newline="", encoding="utf-8") as f:
         return [Path(root) / row["path"] for row in csv.DictReader(f) if row["split"] == part]
 
@@ -86,6 +89,7 @@ def split_paths(bundle: Bundle, run_dir: Path, part: str) -> list[Path]:
 def load_images(paths: Sequence[Path], bundle: Bundle, limit: int) -> list[np.ndarray]:
     """Model-ready arrays of up to ``limit`` readable images (unreadable ones are skipped)."""
     out: list[np.ndarray] = []
+    skipped: list[str] = []
     max_pixels = DataConfig().max_image_pixels
     for p in paths:
         if len(out) >= limit:
@@ -93,7 +97,10 @@ def load_images(paths: Sequence[Path], bundle: Bundle, limit: int) -> list[np.nd
         try:
             out.append(load_for_model(p, bundle.preprocess, max_pixels))
         except (ImageError, OSError) as e:
-            log.warning("parity check skips %s: %s", p, e)
+            skipped.append(f"{p}: {e}")
+    if skipped:  # one line, however many: a moved data folder would otherwise log every image
+        more = f" (and {len(skipped) - 3} more)" if len(skipped) > 3 else ""
+        log.warning("%d image(s) not readable, not used: %s%s", len(skipped), "; ".join(skipped[:3]), more)
     return out
 
 
@@ -120,7 +127,7 @@ def parity_images(bundle: Bundle, run_dir: Path, check_dir: Path | None, limit: 
     images = load_images(split_paths(bundle, run_dir, "test"), bundle, limit)
     if images:
         return np.stack(images), "test split"
-    log.warning("no test-split images found: checking parity on random images")
+    log.warning("no test-split images found: checking parity on random images (--check-images FOLDER: on real ones)")
     return np.stack(random_images(min(limit, 32), bundle.preprocess.resolution)), "random images"
 
 
