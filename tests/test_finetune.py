@@ -242,10 +242,37 @@ def test_image_cache_without_room_is_an_error_not_a_crash(
     paths, folder = sorted(demo.rglob("*.jpg"))[:3], tmp_path / "cache"
     with pytest.raises(OSError, match="for the 0 MB fine-tuning image cache") as e:
         build_image_cache(paths, 64, "bilinear", folder, 1, progress=False)
-    assert e.value.errno == errno.ENOSPC and list(folder.iterdir()) == []
+    assert e.value.errno == errno.ENOSPC and [p.name for p in folder.iterdir() if p.suffix != ".lock"] == []
     monkeypatch.undo()
     cache = build_image_cache(paths, 64, "bilinear", folder, 1, progress=False)
     assert cache.ok.all() and cache.images.shape == (3, 64, 64, 3) and cache.images.any()
+
+
+def test_one_process_at_a_time_decodes_an_image_cache(
+    demo: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two runs building the same cache at once wrote one shared file: the first died of SIGBUS when the
+    second truncated it. The second now waits for the first and reuses its cache."""
+    import threading
+
+    from filelock import FileLock
+
+    from imgclf.finetune.imagecache import _key, build_image_cache
+
+    paths, folder = sorted(demo.rglob("*.jpg"))[:3], tmp_path / "cache"
+    folder.mkdir()
+    built: list = []
+    with (
+        caplog.at_level(logging.INFO, logger="imgclf"),
+        FileLock(folder / f".images-{_key(paths, 64, 'bilinear')}.lock"),
+    ):
+        worker = threading.Thread(target=lambda: built.append(build_image_cache(paths, 64, "bilinear", folder, 1)))
+        worker.start()
+        worker.join(2)
+        assert worker.is_alive() and not any(p.suffix in (".u8", ".tmp") for p in folder.iterdir())
+        assert "waiting for another imgclf process that is decoding the same images" in caplog.text
+    worker.join(60)
+    assert built[0].ok.all() and built[0].images.any()
 
 
 def test_many_small_classes_still_get_a_validation_part() -> None:

@@ -51,24 +51,37 @@ def build_image_cache(
 ) -> ImageCache:
     """Decode ``paths`` (EXIF-oriented) into ``folder/images-<key>.u8``; reused while the files are unchanged.
 
-    Images that fail to decode are zero-filled, marked not ``ok`` and logged as warnings.
+    Images that fail to decode are zero-filled, marked not ``ok`` and logged as warnings. One process
+    decodes a given cache at a time; another that needs it waits, then reuses it.
     """
+    from filelock import FileLock, Timeout
+
     folder.mkdir(parents=True, exist_ok=True)
     key = _key(paths, side, interpolation)
     data, meta = folder / f"images-{key}.u8", folder / f"images-{key}.json"
     shape = (len(paths), side, side, 3)
-    if data.exists() and meta.exists():
-        info = json.loads(meta.read_text(encoding="utf-8"))
-        errors = {int(i): why for i, why in info.get("errors", {}).items()}
-        return ImageCache(np.memmap(data, np.uint8, "r", shape=shape), np.array(info["ok"], dtype=bool), side, errors)
-    pre = Preprocess(side, 1.0, interpolation)
-    tmp = data.with_name(f".{data.name}.tmp")
+    lock = FileLock(folder / f".images-{key}.lock")
     try:
-        _allocate(tmp, int(np.prod(shape)))
-        return _decode_into(tmp, data, meta, paths, shape, pre, workers, max_pixels, progress)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("waiting for another imgclf process that is decoding the same images into %s", folder)
+        lock.acquire()
+    try:
+        if data.exists() and meta.exists():
+            info = json.loads(meta.read_text(encoding="utf-8"))
+            errors = {int(i): why for i, why in info.get("errors", {}).items()}
+            images = np.memmap(data, np.uint8, "r", shape=shape)
+            return ImageCache(images, np.array(info["ok"], dtype=bool), side, errors)
+        pre = Preprocess(side, 1.0, interpolation)
+        tmp = data.with_name(f".{data.name}.tmp")
+        try:
+            _allocate(tmp, int(np.prod(shape)))
+            return _decode_into(tmp, data, meta, paths, shape, pre, workers, max_pixels, progress)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    finally:
+        lock.release()
 
 
 def _allocate(path: Path, size: int) -> None:
