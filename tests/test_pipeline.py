@@ -256,6 +256,12 @@ def test_cli_errors_are_messages(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         main(["predict", str(tmp_path / "no_run"), str(tmp_path / "x.jpg"), "--top-k", "0"])
     assert "--top-k: expected a whole number of 1 or more, got '0'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["demo", "--data", str(tmp_path / "demo"), "--demo-seed", "-1"])
+    assert "--demo-seed: expected a whole number of 0 or more, got '-1'" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
+    assert main(["train", str(tmp_path), "--split-seed", "-5"]) == 2
+    assert "data.split_seed = -5 (--split-seed): Input should be greater than or equal to 0" in capsys.readouterr().err
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -67,6 +67,12 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _non_negative_int(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number of 0 or more, got {text!r}")
+    return int(text)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="Train and evaluate a classifier on a folder of labelled images.")
     p.add_argument("data_dir", help="Folder with one sub-folder per class (or train/ and val/ or test/).")
@@ -96,7 +102,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("demo", help="Generate the built-in texture data set and train on it.")
     p.add_argument("--data", default="demo-data", help="Folder for the generated images.")
-    p.add_argument("--n-per-class", type=int, default=60, help="Generated images per class.")
-    p.add_argument("--demo-seed", type=int, default=0, help="Seed of the generator.")
+    p.add_argument("--n-per-class", type=_positive_int, default=60, help="Generated images per class.")
+    p.add_argument("--demo-seed", type=_non_negative_int, default=0, help="Seed of the generator.")
     add_config_args(p, CORE_SECTIONS)
     p.set_defaults(func=_demo)

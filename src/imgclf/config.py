@@ -42,7 +42,7 @@ class DataConfig(_Section):
         "group: sub-folders of a class never straddle.",
     )
     train_fraction: float = Field(0.75, gt=0.0, lt=1.0, description="Share of each class put in the training split.")
-    split_seed: int = Field(0, description="Seed of the random split (same split on every machine).")
+    split_seed: int = Field(0, ge=0, description="Seed of the random split (same split on every machine).")
     test_list: Path | None = Field(
         None, description="Text file of image paths (relative to data_root) that form the test split."
     )
@@ -251,7 +251,7 @@ class OutputConfig(_Section):
     """Where results go."""
 
     out: Path = Field(Path("runs/latest"), description="Run folder: split, metrics, report, predictions, model bundle.")
-    seed: int = Field(0, description="Seed for everything random besides the split.")
+    seed: int = Field(0, ge=0, description="Seed for everything random besides the split.")
     progress: bool = Field(True, description="Show progress bars (on the command line: only on a terminal).")
 
 

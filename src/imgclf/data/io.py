@@ -141,7 +141,7 @@ def check_image(path: Path, max_pixels: int, max_bytes: int) -> str | None:
         raise ImageError("empty file (0 bytes): re-download or remove it")
     if size > max_bytes:
         raise ImageError(
-            f"file too large ({size / 1e6:.0f} MB > {max_bytes / 1e6:.0f} MB): downscale it or raise --max-file-mb"
+            f"file too large ({size / 1e6:.3g} MB > {max_bytes / 1e6:.3g} MB): downscale it or raise --max-file-mb"
         )
     try:
         with Image.open(path) as im:
@@ -152,7 +152,7 @@ def check_image(path: Path, max_pixels: int, max_bytes: int) -> str | None:
         raise _unreadable(path, e) from e
     if w * h > max_pixels:
         raise ImageError(
-            f"oversized image ({w}x{h} = {w * h / 1e6:.0f} Mpx > {max_pixels / 1e6:.0f} Mpx): "
+            f"oversized image ({w}x{h} = {w * h / 1e6:.3g} Mpx > {max_pixels / 1e6:.3g} Mpx): "
             "downscale it or raise --max-image-pixels"
         )
     ext = path.suffix.lower()
