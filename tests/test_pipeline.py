@@ -269,6 +269,9 @@ def test_cli_errors_are_messages(tmp_path, capsys, monkeypatch):
         for cmd in (["serve", str(tmp_path / "no_run")], ["ui", str(tmp_path)]):
             assert main([*cmd, "--port", port]) == 2
             assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    for host in ("nosuchhost.invalid", "192.0.2.1"):  # no such name; an address of another machine
+        assert main(["ui", str(tmp_path), "--host", host]) == 2
+        assert "give --host an address of this machine" in capsys.readouterr().err
     assert main(["train", str(tmp_path), "--epochs", "0", "--svm-c-grid", "1", "-1"]) == 2
     err = capsys.readouterr().err
     assert "finetune.epochs = 0 (--epochs): Input should be greater than or equal to 1" in err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import ipaddress
@@ -243,9 +244,11 @@ def ensure_port_free(host: str, port: int) -> None:
         try:
             s.bind((host, port))
         except OSError as e:
-            raise ValueError(
-                f"cannot listen on {host}:{port} ({e.strerror or e}): choose another --port, or stop what uses it"
-            ) from None
+            if isinstance(e, socket.gaierror) or e.errno == errno.EADDRNOTAVAIL:
+                advice = "give --host an address of this machine (127.0.0.1, or 0.0.0.0 for all)"
+            else:
+                advice = "choose another --port, or stop what uses it"
+            raise ValueError(f"cannot listen on {host}:{port} ({e.strerror or e}): {advice}") from None
 
 
 def only_local_hosts(app: Any, host: str) -> Any:
