@@ -89,7 +89,9 @@ def test_auto_precision_is_fp32_on_cpus_but_for_the_server(monkeypatch: pytest.M
     assert runtimes.resolve_precision("fp32", "openvino", "cpu", serving=True) == "fp32"
 
 
-@pytest.mark.parametrize("device", ["gpu", "cuda:99", "cuda:0" if not torch.cuda.is_available() else "cuda:98"])
+@pytest.mark.parametrize(
+    "device", ["gpu", "xpu", "meta", "cuda:99", "cuda:0" if not torch.cuda.is_available() else "cuda:98"]
+)
 def test_an_unusable_device_is_a_message(device: str):
     from imgclf.errors import USER_ERRORS
     from imgclf.features.runtimes import DeviceError, resolve_device

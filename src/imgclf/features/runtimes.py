@@ -63,6 +63,8 @@ def resolve_device(device: str = "auto") -> torch.device:
         dev = torch.device(device)
     except RuntimeError as e:
         raise DeviceError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps") from e
+    if dev.type not in ("cpu", "cuda", "mps"):  # xpu, meta, ...: PyTorch knows them, imgclf does not run on them
+        raise DeviceError(f"device {device!r} is not supported: use auto, cpu, cuda, cuda:N or mps")
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
