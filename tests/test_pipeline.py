@@ -259,6 +259,13 @@ def test_cli_errors_are_messages(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         main(["demo", "--data", str(tmp_path / "demo"), "--demo-seed", "-1"])
     assert "--demo-seed: expected a whole number of 0 or more, got '-1'" in capsys.readouterr().err
+    for cmd, message in (
+        (["runs", "list", "--limit", "0"], "--limit: expected a whole number of 1 or more, got '0'"),
+        (["ui", str(tmp_path), "--port", "70000"], "--port: expected a port number from 1 to 65535, got '70000'"),
+    ):
+        with pytest.raises(SystemExit):
+            main(cmd)
+        assert message in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()
     assert main(["train", str(tmp_path), "--split-seed", "-5"]) == 2
     assert "data.split_seed = -5 (--split-seed): Input should be greater than or equal to 0" in capsys.readouterr().err

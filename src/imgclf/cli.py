@@ -61,6 +61,27 @@ def add_config_args(parser: argparse.ArgumentParser, sections: Sequence[str] | N
         )
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of 1 or more."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of 1 or more, got {text!r}")
+    return int(text)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: a whole number of 0 or more."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number of 0 or more, got {text!r}")
+    return int(text)
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 1 to 65535."""
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number from 1 to 65535, got {text!r}")
+    return int(text)
+
+
 def config_from_args(args: argparse.Namespace, base: Config | None = None, **overrides: Any) -> Config:
     """The resolved configuration: ``base`` (default: defaults) < --config file < flags < ``overrides``."""
     cfg = Config.from_file(args.config) if getattr(args, "config", None) else base or Config()

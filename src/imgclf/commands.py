@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from imgclf.cli import add_config_args, config_from_args
+from imgclf.cli import add_config_args, config_from_args, non_negative_int, positive_int
 from imgclf.config import Config
 
 CORE_SECTIONS = ("data", "backbone", "features", "classifier", "finetune", "datatools", "tracking", "output")
@@ -61,18 +61,6 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of 1 or more, got {text!r}")
-    return int(text)
-
-
-def _non_negative_int(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected a whole number of 0 or more, got {text!r}")
-    return int(text)
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="Train and evaluate a classifier on a folder of labelled images.")
     p.add_argument("data_dir", help="Folder with one sub-folder per class (or train/ and val/ or test/).")
@@ -95,14 +83,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="Classify images with a trained model.")
     p.add_argument("run_dir", help="Run folder (or its model/ bundle).")
     p.add_argument("inputs", nargs="+", help="Image files, folders (searched recursively) or .txt lists of paths.")
-    p.add_argument("--top-k", type=_positive_int, default=3, help="Labels shown per image (1 or more).")
+    p.add_argument("--top-k", type=positive_int, default=3, help="Labels shown per image (1 or more).")
     p.add_argument("--csv", help="Also write the predictions to this CSV file.")
     add_config_args(p, ("features", "output"))
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("demo", help="Generate the built-in texture data set and train on it.")
     p.add_argument("--data", default="demo-data", help="Folder for the generated images.")
-    p.add_argument("--n-per-class", type=_positive_int, default=60, help="Generated images per class.")
-    p.add_argument("--demo-seed", type=_non_negative_int, default=0, help="Seed of the generator.")
+    p.add_argument("--n-per-class", type=positive_int, default=60, help="Generated images per class.")
+    p.add_argument("--demo-seed", type=non_negative_int, default=0, help="Seed of the generator.")
     add_config_args(p, CORE_SECTIONS)
     p.set_defaults(func=_demo)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from imgclf.cli import add_config_args, config_from_args
+from imgclf.cli import add_config_args, config_from_args, positive_int
 from imgclf.config import DataConfig
 from imgclf.utils import ensure_port_free, only_local_hosts
 
@@ -72,5 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="Images for the parity check [default: the run's test split, else random images].",
     )
-    p.add_argument("--check-max", type=int, default=100, help="Most images used by the parity check. [default: 100]")
+    p.add_argument(
+        "--check-max", type=positive_int, default=100, help="Most images used by the parity check. [default: 100]"
+    )
     p.set_defaults(func=_export)

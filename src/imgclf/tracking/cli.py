@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from imgclf.cli import add_config_args, config_from_args, console
+from imgclf.cli import add_config_args, config_from_args, console, port_number, positive_int
 from imgclf.utils import atomic_write_text
 
 TAG_COLUMNS = ("kind", "dataset", "classifier", "backbone", "run_dir")
@@ -145,7 +145,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     actions = p.add_subparsers(dest="runs_command", required=True, metavar="ACTION")
 
     q = actions.add_parser("list", help="Latest runs: id, date, data set, classifier, backbone, accuracy.")
-    q.add_argument("--limit", type=int, default=20, help="Most runs shown, newest first.")
+    q.add_argument("--limit", type=positive_int, default=20, help="Most runs shown, newest first.")
     _output_args(q)
     add_config_args(q, ("tracking",))
     q.set_defaults(func=_list)
@@ -158,7 +158,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(func=_compare)
 
     q = actions.add_parser("ui", help="Browse the runs in the MLflow web UI (mlflow ui on 127.0.0.1).")
-    q.add_argument("--port", type=int, default=5000, help="Port of the web UI.")
+    q.add_argument("--port", type=port_number, default=5000, help="Port of the web UI.")
     add_config_args(q, ("tracking",))
     q.set_defaults(func=_ui)
 

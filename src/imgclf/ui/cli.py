@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from imgclf.cli import add_config_args
+from imgclf.cli import add_config_args, port_number
 from imgclf.utils import ensure_port_free, only_local_hosts
 
 UI_SECTIONS = ("backbone", "features", "classifier")
@@ -53,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("data_dir", help="Data folder: one sub-folder per class, optional unlabeled/ sub-folder.")
     p.add_argument("--run", metavar="RUN_DIR", help="Run folder whose results to show (its config is used too).")
     p.add_argument("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0 for all). [default: 127.0.0.1]")
-    p.add_argument("--port", type=int, default=8001, help="Port to listen on. [default: 8001]")
+    p.add_argument("--port", type=port_number, default=8001, help="Port to listen on. [default: 8001]")
     p.add_argument(
         "--analysis",
         action=argparse.BooleanOptionalAction,
