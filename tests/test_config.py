@@ -24,6 +24,11 @@ def test_updated_validates_and_rejects_unknown():
         Config().updated(no_such_thing=1)
     with pytest.raises(ValidationError):
         Config().updated(train_fraction=1.5)
+    with pytest.raises(ValidationError, match="would make unrelated images duplicates"):
+        Config().updated(max_distance=64)  # a quarter of a 256-bit dhash: dedup --apply would move most images
+    assert Config().updated(max_distance=63, hash_size=16).datatools.max_distance == 63
+    with pytest.raises(ValidationError, match="use less than 16"):
+        Config().updated(hash_size=8, max_distance=16)
 
 
 @pytest.mark.parametrize(

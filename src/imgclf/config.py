@@ -232,6 +232,17 @@ class DataToolsConfig(_Section):
     )
     fail_on_leak: bool = Field(False, description="train refuses to run when near-duplicates straddle train and test.")
 
+    @model_validator(mode="after")
+    def _distance_below_unrelated(self) -> DataToolsConfig:
+        bits = self.hash_size**2
+        if self.max_distance >= bits // 4:
+            raise ValueError(
+                f"max_distance {self.max_distance} would make unrelated images duplicates: a dhash of "
+                f"hash_size {self.hash_size} has {bits} bits, and unrelated images differ in about half of "
+                f"them; use less than {bits // 4}"
+            )
+        return self
+
 
 class TrackingConfig(_Section):
     """Run history in MLflow."""
