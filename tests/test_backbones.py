@@ -38,6 +38,17 @@ def test_clear_errors_offline_unknown_and_local_weights(tmp_path):
     torch.save(model.state_dict(), tmp_path / "r18.pt")
     bb = create_backbone("resnet18", weights=tmp_path / "r18.pt")
     assert bb.weights_id.startswith("file:") and bb.num_features == 512
+    (tmp_path / "notes.txt").write_text("not weights")
+    with pytest.raises(BackboneError, match=r"notes\.txt is not a state_dict file PyTorch can load"):
+        create_backbone("resnet18", weights=tmp_path / "notes.txt")
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(BackboneError, match="holds a list, not a state_dict"):
+        create_backbone("resnet18", weights=tmp_path / "list.pt")
+    state = create_backbone("resnet18", pretrained=False).model.state_dict()
+    state["layer1.0.conv1.weight"] = torch.zeros(3, 3, 3, 3)  # weights of a network of another shape
+    torch.save(state, tmp_path / "other.pt")
+    with pytest.raises(BackboneError, match=r"other\.pt does not fit resnet18: size mismatch"):
+        create_backbone("resnet18", weights=tmp_path / "other.pt")
 
 
 @pytest.mark.shared

@@ -189,9 +189,23 @@ def _build_torchvision(name: str, pretrained: bool, drop_path_rate: float) -> tu
 def _load_weights(model: nn.Module, path: Path, name: str) -> None:
     import torch
 
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise BackboneError(
+            f"{path} is not a state_dict file PyTorch can load ({type(e).__name__}: {first}): give a file saved "
+            "with torch.save(model.state_dict(), PATH)"
+        ) from e
     state = state.get("state_dict", state) if isinstance(state, dict) else state
-    missing, _ = model.load_state_dict(state, strict=False)
+    if not isinstance(state, dict):
+        raise BackboneError(f"{path} holds a {type(state).__name__}, not a state_dict (a dict of tensors)")
+    try:
+        missing, _ = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # tensors of other shapes: weights of another network
+        first = (str(e).strip().splitlines() or [""])[0]
+        detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), first)
+        raise BackboneError(f"{path} does not fit {name}: {detail}") from e
     if missing:
         raise BackboneError(f"{path} lacks {len(missing)} tensors of {name}, e.g. {missing[:3]}")
 
