@@ -401,3 +401,40 @@ def test_serve_command(run_dir: Path, images: list[bytes], reference: np.ndarray
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_a_request_that_times_out_leaves_the_queue() -> None:
+    """A client given up on (503 after request_timeout_s) costs no forward pass: its images are dropped."""
+    seen: list[int] = []
+
+    def model(batch: np.ndarray) -> np.ndarray:
+        seen.extend(int(v) for v in batch[:, 0, 0, 0])
+        time.sleep(0.3)
+        return batch.reshape(len(batch), -1)[:, :2].astype(np.float32)
+
+    async def scenario() -> None:
+        batcher = MicroBatcher(model, max_batch=1, max_wait_ms=0)
+        await batcher.start()
+        try:
+            first = asyncio.create_task(batcher.infer([np.full((2, 2, 3), 1, np.uint8)]))
+            await asyncio.sleep(0.05)  # its forward pass is running
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(batcher.infer([np.full((2, 2, 3), 2, np.uint8)]), 0.1)
+            await first
+            assert (await batcher.infer([np.full((2, 2, 3), 3, np.uint8)]))[0, 0] == 3
+        finally:
+            await batcher.stop()
+
+    asyncio.run(scenario())
+    assert seen == [1, 3]
+
+
+def test_a_busy_server_answers_503(run_dir: Path, images: list[bytes]) -> None:
+    from fastapi.testclient import TestClient
+
+    cfg = Config().updated(workers=1, precision="fp32", request_timeout_s=1e-9)
+    with TestClient(create_app(run_dir, cfg)) as slow:
+        r = slow.post("/v1/predict", files={"file": ("a.jpg", images[0], "image/jpeg")})
+        assert r.status_code == 503 and r.json()["error"] == "timeout", r.text
+        assert "not answered within 1e-09 s: the server is busy" in r.json()["detail"]
+        assert slow.get("/healthz").json()["images"] == 0

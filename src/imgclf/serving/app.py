@@ -96,7 +96,7 @@ _PREDICT_BODY = {
         },
     }
 }
-_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422)}
+_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 503)}
 
 
 def _net_key(bundle: Bundle) -> str:
@@ -234,8 +234,18 @@ def create_app(bundle: Bundle | str | Path, cfg: Config | None = None) -> FastAP
     auth = [Depends(check_key)]
 
     async def answer(images: list[ImageInput], t0: float) -> PredictResponse:
-        """Scores of ``images`` with the model id and the time since ``t0`` (the request's arrival)."""
-        predictions = await service.predict(images)
+        """Scores of ``images`` with the model id and the time since ``t0`` (the request's arrival).
+
+        Images not scored within ``request_timeout_s`` of receiving the body get 503 and leave the queue, so
+        that a server behind on work does not spend it on answers nobody waits for.
+        """
+        timeout = cfg.serve.request_timeout_s
+        try:
+            predictions = await asyncio.wait_for(service.predict(images), timeout)
+        except TimeoutError:
+            raise ApiError(
+                503, "timeout", f"not answered within {timeout:g} s: the server is busy; try again later"
+            ) from None
         return PredictResponse(
             predictions=predictions, model_id=service.model_id, server_time_ms=(time.perf_counter() - t0) * 1000
         )
