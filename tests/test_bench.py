@@ -53,3 +53,16 @@ def test_bench_accuracy_cross_validates(tmp_path: Path) -> None:
     right = sum(int(r) for r, _ in folds)
     assert f"3-fold cross-validation: {right} of 18 right" in done.stdout, done.stdout
     assert right >= 10, done.stdout  # chance is 6 of 18; four training images a class at 64 px give 14
+
+
+def test_bench_dedup_agrees_with_the_pair_by_pair_baseline() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_dedup.py"), "--n", "500", "--baseline-n", "200", "--repeats", "1"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "200 hashes, max_distance 4: 20 groups found by both" in done.stdout, done.stdout
+    assert re.search(r"imgclf, 500 hashes: max_distance 4 [\d.]+ s; max_distance 0 [\d.]+ s", done.stdout)

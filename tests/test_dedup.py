@@ -3,7 +3,6 @@ import hashlib
 import io
 import json
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -192,12 +191,12 @@ def test_hashes_are_cached(data: Path, monkeypatch: pytest.MonkeyPatch):
         raise AssertionError("decoded although cached")
 
     monkeypatch.setattr(dedup, "compute_hash", no_decoding)
-    start = time.perf_counter()
     again, skipped = hash_images(paths)
-    assert again == first and not skipped and time.perf_counter() - start < 1
+    assert again == first and not skipped
 
 
-def test_grouping_10000_hashes_in_seconds():
+def test_grouping_10000_hashes_finds_the_planted_near_duplicates():
+    """Its speed is measured in bench/bench_dedup.py, against a pair-by-pair imagehash loop."""
     rng = np.random.default_rng(0)
     bits = rng.integers(0, 2, (10_000, 256), dtype=np.uint8).astype(bool)
     for k in range(50):  # 50 planted near-duplicates: 1..4 flipped bits
@@ -206,13 +205,10 @@ def test_grouping_10000_hashes_in_seconds():
     bits[9_999] = bits[100]  # and one exact copy
     infos = [HashInfo(np.packbits(b).tobytes(), 10, 10) for b in bits]
     names = [f"{i:05d}.jpg" for i in range(len(infos))]
-    start = time.perf_counter()
     groups = group_duplicates(names, infos, max_distance=4)
-    elapsed = time.perf_counter() - start
     assert sorted((g[0].path, g[1].path) for g in groups) == sorted(
         [(f"{k:05d}.jpg", f"{9_000 + k:05d}.jpg") for k in range(50)] + [("00100.jpg", "09999.jpg")]
     )
-    assert elapsed < 10, f"grouping 10,000 hashes took {elapsed:.1f} s"
     assert [(g[0].path, g[1].path) for g in group_duplicates(names, infos)] == [("00100.jpg", "09999.jpg")]
 
 
