@@ -212,6 +212,25 @@ def test_results_filters_and_sort(review: tuple[httpx.Client, Path]) -> None:
     assert only["total"] > 0 and all(it["true"] == "squares" for it in only["items"])
 
 
+def test_a_result_relabelled_since_the_run_is_followed(review: tuple[httpx.Client, Path]) -> None:
+    """Relabelling from the results view moves the image: the view shows where it lies now."""
+    client, data = review
+    before = sha_map(data)
+
+    def result(path: str) -> dict:
+        items = client.get("/api/results", params={"sort": "path", "per_page": 500}).json()["items"]
+        return next(it for it in items if it["path"] == path)
+
+    item = client.get("/api/results", params={"sort": "path", "per_page": 1}).json()["items"][0]
+    assert item["now"] == item["path"]
+    others = [c for c in CLASSES if c != item["true"]]
+    first = client.post("/api/relabel", json={"path": item["path"], "label": others[0]}).json()
+    second = client.post("/api/relabel", json={"path": first["to"], "label": others[1]}).json()
+    assert result(item["path"]) | {"exists": None} == item | {"exists": None, "now": second["to"]}
+    assert client.post("/api/undo", json={"all": True}).status_code == 200
+    assert result(item["path"])["now"] == item["path"] and sha_map(data) == before
+
+
 def test_confusion_cells_list_their_images(review: tuple[httpx.Client, Path]) -> None:
     client, _ = review
     cm = client.get("/api/confusion").json()

@@ -264,8 +264,10 @@ def create_app(
         else:
             rows.sort(key=lambda r: r["confidence"], reverse=sort == "confidence_desc")
         out = _page(rows, page, per_page, classes=res.classes)
-        present = index.present()
-        out["items"] = [dict(r, exists=r["path"] in present) for r in out["items"]]
+        present, moved = index.present(), journal.moved()
+        for item in out["items"]:  # where the image lies now: relabelled since the run, it moved
+            now = item["path"] if item["path"] in present else moved.get(item["path"])
+            item.update(exists=item["path"] in present, now=now if now in present else None)
         return out
 
     @app.get("/api/confusion")

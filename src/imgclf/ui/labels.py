@@ -127,6 +127,13 @@ class RelabelJournal:
                 continue
         return list(moves.values())
 
+    def moved(self) -> dict[str, str]:
+        """Where each image moved by this journal (and not moved back) lies now: original path -> path."""
+        origin: dict[str, str] = {}  # current path -> original path
+        for rec in self.active():
+            origin[rec["to"]] = origin.pop(rec["from"], rec["from"])
+        return {first: now for now, first in origin.items()}
+
     def _free_name(self, folder: Path, name: str) -> Path:
         target, stem, suffix, n = folder / name, Path(name).stem, Path(name).suffix, 0
         while target.exists():

@@ -160,9 +160,9 @@ async function loadResults(page = state.results.page) {
   r.page = data.page;
   pager("results", data, (p) => loadResults(p));
   $("#results-grid").replaceChildren(...data.items.map((it) => el("div", { class: `card ${it.correct ? "right" : "wrong"}`, "data-path": it.path },
-    it.exists ? thumb(it.path) : el("div", { class: "hint" }, "(moved since the run)"),
+    it.now ? thumb(it.now) : el("div", { class: "hint" }, "(no longer in the data folder)"),
     el("div", { class: "labels" }, `${it.true} → ${it.pred} (${(100 * it.confidence).toFixed(0)}%)`),
-    el("div", { class: "name" }, it.path),
+    el("div", { class: "name" }, it.now && it.now !== it.path ? `${it.path}, now ${it.now}` : it.path),
     bars(it.scores, data.classes, it.true, it.pred))));
 }
 
