@@ -1,7 +1,8 @@
 """Linear SVM on frozen features, C chosen by cross-validation on the training data, calibrated scores.
 
-Calibration is a multinomial logistic regression on the SVM's out-of-fold decision values. Both stages
-are linear, so the whole head folds into one linear layer + softmax (:meth:`LinearSVMHead.linear`), which
+Calibration is a multinomial logistic regression on the SVM's out-of-fold decision values, its strength
+chosen by cross-validated log-loss on them (on small data sets a fixed one flattened every score towards
+1 / number of classes). Both stages are linear, so the whole head folds into one linear layer + softmax (:meth:`LinearSVMHead.linear`), which
 is what bundles store and exporters write.
 """
 
@@ -12,13 +13,15 @@ from joblib import Parallel, delayed
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, balanced_accuracy_score
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.svm import LinearSVC
 from sklearn.utils.multiclass import unique_labels
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from imgclf.heads.linear import l2_normalize, softmax
 from imgclf.utils import cpu_count
+
+CALIBRATION_C = (0.1, 1.0, 10.0, 100.0, 1000.0)  # inverse strengths tried for the calibration
 
 
 class LinearSVMHead(ClassifierMixin, BaseEstimator):
@@ -100,7 +103,14 @@ class LinearSVMHead(ClassifierMixin, BaseEstimator):
         if oof is not None:
             decision[~single] = oof[~single]
         # weighted as the SVM was: else calibration would undo class_weight="balanced"
-        self.calibrator_ = LogisticRegression(C=1.0, max_iter=1000, class_weight=self.class_weight).fit(decision, y)
+        calibrator = LogisticRegression(C=1.0, max_iter=1000, class_weight=self.class_weight)
+        folds = int(min(self.cv_folds_, counts.min()))
+        if folds >= 2:  # its C by cross-validated log-loss; ties go to the smaller C
+            kfold = StratifiedKFold(folds, shuffle=True, random_state=self.random_state)
+            search = GridSearchCV(calibrator, {"C": list(CALIBRATION_C)}, scoring="neg_log_loss", cv=kfold)
+            self.calibrator_ = search.fit(decision, y).best_estimator_
+        else:
+            self.calibrator_ = calibrator.fit(decision, y)
         self.coef_, self.intercept_ = self._fold()
         return self
 
