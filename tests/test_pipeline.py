@@ -148,6 +148,18 @@ def test_evaluate_after_the_data_folder_moved(run, tmp_path, capsys, caplog):
     assert main(["evaluate", str(run_dir), "--data-root", str(moved), "--no-tracking", "--no-progress"]) == 0
     assert "are no longer in" in caplog.text
     assert json.loads((run_dir / "metrics.json").read_text())["n_test"] == result.metrics["n_test"] - 1
+    # once an evaluate has found the moved folder, later ones use it while the run's own is gone
+    shutil.copytree(data, tmp_path / "own")
+    fresh = train(Config().updated(data_root=tmp_path / "own", out=tmp_path / "fresh", tracking=False, **FAST))
+    (tmp_path / "own").rename(tmp_path / "renamed")
+    assert main(["evaluate", str(fresh.run_dir), "--no-tracking"]) == 2
+    renamed = ["--data-root", str(tmp_path / "renamed")]
+    assert main(["evaluate", str(fresh.run_dir), *renamed, "--no-tracking", "--no-progress"]) == 0
+    with caplog.at_level(logging.INFO, logger="imgclf"):
+        assert main(["evaluate", str(fresh.run_dir), "--on-train", "--no-tracking", "--no-progress"]) == 0
+    assert f"using {tmp_path / 'renamed'}, where an earlier evaluate found it" in caplog.text
+    train_metrics = json.loads((fresh.run_dir / "train_metrics.json").read_text())
+    assert train_metrics["data_root"] == str(tmp_path / "renamed") and train_metrics["n_test"] > 0
 
 
 def test_predict_api_and_cli(run, tmp_path, capsys):

@@ -379,9 +379,24 @@ def evaluate(run_dir: str | Path, on_train: bool = False, cfg: Config | None = N
         return _evaluate(run_dir, bundle, on_train, cfg or Config.model_validate(bundle.config))
 
 
+def _last_data_root(run_dir: Path) -> Path | None:
+    """The data folder the run's latest evaluation read (``evaluate --data-root``), where it still is."""
+    found = []
+    for f in (run_dir / "metrics.json", run_dir / "train_metrics.json"):
+        try:
+            found.append((f.stat().st_mtime_ns, Path(json.loads(f.read_text(encoding="utf-8"))["data_root"])))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return next((root for _, root in sorted(found, reverse=True) if root.is_dir()), None)
+
+
 def _evaluate(run_dir: Path, bundle: Bundle, on_train: bool, cfg: Config) -> RunResult:
     """``evaluate`` holding the run folder."""
     root = Path(cfg.data.data_root or "")
+    trained_on = (bundle.config.get("data") or {}).get("data_root")
+    if not root.is_dir() and str(root) == str(trained_on) and (last := _last_data_root(run_dir)) is not None:
+        log.info("the run's data folder %s is not there: using %s, where an earlier evaluate found it", root, last)
+        root, cfg = last, cfg.updated(data_root=last)
     if not root.is_dir():
         raise DatasetError(f"the run's data folder {root} is not there (moved or renamed?): give it with --data-root")
     ds, split = load_split(run_dir / "split.csv", root, bundle.classes)
