@@ -80,8 +80,6 @@ def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
 
     ``durable=False`` skips the fsync: for caches, whose entries can be recomputed.
     """
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a folder: give the name of a file to write")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -98,6 +96,8 @@ def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, IsADirectoryError):  # os.replace onto a folder; checked here, not before every write
+            raise IsADirectoryError(f"{path} is a folder: give the name of a file to write") from None
         if isinstance(e, OSError) and e.filename is None:  # a failed write names no file: name it
             raise OSError(e.errno, e.strerror, str(path)) from e
         raise

@@ -2,8 +2,8 @@
 
 Calibration is a multinomial logistic regression on the SVM's out-of-fold decision values, its strength
 chosen by cross-validated log-loss on them (on small data sets a fixed one flattened every score towards
-1 / number of classes). Both stages are linear, so the whole head folds into one linear layer + softmax (:meth:`LinearSVMHead.linear`), which
-is what bundles store and exporters write.
+1 / number of classes). Both stages are linear, so the whole head folds into one linear layer + softmax
+(:meth:`LinearSVMHead.linear`), which is what bundles store and exporters write.
 """
 
 from __future__ import annotations
