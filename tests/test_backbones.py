@@ -32,6 +32,8 @@ def test_clear_errors_offline_unknown_and_local_weights(tmp_path):
         create_backbone("no_such_net_v9")
     with pytest.raises(BackboneError, match="--weights PATH"):
         create_backbone("resnet18")  # hub weights are unreachable offline
+    with pytest.raises(BackboneError, match=r"no pretrained weights for 'efficientnet_lite3'.*tf_efficientnet_lite3"):
+        create_backbone("efficientnet_lite3")  # timm's name without weights: not an offline problem
     with pytest.raises(BackboneError, match="not found"):
         create_backbone("resnet18", weights=tmp_path / "missing.pt")
     model = create_backbone("resnet18", pretrained=False).model

@@ -138,6 +138,13 @@ def _build_timm(name: str, pretrained: bool, drop_path_rate: float) -> tuple[nn.
 
     if not timm.is_model(name):
         raise BackboneError(f"unknown backbone {name!r}: use one of {list_backbones()}, timm:NAME or torchvision:NAME")
+    if pretrained and not timm.models.is_model_pretrained(name):
+        near = sorted({n.split(".")[0] for n in timm.list_pretrained(f"*{name}*")})[:5]
+        raise BackboneError(
+            f"timm has no pretrained weights for {name!r}: "
+            + (f"use one that has (e.g. {', '.join(near)}), " if near else "use a model that has, ")
+            + "or give --weights PATH with a local state_dict"
+        )
     try:
         try:
             model = timm.create_model(name, pretrained=pretrained, num_classes=0, drop_path_rate=drop_path_rate)
