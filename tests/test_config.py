@@ -85,6 +85,32 @@ def test_an_abbreviated_flag_matching_both_spellings_is_taken():
         build_parser().parse_args(["train", "data", "--s", "1"])
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["predict", "run", "a.jpg", "--out", "elsewhere"],  # predict writes no run folder: --csv does
+        ["evaluate", "run", "--seed", "3"],
+        ["dedup", "data", "--per-query", "10"],
+        ["download", "urls.tsv", "--out", "d", "--max-distance", "2"],
+    ],
+)
+def test_a_command_offers_only_the_flags_it_uses(argv: list[str], capsys: pytest.CaptureFixture[str]):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(argv)
+    assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_commands_keep_the_flags_they_use():
+    parse = build_parser().parse_args
+    assert config_from_args(parse(["predict", "run", "a.jpg", "--no-progress", "--flip-tta"])).features.flip_tta
+    assert config_from_args(parse(["dedup", "data", "--max-distance", "2"])).datatools.max_distance == 2
+    cfg = config_from_args(parse(["scrape", "--items", "a", "--attributes", "b", "--out", "d", "--per-query", "5"]))
+    assert cfg.datatools.per_query == 5
+    assert (
+        config_from_args(parse(["download", "u", "--out", "d", "--max-image-pixels", "9"])).data.max_image_pixels == 9
+    )
+
+
 def test_progress_bars_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch):
     import io
     import sys

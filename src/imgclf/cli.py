@@ -1,4 +1,4 @@
-"""Command line: a thin layer over the Python API. Every configuration field is a flag of the same name."""
+"""Command line: a thin layer over the Python API; each command has a flag per configuration field it uses."""
 
 from __future__ import annotations
 
@@ -44,11 +44,12 @@ def _arg_type(annotation: Any) -> dict[str, Any]:
 
 
 def add_config_args(parser: argparse.ArgumentParser, sections: Sequence[str] | None = None) -> None:
-    """Add ``--config FILE`` and one flag per configuration field (of the given sections)."""
+    """Add ``--config FILE`` and one flag per configuration field of ``sections``: a section's name adds all
+    its fields, ``section.field`` one (a command offers only the flags it uses); ``None`` adds every field."""
     parser.add_argument("--config", metavar="FILE", help="TOML or YAML configuration file; flags override it.")
     groups: dict[str, argparse._ArgumentGroup] = {}
     for section, name, _, default, help_text in parameter_table():
-        if sections is not None and section not in sections:
+        if sections is not None and section not in sections and f"{section}.{name}" not in sections:
             continue
         group = groups.setdefault(section, parser.add_argument_group(f"{section} parameters"))
         annotation = Config.model_fields[section].annotation.model_fields[name].annotation  # type: ignore[union-attr]

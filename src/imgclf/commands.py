@@ -77,7 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=argparse.SUPPRESS,
         help="The data folder, where it has moved since training. [default: the run's]",
     )
-    add_config_args(p, ("features", "tracking", "output"))
+    add_config_args(p, ("features", "tracking", "output.progress"))
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("predict", help="Classify images with a trained model.")
@@ -85,7 +85,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="+", help="Image files, folders (searched recursively) or .txt lists of paths.")
     p.add_argument("--top-k", type=positive_int, default=3, help="Labels shown per image (1 or more).")
     p.add_argument("--csv", help="Also write the predictions to this CSV file.")
-    add_config_args(p, ("features", "output"))
+    add_config_args(p, ("features", "output.progress"))
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("demo", help="Generate the built-in texture data set and train on it.")

@@ -9,7 +9,15 @@ from pathlib import Path
 
 from imgclf.cli import add_config_args, config_from_args
 
-SECTIONS = ("datatools",)
+_FETCH = tuple(f"datatools.{n}" for n in ("timeout_s", "retries", "backoff_s", "max_backoff_s"))
+DOWNLOAD_FIELDS = (
+    *(f"datatools.{n}" for n in ("download_workers", "max_download_mb", "max_side", "keep_originals")),
+    *_FETCH,
+    "data.max_image_pixels",
+    "output.progress",
+)
+SCRAPE_FIELDS = (*DOWNLOAD_FIELDS, "datatools.provider", "datatools.provider_url", "datatools.per_query")
+DEDUP_FIELDS = ("datatools.hash_size", "datatools.max_distance", "output.progress")
 
 
 def _quiet_http_log() -> None:
@@ -87,7 +95,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("download", help="Download a label<TAB>url list into one folder per label.")
     p.add_argument("url_list", help="File of label<TAB>url[<TAB>source page<TAB>licence<TAB>creator] lines.")
     p.add_argument("--out", required=True, help="Data folder: images go to OUT/<label>/ (kept if there).")
-    add_config_args(p, SECTIONS)
+    add_config_args(p, DOWNLOAD_FIELDS)
     p.set_defaults(func=_download)
 
     p = sub.add_parser("scrape", help="Search images for every attribute x item; download them by attribute.")
@@ -98,7 +106,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="Comma-separated attributes, e.g. striped,dotted,leopard: one class folder each.",
     )
     p.add_argument("--out", required=True, help="Data folder; also gets urls.tsv, sources.tsv, failure list.")
-    add_config_args(p, SECTIONS)
+    add_config_args(p, SCRAPE_FIELDS)
     p.set_defaults(func=_scrape)
 
     p = sub.add_parser("dedup", help="Find duplicate images (dhash), report them, quarantine extra copies.")
@@ -115,5 +123,5 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="Move extra copies to DATA_DIR/.imgclf-quarantine/ (journaled, never deleted).",
     )
     mode.add_argument("--undo", action="store_true", help="Move every quarantined file back.")
-    add_config_args(p, SECTIONS)
+    add_config_args(p, DEDUP_FIELDS)
     p.set_defaults(func=_dedup)
