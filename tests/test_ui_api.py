@@ -390,3 +390,60 @@ def test_a_loopback_server_refuses_other_host_names(review_data: tuple[Path, Pat
             r = client.request(method, path, json=body, headers={"host": f"evil.example:{port}"})
             assert r.status_code == 400 and r.text == "Invalid host header"
         assert sha_map(data) == before
+
+
+def test_a_move_that_fails_leaves_earlier_moves_undoable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No permission, another file system: the failed move is closed in the journal, Undo reaches the one before."""
+    import errno
+
+    from imgclf.ui import labels
+
+    root = make_folder(tmp_path / "d", classes=("a", "b", "c"), n=2)
+    before, journal, classes = sha_map(root), labels.RelabelJournal(root), ["a", "b", "c"]
+    journal.move("a/a_00.jpg", "c", classes)
+    real = labels.move_no_overwrite
+
+    def cross_device(src: Path, dst: Path) -> None:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(labels, "move_no_overwrite", cross_device)
+    with pytest.raises(OSError, match="cross-device"):
+        journal.move("a/a_01.jpg", "b", classes)
+    monkeypatch.setattr(labels, "move_no_overwrite", real)
+    assert journal.undo().problems == []
+    assert sha_map(root) == before
+
+
+def test_a_torn_journal_line_or_a_move_cut_short_loses_no_move(tmp_path: Path) -> None:
+    from imgclf.ui.labels import RelabelJournal
+
+    root = make_folder(tmp_path / "d", classes=("a", "b"), n=3)
+    before, journal = sha_map(root), RelabelJournal(root)
+    journal.move("a/a_00.jpg", "b", ["a", "b"])
+    with open(root / JOURNAL_FILE, "a", encoding="utf-8") as f:
+        f.write('{"op": "move", "id": "torn", "fr')  # a crash in the middle of a record
+    journal.move("a/a_01.jpg", "b", ["a", "b"])
+    journal._append({"op": "move", "id": "cut", "from": "a/a_02.jpg", "to": "b/a_02.jpg"})  # crash before the move
+    assert [r["id"] for r in journal.undo().undone] == ["cut"]  # found in place: nothing to move
+    report = journal.undo(everything=True)
+    assert len(report.undone) == 2 and report.problems == []
+    assert sha_map(root) == before
+
+
+def test_relabel_into_a_dangling_name_or_a_folder_outside(tmp_path: Path) -> None:
+    from imgclf.ui.labels import RelabelError, RelabelJournal
+
+    root = make_folder(tmp_path / "d", classes=("a", "b"), n=1)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    try:
+        (root / "b" / "a_00.jpg").symlink_to(tmp_path / "gone.jpg")  # a link to a file no longer there
+        (root / "c").symlink_to(outside, target_is_directory=True)
+    except OSError:
+        pytest.skip("this file system or user cannot make symbolic links")
+    journal = RelabelJournal(root)
+    with pytest.raises(RelabelError, match="c/ leads outside the data folder"):
+        journal.move("a/a_00.jpg", "c", ["a", "b", "c"])
+    assert list(outside.iterdir()) == []
+    assert journal.move("a/a_00.jpg", "b", ["a", "b"])["to"] == "b/a_00-1.jpg"
+    assert journal.undo().problems == [] and (root / "a" / "a_00.jpg").is_file()

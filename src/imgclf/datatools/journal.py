@@ -33,13 +33,21 @@ def journal_path(root: Path) -> Path:
     return Path(root) / QUARANTINE_DIR / JOURNAL_FILE
 
 
-def _append(path: Path, record: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"time": datetime.now(UTC).isoformat(timespec="seconds"), **record}
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+def append_record(path: Path, record: dict[str, Any]) -> None:
+    """Append ``record`` as one JSON line and sync it to disk; a line torn by a crash is ended first, so
+    that it does not swallow this record too."""
+    line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+    with open(path, "a+b") as f:
+        if f.seek(0, os.SEEK_END) and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n":
+            line = b"\n" + line
+        f.write(line)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _append(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    append_record(path, {"time": datetime.now(UTC).isoformat(timespec="seconds"), **record})
 
 
 def move_no_overwrite(src: Path, dst: Path) -> None:

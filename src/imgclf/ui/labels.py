@@ -23,7 +23,7 @@ from sklearn.model_selection import StratifiedKFold
 
 from imgclf.data.dataset import UNLABELED_DIR, split_folders, subfolders
 from imgclf.data.io import IMAGE_EXTENSIONS, list_files
-from imgclf.datatools.journal import move_no_overwrite
+from imgclf.datatools.journal import append_record, move_no_overwrite
 from imgclf.utils import display_path, file_sha256, is_utf8
 
 log = logging.getLogger("imgclf")
@@ -106,10 +106,7 @@ class RelabelJournal:
         self._lock = threading.Lock()
 
     def _append(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_record(self.path, record)
 
     def active(self) -> list[dict[str, Any]]:
         """Move records not undone yet, oldest first (unreadable lines are skipped)."""
@@ -136,7 +133,7 @@ class RelabelJournal:
 
     def _free_name(self, folder: Path, name: str) -> Path:
         target, stem, suffix, n = folder / name, Path(name).stem, Path(name).suffix, 0
-        while target.exists():
+        while os.path.lexists(target):  # a dangling link takes its name too
             n += 1
             target = folder / f"{stem}-{n}{suffix}"
         return target
@@ -155,6 +152,11 @@ class RelabelJournal:
         if splits:  # stay in the image's split folder; a new image joins the first (train/)
             first = PurePosixPath(rel).parts[0]
             folder = self.root / (first if first in splits else splits[0]) / label
+        if not folder.resolve().is_relative_to(self.root):
+            raise RelabelError(
+                f"class folder {folder.relative_to(self.root).as_posix()}/ leads outside the data folder through a "
+                "link: move the image by hand"
+            )
         with self._lock:
             for _ in range(3):  # another process may take the free name between the check and the move
                 dst = self._free_name(folder, src.name)
@@ -172,6 +174,9 @@ class RelabelJournal:
                 except FileExistsError:
                     self._append({"op": "undo", "id": record["id"], "note": "target taken, not moved"})
                     continue
+                except OSError as e:  # not moved (no permission, another file system): no move to undo later
+                    self._append({"op": "undo", "id": record["id"], "note": f"not moved: {e}"})
+                    raise
                 return record
         raise RelabelError(f"could not find a free name for {src.name} in {label}/")
 
@@ -185,6 +190,10 @@ class RelabelJournal:
                     src, back = safe_rel(self.root, rec["to"]), safe_rel(self.root, rec["from"])
                 except UnsafePathError as e:
                     report.problems.append(f"journal record {rec['id']}: {e}")
+                    continue
+                if not src.is_file() and back.is_file():  # moved back by hand, or cut short before it moved
+                    self._append({"op": "undo", "id": rec["id"], "note": f"{rec['from']} found in place"})
+                    report.undone.append(rec)
                     continue
                 if not src.is_file():
                     report.problems.append(f"{rec['to']} is missing: cannot move it back to {rec['from']}")
