@@ -89,6 +89,22 @@ def test_keep_rule_is_deterministic():
     infos = [HashInfo(same, 100, 100), HashInfo(same, 200, 100), HashInfo(same, 200, 100)]
     groups = group_duplicates(["c.jpg", "b.jpg", "a.jpg"], infos)
     assert [m.path for m in groups[0]] == ["a.jpg", "b.jpg", "c.jpg"]  # largest, then first path
+    infos = [HashInfo(same, 400, 400), HashInfo(same, 100, 100)]  # a larger copy waiting to be labelled
+    groups = group_duplicates(["unlabeled/IMG_1.jpg", "whale/w1.jpg"], infos)
+    assert [m.path for m in groups[0]] == ["whale/w1.jpg", "unlabeled/IMG_1.jpg"]  # the class keeps its image
+
+
+def test_a_torn_journal_line_loses_no_later_record(data: Path):
+    from imgclf.datatools.journal import quarantine, undo
+
+    before = _digests(data)
+    assert quarantine(data, [("a/x1.jpg", "b/zz_large.png")]).problems == []
+    with open(journal_path(data), "a", encoding="utf-8") as f:
+        f.write('{"op": "move", "path": "a/o')  # a crash in the middle of a record
+    assert quarantine(data, [("b/x0.jpg", "b/zz_large.png")]).problems == []
+    report = undo(data)
+    assert sorted(report.done) == ["a/x1.jpg", "b/x0.jpg"] and len(report.problems) == 1  # the torn line, named
+    assert _digests(data) == before
 
 
 def test_apply_then_undo_restores_exactly(data: Path, capsys: pytest.CaptureFixture[str]):

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from imgclf.data.dataset import subfolders
+from imgclf.data.dataset import UNLABELED_DIR, subfolders
 from imgclf.data.io import (
     DECODE_VERSION,
     IMAGE_EXTENSIONS,
@@ -253,11 +253,15 @@ def _groups(words: np.ndarray, max_distance: int) -> list[list[int]]:
 
 
 def group_duplicates(names: Sequence[str], infos: Sequence[HashInfo], max_distance: int = 0) -> list[list[Member]]:
-    """Duplicate groups, kept image first (largest, then first name); groups sorted by kept name."""
+    """Duplicate groups, kept image first (a labelled one over ``unlabeled/``, largest, then first name);
+    groups sorted by kept name."""
     words = _words([h.bits for h in infos])
     out = []
     for g in _groups(words, max_distance):
-        order = sorted(g, key=lambda i: (-infos[i].width * infos[i].height, names[i]))
+        order = sorted(
+            g,
+            key=lambda i: (names[i].split("/")[0] == UNLABELED_DIR, -infos[i].width * infos[i].height, names[i]),
+        )
         keep = order[0]
         dists = popcount(words[order] ^ words[keep]).sum(axis=1)
         out.append(
