@@ -196,6 +196,29 @@ def test_predict_api_and_cli(run, tmp_path, capsys):
     assert "bad\\xff.jpg\t" in capsys.readouterr().out and "bad\\xff.jpg," in out_csv.read_text()
 
 
+def test_a_backbone_from_a_weights_file_travels_in_the_bundle(run, tmp_path):
+    """--weights without fine-tuning: predict, the server and the exporters use those weights, not pip's."""
+    import torch
+
+    from imgclf.backbones import create_backbone
+    from imgclf.bundle import BundleError
+
+    data, _, _ = run
+    torch.manual_seed(0)
+    torch.save(create_backbone("efficientnet_lite0", pretrained=False).model.state_dict(), tmp_path / "mine.pt")
+    result = train(Config().updated(data_root=data, out=tmp_path / "w", weights=tmp_path / "mine.pt", **FAST))
+    rows = {r["path"]: r for r in csv.DictReader((result.run_dir / "predictions.csv").open())}
+    path, row = next(iter(rows.items()))
+    classes, (pred,) = predict(result.run_dir, [data / path])
+    assert pred.scores == pytest.approx([float(row[f"score_{c}"]) for c in classes], abs=1e-5)
+    spec = json.loads((result.run_dir / "model" / "bundle.json").read_text())["backbone"]
+    assert spec["weights_id"].startswith("file:") and (result.run_dir / "model" / "backbone.pt").is_file()
+    bundle = Bundle.load(result.run_dir)
+    bundle.backbone_state = None  # as bundles written before the weights travelled with them
+    with pytest.raises(BundleError, match="weights from a file"):
+        bundle.build_backbone()
+
+
 def test_predict_on_folders_without_images_says_so(run, tmp_path, capsys, caplog):
     data, result, _ = run
     (tmp_path / "notes").mkdir()

