@@ -111,6 +111,27 @@ def test_commands_keep_the_flags_they_use():
     )
 
 
+def test_a_file_changes_only_what_it_sets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """evaluate/predict start from the run's configuration; demo from its own run folder."""
+    run_cfg = Config().updated(data_root=tmp_path, flip_tta=True, resolution=96)
+    (tmp_path / "feat.toml").write_text("[features]\nworkers = 1\n")
+    args = build_parser().parse_args(["predict", "run", "a.jpg", "--config", str(tmp_path / "feat.toml")])
+    cfg = config_from_args(args, run_cfg)
+    assert cfg.features.workers == 1 and cfg.features.flip_tta and cfg.backbone.resolution == 96
+    assert cfg.data.data_root == tmp_path
+    import imgclf.data.demo
+    import imgclf.pipeline
+    from imgclf.cli import main
+
+    trained: list[Config] = []
+    monkeypatch.setattr(imgclf.data.demo, "generate_demo_dataset", lambda folder, **_: Path(folder))
+    monkeypatch.setattr(imgclf.pipeline, "train", trained.append)
+    (tmp_path / "out.toml").write_text('[output]\nout = "runs/mine"\n')
+    assert main(["demo", "--config", str(tmp_path / "out.toml")]) == 0
+    assert main(["demo"]) == 0
+    assert [c.output.out for c in trained] == [Path("runs/mine"), Path("runs/demo")]
+
+
 def test_progress_bars_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch):
     import io
     import sys

@@ -85,7 +85,7 @@ def port_number(text: str) -> int:
 
 def config_from_args(args: argparse.Namespace, base: Config | None = None, **overrides: Any) -> Config:
     """The resolved configuration: ``base`` (default: defaults) < --config file < flags < ``overrides``."""
-    cfg = Config.from_file(args.config) if getattr(args, "config", None) else base or Config()
+    cfg = Config.from_file(args.config, base) if getattr(args, "config", None) else base or Config()
     flat = {k.removeprefix("cfg__"): v for k, v in vars(args).items() if k.startswith("cfg__")}
     flat.update({k: v for k, v in overrides.items() if v is not None})
     if "progress" not in flat and not sys.stderr.isatty():

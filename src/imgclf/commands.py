@@ -52,12 +52,11 @@ def _demo(args: argparse.Namespace) -> int:
     from imgclf.data.demo import generate_demo_dataset
     from imgclf.pipeline import train
 
-    cfg = config_from_args(args)
+    cfg = config_from_args(args, Config().updated(out=Path("runs/demo")))
     data = generate_demo_dataset(
         args.data, n_per_class=args.n_per_class, seed=args.demo_seed, progress=cfg.output.progress
     )
-    cfg = cfg.updated(data_root=data)
-    train(cfg if hasattr(args, "cfg__out") else cfg.updated(out=Path("runs/demo")))
+    train(cfg.updated(data_root=data))
     return 0
 
 

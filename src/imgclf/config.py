@@ -311,8 +311,11 @@ class Config(BaseModel):
         return self
 
     @classmethod
-    def from_file(cls, path: str | Path) -> Config:
-        """Load a TOML (.toml), YAML (.yaml/.yml) or JSON file with the same sections, or flat parameter names."""
+    def from_file(cls, path: str | Path, base: Config | None = None) -> Config:
+        """Load a TOML (.toml), YAML (.yaml/.yml) or JSON file with the same sections, or flat parameter names.
+
+        The fields the file sets replace those of ``base`` (default: the defaults).
+        """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"configuration file not found: {path}")
@@ -331,7 +334,11 @@ class Config(BaseModel):
             why = f"line {mark.line + 1}, column {mark.column + 1}: {e.problem}" if mark else str(e)  # type: ignore[attr-defined]
             raise ValueError(f"{path}: not a valid {path.suffix.lstrip('.').upper()} file ({why})") from None
         try:
-            return cls.model_validate(_nest(raw))
+            loaded = cls.model_validate(_nest(raw))
+            if base is None:
+                return loaded
+            sections = [getattr(loaded, name) for name in loaded.model_fields_set]
+            return base.updated(**{name: getattr(sec, name) for sec in sections for name in sec.model_fields_set})
         except ValidationError as e:
             raise ValueError(f"{path}: {describe_errors(e)}") from None
 

@@ -21,15 +21,14 @@ def _ui(args: argparse.Namespace) -> int:
 
     ensure_port_free(args.host, args.port)
     backbone = None
-    if args.config:
-        base = Config.from_file(args.config)
-    elif args.run:
+    base = Config()
+    if args.run:
         config_file = Path(args.run) / "config.json"
         if not config_file.is_file():
             raise FileNotFoundError(f"{config_file} not found: give a run folder written by `imgclf train`")
         base = Config.model_validate(json.loads(config_file.read_text(encoding="utf-8")))
-    else:
-        base = Config()
+    if args.config:
+        base = Config.from_file(args.config, base)
     if args.run:
         bundle = Bundle.load(args.run)
         if bundle.backbone_state is not None:  # fine-tuned: score with the run's own features
