@@ -102,7 +102,23 @@ def test_eval_preprocess_scales_and_rounds() -> None:
     train_pre = Preprocess(224, 0.875, "bicubic")
     assert eval_preprocess(train_pre, 1.15) == Preprocess(256, 0.875, "bicubic")
     assert eval_preprocess(train_pre, 1.0) == train_pre
+    assert eval_preprocess(Preprocess(260), 1.0).resolution == 260  # efficientnet_lite2's side, not a multiple of 8
     assert eval_preprocess(Preprocess(448), 1.15).resolution == 512
+
+
+def test_every_training_image_is_in_a_batch_of_two_or_more() -> None:
+    """A last batch of one image joins the one before it (batch norm cannot train on one image)."""
+    from pydantic import ValidationError
+
+    from imgclf.finetune.trainer import CacheLoader
+
+    loader = CacheLoader(None, np.arange(17), np.zeros(17, np.int64), torch.device("cpu"))  # type: ignore[arg-type]
+    for balance in (False, True):
+        batches = loader.epoch_batches(8, torch.Generator().manual_seed(0), balance)
+        assert [len(b) for b in batches] == [8, 9]
+    assert sorted(np.concatenate(loader.epoch_batches(8, torch.Generator(), False))) == list(range(17))
+    with pytest.raises(ValidationError, match="ft_batch_size"):
+        Config().updated(ft_batch_size=1)
 
 
 def test_one_image_is_within_noise() -> None:

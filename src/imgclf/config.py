@@ -125,7 +125,7 @@ class FinetuneConfig(_Section):
     """Fine-tuning the whole network (classifier dnn / svm_on_refined)."""
 
     epochs: int = Field(8, ge=1, description="Training epochs (passes over the training part).")
-    ft_batch_size: int = Field(32, ge=1, description="Images per training step.")
+    ft_batch_size: int = Field(32, ge=2, description="Images per training step (2 or more, for batch norm).")
     test_scale: float = Field(
         1.15,
         ge=0.5,

@@ -176,7 +176,9 @@ class CacheLoader:
         else:
             order = torch.randperm(n, generator=gen).numpy()
         batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
-        return [b for b in batches if len(b) > 1]  # batch norm cannot train on a single image
+        if len(batches) > 1 and len(batches[-1]) == 1:  # batch norm cannot train on a single image
+            batches[-2:] = [np.concatenate(batches[-2:])]
+        return [b for b in batches if len(b) > 1]
 
     def in_order(self, batch_size: int) -> list[np.ndarray]:
         n = len(self.rows)
@@ -449,11 +451,14 @@ def within_noise(error: float, min_error: float, n: int, tolerance: float) -> bo
 
 
 def eval_preprocess(train: Preprocess, scale: float) -> Preprocess:
-    """Eval-time geometry of a network fine-tuned at ``train.resolution``: the side times ``scale``, rounded to 8.
+    """Eval-time geometry of a network fine-tuned at ``train.resolution``: the side times ``scale``, rounded to 8
+    (``scale`` 1: the training side as it is).
 
     Random-resized crops show objects larger than a centre crop of the same side does, so the trained network
     sees them at their training size when tested a little above it ("FixRes", Touvron et al., 2019).
     """
+    if scale == 1:
+        return train
     return dataclasses.replace(train, resolution=max(8, round(train.resolution * scale / 8) * 8))
 
 
