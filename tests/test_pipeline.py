@@ -219,6 +219,27 @@ def test_a_backbone_from_a_weights_file_travels_in_the_bundle(run, tmp_path):
         bundle.build_backbone()
 
 
+def test_images_that_pass_the_scan_but_cannot_be_decoded(tmp_path, caplog):
+    """A class whose every training image is cut short is never predicted (the run goes on and says so);
+    a test split that no image of can be read is a message before the classifier is fitted."""
+    from helpers import make_folder
+
+    data = tmp_path / "data"
+    make_folder(data / "train", classes=("a", "b", "c"), n=6)
+    make_folder(data / "test", classes=("a", "b", "c"), n=3, seed=1)
+    for f in sorted((data / "train" / "c").iterdir()):
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # the header reads, the pixels do not
+    with caplog.at_level(logging.WARNING, logger="imgclf"):
+        result = train(Config().updated(data_root=data, out=tmp_path / "r", tracking=False, **FAST))
+    assert "class 'c' has no training image that could be read" in caplog.text
+    assert result.bundle.head.weight.shape[0] == 3 and result.metrics["per_class_accuracy"]["c"] == 0.0
+    assert result.metrics["n_train"] == 12 and result.metrics["n_test"] == 9
+    for f in sorted((data / "test").rglob("*.jpg")):
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(DatasetError, match=r"none of the 9 test images could be read \(e.g. .*test/a/a_00.jpg"):
+        train(Config().updated(data_root=data, out=tmp_path / "r2", tracking=False, **FAST))
+
+
 def test_predict_on_folders_without_images_says_so(run, tmp_path, capsys, caplog):
     data, result, _ = run
     (tmp_path / "notes").mkdir()

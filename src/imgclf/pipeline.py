@@ -69,6 +69,14 @@ def _features(
     return res.features[res.ok], idx[res.ok]
 
 
+def _none_readable(part: str, failed: list[dict[str, str]]) -> DatasetError:
+    first = failed[0]
+    return DatasetError(
+        f"none of the {len(failed)} {part} images could be read (e.g. {first['path']}: {first['reason']}): "
+        "check or replace them"
+    )
+
+
 def _write_predictions(
     path: Path, rels: Sequence[str], y_true: np.ndarray | None, scores: np.ndarray, classes: list[str]
 ) -> None:
@@ -216,7 +224,8 @@ def _choose_backbone(
         fx = FeatureExtractor.from_config(cfg, backbone)
         failed: list[dict[str, str]] = []
         x, idx = _features(fx, ds, train_idx, f"{name} train features", failed)
-        fit = fit_head(cfg.classifier, x, ds.labels[idx], cfg.output.seed, Memo(_memo_root(cfg), "heads"))
+        memo = Memo(_memo_root(cfg), "heads")
+        fit = fit_head(cfg.classifier, x, ds.labels[idx], cfg.output.seed, memo, len(ds.classes))
         scores[name] = fit.cv_accuracy
         log.info("backbone auto: %s, SVM CV accuracy %.3f (C=%g)", name, fit.cv_accuracy, fit.C)
         if best is None or fit.cv_accuracy > best[3].cv_accuracy:
@@ -326,14 +335,22 @@ def _train(cfg: Config, run_dir: Path, t0: float) -> RunResult:
     fx = FeatureExtractor.from_config(cfg, backbone)
     if fitted_head is None and fit is None:  # the dnn head comes trained; only feature heads need training features
         x_train, train_idx = _features(fx, ds, train_idx, "train features", skipped)
+    n_skipped = len(skipped)
     x_test, test_idx = _features(fx, ds, test_idx, "test features", skipped)
     timings["features_s"] = time.perf_counter() - t
+    if not len(test_idx):
+        raise _none_readable("test", skipped[n_skipped:])
+    for c in sorted(set(range(len(ds.classes))) - set(ds.labels[train_idx].tolist())):
+        log.warning(
+            "warning: class %r has no training image that could be read: it is never predicted (its unreadable "
+            "images are listed as skipped; replace them)",
+            ds.classes[c],
+        )
     t = time.perf_counter()
     if fitted_head is None:
         if fit is None:
-            fit = fit_head(
-                cfg.classifier, x_train, ds.labels[train_idx], cfg.output.seed, Memo(_memo_root(cfg), "heads")
-            )
+            memo = Memo(_memo_root(cfg), "heads")
+            fit = fit_head(cfg.classifier, x_train, ds.labels[train_idx], cfg.output.seed, memo, len(ds.classes))
         fitted_head = fit.head
         reused = "; the identical earlier fit reused" if fit.reused else ""
         if fit.cv_folds:
@@ -422,6 +439,8 @@ def _evaluate(run_dir: Path, bundle: Bundle, on_train: bool, cfg: Config) -> Run
     t0 = time.perf_counter()
     skipped: list[dict[str, str]] = []
     x, idx = _features(FeatureExtractor.from_config(cfg, bundle.build_backbone()), ds, idx, f"{part} features", skipped)
+    if not len(idx):
+        raise _none_readable(part, skipped)
     scores = bundle.head.predict_proba(x)
     timings = {"total_s": time.perf_counter() - t0}
     n_train = int(np.sum(split == "train"))

@@ -47,10 +47,19 @@ class FittedHead:
     reused: bool = False
 
 
+ABSENT_CLASS_BIAS = -1e4  # a class without training features: a score of 0, never predicted
+
+
 def fit_head(
-    cfg: ClassifierConfig, x: np.ndarray, y: np.ndarray, seed: int = 0, memo: Memo | None = None
+    cfg: ClassifierConfig,
+    x: np.ndarray,
+    y: np.ndarray,
+    seed: int = 0,
+    memo: Memo | None = None,
+    n_classes: int | None = None,
 ) -> FittedHead:
-    """Fit the configured head on (x, y) and fold it into a :class:`LinearHead`.
+    """Fit the configured head on (x, y) and fold it into a :class:`LinearHead` of ``n_classes`` rows (default:
+    up to the largest label); a class absent from ``y`` gets a row that never wins.
 
     With ``memo``, an identical earlier fit (same features, labels, settings, seed, code and scikit-learn
     version) is read back instead of cross-validated again.
@@ -64,6 +73,7 @@ def fit_head(
         Path(__file__).parent / "svm.py",
         np.asarray(x, np.float32),
         np.asarray(y, np.int64),
+        n_classes,
     )
     if (data := memo.get(key)) is not None:
         try:
@@ -74,6 +84,10 @@ def fit_head(
             pass  # unreadable entry: fit again and replace it
     svm = create_head(cfg, seed).fit(x, y)
     w, b = svm.linear()
+    if n_classes is not None and len(svm.classes_) < n_classes:
+        w_all, b_all = np.zeros((n_classes, w.shape[1]), w.dtype), np.full(n_classes, ABSENT_CLASS_BIAS, b.dtype)
+        w_all[svm.classes_], b_all[svm.classes_] = w, b
+        w, b = w_all, b_all
     cv_accuracy = svm.cv_scores_.get(svm.C_, float("nan"))
     fitted = FittedHead(LinearHead(w, b, svm.l2_normalize), svm.C_, cv_accuracy, svm.cv_folds_)
     buf = io.BytesIO()
