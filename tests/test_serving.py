@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 import uvicorn
+from fastapi.testclient import TestClient
 from helpers import make_bundle
 from PIL import Image
 
@@ -30,7 +31,7 @@ from imgclf.bundle import Bundle
 from imgclf.config import Config
 from imgclf.data.io import load_for_model
 from imgclf.serving.app import create_app
-from imgclf.serving.batching import MicroBatcher
+from imgclf.serving.batching import MicroBatcher, NotRunning
 
 API_KEY = "test-key"
 AUTH = {"X-API-Key": API_KEY}
@@ -429,12 +430,48 @@ def test_a_request_that_times_out_leaves_the_queue() -> None:
     assert seen == [1, 3]
 
 
-def test_a_busy_server_answers_503(run_dir: Path, images: list[bytes]) -> None:
-    from fastapi.testclient import TestClient
+def test_stop_fails_the_running_and_queued_images() -> None:
+    """stop() answers every waiting caller: the image being scored and those queued behind it."""
 
+    def model(batch: np.ndarray) -> np.ndarray:
+        time.sleep(0.3)
+        return batch.reshape(len(batch), -1)[:, :2].astype(np.float32)
+
+    async def scenario() -> None:
+        batcher = MicroBatcher(model, max_batch=1, max_wait_ms=0)
+        await batcher.start()
+        tasks = [asyncio.create_task(batcher.infer([np.full((2, 2, 3), i, np.uint8)])) for i in range(3)]
+        await asyncio.sleep(0.05)  # the first forward pass is running, two images wait in the queue
+        await batcher.stop()
+        _, pending = await asyncio.wait(tasks, timeout=1)
+        for task in pending:
+            task.cancel()
+        assert not pending, f"{len(pending)} of 3 callers still wait after stop()"
+        for task in tasks:
+            with pytest.raises(NotRunning):
+                task.result()
+        with pytest.raises(NotRunning):
+            await batcher.infer([np.zeros((2, 2, 3), np.uint8)])
+
+    asyncio.run(scenario())
+
+
+def test_a_busy_server_answers_503(run_dir: Path, images: list[bytes]) -> None:
     cfg = Config().updated(workers=1, precision="fp32", request_timeout_s=1e-9)
     with TestClient(create_app(run_dir, cfg)) as slow:
         r = slow.post("/v1/predict", files={"file": ("a.jpg", images[0], "image/jpeg")})
         assert r.status_code == 503 and r.json()["error"] == "timeout", r.text
         assert "not answered within 1e-09 s: the server is busy" in r.json()["detail"]
         assert slow.get("/healthz").json()["images"] == 0
+
+
+def test_an_app_started_twice_serves_both_times(run_dir: Path, images: list[bytes]) -> None:
+    """Each lifespan start gets fresh thread pools; a request after the last stop gets 503, not 500."""
+    app = create_app(run_dir, Config().updated(workers=1, precision="fp32"))
+    file = {"file": ("a.jpg", images[0], "image/jpeg")}
+    for _ in range(2):  # e.g. two TestClient blocks, or uvicorn running the lifespan again
+        with TestClient(app, raise_server_exceptions=False) as client:
+            r = client.post("/v1/predict", files=file)
+            assert r.status_code == 200, r.text
+    r = client.post("/v1/predict", files=file)
+    assert r.status_code == 503 and r.json()["error"] == "not_running", r.text

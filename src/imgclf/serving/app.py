@@ -32,7 +32,7 @@ from imgclf.bundle import Bundle
 from imgclf.config import Config
 from imgclf.features.extract import default_cache_dir
 from imgclf.features.runtimes import Runtime, create_runtime, device_type, resolve_precision, resolve_runtime
-from imgclf.serving.batching import MicroBatcher
+from imgclf.serving.batching import MicroBatcher, NotRunning
 from imgclf.serving.inputs import (
     ApiError,
     ImageInput,
@@ -138,16 +138,32 @@ def _web_page() -> str | None:
 
 
 class ModelService:
-    """A loaded bundle, its runtime and the micro-batcher: image bytes -> predictions."""
+    """A loaded bundle, its runtime and the micro-batcher: image bytes -> predictions.
+
+    :meth:`start` and :meth:`stop` bracket each run of the server (the app's lifespan), which may come
+    more than once: every start gets fresh decoding and inference threads.
+    """
 
     def __init__(self, bundle: Bundle, runtime: Runtime, cfg: Config) -> None:
         self.bundle, self.runtime, self.cfg = bundle, runtime, cfg
         self.top_k = min(cfg.serve.top_k, len(bundle.classes))
         self.batcher = MicroBatcher(runtime, cfg.serve.max_batch, cfg.serve.max_wait_ms)
-        threads = cfg.features.workers or cpu_count()
-        self.decoders = ThreadPoolExecutor(threads, thread_name_prefix="imgclf-decode")
+        self.decoders: ThreadPoolExecutor | None = None
         self.model_id = bundle.model_id
         self.started = time.time()
+
+    async def start(self) -> None:
+        """Start the decoding threads and the micro-batcher."""
+        threads = self.cfg.features.workers or cpu_count()
+        self.decoders = ThreadPoolExecutor(threads, thread_name_prefix="imgclf-decode")
+        await self.batcher.start()
+
+    async def stop(self) -> None:
+        """Stop both; requests still waiting for them fail with :class:`NotRunning`."""
+        await self.batcher.stop()
+        if self.decoders is not None:
+            self.decoders.shutdown(wait=False)
+            self.decoders = None
 
     def warm_up(self) -> None:
         """Run every batch size once, so no request pays for a runtime's first-call set-up of a shape."""
@@ -157,6 +173,8 @@ class ModelService:
 
     async def predict(self, images: list[ImageInput]) -> list[Prediction]:
         check_count(images, self.cfg.serve.max_images_per_request)
+        if self.decoders is None:
+            raise NotRunning("the service is not running")
         loop = asyncio.get_running_loop()
         pre, max_pixels = self.bundle.preprocess, self.cfg.data.max_image_pixels
         with self.batcher.incoming():
@@ -215,10 +233,11 @@ def create_app(bundle: Bundle | str | Path, cfg: Config | None = None) -> FastAP
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await service.batcher.start()
-        yield
-        await service.batcher.stop()
-        service.decoders.shutdown(wait=False)
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
 
     about = f"Image classifier `{bundle.backbone_spec['name']}` over classes {bundle.classes}."
     app = FastAPIOffline(  # /docs and /redoc load their scripts from the package, not from a CDN
@@ -237,7 +256,8 @@ def create_app(bundle: Bundle | str | Path, cfg: Config | None = None) -> FastAP
         """Scores of ``images`` with the model id and the time since ``t0`` (the request's arrival).
 
         Images not scored within ``request_timeout_s`` of receiving the body get 503 and leave the queue, so
-        that a server behind on work does not spend it on answers nobody waits for.
+        that a server behind on work does not spend it on answers nobody waits for; so do requests the
+        server stops (or is stopped) before answering.
         """
         timeout = cfg.serve.request_timeout_s
         try:
@@ -246,6 +266,8 @@ def create_app(bundle: Bundle | str | Path, cfg: Config | None = None) -> FastAP
             raise ApiError(
                 503, "timeout", f"not answered within {timeout:g} s: the server is busy; try again later"
             ) from None
+        except NotRunning as e:
+            raise ApiError(503, "not_running", f"{e}: it is shutting down or restarting; try again later") from None
         return PredictResponse(
             predictions=predictions, model_id=service.model_id, server_time_ms=(time.perf_counter() - t0) * 1000
         )
