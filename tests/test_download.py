@@ -18,8 +18,10 @@ from imgclf.datatools.download import (
     download,
     file_stem,
     read_url_list,
+    write_url_list,
 )
 from imgclf.datatools.fetch import parse_retry_after
+from imgclf.datatools.journal import QUARANTINE_DIR
 
 FAST = DataToolsConfig(download_workers=4, timeout_s=2.0, retries=2, backoff_s=0.01, max_backoff_s=0.5)
 
@@ -140,8 +142,8 @@ def test_exif_orientation_then_resize_and_originals(server: FakeServer, tmp_path
     expected = ImageOps.exif_transpose(Image.open(io.BytesIO(raw))).convert("RGB").resize((500, 1000))
     assert np.abs(np.asarray(saved, dtype=float) - np.asarray(expected, dtype=float)).mean() < 6
     assert (tmp_path / "d" / ".originals" / "x" / f"{file_stem(url)}.jpg").read_bytes() == raw
-    download([UrlEntry("y", url)], tmp_path / "d", cfg.model_copy(update={"max_side": 0}), progress=False)
-    assert Image.open(tmp_path / "d" / "y" / f"{file_stem(url)}.jpg").size == (800, 1600)  # upright, full
+    download([UrlEntry("y", url)], tmp_path / "full", cfg.model_copy(update={"max_side": 0}), progress=False)
+    assert Image.open(tmp_path / "full" / "y" / f"{file_stem(url)}.jpg").size == (800, 1600)  # upright, full
     large = server.image("/large.jpg", make_image(11, size=(2400, 1800)))  # JPEG draft at 1/2, then resize
     download([UrlEntry("z", large)], tmp_path / "d", cfg, progress=False)
     assert Image.open(tmp_path / "d" / "z" / f"{file_stem(large)}.jpg").size == (1000, 750)
@@ -195,3 +197,59 @@ def test_download_cli(server: FakeServer, tmp_path: Path, capsys: pytest.Capture
     assert len(list((out / "cats").iterdir())) == 1
     assert run_cli(["download", str(urls), "--out", str(out)]) == 0
     assert "downloaded 0, already present 1, failed 1" in capsys.readouterr().out
+
+
+def test_rerun_keeps_relabelled_images_in_their_new_class(server: FakeServer, tmp_path: Path):
+    entries = [
+        UrlEntry("cats", server.image("/a.jpg", make_image(12))),
+        UrlEntry("cats", server.image("/b.jpg", make_image(13))),
+        UrlEntry("dogs", server.image("/c.jpg", make_image(14))),
+        UrlEntry("dogs", server.image("/d.png", make_image(15, fmt="PNG", mode="RGBA"), "image/png")),
+    ]
+    out = tmp_path / "data"
+    download(entries, out, FAST, progress=False)
+    a, d = file_stem(server.url("/a.jpg")), file_stem(server.url("/d.png"))
+    (out / f"cats/{a}.jpg").rename(out / f"dogs/{a}.jpg")  # relabelled, keeping its name
+    (out / QUARANTINE_DIR / "cats").mkdir(parents=True)  # relabelled, then quarantined by dedup
+    (out / f"dogs/{d}.png").rename(out / QUARANTINE_DIR / f"cats/{d}.png")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.suffix in (".jpg", ".png")}
+    report = download(entries, out, FAST, progress=False)
+    assert [o.status for o in report.outcomes] == ["exists"] * 4
+    assert all(server.hits[p] == 1 for p in ("/a.jpg", "/b.jpg", "/c.jpg", "/d.png"))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.suffix in (".jpg", ".png")} == before
+    assert not (out / f"cats/{a}.jpg").exists() and not (out / f"dogs/{d}.png").exists()
+    assert (report.outcomes[0].file, report.outcomes[0].reason) == (f"dogs/{a}.jpg", "in class dogs, listed for cats")
+    assert report.outcomes[3].file == f"{QUARANTINE_DIR}/cats/{d}.png"
+    assert report.outcomes[3].reason == "in class cats, listed for dogs"
+    assert "already present 4 (2 in another class)" in report.summary()
+    sources = {r["file"]: r for r in _read_tsv(out / SOURCES_FILE)}
+    assert sources[f"dogs/{a}.jpg"]["label"] == "dogs" and sources[f"dogs/{a}.jpg"]["url"] == server.url("/a.jpg")
+
+
+def test_line_separators_stay_inside_their_cell(server: FakeServer, tmp_path: Path):
+    separators = "\t\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+    url = server.image("/sep.jpg", make_image(16))
+    entry = UrlEntry("cats", url, "http://page", "CC\u2029BY", "Ada\x85Lovelace", f"Sunset{separators}over the bay")
+    listed = tmp_path / "urls.tsv"
+    write_url_list(listed, [entry])
+    assert read_url_list(listed) == [
+        UrlEntry("cats", url, "http://page", "CC BY", "Ada Lovelace", "Sunset over the bay")
+    ]
+    out = tmp_path / "data"
+    download([entry], out, FAST, progress=False)
+    assert len((out / SOURCES_FILE).read_text(encoding="utf-8").splitlines()) == 2  # header and one row
+    [row] = _read_tsv(out / SOURCES_FILE)
+    assert (row["licence"], row["creator"], row["title"]) == ("CC BY", "Ada Lovelace", "Sunset over the bay")
+    # files written before the fix, with a separator inside a cell, still read correctly
+    listed.write_text(f"cats\t{url}\t\t\t\tSunset\u2028over\x0cthe bay\r\ndogs\t{url}2\r\n", encoding="utf-8")
+    assert [(e.label, e.title) for e in read_url_list(listed)] == [
+        ("cats", "Sunset\u2028over\x0cthe bay"),
+        ("dogs", ""),
+    ]
+    listed.write_text(f"a\u2028b\t{url}\n", encoding="utf-8")  # a label is a folder name: none in it
+    with pytest.raises(ValueError, match=r"urls.tsv:1: label 'a\\u2028b' cannot be a folder name"):
+        read_url_list(listed)
+    sources = out / SOURCES_FILE
+    sources.write_text(sources.read_text(encoding="utf-8").replace("Ada Lovelace", "Ada\u2028Lovelace"), "utf-8")
+    download([entry], out, FAST, progress=False)
+    assert [r["creator"] for r in _read_tsv(sources)] == ["Ada Lovelace"]

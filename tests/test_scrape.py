@@ -1,7 +1,9 @@
 import hashlib
+import json
 from collections import Counter
 from pathlib import Path
 
+import httpx
 import pytest
 from fakeprovider import FakeServer, Route, make_image, run_cli
 
@@ -255,3 +257,61 @@ def test_bing_scrape_never_writes_or_prints_the_key(
     assert "downloaded 1" in captured.out
     assert not any(b"secret-key-123" in p.read_bytes() for p in out.rglob("*") if p.is_file())
     assert "secret-key-123" not in captured.out + captured.err
+
+
+def test_scrape_with_line_separators_in_titles(server: FakeServer, tmp_path: Path):
+    server.results["striped shirt"] = [
+        {"url": server.image("/t.jpg", make_image(6)), "title": "Sunset\u2028over the bay", "creator": "Ada\x85L"}
+    ]
+    with make_client(2.0) as client:
+        report = scrape(
+            ["shirt"],
+            ["striped"],
+            tmp_path / "d",
+            FAST,
+            progress=False,
+            provider=OpenverseProvider(client, server.base_url, POLICY),
+        )
+    assert report.download is not None and report.download.count("downloaded") == 1
+    [entry] = read_url_list(tmp_path / "d" / "urls.tsv")
+    assert (entry.title, entry.creator) == ("Sunset over the bay", "Ada L")
+    assert len((tmp_path / "d" / "sources.tsv").read_text(encoding="utf-8").splitlines()) == 2
+
+
+def _answering(pages: list[dict[str, object]]) -> httpx.Client:
+    """A client whose every request gets the next of ``pages`` as its JSON answer (infinity as ``Infinity``)."""
+    answers = iter(pages)
+    return httpx.Client(transport=httpx.MockTransport(lambda _: httpx.Response(200, text=json.dumps(next(answers)))))
+
+
+@pytest.mark.parametrize("bad", ["many", [2], {"n": 2}, float("inf")])
+def test_non_numeric_paging_keeps_the_results_so_far(bad: object, caplog: pytest.LogCaptureFixture):
+    def openverse(i: int, page_count: object) -> dict[str, object]:
+        return {"page_count": page_count, "results": [{"url": f"http://img/{i}-{k}.jpg"} for k in range(2)]}
+
+    with _answering([openverse(1, 3), openverse(2, bad)]) as client:
+        provider = OpenverseProvider(client, "http://search", POLICY)
+        provider.page_size = 2
+        found = provider.search("q", 6)
+    assert [r.url for r in found] == [
+        "http://img/1-0.jpg",
+        "http://img/1-1.jpg",
+        "http://img/2-0.jpg",
+        "http://img/2-1.jpg",
+    ]
+    assert "page_count" in caplog.text and "keeping the 4 result(s)" in caplog.text
+
+    def bing(offset: object, n: int) -> dict[str, object]:
+        return {"nextOffset": offset, "value": [{"contentUrl": f"http://img/{k}.jpg"} for k in range(n)]}
+
+    with _answering([bing(2, 2), bing(bad, 2)]) as client:
+        found = BingProvider(client, "http://search", POLICY, key="k").search("q", 10)
+    assert [r.url for r in found] == [f"http://img/{k}.jpg" for k in (0, 1, 0, 1)]
+    assert "nextOffset" in caplog.text
+    with (
+        _answering([bing(bad, 0) | {"value": [{"no": "url"}]}]) as client,
+        pytest.raises(
+            ProviderError, match=r"bing search for 'q' at http://search/v7.0/images/search failed: .*nextOffset"
+        ),
+    ):
+        BingProvider(client, "http://search", POLICY, key="k").search("q", 10)

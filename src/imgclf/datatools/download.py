@@ -15,7 +15,8 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from imgclf.config import DataToolsConfig
-from imgclf.data.io import to_8bit
+from imgclf.data.dataset import subfolders
+from imgclf.data.io import list_files, to_8bit
 from imgclf.datatools.fetch import FetchError, RetryPolicy, make_client, with_retries
 from imgclf.datatools.journal import QUARANTINE_DIR
 from imgclf.utils import atomic_write_bytes, atomic_write_text, make_folder
@@ -25,6 +26,9 @@ SOURCES_FILE = "sources.tsv"
 FAILURES_FILE = "download_failures.tsv"
 SOURCES_COLUMNS = ("file", "label", "url", "source_page", "licence", "creator", "title", "note")
 JPEG_QUALITY = 90
+SAVED_EXTENSIONS = (".jpg", ".png")  # what :func:`save_image` writes
+# Tab and every character str.splitlines() ends a line at: none may stay inside a TSV cell.
+_TSV_BREAKS = frozenset("\t\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
 _FORMAT_EXT = {
     "JPEG": ".jpg",
     "MPO": ".jpg",
@@ -59,7 +63,7 @@ class Outcome:
     entry: UrlEntry
     status: str
     file: str = ""  # path relative to the output folder
-    reason: str = ""
+    reason: str = ""  # why it failed; for "exists", the other class folder the file was found in
 
 
 @dataclass
@@ -77,8 +81,11 @@ class DownloadReport:
         return [o for o in self.outcomes if o.status == "failed"]
 
     def summary(self) -> str:
+        elsewhere = sum(o.status == "exists" and bool(o.reason) for o in self.outcomes)
         lines = [
-            f"downloaded {self.count('downloaded')}, already present {self.count('exists')}, "
+            f"downloaded {self.count('downloaded')}, already present {self.count('exists')}"
+            + (f" ({elsewhere} in another class)" if elsewhere else "")
+            + ", "
             f"failed {self.count('failed')}, duplicate URLs skipped {self.count('duplicate')} "
             f"-> {self.out}"
         ]
@@ -94,16 +101,24 @@ def _reason_kind(reason: str) -> str:
 
 
 def clean_field(value: str) -> str:
-    """A value safe for one TSV cell (tabs and line breaks become spaces)."""
-    return " ".join(str(value).split()) if any(c in str(value) for c in "\t\r\n") else str(value).strip()
+    """A value safe for one TSV cell (tabs and line breaks of any kind become spaces)."""
+    text = str(value)
+    return " ".join(text.split()) if any(c in _TSV_BREAKS for c in text) else text.strip()
+
+
+def _tsv_lines(text: str) -> list[str]:
+    """The lines of a TSV file: split at "\\n" only (a trailing "\\r" dropped), so that other line
+    separators left inside a cell by older versions stay in their cell."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
 
 
 def check_label(label: str, where: str) -> str:
     """A label usable as a class folder name, or ValueError naming ``where``."""
-    if not label or label in (".", "..") or label.startswith(".") or any(c in label for c in "/\\\0"):
+    bad = any(c in "/\\\0" or c in _TSV_BREAKS for c in label)
+    if not label or label in (".", "..") or label.startswith(".") or bad:
         raise ValueError(
             f"{where}: label {label!r} cannot be a folder name "
-            "(no '/', '\\', leading '.' or empty labels); fix the label"
+            "(no '/', '\\', tabs, line breaks, leading '.' or empty labels); fix the label"
         )
     return label
 
@@ -117,7 +132,7 @@ def read_url_list(path: Path) -> list[UrlEntry]:
     if not path.is_file():
         raise FileNotFoundError(f"URL list not found: {path}")
     entries, errors = [], []
-    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+    for n, line in enumerate(_tsv_lines(path.read_text(encoding="utf-8-sig")), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         cells = [c.strip() for c in line.split("\t")]
@@ -150,13 +165,30 @@ def file_stem(url: str) -> str:
     return hashlib.sha1(url.encode("utf-8")).hexdigest()[:16]
 
 
-def _existing(out: Path, label: str, stem: str) -> str:
-    """Relative path of an earlier download of this stem (also one quarantined by dedup), or ''."""
-    for base in (out, out / QUARANTINE_DIR):
-        for ext in (".jpg", ".png"):
-            if (base / label / f"{stem}{ext}").is_file():
-                return (base / label / f"{stem}{ext}").relative_to(out).as_posix()
-    return ""
+def _class_of(rel: str) -> str:
+    """The class folder of a path relative to the data folder (also of one in the quarantine)."""
+    return rel.removeprefix(f"{QUARANTINE_DIR}/").split("/")[0]
+
+
+def _earlier_downloads(out: Path) -> dict[str, list[str]]:
+    """Files named as downloads name them, in any class folder or the quarantine: name -> relative paths.
+
+    One scan per run; a file the user moved to another class (keeping its name) is found there.
+    """
+    found: dict[str, list[str]] = {}
+    for folder in [*subfolders(out), out / QUARANTINE_DIR]:
+        for f in list_files(folder) if folder.is_dir() else []:
+            if f.suffix in SAVED_EXTENSIONS:
+                found.setdefault(f.name, []).append(f.relative_to(out).as_posix())
+    return found
+
+
+def _existing(out: Path, label: str, stem: str, earlier: dict[str, list[str]]) -> str:
+    """Relative path of an earlier download of this stem, or ''; its own class first, then the quarantine
+    (where dedup moved it), then other classes (the user relabelled it), alphabetically."""
+    paths = [p for ext in SAVED_EXTENSIONS for p in earlier.get(f"{stem}{ext}", [])]
+    ranked = sorted(paths, key=lambda p: (_class_of(p) != label, p.startswith(f"{QUARANTINE_DIR}/"), p))
+    return next((p for p in ranked if (out / p).is_file()), "")
 
 
 def _read_limited(response: httpx.Response, max_bytes: int) -> tuple[bytes, str]:
@@ -241,11 +273,20 @@ def _write_new(path: Path, data: bytes) -> None:
     atomic_write_bytes(path, data)
 
 
-def _fetch_one(client: httpx.Client, entry: UrlEntry, out: Path, cfg: DataToolsConfig, max_pixels: int) -> Outcome:
+def _fetch_one(
+    client: httpx.Client,
+    entry: UrlEntry,
+    out: Path,
+    cfg: DataToolsConfig,
+    max_pixels: int,
+    earlier: dict[str, list[str]],
+) -> Outcome:
     stem = file_stem(entry.url)
-    existing = _existing(out, entry.label, stem)
+    existing = _existing(out, entry.label, stem, earlier)
     if existing:
-        return Outcome(entry, "exists", existing)
+        where = _class_of(existing)
+        note = f"in class {where}, listed for {entry.label}" if where != entry.label else ""
+        return Outcome(entry, "exists", existing, note)
     policy = RetryPolicy(cfg.retries, cfg.backoff_s, cfg.max_backoff_s)
     max_bytes = int(cfg.max_download_mb * 1e6)
     try:
@@ -289,16 +330,18 @@ def download(
 ) -> DownloadReport:
     """Download every entry into ``out/<label>/``; write ``sources.tsv`` and ``download_failures.tsv`` there.
 
-    Files already present are skipped (the run resumes), never overwritten; each URL is fetched once.
+    Files already present are skipped (the run resumes), never overwritten, also where they were moved to
+    another class folder or quarantined; each URL is fetched once.
     """
     out = Path(out)
     make_folder(out, "data folder", "--out")
     todo, outcomes_by_index = _plan(entries)
+    earlier = _earlier_downloads(out)
     results: dict[str, Outcome] = {}
     with make_client(cfg.timeout_s, cfg.download_workers) as client:
         pool = ThreadPoolExecutor(max_workers=cfg.download_workers, thread_name_prefix="imgclf-download")
         try:
-            futures = [pool.submit(_fetch_one, client, e, out, cfg, max_pixels) for e in todo]
+            futures = [pool.submit(_fetch_one, client, e, out, cfg, max_pixels, earlier) for e in todo]
             bar_off = None if progress else True  # None: on where the output is a terminal
             failed = 0
             with tqdm(total=len(futures), unit="img", desc="download", disable=bar_off) as bar:
@@ -320,17 +363,19 @@ def download(
 
 
 def _update_sources(out: Path, outcomes: Sequence[Outcome]) -> None:
-    """Merge this run's files into ``sources.tsv`` (rows of earlier runs are kept)."""
+    """Merge this run's files into ``sources.tsv`` (rows of earlier runs are kept); a new row's label is the
+    class folder its file lies in."""
     path = out / SOURCES_FILE
     rows: dict[str, list[str]] = {}
     if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines()[1:]:
-            cells = line.split("\t")
-            if cells and cells[0]:
+        for line in _tsv_lines(path.read_text(encoding="utf-8"))[1:]:
+            cells = [clean_field(c) for c in line.split("\t")]
+            if cells[0]:
                 rows[cells[0]] = (cells + [""] * len(SOURCES_COLUMNS))[: len(SOURCES_COLUMNS)]
     for o in outcomes:
         if o.file and (o.status == "downloaded" or o.file not in rows):
-            rows[o.file] = [o.file] + [clean_field(getattr(o.entry, c)) for c in SOURCES_COLUMNS[1:]]
+            entry = replace(o.entry, label=_class_of(o.file))
+            rows[o.file] = [o.file] + [clean_field(getattr(entry, c)) for c in SOURCES_COLUMNS[1:]]
     lines = ["\t".join(SOURCES_COLUMNS)] + ["\t".join(rows[k]) for k in sorted(rows)]
     atomic_write_text(path, "\n".join(lines) + "\n")
 

@@ -59,10 +59,29 @@ class Provider(ABC):
         try:
             return self._get_json(path, query, params, headers)
         except ProviderError as e:
-            if not found:
-                raise
-            log.warning("%s; keeping the %d result(s) found before", e, found)
-            return None
+            return self._give_up(e, found)
+
+    def _paging_number(
+        self, data: Mapping[str, Any], key: str, default: int, path: str, query: str, found: int
+    ) -> int | None:
+        """The whole number ``data[key]`` (``default`` where absent or empty); where it is no number, the answer
+        is malformed: None (with a warning) after some results, else ProviderError."""
+        value = data.get(key) or default
+        try:
+            return int(value)
+        except (TypeError, ValueError, OverflowError):  # OverflowError: JSON 1e999 is infinity
+            error = ProviderError(
+                f"{self.name} search for {query!r} at {self.base_url + path} failed: "
+                f"malformed answer ({key} {str(value)[:40]!r} is not a number)"
+            )
+            return self._give_up(error, found)
+
+    @staticmethod
+    def _give_up(error: ProviderError, found: int) -> None:
+        """Stop paging: raise ``error`` where nothing was found yet, else warn and keep the results."""
+        if not found:
+            raise error
+        log.warning("%s; keeping the %d result(s) found so far", error, found)
 
     def _get_json(
         self, path: str, query: str, params: Mapping[str, Any], headers: Mapping[str, str] | None = None
@@ -107,12 +126,12 @@ class OpenverseProvider(Provider):
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
 
     def search(self, query: str, n: int) -> list[Result]:
-        size = min(self.page_size, n)
+        path, size = "/v1/images/", min(self.page_size, n)
         results: list[Result] = []
         page = 1
         while len(results) < n:
             params = {"q": query, "page": page, "page_size": size}
-            data = self._next_page("/v1/images/", query, params, self._headers, len(results))
+            data = self._next_page(path, query, params, self._headers, len(results))
             if data is None:
                 break
             items = [it for it in data.get("results") or [] if isinstance(it, dict) and it.get("url")]
@@ -126,7 +145,10 @@ class OpenverseProvider(Provider):
                 )
                 for it in items
             ]
-            if len(items) < size or page >= int(data.get("page_count") or page):
+            if len(items) < size:
+                break
+            page_count = self._paging_number(data, "page_count", page, path, query, len(results))
+            if page_count is None or page >= page_count:
                 break
             page += 1
         return results[:n]
@@ -161,12 +183,13 @@ class BingProvider(Provider):
         self._headers = {"Ocp-Apim-Subscription-Key": key}
 
     def search(self, query: str, n: int) -> list[Result]:
+        path = "/v7.0/images/search"
         results: list[Result] = []
         offset = 0
         while len(results) < n:
             count = min(self.max_count, n - len(results))
             params = {"q": query, "count": count, "offset": offset}
-            data = self._next_page("/v7.0/images/search", query, params, self._headers, len(results))
+            data = self._next_page(path, query, params, self._headers, len(results))
             if data is None:
                 break
             raw = data.get("value") or []
@@ -175,8 +198,10 @@ class BingProvider(Provider):
                 Result(str(it["contentUrl"]), str(it.get("hostPageUrl") or ""), "", "", str(it.get("name") or ""))
                 for it in items
             ]
-            next_offset = int(data.get("nextOffset") or offset + len(raw))
-            if not raw or next_offset <= offset:
+            if not raw:
+                break
+            next_offset = self._paging_number(data, "nextOffset", offset + len(raw), path, query, len(results))
+            if next_offset is None or next_offset <= offset:
                 break
             offset = next_offset
         return results[:n]
