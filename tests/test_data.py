@@ -92,6 +92,7 @@ def test_hidden_and_system_files_links_and_loops(tmp_path: Path):
         (root / "squares" / "loop").symlink_to(root / "squares", target_is_directory=True)
         (root / "stripes" / "everything").symlink_to("/", target_is_directory=True)  # never walked
         (root / "stripes" / "gone.jpg").symlink_to(tmp_path / "no_such.jpg")
+        (root / "triangles").symlink_to(tmp_path / "unmounted" / "triangles", target_is_directory=True)
     except OSError:
         pytest.skip("this file system or user cannot make symbolic links")
     before = _tree_digest(root)
@@ -99,8 +100,9 @@ def test_hidden_and_system_files_links_and_loops(tmp_path: Path):
     assert ds.classes == ["circles", "squares", "stripes"]
     rels = [s.rel for s in ds.samples]
     assert len(rels) == 11 and "circles/linked/more_00.jpg" in rels and "circles/linked_again/more_00.jpg" not in rels
-    assert [Path(s["path"]).name for s in ds.skipped] == ["gone.jpg"]
-    assert ds.skipped[0]["reason"].startswith("broken link to") and "no_such.jpg" in ds.skipped[0]["reason"]
+    assert [Path(s["path"]).name for s in ds.skipped] == ["triangles", "gone.jpg"]  # a class folder not there: said
+    assert all(s["reason"].startswith("broken link to") for s in ds.skipped)
+    assert "unmounted" in ds.skipped[0]["reason"] and "no_such.jpg" in ds.skipped[1]["reason"]
     assert ds.notes == [] and _tree_digest(root) == before
 
 
@@ -255,6 +257,13 @@ def test_predefined_list_and_group_modes(tmp_path: Path, caplog: pytest.LogCaptu
     (tmp_path / "test.txt").write_text("circles\\circles_00.jpg\n/elsewhere/x.jpg\n")  # a Windows path; outside
     with pytest.raises(DatasetError, match=r"1 path\(s\) in .*test.txt are not usable images .*'/elsewhere/x.jpg'"):
         make_split(scan_dataset(cfg), cfg)
+    try:  # an absolute path through a folder link inside the data folder names an image of it
+        (root / "circles" / "more").symlink_to(make_folder(tmp_path / "other", classes=("m",), n=1) / "m")
+    except OSError:
+        pass
+    else:
+        (tmp_path / "test.txt").write_text(f"{root}/circles/more/m_00.jpg\nsquares/squares_01.jpg\n")
+        assert sum(make_split(scan_dataset(cfg), cfg) == "test") == 2
 
     grouped = tmp_path / "grouped"
     for c in ("a", "b"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
 import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -147,6 +148,9 @@ def scan_dataset(cfg: DataConfig) -> Dataset:
             p for p in base.iterdir() if p.is_file() and not is_ignored(p.name) and p.suffix.lower() in IMAGE_EXTENSIONS
         ):
             skipped.append({"path": display_path(f), "reason": loose})
+        for link in sorted(p for p in base.iterdir() if p.is_symlink() and not p.exists() and not is_ignored(p.name)):
+            why = f"broken link to {os.readlink(link)} (nothing there): a class folder on a drive not mounted? "
+            skipped.append({"path": display_path(link), "reason": why + "fix or remove the link"})
         for class_dir in dirs[base]:
             if class_dir in bad_names:
                 continue
@@ -296,9 +300,10 @@ def _read_list(path: Path, root: Path) -> set[str]:
         line = line.strip().replace("\\", "/")  # lists written on Windows
         if line and not line.startswith("#"):
             p = Path(line)
-            if p.is_absolute():
-                p = p.resolve()
-                p = p.relative_to(root) if p.is_relative_to(root) else p  # outside: reported as not usable
+            if p.is_absolute():  # as written (through a folder link inside the root), else with links resolved
+                plain, real = Path(os.path.abspath(p)), p.resolve()
+                inside = next((q for q in (plain, real) if q.is_relative_to(root)), None)
+                p = inside.relative_to(root) if inside else p  # outside: reported as not usable
             out.add(p.as_posix())
     return out
 
