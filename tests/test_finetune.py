@@ -164,6 +164,12 @@ def test_resume_after_interruption(demo: Path, tmp_path: Path, monkeypatch: pyte
     monkeypatch.setattr(imgclf.finetune, "finetune", original)
     with pytest.raises(ValueError, match=r"another fine-tuning run \(epochs 3 -> 4, lr 0.001 -> 0.002\)"):
         train(cfg.updated(resume=True, epochs=4, lr=0.002))  # the schedule depends on both: no continuing
+    state = torch.load(tmp_path / "run" / "finetune_ckpt.pt", weights_only=False)["model"]
+    torch.save(
+        {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}, tmp_path / "w.pt"
+    )
+    with pytest.raises(ValueError, match=r"another fine-tuning run \(weights pypi:.* -> file:"):
+        train(cfg.updated(resume=True, weights=tmp_path / "w.pt"))  # not blamed on the images
     res = train(cfg.updated(resume=True))
     rows = _log(res.run_dir)
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
@@ -229,6 +235,8 @@ def test_undecodable_training_images_are_reported(demo: Path, tmp_path: Path) ->
     reported = {s["path"] for s in res.metrics["skipped"]}
     assert set(broken) <= reported
     assert res.metrics["n_train"] + res.metrics["n_test"] == 3 * 8
+    again = train(_cfg(data, tmp_path / "run", epochs=1, resume=True))  # finished: resuming only reports
+    assert again.metrics["skipped"] == res.metrics["skipped"] and again.metrics["n_train"] == res.metrics["n_train"]
 
 
 @pytest.mark.parametrize("check", ["fallocate", "free_space"])

@@ -122,7 +122,7 @@ def _identity(cfg: Config, backbone: Backbone, rels: list[str]) -> dict[str, Any
     digest, and the settings themselves, to say what differs."""
     ft = cfg.finetune.model_dump(mode="json", exclude={"resume"})
     key = json.dumps([ft, backbone.spec(), cfg.output.seed, rels], sort_keys=True)
-    settings = {**ft, "backbone": backbone.name, "resolution": backbone.preprocess.resolution}
+    settings = {**ft, "backbone": backbone.name, "weights": backbone.weights_id, **dataclasses.asdict(backbone.preprocess)}
     settings |= {"seed": cfg.output.seed, "training images": len(rels)}
     return {"fingerprint": hashlib.sha256(key.encode()).hexdigest()[:16], "settings": settings}
 
@@ -309,7 +309,7 @@ def finetune(
         model.load_state_dict(ckpt["model"])
         history, best, start_epoch, done = ckpt["history"], ckpt["best"], ckpt["epoch"], ckpt["done"]
 
-    skipped: dict[int, str] = {}
+    skipped: dict[int, str] = dict(ckpt.get("skipped", {})) if ckpt is not None else {}  # undecodable images
     if not done:
         fit_idx, val_idx = split_validation(labels_all, train_idx, ft.val_fraction, seed)
 
@@ -325,6 +325,7 @@ def finetune(
             )
 
         cache = decode(train_idx, backbone.preprocess)
+        skipped = {int(train_idx[r]): why for r, why in cache.errors.items()}
         row_of = {int(s): r for r, s in enumerate(train_idx)}
         fit_idx = np.array([i for i in fit_idx if cache.ok[row_of[int(i)]]], np.int64)
         val_idx = np.array([i for i in val_idx if cache.ok[row_of[int(i)]]], np.int64)
@@ -353,11 +354,10 @@ def finetune(
             history,
             best,
             start_epoch,
-            identity,
+            {**identity, "skipped": skipped},  # a finished run resumed reports them too
             ckpt_path,
             on_epoch_end,
         )
-        skipped = {int(train_idx[r]): why for r, why in cache.errors.items()}
         del cache, val_cache, fit, val
         with contextlib.suppress(OSError):
             for f in (run_dir / "finetune_cache").iterdir():
