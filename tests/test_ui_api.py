@@ -447,3 +447,24 @@ def test_relabel_into_a_dangling_name_or_a_folder_outside(tmp_path: Path) -> Non
     assert list(outside.iterdir()) == []
     assert journal.move("a/a_00.jpg", "b", ["a", "b"])["to"] == "b/a_00-1.jpg"
     assert journal.undo().problems == [] and (root / "a" / "a_00.jpg").is_file()
+
+
+def test_the_listing_follows_changes_inside_sub_folders(tmp_path: Path) -> None:
+    """An image added to a class's sub-folder (one empty until then) or removed from one shows at once."""
+    import os
+
+    from imgclf.ui.app import ImageIndex
+
+    root = make_folder(tmp_path / "d", classes=("a", "b"), n=1)
+    for sub in ("sess1", "sess2"):
+        (root / "a" / sub).mkdir()
+    shutil.copy(root / "a" / "a_00.jpg", root / "a" / "sess1" / "x.jpg")
+    index = ImageIndex(root)
+    assert index.folders()["a"] == ["a/a_00.jpg", "a/sess1/x.jpg"]
+    shutil.copy(root / "a" / "a_00.jpg", root / "a" / "sess2" / "y.jpg")
+    (root / "a" / "sess1" / "x.jpg").unlink()
+    for sub in ("sess1", "sess2"):  # a clock tick, also where the file system keeps whole seconds
+        later = (root / "a" / sub).stat().st_mtime_ns + 2 * 10**9
+        os.utime(root / "a" / sub, ns=(later, later))
+    assert index.folders()["a"] == ["a/a_00.jpg", "a/sess2/y.jpg"]
+    assert index.present() == {"a/a_00.jpg", "a/sess2/y.jpg", "b/b_00.jpg"}

@@ -52,10 +52,11 @@ def is_ignored(name: str) -> bool:
     return name.startswith(".") or name.lower() in SYSTEM_NAMES
 
 
-def list_files(folder: Path) -> list[Path]:
+def list_files(folder: Path, walked: list[Path] | None = None) -> list[Path]:
     """Files under ``folder``, sorted, without ignored names; folder links are followed, each real folder once.
 
-    Broken links are listed too, so that callers can report them; sockets and pipes are not.
+    Broken links are listed too, so that callers can report them; sockets and pipes are not. ``walked``
+    receives every folder listed.
     """
     out: list[Path] = []
     seen: set[str] = set()
@@ -66,6 +67,8 @@ def list_files(folder: Path) -> list[Path]:
             dirnames[:] = []
             continue
         seen.add(real)
+        if walked is not None:
+            walked.append(Path(dirpath))
         kept = []
         for d in sorted(d for d in dirnames if not is_ignored(d)):
             target = os.path.realpath(os.path.join(dirpath, d))

@@ -74,28 +74,39 @@ class RunResults:
         return cls(classes, rows, metrics["confusion_matrix"])
 
 
+def _mtime(folder: Path) -> int:
+    try:
+        return folder.stat().st_mtime_ns
+    except OSError:  # removed since it was listed
+        return -1
+
+
 class ImageIndex:
-    """Image paths per top-level folder, re-listed when a folder's modification time changes."""
+    """Image paths per top-level folder, re-listed when the modification time of a folder changes (of the
+    data folder's own, or of any folder the last listing walked, sub-folders of classes included)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self._signature: tuple[int, ...] = ()
+        self._walked: list[Path] = []
         self._folders: dict[str, list[str]] = {}
         self._present: frozenset[str] = frozenset()
 
     def _current_signature(self) -> tuple[int, ...]:
         dirs = [self.root, *(self.root / s for s in split_folders(self.root)), *class_folders(self.root)]
-        return (*(d.stat().st_mtime_ns for d in dirs), len(dirs))
+        return (*(_mtime(d) for d in [*dirs, *self._walked]), len(dirs))
 
     def folders(self) -> dict[str, list[str]]:
-        sig = self._current_signature()
-        if sig != self._signature:
-            self._folders, self._signature = list_images(self.root), sig
+        if self._current_signature() != self._signature:
+            walked: list[Path] = []
+            self._folders = list_images(self.root, walked)
+            self._walked = walked
+            self._signature = self._current_signature()
             self._present = frozenset(r for rels in self._folders.values() for r in rels)
         return self._folders
 
     def invalidate(self) -> None:
-        """Re-list on next use (moves inside sub-folders do not change a top-level folder's time)."""
+        """Re-list on next use (after a move: on a file system with coarse times, a folder's may not change)."""
         self._signature = ()
 
     def present(self) -> frozenset[str]:

@@ -71,15 +71,16 @@ def label_of(rel: str, splits: list[str]) -> str:
     return parts[1] if splits and parts[0] in splits and len(parts) > 2 else parts[0]
 
 
-def list_images(root: Path) -> dict[str, list[str]]:
+def list_images(root: Path, walked: list[Path] | None = None) -> dict[str, list[str]]:
     """Image paths (relative, sorted) per class, and ``unlabeled``; hidden and system names skipped.
 
-    In a data folder laid out by split, a class gathers its images from every split folder.
+    In a data folder laid out by split, a class gathers its images from every split folder. ``walked``
+    receives every folder listed.
     """
     found: dict[str, list[str]] = {}
     unnamed: list[str] = []  # not valid UTF-8: no URL or JSON can name them
     for d in class_folders(root):
-        rels = [f.relative_to(root).as_posix() for f in list_files(d) if f.suffix.lower() in IMAGE_EXTENSIONS]
+        rels = [f.relative_to(root).as_posix() for f in list_files(d, walked) if f.suffix.lower() in IMAGE_EXTENSIONS]
         unnamed += [r for r in rels if not is_utf8(r)]
         if is_utf8(d.name):
             found.setdefault(d.name, []).extend(r for r in rels if is_utf8(r))
