@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -16,15 +18,15 @@ def test_known_values():
     assert m["per_class_accuracy"] == {"a": 0.75, "b": 0.5, "c": 1.0}
     assert m["class_averaged_accuracy"] == pytest.approx((0.75 + 0.5 + 1.0) / 3)
     assert m["confusion_matrix"] == [[3, 1, 0], [1, 1, 0], [0, 0, 2]]
-    assert m["auc"]["c"] == 1.0 and 0.5 < m["auc"]["micro"] < 1.0
-    assert m["auc"]["macro"] == pytest.approx(np.mean([m["auc"][c] for c in classes]))
+    assert m["auc"]["per_class"]["c"] == 1.0 and 0.5 < m["auc"]["micro"] < 1.0
+    assert m["auc"]["macro"] == pytest.approx(np.mean([m["auc"]["per_class"][c] for c in classes]))
 
 
 def test_binary_and_missing_class():
     y = np.array([0, 0, 1, 1])
     scores = np.array([[0.9, 0.1], [0.4, 0.6], [0.3, 0.7], [0.2, 0.8]])
     m = compute_metrics(y, scores, ["ants", "bees"])
-    assert m["auc"]["bees"] == 1.0 and m["overall_accuracy"] == 0.75
+    assert m["auc"]["per_class"]["bees"] == 1.0 and m["overall_accuracy"] == 0.75
     m = compute_metrics(np.array([0, 0]), np.array([[0.9, 0.1], [0.2, 0.8]]), ["ants", "bees"])
     assert m["per_class_accuracy"]["bees"] is None and m["auc"]["micro"] is None
 
@@ -47,9 +49,12 @@ def test_evaluation_figure_stays_readable_with_many_classes(monkeypatch: pytest.
         m = compute_metrics(y, scores, classes)
         assert evaluation_figure(y, scores, m) == evaluation_figure(y, scores, m)  # deterministic
         legend = [t.get_text() for t in figs[-1].axes[0].get_legend().get_texts()]
-        weakest = sorted(classes, key=lambda c: (m["auc"][c], c))[:5]
+        auc = m["auc"]["per_class"]
+        weakest = sorted(classes, key=lambda c: (auc[c], c))[:5]
         expected = classes if k == 3 else sorted(weakest)
-        assert legend == [f"{c} (AUC {m['auc'][c]:.3f})" for c in expected] + [f"micro (AUC {m['auc']['micro']:.3f})"]
+        assert legend == [f"{c} (AUC {auc[c]:.3f})" for c in expected] + [
+            f"micro-average (AUC {m['auc']['micro']:.3f})"
+        ]
     small, large = (f.get_size_inches() for f in figs[::2])
     assert large[0] > small[0] and large[1] > small[1]
     for f in figs:
@@ -70,3 +75,61 @@ def test_printed_summary_lists_the_least_accurate_classes_when_there_are_many():
         assert listed == (classes if k == 3 else ["c02", *classes[:2], *classes[3:10]])
         assert lines[len(listed) + (k > 20)].startswith("Overall accuracy")
         assert (lines[0] == "The 10 least accurate of 30 classes (all in report.html):") == (k > 20)
+
+
+def test_class_names_are_drawn_literally(monkeypatch: pytest.MonkeyPatch):
+    """Dollar signs (mathtext), a leading underscore (matplotlib's "leave out of the legend") and the
+    averages' own names are drawn as written, as every other class name."""
+    import matplotlib.pyplot as plt
+
+    from imgclf.evaluation.report import evaluation_figure
+
+    classes = ["cash$$", "$100_$200", "$x^2$", "_tmp", "micro", "macro"]
+    y = np.repeat(np.arange(len(classes)), 2)
+    scores = np.random.default_rng(0).dirichlet(np.ones(len(classes)), len(y)) + np.eye(len(classes))[y]
+    scores /= scores.sum(1, keepdims=True)
+    m = compute_metrics(y, scores, classes)
+    figs: list = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", figs.append)
+    evaluation_figure(y, scores, m)  # drawn, not a ParseException
+    ax_roc, ax_cm = figs[0].axes
+    legend = ax_roc.get_legend().get_texts()
+    per_class = m["auc"]["per_class"]
+    assert [t.get_text() for t in legend] == [f"{c} (AUC {per_class[c]:.3f})" for c in classes] + [
+        f"micro-average (AUC {m['auc']['micro']:.3f})"
+    ]
+    ticks = [*ax_cm.get_xticklabels(), *ax_cm.get_yticklabels()]
+    assert [t.get_text() for t in ticks] == classes * 2
+    assert not any(t.get_parse_math() for t in [*legend, *ticks])
+    close(figs[0])
+
+
+def test_classes_named_micro_and_macro_keep_their_own_auc():
+    from sklearn.metrics import roc_auc_score
+
+    from imgclf.evaluation.report import summary_lines
+
+    classes = ["micro", "macro", "c"]
+    y = np.array([0, 0, 0, 1, 1, 2, 2, 2])
+    scores = np.random.default_rng(1).dirichlet(np.ones(3), len(y))
+    m = {**compute_metrics(y, scores, classes), "n_test": len(y)}
+    own = {c: roc_auc_score(y == i, scores[:, i]) for i, c in enumerate(classes)}
+    micro = roc_auc_score(np.eye(3)[y].ravel(), scores.ravel())
+    assert own["micro"] != pytest.approx(micro)  # else the test could not tell them apart
+    assert m["auc"]["per_class"] == pytest.approx(own)
+    assert m["auc"]["micro"] == pytest.approx(micro)
+    assert m["auc"]["macro"] == pytest.approx(np.mean(list(own.values())))
+    lines = summary_lines(m)
+    assert f"AUC {own['micro']:.3f})" in lines[0] and f"AUC {own['macro']:.3f})" in lines[1]
+
+
+def test_report_md_escapes_pipes_in_class_names(tmp_path: Path):
+    from imgclf.evaluation.report import write_reports
+
+    y = np.array([0, 0, 1, 1])
+    scores = np.eye(2)[y]
+    m = {**compute_metrics(y, scores, ["a|b", "c"]), "n_train": 4, "n_test": 4}
+    write_reports(tmp_path, y, scores, m, {})
+    rows = [line for line in (tmp_path / "report.md").read_text().splitlines() if line.startswith("| ")]
+    assert rows[1:] == ["| a\\|b | 100.0 % | 2 | 1.000 |", "| c | 100.0 % | 2 | 1.000 |"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import logging
 import os
 import signal
@@ -331,3 +332,71 @@ def test_paired_test_counts_the_images_only_one_run_gets_right():
     assert tests[0].p_value == pytest.approx(2 / 2**8)  # all 8 discordant images one way, either way
     assert tests[1].p_value == pytest.approx(2 * (1 + 8 + 28) / 2**8)  # at most 2 of 8 one way, either way
     assert "other: scored other test images" in notes[0] and "bare: no predictions.csv" in notes[1]
+
+
+def test_metric_keys_stay_apart_when_class_names_do_not():
+    """MLflow refuses ':' and '?' in metric names: both become '_', and the later name gets a number."""
+    import numpy as np
+
+    from imgclf.evaluation.metrics import compute_metrics
+    from imgclf.tracking.store import flat_metrics
+
+    classes = ["a:b", "a?b", "a_b_2", "micro"]
+    y = np.repeat(np.arange(4), 3)
+    pred = np.array([0, 0, 0, 1, 1, 0, 2, 0, 0, 0, 0, 0])  # 3, 2, 1 and 0 of 3 right
+    scores = np.eye(4)[pred] + np.random.default_rng(0).random((len(y), 4))
+    m = compute_metrics(y, scores, classes)
+    flat = flat_metrics(m)
+    acc = m["per_class_accuracy"]
+    assert len(set(acc.values())) == 4  # else a value under the wrong key could go unnoticed
+    assert {k: v for k, v in flat.items() if k.startswith("acc_")} == {
+        "acc_a_b": acc["a:b"],
+        "acc_a_b_2": acc["a?b"],
+        "acc_a_b_2_2": acc["a_b_2"],
+        "acc_micro": acc["micro"],
+    }
+    auc = m["auc"]["per_class"]
+    assert len({*auc.values(), m["auc"]["micro"]}) == 5
+    assert (flat["auc_micro"], flat["auc_macro"]) == (m["auc"]["micro"], m["auc"]["macro"])
+    assert (flat["auc_a_b"], flat["auc_a_b_2"], flat["auc_micro_2"]) == (auc["a:b"], auc["a?b"], auc["micro"])
+    old = {"auc": {"a": 0.7, "micro": 0.6, "macro": 0.7}}  # metrics.json of older runs: one dictionary
+    assert flat_metrics(old) == {"n_skipped": 0, "auc_micro": 0.6, "auc_macro": 0.7, "auc_a": 0.7}
+
+
+def _folder_run(folder: Path, data_root: str, lr: float, predictions: bool = True) -> Path:
+    """A finished run folder as `runs compare` reads it: config.json, metrics.json, predictions.csv."""
+    folder.mkdir(parents=True)
+    config = {"data": {"data_root": data_root}, "train": {"lr": lr}}
+    metrics = {"overall_accuracy": lr, "per_class_accuracy": {"x": 0.5}, "classifier": "svm", "backbone": "b[i]"}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    if predictions:
+        (folder / "predictions.csv").write_text("path,true_label,predicted_label\nx/1.jpg,x,x\n")
+    return folder
+
+
+def test_runs_tables_show_names_as_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    """Brackets in data set names, run folders and parameters are text, not rich markup."""
+    run = {"id": "0" * 32, "date": "2024-01-01 00:00", "kind": "train", "dataset": "photos [v2]"}
+    run |= {"classifier": "svm", "backbone": "misc[/old]", "accuracy": 0.5, "class_averaged_accuracy": None}
+    monkeypatch.setattr("imgclf.tracking.store.list_runs", lambda cfg, limit: [run])
+    assert main(["runs", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "photos [v2]" in out and "misc[/old]" in out
+    a = _folder_run(tmp_path / "misc[" / "old]", "/data/photos [v2]", 0.1)
+    b = _folder_run(tmp_path / "[bold]b", "/data/photos [v3]", 0.2)
+    c = _folder_run(tmp_path / "[i]c", "/data/photos [v3]", 0.2, predictions=False)
+    assert main(["runs", "compare", str(a), str(b), str(c)]) == 0
+    out = capsys.readouterr().out
+    for text in (
+        "misc[/old]",  # run_dir
+        "[bold]b",  # run label and folder
+        "photos [v2]",  # dataset
+        "/data/photos [v3]",  # parameter
+        "b[i]",  # backbone
+        "Paired test against old] on the same test images",
+        "[i]c: no predictions.csv for a paired test with old]",
+    ):
+        assert text in out

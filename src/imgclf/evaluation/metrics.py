@@ -17,6 +17,9 @@ def compute_metrics(
 ) -> dict[str, Any]:
     """Metrics of class scores (n x n_classes) against true class ids; accuracies are fractions 0..1.
 
+    ``auc`` holds the averages ``micro`` and ``macro`` apart from ``per_class``, so that no class name can
+    take an average's place.
+
     With ``memo``, metrics of identical labels and scores are read back (scikit-learn is not even imported).
     """
     y_true, scores = np.asarray(y_true), np.asarray(scores)
@@ -38,13 +41,16 @@ def _compute(y_true: np.ndarray, scores: np.ndarray, classes: list[str]) -> dict
     onehot = label_binarize(y_true, classes=list(range(k)))
     if k == 2:
         onehot = np.hstack([1 - onehot, onehot])
-    auc: dict[str, float | None] = {}
+    per_class_auc: dict[str, float | None] = {}
     for i, c in enumerate(classes):
         both = 0 < onehot[:, i].sum() < len(y_true)
-        auc[c] = float(roc_auc_score(onehot[:, i], scores[:, i])) if both else None
-    auc["micro"] = float(roc_auc_score(onehot.ravel(), scores.ravel())) if len(np.unique(y_true)) > 1 else None
-    per_class_auc = [v for c, v in auc.items() if c != "micro" and v is not None]
-    auc["macro"] = float(np.mean(per_class_auc)) if per_class_auc else None
+        per_class_auc[c] = float(roc_auc_score(onehot[:, i], scores[:, i])) if both else None
+    present_auc = [v for v in per_class_auc.values() if v is not None]
+    auc = {
+        "micro": float(roc_auc_score(onehot.ravel(), scores.ravel())) if len(np.unique(y_true)) > 1 else None,
+        "macro": float(np.mean(present_auc)) if present_auc else None,
+        "per_class": per_class_auc,
+    }
     right = int(np.sum(y_pred == y_true))
     return {
         "overall_accuracy": right / len(y_true),
@@ -67,8 +73,12 @@ def accuracy_interval(right: int, n: int, confidence: float = 0.95) -> list[floa
     return [float(ci.low), float(ci.high)]
 
 
-def roc_curves(y_true: np.ndarray, scores: np.ndarray, classes: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """(fpr, tpr) per class (one vs rest) and micro-averaged."""
+Curve = tuple[np.ndarray, np.ndarray]  # (false positive rate, true positive rate)
+
+
+def roc_curves(y_true: np.ndarray, scores: np.ndarray, classes: list[str]) -> tuple[dict[str, Curve], Curve | None]:
+    """ROC curves per class (one vs rest; classes with no or only positives left out) and micro-averaged
+    (None with a single true class)."""
     from sklearn.metrics import roc_curve
     from sklearn.preprocessing import label_binarize
 
@@ -81,7 +91,7 @@ def roc_curves(y_true: np.ndarray, scores: np.ndarray, classes: list[str]) -> di
         if 0 < onehot[:, i].sum() < len(y_true):
             fpr, tpr, _ = roc_curve(onehot[:, i], scores[:, i])
             curves[c] = (fpr, tpr)
-    if len(np.unique(y_true)) > 1:
-        fpr, tpr, _ = roc_curve(onehot.ravel(), scores.ravel())
-        curves["micro"] = (fpr, tpr)
-    return curves
+    if len(np.unique(y_true)) < 2:
+        return curves, None
+    fpr, tpr, _ = roc_curve(onehot.ravel(), scores.ravel())
+    return curves, (fpr, tpr)

@@ -16,6 +16,11 @@ from imgclf.evaluation.metrics import roc_curves
 from imgclf.utils import Memo, atomic_write_bytes, atomic_write_text
 
 
+def md_cell(text: str) -> str:
+    """``text`` for a Markdown table cell: a ``|`` in it escaped, so that it does not end the cell."""
+    return text.replace("|", "\\|")
+
+
 def _fmt(v: float | None, pct: bool = True) -> str:
     if v is None:
         return "n/a"
@@ -38,20 +43,23 @@ def evaluation_figure(y_true: np.ndarray, scores: np.ndarray, metrics: dict[str,
     cm = np.asarray(metrics["confusion_matrix"])
     side = max(5.2, 0.2 * k + 2.0)  # the confusion matrix gets about 0.2 inch a class
     fig, (ax_roc, ax_cm) = plt.subplots(1, 2, figsize=(6.5 + side, side), width_ratios=[6.0, side])
-    curves = roc_curves(y_true, scores, classes)
-    auc = metrics["auc"]
-    labelled = {c for c in curves if c != "micro"}
+    curves, micro = roc_curves(y_true, scores, classes)
+    auc = metrics["auc"]["per_class"]
+    labelled = set(curves)
     if k > MANY_CLASSES:  # a legend of every class is unreadable: label the five weakest, draw the rest faintly
-        labelled = set(sorted(labelled, key=lambda c: (auc.get(c) or 0.0, c))[:5])
+        labelled = set(sorted(labelled, key=lambda c: (auc[c], c))[:5])
+    # Legend entries are given explicitly: matplotlib leaves out a label starting with "_" (a class name too).
+    handles: list[Any] = []
+    labels: list[str] = []
     for name, (fpr, tpr) in curves.items():
-        if name == "micro":
-            style: dict[str, Any] = {"linestyle": "--", "color": "black", "zorder": 3}
-        elif name in labelled:
-            style = {"linewidth": 1.5}
+        if name in labelled:
+            handles += ax_roc.plot(fpr, tpr, linewidth=1.5)
+            labels.append(f"{name} (AUC {_fmt(auc[name], False)})")
         else:
-            style = {"color": "tab:blue", "alpha": 0.25, "linewidth": 0.8}
-        label = f"{name} (AUC {_fmt(auc.get(name), False)})" if name in labelled or name == "micro" else None
-        ax_roc.plot(fpr, tpr, label=label, **style)
+            ax_roc.plot(fpr, tpr, color="tab:blue", alpha=0.25, linewidth=0.8)
+    if micro is not None:
+        handles += ax_roc.plot(*micro, linestyle="--", color="black", zorder=3)
+        labels.append(f"micro-average (AUC {_fmt(metrics['auc']['micro'], False)})")
     ax_roc.plot([0, 1], [0, 1], color="grey", linewidth=0.8)
     ax_roc.set(
         xlabel="false positive rate",
@@ -61,7 +69,8 @@ def evaluation_figure(y_true: np.ndarray, scores: np.ndarray, metrics: dict[str,
         ylim=(0, 1.01),
     )
     ax_roc.set_box_aspect(1)
-    ax_roc.legend(loc="lower right", fontsize=8)
+    for text in ax_roc.legend(handles, labels, loc="lower right", fontsize=8).get_texts():
+        text.set_parse_math(False)  # class names as written: a "$" is no mathtext
     ax_cm.imshow(cm, cmap="Blues")
     ax_cm.set(
         xticks=range(k),
@@ -71,8 +80,10 @@ def evaluation_figure(y_true: np.ndarray, scores: np.ndarray, metrics: dict[str,
         title="confusion matrix",
     )
     font = 8 if k <= MANY_CLASSES else 6
-    ax_cm.set_xticklabels(classes, rotation=45 if k <= MANY_CLASSES else 90, ha="right", fontsize=font)
-    ax_cm.set_yticklabels(classes, fontsize=font)
+    ax_cm.set_xticklabels(
+        classes, rotation=45 if k <= MANY_CLASSES else 90, ha="right", fontsize=font, parse_math=False
+    )
+    ax_cm.set_yticklabels(classes, fontsize=font, parse_math=False)
     for i in range(k):
         for j in range(k):
             if cm[i, j] or k <= MANY_CLASSES:  # many classes: zeros left blank
@@ -92,16 +103,14 @@ def summary_lines(metrics: dict[str, Any], max_classes: int = SUMMARY_CLASSES_MA
     """
     lines = []
     classes = list(metrics["classes"])
-    acc = metrics["per_class_accuracy"]
+    acc, auc = metrics["per_class_accuracy"], metrics["auc"]["per_class"]
     if len(classes) > max_classes:
         classes = sorted(classes, key=lambda c: (acc[c] if acc[c] is not None else 2.0, c))[: max_classes // 2]
         lines.append(f"The {len(classes)} least accurate of {len(metrics['classes'])} classes (all in report.html):")
     width = max(len(c) for c in classes)
     for c in classes:
         n = metrics["per_class_support"][c]
-        lines.append(
-            f"Class {c:<{width}}: accuracy {_fmt(acc[c]):>8} (n={n}, AUC {_fmt(metrics['auc'].get(c), False)})"
-        )
+        lines.append(f"Class {c:<{width}}: accuracy {_fmt(acc[c]):>8} (n={n}, AUC {_fmt(auc[c], False)})")
     lines.append(
         f"Overall accuracy       : {_fmt(metrics['overall_accuracy'])} (n={metrics['n_test']}{_interval(metrics)})"
     )
@@ -150,7 +159,7 @@ def write_reports(
     figures = {"ROC curves and confusion matrix": fig_path, **(extra_figures or {})}
     rows = "".join(
         f"<tr><td>{html.escape(c)}</td><td>{_fmt(metrics['per_class_accuracy'][c])}</td>"
-        f"<td>{metrics['per_class_support'][c]}</td><td>{_fmt(metrics['auc'].get(c), False)}</td></tr>"
+        f"<td>{metrics['per_class_support'][c]}</td><td>{_fmt(metrics['auc']['per_class'][c], False)}</td></tr>"
         for c in metrics["classes"]
     )
     skipped = metrics.get("skipped", [])
@@ -201,8 +210,8 @@ macro {_fmt(metrics["auc"]["macro"], False)}; {metrics["n_train"]} training and 
         "|---|---|---|---|",
     ]
     md += [
-        f"| {c} | {_fmt(metrics['per_class_accuracy'][c])} | {metrics['per_class_support'][c]} | "
-        f"{_fmt(metrics['auc'].get(c), False)} |"
+        f"| {md_cell(c)} | {_fmt(metrics['per_class_accuracy'][c])} | {metrics['per_class_support'][c]} | "
+        f"{_fmt(metrics['auc']['per_class'][c], False)} |"
         for c in metrics["classes"]
     ]
     md += ["", *[f"![{title}]({p.name})" for title, p in figures.items()], "", f"## Skipped files ({len(skipped)})", ""]

@@ -28,6 +28,7 @@ def _list_cell(value: object) -> str:
 
 
 def _list(args: argparse.Namespace) -> int:
+    from rich.markup import escape
     from rich.table import Table
 
     from imgclf.tracking.compare import table_csv, table_markdown
@@ -38,13 +39,13 @@ def _list(args: argparse.Namespace) -> int:
     if not runs:
         print(f"no runs recorded in {tracking_uri(cfg)} (experiment {cfg.experiment!r})")
         return 0
-    table = Table(title=f"Latest runs in {tracking_uri(cfg)}")
+    table = Table(title=f"Latest runs in {escape(tracking_uri(cfg))}")
     for col in runs[0]:
         table.add_column(
             col.replace("_", " "), justify="right" if "accuracy" in col else "left", no_wrap=col in ("id", "date")
         )
     for run in runs:
-        cells = [_list_cell(v) for v in run.values()]
+        cells = [escape(_list_cell(v)) for v in run.values()]
         table.add_row(run["id"][:ID_SHOWN], *cells[1:])
     console().print(table)
     _write_outputs(args, table_csv(runs), table_markdown(runs))
@@ -52,6 +53,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
+    from rich.markup import escape
     from rich.table import Table
 
     from imgclf.tracking.compare import (
@@ -76,7 +78,7 @@ def _compare(args: argparse.Namespace) -> int:
     for col in ("run", *TAG_COLUMNS):
         runs.add_column(col)
     for r in records:
-        runs.add_row(r.label, *(r.tags.get(k, "") for k in TAG_COLUMNS))
+        runs.add_row(escape(r.label), *(escape(r.tags.get(k, "")) for k in TAG_COLUMNS))
     out.print(runs)
     rows = compare(records, all_params=args.all_params)
     titles = {**TITLES, "metric": "Metrics (best ★)", "class accuracy": "Accuracy per class (best ★)"}
@@ -85,15 +87,16 @@ def _compare(args: argparse.Namespace) -> int:
         table = Table(title=titles[section])
         table.add_column("name")
         for label in labels:
-            table.add_column(label, justify="left" if section == "parameter" else "right")
+            table.add_column(escape(label), justify="left" if section == "parameter" else "right")
         chosen = [r for r in rows if r.section == section]
         for row in chosen:
-            cells = [format_value(row, v) for v in row.values]
+            cells = [escape(format_value(row, v)) for v in row.values]
             if section == "parameter":
-                table.add_row(row.name, *cells, style="bold yellow" if any(row.marked) else None)
+                table.add_row(escape(row.name), *cells, style="bold yellow" if any(row.marked) else None)
             else:
                 table.add_row(
-                    row.name, *(f"[bold green]{c} ★[/]" if m else c for c, m in zip(cells, row.marked, strict=True))
+                    escape(row.name),
+                    *(f"[bold green]{c} ★[/]" if m else c for c, m in zip(cells, row.marked, strict=True)),
                 )
         if chosen:
             out.print(table)
@@ -101,16 +104,17 @@ def _compare(args: argparse.Namespace) -> int:
             out.print("the runs have the same parameters")
     tests, notes = paired_tests(records)
     if tests:
-        table = Table(title=f"Paired test against {labels[0]} on the same test images (exact McNemar)")
-        for col in ("run", "test images", f"right here, wrong in {labels[0]}", "wrong here, right there", "p"):
+        base = escape(labels[0])
+        table = Table(title=f"Paired test against {base} on the same test images (exact McNemar)")
+        for col in ("run", "test images", f"right here, wrong in {base}", "wrong here, right there", "p"):
             table.add_column(col, justify="left" if col == "run" else "right")
         table.add_column("verdict")
         for t in tests:
             verdict = "a clear difference" if t.p_value < 0.05 else "within chance (p >= 0.05)"
-            table.add_row(t.label, str(t.n), str(t.gained), str(t.lost), f"{t.p_value:.3g}", verdict)
+            table.add_row(escape(t.label), str(t.n), str(t.gained), str(t.lost), f"{t.p_value:.3g}", verdict)
         out.print(table)
     for note in notes:
-        out.print(f"paired test: {note}")
+        out.print(f"paired test: {escape(note)}")
     markdown = to_markdown(rows, labels) + (f"\n{paired_markdown(tests, labels[0])}" if tests else "")
     _write_outputs(args, to_csv(rows, labels), markdown)
     return 0

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imgclf.config import TrackingConfig, field_index
+from imgclf.evaluation.report import md_cell
 from imgclf.tracking.store import (
     TrackingError,
     connect,
@@ -150,12 +151,12 @@ def paired_tests(records: Sequence[RunRecord]) -> tuple[list[PairedTest], list[s
 def paired_markdown(tests: Sequence[PairedTest], base: str) -> str:
     """The paired tests as a Markdown table."""
     lines = [
-        f"### Paired test against {_md_cell(base)} (same test images, exact McNemar)",
+        f"### Paired test against {md_cell(base)} (same test images, exact McNemar)",
         "",
         "| run | test images | right only here | right only in the first | p |",
         "|---|---|---|---|---|",
     ]
-    lines += [f"| {_md_cell(t.label)} | {t.n} | {t.gained} | {t.lost} | {t.p_value:.3g} |" for t in tests]
+    lines += [f"| {md_cell(t.label)} | {t.n} | {t.gained} | {t.lost} | {t.p_value:.3g} |" for t in tests]
     return "\n".join(lines) + "\n"
 
 
@@ -230,10 +231,6 @@ def to_csv(rows: Sequence[Row], labels: Sequence[str]) -> str:
     return buf.getvalue()
 
 
-def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|")
-
-
 def to_markdown(rows: Sequence[Row], labels: Sequence[str]) -> str:
     """One Markdown table per section; differing parameters and best values in bold."""
     parts = []
@@ -244,13 +241,13 @@ def to_markdown(rows: Sequence[Row], labels: Sequence[str]) -> str:
         lines = [
             f"### {TITLES[section]}",
             "",
-            "| name | " + " | ".join(map(_md_cell, labels)) + " |",
+            "| name | " + " | ".join(map(md_cell, labels)) + " |",
             "|---" * (len(labels) + 1) + "|",
         ]
         for row in chosen:
-            cells = [_md_cell(format_value(row, v)) for v in row.values]
+            cells = [md_cell(format_value(row, v)) for v in row.values]
             cells = [f"**{c}**" if m else c for c, m in zip(cells, row.marked, strict=True)]
-            lines.append(f"| {_md_cell(row.name)} | " + " | ".join(cells) + " |")
+            lines.append(f"| {md_cell(row.name)} | " + " | ".join(cells) + " |")
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
 
@@ -272,5 +269,5 @@ def table_markdown(records: Sequence[dict[str, object]]) -> str:
     keys = list(records[0])
     lines = ["| " + " | ".join(keys) + " |", "|---" * len(keys) + "|"]
     for r in records:
-        lines.append("| " + " | ".join(_md_cell("" if r[k] is None else str(r[k])) for k in keys) + " |")
+        lines.append("| " + " | ".join(md_cell("" if r[k] is None else str(r[k])) for k in keys) + " |")
     return "\n".join(lines) + "\n"

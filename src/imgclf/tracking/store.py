@@ -99,15 +99,33 @@ def metric_name(name: str) -> str:
 
 
 def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """The numbers of a ``metrics.json``: accuracies, ``acc_<class>``, ``auc_<class|micro|macro>``, counts,
-    ``time_<step>_s``."""
-    keys = ("overall_accuracy", "class_averaged_accuracy", "n_train", "n_test")
-    out: dict[str, Any] = {k: metrics.get(k) for k in keys}
-    out["n_skipped"] = len(metrics.get("skipped", []))
-    out |= {f"acc_{c}": v for c, v in metrics.get("per_class_accuracy", {}).items()}
-    out |= {f"auc_{c}": v for c, v in metrics.get("auc", {}).items()}
-    out |= {f"time_{k}": v for k, v in metrics.get("timings_s", {}).items()}
-    return {metric_name(k): float(v) for k, v in out.items() if v is not None}
+    """The numbers of a ``metrics.json``: accuracies, counts, ``auc_micro``, ``auc_macro``, ``acc_<class>``,
+    ``auc_<class>``, ``time_<step>_s``.
+
+    Names that come out the same once made valid for MLflow (classes ``a:b`` and ``a?b``, a class ``micro``)
+    stay apart: the later one gets ``_2`` (``_3``, ...).
+    """
+    auc = metrics.get("auc", {})
+    # metrics.json of older runs: the averages among the classes in one dictionary
+    per_class_auc = auc.get("per_class", {c: v for c, v in auc.items() if c not in ("micro", "macro")})
+    named = [
+        *((k, metrics.get(k)) for k in ("overall_accuracy", "class_averaged_accuracy", "n_train", "n_test")),
+        ("n_skipped", len(metrics.get("skipped", []))),
+        ("auc_micro", auc.get("micro")),
+        ("auc_macro", auc.get("macro")),
+        *((f"acc_{c}", v) for c, v in metrics.get("per_class_accuracy", {}).items()),
+        *((f"auc_{c}", v) for c, v in per_class_auc.items()),
+        *((f"time_{k}", v) for k, v in metrics.get("timings_s", {}).items()),
+    ]
+    out: dict[str, Any] = {}
+    for name, value in named:  # a name is taken even without a value, so that runs number classes alike
+        key = base = metric_name(name)
+        n = 1
+        while key in out:
+            n += 1
+            key = f"{base}_{n}"
+        out[key] = value
+    return {k: float(v) for k, v in out.items() if v is not None}
 
 
 def run_tags(kind: str, cfg: Config, result: RunResult, on_train: bool) -> dict[str, str]:
