@@ -122,7 +122,12 @@ def _identity(cfg: Config, backbone: Backbone, rels: list[str]) -> dict[str, Any
     digest, and the settings themselves, to say what differs."""
     ft = cfg.finetune.model_dump(mode="json", exclude={"resume"})
     key = json.dumps([ft, backbone.spec(), cfg.output.seed, rels], sort_keys=True)
-    settings = {**ft, "backbone": backbone.name, "weights": backbone.weights_id, **dataclasses.asdict(backbone.preprocess)}
+    settings = {
+        **ft,
+        "backbone": backbone.name,
+        "weights": backbone.weights_id,
+        **dataclasses.asdict(backbone.preprocess),
+    }
     settings |= {"seed": cfg.output.seed, "training images": len(rels)}
     return {"fingerprint": hashlib.sha256(key.encode()).hexdigest()[:16], "settings": settings}
 
