@@ -261,7 +261,7 @@ def sidecar(bundle: Bundle, fmt: str, precision: str, files: list[Path], parity:
     return doc
 
 
-def _check_sidecar_free(out: Path, names: list[str]) -> None:
+def _check_sidecar_free(out: Path, names: list[str], fmt: str) -> None:
     """Refuse an export whose sidecar (``<out stem>.json``) already describes other model files."""
     side = out.with_suffix(".json")
     if not side.exists():
@@ -273,7 +273,8 @@ def _check_sidecar_free(out: Path, names: list[str]) -> None:
     if owner != names:
         raise ExportError(
             f"{side} exists and does not describe {out.name} (it lists {owner}): exporting would replace it. "
-            "Choose an --out with another file stem, or move that file away."
+            f"Give another file name (e.g. --out {out.with_name(f'{out.stem}-{fmt}{out.suffix}')}), or move "
+            "that file away."
         )
 
 
@@ -293,16 +294,17 @@ def export_model(
     run_dir, out = Path(run_dir), Path(out)
     if fmt not in PRECISIONS:
         raise ExportError(f"unknown export format {fmt!r}: use one of {', '.join(PRECISIONS)}")
-    if folder:  # the file goes into it, named after the run
+    if folder:  # the file goes into it, named after the run (and the precision, unless fp32)
         run = run_dir.resolve()
-        out = out / f"{(run.parent if run.name == BUNDLE_DIR else run).name}{_SUFFIXES[fmt]}"
+        tag = "" if precision == "fp32" else f"-{precision}"
+        out = out / f"{(run.parent if run.name == BUNDLE_DIR else run).name}{tag}{_SUFFIXES[fmt]}"
     if precision not in PRECISIONS[fmt]:
         raise ExportError(f"{fmt} export supports precision {', '.join(PRECISIONS[fmt])}, not {precision}")
     if fmt == "openvino" and out.suffix != ".xml":
         raise ExportError(f"an OpenVINO export is an .xml + .bin pair: --out must end in .xml ({out.name})")
     if out.suffix == ".json":
         raise ExportError("--out must not end in .json (that name is used by the sidecar)")
-    _check_sidecar_free(out, [out.with_suffix(".bin").name, out.name] if fmt == "openvino" else [out.name])
+    _check_sidecar_free(out, [out.with_suffix(".bin").name, out.name] if fmt == "openvino" else [out.name], fmt)
     bundle = Bundle.load(run_dir)
     check_dir = Path(check_images) if check_images else None
     images, source = parity_images(bundle, run_dir, check_dir, max_check_images)
