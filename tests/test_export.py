@@ -156,7 +156,7 @@ def test_torchscript_export_checks_on_the_test_split(
     with pytest.raises(ExportError, match=r"run.json exists .* \(e.g. --out .*folder/run-onnx.onnx\)"):
         export_model(run, "onnx", tmp_path / "folder")  # another format into the same folder: a name to give
     (tmp_path / "folder" / "run-int8.json").write_text('{"files": ["other.onnx"]}')
-    with pytest.raises(ExportError, match="run-int8.json exists"):  # int8 beside fp32: named apart
+    with pytest.raises(ExportError, match=r"run-int8\.json exists"):  # int8 beside fp32: named apart
         export_model(run, "onnx", tmp_path / "folder", precision="int8")
     assert main(["export", str(run), "--format", "torchscript", "--out", f"{tmp_path / 'new'}/"]) == 0
     assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["run.json", "run.pt"]
