@@ -104,6 +104,17 @@ def test_bundle_reload_and_evaluate_reproduce(run):
     assert (result.run_dir / "train_metrics.json").is_file() and on_train.metrics["n_test"] == result.metrics["n_train"]
 
 
+def test_model_id_changes_with_any_part_of_the_head(run):
+    import dataclasses
+
+    _, result, _ = run
+    bundle, head = result.bundle, result.bundle.head
+    other_bias = dataclasses.replace(bundle, head=dataclasses.replace(head, bias=head.bias + 1))
+    unnormalised = dataclasses.replace(bundle, head=dataclasses.replace(head, l2_normalize=not head.l2_normalize))
+    assert len({bundle.model_id, other_bias.model_id, unnormalised.model_id}) == 3
+    assert Bundle.load(result.run_dir).model_id == bundle.model_id
+
+
 def test_a_damaged_bundle_is_named_not_a_traceback(run, tmp_path, capsys):
     import shutil
 

@@ -64,7 +64,15 @@ class Bundle:
     @property
     def model_id(self) -> str:
         """Short content id of the bundle (changes whenever the head or the backbone weights change)."""
-        digest = np.asarray(self.head.weight, np.float32).tobytes() + self.backbone_spec["weights_id"].encode()
+        head = self.head
+        digest = b"".join(
+            [
+                np.asarray(head.weight, np.float32).tobytes(),
+                np.asarray(head.bias, np.float32).tobytes(),
+                bytes([head.l2_normalize]),
+                self.backbone_spec["weights_id"].encode(),
+            ]
+        )
         return hashlib.sha256(digest).hexdigest()[:12]
 
     def build_backbone(self) -> Backbone:
