@@ -150,6 +150,24 @@ def test_no_validation_part_keeps_the_last_epoch(demo: Path, tmp_path: Path, cap
     assert all(p.scores is not None for p in preds)
 
 
+def test_train_groups_leave_the_lower_groups_as_they_were(demo: Path, tmp_path: Path) -> None:
+    """--train-groups 1 --no-freeze-bn: the last group trains, batch-norm statistics included; the lower
+    groups keep their weights and their statistics."""
+    from imgclf.backbones import create_backbone
+    from imgclf.finetune.trainer import layer_groups
+
+    res = train(_cfg(demo, tmp_path / "run", epochs=1, val_fraction=0.0, train_groups=1, freeze_bn=False))
+    pretrained = create_backbone("efficientnet_lite0").model
+    before, after = pretrained.state_dict(), res.bundle.backbone_state
+    assert after is not None
+    groups = layer_groups(pretrained)
+    modules = [{name.rsplit(".", 1)[0] for name in group} for group in (groups[0], groups[-1])]
+    first, last = ([k for k in before if k.rsplit(".", 1)[0] in m] for m in modules)
+    assert any(k.endswith("running_mean") for k in first) and any(k.endswith("running_mean") for k in last)
+    assert all(torch.equal(before[k], after[k]) for k in first)
+    assert not all(torch.equal(before[k], after[k]) for k in last if k.endswith(("weight", "running_mean")))
+
+
 def test_resume_after_interruption(demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def crash(epoch: int, row: dict[str, float]) -> None:
         if epoch == 1:

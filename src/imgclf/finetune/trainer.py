@@ -549,10 +549,11 @@ def _train(
         model.train()
         if head_only:
             model.backbone.eval()  # frozen: keep the pretrained batch-norm statistics
-        elif ft.freeze_bn:
+        else:  # keep the pretrained statistics (the affine weights still train), always in frozen groups
             for m in model.backbone.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()  # keep the pretrained statistics; the affine weights still train
+                frozen = not any(p.requires_grad for p in m.parameters())
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and (ft.freeze_bn or frozen):
+                    m.eval()
         t0, seen, step, lr_sum = time.perf_counter(), 0, 0, 0.0
         # summed on the device: reading a value back each step would stall a GPU until it drains
         loss_sum = torch.zeros((), dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
