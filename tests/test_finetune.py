@@ -188,9 +188,10 @@ def test_resume_after_interruption(demo: Path, tmp_path: Path, monkeypatch: pyte
     )
     with pytest.raises(ValueError, match=r"another fine-tuning run \(weights pypi:.* -> file:"):
         train(cfg.updated(resume=True, weights=tmp_path / "w.pt"))  # not blamed on the images
+    (tmp_path / "run" / "leaks.csv").write_text("left by an earlier run\n")
     res = train(cfg.updated(resume=True))
     rows = _log(res.run_dir)
-    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3] and not (tmp_path / "run" / "leaks.csv").exists()
     _, preds = predict(res.run_dir, [demo])
     assert all(p.scores is not None for p in preds)
 

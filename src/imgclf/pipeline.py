@@ -39,14 +39,8 @@ from imgclf.utils import Memo, atomic_write_text, default_cache_dir, display_pat
 log = logging.getLogger("imgclf")
 LOGGED_MAX = 20  # skipped files and notes printed; all of them go to the report and metrics.json
 # Results an earlier run in the same folder may have left that a new run does not always rewrite.
-EARLIER_OUTPUTS = (
-    "leaks.csv",
-    "label_conflicts.csv",
-    "finetune_log.csv",
-    "finetune_curves.png",
-    "train_metrics.json",
-    "train_predictions.csv",
-)
+FINETUNE_OUTPUTS = ("finetune_log.csv", "finetune_curves.png")
+EARLIER_OUTPUTS = ("leaks.csv", "label_conflicts.csv", *FINETUNE_OUTPUTS, "train_metrics.json", "train_predictions.csv")
 
 
 @dataclass
@@ -201,9 +195,15 @@ def _write_pairs(path: Path, header: tuple[str, str, str], rows: list[tuple[str,
     atomic_write_text(path, buf.getvalue())
 
 
-def _remove_earlier_outputs(run_dir: Path) -> None:
-    """Remove the results of an earlier run in ``run_dir`` that this run might not replace (stale curves, leaks)."""
-    earlier = [run_dir / name for name in EARLIER_OUTPUTS if (run_dir / name).is_file()]
+def _remove_earlier_outputs(run_dir: Path, resuming: bool) -> None:
+    """Remove the results of an earlier run in ``run_dir`` that this run might not replace (stale curves, leaks);
+    ``resuming`` an interrupted fine-tuning keeps its log and curves."""
+    kept: tuple[str, ...] = ()
+    if resuming:
+        from imgclf.finetune.trainer import CKPT_NAME
+
+        kept = FINETUNE_OUTPUTS if (run_dir / CKPT_NAME).is_file() else ()
+    earlier = [run_dir / name for name in EARLIER_OUTPUTS if name not in kept and (run_dir / name).is_file()]
     if earlier:
         log.info(
             "run folder %s: removing results of the earlier run there: %s", run_dir, ", ".join(p.name for p in earlier)
@@ -281,8 +281,7 @@ def _train(cfg: Config, run_dir: Path, t0: float) -> RunResult:
     timings: dict[str, float] = {}
     ds = scan_dataset(cfg.data)
     ds, split = leave_out_untrained(ds, make_split(ds, cfg.data))
-    if not cfg.finetune.resume:
-        _remove_earlier_outputs(run_dir)
+    _remove_earlier_outputs(run_dir, cfg.finetune.resume)
     save_split(run_dir / "split.csv", ds, split)
     cfg = cfg.updated(data_root=ds.root)
     cfg.save(run_dir / "config.json")
