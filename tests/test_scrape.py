@@ -315,3 +315,10 @@ def test_non_numeric_paging_keeps_the_results_so_far(bad: object, caplog: pytest
         ),
     ):
         BingProvider(client, "http://search", POLICY, key="k").search("q", 10)
+    with _answering([openverse(1, 3), {"results": 7}]) as client:  # a list that is none
+        provider = OpenverseProvider(client, "http://search", POLICY)
+        provider.page_size = 2
+        assert [r.url for r in provider.search("q", 6)] == ["http://img/1-0.jpg", "http://img/1-1.jpg"]
+    assert "malformed answer (results '7' is not a list)" in caplog.text
+    with _answering([{"value": 7}]) as client, pytest.raises(ProviderError, match="value '7' is not a list"):
+        BingProvider(client, "http://search", POLICY, key="k").search("q", 10)

@@ -76,6 +76,18 @@ class Provider(ABC):
             )
             return self._give_up(error, found)
 
+    def _page_items(self, data: Mapping[str, Any], key: str, path: str, query: str, found: int) -> list[Any] | None:
+        """The list ``data[key]`` ([] where absent or empty); where it is no list, the answer is malformed:
+        None (with a warning) after some results, else ProviderError."""
+        items = data.get(key) or []
+        if isinstance(items, list):
+            return items
+        error = ProviderError(
+            f"{self.name} search for {query!r} at {self.base_url + path} failed: "
+            f"malformed answer ({key} {str(items)[:40]!r} is not a list)"
+        )
+        return self._give_up(error, found)
+
     @staticmethod
     def _give_up(error: ProviderError, found: int) -> None:
         """Stop paging: raise ``error`` where nothing was found yet, else warn and keep the results."""
@@ -134,7 +146,10 @@ class OpenverseProvider(Provider):
             data = self._next_page(path, query, params, self._headers, len(results))
             if data is None:
                 break
-            items = [it for it in data.get("results") or [] if isinstance(it, dict) and it.get("url")]
+            raw = self._page_items(data, "results", path, query, len(results))
+            if raw is None:
+                break
+            items = [it for it in raw if isinstance(it, dict) and it.get("url")]
             results += [
                 Result(
                     str(it["url"]),
@@ -192,7 +207,9 @@ class BingProvider(Provider):
             data = self._next_page(path, query, params, self._headers, len(results))
             if data is None:
                 break
-            raw = data.get("value") or []
+            raw = self._page_items(data, "value", path, query, len(results))
+            if raw is None:
+                break
             items = [it for it in raw if isinstance(it, dict) and it.get("contentUrl")]
             results += [
                 Result(str(it["contentUrl"]), str(it.get("hostPageUrl") or ""), "", "", str(it.get("name") or ""))
