@@ -264,7 +264,8 @@ def test_bad_requests_elsewhere(client: httpx.Client) -> None:
     r = client.post("/score", json={"input_df": [{"image": "abc"}]})
     assert r.status_code == 400 and "image base64 string" in r.json()["detail"]
     assert client.get("/no/such/route").json()["error"] == "http_error"
-    assert client.get("/v1/predict").status_code == 405
+    wrong_method = client.get("/v1/predict")
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
     assert "oversized" in client.post("/v1/predict", **BAD_REQUESTS["pixel_limit"][0]).json()["detail"]
 
 

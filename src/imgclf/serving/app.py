@@ -278,7 +278,9 @@ def create_app(bundle: Bundle | str | Path, cfg: Config | None = None) -> FastAP
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        return _error(e.status_code, "http_error", str(e.detail))
+        response = _error(e.status_code, "http_error", str(e.detail))
+        response.headers.update(e.headers or {})  # e.g. Allow of a 405
+        return response
 
     @app.exception_handler(Exception)
     async def _server_error(_: Request, e: Exception) -> JSONResponse:
