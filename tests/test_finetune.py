@@ -91,6 +91,7 @@ def test_bf16_autocast_trains_on_cpu(demo: Path, tmp_path: Path, caplog: pytest.
     with caplog.at_level(logging.INFO, logger="imgclf"):
         res = train(_cfg(demo, tmp_path / "run", precision="bf16", epochs=1))
     assert "training precision: bf16 autocast" in caplog.text
+    assert "validation images choose the best epoch and stop early" in caplog.text  # the demo's few images
     rows = _log(res.run_dir)
     assert len(rows) == 1 and math.isfinite(float(rows[0]["train_loss"])) and math.isfinite(float(rows[0]["val_loss"]))
     _, preds = predict(res.run_dir, [demo])
@@ -141,6 +142,7 @@ def test_no_validation_part_keeps_the_last_epoch(demo: Path, tmp_path: Path, cap
     with caplog.at_level(logging.INFO, logger="imgclf"):
         res = train(_cfg(demo, tmp_path / "run", val_fraction=0.0))
     assert "epoch 2/2: train loss" in caplog.text and "| no validation part |" in caplog.text
+    assert "choose the best epoch" not in caplog.text
     assert "training precision: fp32" in caplog.text  # precision auto on the CPU
     rows = _log(res.run_dir)
     assert [int(r["epoch"]) for r in rows] == [1, 2]

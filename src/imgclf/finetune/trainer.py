@@ -42,6 +42,7 @@ log = logging.getLogger("imgclf")
 
 LOG_FIELDS = ("epoch", "lr", "train_loss", "train_error", "val_loss", "val_error", "img_per_s", "seconds")
 CKPT_NAME = "finetune_ckpt.pt"
+FEW_VALIDATION_IMAGES = 20  # fewer: one image moves the validation error by more than 5 points
 EpochHook = Callable[[int, dict[str, float]], None]
 
 
@@ -337,6 +338,14 @@ def finetune(
         if len(fit_idx) < 2:
             raise ValueError("fine-tuning needs at least two decodable training images")
         log.info("fine-tuning on %d images, validating on %d (%s)", len(fit_idx), len(val_idx), device)
+        if 0 < len(val_idx) < FEW_VALIDATION_IMAGES:
+            log.warning(
+                "warning: only %d validation images choose the best epoch and stop early (one image is %.0f %% "
+                "of them): their choice is noisy; with more images it steadies, and --val-fraction 0 keeps the "
+                "last epoch instead",
+                len(val_idx),
+                100 / len(val_idx),
+            )
         if ckpt is None and ft.head_init == "linear_probe":
             _linear_probe_init(cfg, ds, fit_idx, backbone, model.fc)
         fit = CacheLoader(cache, np.array([row_of[int(i)] for i in fit_idx]), labels_all[fit_idx], device)
