@@ -122,6 +122,26 @@ def test_every_training_image_is_in_a_batch_of_two_or_more() -> None:
         Config().updated(ft_batch_size=1)
 
 
+def test_balanced_classes_validate_by_the_class_averaged_error(
+    demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import imgclf.finetune.trainer as trainer
+
+    y, pred = np.array([0, 0, 0, 1]), np.array([0, 0, 0, 0])
+    assert trainer.error_rate(y, pred) == 0.25 and trainer.error_rate(y, pred, balanced=True) == 0.5
+    asked: list[bool] = []
+    real = trainer.error_rate
+
+    def spy(y_true: np.ndarray, y_pred: np.ndarray, balanced: bool = False) -> float:
+        asked.append(balanced)
+        return real(y_true, y_pred, balanced)
+
+    monkeypatch.setattr(trainer, "error_rate", spy)
+    train(_cfg(demo, tmp_path / "run", epochs=1, balance_classes=True))
+    train(_cfg(demo, tmp_path / "plain", epochs=1))
+    assert asked and set(asked[: len(asked) // 2]) == {True} and set(asked[len(asked) // 2 :]) == {False}
+
+
 def test_one_image_is_within_noise() -> None:
     """One image more than a zero (or one) error minimum is noise on a small validation part; two are not."""
     assert within_noise(1 / 18, 0.0, 18, 1.0)

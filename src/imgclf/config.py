@@ -191,7 +191,9 @@ class FinetuneConfig(_Section):
     aug_rotate: float = Field(
         10.0, ge=0, le=180, description="Augment: random rotation up to this many degrees (0 = off)."
     )
-    balance_classes: bool = Field(False, description="Draw training images with class-balancing weights.")
+    balance_classes: bool = Field(
+        False, description="Draw training images with class-balancing weights; validate by class-averaged error."
+    )
     compile: bool = Field(False, description="torch.compile the model (GPU; slower start, faster epochs).")
     resume: bool = Field(False, description="Resume an interrupted fine-tuning run from its last checkpoint.")
 

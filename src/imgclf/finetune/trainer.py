@@ -482,18 +482,31 @@ def _evaluate(
     norm: Normalizer,
     batch_size: int,
     autocast: Callable[[], contextlib.AbstractContextManager[Any]],
+    balanced: bool = False,
 ) -> tuple[float, float]:
-    """(mean cross-entropy, error rate) on the validation part, eval-time view."""
+    """(mean cross-entropy, error rate) on the validation part, eval-time view; ``balanced``: the error
+    averaged over classes, each class counting the same."""
     model.eval()
-    loss_sum, wrong, n = 0.0, 0, 0
+    loss_sum, truth, guess = 0.0, [], []
     with torch.no_grad():
         for x, y in _prefetch(loader.in_order(batch_size), loader):
             with autocast():
                 logits = model(norm.center(x)).float()
             loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-            wrong += int((logits.argmax(1) != y).sum())
-            n += len(y)
-    return (loss_sum / n, wrong / n) if n else (float("nan"), float("nan"))
+            truth.append(y.cpu().numpy())
+            guess.append(logits.argmax(1).cpu().numpy())
+    if not truth:
+        return float("nan"), float("nan")
+    y_true = np.concatenate(truth)
+    return loss_sum / len(y_true), error_rate(y_true, np.concatenate(guess), balanced)
+
+
+def error_rate(y_true: np.ndarray, y_pred: np.ndarray, balanced: bool = False) -> float:
+    """Share of wrong predictions; ``balanced``: the mean of each true class's share."""
+    wrong = y_pred != y_true
+    if not balanced:
+        return float(wrong.mean())
+    return float(np.mean([wrong[y_true == c].mean() for c in np.unique(y_true)]))
 
 
 def _train(
@@ -550,7 +563,7 @@ def _train(
     trainable = [p for p in model.parameters() if p.requires_grad]
     if start_epoch == 0 and ft.head_init == "linear_probe" and len(val.rows):
         # epoch 0 is the linear probe itself: fine-tuning has to beat it on validation to be kept
-        val_loss, val_error = _evaluate(kept, val, val_norm, 2 * bs, autocast)
+        val_loss, val_error = _evaluate(kept, val, val_norm, 2 * bs, autocast, ft.balance_classes)
         best.update(epoch=0, val_error=val_error, val_loss=val_loss, min_error=val_error, state=_copy_state(kept))
         log.info("epoch 0 (linear probe): val loss %.3f error %.3f", val_loss, val_error)
     for epoch in range(start_epoch + 1, ft.epochs + 1):
@@ -605,7 +618,7 @@ def _train(
                 bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}", img_s=f"{seen / (now - t0):.1f}")
         train_loss, train_error = float(loss_sum) / max(1, seen), int(wrong) / max(1, seen)  # waits for the device
         train_s = time.perf_counter() - t0
-        val_loss, val_error = _evaluate(kept, val, val_norm, 2 * bs, autocast)
+        val_loss, val_error = _evaluate(kept, val, val_norm, 2 * bs, autocast, ft.balance_classes)
         row = {
             "epoch": epoch,
             "lr": lr_sum / max(1, step),  # the head's mean rate over the epoch (the last epoch ends at 0)
