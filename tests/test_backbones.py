@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -54,6 +56,33 @@ def test_clear_errors_offline_unknown_and_local_weights(tmp_path):
 
 
 @pytest.mark.shared
+def test_timm_weights_in_the_hub_cache_load_without_asking_the_hub(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Downloaded once, then offline: the cached file is loaded at once (asking the hub first costs about a
+    minute of retries offline)."""
+    import huggingface_hub.constants
+    import timm
+    import timm.models._hub
+
+    snapshot = tmp_path / "models--timm--resnet18.a1_in1k" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    (tmp_path / "models--timm--resnet18.a1_in1k" / "refs").mkdir()
+    (tmp_path / "models--timm--resnet18.a1_in1k" / "refs" / "main").write_text("0123abc")
+    torch.manual_seed(0)
+    saved = timm.create_model("resnet18", pretrained=False).state_dict()  # as the hub holds it: with its fc
+    torch.save(saved, snapshot / "pytorch_model.bin")
+
+    def ask_the_hub(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the hub was asked")
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(timm.models._hub, "hf_hub_download", ask_the_hub)
+    model = create_backbone("resnet18").model
+    assert torch.equal(model.state_dict()["conv1.weight"], saved["conv1.weight"])
+
+
 def test_lite0_imagenet_weights_recognise_daisies():
     """The packaged weights are real: ImageNet class 985 is 'daisy'."""
     import timm

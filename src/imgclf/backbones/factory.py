@@ -133,6 +133,25 @@ def _warn_no_drop_path(name: str, rate: float) -> None:
         log.warning("%s has no stochastic depth: training it without drop_path", name)
 
 
+def _cached_hub_weights(name: str) -> str | None:
+    """The file an earlier download of ``name``'s pretrained weights left in the Hugging Face cache, or None.
+
+    Loading it directly asks the hub nothing: offline, asking costs about a minute of retries per run.
+    """
+    from huggingface_hub import try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    if cfg is None or not cfg.hf_hub_id:
+        return None
+    repo, _, revision = cfg.hf_hub_id.partition("@")
+    for filename in [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]:
+        found = try_to_load_from_cache(repo, filename, revision=revision or None)
+        if isinstance(found, str):
+            return found
+    return None
+
+
 def _build_timm(name: str, pretrained: bool, drop_path_rate: float) -> tuple[nn.Module, dict[str, Any], str]:
     import timm
 
@@ -145,12 +164,16 @@ def _build_timm(name: str, pretrained: bool, drop_path_rate: float) -> tuple[nn.
             + (f"use one that has (e.g. {', '.join(near)}), " if near else "use a model that has, ")
             + "or give --weights PATH with a local state_dict"
         )
+    cached = _cached_hub_weights(name) if pretrained else None
+    kwargs: dict[str, Any] = {"pretrained_cfg_overlay": {"file": cached}} if cached else {}
     try:
         try:
-            model = timm.create_model(name, pretrained=pretrained, num_classes=0, drop_path_rate=drop_path_rate)
+            model = timm.create_model(
+                name, pretrained=pretrained, num_classes=0, drop_path_rate=drop_path_rate, **kwargs
+            )
         except TypeError:  # a timm model without stochastic depth
             _warn_no_drop_path(name, drop_path_rate)
-            model = timm.create_model(name, pretrained=pretrained, num_classes=0)
+            model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
     except Exception as e:
         raise _offline_hint(name, e) from e
     return model, _timm_data_config(model), f"timm:{name}" if pretrained else "random"
