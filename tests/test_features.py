@@ -140,3 +140,42 @@ def test_thread_pools_are_sized_to_a_containers_cpu_quota(monkeypatch: pytest.Mo
         assert cpu_count() == 1
     finally:
         cpu_count.cache_clear()
+
+
+def test_a_cache_entry_cut_short_is_computed_again(tmp_path: Path, backbone):
+    """A crash (the cache is written without fsync) can leave an empty or partial entry: recomputed."""
+    paths = sorted(make_folder(tmp_path / "d", n=2).rglob("*.jpg"))
+    fx = FeatureExtractor(backbone, runtime="torch", cache_dir=tmp_path / "c", progress=False)
+    first = fx.extract(paths)
+    entries = sorted((tmp_path / "c" / "features").rglob("*.npy"))
+    entries[0].write_bytes(b"")
+    entries[1].write_bytes(entries[1].read_bytes()[:100])
+    again = fx.extract(paths)
+    assert again.n_cached == len(paths) - 2 and np.allclose(again.features, first.features, atol=1e-5)
+
+
+def test_an_image_replaced_while_it_is_read_is_not_cached_under_its_old_content(
+    tmp_path: Path, backbone, monkeypatch: pytest.MonkeyPatch
+):
+    import imgclf.features.extract as extract
+
+    data = make_folder(tmp_path / "d", n=1)
+    a, b = data / "circles" / "circles_00.jpg", data / "squares" / "squares_00.jpg"
+    original = a.read_bytes()
+    real_load = extract.load_for_model
+
+    def replaced_meanwhile(path: Path, *args: object) -> np.ndarray:
+        if path == a:
+            a.write_bytes(b.read_bytes())  # after hashing, before decoding
+        return real_load(path, *args)
+
+    monkeypatch.setattr(extract, "load_for_model", replaced_meanwhile)
+    fx = FeatureExtractor(backbone, runtime="torch", cache_dir=tmp_path / "c", progress=False)
+    fx.extract([a])
+    monkeypatch.undo()
+    (tmp_path / "copy.jpg").write_bytes(original)
+    fresh = FeatureExtractor(backbone, runtime="torch", use_cache=False, progress=False).extract(
+        [tmp_path / "copy.jpg"]
+    )
+    cached = fx.extract([tmp_path / "copy.jpg"])
+    assert cached.n_cached == 0 and np.allclose(cached.features, fresh.features, atol=1e-5)

@@ -35,7 +35,7 @@ class FeatureCache:
     def get(self, digest: str) -> np.ndarray | None:
         try:
             return np.load(self._path(digest), allow_pickle=False)
-        except (FileNotFoundError, ValueError, OSError):
+        except (ValueError, OSError, EOFError):  # missing, or cut short (EOFError: empty) by a crash
             return None
 
     def put(self, digest: str, vector: np.ndarray) -> None:
@@ -155,21 +155,26 @@ class FeatureExtractor:
             parts.append(f)
         return np.concatenate(parts)
 
-    def _decode(self, path: Path) -> np.ndarray | str:
+    def _decode(self, path: Path, digest: str | None) -> tuple[np.ndarray | str, bool]:
+        """The decoded image (or why not), and whether the file still has ``digest`` after decoding: a file
+        replaced meanwhile must not have its new features cached under its old content's digest."""
         try:
-            return load_for_model(path, self.preprocess, self.max_pixels)
+            image = load_for_model(path, self.preprocess, self.max_pixels)
         except ImageError as e:
-            return str(e)
+            return str(e), False
         except OSError as e:
-            return unreadable_reason(path, e)
+            return unreadable_reason(path, e), False
+        return image, digest is not None and _digest(path) == digest
 
-    def _decoded(self, pool: ThreadPoolExecutor, paths: Sequence[Path]) -> Iterator[np.ndarray | str]:
-        """Decoded images in order, with a bounded number decoding ahead."""
+    def _decoded(
+        self, pool: ThreadPoolExecutor, paths: Sequence[Path], digests: Sequence[str | None]
+    ) -> Iterator[tuple[np.ndarray | str, bool]]:
+        """Decoded images in order (see :meth:`_decode`), with a bounded number decoding ahead."""
         ahead = 3 * self.batch_size
-        futures: list[Future] = [pool.submit(self._decode, p) for p in paths[:ahead]]
+        futures: list[Future] = [pool.submit(self._decode, p, d) for p, d in zip(paths[:ahead], digests, strict=False)]
         for i in range(len(paths)):
             if i + ahead < len(paths):
-                futures.append(pool.submit(self._decode, paths[i + ahead]))
+                futures.append(pool.submit(self._decode, paths[i + ahead], digests[i + ahead]))
             yield futures[i].result()
             futures[i] = None  # type: ignore[call-overload]  # free the decoded image
 
@@ -199,22 +204,26 @@ class FeatureExtractor:
             bar = tqdm(total=len(todo), desc=desc, unit="img", disable=not self.progress or not todo, leave=False)
             batch_idx: list[int] = []
             batch: list[np.ndarray] = []
+            unchanged: set[int] = set()  # decoded from the content their digest names
 
             def flush() -> None:
                 f = self.embed_arrays(np.stack(batch))
                 for j, i in enumerate(batch_idx):
                     feats[i], ok[i] = f[j], True
-                    if self.cache is not None and digests[i] is not None:
+                    if self.cache is not None and i in unchanged:
                         self.cache.put(digests[i], f[j])  # type: ignore[arg-type]
                 bar.update(len(batch))
                 batch.clear()
                 batch_idx.clear()
 
-            for i, img in zip(todo, self._decoded(pool, [paths[i] for i in todo]), strict=True):
+            decoded = self._decoded(pool, [paths[i] for i in todo], [digests[i] for i in todo])
+            for i, (img, same) in zip(todo, decoded, strict=True):
                 if isinstance(img, str):
                     errors[i] = img
                     bar.update(1)
                     continue
+                if same:
+                    unchanged.add(i)
                 batch.append(img)
                 batch_idx.append(i)
                 if len(batch) == self.batch_size:
