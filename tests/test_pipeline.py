@@ -115,6 +115,42 @@ def test_model_id_changes_with_any_part_of_the_head(run):
     assert Bundle.load(result.run_dir).model_id == bundle.model_id
 
 
+def test_atomic_folders_are_readable_and_leftovers_of_a_crash_do_no_harm(tmp_path, monkeypatch):
+    """A model folder gets the usual permissions (a service account must read it); a leftover of a crash
+    does not block the next save; a save that fails leaves the earlier folder in place; an empty memo entry
+    is computed again."""
+    import stat
+
+    from imgclf.utils import Memo, atomic_dir
+
+    umask = os.umask(0)
+    os.umask(umask)
+    target = tmp_path / "model"
+    with atomic_dir(target) as tmp:
+        (tmp / "a").write_text("1")
+    assert stat.S_IMODE(target.stat().st_mode) == 0o777 & ~umask
+    (tmp_path / f".model.old-{os.getpid()}").mkdir()  # as a crash in an earlier save left it
+    (tmp_path / f".model.old-{os.getpid()}" / "x").write_text("left over")
+    with atomic_dir(target) as tmp:
+        (tmp / "a").write_text("2")
+    assert (target / "a").read_text() == "2"
+    real_replace = os.replace
+
+    def fails_into_place(src, dst):
+        if Path(src).name.endswith(".tmp"):
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", fails_into_place)
+    with pytest.raises(OSError, match="No space"), atomic_dir(target) as tmp:
+        (tmp / "a").write_text("3")
+    monkeypatch.undo()
+    assert (target / "a").read_text() == "2"
+    memo = Memo(tmp_path / "memo", "figures")
+    memo.put("k", b"")  # cut short
+    assert memo.compute("k", lambda: b"png") == b"png" and memo.get("k") == b"png"
+
+
 def test_a_damaged_bundle_is_named_not_a_traceback(run, tmp_path, capsys):
     import shutil
 

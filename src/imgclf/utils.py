@@ -138,7 +138,7 @@ class Memo:
         if self.dir is None:
             return None
         try:
-            return (self.dir / key).read_bytes()
+            return (self.dir / key).read_bytes() or None  # empty: cut short by a crash (written without fsync)
         except OSError:
             return None
 
@@ -161,15 +161,22 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; on success it replaces ``path`` as a whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700 folders; a model is meant to be read by others too
     try:
         yield tmp
         old = None
         if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))  # a name no crash left
+            old.rmdir()
             os.replace(path, old)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old is not None:
+                os.replace(old, path)  # the earlier folder back where it was
+            raise
         if old is not None:
-            shutil.rmtree(old)
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
