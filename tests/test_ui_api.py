@@ -468,3 +468,11 @@ def test_the_listing_follows_changes_inside_sub_folders(tmp_path: Path) -> None:
         os.utime(root / "a" / sub, ns=(later, later))
     assert index.folders()["a"] == ["a/a_00.jpg", "a/sess2/y.jpg"]
     assert index.present() == {"a/a_00.jpg", "a/sess2/y.jpg", "b/b_00.jpg"}
+
+
+def test_analysis_of_a_fine_tuned_run_scores_with_an_svm(tmp_path: Path) -> None:
+    """`imgclf ui DATA --run RUN` with a dnn run: its config names no feature head; the review's SVM is used."""
+    data = make_folder(tmp_path / "d", n=6)
+    cfg = Config().updated(classifier="dnn", resolution=64, progress=False, svm_c_grid=[1.0], cv_folds=2)
+    result = analyse(data, cfg.updated(cache_dir=tmp_path / "cache"))
+    assert len(result.suspects) == 18 and result.classes == CLASSES

@@ -49,8 +49,11 @@ def analyse(root: Path, cfg: Config, backbone: Backbone | None = None) -> Analys
     x, y = res.features[: len(rels)][ok_l], y_all[ok_l]
     kept = [r for r, k in zip(rels, ok_l, strict=True) if k]
 
+    # the SVM's settings whatever the run's classifier (a fine-tuned run gives its backbone, not a feature head)
+    svm = cfg.classifier.model_copy(update={"classifier": "svm"})
+
     def make_head() -> Any:
-        return create_head(cfg.classifier, cfg.output.seed)
+        return create_head(svm, cfg.output.seed)
 
     proba = out_of_fold_proba(x, y, len(classes), make_head, cfg.classifier.cv_folds, cfg.output.seed)
     for rank, i in enumerate(label_error_order(proba, y)):
