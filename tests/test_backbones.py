@@ -133,3 +133,16 @@ def test_drop_path_trains_only_and_warns_where_missing(caplog):
     with caplog.at_level("WARNING"):
         create_backbone("torchvision:resnet18", pretrained=False, drop_path_rate=0.1)
     assert "torchvision:resnet18 has no stochastic depth" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("name", "features"), [("convnext_tiny", 768), ("mobilenet_v3_small", 1024), ("resnet18", 512)]
+)
+def test_torchvision_networks_give_their_feature_vector(name: str, features: int) -> None:
+    """Only the class layer comes off: convnext's norm and flattening stay (without them: unpooled maps),
+    so do mobilenet's pre-logits layer (as timm's num_classes=0 keeps it) and pooling."""
+    bb = create_backbone(f"torchvision:{name}", pretrained=False)
+    out = bb.model(torch.zeros(2, 3, 64, 64))
+    assert bb.num_features == features and out.shape == (2, features)
+    with pytest.raises(BackboneError, match="no linear class layer"):
+        create_backbone("torchvision:squeezenet1_0", pretrained=False)

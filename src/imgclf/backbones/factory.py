@@ -182,7 +182,6 @@ def _build_timm(name: str, pretrained: bool, drop_path_rate: float) -> tuple[nn.
 def _build_torchvision(name: str, pretrained: bool, drop_path_rate: float) -> tuple[nn.Module, dict[str, Any], str]:
     import torch
     import torchvision
-    from torch import nn
 
     try:
         weights = torchvision.models.get_model_weights(name).DEFAULT if pretrained else None
@@ -197,12 +196,14 @@ def _build_torchvision(name: str, pretrained: bool, drop_path_rate: float) -> tu
         raise BackboneError(f"unknown torchvision model {name!r}: {e}") from e
     except Exception as e:
         raise _offline_hint(f"torchvision:{name}", e) from e
-    for attr in ("fc", "classifier", "head", "heads"):
-        if hasattr(model, attr):
-            setattr(model, attr, nn.Identity())
-            break
+    _drop_class_layer(model, f"torchvision:{name}")
     with torch.no_grad():
-        num_features = model.eval()(torch.zeros(1, 3, 224, 224)).shape[-1]
+        out = model.eval()(torch.zeros(1, 3, 224, 224))
+    if out.ndim != 2:
+        raise BackboneError(
+            f"torchvision:{name} gives {tuple(out.shape)[1:]} maps, not a feature vector: not supported"
+        )
+    num_features = out.shape[-1]
     t = weights.transforms() if weights is not None else None
     crop = int(t.crop_size[0]) if t is not None else 224
     data = {
@@ -214,6 +215,24 @@ def _build_torchvision(name: str, pretrained: bool, drop_path_rate: float) -> tu
         "num_features": num_features,
     }
     return model, data, f"torchvision:{weights}" if weights is not None else "random"
+
+
+def _drop_class_layer(model: nn.Module, name: str) -> None:
+    """Replace a torchvision network's last linear layer (its classes) by an identity, keeping what comes
+    before it in its classifier (pooling, normalisation, pre-logits layers)."""
+    from torch import nn
+
+    for attr in ("fc", "classifier", "head", "heads"):
+        part = getattr(model, attr, None)
+        if isinstance(part, nn.Linear):
+            setattr(model, attr, nn.Identity())
+            return
+        if isinstance(part, nn.Sequential):
+            for i in reversed(range(len(part))):
+                if isinstance(part[i], nn.Linear):
+                    part[i] = nn.Identity()
+                    return
+    raise BackboneError(f"{name}: no linear class layer found to take off: not supported as a backbone")
 
 
 def _load_weights(model: nn.Module, path: Path, name: str) -> None:
