@@ -179,3 +179,14 @@ def test_an_image_replaced_while_it_is_read_is_not_cached_under_its_old_content(
     )
     cached = fx.extract([tmp_path / "copy.jpg"])
     assert cached.n_cached == 0 and np.allclose(cached.features, fresh.features, atol=1e-5)
+
+
+def test_features_of_random_weights_are_not_cached(tmp_path: Path):
+    """Every build of a network without pretrained weights differs, while its weights id is always 'random'."""
+    paths = sorted(make_folder(tmp_path / "d", n=1).rglob("*.jpg"))
+    results = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        bb = create_backbone("efficientnet_lite0", resolution=64, pretrained=False)
+        results.append(FeatureExtractor(bb, runtime="torch", cache_dir=tmp_path / "c", progress=False).extract(paths))
+    assert results[1].n_cached == 0 and not np.allclose(results[0].features, results[1].features)

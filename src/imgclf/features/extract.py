@@ -90,7 +90,9 @@ class FeatureExtractor:
         self.precision = resolve_precision(precision, self.runtime_name, dev)
         self.device = device
         self.cache_root = writable_cache_dir(cache_dir or default_cache_dir())
-        self.cache = FeatureCache(self.cache_root, self.model_key) if use_cache else None
+        # randomly initialised weights differ at each build while their id stays "random": never cached
+        cacheable = use_cache and backbone.weights_id != "random"
+        self.cache = FeatureCache(self.cache_root, self.model_key) if cacheable else None
         self._runtime: Runtime | None = None
 
     @classmethod
