@@ -64,6 +64,27 @@ def test_a_damaged_kept_openvino_model_is_converted_again(tmp_path: Path, backbo
     assert np.array_equal(embed(), good) and not caplog.text  # kept again, whole
 
 
+def test_a_damaged_kept_onnx_model_is_exported_again(tmp_path: Path, backbone, caplog: pytest.LogCaptureFixture):
+    import logging
+
+    batch = np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
+
+    def embed() -> np.ndarray:
+        fx = FeatureExtractor(backbone, runtime="onnxruntime", cache_dir=tmp_path, progress=False)
+        return fx.embed_arrays(batch)
+
+    good = embed()
+    (model,) = (tmp_path / "models").glob("*/model.onnx")
+    data = model.read_bytes()
+    middle = len(data) // 2
+    model.write_bytes(data[:middle] + bytes(4096) + data[middle + 4096 :])  # weights zeroed: still loads
+    with caplog.at_level(logging.WARNING):
+        assert np.array_equal(embed(), good)
+    assert "ONNX model kept in" in caplog.text and "exporting it again" in caplog.text
+    caplog.clear()
+    assert np.array_equal(embed(), good) and not caplog.text
+
+
 def test_onnxruntime_matches_torch(tmp_path: Path, backbone):
     pytest.importorskip("onnxruntime")
     batch = np.random.default_rng(0).integers(0, 255, (3, 64, 64, 3), dtype=np.uint8)

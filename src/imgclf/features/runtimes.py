@@ -229,6 +229,21 @@ class OpenVINORuntime:
         return np.array(self.request.get_output_tensor(0).data, dtype=np.float32)
 
 
+def _onnx_kept(path: Path) -> bool:
+    """Whether the ONNX model kept at ``path`` is whole (it matches the checksum kept beside it)."""
+    digest = path.with_name("model.onnx.sha256")
+    if not (path.exists() and digest.exists()):
+        return False
+    try:
+        if file_sha256(path) == digest.read_text(encoding="utf-8").strip():
+            return True
+        why = "it differs from its checksum"
+    except OSError as e:
+        why = str(e)
+    log.warning("warning: the ONNX model kept in %s is damaged (%s); exporting it again", path.parent, why)
+    return False
+
+
 class OnnxRuntime:
     """ONNX Runtime on the CPU; the exported model is kept in ``model_dir``."""
 
@@ -238,12 +253,13 @@ class OnnxRuntime:
         import onnxruntime as ort
 
         path = model_dir / "model.onnx" if model_dir is not None else None
-        if path is None or not path.exists():
-            if path is None:
-                import tempfile
+        if path is None:
+            import tempfile
 
-                path = Path(tempfile.mkdtemp(prefix="imgclf-onnx-")) / "model.onnx"
+            export_onnx(net(), resolution, path := Path(tempfile.mkdtemp(prefix="imgclf-onnx-")) / "model.onnx")
+        elif not _onnx_kept(path):
             export_onnx(net(), resolution, path)
+            atomic_write_bytes(path.with_name("model.onnx.sha256"), file_sha256(path).encode(), durable=False)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
