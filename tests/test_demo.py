@@ -99,6 +99,32 @@ def test_refuses_a_demo_set_made_with_other_parameters(small_set: Path) -> None:
     assert _files(small_set) == before
 
 
+def test_an_interrupted_set_is_finished_by_the_next_run(
+    small_set: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real, drawn = demo.render_texture, []
+
+    def interrupted(*args: object) -> Image.Image:
+        if len(drawn) == 3:
+            raise KeyboardInterrupt
+        drawn.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(demo, "render_texture", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        generate_demo_dataset(tmp_path / "data", seed=3, **SMALL)
+    monkeypatch.undo()
+    assert generate_demo_dataset(tmp_path / "data", seed=3, **SMALL) == tmp_path / "data"
+    assert _files(tmp_path / "data") == _files(small_set)
+    monkeypatch.setattr(demo, "render_texture", interrupted)
+    drawn.clear()
+    with pytest.raises(KeyboardInterrupt):
+        generate_demo_dataset(tmp_path / "other", seed=5, **SMALL)
+    monkeypatch.undo()
+    with pytest.raises(FileExistsError, match="other parameters"):  # unfinished with other parameters
+        generate_demo_dataset(tmp_path / "other", seed=6, **SMALL)
+
+
 def test_refuses_a_path_that_is_a_file(tmp_path: Path) -> None:
     target = tmp_path / "data"
     target.write_text("not a folder")

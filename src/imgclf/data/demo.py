@@ -428,7 +428,8 @@ def generate_demo_dataset(
     Deterministic: image i of class k comes from its own generator, SeedSequence(seed, spawn_key=(k, i)),
     so the same seed gives the same bytes whatever the order or count. Returns at once (cached) when
     out_dir holds a complete demo set made with the same parameters, recognised by the marker file
-    written last; otherwise refuses (FileExistsError) any existing out_dir that is not an empty folder.
+    completed last; finishes one interrupted with the same parameters; otherwise refuses (FileExistsError)
+    any existing out_dir that is not an empty folder.
     Each image is written to a temporary file in its folder, then moved into place.
     """
     if n_per_class < 1 or size < 32:
@@ -437,16 +438,19 @@ def generate_demo_dataset(
     params = {"generator": "imgclf.data.demo", "version": _VERSION, "classes": list(CLASSES),
               "n_per_class": n_per_class, "seed": seed, "size": size}  # fmt: skip
     marker = out / MARKER_NAME
+    unfinished = {**params, "complete": False}  # written first: an interrupted run is taken up again
     if out.exists():
         found = _read_marker(marker)
         if found == params:
             return out
-        if not out.is_dir() or any(out.iterdir()):
+        if found != unfinished and (not out.is_dir() or any(out.iterdir())):
             why = f"it holds a demo set made with other parameters ({found})" if found else "it is not empty"
             raise FileExistsError(
                 f"refusing to write demo data into {out}: {why}. Choose a new or empty folder, "
                 f"or delete {out} yourself if it only holds an older demo set."
             )
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(marker, (json.dumps(unfinished, indent=2) + "\n").encode())
     with tqdm(total=len(CLASSES) * n_per_class, desc="demo data", unit="img", disable=not progress) as bar:
         for k, label in enumerate(CLASSES):
             (out / label).mkdir(parents=True, exist_ok=True)
