@@ -37,7 +37,15 @@ def test_cache_hit_and_runtime_parity(tmp_path: Path, backbone):
     ref = FeatureExtractor(backbone, runtime="torch", use_cache=False, progress=False).extract(paths[:12])
     assert np.allclose(ref.features, first.features[:12], atol=1e-3)
     # a different runtime or flip setting is a different cache entry
-    assert FeatureExtractor(backbone, runtime="torch", cache_dir=tmp_path / "c").model_key != fx.model_key
+    torch_fx = FeatureExtractor(backbone, runtime="torch", cache_dir=tmp_path / "c")
+    assert torch_fx.model_key != fx.model_key
+    import imgclf.features.extract as extract
+
+    on_cpu = torch_fx.model_key  # a GPU's fp32 convolutions run in TF32: another entry
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(extract, "device_type", lambda device: "cuda" if device.startswith("cuda") else "cpu")
+        torch_fx.device = "cuda"
+        assert torch_fx.model_key != on_cpu
     flip = FeatureExtractor(backbone, runtime="torch", flip_tta=True, use_cache=False, progress=False)
     assert not np.allclose(flip.extract(paths[:2]).features, ref.features[:2], atol=1e-3)
 

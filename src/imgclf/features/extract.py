@@ -127,6 +127,8 @@ class FeatureExtractor:
             flip=self.flip_tta,
             decode=DECODE_VERSION,
         )
+        if self.runtime_name == "torch" and (dev := device_type(self.device)) != "cpu":
+            spec["device"] = dev  # a GPU computes fp32 convolutions in TF32: features differ from the CPU's
         digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
         res = self.preprocess.resolution
         return f"{self.backbone.name.replace(':', '_')}-{res}-{self.runtime_name}-{self.precision}-{digest}"
