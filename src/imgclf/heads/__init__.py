@@ -70,6 +70,7 @@ def fit_head(
         cfg.model_dump(mode="json"),
         seed,
         version("scikit-learn"),
+        Path(__file__),  # this fold into rows, and the fit itself
         Path(__file__).parent / "svm.py",
         np.asarray(x, np.float32),
         np.asarray(y, np.int64),
