@@ -476,3 +476,45 @@ def test_an_app_started_twice_serves_both_times(run_dir: Path, images: list[byte
             assert r.status_code == 200, r.text
     r = client.post("/v1/predict", files=file)
     assert r.status_code == 503 and r.json()["error"] == "not_running", r.text
+
+
+def test_a_run_trained_with_flip_tta_is_served_and_exported_with_it(
+    tmp_path: Path, images: list[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its head was fitted on mirror-averaged features: the server and the exported file average them too,
+    so they score as predict does (the server scored each image once, and ignored --flip-tta)."""
+    from imgclf.backbones import create_backbone
+    from imgclf.export import export_model
+    from imgclf.heads.linear import LinearHead
+    from imgclf.pipeline import predict
+
+    flipped = tmp_path / "flipped"
+    w = np.random.default_rng(0).normal(0, 4, (3, 1280)).astype(np.float32)
+    Bundle(
+        ["cat", "dog", "fish"],
+        create_backbone("efficientnet_lite0", resolution=64).spec(),  # small: the mirror doubles the work
+        LinearHead(w, np.zeros(3, np.float32), True),
+        config={"features": {"flip_tta": True, "workers": 1, "cache_dir": str(tmp_path / "c")}},
+    ).save(flipped)
+    (tmp_path / "a.jpg").write_bytes(images[3])
+    classes, (expected,) = predict(flipped, tmp_path / "a.jpg")
+    cfg = Config().updated(
+        flip_tta=True, workers=1, precision="fp32", serve_runtime="torch", max_batch=1, cache_dir=tmp_path / "c"
+    )
+    import imgclf.serving.app
+
+    monkeypatch.setattr(imgclf.serving.app, "resolve_precision", lambda *a, **k: "fp32")  # not bf16 on AMX
+    for app in (create_app(flipped), create_app(flipped, cfg)):  # by default as the run was trained
+        with TestClient(app) as c:
+            got = c.post("/v1/predict", files={"file": ("a.jpg", images[3], "image/jpeg")}).json()
+        check_prediction(got["predictions"][0], expected.scores)
+    with TestClient(create_app(flipped, cfg.updated(flip_tta=False))) as c:  # --no-flip-tta: once
+        once = c.post("/v1/predict", files={"file": ("a.jpg", images[3], "image/jpeg")}).json()["predictions"][0]
+    assert max(abs(once["scores"][k] - s) for k, s in zip(classes, expected.scores, strict=True)) > 1e-3
+    result = export_model(flipped, "torchscript", tmp_path / "m.pt")
+    assert '"flip_tta": true' in result.sidecar.read_text()
+    module = torch.jit.load(str(tmp_path / "m.pt"))
+    bundle = Bundle.load(flipped)
+    x = torch.from_numpy(load_for_model(tmp_path / "a.jpg", bundle.preprocess)[None])
+    with torch.inference_mode():
+        assert np.abs(module(x).numpy()[0] - expected.scores).max() <= 1e-3

@@ -97,11 +97,17 @@ class Bundle:
 
         return dataclasses.replace(bb, loader=loader, weights_id=spec["weights_id"])
 
-    def classifier_net(self) -> nn.Module:
-        """uint8 NHWC image batch -> class probabilities, as one torch module (for export and parity checks)."""
+    @property
+    def flip_tta(self) -> bool:
+        """Whether the run was trained on features averaged with the mirror image (predict does the same)."""
+        return bool((self.config.get("features") or {}).get("flip_tta", False))
+
+    def classifier_net(self, flip_tta: bool = False) -> nn.Module:
+        """uint8 NHWC image batch -> class probabilities, as one torch module (for serving, export and parity
+        checks); ``flip_tta`` averages each image's features with its mirror image's first."""
         from torch import nn
 
-        return nn.Sequential(self.build_backbone().feature_net(), self.head.module()).eval()
+        return nn.Sequential(self.build_backbone().feature_net(flip_tta), self.head.module()).eval()
 
     def save(self, run_dir: Path) -> Path:
         """Write the bundle to ``run_dir/model`` atomically; return that folder."""

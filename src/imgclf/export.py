@@ -243,7 +243,7 @@ def sidecar(bundle: Bundle, fmt: str, precision: str, files: list[Path], parity:
             "layout": "NHWC",
             "shape": ["batch", pre.resolution, pre.resolution, 3],
             "preprocessing": f"RGB; resize the shorter side to resize_to ({pre.interpolation}), then "
-            "centre-crop resolution x resolution; normalisation is inside the model",
+            "centre-crop resolution x resolution; normalisation (and flip_tta's mirror image) is inside the model",
         },
         "output": {
             "dtype": "float32",
@@ -253,6 +253,7 @@ def sidecar(bundle: Bundle, fmt: str, precision: str, files: list[Path], parity:
         "model_id": bundle.model_id,
         "backbone": bundle.backbone_spec["name"],
         "classifier": bundle.classifier,
+        "flip_tta": bundle.flip_tta,
         "imgclf_version": __version__,
         "parity": asdict(parity),
     }
@@ -315,7 +316,7 @@ def export_model(
     make_folder(out.parent, "folder", "--out")
     scratch = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
-        net = bundle.classifier_net()
+        net = bundle.classifier_net(bundle.flip_tta)  # scores as predict does: mirror averaging where trained so
         res = bundle.preprocess.resolution
         files = _write_model(net, res, fmt, precision, scratch / out.name, calibration)
         parity = compare(

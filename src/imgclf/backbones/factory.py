@@ -59,11 +59,13 @@ class Backbone:
             "preprocess": asdict(self.preprocess),
         }
 
-    def feature_net(self) -> nn.Module:
-        """The model behind a uint8 NHWC input (0..255): normalisation happens inside the graph."""
-        from imgclf.backbones.nets import UInt8FeatureNet
+    def feature_net(self, flip_tta: bool = False) -> nn.Module:
+        """The model behind a uint8 NHWC input (0..255): normalisation happens inside the graph; ``flip_tta``
+        averages the features of each image and its mirror image."""
+        from imgclf.backbones.nets import MirrorAveraged, UInt8FeatureNet
 
-        return UInt8FeatureNet(self.model, self.mean, self.std).eval()
+        net = UInt8FeatureNet(self.model, self.mean, self.std)
+        return (MirrorAveraged(net) if flip_tta else net).eval()
 
 
 @dataclass(frozen=True)

@@ -18,3 +18,14 @@ class UInt8FeatureNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.permute(0, 3, 1, 2).float() * self.scale - self.shift
         return self.model(x)
+
+
+class MirrorAveraged(nn.Module):
+    """uint8 NHWC images -> the mean of the features of each image and its mirror image (test-time flip)."""
+
+    def __init__(self, features: nn.Module) -> None:
+        super().__init__()
+        self.features = features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (self.features(x) + self.features(x.flip(2)))

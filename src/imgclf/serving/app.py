@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -99,9 +100,9 @@ _PREDICT_BODY = {
 _ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 503)}
 
 
-def _net_key(bundle: Bundle) -> str:
+def _net_key(bundle: Bundle, flip_tta: bool) -> str:
     """Content key of the classifier network, naming its converted-model cache folder."""
-    h = hashlib.sha256(json.dumps(bundle.backbone_spec, sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps([bundle.backbone_spec, flip_tta], sort_keys=True).encode())
     for a in (bundle.head.weight, bundle.head.bias):
         h.update(np.ascontiguousarray(a, np.float32).tobytes())
     h.update(str(bundle.head.l2_normalize).encode())
@@ -109,18 +110,19 @@ def _net_key(bundle: Bundle) -> str:
 
 
 def build_runtime(bundle: Bundle, cfg: Config) -> Runtime:
-    """The classifier (uint8 NHWC -> probabilities) on the serving runtime; converted models are cached."""
+    """The classifier (uint8 NHWC -> probabilities) on the serving runtime, with the mirror-image averaging
+    of ``flip_tta`` inside; converted models are cached."""
     f = cfg.features
     dev = device_type(f.device)
     runtime = resolve_runtime(cfg.serve.serve_runtime, dev)
-    model_dir = (f.cache_dir or default_cache_dir()) / "models" / f"serve-{runtime}-{_net_key(bundle)}"
+    model_dir = (f.cache_dir or default_cache_dir()) / "models" / f"serve-{runtime}-{_net_key(bundle, f.flip_tta)}"
     try:
         model_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         log.warning("cannot cache the converted model in %s (%s); converting at every start", model_dir, e)
         model_dir = None
     return create_runtime(
-        bundle.classifier_net,
+        functools.partial(bundle.classifier_net, f.flip_tta),
         bundle.preprocess.resolution,
         runtime,
         resolve_precision(f.precision, runtime, dev, serving=True),
@@ -222,10 +224,10 @@ def create_app(bundle: Bundle | str | Path, cfg: Config | None = None) -> FastAP
     """The service for ``bundle`` (a Bundle, run folder or bundle folder); loads the model now.
 
     ``cfg`` defaults to the default configuration, not the training run's: serving settings (device,
-    threads, limits) belong to the serving host.
+    threads, limits) belong to the serving host; but for ``flip_tta``, which follows the run, as in predict.
     """
     bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
-    cfg = cfg or Config()
+    cfg = cfg or Config().updated(flip_tta=bundle.flip_tta)
     service = ModelService(bundle, build_runtime(bundle, cfg), cfg)
     service.warm_up()
     max_body = int(cfg.serve.max_upload_mb * 1e6)

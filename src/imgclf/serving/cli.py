@@ -5,21 +5,29 @@ from __future__ import annotations
 import argparse
 
 from imgclf.cli import add_config_args, config_from_args, positive_int
-from imgclf.config import DataConfig
 from imgclf.utils import ensure_port_free, only_local_hosts
 
-SERVE_SECTIONS = ("serve", "features")
+# the server runs its own batches (max_batch) on its own runtime (serve_runtime), with no feature cache
+SERVE_FIELDS = (
+    "serve",
+    *(f"features.{name}" for name in ("precision", "device", "workers", "cache_dir", "flip_tta")),
+    "data.max_image_pixels",
+)
 
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from imgclf.bundle import Bundle
+    from imgclf.config import Config
     from imgclf.serving.app import create_app
 
-    # Defaults < --config < flags; not the training run's settings (device, threads, cache are the host's).
-    cfg = config_from_args(args)
+    # Defaults < --config < flags; of the training run's settings only flip_tta (device, threads, cache are
+    # the host's), so that the server scores as predict does.
+    bundle = Bundle.load(args.run_dir)
+    cfg = config_from_args(args, Config().updated(flip_tta=bundle.flip_tta))
     ensure_port_free(cfg.serve.host, cfg.serve.port)  # before the model loads
-    app = create_app(args.run_dir, cfg)
+    app = create_app(bundle, cfg)
     uvicorn.run(only_local_hosts(app, cfg.serve.host), host=cfg.serve.host, port=cfg.serve.port, log_level="info")
     return 0
 
@@ -41,15 +49,7 @@ def _export(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="Serve a trained model over HTTP: REST API, web page, OpenAPI docs.")
     p.add_argument("run_dir", help="Run folder (or its model/ bundle).")
-    add_config_args(p, SERVE_SECTIONS)
-    p.add_argument(
-        "--max-image-pixels",
-        "--max_image_pixels",
-        dest="cfg__max_image_pixels",
-        type=int,
-        default=argparse.SUPPRESS,
-        help=DataConfig.model_fields["max_image_pixels"].description,
-    )
+    add_config_args(p, SERVE_FIELDS)
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("export", help="Export a trained model as one ONNX, OpenVINO or TorchScript file.")
