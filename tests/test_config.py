@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -154,3 +155,14 @@ def test_demo_data_bar_follows_the_same_rule(tmp_path: Path, monkeypatch: pytest
     assert main(["demo", "--data", str(tmp_path / "d"), "--n-per-class", "1", "--out", str(tmp_path / "r")]) == 0
     assert "demo data" not in sys.stderr.getvalue()
     assert trained[0].data.data_root == tmp_path / "d" and trained[0].output.out == tmp_path / "r"
+
+
+def test_the_api_key_is_never_written(tmp_path: Path):
+    """config.json, the bundle, the reports and MLflow all take the configuration as JSON."""
+    from imgclf.tracking.store import flat_params
+
+    cfg = Config().updated(api_key="S3CRET-123")
+    assert cfg.serve.api_key == "S3CRET-123" and cfg.updated(port=8001).serve.api_key == "S3CRET-123"
+    cfg.save(tmp_path / "config.json")
+    for text in ((tmp_path / "config.json").read_text(), json.dumps(cfg.flat()), json.dumps(flat_params(cfg))):
+        assert "S3CRET" not in text

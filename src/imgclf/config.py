@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 
 class _Section(BaseModel):
@@ -203,7 +211,9 @@ class ServeConfig(_Section):
 
     host: str = Field("127.0.0.1", description="Address the server listens on (0.0.0.0 for all).")
     port: int = Field(8000, ge=0, le=65535, description="Port the server listens on.")
-    api_key: str | None = Field(None, description="If set, requests need header X-API-Key with this value.")
+    api_key: str | None = Field(
+        None, description="If set, requests need header X-API-Key with this value (never written to a file)."
+    )
     serve_runtime: Literal["auto", "openvino", "onnxruntime", "torch"] = Field(
         "auto", description="Inference engine of the server (auto: openvino on CPU, torch on GPU)."
     )
@@ -215,6 +225,11 @@ class ServeConfig(_Section):
     request_timeout_s: float = Field(
         30.0, gt=0, description="A request not answered in this many seconds gets 503 (busy); its images are dropped."
     )
+
+    @field_serializer("api_key", when_used="json")
+    def _never_written(self, key: str | None) -> None:
+        """JSON (config.json, the bundle, reports, MLflow) never holds the key; the value in memory does."""
+        return None
 
 
 class DataToolsConfig(_Section):
