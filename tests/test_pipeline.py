@@ -289,6 +289,19 @@ def test_images_that_pass_the_scan_but_cannot_be_decoded(tmp_path, caplog):
         train(Config().updated(data_root=data, out=tmp_path / "r2", tracking=False, **FAST))
 
 
+def test_predict_into_a_pipe_closed_early_stops_quietly(run):
+    """`imgclf predict RUN DIR | head -1`: the reader leaves; no traceback, exit status 141 (SIGPIPE's)."""
+    data, result, _ = run
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "imgclf", "predict", str(result.run_dir), str(data / "squares"), "--no-progress"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc.stdout.close()  # the reader is gone before the first line
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 141 and b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()
+
+
 def test_predict_on_folders_without_images_says_so(run, tmp_path, capsys, caplog):
     data, result, _ = run
     (tmp_path / "notes").mkdir()
