@@ -400,3 +400,36 @@ def test_runs_tables_show_names_as_written(
         "[i]c: no predictions.csv for a paired test with old]",
     ):
         assert text in out
+
+
+def test_runs_ui_stopped_by_sigterm_stops_its_server(tmp_path: Path):
+    """mlflow ui runs its server in child processes: stopping `imgclf runs ui` (a service manager's
+    SIGTERM) stops them too; they went on serving the port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    health = f"http://127.0.0.1:{port}/health"
+
+    def answers() -> bool:
+        try:
+            with urllib.request.urlopen(health, timeout=2):
+                return True
+        except OSError:
+            return False
+
+    cmd = [sys.executable, "-m", "imgclf", "runs", "ui", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]
+    with open(tmp_path / "ui.log", "wb") as log:
+        proc = subprocess.Popen([*cmd, "--port", str(port)], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 90
+        while not answers():
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "ui.log").read_text()[-2000:]
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        deadline = time.monotonic() + 15
+        while answers():
+            assert time.monotonic() < deadline, "the MLflow server outlived `imgclf runs ui`"
+            time.sleep(0.5)
+    finally:
+        proc.kill()

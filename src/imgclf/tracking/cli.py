@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -141,7 +144,33 @@ def _ui(args: argparse.Namespace) -> int:
         print(f"the runs are on a tracking server: open {uri} in a browser")
         return 0
     print(f"serving {uri} at http://127.0.0.1:{args.port} (Ctrl-C stops it)")
-    return subprocess.call(_ui_command(uri, args.port))
+    return run_until_stopped(_ui_command(uri, args.port))
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def run_until_stopped(cmd: list[str]) -> int:
+    """Run ``cmd`` in a process group of its own (mlflow ui runs its server in child processes) and stop the
+    whole group when this command is stopped, by Ctrl-C or SIGTERM (which left the server running)."""
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        for sig, wait in ((signal.SIGTERM, 10.0), (getattr(signal, "SIGKILL", signal.SIGTERM), None)):
+            with contextlib.suppress(ProcessLookupError):
+                if hasattr(os, "killpg"):
+                    os.killpg(proc.pid, sig)
+                else:  # Windows: no process groups to signal
+                    proc.send_signal(sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(wait)
+                break
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
