@@ -100,6 +100,8 @@ def test_bundle_reload_and_evaluate_reproduce(run):
     assert bundle.classes == result.bundle.classes and bundle.classifier == "svm"
     again = evaluate(result.run_dir)
     assert again.metrics["overall_accuracy"] == pytest.approx(result.metrics["overall_accuracy"])
+    timings = json.loads((result.run_dir / "metrics.json").read_text())["timings_s"]  # training's kept
+    assert timings == {**result.metrics["timings_s"], "evaluate_s": pytest.approx(timings["evaluate_s"])}
     on_train = evaluate(result.run_dir, on_train=True)
     assert (result.run_dir / "train_metrics.json").is_file() and on_train.metrics["n_test"] == result.metrics["n_train"]
 

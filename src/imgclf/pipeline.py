@@ -397,6 +397,15 @@ def evaluate(run_dir: str | Path, on_train: bool = False, cfg: Config | None = N
         return _evaluate(run_dir, bundle, on_train, cfg or Config.model_validate(bundle.config))
 
 
+def _training_timings(run_dir: Path) -> dict[str, float]:
+    """The timings ``train`` wrote into the run's metrics.json (an evaluate since keeps them), or {}."""
+    try:
+        timings = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8")).get("timings_s", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {k: v for k, v in timings.items() if k != "evaluate_s"} if isinstance(timings, dict) else {}
+
+
 def _last_data_root(run_dir: Path) -> Path | None:
     """The data folder the run's latest evaluation read (``evaluate --data-root``), where it still is."""
     found = []
@@ -441,7 +450,8 @@ def _evaluate(run_dir: Path, bundle: Bundle, on_train: bool, cfg: Config) -> Run
     if not len(idx):
         raise _none_readable(part, skipped)
     scores = bundle.head.predict_proba(x)
-    timings = {"total_s": time.perf_counter() - t0}
+    # the training's timings stay (runs compare weighs runs by them), the evaluation's own join them
+    timings = {**_training_timings(run_dir), "evaluate_s": time.perf_counter() - t0}
     n_train = int(np.sum(split == "train"))
     metrics = _finish(
         run_dir, cfg, bundle, ds, idx, scores, n_train, skipped, timings, prefix="train_" if on_train else ""
