@@ -148,6 +148,7 @@ def test_torchscript_export_checks_on_the_test_split(
     with torch.inference_mode():
         expected = Bundle.load(run).classifier_net()(torch.from_numpy(x)).numpy()
         assert np.abs(module(torch.from_numpy(x)).numpy() - expected).max() <= 1e-3
+    assert not module(torch.from_numpy(x)).requires_grad  # called as users do, outside inference mode
     assert main(["export", str(run), "--format", "torchscript", "--out", str(tmp_path / "m.pt")]) == 0  # again
     assert check_sidecar(tmp_path / "m.json", "torchscript", ["m.pt"])["model_id"] == meta["model_id"]
     (tmp_path / "folder").mkdir()  # a folder as --out: the file goes into it, named after the run
@@ -194,6 +195,8 @@ def test_unsupported_requests_are_refused(run_dir: Path, tmp_path: Path, capsys:
         export_model(run_dir, "onnx", tmp_path / "m.onnx", "bf16")
     with pytest.raises(ExportError, match=r"must end in \.xml"):
         export_model(run_dir, "openvino", tmp_path / "m.onnx")
+    with pytest.raises(ExportError, match=r"--out must end in \.onnx for --format onnx \(m\.pt\)"):
+        export_model(run_dir, "onnx", tmp_path / "m.pt")
     assert (
         main(
             ["export", str(run_dir), "--format", "torchscript", "--precision", "int8", "--out", str(tmp_path / "m.pt")]

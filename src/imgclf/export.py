@@ -39,7 +39,8 @@ PRECISIONS: dict[str, tuple[str, ...]] = {
     "openvino": ("fp32", "bf16", "int8"),
     "torchscript": ("fp32",),
 }
-_SUFFIXES = {"onnx": ".onnx", "openvino": ".xml", "torchscript": ".pt"}  # of a file written into an --out folder
+_ENDINGS = {"onnx": (".onnx",), "openvino": (".xml",), "torchscript": (".pt", ".pth")}  # what --out may end in
+_SUFFIXES = {fmt: endings[0] for fmt, endings in _ENDINGS.items()}  # of a file written into an --out folder
 FP32_TOLERANCE = 1e-3
 MIN_TOP1_AGREEMENT = 0.99
 SIDECAR_FORMAT = "imgclf-export/1"
@@ -219,6 +220,7 @@ def _write_model(
             model = _quantize(model, calibration, None)
         ov.save_model(model, str(path), compress_to_fp16=precision == "bf16")
         return [path.with_suffix(".bin"), path]
+    net.requires_grad_(False)  # else every call of the loaded file builds a graph for gradients
     with quiet_torch_jit(), torch.no_grad():
         example = torch.zeros(1, res, res, 3, dtype=torch.uint8)
         torch.jit.save(torch.jit.trace(net, example, check_trace=False), str(path))  # parity is checked below
@@ -301,10 +303,9 @@ def export_model(
         out = out / f"{(run.parent if run.name == BUNDLE_DIR else run).name}{tag}{_SUFFIXES[fmt]}"
     if precision not in PRECISIONS[fmt]:
         raise ExportError(f"{fmt} export supports precision {', '.join(PRECISIONS[fmt])}, not {precision}")
-    if fmt == "openvino" and out.suffix != ".xml":
-        raise ExportError(f"an OpenVINO export is an .xml + .bin pair: --out must end in .xml ({out.name})")
-    if out.suffix == ".json":
-        raise ExportError("--out must not end in .json (that name is used by the sidecar)")
+    if out.suffix.lower() not in _ENDINGS[fmt]:
+        pair = ", an .xml + .bin pair" if fmt == "openvino" else ""
+        raise ExportError(f"--out must end in {' or '.join(_ENDINGS[fmt])} for --format {fmt}{pair} ({out.name})")
     _check_sidecar_free(out, [out.with_suffix(".bin").name, out.name] if fmt == "openvino" else [out.name], fmt)
     bundle = Bundle.load(run_dir)
     check_dir = Path(check_images) if check_images else None
