@@ -280,9 +280,11 @@ def test_images_that_pass_the_scan_but_cannot_be_decoded(tmp_path, caplog):
     make_folder(data / "test", classes=("a", "b", "c"), n=3, seed=1)
     for f in sorted((data / "train" / "c").iterdir()):
         f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # the header reads, the pixels do not
-    with caplog.at_level(logging.WARNING, logger="imgclf"):
+    with caplog.at_level(logging.INFO, logger="imgclf"):
         result = train(Config().updated(data_root=data, out=tmp_path / "r", tracking=False, **FAST))
     assert "class 'c' has no training image that could be read" in caplog.text
+    assert "18 training and 9 test images, 0 skipped" in caplog.text  # as scanned; then, decoded:
+    assert "6 more image(s) could not be decoded (listed in the report): 12 training and 9 test" in caplog.text
     assert result.bundle.head.weight.shape[0] == 3 and result.metrics["per_class_accuracy"]["c"] == 0.0
     assert result.metrics["n_train"] == 12 and result.metrics["n_test"] == 9
     for f in sorted((data / "test").rglob("*.jpg")):

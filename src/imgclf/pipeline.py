@@ -288,6 +288,7 @@ def _train(cfg: Config, run_dir: Path, t0: float) -> RunResult:
     timings["scan_s"] = time.perf_counter() - t0
     _check_leaks(cfg, ds, split, run_dir)
     skipped = list(ds.skipped)
+    n_scanned = len(skipped)
     train_idx, test_idx = np.flatnonzero(split == "train"), np.flatnonzero(split == "test")
     log.info(
         "%d classes, %d training and %d test images, %d skipped",
@@ -339,6 +340,13 @@ def _train(cfg: Config, run_dir: Path, t0: float) -> RunResult:
     timings["features_s"] = time.perf_counter() - t
     if not len(test_idx):
         raise _none_readable("test", skipped[n_skipped:])
+    if len(skipped) > n_scanned:  # the count logged above changes: say so, with the numbers now used
+        log.info(
+            "%d more image(s) could not be decoded (listed in the report): %d training and %d test images used",
+            len(skipped) - n_scanned,
+            len(train_idx),
+            len(test_idx),
+        )
     for c in sorted(set(range(len(ds.classes))) - set(ds.labels[train_idx].tolist())):
         log.warning(
             "warning: class %r has no training image that could be read: it is never predicted (its unreadable "
