@@ -179,6 +179,10 @@ def test_a_run_folder_in_use_is_refused(run, tmp_path, capsys):
         assert main(["evaluate", str(result.run_dir), "--no-tracking"]) == 2
     assert _digests(result.run_dir) == before  # neither wrote a file
     assert main(["evaluate", str(result.run_dir), "--no-tracking", "--no-progress"]) == 0  # released
+    (tmp_path / "first").mkdir()
+    with run_folder_lock(tmp_path / "first"):  # the first train into a folder, its model not written yet
+        assert main(["evaluate", str(tmp_path / "first"), "--no-tracking"]) == 2
+        assert "a train into it is still running" in capsys.readouterr().err
 
 
 def test_evaluate_after_the_data_folder_moved(run, tmp_path, capsys, caplog):

@@ -29,7 +29,7 @@ from imgclf import __version__
 from imgclf.backbones import Backbone, create_backbone
 from imgclf.data.io import Preprocess
 from imgclf.heads.linear import LinearHead
-from imgclf.utils import atomic_dir, file_sha256
+from imgclf.utils import atomic_dir, file_sha256, folder_in_use
 
 if TYPE_CHECKING:
     import torch
@@ -147,6 +147,8 @@ class Bundle:
             path = path / BUNDLE_DIR
         meta_file = path / "bundle.json"
         if not meta_file.exists():
+            if folder_in_use(path):
+                raise BundleError(f"no model bundle in {path} yet: a train into it is still running; wait for it")
             raise BundleError(f"no model bundle in {path} (expected {path}/model/bundle.json: train a model first)")
         with _reading(meta_file):
             meta = json.loads(meta_file.read_text(encoding="utf-8"))

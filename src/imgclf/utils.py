@@ -209,6 +209,21 @@ def run_folder_lock(run_dir: Path) -> Iterator[None]:
         lock.release()
 
 
+def folder_in_use(run_dir: Path) -> bool:
+    """Whether another process holds ``run_dir`` with :func:`run_folder_lock` (a train still running)."""
+    from filelock import FileLock, Timeout
+
+    if not (Path(run_dir) / ".imgclf.lock").is_file():
+        return False
+    try:
+        with FileLock(Path(run_dir) / ".imgclf.lock", timeout=0):
+            return False
+    except Timeout:
+        return True
+    except (NotImplementedError, OSError):  # no flock here, or no right to lock: not known to be in use
+        return False
+
+
 @contextlib.contextmanager
 def quiet_torch_jit() -> Iterator[None]:
     """Silence torch.jit's deprecation warnings (its tracer still serves OpenVINO, ONNX and TorchScript)."""
