@@ -57,6 +57,9 @@ def test_files_may_name_parameters_without_their_section(tmp_path: Path):
     (tmp_path / "typo.yaml").write_text("epochz: 2\n")
     with pytest.raises(ValueError, match=r"epochz: unknown section or parameter \(did you mean epochs\?\)"):
         Config.from_file(tmp_path / "typo.yaml")
+    (tmp_path / "section.toml").write_text("[classifier]\ntrain_fraction = 0.6\n")
+    with pytest.raises(ValueError, match=r"classifier.train_fraction: train_fraction belongs in \[data\], not"):
+        Config.from_file(tmp_path / "section.toml")
 
 
 def test_a_tilde_in_a_path_is_the_home_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

@@ -427,7 +427,9 @@ def describe_errors(error: ValidationError) -> str:
         err["msg"] = err["msg"].removeprefix("Value error, ")  # a check of ours: its text says it all
         names = [part for part in err["loc"] if isinstance(part, str)]
         dotted = ".".join(names)
-        if err["type"] == "extra_forbidden":
+        if err["type"] == "extra_forbidden" and len(names) > 1 and names[-1] in index:  # in the wrong section
+            out.append(f"{dotted}: {names[-1]} belongs in [{index[names[-1]]}], not [{names[0]}]")
+        elif err["type"] == "extra_forbidden":
             known = list(index) if len(names) > 1 else [*Config.model_fields, *index]
             close = difflib.get_close_matches(names[-1], known, n=1)
             kind = "parameter" if len(names) > 1 else "section or parameter"
