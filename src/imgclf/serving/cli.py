@@ -24,9 +24,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     # Defaults < --config < flags; of the training run's settings only flip_tta (device, threads, cache are
     # the host's), so that the server scores as predict does.
+    serve = config_from_args(args).serve
+    ensure_port_free(serve.host, serve.port)  # before the model loads
     bundle = Bundle.load(args.run_dir)
     cfg = config_from_args(args, Config().updated(flip_tta=bundle.flip_tta))
-    ensure_port_free(cfg.serve.host, cfg.serve.port)  # before the model loads
     app = create_app(bundle, cfg)
     uvicorn.run(only_local_hosts(app, cfg.serve.host), host=cfg.serve.host, port=cfg.serve.port, log_level="info")
     return 0
