@@ -376,6 +376,12 @@ def test_cli_errors_are_messages(tmp_path, capsys, monkeypatch):
     assert main(["predict", str(tmp_path / "no_run"), str(tmp_path / "x.jpg")]) == 2
     assert "no model bundle in" in capsys.readouterr().err
     (tmp_path / "a_file").write_text("not a folder")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    for command in (["dedup"], ["dedup", "--undo"], ["ui", "--port", port]):  # the data folder is a file
+        assert main([command[0], str(tmp_path / "a_file"), *command[1:]]) == 2
+        assert "a_file is a file; give the folder that holds one sub-folder per class" in capsys.readouterr().err
     for out in ("a_file", "a_file/run"):
         assert main(["train", str(tmp_path / "data"), "--out", str(tmp_path / out)]) == 2
         assert "a file is in the way; give another --out" in capsys.readouterr().err

@@ -93,17 +93,22 @@ def split_folders(root: Path) -> list[str]:
 NO_DATA_ROOT = "no data folder given: give DATA_DIR (data_root), the folder that holds one sub-folder per class"
 
 
-def scan_dataset(cfg: DataConfig) -> Dataset:
-    """List the usable images under the data root; unusable files are reported in ``skipped``, never touched."""
-    if cfg.data_root is None:
-        raise DatasetError(NO_DATA_ROOT)
-    root = Path(cfg.data_root)
+def check_data_folder(root: Path) -> Path:
+    """``root``, if it is a folder; else DatasetError saying what it is and what to give instead."""
+    root = Path(root)
     if not root.exists():
         raise DatasetError(f"data folder not found: {root!s} (give the folder that holds one sub-folder per class)")
     if not root.is_dir():
         unpack = " (an archive: unpack it first)" if root.name.lower().endswith(ARCHIVE_SUFFIXES) else ""
         raise DatasetError(f"{root} is a file{unpack}; give the folder that holds one sub-folder per class")
-    root = root.resolve()
+    return root
+
+
+def scan_dataset(cfg: DataConfig) -> Dataset:
+    """List the usable images under the data root; unusable files are reported in ``skipped``, never touched."""
+    if cfg.data_root is None:
+        raise DatasetError(NO_DATA_ROOT)
+    root = check_data_folder(Path(cfg.data_root)).resolve()
     predefined = _predefined_parts(root)
     if cfg.split_mode == "predefined" and predefined is None:
         raise DatasetError(f"split_mode=predefined needs {root}/train and {root}/val (or test) sub-folders")

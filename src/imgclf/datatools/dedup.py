@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from imgclf.data.dataset import UNLABELED_DIR, subfolders
+from imgclf.data.dataset import UNLABELED_DIR, check_data_folder, subfolders
 from imgclf.data.io import (
     DECODE_VERSION,
     IMAGE_EXTENSIONS,
@@ -289,9 +289,7 @@ def find_images(root: Path) -> list[str]:
 
 def find_duplicates(root: Path, hash_size: int = 16, max_distance: int = 0, progress: bool = False) -> DedupResult:
     """Hash every image under ``root``'s class folders and group the duplicates."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"data folder not found: {root} (give the folder that holds one sub-folder per class)")
+    root = check_data_folder(Path(root))
     rels = find_images(root)
     unnamed = [(display_path(r), "name is not valid UTF-8 text: rename it") for r in rels if not is_utf8(r)]
     rels = [r for r in rels if is_utf8(r)]

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from imgclf.data.dataset import check_data_folder
 from imgclf.utils import file_sha256
 
 QUARANTINE_DIR = ".imgclf-quarantine"
@@ -113,9 +114,7 @@ def _active_moves(journal: Path, problems: list[str]) -> list[dict[str, Any]]:
 
 def undo(root: Path) -> JournalReport:
     """Move every quarantined file back; one whose original place is taken stays (reported as a problem)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"data folder not found: {root}")
+    root = check_data_folder(Path(root))
     journal = journal_path(root)
     report = JournalReport()
     if not journal.is_file():

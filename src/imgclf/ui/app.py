@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from imgclf.backbones import Backbone
 from imgclf.config import Config
-from imgclf.data.dataset import UNLABELED_DIR, split_folders
+from imgclf.data.dataset import UNLABELED_DIR, check_data_folder, split_folders
 from imgclf.data.io import ImageError
 from imgclf.ui.analysis import Analyzer
 from imgclf.ui.labels import RelabelError, RelabelJournal, UnsafePathError, class_folders, list_images, safe_rel
@@ -137,9 +137,7 @@ def create_app(
     thumbs: ThumbCache | None = None,
 ) -> FastAPI:
     """The app for the data folder ``data_root`` (and optionally the results of ``run_dir``)."""
-    root = Path(data_root).resolve()
-    if not root.is_dir():
-        raise FileNotFoundError(f"data folder not found: {data_root}")
+    root = check_data_folder(Path(data_root)).resolve()
     cfg = cfg or Config()
     index = ImageIndex(root)
     journal = RelabelJournal(root)
