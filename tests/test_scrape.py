@@ -118,6 +118,12 @@ def test_scrape_lists_each_url_once_under_its_first_label(server: FakeServer, tm
     assert server.hits["/shared.jpg"] == 1 and report.download is not None
     assert report.download.count("downloaded") == 3
     assert sorted(p.parent.name for p in (tmp_path / "d").rglob("*.jpg")) == ["dotted", "striped", "striped"]
+    assert "warning" not in report.summary()
+    server.results["leopard shirt"] = [{"url": shared}]  # only an image listed under an earlier attribute
+    with make_client(2.0) as client:
+        provider = OpenverseProvider(client, server.base_url, POLICY)
+        report = scrape(["shirt"], ["striped", "leopard"], tmp_path / "e", FAST, progress=False, provider=provider)
+    assert "warning: no image listed for 'leopard': its class folder stays empty" in report.summary()
 
 
 def test_scrape_cli_fails_clearly_when_every_search_fails(

@@ -24,10 +24,18 @@ class ScrapeReport:
     entries: list[UrlEntry]
     search_failures: list[tuple[str, str]] = field(default_factory=list)
     download: DownloadReport | None = None
+    attributes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         lines = [f"{len(self.entries)} distinct image URLs found; list: {self.url_list}"]
         lines += [f"search failed: {reason}" for _, reason in self.search_failures]
+        listed = {e.label for e in self.entries}
+        lines += [
+            f"warning: no image listed for {a!r}: its class folder stays empty (its searches found nothing, or "
+            "only images listed under an earlier attribute: see the note column of the list)"
+            for a in self.attributes
+            if a not in listed
+        ]
         if self.download is not None:
             lines.append(self.download.summary())
         return "\n".join(lines)
@@ -93,7 +101,7 @@ def scrape(
         entries, failures = collect(provider, queries, cfg.per_query, progress)
     if len(failures) == len(queries):
         raise ProviderError(f"every search failed, nothing downloaded; first error: {failures[0][1]}")
-    report = ScrapeReport(out / URL_LIST_FILE, entries, failures)
+    report = ScrapeReport(out / URL_LIST_FILE, entries, failures, attributes=list(attributes))
     write_url_list(report.url_list, entries)
     report.download = download(entries, out, cfg, max_pixels, progress)
     return report
