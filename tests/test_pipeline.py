@@ -91,6 +91,8 @@ def test_run_folder_contents(run):
         "<td>resolution</td><td>64</td><td>None</td>" in changed and "<td>cv_folds</td><td>3</td><td>5</td>" in changed
     )
     assert "<td>lr</td>" not in changed  # left at its default
+    md = (out / "report.md").read_text().split("## Parameters")[1]
+    assert "| resolution | 64 | None |" in md and "| cv_folds | 3 | 5 |" in md and "| lr |" not in md
     assert m["overall_accuracy"] > 0.6  # three visibly different shapes
 
 

@@ -218,5 +218,8 @@ macro {_fmt(metrics["auc"]["macro"], False)}; {metrics["n_train"]} training and 
     md += [f"- `{s['path']}`: {s['reason']}" for s in skipped] or ["none"]
     if notes:
         md += ["", f"## Notes ({len(notes)})", "", *[f"- `{n['path']}`: {n['note']}" for n in notes]]
+    md += ["", "## Parameters", "", f"Changed from the default ({len(changed)}; all in config.json):", ""]
+    md += ["| parameter | value | default |", "|---|---|---|"] if changed else ["none"]
+    md += [f"| {k} | {md_cell(str(params[k]))} | {md_cell(str(defaults[k]))} |" for k in changed]
     atomic_write_text(run_dir / "report.md", "\n".join(md) + "\n")
     return {"figure": fig_path, "html": run_dir / "report.html", "markdown": run_dir / "report.md"}
