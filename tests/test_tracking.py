@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import importlib.util
 import json
 import logging
@@ -161,6 +162,8 @@ def test_train_and_evaluate_land_in_local_store(two_runs: tuple[RunResult, RunRe
 def test_runs_list_and_compare(two_runs: tuple[RunResult, RunResult], work: Path, capsys: pytest.CaptureFixture[str]):
     assert main(["runs", "list", "--csv", "list.csv"]) == 0
     ids = [line.split(",")[0] for line in (work / "list.csv").read_text().splitlines()[1:]]
+    listed_runs = list(csv.DictReader((work / "list.csv").open()))
+    assert {r["split"] for r in listed_runs if r["kind"] == "train"} == {"test"}  # evaluate --on-train: "train"
     train_a = _runs("sqlite:///mlflow.db")[0].info.run_id
     assert train_a in ids
     listed = capsys.readouterr().out  # into a pipe: whole names, not rich's 80 columns of "effi…"

@@ -381,7 +381,7 @@ def log_run(
 
 
 def list_runs(cfg: TrackingConfig, limit: int = 20) -> list[dict[str, Any]]:
-    """The experiment's latest runs: id, date, kind, data set, classifier, backbone, accuracies."""
+    """The experiment's latest runs: id, date, kind, data set, classifier, backbone, split scored, accuracies."""
     drain_pending(cfg)
     if not store_exists(cfg):
         return []
@@ -399,6 +399,7 @@ def list_runs(cfg: TrackingConfig, limit: int = 20) -> list[dict[str, Any]]:
             "dataset": r.data.tags.get("dataset", ""),
             "classifier": r.data.tags.get("classifier", ""),
             "backbone": r.data.tags.get("backbone", ""),
+            "split": r.data.tags.get("split", ""),  # evaluate --on-train scores the training split
             "accuracy": r.data.metrics.get("overall_accuracy"),
             "class_averaged_accuracy": r.data.metrics.get("class_averaged_accuracy"),
         }
