@@ -228,6 +228,10 @@ def test_predict_api_and_cli(run, tmp_path, capsys):
         train(Config().updated(out=tmp_path / "r"))
     classes, preds = predict(result.run_dir, [data / "squares"])
     assert len(preds) == 12 and all(p.scores is not None for p in preds)
+    named_twice = tmp_path / "twice.txt"
+    named_twice.write_text(f"  # a comment, indented\n{data / 'squares' / 'squares_00.jpg'}\n")
+    _, again = predict(result.run_dir, [data / "squares" / "squares_00.jpg", data / "squares", named_twice])
+    assert [p.path.name for p in again][:2] == ["squares_00.jpg", "squares_01.jpg"] and len(again) == 12
     assert sum(classes[int(p.scores.argmax())] == "squares" for p in preds) >= 8
     listing = tmp_path / "list.txt"
     listing.write_text(f"{data / 'circles' / 'circles_01.jpg'}\n{data / 'circles' / 'zero.jpg'}\n")

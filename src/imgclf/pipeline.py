@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -471,7 +472,8 @@ def _evaluate(run_dir: Path, bundle: Bundle, on_train: bool, cfg: Config) -> Run
 
 
 def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
-    """Files as given, folders searched recursively for images, ``.txt`` files read as lists of paths.
+    """Files as given, folders searched recursively for images, ``.txt`` files read as lists of paths (``#``
+    starts a comment line); an image named twice is listed once.
 
     Files in folders whose names are not those of images are left out, counted in one log line.
     """
@@ -487,9 +489,9 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
                     others[f.suffix.lower() or "no extension"] += 1
         elif p.suffix.lower() == ".txt" and p.is_file():
             base = p.parent
-            for line in p.read_text(encoding="utf-8").splitlines():
-                if line.strip() and not line.startswith("#"):
-                    q = Path(line.strip())
+            for line in map(str.strip, p.read_text(encoding="utf-8").splitlines()):
+                if line and not line.startswith("#"):
+                    q = Path(line)
                     out.append(q if q.is_absolute() else base / q)
         elif p.exists():
             out.append(p)
@@ -502,7 +504,10 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
             others.total(),
             ", ".join(f"{ext} {n}" for ext, n in sorted(others.items())),
         )
-    return out
+    first: dict[str, Path] = {}  # each image once, where it was first named
+    for f in out:
+        first.setdefault(os.path.abspath(f), f)
+    return list(first.values())
 
 
 @dataclass
