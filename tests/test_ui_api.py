@@ -151,7 +151,7 @@ def test_relabel_and_undo_leave_files_byte_identical(review: tuple[httpx.Client,
         ("unlabeled/new_1.jpg", "squares/new_1.jpg"),
     ]
     assert len(client.get("/api/journal").json()["items"]) == 2
-    last = client.post("/api/undo", json={}).json()
+    last = client.post("/api/undo").json()  # no body: the last move
     assert [m["to"] for m in last["undone"]] == ["squares/new_1.jpg"] and not last["problems"]
     assert (data / "unlabeled" / "new_1.jpg").is_file()
     rest = client.post("/api/undo", json={"all": True}).json()

@@ -242,7 +242,8 @@ def create_app(
         return record
 
     @app.post("/api/undo")
-    def undo(req: UndoRequest) -> dict[str, Any]:
+    def undo(req: UndoRequest | None = None) -> dict[str, Any]:
+        req = req or UndoRequest()  # no body: undo the last move
         report = journal.undo(everything=req.all)
         index.invalidate()
         return {"undone": report.undone, "problems": report.problems}
