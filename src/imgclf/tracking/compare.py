@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -115,6 +116,7 @@ def load_run(ref: str | Path, cfg: TrackingConfig | None = None) -> RunRecord:
                 raise missing
             run = found[0]
         predictions = None
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per run: noise here
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 scored = "train_predictions.csv" if run.data.tags.get("split") == "train" else "predictions.csv"
