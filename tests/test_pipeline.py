@@ -346,6 +346,13 @@ def test_cli_train_warm_cache_and_config_show(run, tmp_path, capsys, caplog, mon
     assert "1 file(s) not images, not used (.txt 1)" in caplog.text and "readme.txt" not in caplog.text
     assert "zero.jpg: empty file" in caplog.text  # damaged images are still named one by one
     assert "Overall accuracy" in capsys.readouterr().out
+    assert "holds an earlier run" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="imgclf"):  # the same command again: it says what it replaces
+        assert (
+            main(["train", str(data), "--out", str(out), "--resolution", "64", "--no-progress", "--cv-folds", "3"]) == 0
+        )
+    assert f"run folder {out} holds an earlier run: this one replaces it" in caplog.text
     assert main(["config", "--show"]) == 0
     assert "train_fraction" in capsys.readouterr().out
 

@@ -205,6 +205,8 @@ def _remove_earlier_outputs(run_dir: Path, resuming: bool) -> None:
 
         kept = FINETUNE_OUTPUTS if (run_dir / CKPT_NAME).is_file() else ()
     earlier = [run_dir / name for name in EARLIER_OUTPUTS if name not in kept and (run_dir / name).is_file()]
+    if (run_dir / "model" / "bundle.json").is_file() and not resuming:
+        log.info("run folder %s holds an earlier run: this one replaces it (--out elsewhere keeps both)", run_dir)
     if earlier:
         log.info(
             "run folder %s: removing results of the earlier run there: %s", run_dir, ", ".join(p.name for p in earlier)
