@@ -177,7 +177,8 @@ def test_refuses_bad_moves(review: tuple[httpx.Client, Path]) -> None:
     client, data = review
     before = sha_map(data)
     assert client.post("/api/relabel", json={"path": "circles/circles_00.jpg", "label": "circles"}).status_code == 409
-    assert client.post("/api/relabel", json={"path": "circles/circles_00.jpg", "label": "../x"}).status_code == 409
+    unknown = client.post("/api/relabel", json={"path": "circles/circles_00.jpg", "label": "../x"})
+    assert unknown.status_code == 400 and "unknown class '../x'" in unknown.json()["detail"]
     assert client.post("/api/relabel", json={"path": "circles/nope.jpg", "label": "squares"}).status_code == 404
     assert sha_map(data) == before
 

@@ -24,7 +24,15 @@ from imgclf.config import Config
 from imgclf.data.dataset import UNLABELED_DIR, check_data_folder, split_folders
 from imgclf.data.io import ImageError
 from imgclf.ui.analysis import Analyzer
-from imgclf.ui.labels import RelabelError, RelabelJournal, UnsafePathError, class_folders, list_images, safe_rel
+from imgclf.ui.labels import (
+    RelabelError,
+    RelabelJournal,
+    UnknownClassError,
+    UnsafePathError,
+    class_folders,
+    list_images,
+    safe_rel,
+)
 from imgclf.ui.thumbs import ThumbCache
 
 BROWSER_FORMATS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp"})
@@ -163,6 +171,10 @@ def create_app(
 
     @app.exception_handler(UnsafePathError)
     def _unsafe(_: Request, e: UnsafePathError) -> JSONResponse:
+        return JSONResponse({"detail": str(e)}, status_code=400)
+
+    @app.exception_handler(UnknownClassError)
+    def _unknown_class(_: Request, e: UnknownClassError) -> JSONResponse:
         return JSONResponse({"detail": str(e)}, status_code=400)
 
     @app.exception_handler(RelabelError)

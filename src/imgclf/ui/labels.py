@@ -40,6 +40,10 @@ class RelabelError(ValueError):
     """A move that cannot be done; the message says why."""
 
 
+class UnknownClassError(RelabelError):
+    """A move into a class the data folder does not have (a bad request, not a conflict)."""
+
+
 def safe_rel(root: Path, rel: str, through_links: bool = False) -> Path:
     """``root / rel`` if ``rel`` is a relative POSIX path to a visible file inside ``root``; else raise.
 
@@ -142,7 +146,7 @@ class RelabelJournal:
     def move(self, rel: str, label: str, classes: list[str]) -> dict[str, Any]:
         """Move the image ``rel`` into the folder of class ``label``; return the journal record."""
         if label not in classes:
-            raise RelabelError(f"unknown class {label!r}; classes: {', '.join(classes)}")
+            raise UnknownClassError(f"unknown class {label!r}; classes: {', '.join(classes)}")
         src = safe_rel(self.root, rel)
         if not src.is_file():
             raise FileNotFoundError(f"no image {rel!r} in {self.root}")
