@@ -515,6 +515,6 @@ def test_a_run_trained_with_flip_tta_is_served_and_exported_with_it(
     assert '"flip_tta": true' in result.sidecar.read_text()
     module = torch.jit.load(str(tmp_path / "m.pt"))
     bundle = Bundle.load(flipped)
-    x = torch.from_numpy(load_for_model(tmp_path / "a.jpg", bundle.preprocess)[None])
+    x = torch.from_numpy(load_for_model(tmp_path / "a.jpg", bundle.preprocess)[None].copy())
     with torch.inference_mode():
         assert np.abs(module(x).numpy()[0] - expected.scores).max() <= 1e-3
