@@ -96,12 +96,29 @@ def test_an_abbreviated_flag_matching_both_spellings_is_taken():
         ["evaluate", "run", "--seed", "3"],
         ["dedup", "data", "--per-query", "10"],
         ["download", "urls.tsv", "--out", "d", "--max-distance", "2"],
+        ["train", "data", "--per-query", "5"],
     ],
 )
 def test_a_command_offers_only_the_flags_it_uses(argv: list[str], capsys: pytest.CaptureFixture[str]):
     with pytest.raises(SystemExit):
         build_parser().parse_args(argv)
     assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_a_mistyped_flag_gets_the_commands_usage_and_a_suggestion(capsys: pytest.CaptureFixture[str]):
+    from imgclf.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "data", "--clasifier", "dnn"])
+    err = capsys.readouterr().err
+    assert (
+        "usage: imgclf train" in err and "unrecognized arguments: --clasifier dnn (did you mean --classifier?)" in err
+    )
+    with pytest.raises(SystemExit):
+        main(["runs", "list", "--limt", "3"])
+    assert (
+        "imgclf runs list: error: unrecognized arguments: --limt 3 (did you mean --limit?)" in capsys.readouterr().err
+    )
 
 
 def test_commands_keep_the_flags_they_use():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import errno
 import importlib
 import logging
@@ -141,9 +142,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the (sub)command given (``imgclf runs list``'s, say), for its own usage and flags."""
+    current = parser
+    while sub := next((a for a in current._actions if isinstance(a, argparse._SubParsersAction)), None):
+        name = getattr(args, sub.dest, None)
+        if name not in sub.choices:
+            break
+        current = sub.choices[name]
+    return current
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # the command's own usage, and the flag meant where one is close (argparse 3.11 gives neither)
+        command = _command_parser(parser, args)
+        flags = [flag for action in command._actions for flag in action.option_strings]
+        close = difflib.get_close_matches(extra[0].split("=")[0], flags, n=1) if extra[0].startswith("-") else []
+        command.error(f"unrecognized arguments: {' '.join(extra)}" + (f" (did you mean {close[0]}?)" if close else ""))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
         code = int(args.func(args) or 0)

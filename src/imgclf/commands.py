@@ -8,7 +8,10 @@ from pathlib import Path
 from imgclf.cli import add_config_args, config_from_args, non_negative_int, positive_int
 from imgclf.config import Config
 
-CORE_SECTIONS = ("data", "backbone", "features", "classifier", "finetune", "datatools", "tracking", "output")
+CORE_SECTIONS = (
+    *("data", "backbone", "features", "classifier", "finetune", "tracking", "output"),
+    *(f"datatools.{name}" for name in ("hash_size", "max_distance", "fail_on_leak")),  # the leak check's
+)
 
 
 def _train(args: argparse.Namespace) -> int:
