@@ -119,6 +119,20 @@ def test_model_id_changes_with_any_part_of_the_head(run):
     assert Bundle.load(result.run_dir).model_id == bundle.model_id
 
 
+def test_a_bundle_with_its_own_weights_prepares_images_as_recorded(run):
+    """A hub backbone's weights come with their own preprocessing (torchvision's resnet50: resize 232,
+    bilinear; its mean and std): rebuilt untrained to load them, the recorded one must be kept."""
+    import dataclasses
+
+    _, result, _ = run
+    spec = dict(result.bundle.backbone_spec, mean=[0.4, 0.4, 0.4], std=[0.2, 0.2, 0.2])
+    spec["preprocess"] = dict(spec["preprocess"], crop_pct=0.95, interpolation="bilinear")
+    state = result.bundle.build_backbone().model.state_dict()
+    bundle = dataclasses.replace(result.bundle, backbone_spec=spec, backbone_state=state)
+    bb = bundle.build_backbone()
+    assert bb.preprocess == bundle.preprocess and (bb.mean, bb.std) == ((0.4,) * 3, (0.2,) * 3)
+
+
 def test_atomic_folders_are_readable_and_leftovers_of_a_crash_do_no_harm(tmp_path, monkeypatch):
     """A model folder gets the usual permissions (a service account must read it); a leftover of a crash
     does not block the next save; a save that fails leaves the earlier folder in place; an empty memo entry

@@ -88,14 +88,22 @@ class Bundle:
         )
         if self.backbone_state is None:
             return bb
-        state, pretrained = self.backbone_state, bb.loader
+        state, untrained = self.backbone_state, bb.loader
 
         def loader() -> nn.Module:
-            model = pretrained()
+            model = untrained()
             model.load_state_dict(state)
             return model
 
-        return dataclasses.replace(bb, loader=loader, weights_id=spec["weights_id"])
+        # the images are prepared as recorded: an untrained build has its family's defaults, not its weights'
+        return dataclasses.replace(
+            bb,
+            loader=loader,
+            weights_id=spec["weights_id"],
+            preprocess=self.preprocess,
+            mean=tuple(spec["mean"]),
+            std=tuple(spec["std"]),
+        )
 
     @property
     def flip_tta(self) -> bool:
