@@ -477,3 +477,26 @@ def test_analysis_of_a_fine_tuned_run_scores_with_an_svm(tmp_path: Path) -> None
     cfg = Config().updated(classifier="dnn", resolution=64, progress=False, svm_c_grid=[1.0], cv_folds=2)
     result = analyse(data, cfg.updated(cache_dir=tmp_path / "cache"))
     assert len(result.suspects) == 18 and result.classes == CLASSES
+
+
+def test_a_move_whose_source_cannot_be_removed_leaves_one_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file is linked into its new folder, then unlinked from the old one: when that fails (a source folder
+    without write permission), the new link is taken back, so the image is not in two classes."""
+    import errno
+    import os
+
+    from imgclf.ui.labels import RelabelJournal
+
+    root = make_folder(tmp_path / "d", classes=("a", "b"), n=1)
+    before, real_unlink = sha_map(root), os.unlink
+
+    def refused(path: object, *args: object, **kwargs: object) -> None:
+        if Path(str(path)) == root / "a" / "a_00.jpg":
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", refused)
+    with pytest.raises(PermissionError):
+        RelabelJournal(root).move("a/a_00.jpg", "b", ["a", "b"])
+    monkeypatch.undo()
+    assert sha_map(root) == before and RelabelJournal(root).active() == []

@@ -63,7 +63,11 @@ def move_no_overwrite(src: Path, dst: Path) -> None:
             raise FileExistsError(f"{dst} exists") from None
         os.rename(src, dst)
         return
-    os.unlink(src)
+    try:
+        os.unlink(src)
+    except OSError:  # the source folder cannot be changed: take the new link back, the file stays where it was
+        os.unlink(dst)
+        raise
 
 
 def quarantine(root: Path, moves: Sequence[tuple[str, str]]) -> JournalReport:
