@@ -469,6 +469,22 @@ def test_the_listing_follows_changes_inside_sub_folders(tmp_path: Path) -> None:
         os.utime(root / "a" / sub, ns=(later, later))
     assert index.folders()["a"] == ["a/a_00.jpg", "a/sess2/y.jpg"]
     assert index.present() == {"a/a_00.jpg", "a/sess2/y.jpg", "b/b_00.jpg"}
+    import imgclf.ui.app
+
+    real_listing = imgclf.ui.app.list_images
+
+    def changed_while_listed(*args: object) -> dict[str, list[str]]:
+        listed = real_listing(*args)
+        shutil.copy(root / "a" / "a_00.jpg", root / "a" / "sess1" / "late.jpg")  # after its folder was walked
+        later = (root / "a" / "sess1").stat().st_mtime_ns + 4 * 10**9
+        os.utime(root / "a" / "sess1", ns=(later, later))
+        return listed
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(imgclf.ui.app, "list_images", changed_while_listed)
+        index.invalidate()
+        assert "a/sess1/late.jpg" not in index.folders()["a"]
+    assert "a/sess1/late.jpg" in index.folders()["a"]  # seen at the next use
 
 
 def test_analysis_of_a_fine_tuned_run_scores_with_an_svm(tmp_path: Path) -> None:

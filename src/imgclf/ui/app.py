@@ -105,11 +105,12 @@ class ImageIndex:
         return (*(_mtime(d) for d in [*dirs, *self._walked]), len(dirs))
 
     def folders(self) -> dict[str, list[str]]:
-        if self._current_signature() != self._signature:
+        if (before := self._current_signature()) != self._signature:
             walked: list[Path] = []
             self._folders = list_images(self.root, walked)
-            self._walked = walked
-            self._signature = self._current_signature()
+            # the times from before the walk: a change made during it shows at the next use. With folders
+            # new to this walk the next signature differs once more: one extra listing, then steady.
+            self._walked, self._signature = walked, before
             self._present = frozenset(r for rels in self._folders.values() for r in rels)
         return self._folders
 
