@@ -97,6 +97,16 @@ def _argument_rows(group: argparse._ArgumentGroup) -> list[str]:
     return rows
 
 
+def _config_flags(group: argparse._ArgumentGroup) -> str:
+    """``all of [data]``, or ``[output]: --progress`` where a command takes some of a section's parameters."""
+    section = str(group.title).removesuffix(CONFIG_GROUP_SUFFIX)
+    link = f"[{section}](parameters.md#{section})"
+    names = [a.dest.removeprefix("cfg__") for a in group._group_actions]
+    if set(names) == set(Config.model_fields[section].annotation.model_fields):  # type: ignore[union-attr]
+        return f"all of {link}"
+    return f"{link}: " + ", ".join(f"`--{n.replace('_', '-')}`" for n in names)
+
+
 def cli_page() -> str:
     """Every command: what it does, its own arguments, and the configuration sections it takes."""
     parser = build_parser()
@@ -104,8 +114,8 @@ def cli_page() -> str:
         "# Command line",
         "",
         "Generated from the argparse parser (`imgclf.cli.build_parser()`); `imgclf COMMAND --help` prints the",
-        "same. Commands that take configuration flags list their sections: every parameter of those",
-        "sections is a flag (see [Parameters](parameters.md)), and `--config FILE` reads a TOML or YAML file.",
+        "same. Commands that take configuration flags list them by section (a whole section, or the parameters",
+        "of it the command uses; see [Parameters](parameters.md)), and `--config FILE` reads a TOML or YAML file.",
         "",
         "| command | what it does |",
         "|---|---|",
@@ -125,9 +135,7 @@ def cli_page() -> str:
         if rows:
             lines += ["| argument | description |", "|---|---|", *rows]
         if config_groups:
-            sections = [str(g.title).removesuffix(CONFIG_GROUP_SUFFIX) for g in config_groups]
-            links = ", ".join(f"[{s}](parameters.md#{s})" for s in sections)
-            lines += ["", f"Configuration flags of the sections {links}."]
+            lines += ["", "Configuration flags: " + "; ".join(_config_flags(g) for g in config_groups) + "."]
     return "\n".join(lines) + "\n"
 
 
