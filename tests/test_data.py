@@ -103,6 +103,10 @@ def test_hidden_and_system_files_links_and_loops(tmp_path: Path):
     assert [Path(s["path"]).name for s in ds.skipped] == ["triangles", "gone.jpg"]  # a class folder not there: said
     assert all(s["reason"].startswith("broken link to") for s in ds.skipped)
     assert "unmounted" in ds.skipped[0]["reason"] and "no_such.jpg" in ds.skipped[1]["reason"]
+    two = make_folder(tmp_path / "two", classes=("a",), n=2)
+    (two / "b").symlink_to(tmp_path / "unmounted" / "b", target_is_directory=True)
+    with pytest.raises(DatasetError, match=r"only one class \('a'\) .*broken link\(s\).*: b -> .*unmounted/b"):
+        scan_dataset(DataConfig(data_root=two))  # the class that is missing is named, not only the one left
     assert ds.notes == [] and _tree_digest(root) == before
 
 

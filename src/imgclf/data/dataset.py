@@ -66,6 +66,10 @@ def _name_problem(name: str) -> str | None:
     return None
 
 
+def _broken_link(path: Path) -> bool:
+    return path.is_symlink() and not path.exists() and not is_ignored(path.name)
+
+
 def subfolders(folder: Path) -> list[Path]:
     """The sub-folders of ``folder`` by name, without hidden and system ones."""
     return sorted((p for p in folder.iterdir() if p.is_dir() and not is_ignored(p.name)), key=lambda p: p.name)
@@ -127,11 +131,18 @@ def scan_dataset(cfg: DataConfig) -> Dataset:
     dirs = {base: _class_dirs(base) for base, _ in parts}  # listed once
     bad_names = {d: why for base, _ in parts for d in dirs[base] if (why := _name_problem(d.name))}
     class_names = sorted({d.name for base, _ in parts for d in dirs[base] if d not in bad_names})
+    broken = [p for base, _ in parts for p in sorted(base.iterdir()) if _broken_link(p)]
+    gone = "; broken link(s), a class folder on a drive not mounted?: " + ", ".join(
+        f"{p.name} -> {os.readlink(p)}" for p in broken
+    )
     if not class_names:
-        raise DatasetError(f"no class sub-folders in {root}: expected {root}/<class name>/<images>")
+        raise DatasetError(
+            f"no class sub-folders in {root}: expected {root}/<class name>/<images>" + (gone if broken else "")
+        )
     if len(class_names) < 2:
         raise DatasetError(
             f"only one class ({class_names[0]!r}) in {root}: a classifier needs at least two class folders"
+            + (gone if broken else "")
         )
     found: list[tuple[str, str, str, str | None]] = []  # rel, class name, group, preset
     skipped = [{"path": display_path(d), "reason": f"class folder {why}"} for d, why in bad_names.items()]
@@ -153,7 +164,7 @@ def scan_dataset(cfg: DataConfig) -> Dataset:
             p for p in base.iterdir() if p.is_file() and not is_ignored(p.name) and p.suffix.lower() in IMAGE_EXTENSIONS
         ):
             skipped.append({"path": display_path(f), "reason": loose})
-        for link in sorted(p for p in base.iterdir() if p.is_symlink() and not p.exists() and not is_ignored(p.name)):
+        for link in (p for p in broken if p.parent == base):
             why = f"broken link to {os.readlink(link)} (nothing there): a class folder on a drive not mounted? "
             skipped.append({"path": display_path(link), "reason": why + "fix or remove the link"})
         for class_dir in dirs[base]:
