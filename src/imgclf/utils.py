@@ -182,6 +182,9 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         raise
 
 
+RUN_LOCK = ".imgclf.lock"  # the file run_folder_lock holds in a run folder
+
+
 class FolderInUse(RuntimeError):
     """Another imgclf command is writing into the same run folder."""
 
@@ -192,7 +195,7 @@ def run_folder_lock(run_dir: Path) -> Iterator[None]:
     instead of mixing two runs' files. The lock (a hidden file, ``flock``) ends with the process."""
     from filelock import FileLock, Timeout
 
-    lock = FileLock(run_dir / ".imgclf.lock", timeout=0)
+    lock = FileLock(run_dir / RUN_LOCK, timeout=0)
     try:
         lock.acquire()
     except NotImplementedError:  # a file system without flock (some network mounts): run unguarded
@@ -213,10 +216,11 @@ def folder_in_use(run_dir: Path) -> bool:
     """Whether another process holds ``run_dir`` with :func:`run_folder_lock` (a train still running)."""
     from filelock import FileLock, Timeout
 
-    if not (Path(run_dir) / ".imgclf.lock").is_file():
+    lock_file = Path(run_dir) / RUN_LOCK
+    if not lock_file.is_file():
         return False
     try:
-        with FileLock(Path(run_dir) / ".imgclf.lock", timeout=0):
+        with FileLock(lock_file, timeout=0):
             return False
     except Timeout:
         return True

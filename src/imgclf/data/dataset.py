@@ -132,17 +132,13 @@ def scan_dataset(cfg: DataConfig) -> Dataset:
     bad_names = {d: why for base, _ in parts for d in dirs[base] if (why := _name_problem(d.name))}
     class_names = sorted({d.name for base, _ in parts for d in dirs[base] if d not in bad_names})
     broken = [p for base, _ in parts for p in sorted(base.iterdir()) if _broken_link(p)]
-    gone = "; broken link(s), a class folder on a drive not mounted?: " + ", ".join(
-        f"{p.name} -> {os.readlink(p)}" for p in broken
-    )
+    links = ", ".join(f"{p.name} -> {os.readlink(p)}" for p in broken)
+    gone = f"; broken link(s), a class folder on a drive not mounted?: {links}" if broken else ""
     if not class_names:
-        raise DatasetError(
-            f"no class sub-folders in {root}: expected {root}/<class name>/<images>" + (gone if broken else "")
-        )
+        raise DatasetError(f"no class sub-folders in {root}: expected {root}/<class name>/<images>{gone}")
     if len(class_names) < 2:
         raise DatasetError(
-            f"only one class ({class_names[0]!r}) in {root}: a classifier needs at least two class folders"
-            + (gone if broken else "")
+            f"only one class ({class_names[0]!r}) in {root}: a classifier needs at least two class folders{gone}"
         )
     found: list[tuple[str, str, str, str | None]] = []  # rel, class name, group, preset
     skipped = [{"path": display_path(d), "reason": f"class folder {why}"} for d, why in bad_names.items()]

@@ -162,6 +162,12 @@ def convert_openvino(net: nn.Module, resolution: int):  # -> openvino.Model
     return model
 
 
+def _check_kept(file: Path, digest: Path) -> None:
+    """ValueError (OSError where unreadable) unless ``file`` matches the checksum kept in ``digest``."""
+    if file_sha256(file) != digest.read_text(encoding="utf-8").strip():
+        raise ValueError(f"{file.name} differs from its checksum")
+
+
 def _read_kept(core: ov.Core, model_dir: Path) -> ov.Model | None:
     """The converted model kept in ``model_dir``, if there and whole (its weights match the checksum kept
     beside them); else None, so that it is converted again."""
@@ -169,8 +175,7 @@ def _read_kept(core: ov.Core, model_dir: Path) -> ov.Model | None:
     if not (xml.exists() and digest.exists()):
         return None
     try:
-        if file_sha256(xml.with_suffix(".bin")) != digest.read_text(encoding="utf-8").strip():
-            raise ValueError("its weights differ from their checksum")
+        _check_kept(xml.with_suffix(".bin"), digest)
         return core.read_model(xml)
     except (OSError, RuntimeError, ValueError) as e:  # a damaged file; OpenVINO raises RuntimeError
         log.warning("warning: the converted model kept in %s is damaged (%s); converting it again", model_dir, e)
@@ -235,13 +240,11 @@ def _onnx_kept(path: Path) -> bool:
     if not (path.exists() and digest.exists()):
         return False
     try:
-        if file_sha256(path) == digest.read_text(encoding="utf-8").strip():
-            return True
-        why = "it differs from its checksum"
-    except OSError as e:
-        why = str(e)
-    log.warning("warning: the ONNX model kept in %s is damaged (%s); exporting it again", path.parent, why)
-    return False
+        _check_kept(path, digest)
+    except (OSError, ValueError) as e:
+        log.warning("warning: the ONNX model kept in %s is damaged (%s); exporting it again", path.parent, e)
+        return False
+    return True
 
 
 class OnnxRuntime:

@@ -573,8 +573,9 @@ def _train(
             model.backbone.eval()  # frozen: keep the pretrained batch-norm statistics
         else:  # keep the pretrained statistics (the affine weights still train), always in frozen groups
             for m in model.backbone.modules():
-                frozen = not any(p.requires_grad for p in m.parameters())
-                if isinstance(m, nn.modules.batchnorm._BatchNorm) and (ft.freeze_bn or frozen):
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and (
+                    ft.freeze_bn or not any(p.requires_grad for p in m.parameters())
+                ):
                     m.eval()
         t0, seen, step, lr_sum = time.perf_counter(), 0, 0, 0.0
         # summed on the device: reading a value back each step would stall a GPU until it drains

@@ -101,12 +101,10 @@ _ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for c
 
 
 def _net_key(bundle: Bundle, flip_tta: bool) -> str:
-    """Content key of the classifier network, naming its converted-model cache folder."""
-    h = hashlib.sha256(json.dumps([bundle.backbone_spec, flip_tta], sort_keys=True).encode())
-    for a in (bundle.head.weight, bundle.head.bias):
-        h.update(np.ascontiguousarray(a, np.float32).tobytes())
-    h.update(str(bundle.head.l2_normalize).encode())
-    return h.hexdigest()[:16]
+    """Content key of the classifier network (the bundle's model id, its preprocessing and the mirror
+    averaging), naming its converted-model cache folder."""
+    key = json.dumps([bundle.model_id, bundle.backbone_spec, flip_tta], sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def build_runtime(bundle: Bundle, cfg: Config) -> Runtime:
