@@ -260,6 +260,14 @@ def test_predict_api_and_cli(run, tmp_path, capsys):
     code = main(["predict", str(result.run_dir), str(listing), "--csv", str(tmp_path), "--no-progress"])
     assert code == 2 and f"{tmp_path} is a folder: give the name of a file to write" in capsys.readouterr().err
     assert out_csv.read_text().splitlines()[0] == "path,label_1,score_1,label_2,score_2,label_3,score_3,error"
+    # --csv never writes over an image or an input (`--csv a.jpg b.jpg`, arguments swapped)
+    pair = sorted((data / "circles").glob("circles_0[23].jpg"))
+    before = [p.read_bytes() for p in pair]
+    assert main(["predict", str(result.run_dir), "--csv", str(pair[0]), str(pair[1]), "--no-progress"]) == 2
+    assert "named as an image, not written; name a .csv file" in capsys.readouterr().err
+    assert main(["predict", str(result.run_dir), str(listing), "--csv", str(listing), "--no-progress"]) == 2
+    assert "that is an input, not overwritten" in capsys.readouterr().err
+    assert [p.read_bytes() for p in pair] == before and "circles_01.jpg" in listing.read_text()
     # a file name that is not UTF-8 (possible on Linux) is classified and shown with \x escapes
     odd = tmp_path / "odd"
     odd.mkdir()

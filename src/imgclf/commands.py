@@ -36,9 +36,11 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from imgclf.pipeline import predict, write_predictions_csv
+    from imgclf.pipeline import check_csv_target, predict, write_predictions_csv
     from imgclf.utils import display_path
 
+    if args.csv:  # before the work, not after it
+        check_csv_target(Path(args.csv), args.inputs)
     classes, preds = predict(args.run_dir, args.inputs, config_from_args(args, _run_config(args.run_dir)))
     for p in preds:
         if p.scores is None:

@@ -536,8 +536,20 @@ def predict(
     return bundle.classes, preds
 
 
+def check_csv_target(path: Path, inputs: Iterable[str | Path]) -> None:
+    """Refuse a predictions file that would overwrite an image or one of the inputs (``--csv a.jpg b.jpg``)."""
+    if path.suffix.lower() in IMAGE_EXTENSIONS:
+        raise FileExistsError(f"--csv {display_path(path)}: named as an image, not written; name a .csv file")
+    if path.exists() and any(Path(i).exists() and os.path.samefile(path, i) for i in inputs):
+        raise FileExistsError(f"--csv {display_path(path)}: that is an input, not overwritten; name another file")
+
+
 def write_predictions_csv(path: Path, classes: list[str], preds: list[Prediction], top_k: int) -> None:
-    """CSV of the top-k labels and scores per image (errors in their own column); k at most the class count."""
+    """CSV of the top-k labels and scores per image (errors in their own column); k at most the class count.
+
+    Never written over an image or one of the images classified.
+    """
+    check_csv_target(path, [p.path for p in preds])
     top_k = min(top_k, len(classes))
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
