@@ -498,9 +498,11 @@ def test_a_run_trained_with_flip_tta_is_served_and_exported_with_it(
     ).save(flipped)
     (tmp_path / "a.jpg").write_bytes(images[3])
     classes, (expected,) = predict(flipped, tmp_path / "a.jpg")
-    cfg = Config().updated(
-        flip_tta=True, workers=1, precision="fp32", serve_runtime="torch", max_batch=1, cache_dir=tmp_path / "c"
-    )
+    # a configuration passed in that does not mention flip_tta (a notebook's Config()) still follows the run
+    cfg = Config().updated(workers=1, precision="fp32", serve_runtime="torch", max_batch=1, cache_dir=tmp_path / "c")
+    _, (same,) = predict(flipped, tmp_path / "a.jpg", cfg)
+    _, (plain,) = predict(flipped, tmp_path / "a.jpg", cfg, flip_tta=False)
+    assert np.abs(same.scores - expected.scores).max() <= 1e-5 < np.abs(plain.scores - expected.scores).max()
     import imgclf.serving.app
 
     monkeypatch.setattr(imgclf.serving.app, "resolve_precision", lambda *a, **k: "fp32")  # not bf16 on AMX
@@ -508,7 +510,7 @@ def test_a_run_trained_with_flip_tta_is_served_and_exported_with_it(
         with TestClient(app) as c:
             got = c.post("/v1/predict", files={"file": ("a.jpg", images[3], "image/jpeg")}).json()
         check_prediction(got["predictions"][0], expected.scores)
-    with TestClient(create_app(flipped, cfg.updated(flip_tta=False))) as c:  # --no-flip-tta: once
+    with TestClient(create_app(flipped, cfg, flip_tta=False)) as c:  # --no-flip-tta: once
         once = c.post("/v1/predict", files={"file": ("a.jpg", images[3], "image/jpeg")}).json()["predictions"][0]
     assert max(abs(once["scores"][k] - s) for k, s in zip(classes, expected.scores, strict=True)) > 1e-3
     result = export_model(flipped, "torchscript", tmp_path / "m.pt")

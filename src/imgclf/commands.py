@@ -31,7 +31,8 @@ def _run_config(run_dir: str) -> Config:
 def _evaluate(args: argparse.Namespace) -> int:
     from imgclf.pipeline import evaluate
 
-    evaluate(args.run_dir, on_train=args.on_train, cfg=config_from_args(args, _run_config(args.run_dir)))
+    cfg = config_from_args(args, _run_config(args.run_dir))
+    evaluate(args.run_dir, on_train=args.on_train, cfg=cfg, flip_tta=cfg.features.flip_tta)
     return 0
 
 
@@ -41,7 +42,8 @@ def _predict(args: argparse.Namespace) -> int:
 
     if args.csv:  # before the work, not after it
         check_csv_target(Path(args.csv), args.inputs)
-    classes, preds = predict(args.run_dir, args.inputs, config_from_args(args, _run_config(args.run_dir)))
+    cfg = config_from_args(args, _run_config(args.run_dir))
+    classes, preds = predict(args.run_dir, args.inputs, cfg, flip_tta=cfg.features.flip_tta)
     for p in preds:
         if p.scores is None:
             print(f"{display_path(p.path)}\tERROR\t{p.error}")

@@ -400,12 +400,24 @@ def _train(cfg: Config, run_dir: Path, t0: float) -> RunResult:
     return result
 
 
-def evaluate(run_dir: str | Path, on_train: bool = False, cfg: Config | None = None) -> RunResult:
-    """Score a run's bundle on its saved test split (or training split) and rewrite the metrics."""
+def evaluate(
+    run_dir: str | Path, on_train: bool = False, cfg: Config | None = None, flip_tta: bool | None = None
+) -> RunResult:
+    """Score a run's bundle on its saved test split (or training split) and rewrite the metrics.
+
+    ``cfg`` (default: the run's) says how to compute; the mirror averaging (``flip_tta``) follows the run,
+    as it changes the scores, unless ``flip_tta`` is given.
+    """
     run_dir = Path(run_dir)
     bundle = Bundle.load(run_dir)
+    cfg = _with_flip_tta(cfg or Config.model_validate(bundle.config), bundle, flip_tta)
     with run_folder_lock(run_dir):
-        return _evaluate(run_dir, bundle, on_train, cfg or Config.model_validate(bundle.config))
+        return _evaluate(run_dir, bundle, on_train, cfg)
+
+
+def _with_flip_tta(cfg: Config, bundle: Bundle, flip_tta: bool | None) -> Config:
+    """``cfg`` with the run's ``flip_tta``, or the one asked for."""
+    return cfg.updated(flip_tta=bundle.flip_tta if flip_tta is None else flip_tta)
 
 
 def _training_timings(run_dir: Path) -> dict[str, float]:
@@ -520,11 +532,18 @@ class Prediction:
 
 
 def predict(
-    run_dir: str | Path, inputs: str | Path | Iterable[str | Path], cfg: Config | None = None
+    run_dir: str | Path,
+    inputs: str | Path | Iterable[str | Path],
+    cfg: Config | None = None,
+    flip_tta: bool | None = None,
 ) -> tuple[list[str], list[Prediction]]:
-    """Class scores for images (a file, folder or list of paths, or several); unreadable images carry an error."""
+    """Class scores for images (a file, folder or list of paths, or several); unreadable images carry an error.
+
+    ``cfg`` (default: the run's) says how to compute; ``flip_tta`` follows the run unless given, so that
+    the scores are those of the run's predictions.csv.
+    """
     bundle = Bundle.load(run_dir)
-    cfg = cfg or Config.model_validate(bundle.config)
+    cfg = _with_flip_tta(cfg or Config.model_validate(bundle.config), bundle, flip_tta)
     items = [inputs] if isinstance(inputs, str | Path) else list(inputs)
     paths = expand_inputs(items)
     if not paths:

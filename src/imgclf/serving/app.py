@@ -218,14 +218,14 @@ def _error(status: int, code: str, detail: str) -> JSONResponse:
     return JSONResponse({"error": code, "detail": detail}, status_code=status)
 
 
-def create_app(bundle: Bundle | str | Path, cfg: Config | None = None) -> FastAPI:
+def create_app(bundle: Bundle | str | Path, cfg: Config | None = None, flip_tta: bool | None = None) -> FastAPI:
     """The service for ``bundle`` (a Bundle, run folder or bundle folder); loads the model now.
 
     ``cfg`` defaults to the default configuration, not the training run's: serving settings (device,
-    threads, limits) belong to the serving host; but for ``flip_tta``, which follows the run, as in predict.
+    threads, limits) belong to the serving host; but ``flip_tta`` follows the run, as in predict, unless given.
     """
     bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
-    cfg = cfg or Config().updated(flip_tta=bundle.flip_tta)
+    cfg = (cfg or Config()).updated(flip_tta=bundle.flip_tta if flip_tta is None else flip_tta)
     service = ModelService(bundle, build_runtime(bundle, cfg), cfg)
     service.warm_up()
     max_body = int(cfg.serve.max_upload_mb * 1e6)

@@ -28,7 +28,7 @@ def _serve(args: argparse.Namespace) -> int:
     ensure_port_free(serve.host, serve.port)  # before the model loads
     bundle = Bundle.load(args.run_dir)
     cfg = config_from_args(args, Config().updated(flip_tta=bundle.flip_tta))
-    app = create_app(bundle, cfg)
+    app = create_app(bundle, cfg, flip_tta=cfg.features.flip_tta)
     uvicorn.run(only_local_hosts(app, cfg.serve.host), host=cfg.serve.host, port=cfg.serve.port, log_level="info")
     return 0
 
