@@ -1,4 +1,5 @@
 import hashlib
+import io
 import logging
 import os
 import subprocess
@@ -14,7 +15,7 @@ from PIL import Image
 
 from imgclf.config import DataConfig
 from imgclf.data.dataset import DatasetError, leave_out_untrained, load_split, make_split, save_split, scan_dataset
-from imgclf.data.io import ImageError, Preprocess, check_image, load_for_model, open_rgb
+from imgclf.data.io import ImageError, Preprocess, _unreadable, check_image, load_for_model, open_rgb
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
@@ -140,6 +141,65 @@ def test_bad_files_listed_with_reasons_and_untouched(tmp_path: Path):
     assert "png_named.jpg" not in reasons  # usable, and noted
     assert [Path(n["path"]).name for n in ds.notes] == ["png_named.jpg"] and "rename it to .png" in ds.notes[0]["note"]
     assert _tree_digest(root) == before
+
+
+def test_only_known_formats_are_decoded_whatever_the_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """PostScript named .jpg would run Ghostscript, an icon named .png was used as a photo: both refused."""
+    import imgclf.data.io
+
+    root = make_folder(tmp_path / "d", n=4)
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n0 0 moveto 16 16 lineto stroke\n%%EOF\n"
+    (root / "circles" / "drawing.jpg").write_bytes(eps)
+    Image.new("RGB", (32, 32), "blue").save(root / "circles" / "icon.png", format="ICO")
+    opened: list[object] = []
+    real_open = Image.open
+    monkeypatch.setattr(imgclf.data.io.Image, "open", lambda *a, **k: opened.append(k) or real_open(*a, **k))
+    reasons = {Path(s["path"]).name: s["reason"] for s in scan_dataset(DataConfig(data_root=root)).skipped}
+    for name in ("drawing.jpg", "icon.png"):
+        assert "not an image in a format imgclf reads" in reasons[name], reasons
+        with pytest.raises(ImageError, match="format imgclf reads"):
+            open_rgb(root / "circles" / name)
+        with pytest.raises(ImageError, match="format imgclf reads"):  # bytes sent to the server
+            open_rgb(io.BytesIO((root / "circles" / name).read_bytes()))
+    assert opened and all(k.get("formats") for k in opened)
+
+
+def test_damaged_exif_unreadable_folders_and_pillow_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    root = make_folder(tmp_path / "d", n=4)
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "good.jpg", dpi=(72, 72))  # as cameras write them
+    good = (tmp_path / "good.jpg").read_bytes()
+    payload = b"Exif\x00\x00" + b"\x00" * 40  # an APP1 block that is no TIFF structure
+    app1 = b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload
+    (root / "circles" / "bad_exif.jpg").write_bytes(good[:2] + app1 + good[2:])
+    with caplog.at_level(logging.WARNING, logger="imgclf"):
+        im = open_rgb(root / "circles" / "bad_exif.jpg")  # the pixels decode: used as stored, with a warning
+    assert np.array_equal(np.asarray(im), np.asarray(open_rgb(tmp_path / "good.jpg")))
+    assert "bad_exif.jpg: EXIF data unreadable" in caplog.text
+    # a sub-folder that cannot be listed (permissions) is reported, not silently left out
+    (root / "circles" / "locked").mkdir()
+    real_scandir = os.scandir
+
+    def scandir(path: object = ".") -> object:
+        if Path(os.fsdecode(path)).name == "locked":
+            raise PermissionError(13, "Permission denied", os.fsdecode(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    ds = scan_dataset(DataConfig(data_root=root))
+    reasons = {Path(s["path"]).name: s["reason"] for s in ds.skipped}
+    assert "bad_exif.jpg" not in reasons
+    assert reasons["locked"].startswith("folder unreadable (Permission denied): its images are not used")
+    monkeypatch.undo()
+    # --max-image-pixels above Pillow's own ceiling (twice Image.MAX_IMAGE_PIXELS) is honoured
+    path = tmp_path / "big.png"
+    Image.new("RGB", (30, 20), "red").save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200)
+    assert check_image(path, 10_000, 10**6) is None and open_rgb(path, max_pixels=10_000).size == (30, 20)
+    with pytest.raises(ImageError, match="oversized"):
+        check_image(path, 500, 10**6)
+    assert "unreadable: Permission denied" in str(_unreadable(path, PermissionError(13, "Permission denied")))
 
 
 @pytest.mark.parametrize(
@@ -316,12 +376,12 @@ def test_readers_leave_warning_filters_alone(tmp_path: Path, monkeypatch: pytest
     real, entered = warnings.catch_warnings, []
     monkeypatch.setattr(warnings, "catch_warnings", lambda *a, **k: entered.append(1) or real(*a, **k))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # Pillow's own limit, below the image's 600 pixels
+    with pytest.raises(ImageError, match="oversized"):
+        open_rgb(path)  # no limit of its own: Pillow's applies
     assert check_image(path, 10_000, 10**6) is None
     assert open_rgb(path, max_pixels=10_000).size == (30, 20)
     assert _decode(path.read_bytes(), "image/png", 10_000)[1:] == (30, 20)
     assert not entered
-    with pytest.raises(ImageError, match="oversized"):
-        open_rgb(path)  # no limit of its own: Pillow's applies
     # Pillow's warning is filtered once, when imgclf is imported, even where warnings are errors
     code = f"import imgclf; from PIL import Image; Image.MAX_IMAGE_PIXELS = 500; Image.open({str(path)!r}).load()"
     subprocess.run([sys.executable, "-W", "error", "-c", code], check=True)

@@ -166,7 +166,8 @@ def scan_dataset(cfg: DataConfig) -> Dataset:
         for class_dir in dirs[base]:
             if class_dir in bad_names:
                 continue
-            for f in list_files(class_dir):
+            unreadable: list[tuple[Path, str]] = []
+            for f in list_files(class_dir, unreadable=unreadable):
                 rel_in_class = f.relative_to(class_dir)
                 if not is_utf8(rel_in_class.as_posix()):
                     skipped.append({"path": display_path(f), "reason": f"file {NOT_UTF8}"})
@@ -180,6 +181,7 @@ def scan_dataset(cfg: DataConfig) -> Dataset:
                     notes.append({"path": display_path(f), "note": note})
                 group = rel_in_class.parts[0] if len(rel_in_class.parts) > 1 else rel_in_class.as_posix()
                 found.append((f.relative_to(root).as_posix(), class_dir.name, f"{class_dir.name}/{group}", preset))
+            skipped += [{"path": display_path(d), "reason": why} for d, why in unreadable]
     used = {name for _, name, _, _ in found}
     empty = [name for name in class_names if name not in used]
     if len(used) < 2:

@@ -52,16 +52,27 @@ def is_ignored(name: str) -> bool:
     return name.startswith(".") or name.lower() in SYSTEM_NAMES
 
 
-def list_files(folder: Path, walked: list[Path] | None = None) -> list[Path]:
+def list_files(
+    folder: Path, walked: list[Path] | None = None, unreadable: list[tuple[Path, str]] | None = None
+) -> list[Path]:
     """Files under ``folder``, sorted, without ignored names; folder links are followed, each real folder once.
 
     Broken links are listed too, so that callers can report them; sockets and pipes are not. ``walked``
-    receives every folder listed.
+    receives every folder listed; ``unreadable`` each folder that could not be listed, with why (without
+    it, a warning says so).
     """
     out: list[Path] = []
     seen: set[str] = set()
     top = Path(os.path.realpath(folder))
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+
+    def failed(e: OSError) -> None:
+        why = f"folder unreadable ({e.strerror or e}): its images are not used; check its permissions"
+        if unreadable is None:
+            log.warning("%s: %s", e.filename, why)
+        else:
+            unreadable.append((Path(e.filename), why))
+
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=failed, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in seen:  # a second link to the same folder
             dirnames[:] = []
@@ -102,13 +113,51 @@ NOT_AN_IMAGE = "not an image (nor named as one): not used"
 
 
 def _unreadable(path: Path | BinaryIO, e: Exception) -> ImageError:
+    if isinstance(e, OSError) and e.errno is not None and isinstance(path, Path):  # permission denied, I/O error
+        return ImageError(unreadable_reason(path, e))
     if isinstance(path, Path) and path.suffix.lower() in HEIF_EXTENSIONS and not HEIF_READABLE:
         return ImageError(
             'HEIC/HEIF image: install the plugin that reads it (pip install "imgclf[heif]") or convert it'
         )
     if isinstance(path, Path) and path.suffix.lower() not in IMAGE_EXTENSIONS:  # notes, annotations beside images
         return ImageError(NOT_AN_IMAGE)
-    return ImageError(f"not an image Pillow can read ({type(e).__name__}): check or convert the file")
+    return ImageError(
+        f"not an image in a format imgclf reads ({type(e).__name__}; {', '.join(_FORMAT_EXTENSIONS)}): "
+        "check or convert the file"
+    )
+
+
+def allow_pixels(max_pixels: int | None) -> None:
+    """Let Pillow open images up to ``max_pixels``: it refuses those above twice its own limit before imgclf's
+    check runs. The limit is only ever raised (process-wide), never lowered."""
+    if max_pixels is not None and Image.MAX_IMAGE_PIXELS is not None and max_pixels > 2 * Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = (max_pixels + 1) // 2
+
+
+def open_image(path: Path | BinaryIO) -> Image.Image:
+    """``Image.open`` restricted to the formats imgclf reads, of those Pillow has a decoder for: content of any
+    other kind (PostScript, which would run Ghostscript; icons, TGA) is refused, whatever its name."""
+    Image.init()  # every plugin registered (once), so that ``Image.ID`` lists them
+    return Image.open(path, formats=[f for f in _FORMAT_EXTENSIONS if f in Image.ID])
+
+
+def upright(im: Image.Image, name: str) -> Image.Image:
+    """``im`` turned by its EXIF orientation; as stored, with a warning, when its EXIF block is unreadable."""
+    try:
+        return ImageOps.exif_transpose(im)
+    except Exception as e:  # noqa: BLE001 - a damaged EXIF block (any parser error) in an image that decodes
+        log.warning(
+            "%s: EXIF data unreadable (%s: %s); the image is used as stored, unrotated", name, type(e).__name__, e
+        )
+        return im
+
+
+def exif_orientation(im: Image.Image) -> int:
+    """The EXIF orientation tag (1..8), 1 where there is none or the EXIF block is unreadable."""
+    try:
+        return int(im.getexif().get(0x0112, 1) or 1)
+    except Exception:  # noqa: BLE001 - as in upright()
+        return 1
 
 
 @dataclass(frozen=True)
@@ -146,8 +195,9 @@ def check_image(path: Path, max_pixels: int, max_bytes: int) -> str | None:
         raise ImageError(
             f"file too large ({size / 1e6:.3g} MB > {max_bytes / 1e6:.3g} MB): downscale it or raise --max-file-mb"
         )
+    allow_pixels(max_pixels)
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             fmt, (w, h) = im.format, im.size
     except Image.DecompressionBombError as e:
         raise ImageError(f"oversized image ({e}): downscale it or raise --max-image-pixels") from e
@@ -199,14 +249,15 @@ def open_rgb(path: Path | BinaryIO, draft_to: int | None = None, max_pixels: int
     try:
         if isinstance(path, Path) and _file_size(path) == 0:
             raise ImageError("empty file (0 bytes): re-download or remove it")
-        im = Image.open(path)
+        allow_pixels(max_pixels)
+        im = open_image(path)
         if im.size[0] * im.size[1] > (max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS):
             im.close()
             raise ImageError(f"oversized image ({im.size[0]}x{im.size[1]}): downscale it or raise --max-image-pixels")
         if draft_to is not None and im.format == "JPEG":
             im.draft("RGB", (draft_to, draft_to))
         im.load()
-        im = to_8bit(ImageOps.exif_transpose(im))
+        im = to_8bit(upright(im, str(path) if isinstance(path, Path) else "image"))
     except ImageError:
         raise
     except Image.DecompressionBombError as e:
@@ -214,6 +265,8 @@ def open_rgb(path: Path | BinaryIO, draft_to: int | None = None, max_pixels: int
     except Image.UnidentifiedImageError as e:
         raise _unreadable(path, e) from e
     except OSError as e:
+        if e.errno is not None and isinstance(path, Path):
+            raise _unreadable(path, e) from e
         msg = str(e)
         if "truncated" in msg:
             raise ImageError("truncated or corrupt image data: re-download or re-save the file") from e
