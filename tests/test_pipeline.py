@@ -306,12 +306,16 @@ def test_images_that_pass_the_scan_but_cannot_be_decoded(tmp_path, caplog):
     """A class whose every training image is cut short is never predicted (the run goes on and says so);
     a test split that no image of can be read is a message before the classifier is fitted."""
     from helpers import make_folder
+    from PIL import Image
 
     data = tmp_path / "data"
     make_folder(data / "train", classes=("a", "b", "c"), n=6)
     make_folder(data / "test", classes=("a", "b", "c"), n=3, seed=1)
     for f in sorted((data / "train" / "c").iterdir()):
         f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # the header reads, the pixels do not
+    with Image.open(data / "train" / "b" / "b_00.jpg") as im:
+        im.load()
+        im.save(data / "train" / "b" / "b_00.jpg", format="PNG")  # usable, with a note
     with caplog.at_level(logging.INFO, logger="imgclf"):
         result = train(Config().updated(data_root=data, out=tmp_path / "r", tracking=False, **FAST))
     assert "class 'c' has no training image that could be read" in caplog.text
@@ -319,9 +323,19 @@ def test_images_that_pass_the_scan_but_cannot_be_decoded(tmp_path, caplog):
     assert "6 more image(s) could not be decoded (listed in the report): 12 training and 9 test" in caplog.text
     assert result.bundle.head.weight.shape[0] == 3 and result.metrics["per_class_accuracy"]["c"] == 0.0
     assert result.metrics["n_train"] == 12 and result.metrics["n_test"] == 9
+    # evaluate rewrites metrics.json: what training skipped, noted and trained on stays; a test image
+    # damaged since is reported as it reads now
+    test_a0 = data / "test" / "a" / "a_00.jpg"
+    test_a0.write_bytes(test_a0.read_bytes()[:200])
+    again = evaluate(result.run_dir)
+    skipped = result.metrics["skipped"]
+    assert len(skipped) == 6 and again.metrics["skipped"][:6] == skipped and again.metrics["n_train"] == 12
+    assert [s["path"] for s in again.metrics["skipped"][6:]] == [str(test_a0)] and again.metrics["n_test"] == 8
+    assert len(result.metrics["notes"]) == 1 and again.metrics["notes"] == result.metrics["notes"]
+    assert json.loads((result.run_dir / "metrics.json").read_text())["notes"] == result.metrics["notes"]
     for f in sorted((data / "test").rglob("*.jpg")):
         f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    with pytest.raises(DatasetError, match=r"none of the 9 test images could be read \(e.g. .*test/a/a_00.jpg"):
+    with pytest.raises(DatasetError, match=r"none of the 8 test images could be read \(e.g. .*test/a/a_01.jpg"):
         train(Config().updated(data_root=data, out=tmp_path / "r2", tracking=False, **FAST))
 
 
@@ -507,8 +521,15 @@ def test_cli_errors_are_messages(tmp_path, capsys, monkeypatch):
     assert "the same command plus --resume" in err and "reuses the image features computed so far" in err
 
 
-def test_leak_between_train_and_test_warns_or_refuses(tmp_path, caplog):
+def test_leak_between_train_and_test_warns_or_refuses(tmp_path, caplog, monkeypatch):
     from helpers import make_folder
+
+    import imgclf.datatools.dedup
+
+    hash_images, limits = imgclf.datatools.dedup.hash_images, []
+    monkeypatch.setattr(
+        imgclf.datatools.dedup, "hash_images", lambda p, h, m, **k: limits.append(m) or hash_images(p, h, m, **k)
+    )
 
     data = tmp_path / "data"
     make_folder(data / "train", n=6)
@@ -522,7 +543,8 @@ def test_leak_between_train_and_test_warns_or_refuses(tmp_path, caplog):
         train(cfg.updated(fail_on_leak=True))
     make_folder(tmp_path / "extra", classes=("squares",), n=2, seed=2)
     (tmp_path / "extra" / "squares").rename(data / "val" / "only_in_val")  # a class that cannot be learned
-    result = train(cfg)
+    result = train(cfg.updated(max_image_pixels=123_456_789))
+    assert limits[-1] == 123_456_789  # the images are hashed under the run's own pixel limit
     leaks = (tmp_path / "run" / "leaks.csv").read_text()
     assert "copy_of_train.jpg" in leaks and "circles_00.jpg" in leaks
     assert "straddle train and test" in caplog.text

@@ -10,7 +10,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -157,7 +157,7 @@ def _check_leaks(cfg: Config, ds: Dataset, split: np.ndarray, run_dir: Path) -> 
 
     paths = [ds.path(s) for s in ds.samples]
     tools = cfg.datatools
-    hashes, _ = hash_images(paths, tools.hash_size)  # once, for both checks
+    hashes, _ = hash_images(paths, tools.hash_size, cfg.data.max_image_pixels)  # once, for both checks
     labels = [ds.classes[s.label] for s in ds.samples]
     conflicts = find_label_conflicts(paths, labels, tools.hash_size, tools.max_distance, hashes)
     if conflicts:
@@ -420,13 +420,32 @@ def _with_flip_tta(cfg: Config, bundle: Bundle, flip_tta: bool | None) -> Config
     return cfg.updated(flip_tta=bundle.flip_tta if flip_tta is None else flip_tta)
 
 
-def _training_timings(run_dir: Path) -> dict[str, float]:
-    """The timings ``train`` wrote into the run's metrics.json (an evaluate since keeps them), or {}."""
-    try:
-        timings = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8")).get("timings_s", {})
-    except (OSError, ValueError, AttributeError):
-        return {}
-    return {k: v for k, v in timings.items() if k != "evaluate_s"} if isinstance(timings, dict) else {}
+@dataclass
+class _TrainingFacts:
+    """What ``train`` wrote into the run's metrics.json that an evaluation cannot see again (an evaluate since
+    keeps them): its timings, how many images it trained on, the files it skipped and its notes."""
+
+    timings: dict[str, float]
+    n_train: int | None
+    skipped: list[dict[str, str]]
+    notes: list[dict[str, str]]
+
+    @classmethod
+    def read(cls, run_dir: Path) -> _TrainingFacts:
+        try:
+            m = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            m = {}
+        m = m if isinstance(m, dict) else {}
+        timings = m.get("timings_s")
+        timings = {k: v for k, v in timings.items() if k != "evaluate_s"} if isinstance(timings, dict) else {}
+        n_train = m.get("n_train")
+        return cls(
+            timings,
+            n_train if isinstance(n_train, int) else None,
+            [s for s in m.get("skipped") or [] if isinstance(s, dict)],
+            [n for n in m.get("notes") or [] if isinstance(n, dict)],
+        )
 
 
 def _last_data_root(run_dir: Path) -> Path | None:
@@ -468,14 +487,19 @@ def _evaluate(run_dir: Path, bundle: Bundle, on_train: bool, cfg: Config) -> Run
             root,
         )
     t0 = time.perf_counter()
-    skipped: list[dict[str, str]] = []
-    x, idx = _features(FeatureExtractor.from_config(cfg, bundle.build_backbone()), ds, idx, f"{part} features", skipped)
+    failed: list[dict[str, str]] = []
+    x, idx = _features(FeatureExtractor.from_config(cfg, bundle.build_backbone()), ds, idx, f"{part} features", failed)
     if not len(idx):
-        raise _none_readable(part, skipped)
+        raise _none_readable(part, failed)
     scores = bundle.head.predict_proba(x)
-    # the training's timings stay (runs compare weighs runs by them), the evaluation's own join them
-    timings = {**_training_timings(run_dir), "evaluate_s": time.perf_counter() - t0}
-    n_train = int(np.sum(split == "train"))
+    # the training's facts stay (runs compare weighs runs by its timings), the evaluation's own join them:
+    # the images it scored are reported as they read now
+    trained = _TrainingFacts.read(run_dir)
+    scored = {display_path(ds.path(ds.samples[i])) for i in np.flatnonzero(split == part)}
+    skipped = [s for s in trained.skipped if s.get("path") not in scored] + failed
+    timings = {**trained.timings, "evaluate_s": time.perf_counter() - t0}
+    n_train = int(np.sum(split == "train")) if trained.n_train is None else trained.n_train
+    ds = replace(ds, notes=trained.notes)
     metrics = _finish(
         run_dir, cfg, bundle, ds, idx, scores, n_train, skipped, timings, prefix="train_" if on_train else ""
     )
