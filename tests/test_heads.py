@@ -113,3 +113,18 @@ def test_calibration_strength_is_cross_validated_so_small_data_sets_keep_confide
     assert (p.argmax(1) == y_test).all() and p.max(1).mean() > 0.95 and head.calibrator_.C == 1000.0
     monkeypatch.setattr(svm, "CALIBRATION_C", (1.0,))  # the former fixed strength
     assert LinearSVMHead(random_state=0).fit(x, y).predict_proba(x_test).max(1).mean() < 0.6
+
+
+def test_fit_head_rows_follow_the_labels_and_misuse_is_named():
+    """Labels {0, 2, 5} without n_classes: row k scores label k (rows 0..2 scored 0, 2 and 5 before)."""
+    from imgclf.config import ClassifierConfig
+    from imgclf.heads import fit_head
+
+    x, y = _blobs(3)
+    labels = np.array([0, 2, 5])[y]
+    head = fit_head(ClassifierConfig(svm_c_grid=[1.0]), x, labels).head
+    assert head.weight.shape[0] == 6 and np.mean(head.predict(x) == labels) > 0.9
+    with pytest.raises(ValueError, match=r"this head takes \(n, 16\): features of another backbone"):
+        head.predict_proba(np.zeros((2, 1000)))
+    with pytest.raises(ValueError, match="c_grid is empty"):
+        LinearSVMHead(c_grid=()).fit(x, y)

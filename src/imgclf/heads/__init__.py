@@ -85,7 +85,8 @@ def fit_head(
             pass  # unreadable entry: fit again and replace it
     svm = create_head(cfg, seed).fit(x, y)
     w, b = svm.linear()
-    if n_classes is not None and len(svm.classes_) < n_classes:
+    n_classes = int(svm.classes_.max()) + 1 if n_classes is None else n_classes
+    if len(svm.classes_) < n_classes:
         w_all, b_all = np.zeros((n_classes, w.shape[1]), w.dtype), np.full(n_classes, ABSENT_CLASS_BIAS, b.dtype)
         w_all[svm.classes_], b_all[svm.classes_] = w, b
         w, b = w_all, b_all

@@ -30,6 +30,11 @@ class LinearHead:
     l2_normalize: bool = True
 
     def decision_function(self, x: np.ndarray) -> np.ndarray:
+        if np.ndim(x) != 2 or np.shape(x)[1] != self.weight.shape[1]:
+            raise ValueError(
+                f"features of shape {np.shape(x)} given; this head takes (n, {self.weight.shape[1]}): "
+                "features of another backbone or resolution?"
+            )
         x = l2_normalize(x) if self.l2_normalize else x
         return x @ self.weight.T + self.bias
 

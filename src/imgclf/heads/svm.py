@@ -61,6 +61,8 @@ class LinearSVMHead(ClassifierMixin, BaseEstimator):
         return LinearSVC(C=c, class_weight=self.class_weight, max_iter=20000, random_state=self.random_state)
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> LinearSVMHead:
+        if not len(self.c_grid):
+            raise ValueError("c_grid is empty: give at least one C value")
         X, y = validate_data(self, X, y)
         self.classes_ = unique_labels(y)
         if len(self.classes_) < 2:
