@@ -516,3 +516,44 @@ def test_a_move_whose_source_cannot_be_removed_leaves_one_copy(tmp_path: Path, m
         RelabelJournal(root).move("a/a_00.jpg", "b", ["a", "b"])
     monkeypatch.undo()
     assert sha_map(root) == before and RelabelJournal(root).active() == []
+
+
+def test_an_unreadable_image_is_a_message_naming_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file without read permission: its thumbnail and full view are refused before a response starts."""
+    import builtins
+    import errno
+
+    root = make_folder(tmp_path / "d", classes=("a", "b"), n=1)
+    locked, real_open = (root / "a" / "a_00.jpg").resolve(), builtins.open
+
+    def refused(file: object, *args: object, **kwargs: object) -> object:
+        if isinstance(file, str | Path) and Path(file).resolve() == locked:
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refused)
+    with Server(create_app(root, analyse_on_start=False)) as server, httpx.Client(base_url=server.url) as client:
+        for route in ("/api/thumb", "/api/image"):
+            r = client.get(route, params={"path": "a/a_00.jpg"})
+            assert r.status_code == 422, (route, r.text)
+            assert r.json()["detail"].startswith("cannot show a/a_00.jpg: unreadable: Permission denied: make the")
+        assert client.get("/api/image", params={"path": "b/b_00.jpg"}).content == (root / "b" / "b_00.jpg").read_bytes()
+
+
+def test_images_are_shown_up_to_the_configured_pixel_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pillow's own limit (89.5 Mpx) is below imgclf's (100 Mpx): `imgclf ui --max-image-pixels` sets the one
+    thumbnails and previews are decoded under, as training's."""
+    from imgclf.cli import main
+
+    root = make_folder(tmp_path / "d", classes=("a", "b"), n=1)
+    Image.open(root / "a" / "a_00.jpg").save(root / "a" / "scan.tif")  # no browser shows TIFF: a preview
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # Pillow's limit, below the images' pixels
+    apps: list[object] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **_: apps.append(app))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    assert main(["ui", str(root), "--no-analysis", "--port", port, "--max-image-pixels", "100000"]) == 0
+    with Server(apps[0]) as server, httpx.Client(base_url=server.url) as client:
+        assert client.get("/api/thumb", params={"path": "a/a_00.jpg", "size": 48}).status_code == 200
+        assert client.get("/api/image", params={"path": "a/scan.tif"}).status_code == 200

@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from imgclf.backbones import Backbone
 from imgclf.config import Config
 from imgclf.data.dataset import UNLABELED_DIR, check_data_folder, split_folders
-from imgclf.data.io import ImageError
+from imgclf.data.io import ImageError, unreadable_reason
 from imgclf.ui.analysis import Analyzer
 from imgclf.ui.labels import (
     RelabelError,
@@ -150,6 +150,7 @@ def create_app(
     cfg = cfg or Config()
     index = ImageIndex(root)
     journal = RelabelJournal(root)
+    max_pixels = cfg.data.max_image_pixels
     thumbs = thumbs or ThumbCache(cfg.features.cache_dir / "thumbs" if cfg.features.cache_dir else None)
     results = RunResults.load(Path(run_dir)) if run_dir is not None else None
     analyzer = Analyzer(root, cfg, backbone)
@@ -192,8 +193,9 @@ def create_app(
         return JSONResponse({"detail": f"the data folder cannot be changed: {e.strerror or e}{where}"}, status_code=409)
 
     @app.exception_handler(ImageError)
-    def _bad_image(_: Request, e: ImageError) -> JSONResponse:
-        return JSONResponse({"detail": f"cannot show this image: {e}"}, status_code=422)
+    def _bad_image(request: Request, e: ImageError) -> JSONResponse:
+        name = request.query_params.get("path", "this image")  # /api/thumb and /api/image name it
+        return JSONResponse({"detail": f"cannot show {name}: {e}"}, status_code=422)
 
     def image_file(path: str) -> Path:
         try:
@@ -204,6 +206,10 @@ def create_app(
             f = safe_rel(root, path, through_links=True)
         if not f.is_file():
             raise FileNotFoundError(f"no image {path!r} in the data folder")
+        try:  # before a response starts: a file response cannot report a failure once it has
+            open(f, "rb").close()
+        except OSError as e:
+            raise ImageError(f"{unreadable_reason(f, e)}: make the file readable (check its permissions)") from e
         return f
 
     def need_run() -> RunResults:
@@ -238,7 +244,9 @@ def create_app(
     @app.get("/api/thumb")
     def thumb(path: str, size: Annotated[int, Query(ge=32, le=512)] = 160) -> FileResponse:
         return FileResponse(
-            thumbs.get(image_file(path), size), media_type="image/jpeg", headers={"Cache-Control": "no-cache"}
+            thumbs.get(image_file(path), size, max_pixels),
+            media_type="image/jpeg",
+            headers={"Cache-Control": "no-cache"},
         )
 
     @app.get("/api/image")
@@ -246,7 +254,7 @@ def create_app(
         f = image_file(path)
         if f.suffix.lower() in BROWSER_FORMATS:
             return FileResponse(f, headers={"Cache-Control": "no-cache"})
-        return Response(thumbs.preview(f), media_type="image/jpeg")
+        return Response(thumbs.preview(f, max_pixels=max_pixels), media_type="image/jpeg")
 
     @app.post("/api/relabel")
     def relabel(req: RelabelRequest) -> dict[str, Any]:

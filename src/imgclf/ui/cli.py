@@ -9,7 +9,7 @@ from pathlib import Path
 from imgclf.cli import add_config_args, port_number
 from imgclf.utils import ensure_port_free, only_local_hosts
 
-UI_SECTIONS = ("backbone", "features", "classifier")
+UI_SECTIONS = ("backbone", "features", "classifier", "data.max_image_pixels")
 
 
 def _ui(args: argparse.Namespace) -> int:

@@ -33,21 +33,22 @@ class ThumbCache:
                 self._digests[key] = known
         return known
 
-    def get(self, path: Path, size: int) -> Path:
-        """The thumbnail file of ``path``, made on first use (raises ImageError for undecodable images)."""
+    def get(self, path: Path, size: int, max_pixels: int | None = None) -> Path:
+        """The thumbnail file of ``path``, made on first use (raises ImageError for undecodable images and
+        those of more than ``max_pixels`` pixels; None: Pillow's limit)."""
         digest = self.digest(path)
         thumb = self.root / digest[:2] / f"{digest}-{size}.jpg"
         if not thumb.is_file():
-            im = open_rgb(path, draft_to=size)
+            im = open_rgb(path, draft_to=size, max_pixels=max_pixels)
             im.thumbnail((size, size), Image.Resampling.LANCZOS)
             buf = io.BytesIO()
             im.save(buf, "JPEG", quality=85)
             atomic_write_bytes(thumb, buf.getvalue())
         return thumb
 
-    def preview(self, path: Path, size: int = 2048) -> bytes:
+    def preview(self, path: Path, size: int = 2048, max_pixels: int | None = None) -> bytes:
         """A JPEG of the whole image (upright, longer side at most ``size``) for formats browsers cannot show."""
-        im = open_rgb(path, draft_to=size)
+        im = open_rgb(path, draft_to=size, max_pixels=max_pixels)
         im.thumbnail((size, size), Image.Resampling.LANCZOS)
         buf = io.BytesIO()
         im.save(buf, "JPEG", quality=90)
