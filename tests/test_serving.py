@@ -269,6 +269,19 @@ def test_bad_requests_elsewhere(client: httpx.Client) -> None:
     assert "oversized" in client.post("/v1/predict", **BAD_REQUESTS["pixel_limit"][0]).json()["detail"]
 
 
+def test_every_unusable_image_of_a_request_is_named(client: httpx.Client, images: list[bytes]) -> None:
+    """All or nothing, but the 422 names each bad image with why, for base64 JSON and multipart alike."""
+    batch = [images[0], blob_image(1, (640, 480))[:2000], images[1], b"this is text, not a picture"]
+    r = client.post("/v1/predict", json={"images": [base64.b64encode(b).decode() for b in batch]})
+    assert r.status_code == 422 and r.json()["error"] == "bad_image"
+    assert re.fullmatch(r"images\[1\]: truncated .+; images\[3\]: not an image .+", r.json()["detail"]), r.text
+    names = ["good.jpg", "cut.jpg", "fine.jpg", "notes.jpg"]
+    files = [("files", (n, b, "image/jpeg")) for n, b in zip(names, batch, strict=True)]
+    r = client.post("/v1/predict", files=files)
+    assert r.status_code == 422 and r.json()["error"] == "bad_image"
+    assert re.fullmatch(r"cut\.jpg: truncated .+; notes\.jpg: not an image .+", r.json()["detail"]), r.text
+
+
 def test_api_key(base_url: str, images: list[bytes]) -> None:
     with httpx.Client(base_url=base_url, timeout=60) as anonymous:
         for method, path in (("POST", "/v1/predict"), ("GET", "/v1/model"), ("POST", "/score")):

@@ -178,9 +178,16 @@ class ModelService:
         loop = asyncio.get_running_loop()
         pre, max_pixels = self.bundle.preprocess, self.cfg.data.max_image_pixels
         with self.batcher.incoming():
-            arrays = await asyncio.gather(
-                *(loop.run_in_executor(self.decoders, decode_image, im, pre, max_pixels) for im in images)
+            decoded = await asyncio.gather(
+                *(loop.run_in_executor(self.decoders, decode_image, im, pre, max_pixels) for im in images),
+                return_exceptions=True,
             )
+        failed = [d for d in decoded if isinstance(d, BaseException)]
+        if other := next((e for e in failed if not isinstance(e, ApiError)), None):
+            raise other
+        if failed:  # all or nothing, but every unusable image named, so that the client can resend the good ones
+            raise ApiError(422, "bad_image", "; ".join(map(str, failed)))
+        arrays = [d for d in decoded if isinstance(d, np.ndarray)]
         return [self._prediction(p) for p in await self.batcher.infer(arrays)]
 
     def _prediction(self, probs: np.ndarray) -> Prediction:
