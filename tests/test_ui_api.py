@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import shutil
 import socket
 import threading
@@ -23,6 +24,7 @@ from imgclf.pipeline import train
 from imgclf.ui.analysis import analyse
 from imgclf.ui.app import create_app
 from imgclf.ui.labels import JOURNAL_FILE
+from imgclf.ui.thumbs import ThumbCache
 from imgclf.utils import file_sha256, only_local_hosts
 
 CLASSES = ["circles", "squares", "stripes"]
@@ -557,3 +559,24 @@ def test_images_are_shown_up_to_the_configured_pixel_limit(tmp_path: Path, monke
     with Server(apps[0]) as server, httpx.Client(base_url=server.url) as client:
         assert client.get("/api/thumb", params={"path": "a/a_00.jpg", "size": 48}).status_code == 200
         assert client.get("/api/image", params={"path": "a/scan.tif"}).status_code == 200
+
+
+def test_thumbnails_are_shown_when_their_cache_cannot_be_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A read-only cache folder answered 409 'the data folder cannot be changed'; it only costs speed."""
+    import errno
+
+    import imgclf.ui.thumbs
+
+    def read_only(path: Path, data: bytes) -> None:
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    root = make_folder(tmp_path / "d", classes=("a", "b"), n=1)
+    monkeypatch.setattr(imgclf.ui.thumbs, "atomic_write_bytes", read_only)
+    app = create_app(root, analyse_on_start=False, thumbs=ThumbCache(tmp_path / "thumbs"))
+    with Server(app) as server, httpx.Client(base_url=server.url) as client, caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            r = client.get("/api/thumb", params={"path": "a/a_00.jpg", "size": 48})
+            assert r.status_code == 200 and max(Image.open(io.BytesIO(r.content)).size) == 48
+    assert "thumbnail not kept in" in caplog.text and "Read-only file system" in caplog.text

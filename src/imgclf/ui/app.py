@@ -242,12 +242,9 @@ def create_app(
         return _page([{"path": p, "label": label} for p in folders[label]], page, per_page)
 
     @app.get("/api/thumb")
-    def thumb(path: str, size: Annotated[int, Query(ge=32, le=512)] = 160) -> FileResponse:
-        return FileResponse(
-            thumbs.get(image_file(path), size, max_pixels),
-            media_type="image/jpeg",
-            headers={"Cache-Control": "no-cache"},
-        )
+    def thumb(path: str, size: Annotated[int, Query(ge=32, le=512)] = 160) -> Response:
+        jpeg = thumbs.get(image_file(path), size, max_pixels)
+        return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "no-cache"})
 
     @app.get("/api/image")
     def image(path: str) -> Response:

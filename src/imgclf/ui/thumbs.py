@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import threading
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from PIL import Image
 from imgclf.data.io import open_rgb
 from imgclf.features.extract import default_cache_dir
 from imgclf.utils import atomic_write_bytes, file_sha256
+
+log = logging.getLogger("imgclf")
 
 
 class ThumbCache:
@@ -33,18 +36,25 @@ class ThumbCache:
                 self._digests[key] = known
         return known
 
-    def get(self, path: Path, size: int, max_pixels: int | None = None) -> Path:
-        """The thumbnail file of ``path``, made on first use (raises ImageError for undecodable images and
-        those of more than ``max_pixels`` pixels; None: Pillow's limit)."""
+    def get(self, path: Path, size: int, max_pixels: int | None = None) -> bytes:
+        """The JPEG thumbnail of ``path``, made on first use and kept (raises ImageError for undecodable images
+        and those of more than ``max_pixels`` pixels; None: Pillow's limit). A cache folder that cannot be
+        written costs speed only: the thumbnail is made again next time."""
         digest = self.digest(path)
         thumb = self.root / digest[:2] / f"{digest}-{size}.jpg"
-        if not thumb.is_file():
-            im = open_rgb(path, draft_to=size, max_pixels=max_pixels)
-            im.thumbnail((size, size), Image.Resampling.LANCZOS)
-            buf = io.BytesIO()
-            im.save(buf, "JPEG", quality=85)
+        try:
+            return thumb.read_bytes()
+        except OSError:
+            pass
+        im = open_rgb(path, draft_to=size, max_pixels=max_pixels)
+        im.thumbnail((size, size), Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=85)
+        try:
             atomic_write_bytes(thumb, buf.getvalue())
-        return thumb
+        except OSError as e:
+            log.warning("thumbnail not kept in %s (%s): made again each time", self.root, e.strerror or e)
+        return buf.getvalue()
 
     def preview(self, path: Path, size: int = 2048, max_pixels: int | None = None) -> bytes:
         """A JPEG of the whole image (upright, longer side at most ``size``) for formats browsers cannot show."""
