@@ -34,6 +34,8 @@ def test_cache_hit_and_runtime_parity(tmp_path: Path, backbone):
         backbone, runtime="openvino", precision="fp32", cache_dir=tmp_path / "c", progress=False
     ).extract(paths)
     assert again.n_cached == 12 and np.array_equal(again.features, first.features)
+    as_text = fx.extract([str(paths[0]), str(root / "missing.jpg")])  # paths as strings: a missing one is reported
+    assert as_text.ok.tolist() == [True, False] and "No such file" in as_text.errors[1]
     ref = FeatureExtractor(backbone, runtime="torch", use_cache=False, progress=False).extract(paths[:12])
     assert np.allclose(ref.features, first.features[:12], atol=1e-3)
     # a different runtime or flip setting is a different cache entry

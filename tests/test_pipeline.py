@@ -245,7 +245,17 @@ def test_predict_api_and_cli(run, tmp_path, capsys):
     named_twice = tmp_path / "twice.txt"
     named_twice.write_text(f"  # a comment, indented\n{data / 'squares' / 'squares_00.jpg'}\n")
     _, again = predict(result.run_dir, [data / "squares" / "squares_00.jpg", data / "squares", named_twice])
-    assert [p.path.name for p in again][:2] == ["squares_00.jpg", "squares_01.jpg"] and len(again) == 12
+    # one prediction per file named, repeats too (results line up with the names); a folder adds the rest
+    assert [p.path.name for p in again][:2] == ["squares_00.jpg", "squares_01.jpg"] and len(again) == 13
+    assert again[-1].path.name == "squares_00.jpg" and np.array_equal(again[-1].scores, again[0].scores)
+    from PIL import Image
+
+    with pytest.raises(TypeError, match="give images as paths .* not JpegImageFile"):
+        predict(result.run_dir, Image.open(data / "squares" / "squares_00.jpg"))
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9.jpg\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="latin1.txt: not a UTF-8 text list of image paths"):
+        predict(result.run_dir, latin1)
     assert sum(classes[int(p.scores.argmax())] == "squares" for p in preds) >= 8
     listing = tmp_path / "list.txt"
     listing.write_text(f"{data / 'circles' / 'circles_01.jpg'}\n{data / 'circles' / 'zero.jpg'}\n")

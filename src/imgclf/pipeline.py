@@ -511,28 +511,45 @@ def _evaluate(run_dir: Path, bundle: Bundle, on_train: bool, cfg: Config) -> Run
 
 def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
     """Files as given, folders searched recursively for images, ``.txt`` files read as lists of paths (``#``
-    starts a comment line); an image named twice is listed once.
+    starts a comment line).
 
-    Files in folders whose names are not those of images are left out, counted in one log line.
+    Every file named (as an input or in a list) is listed each time it is named, so that results line up
+    with the names given; a folder adds the images in it not listed before. Files in folders whose names
+    are not those of images are left out, counted in one log line.
     """
     out: list[Path] = []
+    listed: set[str] = set()
     others: Counter[str] = Counter()
+
+    def named(f: Path) -> None:
+        out.append(f)
+        listed.add(os.path.abspath(f))
+
     for item in inputs:
+        if not isinstance(item, str | os.PathLike):
+            raise TypeError(
+                f"give images as paths (files, folders or .txt lists), not {type(item).__name__}: "
+                "save an image in memory to a file first, or send it to `imgclf serve`"
+            )
         p = Path(item)
         if p.is_dir():
             for f in list_files(p):
-                if f.suffix.lower() in IMAGE_EXTENSIONS:
-                    out.append(f)
-                else:
+                if f.suffix.lower() not in IMAGE_EXTENSIONS:
                     others[f.suffix.lower() or "no extension"] += 1
+                elif os.path.abspath(f) not in listed:
+                    named(f)
         elif p.suffix.lower() == ".txt" and p.is_file():
             base = p.parent
-            for line in map(str.strip, p.read_text(encoding="utf-8").splitlines()):
+            try:
+                lines = p.read_text(encoding="utf-8").splitlines()
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{p}: not a UTF-8 text list of image paths ({e.reason}); save it as UTF-8") from e
+            for line in map(str.strip, lines):
                 if line and not line.startswith("#"):
                     q = Path(line)
-                    out.append(q if q.is_absolute() else base / q)
+                    named(q if q.is_absolute() else base / q)
         elif p.exists():
-            out.append(p)
+            named(p)
         else:
             raise FileNotFoundError(f"no such file or folder: {p}")
     if others:
@@ -542,10 +559,7 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
             others.total(),
             ", ".join(f"{ext} {n}" for ext, n in sorted(others.items())),
         )
-    first: dict[str, Path] = {}  # each image once, where it was first named
-    for f in out:
-        first.setdefault(os.path.abspath(f), f)
-    return list(first.values())
+    return out
 
 
 @dataclass
@@ -563,12 +577,16 @@ def predict(
 ) -> tuple[list[str], list[Prediction]]:
     """Class scores for images (a file, folder or list of paths, or several); unreadable images carry an error.
 
-    ``cfg`` (default: the run's) says how to compute; ``flip_tta`` follows the run unless given, so that
+    One prediction per file named, in the order given (a file named twice is scored twice), then per image
+    found in a folder. ``cfg`` (default: the run's) says how to compute; ``flip_tta`` follows the run unless given, so that
     the scores are those of the run's predictions.csv.
     """
     bundle = Bundle.load(run_dir)
     cfg = _with_flip_tta(cfg or Config.model_validate(bundle.config), bundle, flip_tta)
-    items = [inputs] if isinstance(inputs, str | Path) else list(inputs)
+    if isinstance(inputs, str | os.PathLike) or not isinstance(inputs, Iterable) or isinstance(inputs, np.ndarray):
+        items = [inputs]  # one path; anything else is named by expand_inputs
+    else:
+        items = list(inputs)
     paths = expand_inputs(items)
     if not paths:
         raise DatasetError(f"no image to classify in {', '.join(display_path(i) for i in items) or 'no input'}")

@@ -182,8 +182,9 @@ class FeatureExtractor:
             yield futures[i].result()
             futures[i] = None  # type: ignore[call-overload]  # free the decoded image
 
-    def extract(self, paths: Sequence[Path], desc: str = "features") -> FeatureResult:
+    def extract(self, paths: Sequence[str | Path], desc: str = "features") -> FeatureResult:
         """Features for every path; images that fail to decode are reported in ``errors``, never raised."""
+        paths = [Path(p) for p in paths]
         n = len(paths)
         feats = np.zeros((n, self.backbone.num_features), np.float32)
         ok = np.zeros(n, bool)
