@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import make_folder
+from helpers import draw_image, make_folder
 from PIL import Image
 
 from imgclf.config import DataConfig
@@ -222,6 +222,40 @@ def test_an_archive_given_as_data_says_to_unpack_it(tmp_path: Path):
     (tmp_path / "photos.zip").write_bytes(b"PK\x03\x04")
     with pytest.raises(DatasetError, match=r"is a file \(an archive: unpack it first\)"):
         scan_dataset(DataConfig(data_root=tmp_path / "photos.zip"))
+
+
+def test_composed_and_decomposed_names_give_the_same_classes_and_split(tmp_path: Path):
+    """A copy from a system that stores names decomposed (é as e + U+0301) has the same classes, class ids
+    and split; a class folder named like another in the other form is that class (with a note)."""
+    import shutil
+    import unicodedata
+
+    def copy(form: str) -> Path:
+        root = tmp_path / form
+        for c in ("daisy", "échinacée", "tulip"):
+            for i, stem in enumerate(("été", "fleur", "zèbre", "ébène", "rose", "île", "eau", "ère")):
+                f = root / unicodedata.normalize(form, f"{c}/{stem}_{i}.jpg")
+                f.parent.mkdir(parents=True, exist_ok=True)
+                draw_image("circles", np.random.default_rng(i)).save(f)
+        return root
+
+    def scanned(root: Path) -> tuple[list[str], list[tuple[str, int, str]]]:
+        ds = scan_dataset(DataConfig(data_root=root))
+        split = make_split(ds, DataConfig(data_root=root))
+        rels = [unicodedata.normalize("NFC", s.rel) for s in ds.samples]
+        return ds.classes, sorted(zip(rels, ds.labels.tolist(), split.tolist(), strict=True))
+
+    composed, decomposed = copy("NFC"), copy("NFD")
+    assert unicodedata.normalize("NFD", "échinacée") in os.listdir(decomposed)  # kept decomposed on disk
+    assert scanned(composed) == scanned(decomposed)
+    assert scanned(composed)[0] == ["daisy", "tulip", "échinacée"]
+    shutil.move(
+        decomposed / unicodedata.normalize("NFD", "échinacée"), composed / unicodedata.normalize("NFD", "échinacée")
+    )
+    ds = scan_dataset(DataConfig(data_root=composed))
+    assert ds.classes == ["daisy", "tulip", "échinacée"] and int((ds.labels == 2).sum()) == 16
+    notes = [unicodedata.normalize("NFC", n["note"]).split(":")[0] for n in ds.notes]
+    assert notes == ["named like échinacée in another Unicode form"]
 
 
 def test_classes_that_cannot_be_learned_are_left_out_and_reported(tmp_path: Path):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import logging
 import os
+import unicodedata
 import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -64,6 +66,17 @@ def _name_problem(name: str) -> str | None:
     if has_control_character(name):
         return "name holds a control character (a line break or tab, shown as \\n or \\t): rename it to use it"
     return None
+
+
+def class_name(folder: Path) -> str:
+    """The label of a class folder: its name in Unicode's composed form (NFC), so that a folder copied from
+    a system that stores decomposed names (é as e + accent) is the same class, in the same order."""
+    return unicodedata.normalize("NFC", folder.name)
+
+
+def _order(rel: Path) -> tuple[str, ...]:
+    """Sort key of a path inside a class folder, alike for composed and decomposed names."""
+    return tuple(unicodedata.normalize("NFC", part) for part in rel.parts)
 
 
 def _broken_link(path: Path) -> bool:
@@ -128,9 +141,10 @@ def scan_dataset(cfg: DataConfig) -> Dataset:
         parts = [(base, None) for base, _ in predefined]
         names = ", ".join(f"{base.name}/" for base, _ in predefined)
         log.info("split_mode %s: the images of %s are pooled and split again", cfg.split_mode, names)
-    dirs = {base: _class_dirs(base) for base, _ in parts}  # listed once
+    # listed once, in label order (a folder whose name differs from another's only in Unicode form is that class)
+    dirs = {base: sorted(_class_dirs(base), key=lambda d: (class_name(d), d.name)) for base, _ in parts}
     bad_names = {d: why for base, _ in parts for d in dirs[base] if (why := _name_problem(d.name))}
-    class_names = sorted({d.name for base, _ in parts for d in dirs[base] if d not in bad_names})
+    class_names = sorted({class_name(d) for base, _ in parts for d in dirs[base] if d not in bad_names})
     broken = [p for base, _ in parts for p in sorted(base.iterdir()) if _broken_link(p)]
     links = ", ".join(f"{p.name} -> {os.readlink(p)}" for p in broken)
     gone = f"; broken link(s), a class folder on a drive not mounted?: {links}" if broken else ""
@@ -144,6 +158,16 @@ def scan_dataset(cfg: DataConfig) -> Dataset:
     skipped = [{"path": display_path(d), "reason": f"class folder {why}"} for d, why in bad_names.items()]
     notes: list[dict[str, str]] = []
     max_bytes = int(cfg.max_file_mb * 1e6)
+    for base, _ in parts:
+        for d, twin in itertools.pairwise(dirs[base]):
+            if class_name(d) == class_name(twin) and twin not in bad_names:
+                notes.append(
+                    {
+                        "path": display_path(twin),
+                        "note": f"named like {d.name} in another Unicode form: used as class {class_name(d)!r} too; "
+                        "give the folders one name",
+                    }
+                )
     loose = "image not inside a class folder: move it into one to use it"
     if predefined:  # what lies beside train/ and val/ or test/ is in no split
         split_dirs = [base for base, _ in parts]
@@ -167,7 +191,10 @@ def scan_dataset(cfg: DataConfig) -> Dataset:
             if class_dir in bad_names:
                 continue
             unreadable: list[tuple[Path, str]] = []
-            for f in list_files(class_dir, unreadable=unreadable):
+            name = class_name(class_dir)
+            for f in sorted(
+                list_files(class_dir, unreadable=unreadable), key=lambda f: _order(f.relative_to(class_dir))
+            ):
                 rel_in_class = f.relative_to(class_dir)
                 if not is_utf8(rel_in_class.as_posix()):
                     skipped.append({"path": display_path(f), "reason": f"file {NOT_UTF8}"})
@@ -180,7 +207,7 @@ def scan_dataset(cfg: DataConfig) -> Dataset:
                 if note:
                     notes.append({"path": display_path(f), "note": note})
                 group = rel_in_class.parts[0] if len(rel_in_class.parts) > 1 else rel_in_class.as_posix()
-                found.append((f.relative_to(root).as_posix(), class_dir.name, f"{class_dir.name}/{group}", preset))
+                found.append((f.relative_to(root).as_posix(), name, f"{name}/{group}", preset))
             skipped += [{"path": display_path(d), "reason": why} for d, why in unreadable]
     used = {name for _, name, _, _ in found}
     empty = [name for name in class_names if name not in used]
@@ -191,7 +218,9 @@ def scan_dataset(cfg: DataConfig) -> Dataset:
             f"add images to them" + (f". {len(skipped)} file(s) skipped: {shown}" if skipped else "")
         )
     reason = "class folder without a usable image: class left out (add images to train it)"
-    skipped += [{"path": display_path(d), "reason": reason} for base, _ in parts for d in dirs[base] if d.name in empty]
+    skipped += [
+        {"path": display_path(d), "reason": reason} for base, _ in parts for d in dirs[base] if class_name(d) in empty
+    ]
     class_names = [name for name in class_names if name in used]
     label_of = {name: i for i, name in enumerate(class_names)}
     samples = [Sample(rel, label_of[name], group, preset) for rel, name, group, preset in found]
