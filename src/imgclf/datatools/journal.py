@@ -71,17 +71,40 @@ def move_no_overwrite(src: Path, dst: Path) -> None:
 
 
 def quarantine(root: Path, moves: Sequence[tuple[str, str]]) -> JournalReport:
-    """Move each ``(path, kept)`` (paths relative to ``root``) to the quarantine, journaling it first."""
+    """Move each ``(path, kept)`` (paths relative to ``root``) to the quarantine, journaling it first.
+
+    A path whose real file lies outside ``root`` (through a link) stays, and so does one whose real file
+    another listed path leads to: moving it would break a link, or move the kept image.
+    """
     root = Path(root)
+    inside = Path(os.path.realpath(root))
     journal = journal_path(root)
     report = JournalReport()
+    real = {rel: os.path.realpath(root / rel) for move in moves for rel in move}
+    by_real: dict[str, list[str]] = {}
+    for rel, path in real.items():
+        by_real.setdefault(path, []).append(rel)
+
+    def reason_to_leave(rel: str, kept: str, dst: Path) -> str:
+        others = [other for other in by_real[real[rel]] if other != rel]
+        if dst.exists():
+            return f"{dst} exists (run `imgclf dedup --undo` first)"
+        if real[rel] == real[kept]:
+            return f"it is {kept} itself, reached through a link"
+        if not Path(real[rel]).is_relative_to(inside):
+            return f"it leads outside the data folder through a link (to {real[rel]}); remove that copy yourself if you want"
+        if others:
+            return (
+                f"it is the same file as {', '.join(others)} (through a link), and moving it would break the link; "
+                "remove the copies you do not want yourself"
+            )
+        return ""
+
     for rel, kept in moves:
         src, dst = root / rel, root / QUARANTINE_DIR / rel
-        if dst.exists():
-            report.problems.append(f"{src}: not moved, {dst} exists (run `imgclf dedup --undo` first)")
-            continue
-        if os.path.realpath(src) == os.path.realpath(root / kept):
-            report.problems.append(f"{src}: not moved, it is {kept} itself, reached through a link")
+        why = reason_to_leave(rel, kept, dst)
+        if why:
+            report.problems.append(f"{src}: not moved, {why}")
             continue
         try:
             digest = file_sha256(src)
