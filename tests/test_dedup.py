@@ -3,6 +3,7 @@ import hashlib
 import io
 import json
 import os
+import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from PIL import Image
 
 import imgclf.datatools.dedup as dedup
 from imgclf.datatools.dedup import (
+    HashCache,
     HashInfo,
     find_duplicates,
     find_label_conflicts,
@@ -85,7 +87,7 @@ def test_groups_keep_largest_then_first_path_and_reports(data: Path):
 
 
 def test_keep_rule_is_deterministic():
-    same = np.packbits(np.zeros(256, dtype=bool)).tobytes()
+    same = np.packbits(np.arange(256) % 3 == 0).tobytes()
     infos = [HashInfo(same, 100, 100), HashInfo(same, 200, 100), HashInfo(same, 200, 100)]
     groups = group_duplicates(["c.jpg", "b.jpg", "a.jpg"], infos)
     assert [m.path for m in groups[0]] == ["a.jpg", "b.jpg", "c.jpg"]  # largest, then first path
@@ -230,6 +232,7 @@ def test_grouping_10000_hashes_finds_the_planted_near_duplicates():
 
 def test_chains_join_one_group_and_popcount_fallback():
     base = np.zeros(256, dtype=bool)
+    base[-10:] = True  # an all-zero hash is a flat image's, matched by colour
     a, b, c = base.copy(), base.copy(), base.copy()
     b[:3] = True
     c[:6] = True  # a~b (3 bits), b~c (3 bits), a-c 6 bits
@@ -266,3 +269,111 @@ def test_reports_can_go_elsewhere_for_a_read_only_data_folder(data: Path, tmp_pa
         tmp_path / "reports" / "dedup_report.html"
     ).is_file()
     assert not (data / "dedup_report.csv").exists() and _digests(data) == before
+
+
+def test_apply_moves_nothing_outside_the_data_folder_and_breaks_no_link(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    """A copy reached through a folder link to photos elsewhere stays there; so does a file that a listed link
+    leads to (moving it would leave the link dangling)."""
+    root = tmp_path / "d"
+    pic, other = make_image(7, size=(200, 150)), make_image(8, size=(200, 150))
+    _put(root / "daisy" / "a.jpg", pic)
+    elsewhere = _put(tmp_path / "elsewhere" / "shared_photos" / "copy.jpg", pic).parent
+    _put(root / "rose" / "a_kept.jpg", other)
+    _put(root / "rose" / "b.jpg", other)
+    try:
+        (root / "daisy" / "shared").symlink_to(elsewhere, target_is_directory=True)
+        (root / "rose" / "z_link.jpg").symlink_to("b.jpg")
+    except OSError:
+        pytest.skip("this file system or user cannot make symbolic links")
+    assert run_cli(["dedup", str(root), "--apply"]) == 1
+    err = capsys.readouterr().err
+    assert "daisy/shared/copy.jpg: not moved, it leads outside the data folder through a link" in err
+    assert "rose/b.jpg: not moved, it is the same file as rose/z_link.jpg" in err
+    assert "rose/z_link.jpg: not moved, it is the same file as rose/b.jpg" in err
+    assert (elsewhere / "copy.jpg").read_bytes() == pic and (root / "rose" / "z_link.jpg").read_bytes() == other
+    assert not journal_path(root).exists()
+
+
+def test_files_that_cannot_be_hashed_are_named_as_io_names_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """An empty file, one without read permission; a damaged EXIF block is no reason to skip an image."""
+    import builtins
+
+    root = tmp_path / "d"
+    _put(root / "a" / "empty.jpg", b"")
+    _put(root / "a" / "locked.jpg", make_image(9, size=(200, 150)))
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "good.jpg", dpi=(72, 72))
+    good = (tmp_path / "good.jpg").read_bytes()
+    payload = b"Exif\x00\x00" + b"\x00" * 40  # an APP1 block that is no TIFF structure
+    _put(
+        root / "a" / "bad_exif.jpg", good[:2] + b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload + good[2:]
+    )
+    real_open = builtins.open
+
+    def fake_open(file: object, *args: object, **kwargs: object) -> object:
+        if isinstance(file, str | Path) and Path(file).name == "locked.jpg":
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    result = find_duplicates(root)
+    assert result.skipped == [
+        ("a/empty.jpg", "empty file (0 bytes): re-download or remove it"),
+        ("a/locked.jpg", "unreadable: Permission denied"),
+    ]
+    assert result.n_images == 1
+
+
+def test_a_folder_that_cannot_be_listed_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    root = tmp_path / "d"
+    _put(root / "a" / "one.jpg", make_image(9, size=(200, 150)))
+    _put(root / "a" / "locked" / "two.jpg", make_image(10, size=(200, 150)))
+    real_scandir = os.scandir
+
+    def scandir(path: object = ".") -> object:
+        if Path(os.fsdecode(path)).name == "locked":
+            raise PermissionError(13, "Permission denied", os.fsdecode(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    result = find_duplicates(root)
+    assert result.n_images == 1 and result.skipped == [
+        ("a/locked", "folder unreadable (Permission denied): its images are not used; check its permissions")
+    ]
+
+
+def test_max_image_pixels_flag(data: Path, capsys: pytest.CaptureFixture[str]):
+    """The message for an oversized image says to raise --max-image-pixels: dedup takes it."""
+    assert run_cli(["dedup", str(data), "--max-image-pixels", "20000"]) == 0
+    out = capsys.readouterr().out
+    assert "not hashed: b/zz_large.png: oversized image (320x240): downscale it or raise --max-image-pixels" in out
+
+
+def test_flat_images_are_duplicates_only_of_flat_ones_of_their_colour(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """One-colour images all have an all-zero dhash; their mean colours tell them apart, whatever their size."""
+    root = tmp_path / "d"
+    for rel, size, colour in [
+        ("a/black.png", (800, 600), "black"),
+        ("a/white.png", (40, 30), "white"),
+        ("b/red.png", (40, 30), "red"),
+        ("b/black_small.jpg", (80, 60), "black"),
+    ]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", size, colour).save(root / rel)
+    _put(root / "b" / "photo.jpg", make_image(11, size=(200, 150)))
+    for max_distance in (0, 8):
+        result = find_duplicates(root, max_distance=max_distance)
+        assert [[m.path for m in g] for g in result.groups] == [["a/black.png", "b/black_small.jpg"]]
+    black, white, red, small = (root / r for r in ("a/black.png", "a/white.png", "b/red.png", "b/black_small.jpg"))
+    assert find_leaks([black, white], [red, small]) == [(str(black), str(small), 0)]
+    assert find_label_conflicts([black, white, red], ["a", "a", "b"]) == []
+    first, _ = hash_images([black, red])
+    assert first[black].colour == b"\0\0\0" and first[red].colour == b"\xff\0\0"
+    monkeypatch.setattr(dedup, "compute_hash", None)  # the colours come back from the cache
+    assert hash_images([black, red])[0] == first
+    old = tmp_path / "old.sqlite"  # a cache written before colours were stored is not read
+    with sqlite3.connect(old) as db:
+        db.execute("CREATE TABLE dhash (key TEXT PRIMARY KEY, bits BLOB, w INT, h INT)")
+        db.execute("INSERT INTO dhash VALUES (?, ?, 800, 600)", (HashCache.key(black, 16), first[black].bits))
+    assert HashCache(old).get([HashCache.key(black, 16)]) == {}

@@ -253,3 +253,34 @@ def test_line_separators_stay_inside_their_cell(server: FakeServer, tmp_path: Pa
     sources.write_text(sources.read_text(encoding="utf-8").replace("Ada Lovelace", "Ada\u2028Lovelace"), "utf-8")
     download([entry], out, FAST, progress=False)
     assert [r["creator"] for r in _read_tsv(sources)] == ["Ada Lovelace"]
+
+
+def _with_damaged_exif(seed: int, size: tuple[int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(make_image(seed, size))).save(buf, "JPEG", dpi=(72, 72))  # as cameras write them
+    jpeg, payload = buf.getvalue(), b"Exif\x00\x00" + b"\x00" * 40  # an APP1 block that is no TIFF structure
+    return jpeg[:2] + b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload + jpeg[2:]
+
+
+def test_only_readable_formats_are_stored_and_a_damaged_exif_block_fails_nothing(server: FakeServer, tmp_path: Path):
+    """PostScript (which would run Ghostscript) and icons are refused; an image with a damaged EXIF block is
+    stored byte for byte where it needs no shrinking, else shrunk as stored (unrotated)."""
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n0 0 moveto 16 16 lineto stroke\n%%EOF\n"
+    icon = io.BytesIO()
+    Image.new("RGB", (32, 32), "blue").save(icon, "ICO")
+    small, large = _with_damaged_exif(12, (40, 30)), _with_damaged_exif(13, (800, 600))
+    entries = [
+        UrlEntry("x", server.image("/drawing.jpg", eps)),
+        UrlEntry("x", server.image("/icon.png", icon.getvalue(), "image/png")),
+        UrlEntry("x", server.image("/small.jpg", small)),
+        UrlEntry("x", server.image("/large.jpg", large)),
+    ]
+    report = download(entries, tmp_path / "d", FAST.model_copy(update={"max_side": 400}), progress=False)
+    assert [(o.status, o.reason.split(" (")[0]) for o in report.outcomes] == [
+        ("failed", "not an image"),
+        ("failed", "not an image"),
+        ("downloaded", ""),
+        ("downloaded", ""),
+    ]
+    assert (tmp_path / "d" / report.outcomes[2].file).read_bytes() == small
+    assert Image.open(tmp_path / "d" / report.outcomes[3].file).size == (400, 300)

@@ -17,7 +17,7 @@ DOWNLOAD_FIELDS = (
     "output.progress",
 )
 SCRAPE_FIELDS = (*DOWNLOAD_FIELDS, "datatools.provider", "datatools.provider_url", "datatools.per_query")
-DEDUP_FIELDS = ("datatools.hash_size", "datatools.max_distance", "output.progress")
+DEDUP_FIELDS = ("datatools.hash_size", "datatools.max_distance", "data.max_image_pixels", "output.progress")
 
 
 def _quiet_http_log() -> None:
@@ -65,7 +65,9 @@ def _dedup(args: argparse.Namespace) -> int:
     else:
         cfg = config_from_args(args)
         tools = cfg.datatools
-        result = find_duplicates(root, tools.hash_size, tools.max_distance, cfg.output.progress)
+        result = find_duplicates(
+            root, tools.hash_size, tools.max_distance, cfg.output.progress, cfg.data.max_image_pixels
+        )
         csv_path, html_path = write_reports(result, args.report_dir)
         extras = result.extras
         print(

@@ -2,8 +2,9 @@
 
 Images whose dhashes are equal (``max_distance`` 0) or differ in at most ``max_distance`` bits form a group
 (connected components, so a chain A~B~C is one group). In each group the largest image is kept (ties: the
-lexicographically first path). Hashes are cached per file in ``$IMGCLF_CACHE/dhash``
-(default ``~/.cache/imgclf/dhash``).
+lexicographically first path). A flat image (one colour: no brightness gradient, so an all-zero dhash) is
+a duplicate only of flat images whose mean colours differ by at most ``FLAT_TOLERANCE`` levels per channel.
+Hashes are cached per file in ``$IMGCLF_CACHE/dhash`` (default ``~/.cache/imgclf/dhash``).
 """
 
 from __future__ import annotations
@@ -14,14 +15,14 @@ import html
 import io
 import logging
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import imagehash
 import numpy as np
-from PIL import Image
+from PIL import ImageStat
 from tqdm import tqdm
 
 from imgclf.data.dataset import UNLABELED_DIR, check_data_folder, subfolders
@@ -29,7 +30,10 @@ from imgclf.data.io import (
     DECODE_VERSION,
     IMAGE_EXTENSIONS,
     ImageError,
+    _unreadable,
+    exif_orientation,
     list_files,
+    open_image,
     open_rgb,
     unreadable_reason,
 )
@@ -42,6 +46,8 @@ REPORT_HTML = "dedup_report.html"
 DEFAULT_MAX_PIXELS = 100_000_000
 THUMB_SIDE = 128
 _BLOCK = 128  # rows per block of the pairwise distance computation
+FLAT_TOLERANCE = 4  # flat images whose mean colours differ by at most this (of 255) per channel are duplicates
+_CACHE_TABLE = "dhash_v2"  # v2 adds the mean colour of flat images; the first table ("dhash") is not read
 _POP8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 
@@ -56,11 +62,13 @@ popcount = getattr(np, "bitwise_count", popcount_lut)
 
 @dataclass(frozen=True)
 class HashInfo:
-    """An image's dhash (packed bits) and its upright size in pixels."""
+    """An image's dhash (packed bits), its upright size in pixels and, for a flat image (all-zero dhash),
+    its mean RGB colour (3 bytes; empty for other images)."""
 
     bits: bytes
     width: int
     height: int
+    colour: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -76,7 +84,8 @@ class Member:
 
 @dataclass
 class DedupResult:
-    """Duplicate groups (kept image first), images that could not be hashed, and how many were hashed."""
+    """Duplicate groups (kept image first), images that could not be hashed and folders that could not be
+    listed (with why), and how many images were hashed."""
 
     root: Path
     groups: list[list[Member]]
@@ -90,7 +99,8 @@ class DedupResult:
 
 
 class HashCache:
-    """dhashes keyed by (hash size, absolute path, size, mtime) in a small SQLite file; no-op if unusable."""
+    """dhashes keyed by (hash size, decoder version, size, mtime, absolute path) in a small SQLite file; no-op if
+    unusable."""
 
     def __init__(self, path: Path | None = None) -> None:
         path = path or default_cache_dir() / "dhash" / "dhash.sqlite"
@@ -98,7 +108,9 @@ class HashCache:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, timeout=30)
-            self._db.execute("CREATE TABLE IF NOT EXISTS dhash (key TEXT PRIMARY KEY, bits BLOB, w INT, h INT)")
+            self._db.execute(
+                f"CREATE TABLE IF NOT EXISTS {_CACHE_TABLE} (key TEXT PRIMARY KEY, bits BLOB, w INT, h INT, colour BLOB)"
+            )
         except (OSError, sqlite3.Error) as e:
             log.warning("dhash cache %s unusable (%s); hashing without a cache", path, e)
             self._db = None
@@ -116,8 +128,8 @@ class HashCache:
             for start in range(0, len(keys), 500):
                 chunk = keys[start : start + 500]
                 marks = ",".join("?" * len(chunk))
-                rows = self._db.execute(f"SELECT key, bits, w, h FROM dhash WHERE key IN ({marks})", chunk)
-                found.update({k: HashInfo(bytes(b), w, h) for k, b, w, h in rows})
+                rows = self._db.execute(f"SELECT * FROM {_CACHE_TABLE} WHERE key IN ({marks})", chunk)
+                found.update({k: HashInfo(bytes(b), w, h, bytes(c)) for k, b, w, h, c in rows})
         except sqlite3.Error as e:
             log.warning("dhash cache unreadable (%s); hashing again", e)
         return found
@@ -128,8 +140,8 @@ class HashCache:
         try:
             with self._db:
                 self._db.executemany(
-                    "INSERT OR REPLACE INTO dhash VALUES (?, ?, ?, ?)",
-                    [(k, v.bits, v.width, v.height) for k, v in items.items()],
+                    f"INSERT OR REPLACE INTO {_CACHE_TABLE} VALUES (?, ?, ?, ?, ?)",
+                    [(k, v.bits, v.width, v.height, v.colour) for k, v in items.items()],
                 )
         except sqlite3.Error as e:
             log.warning("dhash cache not updated (%s)", e)
@@ -140,18 +152,20 @@ class HashCache:
 
 
 def compute_hash(path: Path, hash_size: int = 16, max_pixels: int = DEFAULT_MAX_PIXELS) -> HashInfo:
-    """dhash of the upright image (EXIF orientation applied); raises ImageError for unusable files."""
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):
-                w, h = h, w
-    except Exception as e:  # Pillow raises many types for non-images
-        raise ImageError(f"not an image Pillow can read ({type(e).__name__})") from e
+    """dhash of the upright image (EXIF orientation applied), and the mean colour of a flat one; raises
+    ImageError for unusable files."""
     # JPEG draft decoding (to >= 8 x hash_size pixels) is ~3x faster and as good for hashing
     im = open_rgb(path, draft_to=8 * hash_size, max_pixels=max_pixels)
     bits = imagehash.dhash(im, hash_size).hash
-    return HashInfo(np.packbits(bits.ravel()).tobytes(), w, h)
+    colour = b"" if bits.any() else bytes(round(c) for c in ImageStat.Stat(im).mean)
+    try:
+        with open_image(path) as stored:  # the size before draft decoding
+            w, h = stored.size
+            if exif_orientation(stored) in (5, 6, 7, 8):
+                w, h = h, w
+    except Exception as e:  # Pillow raises many types for broken files
+        raise _unreadable(path, e) from e
+    return HashInfo(np.packbits(bits.ravel()).tobytes(), w, h, colour)
 
 
 def hash_images(
@@ -206,27 +220,76 @@ def _words(bits: Sequence[bytes]) -> np.ndarray:
     return buf.view(np.uint64).reshape(len(bits), width // 8)
 
 
+def _hamming(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Bits that differ between each packed hash of ``rows`` and each of ``cols``."""
+    dist = np.zeros((len(rows), len(cols)), dtype=np.uint16)
+    for w in range(rows.shape[1]):
+        dist += popcount(rows[:, w, None] ^ cols[None, :, w])
+    return dist
+
+
+def _colour_gap(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Largest per-channel difference between each colour of ``rows`` and each of ``cols``."""
+    return np.abs(rows[:, None, :] - cols[None, :, :]).max(axis=2)
+
+
 def close_pairs(
-    a: np.ndarray, b: np.ndarray, max_distance: int, upper: bool = False
+    a: np.ndarray,
+    b: np.ndarray,
+    max_distance: int,
+    upper: bool = False,
+    distance: Callable[[np.ndarray, np.ndarray], np.ndarray] = _hamming,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Blocks of (i, j, distance) with Hamming distance(a[i], b[j]) <= max_distance; ``upper``: only j > i."""
+    """Blocks of (i, j, distance) with distance(a[i], b[j]) <= max_distance (by default the Hamming distance of
+    packed hashes); ``upper``: only j > i."""
     for start in range(0, len(a), _BLOCK):
         rows = a[start : start + _BLOCK]
         col0 = start + 1 if upper else 0
-        cols = b[col0:]
-        dist = np.zeros((len(rows), len(cols)), dtype=np.uint16)
-        for w in range(a.shape[1]):
-            dist += popcount(rows[:, w, None] ^ cols[None, :, w])
+        dist = distance(rows, b[col0:])
         if upper:  # keep j > i only
-            dist[np.tril_indices(len(rows), k=-1, m=len(cols))] = max_distance + 1
+            dist[np.tril_indices(len(rows), k=-1, m=dist.shape[1])] = max_distance + 1
         i, j = np.nonzero(dist <= max_distance)
         yield i + start, j + col0, dist[i, j]
 
 
-def _groups(words: np.ndarray, max_distance: int) -> list[list[int]]:
-    """Connected components (size >= 2) of the "within max_distance" graph, by union-find."""
-    n = len(words)
-    parent = np.arange(n)
+def _split(infos: Sequence[HashInfo]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Indices and packed hashes of the images with a gradient; indices and mean colours of the flat ones."""
+    words = _words([h.bits for h in infos])
+    flat = ~words.any(axis=1)
+    hashed, plain = np.flatnonzero(~flat), np.flatnonzero(flat)
+    colours = np.array([list(infos[i].colour) for i in plain], dtype=np.int16).reshape(len(plain), 3)
+    return hashed, words[hashed], plain, colours
+
+
+def _matches(
+    a: Sequence[HashInfo], b: Sequence[HashInfo], max_distance: int, upper: bool = False
+) -> Iterator[tuple[int, int, int]]:
+    """(i, j, distance) for images of ``a`` and ``b`` whose hashes differ in at most ``max_distance`` bits, flat
+    images only with flat ones of about their mean colour (``upper``, with ``a`` as ``b``: at least the pairs
+    j > i). Equal hashes (distance 0) are looked up, not compared pair by pair, so the default check stays fast
+    on large data sets."""
+    (ia, wa, fa, ca), (ib, wb, fb, cb) = _split(a), _split(b)
+    if max_distance == 0:
+        index: dict[bytes, list[int]] = {}
+        for j, row in zip(ib.tolist(), wb, strict=True):
+            index.setdefault(row.tobytes(), []).append(j)
+        for i, row in zip(ia.tolist(), wa, strict=True):
+            yield from ((i, j, 0) for j in index.get(row.tobytes(), ()))
+    else:
+        for ii, jj, dd in close_pairs(wa, wb, max_distance, upper):
+            yield from zip(ia[ii].tolist(), ib[jj].tolist(), dd.tolist(), strict=True)
+    for ii, jj, _ in close_pairs(ca, cb, FLAT_TOLERANCE, upper, _colour_gap):
+        yield from ((i, j, 0) for i, j in zip(fa[ii].tolist(), fb[jj].tolist(), strict=True))
+
+
+def _groups(infos: Sequence[HashInfo], max_distance: int) -> list[list[int]]:
+    """Connected components (size >= 2) of the graph of :func:`_matches`, by union-find over the distinct
+    hashes (and colours), so that many equal hashes cost no pairs."""
+    same: dict[bytes, list[int]] = {}
+    for i, h in enumerate(infos):
+        same.setdefault(h.bits + h.colour, []).append(i)
+    buckets = list(same.values())
+    parent = np.arange(len(buckets))
 
     def find(x: int) -> int:
         root = x
@@ -236,19 +299,16 @@ def _groups(words: np.ndarray, max_distance: int) -> list[list[int]]:
             parent[x], x = root, parent[x]
         return root
 
-    if max_distance == 0:
-        by_hash: dict[bytes, list[int]] = {}
-        for i, row in enumerate(words):
-            by_hash.setdefault(row.tobytes(), []).append(i)
-        return [g for g in by_hash.values() if len(g) > 1]
-    for ii, jj, _ in close_pairs(words, words, max_distance, upper=True):
-        for i, j in zip(ii.tolist(), jj.tolist(), strict=True):
-            ri, rj = find(i), find(j)
-            if ri != rj:
-                parent[max(ri, rj)] = min(ri, rj)
+    # at distance 0 distinct hashes never meet: only flat images (of close colours) can join other buckets
+    candidates = [k for k, g in enumerate(buckets) if max_distance or not any(infos[g[0]].bits)]
+    firsts = [infos[buckets[k][0]] for k in candidates]
+    for i, j, _ in _matches(firsts, firsts, max_distance, upper=True):
+        ri, rj = find(candidates[i]), find(candidates[j])
+        if ri != rj:
+            parent[max(ri, rj)] = min(ri, rj)
     members: dict[int, list[int]] = {}
-    for i in range(n):
-        members.setdefault(find(i), []).append(i)
+    for k, g in enumerate(buckets):
+        members.setdefault(find(k), []).extend(g)
     return [g for g in members.values() if len(g) > 1]
 
 
@@ -257,7 +317,7 @@ def group_duplicates(names: Sequence[str], infos: Sequence[HashInfo], max_distan
     groups sorted by kept name."""
     words = _words([h.bits for h in infos])
     out = []
-    for g in _groups(words, max_distance):
+    for g in _groups(infos, max_distance):
         order = sorted(
             g,
             key=lambda i: (names[i].split("/")[0] == UNLABELED_DIR, -infos[i].width * infos[i].height, names[i]),
@@ -273,30 +333,40 @@ def group_duplicates(names: Sequence[str], infos: Sequence[HashInfo], max_distan
     return sorted(out, key=lambda g: g[0].path)
 
 
-def find_images(root: Path) -> list[str]:
+def find_images(root: Path, unreadable: list[tuple[Path, str]] | None = None) -> list[str]:
     """Image files inside class folders (any depth, hidden and system names excluded): sorted POSIX relative paths.
 
-    Files beside the class folders are in no class and not listed.
+    Files beside the class folders are in no class and not listed. ``unreadable`` receives the folders that
+    could not be listed, with why.
     """
     root = Path(root)
     return sorted(
         f.relative_to(root).as_posix()
         for d in subfolders(root)
-        for f in list_files(d)
+        for f in list_files(d, unreadable=unreadable)
         if f.suffix.lower() in IMAGE_EXTENSIONS
     )
 
 
-def find_duplicates(root: Path, hash_size: int = 16, max_distance: int = 0, progress: bool = False) -> DedupResult:
-    """Hash every image under ``root``'s class folders and group the duplicates."""
+def find_duplicates(
+    root: Path,
+    hash_size: int = 16,
+    max_distance: int = 0,
+    progress: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> DedupResult:
+    """Hash every image under ``root``'s class folders and group the duplicates; the images that could not be
+    hashed and the folders that could not be listed are the skipped ones."""
     root = check_data_folder(Path(root))
-    rels = find_images(root)
+    unreadable: list[tuple[Path, str]] = []
+    rels = find_images(root, unreadable)
     unnamed = [(display_path(r), "name is not valid UTF-8 text: rename it") for r in rels if not is_utf8(r)]
+    unlisted = [(display_path(p.relative_to(root).as_posix()), why) for p, why in unreadable]
     rels = [r for r in rels if is_utf8(r)]
-    hashes, skipped = hash_images([root / r for r in rels], hash_size, progress=progress)
+    hashes, skipped = hash_images([root / r for r in rels], hash_size, max_pixels, progress)
     ok = [r for r in rels if root / r in hashes]
     groups = group_duplicates(ok, [hashes[root / r] for r in ok], max_distance)
-    skipped_rel = sorted([(p.relative_to(root).as_posix(), why) for p, why in skipped.items()] + unnamed)
+    skipped_rel = sorted([(p.relative_to(root).as_posix(), why) for p, why in skipped.items()] + unnamed + unlisted)
     return DedupResult(root, groups, skipped_rel, len(ok))
 
 
@@ -322,8 +392,7 @@ def find_leaks(
     test = [str(p) for p in test_paths if Path(p) in hashes]
     if not train or not test:
         return []
-    a = _words([hashes[Path(p)].bits for p in test])
-    b = _words([hashes[Path(p)].bits for p in train])
+    a, b = [hashes[Path(p)] for p in test], [hashes[Path(p)] for p in train]
     pairs = [(train[j], test[i], d) for i, j, d in _matches(a, b, max_distance)]
     return sorted(pairs, key=lambda t: (t[1], t[0]))
 
@@ -343,28 +412,13 @@ def find_label_conflicts(
     kept = [(str(p), label) for p, label in zip(paths, labels, strict=True) if Path(p) in hashes]
     if len(kept) < 2:
         return []
-    words = _words([hashes[Path(p)].bits for p, _ in kept])
+    infos = [hashes[Path(p)] for p, _ in kept]
     pairs = []
-    for i, j, d in _matches(words, words, max_distance, upper=True):
+    for i, j, d in _matches(infos, infos, max_distance, upper=True):
         (path_a, label_a), (path_b, label_b) = kept[i], kept[j]
         if i < j and label_a != label_b:
             pairs.append((min(path_a, path_b), max(path_a, path_b), d))
     return sorted(pairs)
-
-
-def _matches(a: np.ndarray, b: np.ndarray, max_distance: int, upper: bool = False) -> Iterator[tuple[int, int, int]]:
-    """(i, j, distance) for rows of ``a`` and ``b`` within ``max_distance`` bits (``upper``, with ``a`` as
-    ``b``: at least the pairs j > i). Equal hashes (distance 0) are looked up, not compared pair by pair,
-    so the default check stays fast on large data sets."""
-    if max_distance == 0:
-        index: dict[bytes, list[int]] = {}
-        for j, row in enumerate(b):
-            index.setdefault(row.tobytes(), []).append(j)
-        for i, row in enumerate(a):
-            yield from ((i, j, 0) for j in index.get(row.tobytes(), ()))
-        return
-    for ii, jj, dd in close_pairs(a, b, max_distance, upper):
-        yield from zip(ii.tolist(), jj.tolist(), dd.tolist(), strict=True)
 
 
 def write_reports(result: DedupResult, folder: Path | None = None) -> tuple[Path, Path]:

@@ -11,12 +11,12 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import httpx
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm import tqdm
 
 from imgclf.config import DataToolsConfig
 from imgclf.data.dataset import subfolders
-from imgclf.data.io import list_files, to_8bit
+from imgclf.data.io import exif_orientation, list_files, open_image, to_8bit, upright
 from imgclf.datatools.fetch import FetchError, RetryPolicy, make_client, with_retries
 from imgclf.datatools.journal import QUARANTINE_DIR
 from imgclf.utils import atomic_write_bytes, atomic_write_text, make_folder
@@ -206,9 +206,11 @@ def _read_limited(response: httpx.Response, max_bytes: int) -> tuple[bytes, str]
 
 
 def _decode(data: bytes, content_type: str, max_pixels: int, draft_to: int = 0) -> tuple[Image.Image, int, int]:
-    """The decoded image and its stored size; JPEGs larger than ``draft_to`` are decoded at reduced scale."""
+    """The decoded image and its stored size; JPEGs larger than ``draft_to`` are decoded at reduced scale.
+
+    Only the formats imgclf reads are decoded: other content (PostScript, icons) is "not an image"."""
     try:
-        im = Image.open(io.BytesIO(data))  # Pillow's pixel warning is off (see imgclf/__init__.py)
+        im = open_image(io.BytesIO(data))  # Pillow's pixel warning is off (see imgclf/__init__.py)
         w, h = im.size
         if w * h > max_pixels:
             raise FetchError(f"too many pixels ({w}x{h} > {max_pixels / 1e6:g} Mpx; raise max_image_pixels)")
@@ -233,35 +235,33 @@ def save_image(
 ) -> str:
     """Check, orient, shrink and write one downloaded image; return its path relative to ``out``.
 
-    The bytes are kept as they are for JPEG/PNG files that need neither rotation nor resizing; other images
-    are re-encoded: PNG where they have transparency, else JPEG. Existing files are never overwritten.
+    The bytes are kept as they are for JPEG/PNG files that need neither rotation nor resizing (also where
+    their EXIF block is unreadable); other images are re-encoded: PNG where they have transparency, else JPEG,
+    unrotated where the EXIF block is unreadable. Existing files are never overwritten.
     """
     im, w, h = _decode(data, content_type, max_pixels, cfg.max_side)
-    orientation = im.getexif().get(0x0112, 1)
     has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
     needs_resize = cfg.max_side > 0 and max(w, h) > cfg.max_side
-    keep_bytes = not needs_resize and orientation in (None, 1) and im.format in ("JPEG", "PNG")
+    keep_bytes = not needs_resize and exif_orientation(im) == 1 and im.format in ("JPEG", "PNG")
     if keep_bytes:
-        ext, payload = (".jpg" if im.format == "JPEG" else ".png"), data
+        target, payload = out / label / f"{stem}{'.jpg' if im.format == 'JPEG' else '.png'}", data
     else:
+        target = out / label / f"{stem}{'.png' if has_alpha else '.jpg'}"
         fmt = im.format
         icc = im.info.get("icc_profile")
-        im = ImageOps.exif_transpose(im)
+        im = upright(im, str(target))
         if needs_resize:
             im.thumbnail((cfg.max_side, cfg.max_side), Image.Resampling.LANCZOS, reducing_gap=3.0)
         buf = io.BytesIO()
         if has_alpha:
-            ext = ".png"
             im.convert("RGBA").save(buf, "PNG", icc_profile=icc)
         else:
-            ext = ".jpg"
             to_8bit(im).convert("RGB").save(buf, "JPEG", quality=JPEG_QUALITY, icc_profile=icc)
         payload = buf.getvalue()
         if cfg.keep_originals:
             original = out / ORIGINALS_DIR / label / f"{stem}{_FORMAT_EXT.get(fmt or '', '.img')}"
             if not original.exists():
                 _write_new(original, data)
-    target = out / label / f"{stem}{ext}"
     _write_new(target, payload)
     return target.relative_to(out).as_posix()
 
