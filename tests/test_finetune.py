@@ -349,6 +349,17 @@ def test_many_small_classes_still_get_a_validation_part() -> None:
     assert np.bincount(balanced[split_validation(balanced, np.arange(244), 0.1, seed=0)[1]]).tolist() == [12, 12]
 
 
+def test_the_validation_part_holds_out_whole_groups() -> None:
+    """--split-mode group: bursts of one scene are all fitted on or all held out; each class keeps a group."""
+    labels = np.repeat([0, 1, 2], [40, 40, 6])
+    groups = [f"{c}/burst{i // 4}" for c, i in zip(labels, range(86), strict=True)]
+    groups[80:] = ["2/only"] * 6  # a class of one group
+    fit, val = split_validation(labels, np.arange(86), 0.1, seed=0, groups=groups)
+    assert not {groups[i] for i in fit} & {groups[i] for i in val} and len(val) == 8
+    assert set(labels[fit]) == {0, 1, 2} and 2 not in set(labels[val])
+    assert np.array_equal(val, split_validation(labels, np.arange(86), 0.1, seed=0, groups=groups)[1])
+
+
 def test_time_left_reads_easily() -> None:
     from imgclf.finetune.trainer import _duration
 

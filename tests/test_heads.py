@@ -128,3 +128,23 @@ def test_fit_head_rows_follow_the_labels_and_misuse_is_named():
         head.predict_proba(np.zeros((2, 1000)))
     with pytest.raises(ValueError, match="c_grid is empty"):
         LinearSVMHead(c_grid=()).fit(x, y)
+
+
+def test_groups_stay_whole_in_the_cross_validation():
+    """Near-duplicates (bursts of one scene) under a label drawn per scene: folds that split the bursts
+    score them by their twins; folds that keep them whole score what generalises (here: nothing)."""
+    from imgclf.heads.svm import _group_splits
+
+    rng = np.random.default_rng(0)
+    scenes = rng.normal(0, 1, (40, 256))
+    x = np.repeat(scenes, 4, axis=0) + rng.normal(0, 0.01, (160, 256))
+    y, groups = np.repeat(np.arange(40) % 2, 4), np.repeat([f"scene{i}" for i in range(40)], 4)
+    leaky = LinearSVMHead(c_grid=(10.0,), n_jobs=1).fit(x, y)
+    whole = LinearSVMHead(c_grid=(10.0,), n_jobs=1).fit(x, y, groups)
+    assert leaky.cv_scores_[10.0] > 0.9 and whole.cv_scores_[10.0] < 0.7 and whole.cv_folds_ == 5
+    # no group on both sides; a class of one group (label 2) is never held out
+    y3, g3 = np.r_[y, 2, 2], np.concatenate([groups, ["lone", "lone"]])
+    splits = _group_splits(y3, g3, 5, 0)
+    for fit, held in splits:
+        assert not set(g3[fit]) & set(g3[held]) and set(y3[fit]) == {0, 1, 2} and 2 not in set(y3[held])
+    assert sorted(np.concatenate([held for _, held in splits])) == list(range(160))

@@ -250,11 +250,11 @@ def test_predict_api_and_cli(run, tmp_path, capsys):
     assert again[-1].path.name == "squares_00.jpg" and np.array_equal(again[-1].scores, again[0].scores)
     from PIL import Image
 
-    with pytest.raises(TypeError, match="give images as paths .* not JpegImageFile"):
+    with pytest.raises(TypeError, match=r"give images as paths .* not JpegImageFile"):
         predict(result.run_dir, Image.open(data / "squares" / "squares_00.jpg"))
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("caf\xe9.jpg\n".encode("latin-1"))
-    with pytest.raises(ValueError, match="latin1.txt: not a UTF-8 text list of image paths"):
+    with pytest.raises(ValueError, match=r"latin1\.txt: not a UTF-8 text list of image paths"):
         predict(result.run_dir, latin1)
     assert sum(classes[int(p.scores.argmax())] == "squares" for p in preds) >= 8
     listing = tmp_path / "list.txt"
@@ -563,6 +563,26 @@ def test_leak_between_train_and_test_warns_or_refuses(tmp_path, caplog, monkeypa
     assert len(conflicts) == 2 and "circles_01.jpg" in conflicts[1] and "a_circle.jpg" in conflicts[1]
     assert result.bundle.classes == ["circles", "squares", "stripes"] and result.metrics["n_test"] == 10
     assert sum("only_in_val" in s["path"] for s in result.metrics["skipped"]) == 2
+
+
+def test_group_mode_keeps_groups_whole_in_the_heads_folds(tmp_path, caplog, monkeypatch):
+    from helpers import make_folder
+
+    import imgclf.pipeline
+
+    data = tmp_path / "data"
+    for g in range(4):  # four sub-folders (groups) per class
+        make_folder(tmp_path / f"g{g}", n=3, seed=g)
+        for c in ("circles", "squares", "stripes"):
+            (data / c).mkdir(parents=True, exist_ok=True)
+            (tmp_path / f"g{g}" / c).rename(data / c / f"burst{g}")
+    fit_head, seen = imgclf.pipeline.fit_head, []
+    monkeypatch.setattr(imgclf.pipeline, "fit_head", lambda *a: seen.append(a[-1]) or fit_head(*a))
+    with caplog.at_level(logging.INFO, logger="imgclf"):
+        result = train(Config().updated(data_root=data, out=tmp_path / "r", split_mode="group", tracking=False, **FAST))
+    rels = [s["path"] for s in csv.DictReader((result.run_dir / "split.csv").open()) if s["split"] == "train"]
+    assert seen[-1] == ["/".join(rel.split("/")[:2]) for rel in rels] and len(rels) == 27  # 3 of 4 bursts each
+    assert "cross-validation on the training split, groups kept whole" in caplog.text
 
 
 def test_backbone_auto_chooses_on_the_training_split(tmp_path, caplog, monkeypatch):

@@ -215,6 +215,11 @@ def _remove_earlier_outputs(run_dir: Path, resuming: bool) -> None:
         p.unlink()
 
 
+def _groups(cfg: Config, ds: Dataset, idx: np.ndarray) -> list[str] | None:
+    """The groups of ``ds.samples[idx]`` where the split keeps groups whole (the head's folds do so too)."""
+    return [ds.samples[i].group for i in idx] if cfg.data.split_mode == "group" else None
+
+
 def _choose_backbone(
     cfg: Config, ds: Dataset, train_idx: np.ndarray, skipped: list[dict[str, str]]
 ) -> tuple[Backbone, np.ndarray, np.ndarray, FittedHead, dict[str, float]]:
@@ -228,7 +233,7 @@ def _choose_backbone(
         failed: list[dict[str, str]] = []
         x, idx = _features(fx, ds, train_idx, f"{name} train features", failed)
         memo = Memo(_memo_root(cfg), "heads")
-        fit = fit_head(cfg.classifier, x, ds.labels[idx], cfg.output.seed, memo, len(ds.classes))
+        fit = fit_head(cfg.classifier, x, ds.labels[idx], cfg.output.seed, memo, len(ds.classes), _groups(cfg, ds, idx))
         scores[name] = fit.cv_accuracy
         log.info("backbone auto: %s, SVM CV accuracy %.3f (C=%g)", name, fit.cv_accuracy, fit.C)
         if best is None or fit.cv_accuracy > best[3].cv_accuracy:
@@ -360,22 +365,28 @@ def _train(cfg: Config, run_dir: Path, t0: float) -> RunResult:
     if fitted_head is None:
         if fit is None:
             memo = Memo(_memo_root(cfg), "heads")
-            fit = fit_head(cfg.classifier, x_train, ds.labels[train_idx], cfg.output.seed, memo, len(ds.classes))
+            groups = _groups(cfg, ds, train_idx)
+            fit = fit_head(
+                cfg.classifier, x_train, ds.labels[train_idx], cfg.output.seed, memo, len(ds.classes), groups
+            )
         fitted_head = fit.head
         reused = "; the identical earlier fit reused" if fit.reused else ""
+        by_group = cfg.data.split_mode == "group"
         if fit.cv_folds:
             log.info(
-                "SVM C=%g chosen by %d-fold cross-validation on the training split (CV %saccuracy %.3f%s)",
+                "SVM C=%g chosen by %d-fold cross-validation on the training split%s (CV %saccuracy %.3f%s)",
                 fit.C,
                 fit.cv_folds,
+                ", groups kept whole" if by_group else "",
                 "class-averaged " if cfg.classifier.class_weight == "balanced" else "",
                 fit.cv_accuracy,
                 reused,
             )
         else:
             log.warning(
-                "warning: SVM C=%g, not cross-validated: no class has two training images (add images)%s",
+                "warning: SVM C=%g, not cross-validated: no class has two training %s (add images)%s",
                 fit.C,
+                "groups (sub-folders)" if by_group else "images",
                 reused,
             )
     timings["fit_s"] = time.perf_counter() - t

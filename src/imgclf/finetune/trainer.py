@@ -15,7 +15,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,12 +71,14 @@ class Classifier(nn.Module):
 
 
 def split_validation(
-    labels: np.ndarray, train_idx: np.ndarray, fraction: float, seed: int
+    labels: np.ndarray, train_idx: np.ndarray, fraction: float, seed: int, groups: Sequence[str] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Stratified, seeded (fit, val) partition of ``train_idx``; each class keeps a fitting image.
 
     ``fraction`` of all the images are held out, shared among the classes by largest remainder, so that
     many small classes (three images each) still give a validation part, one image from some of them.
+    With ``groups`` (one per image of the data set), whole groups are held out, shuffled, until a class's
+    share is reached, and each class keeps a fitting group.
     """
     rng = np.random.default_rng([seed, 0x5EED])
     classes, sizes = np.unique(labels[train_idx], return_counts=True)
@@ -90,7 +92,16 @@ def split_validation(
     val: list[np.ndarray] = []
     for c, n in zip(classes, n_val, strict=True):
         idx = np.sort(train_idx[labels[train_idx] == c])
-        val.append(idx[rng.permutation(len(idx))[:n]])
+        if groups is None:
+            val.append(idx[rng.permutation(len(idx))[:n]])
+            continue
+        names = sorted({groups[i] for i in idx})
+        held: list[int] = []
+        for k in rng.permutation(len(names))[:-1]:
+            if len(held) >= n:
+                break
+            held += [i for i in idx if groups[i] == names[k]]
+        val.append(np.array(held, np.int64))
     val_idx = np.sort(np.concatenate(val)) if val else np.empty(0, np.int64)
     return np.setdiff1d(train_idx, val_idx), val_idx
 
@@ -317,7 +328,8 @@ def finetune(
 
     skipped: dict[int, str] = dict(ckpt.get("skipped", {})) if ckpt is not None else {}  # undecodable images
     if not done:
-        fit_idx, val_idx = split_validation(labels_all, train_idx, ft.val_fraction, seed)
+        groups = [s.group for s in ds.samples] if cfg.data.split_mode == "group" else None
+        fit_idx, val_idx = split_validation(labels_all, train_idx, ft.val_fraction, seed, groups)
 
         def decode(idx: np.ndarray, pre: Preprocess) -> ImageCache:
             return build_image_cache(

@@ -6,6 +6,7 @@ scikit-learn is imported only when a head is fitted: ``LinearSVMHead`` loads on 
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -57,9 +58,11 @@ def fit_head(
     seed: int = 0,
     memo: Memo | None = None,
     n_classes: int | None = None,
+    groups: Sequence[str] | None = None,
 ) -> FittedHead:
     """Fit the configured head on (x, y) and fold it into a :class:`LinearHead` of ``n_classes`` rows (default:
-    up to the largest label); a class absent from ``y`` gets a row that never wins.
+    up to the largest label); a class absent from ``y`` gets a row that never wins. ``groups``: one per row;
+    the cross-validation keeps each group whole.
 
     With ``memo``, an identical earlier fit (same features, labels, settings, seed, code and scikit-learn
     version) is read back instead of cross-validated again.
@@ -75,6 +78,7 @@ def fit_head(
         np.asarray(x, np.float32),
         np.asarray(y, np.int64),
         n_classes,
+        None if groups is None else list(groups),
     )
     if (data := memo.get(key)) is not None:
         try:
@@ -83,7 +87,7 @@ def fit_head(
                 return FittedHead(head, float(z["C"]), float(z["cv_accuracy"]), int(z["cv_folds"]), reused=True)
         except (OSError, ValueError, KeyError):
             pass  # unreadable entry: fit again and replace it
-    svm = create_head(cfg, seed).fit(x, y)
+    svm = create_head(cfg, seed).fit(x, y, None if groups is None else np.asarray(groups))
     w, b = svm.linear()
     n_classes = int(svm.classes_.max()) + 1 if n_classes is None else n_classes
     if len(svm.classes_) < n_classes:

@@ -12,7 +12,7 @@ import numpy as np
 from joblib import Parallel, delayed
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import accuracy_score, balanced_accuracy_score
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, log_loss, make_scorer
 from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.svm import LinearSVC
 from sklearn.utils.multiclass import unique_labels
@@ -26,6 +26,9 @@ CALIBRATION_C = (0.1, 1.0, 10.0, 100.0, 1000.0)  # inverse strengths tried for t
 
 class LinearSVMHead(ClassifierMixin, BaseEstimator):
     """Linear SVM with C picked by stratified k-fold CV on the data given to ``fit`` and calibrated scores.
+
+    ``fit(X, y, groups)``: images of one group (burst shots, one object) are never split between the fitting
+    and the held-out side of a fold; a class with a single group stays on the fitting side.
 
     Parameters
     ----------
@@ -60,7 +63,7 @@ class LinearSVMHead(ClassifierMixin, BaseEstimator):
     def _svc(self, c: float) -> LinearSVC:
         return LinearSVC(C=c, class_weight=self.class_weight, max_iter=20000, random_state=self.random_state)
 
-    def fit(self, X: np.ndarray, y: np.ndarray) -> LinearSVMHead:
+    def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> LinearSVMHead:
         if not len(self.c_grid):
             raise ValueError("c_grid is empty: give at least one C value")
         X, y = validate_data(self, X, y)
@@ -69,14 +72,24 @@ class LinearSVMHead(ClassifierMixin, BaseEstimator):
             raise ValueError("the training data holds 1 class; a classifier needs at least two")
         Xp = self._prep(X)
         counts = np.bincount(np.searchsorted(self.classes_, y))
-        # a class with one image cannot be split: it stays on the fitting side of every fold
-        single = np.isin(y, self.classes_[counts == 1])
-        splittable = counts[counts > 1]
-        self.cv_folds_ = int(min(self.cv_folds, splittable.min())) if len(splittable) else 0
-        if self.cv_folds_:
+        if groups is None:
+            # a class with one image cannot be split: it stays on the fitting side of every fold
+            single = np.isin(y, self.classes_[counts == 1])
+            splittable = counts[counts > 1]
+            self.cv_folds_ = int(min(self.cv_folds, splittable.min())) if len(splittable) else 0
             rest, always = np.flatnonzero(~single), np.flatnonzero(single)
-            kfold = StratifiedKFold(self.cv_folds_, shuffle=True, random_state=self.random_state)
-            splits = [(np.sort(np.r_[rest[tr], always]), rest[te]) for tr, te in kfold.split(Xp[rest], y[rest])]
+            if self.cv_folds_:
+                kfold = StratifiedKFold(self.cv_folds_, shuffle=True, random_state=self.random_state)
+                folds = kfold.split(Xp[rest], y[rest])
+                splits = [(np.sort(np.r_[rest[tr], always]), rest[te]) for tr, te in folds]
+        else:
+            splits = _group_splits(y, np.asarray(groups), self.cv_folds, self.random_state)
+            self.cv_folds_ = len(splits)
+            single = np.ones(len(y), bool)  # held out by no fold: their decision values are in-sample
+            for _, te in splits:
+                single[te] = False
+            rest = np.flatnonzero(~single)
+        if self.cv_folds_:
             oof_by_c = {
                 c: np.zeros((len(y), 1 if len(self.classes_) == 2 else len(self.classes_))) for c in self.c_grid
             }
@@ -107,7 +120,11 @@ class LinearSVMHead(ClassifierMixin, BaseEstimator):
         # weighted as the SVM was: else calibration would undo class_weight="balanced"
         calibrator = LogisticRegression(C=1.0, max_iter=1000, class_weight=self.class_weight)
         folds = int(min(self.cv_folds_, counts.min()))
-        if folds >= 2:  # its C by cross-validated log-loss; ties go to the smaller C
+        if groups is not None and self.cv_folds_ >= 2:  # the same group-whole folds, some without every class
+            loss = make_scorer(log_loss, greater_is_better=False, response_method="predict_proba", labels=self.classes_)
+            search = GridSearchCV(calibrator, {"C": list(CALIBRATION_C)}, scoring=loss, cv=splits)
+            self.calibrator_ = search.fit(decision, y).best_estimator_
+        elif groups is None and folds >= 2:  # its C by cross-validated log-loss; ties go to the smaller C
             kfold = StratifiedKFold(folds, shuffle=True, random_state=self.random_state)
             search = GridSearchCV(calibrator, {"C": list(CALIBRATION_C)}, scoring="neg_log_loss", cv=kfold)
             self.calibrator_ = search.fit(decision, y).best_estimator_
@@ -147,6 +164,23 @@ class LinearSVMHead(ClassifierMixin, BaseEstimator):
         """(W, b) with ``scores = softmax(normalise(x) @ W.T + b)``."""
         check_is_fitted(self)
         return self.coef_.astype(np.float32), self.intercept_.astype(np.float32)
+
+
+def _group_splits(y: np.ndarray, groups: np.ndarray, n_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(fit, held-out) folds that keep each group whole: every class's groups, shuffled, are dealt to the folds
+    in turn, so a class with two groups or more is on the fitting side of every fold; a class with one group
+    is never held out. Folds that hold nothing out are dropped."""
+    rng = np.random.default_rng([seed, 0x6A0])
+    fold = np.full(len(y), -1)
+    for c in np.unique(y):
+        members = np.flatnonzero(y == c)
+        names = sorted({str(g) for g in groups[members]})
+        if len(names) < 2:
+            continue
+        dealt = {name: k % n_folds for k, name in enumerate(names[i] for i in rng.permutation(len(names)))}
+        fold[members] = [dealt[str(g)] for g in groups[members]]
+    everything = np.arange(len(y))
+    return [(everything[fold != k], everything[fold == k]) for k in range(n_folds) if (fold == k).any()]
 
 
 def _fold_decision(svc: LinearSVC, X: np.ndarray, y: np.ndarray, tr: np.ndarray, te: np.ndarray) -> np.ndarray:
