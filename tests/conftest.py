@@ -16,7 +16,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # no test touches the network
 def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["IMGCLF_CACHE"] = str(tmp_path_factory.mktemp("imgclf-cache"))
     store = tmp_path_factory.mktemp("mlflow")
-    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store / 'mlflow.db'}"  # never a store of the developer's
 
 
 @pytest.fixture

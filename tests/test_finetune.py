@@ -68,7 +68,11 @@ def test_dnn_end_to_end(demo: Path, tmp_path: Path) -> None:
     assert all(0 < float(r["lr"]) <= lr for r in rows)  # the mean rate each epoch used, the last one's too
     assert (run / "finetune_curves.png").stat().st_size > 0
     assert not (run / "finetune_cache").exists()
-    assert 0.0 <= res.metrics["overall_accuracy"] <= 1.0
+    assert res.metrics["overall_accuracy"] >= 4 / 6  # three textures, two test images each (chance: 1/3)
+    preds = {r["path"]: r for r in csv.DictReader((run / "predictions.csv").open())}
+    assert sum(r["true_label"] == r["predicted_label"] for r in preds.values()) == round(
+        6 * res.metrics["overall_accuracy"]
+    )
     assert res.bundle.backbone_spec["weights_id"].startswith("finetuned:")
     assert res.bundle.preprocess.resolution == 72  # trained at 64, deployed at 64 x test_scale 1.15, rounded to 8
     assert "dnn on efficientnet_lite0, 72 px input" in (run / "report.md").read_text()
@@ -239,15 +243,40 @@ def test_resume_matches_uninterrupted(
     np.testing.assert_allclose(resumed.bundle.head.weight, full.bundle.head.weight, atol=1e-5)
 
 
-def test_validation_part_never_overlaps_test(demo: Path, tmp_path: Path) -> None:
-    cfg = _cfg(demo, tmp_path / "run", epochs=1)
-    train(cfg)
+def test_validation_part_never_overlaps_test(demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the pipeline hands the trainer is the training split, and the validation part is carved from it."""
+    import imgclf.finetune.trainer as trainer
+
+    used: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    real = trainer.split_validation
+
+    def recorded(labels: np.ndarray, idx: np.ndarray, *args: object) -> tuple[np.ndarray, np.ndarray]:
+        fit, val = real(labels, idx, *args)
+        used.append((idx, fit, val))
+        return fit, val
+
+    monkeypatch.setattr(trainer, "split_validation", recorded)
+    train(_cfg(demo, tmp_path / "run", epochs=1, val_fraction=0.3))
     ds, split = load_split(tmp_path / "run" / "split.csv", demo, sorted(p.name for p in demo.iterdir() if p.is_dir()))
     train_idx, test_idx = np.flatnonzero(split == "train"), np.flatnonzero(split == "test")
-    fit, val = split_validation(ds.labels, train_idx, 0.3, seed=0)
+    ((given, fit, val),) = used
+    assert sorted(given) == sorted(train_idx) and len(test_idx) == 6
     assert len(val) > 0 and not set(val) & set(test_idx) and not set(val) & set(fit)
     assert sorted([*fit, *val]) == sorted(train_idx)
     assert set(ds.labels[val]) == set(ds.labels[train_idx])  # stratified
+
+
+def test_a_diverged_run_keeps_the_linear_probe_and_stops_early(
+    demo: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """docs/finetuning.md step 5: an epoch clearly worse than the best is never kept; `early_stopping`
+    epochs past the kept one end the run."""
+    with caplog.at_level(logging.INFO, logger="imgclf"):
+        res = train(_cfg(demo, tmp_path / "run", epochs=5, lr=50.0, early_stopping=2, val_fraction=0.3))
+    assert [int(r["epoch"]) for r in _log(res.run_dir)] == [1, 2]  # stopped two epochs past epoch 0
+    assert "early stopping: no validation gain for 2 epochs" in caplog.text
+    assert "fine-tuning: best epoch 0 of 2" in caplog.text
+    assert res.metrics["overall_accuracy"] >= 4 / 6  # the probe's network, not the diverged one
 
 
 @pytest.mark.parametrize("mode", ["svm", "dnn", "svm_on_refined"])

@@ -264,8 +264,15 @@ def test_predict_api_and_cli(run, tmp_path, capsys):
     assert code == 1  # one input could not be read, and says so
     rows = list(csv.DictReader(out_csv.open()))
     assert rows[0]["label_1"] in classes and rows[0]["label_2"] in classes and not rows[0]["error"]
+    _, (first, _) = predict(result.run_dir, listing)  # best first: the top label is the predicted one
+    order = np.argsort(-first.scores)
+    assert [rows[0]["label_1"], rows[0]["label_2"]] == [classes[order[0]], classes[order[1]]]
+    assert float(rows[0]["score_1"]) >= float(rows[0]["score_2"])
+    out = capsys.readouterr().out
+    shown = out.splitlines()[0].split("\t")  # the printed line too
+    assert shown[1].split()[0] == classes[order[0]] and shown[2].split()[0] == classes[order[1]]
     assert "empty" in rows[1]["error"]
-    assert "ERROR" in capsys.readouterr().out
+    assert "ERROR" in out
     main(["predict", str(result.run_dir), str(listing), "--top-k", "9", "--csv", str(out_csv), "--no-progress"])
     code = main(["predict", str(result.run_dir), str(listing), "--csv", str(tmp_path), "--no-progress"])
     assert code == 2 and f"{tmp_path} is a folder: give the name of a file to write" in capsys.readouterr().err
