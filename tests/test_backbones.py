@@ -55,7 +55,6 @@ def test_clear_errors_offline_unknown_and_local_weights(tmp_path):
         create_backbone("resnet18", weights=tmp_path / "other.pt")
 
 
-@pytest.mark.shared
 def test_timm_weights_in_the_hub_cache_load_without_asking_the_hub(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -83,6 +82,7 @@ def test_timm_weights_in_the_hub_cache_load_without_asking_the_hub(
     assert torch.equal(model.state_dict()["conv1.weight"], saved["conv1.weight"])
 
 
+@pytest.mark.shared
 def test_lite0_imagenet_weights_recognise_daisies():
     """The packaged weights are real: ImageNet class 985 is 'daisy'."""
     import timm

@@ -34,12 +34,12 @@ class Server:
     """A uvicorn server for an app, in a thread; ``url`` is its base URL."""
 
     def __init__(self, app: object) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        self.socket = socket.socket()  # bound here and handed over: no other process can take the port between
+        self.socket.bind(("127.0.0.1", 0))
+        port = self.socket.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
     def __enter__(self) -> Server:
         self.thread.start()
@@ -53,6 +53,7 @@ class Server:
     def __exit__(self, *_: object) -> None:
         self.server.should_exit = True
         self.thread.join(10)
+        self.socket.close()
 
 
 def make_review_data(tmp: Path) -> tuple[Path, Path, Config]:
