@@ -34,13 +34,23 @@ def test_scan_sorted_classes_and_extensions(tmp_path: Path):
     (root / "b_cls" / "nested").mkdir()
     Image.new("RGB", (40, 30), "red").save(root / "b_cls" / "nested" / "deep.bmp")
     # JPEG aliases (browsers on Windows save .jfif), Netpbm (classic data sets; 16-bit too) and JPEG 2000
-    for name, fmt in (("web.jfif", "JPEG"), ("old.jpe", "JPEG"), ("sign.ppm", "PPM"), ("scan.jp2", "JPEG2000")):
+    for name, fmt in (
+        ("web.jfif", "JPEG"),
+        ("old.jpe", "JPEG"),
+        ("sign.ppm", "PPM"),
+        ("scan.jp2", "JPEG2000"),
+        ("code.j2k", "JPEG2000"),
+    ):
         Image.new("RGB", (40, 30), "red").save(root / "a_cls" / name, format=fmt)
     Image.fromarray(np.full((30, 40), 40000, np.uint16)).save(root / "b_cls" / "face.pgm")
     ds = scan_dataset(DataConfig(data_root=root))
     assert ds.classes == ["a_cls", "b_cls"]
     rels = [s.rel for s in ds.samples]
-    assert rels == sorted(rels) and len(rels) == 15
+    assert rels == sorted(rels) and len(rels) == 16 and "a_cls/code.j2k" in rels
+    big = root / "a_cls" / "a_cls_00.jpg"
+    limit_mb = big.stat().st_size / 1e6 * 0.99  # --max-file-mb just below one file's size
+    too_big = scan_dataset(DataConfig(data_root=root, max_file_mb=limit_mb)).skipped
+    assert any(Path(s["path"]) == big and s["reason"].startswith("file too large") for s in too_big)
     assert "a_cls/UPPER.PNG" in rels and "b_cls/nested/deep.bmp" in rels and "a_cls/web.jfif" in rels
     assert ds.skipped == [] and ds.notes == []
     assert np.asarray(open_rgb(root / "a_cls" / "web.jfif"))[..., 0].min() > 240
@@ -85,6 +95,7 @@ def test_hidden_and_system_files_links_and_loops(tmp_path: Path):
     (root / "circles" / "._circles_00.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
     (root / "circles" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
     (root / "squares" / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+    (root / "squares" / "desktop.ini").write_text("[.ShellClassInfo]\n")
     (root / "squares" / ".cache").mkdir()
     (root / "squares" / ".cache" / "a.jpg").write_bytes((root / "squares" / "squares_00.jpg").read_bytes())
     try:
