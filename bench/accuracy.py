@@ -2,6 +2,9 @@
 
 python bench/accuracy.py ../shared/datasets/flowers5 --seeds 0 1 2 3 4 [-- extra train flags]
 
+A data set with its own split (``train/`` + ``val/`` or ``test/``) has one test split whatever the seed:
+several seeds are refused there (one is run, with a note).
+
 With ``--cv K`` it cross-validates instead: the images of DATA (a folder per class) are dealt into K
 stratified folds, and each fold is the test split of one run trained on the others. Point it at a
 training folder (``hymenoptera/train``) to compare settings without touching a data set's test split.
@@ -21,9 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
+from imgclf.cli import build_parser, config_from_args
 from imgclf.cli import main as imgclf_main
 from imgclf.config import DataConfig
-from imgclf.data.dataset import scan_dataset
+from imgclf.data.dataset import scan_dataset, split_folders
 
 
 def _train(argv: list[str], out: Path) -> dict:
@@ -42,6 +46,15 @@ def run(data: str, seeds: list[int], extra: list[str]) -> list[float]:
             )
             print(f"seed {seed}: overall accuracy {accs[-1]:.4f} ({time.perf_counter() - t:.0f} s)", flush=True)
     return accs
+
+
+def fixed_split(data: str, extra: list[str]) -> str | None:
+    """Why ``imgclf train DATA EXTRA`` ignores ``--split-seed`` (its test split is fixed), or None."""
+    mode = config_from_args(build_parser().parse_args(["train", data, *extra])).data.split_mode
+    if mode == "list":
+        return "its test split is the --test-list"
+    folders = split_folders(Path(data)) if mode in ("auto", "predefined") and Path(data).is_dir() else []
+    return f"{data} has its own split ({', '.join(f + '/' for f in folders)})" if folders else None
 
 
 def cv_folds(data: str, k: int, seed: int) -> list[list[str]]:
@@ -84,6 +97,13 @@ def main() -> None:
         right, total = cross_validate(args.data, args.cv, args.cv_seed, extra)
         print(f"{args.cv}-fold cross-validation: {right} of {total} right ({right / total:.4f})")
         return
+    if (why := fixed_split(args.data, extra)) and len(set(args.seeds)) > 1:
+        parser.error(
+            f"every split seed gives the same test split: {why}; compare settings with --cv K on its training "
+            "folder (DATA/train), measure that one split with --seeds 0, or pool and re-split with -- --split-mode random"
+        )
+    if why:
+        print(f"note: the split seed has no effect: {why}", flush=True)
     accs = run(args.data, args.seeds, extra)
     print(f"overall accuracy per seed: {[round(a, 4) for a in accs]}")
     print(f"mean {statistics.mean(accs):.4f}  median {statistics.median(accs):.4f}  min {min(accs):.4f}")

@@ -24,13 +24,14 @@ from imgclf.datatools.dedup import HashInfo, group_duplicates
 
 
 def planted_hashes(n: int, max_distance: int, seed: int = 0) -> np.ndarray:
-    """(n, 256) bool: random hashes; the last tenth copies earlier ones with 1..max_distance bits flipped."""
+    """(n, 256) bool: random hashes; the last tenth copies the first ones, the last hash exactly (a copy of
+    hash 0), the others with 1..max_distance bits flipped."""
     rng = np.random.default_rng(seed)
     bits = rng.integers(0, 2, (n, 256), dtype=np.uint8).astype(bool)
     for k in range(n // 10):
-        copy = n - 1 - k
-        bits[copy] = bits[k]
-        bits[copy, rng.choice(256, 1 + k % max(1, max_distance), replace=False)] ^= max_distance > 0
+        bits[n - 1 - k] = bits[k]
+        if k:
+            bits[n - 1 - k, rng.choice(256, 1 + k % max_distance, replace=False)] ^= True
     return bits
 
 
@@ -77,6 +78,8 @@ def main() -> None:
     ap.add_argument("--max-distance", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
+    if args.max_distance < 1:
+        ap.error("--max-distance must be at least 1 (0 is always timed too)")
     d, r = args.max_distance, args.repeats
     bits = planted_hashes(args.baseline_n, d)
     t_base, expected = median_time(lambda: baseline_groups(bits, d), r)
@@ -89,8 +92,12 @@ def main() -> None:
     for n in args.n:
         many = planted_hashes(n, d)
         t_near, _ = median_time(lambda many=many: imgclf_groups(many, d), r)
-        t_exact, _ = median_time(lambda many=many: imgclf_groups(many, 0), r)
-        print(f"imgclf, {n} hashes: max_distance {d} {t_near:.3f} s; max_distance 0 {t_exact:.3f} s")
+        t_exact, exact = median_time(lambda many=many: imgclf_groups(many, 0), r)
+        if exact != [[0, n - 1]]:
+            raise SystemExit(f"max_distance 0 on {n} hashes found {exact[:3]}, not the one exact copy [0, {n - 1}]")
+        print(
+            f"imgclf, {n} hashes: max_distance {d} {t_near:.3f} s; max_distance 0 {t_exact:.3f} s (the exact copy found)"
+        )
 
 
 if __name__ == "__main__":

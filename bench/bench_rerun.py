@@ -29,13 +29,25 @@ def timed_train(data: Path, out: Path, env: dict[str, str], extra: list[str]) ->
     return time.perf_counter() - t
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """This script's options; everything after the first ``--`` goes to ``imgclf train`` (``train_args``)."""
+    argv = sys.argv[1:] if argv is None else argv
+    cut = argv.index("--") if "--" in argv else len(argv)
+    ap = argparse.ArgumentParser(
+        usage="%(prog)s [-h] [--repeats N] [--warm N] data [-- IMGCLF_TRAIN_FLAGS ...]",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("data", type=Path)
     ap.add_argument("--repeats", type=int, default=3, help="Cold + warm sequences, each from an empty cache.")
     ap.add_argument("--warm", type=int, default=2, help="Warm runs after each cold one.")
-    ap.add_argument("train_args", nargs="*", help="Extra arguments for imgclf train (after --).")
-    args = ap.parse_args()
+    args = ap.parse_args(argv[:cut])
+    args.train_args = argv[cut + 1 :]
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     ratios, colds, warms = [], [], []
     for r in range(args.repeats):
         with tempfile.TemporaryDirectory(prefix="imgclf-rerun-") as tmp:
