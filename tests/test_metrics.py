@@ -2,8 +2,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
 
-from imgclf.evaluation.metrics import compute_metrics
+from imgclf.evaluation.metrics import compute_metrics, roc_curves
 
 
 def test_known_values():
@@ -27,8 +28,19 @@ def test_binary_and_missing_class():
     scores = np.array([[0.9, 0.1], [0.4, 0.6], [0.3, 0.7], [0.2, 0.8]])
     m = compute_metrics(y, scores, ["ants", "bees"])
     assert m["auc"]["per_class"]["bees"] == 1.0 and m["overall_accuracy"] == 0.75
+    assert m["auc"]["micro"] == m["auc"]["macro"] == 1.0  # two classes: one AUC (pooling both columns gave 0.81)
+    curves, micro = roc_curves(y, scores, ["ants", "bees"])
+    assert list(curves) == ["bees"] and micro is None  # one curve, not the same one twice plus a "micro" one
     m = compute_metrics(np.array([0, 0]), np.array([[0.9, 0.1], [0.2, 0.8]]), ["ants", "bees"])
     assert m["per_class_accuracy"]["bees"] is None and m["auc"]["micro"] is None
+    # a class with no test image adds no easy negatives to the micro average
+    y3 = np.array([0, 0, 1, 1])
+    s3 = np.array([[0.5, 0.45, 0.05], [0.3, 0.65, 0.05], [0.6, 0.35, 0.05], [0.2, 0.75, 0.05]])
+    m3 = compute_metrics(y3, s3, ["a", "b", "c"])
+    present = np.eye(3)[y3][:, :2]  # one vs rest for a and b only
+    assert m3["auc"]["micro"] == pytest.approx(roc_auc_score(present.ravel(), s3[:, :2].ravel()))
+    assert m3["auc"]["micro"] < roc_auc_score(np.eye(3)[y3].ravel(), s3.ravel())  # what pooling c too gave
+    assert m3["auc"]["per_class"]["c"] is None
 
 
 def test_evaluation_figure_stays_readable_with_many_classes(monkeypatch: pytest.MonkeyPatch):
@@ -133,3 +145,14 @@ def test_report_md_escapes_pipes_in_class_names(tmp_path: Path):
     write_reports(tmp_path, y, scores, m, {})
     rows = [line for line in (tmp_path / "report.md").read_text().splitlines() if line.startswith("| ")]
     assert rows[1:] == ["| a\\|b | 100.0 % | 2 | 1.000 |", "| c | 100.0 % | 2 | 1.000 |"]
+
+
+def test_an_imperfect_result_is_never_shown_as_perfect():
+    from imgclf.evaluation.report import summary_lines
+
+    y = np.repeat([0, 1], 1250)
+    scores = np.eye(2)[y] * 0.9 + 0.05
+    scores[0] = [0.1, 0.9]  # one of 2500 wrong
+    text = "\n".join(summary_lines({**compute_metrics(y, scores, ["cat", "dog"]), "n_test": 2500}))
+    assert "Overall accuracy       : 99.96 %" in text and "100.0 %" not in text.split("Class dog")[0]
+    assert "Class dog: accuracy  100.0 %" in text  # a perfect class stays as it is

@@ -18,7 +18,8 @@ def compute_metrics(
     """Metrics of class scores (n x n_classes) against true class ids; accuracies are fractions 0..1.
 
     ``auc`` holds the averages ``micro`` and ``macro`` apart from ``per_class``, so that no class name can
-    take an average's place.
+    take an average's place. The micro average pools the classes present among the test images (a class
+    without any would only add easy negatives); with two classes it is the one AUC there is.
 
     With ``memo``, metrics of identical labels and scores are read back (scikit-learn is not even imported).
     """
@@ -46,8 +47,9 @@ def _compute(y_true: np.ndarray, scores: np.ndarray, classes: list[str]) -> dict
         both = 0 < onehot[:, i].sum() < len(y_true)
         per_class_auc[c] = float(roc_auc_score(onehot[:, i], scores[:, i])) if both else None
     present_auc = [v for v in per_class_auc.values() if v is not None]
+    pooled = _pooled(onehot, scores)
     auc = {
-        "micro": float(roc_auc_score(onehot.ravel(), scores.ravel())) if len(np.unique(y_true)) > 1 else None,
+        "micro": float(roc_auc_score(*pooled)) if pooled is not None else None,
         "macro": float(np.mean(present_auc)) if present_auc else None,
         "per_class": per_class_auc,
     }
@@ -76,9 +78,21 @@ def accuracy_interval(right: int, n: int, confidence: float = 0.95) -> list[floa
 Curve = tuple[np.ndarray, np.ndarray]  # (false positive rate, true positive rate)
 
 
+def _pooled(onehot: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(labels, scores) of the micro average: every class present in the test images, one vs rest; with two
+    classes the second one's alone (its curve is the first's too); None with a single class present."""
+    present = np.flatnonzero(onehot.sum(axis=0))
+    if len(present) < 2:
+        return None
+    if onehot.shape[1] == 2:
+        return onehot[:, 1], scores[:, 1]
+    return onehot[:, present].ravel(), scores[:, present].ravel()
+
+
 def roc_curves(y_true: np.ndarray, scores: np.ndarray, classes: list[str]) -> tuple[dict[str, Curve], Curve | None]:
     """ROC curves per class (one vs rest; classes with no or only positives left out) and micro-averaged
-    (None with a single true class)."""
+    (None with a single true class). Two classes have one curve, under the second class's name, and no
+    average."""
     from sklearn.metrics import roc_curve
     from sklearn.preprocessing import label_binarize
 
@@ -88,10 +102,11 @@ def roc_curves(y_true: np.ndarray, scores: np.ndarray, classes: list[str]) -> tu
         onehot = np.hstack([1 - onehot, onehot])
     curves = {}
     for i, c in enumerate(classes):
-        if 0 < onehot[:, i].sum() < len(y_true):
+        if 0 < onehot[:, i].sum() < len(y_true) and not (k == 2 and i == 0):
             fpr, tpr, _ = roc_curve(onehot[:, i], scores[:, i])
             curves[c] = (fpr, tpr)
-    if len(np.unique(y_true)) < 2:
+    pooled = _pooled(onehot, scores)
+    if pooled is None or k == 2:
         return curves, None
-    fpr, tpr, _ = roc_curve(onehot.ravel(), scores.ravel())
+    fpr, tpr, _ = roc_curve(*pooled)
     return curves, (fpr, tpr)

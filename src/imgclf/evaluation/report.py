@@ -22,9 +22,14 @@ def md_cell(text: str) -> str:
 
 
 def _fmt(v: float | None, pct: bool = True) -> str:
+    """A fraction as a percentage with one decimal (an AUC with three); more decimals where rounding would
+    show an imperfect value as perfect (2499 of 2500 is 99.96 %, not 100.0 %) or a non-zero one as 0."""
     if v is None:
         return "n/a"
-    return f"{100 * v:.1f} %" if pct else f"{v:.3f}"
+    x, unit, digits, top = (100 * v, " %", 1, 100.0) if pct else (v, "", 3, 1.0)
+    while digits < 6 and (float(f"{x:.{digits}f}") in (0.0, top)) and 0 < x < top:
+        digits += 1
+    return f"{x:.{digits}f}{unit}"
 
 
 SUMMARY_CLASSES_MAX = 20  # above this, the printed summary lists the least accurate half of this many classes
@@ -64,7 +69,8 @@ def evaluation_figure(y_true: np.ndarray, scores: np.ndarray, metrics: dict[str,
     ax_roc.set(
         xlabel="false positive rate",
         ylabel="true positive rate",
-        title="ROC (one vs rest)" + (f"; the {len(labelled)} lowest AUC labelled" if k > MANY_CLASSES else ""),
+        title=(f"ROC ({classes[1]} vs {classes[0]})" if k == 2 else "ROC (one vs rest)")
+        + (f"; the {len(labelled)} lowest AUC labelled" if k > MANY_CLASSES else ""),
         xlim=(0, 1),
         ylim=(0, 1.01),
     )
