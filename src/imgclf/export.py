@@ -244,8 +244,10 @@ def sidecar(bundle: Bundle, fmt: str, precision: str, files: list[Path], parity:
             "dtype": "uint8",
             "layout": "NHWC",
             "shape": ["batch", pre.resolution, pre.resolution, 3],
-            "preprocessing": f"RGB; resize the shorter side to resize_to ({pre.interpolation}), then "
-            "centre-crop resolution x resolution; normalisation (and flip_tta's mirror image) is inside the model",
+            "preprocessing": f"RGB (a JPEG decoded with Pillow's draft to resize_to, then turned upright by its "
+            f"EXIF orientation); resize the shorter side to resize_to ({pre.interpolation}, Pillow reducing_gap "
+            "3.0), then centre-crop resolution x resolution; normalisation (and flip_tta's mirror image) is inside "
+            "the model; imgclf.data.io.load_for_model does all this",
         },
         "output": {
             "dtype": "float32",
