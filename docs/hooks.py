@@ -88,7 +88,7 @@ def _argument_rows(group: argparse._ArgumentGroup) -> list[str]:
         if action.required and action.option_strings:
             help_text += " (required)"
         elif (
-            action.default not in (None, False, argparse.SUPPRESS)
+            not any(action.default is v for v in (None, False, argparse.SUPPRESS))  # 0 is a default to show
             and action.option_strings
             and "default" not in help_text
         ):

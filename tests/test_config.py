@@ -1,10 +1,11 @@
 import json
+import logging
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
-from imgclf.cli import build_parser, config_from_args
+from imgclf.cli import build_parser, config_from_args, main
 from imgclf.config import Config, field_index, parameter_table
 from imgclf.datatools.dedup import HashCache
 
@@ -186,3 +187,48 @@ def test_the_api_key_is_never_written(tmp_path: Path):
     cfg.save(tmp_path / "config.json")
     for text in ((tmp_path / "config.json").read_text(), json.dumps(cfg.flat()), json.dumps(flat_params(cfg))):
         assert "S3CRET" not in text
+
+
+def test_empty_values_and_file_checked_with_the_flags(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+):
+    """An unset shell variable must not mean the working folder, every interface or a nameless experiment;
+    a file is checked together with the flags that complete it."""
+    for flat in ({"out": ""}, {"data_root": ""}, {"experiment": ""}, {"host": ""}, {"svm_c_grid": [float("inf")]}):
+        with pytest.raises(ValidationError):
+            Config().updated(**flat)
+    assert main(["train", "", "--out", str(tmp_path / "r")]) == 2
+    assert "an empty path (an unset variable?)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["ui", str(tmp_path), "--host", ""])
+    assert "argument --host: an empty address" in capsys.readouterr().err
+    wide = tmp_path / "wide.yaml"
+    wide.write_text("max_distance: 70\n")  # too wide for hash_size 16, fine for 32
+    cfg = config_from_args(build_parser().parse_args(["config", "--config", str(wide), "--hash-size", "32"]))
+    assert (cfg.datatools.hash_size, cfg.datatools.max_distance) == (32, 70)
+    assert main(["config", "--config", str(wide)]) == 2 and "use less than 64" in capsys.readouterr().err
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert main(["config", "--config=~/wide.yaml", "--hash-size", "32"]) == 0  # no shell expanded that ~
+
+
+def test_a_run_saved_by_an_earlier_version_still_loads(caplog: pytest.LogCaptureFixture):
+    saved = {"finetune": {"ft_resolution": 448, "ft_batch_size": 1, "epochs": 3}, "data": {"split_seed": 2}}
+    with caplog.at_level(logging.WARNING, logger="imgclf"):
+        cfg = Config.from_saved(saved, "runs/old")
+    assert (cfg.finetune.epochs, cfg.data.split_seed, cfg.finetune.ft_batch_size) == (3, 2, 32)
+    assert "runs/old: settings this imgclf no longer knows or accepts" in caplog.text
+    assert "finetune.ft_resolution" in caplog.text and "finetune.ft_batch_size" in caplog.text
+
+
+def test_train_takes_its_data_folder_as_an_argument_only(capsys: pytest.CaptureFixture[str]):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "data", "--data-root", "elsewhere"])
+    assert "unrecognized arguments: --data-root" in capsys.readouterr().err
+    demo = build_parser().parse_args(["demo", "--demo-seed", "3"])
+    assert demo.demo_seed == 3 and not hasattr(demo, "cfg__data_root")
+
+
+def test_verbose_keeps_the_message_and_exit_status_of_an_input_error(capsys: pytest.CaptureFixture[str]):
+    assert main(["-v", "config", "--train-fraction", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "imgclf: error: data.train_fraction = 2.0 (--train-fraction)" in err

@@ -363,6 +363,11 @@ def test_predefined_list_and_group_modes(tmp_path: Path, caplog: pytest.LogCaptu
     cfg = DataConfig(data_root=root, split_mode="list", test_list=tmp_path / "test.txt")
     split = make_split(scan_dataset(cfg), cfg)
     assert sum(split == "test") == 3
+    auto = DataConfig(data_root=root, test_list=tmp_path / "test.txt")  # the default mode follows the list given
+    assert np.array_equal(make_split(scan_dataset(auto), auto), split)
+    contradicting = DataConfig(data_root=root, split_mode="random", test_list=tmp_path / "test.txt")
+    with pytest.raises(DatasetError, match="--test-list names the test images, --split-mode random splits"):
+        make_split(scan_dataset(contradicting), contradicting)
     (tmp_path / "test.txt").write_text("circles\\circles_00.jpg\n/elsewhere/x.jpg\n")  # a Windows path; outside
     with pytest.raises(DatasetError, match=r"1 path\(s\) in .*test.txt are not usable images .*'/elsewhere/x.jpg'"):
         make_split(scan_dataset(cfg), cfg)

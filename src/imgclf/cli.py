@@ -9,6 +9,7 @@ import importlib
 import logging
 import os
 import sys
+import traceback
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,13 +46,22 @@ def _arg_type(annotation: Any) -> dict[str, Any]:
     return {"type": annotation}
 
 
-def add_config_args(parser: argparse.ArgumentParser, sections: Sequence[str] | None = None) -> None:
+def add_config_args(
+    parser: argparse.ArgumentParser, sections: Sequence[str] | None = None, exclude: Sequence[str] = ()
+) -> None:
     """Add ``--config FILE`` and one flag per configuration field of ``sections``: a section's name adds all
-    its fields, ``section.field`` one (a command offers only the flags it uses); ``None`` adds every field."""
-    parser.add_argument("--config", metavar="FILE", help="TOML or YAML configuration file; flags override it.")
+    its fields, ``section.field`` one (a command offers only the flags it uses); ``None`` adds every field.
+    ``exclude``: ``section.field`` names left out (a field the command takes as an argument instead)."""
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML, YAML or JSON configuration file (a run's config.json); flags override it.",
+    )
     groups: dict[str, argparse._ArgumentGroup] = {}
     for section, name, _, default, help_text in parameter_table():
         if sections is not None and section not in sections and f"{section}.{name}" not in sections:
+            continue
+        if f"{section}.{name}" in exclude:
             continue
         group = groups.setdefault(section, parser.add_argument_group(f"{section} parameters"))
         annotation = Config.model_fields[section].annotation.model_fields[name].annotation  # type: ignore[union-attr]
@@ -78,6 +88,13 @@ def non_negative_int(text: str) -> int:
     return int(text)
 
 
+def host_name(text: str) -> str:
+    """argparse type: an address to listen on; empty (an unset variable) would mean every interface."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty address (an unset variable?): give one, e.g. 127.0.0.1")
+    return text
+
+
 def port_number(text: str) -> int:
     """argparse type: a TCP port, 1 to 65535."""
     if not text.isdigit() or not 1 <= int(text) <= 65535:
@@ -87,11 +104,13 @@ def port_number(text: str) -> int:
 
 def config_from_args(args: argparse.Namespace, base: Config | None = None, **overrides: Any) -> Config:
     """The resolved configuration: ``base`` (default: defaults) < --config file < flags < ``overrides``."""
-    cfg = Config.from_file(args.config, base) if getattr(args, "config", None) else base or Config()
     flat = {k.removeprefix("cfg__"): v for k, v in vars(args).items() if k.startswith("cfg__")}
     flat.update({k: v for k, v in overrides.items() if v is not None})
     if "progress" not in flat and not sys.stderr.isatty():
         flat["progress"] = False  # bars written to a log file or a pipe are noise; --progress keeps them
+    if getattr(args, "config", None):
+        return Config.from_file(args.config, base, then=flat)
+    cfg = base or Config()
     return cfg.updated(**flat) if flat else cfg
 
 
@@ -170,38 +189,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python exits
         return 141  # 128 + SIGPIPE, as tools killed by it report
     except KeyboardInterrupt:
+        reuse = "reuses the image features computed so far; " if getattr(args, "cfg__use_cache", True) else ""
         hint = (
-            " (the same command again reuses the image features computed so far; a fine-tuning run"
-            " continues from its last finished epoch with the same command plus --resume)"
+            f" (the same command again {reuse}a fine-tuning run continues from its last finished epoch with the"
+            " same command plus --resume)"
         )
         print("interrupted" + (hint if args.command == "train" else ""), file=sys.stderr)
         return 130
     except Exception as e:
-        if args.verbose:
+        message = _user_message(e)
+        if message is None:
             raise
-        if type(e).__name__ == "OutOfMemoryError":  # torch's, without importing torch here
-            print(
-                "imgclf: error: out of GPU memory: lower --ft-batch-size (fine-tuning), --batch-size (features) "
-                "or --resolution, or train on the CPU with --device cpu",
-                file=sys.stderr,
-            )
-            return 2
-        from pydantic import ValidationError
+        if args.verbose:  # the traceback too; the message and exit status stay those of the error
+            traceback.print_exc()
+        print(f"imgclf: error: {message}", file=sys.stderr)
+        return 2
 
-        from imgclf.errors import USER_ERRORS
 
-        if isinstance(e, ValidationError):
-            print(f"imgclf: error: {describe_errors(e)}", file=sys.stderr)
-            return 2
-        if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
-            where = f": {e.filename}" if e.filename else ""
-            hint = "free space or allow writing there, or write elsewhere: see the command's --help"
-            print(f"imgclf: error: {e.strerror}{where} ({hint})", file=sys.stderr)
-            return 2
-        if isinstance(e, USER_ERRORS):
-            print(f"imgclf: error: {e}", file=sys.stderr)
-            return 2
-        raise
+def _user_message(e: Exception) -> str | None:
+    """What to print for an error of the input or the setup (exit status 2); None for a fault of imgclf."""
+    from pydantic import ValidationError
+
+    from imgclf.errors import USER_ERRORS
+
+    if type(e).__name__ == "OutOfMemoryError":  # torch's, without importing torch here
+        return (
+            "out of GPU memory: lower --ft-batch-size (fine-tuning), --batch-size (features) or --resolution, "
+            "or train on the CPU with --device cpu"
+        )
+    if isinstance(e, ValidationError):
+        return describe_errors(e)
+    if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+        where = f": {e.filename}" if e.filename else ""
+        return f"{e.strerror}{where} (free space or allow writing there, or write elsewhere: see the command's --help)"
+    if isinstance(e, USER_ERRORS):
+        return str(e)
+    return None
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ def _run_config(run_dir: str) -> Config:
     """The configuration a run was trained with (flags given to evaluate/predict override it)."""
     from imgclf.bundle import Bundle
 
-    return Config.model_validate(Bundle.load(run_dir).config)
+    return Config.from_saved(Bundle.load(run_dir).config, f"the run {run_dir}")
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -70,7 +70,7 @@ def _demo(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="Train and evaluate a classifier on a folder of labelled images.")
     p.add_argument("data_dir", help="Folder with one sub-folder per class (or train/ and val/ or test/).")
-    add_config_args(p, CORE_SECTIONS)
+    add_config_args(p, CORE_SECTIONS, exclude=("data.data_root",))  # DATA_DIR instead
     p.set_defaults(func=_train)
 
     p = sub.add_parser("evaluate", help="Score a run's model on its test split (or training split) again.")
@@ -98,5 +98,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default="demo-data", help="Folder for the generated images.")
     p.add_argument("--n-per-class", type=positive_int, default=60, help="Generated images per class.")
     p.add_argument("--demo-seed", type=non_negative_int, default=0, help="Seed of the generator.")
-    add_config_args(p, CORE_SECTIONS)
+    add_config_args(p, CORE_SECTIONS, exclude=("data.data_root",))  # --data instead
     p.set_defaults(func=_demo)

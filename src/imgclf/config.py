@@ -8,8 +8,10 @@ sections. The resolved configuration is saved with every run (``config.json``).
 
 from __future__ import annotations
 
+import copy
 import difflib
 import json
+import logging
 import tomllib
 import types
 import typing
@@ -27,9 +29,20 @@ from pydantic import (
     model_validator,
 )
 
+log = logging.getLogger("imgclf")
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_empty_path(cls, value: Any, info: Any) -> Any:
+        """An empty path (an unset shell variable, ``--out "$OUT"``) would mean the working folder: refused."""
+        annotation = cls.model_fields[info.field_name].annotation
+        if value == "" and Path in (annotation, *typing.get_args(annotation)):
+            raise ValueError("an empty path (an unset variable?): give a file or folder name")
+        return value
 
     @field_validator("*")
     @classmethod
@@ -46,8 +59,8 @@ class DataConfig(_Section):
     )
     split_mode: Literal["auto", "random", "predefined", "list", "group"] = Field(
         "auto",
-        description="auto: predefined if train/ + val/|test/ exist, else random; list: --test-list; "
-        "group: sub-folders of a class never straddle.",
+        description="auto: list given --test-list, else predefined if train/ + val/|test/ exist, else random; "
+        "group: class sub-folders stay whole.",
     )
     train_fraction: float = Field(0.75, gt=0.0, lt=1.0, description="Share of each class put in the training split.")
     split_seed: int = Field(0, ge=0, description="Seed of the random split (same split on every machine).")
@@ -120,8 +133,8 @@ class ClassifierConfig(_Section):
     @field_validator("svm_c_grid")
     @classmethod
     def _c_positive(cls, grid: list[float]) -> list[float]:
-        if any(not c > 0 for c in grid):
-            raise ValueError("every C must be greater than 0")
+        if any(not 0 < c < float("inf") for c in grid):
+            raise ValueError("every C must be a number greater than 0")
         return grid
 
     class_weight: Literal["none", "balanced"] = Field(
@@ -209,7 +222,7 @@ class FinetuneConfig(_Section):
 class ServeConfig(_Section):
     """The REST service."""
 
-    host: str = Field("127.0.0.1", description="Address the server listens on (0.0.0.0 for all).")
+    host: str = Field("127.0.0.1", min_length=1, description="Address the server listens on (0.0.0.0 for all).")
     port: int = Field(8000, ge=0, le=65535, description="Port the server listens on.")
     api_key: str | None = Field(
         None, description="If set, requests need header X-API-Key with this value (never written to a file)."
@@ -272,7 +285,7 @@ class TrackingConfig(_Section):
         None,
         description="MLflow store; default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db and mlruns/ in the working folder.",
     )
-    experiment: str = Field("imgclf", description="MLflow experiment the runs are recorded in.")
+    experiment: str = Field("imgclf", min_length=1, description="MLflow experiment the runs are recorded in.")
     tracking_background: bool = Field(
         True, description="Record runs from a background process, so commands return without waiting for MLflow."
     )
@@ -328,12 +341,14 @@ class Config(BaseModel):
         return self
 
     @classmethod
-    def from_file(cls, path: str | Path, base: Config | None = None) -> Config:
+    def from_file(cls, path: str | Path, base: Config | None = None, then: dict[str, Any] | None = None) -> Config:
         """Load a TOML (.toml), YAML (.yaml/.yml) or JSON file with the same sections, or flat parameter names.
 
-        The fields the file sets replace those of ``base`` (default: the defaults).
+        The fields the file sets replace those of ``base`` (default: the defaults); ``then`` (flat names: the
+        flags) replaces the file's, checked together with them (a file's ``max_distance`` may need the flags'
+        ``hash_size``).
         """
-        path = Path(path)
+        path = Path(path).expanduser()  # --config=~/x.toml: no shell expands it
         if not path.is_file():
             raise FileNotFoundError(f"configuration file not found: {path}")
         text = path.read_text(encoding="utf-8")
@@ -350,14 +365,45 @@ class Config(BaseModel):
             mark = getattr(e, "problem_mark", None)  # YAML's own message spans several lines
             why = f"line {mark.line + 1}, column {mark.column + 1}: {e.problem}" if mark else str(e)  # type: ignore[attr-defined]
             raise ValueError(f"{path}: not a valid {path.suffix.lstrip('.').upper()} file ({why})") from None
+        nested, index = _nest(raw), field_index()
+        for name, value in (then or {}).items():
+            if name not in index:
+                raise KeyError(f"unknown parameter {name!r}; see `imgclf config --show`")
+            if isinstance(nested, dict) and isinstance(nested.setdefault(index[name], {}), dict):
+                nested[index[name]][name] = value
         try:
-            loaded = cls.model_validate(_nest(raw))
-            if base is None:
-                return loaded
+            loaded = cls.model_validate(nested)
             sections = [getattr(loaded, name) for name in loaded.model_fields_set]
-            return base.updated(**{name: getattr(sec, name) for sec in sections for name in sec.model_fields_set})
+            return (base or cls()).updated(
+                **{name: getattr(sec, name) for sec in sections for name in sec.model_fields_set}
+            )
         except ValidationError as e:
-            raise ValueError(f"{path}: {describe_errors(e)}") from None
+            raise ValueError(f"{path}{' with the flags given' if then else ''}: {describe_errors(e)}") from None
+
+    @classmethod
+    def from_saved(cls, raw: dict[str, Any], source: str) -> Config:
+        """The configuration a run saved (``config.json``, a bundle's), read by this imgclf: settings it no
+        longer knows or accepts are left out, their defaults used, with a warning naming them, so that a run
+        of an older version still loads."""
+        raw, dropped = copy.deepcopy(raw), []
+        while True:
+            try:
+                cfg = cls.model_validate(raw)
+                break
+            except ValidationError as e:
+                found = [[p for p in err["loc"] if isinstance(p, str)][:2] for err in e.errors()]
+                if not found or any(len(names) < 2 or names[0] not in raw for names in found):
+                    raise ValueError(f"{source}: {describe_errors(e)}") from None
+                for section, name in found:
+                    raw[section].pop(name, None)
+                    dropped.append(f"{section}.{name}")
+        if dropped:
+            log.warning(
+                "%s: settings this imgclf no longer knows or accepts, their defaults used instead: %s",
+                source,
+                ", ".join(dropped),
+            )
+        return cfg
 
     def updated(self, **flat: Any) -> Config:
         """A copy with fields replaced by flat name (``train_fraction=0.8``), validated."""

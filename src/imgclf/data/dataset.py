@@ -253,13 +253,19 @@ def _split_hint(mode: str, cfg: DataConfig, part: str) -> str:
 
 
 def make_split(ds: Dataset, cfg: DataConfig) -> np.ndarray:
-    """Array of "train"/"test", one per sample, by ``cfg.split_mode``."""
+    """Array of "train"/"test", one per sample, by ``cfg.split_mode`` (``auto`` with a ``test_list``: by it)."""
     split = np.full(len(ds.samples), "train", dtype=object)
+    if cfg.test_list is not None and cfg.split_mode not in ("auto", "list"):
+        raise DatasetError(
+            f"--test-list names the test images, --split-mode {cfg.split_mode} splits otherwise: drop one of them"
+        )
+    listed = cfg.test_list is not None or cfg.split_mode == "list"
     mode = "random" if cfg.split_mode == "auto" else cfg.split_mode
-    if all(s.preset is not None for s in ds.samples) and cfg.split_mode in ("auto", "predefined"):
+    if all(s.preset is not None for s in ds.samples) and cfg.split_mode in ("auto", "predefined") and not listed:
         mode = "predefined"
         split[:] = [s.preset for s in ds.samples]
-    elif cfg.split_mode == "list":
+    elif listed:
+        mode = "list"
         if cfg.test_list is None:
             raise DatasetError("split_mode=list needs --test-list FILE (image paths, one per line)")
         wanted = _read_list(Path(cfg.test_list), ds.root)

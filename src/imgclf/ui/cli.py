@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from imgclf.cli import add_config_args, port_number
+from imgclf.cli import add_config_args, host_name, port_number
 from imgclf.utils import ensure_port_free, only_local_hosts
 
 UI_SECTIONS = ("backbone", "features", "classifier", "data.max_image_pixels")
@@ -26,7 +26,7 @@ def _ui(args: argparse.Namespace) -> int:
         config_file = Path(args.run) / "config.json"
         if not config_file.is_file():
             raise FileNotFoundError(f"{config_file} not found: give a run folder written by `imgclf train`")
-        base = Config.model_validate(json.loads(config_file.read_text(encoding="utf-8")))
+        base = Config.from_saved(json.loads(config_file.read_text(encoding="utf-8")), str(config_file))
     if args.config:
         base = Config.from_file(args.config, base)
     if args.run:
@@ -51,7 +51,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ui", help="Review web app: browse, relabel (undoable), results, label errors, labelling.")
     p.add_argument("data_dir", help="Data folder: one sub-folder per class, optional unlabeled/ sub-folder.")
     p.add_argument("--run", metavar="RUN_DIR", help="Run folder whose results to show (its config is used too).")
-    p.add_argument("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0 for all). [default: 127.0.0.1]")
+    p.add_argument(
+        "--host",
+        type=host_name,
+        default="127.0.0.1",
+        help="Address to listen on (0.0.0.0 for all). [default: 127.0.0.1]",
+    )
     p.add_argument("--port", type=port_number, default=8001, help="Port to listen on. [default: 8001]")
     p.add_argument(
         "--analysis",
