@@ -139,6 +139,34 @@ def test_undo_refuses_to_overwrite(data: Path, capsys: pytest.CaptureFixture[str
     assert (data / QUARANTINE_DIR / "a" / "x1.jpg").exists() and (data / "b" / "x0.jpg").exists()
 
 
+def test_a_move_cut_short_between_its_two_steps_is_finished(data: Path, monkeypatch: pytest.MonkeyPatch):
+    """Killed between link and unlink, a file is under both names: --apply and --undo each refused the
+    other ("run --undo first" / "exists: not overwritten") for good; both now finish the move."""
+    before = _digests(data)
+    real_unlink = os.unlink
+
+    def killed(path: object, *args: object, **kwargs: object) -> None:
+        monkeypatch.setattr(os, "unlink", real_unlink)
+        raise KeyboardInterrupt  # as a kill would stop it: after the link, before the unlink
+
+    monkeypatch.setattr(os, "unlink", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_cli(["dedup", str(data), "--max-distance", "4", "--apply"])
+    assert os.path.samefile(data / "a" / "x1.jpg", data / QUARANTINE_DIR / "a" / "x1.jpg")
+    assert run_cli(["dedup", str(data), "--max-distance", "4", "--apply"]) == 0
+    assert not (data / "a" / "x1.jpg").exists() and not (data / "b" / "x0.jpg").exists()
+    monkeypatch.setattr(os, "unlink", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_cli(["dedup", str(data), "--undo"])
+    assert run_cli(["dedup", str(data), "--undo"]) == 0 and _digests(data) == before
+    assert not list((data / QUARANTINE_DIR).rglob("*.jpg"))
+
+
+def test_hashes_go_where_the_cache_folder_is_asked(data: Path, tmp_path: Path):
+    hash_images([data / "a" / "x1.jpg"], cache_dir=tmp_path / "elsewhere")
+    assert (tmp_path / "elsewhere" / "dhash" / "dhash.sqlite").is_file()
+
+
 def test_near_duplicate_found_only_with_max_distance(tmp_path: Path):
     root = tmp_path / "d"
     original = make_image(4, size=(400, 300))

@@ -182,6 +182,38 @@ def test_a_damaged_bundle_is_named_not_a_traceback(run, tmp_path, capsys):
         damage(model / name)
         assert main(["predict", str(model), str(tmp_path)]) == 2
         assert f"{model / name} is " in capsys.readouterr().err
+    # another run's head over this bundle (a copy that stopped partway): its classes would be scored wrongly
+    model = shutil.copytree(result.run_dir / "model", tmp_path / "model", dirs_exist_ok=True)
+    np.savez(model / "head.npz", weight=result.bundle.head.weight[::-1], bias=result.bundle.head.bias[::-1])
+    assert main(["predict", str(model), str(tmp_path)]) == 2
+    assert "checksum differs from the one recorded in bundle.json" in capsys.readouterr().err
+
+
+def test_a_failed_train_leaves_no_model_to_use_and_a_foreign_folder_is_refused(run, tmp_path, capsys):
+    """A train that fails or is interrupted in an earlier run's folder left it half old, half new, which
+    evaluate scored without a word; a folder of other files was written over."""
+    import shutil
+
+    data, result, _ = run
+    folder = shutil.copytree(result.run_dir, tmp_path / "run")
+    args = ["--out", str(folder), "--no-tracking", "--no-progress", "--resolution", "64", "--cv-folds", "3"]
+    assert main(["train", str(data), *args, "--split-seed", "5", "--weights", str(tmp_path / "none.pt")]) == 2
+    capsys.readouterr()
+    for command in (["evaluate", str(folder), "--no-tracking"], ["predict", str(folder), str(data / "squares")]):
+        assert main(command) == 2
+        assert "did not finish (it failed or was interrupted): its files mix two runs" in capsys.readouterr().err
+    assert main(["train", str(data), *args, "--split-seed", "5"]) == 0  # a finished train: usable again
+    assert main(["evaluate", str(folder), "--no-tracking", "--no-progress"]) == 0
+    mine = tmp_path / "project"
+    mine.mkdir()
+    (mine / "config.json").write_text("{my settings}")
+    (mine / "predictions.csv").write_text("mine")
+    assert main(["train", str(data), "--out", str(mine), "--no-tracking"]) == 2
+    assert "holds files that are not an imgclf run's (config.json, predictions.csv)" in capsys.readouterr().err
+    assert (mine / "config.json").read_text() == "{my settings}" and sorted(os.listdir(mine)) == [
+        "config.json",
+        "predictions.csv",
+    ]
 
 
 def test_a_run_folder_in_use_is_refused(run, tmp_path, capsys):

@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 
 FORMAT = "imgclf-bundle/1"
 BUNDLE_DIR = "model"
+# In a run folder while `imgclf train` writes it: its files are then a mix of two runs, and no model is read.
+INCOMPLETE = ".imgclf-train-incomplete"
 
 
 class BundleError(RuntimeError):
@@ -122,6 +124,7 @@ class Bundle:
         target = Path(run_dir) / BUNDLE_DIR
         with atomic_dir(target) as tmp:
             np.savez(tmp / "head.npz", weight=self.head.weight, bias=self.head.bias)
+            head_sha256 = file_sha256(tmp / "head.npz")
             spec = dict(self.backbone_spec)
             if self.backbone_state is not None:
                 import torch
@@ -138,7 +141,12 @@ class Bundle:
                 "classes": self.classes,
                 "classifier": self.classifier,
                 "backbone": spec,
-                "head": {"type": "linear", "l2_normalize": self.head.l2_normalize, "file": "head.npz"},
+                "head": {
+                    "type": "linear",
+                    "l2_normalize": self.head.l2_normalize,
+                    "file": "head.npz",
+                    "sha256": head_sha256,
+                },
                 "backbone_weights": "backbone.pt" if self.backbone_state is not None else None,
                 "config": self.config,
                 "metrics": self.metrics,
@@ -153,6 +161,14 @@ class Bundle:
         path = Path(path)
         if (path / BUNDLE_DIR / "bundle.json").exists():
             path = path / BUNDLE_DIR
+        run_dir = path.parent if path.name == BUNDLE_DIR else path
+        if (run_dir / INCOMPLETE).exists():
+            if folder_in_use(run_dir):
+                raise BundleError(f"a train into {run_dir} is still running: wait for it")
+            raise BundleError(
+                f"the last `imgclf train` into {run_dir} did not finish (it failed or was interrupted): its files "
+                "mix two runs, so its model is not used; train again (with --resume for an interrupted fine-tuning)"
+            )
         meta_file = path / "bundle.json"
         if not meta_file.exists():
             if folder_in_use(path):
@@ -164,8 +180,13 @@ class Bundle:
                 raise BundleError(f"{meta_file}: unknown bundle format {meta.get('format')!r} (expected {FORMAT})")
             head_file, weights = path / meta["head"]["file"], meta.get("backbone_weights")
             spec, classes, classifier = meta["backbone"], meta["classes"], meta["classifier"]
-        with _reading(head_file), np.load(head_file) as npz:
-            head = LinearHead(npz["weight"], npz["bias"], meta["head"]["l2_normalize"])
+        with _reading(head_file):
+            data = head_file.read_bytes()  # read once: checked, then loaded
+            recorded = meta["head"].get("sha256")  # bundles of earlier versions have none
+            if recorded and hashlib.sha256(data).hexdigest() != recorded:
+                raise ValueError("its checksum differs from the one recorded in bundle.json (from another run?)")
+            with np.load(io.BytesIO(data)) as npz:
+                head = LinearHead(npz["weight"], npz["bias"], meta["head"]["l2_normalize"])
         state = None
         if weights:
             import torch

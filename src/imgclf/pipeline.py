@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from imgclf.backbones import Backbone, create_backbone
-from imgclf.bundle import Bundle
+from imgclf.bundle import BUNDLE_DIR, INCOMPLETE, Bundle
 from imgclf.config import AUTO_BACKBONE, AUTO_CANDIDATES, Config
 from imgclf.data.dataset import (
     NO_DATA_ROOT,
@@ -157,7 +158,9 @@ def _check_leaks(cfg: Config, ds: Dataset, split: np.ndarray, run_dir: Path) -> 
 
     paths = [ds.path(s) for s in ds.samples]
     tools = cfg.datatools
-    hashes, _ = hash_images(paths, tools.hash_size, cfg.data.max_image_pixels)  # once, for both checks
+    hashes, _ = hash_images(  # once, for both checks
+        paths, tools.hash_size, cfg.data.max_image_pixels, cache_dir=cfg.features.cache_dir
+    )
     labels = [ds.classes[s.label] for s in ds.samples]
     conflicts = find_label_conflicts(paths, labels, tools.hash_size, tools.max_distance, hashes)
     if conflicts:
@@ -213,6 +216,9 @@ def _remove_earlier_outputs(run_dir: Path, resuming: bool) -> None:
         )
     for p in earlier:
         p.unlink()
+    for leftover in run_dir.glob(f".{BUNDLE_DIR}.*"):  # a model folder being written when a run was killed
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _groups(cfg: Config, ds: Dataset, idx: np.ndarray) -> list[str] | None:
@@ -258,8 +264,24 @@ def train(cfg: Config) -> RunResult:
             "images of a class; give an --out outside it"
         )
     make_folder(run_dir, "run folder", "--out")
+    _check_run_folder(run_dir)
     with run_folder_lock(run_dir):
         return _train(cfg, run_dir, t0)
+
+
+def _check_run_folder(run_dir: Path) -> None:
+    """Refuse an ``--out`` folder that holds files but no imgclf run: train would write over them."""
+    if (run_dir / INCOMPLETE).exists() or (run_dir / BUNDLE_DIR / "bundle.json").exists():
+        return
+    if (run_dir / "config.json").is_file() and (run_dir / "split.csv").is_file():
+        return
+    others = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("."))
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise FileExistsError(
+            f"the run folder {run_dir} holds files that are not an imgclf run's ({shown}): train would write over "
+            "them; give an empty or new folder with --out"
+        )
 
 
 UNBALANCED = 5  # largest / smallest training class size from which the log suggests balancing
@@ -289,6 +311,8 @@ def _train(cfg: Config, run_dir: Path, t0: float) -> RunResult:
     timings: dict[str, float] = {}
     ds = scan_dataset(cfg.data)
     ds, split = leave_out_untrained(ds, make_split(ds, cfg.data))
+    # from here until the model is saved the folder mixes two runs: nothing reads a model from it meanwhile
+    atomic_write_text(run_dir / INCOMPLETE, "imgclf train is writing this run folder\n")
     _remove_earlier_outputs(run_dir, cfg.finetune.resume)
     save_split(run_dir / "split.csv", ds, split)
     cfg = cfg.updated(data_root=ds.root)
@@ -404,6 +428,7 @@ def _train(cfg: Config, run_dir: Path, t0: float) -> RunResult:
         k: metrics[k] for k in ("overall_accuracy", "class_averaged_accuracy", "auc", "n_train", "n_test")
     }
     bundle.save(run_dir)
+    (run_dir / INCOMPLETE).unlink()
     log.info("run folder: %s (report.html, metrics.json, predictions.csv, model/)", run_dir)
     result = RunResult(run_dir, metrics, bundle)
     if cfg.tracking.tracking:
@@ -421,7 +446,7 @@ def evaluate(
     """
     run_dir = Path(run_dir)
     bundle = Bundle.load(run_dir)
-    cfg = _with_flip_tta(cfg or Config.model_validate(bundle.config), bundle, flip_tta)
+    cfg = _with_flip_tta(cfg or Config.from_saved(bundle.config, f"the run {run_dir}"), bundle, flip_tta)
     with run_folder_lock(run_dir):
         return _evaluate(run_dir, bundle, on_train, cfg)
 
@@ -593,7 +618,7 @@ def predict(
     the scores are those of the run's predictions.csv.
     """
     bundle = Bundle.load(run_dir)
-    cfg = _with_flip_tta(cfg or Config.model_validate(bundle.config), bundle, flip_tta)
+    cfg = _with_flip_tta(cfg or Config.from_saved(bundle.config, f"the run {run_dir}"), bundle, flip_tta)
     if isinstance(inputs, str | os.PathLike) or not isinstance(inputs, Iterable) or isinstance(inputs, np.ndarray):
         items = [inputs]  # one path; anything else is named by expand_inputs
     else:

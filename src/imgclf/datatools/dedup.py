@@ -169,10 +169,15 @@ def compute_hash(path: Path, hash_size: int = 16, max_pixels: int = DEFAULT_MAX_
 
 
 def hash_images(
-    paths: Sequence[Path], hash_size: int = 16, max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = False
+    paths: Sequence[Path],
+    hash_size: int = 16,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: bool = False,
+    cache_dir: Path | None = None,
 ) -> tuple[dict[Path, HashInfo], dict[Path, str]]:
-    """Hashes of ``paths`` (cached), and the reason for each file that could not be hashed."""
-    cache = HashCache()
+    """Hashes of ``paths`` (cached in ``cache_dir``, default imgclf's cache folder), and the reason for each
+    file that could not be hashed."""
+    cache = HashCache(cache_dir / "dhash" / "dhash.sqlite" if cache_dir is not None else None)
     try:
         keys = {}
         skipped: dict[Path, str] = {}

@@ -51,12 +51,25 @@ def _append(path: Path, record: dict[str, Any]) -> None:
     append_record(path, {"time": datetime.now(UTC).isoformat(timespec="seconds"), **record})
 
 
+def same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` are one file: a move cut short between its two steps (link, then unlink) left
+    it under both names."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def move_no_overwrite(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``; FileExistsError if ``dst`` exists (atomic check where hard links work)."""
+    """Move ``src`` to ``dst``; FileExistsError if ``dst`` exists (atomic check where hard links work). A move
+    cut short earlier (the file under both names) is finished."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.link(src, dst)  # fails if dst exists
     except FileExistsError:
+        if same_file(src, dst):
+            os.unlink(src)
+            return
         raise FileExistsError(f"{dst} exists") from None
     except OSError:  # file system without hard links
         if dst.exists():
@@ -87,7 +100,7 @@ def quarantine(root: Path, moves: Sequence[tuple[str, str]]) -> JournalReport:
 
     def reason_to_leave(rel: str, kept: str, dst: Path) -> str:
         others = [other for other in by_real[real[rel]] if other != rel]
-        if dst.exists():
+        if dst.exists() and not same_file(root / rel, dst):
             return f"{dst} exists (run `imgclf dedup --undo` first)"
         if real[rel] == real[kept]:
             return f"it is {kept} itself, reached through a link"
@@ -155,7 +168,7 @@ def undo(root: Path) -> JournalReport:
             else:
                 report.problems.append(f"{src}: missing, and nothing at {back} either")
             continue
-        if back.exists():
+        if back.exists() and not same_file(src, back):
             report.problems.append(f"{back} exists: not overwritten; the quarantined copy stays at {src}")
             continue
         digest = file_sha256(src)

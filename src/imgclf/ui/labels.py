@@ -23,7 +23,7 @@ from sklearn.model_selection import StratifiedKFold
 
 from imgclf.data.dataset import UNLABELED_DIR, split_folders, subfolders
 from imgclf.data.io import IMAGE_EXTENSIONS, list_files
-from imgclf.datatools.journal import append_record, move_no_overwrite
+from imgclf.datatools.journal import append_record, move_no_overwrite, same_file
 from imgclf.utils import display_path, file_sha256, is_utf8
 
 log = logging.getLogger("imgclf")
@@ -203,7 +203,7 @@ class RelabelJournal:
                 if not src.is_file():
                     report.problems.append(f"{rec['to']} is missing: cannot move it back to {rec['from']}")
                     continue
-                if back.exists():
+                if back.exists() and not same_file(src, back):
                     report.problems.append(f"{rec['from']} exists: not overwritten; {rec['to']} stays")
                     continue
                 digest = file_sha256(src)
