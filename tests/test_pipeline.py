@@ -176,6 +176,7 @@ def test_a_damaged_bundle_is_named_not_a_traceback(run, tmp_path, capsys):
     for name, damage in (
         ("head.npz", lambda f: f.write_bytes(f.read_bytes()[:100])),  # a copy cut short
         ("bundle.json", lambda f: f.write_text('{"format": "imgclf-bundle/1"}')),
+        ("bundle.json", lambda f: f.write_text(f.read_text().replace('"preprocess"', '"preprocessing"', 1))),
         ("head.npz", lambda f: f.unlink()),
     ):
         model = shutil.copytree(result.run_dir / "model", tmp_path / "model", dirs_exist_ok=True)
@@ -516,7 +517,7 @@ def test_cli_errors_are_messages(tmp_path, capsys, monkeypatch):
     assert main(["train", str(tmp_path), "--epochs", "0", "--svm-c-grid", "1", "-1"]) == 2
     err = capsys.readouterr().err
     assert "finetune.epochs = 0 (--epochs): Input should be greater than or equal to 1" in err
-    assert "every C must be greater than 0" in err and "errors.pydantic.dev" not in err
+    assert "every C must be a number greater than 0" in err and "errors.pydantic.dev" not in err
     (tmp_path / "run.toml").write_text("[finetune]\nepoch = 3\n[bogus]\n")
     assert main(["train", str(tmp_path), "--config", str(tmp_path / "run.toml")]) == 2
     err = capsys.readouterr().err

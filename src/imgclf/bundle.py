@@ -180,6 +180,9 @@ class Bundle:
                 raise BundleError(f"{meta_file}: unknown bundle format {meta.get('format')!r} (expected {FORMAT})")
             head_file, weights = path / meta["head"]["file"], meta.get("backbone_weights")
             spec, classes, classifier = meta["backbone"], meta["classes"], meta["classifier"]
+            for key in ("name", "preprocess"):  # what every consumer reads: missing, the file is damaged
+                if key not in spec:
+                    raise KeyError(f"backbone.{key}")
         with _reading(head_file):
             data = head_file.read_bytes()  # read once: checked, then loaded
             recorded = meta["head"].get("sha256")  # bundles of earlier versions have none

@@ -378,7 +378,8 @@ class Config(BaseModel):
                 **{name: getattr(sec, name) for sec in sections for name in sec.model_fields_set}
             )
         except ValidationError as e:
-            raise ValueError(f"{path}{' with the flags given' if then else ''}: {describe_errors(e)}") from None
+            flagged = {part for err in e.errors() for part in err["loc"]} & set(then or {})
+            raise ValueError(f"{path}{' with the flags given' if flagged else ''}: {describe_errors(e)}") from None
 
     @classmethod
     def from_saved(cls, raw: dict[str, Any], source: str) -> Config:
