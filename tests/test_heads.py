@@ -110,7 +110,9 @@ def test_calibration_sharpens_or_softens_scores_but_never_changes_the_winner(mon
     y, y_test = np.repeat(np.arange(3), 15), np.repeat(np.arange(3), 20)
     head = LinearSVMHead(random_state=0).fit(x, y)
     p = head.predict_proba(x_test)
-    assert (p.argmax(1) == y_test).all() and p.max(1).mean() > 0.95 and head.temperature_ < 1
+    assert (p.argmax(1) == y_test).all() and p.max(1).mean() > 0.9 and head.temperature_ < 1
+    # separable out-of-fold values drove the temperature to its bound: every score 0 or 1, a wrong one's too
+    assert p.max() < 0.995 and head.predict_proba((centres[:1] + centres[1:2]) / 2).max() < 0.9
     assert np.array_equal(head.predict(x_test), head.svm_.predict(head._prep(x_test)))
     near = rng.normal(size=(4, 16)) * 0.4  # overlapping classes, six images each (as the failure above)
     x4, y4 = np.concatenate([c + rng.normal(size=(6, 16)) for c in near]), np.repeat(np.arange(4), 6)

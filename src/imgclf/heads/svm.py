@@ -1,7 +1,8 @@
 """Linear SVM on frozen features, C chosen by cross-validation on the training data, calibrated scores.
 
 Calibration is temperature scaling: the softmax of the SVM's decision values divided by one temperature,
-the one with the lowest log-loss on the out-of-fold decision values. It changes how sure the scores are,
+the one with the lowest cross-entropy on the out-of-fold decision values against Platt's targets (a class
+of n images: (n + 1) / (n + 2), not 1, so that separable data do not make every score 0 or 1). It changes how sure the scores are,
 never which class wins, so the model shipped is the one cross-validated. (A multinomial logistic regression
 over all decision values, used before, could reorder the classes on small data sets: six images a class
 gave a head that scored 33 % on its own training images.) Both stages are linear, so the whole head folds
@@ -182,13 +183,20 @@ def _logits_of(decision: np.ndarray) -> np.ndarray:
 
 def _temperature(logits: np.ndarray, y: np.ndarray, weight: np.ndarray) -> float:
     """The temperature T within :data:`TEMPERATURES` whose ``softmax(logits / T)`` has the lowest weighted
-    log-loss on the class indices ``y`` (the loss is unimodal in log T)."""
+    cross-entropy against Platt's targets: (n + 1) / (n + 2) for an image's own class of n images, the rest
+    shared among the others. With hard 0/1 targets, decision values that separate the classes perfectly
+    drive T to its bound and every score, a wrong one's too, to 0 or 1; these targets stop where the
+    evidence does (the loss is unimodal in log T)."""
+    k = logits.shape[1]
+    own = (np.bincount(y, minlength=k) + 1.0) / (np.bincount(y, minlength=k) + 2.0)
+    target = np.repeat(((1.0 - own[y]) / (k - 1))[:, None], k, axis=1)
+    target[np.arange(len(y)), y] = own[y]
 
     def loss(log_t: float) -> float:
         z = logits / np.exp(log_t)
-        z = z - z.max(axis=1, keepdims=True)
-        log_p = z[np.arange(len(y)), y] - np.log(np.exp(z).sum(axis=1))
-        return float(-(weight * log_p).sum() / weight.sum())
+        log_p = z - z.max(axis=1, keepdims=True)
+        log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
+        return float(-(weight * (target * log_p).sum(axis=1)).sum() / weight.sum())
 
     bounds = (float(np.log(TEMPERATURES[0])), float(np.log(TEMPERATURES[1])))
     return float(np.exp(minimize_scalar(loss, bounds=bounds, method="bounded", options={"xatol": 1e-4}).x))
