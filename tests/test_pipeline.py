@@ -210,11 +210,15 @@ def test_a_failed_train_leaves_no_model_to_use_and_a_foreign_folder_is_refused(r
     (mine / "config.json").write_text("{my settings}")
     (mine / "predictions.csv").write_text("mine")
     assert main(["train", str(data), "--out", str(mine), "--no-tracking"]) == 2
-    assert "holds files that are not an imgclf run's (config.json, predictions.csv)" in capsys.readouterr().err
+    assert "holds config.json, predictions.csv but no imgclf run" in capsys.readouterr().err
     assert (mine / "config.json").read_text() == "{my settings}" and sorted(os.listdir(mine)) == [
         "config.json",
         "predictions.csv",
     ]
+    logged = tmp_path / "logged"  # `imgclf train ... > runs/x/train.log`: a file train does not write
+    logged.mkdir()
+    (logged / "train.log").write_text("")
+    assert main(["train", str(data), *args[2:], "--out", str(logged)]) == 0 and (logged / "model").is_dir()
 
 
 def test_a_run_folder_in_use_is_refused(run, tmp_path, capsys):

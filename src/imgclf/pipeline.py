@@ -43,6 +43,12 @@ LOGGED_MAX = 20  # skipped files and notes printed; all of them go to the report
 # Results an earlier run in the same folder may have left that a new run does not always rewrite.
 FINETUNE_OUTPUTS = ("finetune_log.csv", "finetune_curves.png")
 EARLIER_OUTPUTS = ("leaks.csv", "label_conflicts.csv", *FINETUNE_OUTPUTS, "train_metrics.json", "train_predictions.csv")
+# What a train writes into its run folder (besides hidden files): an --out holding any of them and no run is refused.
+RUN_OUTPUTS = (
+    *EARLIER_OUTPUTS,
+    *("split.csv", "config.json", "metrics.json", "predictions.csv", "report.html", "report.md", "evaluation.png"),
+    *("model", "finetune_cache", "finetune_ckpt.pt"),
+)
 
 
 @dataclass
@@ -270,17 +276,16 @@ def train(cfg: Config) -> RunResult:
 
 
 def _check_run_folder(run_dir: Path) -> None:
-    """Refuse an ``--out`` folder that holds files but no imgclf run: train would write over them."""
+    """Refuse an ``--out`` folder that holds files train writes but no imgclf run (others, a log, stay)."""
     if (run_dir / INCOMPLETE).exists() or (run_dir / BUNDLE_DIR / "bundle.json").exists():
         return
     if (run_dir / "config.json").is_file() and (run_dir / "split.csv").is_file():
         return
-    others = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("."))
-    if others:
-        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+    taken = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+    if taken:
         raise FileExistsError(
-            f"the run folder {run_dir} holds files that are not an imgclf run's ({shown}): train would write over "
-            "them; give an empty or new folder with --out"
+            f"the run folder {run_dir} holds {', '.join(taken)} but no imgclf run: train would write over them; "
+            "give an empty or new folder with --out"
         )
 
 
