@@ -250,16 +250,24 @@ def test_composed_and_decomposed_names_give_the_same_classes_and_split(tmp_path:
                 draw_image("circles", np.random.default_rng(i)).save(f)
         return root
 
-    def scanned(root: Path) -> tuple[list[str], list[tuple[str, int, str]]]:
-        ds = scan_dataset(DataConfig(data_root=root))
-        split = make_split(ds, DataConfig(data_root=root))
+    def scanned(root: Path, **kw: object) -> tuple[list[str], list[tuple[str, int, str]]]:
+        ds = scan_dataset(DataConfig(data_root=root, **kw))
+        split = make_split(ds, DataConfig(data_root=root, **kw))
         rels = [unicodedata.normalize("NFC", s.rel) for s in ds.samples]
         return ds.classes, sorted(zip(rels, ds.labels.tolist(), split.tolist(), strict=True))
 
     composed, decomposed = copy("NFC"), copy("NFD")
     assert unicodedata.normalize("NFD", "échinacée") in os.listdir(decomposed)  # kept decomposed on disk
     assert scanned(composed) == scanned(decomposed)
+    assert scanned(composed, split_mode="group") == scanned(decomposed, split_mode="group")
     assert scanned(composed)[0] == ["daisy", "tulip", "échinacée"]
+    listed = tmp_path / "test.txt"  # a list in composed form (as split.csv and shells write it) names the files
+    listed.write_text("échinacée/été_0.jpg\ndaisy/île_5.jpg\ntulip/ère_7.jpg\n", encoding="utf-8")
+    assert [part for _, _, part in scanned(decomposed, test_list=listed)[1]].count("test") == 3
+    ds = scan_dataset(DataConfig(data_root=composed))
+    save_split(tmp_path / "split.csv", ds, make_split(ds, DataConfig(data_root=composed)))
+    moved, _ = load_split(tmp_path / "split.csv", decomposed, ds.classes)  # evaluate --data-root on the copy
+    assert all(moved.path(s).is_file() for s in moved.samples) and len(moved.samples) == 24
     shutil.move(
         decomposed / unicodedata.normalize("NFD", "échinacée"), composed / unicodedata.normalize("NFD", "échinacée")
     )

@@ -130,7 +130,8 @@ def scan_dataset(cfg: DataConfig) -> Dataset:
     if cfg.split_mode == "predefined" and predefined is None:
         raise DatasetError(f"split_mode=predefined needs {root}/train and {root}/val (or test) sub-folders")
     parts: list[tuple[Path, str | None]] = [(root, None)]
-    if predefined and cfg.split_mode in ("auto", "predefined"):
+    listed = cfg.split_mode == "list" or (cfg.split_mode == "auto" and cfg.test_list is not None)
+    if predefined and cfg.split_mode in ("auto", "predefined") and not listed:
         parts = list(predefined)
         log.info(
             "predefined split: training images from %s, test images from %s",
@@ -207,6 +208,7 @@ def scan_dataset(cfg: DataConfig) -> Dataset:
                 if note:
                     notes.append({"path": display_path(f), "note": note})
                 group = rel_in_class.parts[0] if len(rel_in_class.parts) > 1 else rel_in_class.as_posix()
+                group = unicodedata.normalize("NFC", group)
                 found.append((f.relative_to(root).as_posix(), name, f"{name}/{group}", preset))
             skipped += [{"path": display_path(d), "reason": why} for d, why in unreadable]
     used = {name for _, name, _, _ in found}
@@ -269,7 +271,7 @@ def make_split(ds: Dataset, cfg: DataConfig) -> np.ndarray:
         if cfg.test_list is None:
             raise DatasetError("split_mode=list needs --test-list FILE (image paths, one per line)")
         wanted = _read_list(Path(cfg.test_list), ds.root)
-        index = {s.rel: i for i, s in enumerate(ds.samples)}
+        index = {unicodedata.normalize("NFC", s.rel): i for i, s in enumerate(ds.samples)}
         missing = sorted(wanted - index.keys())
         if missing:
             raise DatasetError(
@@ -353,7 +355,7 @@ def _read_list(path: Path, root: Path) -> set[str]:
                 plain, real = Path(os.path.abspath(p)), p.resolve()
                 inside = next((q for q in (plain, real) if q.is_relative_to(root)), None)
                 p = inside.relative_to(root) if inside else p  # outside: reported as not usable
-            out.add(p.as_posix())
+            out.add(unicodedata.normalize("NFC", p.as_posix()))
     return out
 
 
@@ -368,11 +370,23 @@ def save_split(path: Path, ds: Dataset, split: np.ndarray) -> None:
 
 
 def load_split(path: Path, root: Path, classes: list[str]) -> tuple[Dataset, np.ndarray]:
-    """Read a split CSV written by :func:`save_split` back into a Dataset and split array."""
+    """Read a split CSV written by :func:`save_split` back into a Dataset and split array.
+
+    A path not found as written is looked up in Unicode's composed form among the files under ``root`` (a
+    copy of the data folder that stores names decomposed)."""
     label_of = {c: i for i, c in enumerate(classes)}
     samples, split = [], []
     with open(path, newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
             samples.append(Sample(row["path"], label_of[row["label"]], row["path"]))
             split.append(row["split"])
-    return Dataset(Path(root), list(classes), samples), np.array(split, dtype=object)
+    root = Path(root)
+    if any(not (root / s.rel).exists() for s in samples) and root.is_dir():
+        on_disk = {unicodedata.normalize("NFC", f.relative_to(root).as_posix()): f for f in list_files(root)}
+        samples = [
+            replace(s, rel=on_disk[key].relative_to(root).as_posix())
+            if not (root / s.rel).exists() and (key := unicodedata.normalize("NFC", s.rel)) in on_disk
+            else s
+            for s in samples
+        ]
+    return Dataset(root, list(classes), samples), np.array(split, dtype=object)
