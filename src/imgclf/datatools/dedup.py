@@ -2,8 +2,9 @@
 
 Images whose dhashes are equal (``max_distance`` 0) or differ in at most ``max_distance`` bits form a group
 (connected components, so a chain A~B~C is one group). In each group the largest image is kept (ties: the
-lexicographically first path). A flat image (one colour: no brightness gradient, so an all-zero dhash) is
-a duplicate only of flat images whose mean colours differ by at most ``FLAT_TOLERANCE`` levels per channel.
+lexicographically first path). An image whose brightness never rises from left to right (one colour, but
+also horizontal stripes) has an all-zero dhash: it is a duplicate only of such images whose mean colours
+differ by at most ``FLAT_TOLERANCE`` levels per channel.
 Hashes are cached per file in ``$IMGCLF_CACHE/dhash`` (default ``~/.cache/imgclf/dhash``).
 """
 
