@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -81,3 +82,16 @@ def make_bundle(run_dir: Path, config: dict | None = None):
     )
     bundle.save(run_dir)
     return bundle
+
+
+def refuse_listing(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """Make every folder called ``name`` unlistable (permission denied), as chmod 000 would for a user
+    other than root, whom tests may run as."""
+    real_scandir = os.scandir
+
+    def scandir(path: str | os.PathLike[str] = ".") -> object:
+        if Path(os.fsdecode(path)).name == name:
+            raise PermissionError(13, "Permission denied", os.fsdecode(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)

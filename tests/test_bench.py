@@ -25,6 +25,13 @@ def bench_module(name: str) -> ModuleType:
     return module
 
 
+def run_bench(script: str, *args: str, cache: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """``python bench/SCRIPT ARGS`` (with its own feature cache where given), its output captured."""
+    env = {**os.environ, "IMGCLF_CACHE": str(cache)} if cache is not None else None
+    command = [sys.executable, str(ROOT / "bench" / script), *args]
+    return subprocess.run(command, capture_output=True, text=True, check=False, timeout=600, env=env)
+
+
 def test_bench_rerun_passes_what_follows_double_dash_to_train() -> None:
     parse_args = bench_module("bench_rerun").parse_args
     args = parse_args(["tiny", "--repeats", "1", "--warm", "1", "--", "--classifier", "svm"])  # as its docstring
@@ -37,35 +44,19 @@ def test_bench_features_baseline_decodes_the_images_imgclf_uses(tmp_path: Path) 
     for extra in ("unlabeled", ".originals"):  # not used by imgclf, so not by the baseline either
         shutil.copytree(data / "circles", data / extra)
     shutil.copy(data / "squares" / "squares_00.jpg", data / "circles" / "phone.jfif")  # imgclf's, not ImageFolder's
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "bench_features.py"),
-            str(data),
-            *("--repeats", "1", "--threads", "1", "--seeds", "0"),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=600,
-        env={**os.environ, "IMGCLF_CACHE": str(tmp_path / "cache")},
+    done = run_bench(
+        "bench_features.py", str(data), *("--repeats", "1", "--threads", "1", "--seeds", "0"), cache=tmp_path / "cache"
     )
     assert done.returncode == 0, done.stderr
     assert "\n10 images," in done.stdout and re.search(r"speed-up: [\d.]+x", done.stdout), done.stdout
 
 
 def test_bench_finetune_runs() -> None:
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "bench_finetune.py"),
-            *("--batch", "4", "--batches", "1", "--repeats", "2", "--threads", "1", "--epochs", "2"),
-            *("--precision", "bf16"),  # the GPU's autocast path, run on the CPU
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=600,
+    bf16 = ("--precision", "bf16")  # the GPU's autocast path, run on the CPU
+    done = run_bench(
+        "bench_finetune.py",
+        *("--batch", "4", "--batches", "1", "--repeats", "2", "--threads", "1"),
+        *("--epochs", "2", *bf16),
     )
     assert done.returncode == 0, done.stderr
     assert "cpu bf16" in done.stdout and "1 steps x 2" in done.stdout and "(medians)" in done.stdout, done.stdout
@@ -74,19 +65,12 @@ def test_bench_finetune_runs() -> None:
 
 def test_bench_accuracy_cross_validates(tmp_path: Path) -> None:
     data = make_folder(tmp_path / "d", n=6)
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "accuracy.py"),
-            str(data),
-            *("--cv", "3", "--"),
-            *("--resolution", "64", "--no-tracking", "--cv-folds", "2"),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=600,
-        env={**os.environ, "IMGCLF_CACHE": str(tmp_path / "cache")},
+    done = run_bench(
+        "accuracy.py",
+        str(data),
+        *("--cv", "3", "--"),
+        *("--resolution", "64", "--no-tracking", "--cv-folds", "2"),
+        cache=tmp_path / "cache",
     )
     assert done.returncode == 0, done.stderr
     folds = re.findall(r"fold \d: (\d+) of (\d+) right", done.stdout)
@@ -100,14 +84,7 @@ def test_bench_accuracy_refuses_split_seeds_on_a_data_set_with_its_own_split(tmp
     data = tmp_path / "d"
     make_folder(data / "train", n=3)
     make_folder(data / "val", n=2, seed=1)
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "accuracy.py"), str(data), "--seeds", "0", "1"],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=600,
-        env={**os.environ, "IMGCLF_CACHE": str(tmp_path / "cache")},
-    )
+    done = run_bench("accuracy.py", str(data), "--seeds", "0", "1", cache=tmp_path / "cache")
     assert done.returncode == 2, done.stdout + done.stderr
     assert "every split seed gives the same test split" in done.stderr and "--cv K" in done.stderr, done.stderr
     fixed_split = bench_module("accuracy").fixed_split
@@ -117,13 +94,7 @@ def test_bench_accuracy_refuses_split_seeds_on_a_data_set_with_its_own_split(tmp
 
 
 def test_bench_dedup_agrees_with_the_pair_by_pair_baseline() -> None:
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "bench_dedup.py"), "--n", "500", "--baseline-n", "200", "--repeats", "1"],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=600,
-    )
+    done = run_bench("bench_dedup.py", "--n", "500", "--baseline-n", "200", "--repeats", "1")
     assert done.returncode == 0, done.stderr
     assert "200 hashes, max_distance 4: 20 groups found by both" in done.stdout, done.stdout
     assert re.search(

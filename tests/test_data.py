@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import draw_image, make_folder
+from helpers import draw_image, make_folder, refuse_listing
 from PIL import Image
 
 from imgclf.config import DataConfig
@@ -190,14 +190,7 @@ def test_damaged_exif_unreadable_folders_and_pillow_limit(
     assert "bad_exif.jpg: EXIF data unreadable" in caplog.text
     # a sub-folder that cannot be listed (permissions) is reported, not silently left out
     (root / "circles" / "locked").mkdir()
-    real_scandir = os.scandir
-
-    def scandir(path: object = ".") -> object:
-        if Path(os.fsdecode(path)).name == "locked":
-            raise PermissionError(13, "Permission denied", os.fsdecode(path))
-        return real_scandir(path)
-
-    monkeypatch.setattr(os, "scandir", scandir)
+    refuse_listing(monkeypatch, "locked")
     ds = scan_dataset(DataConfig(data_root=root))
     reasons = {Path(s["path"]).name: s["reason"] for s in ds.skipped}
     assert "bad_exif.jpg" not in reasons

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fakeprovider import make_image, run_cli
+from helpers import refuse_listing
 from PIL import Image
 
 import imgclf.datatools.dedup as dedup
@@ -357,14 +358,7 @@ def test_a_folder_that_cannot_be_listed_is_reported(tmp_path: Path, monkeypatch:
     root = tmp_path / "d"
     _put(root / "a" / "one.jpg", make_image(9, size=(200, 150)))
     _put(root / "a" / "locked" / "two.jpg", make_image(10, size=(200, 150)))
-    real_scandir = os.scandir
-
-    def scandir(path: object = ".") -> object:
-        if Path(os.fsdecode(path)).name == "locked":
-            raise PermissionError(13, "Permission denied", os.fsdecode(path))
-        return real_scandir(path)
-
-    monkeypatch.setattr(os, "scandir", scandir)
+    refuse_listing(monkeypatch, "locked")
     result = find_duplicates(root)
     assert result.n_images == 1 and result.skipped == [
         ("a/locked", "folder unreadable (Permission denied): its images are not used; check its permissions")
