@@ -399,3 +399,17 @@ def test_flat_images_are_duplicates_only_of_flat_ones_of_their_colour(tmp_path: 
         db.execute("CREATE TABLE dhash (key TEXT PRIMARY KEY, bits BLOB, w INT, h INT)")
         db.execute("INSERT INTO dhash VALUES (?, ?, 800, 600)", (HashCache.key(black, 16), first[black].bits))
     assert HashCache(old).get([HashCache.key(black, 16)]) == {}
+
+
+def test_ctrl_c_during_apply_says_how_to_go_on(
+    data: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    from imgclf.cli import main
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("imgclf.datatools.journal.move_no_overwrite", interrupted)
+    assert main(["dedup", str(data), "--max-distance", "4", "--apply"]) == 130
+    err = capsys.readouterr().err
+    assert "the same command again moves the rest" in err and f"imgclf dedup {data} --undo" in err

@@ -189,12 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python exits
         return 141  # 128 + SIGPIPE, as tools killed by it report
     except KeyboardInterrupt:
-        reuse = "reuses the image features computed so far; " if getattr(args, "cfg__use_cache", True) else ""
-        hint = (
-            f" (the same command again {reuse}a fine-tuning run continues from its last finished epoch with the"
-            " same command plus --resume)"
-        )
-        print("interrupted" + (hint if args.command == "train" else ""), file=sys.stderr)
+        print("interrupted" + _resume_hint(args), file=sys.stderr)
         return 130
     except Exception as e:
         message = _user_message(e)
@@ -204,6 +199,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"imgclf: error: {message}", file=sys.stderr)
         return 2
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    """How to go on after Ctrl-C, for the commands that leave work half done."""
+    if args.command == "train":
+        reuse = "reuses the image features computed so far; " if getattr(args, "cfg__use_cache", True) else ""
+        return (
+            f" (the same command again {reuse}a fine-tuning run continues from its last finished epoch with the"
+            " same command plus --resume)"
+        )
+    if args.command == "dedup" and getattr(args, "apply", False):
+        return (
+            " (the copies moved so far are in the quarantine and its journal: the same command again moves the "
+            f"rest, `imgclf dedup {args.data_dir} --undo` brings every one back)"
+        )
+    return ""
 
 
 def _user_message(e: Exception) -> str | None:
