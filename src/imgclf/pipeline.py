@@ -47,7 +47,7 @@ EARLIER_OUTPUTS = ("leaks.csv", "label_conflicts.csv", *FINETUNE_OUTPUTS, "train
 RUN_OUTPUTS = (
     *EARLIER_OUTPUTS,
     *("split.csv", "config.json", "metrics.json", "predictions.csv", "report.html", "report.md", "evaluation.png"),
-    *("model", "finetune_cache", "finetune_ckpt.pt"),
+    *(BUNDLE_DIR, "finetune_cache", "finetune_ckpt.pt"),
 )
 
 
@@ -214,7 +214,7 @@ def _remove_earlier_outputs(run_dir: Path, resuming: bool) -> None:
 
         kept = FINETUNE_OUTPUTS if (run_dir / CKPT_NAME).is_file() else ()
     earlier = [run_dir / name for name in EARLIER_OUTPUTS if name not in kept and (run_dir / name).is_file()]
-    if (run_dir / "model" / "bundle.json").is_file() and not resuming:
+    if (run_dir / BUNDLE_DIR / "bundle.json").is_file() and not resuming:
         log.info("run folder %s holds an earlier run: this one replaces it (--out elsewhere keeps both)", run_dir)
     if earlier:
         log.info(
@@ -619,8 +619,8 @@ def predict(
     """Class scores for images (a file, folder or list of paths, or several); unreadable images carry an error.
 
     One prediction per file named, in the order given (a file named twice is scored twice), then per image
-    found in a folder. ``cfg`` (default: the run's) says how to compute; ``flip_tta`` follows the run unless given, so that
-    the scores are those of the run's predictions.csv.
+    found in a folder. ``cfg`` (default: the run's) says how to compute; ``flip_tta`` follows the run unless
+    given, so that the scores are those of the run's predictions.csv.
     """
     bundle = Bundle.load(run_dir)
     cfg = _with_flip_tta(cfg or Config.from_saved(bundle.config, f"the run {run_dir}"), bundle, flip_tta)

@@ -68,15 +68,20 @@ def _name_problem(name: str) -> str | None:
     return None
 
 
+def composed(name: str) -> str:
+    """``name`` in Unicode's composed form (NFC): names are compared so, so that a copy from a system that
+    stores them decomposed (é as e + accent) has the same classes, order and split."""
+    return unicodedata.normalize("NFC", name)
+
+
 def class_name(folder: Path) -> str:
-    """The label of a class folder: its name in Unicode's composed form (NFC), so that a folder copied from
-    a system that stores decomposed names (é as e + accent) is the same class, in the same order."""
-    return unicodedata.normalize("NFC", folder.name)
+    """The label of a class folder: its name, composed."""
+    return composed(folder.name)
 
 
 def _order(rel: Path) -> tuple[str, ...]:
     """Sort key of a path inside a class folder, alike for composed and decomposed names."""
-    return tuple(unicodedata.normalize("NFC", part) for part in rel.parts)
+    return tuple(composed(part) for part in rel.parts)
 
 
 def _broken_link(path: Path) -> bool:
@@ -207,8 +212,7 @@ def scan_dataset(cfg: DataConfig) -> Dataset:
                     continue
                 if note:
                     notes.append({"path": display_path(f), "note": note})
-                group = rel_in_class.parts[0] if len(rel_in_class.parts) > 1 else rel_in_class.as_posix()
-                group = unicodedata.normalize("NFC", group)
+                group = composed(rel_in_class.parts[0] if len(rel_in_class.parts) > 1 else rel_in_class.as_posix())
                 found.append((f.relative_to(root).as_posix(), name, f"{name}/{group}", preset))
             skipped += [{"path": display_path(d), "reason": why} for d, why in unreadable]
     used = {name for _, name, _, _ in found}
@@ -271,7 +275,7 @@ def make_split(ds: Dataset, cfg: DataConfig) -> np.ndarray:
         if cfg.test_list is None:
             raise DatasetError("split_mode=list needs --test-list FILE (image paths, one per line)")
         wanted = _read_list(Path(cfg.test_list), ds.root)
-        index = {unicodedata.normalize("NFC", s.rel): i for i, s in enumerate(ds.samples)}
+        index = {composed(s.rel): i for i, s in enumerate(ds.samples)}
         missing = sorted(wanted - index.keys())
         if missing:
             raise DatasetError(
@@ -355,7 +359,7 @@ def _read_list(path: Path, root: Path) -> set[str]:
                 plain, real = Path(os.path.abspath(p)), p.resolve()
                 inside = next((q for q in (plain, real) if q.is_relative_to(root)), None)
                 p = inside.relative_to(root) if inside else p  # outside: reported as not usable
-            out.add(unicodedata.normalize("NFC", p.as_posix()))
+            out.add(composed(p.as_posix()))
     return out
 
 
@@ -381,12 +385,10 @@ def load_split(path: Path, root: Path, classes: list[str]) -> tuple[Dataset, np.
             samples.append(Sample(row["path"], label_of[row["label"]], row["path"]))
             split.append(row["split"])
     root = Path(root)
-    if any(not (root / s.rel).exists() for s in samples) and root.is_dir():
-        on_disk = {unicodedata.normalize("NFC", f.relative_to(root).as_posix()): f for f in list_files(root)}
-        samples = [
-            replace(s, rel=on_disk[key].relative_to(root).as_posix())
-            if not (root / s.rel).exists() and (key := unicodedata.normalize("NFC", s.rel)) in on_disk
-            else s
-            for s in samples
-        ]
+    missing = [i for i, s in enumerate(samples) if not (root / s.rel).exists()]
+    if missing and root.is_dir():
+        on_disk = {composed(f.relative_to(root).as_posix()): f for f in list_files(root)}
+        for i in missing:
+            if (found := on_disk.get(composed(samples[i].rel))) is not None:
+                samples[i] = replace(samples[i], rel=found.relative_to(root).as_posix())
     return Dataset(root, list(classes), samples), np.array(split, dtype=object)

@@ -105,7 +105,10 @@ def quarantine(root: Path, moves: Sequence[tuple[str, str]]) -> JournalReport:
         if real[rel] == real[kept]:
             return f"it is {kept} itself, reached through a link"
         if not Path(real[rel]).is_relative_to(inside):
-            return f"it leads outside the data folder through a link (to {real[rel]}); remove that copy yourself if you want"
+            return (
+                f"it leads outside the data folder through a link (to {real[rel]}); remove that copy yourself "
+                "if you want"
+            )
         if others:
             return (
                 f"it is the same file as {', '.join(others)} (through a link), and moving it would break the link; "

@@ -95,12 +95,15 @@ def split_validation(
         if groups is None:
             val.append(idx[rng.permutation(len(idx))[:n]])
             continue
-        names = sorted({groups[i] for i in idx})
+        members: dict[str, list[int]] = {}
+        for i in idx:
+            members.setdefault(groups[i], []).append(int(i))
+        names = sorted(members)
         held: list[int] = []
         for k in rng.permutation(len(names))[:-1]:
             if len(held) >= n:
                 break
-            held += [i for i in idx if groups[i] == names[k]]
+            held += members[names[k]]
         val.append(np.array(held, np.int64))
     val_idx = np.sort(np.concatenate(val)) if val else np.empty(0, np.int64)
     return np.setdiff1d(train_idx, val_idx), val_idx

@@ -2,8 +2,8 @@
 
 Calibration is temperature scaling: the softmax of the SVM's decision values divided by one temperature,
 the one with the lowest cross-entropy on the out-of-fold decision values against Platt's targets (a class
-of n images: (n + 1) / (n + 2), not 1, so that separable data do not make every score 0 or 1). It changes how sure the scores are,
-never which class wins, so the model shipped is the one cross-validated. (A multinomial logistic regression
+of n images: (n + 1) / (n + 2), not 1, so that separable data do not make every score 0 or 1). It changes
+how sure the scores are, never which class wins, so the model shipped is the one cross-validated. (A multinomial logistic regression
 over all decision values, used before, could reorder the classes on small data sets: six images a class
 gave a head that scored 33 % on its own training images.) Both stages are linear, so the whole head folds
 into one linear layer + softmax (:meth:`LinearSVMHead.linear`), which is what bundles store and exporters
@@ -188,7 +188,8 @@ def _temperature(logits: np.ndarray, y: np.ndarray, weight: np.ndarray) -> float
     drive T to its bound and every score, a wrong one's too, to 0 or 1; these targets stop where the
     evidence does (the loss is unimodal in log T)."""
     k = logits.shape[1]
-    own = (np.bincount(y, minlength=k) + 1.0) / (np.bincount(y, minlength=k) + 2.0)
+    n = np.bincount(y, minlength=k)
+    own = (n + 1.0) / (n + 2.0)
     target = np.repeat(((1.0 - own[y]) / (k - 1))[:, None], k, axis=1)
     target[np.arange(len(y)), y] = own[y]
 
