@@ -413,3 +413,15 @@ def test_ctrl_c_during_apply_says_how_to_go_on(
     assert main(["dedup", str(data), "--max-distance", "4", "--apply"]) == 130
     err = capsys.readouterr().err
     assert "the same command again moves the rest" in err and f"imgclf dedup {data} --undo" in err
+
+
+def test_one_name_reached_by_two_paths_is_not_a_move_to_finish(tmp_path: Path):
+    """Finishing a move unlinks the source: never where both paths are one directory entry."""
+    from imgclf.datatools.journal import move_no_overwrite, same_file
+
+    real = _put(tmp_path / "a" / "x.jpg", b"only copy")
+    (tmp_path / "b").symlink_to(tmp_path / "a", target_is_directory=True)
+    assert not same_file(real, tmp_path / "b" / "x.jpg")
+    with pytest.raises(FileExistsError):
+        move_no_overwrite(real, tmp_path / "b" / "x.jpg")
+    assert real.read_bytes() == b"only copy"

@@ -52,10 +52,12 @@ def _append(path: Path, record: dict[str, Any]) -> None:
 
 
 def same_file(a: Path, b: Path) -> bool:
-    """Whether ``a`` and ``b`` are one file: a move cut short between its two steps (link, then unlink) left
-    it under both names."""
+    """Whether ``a`` and ``b`` are one file under two names: a move cut short between its two steps (link,
+    then unlink) left it so. Never one name reached by two paths (through a folder link): unlinking one of
+    those would remove the only copy."""
+    entries = {os.path.join(os.path.realpath(p.parent), p.name) for p in (a, b)}
     try:
-        return os.path.samefile(a, b)
+        return len(entries) == 2 and os.path.samefile(a, b)
     except OSError:
         return False
 
