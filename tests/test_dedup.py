@@ -373,7 +373,8 @@ def test_max_image_pixels_flag(data: Path, capsys: pytest.CaptureFixture[str]):
 
 
 def test_flat_images_are_duplicates_only_of_flat_ones_of_their_colour(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """One-colour images all have an all-zero dhash; their mean colours tell them apart, whatever their size."""
+    """One-colour images (and horizontal stripes) all have an all-zero dhash; their mean colours and vertical
+    hashes tell them apart, whatever their size."""
     root = tmp_path / "d"
     for rel, size, colour in [
         ("a/black.png", (800, 600), "black"),
@@ -384,6 +385,10 @@ def test_flat_images_are_duplicates_only_of_flat_ones_of_their_colour(tmp_path: 
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", size, colour).save(root / rel)
     _put(root / "b" / "photo.jpg", make_image(11, size=(200, 150)))
+    grey, stripes = Image.new("L", (64, 64), 128), Image.new("L", (64, 64), 0)
+    stripes.paste(255, (0, 0, 64, 32))  # white over black: no brightness rise from left to right
+    grey.save(root / "a" / "grey.png")
+    stripes.save(root / "b" / "stripes.png")  # and its mean is the grey's, within the colour tolerance
     for max_distance in (0, 8):
         result = find_duplicates(root, max_distance=max_distance)
         assert [[m.path for m in g] for g in result.groups] == [["a/black.png", "b/black_small.jpg"]]
@@ -394,10 +399,18 @@ def test_flat_images_are_duplicates_only_of_flat_ones_of_their_colour(tmp_path: 
     assert first[black].colour == b"\0\0\0" and first[red].colour == b"\xff\0\0"
     monkeypatch.setattr(dedup, "compute_hash", None)  # the colours come back from the cache
     assert hash_images([black, red])[0] == first
-    old = tmp_path / "old.sqlite"  # a cache written before colours were stored is not read
+    assert (
+        first[black].vertical == bytes(32)
+        and hash_images([root / "b/photo.jpg"])[0][root / "b/photo.jpg"].vertical == b""
+    )
+    old = tmp_path / "old.sqlite"  # caches written before colours and vertical hashes were stored are not read
     with sqlite3.connect(old) as db:
         db.execute("CREATE TABLE dhash (key TEXT PRIMARY KEY, bits BLOB, w INT, h INT)")
         db.execute("INSERT INTO dhash VALUES (?, ?, 800, 600)", (HashCache.key(black, 16), first[black].bits))
+        db.execute("CREATE TABLE dhash_v2 (key TEXT PRIMARY KEY, bits BLOB, w INT, h INT, colour BLOB)")
+        db.execute(
+            "INSERT INTO dhash_v2 VALUES (?, ?, 800, 600, ?)", (HashCache.key(black, 16), first[black].bits, b"\0\0\0")
+        )
     assert HashCache(old).get([HashCache.key(black, 16)]) == {}
 
 

@@ -4,7 +4,8 @@ Images whose dhashes are equal (``max_distance`` 0) or differ in at most ``max_d
 (connected components, so a chain A~B~C is one group). In each group the largest image is kept (ties: the
 lexicographically first path). An image whose brightness never rises from left to right (one colour, but
 also horizontal stripes) has an all-zero dhash: it is a duplicate only of such images whose mean colours
-differ by at most ``FLAT_TOLERANCE`` levels per channel.
+differ by at most ``FLAT_TOLERANCE`` levels per channel and whose vertical dhashes (top to bottom) are as
+close as ``max_distance`` asks, so that one grey image and grey-mean horizontal stripes stay apart.
 Hashes are cached per file in ``$IMGCLF_CACHE/dhash`` (default ``~/.cache/imgclf/dhash``).
 """
 
@@ -48,7 +49,7 @@ DEFAULT_MAX_PIXELS = 100_000_000
 THUMB_SIDE = 128
 _BLOCK = 128  # rows per block of the pairwise distance computation
 FLAT_TOLERANCE = 4  # flat images whose mean colours differ by at most this (of 255) per channel are duplicates
-_CACHE_TABLE = "dhash_v2"  # v2 adds the mean colour of flat images; the first table ("dhash") is not read
+_CACHE_TABLE = "dhash_v3"  # v3: flat images' mean colour and vertical dhash; older tables are not read
 _POP8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 
@@ -64,12 +65,13 @@ popcount = getattr(np, "bitwise_count", popcount_lut)
 @dataclass(frozen=True)
 class HashInfo:
     """An image's dhash (packed bits), its upright size in pixels and, for a flat image (all-zero dhash),
-    its mean RGB colour (3 bytes; empty for other images)."""
+    its mean RGB colour (3 bytes) and vertical dhash (packed bits); both empty for other images."""
 
     bits: bytes
     width: int
     height: int
     colour: bytes = b""
+    vertical: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,7 @@ class Member:
 
     path: str  # relative to the data root, POSIX
     kept: bool
-    distance: int  # Hamming distance to the kept image's hash
+    distance: int  # Hamming distance to the kept image's hash (flat images: their vertical hashes)
     width: int
     height: int
 
@@ -110,7 +112,7 @@ class HashCache:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, timeout=30)
             self._db.execute(
-                f"CREATE TABLE IF NOT EXISTS {_CACHE_TABLE} (key TEXT PRIMARY KEY, bits BLOB, w INT, h INT, colour BLOB)"
+                f"CREATE TABLE IF NOT EXISTS {_CACHE_TABLE} (key TEXT PRIMARY KEY, bits BLOB, w INT, h INT, colour BLOB, vertical BLOB)"
             )
         except (OSError, sqlite3.Error) as e:
             log.warning("dhash cache %s unusable (%s); hashing without a cache", path, e)
@@ -130,7 +132,7 @@ class HashCache:
                 chunk = keys[start : start + 500]
                 marks = ",".join("?" * len(chunk))
                 rows = self._db.execute(f"SELECT * FROM {_CACHE_TABLE} WHERE key IN ({marks})", chunk)
-                found.update({k: HashInfo(bytes(b), w, h, bytes(c)) for k, b, w, h, c in rows})
+                found.update({k: HashInfo(bytes(b), w, h, bytes(c), bytes(v)) for k, b, w, h, c, v in rows})
         except sqlite3.Error as e:
             log.warning("dhash cache unreadable (%s); hashing again", e)
         return found
@@ -141,8 +143,8 @@ class HashCache:
         try:
             with self._db:
                 self._db.executemany(
-                    f"INSERT OR REPLACE INTO {_CACHE_TABLE} VALUES (?, ?, ?, ?, ?)",
-                    [(k, v.bits, v.width, v.height, v.colour) for k, v in items.items()],
+                    f"INSERT OR REPLACE INTO {_CACHE_TABLE} VALUES (?, ?, ?, ?, ?, ?)",
+                    [(k, v.bits, v.width, v.height, v.colour, v.vertical) for k, v in items.items()],
                 )
         except sqlite3.Error as e:
             log.warning("dhash cache not updated (%s)", e)
@@ -153,12 +155,15 @@ class HashCache:
 
 
 def compute_hash(path: Path, hash_size: int = 16, max_pixels: int = DEFAULT_MAX_PIXELS) -> HashInfo:
-    """dhash of the upright image (EXIF orientation applied), and the mean colour of a flat one; raises
-    ImageError for unusable files."""
+    """dhash of the upright image (EXIF orientation applied), and the mean colour and vertical dhash of a flat
+    one; raises ImageError for unusable files."""
     # JPEG draft decoding (to >= 8 x hash_size pixels) is ~3x faster and as good for hashing
     im = open_rgb(path, draft_to=8 * hash_size, max_pixels=max_pixels)
     bits = imagehash.dhash(im, hash_size).hash
-    colour = b"" if bits.any() else bytes(round(c) for c in ImageStat.Stat(im).mean)
+    colour = vertical = b""
+    if not bits.any():
+        colour = bytes(round(c) for c in ImageStat.Stat(im).mean)
+        vertical = np.packbits(imagehash.dhash_vertical(im, hash_size).hash.ravel()).tobytes()
     try:
         with open_image(path) as stored:  # the size before draft decoding
             w, h = stored.size
@@ -166,7 +171,7 @@ def compute_hash(path: Path, hash_size: int = 16, max_pixels: int = DEFAULT_MAX_
                 w, h = h, w
     except Exception as e:  # Pillow raises many types for broken files
         raise _unreadable(path, e) from e
-    return HashInfo(np.packbits(bits.ravel()).tobytes(), w, h, colour)
+    return HashInfo(np.packbits(bits.ravel()).tobytes(), w, h, colour, vertical)
 
 
 def hash_images(
@@ -258,23 +263,24 @@ def close_pairs(
         yield i + start, j + col0, dist[i, j]
 
 
-def _split(infos: Sequence[HashInfo]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Indices and packed hashes of the images with a gradient; indices and mean colours of the flat ones."""
+def _split(infos: Sequence[HashInfo]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Indices and packed hashes of the images with a gradient; indices, mean colours and packed vertical
+    hashes of the flat ones."""
     words = _words([h.bits for h in infos])
     flat = ~words.any(axis=1)
     hashed, plain = np.flatnonzero(~flat), np.flatnonzero(flat)
     colours = np.array([list(infos[i].colour) for i in plain], dtype=np.int16).reshape(len(plain), 3)
-    return hashed, words[hashed], plain, colours
+    return hashed, words[hashed], plain, colours, _words([infos[i].vertical for i in plain])
 
 
 def _matches(
     a: Sequence[HashInfo], b: Sequence[HashInfo], max_distance: int, upper: bool = False
 ) -> Iterator[tuple[int, int, int]]:
     """(i, j, distance) for images of ``a`` and ``b`` whose hashes differ in at most ``max_distance`` bits, flat
-    images only with flat ones of about their mean colour (``upper``, with ``a`` as ``b``: at least the pairs
-    j > i). Equal hashes (distance 0) are looked up, not compared pair by pair, so the default check stays fast
+    images only with flat ones of about their mean colour and as close a vertical hash (``upper``, with ``a``
+    as ``b``: at least the pairs j > i). Equal hashes (distance 0) are looked up, not compared pair by pair, so the default check stays fast
     on large data sets."""
-    (ia, wa, fa, ca), (ib, wb, fb, cb) = _split(a), _split(b)
+    (ia, wa, fa, ca, va), (ib, wb, fb, cb, vb) = _split(a), _split(b)
     if max_distance == 0:
         index: dict[bytes, list[int]] = {}
         for j, row in zip(ib.tolist(), wb, strict=True):
@@ -285,15 +291,17 @@ def _matches(
         for ii, jj, dd in close_pairs(wa, wb, max_distance, upper):
             yield from zip(ia[ii].tolist(), ib[jj].tolist(), dd.tolist(), strict=True)
     for ii, jj, _ in close_pairs(ca, cb, FLAT_TOLERANCE, upper, _colour_gap):
-        yield from ((i, j, 0) for i, j in zip(fa[ii].tolist(), fb[jj].tolist(), strict=True))
+        dist = popcount(va[ii] ^ vb[jj]).sum(axis=1)
+        near = dist <= max_distance
+        yield from zip(fa[ii[near]].tolist(), fb[jj[near]].tolist(), dist[near].tolist(), strict=True)
 
 
 def _groups(infos: Sequence[HashInfo], max_distance: int) -> list[list[int]]:
     """Connected components (size >= 2) of the graph of :func:`_matches`, by union-find over the distinct
-    hashes (and colours), so that many equal hashes cost no pairs."""
+    hashes (and flat images' colours and vertical hashes), so that many equal hashes cost no pairs."""
     same: dict[bytes, list[int]] = {}
     for i, h in enumerate(infos):
-        same.setdefault(h.bits + h.colour, []).append(i)
+        same.setdefault(h.bits + h.colour + h.vertical, []).append(i)
     buckets = list(same.values())
     parent = np.arange(len(buckets))
 
@@ -321,7 +329,7 @@ def _groups(infos: Sequence[HashInfo], max_distance: int) -> list[list[int]]:
 def group_duplicates(names: Sequence[str], infos: Sequence[HashInfo], max_distance: int = 0) -> list[list[Member]]:
     """Duplicate groups, kept image first (a labelled one over ``unlabeled/``, largest, then first name);
     groups sorted by kept name."""
-    words = _words([h.bits for h in infos])
+    words = _words([h.vertical or h.bits for h in infos])  # flat images (grouped only together): vertical hashes
     out = []
     for g in _groups(infos, max_distance):
         order = sorted(
