@@ -190,15 +190,30 @@ def test_a_damaged_bundle_is_named_not_a_traceback(run, tmp_path, capsys):
     assert "checksum differs from the one recorded in bundle.json" in capsys.readouterr().err
 
 
-def test_a_failed_train_leaves_no_model_to_use_and_a_foreign_folder_is_refused(run, tmp_path, capsys):
+def test_a_failed_train_leaves_no_model_to_use_and_a_foreign_folder_is_refused(run, tmp_path, capsys, monkeypatch):
     """A train that fails or is interrupted in an earlier run's folder left it half old, half new, which
-    evaluate scored without a word; a folder of other files was written over."""
+    evaluate scored without a word; a folder of other files was written over; a mistyped backbone or weights
+    file is found before the folder is touched."""
     import shutil
+
+    import imgclf.pipeline
 
     data, result, _ = run
     folder = shutil.copytree(result.run_dir, tmp_path / "run")
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
     args = ["--out", str(folder), "--no-tracking", "--no-progress", "--resolution", "64", "--cv-folds", "3"]
-    assert main(["train", str(data), *args, "--split-seed", "5", "--weights", str(tmp_path / "none.pt")]) == 2
+    for mistake in (["--weights", str(tmp_path / "none.pt")], ["--backbone", "efficientnet_lite9"]):
+        assert main(["train", str(data), *args, "--split-seed", "5", *mistake]) == 2
+        assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+    assert main(["evaluate", str(folder), "--no-tracking", "--no-progress"]) == 0
+    capsys.readouterr()
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:  # Ctrl-C while the head is fitted: the folder holds half of each run
+        m.setattr(imgclf.pipeline, "fit_head", interrupted)
+        assert main(["train", str(data), *args, "--split-seed", "5"]) == 130
     capsys.readouterr()
     for command in (["evaluate", str(folder), "--no-tracking"], ["predict", str(folder), str(data / "squares")]):
         assert main(command) == 2

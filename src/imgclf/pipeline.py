@@ -316,6 +316,16 @@ def _train(cfg: Config, run_dir: Path, t0: float) -> RunResult:
     timings: dict[str, float] = {}
     ds = scan_dataset(cfg.data)
     ds, split = leave_out_untrained(ds, make_split(ds, cfg.data))
+    mode = cfg.classifier.classifier
+    fine_tunes = mode in ("dnn", "svm_on_refined")
+    backbone = None
+    if cfg.backbone.backbone != AUTO_BACKBONE:  # before the folder is touched: a mistyped name keeps an earlier run
+        backbone = create_backbone(
+            cfg.backbone.backbone,
+            weights=cfg.backbone.weights,
+            resolution=cfg.backbone.resolution,
+            drop_path_rate=cfg.finetune.drop_path if fine_tunes else 0.0,
+        )
     # from here until the model is saved the folder mixes two runs: nothing reads a model from it meanwhile
     atomic_write_text(run_dir / INCOMPLETE, "imgclf train is writing this run folder\n")
     _remove_earlier_outputs(run_dir, cfg.finetune.resume)
@@ -334,23 +344,14 @@ def _train(cfg: Config, run_dir: Path, t0: float) -> RunResult:
         len(test_idx),
         len(skipped),
     )
-    mode = cfg.classifier.classifier
-    fine_tunes = mode in ("dnn", "svm_on_refined")
     _note_unbalanced(cfg, ds, train_idx, fine_tunes)
     fit, extra = None, {}
-    if cfg.backbone.backbone == AUTO_BACKBONE:
+    if backbone is None:
         t = time.perf_counter()
         backbone, x_train, train_idx, fit, extra["backbone_cv_accuracy"] = _choose_backbone(cfg, ds, train_idx, skipped)
         timings["backbone_choice_s"] = time.perf_counter() - t
         cfg = cfg.updated(backbone=backbone.name)  # the run is repeated by its config.json
         cfg.save(run_dir / "config.json")
-    else:
-        backbone = create_backbone(
-            cfg.backbone.backbone,
-            weights=cfg.backbone.weights,
-            resolution=cfg.backbone.resolution,
-            drop_path_rate=cfg.finetune.drop_path if fine_tunes else 0.0,
-        )
     extra_figures: dict[str, Path] = {}
     backbone_state = None
     fitted_head = None
