@@ -1,7 +1,8 @@
 """A local HTTP server on 127.0.0.1 that answers like Openverse and Bing image search and serves test images.
 
 Each path gets a behaviour: an image, 404, a reset connection, a slow answer, 429 rate limiting (then the
-image), an HTML page or an oversized body. Nothing here touches the network beyond the loopback interface.
+image), an HTML page, an oversized body or a redirect; so can the search answer for one query. Nothing here
+touches the network beyond the loopback interface.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import struct
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -61,11 +62,13 @@ def _with_alpha(im: Image.Image) -> Image.Image:
 
 @dataclass
 class Route:
-    """What a path answers: kind is image, 404, reset, slow, 429, html or big."""
+    """What a path answers: kind is image, 404, reset, slow, 429, html, big or redirect."""
 
     kind: str
     data: bytes = b""
     content_type: str = "image/jpeg"
+    headers: dict[str, str] = field(default_factory=dict)  # image: more response headers
+    location: str = ""  # redirect: where to, the request's query string appended
     delay: float = 0.0  # slow: seconds before answering
     times: int = 0  # 429: how many requests are refused before the image is served
     retry_after: str = "0"
@@ -79,6 +82,7 @@ class FakeServer:
     def __init__(self, bing_key: str = "test-key") -> None:
         self.routes: dict[str, Route] = {}
         self.results: dict[str, list[dict[str, str]]] = {}  # query -> [{url, page, licence, creator, title}]
+        self.search_routes: dict[str, Route] = {}  # query -> what its search answers instead of results
         self.hits: Counter[str] = Counter()
         self.requests: list[tuple[str, dict[str, str]]] = []  # (path with query, headers)
         self.bing_key = bing_key
@@ -139,13 +143,17 @@ def _make_handler(server: FakeServer) -> type[BaseHTTPRequestHandler]:
                 server.hits[parts.path] += 1
                 hit = server.hits[parts.path]
                 server.requests.append((self.path, dict(self.headers)))
-            if parts.path == "/v1/images/":
+            search = parts.path in ("/v1/images/", "/v7.0/images/search")
+            route = server.search_routes.get(params.get("q", "")) if search else server.routes.get(parts.path)
+            if route is None and parts.path == "/v1/images/":
                 return self._openverse(params)
-            if parts.path == "/v7.0/images/search":
+            if route is None and parts.path == "/v7.0/images/search":
                 return self._bing(params)
-            route = server.routes.get(parts.path)
             if route is None or route.kind == "404":
                 return self._send(404, b"<html>not found</html>", "text/html")
+            if route.kind == "redirect":
+                location = route.location + (f"?{parts.query}" if parts.query else "")
+                return self._send(302, b"", "text/plain", {"Location": location})
             if route.kind == "reset":
                 self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 self.connection.close()
@@ -166,7 +174,7 @@ def _make_handler(server: FakeServer) -> type[BaseHTTPRequestHandler]:
                 for _ in range(0, route.size, len(chunk)):
                     self.wfile.write(chunk)
                 return None
-            return self._send(200, route.data, route.content_type)
+            return self._send(200, route.data, route.content_type, route.headers)
 
         def _openverse(self, params: dict[str, str]) -> None:
             results = server.results.get(params.get("q", ""), [])

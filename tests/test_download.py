@@ -1,5 +1,7 @@
 import hashlib
 import io
+import signal
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -8,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fakeprovider import FakeServer, Route, make_image, run_cli
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 
 from imgclf.config import DataToolsConfig
 from imgclf.datatools.download import (
     FAILURES_FILE,
     SOURCES_FILE,
+    DownloadInterrupted,
     UrlEntry,
     download,
     file_stem,
@@ -153,7 +156,8 @@ def test_retry_after_honoured_and_bounded(server: FakeServer, tmp_path: Path, mo
     import imgclf.datatools.fetch as fetch
 
     waits: list[float] = []  # the waits asked for, not the clock: the same on a busy machine
-    monkeypatch.setattr(fetch.time, "sleep", waits.append)
+    delay = fetch.RetryPolicy.delay
+    monkeypatch.setattr(fetch.RetryPolicy, "delay", lambda *a: waits.append(delay(*a)) or 0.0)
     polite = server.add("/polite.jpg", Route("429", make_image(6), times=1, retry_after="1"))
     cfg = FAST.model_copy(update={"max_backoff_s": 5.0})
     report = download([UrlEntry("x", polite)], tmp_path / "d", cfg, progress=False)
@@ -286,3 +290,99 @@ def test_only_readable_formats_are_stored_and_a_damaged_exif_block_fails_nothing
     ]
     assert (tmp_path / "d" / report.outcomes[2].file).read_bytes() == small
     assert Image.open(tmp_path / "d" / report.outcomes[3].file).size == (400, 300)
+
+
+def test_redirect_loop_and_undecodable_body_are_reported_as_such(server: FakeServer, tmp_path: Path):
+    entries = [
+        UrlEntry("x", server.add("/loop.jpg", Route("redirect", location=server.url("/loop.jpg")))),
+        UrlEntry("x", server.add("/gz.jpg", Route("image", b"not gzip", headers={"Content-Encoding": "gzip"}))),
+        UrlEntry("x", server.add("/moved.jpg", Route("redirect", location=server.image("/a.jpg", make_image(40))))),
+    ]
+    report = download(entries, tmp_path / "d", FAST, progress=False)
+    assert [(o.status, o.reason.split(" (")[0]) for o in report.outcomes] == [
+        ("failed", "redirect loop"),
+        ("failed", "body could not be decoded"),
+        ("downloaded", ""),
+    ]
+    assert server.hits["/loop.jpg"] == 21 and server.hits["/gz.jpg"] == 1  # neither is retried
+    assert "failures: 1 redirect loop, 1 body could not be decoded" in report.summary()
+
+
+def test_ctrl_c_stops_at_once_and_records_what_was_stored(server: FakeServer, tmp_path: Path):
+    """In-flight requests are abandoned and pending ones never start; the files stored are in sources.tsv."""
+    fast = [UrlEntry("x", server.image(f"/f{i}.jpg", make_image(41 + i))) for i in range(2)]
+    slow = [UrlEntry("y", server.add(f"/slow{i}.jpg", Route("slow", make_image(43), delay=10))) for i in range(4)]
+    cfg = FAST.model_copy(update={"download_workers": 2, "timeout_s": 30.0, "retries": 3})
+    sent: list[float] = []
+
+    def interrupt_once_both_workers_wait() -> None:  # each took a fast entry, then a slow one
+        while server.hits["/slow0.jpg"] + server.hits["/slow1.jpg"] < 2:
+            time.sleep(0.01)
+        sent.append(time.perf_counter())
+        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+
+    threading.Thread(target=interrupt_once_both_workers_wait, daemon=True).start()
+    out = tmp_path / "d"
+    with pytest.raises(DownloadInterrupted) as interrupted:
+        download(fast + slow, out, cfg, progress=False)
+    assert time.perf_counter() - sent[0] < 2  # not the 10 s the slow answers take
+    report = interrupted.value.report
+    assert [o.status for o in report.outcomes] == ["downloaded"] * 2 + ["not done"] * 4
+    assert "interrupted: 4 URL(s) not done; the same command again resumes" in report.summary()
+    assert sorted(r["url"] for r in _read_tsv(out / SOURCES_FILE)) == sorted(e.url for e in fast)
+    assert _read_tsv(out / FAILURES_FILE) == []
+    assert server.hits["/slow2.jpg"] == server.hits["/slow3.jpg"] == 0
+    for i in range(4):
+        server.image(f"/slow{i}.jpg", make_image(44 + i))
+    again = download(fast + slow, out, cfg, progress=False)  # the same command resumes
+    assert [o.status for o in again.outcomes] == ["exists"] * 2 + ["downloaded"] * 4
+    assert len(_read_tsv(out / SOURCES_FILE)) == 6
+
+
+def test_large_images_are_decoded_one_at_a_time(server: FakeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Decoding takes its pixels from a budget: images larger than what is free wait (memory stays bounded)."""
+    import imgclf.datatools.download as dl
+
+    monkeypatch.setattr(dl, "DECODING", dl.PixelBudget(100_000))  # each 400x300 image takes it all
+    loading, peak, lock = [0], [0], threading.Lock()
+    real_load = ImageFile.ImageFile.load
+
+    def load(im: ImageFile.ImageFile) -> object:
+        with lock:
+            loading[0] += 1
+            peak[0] = max(peak[0], loading[0])
+        try:
+            time.sleep(0.05)  # long enough for the other workers to overlap, if they may
+            return real_load(im)
+        finally:
+            with lock:
+                loading[0] -= 1
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    entries = [UrlEntry("x", server.image(f"/l{i}.png", make_image(50 + i, (400, 300), "PNG"))) for i in range(4)]
+    report = download(entries, tmp_path / "d", FAST, progress=False)
+    assert [o.status for o in report.outcomes] == ["downloaded"] * 4
+    assert peak[0] == 1
+
+
+def test_url_list_not_utf8_names_the_file_and_the_fix(tmp_path: Path):
+    f = tmp_path / "urls.tsv"
+    f.write_text("cats\thttp://x/1.jpg\n", encoding="utf-16")
+    with pytest.raises(ValueError, match=r"urls.tsv is not UTF-8 text \(it is UTF-16\).*save the file as UTF-8"):
+        read_url_list(f)
+    f.write_text("café\thttp://x/1.jpg\n", encoding="latin-1")
+    with pytest.raises(ValueError, match=r"urls.tsv is not UTF-8 text: byte 0xe9 at position 3 .*save the file"):
+        read_url_list(f)
+
+
+def test_names_too_long_for_the_file_system(server: FakeServer, tmp_path: Path):
+    f = tmp_path / "urls.tsv"
+    f.write_text(f"{'é' * 128}\thttp://x/1.jpg\n", encoding="utf-8")  # 256 bytes
+    with pytest.raises(ValueError, match=r"urls.tsv:1: label 'é+'... is too long for a folder name \(256 bytes"):
+        read_url_list(f)
+    room = 4050 - len(str(tmp_path))  # a data folder (and its reports) within Linux's 4096 bytes a path
+    deep = tmp_path.joinpath(*["d" * 199] * (room // 200), "d" * max(1, room % 200 - 1))
+    entries = [UrlEntry("x" * 60, server.image("/deep.jpg", make_image(60)))]  # its class folder is not
+    report = download(entries, deep, FAST, progress=False)
+    assert report.outcomes[0].reason.startswith("cannot write: File name too long (in ")
+    assert "failures: 1 cannot write: File name too long\n" in report.summary()

@@ -8,7 +8,7 @@ import pytest
 from fakeprovider import FakeServer, Route, make_image, run_cli
 
 from imgclf.config import DataToolsConfig
-from imgclf.datatools.download import FAILURES_FILE, read_url_list
+from imgclf.datatools.download import FAILURES_FILE, download, file_stem, read_url_list
 from imgclf.datatools.fetch import RetryPolicy, make_client
 from imgclf.datatools.journal import QUARANTINE_DIR
 from imgclf.datatools.providers import BingProvider, OpenverseProvider, ProviderError, make_provider
@@ -328,3 +328,99 @@ def test_non_numeric_paging_keeps_the_results_so_far(bad: object, caplog: pytest
     assert "malformed answer (results '7' is not a list)" in caplog.text
     with _answering([{"value": 7}]) as client, pytest.raises(ProviderError, match="value '7' is not a list"):
         BingProvider(client, "http://search", POLICY, key="k").search("q", 10)
+
+
+def test_one_bad_search_answer_fails_its_query_only(server: FakeServer, tmp_path: Path):
+    server.search_routes["striped shirt"] = Route("redirect", location=server.url("/v1/images/"))  # forever
+    gzip = {"Content-Encoding": "gzip"}
+    server.search_routes["dotted shirt"] = Route("image", b"not gzip", "application/json", headers=gzip)
+    server.search_routes["plain shirt"] = Route("image", b"[" * 100_000, "application/json")  # nested too deep
+    server.results["leopard shirt"] = [{"url": server.image("/l.jpg", make_image(20))}]
+    with make_client(2.0) as client:
+        provider = OpenverseProvider(client, server.base_url, POLICY)
+        attributes = ["striped", "dotted", "plain", "leopard"]
+        report = scrape(["shirt"], attributes, tmp_path / "d", FAST, progress=False, provider=provider)
+    assert [e.label for e in read_url_list(tmp_path / "d" / "urls.tsv")] == ["leopard"]
+    assert report.download is not None and report.download.count("downloaded") == 1
+    reasons = [reason.split(" failed: ")[1] for _, reason in report.search_failures]
+    assert reasons[0] == "redirect loop (more than 20 redirects)"
+    assert reasons[1].startswith("body could not be decoded (")
+    assert reasons[2].startswith("answer is not JSON (RecursionError")
+
+
+def test_a_key_is_never_sent_to_another_site(server: FakeServer, tmp_path: Path):
+    """A search service that redirects elsewhere is not followed with the key; a redirect on its own site is."""
+    with FakeServer(bing_key="secret-key-123") as elsewhere, make_client(2.0) as client:
+        elsewhere.results["striped shirt"] = [{"url": "http://img/1.jpg"}]
+        away = elsewhere.url("/v7.0/images/search")
+        server.search_routes["striped shirt"] = Route("redirect", location=away)
+        with pytest.raises(ProviderError, match=r"redirected to http://127\.0\.0\.1:\d+, another site: not followed"):
+            BingProvider(client, server.base_url, POLICY, key="secret-key-123").search("striped shirt", 5)
+        with pytest.raises(ProviderError, match="another site: not followed"):
+            OpenverseProvider(client, server.base_url, POLICY, token="tok").search("striped shirt", 5)
+        assert elsewhere.requests == []
+        server.results["dotted shirt"] = [{"url": "http://img/2.jpg"}]
+        server.add("/old/v7.0/images/search", Route("redirect", location=server.url("/v7.0/images/search")))
+        found = BingProvider(client, server.url("/old"), POLICY, key="secret-key-123").search("dotted shirt", 5)
+        assert [r.url for r in found] == ["http://img/2.jpg"]
+        anonymous = OpenverseProvider(client, server.base_url, POLICY, token="")  # no key: redirects followed
+        elsewhere.results["striped shirt"] = [{"url": "http://img/3.jpg"}]
+        server.search_routes["striped shirt"] = Route("redirect", location=elsewhere.url("/v1/images/"))
+        assert [r.url for r in anonymous.search("striped shirt", 5)] == ["http://img/3.jpg"]
+
+
+def test_urls_are_trimmed_before_naming(server: FakeServer, tmp_path: Path):
+    urls = [server.image(f"/{n}.jpg", make_image(21 + i)) for i, n in enumerate("abc")]
+    padded = [f" {urls[0]}", f"{urls[1]}\t", f"{urls[2]} ", "  "]
+    server.results["striped shirt"] = [{"url": u} for u in padded]
+    server.results["dotted shirt"] = [{"url": urls[2]}]
+    out = tmp_path / "d"
+    with make_client(2.0) as client:
+        provider = OpenverseProvider(client, server.base_url, POLICY)
+        report = scrape(["shirt"], ["striped", "dotted"], out, FAST, progress=False, provider=provider)
+    assert report.download is not None and report.download.count("downloaded") == 3
+    assert {p.name for p in (out / "striped").iterdir()} == {f"{file_stem(u)}.jpg" for u in urls}
+    listed = read_url_list(out / "urls.tsv")
+    assert [e.url for e in listed] == urls and "also found for 'dotted shirt'" in listed[2].note
+    again = download(listed, out, FAST, progress=False)  # the documented retry finds every file
+    assert [o.status for o in again.outcomes] == ["exists"] * 3
+    assert len((out / "sources.tsv").read_text().splitlines()) == 4
+
+
+def test_a_second_scrape_adds_to_the_list(server: FakeServer, tmp_path: Path):
+    kept, gone = server.image("/kept.jpg", make_image(24)), server.add("/gone.jpg", Route("404"))
+    server.results["striped shirt"] = [{"url": kept}, {"url": gone}]
+    out = tmp_path / "d"
+    with make_client(2.0) as client:
+        provider = OpenverseProvider(client, server.base_url, POLICY)
+        scrape(["shirt"], ["striped"], out, FAST, progress=False, provider=provider)
+        new = server.image("/new.jpg", make_image(25))
+        server.results["dotted shirt"] = [{"url": gone}, {"url": new}]
+        report = scrape(["shirt"], ["dotted"], out, FAST, progress=False, provider=provider)
+    assert [(e.label, e.url) for e in read_url_list(out / "urls.tsv")] == [
+        ("striped", kept),
+        ("striped", gone),
+        ("dotted", new),
+    ]
+    assert report.found == 2 and "(2 entries of earlier runs kept, 1 new added)" in report.summary()
+    assert report.download is not None
+    assert [o.status for o in report.download.outcomes] == ["exists", "failed", "downloaded"]
+    failures = (out / FAILURES_FILE).read_text().splitlines()[1:]
+    assert len(failures) == 1 and gone in failures[0]  # the earlier failure is still listed, to retry
+
+
+def test_scrape_checks_its_folder_and_terms_before_searching(
+    server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    args = ["scrape", "--items", "shirt", "--provider-url", server.base_url, "--retries", "0"]
+    with pytest.raises(NotADirectoryError, match="a file is in the way; give another --out"):
+        run_cli([*args, "--attributes", "striped", "--out", str(afile)])
+    with pytest.raises(ValueError, match=r"--attributes: label 'é+'... is too long for a folder name"):
+        run_cli([*args, "--attributes", "é" * 128, "--out", str(tmp_path / "d")])
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "urls.tsv").write_text("striped http://x/1.jpg\n")
+    with pytest.raises(ValueError, match=r"(?s)e/urls.tsv, the URL list of an earlier scrape .*fix it.*urls.tsv:1"):
+        run_cli([*args, "--attributes", "striped", "--out", str(tmp_path / "e")])
+    assert server.requests == [] and afile.read_text() == "mine"

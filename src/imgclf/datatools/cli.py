@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ DOWNLOAD_FIELDS = (
     "output.progress",
 )
 SCRAPE_FIELDS = (*DOWNLOAD_FIELDS, "datatools.provider", "datatools.provider_url", "datatools.per_query")
+INTERRUPTED = 130  # 128 + SIGINT, as the imgclf command reports Ctrl-C
 DEDUP_FIELDS = ("datatools.hash_size", "datatools.max_distance", "data.max_image_pixels", "output.progress")
 
 
@@ -25,19 +27,24 @@ def _quiet_http_log() -> None:
 
 
 def _download(args: argparse.Namespace) -> int:
-    from imgclf.datatools.download import download, read_url_list
+    from imgclf.datatools.download import DownloadInterrupted, download, read_url_list
 
     _quiet_http_log()
     cfg = config_from_args(args)
     entries = read_url_list(Path(args.url_list))
-    report = download(entries, Path(args.out), cfg.datatools, cfg.data.max_image_pixels, cfg.output.progress)
+    try:
+        report = download(entries, Path(args.out), cfg.datatools, cfg.data.max_image_pixels, cfg.output.progress)
+    except DownloadInterrupted as e:
+        print(e.report.summary())
+        return INTERRUPTED
     print(report.summary())
     return 1 if entries and report.count("downloaded") + report.count("exists") == 0 else 0
 
 
 def _scrape(args: argparse.Namespace) -> int:
+    from imgclf.datatools.download import DownloadInterrupted
     from imgclf.datatools.providers import ProviderError
-    from imgclf.datatools.scrape import parse_terms, scrape
+    from imgclf.datatools.scrape import URL_LIST_FILE, parse_terms, scrape
 
     _quiet_http_log()
     cfg = config_from_args(args)
@@ -49,6 +56,11 @@ def _scrape(args: argparse.Namespace) -> int:
     except ProviderError as e:
         print(f"imgclf: error: {e}", file=sys.stderr)
         return 2
+    except DownloadInterrupted as e:
+        print(e.report.summary())
+        url_list, out = shlex.quote(str(Path(args.out) / URL_LIST_FILE)), shlex.quote(args.out)
+        print(f"(or `imgclf download {url_list} --out {out}`, which does not search again)")
+        return INTERRUPTED
     print(report.summary())
     assert report.download is not None
     return 1 if report.download.count("downloaded") + report.download.count("exists") == 0 else 0

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import queue
+import threading
 from collections import Counter
-from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -26,7 +28,8 @@ SOURCES_FILE = "sources.tsv"
 FAILURES_FILE = "download_failures.tsv"
 SOURCES_COLUMNS = ("file", "label", "url", "source_page", "licence", "creator", "title", "note")
 JPEG_QUALITY = 90
-SAVED_EXTENSIONS = (".jpg", ".png")  # what :func:`save_image` writes
+MAX_NAME_BYTES = 255  # longest file or folder name of common file systems (ext4, APFS, NTFS)
+SAVED_EXTENSIONS = (".jpg", ".png")  # what :func:`prepare_image` makes
 # Tab and every character str.splitlines() ends a line at: none may stay inside a TSV cell.
 _TSV_BREAKS = frozenset("\t\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
 _FORMAT_EXT = {
@@ -45,12 +48,15 @@ class UrlEntry:
     """One line of a URL list: where to put the image, where to get it, and whom to credit."""
 
     label: str
-    url: str
+    url: str  # stored without surrounding whitespace: the file name is made from it
     source_page: str = ""
     licence: str = ""
     creator: str = ""
     title: str = ""
     note: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "url", clean_field(self.url))
 
 
 LIST_COLUMNS = tuple(f.name for f in fields(UrlEntry))
@@ -58,7 +64,8 @@ LIST_COLUMNS = tuple(f.name for f in fields(UrlEntry))
 
 @dataclass(frozen=True)
 class Outcome:
-    """What happened to one entry: downloaded, exists (skipped), duplicate (URL listed before) or failed."""
+    """What happened to one entry: downloaded, exists (skipped), duplicate (URL listed before), failed, or
+    not done (the run was interrupted)."""
 
     entry: UrlEntry
     status: str
@@ -93,7 +100,20 @@ class DownloadReport:
             kinds = Counter(_reason_kind(o.reason) for o in self.failures)
             lines.append("failures: " + ", ".join(f"{n} {k}" for k, n in kinds.most_common()))
             lines.append(f"  details: {self.out / FAILURES_FILE}")
+        if self.count("not done"):
+            lines.append(
+                f"interrupted: {self.count('not done')} URL(s) not done; the same command again resumes (the "
+                f"images stored so far are skipped, and listed in {self.out / SOURCES_FILE})"
+            )
         return "\n".join(lines)
+
+
+class DownloadInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`download`, raised once the files stored so far are in ``sources.tsv``."""
+
+    def __init__(self, report: DownloadReport) -> None:
+        super().__init__(report.summary())
+        self.report = report
 
 
 def _reason_kind(reason: str) -> str:
@@ -120,6 +140,11 @@ def check_label(label: str, where: str) -> str:
             f"{where}: label {label!r} cannot be a folder name "
             "(no '/', '\\', tabs, line breaks, leading '.' or empty labels); fix the label"
         )
+    if len(label.encode("utf-8")) > MAX_NAME_BYTES:
+        raise ValueError(
+            f"{where}: label {label[:40]!r}... is too long for a folder name ({len(label.encode('utf-8'))} bytes "
+            f"in UTF-8, file systems allow {MAX_NAME_BYTES}); shorten it"
+        )
     return label
 
 
@@ -131,8 +156,17 @@ def read_url_list(path: Path) -> list[UrlEntry]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"URL list not found: {path}")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        utf16 = " (it is UTF-16)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise ValueError(
+            f"{path} is not UTF-8 text{utf16}: byte {data[e.start]:#04x} at position {e.start} is not UTF-8; "
+            "save the file as UTF-8 (your editor's 'Save as' offers the encoding), then run the command again"
+        ) from e
     entries, errors = [], []
-    for n, line in enumerate(_tsv_lines(path.read_text(encoding="utf-8-sig")), 1):
+    for n, line in enumerate(_tsv_lines(text), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         cells = [c.strip() for c in line.split("\t")]
@@ -205,9 +239,41 @@ def _read_limited(response: httpx.Response, max_bytes: int) -> tuple[bytes, str]
     return bytes(buf), response.headers.get("content-type", "").split(";")[0].strip()
 
 
-def _decode(data: bytes, content_type: str, max_pixels: int, draft_to: int = 0) -> tuple[Image.Image, int, int]:
+class PixelBudget:
+    """Pixels decoded at once across threads: an image waits until its pixels fit in what is free; one larger
+    than the whole budget waits until it is all free, then decodes alone."""
+
+    def __init__(self, pixels: int) -> None:
+        self.pixels = pixels
+        self._free = pixels
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        """Take ``pixels`` (at most the whole budget) from the budget until the block ends."""
+        n = min(pixels, self.pixels)
+        with self._cond:
+            self._cond.wait_for(lambda: self._free >= n)
+            self._free -= n
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._free += n
+                self._cond.notify_all()
+
+
+# Decoded images take about 4 bytes per pixel, plus a working copy of a ninth while shrinking: at most
+# 100 Mpx at once bounds the download workers of a process to about 0.5 GB of image memory.
+DECODING = PixelBudget(100_000_000)
+
+
+def _decode(
+    data: bytes, content_type: str, max_pixels: int, draft_to: int = 0, held: ExitStack | None = None
+) -> tuple[Image.Image, int, int]:
     """The decoded image and its stored size; JPEGs larger than ``draft_to`` are decoded at reduced scale.
 
+    With ``held``, the pixels to decode are taken from :data:`DECODING` first, until ``held`` closes.
     Only the formats imgclf reads are decoded: other content (PostScript, icons) is "not an image"."""
     try:
         im = open_image(io.BytesIO(data))  # Pillow's pixel warning is off (see imgclf/__init__.py)
@@ -216,6 +282,8 @@ def _decode(data: bytes, content_type: str, max_pixels: int, draft_to: int = 0) 
             raise FetchError(f"too many pixels ({w}x{h} > {max_pixels / 1e6:g} Mpx; raise max_image_pixels)")
         if draft_to and im.format == "JPEG" and max(w, h) > draft_to:
             im.draft("RGB", (draft_to, draft_to))  # DCT scaling: less memory and time, same result
+        if held is not None:
+            held.enter_context(DECODING.hold(im.width * im.height))  # the size to decode, after draft()
         im.load()
     except FetchError:
         raise
@@ -230,26 +298,28 @@ def _decode(data: bytes, content_type: str, max_pixels: int, draft_to: int = 0) 
     return im, w, h
 
 
-def save_image(
+def prepare_image(
     data: bytes, content_type: str, out: Path, label: str, stem: str, cfg: DataToolsConfig, max_pixels: int
-) -> str:
-    """Check, orient, shrink and write one downloaded image; return its path relative to ``out``.
+) -> list[tuple[Path, bytes]]:
+    """Check, orient and shrink one downloaded image: the files to write, the image's own last.
 
     The bytes are kept as they are for JPEG/PNG files that need neither rotation nor resizing (also where
     their EXIF block is unreadable); other images are re-encoded: PNG where they have transparency, else JPEG,
-    unrotated where the EXIF block is unreadable. Existing files are never overwritten.
+    unrotated where the EXIF block is unreadable. The image's pixels are held in :data:`DECODING` from
+    decoding to encoding, which bounds the memory of concurrent downloads.
     """
-    im, w, h = _decode(data, content_type, max_pixels, cfg.max_side)
-    has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
-    needs_resize = cfg.max_side > 0 and max(w, h) > cfg.max_side
-    keep_bytes = not needs_resize and exif_orientation(im) == 1 and im.format in ("JPEG", "PNG")
-    if keep_bytes:
-        target, payload = out / label / f"{stem}{'.jpg' if im.format == 'JPEG' else '.png'}", data
-    else:
+    with ExitStack() as held:
+        im, w, h = _decode(data, content_type, max_pixels, cfg.max_side, held)
+        has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
+        needs_resize = cfg.max_side > 0 and max(w, h) > cfg.max_side
+        orientation = exif_orientation(im)
+        if not needs_resize and orientation == 1 and im.format in ("JPEG", "PNG"):
+            return [(out / label / f"{stem}{'.jpg' if im.format == 'JPEG' else '.png'}", data)]
         target = out / label / f"{stem}{'.png' if has_alpha else '.jpg'}"
         fmt = im.format
         icc = im.info.get("icc_profile")
-        im = upright(im, str(target))
+        if orientation != 1:  # only then: exif_transpose copies an image it need not turn
+            im = upright(im, str(target))
         if needs_resize:
             im.thumbnail((cfg.max_side, cfg.max_side), Image.Resampling.LANCZOS, reducing_gap=3.0)
         buf = io.BytesIO()
@@ -257,13 +327,12 @@ def save_image(
             im.convert("RGBA").save(buf, "PNG", icc_profile=icc)
         else:
             to_8bit(im).convert("RGB").save(buf, "JPEG", quality=JPEG_QUALITY, icc_profile=icc)
-        payload = buf.getvalue()
-        if cfg.keep_originals:
-            original = out / ORIGINALS_DIR / label / f"{stem}{_FORMAT_EXT.get(fmt or '', '.img')}"
-            if not original.exists():
-                _write_new(original, data)
-    _write_new(target, payload)
-    return target.relative_to(out).as_posix()
+    files = []
+    if cfg.keep_originals:
+        original = out / ORIGINALS_DIR / label / f"{stem}{_FORMAT_EXT.get(fmt or '', '.img')}"
+        if not original.exists():
+            files.append((original, data))
+    return [*files, (target, buf.getvalue())]
 
 
 def _write_new(path: Path, data: bytes) -> None:
@@ -273,6 +342,68 @@ def _write_new(path: Path, data: bytes) -> None:
     atomic_write_bytes(path, data)
 
 
+class _Run:
+    """What the workers of one download share: the outcomes so far, and a stop after which none writes."""
+
+    def __init__(self, workers: int) -> None:
+        self.stop = threading.Event()
+        self.outcomes: dict[str, Outcome] = {}
+        self.failed = 0
+        self._workers = workers
+        self._writing = 0
+        self._cond = threading.Condition()
+
+    def _add(self, outcome: Outcome) -> None:
+        self.outcomes[outcome.entry.url] = outcome
+        self.failed += outcome.status == "failed"
+        self._cond.notify_all()
+
+    def record(self, outcome: Outcome) -> None:
+        """Keep ``outcome``; dropped once stopped (the report is made)."""
+        with self._cond:
+            if not self.stop.is_set():
+                self._add(outcome)
+
+    def store(self, files: Sequence[tuple[Path, bytes]], outcome: Outcome) -> None:
+        """Write ``files`` (new files only) and keep ``outcome``, unless stopped; :meth:`halt` waits for the
+        stores under way, so that every file written is in the report."""
+        with self._cond:
+            if self.stop.is_set():
+                return
+            self._writing += 1
+        written = False
+        try:
+            for path, data in files:
+                _write_new(path, data)
+            written = True
+        finally:
+            with self._cond:
+                self._writing -= 1
+                if written:
+                    self._add(outcome)
+                self._cond.notify_all()
+
+    def leave(self) -> bool:
+        """A worker is done; True for the last one."""
+        with self._cond:
+            self._workers -= 1
+            self._cond.notify_all()
+            return not self._workers
+
+    def wait(self, seen: int) -> int:
+        """Wait for more than ``seen`` outcomes (or no worker left); the number of outcomes."""
+        with self._cond:
+            self._cond.wait_for(lambda: len(self.outcomes) > seen or not self._workers)
+            return len(self.outcomes)
+
+    def halt(self) -> dict[str, Outcome]:
+        """Stop: no file is written after this returns; the outcomes kept, by URL."""
+        with self._cond:
+            self.stop.set()
+            self._cond.wait_for(lambda: not self._writing)
+            return dict(self.outcomes)
+
+
 def _fetch_one(
     client: httpx.Client,
     entry: UrlEntry,
@@ -280,25 +411,52 @@ def _fetch_one(
     cfg: DataToolsConfig,
     max_pixels: int,
     earlier: dict[str, list[str]],
-) -> Outcome:
+    run: _Run,
+) -> None:
+    """Fetch, check and store one entry; its outcome goes to ``run``."""
     stem = file_stem(entry.url)
     existing = _existing(out, entry.label, stem, earlier)
     if existing:
         where = _class_of(existing)
         note = f"in class {where}, listed for {entry.label}" if where != entry.label else ""
-        return Outcome(entry, "exists", existing, note)
+        run.record(Outcome(entry, "exists", existing, note))
+        return
     policy = RetryPolicy(cfg.retries, cfg.backoff_s, cfg.max_backoff_s)
     max_bytes = int(cfg.max_download_mb * 1e6)
     try:
-        data, content_type = with_retries(client, entry.url, policy, lambda r: _read_limited(r, max_bytes))
-        saved = save_image(data, content_type, out, entry.label, stem, cfg, max_pixels)
-        return Outcome(entry, "downloaded", saved)
+        data, content_type = with_retries(
+            client, entry.url, policy, lambda r: _read_limited(r, max_bytes), stop=run.stop
+        )
+        files = prepare_image(data, content_type, out, entry.label, stem, cfg, max_pixels)
+        run.store(files, Outcome(entry, "downloaded", files[-1][0].relative_to(out).as_posix()))
     except FetchError as e:
-        return Outcome(entry, "failed", reason=str(e))
-    except OSError as e:  # disk full, permissions: name the folder
-        return Outcome(entry, "failed", reason=f"cannot write under {out / entry.label} ({e.strerror or e})")
+        run.record(Outcome(entry, "failed", reason=str(e)))
+    except OSError as e:  # disk full, permissions: say why, and name the folder
+        run.record(Outcome(entry, "failed", reason=f"cannot write: {e.strerror or e} (in {out / entry.label})"))
     except Exception as e:  # noqa: BLE001 - one odd file (e.g. malformed EXIF) must not stop a long run
-        return Outcome(entry, "failed", reason=f"unexpected error ({type(e).__name__}: {e})")
+        run.record(Outcome(entry, "failed", reason=f"unexpected error ({type(e).__name__}: {e})"))
+
+
+def _work(
+    client: httpx.Client,
+    todo: queue.SimpleQueue[UrlEntry],
+    out: Path,
+    cfg: DataToolsConfig,
+    max_pixels: int,
+    earlier: dict[str, list[str]],
+    run: _Run,
+) -> None:
+    """One worker: entries from ``todo`` until none is left or the run stops; the last one closes ``client``."""
+    try:
+        while not run.stop.is_set():
+            try:
+                entry = todo.get_nowait()
+            except queue.Empty:
+                return
+            _fetch_one(client, entry, out, cfg, max_pixels, earlier, run)
+    finally:
+        if run.leave():
+            client.close()
 
 
 def _plan(entries: Sequence[UrlEntry]) -> tuple[list[UrlEntry], dict[int, Outcome]]:
@@ -331,34 +489,44 @@ def download(
     """Download every entry into ``out/<label>/``; write ``sources.tsv`` and ``download_failures.tsv`` there.
 
     Files already present are skipped (the run resumes), never overwritten, also where they were moved to
-    another class folder or quarantined; each URL is fetched once.
+    another class folder or quarantined; each URL is fetched once. On Ctrl-C, no request is started or
+    retried any more, requests under way are abandoned (the workers are daemon threads), the reports are
+    written for the files stored so far and DownloadInterrupted is raised.
     """
     out = Path(out)
     make_folder(out, "data folder", "--out")
     todo, outcomes_by_index = _plan(entries)
     earlier = _earlier_downloads(out)
-    results: dict[str, Outcome] = {}
-    with make_client(cfg.timeout_s, cfg.download_workers) as client:
-        pool = ThreadPoolExecutor(max_workers=cfg.download_workers, thread_name_prefix="imgclf-download")
-        try:
-            futures = [pool.submit(_fetch_one, client, e, out, cfg, max_pixels, earlier) for e in todo]
-            bar_off = None if progress else True  # None: on where the output is a terminal
-            failed = 0
-            with tqdm(total=len(futures), unit="img", desc="download", disable=bar_off) as bar:
-                for fut in as_completed(futures):
-                    o = fut.result()
-                    results[o.entry.url] = o
-                    failed += o.status == "failed"
-                    bar.update()
-                    bar.set_postfix(failed=failed, refresh=False)
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+    workers = min(cfg.download_workers, len(todo))
+    run = _Run(workers)
+    work: queue.SimpleQueue[UrlEntry] = queue.SimpleQueue()
+    for e in todo:
+        work.put(e)
+    interrupted = False
+    try:
+        if workers:
+            client = make_client(cfg.timeout_s, workers)
+            for i in range(workers):
+                args = (client, work, out, cfg, max_pixels, earlier, run)
+                threading.Thread(target=_work, args=args, name=f"imgclf-download-{i}", daemon=True).start()
+        bar_off = None if progress else True  # None: on where the output is a terminal
+        with tqdm(total=len(todo), unit="img", desc="download", disable=bar_off) as bar:
+            done = 0
+            while done < len(todo) and (now := run.wait(done)) > done:  # not more: no worker is left
+                bar.set_postfix(failed=run.failed, refresh=False)
+                bar.update(now - done)
+                done = now
+    except KeyboardInterrupt:
+        interrupted = True
+    results = run.halt()
     first_index = {e.url: i for i, e in reversed(list(enumerate(entries)))}
-    for url, o in results.items():
-        outcomes_by_index[first_index[url]] = o
+    for e in todo:
+        outcomes_by_index[first_index[e.url]] = results.get(e.url) or Outcome(e, "not done")
     report = DownloadReport(out, [outcomes_by_index[i] for i in sorted(outcomes_by_index)])
     _update_sources(out, report.outcomes)
     _write_failures(out, report.failures)
+    if interrupted:
+        raise DownloadInterrupted(report)
     return report
 
 

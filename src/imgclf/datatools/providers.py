@@ -106,8 +106,8 @@ class Provider(ABC):
                     raise FetchError(f"answer larger than {MAX_JSON_BYTES / 1e6:g} MB")
             try:
                 data = json.loads(body)
-            except ValueError as e:
-                raise FetchError(f"answer is not JSON ({e})") from e
+            except (ValueError, RecursionError) as e:  # RecursionError: arrays nested thousands deep
+                raise FetchError(f"answer is not JSON ({type(e).__name__}: {e})") from e
             if not isinstance(data, dict):
                 raise FetchError("answer is not a JSON object")
             return data

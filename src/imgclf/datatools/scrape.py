@@ -9,25 +9,39 @@ from pathlib import Path
 from tqdm import tqdm
 
 from imgclf.config import DataToolsConfig
-from imgclf.datatools.download import DownloadReport, UrlEntry, check_label, download, write_url_list
+from imgclf.datatools.download import (
+    DownloadReport,
+    UrlEntry,
+    check_label,
+    download,
+    read_url_list,
+    write_url_list,
+)
 from imgclf.datatools.fetch import RetryPolicy, make_client
 from imgclf.datatools.providers import Provider, ProviderError, make_provider
+from imgclf.utils import make_folder
 
 URL_LIST_FILE = "urls.tsv"
 
 
 @dataclass
 class ScrapeReport:
-    """The URL list written, searches that failed (query, reason) and the download's outcome."""
+    """The URL list written (the ``kept`` entries of an earlier list first), the number of distinct URLs
+    ``found`` by this run's searches, searches that failed (query, reason) and the download's outcome."""
 
     url_list: Path
     entries: list[UrlEntry]
+    found: int
+    kept: int = 0
     search_failures: list[tuple[str, str]] = field(default_factory=list)
     download: DownloadReport | None = None
     attributes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        lines = [f"{len(self.entries)} distinct image URLs found; list: {self.url_list}"]
+        line = f"{self.found} distinct image URLs found; list: {self.url_list}"
+        if self.kept:
+            line += f" ({self.kept} entries of earlier runs kept, {len(self.entries) - self.kept} new added)"
+        lines = [line]
         lines += [f"search failed: {reason}" for _, reason in self.search_failures]
         listed = {e.label for e in self.entries}
         lines += [
@@ -57,7 +71,9 @@ def build_queries(items: Sequence[str], attributes: Sequence[str]) -> list[tuple
 def collect(
     provider: Provider, queries: Sequence[tuple[str, str]], per_query: int, progress: bool = False
 ) -> tuple[list[UrlEntry], list[tuple[str, str]]]:
-    """Search every query; each URL is listed once, under the first query's label, later finds noted."""
+    """Search every query; each URL is listed once, under the first query's label, later finds noted.
+
+    A failed search (whatever the error) is a failure of its query only; results without a URL are dropped."""
     found: dict[str, tuple[UrlEntry, list[str]]] = {}
     failures = []
     for query, label in tqdm(queries, unit="query", desc="search", disable=None if progress else True):
@@ -66,12 +82,17 @@ def collect(
         except ProviderError as e:
             failures.append((query, str(e)))
             continue
+        except Exception as e:  # noqa: BLE001 - one odd answer (or a provider's bug) must not lose the others
+            failures.append((query, f"{provider.name} search for {query!r} failed: {type(e).__name__}: {e}"))
+            continue
         for r in results:
-            if r.url in found:
-                found[r.url][1].append(f"also found for {query!r}")
+            entry = UrlEntry(label, r.url, r.source_page, r.licence, r.creator, r.title)  # URL trimmed here
+            if not entry.url:
+                continue
+            if entry.url in found:
+                found[entry.url][1].append(f"also found for {query!r}")
             else:
-                entry = UrlEntry(label, r.url, r.source_page, r.licence, r.creator, r.title)
-                found[r.url] = (entry, [f"query {query!r}"])
+                found[entry.url] = (entry, [f"query {query!r}"])
     entries = [
         UrlEntry(e.label, e.url, e.source_page, e.licence, e.creator, e.title, "; ".join(dict.fromkeys(notes)))
         for e, notes in found.values()
@@ -88,12 +109,18 @@ def scrape(
     progress: bool = True,
     provider: Provider | None = None,
 ) -> ScrapeReport:
-    """Search, write ``<out>/urls.tsv``, then download into ``<out>/<attribute>/`` (see :func:`download`).
+    """Search, add the URLs found to ``<out>/urls.tsv``, then download that list into ``<out>/<attribute>/``.
 
-    Raises ProviderError when every search failed (nothing to download).
+    An earlier ``urls.tsv`` is kept: its entries stay first, URLs it lacks are appended, and the whole list
+    is downloaded (see :func:`download`: files already there are skipped, earlier failures are tried again).
+    The folder and the earlier list are checked before searching. Raises ProviderError when every search
+    failed (nothing to download; the list is left as it was).
     """
     out = Path(out)
     queries = build_queries(items, attributes)
+    make_folder(out, "data folder", "--out")
+    url_list = out / URL_LIST_FILE
+    earlier = _earlier_list(url_list) if url_list.exists() else []
     with make_client(cfg.timeout_s) as client:
         provider = provider or make_provider(
             cfg.provider, client, cfg.provider_url, RetryPolicy(cfg.retries, cfg.backoff_s, cfg.max_backoff_s)
@@ -101,7 +128,20 @@ def scrape(
         entries, failures = collect(provider, queries, cfg.per_query, progress)
     if len(failures) == len(queries):
         raise ProviderError(f"every search failed, nothing downloaded; first error: {failures[0][1]}")
-    report = ScrapeReport(out / URL_LIST_FILE, entries, failures, attributes=list(attributes))
-    write_url_list(report.url_list, entries)
-    report.download = download(entries, out, cfg, max_pixels, progress)
+    listed = {e.url for e in earlier}
+    merged = [*earlier, *(e for e in entries if e.url not in listed)]
+    report = ScrapeReport(url_list, merged, len(entries), len(earlier), failures, attributes=list(attributes))
+    write_url_list(url_list, merged)
+    report.download = download(merged, out, cfg, max_pixels, progress)
     return report
+
+
+def _earlier_list(path: Path) -> list[UrlEntry]:
+    """The entries of the URL list an earlier scrape left at ``path``; ValueError saying what to do."""
+    try:
+        return read_url_list(path)
+    except ValueError as e:
+        raise ValueError(
+            f"{path}, the URL list of an earlier scrape (new results are added to it), cannot be read; fix it, "
+            f"or give another --out: {e}"
+        ) from e
