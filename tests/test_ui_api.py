@@ -562,6 +562,25 @@ def test_images_are_shown_up_to_the_configured_pixel_limit(tmp_path: Path, monke
         assert client.get("/api/image", params={"path": "a/scan.tif"}).status_code == 200
 
 
+def test_ui_offers_only_the_settings_its_analysis_uses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--backbone auto` started the app and failed in the analysis; `--classifier dnn` was taken and ignored."""
+    from imgclf.cli import main
+
+    monkeypatch.setattr(uvicorn, "run", lambda app, **_: None)
+
+    root = make_folder(tmp_path / "d", classes=("a", "b"), n=1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    assert main(["ui", str(root), "--no-analysis", "--port", port, "--backbone", "auto"]) == 2
+    assert "the review app takes a backbone name, not auto" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["ui", str(root), "--classifier", "dnn"])
+    assert "unrecognized arguments: --classifier dnn" in capsys.readouterr().err
+
+
 def test_thumbnails_are_shown_when_their_cache_cannot_be_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -9,14 +9,19 @@ from pathlib import Path
 from imgclf.cli import add_config_args, host_name, port_number
 from imgclf.utils import ensure_port_free, only_local_hosts
 
-UI_SECTIONS = ("backbone", "features", "classifier", "data.max_image_pixels")
+# the analysis fits the linear SVM head whatever a run's classifier: only its settings are offered
+UI_SECTIONS = (
+    *("backbone", "features", "data.max_image_pixels"),
+    *(f"classifier.{name}" for name in ("l2_normalize", "svm_c_grid", "cv_folds", "class_weight")),
+)
 
 
 def _ui(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from imgclf.backbones import BackboneError
     from imgclf.bundle import Bundle
-    from imgclf.config import Config
+    from imgclf.config import AUTO_BACKBONE, Config
     from imgclf.ui.app import create_app
 
     ensure_port_free(args.host, args.port)
@@ -35,6 +40,11 @@ def _ui(args: argparse.Namespace) -> int:
             backbone = bundle.build_backbone()
     flat = {k.removeprefix("cfg__"): v for k, v in vars(args).items() if k.startswith("cfg__")}
     cfg = base.updated(**flat, data_root=Path(args.data_dir))
+    if cfg.backbone.backbone == AUTO_BACKBONE and backbone is None:
+        raise BackboneError(
+            "the review app takes a backbone name, not auto (which train chooses by cross-validation): give "
+            "--backbone NAME (e.g. efficientnet_lite0) or --run a run folder, whose backbone it uses"
+        )
     app = create_app(
         Path(args.data_dir),
         Path(args.run) if args.run else None,
