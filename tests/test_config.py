@@ -232,3 +232,26 @@ def test_verbose_keeps_the_message_and_exit_status_of_an_input_error(capsys: pyt
     assert main(["-v", "config", "--train-fraction", "2"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err and "imgclf: error: data.train_fraction = 2.0 (--train-fraction)" in err
+
+
+def test_help_shows_the_defaults_each_command_uses(capsys: pytest.CaptureFixture[str]):
+    """predict's help said `--flip-tta [default: false]` while it follows the run; demo's `--out` said
+    runs/latest while it writes runs/demo."""
+    import re
+
+    def help_of(*command: str) -> str:
+        with pytest.raises(SystemExit):
+            main([*command, "--help"])
+        return " ".join(capsys.readouterr().out.split("options:", 1)[1].split())  # after the usage lines
+
+    def default(text: str, flag: str) -> str:
+        return re.search(rf"{flag}[ ,].*?\[default: ([^\]]*)\]", text).group(1)
+
+    for command in ("predict", "evaluate"):
+        text = help_of(command)
+        assert default(text, "--flip-tta") == default(text, "--precision") == "the run's"
+    serve = help_of("serve")
+    assert default(serve, "--flip-tta") == "the run's" and default(serve, "--port") == "8000"
+    assert default(help_of("demo"), "--out") == '"runs/demo"'
+    assert default(help_of("train"), "--out") == '"runs/latest"'
+    assert default(help_of("train"), "--flip-tta") == "false"

@@ -6,6 +6,7 @@ import argparse
 import difflib
 import errno
 import importlib
+import json
 import logging
 import os
 import sys
@@ -47,11 +48,18 @@ def _arg_type(annotation: Any) -> dict[str, Any]:
 
 
 def add_config_args(
-    parser: argparse.ArgumentParser, sections: Sequence[str] | None = None, exclude: Sequence[str] = ()
+    parser: argparse.ArgumentParser,
+    sections: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
+    base: Config | None = None,
+    from_run: bool | Sequence[str] = False,
 ) -> None:
     """Add ``--config FILE`` and one flag per configuration field of ``sections``: a section's name adds all
     its fields, ``section.field`` one (a command offers only the flags it uses); ``None`` adds every field.
-    ``exclude``: ``section.field`` names left out (a field the command takes as an argument instead)."""
+    ``exclude``: ``section.field`` names left out (a field the command takes as an argument instead). The help
+    shows the defaults of ``base`` (default: ``Config()``), or "the run's" for the fields the command takes
+    from a trained run (``from_run``: all of them, or these ``section.field`` names)."""
+    shown = base.model_dump(mode="json") if base is not None else None
     parser.add_argument(
         "--config",
         metavar="FILE",
@@ -69,6 +77,10 @@ def add_config_args(
         kwargs = _arg_type(annotation)
         if "choices" not in kwargs and annotation is not bool:
             kwargs["metavar"] = name.upper()
+        if from_run is True or (from_run and f"{section}.{name}" in from_run):
+            default = "the run's"
+        elif shown is not None:
+            default = json.dumps(shown[section][name])
         group.add_argument(
             *flags, dest=f"cfg__{name}", default=argparse.SUPPRESS, help=f"{help_text} [default: {default}]", **kwargs
         )

@@ -12,6 +12,7 @@ CORE_SECTIONS = (
     *("data", "backbone", "features", "classifier", "finetune", "tracking", "output"),
     *(f"datatools.{name}" for name in ("hash_size", "max_distance", "fail_on_leak")),  # the leak check's
 )
+DEMO_BASE = Config().updated(out=Path("runs/demo"))  # the demo's run folder
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -59,7 +60,7 @@ def _demo(args: argparse.Namespace) -> int:
     from imgclf.data.demo import generate_demo_dataset
     from imgclf.pipeline import train
 
-    cfg = config_from_args(args, Config().updated(out=Path("runs/demo")))
+    cfg = config_from_args(args, DEMO_BASE)
     data = generate_demo_dataset(
         args.data, n_per_class=args.n_per_class, seed=args.demo_seed, progress=cfg.output.progress
     )
@@ -83,7 +84,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=argparse.SUPPRESS,
         help="The data folder, where it has moved since training. [default: the run's]",
     )
-    add_config_args(p, ("features", "tracking", "output.progress"))
+    add_config_args(p, ("features", "tracking", "output.progress"), from_run=True)
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("predict", help="Classify images with a trained model.")
@@ -91,12 +92,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="+", help="Image files, folders (searched recursively) or .txt lists of paths.")
     p.add_argument("--top-k", type=positive_int, default=3, help="Labels shown per image (1 or more).")
     p.add_argument("--csv", help="Also write the predictions to this CSV file.")
-    add_config_args(p, ("features", "output.progress"))
+    add_config_args(p, ("features", "output.progress"), from_run=True)
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("demo", help="Generate the built-in texture data set and train on it.")
     p.add_argument("--data", default="demo-data", help="Folder for the generated images.")
     p.add_argument("--n-per-class", type=positive_int, default=60, help="Generated images per class.")
     p.add_argument("--demo-seed", type=non_negative_int, default=0, help="Seed of the generator.")
-    add_config_args(p, CORE_SECTIONS, exclude=("data.data_root",))  # --data instead
+    add_config_args(p, CORE_SECTIONS, exclude=("data.data_root",), base=DEMO_BASE)  # --data instead
     p.set_defaults(func=_demo)
