@@ -97,7 +97,7 @@ class FeatureConfig(_Section):
     """How features are computed and cached."""
 
     runtime: Literal["auto", "openvino", "onnxruntime", "torch"] = Field(
-        "auto", description="Inference engine for features: auto = openvino if installed, else torch."
+        "auto", description="Inference engine for features: auto = openvino on a CPU where installed, else torch."
     )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
@@ -106,7 +106,9 @@ class FeatureConfig(_Section):
     )
     device: str = Field("auto", description="torch device: auto (cuda if present, else cpu), cpu, cuda, cuda:1...")
     batch_size: int = Field(32, ge=1, description="Images per forward pass.")
-    workers: int = Field(0, ge=0, description="Decoding threads and inference threads; 0 = number of CPU cores.")
+    workers: int = Field(
+        0, ge=0, description="Decoding threads and inference threads; 0 = the CPU cores this process may use."
+    )
     cache_dir: Path | None = Field(None, description="Feature cache folder; default $IMGCLF_CACHE or ~/.cache/imgclf.")
     use_cache: bool = Field(
         True,

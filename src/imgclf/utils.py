@@ -203,8 +203,8 @@ def run_folder_lock(run_dir: Path) -> Iterator[None]:
         return
     except Timeout:
         raise FolderInUse(
-            f"the run folder {run_dir} is in use by another imgclf train or evaluate: wait for it to end, "
-            "or give another --out"
+            f"the run folder {run_dir} is in use by another imgclf train or evaluate: wait for it to end "
+            "(or train into another --out)"
         ) from None
     try:
         yield
