@@ -236,6 +236,22 @@ def test_a_failed_train_leaves_no_model_to_use_and_a_foreign_folder_is_refused(r
     assert main(["train", str(data), *args[2:], "--out", str(logged)]) == 0 and (logged / "model").is_dir()
 
 
+def test_a_run_that_does_not_fine_tune_drops_an_earlier_fine_tuning(run, tmp_path):
+    """An svm train (even with --resume) into a fine-tuned run's folder kept its curves, which were recorded
+    with the new run, and its checkpoint and image cache (54 MB and ~200 KB an image)."""
+    import shutil
+
+    data, result, _ = run
+    folder = shutil.copytree(result.run_dir, tmp_path / "run")
+    planted = ["finetune_log.csv", "finetune_curves.png", "finetune_ckpt.pt", "finetune_cache/0.npy"]
+    for name in planted:
+        (folder / name).parent.mkdir(exist_ok=True)
+        (folder / name).write_bytes(b"an earlier fine-tuning")
+    args = ["--out", str(folder), "--no-tracking", "--no-progress", "--resolution", "64", "--cv-folds", "3"]
+    assert main(["train", str(data), *args, "--resume"]) == 0
+    assert not [name for name in planted if (folder / name.split("/")[0]).exists()]
+
+
 def test_a_run_folder_in_use_is_refused(run, tmp_path, capsys):
     from imgclf.utils import run_folder_lock
 

@@ -43,11 +43,13 @@ LOGGED_MAX = 20  # skipped files and notes printed; all of them go to the report
 # Results an earlier run in the same folder may have left that a new run does not always rewrite.
 FINETUNE_OUTPUTS = ("finetune_log.csv", "finetune_curves.png")
 EARLIER_OUTPUTS = ("leaks.csv", "label_conflicts.csv", *FINETUNE_OUTPUTS, "train_metrics.json", "train_predictions.csv")
+# What fine-tuning keeps for --resume: its decoded-image cache (only after an interruption) and checkpoint.
+FINETUNE_STATE = ("finetune_cache", "finetune_ckpt.pt")
 # What a train writes into its run folder (besides hidden files): an --out holding any of them and no run is refused.
 RUN_OUTPUTS = (
     *EARLIER_OUTPUTS,
     *("split.csv", "config.json", "metrics.json", "predictions.csv", "report.html", "report.md", "evaluation.png"),
-    *(BUNDLE_DIR, "finetune_cache", "finetune_ckpt.pt"),
+    *(BUNDLE_DIR, *FINETUNE_STATE),
 )
 
 
@@ -207,13 +209,14 @@ def _write_pairs(path: Path, header: tuple[str, str, str], rows: list[tuple[str,
 
 def _remove_earlier_outputs(run_dir: Path, resuming: bool) -> None:
     """Remove the results of an earlier run in ``run_dir`` that this run might not replace (stale curves, leaks);
-    ``resuming`` an interrupted fine-tuning keeps its log and curves."""
+    ``resuming`` a fine-tuning keeps its log, curves, checkpoint and image cache, any other run drops them."""
     kept: tuple[str, ...] = ()
     if resuming:
         from imgclf.finetune.trainer import CKPT_NAME
 
-        kept = FINETUNE_OUTPUTS if (run_dir / CKPT_NAME).is_file() else ()
-    earlier = [run_dir / name for name in EARLIER_OUTPUTS if name not in kept and (run_dir / name).is_file()]
+        kept = (*FINETUNE_OUTPUTS, *FINETUNE_STATE) if (run_dir / CKPT_NAME).is_file() else ()
+    earlier = [run_dir / name for name in (*EARLIER_OUTPUTS, *FINETUNE_STATE) if name not in kept]
+    earlier = [p for p in earlier if p.is_file() or p.is_dir()]
     if (run_dir / BUNDLE_DIR / "bundle.json").is_file() and not resuming:
         log.info("run folder %s holds an earlier run: this one replaces it (--out elsewhere keeps both)", run_dir)
     if earlier:
@@ -221,7 +224,10 @@ def _remove_earlier_outputs(run_dir: Path, resuming: bool) -> None:
             "run folder %s: removing results of the earlier run there: %s", run_dir, ", ".join(p.name for p in earlier)
         )
     for p in earlier:
-        p.unlink()
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
     for leftover in run_dir.glob(f".{BUNDLE_DIR}.*"):  # a model folder being written when a run was killed
         if leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
@@ -328,7 +334,7 @@ def _train(cfg: Config, run_dir: Path, t0: float) -> RunResult:
         )
     # from here until the model is saved the folder mixes two runs: nothing reads a model from it meanwhile
     atomic_write_text(run_dir / INCOMPLETE, "imgclf train is writing this run folder\n")
-    _remove_earlier_outputs(run_dir, cfg.finetune.resume)
+    _remove_earlier_outputs(run_dir, cfg.finetune.resume and fine_tunes)
     save_split(run_dir / "split.csv", ds, split)
     cfg = cfg.updated(data_root=ds.root)
     cfg.save(run_dir / "config.json")
