@@ -301,7 +301,7 @@ def test_evaluate_after_the_data_folder_moved(run, tmp_path, capsys, caplog):
     assert train_metrics["data_root"] == str(tmp_path / "renamed") and train_metrics["n_test"] > 0
 
 
-def test_predict_api_and_cli(run, tmp_path, capsys):
+def test_predict_api_and_cli(run, tmp_path, capsys, monkeypatch):
     data, result, _ = run
     one = sorted((data / "circles").glob("circles_*.jpg"))[0]
     classes, (only,) = predict(result.run_dir, one)  # one path, not a list: not read letter by letter
@@ -354,6 +354,21 @@ def test_predict_api_and_cli(run, tmp_path, capsys):
     assert main(["predict", str(result.run_dir), str(listing), "--csv", str(listing), "--no-progress"]) == 2
     assert "that is an input, not overwritten" in capsys.readouterr().err
     assert [p.read_bytes() for p in pair] == before and "circles_01.jpg" in listing.read_text()
+    # `imgclf predict ... --csv f | head -1`: the reader gone, the printing stops; the CSV is written first
+    import builtins
+
+    from imgclf.cli import build_parser
+    from imgclf.commands import _predict
+
+    def gone(*args: object, **kwargs: object) -> None:
+        raise BrokenPipeError
+
+    out_csv.unlink()
+    with monkeypatch.context() as m:
+        m.setattr(builtins, "print", gone)
+        with pytest.raises(BrokenPipeError):
+            _predict(build_parser().parse_args(["predict", str(result.run_dir), str(listing), "--csv", str(out_csv)]))
+    assert len(list(csv.DictReader(out_csv.open()))) == 2
     # a file name that is not UTF-8 (possible on Linux) is classified and shown with \x escapes
     odd = tmp_path / "odd"
     odd.mkdir()
