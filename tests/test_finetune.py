@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import itertools
 import logging
 import math
 from pathlib import Path
@@ -62,10 +63,11 @@ def test_dnn_end_to_end(demo: Path, tmp_path: Path) -> None:
     res = train(_cfg(demo, tmp_path / "run"))
     run = res.run_dir
     rows = _log(run)
-    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]  # epoch 0: the linear probe, validated only
     assert set(rows[0]) == {"epoch", "lr", "train_loss", "train_error", "val_loss", "val_error", "img_per_s", "seconds"}
+    assert math.isfinite(float(rows[0]["val_loss"])) and math.isnan(float(rows[0]["train_loss"]))
     lr = res.bundle.config["finetune"]["lr"]
-    assert all(0 < float(r["lr"]) <= lr for r in rows)  # the mean rate each epoch used, the last one's too
+    assert all(0 < float(r["lr"]) <= lr for r in rows[1:])  # the mean rate each epoch used, the last one's too
     assert (run / "finetune_curves.png").stat().st_size > 0
     assert not (run / "finetune_cache").exists()
     assert res.metrics["overall_accuracy"] >= 4 / 6  # three textures, two test images each (chance: 1/3)
@@ -97,7 +99,7 @@ def test_bf16_autocast_trains_on_cpu(demo: Path, tmp_path: Path, caplog: pytest.
     assert "training precision: bf16 autocast" in caplog.text
     assert "validation images choose the best epoch and stop early" in caplog.text  # the demo's few images
     rows = _log(res.run_dir)
-    assert len(rows) == 1 and math.isfinite(float(rows[0]["train_loss"])) and math.isfinite(float(rows[0]["val_loss"]))
+    assert len(rows) == 2 and math.isfinite(float(rows[1]["train_loss"])) and math.isfinite(float(rows[1]["val_loss"]))
     _, preds = predict(res.run_dir, [demo])
     probs = np.array([p.scores for p in preds])
     assert np.isfinite(probs).all() and np.allclose(probs.sum(1), 1.0, atol=1e-3)
@@ -205,6 +207,7 @@ def test_resume_after_interruption(demo: Path, tmp_path: Path, monkeypatch: pyte
     with pytest.raises(KeyboardInterrupt):
         train(cfg)
     assert (tmp_path / "run" / "finetune_ckpt.pt").exists()
+    assert any((tmp_path / "run" / "finetune_cache").iterdir())  # kept for --resume (docs/finetuning.md, step 2)
     monkeypatch.setattr(imgclf.finetune, "finetune", original)
     with pytest.raises(ValueError, match=r"another fine-tuning run \(epochs 3 -> 4, lr 0.001 -> 0.002\)"):
         train(cfg.updated(resume=True, epochs=4, lr=0.002))  # the schedule depends on both: no continuing
@@ -217,7 +220,7 @@ def test_resume_after_interruption(demo: Path, tmp_path: Path, monkeypatch: pyte
     (tmp_path / "run" / "leaks.csv").write_text("left by an earlier run\n")
     res = train(cfg.updated(resume=True))
     rows = _log(res.run_dir)
-    assert [int(r["epoch"]) for r in rows] == [1, 2, 3] and not (tmp_path / "run" / "leaks.csv").exists()
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3] and not (tmp_path / "run" / "leaks.csv").exists()
     _, preds = predict(res.run_dir, [demo])
     assert all(p.scores is not None for p in preds)
 
@@ -273,7 +276,7 @@ def test_a_diverged_run_keeps_the_linear_probe_and_stops_early(
     epochs past the kept one end the run."""
     with caplog.at_level(logging.INFO, logger="imgclf"):
         res = train(_cfg(demo, tmp_path / "run", epochs=5, lr=50.0, early_stopping=2, val_fraction=0.3))
-    assert [int(r["epoch"]) for r in _log(res.run_dir)] == [1, 2]  # stopped two epochs past epoch 0
+    assert [int(r["epoch"]) for r in _log(res.run_dir)] == [0, 1, 2]  # stopped two epochs past epoch 0
     assert "early stopping: no validation gain for 2 epochs" in caplog.text
     assert "fine-tuning: best epoch 0 of 2" in caplog.text
     assert res.metrics["overall_accuracy"] >= 4 / 6  # the probe's network, not the diverged one
@@ -397,3 +400,196 @@ def test_time_left_reads_easily() -> None:
     from imgclf.finetune.trainer import _duration
 
     assert [_duration(s) for s in (7.4, 89, 95, 3599, 3900)] == ["7 s", "89 s", "2 min", "1 h 00 min", "1 h 05 min"]
+
+
+# Validation (error, loss) of the default `dnn` run on hymenoptera (24 validation images, 12 per class), per
+# epoch from 0 (the linear probe, from the run's log) to 8: /tmp/exp11 and /tmp/exp14 logged the same numbers.
+HYMENOPTERA_SCORES = [
+    (0.0, 0.038),
+    (0.0, 0.0189075),
+    (0.0, 0.0140324),
+    (0.0, 0.0123317),
+    (0.0, 0.0125529),
+    (0.0, 0.0095462),
+    (0.0, 0.0156238),
+    (0.0, 0.0193725),
+    (0.0, 0.0192913),
+]
+
+
+def _noise_rule(scores: list[tuple[float, float]], n: int, tolerance: float) -> int:
+    """The best-epoch rule as it was: the latest epoch within noise of the lowest error."""
+    low = min(error for error, _ in scores)
+    return max(i for i, (error, _) in enumerate(scores) if within_noise(error, low, n, tolerance))
+
+
+def test_the_best_epoch_is_chosen_as_before_on_real_validation_parts() -> None:
+    """Validation parts of 24-100 images, errors far below chance, finite losses: the choice is the latest
+    epoch within noise of the lowest error, as it was."""
+    from imgclf.finetune.trainer import choose_epoch
+
+    for scores in (HYMENOPTERA_SCORES, HYMENOPTERA_SCORES[1:]):  # with the probe, and without (as logged)
+        chosen = [choose_epoch(scores[:k], 24, 1.0, 0.5, 2) for k in range(1, len(scores) + 1)]
+        assert chosen == list(range(len(scores)))  # each epoch kept as it came: epoch 8 at the end, no early stop
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        n, n_classes = int(rng.integers(24, 101)), int(rng.choice([2, 5]))
+        errors = rng.binomial(n, rng.uniform(0, 0.15), size=int(rng.integers(2, 10))) / n
+        # losses within twice the lowest (hymenoptera's: up to 2.03x), or within 0.15 of it
+        low = rng.uniform(0.005, 0.6)
+        losses = low * rng.uniform(1, 2, len(errors)) if low > 0.15 else low + rng.uniform(0, 0.15, len(errors))
+        scores = [(float(e), float(loss)) for e, loss in zip(errors, losses, strict=True)]
+        assert choose_epoch(scores, n, 1.0, 1 - 1 / n_classes, n_classes) == _noise_rule(scores, n, 1.0)
+
+
+def test_a_diverged_epoch_is_never_within_noise_of_a_better_one() -> None:
+    """docs/finetuning.md step 5: on 2-3 validation images one image of slack is chance level; an epoch
+    there, or with a loss far above the best one's or not finite, is not kept in place of a better one."""
+    from imgclf.finetune.trainer import chance_error, choose_epoch
+
+    # the demo run (12 images a class, --lr 0.01) kept epoch 1 and tested at 66.7 %; --lr 0.001: 100 %
+    assert choose_epoch([(0.0, 0.299), (1 / 3, 5.247), (2 / 3, 2.1)], 3, 1.0, 2 / 3, 3) == 0
+    assert choose_epoch([(0.0, 0.246), (1 / 3, 0.797), (1 / 3, 0.72)], 3, 1.0, 2 / 3, 3) == 0  # another demo set
+    assert choose_epoch([(0.0, 0.114), (0.5, 3.3e7), (0.5, 1.0e6)], 2, 1.0, 0.5, 2) == 0  # sgd --lr 1e30
+    assert choose_epoch([(0.0, 0.114), (0.5, 0.4)], 2, 1.0, 0.5, 2) == 0  # at chance, even with a low loss
+    assert choose_epoch([(0.0, 0.2), (0.0, math.nan), (0.0, math.inf)], 24, 1.0, 0.5, 2) == 0
+    assert choose_epoch([(0.5, math.nan)], 2, 1.0, 0.5, 2) is None
+    assert choose_epoch([(0.0, 0.364), (0.25, 0.662)], 4, 1.0, 0.5, 3) == 1  # one image of 4: noise still
+    assert choose_epoch([(0.1, 0.3), (0.05, 2.0)], 40, 1.0, 0.5, 2) == 1  # a lower error wins, whatever its loss
+    assert chance_error(np.array([0, 0, 1])) == pytest.approx(1 / 3)
+    assert chance_error(np.array([0, 0, 1]), balanced=True) == 0.5
+    # the trainer keeps only the latest state: an added epoch is chosen or leaves the choice as it was
+    rng = np.random.default_rng(1)
+    for _ in range(2000):
+        n, n_classes = int(rng.integers(2, 30)), int(rng.integers(2, 6))
+        losses = rng.choice([0.05, 0.5, 2.0, 8.0, math.nan, math.inf], size=8) * rng.uniform(0.5, 1.5, 8)
+        scores = [(float(e), float(loss)) for e, loss in zip(rng.integers(0, n + 1, 8) / n, losses, strict=True)]
+        chosen = [choose_epoch(scores[:k], n, 1.0, 1 - 1 / n_classes, n_classes) for k in range(1, 9)]
+        assert all(now in (before, k) for k, (before, now) in enumerate(itertools.pairwise(chosen), 1))
+
+
+def test_a_tiny_validation_part_keeps_the_probe_and_logs_it(
+    demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The demo run's validation scores (3 images, one a class), replayed: the probe is kept. Epoch 0 is in
+    the log and the plot; the training loss is logged without label smoothing, like the validation loss."""
+    import imgclf.finetune.trainer as trainer
+
+    scores = iter([(0.299, 0.0), (5.247, 1 / 3), (2.1, 2 / 3)])  # (loss, error) per epoch, the probe first
+    monkeypatch.setattr(trainer, "_evaluate", lambda *args: next(scores))
+    drawn: list[tuple[list[dict[str, float]], int]] = []
+    plot = trainer._plot
+    monkeypatch.setattr(trainer, "_plot", lambda path, h, best: drawn.append((h, best)) or plot(path, h, best))
+    with caplog.at_level(logging.INFO, logger="imgclf"):
+        res = train(_cfg(demo, tmp_path / "run", val_fraction=0.17, label_smoothing=0.9))
+    assert "validating on 3 (" in caplog.text
+    assert "fine-tuning: best epoch 0 of 2" in caplog.text
+    rows = _log(res.run_dir)
+    assert [(int(r["epoch"]), float(r["val_loss"])) for r in rows] == [(0, 0.299), (1, 5.247), (2, 2.1)]
+    assert [h["epoch"] for h in drawn[0][0]] == [0, 1, 2] and drawn[0][1] == 0
+    # smoothed by 0.9 over 3 classes the loss is at least the smoothed targets' entropy, 1.089
+    assert all(float(r["train_loss"]) < 1.0 for r in rows[1:])
+
+
+@pytest.mark.parametrize("val_fraction", [0.1, 0.0], ids=["validated", "no validation part"])
+def test_non_finite_training_stops_and_keeps_the_probe(
+    demo: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, val_fraction: float
+) -> None:
+    """A non-finite loss ends fine-tuning with a message; the last finite weights (here the probe's) are kept
+    and the run finishes (it crashed in scikit-learn on NaN scores)."""
+    with caplog.at_level(logging.INFO, logger="imgclf"):
+        res = train(_cfg(demo, tmp_path / "run", optimizer="sgd", lr=1e30, epochs=3, val_fraction=val_fraction))
+    assert "fine-tuning diverged in epoch 1 (training loss nan): stopped; epoch 0 is kept; lower --lr" in caplog.text
+    assert int(_log(res.run_dir)[-1]["epoch"]) == 1
+    assert res.metrics["overall_accuracy"] >= 4 / 6
+
+
+def test_resuming_ignores_settings_that_change_no_number() -> None:
+    """--compile changes neither the schedule, the data order nor the numbers: a checkpoint made without it
+    resumes with it."""
+    from imgclf.backbones import create_backbone
+    from imgclf.finetune.trainer import _differences, _identity
+
+    backbone, cfg, rels = create_backbone("efficientnet_lite0"), Config(), ["a/1.jpg", "b/2.jpg"]
+    fingerprint = _identity(cfg, backbone, rels)["fingerprint"]
+    assert _identity(cfg.updated(compile=True), backbone, rels)["fingerprint"] == fingerprint
+    assert _identity(cfg.updated(lr=0.002), backbone, rels)["fingerprint"] != fingerprint
+    assert _differences({"compile": False, "lr": 0.001}, {"lr": 0.001}) == "made by an earlier version of imgclf"
+
+
+def test_warm_up_leaves_the_rate_room_to_decay(caplog: pytest.LogCaptureFixture) -> None:
+    """The default schedule is as it was; a warm-up of half the run or more is shortened to half, with a
+    warning, so that the rate reaches the peak and decays."""
+    from imgclf.config import FinetuneConfig
+    from imgclf.finetune.schedule import lr_factor
+
+    default = lr_factor(FinetuneConfig(), 10)  # 8 epochs of 10 steps, 1 of warm-up
+    expected = [(s + 1) / 10 if s < 10 else 0.5 * (1 + math.cos(math.pi * ((s - 10) / 70))) for s in range(80)]
+    assert [default(s) for s in range(80)] == expected
+    assert 0 < default(79) < 1e-3 and default(80) == pytest.approx(0.0, abs=1e-12)  # 0 one step past the last
+    assert "warm-up shortened" not in caplog.text
+    for epochs, warmup in ((1, 1.0), (2, 3.0)):
+        with caplog.at_level(logging.WARNING, logger="imgclf"):
+            factor = lr_factor(FinetuneConfig(epochs=epochs, warmup_epochs=warmup), 10)
+        total = 10 * epochs
+        assert f"warm-up shortened to {total // 2} of the {total} steps" in caplog.text
+        rates = [factor(s) for s in range(total)]
+        assert max(rates) == 1.0 == rates[total // 2 - 1] and rates[-1] < 0.1
+
+
+def test_head_warm_up_over_the_whole_run_warns(demo: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="imgclf"):
+        train(_cfg(demo, tmp_path / "run", epochs=1, head_warmup_epochs=1, val_fraction=0.0))
+    assert "--head-warmup-epochs 1 covers all 1 epochs: only the new last layer trains" in caplog.text
+
+
+def test_train_groups_are_the_stages_of_torchvision_networks(caplog: pytest.LogCaptureFixture) -> None:
+    """torchvision networks are split at their stages (the stem a group of its own), not at their top-level
+    children (convnext_tiny: 2, the second a LayerNorm; efficientnet_b0: 1); without stages, a warning."""
+    import torchvision
+    from torch import nn
+
+    from imgclf.finetune.trainer import layer_groups
+
+    def prefixes(name: str) -> list[set[str]]:
+        groups = layer_groups(torchvision.models.get_model(name, weights=None))
+        return [{".".join(n.split(".")[:2]) for n in group} for group in groups]
+
+    resnet = prefixes("resnet18")
+    assert resnet[0] == {"conv1.weight", "bn1.weight", "bn1.bias"} and resnet[1:] == [
+        {"layer1.0", "layer1.1"},
+        {"layer2.0", "layer2.1"},
+        {"layer3.0", "layer3.1"},
+        {"layer4.0", "layer4.1", "fc.weight", "fc.bias"},
+    ]
+    assert prefixes("efficientnet_b0")[:-1] == [{f"features.{i}"} for i in range(8)]  # stem, 7 stages
+    # the classifier's LayerNorm (and its class layer, which create_backbone takes off) join the last stage
+    convnext = prefixes("convnext_tiny")
+    assert convnext == [{f"features.{i}"} for i in range(7)] + [{"features.7", "classifier.0", "classifier.2"}]
+    with caplog.at_level(logging.WARNING, logger="imgclf"):
+        assert layer_groups(nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2))) == [
+            ["0.weight", "0.bias"],
+            ["2.weight", "2.bias"],
+        ]
+    assert "no stages known for Sequential" in caplog.text
+
+
+def test_one_readable_class_is_a_clear_error(demo: Path, tmp_path: Path) -> None:
+    """Every image of the other class fails to decode: the svm's message, not scikit-learn's."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(demo / "dotted", data / "dotted")
+    (data / "striped").mkdir()
+    for f in sorted((demo / "striped").glob("*.jpg")):
+        (data / "striped" / f.name).write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"class 'striped': no training image could be read \(e\.g\. .*striped.*\); "):
+        train(_cfg(data, tmp_path / "run"))
+
+
+def test_training_leaves_the_callers_random_generators_alone(demo: Path, tmp_path: Path) -> None:
+    np.random.seed(123)
+    torch.manual_seed(123)
+    train(_cfg(demo, tmp_path / "run", epochs=1, val_fraction=0.0))
+    assert np.random.rand() == np.random.RandomState(123).rand()
+    assert torch.rand(1).item() == torch.rand(1, generator=torch.Generator().manual_seed(123)).item()

@@ -2,20 +2,34 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 
 from imgclf.config import FinetuneConfig
 
+log = logging.getLogger("imgclf")
+
 
 def lr_factor(cfg: FinetuneConfig, steps_per_epoch: int) -> Callable[[int], float]:
     """Factor of the peak rate at optimiser step ``step`` (for ``torch.optim.lr_scheduler.LambdaLR``).
 
-    cosine: linear warm-up over ``warmup_epochs``, then half a cosine down to 0 at the last step;
-    step: the tutorial's decay, x ``step_gamma`` every ``step_epochs`` epochs.
+    cosine: linear warm-up over ``warmup_epochs`` (at most half the steps, so that the rate also decays;
+    longer is shortened, with a warning), then half a cosine from the peak towards 0, which it would reach
+    one step after the last; step: the tutorial's decay, x ``step_gamma`` every ``step_epochs`` epochs.
     """
     total = max(1, cfg.epochs * steps_per_epoch)
     warm = round(cfg.warmup_epochs * steps_per_epoch)
+    if cfg.schedule == "cosine" and warm > total // 2:
+        log.warning(
+            "warning: --warmup-epochs %g with --epochs %d would leave the rate no time to decay: warm-up shortened "
+            "to %d of the %d steps (half the run)",
+            cfg.warmup_epochs,
+            cfg.epochs,
+            total // 2,
+            total,
+        )
+        warm = total // 2
 
     def cosine(step: int) -> float:
         if step < warm:

@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -43,12 +44,15 @@ log = logging.getLogger("imgclf")
 LOG_FIELDS = ("epoch", "lr", "train_loss", "train_error", "val_loss", "val_error", "img_per_s", "seconds")
 CKPT_NAME = "finetune_ckpt.pt"
 FEW_VALIDATION_IMAGES = 20  # fewer: one image moves the validation error by more than 5 points
+RESUMABLE_CHANGES = ("resume", "compile")  # settings that change neither the schedule, the data order nor the numbers
+STAGE_CONTAINERS = ("features", "trunk_output", "blocks", "encoder.layers", "layers")  # torchvision: stages inside
 EpochHook = Callable[[int, dict[str, float]], None]
 
 
 @dataclass
 class FinetuneResult:
-    """The fine-tuned backbone (eval mode, on CPU), its new last layer, the per-epoch log and figures."""
+    """The fine-tuned backbone (eval mode, on CPU), its new last layer, the per-epoch log (from epoch 0, the
+    linear probe, when it was validated) and figures."""
 
     backbone: Backbone
     head: LinearHead
@@ -135,7 +139,7 @@ def build_optimizer(model: Classifier, cfg: FinetuneConfig) -> torch.optim.Optim
 def _identity(cfg: Config, backbone: Backbone, rels: list[str]) -> dict[str, Any]:
     """What a checkpoint must match to be resumed (settings, backbone, seed and training images): their
     digest, and the settings themselves, to say what differs."""
-    ft = cfg.finetune.model_dump(mode="json", exclude={"resume"})
+    ft = cfg.finetune.model_dump(mode="json", exclude=set(RESUMABLE_CHANGES))
     key = json.dumps([ft, backbone.spec(), cfg.output.seed, rels], sort_keys=True)
     settings = {
         **ft,
@@ -148,8 +152,11 @@ def _identity(cfg: Config, backbone: Backbone, rels: list[str]) -> dict[str, Any
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
-    """``epochs 8 -> 12, lr 0.001 -> 0.002``; a change not among the settings is in the images' names."""
+    """``epochs 8 -> 12, lr 0.001 -> 0.002``; a change not among the settings is in the images' names, or in
+    what an earlier version of imgclf recorded."""
     changed = [f"{k} {old.get(k)} -> {new.get(k)}" for k in new if old.get(k) != new.get(k)]
+    if not changed and set(old) - set(new):
+        return "made by an earlier version of imgclf"
     return ", ".join(changed[:6]) if changed else "the training images (same number, other files)"
 
 
@@ -232,14 +239,17 @@ def _plot(path: Path, history: list[dict[str, float]], best_epoch: int) -> Path:
     ep = [h["epoch"] for h in history]
     validated = any(np.isfinite(h["val_error"]) for h in history)
     fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(10, 3.8))
-    ax_loss.plot(ep, [h["train_loss"] for h in history], "o-", label="training")
-    ax_err.plot(ep, [h["train_error"] for h in history], "o-", label="training (augmented)")
+    # both losses are the plain cross-entropy (no label smoothing); the training one is averaged over the
+    # epoch's augmented batches, in training mode (dropout on), while the weights change
+    ax_loss.plot(ep, [h["train_loss"] for h in history], "o-", label="training (augmented, during the epoch)")
+    ax_err.plot(ep, [h["train_error"] for h in history], "o-", label="training (augmented, during the epoch)")
     if validated:
-        ax_loss.plot(ep, [h["val_loss"] for h in history], "s-", label="validation")
-        ax_err.plot(ep, [h["val_error"] for h in history], "s-", label="validation")
+        ax_loss.plot(ep, [h["val_loss"] for h in history], "s-", label="validation (after the epoch)")
+        ax_err.plot(ep, [h["val_error"] for h in history], "s-", label="validation (after the epoch)")
     ax_err.axvline(best_epoch, color="gray", ls=":", label=f"{'best' if validated else 'kept'} epoch ({best_epoch})")
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
-    ax_err.set(xlabel="epoch", ylabel="error rate", title="Error" + ("" if validated else " (no validation part)"))
+    xlabel = "epoch (0: the linear probe)" if ep[0] == 0 else "epoch"
+    ax_loss.set(xlabel=xlabel, ylabel="cross-entropy", title="Loss")
+    ax_err.set(xlabel=xlabel, ylabel="error rate", title="Error" + ("" if validated else " (no validation part)"))
     ax_err.set_ylim(bottom=0)
     for ax in (ax_loss, ax_err):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -267,6 +277,27 @@ def _set_rng_state(gen: torch.Generator, state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@contextlib.contextmanager
+def _seeded_global_rngs(seed: int) -> Iterator[None]:
+    """Seed torch's and NumPy's global generators (dropout, drop path and the new layer's first draw use
+    them) for the run, and give the caller's states back afterwards."""
+    saved: list[tuple[Callable[[Any], object], Any]] = [
+        (np.random.set_state, np.random.get_state()),
+        (torch.set_rng_state, torch.get_rng_state()),
+    ]
+    if torch.cuda.is_available():
+        saved.append((torch.cuda.set_rng_state_all, torch.cuda.get_rng_state_all()))
+    if torch.backends.mps.is_available():
+        saved.append((torch.mps.set_rng_state, torch.mps.get_rng_state()))
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        for restore, state in saved:
+            restore(state)
+
+
 def _save_ckpt(path: Path, ckpt: dict[str, Any]) -> None:
     buf = io.BytesIO()
     torch.save(ckpt, buf)
@@ -283,13 +314,23 @@ def finetune(
 ) -> FinetuneResult:
     """Fine-tune ``backbone`` plus a new last layer on ``ds.samples[train_idx]`` (never sees the test split).
 
-    ``on_epoch_end(epoch, row)`` is called after each epoch's checkpoint is written.
+    ``on_epoch_end(epoch, row)`` is called after each epoch's checkpoint is written. The global random
+    generators are seeded by ``cfg.output.seed`` meanwhile and left as they were.
     """
+    with _seeded_global_rngs(cfg.output.seed):
+        return _finetune(cfg, ds, train_idx, backbone, Path(run_dir), on_epoch_end)
+
+
+def _finetune(
+    cfg: Config,
+    ds: Dataset,
+    train_idx: np.ndarray,
+    backbone: Backbone,
+    run_dir: Path,
+    on_epoch_end: EpochHook | None,
+) -> FinetuneResult:
     ft = cfg.finetune
-    run_dir = Path(run_dir)
     seed = cfg.output.seed
-    torch.manual_seed(seed)
-    np.random.seed(seed)
     device = resolve_device(cfg.features.device)
     workers = cfg.features.workers or cpu_count()
     if device.type == "cpu":
@@ -323,7 +364,7 @@ def finetune(
         _freeze_lower_groups(model.backbone, ft.train_groups)
     history: list[dict[str, float]] = []
     inf = float("inf")
-    best: dict[str, Any] = {"epoch": 0, "val_error": inf, "val_loss": inf, "min_error": inf, "state": None}
+    best: dict[str, Any] = {"epoch": 0, "val_error": inf, "val_loss": inf, "state": None}  # the weights to keep
     start_epoch, done = 0, False
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -352,6 +393,15 @@ def finetune(
         val_idx = np.array([i for i in val_idx if cache.ok[row_of[int(i)]]], np.int64)
         if len(fit_idx) < 2:
             raise ValueError("fine-tuning needs at least two decodable training images")
+        fit_classes = set(labels_all[fit_idx].tolist())
+        lost = sorted(set(labels_all[train_idx].tolist()) - fit_classes)  # their images all failed to decode
+        if lost and len(fit_classes) < 2:
+            unread = [i for i in sorted(skipped) if labels_all[i] in lost]
+            eg = f" (e.g. {ds.path(ds.samples[unread[0]])}: {skipped[unread[0]]})" if unread else ""
+            raise ValueError(
+                f"class {', '.join(repr(ds.classes[c]) for c in lost)}: no training image could be read{eg}; the "
+                "training data holds 1 class, and a classifier needs at least two: replace the unreadable images"
+            )
         log.info("fine-tuning on %d images, validating on %d (%s)", len(fit_idx), len(val_idx), device)
         if 0 < len(val_idx) < FEW_VALIDATION_IMAGES:
             log.warning(
@@ -393,8 +443,7 @@ def finetune(
                 f.unlink()
             (run_dir / "finetune_cache").rmdir()
 
-    if best["state"] is not None:
-        model.load_state_dict(best["state"])
+    model.load_state_dict(best["state"])
     model = model.to("cpu", memory_format=torch.contiguous_format).eval()
     state = model.backbone.state_dict()
     tuned_net = model.backbone
@@ -411,25 +460,54 @@ def finetune(
     )
     figures = {}
     if history:
-        best_epoch = best["epoch"] if best["state"] is not None else history[-1]["epoch"]
-        figures["Fine-tuning curves"] = _plot(run_dir / "finetune_curves.png", history, int(best_epoch))
+        best_epoch, trained = int(best["epoch"]), int(history[-1]["epoch"])
+        figures["Fine-tuning curves"] = _plot(run_dir / "finetune_curves.png", history, best_epoch)
         if np.isfinite(best["val_error"]):
-            log.info(
-                "fine-tuning: best epoch %d of %d (validation error %.3f)", best_epoch, len(history), best["val_error"]
-            )
+            log.info("fine-tuning: best epoch %d of %d (validation error %.3f)", best_epoch, trained, best["val_error"])
         else:
-            log.info("fine-tuning: no validation part, the last epoch (%d) is kept", best_epoch)
+            log.info("fine-tuning: no validation score, the last finite epoch (%d of %d) is kept", best_epoch, trained)
     return FinetuneResult(tuned, head, history, figures, skipped)
 
 
+def _stages(net: nn.Module) -> list[str] | None:
+    """The stages of a torchvision network, by module name: ``layer1``.. (resnet), ``stage2``.. (shufflenet),
+    else the children of the first of :data:`STAGE_CONTAINERS` it has; None if it has none of them."""
+    numbered = [name for name, _ in net.named_children() if re.fullmatch(r"(layer|stage)\d+", name)]
+    if len(numbered) > 1:
+        return numbered
+    for path in STAGE_CONTAINERS:
+        try:
+            container = net.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(container, (nn.Sequential, nn.ModuleList)):
+            stages = [f"{path}.{name}" for name, m in container.named_children() if any(True for _ in m.parameters())]
+            if len(stages) > 1:
+                return stages
+    return None
+
+
 def layer_groups(net: nn.Module) -> list[list[str]]:
-    """Parameter names by layer group, input side first: timm's stages (``group_matcher``), else the
-    network's top-level children."""
+    """Parameter names by layer group, input side first: timm's stages (``group_matcher``), or those of
+    :func:`_stages`, with the parameters before the first stage (the stem) a group of their own and any
+    after a stage (norms, pre-logits layers) in its group. A network with neither warns and uses its
+    top-level children."""
     if hasattr(net, "group_matcher"):
         from timm.models import group_parameters
 
         return [list(names) for names in group_parameters(net, net.group_matcher(coarse=True)).values()]
-    groups = [[f"{child}.{n}" for n, _ in module.named_parameters()] for child, module in net.named_children()]
+    stages = _stages(net)
+    if stages is None:
+        log.warning(
+            "warning: no stages known for %s: its top-level modules are taken as the layer groups of --train-groups",
+            type(net).__name__,
+        )
+        stages = [name for name, _ in net.named_children()]
+    groups: list[list[str]] = [[] for _ in range(len(stages) + 1)]  # [0]: the stem
+    k = 0
+    for name, _ in net.named_parameters():
+        k = next((i + 1 for i, stage in enumerate(stages) if name.startswith(f"{stage}.")), k)
+        groups[k].append(name)
     return [g for g in groups if g]
 
 
@@ -477,6 +555,38 @@ def within_noise(error: float, min_error: float, n: int, tolerance: float) -> bo
     """
     se = math.sqrt(min_error * (1.0 - min_error) / n)
     return error <= min_error + tolerance * max(se, 1.0 / n) + 1e-12
+
+
+def chance_error(labels: np.ndarray, balanced: bool = False) -> float:
+    """Validation error of always answering the commonest class; ``balanced``: class-averaged, 1 - 1/classes."""
+    counts = np.bincount(labels)
+    return float(1 - (1 / np.count_nonzero(counts) if balanced else counts.max() / counts.sum()))
+
+
+def choose_epoch(
+    scores: Sequence[tuple[float, float]], n: int, tolerance: float, chance: float, n_classes: int
+) -> int | None:
+    """Which epoch to keep, by position in ``scores`` (validation error and loss on ``n`` images per epoch,
+    in order): the latest whose error is :func:`within_noise` of the best one's, the best being the lowest
+    error (then loss) with a finite loss; None if no loss is finite.
+
+    Noise never covers a diverged epoch: one whose error is no better than ``chance`` (:func:`chance_error`;
+    on 2-3 images the one-image allowance reaches it) or whose loss is far above the best one's: more than
+    twice it and more than a quarter of ln ``n_classes`` (the loss of a uniform guess) above it, as small
+    losses double without meaning much. An added epoch is thus either chosen or leaves the choice as it was.
+    """
+    finite = [i for i, (_, loss) in enumerate(scores) if math.isfinite(loss)]
+    if not finite:
+        return None
+    ref = min(finite, key=lambda i: scores[i])
+    best_error, best_loss = scores[ref]
+    far = max(2 * best_loss, best_loss + math.log(n_classes) / 4)
+    near = [
+        i
+        for i in finite
+        if scores[i][0] < chance and scores[i][1] <= far and within_noise(scores[i][0], best_error, n, tolerance)
+    ]
+    return max([ref, *near])
 
 
 def eval_preprocess(train: Preprocess, scale: float) -> Preprocess:
@@ -576,11 +686,24 @@ def _train(
             ema.load_state_dict(ckpt["ema"])
     kept: nn.Module = ema.module if ema is not None else model  # the weights validated and kept
     trainable = [p for p in model.parameters() if p.requires_grad]
-    if start_epoch == 0 and ft.head_init == "linear_probe" and len(val.rows):
-        # epoch 0 is the linear probe itself: fine-tuning has to beat it on validation to be kept
-        val_loss, val_error = _evaluate(kept, val, val_norm, 2 * bs, autocast, ft.balance_classes)
-        best.update(epoch=0, val_error=val_error, val_loss=val_loss, min_error=val_error, state=_copy_state(kept))
-        log.info("epoch 0 (linear probe): val loss %.3f error %.3f", val_loss, val_error)
+    if not ft.freeze_backbone and ft.head_warmup_epochs >= ft.epochs:
+        log.warning(
+            "warning: --head-warmup-epochs %d covers all %d epochs: only the new last layer trains, the backbone "
+            "never does; give more --epochs (or fewer warm-up epochs) to fine-tune it, or --freeze-backbone",
+            ft.head_warmup_epochs,
+            ft.epochs,
+        )
+    validated = len(val.rows) > 0
+    chance = chance_error(val.labels, ft.balance_classes) if validated else math.nan
+    if start_epoch == 0:  # epoch 0, the starting weights: kept unless a fine-tuned epoch does better
+        if ft.head_init == "linear_probe" and validated:  # the linear probe: fine-tuning has to beat it
+            val_loss, val_error = _evaluate(kept, val, val_norm, 2 * bs, autocast, ft.balance_classes)
+            history.append(
+                {**dict.fromkeys(LOG_FIELDS, math.nan), "epoch": 0, "val_loss": val_loss, "val_error": val_error}
+            )
+            best.update(val_error=val_error, val_loss=val_loss)
+            log.info("epoch 0 (linear probe): val loss %.3f error %.3f", val_loss, val_error)
+        best.update(epoch=0, state=_copy_state(kept))
     for epoch in range(start_epoch + 1, ft.epochs + 1):
         head_only = ft.freeze_backbone or epoch <= ft.head_warmup_epochs
         model.train()
@@ -616,6 +739,8 @@ def _train(
                 else:
                     logits = model.fc(model.dropout(backbone_fwd(xb)))
                 loss = criterion(logits.float(), y)
+            # logged without label smoothing, like the validation loss
+            plain = F.cross_entropy(logits.detach().float(), y) if ft.label_smoothing else loss.detach()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if ft.clip_grad:
@@ -626,7 +751,7 @@ def _train(
             if ema is not None:
                 ema.update_parameters(model)
             seen += len(y)
-            loss_sum += loss.detach().to(loss_sum.dtype) * len(y)
+            loss_sum += plain.to(loss_sum.dtype) * len(y)
             wrong += (logits.detach().argmax(1) != y).sum()
             now = time.perf_counter()
             if cfg.output.progress and (now - shown >= 0.5 or step == len(batches)):
@@ -637,7 +762,7 @@ def _train(
         val_loss, val_error = _evaluate(kept, val, val_norm, 2 * bs, autocast, ft.balance_classes)
         row = {
             "epoch": epoch,
-            "lr": lr_sum / max(1, step),  # the head's mean rate over the epoch (the last epoch ends at 0)
+            "lr": lr_sum / max(1, step),  # the head's mean rate over the epoch
             "train_loss": train_loss,
             "train_error": train_error,
             "val_loss": val_loss,
@@ -658,15 +783,29 @@ def _train(
             row["img_per_s"],
             f" | about {_duration(left)} to go" if left else "",
         )
-        if len(val.rows):
-            best["min_error"] = min(best["min_error"], val_error)
-            if within_noise(val_error, best["min_error"], len(val.rows), ft.val_tolerance):
-                best.update(epoch=epoch, val_error=val_error, val_loss=val_loss, state=_copy_state(kept))
-        no_gain = epoch - best["epoch"] if len(val.rows) else 0
-        stop = ft.early_stopping > 0 and no_gain >= ft.early_stopping
+        model_state = _copy_state(model)
+        diverged = not (math.isfinite(train_loss) and all(v.isfinite().all() for v in model_state.values()))
+        if diverged:  # from here on the weights are garbage: the best finite epoch stays kept
+            log.warning(
+                "warning: fine-tuning diverged in epoch %d (training loss %s): stopped; epoch %d is kept; lower --lr "
+                "(now %g)",
+                epoch,
+                f"{train_loss:.3g}" if math.isfinite(train_loss) else train_loss,
+                best["epoch"],
+                ft.lr,
+            )
+        elif validated:
+            scores = [(h["val_error"], h["val_loss"]) for h in history]
+            k = choose_epoch(scores, len(val.rows), ft.val_tolerance, chance, model.fc.out_features)
+            if k is not None and history[k]["epoch"] == epoch:  # else the kept epoch stays (see choose_epoch)
+                best.update(epoch=epoch, val_error=val_error, val_loss=val_loss)
+        else:  # no validation part: the last epoch
+            best.update(epoch=epoch)
+        if best["epoch"] == epoch:
+            best["state"] = model_state if kept is model else _copy_state(kept)
+        no_gain = epoch - best["epoch"] if validated else 0
+        stop = diverged or (ft.early_stopping > 0 and no_gain >= ft.early_stopping)
         done = stop or epoch == ft.epochs
-        if done and best["state"] is None:
-            best.update(epoch=epoch, state=_copy_state(kept))
         _write_log(ckpt_path.parent / "finetune_log.csv", history)
         _save_ckpt(
             ckpt_path,
@@ -674,7 +813,7 @@ def _train(
                 **identity,
                 "epoch": epoch,
                 "done": done,
-                "model": _copy_state(model),
+                "model": model_state,
                 "ema": ema.state_dict() if ema is not None else None,
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
@@ -686,5 +825,6 @@ def _train(
         if on_epoch_end is not None:
             on_epoch_end(epoch, row)
         if stop:
-            log.info("early stopping: no validation gain for %d epochs", ft.early_stopping)
+            if not diverged:
+                log.info("early stopping: no validation gain for %d epochs", ft.early_stopping)
             break
