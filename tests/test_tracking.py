@@ -24,8 +24,8 @@ from helpers import make_folder
 from imgclf.cli import main
 from imgclf.config import Config, TrackingConfig
 from imgclf.pipeline import RunResult, evaluate, train
-from imgclf.tracking import drain_pending, log_run
-from imgclf.tracking.store import queue_dir, tracking_uri
+from imgclf.tracking import TrackingError, drain_pending, log_run
+from imgclf.tracking.store import drain, queue_dir, tracking_uri
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason="mlflow is not installed")
 
@@ -220,7 +220,7 @@ def test_a_folder_as_store_is_a_sqlite_store_in_it(
 
 
 def test_unreachable_store_is_a_message(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
-    from imgclf.tracking import TrackingError, list_runs
+    from imgclf.tracking import list_runs
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     with pytest.raises(TrackingError, match=r"cannot read the run store http://127\.0\.0\.1:9"):
@@ -260,8 +260,10 @@ def test_background_writer_records_runs_and_reports_failures(
     assert errors.with_name("writer.log.1").read_bytes() == b"old warning\n" * 20  # the writer's log is capped
     assert errors.stat().st_size == 0
     with caplog.at_level(logging.WARNING, logger="imgclf"):
-        drain_pending(bad.tracking)
+        drain(bad.tracking.tracking_uri)  # the background writer
     assert "runs not recorded in" in caplog.text and "1 record(s) stay queued in" in caplog.text
+    with pytest.raises(TrackingError, match=r"cannot be read: .*; 1 run\(s\) stay queued in"):
+        drain_pending(bad.tracking)  # a reader: the store is not tried a second time
     assert len(list(queue_dir(bad.tracking.tracking_uri).glob("*.json"))) == 1
     broken.unlink()  # mended; a new process drains (MLflow keeps a store's first connection per process)
     subprocess.run([sys.executable, "-m", "imgclf.tracking.writer", bad.tracking.tracking_uri], check=True)
@@ -437,3 +439,257 @@ def test_runs_ui_stopped_by_sigterm_stops_its_server(tmp_path: Path):
             time.sleep(0.5)
     finally:
         proc.kill()
+
+
+def _result(run_dir: Path, accuracy: float = 0.5) -> RunResult:
+    """A finished run as log_run sees it, without training one (metrics.json and a 3-second training)."""
+    from types import SimpleNamespace
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics = {"overall_accuracy": accuracy, "timings_s": {"total_s": 3.0}}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    bundle = SimpleNamespace(
+        classifier="svm", backbone_spec={"name": "b"}, preprocess=SimpleNamespace(resolution=64), model_id="m"
+    )
+    return RunResult(run_dir, metrics, bundle)  # type: ignore[arg-type]
+
+
+def _queue_without_writer(monkeypatch: pytest.MonkeyPatch, cfg: Config, result: RunResult) -> None:
+    """Queue a record as a background train does, starting no writer (the test drains)."""
+    with monkeypatch.context() as m:
+        m.setattr("imgclf.tracking.store.subprocess.Popen", lambda *a, **k: None)
+        assert log_run("train", cfg, result) is None
+    assert len(list(queue_dir(tracking_uri(cfg.tracking)).glob("*.json"))) == 1
+
+
+def test_compare_refuses_a_run_folder_whose_train_did_not_finish(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """An interrupted train leaves the new config.json beside the old run's metrics: not one run."""
+    from imgclf.bundle import INCOMPLETE
+
+    a = _folder_run(tmp_path / "a", "/data/x", 0.1)
+    b = _folder_run(tmp_path / "b", "/data/x", 0.2)
+    (b / INCOMPLETE).touch()
+    assert main(["runs", "compare", str(a), str(b)]) == 2
+    err = capsys.readouterr().err
+    assert f"the last `imgclf train` into {b} did not finish (it failed or was interrupted)" in err
+    assert "its files mix two runs" in err
+
+
+def test_in_process_records_into_one_new_store_at_once(tmp_path: Path):
+    """Trains with --no-tracking-background creating the same new store at once: each run is recorded (they
+    raced through MLflow's schema migrations: 'duplicate column name', runs lost)."""
+    import multiprocessing
+
+    folder = tmp_path / "new-store"
+    cfg = Config().updated(tracking_uri=str(folder), tracking_background=False)
+    results = [_result(tmp_path / f"run{i}", 0.1 * i) for i in range(3)]
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=log_run, args=("train", cfg, r)) for r in results]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    runs = _runs(f"sqlite:///{folder / 'mlflow.db'}")
+    assert sorted(r.data.tags["run_dir"] for r in runs) == [str(r.run_dir.resolve()) for r in results]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+
+
+def test_home_folder_in_tracking_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """`tracking_uri = "~/hist"` in a configuration file (or a quoted flag) is the home folder, not ./~."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text('[tracking]\ntracking_uri = "~/hist"\n')
+    assert tracking_uri(Config.from_file(cfg_file).tracking) == f"sqlite:///{tmp_path}/hist/mlflow.db"
+    assert tracking_uri(TrackingConfig(tracking_uri="~/t.db")) == f"sqlite:///{tmp_path}/t.db"
+    assert tracking_uri(TrackingConfig(tracking_uri="sqlite:///~/t.db")) == f"sqlite:///{tmp_path}/t.db"
+
+
+def test_best_values_are_marked_among_runs_of_the_same_split(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+):
+    """A score on the training split (evaluate --on-train) is never starred against test scores."""
+    from imgclf.tracking.compare import RunRecord, compare
+
+    def run(label: str, split: str, accuracy: float) -> RunRecord:
+        return RunRecord(label, {}, {"overall_accuracy": accuracy}, {"split": split, "kind": "evaluate"})
+
+    records = [run("on-train", "train", 1.0), run("a", "test", 0.8), run("b", "test", 0.7)]
+    (row,) = compare(records)
+    assert row.marked == [False, True, False]
+    monkeypatch.chdir(tmp_path)
+    a = _folder_run(tmp_path / "a", "/data/x", 0.1)
+    b = _folder_run(tmp_path / "b", "/data/x", 0.2)
+    assert main(["runs", "compare", str(a), str(b), "--markdown", "cmp.md"]) == 0
+    assert "split" in capsys.readouterr().out
+    md = (tmp_path / "cmp.md").read_text()
+    assert "### Runs" in md and "| run | kind | split | dataset | classifier | backbone | run_dir |" in md
+    assert f"| a | folder | test | x | svm | b[i] | {a.resolve()} |" in md
+
+
+def test_a_password_in_the_tracking_uri_is_refused(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+):
+    """It went into log lines, the background writer's command line, MLflow parameters and config.json."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD") as e:
+        TrackingConfig(tracking_uri="http://alice:s3cret@mlflow.example.org:5000")
+    assert "http://alice:***@mlflow.example.org:5000 holds a password" in str(e.value)
+    assert TrackingConfig(tracking_uri="http://alice@mlflow.example.org").tracking_uri  # a user name alone is kept
+    assert main(["runs", "list", "--tracking-uri", "https://alice:s3cret@mlflow.example.org"]) == 2
+    err = capsys.readouterr().err
+    assert "MLFLOW_TRACKING_PASSWORD" in err and "s3cret" not in err
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://alice:s3cret@127.0.0.1:9")
+    with pytest.raises(TrackingError, match=r"MLFLOW_TRACKING_URI: http://alice:\*\*\*@127.0.0.1:9 holds a password"):
+        tracking_uri(TrackingConfig())
+    with caplog.at_level(logging.INFO, logger="imgclf"):
+        assert log_run("train", Config(), _result(tmp_path / "run")) is None  # not recorded; the run is fine
+    assert "holds a password" in caplog.text and "s3cret" not in caplog.text
+
+
+def test_unreachable_store_with_queued_runs_is_said_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    """`runs list` with a run queued for a server that is down: one try of the store, bounded by the command
+    itself (it took 8 minutes: MLflow's retries while draining, then again while reading)."""
+    import imgclf.tracking.store as store
+
+    for name in (
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    uri = "http://127.0.0.1:9"
+    _queue_without_writer(monkeypatch, Config().updated(tracking_uri=uri), _result(tmp_path / "run"))
+    connect, connects = store.connect, []
+    monkeypatch.setattr(store, "connect", lambda cfg: connects.append(cfg) or connect(cfg))
+    started = time.monotonic()
+    assert main(["runs", "list", "--tracking-uri", uri]) == 2
+    assert time.monotonic() - started < 30
+    err = capsys.readouterr().err
+    assert f"the run store {uri} does not answer" in err and "1 run(s) stay queued in" in err
+    assert len(connects) == 1  # not read a second time
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # bounded for the command only
+
+
+def test_a_busy_writer_is_said_and_not_waited_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    """While a train's background writer holds the store's queue without writing (a server that does not
+    answer), a reader says so and goes on after LOCK_WAIT_S instead of waiting silently for minutes; an
+    in-process record queues its run for the writer."""
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    cfg = Config().updated(tracking_uri=uri)
+    _queue_without_writer(monkeypatch, cfg, _result(tmp_path / "run"))
+    monkeypatch.setattr("imgclf.tracking.store.LOCK_WAIT_S", 0.5)
+    hold = (
+        "import sys, time, filelock; f = filelock.FileLock(sys.argv[1]); f.acquire(); print(flush=True); time.sleep(8)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(queue_dir(uri) / ".lock")], stdout=subprocess.PIPE)
+    try:
+        holder.stdout.readline()  # the lock is held
+        started = time.monotonic()
+        with caplog.at_level(logging.INFO, logger="imgclf"):
+            drain_pending(cfg.tracking)
+            assert time.monotonic() - started < 4
+            assert "another imgclf process is writing runs to" in caplog.text
+            assert "1 queued run(s) not shown: another imgclf process (the background writer" in caplog.text
+            monkeypatch.setattr("imgclf.tracking.store.subprocess.Popen", lambda *a, **k: None)
+            assert log_run("train", cfg.updated(tracking_background=False), _result(tmp_path / "b")) is None
+            assert time.monotonic() - started < 6
+    finally:
+        holder.kill()
+        holder.wait()
+    assert "this run is queued for it instead" in caplog.text
+    assert len(list(queue_dir(uri).glob("*.json"))) == 2
+
+
+def test_queued_message_names_the_command_that_lists_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    uri = f"sqlite:///{tmp_path / 'my store' / 'm.db'}"
+    with caplog.at_level(logging.INFO, logger="imgclf"):
+        _queue_without_writer(monkeypatch, Config().updated(tracking_uri=uri, experiment="cats"), _result(tmp_path))
+    assert "written in the background, or by the next imgclf command once the store answers" in caplog.text
+    assert f"`imgclf runs list --tracking-uri '{uri}' --experiment cats` lists it" in caplog.text
+
+
+def test_in_process_record_writes_the_queued_runs_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """docs/tracking.md: the next command that finds the store working writes the queued records."""
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    cfg = Config().updated(tracking_uri=uri)
+    first, second = _result(tmp_path / "first"), _result(tmp_path / "second")
+    _queue_without_writer(monkeypatch, cfg, first)
+    assert log_run("train", cfg.updated(tracking_background=False), second) is not None
+    assert not any(queue_dir(uri).glob("*.json"))
+    runs = _runs(uri)
+    assert [r.data.tags["run_dir"] for r in runs] == [str(first.run_dir.resolve()), str(second.run_dir.resolve())]
+
+
+def test_mlflow_times_are_those_of_the_run(tmp_path: Path):
+    """MLflow's start time and duration are the run's: it ends when recorded, after its measured duration
+    (they were the recording's: the end of the training, and the background writer's delay)."""
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    result = _result(tmp_path / "run")  # a 3-second training
+    before = int(time.time() * 1000)
+    log_run("train", Config().updated(tracking_uri=uri, tracking_background=False), result)
+    (run,) = _runs(uri)
+    assert before <= run.info.end_time <= time.time() * 1000
+    assert run.info.end_time - run.info.start_time == pytest.approx(3000, abs=2)
+    result.metrics["timings_s"]["evaluate_s"] = 0.5  # an evaluation's own duration
+    log_run("evaluate", Config().updated(tracking_uri=uri, tracking_background=False), result)
+    run = _runs(uri)[-1]
+    assert run.data.tags["kind"] == "evaluate"
+    assert run.info.end_time - run.info.start_time == pytest.approx(500, abs=2)
+
+
+def test_runs_ui_refuses_a_busy_port(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """It printed 'serving ...', then MLflow's 'Address already in use', and exited with 0."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert main(["runs", "ui", "--port", str(port), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]) == 2
+    out, err = capsys.readouterr()
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "choose another --port" in err
+    assert "serving" not in out
+
+
+def test_a_run_id_of_another_experiment_names_the_experiment_searched(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    run_id = log_run("train", Config().updated(tracking_uri=uri, tracking_background=False), _result(tmp_path / "a"))
+    assert run_id is not None
+    folder = _folder_run(tmp_path / "b", "/data/x", 0.2)
+    assert main(["runs", "compare", run_id[:8], str(folder), "--tracking-uri", uri, "--experiment", "other"]) == 2
+    err = capsys.readouterr().err
+    assert f"{run_id[:8]}: neither a run folder nor the id of a run of the experiment 'other' in {uri}" in err
+    assert "add --experiment NAME" in err
+
+
+def test_a_store_refusing_records_is_still_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    """A store that answers but refuses the queued records (read-only permission on a server) still lists its
+    runs, with a warning; the records stay queued."""
+    from mlflow import MlflowClient
+
+    from imgclf.tracking import list_runs
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    cfg = Config().updated(tracking_uri=uri)
+    assert log_run("train", cfg.updated(tracking_background=False), _result(tmp_path / "a")) is not None
+    _queue_without_writer(monkeypatch, cfg, _result(tmp_path / "b"))
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise PermissionError("PERMISSION_DENIED: no right to write")
+
+    monkeypatch.setattr(MlflowClient, "create_run", refused)
+    with caplog.at_level(logging.WARNING, logger="imgclf"):
+        runs = list_runs(cfg.tracking)
+    assert len(runs) == 1 and "PERMISSION_DENIED" in caplog.text and "1 record(s) stay queued" in caplog.text

@@ -292,6 +292,33 @@ class TrackingConfig(_Section):
         True, description="Record runs from a background process, so commands return without waiting for MLflow."
     )
 
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_password(cls, uri: str | None) -> str | None:
+        if uri is not None and (problem := cls.password_problem(uri)):
+            raise ValueError(problem)
+        return uri
+
+    @staticmethod
+    def password_problem(uri: str) -> str | None:
+        """Why ``uri`` is refused: a password in it would be printed, logged and saved with every run."""
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(uri)
+        except ValueError:  # not a URL ("[" in a path): no password in it
+            return None
+        if parts.password is None:
+            return None
+        where = (
+            "put the user name and password in MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (MLflow's "
+            "own environment variables)"
+            if parts.scheme in ("http", "https")
+            else "let the database client find the password (PostgreSQL: PGPASSWORD or ~/.pgpass)"
+        )
+        shown = f"{parts.scheme}://{parts.username}:***@{parts.netloc.rpartition('@')[2]}{parts.path}"
+        return f"{shown} holds a password, which would be printed and saved with every run: leave it out and {where}"
+
 
 class OutputConfig(_Section):
     """Where results go."""
@@ -484,7 +511,11 @@ def describe_errors(error: ValidationError) -> str:
             kind = "parameter" if len(names) > 1 else "section or parameter"
             out.append(f"{dotted}: unknown {kind}" + (f" (did you mean {close[0]}?)" if close else ""))
         elif len(names) > 1:
-            out.append(f"{dotted} = {err['input']!r} (--{names[-1].replace('_', '-')}): {err['msg']}")
+            secret = names[-1] == "api_key" or (
+                names[-1] == "tracking_uri" and TrackingConfig.password_problem(str(err["input"]))
+            )
+            value = "(not shown)" if secret else repr(err["input"])
+            out.append(f"{dotted} = {value} (--{names[-1].replace('_', '-')}): {err['msg']}")
         else:
             out.append(f"{dotted or 'configuration'}: {err['msg']}")
     return "; ".join(out)

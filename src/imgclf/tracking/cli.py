@@ -4,17 +4,41 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from imgclf.cli import add_config_args, config_from_args, console, port_number, positive_int
-from imgclf.utils import atomic_write_text
+from imgclf.utils import atomic_write_text, ensure_port_free
 
-TAG_COLUMNS = ("kind", "dataset", "classifier", "backbone", "run_dir")
 ID_SHOWN = 8  # run id characters shown by `runs list`; `runs compare` accepts such prefixes
+# MLflow's HTTP requests in a `runs` command, where not set: seconds, not MLflow's 4 minutes, for a store that
+# does not answer
+QUICK_HTTP = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+
+
+def _quick_http(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """``command`` with the environment variables of ``QUICK_HTTP`` that are not set, for its duration only."""
+
+    @functools.wraps(command)
+    def quick(args: argparse.Namespace) -> int:
+        added = {name: value for name, value in QUICK_HTTP.items() if name not in os.environ}
+        os.environ.update(added)
+        try:
+            return command(args)
+        finally:
+            for name in added:
+                os.environ.pop(name, None)
+
+    return quick
 
 
 def _write_outputs(args: argparse.Namespace, csv_text: str, markdown: str) -> None:
@@ -30,6 +54,7 @@ def _list_cell(value: object) -> str:
     return f"{100 * value:.1f} %" if isinstance(value, float) else str(value)
 
 
+@_quick_http
 def _list(args: argparse.Namespace) -> int:
     from rich.markup import escape
     from rich.table import Table
@@ -55,6 +80,7 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+@_quick_http
 def _compare(args: argparse.Namespace) -> int:
     from rich.markup import escape
     from rich.table import Table
@@ -67,6 +93,8 @@ def _compare(args: argparse.Namespace) -> int:
         load_run,
         paired_markdown,
         paired_tests,
+        runs_table,
+        table_markdown,
         to_csv,
         to_markdown,
     )
@@ -77,12 +105,17 @@ def _compare(args: argparse.Namespace) -> int:
     records = [load_run(ref, cfg) for ref in args.runs]
     labels = [r.label for r in records]
     out = console()
+    described = runs_table(records)
     runs = Table(title="runs")
-    for col in ("run", *TAG_COLUMNS):
+    for col in described[0]:
         runs.add_column(col)
-    for r in records:
-        runs.add_row(escape(r.label), *(escape(r.tags.get(k, "")) for k in TAG_COLUMNS))
+    for run in described:
+        runs.add_row(*(escape(v) for v in run.values()))
     out.print(runs)
+    split_note = ""
+    if len({r.split for r in records}) > 1:
+        split_note = "best values are marked among the runs that scored the same split (train or test) only"
+        out.print(split_note)
     rows = compare(records, all_params=args.all_params)
     titles = {**TITLES, "metric": "Metrics (best ★)", "class accuracy": "Accuracy per class (best ★)"}
     titles["parameter"] = "Parameters (differing ones highlighted)" if args.all_params else "Parameters that differ"
@@ -118,7 +151,8 @@ def _compare(args: argparse.Namespace) -> int:
         out.print(table)
     for note in notes:
         out.print(f"paired test: {escape(note)}")
-    markdown = to_markdown(rows, labels) + (f"\n{paired_markdown(tests, labels[0])}" if tests else "")
+    markdown = "### Runs\n\n" + table_markdown(described) + (f"\n{split_note}\n" if split_note else "")
+    markdown += "\n" + to_markdown(rows, labels) + (f"\n{paired_markdown(tests, labels[0])}" if tests else "")
     _write_outputs(args, to_csv(rows, labels), markdown)
     return 0
 
@@ -134,13 +168,17 @@ def _ui_command(uri: str, port: int) -> list[str]:
     return cmd
 
 
+@_quick_http
 def _ui(args: argparse.Namespace) -> int:
     from imgclf.tracking.store import drain_pending, tracking_uri
 
     cfg = config_from_args(args).tracking
-    drain_pending(cfg)
     uri = tracking_uri(cfg)
-    if uri.startswith(("http://", "https://")):
+    remote = uri.startswith(("http://", "https://"))
+    if not remote:
+        ensure_port_free("127.0.0.1", args.port)  # before the drain: a busy port is said at once
+    drain_pending(cfg)
+    if remote:
         print(f"the runs are on a tracking server: open {uri} in a browser")
         return 0
     print(f"serving {uri} at http://127.0.0.1:{args.port} (Ctrl-C stops it)")

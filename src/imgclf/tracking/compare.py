@@ -29,6 +29,7 @@ from imgclf.tracking.store import (
 SECTIONS = ("parameter", "metric", "class accuracy")
 TITLES = {"parameter": "Parameters", "metric": "Metrics", "class accuracy": "Accuracy per class"}
 ID_LENGTH = 32  # characters of a full MLflow run id; shorter references are prefixes
+RUN_COLUMNS = ("kind", "split", "dataset", "classifier", "backbone", "run_dir")  # tags shown for each run
 
 
 @dataclass
@@ -40,6 +41,11 @@ class RunRecord:
     metrics: dict[str, float]
     tags: dict[str, str]
     predictions: dict[str, tuple[str, str]] | None = None  # test image -> (true, predicted label)
+
+    @property
+    def split(self) -> str:
+        """The split the run scored: test, or train (``evaluate --on-train``)."""
+        return self.tags.get("split", "")
 
 
 @dataclass
@@ -72,7 +78,18 @@ class Row:
 
 
 def _from_folder(folder: Path) -> RunRecord:
-    """A run folder's ``config.json`` (read as saved, so older runs compare too) and ``metrics.json``."""
+    """A run folder's ``config.json`` (read as saved, so older runs compare too) and ``metrics.json`` (its test
+    split's); refused while a train into it has not finished."""
+    from imgclf.bundle import INCOMPLETE
+    from imgclf.utils import folder_in_use
+
+    if (folder / INCOMPLETE).exists():
+        if folder_in_use(folder):
+            raise TrackingError(f"a train into {folder} is still running: compare it once it is done")
+        raise TrackingError(
+            f"the last `imgclf train` into {folder} did not finish (it failed or was interrupted): its files mix two "
+            "runs, so it is not compared; train again (with --resume for an interrupted fine-tuning)"
+        )
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
@@ -80,7 +97,7 @@ def _from_folder(folder: Path) -> RunRecord:
         raise TrackingError(f"{folder} is not a finished run folder (no {Path(e.filename).name})") from e
     params = {name: param_value(v) for section in config.values() for name, v in section.items()}
     tags = {k: str(metrics.get(k, "")) for k in ("classifier", "backbone")}
-    tags |= {"kind": "folder", "dataset": Path(config["data"].get("data_root") or "").name}
+    tags |= {"kind": "folder", "split": "test", "dataset": Path(config["data"].get("data_root") or "").name}
     tags["run_dir"] = str(folder.resolve())
     preds = folder / "predictions.csv"
     predictions = read_predictions(preds.read_text(encoding="utf-8")) if preds.is_file() else None
@@ -92,7 +109,10 @@ def load_run(ref: str | Path, cfg: TrackingConfig | None = None) -> RunRecord:
     if Path(ref).is_dir():
         return _from_folder(Path(ref))
     ref, cfg = str(ref), cfg or TrackingConfig()
-    missing = TrackingError(f"{ref}: neither a run folder nor a run id in {tracking_uri(cfg)}")
+    missing = TrackingError(
+        f"{ref}: neither a run folder nor the id of a run of the experiment {cfg.experiment!r} in {tracking_uri(cfg)} "
+        "(a run of another experiment: add --experiment NAME)"
+    )
     drain_pending(cfg)
     if not store_exists(cfg):
         raise missing
@@ -184,8 +204,25 @@ def _metric_order(name: str) -> tuple[int, str]:
     return ranks.get(name, group), name
 
 
+def _best_per_split(name: str, values: list[float | None], splits: list[str]) -> list[bool]:
+    """The best values among the runs that scored the same split: a score on the images a model was fitted
+    to is never ranked against test scores."""
+    marked = [False] * len(values)
+    for split in set(splits):
+        runs = [i for i, s in enumerate(splits) if s == split]
+        for i, best in zip(runs, _best(name, [values[i] for i in runs]), strict=True):
+            marked[i] = best
+    return marked
+
+
+def runs_table(records: Sequence[RunRecord]) -> list[dict[str, str]]:
+    """What each compared run is: its label and the tags of ``RUN_COLUMNS``."""
+    return [{"run": r.label, **{k: r.tags.get(k, "") for k in RUN_COLUMNS}} for r in records]
+
+
 def compare(records: Sequence[RunRecord], all_params: bool = False) -> list[Row]:
-    """Rows of parameters (only those that differ unless ``all_params``), metrics and per-class accuracies."""
+    """Rows of parameters (only those that differ unless ``all_params``), metrics and per-class accuracies;
+    metrics marked best among the runs of the same split."""
     rows: list[Row] = []
     order = {name: i for i, name in enumerate(field_index())}
     names = sorted({n for r in records for n in r.params}, key=lambda n: (order.get(n, len(order)), n))
@@ -199,7 +236,7 @@ def compare(records: Sequence[RunRecord], all_params: bool = False) -> list[Row]
         nums = [r.metrics.get(name) for r in records]
         per_class = name.startswith("acc_")
         section, label = ("class accuracy", name.removeprefix("acc_")) if per_class else ("metric", name)
-        rows.append(Row(section, label, list(nums), _best(name, nums)))
+        rows.append(Row(section, label, list(nums), _best_per_split(name, nums, [r.split for r in records])))
     return sorted(rows, key=lambda row: SECTIONS.index(row.section))
 
 

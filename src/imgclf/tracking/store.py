@@ -8,7 +8,9 @@ With ``tracking_background`` (the default) a finished run is queued as a JSON re
 ``$IMGCLF_CACHE/tracking/<store>/``, with a snapshot of its files (hard links), and a detached process
 writes it to MLflow, so a command does not wait for MLflow's start-up, and a next run into the same
 folder cannot change what is recorded. Whoever holds the queue's lock drains it; every reader drains it
-first, so a listing or comparison always includes the runs that finished before it.
+first, so a listing or comparison always includes the runs that finished before it. A run recorded
+in-process takes the same lock (after draining the queue), so that processes creating one new store never
+race through its schema migrations.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -35,6 +38,7 @@ from imgclf.config import Config, TrackingConfig
 from imgclf.utils import atomic_write_text, default_cache_dir
 
 if TYPE_CHECKING:
+    from filelock import FileLock
     from mlflow import MlflowClient
 
     from imgclf.pipeline import RunResult
@@ -48,6 +52,11 @@ ARTIFACT_FOLDER = "mlruns"
 ARTIFACT_SUFFIXES = frozenset({".csv", ".json", ".html", ".md", ".png", ".svg", ".txt"})
 _BATCH = 100  # most parameters per MLflow log_batch call
 _WRITER_LOG_MAX = 1 << 20  # writer.log is moved to writer.log.1 (replacing it) beyond this many bytes
+LOCK_WAIT_S = 15.0  # how long a command waits for another process writing to the same store to write a record
+_CHECK_SERVER = (
+    "check the address and that the server runs; MLFLOW_HTTP_REQUEST_MAX_RETRIES and MLFLOW_HTTP_REQUEST_TIMEOUT "
+    "set how long it is tried"
+)
 
 
 class TrackingError(ValueError):
@@ -59,9 +68,16 @@ def tracking_uri(cfg: TrackingConfig) -> str:
 
     A plain folder or ``file:`` URI (MLflow's file store, which MLflow now refuses) names a SQLite store in
     that folder, ``FOLDER/mlflow.db`` with the files in ``FOLDER/mlruns``, unless MLFLOW_ALLOW_FILE_STORE
-    asks for the file store itself. A path ending in ``.db`` is the SQLite file.
+    asks for the file store itself. A path ending in ``.db`` is the SQLite file. ``~`` at the start of a path
+    (``~/runs``, ``sqlite:///~/runs/mlflow.db``) is the home folder.
     """
     uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    if uri != cfg.tracking_uri and (problem := TrackingConfig.password_problem(uri)):  # checked when configured
+        raise TrackingError(f"MLFLOW_TRACKING_URI: {problem}")
+    if uri.startswith("~"):
+        uri = os.path.expanduser(uri)
+    elif uri.startswith("sqlite:///~"):
+        uri = "sqlite:///" + os.path.expanduser(uri.removeprefix("sqlite:///"))
     if (
         _SCHEME.match(uri)
         or uri == "databricks"
@@ -164,10 +180,7 @@ def reading(cfg: TrackingConfig) -> Iterator[None]:
         raise
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TrackingError(
-            f"cannot read the run store {tracking_uri(cfg)}: {first[:300]} (check the address and that the server "
-            "runs; MLFLOW_HTTP_REQUEST_MAX_RETRIES and MLFLOW_HTTP_REQUEST_TIMEOUT set how long it is tried)"
-        ) from e
+        raise TrackingError(f"cannot read the run store {tracking_uri(cfg)}: {first[:300]} ({_CHECK_SERVER})") from e
 
 
 def store_exists(cfg: TrackingConfig) -> bool:
@@ -191,13 +204,20 @@ def experiment_id(client: MlflowClient, cfg: TrackingConfig, create: bool = Fals
 
 
 def run_record(kind: str, cfg: Config, result: RunResult, on_train: bool) -> dict[str, Any]:
-    """Everything MLflow is told about a run, as JSON: store, names, tags, parameters, metrics, files."""
+    """Everything MLflow is told about a run, as JSON: store, names, times, tags, parameters, metrics, files.
+
+    The run ends now, when it is recorded; it began its measured duration earlier (``evaluate_s`` of an
+    evaluation, ``total_s`` of a training), so MLflow shows when it ran and how long it took.
+    """
     run_dir = Path(result.run_dir).resolve()
+    end = time.time()
+    took = float((result.metrics.get("timings_s") or {}).get("evaluate_s" if kind == "evaluate" else "total_s", 0))
     return {
         "uri": absolute_uri(tracking_uri(cfg.tracking)),
         "experiment": cfg.tracking.experiment,
         "run_name": f"{run_dir.name} {kind}" + (" on train" if on_train else ""),
-        "start_ms": int(time.time() * 1000),
+        "start_ms": int((end - took) * 1000),
+        "end_ms": int(end * 1000),
         "tags": run_tags(kind, cfg, result, on_train),
         "params": flat_params(cfg),
         "metrics": flat_metrics(result.metrics),
@@ -234,6 +254,14 @@ class StoreUnavailable(Exception):
     """The store could not be reached, read or written to: nothing of the record was written."""
 
 
+class StoreUnreadable(StoreUnavailable):
+    """The store could not even be read (a server that does not answer, a damaged database)."""
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0]  # not SQLAlchemy's SQL
+
+
 def _record(rec: dict[str, Any]) -> str:
     """Write one run record to its store; returns the MLflow run id."""
     from mlflow.entities import Metric, Param
@@ -243,10 +271,14 @@ def _record(rec: dict[str, Any]) -> str:
         if (db := sqlite_file(rec["uri"])) is not None:
             db.parent.mkdir(parents=True, exist_ok=True)  # a new store in a new folder
         client = connect(store)
+        experiment_id(client, store)  # a read first: a store out of reach is told from one refusing the record
+    except Exception as e:
+        raise StoreUnreadable(_first_line(e)) from e
+    try:
         exp = experiment_id(client, store, create=True)
         run = client.create_run(exp, start_time=rec["start_ms"], tags=rec["tags"], run_name=rec["run_name"])
     except Exception as e:  # any failure here wrote nothing
-        raise StoreUnavailable((str(e).splitlines() or [type(e).__name__])[0]) from e  # not SQLAlchemy's SQL
+        raise StoreUnavailable(_first_line(e)) from e
     run_id = run.info.run_id
     files = Path(rec.get("files") or rec["run_dir"])  # the snapshot of a queued record
     status = "FAILED"
@@ -261,7 +293,7 @@ def _record(rec: dict[str, Any]) -> str:
             client.log_artifacts(run_id, str(files / "model"), "model")
         status = "FINISHED"
     finally:
-        client.set_terminated(run_id, status)
+        client.set_terminated(run_id, status, end_time=rec.get("end_ms"))  # records queued by older versions: now
     return run_id
 
 
@@ -274,8 +306,18 @@ def _record_or_warn(rec: dict[str, Any], keep: bool = False) -> str | None:
             raise
         log.warning("run %s not recorded in %s: %s", rec["run_dir"], rec["uri"], e)
         return None
-    log.info("recorded as MLflow run %s in %s (imgclf runs list)", run_id, rec["uri"])
+    log.info("recorded as MLflow run %s in %s (`%s` lists it)", run_id, rec["uri"], _list_command(rec))
     return run_id
+
+
+def _list_command(rec: dict[str, Any]) -> str:
+    """The ``imgclf runs list`` command showing the store and experiment of the record ``rec``."""
+    cmd = "imgclf runs list"
+    if rec["uri"] != absolute_uri(DEFAULT_URI):
+        cmd += f" --tracking-uri {shlex.quote(rec['uri'])}"
+    if rec["experiment"] != TrackingConfig.model_fields["experiment"].default:
+        cmd += f" --experiment {shlex.quote(rec['experiment'])}"
+    return cmd
 
 
 def queue_dir(uri: str) -> Path:
@@ -283,17 +325,69 @@ def queue_dir(uri: str) -> Path:
     return default_cache_dir() / "tracking" / hashlib.sha256(absolute_uri(uri).encode()).hexdigest()[:16]
 
 
-@contextlib.contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    import fcntl
+def _queued(uri: str) -> int:
+    return sum(1 for _ in queue_dir(uri).glob("*.json"))
 
+
+@contextlib.contextmanager
+def _locked(uri: str, wait: float | None = None) -> Iterator[bool]:
+    """Hold the lock of the store ``uri``'s queue: one process writes to a store at a time. With ``wait``, a
+    process holding it is waited for, after saying so, while it writes a queued record at least every ``wait``
+    seconds; else False is yielded, the lock not held (a writer stuck on a store that does not answer)."""
+    from filelock import FileLock
+
+    folder = queue_dir(uri)
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "a+b") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    lock = FileLock(folder / ".lock")
+    if wait is None:
+        lock.acquire()
+    elif not _acquire_while_writing(lock, uri, wait):
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()
+
+
+def _acquire_while_writing(lock: FileLock, uri: str, wait: float) -> bool:
+    """Acquire ``lock``, waiting while its holder writes a record queued for ``uri`` every ``wait`` seconds."""
+    from filelock import Timeout
+
+    try:
+        lock.acquire(timeout=0)
+        return True
+    except Timeout:
+        log.info("another imgclf process is writing runs to %s: waiting for it", uri)
+    left, deadline = _queued(uri), time.monotonic() + wait
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Timeout):
+            lock.acquire(timeout=min(1.0, wait))
+            return True
+        if (now := _queued(uri)) < left:  # one more written: it is not stuck
+            left, deadline = now, time.monotonic() + wait
+    return False
+
+
+def _drain_locked(uri: str) -> None:
+    """Write every queued record of ``uri``, oldest first, holding its lock; StoreUnavailable where the store
+    cannot be reached, read or written to (the records stay queued)."""
+    for job in sorted(queue_dir(uri).glob("*.json")):
+        with contextlib.suppress(FileNotFoundError, ValueError):  # gone, or not a record: it leaves the queue
+            _record_or_warn(json.loads(job.read_text(encoding="utf-8")), keep=True)
+        job.unlink(missing_ok=True)
+        shutil.rmtree(job.with_suffix(".files"), ignore_errors=True)
+
+
+def _warn_queued(uri: str, e: StoreUnavailable) -> None:
+    log.warning(
+        "runs not recorded in %s yet (%s): %d record(s) stay queued in %s, written by the next imgclf train, "
+        "evaluate or runs command",
+        uri,
+        e,
+        _queued(uri),
+        queue_dir(uri),
+    )
 
 
 def drain(uri: str) -> None:
@@ -303,32 +397,45 @@ def drain(uri: str) -> None:
     queued for the next drain: nothing is lost. A record that fails once the store is reached is logged as
     a warning and leaves the queue (MLflow shows its run as failed; its run folder is untouched).
     """
-    folder = queue_dir(uri)
-    if not folder.is_dir():
+    if not queue_dir(uri).is_dir():
         return
-    with _locked(folder):
-        for job in sorted(folder.glob("*.json")):
-            try:
-                _record_or_warn(json.loads(job.read_text(encoding="utf-8")), keep=True)
-            except (FileNotFoundError, ValueError):
-                pass
-            except StoreUnavailable as e:
-                log.warning(
-                    "runs not recorded in %s yet (%s): %d record(s) stay queued in %s, written by the next "
-                    "imgclf train, evaluate or runs command",
-                    uri,
-                    e,
-                    sum(1 for _ in folder.glob("*.json")),
-                    folder,
-                )
-                return
-            job.unlink(missing_ok=True)
-            shutil.rmtree(job.with_suffix(".files"), ignore_errors=True)
+    with _locked(uri):
+        try:
+            _drain_locked(uri)
+        except StoreUnavailable as e:
+            _warn_queued(uri, e)
 
 
 def drain_pending(cfg: TrackingConfig) -> None:
-    """Record the runs still queued for the configured store (called before reading it)."""
-    drain(tracking_uri(cfg))
+    """Record the runs still queued for the configured store (called before reading it).
+
+    Raises TrackingError when the store cannot be reached or read (the records stay queued), so that it is not
+    tried a second time. Another process writing to the store is waited for while it writes a record at least
+    every ``LOCK_WAIT_S`` seconds; then its runs are left to it, with a warning that they are not shown yet.
+    """
+    uri = tracking_uri(cfg)
+    if not queue_dir(uri).is_dir():
+        return
+    with _locked(uri, LOCK_WAIT_S) as held:
+        if not held:
+            log.warning(
+                "%d queued run(s) not shown: another imgclf process (the background writer of a train or "
+                "evaluate) is still writing to %s, and has not written one for %.0f s; they are there once it is done",
+                _queued(uri),
+                uri,
+                LOCK_WAIT_S,
+            )
+            return
+        try:
+            _drain_locked(uri)
+        except StoreUnreadable as e:
+            answer = "does not answer" if uri.startswith(("http://", "https://")) else "cannot be read"
+            raise TrackingError(
+                f"the run store {uri} {answer}: {str(e)[:300]} ({_CHECK_SERVER}); {_queued(uri)} run(s) stay queued "
+                f"in {queue_dir(uri)}, written by the next imgclf command that reaches it"
+            ) from e
+        except StoreUnavailable as e:  # it answers but refuses the records: what it holds can still be read
+            _warn_queued(uri, e)
 
 
 def _queue(rec: dict[str, Any]) -> bool:
@@ -361,6 +468,25 @@ def _queue(rec: dict[str, Any]) -> bool:
     return True
 
 
+def _record_now(rec: dict[str, Any]) -> str | None:
+    """Record ``rec`` in this process, after the runs queued before it, holding the queue's lock; queued for a
+    background writer instead while another process keeps writing to the store."""
+    uri = rec["uri"]
+    with _locked(uri, LOCK_WAIT_S) as held:
+        if held:
+            try:
+                _drain_locked(uri)
+            except StoreUnavailable as e:  # the store failed just now: not tried again for this run
+                _warn_queued(uri, e)
+                log.warning("run %s not recorded in %s: %s", rec["run_dir"], uri, e)
+                return None
+            return _record_or_warn(rec)
+    if _queue(rec):
+        log.info("another imgclf process is still writing to %s: this run is queued for it instead", uri)
+        return None
+    return _record_or_warn(rec)
+
+
 def log_run(
     kind: Literal["train", "evaluate"], cfg: Config, result: RunResult, *, on_train: bool = False
 ) -> str | None:
@@ -371,13 +497,18 @@ def log_run(
     """
     try:
         rec = run_record(kind, cfg, result, on_train)
+        if cfg.tracking.tracking_background and _queue(rec):
+            log.info(
+                "run queued for the run store %s: written in the background, or by the next imgclf command once "
+                "the store answers; `%s` lists it",
+                rec["uri"],
+                _list_command(rec),
+            )
+            return None
+        return _record_now(rec)
     except Exception as e:  # noqa: BLE001 - tracking must never break a run
-        log.warning("run not recorded in %s: %s", tracking_uri(cfg.tracking), e)
+        log.warning("run %s not recorded: %s", result.run_dir, e)
         return None
-    if cfg.tracking.tracking_background and _queue(rec):
-        log.info("run queued for MLflow (%s); `imgclf runs list` shows it", rec["uri"])
-        return None
-    return _record_or_warn(rec)
 
 
 def list_runs(cfg: TrackingConfig, limit: int = 20) -> list[dict[str, Any]]:
