@@ -41,6 +41,19 @@ BUNDLE_DIR = "model"
 INCOMPLETE = ".imgclf-train-incomplete"
 
 
+def unfinished_train(run_dir: Path, consequence: str) -> str | None:
+    """Why ``run_dir`` is not to be read (a train into it still running, or one that did not finish, whose
+    files mix two runs: ``consequence``), or None."""
+    if not (run_dir / INCOMPLETE).exists():
+        return None
+    if folder_in_use(run_dir):
+        return f"a train into {run_dir} is still running: wait for it"
+    return (
+        f"the last `imgclf train` into {run_dir} did not finish (it failed or was interrupted): its files mix two "
+        f"runs, so {consequence}; train again (with --resume for an interrupted fine-tuning)"
+    )
+
+
 class BundleError(RuntimeError):
     """A folder that is not a loadable bundle; the message says why."""
 
@@ -162,13 +175,8 @@ class Bundle:
         if (path / BUNDLE_DIR / "bundle.json").exists():
             path = path / BUNDLE_DIR
         run_dir = path.parent if path.name == BUNDLE_DIR else path
-        if (run_dir / INCOMPLETE).exists():
-            if folder_in_use(run_dir):
-                raise BundleError(f"a train into {run_dir} is still running: wait for it")
-            raise BundleError(
-                f"the last `imgclf train` into {run_dir} did not finish (it failed or was interrupted): its files "
-                "mix two runs, so its model is not used; train again (with --resume for an interrupted fine-tuning)"
-            )
+        if why := unfinished_train(run_dir, "its model is not used"):
+            raise BundleError(why)
         meta_file = path / "bundle.json"
         if not meta_file.exists():
             if folder_in_use(path):

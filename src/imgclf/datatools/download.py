@@ -7,9 +7,10 @@ import io
 import queue
 import threading
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, fields, replace
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -438,22 +439,17 @@ def _fetch_one(
 
 
 def _work(
-    client: httpx.Client,
-    todo: queue.SimpleQueue[UrlEntry],
-    out: Path,
-    cfg: DataToolsConfig,
-    max_pixels: int,
-    earlier: dict[str, list[str]],
-    run: _Run,
+    client: httpx.Client, todo: queue.SimpleQueue[UrlEntry], fetch: Callable[[UrlEntry], None], run: _Run
 ) -> None:
-    """One worker: entries from ``todo`` until none is left or the run stops; the last one closes ``client``."""
+    """One worker: ``fetch`` entries from ``todo`` until none is left or the run stops; the last one closes
+    ``client``."""
     try:
         while not run.stop.is_set():
             try:
                 entry = todo.get_nowait()
             except queue.Empty:
                 return
-            _fetch_one(client, entry, out, cfg, max_pixels, earlier, run)
+            fetch(entry)
     finally:
         if run.leave():
             client.close()
@@ -506,8 +502,9 @@ def download(
     try:
         if workers:
             client = make_client(cfg.timeout_s, workers)
+            fetch = partial(_fetch_one, client, out=out, cfg=cfg, max_pixels=max_pixels, earlier=earlier, run=run)
             for i in range(workers):
-                args = (client, work, out, cfg, max_pixels, earlier, run)
+                args = (client, work, fetch, run)
                 threading.Thread(target=_work, args=args, name=f"imgclf-download-{i}", daemon=True).start()
         bar_off = None if progress else True  # None: on where the output is a terminal
         with tqdm(total=len(todo), unit="img", desc="download", disable=bar_off) as bar:

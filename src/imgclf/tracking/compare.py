@@ -80,16 +80,10 @@ class Row:
 def _from_folder(folder: Path) -> RunRecord:
     """A run folder's ``config.json`` (read as saved, so older runs compare too) and ``metrics.json`` (its test
     split's); refused while a train into it has not finished."""
-    from imgclf.bundle import INCOMPLETE
-    from imgclf.utils import folder_in_use
+    from imgclf.bundle import unfinished_train
 
-    if (folder / INCOMPLETE).exists():
-        if folder_in_use(folder):
-            raise TrackingError(f"a train into {folder} is still running: compare it once it is done")
-        raise TrackingError(
-            f"the last `imgclf train` into {folder} did not finish (it failed or was interrupted): its files mix two "
-            "runs, so it is not compared; train again (with --resume for an interrupted fine-tuning)"
-        )
+    if why := unfinished_train(folder, "it is not compared"):
+        raise TrackingError(why)
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
