@@ -26,6 +26,7 @@ import uvicorn
 from fastapi.testclient import TestClient
 from helpers import make_bundle
 from PIL import Image
+from test_ui_api import Server
 
 from imgclf.bundle import Bundle
 from imgclf.config import Config
@@ -237,6 +238,11 @@ BAD_REQUESTS = {
         "too_many_images",
     ),
     "malformed_json": ({"content": b'{"images": [', "headers": {"content-type": "application/json"}}, 400, "bad_json"),
+    "deeply_nested_json": (
+        {"content": b"[" * 200_000, "headers": {"content-type": "application/json"}},
+        400,
+        "bad_json",
+    ),
     "json_without_images": ({"json": {"pictures": []}}, 400, "bad_json"),
     "json_images_not_strings": ({"json": {"images": [42]}}, 400, "bad_json"),
     "bad_base64": ({"json": {"images": ["not base64 at all!"]}}, 400, "bad_base64"),
@@ -263,6 +269,8 @@ def test_bad_requests_get_4xx_json_and_server_lives(client: httpx.Client, case: 
 def test_bad_requests_elsewhere(client: httpx.Client) -> None:
     r = client.post("/score", json={"input_df": [{"image": "abc"}]})
     assert r.status_code == 400 and "image base64 string" in r.json()["detail"]
+    nested = client.post("/score", content=b"[" * 200_000, headers={"content-type": "application/json"})
+    assert nested.status_code == 400 and nested.json()["detail"] == "request body is JSON nested too deeply"
     assert client.get("/no/such/route").json()["error"] == "http_error"
     wrong_method = client.get("/v1/predict")
     assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
@@ -291,6 +299,65 @@ def test_api_key(base_url: str, images: list[bytes]) -> None:
         assert r.status_code == 401
         assert anonymous.get("/healthz").status_code == 200 and anonymous.get("/").status_code == 200
         assert anonymous.get("/v1/model", headers=AUTH).status_code == 200
+
+
+@pytest.mark.parametrize("key", ["", "  ", "clé", "tab\tkey", " key "])
+def test_an_api_key_nobody_could_send_is_refused_at_start(run_dir: Path, key: str) -> None:
+    """An empty key (an unset variable) turned authentication off; one an HTTP header cannot carry let nobody in."""
+    with pytest.raises(ValueError, match=r"empty API key|must be printable ASCII"):
+        create_app(run_dir, Config().updated(api_key=key))
+
+
+def test_serve_refuses_an_empty_api_key(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from imgclf.cli import main
+
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("served without authentication"))
+    assert main(["serve", str(run_dir), "--port", str(_free_port()), "--api-key", ""]) == 2
+    assert "an empty API key (an unset variable?)" in capsys.readouterr().err
+
+
+def test_the_api_docs_name_no_class_and_no_backbone(client: httpx.Client) -> None:
+    """/openapi.json needs no key (/v1/model does), and /redoc renders its description as HTML: a class folder
+    named <img src=x onerror=...> ran its script there."""
+    with httpx.Client(base_url=client.base_url) as anonymous:
+        schema = anonymous.get("/openapi.json")
+    assert schema.status_code == 200
+    assert not re.search(r"\b(cat|dog|fish)\b|efficientnet", schema.text), schema.json()["info"]
+
+
+def test_every_answer_forbids_framing(client: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clickjacking: no page of another site may show the web page (or any other) in a frame."""
+    from imgclf.serving.app import ModelService
+
+    answers = [client.get(p) for p in ("/", "/healthz", "/v1/model", "/docs", "/redoc", "/openapi.json", "/nope")]
+    answers += [client.get("/v1/model", headers={"X-API-Key": "wrong"}), client.post("/v1/predict", json={})]
+    monkeypatch.setattr(ModelService, "info", lambda self: 1 / 0)
+    answers.append(client.get("/v1/model"))
+    assert answers[-1].status_code == 500
+    for r in answers:
+        assert r.headers["x-frame-options"] == "DENY", r.url
+        assert r.headers["content-security-policy"] == "frame-ancestors 'none'", r.url
+        assert r.headers["x-content-type-options"] == "nosniff", r.url
+
+
+def test_a_client_sending_slowly_is_cut_off(run_dir: Path) -> None:
+    """A body announced as 1000 bytes and sent a byte at a time held the connection for ever: it gets 408 when
+    it has not all come within request_timeout_s, and the connection is closed."""
+    app = create_app(run_dir, Config().updated(workers=1, precision="fp32", request_timeout_s=0.5))
+    with Server(app) as server, socket.create_connection(server.socket.getsockname(), timeout=5) as s:
+        t0 = time.monotonic()
+        s.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n")
+        s.sendall(b"Content-Length: 1000\r\n\r\n")
+        for _ in range(3):  # then nothing more: the server must not wait for the rest
+            s.sendall(b"x")
+            time.sleep(0.1)
+        answer = b""
+        while chunk := s.recv(4096):  # until the server closes the connection (a timeout error otherwise)
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408 ") and b'"error":"request_timeout"' in answer, answer
+    assert 0.5 <= time.monotonic() - t0 < 5
 
 
 def test_concurrent_requests_are_batched_and_correct(

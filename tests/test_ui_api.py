@@ -154,13 +154,62 @@ def test_relabel_and_undo_leave_files_byte_identical(review: tuple[httpx.Client,
         ("unlabeled/new_1.jpg", "squares/new_1.jpg"),
     ]
     assert len(client.get("/api/journal").json()["items"]) == 2
-    last = client.post("/api/undo").json()  # no body: the last move
+    last = client.post("/api/undo", json={}).json()  # the last move
     assert [m["to"] for m in last["undone"]] == ["squares/new_1.jpg"] and not last["problems"]
     assert (data / "unlabeled" / "new_1.jpg").is_file()
     rest = client.post("/api/undo", json={"all": True}).json()
     assert [m["to"] for m in rest["undone"]] == ["stripes/circles_03.jpg"]
     assert sha_map(data) == before
     assert client.post("/api/undo", json={"all": True}).json()["undone"] == []
+
+
+CROSS_SITE = [
+    {"Origin": "http://evil.example"},
+    {"Origin": "null"},  # a sandboxed frame, a file:// page
+    {"Sec-Fetch-Site": "cross-site"},
+    {"Sec-Fetch-Site": "same-site"},  # another port of the same machine
+    {"Referer": "http://evil.example/cats.html"},
+]
+
+
+def test_a_page_of_another_site_cannot_change_anything(review: tuple[httpx.Client, Path]) -> None:
+    """Cross-site request forgery: another site's page, open in the user's browser, POSTs to the app (a form, a
+    fetch with mode no-cors): refused, whatever the body. The app's own page (same Origin) is served."""
+    client, data = review
+    own = {"Origin": str(client.base_url).rstrip("/")}
+    before, runs = sha_map(data), client.get("/api/analysis").json()["runs"]
+    moved = client.post("/api/relabel", json={"path": "circles/circles_05.jpg", "label": "squares"}, headers=own)
+    assert moved.status_code == 200, moved.text
+    for headers in CROSS_SITE:
+        for path, body in (
+            ("/api/undo", {"all": True}),
+            ("/api/relabel", {"path": "squares/circles_05.jpg", "label": "stripes"}),
+            ("/api/analysis", None),
+        ):
+            r = client.post(path, json=body, headers=headers)
+            assert r.status_code == 403 and "from another site" in r.json()["detail"], (path, headers, r.text)
+        form = client.post("/api/undo", data={"all": "true"}, headers=headers)
+        assert form.status_code == 403, headers
+    assert (data / "squares" / "circles_05.jpg").is_file()
+    assert client.get("/api/analysis").json()["runs"] == runs
+    no_body = client.post("/api/undo", headers=own)  # undo takes a JSON body only, even from its own page
+    form = client.post("/api/undo", data={"all": "true"}, headers=own)
+    text = client.post("/api/undo", content=b'{"all": true}', headers=own | {"content-type": "text/plain"})
+    assert no_body.status_code == form.status_code == text.status_code == 422
+    undone = client.post("/api/undo", json={"all": True}, headers=own | {"Sec-Fetch-Site": "same-origin"})
+    assert [m["to"] for m in undone.json()["undone"]] == ["squares/circles_05.jpg"]
+    assert sha_map(data) == before
+
+
+def test_every_answer_forbids_framing(review: tuple[httpx.Client, Path]) -> None:
+    """Clickjacking: no page of another site may show the app in a frame and trick clicks on it."""
+    client, _ = review
+    answers = [client.get(p) for p in ("/", "/api/info", "/static/app.js", "/api/docs", "/api/nope")]
+    answers.append(client.post("/api/undo", json={}, headers={"Origin": "http://evil.example"}))
+    for r in answers:
+        assert r.headers["x-frame-options"] == "DENY", r.url
+        assert r.headers["content-security-policy"] == "frame-ancestors 'none'", r.url
+        assert r.headers["x-content-type-options"] == "nosniff", r.url
 
 
 @pytest.mark.parametrize(
@@ -184,6 +233,65 @@ def test_refuses_bad_moves(review: tuple[httpx.Client, Path]) -> None:
     assert unknown.status_code == 400 and "unknown class '../x'" in unknown.json()["detail"]
     assert client.post("/api/relabel", json={"path": "circles/nope.jpg", "label": "squares"}).status_code == 404
     assert sha_map(data) == before
+
+
+def test_only_listed_images_are_moved(tmp_path: Path) -> None:
+    """A visible file that is not an image of a class folder or unlabeled/ stays; "./a/x.jpg" is "a/x.jpg"."""
+    from imgclf.ui.labels import RelabelError, RelabelJournal
+
+    root = make_folder(tmp_path / "d", classes=("a", "b"), n=2)
+    (root / "notes.txt").write_text("my notes")
+    (root / "a" / "notes.txt").write_text("more notes")
+    shutil.copy(root / "a" / "a_00.jpg", root / "cover.jpg")
+    before = sha_map(root)
+    with Server(create_app(root, analyse_on_start=False)) as server, httpx.Client(base_url=server.url) as client:
+        for path in ("notes.txt", "a/notes.txt", "cover.jpg"):
+            r = client.post("/api/relabel", json={"path": path, "label": "b"})
+            assert r.status_code == 400 and "not an image of the data set" in r.json()["detail"], r.text
+        for path in ("./a/a_00.jpg", "a//a_00.jpg", "a/./a_00.jpg"):
+            same = client.post("/api/relabel", json={"path": path, "label": "a"})
+            assert same.status_code == 409 and "already in class 'a'" in same.json()["detail"], same.text
+        assert sha_map(root) == before
+        moved = client.post("/api/relabel", json={"path": "./a/a_01.jpg", "label": "b"}).json()
+        assert (moved["from"], moved["to"]) == ("a/a_01.jpg", "b/a_01.jpg")
+        assert client.post("/api/undo", json={}).json()["problems"] == []
+    with pytest.raises(RelabelError, match="already in class"):  # the journal's own check, without the app
+        RelabelJournal(root).move("./a/a_00.jpg", "a", ["a", "b"])
+    assert sha_map(root) == before
+
+
+def test_a_journal_that_is_a_link_is_neither_written_nor_read(tmp_path: Path) -> None:
+    """A link planted as the journal would have every move appended to the file it points at (~/.bashrc)."""
+    import os
+
+    from imgclf.datatools.journal import JournalFileError
+    from imgclf.ui.labels import RelabelJournal
+
+    root = make_folder(tmp_path / "d", classes=("a", "b"), n=1)
+    target = tmp_path / "bashrc"
+    target.write_text("alias ls='ls --color'\n")
+    try:
+        (root / JOURNAL_FILE).symlink_to(target)
+    except OSError:
+        pytest.skip("this file system or user cannot make symbolic links")
+    before = sha_map(tmp_path)
+    with pytest.raises(JournalFileError, match="is a symbolic link or not a regular file"):
+        RelabelJournal(root).move("a/a_00.jpg", "b", ["a", "b"])
+    with pytest.raises(JournalFileError):
+        RelabelJournal(root).active()
+    with Server(create_app(root, analyse_on_start=False)) as server, httpx.Client(base_url=server.url) as client:
+        for r in (
+            client.post("/api/relabel", json={"path": "a/a_00.jpg", "label": "b"}),
+            client.post("/api/undo", json={}),
+            client.get("/api/journal"),
+        ):
+            assert r.status_code == 409 and "symbolic link" in r.json()["detail"], r.text
+    assert sha_map(tmp_path) == before
+    (root / JOURNAL_FILE).unlink()
+    os.mkfifo(root / JOURNAL_FILE)  # nor another kind of file
+    with pytest.raises(JournalFileError):
+        RelabelJournal(root).move("a/a_00.jpg", "b", ["a", "b"])
+    assert sha_map(tmp_path) == before
 
 
 def test_name_clash_gets_a_free_name(tmp_path: Path) -> None:
@@ -325,6 +433,7 @@ def test_images_reached_through_a_folder_link_are_shown_not_moved(tmp_path: Path
         assert listed == ["a/a_00.jpg", "a/a_01.jpg", "a/linked/more_00.jpg"]
         assert client.get("/api/thumb", params={"path": "a/linked/more_00.jpg"}).status_code == 200
         assert client.get("/api/image", params={"path": "a/linked/more_00.jpg"}).status_code == 200
+        assert client.get("/api/image", params={"path": "./a/linked/more_00.jpg"}).status_code == 200
         moved = client.post("/api/relabel", json={"path": "a/linked/more_00.jpg", "label": "b"})
         assert moved.status_code == 400 and "through a link" in moved.json()["detail"]
     assert sha_map(tmp_path) == before

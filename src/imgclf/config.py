@@ -238,7 +238,10 @@ class ServeConfig(_Section):
     max_wait_ms: float = Field(5.0, ge=0, description="Longest wait for more requests to fill a micro-batch.")
     top_k: int = Field(3, ge=1, description="Labels returned per image, best first.")
     request_timeout_s: float = Field(
-        30.0, gt=0, description="A request not answered in this many seconds gets 503 (busy); its images are dropped."
+        30.0,
+        gt=0,
+        description="A request not answered in this many seconds gets 503 (busy; its images are dropped), one whose "
+        "body has not arrived in them 408.",
     )
 
     @field_serializer("api_key", when_used="json")

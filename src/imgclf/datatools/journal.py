@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -20,6 +21,13 @@ from imgclf.utils import file_sha256
 
 QUARANTINE_DIR = ".imgclf-quarantine"
 JOURNAL_FILE = "journal.jsonl"
+# never through a link (one planted in the data folder would have records appended to any file it points at),
+# never blocking on a FIFO planted there; bytes as they are (Windows)
+_JOURNAL_FLAGS = sum(getattr(os, flag, 0) for flag in ("O_NOFOLLOW", "O_NONBLOCK", "O_CLOEXEC", "O_BINARY"))
+
+
+class JournalFileError(ValueError):
+    """A journal that is a link, or not a regular file: it is neither read nor written."""
 
 
 @dataclass
@@ -34,11 +42,33 @@ def journal_path(root: Path) -> Path:
     return Path(root) / QUARANTINE_DIR / JOURNAL_FILE
 
 
+def _open_journal(path: Path, flags: int) -> int:
+    """A descriptor of the journal ``path`` opened with ``flags``; JournalFileError if it is a link or not a
+    regular file."""
+    refused = JournalFileError(
+        f"{path} is a symbolic link or not a regular file: imgclf neither reads nor writes its journal through "
+        "it; remove it (or put the real journal file in its place)"
+    )
+    if os.path.islink(path):
+        raise refused
+    fd = os.open(path, flags | _JOURNAL_FLAGS, 0o644)  # O_NOFOLLOW: nor through a link planted since
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise refused
+    return fd
+
+
+def read_journal(path: Path) -> str:
+    """The text of the journal ``path``; JournalFileError if it is a link or not a regular file."""
+    with open(_open_journal(path, os.O_RDONLY), encoding="utf-8") as f:
+        return f.read()
+
+
 def append_record(path: Path, record: dict[str, Any]) -> None:
     """Append ``record`` as one JSON line and sync it to disk; a line torn by a crash is ended first, so
-    that it does not swallow this record too."""
+    that it does not swallow this record too. JournalFileError if ``path`` is a link or not a regular file."""
     line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
-    with open(path, "a+b") as f:
+    with open(_open_journal(path, os.O_RDWR | os.O_APPEND | os.O_CREAT), "a+b") as f:
         if f.seek(0, os.SEEK_END) and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n":
             line = b"\n" + line
         f.write(line)
@@ -141,7 +171,7 @@ def quarantine(root: Path, moves: Sequence[tuple[str, str]]) -> JournalReport:
 def _active_moves(journal: Path, problems: list[str]) -> list[dict[str, Any]]:
     """Move records not yet undone, oldest first."""
     active: dict[str, dict[str, Any]] = {}
-    for n, line in enumerate(journal.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(read_journal(journal).splitlines(), 1):
         if not line.strip():
             continue
         try:

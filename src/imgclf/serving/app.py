@@ -43,6 +43,7 @@ from imgclf.serving.inputs import (
     images_from_tutorial_json,
     read_body,
 )
+from imgclf.serving.security import SECURITY_HEADERS, SecurityHeaders
 from imgclf.utils import cpu_count
 
 log = logging.getLogger(__name__)
@@ -225,12 +226,27 @@ def _error(status: int, code: str, detail: str) -> JSONResponse:
     return JSONResponse({"error": code, "detail": detail}, status_code=status)
 
 
+def check_api_key(key: str | None) -> None:
+    """Refuse a key that would leave the service open or let nobody in: empty (an unset variable would turn
+    authentication off), or not printable ASCII without spaces at either end (what an HTTP header carries)."""
+    if key is None:
+        return
+    if not key.strip():
+        raise ValueError('an empty API key (an unset variable?): give one, e.g. --api-key "$(openssl rand -hex 16)"')
+    if not (key.isascii() and key.isprintable()) or key != key.strip():
+        raise ValueError(
+            "the API key must be printable ASCII (letters, digits, punctuation) with no space at either end: "
+            "clients send it in an HTTP header, which carries nothing else"
+        )
+
+
 def create_app(bundle: Bundle | str | Path, cfg: Config | None = None, flip_tta: bool | None = None) -> FastAPI:
     """The service for ``bundle`` (a Bundle, run folder or bundle folder); loads the model now.
 
     ``cfg`` defaults to the default configuration, not the training run's: serving settings (device,
     threads, limits) belong to the serving host; but ``flip_tta`` follows the run, as in predict, unless given.
     """
+    check_api_key(cfg.serve.api_key if cfg else None)
     bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
     cfg = (cfg or Config()).updated(flip_tta=bundle.flip_tta if flip_tta is None else flip_tta)
     service = ModelService(bundle, build_runtime(bundle, cfg), cfg)
@@ -246,10 +262,12 @@ def create_app(bundle: Bundle | str | Path, cfg: Config | None = None, flip_tta:
         finally:
             await service.stop()
 
-    about = f"Image classifier `{bundle.backbone_spec['name']}` over classes {bundle.classes}."
+    # no class names nor backbone here: /openapi.json needs no key, and /redoc renders HTML in its description
+    about = "An image classifier: `GET /v1/model` gives its classes and backbone."
     app = FastAPIOffline(  # /docs and /redoc load their scripts from the package, not from a CDN
         title="imgclf", version=__version__, description=about, static_url="/docs-assets", lifespan=lifespan
     )
+    app.add_middleware(SecurityHeaders)
 
     async def check_key(request: Request) -> None:
         key = cfg.serve.api_key
@@ -281,7 +299,9 @@ def create_app(bundle: Bundle | str | Path, cfg: Config | None = None, flip_tta:
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, e: ApiError) -> JSONResponse:
-        return _error(e.status, e.code, e.detail)
+        response = _error(e.status, e.code, e.detail)
+        response.headers.update(e.headers)
+        return response
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -291,7 +311,9 @@ def create_app(bundle: Bundle | str | Path, cfg: Config | None = None, flip_tta:
 
     @app.exception_handler(Exception)
     async def _server_error(_: Request, e: Exception) -> JSONResponse:
-        return _error(500, "internal_error", f"the server failed ({type(e).__name__}); see its log")
+        response = _error(500, "internal_error", f"the server failed ({type(e).__name__}); see its log")
+        response.headers.update(SECURITY_HEADERS)  # answered outside the middleware
+        return response
 
     @app.post(
         "/v1/predict",
@@ -303,7 +325,7 @@ def create_app(bundle: Bundle | str | Path, cfg: Config | None = None, flip_tta:
     )
     async def predict(request: Request) -> PredictResponse:
         t0 = time.perf_counter()
-        body = await read_body(request, max_body)
+        body = await read_body(request, max_body, cfg.serve.request_timeout_s)
         return await answer(await images_from_request(request, body), t0)
 
     @app.post(
@@ -315,7 +337,8 @@ def create_app(bundle: Bundle | str | Path, cfg: Config | None = None, flip_tta:
     )
     async def score(request: Request) -> PredictResponse:
         t0 = time.perf_counter()
-        return await answer(images_from_tutorial_json(await read_body(request, max_body)), t0)
+        body = await read_body(request, max_body, cfg.serve.request_timeout_s)
+        return await answer(images_from_tutorial_json(body), t0)
 
     @app.get("/v1/model", dependencies=auth, responses=_ERRORS, summary="The served model")
     async def model() -> dict[str, Any]:

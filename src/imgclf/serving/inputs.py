@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
@@ -22,11 +23,12 @@ TUTORIAL_KEY = "image base64 string"
 
 
 class ApiError(Exception):
-    """A request the service refuses: HTTP status, short error code and a message saying what is wrong."""
+    """A request the service refuses: HTTP status, short error code, a message saying what is wrong, and
+    headers of the answer."""
 
-    def __init__(self, status: int, code: str, detail: str) -> None:
+    def __init__(self, status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(detail)
-        self.status, self.code, self.detail = status, code, detail
+        self.status, self.code, self.detail, self.headers = status, code, detail, headers or {}
 
 
 @dataclass
@@ -37,8 +39,10 @@ class ImageInput:
     name: str
 
 
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The request body, refused (413) when Content-Length or the bytes actually sent exceed ``max_bytes``."""
+async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:
+    """The request body, refused (413) when Content-Length or the bytes actually sent exceed ``max_bytes``, and
+    (408, closing the connection) when it has not all arrived within ``timeout_s``: a client sending slowly
+    must not hold a connection for ever."""
     limit_mb = max_bytes / 1e6
     length = request.headers.get("content-length")
     if length is not None:
@@ -52,13 +56,21 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
             )
     chunks, size = [], 0
     try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_bytes:
-                raise ApiError(413, "body_too_large", f"request body exceeds the limit of {limit_mb:g} MB")
-            chunks.append(chunk)
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise ApiError(413, "body_too_large", f"request body exceeds the limit of {limit_mb:g} MB")
+                chunks.append(chunk)
     except ClientDisconnect as e:
         raise ApiError(400, "client_disconnected", "the client closed the connection while sending") from e
+    except TimeoutError:
+        raise ApiError(
+            408,
+            "request_timeout",
+            f"the request body did not all arrive within {timeout_s:g} s ({size} bytes came); the connection is closed",
+            {"Connection": "close"},
+        ) from None
     return b"".join(chunks)
 
 
@@ -106,6 +118,8 @@ def parse_json(body: bytes) -> Any:
         return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ApiError(400, "bad_json", f"request body is not valid JSON ({e})") from e
+    except RecursionError:
+        raise ApiError(400, "bad_json", "request body is JSON nested too deeply") from None
 
 
 def images_from_json(body: bytes) -> list[ImageInput]:

@@ -23,6 +23,8 @@ from imgclf.backbones import Backbone
 from imgclf.config import Config
 from imgclf.data.dataset import UNLABELED_DIR, check_data_folder, split_folders
 from imgclf.data.io import ImageError, unreadable_reason
+from imgclf.datatools.journal import JournalFileError
+from imgclf.serving.security import SameOriginWrites, SecurityHeaders
 from imgclf.ui.analysis import Analyzer
 from imgclf.ui.labels import (
     RelabelError,
@@ -170,6 +172,8 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.analyzer = analyzer
+    app.add_middleware(SameOriginWrites)  # another site's page must not move images or restart the analysis
+    app.add_middleware(SecurityHeaders)
 
     @app.exception_handler(UnsafePathError)
     def _unsafe(_: Request, e: UnsafePathError) -> JSONResponse:
@@ -181,6 +185,10 @@ def create_app(
 
     @app.exception_handler(RelabelError)
     def _relabel_error(_: Request, e: RelabelError) -> JSONResponse:
+        return JSONResponse({"detail": str(e)}, status_code=409)
+
+    @app.exception_handler(JournalFileError)
+    def _bad_journal(_: Request, e: JournalFileError) -> JSONResponse:
         return JSONResponse({"detail": str(e)}, status_code=409)
 
     @app.exception_handler(FileNotFoundError)
@@ -201,9 +209,9 @@ def create_app(
         try:
             f = safe_rel(root, path)
         except UnsafePathError:  # outside through a link: readable if listed (it is inside the data set)
-            if path not in index.present():
-                raise
             f = safe_rel(root, path, through_links=True)
+            if f.relative_to(root).as_posix() not in index.present():
+                raise
         if not f.is_file():
             raise FileNotFoundError(f"no image {path!r} in the data folder")
         try:  # before a response starts: a file response cannot report a failure once it has
@@ -253,15 +261,27 @@ def create_app(
             return FileResponse(f, headers={"Cache-Control": "no-cache"})
         return Response(thumbs.preview(f, max_pixels=max_pixels), media_type="image/jpeg")
 
+    def listed_image(path: str) -> str:
+        """``path`` written as the listing writes it, if it names an image the app lists; else refused."""
+        f = safe_rel(root, path)
+        rel = f.relative_to(root).as_posix()
+        if rel not in index.present():
+            if not f.is_file():
+                raise FileNotFoundError(f"no image {path!r} in the data folder")
+            raise UnsafePathError(
+                f"not an image of the data set: {path!r}; only images in a class folder or in {UNLABELED_DIR}/ "
+                "can be relabelled"
+            )
+        return rel
+
     @app.post("/api/relabel")
     def relabel(req: RelabelRequest) -> dict[str, Any]:
-        record = journal.move(req.path, req.label, index.classes())
+        record = journal.move(listed_image(req.path), req.label, index.classes())
         index.invalidate()
         return record
 
     @app.post("/api/undo")
-    def undo(req: UndoRequest | None = None) -> dict[str, Any]:
-        req = req or UndoRequest()  # no body: undo the last move
+    def undo(req: UndoRequest) -> dict[str, Any]:
         report = journal.undo(everything=req.all)
         index.invalidate()
         return {"undone": report.undone, "problems": report.problems}

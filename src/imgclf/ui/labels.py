@@ -23,7 +23,7 @@ from sklearn.model_selection import StratifiedKFold
 
 from imgclf.data.dataset import UNLABELED_DIR, split_folders, subfolders
 from imgclf.data.io import IMAGE_EXTENSIONS, list_files
-from imgclf.datatools.journal import append_record, move_no_overwrite, same_file
+from imgclf.datatools.journal import append_record, move_no_overwrite, read_journal, same_file
 from imgclf.utils import display_path, file_sha256, is_utf8
 
 log = logging.getLogger("imgclf")
@@ -118,7 +118,7 @@ class RelabelJournal:
         if not self.path.is_file():
             return []
         moves: dict[str, dict[str, Any]] = {}
-        for line in self.path.read_text(encoding="utf-8").splitlines():
+        for line in read_journal(self.path).splitlines():
             try:
                 rec = json.loads(line)
                 if rec["op"] == "move":
@@ -148,6 +148,7 @@ class RelabelJournal:
         if label not in classes:
             raise UnknownClassError(f"unknown class {label!r}; classes: {', '.join(classes)}")
         src = safe_rel(self.root, rel)
+        rel = src.relative_to(self.root).as_posix()  # as listed: "./a/x.jpg" is "a/x.jpg"
         if not src.is_file():
             raise FileNotFoundError(f"no image {rel!r} in {self.root}")
         splits = split_folders(self.root)
