@@ -1,6 +1,5 @@
 import hashlib
 import io
-import signal
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -308,20 +307,24 @@ def test_redirect_loop_and_undecodable_body_are_reported_as_such(server: FakeSer
     assert "failures: 1 redirect loop, 1 body could not be decoded" in report.summary()
 
 
-def test_ctrl_c_stops_at_once_and_records_what_was_stored(server: FakeServer, tmp_path: Path):
+def test_ctrl_c_stops_at_once_and_records_what_was_stored(
+    server: FakeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     """In-flight requests are abandoned and pending ones never start; the files stored are in sources.tsv."""
+    import imgclf.datatools.download as dl
+
     fast = [UrlEntry("x", server.image(f"/f{i}.jpg", make_image(41 + i))) for i in range(2)]
     slow = [UrlEntry("y", server.add(f"/slow{i}.jpg", Route("slow", make_image(43), delay=10))) for i in range(4)]
     cfg = FAST.model_copy(update={"download_workers": 2, "timeout_s": 30.0, "retries": 3})
     sent: list[float] = []
 
-    def interrupt_once_both_workers_wait() -> None:  # each took a fast entry, then a slow one
+    def ctrl_c_once_both_workers_wait(run: object, seen: int) -> int:  # each took a fast entry, then a slow one
         while server.hits["/slow0.jpg"] + server.hits["/slow1.jpg"] < 2:
             time.sleep(0.01)
         sent.append(time.perf_counter())
-        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+        raise KeyboardInterrupt  # where Ctrl-C meets the main thread: waiting for the workers
 
-    threading.Thread(target=interrupt_once_both_workers_wait, daemon=True).start()
+    monkeypatch.setattr(dl._Run, "wait", ctrl_c_once_both_workers_wait)
     out = tmp_path / "d"
     with pytest.raises(DownloadInterrupted) as interrupted:
         download(fast + slow, out, cfg, progress=False)
@@ -332,6 +335,7 @@ def test_ctrl_c_stops_at_once_and_records_what_was_stored(server: FakeServer, tm
     assert sorted(r["url"] for r in _read_tsv(out / SOURCES_FILE)) == sorted(e.url for e in fast)
     assert _read_tsv(out / FAILURES_FILE) == []
     assert server.hits["/slow2.jpg"] == server.hits["/slow3.jpg"] == 0
+    monkeypatch.undo()
     for i in range(4):
         server.image(f"/slow{i}.jpg", make_image(44 + i))
     again = download(fast + slow, out, cfg, progress=False)  # the same command resumes

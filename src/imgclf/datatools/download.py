@@ -394,7 +394,9 @@ class _Run:
     def wait(self, seen: int) -> int:
         """Wait for more than ``seen`` outcomes (or no worker left); the number of outcomes."""
         with self._cond:
-            self._cond.wait_for(lambda: len(self.outcomes) > seen or not self._workers)
+            while len(self.outcomes) <= seen and self._workers:
+                # woken at times, so that a Ctrl-C the system handed to a worker thread is acted on at once
+                self._cond.wait(0.2)
             return len(self.outcomes)
 
     def halt(self) -> dict[str, Outcome]:
