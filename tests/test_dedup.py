@@ -325,6 +325,27 @@ def test_apply_moves_nothing_outside_the_data_folder_and_breaks_no_link(
     assert not journal_path(root).exists()
 
 
+def test_a_quarantine_folder_that_is_a_link_is_refused(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """A `.imgclf-quarantine` planted as a link (in a downloaded data set) led the moves and the journal
+    wherever it pointed."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    try:
+        (data / QUARANTINE_DIR).symlink_to(elsewhere, target_is_directory=True)
+    except OSError:
+        pytest.skip("this file system or user cannot make symbolic links")
+    from imgclf.cli import main
+
+    def images() -> list[Path]:
+        return sorted(p.relative_to(data) for p in data.rglob("*") if not p.name.startswith("dedup_report"))
+
+    before = images()
+    for command in (["dedup", str(data), "--apply"], ["dedup", str(data), "--undo"]):
+        assert main(command) == 2
+        assert f"{data / QUARANTINE_DIR} is a symbolic link: imgclf neither moves images" in capsys.readouterr().err
+    assert images() == before and not any(elsewhere.iterdir())
+
+
 def test_files_that_cannot_be_hashed_are_named_as_io_names_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """An empty file, one without read permission; a damaged EXIF block is no reason to skip an image."""
     import builtins

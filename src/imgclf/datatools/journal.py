@@ -39,7 +39,15 @@ class JournalReport:
 
 
 def journal_path(root: Path) -> Path:
-    return Path(root) / QUARANTINE_DIR / JOURNAL_FILE
+    """The journal of ``root``'s quarantine; JournalFileError if the quarantine folder is a link (images would
+    be moved, and the journal written, wherever it leads)."""
+    folder = Path(root) / QUARANTINE_DIR
+    if os.path.islink(folder):
+        raise JournalFileError(
+            f"{folder} is a symbolic link: imgclf neither moves images nor writes its journal through it; remove "
+            "the link (or put the real folder in its place)"
+        )
+    return folder / JOURNAL_FILE
 
 
 def _open_journal(path: Path, flags: int) -> int:
