@@ -332,6 +332,10 @@ def _train(cfg: Config, run_dir: Path, t0: float) -> RunResult:
             resolution=cfg.backbone.resolution,
             drop_path_rate=cfg.finetune.drop_path if fine_tunes else 0.0,
         )
+        if fine_tunes and cfg.finetune.resume:  # a checkpoint --resume cannot continue is refused here too
+            from imgclf.finetune.trainer import load_checkpoint
+
+            load_checkpoint(cfg, ds, np.flatnonzero(split == "train"), backbone, run_dir)
     # from here until the model is saved the folder mixes two runs: nothing reads a model from it meanwhile
     atomic_write_text(run_dir / INCOMPLETE, "imgclf train is writing this run folder\n")
     _remove_earlier_outputs(run_dir, cfg.finetune.resume and fine_tunes)

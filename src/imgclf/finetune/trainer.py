@@ -45,6 +45,7 @@ LOG_FIELDS = ("epoch", "lr", "train_loss", "train_error", "val_loss", "val_error
 CKPT_NAME = "finetune_ckpt.pt"
 FEW_VALIDATION_IMAGES = 20  # fewer: one image moves the validation error by more than 5 points
 RESUMABLE_CHANGES = ("resume", "compile")  # settings that change neither the schedule, the data order nor the numbers
+EARLIER_VERSION = "made by an earlier version of imgclf"  # what a checkpoint of other settings' names is
 STAGE_CONTAINERS = ("features", "trunk_output", "blocks", "encoder.layers", "layers")  # torchvision: stages inside
 EpochHook = Callable[[int, dict[str, float]], None]
 
@@ -151,12 +152,41 @@ def _identity(cfg: Config, backbone: Backbone, rels: list[str]) -> dict[str, Any
     return {"fingerprint": hashlib.sha256(key.encode()).hexdigest()[:16], "settings": settings}
 
 
+def load_checkpoint(
+    cfg: Config, ds: Dataset, train_idx: np.ndarray, backbone: Backbone, run_dir: Path
+) -> dict[str, Any] | None:
+    """The checkpoint in ``run_dir`` that ``--resume`` continues (None without ``--resume`` or a checkpoint);
+    ValueError if it cannot be read or belongs to another fine-tuning run (``train`` asks before it touches
+    the run folder, so that a refusal leaves an earlier run whole)."""
+    ckpt_path = Path(run_dir) / CKPT_NAME
+    if not (cfg.finetune.resume and ckpt_path.exists()):
+        return None
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    except Exception as e:  # cut short or altered: nothing to resume from
+        raise ValueError(f"{ckpt_path} cannot be read ({type(e).__name__}); run without --resume") from e
+    identity = _identity(cfg, backbone, [ds.samples[i].rel for i in train_idx])
+    if ckpt["fingerprint"] != identity["fingerprint"]:
+        old = ckpt.get("settings")
+        diff = _differences(old, identity["settings"]) if old else "different settings, backbone or images"
+        if diff == EARLIER_VERSION:
+            raise ValueError(
+                f"{ckpt_path} was made by an earlier version of imgclf, which this one cannot continue: run "
+                "without --resume to fine-tune afresh"
+            )
+        raise ValueError(
+            f"{ckpt_path} belongs to another fine-tuning run ({diff}): the learning-rate schedule and the "
+            "data order depend on them, so it cannot be continued; run without --resume to start afresh"
+        )
+    return ckpt
+
+
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
     """``epochs 8 -> 12, lr 0.001 -> 0.002``; a change not among the settings is in the images' names, or in
     what an earlier version of imgclf recorded."""
     changed = [f"{k} {old.get(k)} -> {new.get(k)}" for k in new if old.get(k) != new.get(k)]
     if not changed and set(old) - set(new):
-        return "made by an earlier version of imgclf"
+        return EARLIER_VERSION
     return ", ".join(changed[:6]) if changed else "the training images (same number, other files)"
 
 
@@ -340,19 +370,8 @@ def _finetune(
     rels = [ds.samples[i].rel for i in train_idx]
     identity = _identity(cfg, backbone, rels)
     ckpt_path = run_dir / CKPT_NAME
-    ckpt: dict[str, Any] | None = None
-    if ft.resume and ckpt_path.exists():
-        try:
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        except Exception as e:  # cut short or altered: nothing to resume from
-            raise ValueError(f"{ckpt_path} cannot be read ({type(e).__name__}); run without --resume") from e
-        if ckpt["fingerprint"] != identity["fingerprint"]:
-            old = ckpt.get("settings")
-            diff = _differences(old, identity["settings"]) if old else "different settings, backbone or images"
-            raise ValueError(
-                f"{ckpt_path} belongs to another fine-tuning run ({diff}): the learning-rate schedule and the "
-                "data order depend on them, so it cannot be continued; run without --resume to start afresh"
-            )
+    ckpt = load_checkpoint(cfg, ds, train_idx, backbone, run_dir)
+    if ckpt is not None:
         log.info("resuming fine-tuning after epoch %d", ckpt["epoch"])
     elif ft.resume:
         log.info("no checkpoint in %s: fine-tuning from the start", run_dir)
@@ -570,8 +589,9 @@ def choose_epoch(
     in order): the latest whose error is :func:`within_noise` of the best one's, the best being the lowest
     error (then loss) with a finite loss; None if no loss is finite.
 
-    Noise never covers a diverged epoch: one whose error is no better than ``chance`` (:func:`chance_error`;
-    on 2-3 images the one-image allowance reaches it) or whose loss is far above the best one's: more than
+    Noise never covers a diverged epoch: one whose error, above the best one's, is no better than ``chance``
+    (:func:`chance_error`; on 2-3 images the one-image allowance reaches it), or whose loss is far above the
+    best one's: more than
     twice it and more than a quarter of ln ``n_classes`` (the loss of a uniform guess) above it, as small
     losses double without meaning much. An added epoch is thus either chosen or leaves the choice as it was.
     """
@@ -584,7 +604,9 @@ def choose_epoch(
     near = [
         i
         for i in finite
-        if scores[i][0] < chance and scores[i][1] <= far and within_noise(scores[i][0], best_error, n, tolerance)
+        if (scores[i][0] == best_error or scores[i][0] < chance)  # a validation part of one class: chance 0
+        and scores[i][1] <= far
+        and within_noise(scores[i][0], best_error, n, tolerance)
     ]
     return max([ref, *near])
 
