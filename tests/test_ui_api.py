@@ -201,6 +201,20 @@ def test_a_page_of_another_site_cannot_change_anything(review: tuple[httpx.Clien
     assert sha_map(data) == before
 
 
+def test_a_proxy_spelling_out_the_default_port_is_the_same_site() -> None:
+    """nginx's `proxy_set_header Host $host:$server_port` sends `example.com:443`; the browser's Origin has no
+    port: the app's own page got 403 on every change."""
+    from starlette.datastructures import Headers
+
+    from imgclf.serving.security import cross_site_reason
+
+    for host, origin in (("example.com:443", "https://example.com"), ("example.com:80", "http://example.com")):
+        assert cross_site_reason(Headers({"host": host, "origin": origin})) is None
+    assert cross_site_reason(Headers({"host": "[::1]:8001", "origin": "http://[::1]:8001"})) is None
+    assert cross_site_reason(Headers({"host": "example.com:8443", "origin": "https://example.com"}))
+    assert cross_site_reason(Headers({"host": "example.com", "origin": "https://evil.example"}))
+
+
 def test_every_answer_forbids_framing(review: tuple[httpx.Client, Path]) -> None:
     """Clickjacking: no page of another site may show the app in a frame and trick clicks on it."""
     client, _ = review

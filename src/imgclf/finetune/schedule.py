@@ -21,9 +21,9 @@ def lr_factor(cfg: FinetuneConfig, steps_per_epoch: int) -> Callable[[int], floa
     total = max(1, cfg.epochs * steps_per_epoch)
     warm = round(cfg.warmup_epochs * steps_per_epoch)
     if cfg.schedule == "cosine" and warm > total // 2:
-        log.warning(
-            "warning: --warmup-epochs %g with --epochs %d would leave the rate no time to decay: warm-up shortened "
-            "to %d of the %d steps (half the run)",
+        log.info(
+            "note: a warm-up of %g epoch(s) in a run of %d would leave the learning rate no time to decay: it takes "
+            "%d of the %d steps (half the run)",
             cfg.warmup_epochs,
             cfg.epochs,
             total // 2,

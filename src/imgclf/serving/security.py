@@ -42,16 +42,26 @@ def cross_site_reason(headers: Headers) -> str | None:
     Browsers send ``Origin`` with every POST; older ones ``Sec-Fetch-Site`` or ``Referer``. A request with none
     of them comes from a program, not a web page, and is let through.
     """
-    host = headers.get("host", "").lower()
+    host = _without_default_port(headers.get("host", "").lower())
     if (origin := headers.get("origin")) is not None:
-        if origin == "null" or urlsplit(origin).netloc.lower() != host:
+        if origin == "null" or _netloc(origin) != host:
             return f"Origin {origin}"
         return None
     if (site := headers.get("sec-fetch-site")) is not None:
         return None if site in ("same-origin", "none") else f"Sec-Fetch-Site {site}"
-    if (referer := headers.get("referer")) is not None and urlsplit(referer).netloc.lower() != host:
+    if (referer := headers.get("referer")) is not None and _netloc(referer) != host:
         return f"Referer {referer}"
     return None
+
+
+def _without_default_port(netloc: str) -> str:
+    """``host:80`` and ``host:443`` as ``host`` (proxies often spell out the port; browsers leave it out)."""
+    name, _, port = netloc.rpartition(":")
+    return name if port in ("80", "443") and name and not name.endswith(":") else netloc
+
+
+def _netloc(url: str) -> str:
+    return _without_default_port(urlsplit(url).netloc.lower())
 
 
 class SameOriginWrites:

@@ -359,13 +359,19 @@ def _acquire_while_writing(lock: FileLock, uri: str, wait: float) -> bool:
         return True
     except Timeout:
         log.info("another imgclf process is writing runs to %s: waiting for it", uri)
-    left, deadline = _queued(uri), time.monotonic() + wait
+
+    def queued() -> set[str]:
+        return {job.name for job in queue_dir(uri).glob("*.json")}
+
+    left, deadline = queued(), time.monotonic() + wait
     while time.monotonic() < deadline:
         with contextlib.suppress(Timeout):
             lock.acquire(timeout=min(1.0, wait))
             return True
-        if (now := _queued(uri)) < left:  # one more written: it is not stuck
-            left, deadline = now, time.monotonic() + wait
+        now = queued()
+        if left - now:  # one written (whatever others queued meanwhile): it is not stuck
+            deadline = time.monotonic() + wait
+        left = now
     return False
 
 
