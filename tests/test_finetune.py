@@ -20,7 +20,7 @@ from imgclf.data.demo import generate_demo_dataset
 from imgclf.data.io import Preprocess
 from imgclf.finetune import split_validation
 from imgclf.finetune.trainer import eval_preprocess, within_noise
-from imgclf.pipeline import predict, train
+from imgclf.pipeline import evaluate, predict, train
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +78,8 @@ def test_dnn_end_to_end(demo: Path, tmp_path: Path) -> None:
     assert res.bundle.backbone_spec["weights_id"].startswith("finetuned:")
     assert res.bundle.preprocess.resolution == 72  # trained at 64, deployed at 64 x test_scale 1.15, rounded to 8
     assert "dnn on efficientnet_lite0, 72 px input" in (run / "report.md").read_text()
+    evaluate(run)  # the rewritten report keeps the fine-tuning curves
+    assert "![Fine-tuning curves](finetune_curves.png)" in (run / "report.md").read_text()
     import shutil
 
     from imgclf.bundle import Bundle, BundleError

@@ -269,7 +269,7 @@ def test_a_run_folder_in_use_is_refused(run, tmp_path, capsys):
         assert "a train into it is still running" in capsys.readouterr().err
 
 
-def test_evaluate_after_the_data_folder_moved(run, tmp_path, capsys, caplog):
+def test_evaluate_after_the_data_folder_moved(run, tmp_path, capsys, caplog, monkeypatch):
     import shutil
 
     data, result, _ = run
@@ -299,6 +299,10 @@ def test_evaluate_after_the_data_folder_moved(run, tmp_path, capsys, caplog):
     assert f"using {tmp_path / 'renamed'}, where an earlier evaluate found it" in caplog.text
     train_metrics = json.loads((fresh.run_dir / "train_metrics.json").read_text())
     assert train_metrics["data_root"] == str(tmp_path / "renamed") and train_metrics["n_test"] > 0
+    # a relative --data-root is recorded as the folder it named: another working folder's "renamed" is not it
+    monkeypatch.chdir(tmp_path)
+    assert main(["evaluate", str(fresh.run_dir), "--data-root", "renamed", "--no-tracking", "--no-progress"]) == 0
+    assert json.loads((fresh.run_dir / "metrics.json").read_text())["data_root"] == str(tmp_path / "renamed")
 
 
 def test_predict_api_and_cli(run, tmp_path, capsys, monkeypatch):

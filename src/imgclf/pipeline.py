@@ -520,6 +520,8 @@ def _evaluate(run_dir: Path, bundle: Bundle, on_train: bool, cfg: Config) -> Run
         root, cfg = last, cfg.updated(data_root=last)
     if not root.is_dir():
         raise DatasetError(f"the run's data folder {root} is not there (moved or renamed?): give it with --data-root")
+    root = root.absolute()  # recorded so: a later evaluate from another working folder finds this one
+    cfg = cfg.updated(data_root=root)
     ds, split = load_split(run_dir / "split.csv", root, bundle.classes)
     part = "train" if on_train else "test"
     idx = np.flatnonzero(split == part)
@@ -552,8 +554,10 @@ def _evaluate(run_dir: Path, bundle: Bundle, on_train: bool, cfg: Config) -> Run
     timings = {**trained.timings, "evaluate_s": time.perf_counter() - t0}
     n_train = int(np.sum(split == "train")) if trained.n_train is None else trained.n_train
     ds = replace(ds, notes=trained.notes)
+    curves = run_dir / FINETUNE_OUTPUTS[1]  # the fine-tuning's curves stay in the rewritten report
+    figures = {"Fine-tuning curves": curves} if bundle.classifier != "svm" and curves.is_file() else None
     metrics = _finish(
-        run_dir, cfg, bundle, ds, idx, scores, n_train, skipped, timings, prefix="train_" if on_train else ""
+        run_dir, cfg, bundle, ds, idx, scores, n_train, skipped, timings, figures, prefix="train_" if on_train else ""
     )
     result = RunResult(run_dir, metrics, bundle)
     if cfg.tracking.tracking:
