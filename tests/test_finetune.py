@@ -519,6 +519,8 @@ def test_resuming_ignores_settings_that_change_no_number() -> None:
     assert _identity(cfg.updated(compile=True), backbone, rels)["fingerprint"] == fingerprint
     assert _identity(cfg.updated(lr=0.002), backbone, rels)["fingerprint"] != fingerprint
     assert _differences({"compile": False, "lr": 0.001}, {"lr": 0.001}) == "made by an earlier version of imgclf"
+    assert _differences({"lr": 0.001}, {"lr": 0.002, "weights": "pypi:x"}) == "made by an earlier version of imgclf"
+    assert _differences({"lr": 0.001}, {"lr": 0.002}) == "lr 0.001 -> 0.002"
 
 
 def test_a_checkpoint_that_cannot_be_resumed_leaves_the_run_whole(demo: Path, tmp_path: Path) -> None:

@@ -168,7 +168,7 @@ def load_checkpoint(
     identity = _identity(cfg, backbone, [ds.samples[i].rel for i in train_idx])
     if ckpt["fingerprint"] != identity["fingerprint"]:
         old = ckpt.get("settings")
-        diff = _differences(old, identity["settings"]) if old else "different settings, backbone or images"
+        diff = _differences(old, identity["settings"]) if old else EARLIER_VERSION  # the first ones had none
         if diff == EARLIER_VERSION:
             raise ValueError(
                 f"{ckpt_path} was made by an earlier version of imgclf, which this one cannot continue: run "
@@ -182,11 +182,11 @@ def load_checkpoint(
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
-    """``epochs 8 -> 12, lr 0.001 -> 0.002``; a change not among the settings is in the images' names, or in
-    what an earlier version of imgclf recorded."""
-    changed = [f"{k} {old.get(k)} -> {new.get(k)}" for k in new if old.get(k) != new.get(k)]
-    if not changed and set(old) - set(new):
+    """``epochs 8 -> 12, lr 0.001 -> 0.002``; a change not among the settings is in the images' names; settings
+    of other names (some recorded, some not) are those an earlier version of imgclf recorded."""
+    if set(old) != set(new):
         return EARLIER_VERSION
+    changed = [f"{k} {old.get(k)} -> {new.get(k)}" for k in new if old.get(k) != new.get(k)]
     return ", ".join(changed[:6]) if changed else "the training images (same number, other files)"
 
 
