@@ -27,7 +27,8 @@ _FORMAT_EXTENSIONS = {
 IMAGE_EXTENSIONS = frozenset(ext for exts in _FORMAT_EXTENSIONS.values() for ext in exts)
 HEIF_EXTENSIONS = frozenset({".heic", ".heif"})
 # Bump when decoding gives some image other pixels than before: cached features and hashes are keyed by it.
-DECODE_VERSION = 2  # 2: high-bit-depth one-channel images scaled to 8 bits instead of clipped
+# 2: high-bit-depth one-channel images scaled to 8 bits instead of clipped; 3: only the formats listed above
+DECODE_VERSION = 3
 # What file managers and archivers leave in folders (lower case); ignored like hidden names.
 SYSTEM_NAMES = frozenset({"__macosx", "thumbs.db", "ehthumbs.db", "desktop.ini"})
 
