@@ -340,6 +340,22 @@ def test_paired_test_counts_the_images_only_one_run_gets_right():
     assert "other: scored other test images" in notes[0] and "bare: no predictions.csv" in notes[1]
 
 
+def test_runs_of_a_decomposed_copy_pair_with_composed_ones():
+    """A run of an earlier version kept a macOS copy's decomposed names (e + accent): the same test images,
+    compared with a later run's composed ones, were taken for another split."""
+    from imgclf.tracking.compare import RunRecord, paired_tests, read_predictions
+
+    def csv_of(form: str) -> str:
+        import unicodedata
+
+        rows = ["path,true_label,predicted_label"] + [f"café/{i}.jpg,café,café" for i in range(5)]
+        return unicodedata.normalize(form, "\n".join(rows) + "\n")
+
+    old, new = (RunRecord(form, {}, {}, {}, read_predictions(csv_of(form))) for form in ("NFD", "NFC"))
+    tests, notes = paired_tests([old, new])
+    assert [(t.n, t.gained, t.lost) for t in tests] == [(5, 0, 0)] and not notes
+
+
 def test_metric_keys_stay_apart_when_class_names_do_not():
     """MLflow refuses ':' and '?' in metric names: both become '_', and the later name gets a number."""
     import numpy as np

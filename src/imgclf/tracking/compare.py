@@ -60,8 +60,12 @@ class PairedTest:
 
 
 def read_predictions(text: str) -> dict[str, tuple[str, str]]:
-    """``predictions.csv`` as test image -> (true, predicted label)."""
-    return {r["path"]: (r["true_label"], r["predicted_label"]) for r in csv.DictReader(io.StringIO(text))}
+    """``predictions.csv`` as test image -> (true, predicted label), in Unicode's composed form (a run of an
+    earlier version kept a macOS copy's decomposed names)."""
+    from imgclf.data.dataset import composed
+
+    rows = csv.DictReader(io.StringIO(text))
+    return {composed(r["path"]): (composed(r["true_label"]), composed(r["predicted_label"])) for r in rows}
 
 
 @dataclass
