@@ -244,6 +244,24 @@ class ServeConfig(_Section):
         "body has not arrived in them 408.",
     )
 
+    @field_validator("api_key")
+    @classmethod
+    def _key_one_can_send(cls, key: str | None) -> str | None:
+        """Refuse a key that would leave the service open or let nobody in: empty (an unset variable would turn
+        authentication off), or not printable ASCII without spaces at either end (what an HTTP header carries)."""
+        if key is None:
+            return key
+        if not key.strip():
+            raise ValueError(
+                'an empty API key (an unset variable?): give one, e.g. --api-key "$(openssl rand -hex 16)"'
+            )
+        if not (key.isascii() and key.isprintable()) or key != key.strip():
+            raise ValueError(
+                "the API key must be printable ASCII (letters, digits, punctuation) with no space at either end: "
+                "clients send it in an HTTP header, which carries nothing else"
+            )
+        return key
+
     @field_serializer("api_key", when_used="json")
     def _never_written(self, key: str | None) -> None:
         """JSON (config.json, the bundle, reports, MLflow) never holds the key; the value in memory does."""

@@ -591,9 +591,9 @@ def choose_epoch(
 
     Noise never covers a diverged epoch: one whose error, above the best one's, is no better than ``chance``
     (:func:`chance_error`; on 2-3 images the one-image allowance reaches it), or whose loss is far above the
-    best one's: more than
-    twice it and more than a quarter of ln ``n_classes`` (the loss of a uniform guess) above it, as small
-    losses double without meaning much. An added epoch is thus either chosen or leaves the choice as it was.
+    best one's: more than twice it and more than a quarter of ln ``n_classes`` (the loss of a uniform guess)
+    above it, as small losses double without meaning much. An added epoch is thus either chosen or leaves the
+    choice as it was.
     """
     finite = [i for i, (_, loss) in enumerate(scores) if math.isfinite(loss)]
     if not finite:

@@ -226,27 +226,12 @@ def _error(status: int, code: str, detail: str) -> JSONResponse:
     return JSONResponse({"error": code, "detail": detail}, status_code=status)
 
 
-def check_api_key(key: str | None) -> None:
-    """Refuse a key that would leave the service open or let nobody in: empty (an unset variable would turn
-    authentication off), or not printable ASCII without spaces at either end (what an HTTP header carries)."""
-    if key is None:
-        return
-    if not key.strip():
-        raise ValueError('an empty API key (an unset variable?): give one, e.g. --api-key "$(openssl rand -hex 16)"')
-    if not (key.isascii() and key.isprintable()) or key != key.strip():
-        raise ValueError(
-            "the API key must be printable ASCII (letters, digits, punctuation) with no space at either end: "
-            "clients send it in an HTTP header, which carries nothing else"
-        )
-
-
 def create_app(bundle: Bundle | str | Path, cfg: Config | None = None, flip_tta: bool | None = None) -> FastAPI:
     """The service for ``bundle`` (a Bundle, run folder or bundle folder); loads the model now.
 
     ``cfg`` defaults to the default configuration, not the training run's: serving settings (device,
     threads, limits) belong to the serving host; but ``flip_tta`` follows the run, as in predict, unless given.
     """
-    check_api_key(cfg.serve.api_key if cfg else None)
     bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
     cfg = (cfg or Config()).updated(flip_tta=bundle.flip_tta if flip_tta is None else flip_tta)
     service = ModelService(bundle, build_runtime(bundle, cfg), cfg)

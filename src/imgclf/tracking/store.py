@@ -325,8 +325,13 @@ def queue_dir(uri: str) -> Path:
     return default_cache_dir() / "tracking" / hashlib.sha256(absolute_uri(uri).encode()).hexdigest()[:16]
 
 
+def _queued_jobs(uri: str) -> set[str]:
+    """The names of the records waiting for the store ``uri``."""
+    return {job.name for job in queue_dir(uri).glob("*.json")}
+
+
 def _queued(uri: str) -> int:
-    return sum(1 for _ in queue_dir(uri).glob("*.json"))
+    return len(_queued_jobs(uri))
 
 
 @contextlib.contextmanager
@@ -359,16 +364,12 @@ def _acquire_while_writing(lock: FileLock, uri: str, wait: float) -> bool:
         return True
     except Timeout:
         log.info("another imgclf process is writing runs to %s: waiting for it", uri)
-
-    def queued() -> set[str]:
-        return {job.name for job in queue_dir(uri).glob("*.json")}
-
-    left, deadline = queued(), time.monotonic() + wait
+    left, deadline = _queued_jobs(uri), time.monotonic() + wait
     while time.monotonic() < deadline:
         with contextlib.suppress(Timeout):
             lock.acquire(timeout=min(1.0, wait))
             return True
-        now = queued()
+        now = _queued_jobs(uri)
         if left - now:  # one written (whatever others queued meanwhile): it is not stuck
             deadline = time.monotonic() + wait
         left = now
