@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import importlib.util
 import json
 import logging
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -403,6 +404,7 @@ def test_runs_tables_show_names_as_written(
     """Brackets in data set names, run folders and parameters are text, not rich markup."""
     run = {"id": "0" * 32, "date": "2024-01-01 00:00", "kind": "train", "dataset": "photos [v2]"}
     run |= {"classifier": "svm", "backbone": "misc[/old]", "accuracy": 0.5, "class_averaged_accuracy": None}
+    run["status"] = "FINISHED"
     monkeypatch.setattr("imgclf.tracking.store.list_runs", lambda cfg, limit: [run])
     assert main(["runs", "list"]) == 0
     out = capsys.readouterr().out
@@ -709,3 +711,104 @@ def test_a_store_refusing_records_is_still_read(
     with caplog.at_level(logging.WARNING, logger="imgclf"):
         runs = list_runs(cfg.tracking)
     assert len(runs) == 1 and "PERMISSION_DENIED" in caplog.text and "1 record(s) stay queued" in caplog.text
+
+
+def _stored_runs(uri: str) -> list:
+    """The runs in the store as they are, the queue not drained."""
+    client = _client(uri)
+    return client.search_runs([client.get_experiment_by_name("imgclf").experiment_id])
+
+
+def _drain_killed_after(uri: str, method: str) -> None:
+    """A background writer that dies as a killed one does (no clean-up) once its MLflow call ``method`` returns."""
+    from mlflow import MlflowClient
+
+    call = getattr(MlflowClient, method)
+
+    def killed(self: MlflowClient, *args: object, **kwargs: object) -> None:
+        call(self, *args, **kwargs)
+        os._exit(9)
+
+    setattr(MlflowClient, method, killed)
+    drain(uri)
+
+
+@pytest.mark.parametrize(("killed_after", "left"), [("create_run", "RUNNING"), ("set_terminated", "FINISHED")])
+def test_a_record_whose_writer_was_killed_is_written_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, killed_after: str, left: str
+):
+    """A writer killed once it created the run (left RUNNING and empty) or finished it (the record still
+    queued): the next writer completes that run, or drops the record, instead of writing the record again."""
+    import multiprocessing
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    _queue_without_writer(monkeypatch, Config().updated(tracking_uri=uri), _result(tmp_path / "run", 0.75))
+    writer = multiprocessing.get_context("fork").Process(target=_drain_killed_after, args=(uri, killed_after))
+    writer.start()
+    writer.join(120)
+    assert writer.exitcode == 9
+    (begun,) = _stored_runs(uri)
+    assert begun.info.status == left and len(list(queue_dir(uri).glob("*.json"))) == 1
+    drain(uri)  # the next writer
+    (run,) = _runs(uri)
+    assert run.info.run_id == begun.info.run_id and run.info.status == "FINISHED"
+    assert run.data.metrics["overall_accuracy"] == 0.75
+    assert "metrics.json" in {f.path for f in _client(uri).list_artifacts(run.info.run_id)}
+    assert not any(queue_dir(uri).glob("*.json"))
+
+
+def _database_full(*args: object, **kwargs: object) -> None:
+    """MLflow's error where SQLite finds its disk full: SQLite's own error beneath it."""
+    from mlflow.exceptions import MlflowException
+
+    with contextlib.closing(sqlite3.connect(":memory:")) as db:
+        db.execute("PRAGMA max_page_count = 1")
+        try:
+            db.execute("CREATE TABLE t (x)")
+            db.execute("INSERT INTO t VALUES (randomblob(10000))")
+        except sqlite3.OperationalError as e:
+            raise MlflowException(f"(raised as a result of Query-invoked autoflush)\n({e})") from e
+
+
+def _no_space(*args: object, **kwargs: object) -> None:
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize(
+    ("method", "error", "said"),
+    [("log_artifact", _no_space, "[Errno 28] No space left on device"), ("log_batch", _database_full, "disk is full")],
+    ids=["files", "database"],
+)
+def test_a_full_disk_keeps_the_record_queued(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    method: str,
+    error: Callable[..., None],
+    said: str,
+):
+    """A full disk at the store is passing, like a store out of reach: the record stays queued (it left the
+    queue, its run FAILED for good and listed like any other), `runs list` marks its run FAILED meanwhile,
+    and once there is space the next writer completes that run."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    cfg = Config().updated(tracking_uri=uri)
+    assert log_run("train", cfg.updated(tracking_background=False), _result(tmp_path / "done")) is not None
+    _queue_without_writer(monkeypatch, cfg, _result(tmp_path / "run"))
+    with monkeypatch.context() as m:
+        m.setattr(MlflowClient, method, error)
+        with caplog.at_level(logging.WARNING, logger="imgclf"):
+            drain(uri)  # the background writer
+        assert f"{said}): 1 record(s) stay queued in" in caplog.text
+        assert main(["runs", "list", "--tracking-uri", uri, "--csv", str(tmp_path / "list.csv")]) == 0  # full still
+    listed = csv.DictReader((tmp_path / "list.csv").read_text().splitlines())
+    assert [r["status"] for r in listed] == ["FAILED", "FINISHED"]
+    out = capsys.readouterr().out
+    assert "FAILED" in out and "FINISHED" not in out  # only the unusual status is shown
+    drain(uri)  # space freed
+    runs = _runs(uri)
+    assert [r.info.status for r in runs] == ["FINISHED", "FINISHED"]
+    assert "metrics.json" in {f.path for f in _client(uri).list_artifacts(runs[1].info.run_id)}
+    assert not any(queue_dir(uri).glob("*.json"))

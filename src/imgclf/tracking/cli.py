@@ -73,8 +73,9 @@ def _list(args: argparse.Namespace) -> int:
             col.replace("_", " "), justify="right" if "accuracy" in col else "left", no_wrap=col in ("id", "date")
         )
     for run in runs:
-        cells = [escape(_list_cell(v)) for v in run.values()]
-        table.add_row(run["id"][:ID_SHOWN], *cells[1:])
+        shown = {**run, "status": "" if run["status"] == "FINISHED" else run["status"]}  # the unusual one stands out
+        cells = [escape(_list_cell(v)) for v in shown.values()]
+        table.add_row(run["id"][:ID_SHOWN], *cells[1:], style=None if run["status"] == "FINISHED" else "yellow")
     console().print(table)
     _write_outputs(args, table_csv(runs), table_markdown(runs))
     return 0
@@ -215,7 +216,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("runs", help="Run history recorded with MLflow: list, compare, browse.")
     actions = p.add_subparsers(dest="runs_command", required=True, metavar="ACTION")
 
-    q = actions.add_parser("list", help="Latest runs: id, date, data set, classifier, backbone, accuracy.")
+    q = actions.add_parser("list", help="Latest runs: id, date, data set, classifier, backbone, accuracy, status.")
     q.add_argument("--limit", type=positive_int, default=20, help="Most runs shown, newest first.")
     _output_args(q)
     add_config_args(q, ("tracking",))

@@ -10,12 +10,14 @@ writes it to MLflow, so a command does not wait for MLflow's start-up, and a nex
 folder cannot change what is recorded. Whoever holds the queue's lock drains it; every reader drains it
 first, so a listing or comparison always includes the runs that finished before it. A run recorded
 in-process takes the same lock (after draining the queue), so that processes creating one new store never
-race through its schema migrations.
+race through its schema migrations. Each run carries its record's id (tag ``record_id``), so that a record
+tried again (its writer killed, the store's disk full) completes the run it began instead of writing another.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -40,6 +42,7 @@ from imgclf.utils import atomic_write_text, default_cache_dir
 if TYPE_CHECKING:
     from filelock import FileLock
     from mlflow import MlflowClient
+    from mlflow.entities import Run
 
     from imgclf.pipeline import RunResult
 
@@ -50,6 +53,10 @@ _SCHEME = re.compile(r"^(?!file:)[A-Za-z][A-Za-z0-9+.-]+:")  # a URI scheme; not
 ARTIFACT_FOLDER = "mlruns"
 # Run-folder files recorded as artifacts, besides the model/ bundle (checkpoints and temporary files are not).
 ARTIFACT_SUFFIXES = frozenset({".csv", ".json", ".html", ".md", ".png", ".svg", ".txt"})
+RECORD_TAG = "record_id"  # tag of a run: the id of the record it was written from
+# OS errors of a store whose disk is full (or over quota): passing, like a store out of reach
+_DISK_FULL = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
+_SQLITE_FULL = 13  # sqlite3.SQLITE_FULL: "database or disk is full"
 _BATCH = 100  # most parameters per MLflow log_batch call
 _WRITER_LOG_MAX = 1 << 20  # writer.log is moved to writer.log.1 (replacing it) beyond this many bytes
 LOCK_WAIT_S = 15.0  # how long a command waits for another process writing to the same store to write a record
@@ -204,7 +211,8 @@ def experiment_id(client: MlflowClient, cfg: TrackingConfig, create: bool = Fals
 
 
 def run_record(kind: str, cfg: Config, result: RunResult, on_train: bool) -> dict[str, Any]:
-    """Everything MLflow is told about a run, as JSON: store, names, times, tags, parameters, metrics, files.
+    """Everything MLflow is told about a run, as JSON: its id, store, names, times, tags, parameters, metrics,
+    files.
 
     The run ends now, when it is recorded; it began its measured duration earlier (``evaluate_s`` of an
     evaluation, ``total_s`` of a training), so MLflow shows when it ran and how long it took.
@@ -213,6 +221,7 @@ def run_record(kind: str, cfg: Config, result: RunResult, on_train: bool) -> dic
     end = time.time()
     took = float((result.metrics.get("timings_s") or {}).get("evaluate_s" if kind == "evaluate" else "total_s", 0))
     return {
+        "id": uuid.uuid4().hex,
         "uri": absolute_uri(tracking_uri(cfg.tracking)),
         "experiment": cfg.tracking.experiment,
         "run_name": f"{run_dir.name} {kind}" + (" on train" if on_train else ""),
@@ -251,19 +260,44 @@ def snapshot(run_dir: Path, dest: Path) -> None:
 
 
 class StoreUnavailable(Exception):
-    """The store could not be reached, read or written to: nothing of the record was written."""
+    """The store could not be reached, read or written to (its disk full): the record is to be tried again,
+    which completes the run it began, if any."""
 
 
 class StoreUnreadable(StoreUnavailable):
     """The store could not even be read (a server that does not answer, a damaged database)."""
 
 
-def _first_line(e: Exception) -> str:
+def _first_line(e: BaseException) -> str:
     return (str(e).splitlines() or [type(e).__name__])[0]  # not SQLAlchemy's SQL
 
 
+def _disk_full(e: BaseException) -> BaseException | None:
+    """``e``, or the error it arose from, that says a disk is full or over quota (OS or SQLite); else None."""
+    seen: set[int] = set()
+    cause: BaseException | None = e
+    while cause is not None and id(cause) not in seen:
+        if (isinstance(cause, OSError) and cause.errno in _DISK_FULL) or (
+            getattr(cause, "sqlite_errorcode", None) == _SQLITE_FULL
+        ):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def _begun_run(client: MlflowClient, exp: str, record_id: str) -> Run | None:
+    """The run an earlier try of the record ``record_id`` wrote or began (a writer killed midway), if any."""
+    runs = client.search_runs([exp], filter_string=f"tags.{RECORD_TAG} = '{record_id}'", max_results=1)
+    return runs[0] if runs else None
+
+
 def _record(rec: dict[str, Any]) -> str:
-    """Write one run record to its store; returns the MLflow run id."""
+    """Write one run record to its store; returns the MLflow run id.
+
+    A run an earlier try of the record began is completed rather than a second one written; a finished one
+    is the record written. A full disk raises StoreUnavailable, its run marked FAILED until the next try.
+    """
     from mlflow.entities import Metric, Param
 
     store = TrackingConfig(tracking_uri=rec["uri"], experiment=rec["experiment"])
@@ -276,24 +310,32 @@ def _record(rec: dict[str, Any]) -> str:
         raise StoreUnreadable(_first_line(e)) from e
     try:
         exp = experiment_id(client, store, create=True)
-        run = client.create_run(exp, start_time=rec["start_ms"], tags=rec["tags"], run_name=rec["run_name"])
-    except Exception as e:  # any failure here wrote nothing
-        raise StoreUnavailable(_first_line(e)) from e
+        run = _begun_run(client, exp, rec["id"]) or client.create_run(
+            exp, start_time=rec["start_ms"], tags={**rec["tags"], RECORD_TAG: rec["id"]}, run_name=rec["run_name"]
+        )
+    except Exception as e:  # a run created here is found by the next try
+        raise StoreUnavailable(_first_line(_disk_full(e) or e)) from e
     run_id = run.info.run_id
+    if run.info.status == "FINISHED":  # written by a writer stopped before the record left the queue
+        return run_id
     files = Path(rec.get("files") or rec["run_dir"])  # the snapshot of a queued record
-    status = "FAILED"
+    end_ms = rec.get("end_ms")  # records queued by older versions: now
     try:
         params = [Param(k, v) for k, v in rec["params"].items()]
         metrics = [Metric(k, v, rec["start_ms"], 0) for k, v in rec["metrics"].items()]
-        for i in range(0, max(len(params), len(metrics)), _BATCH):
+        for i in range(0, max(len(params), len(metrics)), _BATCH):  # again, in a run begun before: no change
             client.log_batch(run_id, metrics=metrics[i : i + _BATCH], params=params[i : i + _BATCH])
         for f in _artifact_files(files):
             client.log_artifact(run_id, str(f))
         if (files / "model").is_dir():
             client.log_artifacts(run_id, str(files / "model"), "model")
-        status = "FINISHED"
-    finally:
-        client.set_terminated(run_id, status, end_time=rec.get("end_ms"))  # records queued by older versions: now
+        client.set_terminated(run_id, "FINISHED", end_time=end_ms)
+    except BaseException as e:
+        with contextlib.suppress(Exception):  # a disk still full may refuse this too
+            client.set_terminated(run_id, "FAILED", end_time=end_ms)
+        if (full := _disk_full(e)) is not None:
+            raise StoreUnavailable(_first_line(full)) from e
+        raise
     return run_id
 
 
@@ -378,10 +420,11 @@ def _acquire_while_writing(lock: FileLock, uri: str, wait: float) -> bool:
 
 def _drain_locked(uri: str) -> None:
     """Write every queued record of ``uri``, oldest first, holding its lock; StoreUnavailable where the store
-    cannot be reached, read or written to (the records stay queued)."""
+    cannot be reached, read or written to, or its disk is full (the records stay queued)."""
     for job in sorted(queue_dir(uri).glob("*.json")):
         with contextlib.suppress(FileNotFoundError, ValueError):  # gone, or not a record: it leaves the queue
-            _record_or_warn(json.loads(job.read_text(encoding="utf-8")), keep=True)
+            rec = json.loads(job.read_text(encoding="utf-8"))
+            _record_or_warn({"id": job.stem, **rec}, keep=True)  # records queued by older versions: no id
         job.unlink(missing_ok=True)
         shutil.rmtree(job.with_suffix(".files"), ignore_errors=True)
 
@@ -400,9 +443,10 @@ def _warn_queued(uri: str, e: StoreUnavailable) -> None:
 def drain(uri: str) -> None:
     """Write every queued record of the store ``uri`` (waiting for a process already doing it), oldest first.
 
-    While the store cannot be reached or read (a server offline, a damaged database), the records stay
-    queued for the next drain: nothing is lost. A record that fails once the store is reached is logged as
-    a warning and leaves the queue (MLflow shows its run as failed; its run folder is untouched).
+    While the store cannot be reached or read (a server offline, a damaged database) or its disk is full, the
+    records stay queued for the next drain: nothing is lost. A record that fails otherwise once the store is
+    reached is logged as a warning and leaves the queue (MLflow shows its run as failed; its run folder is
+    untouched).
     """
     if not queue_dir(uri).is_dir():
         return
@@ -519,7 +563,8 @@ def log_run(
 
 
 def list_runs(cfg: TrackingConfig, limit: int = 20) -> list[dict[str, Any]]:
-    """The experiment's latest runs: id, date, kind, data set, classifier, backbone, split scored, accuracies."""
+    """The experiment's latest runs: id, date, kind, data set, classifier, backbone, split scored, accuracies,
+    MLflow status."""
     drain_pending(cfg)
     if not store_exists(cfg):
         return []
@@ -540,6 +585,7 @@ def list_runs(cfg: TrackingConfig, limit: int = 20) -> list[dict[str, Any]]:
             "split": r.data.tags.get("split", ""),  # evaluate --on-train scores the training split
             "accuracy": r.data.metrics.get("overall_accuracy"),
             "class_averaged_accuracy": r.data.metrics.get("class_averaged_accuracy"),
+            "status": r.info.status,  # FAILED: not all recorded; RUNNING: being written, or its writer was stopped
         }
         for r in runs
     ]
