@@ -493,3 +493,35 @@ def test_a_thin_strip_is_cropped_before_it_is_enlarged(tmp_path: Path):
         np.testing.assert_array_equal(
             load_for_model(tmp_path / "p.png", pre), whole[top : top + 224, left : left + 224]
         )
+
+
+def test_demo_data_on_a_full_disk_names_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    """The message was ``No space left on device (free space ...)``, naming no file or folder."""
+    import errno
+
+    from imgclf.cli import main
+
+    real_open = io.open
+
+    def full_for_images(file: object, mode: str = "r", *args: object, **kwargs: object) -> object:
+        f = real_open(file, mode, *args, **kwargs)
+        if "w" in mode:
+            write = f.write
+
+            def failing(data: bytes) -> int:
+                if bytes(data[:2]) == b"\xff\xd8":  # a JPEG: the marker file goes in, the first image does not
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                return write(data)
+
+            f.write = failing
+        return f
+
+    data = tmp_path / "demo"
+    with monkeypatch.context() as m:
+        m.setattr(io, "open", full_for_images)
+        assert main(["demo", "--data", str(data), "--out", str(tmp_path / "run"), "--n-per-class", "1"]) == 2
+    image = data / "dotted" / "dotted_0000.jpg"
+    assert f"No space left on device: {image} (free space there, or give other --data" in capsys.readouterr().err
+    assert sorted(p.name for p in (data / "dotted").iterdir()) == []  # no temporary file left

@@ -190,6 +190,47 @@ def test_parity_failure_exits_non_zero_and_writes_nothing(
     assert list(out.parent.iterdir()) == []  # neither the model, nor the sidecar, nor scratch files
 
 
+def test_a_full_disk_is_a_message_naming_the_file_and_leaves_nothing(
+    run_dir: Path, check_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """TorchScript wrote straight to the file: a full disk aborted the process (a C++ exception, exit 134) and
+    left its scratch folder, one more per try. OpenVINO's writer raised ``basic_ios::clear: iostream error``."""
+    import errno
+    import os
+    import shutil
+    from types import SimpleNamespace
+
+    import openvino
+
+    import imgclf.export as export
+
+    def full_write(fd: int, *args: object, **kwargs: object):
+        f = real_fdopen(fd, *args, **kwargs)
+        f.write = lambda data: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))
+        return f
+
+    real_fdopen, out = os.fdopen, tmp_path / "out" / "m.pt"
+    args = ["--check-images", str(check_dir)]
+    with monkeypatch.context() as m:
+        m.setattr(os, "fdopen", full_write)
+        assert main(["export", str(run_dir), "--format", "torchscript", "--out", str(out), *args]) == 2
+    assert f"No space left on device: {out} (free space there, or give another --out)" in capsys.readouterr().err
+    assert list(out.parent.iterdir()) == []
+
+    def cut_short(model: object, path: str, **kwargs: object) -> None:
+        Path(path).write_text("<?xml")
+        raise RuntimeError("basic_ios::clear: iostream error")
+
+    monkeypatch.setattr(export, "convert_openvino", lambda net, res: None)
+    monkeypatch.setattr(openvino, "save_model", cut_short)
+    out = tmp_path / "out" / "m.xml"
+    for free, said in ((0, "No space left on device"), (10**12, "could not be written (basic_ios::clear")):
+        monkeypatch.setattr(shutil, "disk_usage", lambda path, free=free: SimpleNamespace(free=free))
+        assert main(["export", str(run_dir), "--format", "openvino", "--out", str(out), *args]) == 2
+        assert f"imgclf: error: {said}" in (err := capsys.readouterr().err) and f": {out} (" in err
+        assert list(out.parent.iterdir()) == []
+
+
 def test_unsupported_requests_are_refused(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(ExportError, match="onnx export supports precision fp32, int8"):
         export_model(run_dir, "onnx", tmp_path / "m.onnx", "bf16")

@@ -159,6 +159,33 @@ def test_a_full_cache_disk_costs_the_cache_not_the_run(
     assert caplog.text.count("features not cached from here on (No space left on device") == 1
 
 
+@pytest.mark.parametrize("free", [0, 10**12])
+def test_a_converted_model_not_kept_says_which_file_and_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, free: int
+):
+    """OpenVINO's writer fails on a full disk with ``basic_ios::clear: iostream error``, which the warning
+    repeated: it names the file and, where the disk is full, says so."""
+    import shutil
+    from types import SimpleNamespace
+
+    import openvino
+
+    from imgclf.features.runtimes import _keep
+
+    def cut_short(model: object, path: Path, **kwargs: object) -> None:
+        Path(path).write_text("<?xml")
+        raise RuntimeError("basic_ios::clear: iostream error")
+
+    monkeypatch.setattr(openvino, "save_model", cut_short)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=free))
+    with caplog.at_level("WARNING", logger="imgclf"):
+        _keep(None, tmp_path / "ov")  # type: ignore[arg-type]
+    why = "No space left on device" if free == 0 else "could not be written (basic_ios::clear: iostream error)"
+    assert f"could not be written to {tmp_path / 'ov' / 'model.xml'} ({why})" in caplog.text
+    assert ("free space there" in caplog.text) == (free == 0)
+    assert list((tmp_path / "ov").iterdir()) == []
+
+
 def test_thread_pools_are_sized_to_a_containers_cpu_quota(monkeypatch: pytest.MonkeyPatch):
     """A container limited to 1 CPU (cgroup quota) on a larger host: pools get 1 thread, not one per host core."""
     from joblib.externals.loky.backend import context

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import csv
+import errno
 import functools
 import itertools
 import logging
 import math
+import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import pytest
 import torch
 
 import imgclf.finetune
+import imgclf.pipeline
 from imgclf.config import Config
 from imgclf.data.dataset import load_split
 from imgclf.data.demo import generate_demo_dataset
@@ -57,6 +62,18 @@ def _cfg(data: Path, out: Path, **kw: object) -> Config:
 def _log(run: Path) -> list[dict[str, str]]:
     with open(run / "finetune_log.csv", newline="") as f:
         return list(csv.DictReader(f))
+
+
+def _full_for(fdopen: Callable[..., IO[bytes]], full: Callable[[str], bool]) -> Callable[..., IO[bytes]]:
+    """``os.fdopen`` whose files fail to be written, as on a full disk, where ``full(their path)``."""
+
+    def opened(fd: int, *args: object, **kwargs: object) -> IO[bytes]:
+        f = fdopen(fd, *args, **kwargs)
+        if full(os.readlink(f"/proc/self/fd/{fd}")):
+            f.write = lambda data: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))
+        return f
+
+    return opened
 
 
 def test_dnn_end_to_end(demo: Path, tmp_path: Path) -> None:
@@ -219,6 +236,14 @@ def test_resume_after_interruption(demo: Path, tmp_path: Path, monkeypatch: pyte
     )
     with pytest.raises(ValueError, match=r"another fine-tuning run \(weights pypi:.* -> file:"):
         train(cfg.updated(resume=True, weights=tmp_path / "w.pt"))  # not blamed on the images
+    # the disk full when the model is saved, after all the training: torch's RuntimeError ("unexpected pos")
+    # was a traceback; an OSError naming the file, which says that --resume finishes the run
+    with monkeypatch.context() as m, pytest.raises(OSError) as full:
+        m.setattr(os, "fdopen", _full_for(os.fdopen, lambda name: "/.backbone.pt." in name))
+        train(cfg.updated(resume=True))
+    assert (full.value.errno, full.value.filename) == (errno.ENOSPC, str(tmp_path / "run" / "model" / "backbone.pt"))
+    assert imgclf.pipeline.RESUMABLE in full.value.__notes__
+    assert not list((tmp_path / "run").glob(".model.*"))  # its temporary folder gone too
     (tmp_path / "run" / "leaks.csv").write_text("left by an earlier run\n")
     res = train(cfg.updated(resume=True))
     rows = _log(res.run_dir)

@@ -141,6 +141,22 @@ def test_fit_head_rows_follow_the_labels_and_misuse_is_named():
         LinearSVMHead(c_grid=()).fit(x, y)
 
 
+def test_a_heads_memo_entry_cut_short_is_fitted_again(tmp_path):
+    """A crash can truncate a memo entry (written without fsync): every later fit raised BadZipFile on it."""
+    from imgclf.config import ClassifierConfig
+    from imgclf.heads import fit_head
+    from imgclf.utils import Memo
+
+    x, y = _blobs(3, n=10)
+    memo, cfg = Memo(tmp_path, "heads"), ClassifierConfig(svm_c_grid=[1.0], cv_folds=2)
+    first = fit_head(cfg, x, y, memo=memo)
+    (entry,) = (tmp_path / "heads").iterdir()
+    entry.write_bytes(entry.read_bytes()[:-300])
+    again = fit_head(cfg, x, y, memo=memo)
+    assert not again.reused and np.array_equal(again.head.weight, first.head.weight)
+    assert fit_head(cfg, x, y, memo=memo).reused  # the whole entry written back
+
+
 def test_groups_stay_whole_in_the_cross_validation():
     """Near-duplicates (bursts of one scene) under a label drawn per scene: folds that split the bursts
     score them by their twins; folds that keep them whole score what generalises (here: nothing)."""

@@ -136,14 +136,14 @@ def test_classes_named_micro_and_macro_keep_their_own_auc():
     assert f"AUC {own['micro']:.3f})" in lines[0] and f"AUC {own['macro']:.3f})" in lines[1]
 
 
-def test_report_md_escapes_pipes_in_class_names(tmp_path: Path):
-    from imgclf.evaluation.report import write_reports
+def test_report_md_escapes_pipes_in_class_names():
+    from imgclf.evaluation.report import render_reports
 
     y = np.array([0, 0, 1, 1])
     scores = np.eye(2)[y]
     m = {**compute_metrics(y, scores, ["a|b", "c"]), "n_train": 4, "n_test": 4}
-    write_reports(tmp_path, y, scores, m, {})
-    rows = [line for line in (tmp_path / "report.md").read_text().splitlines() if line.startswith("| ")]
+    md = render_reports(y, scores, m, {})["report.md"].decode()
+    rows = [line for line in md.splitlines() if line.startswith("| ")]
     assert rows[1:] == ["| a\\|b | 100.0 % | 2 | 1.000 |", "| c | 100.0 % | 2 | 1.000 |"]
 
 
@@ -156,3 +156,19 @@ def test_an_imperfect_result_is_never_shown_as_perfect():
     text = "\n".join(summary_lines({**compute_metrics(y, scores, ["cat", "dog"]), "n_test": 2500}))
     assert "Overall accuracy       : 99.96 %" in text and "100.0 %" not in text.split("Class dog")[0]
     assert "Class dog: accuracy  100.0 %" in text  # a perfect class stays as it is
+
+
+def test_a_metrics_memo_entry_cut_short_is_computed_again(tmp_path: Path):
+    """A crash can truncate a memo entry (written without fsync): it was parsed, and every later train with
+    the same scores failed on it (``Expecting value``)."""
+    from imgclf.utils import Memo
+
+    y = np.array([0, 0, 1, 1, 2, 2])
+    scores = np.eye(3)[[0, 1, 1, 1, 2, 0]] * 0.8 + 0.1
+    memo = Memo(tmp_path, "metrics")
+    first = compute_metrics(y, scores, ["a", "b", "c"], memo)
+    (entry,) = (tmp_path / "metrics").iterdir()
+    whole = entry.read_bytes()
+    entry.write_bytes(whole[:200])
+    assert compute_metrics(y, scores, ["a", "b", "c"], memo) == first
+    assert entry.read_bytes() == whole  # replaced by a whole one

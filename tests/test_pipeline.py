@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -135,8 +136,8 @@ def test_a_bundle_with_its_own_weights_prepares_images_as_recorded(run):
 
 def test_atomic_folders_are_readable_and_leftovers_of_a_crash_do_no_harm(tmp_path, monkeypatch):
     """A model folder gets the usual permissions (a service account must read it); a leftover of a crash
-    does not block the next save; a save that fails leaves the earlier folder in place; an empty memo entry
-    is computed again."""
+    does not block the next save; a save that fails leaves the earlier folder in place; a memo entry cut
+    short at any length (or of the earlier layout, which had no digest) is computed again."""
     import stat
 
     from imgclf.utils import Memo, atomic_dir
@@ -165,8 +166,12 @@ def test_atomic_folders_are_readable_and_leftovers_of_a_crash_do_no_harm(tmp_pat
     monkeypatch.undo()
     assert (target / "a").read_text() == "2"
     memo = Memo(tmp_path / "memo", "figures")
-    memo.put("k", b"")  # cut short
-    assert memo.compute("k", lambda: b"png") == b"png" and memo.get("k") == b"png"
+    memo.put("k", b"png")
+    entry = (tmp_path / "memo" / "figures" / "k").read_bytes()
+    for cut in [entry[:n] for n in range(len(entry))] + [b"png"]:
+        (tmp_path / "memo" / "figures" / "k").write_bytes(cut)
+        assert memo.get("k") is None
+        assert memo.compute("k", lambda: b"png") == b"png" and memo.get("k") == b"png"
 
 
 def test_a_damaged_bundle_is_named_not_a_traceback(run, tmp_path, capsys):
@@ -244,12 +249,19 @@ def test_a_run_that_does_not_fine_tune_drops_an_earlier_fine_tuning(run, tmp_pat
     data, result, _ = run
     folder = shutil.copytree(result.run_dir, tmp_path / "run")
     planted = ["finetune_log.csv", "finetune_curves.png", "finetune_ckpt.pt", "finetune_cache/0.npy"]
+    # and what runs killed while they wrote left: a checkpoint's temporary file (as big as it), a model folder's
+    planted += [".finetune_ckpt.pt.k3x_9qaz.tmp", ".metrics.json.a1b2c3d4.tmp", ".model.0a9b8c7d.tmp/head.npz"]
+    planted += [".model.old-abcd1234/head.npz", "..imgclf-train-incomplete.qwertyui.tmp"]
     for name in planted:
         (folder / name).parent.mkdir(exist_ok=True)
         (folder / name).write_bytes(b"an earlier fine-tuning")
+    users = [".finetune_ckpt.pt.bak", ".notes.tmp", ".metrics.json.mine.tmp"]  # not imgclf's: kept
+    for name in users:
+        (folder / name).write_text("mine")
     args = ["--out", str(folder), "--no-tracking", "--no-progress", "--resolution", "64", "--cv-folds", "3"]
     assert main(["train", str(data), *args, "--resume"]) == 0
     assert not [name for name in planted if (folder / name.split("/")[0]).exists()]
+    assert all((folder / name).read_text() == "mine" for name in users)
 
 
 def test_a_run_folder_in_use_is_refused(run, tmp_path, capsys):
@@ -267,6 +279,108 @@ def test_a_run_folder_in_use_is_refused(run, tmp_path, capsys):
     with run_folder_lock(tmp_path / "first"):  # the first train into a folder, its model not written yet
         assert main(["evaluate", str(tmp_path / "first"), "--no-tracking"]) == 2
         assert "a train into it is still running" in capsys.readouterr().err
+
+
+def _full_disk_for(monkeypatch: pytest.MonkeyPatch, full: Callable[[bytes], bool]) -> None:
+    """Writes through ``os.fdopen`` (the atomic writes') of the contents ``full`` picks fail as on a full disk."""
+    import errno
+
+    real_fdopen = os.fdopen
+
+    def fdopen(fd, *args, **kwargs):
+        f = real_fdopen(fd, *args, **kwargs)
+        write = f.write
+
+        def failing(data):
+            if full(bytes(data)):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return write(data)
+
+        f.write = failing
+        return f
+
+    monkeypatch.setattr(os, "fdopen", fdopen)
+
+
+def test_a_failed_evaluate_leaves_the_results_as_they_were(run, tmp_path, capsys, monkeypatch):
+    """evaluate on a full disk replaced predictions.csv and metrics.json, then failed on evaluation.png: the
+    report and figure kept the old numbers beside them. All of them are replaced together or none is."""
+    import shutil
+
+    _, result, _ = run
+    folder = shutil.copytree(result.run_dir, tmp_path / "run")
+    before = _digests(folder)
+    with monkeypatch.context() as m:
+        _full_disk_for(m, lambda data: data.startswith(b"\x89PNG"))  # room for all but the figure
+        assert main(["evaluate", str(folder), "--flip-tta", "--no-tracking", "--no-progress"]) == 2
+    assert _digests(folder) == before  # no file replaced, no temporary file left
+    assert f"No space left on device: {folder / 'evaluation.png'} (free space there" in capsys.readouterr().err
+    assert main(["evaluate", str(folder), "--flip-tta", "--no-tracking", "--no-progress"]) == 0
+    assert json.loads((folder / "metrics.json").read_text())["timings_s"]["evaluate_s"] > 0
+
+
+def test_memo_entries_cut_short_are_computed_again(run, tmp_path):
+    """A crash can truncate memo entries (written without fsync): a figure's was embedded half in the
+    report, a metrics one stopped every later train with the same scores (``Expecting value``)."""
+    import base64
+    import shutil
+
+    from PIL import Image
+
+    from imgclf.utils import default_cache_dir
+
+    _, result, _ = run
+    folder = shutil.copytree(result.run_dir, tmp_path / "run")
+    for kind in ("metrics", "figures"):
+        for entry in (default_cache_dir() / kind).iterdir():
+            entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])
+    again = evaluate(folder)
+    assert again.metrics["confusion_matrix"] == result.metrics["confusion_matrix"]
+    png = (folder / "evaluation.png").read_bytes()
+    Image.open(io.BytesIO(png)).load()  # whole: a half one raises
+    assert base64.b64encode(png).decode() in (folder / "report.html").read_text()
+
+
+def test_a_run_folder_removed_while_train_writes_is_not_made_again(run, tmp_path, capsys, monkeypatch):
+    """The run folder removed during a train was made again by the next write, holding results and a model
+    without the split.csv and config.json they go with, then the train failed on a missing file."""
+    import shutil
+
+    import imgclf.pipeline
+
+    data, _, _ = run
+    out = tmp_path / "rm1"
+    fit_head = imgclf.pipeline.fit_head
+
+    def removed_meanwhile(*args: object) -> object:
+        shutil.rmtree(out)
+        return fit_head(*args)
+
+    monkeypatch.setattr(imgclf.pipeline, "fit_head", removed_meanwhile)
+    args = ["--out", str(out), "--no-tracking", "--no-progress", "--resolution", "64", "--cv-folds", "3"]
+    assert main(["train", str(data), *args]) == 2
+    assert f"the run folder {out} was removed while imgclf train wrote into it" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_evaluate_in_a_folder_it_may_not_write_says_what_to_do(run, capsys, monkeypatch):
+    """The advice named a way to write elsewhere that evaluate does not have."""
+    import errno
+
+    import imgclf.pipeline
+
+    _, result, _ = run
+    lock = result.run_dir / ".imgclf.lock"
+
+    def read_only(run_dir: Path) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", str(lock))
+
+    monkeypatch.setattr(imgclf.pipeline, "run_folder_lock", read_only)
+    assert main(["evaluate", str(result.run_dir), "--no-tracking"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"imgclf: error: Permission denied: {lock} (allow writing there, or copy the run folder to a disk you "
+        "may write to and evaluate the copy)"
+    )
 
 
 def test_evaluate_after_the_data_folder_moved(run, tmp_path, capsys, caplog, monkeypatch):
@@ -523,6 +637,8 @@ def test_warm_rerun_imports_no_heavy_library(run, tmp_path):
 
 
 def test_cli_errors_are_messages(tmp_path, capsys, monkeypatch):
+    import errno
+
     assert main(["train", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")]) == 2
     assert "data folder not found" in capsys.readouterr().err
     assert main(["train", str(tmp_path), "--out", str(tmp_path / "runs" / "latest")]) == 2
@@ -597,8 +713,6 @@ def test_cli_errors_are_messages(tmp_path, capsys, monkeypatch):
     assert "out of GPU memory: lower --ft-batch-size" in capsys.readouterr().err
 
     def disk_full(cfg):
-        import errno
-
         from imgclf.utils import atomic_write_bytes
 
         real_write = os.fdopen
@@ -615,15 +729,38 @@ def test_cli_errors_are_messages(tmp_path, capsys, monkeypatch):
     assert main(["train", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
     monkeypatch.undo()
     err = capsys.readouterr().err
-    assert f"No space left on device: {tmp_path / 'r' / 'metrics.json'} (free space or allow writing there" in err
+    assert f"No space left on device: {tmp_path / 'r' / 'metrics.json'} (free space there, or train into" in err
+    assert "--resume" not in err  # no fine-tuning to continue
+
+    def stopped(error):
+        def train(cfg):
+            error.add_note(imgclf.pipeline.RESUMABLE)  # as train adds to a fine-tuning's, its checkpoint written
+            raise error
+
+        return train
+
+    full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "r" / "model" / "backbone.pt"))
+    monkeypatch.setattr(imgclf.pipeline, "train", stopped(full))
+    assert main(["train", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"imgclf: error: No space left on device: {tmp_path / 'r' / 'model' / 'backbone.pt'} (free space there, "
+        "or train into another --out; the same command plus --resume continues the fine-tuning from its last "
+        "checkpoint)"
+    )
+    monkeypatch.setattr(imgclf.pipeline, "train", stopped(KeyboardInterrupt()))
+    assert main(["train", str(tmp_path), "--out", str(tmp_path / "r")]) == 130
+    hint = "(the same command plus --resume continues the fine-tuning from its last checkpoint)"
+    assert capsys.readouterr().err.strip() == f"interrupted {hint}"
 
     def interrupted(cfg):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(imgclf.pipeline, "train", interrupted)
+    monkeypatch.setattr(imgclf.pipeline, "train", interrupted)  # an svm run, or a fine-tuning without checkpoint
     assert main(["train", str(tmp_path), "--out", str(tmp_path / "r")]) == 130
-    err = capsys.readouterr().err
-    assert "the same command plus --resume" in err and "reuses the image features computed so far" in err
+    hint = "(the same command again reuses the image features computed so far)"
+    assert capsys.readouterr().err.strip() == f"interrupted {hint}"
+    assert main(["train", str(tmp_path), "--out", str(tmp_path / "r"), "--no-use-cache"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
 
 
 def test_leak_between_train_and_test_warns_or_refuses(tmp_path, caplog, monkeypatch):

@@ -29,7 +29,7 @@ from imgclf import __version__
 from imgclf.backbones import Backbone, create_backbone
 from imgclf.data.io import Preprocess
 from imgclf.heads.linear import LinearHead
-from imgclf.utils import atomic_dir, file_sha256, folder_in_use
+from imgclf.utils import atomic_dir, atomic_write_files, folder_in_use, scratch_named_as
 
 if TYPE_CHECKING:
     import torch
@@ -132,39 +132,47 @@ class Bundle:
 
         return nn.Sequential(self.build_backbone().feature_net(flip_tta), self.head.module()).eval()
 
-    def save(self, run_dir: Path) -> Path:
-        """Write the bundle to ``run_dir/model`` atomically; return that folder."""
-        target = Path(run_dir) / BUNDLE_DIR
-        with atomic_dir(target) as tmp:
-            np.savez(tmp / "head.npz", weight=self.head.weight, bias=self.head.bias)
-            head_sha256 = file_sha256(tmp / "head.npz")
-            spec = dict(self.backbone_spec)
-            if self.backbone_state is not None:
-                import torch
+    def save(self, run_dir: Path, parents: bool = True) -> Path:
+        """Write the bundle to ``run_dir/model`` atomically; return that folder.
 
-                torch.save(self.backbone_state, tmp / "backbone.pt")
-                spec["weights_sha256"] = file_sha256(tmp / "backbone.pt")
-                if spec["weights_id"].startswith("finetuned:"):
-                    spec["weights_id"] = f"finetuned:{spec['weights_sha256'][:16]}"
-                self.backbone_spec = spec
-            meta = {
-                "format": FORMAT,
-                "imgclf_version": __version__,
-                "created": self.created,
-                "classes": self.classes,
-                "classifier": self.classifier,
-                "backbone": spec,
-                "head": {
-                    "type": "linear",
-                    "l2_normalize": self.head.l2_normalize,
-                    "file": "head.npz",
-                    "sha256": head_sha256,
-                },
-                "backbone_weights": "backbone.pt" if self.backbone_state is not None else None,
-                "config": self.config,
-                "metrics": self.metrics,
-            }
-            (tmp / "bundle.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        Its files are made in memory first, so that a failed write (a full disk) names the file, as an OSError.
+        ``parents=False``: a missing ``run_dir`` is an error, not made again.
+        """
+        target = Path(run_dir) / BUNDLE_DIR
+        head = io.BytesIO()
+        np.savez(head, weight=self.head.weight, bias=self.head.bias)
+        files = {"head.npz": head.getvalue()}
+        spec = dict(self.backbone_spec)
+        if self.backbone_state is not None:
+            import torch
+
+            weights = io.BytesIO()
+            torch.save(self.backbone_state, weights)
+            files["backbone.pt"] = weights.getvalue()
+            spec["weights_sha256"] = hashlib.sha256(files["backbone.pt"]).hexdigest()
+            if spec["weights_id"].startswith("finetuned:"):
+                spec["weights_id"] = f"finetuned:{spec['weights_sha256'][:16]}"
+            self.backbone_spec = spec
+        meta = {
+            "format": FORMAT,
+            "imgclf_version": __version__,
+            "created": self.created,
+            "classes": self.classes,
+            "classifier": self.classifier,
+            "backbone": spec,
+            "head": {
+                "type": "linear",
+                "l2_normalize": self.head.l2_normalize,
+                "file": "head.npz",
+                "sha256": hashlib.sha256(files["head.npz"]).hexdigest(),
+            },
+            "backbone_weights": "backbone.pt" if self.backbone_state is not None else None,
+            "config": self.config,
+            "metrics": self.metrics,
+        }
+        files["bundle.json"] = json.dumps(meta, indent=2).encode()
+        with atomic_dir(target, parents) as tmp, scratch_named_as(tmp, target):
+            atomic_write_files({tmp / name: data for name, data in files.items()})
         self.path = target
         return target
 

@@ -18,8 +18,24 @@ from typing import Any, Literal
 
 from imgclf.config import Config, describe_errors, parameter_table
 
-# Errors of the disk rather than of imgclf: full, over quota, read-only, not permitted.
-DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+# Errors of the disk rather than of imgclf, and what to do about each: full, over quota, read-only, not
+# permitted, failing (or a library's write that failed for a reason it does not give).
+DISK_ADVICE = {
+    errno.ENOSPC: "free space there",
+    errno.EDQUOT: "free space there (your disk quota is used up)",
+    errno.EROFS: "make the disk writable",
+    errno.EACCES: "allow writing there",
+    errno.EPERM: "allow writing there",
+    errno.EIO: "check the disk",
+}
+# The other place to write to, by command; other commands name theirs in their --help.
+ELSEWHERE = {
+    "train": "train into another --out",
+    "demo": "give other --data and --out folders",
+    "evaluate": "copy the run folder to a disk you may write to and evaluate the copy",
+    "predict": "give --csv another file",
+    "export": "give another --out",
+}
 # Sub-command modules; each defines ``register(subparsers)`` adding its commands.
 COMMAND_MODULES = (
     "imgclf.commands",
@@ -200,11 +216,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `imgclf predict ... | head`: the reader has what it wanted; stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python exits
         return 141  # 128 + SIGPIPE, as tools killed by it report
-    except KeyboardInterrupt:
-        print("interrupted" + _resume_hint(args), file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print("interrupted" + _resume_hint(args, e), file=sys.stderr)
         return 130
     except Exception as e:
-        message = _user_message(e)
+        message = _user_message(e, args.command)
         if message is None:
             raise
         if args.verbose:  # the traceback too; the message and exit status stay those of the error
@@ -213,14 +229,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-def _resume_hint(args: argparse.Namespace) -> str:
+RESUME_HINT = "the same command plus --resume continues the fine-tuning from its last checkpoint"
+
+
+def _resumable(e: BaseException) -> bool:
+    """Whether ``e`` ended a fine-tuning train that ``--resume`` continues (``imgclf.pipeline.RESUMABLE``)."""
+    pipeline = sys.modules.get("imgclf.pipeline")  # not imported: no train ran
+    return pipeline is not None and pipeline.RESUMABLE in getattr(e, "__notes__", ())
+
+
+def _resume_hint(args: argparse.Namespace, e: KeyboardInterrupt) -> str:
     """How to go on after Ctrl-C, for the commands that leave work half done."""
-    if args.command == "train":
-        reuse = "reuses the image features computed so far; " if getattr(args, "cfg__use_cache", True) else ""
-        return (
-            f" (the same command again {reuse}a fine-tuning run continues from its last finished epoch with the"
-            " same command plus --resume)"
-        )
+    if _resumable(e):
+        return f" ({RESUME_HINT})"
+    if args.command == "train" and getattr(args, "cfg__use_cache", True):
+        return " (the same command again reuses the image features computed so far)"
     if args.command == "dedup" and getattr(args, "apply", False):
         return (
             " (the copies moved so far are in the quarantine and its journal: the same command again moves the "
@@ -229,8 +252,10 @@ def _resume_hint(args: argparse.Namespace) -> str:
     return ""
 
 
-def _user_message(e: Exception) -> str | None:
-    """What to print for an error of the input or the setup (exit status 2); None for a fault of imgclf."""
+def _user_message(e: Exception, command: str | None = None) -> str | None:
+    """What to print for an error of the input or the setup (exit status 2); None for a fault of imgclf.
+
+    A disk's error says what to do for ``command``, the sub-command that met it."""
     from pydantic import ValidationError
 
     from imgclf.errors import USER_ERRORS
@@ -242,9 +267,11 @@ def _user_message(e: Exception) -> str | None:
         )
     if isinstance(e, ValidationError):
         return describe_errors(e)
-    if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+    if isinstance(e, OSError) and e.errno in DISK_ADVICE:
         where = f": {e.filename}" if e.filename else ""
-        return f"{e.strerror}{where} (free space or allow writing there, or write elsewhere: see the command's --help)"
+        elsewhere = ELSEWHERE.get(command or "", "write elsewhere: see the command's --help")
+        resume = f"; {RESUME_HINT}" if _resumable(e) else ""
+        return f"{e.strerror}{where} ({DISK_ADVICE[e.errno]}, or {elsewhere}{resume})"
     if isinstance(e, USER_ERRORS):
         return str(e)
     return None

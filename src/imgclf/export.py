@@ -9,6 +9,7 @@ Every export is checked against the PyTorch bundle before its files replace anyt
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -28,7 +29,14 @@ from imgclf.bundle import BUNDLE_DIR, Bundle
 from imgclf.config import DataConfig
 from imgclf.data.io import IMAGE_EXTENSIONS, ImageError, list_files, load_for_model
 from imgclf.features.runtimes import convert_openvino, export_onnx
-from imgclf.utils import atomic_write_text, make_folder, quiet_torch_jit
+from imgclf.utils import (
+    atomic_write_bytes,
+    atomic_write_text,
+    make_folder,
+    quiet_torch_jit,
+    scratch_named_as,
+    write_failure,
+)
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +207,11 @@ def _quantize(model: Any, calibration: np.ndarray, input_name: str | None) -> An
 def _write_model(
     net: torch.nn.Module, resolution: int, fmt: str, precision: str, path: Path, calibration: np.ndarray
 ) -> list[Path]:
-    """Write the classifier network to ``path`` (in a scratch folder); return the files written."""
+    """Write the classifier network to ``path`` (in a scratch folder); return the files written.
+
+    A failed write is an OSError naming the file: ONNX and TorchScript are made in memory and written as
+    other files are, OpenVINO's own writer's failure is told apart (a full disk or not) before it is cleared.
+    """
     res = resolution
     if fmt == "onnx":
         if precision == "int8":
@@ -207,8 +219,10 @@ def _write_model(
 
             fp32 = path.with_name(f"fp32-{path.name}")
             export_onnx(net, res, fp32)
-            onnx.save(_quantize(onnx.load(str(fp32)), calibration, "image"), str(path))
+            buf = io.BytesIO()
+            onnx.save(_quantize(onnx.load(str(fp32)), calibration, "image"), buf)
             fp32.unlink()
+            atomic_write_bytes(path, buf.getvalue())
         else:
             export_onnx(net, res, path)
         return [path]
@@ -218,12 +232,17 @@ def _write_model(
         model = convert_openvino(net, res)
         if precision == "int8":
             model = _quantize(model, calibration, None)
-        ov.save_model(model, str(path), compress_to_fp16=precision == "bf16")
+        try:
+            ov.save_model(model, str(path), compress_to_fp16=precision == "bf16")
+        except RuntimeError as e:  # says neither which file nor why
+            raise write_failure(path, e) from e
         return [path.with_suffix(".bin"), path]
     net.requires_grad_(False)  # else every call of the loaded file builds a graph for gradients
+    buf = io.BytesIO()
     with quiet_torch_jit(), torch.no_grad():
         example = torch.zeros(1, res, res, 3, dtype=torch.uint8)
-        torch.jit.save(torch.jit.trace(net, example, check_trace=False), str(path))  # parity is checked below
+        torch.jit.save(torch.jit.trace(net, example, check_trace=False), buf)  # parity is checked below
+    atomic_write_bytes(path, buf.getvalue())
     return [path]
 
 
@@ -317,11 +336,15 @@ def export_model(
         train = load_images(split_paths(bundle, run_dir, "train"), bundle, 300)
         calibration = np.stack(train) if train else images
     make_folder(out.parent, "folder", "--out")
-    scratch = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        scratch = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    except OSError as e:  # name the file asked for, not the scratch folder
+        raise OSError(e.errno, e.strerror, str(out)) from e
     try:
         net = bundle.classifier_net(bundle.flip_tta)  # scores as predict does: mirror averaging where trained so
         res = bundle.preprocess.resolution
-        files = _write_model(net, res, fmt, precision, scratch / out.name, calibration)
+        with scratch_named_as(scratch, out.parent):  # a failure names the file asked for, not the scratch one
+            files = _write_model(net, res, fmt, precision, scratch / out.name, calibration)
         parity = compare(
             torch_probabilities(net, images),
             run_exported(scratch / out.name, fmt, precision, images),
@@ -335,12 +358,12 @@ def export_model(
                 f"top-1 agreement {parity.top1_agreement:.1%}; needed: {parity.criterion}. Nothing written."
             )
         final = [out.parent / f.name for f in files]
-        for f, dst in zip(files, final, strict=True):
-            os.chmod(f, 0o644)  # scratch files are private (0600); exported models are meant to be shared
-            os.replace(f, dst)
         side = out.with_suffix(".json")
-        atomic_write_text(side, json.dumps(sidecar(bundle, fmt, precision, final, parity), indent=2))
-        os.chmod(side, 0o644)
+        with scratch_named_as(scratch, out.parent):  # written before any file is replaced, as the model was
+            atomic_write_text(scratch / side.name, json.dumps(sidecar(bundle, fmt, precision, final, parity), indent=2))
+        for f in (*files, scratch / side.name):
+            os.chmod(f, 0o644)  # scratch files are private (0600); exported models are meant to be shared
+            os.replace(f, out.parent / f.name)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return ExportResult(final, side, parity)

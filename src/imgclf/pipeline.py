@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -10,7 +11,7 @@ import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -32,11 +33,20 @@ from imgclf.data.dataset import (
 )
 from imgclf.data.io import IMAGE_EXTENSIONS, NOT_AN_IMAGE, list_files
 from imgclf.evaluation.metrics import compute_metrics
-from imgclf.evaluation.report import summary_lines, write_reports
+from imgclf.evaluation.report import render_reports, summary_lines
 from imgclf.features import FeatureExtractor
 from imgclf.heads import FittedHead, fit_head
 from imgclf.tracking import log_run
-from imgclf.utils import Memo, atomic_write_text, default_cache_dir, display_path, make_folder, run_folder_lock
+from imgclf.utils import (
+    Memo,
+    atomic_write_files,
+    atomic_write_text,
+    default_cache_dir,
+    display_path,
+    make_folder,
+    run_folder_lock,
+    temp_leftovers,
+)
 
 log = logging.getLogger("imgclf")
 LOGGED_MAX = 20  # skipped files and notes printed; all of them go to the report and metrics.json
@@ -51,6 +61,9 @@ RUN_OUTPUTS = (
     *("split.csv", "config.json", "metrics.json", "predictions.csv", "report.html", "report.md", "evaluation.png"),
     *(BUNDLE_DIR, *FINETUNE_STATE),
 )
+FINE_TUNING = ("dnn", "svm_on_refined")  # the classifier modes that fine-tune the backbone
+# Added to an OSError or KeyboardInterrupt that ends a fine-tuning train whose checkpoint is in the run folder.
+RESUMABLE = "train again with --resume (resume=True) to continue the fine-tuning from its last checkpoint"
 
 
 @dataclass
@@ -81,9 +94,7 @@ def _none_readable(part: str, failed: list[dict[str, str]]) -> DatasetError:
     )
 
 
-def _write_predictions(
-    path: Path, rels: Sequence[str], y_true: np.ndarray | None, scores: np.ndarray, classes: list[str]
-) -> None:
+def _predictions_csv(rels: Sequence[str], y_true: np.ndarray | None, scores: np.ndarray, classes: list[str]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["path", "true_label", "predicted_label", *[f"score_{c}" for c in classes]])
@@ -91,7 +102,7 @@ def _write_predictions(
     for i, rel in enumerate(rels):
         true = classes[y_true[i]] if y_true is not None else ""
         w.writerow([rel, true, classes[pred[i]], *[f"{s:.6f}" for s in scores[i]]])
-    atomic_write_text(path, buf.getvalue())
+    return buf.getvalue()
 
 
 def _memo_root(cfg: Config) -> Path | None:
@@ -113,7 +124,10 @@ def _finish(
     extra: dict[str, Any] | None = None,
     prefix: str = "",
 ) -> dict[str, Any]:
-    """Metrics, predictions, figures and reports of scored samples; prints the summary."""
+    """Metrics, predictions, figures and reports of scored samples; prints the summary.
+
+    The files are rendered first, then written as one unit: a failure (a full disk) leaves the earlier ones.
+    """
     y = ds.labels[test_idx]
     memo_root = _memo_root(cfg)
     metrics = compute_metrics(y, scores, ds.classes, Memo(memo_root, "metrics"))
@@ -129,12 +143,14 @@ def _finish(
         data_root=str(ds.root),
         **(extra or {}),
     )
-    _write_predictions(
-        run_dir / f"{prefix}predictions.csv", [ds.samples[i].rel for i in test_idx], y, scores, ds.classes
-    )
-    atomic_write_text(run_dir / f"{prefix}metrics.json", json.dumps(metrics, indent=2))
+    rels = [ds.samples[i].rel for i in test_idx]
+    outputs = {
+        f"{prefix}predictions.csv": _predictions_csv(rels, y, scores, ds.classes).encode(),
+        f"{prefix}metrics.json": json.dumps(metrics, indent=2).encode(),
+    }
     if not prefix:
-        write_reports(run_dir, y, scores, metrics, cfg.flat(), extra_figures, Memo(memo_root, "figures"))
+        outputs |= render_reports(y, scores, metrics, cfg.flat(), extra_figures, Memo(memo_root, "figures"))
+    atomic_write_files({run_dir / name: data for name, data in outputs.items()}, parents=False)
     others = [s for s in skipped if s["reason"] != NOT_AN_IMAGE]
     if len(others) < len(skipped):  # annotation or text files beside the images: counted, not listed one by one
         kinds = Counter(
@@ -204,7 +220,7 @@ def _write_pairs(path: Path, header: tuple[str, str, str], rows: list[tuple[str,
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)
     w.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
+    atomic_write_text(path, buf.getvalue(), parents=False)
 
 
 def _remove_earlier_outputs(run_dir: Path, resuming: bool) -> None:
@@ -228,9 +244,12 @@ def _remove_earlier_outputs(run_dir: Path, resuming: bool) -> None:
             shutil.rmtree(p)
         else:
             p.unlink()
-    for leftover in run_dir.glob(f".{BUNDLE_DIR}.*"):  # a model folder being written when a run was killed
-        if leftover.is_dir():
+    # what an atomic write of a run killed while it wrote left: a temporary model folder, a checkpoint
+    for leftover in (p for name in (*RUN_OUTPUTS, INCOMPLETE) for p in temp_leftovers(run_dir / name)):
+        if leftover.is_dir() and not leftover.is_symlink():
             shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
 
 
 def _groups(cfg: Config, ds: Dataset, idx: np.ndarray) -> list[str] | None:
@@ -277,8 +296,42 @@ def train(cfg: Config) -> RunResult:
         )
     make_folder(run_dir, "run folder", "--out")
     _check_run_folder(run_dir)
+    with _writing(run_dir, "train"):
+        try:
+            return _train(cfg, run_dir, t0)
+        except (OSError, KeyboardInterrupt) as e:
+            from imgclf.finetune.trainer import CKPT_NAME
+
+            if cfg.classifier.classifier in FINE_TUNING and (run_dir / CKPT_NAME).is_file():
+                e.add_note(RESUMABLE)
+            raise
+
+
+@contextlib.contextmanager
+def _writing(run_dir: Path, command: str) -> Iterator[None]:
+    """Hold ``run_dir`` (:func:`run_folder_lock`) while ``command`` writes into it; a failure after the folder
+    was removed meanwhile says so."""
     with run_folder_lock(run_dir):
-        return _train(cfg, run_dir, t0)
+        try:
+            yield
+        except Exception as e:
+            if run_dir.is_dir():
+                raise
+            raise _removed(run_dir, command) from e
+
+
+def _removed(run_dir: Path, command: str) -> FileNotFoundError:
+    again = "train again" if command == "train" else "restore it from a copy to evaluate it"
+    return FileNotFoundError(
+        f"the run folder {run_dir} was removed while imgclf {command} wrote into it: it is not made again, as it "
+        f"would hold only part of a run; {again}"
+    )
+
+
+def _check_in_place(run_dir: Path) -> None:
+    """Stop a train whose run folder was removed (and perhaps made again, without this run's files) meanwhile."""
+    if not (run_dir / INCOMPLETE).is_file():
+        raise _removed(run_dir, "train")
 
 
 def _check_run_folder(run_dir: Path) -> None:
@@ -323,7 +376,7 @@ def _train(cfg: Config, run_dir: Path, t0: float) -> RunResult:
     ds = scan_dataset(cfg.data)
     ds, split = leave_out_untrained(ds, make_split(ds, cfg.data))
     mode = cfg.classifier.classifier
-    fine_tunes = mode in ("dnn", "svm_on_refined")
+    fine_tunes = mode in FINE_TUNING
     backbone = None
     if cfg.backbone.backbone != AUTO_BACKBONE:  # before the folder is touched: a mistyped name keeps an earlier run
         backbone = create_backbone(
@@ -337,7 +390,7 @@ def _train(cfg: Config, run_dir: Path, t0: float) -> RunResult:
 
             load_checkpoint(cfg, ds, np.flatnonzero(split == "train"), backbone, run_dir)
     # from here until the model is saved the folder mixes two runs: nothing reads a model from it meanwhile
-    atomic_write_text(run_dir / INCOMPLETE, "imgclf train is writing this run folder\n")
+    atomic_write_text(run_dir / INCOMPLETE, "imgclf train is writing this run folder\n", parents=False)
     _remove_earlier_outputs(run_dir, cfg.finetune.resume and fine_tunes)
     save_split(run_dir / "split.csv", ds, split)
     cfg = cfg.updated(data_root=ds.root)
@@ -361,6 +414,7 @@ def _train(cfg: Config, run_dir: Path, t0: float) -> RunResult:
         backbone, x_train, train_idx, fit, extra["backbone_cv_accuracy"] = _choose_backbone(cfg, ds, train_idx, skipped)
         timings["backbone_choice_s"] = time.perf_counter() - t
         cfg = cfg.updated(backbone=backbone.name)  # the run is repeated by its config.json
+        _check_in_place(run_dir)
         cfg.save(run_dir / "config.json")
     extra_figures: dict[str, Path] = {}
     backbone_state = None
@@ -437,13 +491,15 @@ def _train(cfg: Config, run_dir: Path, t0: float) -> RunResult:
     bundle = Bundle(
         ds.classes, backbone.spec(), fitted_head, mode, cfg.model_dump(mode="json"), backbone_state=backbone_state
     )
+    _check_in_place(run_dir)
     metrics = _finish(
         run_dir, cfg, bundle, ds, test_idx, scores, len(train_idx), skipped, timings, extra_figures, extra
     )
     bundle.metrics = {
         k: metrics[k] for k in ("overall_accuracy", "class_averaged_accuracy", "auc", "n_train", "n_test")
     }
-    bundle.save(run_dir)
+    _check_in_place(run_dir)
+    bundle.save(run_dir, parents=False)
     (run_dir / INCOMPLETE).unlink()
     log.info("run folder: %s (report.html, metrics.json, predictions.csv, model/)", run_dir)
     result = RunResult(run_dir, metrics, bundle)
@@ -463,7 +519,7 @@ def evaluate(
     run_dir = Path(run_dir)
     bundle = Bundle.load(run_dir)
     cfg = _with_flip_tta(cfg or Config.from_saved(bundle.config, f"the run {run_dir}"), bundle, flip_tta)
-    with run_folder_lock(run_dir):
+    with _writing(run_dir, "evaluate"):
         return _evaluate(run_dir, bundle, on_train, cfg)
 
 

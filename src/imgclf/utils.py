@@ -14,7 +14,7 @@ import socket
 import tempfile
 import unicodedata
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -75,36 +75,104 @@ def make_folder(path: Path, what: str, flag: str) -> None:
         raise NotADirectoryError(f"cannot make the {what} {path}: a file is in the way; give another {flag}") from e
 
 
-def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
-    """Write ``data`` to ``path`` so readers see the old file or the new one, never a partial one.
+def atomic_write_files(files: Mapping[Path, bytes], durable: bool = True, parents: bool = True) -> None:
+    """Write ``files`` (path -> content) as one unit: every content goes to a temporary file beside its path
+    first, and only then do they replace their files, so that a failure (a full disk) changes none of them.
 
-    ``durable=False`` skips the fsync: for caches, whose entries can be recomputed.
+    ``durable=False`` skips the fsync: for caches, whose entries can be recomputed. ``parents=False``: a
+    missing folder is an error (FileNotFoundError naming the file), not made again.
     """
+    temps: list[tuple[Path, str]] = []  # written, not yet moved into place
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        for path, data in files.items():
+            temps.append((path, _temp_copy(path, data, durable, parents)))
+        while temps:
+            path, tmp = temps[0]
+            try:
+                os.replace(tmp, path)
+            except IsADirectoryError:  # checked here, not before every write
+                raise IsADirectoryError(f"{path} is a folder: give the name of a file to write") from None
+            except OSError as e:  # name the file wanted, not the temporary one
+                raise OSError(e.errno, e.strerror, str(path)) from e
+            temps.pop(0)
+    finally:
+        for _, tmp in temps:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+
+def _temp_copy(path: Path, data: bytes, durable: bool, parents: bool) -> str:
+    """A temporary file beside ``path`` holding ``data``; an OSError names ``path``, not the temporary file."""
+    tmp = None
+    try:
+        if parents:
+            path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:  # name the file wanted, not the temporary one
-        raise OSError(e.errno, e.strerror, str(path)) from e
-    try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             if durable:
                 f.flush()
                 os.fsync(f.fileno())
-        os.replace(tmp, path)
+        return tmp
     except BaseException as e:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        if isinstance(e, IsADirectoryError):  # os.replace onto a folder; checked here, not before every write
-            raise IsADirectoryError(f"{path} is a folder: give the name of a file to write") from None
-        if isinstance(e, OSError) and e.filename is None:  # a failed write names no file: name it
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        if isinstance(e, OSError):
             raise OSError(e.errno, e.strerror, str(path)) from e
         raise
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+def temp_leftovers(path: Path) -> list[Path]:
+    """The temporary files and folders that :func:`atomic_write_files` and :func:`atomic_dir` make beside
+    ``path``: there while a write is under way, left over where a process was killed meanwhile."""
+    random = "?" * 8  # tempfile's names
+    return [*path.parent.glob(f".{path.name}.{random}.tmp"), *path.parent.glob(f".{path.name}.old-{random}")]
+
+
+def atomic_write_bytes(path: Path, data: bytes, durable: bool = True, parents: bool = True) -> None:
+    """Write ``data`` to ``path`` so readers see the old file or the new one, never a partial one.
+
+    ``durable`` and ``parents`` as for :func:`atomic_write_files`.
+    """
+    atomic_write_files({path: data}, durable, parents)
+
+
+def atomic_write_text(path: Path, text: str, parents: bool = True) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), parents=parents)
+
+
+FULL_DISK_MARGIN = 16 << 20  # bytes free on a disk under which a write that failed there is put down to it
+
+
+def write_failure(path: Path, e: Exception) -> OSError:
+    """The OSError naming ``path`` to raise for its failed write ``e``. torch and OpenVINO raise RuntimeErrors
+    that say neither which file nor why: ENOSPC where the disk holding ``path`` has under FULL_DISK_MARGIN
+    free (so call this before the partial file is removed), else EIO with the library's words."""
+    if isinstance(e, OSError) and e.errno is not None:
+        return OSError(e.errno, e.strerror, str(path))
+    try:
+        full = shutil.disk_usage(path.parent).free < FULL_DISK_MARGIN
+    except OSError:
+        full = False
+    if full:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return OSError(errno.EIO, f"could not be written ({e})", str(path))
+
+
+@contextlib.contextmanager
+def scratch_named_as(scratch: Path, final: Path) -> Iterator[None]:
+    """An OSError about a file in ``scratch`` (a temporary folder) names that file's place in ``final``."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None or not Path(e.filename).is_relative_to(scratch):
+            raise
+        raise OSError(e.errno, e.strerror, str(final / Path(e.filename).relative_to(scratch))) from e
+
+
+_DIGEST = 32  # bytes of the SHA-256 that starts every Memo entry
 
 
 class Memo:
@@ -112,7 +180,8 @@ class Memo:
 
     A re-run with the same inputs and settings reads an output back instead of computing it again. Keys
     should include the code that computes the output (pass its source file as a ``Path``) and the library
-    versions it depends on. ``root=None`` turns the memo off.
+    versions it depends on. ``root=None`` turns the memo off. Each entry starts with the SHA-256 of its
+    output: one cut short (entries are written without fsync, which a crash can truncate) is computed again.
     """
 
     def __init__(self, root: Path | None, kind: str) -> None:
@@ -135,17 +204,20 @@ class Memo:
         return h.hexdigest()[:32]
 
     def get(self, key: str) -> bytes | None:
+        """The output stored under ``key``; None where there is none or it is not whole."""
         if self.dir is None:
             return None
         try:
-            return (self.dir / key).read_bytes() or None  # empty: cut short by a crash (written without fsync)
+            entry = (self.dir / key).read_bytes()
         except OSError:
             return None
+        digest, data = entry[:_DIGEST], entry[_DIGEST:]
+        return data if hashlib.sha256(data).digest() == digest else None
 
     def put(self, key: str, data: bytes) -> None:
         if self.dir is not None:
             with contextlib.suppress(OSError):  # a memo that cannot be written only costs a recomputation
-                atomic_write_bytes(self.dir / key, data, durable=False)
+                atomic_write_bytes(self.dir / key, hashlib.sha256(data).digest() + data, durable=False)
 
     def compute(self, key: str, fn: Callable[[], bytes]) -> bytes:
         """The output stored under ``key``, else ``fn()`` (then stored)."""
@@ -157,10 +229,17 @@ class Memo:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path``; on success it replaces ``path`` as a whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+def atomic_dir(path: Path, parents: bool = True) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; on success it replaces ``path`` as a whole.
+
+    ``parents=False``: a missing parent folder is an error (FileNotFoundError naming ``path``), not made again.
+    """
+    try:
+        if parents:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    except OSError as e:  # name the folder wanted, not the temporary one
+        raise OSError(e.errno, e.strerror, str(path)) from e
     os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700 folders; a model is meant to be read by others too
     try:
         yield tmp

@@ -19,6 +19,8 @@ import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 from tqdm import tqdm
 
+from imgclf.utils import atomic_write_bytes
+
 CLASSES: tuple[str, ...] = ("dotted", "leopard", "striped")
 MARKER_NAME = ".imgclf-demo.json"
 
@@ -404,17 +406,6 @@ def _read_marker(path: Path) -> object:
         return None
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to a temporary file next to `path`, then move it into place."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def generate_demo_dataset(
     out_dir: str | os.PathLike,
     n_per_class: int = 60,
@@ -450,7 +441,7 @@ def generate_demo_dataset(
                 f"or delete {out} yourself if it only holds an older demo set."
             )
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(marker, (json.dumps(unfinished, indent=2) + "\n").encode())
+    atomic_write_bytes(marker, (json.dumps(unfinished, indent=2) + "\n").encode())
     with tqdm(total=len(CLASSES) * n_per_class, desc="demo data", unit="img", disable=not progress) as bar:
         for k, label in enumerate(CLASSES):
             (out / label).mkdir(parents=True, exist_ok=True)
@@ -458,7 +449,7 @@ def generate_demo_dataset(
                 rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(k, i)))
                 buf = io.BytesIO()
                 render_texture(label, rng, size).save(buf, format="JPEG", quality=95)
-                _write_atomic(out / label / f"{label}_{i:04d}.jpg", buf.getvalue())
+                atomic_write_bytes(out / label / f"{label}_{i:04d}.jpg", buf.getvalue())
                 bar.update()
-    _write_atomic(marker, (json.dumps(params, indent=2) + "\n").encode())
+    atomic_write_bytes(marker, (json.dumps(params, indent=2) + "\n").encode())
     return out

@@ -13,7 +13,7 @@ import numpy as np
 
 from imgclf.config import Config
 from imgclf.evaluation.metrics import roc_curves
-from imgclf.utils import Memo, atomic_write_bytes, atomic_write_text
+from imgclf.utils import Memo
 
 
 def md_cell(text: str) -> str:
@@ -141,16 +141,16 @@ def _model(metrics: dict[str, Any]) -> str:
 SKIPPED_OPEN_MAX = 20  # a longer list of skipped files starts folded in report.html
 
 
-def write_reports(
-    run_dir: Path,
+def render_reports(
     y_true: np.ndarray,
     scores: np.ndarray,
     metrics: dict[str, Any],
     params: dict[str, Any],
     extra_figures: dict[str, Path] | None = None,
     memo: Memo | None = None,
-) -> dict[str, Path]:
-    """Write ``evaluation.png``, ``report.html`` and ``report.md`` into the run folder.
+) -> dict[str, bytes]:
+    """The content of ``evaluation.png``, ``report.html`` and ``report.md`` by file name (the caller writes
+    them, with the run's other results, as one unit).
 
     With ``memo``, the figure of identical labels and scores is read back instead of drawn again.
     """
@@ -160,9 +160,10 @@ def write_reports(
         "figure", shown, np.asarray(y_true, np.int64), np.asarray(scores), Path(__file__), version("matplotlib")
     )
     png = memo.compute(key, lambda: evaluation_figure(y_true, scores, metrics))
-    fig_path = run_dir / "evaluation.png"
-    atomic_write_bytes(fig_path, png)
-    figures = {"ROC curves and confusion matrix": fig_path, **(extra_figures or {})}
+    figures = {
+        "ROC curves and confusion matrix": ("evaluation.png", png),
+        **{title: (p.name, p.read_bytes()) for title, p in (extra_figures or {}).items()},
+    }
     rows = "".join(
         f"<tr><td>{html.escape(c)}</td><td>{_fmt(metrics['per_class_accuracy'][c])}</td>"
         f"<td>{metrics['per_class_support'][c]}</td><td>{_fmt(metrics['auc']['per_class'][c], False)}</td></tr>"
@@ -176,8 +177,8 @@ def write_reports(
     )
     figs_html = "".join(
         f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' style='max-width:100%' "
-        f"src='data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}'>"
-        for title, p in figures.items()
+        f"src='data:image/png;base64,{base64.b64encode(data).decode()}'>"
+        for title, (_, data) in figures.items()
     )
     param_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in params.items())
     defaults = Config().flat()
@@ -204,7 +205,6 @@ macro {_fmt(metrics["auc"]["macro"], False)}; {metrics["n_train"]} training and 
 <p>Changed from the default ({len(changed)}):</p>
 <table><tr><th>parameter</th><th>value</th><th>default</th></tr>{changed_rows}</table>
 <details><summary>All {len(params)} parameters</summary><table>{param_rows}</table></details></body></html>"""
-    atomic_write_text(run_dir / "report.html", page)
     md = [
         "# imgclf report",
         "",
@@ -220,12 +220,12 @@ macro {_fmt(metrics["auc"]["macro"], False)}; {metrics["n_train"]} training and 
         f"{_fmt(metrics['auc']['per_class'][c], False)} |"
         for c in metrics["classes"]
     ]
-    md += ["", *[f"![{title}]({p.name})" for title, p in figures.items()], "", f"## Skipped files ({len(skipped)})", ""]
+    md += ["", *[f"![{title}]({file})" for title, (file, _) in figures.items()]]
+    md += ["", f"## Skipped files ({len(skipped)})", ""]
     md += [f"- `{s['path']}`: {s['reason']}" for s in skipped] or ["none"]
     if notes:
         md += ["", f"## Notes ({len(notes)})", "", *[f"- `{n['path']}`: {n['note']}" for n in notes]]
     md += ["", "## Parameters", "", f"Changed from the default ({len(changed)}; all in config.json):", ""]
     md += ["| parameter | value | default |", "|---|---|---|"] if changed else ["none"]
     md += [f"| {k} | {md_cell(str(params[k]))} | {md_cell(str(defaults[k]))} |" for k in changed]
-    atomic_write_text(run_dir / "report.md", "\n".join(md) + "\n")
-    return {"figure": fig_path, "html": run_dir / "report.html", "markdown": run_dir / "report.md"}
+    return {"evaluation.png": png, "report.html": page.encode(), "report.md": ("\n".join(md) + "\n").encode()}

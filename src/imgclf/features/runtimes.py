@@ -7,6 +7,7 @@ run whose features are all cached, or whose converted model is cached, never bui
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import logging
 import os
@@ -18,7 +19,14 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from imgclf.utils import atomic_write_bytes, cpu_count, cpu_has_amx_bf16, file_sha256, quiet_torch_jit
+from imgclf.utils import (
+    atomic_write_bytes,
+    cpu_count,
+    cpu_has_amx_bf16,
+    file_sha256,
+    quiet_torch_jit,
+    write_failure,
+)
 
 if TYPE_CHECKING:
     import openvino as ov
@@ -198,9 +206,15 @@ def _keep(model: ov.Model, model_dir: Path) -> None:
         tmp.replace(model_dir / "model.xml")
         atomic_write_bytes(model_dir / "model.bin.sha256", digest.encode(), durable=False)
     except (OSError, RuntimeError) as e:  # OpenVINO reports a full disk as a RuntimeError
+        failure = write_failure(model_dir / "model.xml", e)  # asked while the partial files still fill the disk
         for f in (tmp, tmp.with_suffix(".bin")):
             f.unlink(missing_ok=True)
-        log.warning("warning: converted model not kept in %s (%s); it is converted again next time", model_dir, e)
+        log.warning(
+            "warning: the converted model could not be written to %s (%s): it is converted again next time%s",
+            failure.filename,
+            failure.strerror,
+            "; free space there (or give another --cache-dir) to keep it" if failure.errno == errno.ENOSPC else "",
+        )
 
 
 class OpenVINORuntime:

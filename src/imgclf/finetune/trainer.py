@@ -256,7 +256,7 @@ def _write_log(path: Path, history: list[dict[str, float]]) -> None:
     w.writeheader()
     for row in history:
         w.writerow({k: (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]) for k in LOG_FIELDS})
-    atomic_write_text(path, buf.getvalue())
+    atomic_write_text(path, buf.getvalue(), parents=False)  # a run folder removed meanwhile is not made again
 
 
 def _plot(path: Path, history: list[dict[str, float]], best_epoch: int) -> Path:
@@ -289,7 +289,7 @@ def _plot(path: Path, history: list[dict[str, float]], best_epoch: int) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue(), parents=False)
     return path
 
 
@@ -329,9 +329,10 @@ def _seeded_global_rngs(seed: int) -> Iterator[None]:
 
 
 def _save_ckpt(path: Path, ckpt: dict[str, Any]) -> None:
+    """Write a checkpoint atomically, made in memory first: a full disk is an OSError naming it."""
     buf = io.BytesIO()
     torch.save(ckpt, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue(), parents=False)
 
 
 def finetune(

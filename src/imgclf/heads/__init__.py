@@ -80,13 +80,10 @@ def fit_head(
         n_classes,
         None if groups is None else list(groups),
     )
-    if (data := memo.get(key)) is not None:
-        try:
-            with np.load(io.BytesIO(data)) as z:
-                head = LinearHead(z["weight"], z["bias"], bool(z["l2_normalize"]))
-                return FittedHead(head, float(z["C"]), float(z["cv_accuracy"]), int(z["cv_folds"]), reused=True)
-        except (OSError, ValueError, KeyError):
-            pass  # unreadable entry: fit again and replace it
+    if (data := memo.get(key)) is not None:  # whole (Memo checks): written by this code, as the key holds it
+        with np.load(io.BytesIO(data)) as z:
+            head = LinearHead(z["weight"], z["bias"], bool(z["l2_normalize"]))
+            return FittedHead(head, float(z["C"]), float(z["cv_accuracy"]), int(z["cv_folds"]), reused=True)
     svm = create_head(cfg, seed).fit(x, y, None if groups is None else np.asarray(groups))
     w, b = svm.linear()
     n_classes = int(svm.classes_.max()) + 1 if n_classes is None else n_classes
