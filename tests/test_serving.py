@@ -24,7 +24,7 @@ import pytest
 import torch
 import uvicorn
 from fastapi.testclient import TestClient
-from helpers import make_bundle
+from helpers import CHROMIUM, CHROMIUM_ARGS, make_bundle
 from PIL import Image
 from test_ui_api import Server
 
@@ -33,6 +33,11 @@ from imgclf.config import Config
 from imgclf.data.io import load_for_model
 from imgclf.serving.app import create_app
 from imgclf.serving.batching import MicroBatcher, NotRunning
+
+try:  # the web page tests drive Debian's headless Chromium (.ci/install-browser installs both)
+    from playwright.sync_api import expect, sync_playwright
+except ImportError:
+    expect = sync_playwright = None
 
 API_KEY = "test-key"
 AUTH = {"X-API-Key": API_KEY}
@@ -150,6 +155,118 @@ def test_web_page_is_offline(client: httpx.Client) -> None:
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     assert "v1/predict" in r.text and "<script" in r.text and "drop" in r.text
     assert "://" not in r.text  # no CDN or other outside resource
+
+
+@pytest.fixture
+def web(base_url: str) -> Iterator[object]:
+    """The web page in a fresh browser, its API key entered; no script error, nor a request for /favicon.ico
+    (a 404 in the console). A browser per test: Playwright's event loop, while it runs, fails asyncio.run."""
+    if sync_playwright is None or not CHROMIUM.exists():
+        pytest.skip(f"the web page tests need playwright and {CHROMIUM} (run .ci/install-browser)")
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        context = browser.new_context(viewport={"width": 900, "height": 900})
+        context.add_init_script(f"localStorage.setItem('imgclf-api-key', {API_KEY!r})")
+        pg = context.new_page()
+        pg.set_default_timeout(15_000)
+        pg.on("filechooser", lambda _: None)  # file choosers caught from now on, not from a first expect on
+        pg.on("pageerror", lambda e: errors.append(str(e)))
+        pg.on(
+            "console", lambda m: errors.append(m.text) if m.location.get("url", "").endswith("/favicon.ico") else None
+        )
+        pg.goto(base_url + "/")
+        expect(pg.locator("#model")).to_contain_text("efficientnet_lite0")
+        yield pg
+        browser.close()
+    assert not errors, errors
+
+
+def jpeg(name: str, data: bytes) -> dict:
+    return {"name": name, "mimeType": "image/jpeg", "buffer": data}
+
+
+def result_line(client: httpx.Client, data: bytes) -> str:
+    """The page's line for an image: the label and score the service gives it."""
+    p = client.post("/v1/predict", files={"file": ("a.jpg", data, "image/jpeg")}).json()["predictions"][0]
+    return f"{p['label']} ({100 * p['score']:.1f} %)"
+
+
+def pick(pg: object, *files: dict) -> None:
+    """Choose ``files`` in the page's file chooser."""
+    with pg.expect_file_chooser() as chooser:  # type: ignore[attr-defined]
+        pg.locator("#drop").click()  # type: ignore[attr-defined]
+    chooser.value.set_files(list(files))
+
+
+# the answer for a file named slow*.jpg comes 1 s late, whatever the page does meanwhile
+SLOW_ANSWER = """() => {
+  const realFetch = window.fetch;
+  window.fetch = async (url, opts = {}) => {
+    const file = opts.body instanceof FormData ? opts.body.get("file") : null;
+    if (!file || !file.name.startsWith("slow")) return realFetch(url, opts);
+    const answer = await realFetch(url, { ...opts, signal: undefined });
+    await new Promise((done) => setTimeout(done, 1000));
+    window.slowAnswered = true;
+    return answer;
+  };
+}"""
+
+
+def test_web_page_shows_the_answer_for_the_latest_pick_only(
+    web: object, client: httpx.Client, images: list[bytes]
+) -> None:
+    """A slow answer for an earlier file must not show under the file picked since."""
+    pg, body = web, web.locator("body")  # type: ignore[attr-defined]
+    slow, fast = result_line(client, images[0]), result_line(client, images[1])
+    assert slow != fast
+    pg.evaluate(SLOW_ANSWER)  # type: ignore[attr-defined]
+    pick(pg, jpeg("slow.jpg", images[0]))
+    pick(pg, jpeg("fast.jpg", images[1]))
+    expect(body).to_contain_text(fast)
+    pg.wait_for_function("window.slowAnswered")  # type: ignore[attr-defined]
+    pg.wait_for_timeout(300)  # type: ignore[attr-defined]
+    expect(body).to_contain_text(fast)
+    expect(body).not_to_contain_text(slow)
+    expect(body).not_to_contain_text("slow.jpg")
+
+
+def test_web_page_classifies_each_dropped_file(web: object, client: httpx.Client, images: list[bytes]) -> None:
+    files = {f"drop{i}.jpg": images[i] for i in (2, 3, 4)}
+    web.evaluate(  # type: ignore[attr-defined]
+        """(files) => {
+          const dt = new DataTransfer();
+          for (const [name, b64] of files) {
+            dt.items.add(new File([Uint8Array.from(atob(b64), (c) => c.charCodeAt(0))], name, { type: "image/jpeg" }));
+          }
+          const drop = document.getElementById("drop");
+          for (const type of ["dragover", "drop"]) drop.dispatchEvent(new DragEvent(type, { dataTransfer: dt, cancelable: true }));
+        }""",
+        [[name, base64.b64encode(data).decode()] for name, data in files.items()],
+    )
+    body = web.locator("body")  # type: ignore[attr-defined]
+    for name, data in files.items():
+        expect(body).to_contain_text(name)
+        expect(body).to_contain_text(result_line(client, data))
+
+
+def test_web_page_takes_the_same_file_twice(web: object, client: httpx.Client, images: list[bytes]) -> None:
+    """The chooser is emptied after each pick: choosing the same file again (say after entering the API key)
+    is a change, classified again."""
+    pick(web, jpeg("again.jpg", images[5]))
+    expect(web.locator("body")).to_contain_text(result_line(client, images[5]))  # type: ignore[attr-defined]
+    assert web.eval_on_selector("#pick", "input => input.value") == ""  # type: ignore[attr-defined]
+
+
+def test_web_page_picker_works_from_the_keyboard(web: object, client: httpx.Client, images: list[bytes]) -> None:
+    pg = web
+    pg.keyboard.press("Tab")  # type: ignore[attr-defined]
+    assert pg.evaluate("document.activeElement.closest('#drop') !== null")  # type: ignore[attr-defined]
+    for key in ("Enter", " "):
+        with pg.expect_file_chooser(timeout=3_000) as chooser:  # type: ignore[attr-defined]
+            pg.keyboard.press(key)  # type: ignore[attr-defined]
+    chooser.value.set_files([jpeg("typed.jpg", images[6])])
+    expect(pg.locator("body")).to_contain_text(result_line(client, images[6]))  # type: ignore[attr-defined]
 
 
 def test_predict_multipart_one_and_several(client: httpx.Client, images: list[bytes], reference: np.ndarray) -> None:

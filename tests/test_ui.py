@@ -6,17 +6,21 @@ Screenshots go to $IMGCLF_TEST_ARTIFACTS (default: the test's tmp_path). CI inst
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import test_ui_api
-from helpers import CHROMIUM, CHROMIUM_ARGS
+from helpers import CHROMIUM, CHROMIUM_ARGS, draw_image, make_folder
 from test_ui_api import Server, sha_map, wait_analysis
 
+from imgclf.config import Config
 from imgclf.ui.app import create_app
+from imgclf.ui.labels import RelabelJournal
 
 if not CHROMIUM.exists():
     pytest.skip(f"{CHROMIUM} is missing (install it with .ci/install-browser)", allow_module_level=True)
@@ -42,17 +46,42 @@ def browser() -> Iterator[object]:
         b.close()
 
 
-@pytest.fixture
-def page(browser: object, site: tuple[str, Path]) -> Iterator[object]:
-    context = browser.new_context(viewport={"width": 1280, "height": 900})  # type: ignore[attr-defined]
+@pytest.fixture(autouse=True)
+def no_move_left(review_data: tuple[Path, Path, Config]) -> Iterator[None]:
+    """Each test undoes its moves; one that fails half-way leaves none to the next either."""
+    yield
+    RelabelJournal(review_data[0]).undo(everything=True)
+
+
+@contextlib.contextmanager
+def open_page(
+    browser: object, url: str, width: int = 1280, height: int = 900, script: str | None = None
+) -> Iterator[object]:
+    """The app's page at ``url`` (``script`` run first); no script error, nor a request for /favicon.ico (a 404
+    in the console)."""
+    context = browser.new_context(viewport={"width": width, "height": height})  # type: ignore[attr-defined]
+    if script:
+        context.add_init_script(script)
     pg = context.new_page()
     pg.set_default_timeout(15_000)
     errors: list[str] = []
     pg.on("pageerror", lambda e: errors.append(str(e)))
-    pg.goto(site[0] + "/")
+    pg.on("console", lambda m: errors.append(m.text) if m.location.get("url", "").endswith("/favicon.ico") else None)
+    pg.goto(url + "/")
     yield pg
     context.close()
     assert not errors, errors
+
+
+@pytest.fixture
+def page(browser: object, site: tuple[str, Path]) -> Iterator[object]:
+    with open_page(browser, site[0]) as pg:
+        yield pg
+
+
+def moves(url: str) -> list[tuple[str, str]]:
+    """The moves not undone, oldest first (from, to)."""
+    return [(m["from"], m["to"]) for m in reversed(httpx.get(url + "/api/journal").json()["items"])]
 
 
 @pytest.fixture
@@ -116,6 +145,17 @@ def test_results_filter_and_confusion_cell(page: object, artifacts: Path) -> Non
     pg.screenshot(path=str(artifacts / "ui-results.png"), full_page=False)
 
 
+def test_a_tab_clicked_before_the_classes_came_waits_for_them(browser: object, site: tuple[str, Path]) -> None:
+    late_info = """const realFetch = window.fetch;
+      window.fetch = async (url, ...rest) => {
+        if (String(url).startsWith("/api/info")) await new Promise((done) => setTimeout(done, 800));
+        return realFetch(url, ...rest);
+      };"""
+    with open_page(browser, site[0], script=late_info) as pg:
+        pg.locator('#tabs button[data-tab="results"]').click()
+        sync_api.expect(pg.locator("#confusion td")).to_have_count(9)
+
+
 def test_label_errors_and_keyboard_labelling(page: object, site: tuple[str, Path], artifacts: Path) -> None:
     pg, (_, data), expect = page, site, sync_api.expect
     before = sha_map(data)
@@ -132,9 +172,133 @@ def test_label_errors_and_keyboard_labelling(page: object, site: tuple[str, Path
     pg.keyboard.press("2")  # 2 = squares
     expect(queue).to_have_count(3)
     assert (data / "squares" / Path(first).name).is_file()
+    pg.once("dialog", lambda d: d.accept())
     pg.locator("#undo-all").click()
     expect(queue).to_have_count(4)
     assert sha_map(data) == before
+
+
+def test_undo_all_asks_first_and_sums_up(page: object, site: tuple[str, Path]) -> None:
+    """Undo all names how many moves it reverts and waits for a yes; its toast is a count and a few names."""
+    pg, (url, data), expect = page, site, sync_api.expect
+    before = sha_map(data)
+    expect(pg.locator("#browse-grid .card")).to_have_count(12)
+    for i in range(5):
+        httpx.post(url + "/api/relabel", json={"path": f"circles/circles_{i:02d}.jpg", "label": "squares"})
+    pg.once("dialog", lambda d: d.dismiss())  # answered at once: the click waits while a dialog is open
+    with pg.expect_event("dialog", timeout=5_000) as asked:
+        pg.locator("#undo-all").click()
+    assert "5 moves" in asked.value.message
+    pg.wait_for_timeout(300)
+    assert len(moves(url)) == 5  # "no": nothing moved back
+    pg.once("dialog", lambda d: d.accept())
+    pg.locator("#undo-all").click()
+    toast = pg.locator("#toast")
+    expect(toast).to_contain_text("undone 5 moves")
+    expect(toast).to_contain_text("and 2 more")
+    assert len(toast.inner_text()) < 150
+    assert moves(url) == [] and sha_map(data) == before
+
+
+def test_results_fit_a_narrow_screen(browser: object, site: tuple[str, Path]) -> None:
+    with open_page(browser, site[0], 375, 740) as pg:
+        pg.locator('#tabs button[data-tab="results"]').click()
+        sync_api.expect(pg.locator("#results-grid .card").first).to_be_visible()
+        assert pg.evaluate("document.documentElement.scrollWidth") <= 375
+
+
+def test_arrow_keys_scroll_the_highlight_into_view(browser: object, site: tuple[str, Path]) -> None:
+    with open_page(browser, site[0], 420, 600) as pg:  # one card a row: the last ones are below the fold
+        pg.locator('#tabs button[data-tab="unlabeled"]').click()
+        queue = pg.locator("#unlabeled-grid .card")
+        sync_api.expect(queue).to_have_count(4)
+        sync_api.expect(queue.last).not_to_be_in_viewport()
+        for _ in range(3):
+            pg.keyboard.press("ArrowRight")
+        sync_api.expect(queue.last).to_have_class("card current")
+        sync_api.expect(queue.last).to_be_in_viewport()
+
+
+def test_a_digit_moves_the_zoomed_image_and_closes_the_zoom(page: object, site: tuple[str, Path]) -> None:
+    pg, (url, data), expect = page, site, sync_api.expect
+    before = sha_map(data)
+    pg.locator('#tabs button[data-tab="unlabeled"]').click()
+    card = pg.locator("#unlabeled-grid .card").nth(1)
+    path = card.get_attribute("data-path")
+    card.locator("img").click()
+    expect(pg.locator("#zoom")).to_be_visible()
+    pg.keyboard.press("1")  # 1 = circles
+    expect(pg.locator("#zoom")).to_be_hidden()
+    assert moves(url) == [(path, f"circles/{Path(path).name}")]
+    httpx.post(url + "/api/undo", json={})
+    assert sha_map(data) == before
+
+
+def test_quick_digit_keys_label_one_image_each(page: object, site: tuple[str, Path]) -> None:
+    """Keys pressed before the previous move has refreshed the queue act on the images shown in turn."""
+    pg, (url, data), expect = page, site, sync_api.expect
+    before = sha_map(data)
+    pg.locator('#tabs button[data-tab="unlabeled"]').click()
+    queue = pg.locator("#unlabeled-grid .card")
+    expect(queue).to_have_count(4)
+    order = [c.get_attribute("data-path") for c in queue.all()]
+    for key in "123":
+        pg.keyboard.press(key)
+    expect(queue).to_have_count(1, timeout=5_000)
+    classes = ("circles", "squares", "stripes")
+    assert moves(url) == [(p, f"{c}/{Path(p).name}") for p, c in zip(order[:3], classes, strict=True)]
+    httpx.post(url + "/api/undo", json={"all": True})
+    assert sha_map(data) == before
+
+
+def test_without_analysis_the_tabs_say_so_and_keys_still_label(
+    browser: object, review_data: tuple[Path, Path, Config]
+) -> None:
+    """`imgclf ui --no-analysis`: no endless "computing"; the unlabeled images are listed by name, keys label them."""
+    data, run, cfg = review_data
+    expect, before = sync_api.expect, sha_map(data)
+    with Server(create_app(data, run, cfg, analyse_on_start=False)) as server, open_page(browser, server.url) as pg:
+        expect(pg.locator("#status")).to_contain_text("off (--no-analysis)")
+        pg.locator('#tabs button[data-tab="suspects"]').click()
+        expect(pg.locator("#tab-suspects")).to_contain_text("started with --no-analysis")
+        expect(pg.locator("#tab-suspects button", has_text="Compute scores")).to_be_visible()
+        pg.locator('#tabs button[data-tab="unlabeled"]').click()
+        expect(pg.locator("#tab-unlabeled")).to_contain_text("listed by name")
+        queue = pg.locator("#unlabeled-grid .card")
+        expect(queue).to_have_count(4)
+        first = queue.first.get_attribute("data-path")
+        assert first == "unlabeled/new_0.jpg"
+        expect(queue.first).to_have_class("card current")
+        pg.keyboard.press("2")  # 2 = squares
+        expect(queue).to_have_count(3)
+        assert moves(server.url) == [(first, "squares/new_0.jpg")]
+        httpx.post(server.url + "/api/undo", json={})
+    assert sha_map(data) == before
+
+
+def test_unreadable_images_are_named_with_why(
+    browser: object, review_data: tuple[Path, Path, Config], tmp_path: Path
+) -> None:
+    """A truncated JPEG: the status line counts it as skipped and says why; its thumbnail and zoom say why."""
+    cfg = review_data[2]  # its cache folder holds the converted backbone: the analysis takes a second
+    root = make_folder(tmp_path / "d", n=4)
+    (root / "unlabeled").mkdir()
+    draw_image("circles", np.random.default_rng(3)).save(root / "unlabeled" / "fine.jpg")
+    (root / "unlabeled" / "broken.jpg").write_bytes((root / "unlabeled" / "fine.jpg").read_bytes()[:300])
+    expect = sync_api.expect
+    with Server(create_app(root, cfg=cfg)) as server:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            assert wait_analysis(client)["n_skipped"] == 1
+        with open_page(browser, server.url) as pg:
+            status = pg.locator("#status")
+            expect(status).to_contain_text("1 image skipped: cannot be read")
+            expect(status).to_contain_text("unlabeled/broken.jpg: cannot decode")
+            pg.locator('#class-list button[data-label="unlabeled"]').click()
+            broken = pg.locator('.card[data-path="unlabeled/broken.jpg"]')
+            expect(broken.locator(".unshown")).to_contain_text("cannot show unlabeled/broken.jpg: cannot decode")
+            broken.locator(".unshown").click()
+            expect(pg.locator("#zoom-error")).to_contain_text("cannot show unlabeled/broken.jpg: cannot decode")
+            expect(pg.locator("#zoom-img")).to_be_hidden()
 
 
 def test_api_docs_render_offline(browser: object, site: tuple[str, Path]) -> None:

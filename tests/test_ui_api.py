@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import shutil
 import socket
 import threading
@@ -120,7 +121,11 @@ def test_paging(review: tuple[httpx.Client, Path]) -> None:
         assert data["total"] == 12
         seen += [it["path"] for it in data["items"]]
     assert seen == sorted(seen) and len(set(seen)) == 12 and all(p.startswith("squares/") for p in seen)
-    assert client.get("/api/images", params={"label": "squares", "page": 4, "per_page": 5}).json()["items"] == []
+    # a page past the last (its images moved away since it was shown) gives the last page, saying which
+    past = client.get("/api/images", params={"label": "squares", "page": 9, "per_page": 5}).json()
+    assert past["page"] == 3 and [it["path"] for it in past["items"]] == seen[10:]
+    empty = client.get("/api/journal", params={"page": 2}).json()
+    assert empty["page"] == 1 and empty["items"] == []
     assert client.get("/api/images", params={"label": "squares", "per_page": 0}).status_code == 422
     assert client.get("/api/images", params={"label": "nope"}).status_code == 404
 
@@ -388,6 +393,7 @@ def test_suspects_and_active_learning(review: tuple[httpx.Client, Path]) -> None
     assert client.get("/api/unlabeled").json()["total"] == 3  # labelled images leave the queue
     client.post("/api/undo", json={})
     assert sha_map(data) == before
+    assert client.get("/api/skipped").json()["total"] == status["n_skipped"] == 0
     assert client.post("/api/analysis").json()["started"] is True
     assert wait_analysis(client)["runs"] == 2
 
@@ -412,6 +418,28 @@ def test_acceptance_flowers5_mislabelled_images_rank_first(tmp_path: Path) -> No
     ranks = sorted(rank[m] for m in moved)
     print(f"ranks of the {len(moved)} mislabelled images among {len(rank)}: {ranks}")
     assert sum(r <= 20 for r in ranks) >= 6, ranks
+
+
+@pytest.mark.skipif(os.name == "nt", reason="a backslash separates folders on Windows")
+def test_a_backslash_is_a_character_of_a_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Linux and macOS allow a backslash in a file name: such an image is listed, shown, moved and moved back."""
+    from imgclf.ui import labels
+
+    root = make_folder(tmp_path / "d", classes=("a", "b"), n=1)
+    shutil.copy(root / "a" / "a_00.jpg", root / "a" / "x\\y.jpg")
+    before = sha_map(root)
+    with Server(create_app(root, analyse_on_start=False)) as server, httpx.Client(base_url=server.url) as client:
+        listed = [i["path"] for i in client.get("/api/images", params={"label": "a"}).json()["items"]]
+        assert listed == ["a/a_00.jpg", "a/x\\y.jpg"]
+        assert client.get("/api/thumb", params={"path": "a/x\\y.jpg"}).status_code == 200
+        assert client.get("/api/image", params={"path": "a/x\\y.jpg"}).content == (root / "a" / "x\\y.jpg").read_bytes()
+        moved = client.post("/api/relabel", json={"path": "a/x\\y.jpg", "label": "b"})
+        assert moved.status_code == 200 and moved.json()["to"] == "b/x\\y.jpg"
+        assert client.post("/api/undo", json={}).json()["undone"]
+    assert sha_map(root) == before
+    monkeypatch.setattr(labels, "OTHER_SEPARATORS", ("\\",))  # as on Windows: a separator, refused
+    with pytest.raises(labels.UnsafePathError, match="not a relative path"):
+        labels.safe_rel(root, "a\\..\\..\\x.jpg")
 
 
 def test_listing_leaves_out_names_that_are_not_utf8(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

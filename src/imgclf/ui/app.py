@@ -130,6 +130,8 @@ class ImageIndex:
 
 
 def _page(items: list[Any], page: int, per_page: int, **extra: Any) -> dict[str, Any]:
+    """One page of ``items``; a page past the last (its images moved away since) gives the last."""
+    page = min(page, max(1, -(-len(items) // per_page)))
     start = (page - 1) * per_page
     return {"total": len(items), "page": page, "per_page": per_page, "items": items[start : start + per_page], **extra}
 
@@ -330,6 +332,12 @@ def create_app(
     @app.post("/api/analysis")
     def analysis_start() -> dict[str, Any]:
         return dict(analyzer.status(), started=analyzer.start())
+
+    @app.get("/api/skipped")
+    def skipped(page: Page = 1, per_page: PerPage = 50) -> dict[str, Any]:
+        """The images the last analysis could not read or decode, with why."""
+        r = analyzer.result
+        return _page([{"path": p, "reason": why} for p, why in sorted(r.skipped.items())] if r else [], page, per_page)
 
     def scored(kind: Literal["suspects", "unlabeled"], page: int, per_page: int) -> dict[str, Any]:
         r = analyzer.result

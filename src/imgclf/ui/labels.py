@@ -30,6 +30,8 @@ log = logging.getLogger("imgclf")
 
 JOURNAL_FILE = ".imgclf-journal.jsonl"
 _WARNED: dict[Path, set[str]] = {}  # per data folder, the names not valid UTF-8 already warned about
+# this system's path separators besides "/" (Windows: "\\"); elsewhere a backslash is a character of a name
+OTHER_SEPARATORS = tuple(s for s in (os.sep, os.altsep) if s and s != "/")
 
 
 class UnsafePathError(ValueError):
@@ -50,7 +52,7 @@ def safe_rel(root: Path, rel: str, through_links: bool = False) -> Path:
     ``through_links`` accepts a path that a folder link inside ``root`` leads outside it (for reading only).
     """
     parts = PurePosixPath(rel).parts
-    if not rel or "\\" in rel or "\x00" in rel or PurePosixPath(rel).is_absolute():
+    if not rel or any(s in rel for s in (*OTHER_SEPARATORS, "\x00")) or PurePosixPath(rel).is_absolute():
         raise UnsafePathError(f"not a relative path: {rel!r}")
     if any(p in ("..", ".") or p.startswith(".") for p in parts):
         raise UnsafePathError(f"path outside the data folder or hidden: {rel!r}")

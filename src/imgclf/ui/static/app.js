@@ -7,6 +7,7 @@ const state = {
   browse: { label: null, page: 1 },
   results: { page: 1, outcome: "all", sort: "confidence_asc", true: "", pred: "" },
   suspects: { page: 1 }, unlabeled: { page: 1, current: 0, items: [] },
+  analysis: null, zoomPath: null,
 };
 
 const $ = (sel) => document.querySelector(sel);
@@ -39,7 +40,25 @@ function toast(msg, error = false) {
   toastTimer = setTimeout(() => { t.className = ""; }, 3500);
 }
 
-const thumb = (path) => el("img", { src: `/api/thumb?${q({ path, size: 256 })}`, loading: "lazy", alt: path, onclick: () => zoom(path) });
+const thumb = (path) => el("img", {
+  src: `/api/thumb?${q({ path, size: 256 })}`, loading: "lazy", alt: path, onclick: () => zoom(path), onerror: (ev) => unshown(ev.target, path),
+});
+
+// Why an image cannot be shown: the server's reason (a small thumbnail it fails to make), else the browser's.
+async function whyUnshown(path) {
+  try {
+    const r = await fetch(`/api/thumb?${q({ path, size: 64 })}`);
+    if (!r.ok) return (await r.json().catch(() => ({}))).detail || `cannot show ${path}: ${r.status} ${r.statusText}`;
+  } catch (e) { return `cannot show ${path}: ${e.message}`; }
+  return `cannot show ${path}: this browser cannot decode the file`;
+}
+
+// A thumbnail that failed: a placeholder saying why, in its place (a click still opens the zoom and its buttons).
+function unshown(img, path) {
+  const box = el("div", { class: "unshown", onclick: () => zoom(path) }, "cannot show this image");
+  img.replaceWith(box);
+  whyUnshown(path).then((why) => { box.textContent = why; });
+}
 
 function bars(scores, classes, trueLabel, predLabel) {
   const box = el("div", { class: "bars" });
@@ -72,18 +91,37 @@ function pager(name, data, go) {
   );
 }
 
+// Move an image to the class folder of label; true if it moved.
 async function relabel(path, label) {
   try {
     const rec = await api("/api/relabel", { path, label });
     toast(`moved ${rec.from} → ${rec.to}`);
     await refresh();
-  } catch (e) { toast(e.message, true); }
+    return true;
+  } catch (e) { toast(e.message, true); return false; }
+}
+
+const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
+const andMore = (shown, total) => (total > shown ? ` and ${total - shown} more` : "");
+
+// An undo report in a few words: one move in full, several as a count and the first names.
+function undoText(r) {
+  const moves = r.undone;
+  const undone = moves.length === 1 ? `undone: ${moves[0].to} → ${moves[0].from}`
+    : moves.length ? `undone ${moves.length} moves, back in place: ${moves.slice(0, 3).map((m) => m.from).join(", ")}${andMore(3, moves.length)}` : "";
+  const problems = r.problems.length ? `${r.problems[0]}${r.problems.length > 1 ? ` (and ${plural(r.problems.length - 1, "more problem")})` : ""}` : "";
+  return [undone, problems].filter(Boolean).join("; ") || "nothing to undo";
 }
 
 async function undo(all) {
   try {
+    if (all) {
+      const n = (await api("/api/journal?per_page=1")).total;
+      if (!n) { toast("nothing to undo"); return; }
+      if (!confirm(`Undo all ${plural(n, "move")}? Every relabelled image goes back where it was.`)) return;
+    }
     const r = await api("/api/undo", { all });
-    toast(r.undone.length ? `undone: ${r.undone.map((m) => m.to + " → " + m.from).join(", ")}` : (r.problems[0] || "nothing to undo"), r.problems.length > 0);
+    toast(undoText(r), r.problems.length > 0);
     await refresh();
   } catch (e) { toast(e.message, true); }
 }
@@ -95,6 +133,9 @@ function labelOf(path) {
 }
 
 function zoom(path) {
+  state.zoomPath = path;
+  $("#zoom-error").hidden = true;
+  $("#zoom-img").hidden = false;
   $("#zoom-img").src = `/api/image?${q({ path })}`;
   $("#zoom-path").textContent = path;
   const current = labelOf(path);
@@ -102,7 +143,17 @@ function zoom(path) {
   $("#zoom-labels").querySelectorAll("button").forEach((b) => b.addEventListener("click", closeZoom));
   $("#zoom").hidden = false;
 }
-function closeZoom() { $("#zoom").hidden = true; $("#zoom-img").removeAttribute("src"); }
+function closeZoom() { $("#zoom").hidden = true; state.zoomPath = null; $("#zoom-img").removeAttribute("src"); }
+
+async function zoomFailed() {
+  const path = state.zoomPath;
+  if (!path) return;
+  const why = await whyUnshown(path);
+  if (state.zoomPath !== path) return;
+  $("#zoom-img").hidden = true;
+  $("#zoom-error").textContent = why;
+  $("#zoom-error").hidden = false;
+}
 
 // ---- data set browser
 async function loadInfo() {
@@ -167,27 +218,42 @@ async function loadResults(page = state.results.page) {
 }
 
 // ---- suspected label errors and active learning
+// What a tab without scores says instead: the analysis is off, running or failed.
+function analysisNote(a, kind) {
+  if (a.state === "done") return [];
+  const compute = el("button", { onclick: computeScores }, "Compute scores");
+  const why = a.state === "running" ? ["Computing features and scores…"]
+    : a.state === "error" ? [`Analysis failed: ${a.error}. `, compute]
+    : ["Scores are off: the app was started with --no-analysis. ", compute, " now, or start the app without --no-analysis."];
+  const meanwhile = ` Meanwhile the images of ${state.info.unlabeled_dir}/ are listed by name: 1…9 label the highlighted one.`;
+  return kind === "unlabeled" ? [...why, meanwhile] : why;
+}
+
 async function loadScored(kind, page) {
-  const data = await api(`/api/${kind}?${q({ page, per_page: PER_PAGE })}`);
+  let data = await api(`/api/${kind}?${q({ page, per_page: PER_PAGE })}`);
+  const scored = data.analysis.state === "done";
+  $(`#${kind}-note`).replaceChildren(...analysisNote(data.analysis, kind));
+  if (!scored) data.items = [];
+  if (!scored && kind === "unlabeled" && state.info.counts[state.info.unlabeled_dir] !== undefined) {
+    data = await api(`/api/images?${q({ label: state.info.unlabeled_dir, page, per_page: PER_PAGE })}`);
+  }
   state[kind].page = data.page;
   pager(kind, data, (p) => loadScored(kind, p));
-  const grid = $(`#${kind}-grid`);
-  if (data.analysis.state !== "done") {
-    grid.replaceChildren(el("p", { class: "hint" }, data.analysis.state === "error" ? `analysis failed: ${data.analysis.error}` : "computing features and scores…"));
-    return;
-  }
   if (kind === "unlabeled") {
     state.unlabeled.items = data.items;
     state.unlabeled.current = Math.min(state.unlabeled.current, Math.max(0, data.items.length - 1));
   }
-  grid.replaceChildren(...data.items.map((it, n) => {
-    const current = labelOf(it.path);
-    const title = kind === "suspects"
-      ? `#${it.rank} labelled ${it.label}, p=${it.p_label.toFixed(2)} · suggests ${it.suggested}`
-      : `suggests ${it.suggested} (margin ${it.margin.toFixed(2)})`;
-    const card = el("div", { class: "card", "data-path": it.path },
-      thumb(it.path), el("div", { class: "labels" }, title), el("div", { class: "name" }, it.path),
-      bars(it.scores, data.classes, kind === "suspects" ? it.label : null, it.suggested), moveButtons(it.path, current, it.suggested));
+  $(`#${kind}-grid`).replaceChildren(...data.items.map((it, n) => {
+    const card = el("div", { class: "card", "data-path": it.path }, thumb(it.path));
+    if (scored) {
+      const title = kind === "suspects"
+        ? `#${it.rank} labelled ${it.label}, p=${it.p_label.toFixed(2)} · suggests ${it.suggested}`
+        : `suggests ${it.suggested} (margin ${it.margin.toFixed(2)})`;
+      card.append(el("div", { class: "labels" }, title), el("div", { class: "name" }, it.path),
+        bars(it.scores, data.classes, kind === "suspects" ? it.label : null, it.suggested), moveButtons(it.path, labelOf(it.path), it.suggested));
+    } else {
+      card.append(el("div", { class: "name" }, it.path), moveButtons(it.path, labelOf(it.path), null));
+    }
     if (kind === "unlabeled") {
       if (n === state.unlabeled.current) card.classList.add("current");
       card.addEventListener("mouseenter", () => setCurrent(n));
@@ -196,34 +262,64 @@ async function loadScored(kind, page) {
   }));
 }
 
-function setCurrent(n) {
+function setCurrent(n, scroll = false) {
   state.unlabeled.current = n;
-  document.querySelectorAll("#unlabeled-grid .card").forEach((c, i) => c.classList.toggle("current", i === n));
+  document.querySelectorAll("#unlabeled-grid .card").forEach((c, i) => {
+    c.classList.toggle("current", i === n);
+    if (i === n && scroll) c.scrollIntoView({ block: "nearest" });
+  });
 }
+
+// Move the zoomed image, else the highlighted one, to label; the zoom closes once its image has moved.
+async function labelShown(label) {
+  const zoomed = $("#zoom").hidden ? null : state.zoomPath;
+  const it = state.unlabeled.items[state.unlabeled.current];
+  const path = zoomed || (it && it.path);
+  if (path && await relabel(path, label) && zoomed && state.zoomPath === zoomed) closeZoom();
+}
+
+let keyMoves = Promise.resolve(); // digit-key moves, one after another: each acts on the image shown when its turn comes
 
 document.addEventListener("keydown", (ev) => {
   if (ev.key === "Escape") { closeZoom(); return; }
   if (state.tab !== "unlabeled" || ev.target.tagName === "SELECT" || ev.ctrlKey || ev.metaKey || ev.altKey) return;
-  const items = state.unlabeled.items;
   if (ev.key === "ArrowRight" || ev.key === "ArrowLeft") {
-    setCurrent(Math.max(0, Math.min(items.length - 1, state.unlabeled.current + (ev.key === "ArrowRight" ? 1 : -1))));
-  } else if (/^[1-9]$/.test(ev.key)) {
+    const last = state.unlabeled.items.length - 1;
+    setCurrent(Math.max(0, Math.min(last, state.unlabeled.current + (ev.key === "ArrowRight" ? 1 : -1))), true);
+  } else if (/^[1-9]$/.test(ev.key) && state.classes[Number(ev.key) - 1]) {
     const label = state.classes[Number(ev.key) - 1];
-    const it = items[state.unlabeled.current];
-    if (label && it) relabel(it.path, label);
+    keyMoves = keyMoves.then(() => labelShown(label)).catch((e) => toast(e.message, true));
   }
 });
 
 // ---- analysis status, tabs, refresh
+// The images the analysis could not read, with why (open when they are few).
+async function skippedList() {
+  const data = await api(`/api/skipped?${q({ per_page: 100 })}`);
+  return el("details", { class: "skipped", ...(data.total <= 3 ? { open: "" } : {}) },
+    el("summary", {}, `${plural(data.total, "image")} skipped: cannot be read`),
+    el("ul", {}, ...data.items.map((it) => el("li", {}, `${it.path}: ${it.reason}`)),
+      ...(data.total > data.items.length ? [el("li", {}, `…${andMore(data.items.length, data.total)} (GET /api/skipped lists them all)`)] : [])));
+}
+
 async function pollStatus() {
   try {
     const s = await api("/api/analysis");
-    $("#status").textContent = s.state === "running" ? `computing label-error and active-learning scores… (${s.seconds}s)`
+    const changed = s.state !== state.analysis;
+    state.analysis = s.state;
+    const text = s.state === "running" ? `computing label-error and active-learning scores… (${s.seconds}s)`
       : s.state === "error" ? `analysis failed: ${s.error}`
-      : s.state === "done" ? `scores ready (${s.n_suspects} labelled, ${s.n_unlabeled} unlabeled images scored in ${s.seconds}s)` : "";
+      : s.state === "done" ? `scores ready (${s.n_suspects} labelled, ${s.n_unlabeled} unlabeled images scored in ${s.seconds}s)`
+      : "label-error and active-learning scores are off (--no-analysis)";
+    $("#status").replaceChildren(text, ...(s.state === "done" && s.n_skipped ? [await skippedList()] : []));
     if (s.state === "running") setTimeout(pollStatus, 1500);
-    else if (state.tab === "suspects" || state.tab === "unlabeled") await loadTab();
+    if ((changed || s.state !== "running") && (state.tab === "suspects" || state.tab === "unlabeled")) await loadTab();
   } catch (e) { $("#status").textContent = e.message; }
+}
+
+async function computeScores() {
+  try { await api("/api/analysis", {}); } catch (e) { toast(e.message, true); return; }
+  await pollStatus();
 }
 
 async function loadTab() {
@@ -238,7 +334,7 @@ function showTab(tab) {
   state.tab = tab;
   document.querySelectorAll("#tabs button").forEach((b) => b.classList.toggle("active", b.dataset.tab === tab));
   document.querySelectorAll(".tab").forEach((s) => s.classList.toggle("active", s.id === `tab-${tab}`));
-  loadTab().catch((e) => toast(e.message, true));
+  infoLoaded.then(loadTab).catch((e) => toast(e.message, true)); // a tab clicked early waits for the classes
 }
 
 document.querySelectorAll("#tabs button").forEach((b) => b.addEventListener("click", () => showTab(b.dataset.tab)));
@@ -246,8 +342,10 @@ $("#undo-last").addEventListener("click", () => undo(false));
 $("#undo-all").addEventListener("click", () => undo(true));
 $("#zoom-close").addEventListener("click", closeZoom);
 $("#zoom").addEventListener("click", (ev) => { if (ev.target.id === "zoom") closeZoom(); });
-$("#recompute").addEventListener("click", async () => { await api("/api/analysis", {}); pollStatus(); });
+$("#zoom-img").addEventListener("error", zoomFailed);
+$("#recompute").addEventListener("click", computeScores);
 for (const [id, key] of [["#res-outcome", "outcome"], ["#res-sort", "sort"], ["#res-true", "true"], ["#res-pred", "pred"]]) {
   $(id).addEventListener("change", (ev) => { state.results[key] = ev.target.value; state.results.page = 1; loadResults(); });
 }
-loadInfo().then(loadBrowse).then(pollStatus).catch((e) => toast(e.message, true));
+const infoLoaded = loadInfo();
+infoLoaded.then(loadBrowse).then(pollStatus).catch((e) => toast(e.message, true));
