@@ -9,6 +9,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -18,6 +19,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import make_folder
@@ -386,13 +388,14 @@ def test_metric_keys_stay_apart_when_class_names_do_not():
     assert flat_metrics(old) == {"n_skipped": 0, "auc_micro": 0.6, "auc_macro": 0.7, "auc_a": 0.7}
 
 
-def _folder_run(folder: Path, data_root: str, lr: float, predictions: bool = True) -> Path:
-    """A finished run folder as `runs compare` reads it: config.json, metrics.json, predictions.csv."""
+def _folder_run(folder: Path, data_root: str, lr: float, predictions: bool = True, **metrics: Any) -> Path:
+    """A finished run folder as `runs compare` reads it: config.json, metrics.json (``metrics`` added),
+    predictions.csv."""
     folder.mkdir(parents=True)
     config = {"data": {"data_root": data_root}, "train": {"lr": lr}}
-    metrics = {"overall_accuracy": lr, "per_class_accuracy": {"x": 0.5}, "classifier": "svm", "backbone": "b[i]"}
+    base = {"overall_accuracy": lr, "per_class_accuracy": {"x": 0.5}, "classifier": "svm", "backbone": "b[i]"}
     (folder / "config.json").write_text(json.dumps(config))
-    (folder / "metrics.json").write_text(json.dumps(metrics))
+    (folder / "metrics.json").write_text(json.dumps(base | metrics))
     if predictions:
         (folder / "predictions.csv").write_text("path,true_label,predicted_label\nx/1.jpg,x,x\n")
     return folder
@@ -459,12 +462,13 @@ def test_runs_ui_stopped_by_sigterm_stops_its_server(tmp_path: Path):
         proc.kill()
 
 
-def _result(run_dir: Path, accuracy: float = 0.5) -> RunResult:
-    """A finished run as log_run sees it, without training one (metrics.json and a 3-second training)."""
+def _result(run_dir: Path, accuracy: float = 0.5, **metrics: Any) -> RunResult:
+    """A finished run as log_run sees it, without training one (metrics.json, ``metrics`` added, and a 3-second
+    training)."""
     from types import SimpleNamespace
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    metrics = {"overall_accuracy": accuracy, "timings_s": {"total_s": 3.0}}
+    metrics = {"overall_accuracy": accuracy, "timings_s": {"total_s": 3.0}, **metrics}
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
     bundle = SimpleNamespace(
         classifier="svm", backbone_spec={"name": "b"}, preprocess=SimpleNamespace(resolution=64), model_id="m"
@@ -812,3 +816,107 @@ def test_a_full_disk_keeps_the_record_queued(
     assert [r.info.status for r in runs] == ["FINISHED", "FINISHED"]
     assert "metrics.json" in {f.path for f in _client(uri).list_artifacts(runs[1].info.run_id)}
     assert not any(queue_dir(uri).glob("*.json"))
+
+
+def test_runs_compare_lines_classes_up_by_their_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """Classes "a&b" and "a_b" are acc_a_b and acc_a_b_2 in MLflow, but a run of "a_b" alone has it as acc_a_b:
+    compared by MLflow's names, one row showed one run's "a&b" beside the other's "a_b". A run folder and a
+    stored run (its metrics.json) alike give the class names as written; a run recorded without its files,
+    MLflow's."""
+    from imgclf.tracking.compare import compare, load_run
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    cfg = Config().updated(tracking_uri=uri, tracking_background=False)
+
+    def run(name: str, accuracy: dict[str, float]) -> tuple[Path, str]:
+        auc = {"micro": 0.9, "macro": 0.9, "per_class": {c: 0.5 + a / 2 for c, a in accuracy.items()}}
+        result = _result(tmp_path / name, per_class_accuracy=accuracy, auc=auc)
+        cfg.save(result.run_dir / "config.json")  # a run folder `runs compare` reads
+        run_id = log_run("train", cfg, result)
+        assert run_id is not None
+        return result.run_dir, run_id
+
+    (dir1, id1), (dir2, id2) = run("x1", {"a&b": 0.25, "a_b": 0.5, "c": 0.75}), run("x2", {"a_b": 1.0, "c": 0.0})
+    expected = {
+        ("class accuracy", "a&b"): [0.25, None],
+        ("class accuracy", "a_b"): [0.5, 1.0],
+        ("class accuracy", "c"): [0.75, 0.0],
+        ("class AUC", "a&b"): [0.625, None],
+        ("class AUC", "a_b"): [0.75, 1.0],
+        ("class AUC", "c"): [0.875, 0.5],
+    }
+    for refs in ((dir1, dir2), (id1, id2), (dir1, id2[:8])):
+        rows = compare([load_run(ref, cfg.tracking) for ref in refs])
+        assert {(r.section, r.name): r.values for r in rows if r.section.startswith("class")} == expected
+        assert {r.name for r in rows if r.section == "metric"} >= {"auc_micro", "auc_macro", "overall_accuracy"}
+    csv_file = tmp_path / "cmp.csv"
+    assert main(["runs", "compare", id1, id2, "--tracking-uri", uri, "--csv", str(csv_file)]) == 0
+    assert "a_b_2" not in capsys.readouterr().out
+    assert "class accuracy,a&b,0.25,," in csv_file.read_text().splitlines()
+    client = _client(uri)  # a run recorded without its files (a store that refused them): MLflow's names
+    bare = client.create_run(client.get_experiment_by_name("imgclf").experiment_id, tags={"split": "test"})
+    for name, value in (("overall_accuracy", 0.5), ("auc_micro", 0.9), ("acc_a_b_2", 0.5), ("auc_a_b_2", 0.75)):
+        client.log_metric(bare.info.run_id, name, value)
+    record = load_run(bare.info.run_id, cfg.tracking)
+    assert record.metrics == {"overall_accuracy": 0.5, "auc_micro": 0.9}
+    assert record.per_class == {"acc": {"a_b_2": 0.5}, "auc": {"a_b_2": 0.75}}
+
+
+def test_a_run_with_names_over_mlflow_limits_is_recorded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A class name of 246 characters or more made auc_<class> longer than MLflow's 250: the run's metrics
+    never reached MLflow. Names are cut to a start and a digest of the whole name, and so are parameter values,
+    tag values and the run name (MLflow cuts values itself only where MLFLOW_TRUNCATE_LONG_VALUES lets it)."""
+    from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH as NAME_MAX
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
+
+    from imgclf.tracking.compare import load_run
+    from imgclf.tracking.store import flat_metrics
+
+    monkeypatch.setenv("MLFLOW_TRUNCATE_LONG_VALUES", "false")  # as a store that refuses long values
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    accuracy = {"k" * 300 + "a": 0.25, "k" * 300 + "b": 0.75, "k" * 246: 0.5}
+    auc = {"micro": 0.9, "macro": 0.9, "per_class": accuracy}
+    result = _result(tmp_path / ("r" * 250), per_class_accuracy=accuracy, auc=auc)  # a 250-character folder name
+    data_root = "/data/" + "d" * 9000
+    cfg = Config().updated(data_root=data_root, tracking_uri=uri, tracking_background=False)
+    run_id = log_run("train", cfg, result)
+    assert run_id is not None
+    (run,) = _runs(uri)
+    assert run.info.status == "FINISHED" and len(run.info.run_name) <= NAME_MAX
+    names = [k for k in run.data.metrics if k.startswith(("acc_k", "auc_k"))]
+    assert len(names) == 6 and all(len(k) <= NAME_MAX for k in names)
+    assert sorted(run.data.metrics[k] for k in names) == [0.25, 0.25, 0.5, 0.5, 0.75, 0.75]
+    assert list(flat_metrics(result.metrics)) == list(flat_metrics(json.loads(json.dumps(result.metrics))))
+    assert all(len(k) <= NAME_MAX and len(v) <= MAX_PARAM_VAL_LENGTH for k, v in run.data.params.items())
+    assert run.data.params["data_root"].startswith("/data/ddd")
+    assert all(len(k) <= NAME_MAX and len(v) <= MAX_TAG_VAL_LENGTH for k, v in run.data.tags.items())
+    assert load_run(run_id, cfg.tracking).per_class["acc"] == accuracy  # compared by the whole names
+
+
+def test_runs_compare_never_rounds_a_difference_away(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    """auc_macro 0.9996 against 1.0 showed as "1.000 | 1.000 ★": values that differ print differently, with
+    more decimals where needed, and an imperfect accuracy or AUC never prints as perfect (the report's rule)."""
+    from imgclf.tracking.compare import RunRecord, compare, to_markdown
+
+    def run(label: str, auc: float, accuracy: float, seconds: float) -> RunRecord:
+        metrics = {"auc_macro": auc, "overall_accuracy": accuracy, "time_total_s": seconds, "n_test": 2500.0}
+        return RunRecord(label, {}, metrics, {"split": "test"})
+
+    md = to_markdown(compare([run("a", 0.9996, 0.9991, 1.231), run("b", 1.0, 0.9994, 1.234)]), ["a", "b"])
+    assert "| auc_macro | 0.9996 | **1.000** |" in md
+    assert "| overall_accuracy | 99.91 % | **99.94 %** |" in md
+    assert "| time_total_s | **1.231** | 1.234 |" in md
+    assert "| n_test | 2500 | 2500 |" in md
+    a = _folder_run(tmp_path / "a", "/data/x", 0.9996, per_class_accuracy={"x": 0.5001, "y": 0.25})
+    b = _folder_run(tmp_path / "b", "/data/x", 1.0, per_class_accuracy={"x": 0.5004, "y": 0.25})
+    assert main(["runs", "compare", str(a), str(b)]) == 0
+    out = capsys.readouterr().out
+    assert "99.96 % │ 100.0 % ★" in out and "50.01 % │ 50.04 % ★" in out
+    assert re.search(r"│ y +│ +25\.0 % │ +25\.0 % │", out)  # values alike keep one decimal
+    listed = {"id": "0" * 32, "date": "2024-01-01 00:00", "kind": "train", "dataset": "d", "classifier": "svm"}
+    listed |= {"backbone": "b", "accuracy": 0.9996, "class_averaged_accuracy": 1.0, "status": "FINISHED"}
+    monkeypatch.setattr("imgclf.tracking.store.list_runs", lambda cfg, limit: [listed])
+    assert main(["runs", "list"]) == 0
+    assert "99.96 %" in capsys.readouterr().out

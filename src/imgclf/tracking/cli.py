@@ -49,9 +49,11 @@ def _write_outputs(args: argparse.Namespace, csv_text: str, markdown: str) -> No
 
 
 def _list_cell(value: object) -> str:
+    from imgclf.evaluation.report import _fmt
+
     if value is None:
         return "-"
-    return f"{100 * value:.1f} %" if isinstance(value, float) else str(value)
+    return _fmt(value) if isinstance(value, float) else str(value)  # 99.96 %, never 100.0 %
 
 
 @_quick_http
@@ -90,7 +92,7 @@ def _compare(args: argparse.Namespace) -> int:
         SECTIONS,
         TITLES,
         compare,
-        format_value,
+        format_row,
         load_run,
         paired_markdown,
         paired_tests,
@@ -118,7 +120,7 @@ def _compare(args: argparse.Namespace) -> int:
         split_note = "best values are marked among the runs that scored the same split (train or test) only"
         out.print(split_note)
     rows = compare(records, all_params=args.all_params)
-    titles = {**TITLES, "metric": "Metrics (best ★)", "class accuracy": "Accuracy per class (best ★)"}
+    titles = {section: f"{title} (best ★)" for section, title in TITLES.items()}
     titles["parameter"] = "Parameters (differing ones highlighted)" if args.all_params else "Parameters that differ"
     for section in SECTIONS:
         table = Table(title=titles[section])
@@ -127,7 +129,7 @@ def _compare(args: argparse.Namespace) -> int:
             table.add_column(escape(label), justify="left" if section == "parameter" else "right")
         chosen = [r for r in rows if r.section == section]
         for row in chosen:
-            cells = [escape(format_value(row, v)) for v in row.values]
+            cells = [escape(c) for c in format_row(row)]
             if section == "parameter":
                 table.add_row(escape(row.name), *cells, style="bold yellow" if any(row.marked) else None)
             else:

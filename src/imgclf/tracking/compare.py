@@ -1,5 +1,5 @@
-"""Runs side by side, given as MLflow run ids or run folders: parameters, metrics, per-class accuracy, and a
-paired test of each run against the first on the same test images."""
+"""Runs side by side, given as MLflow run ids or run folders: parameters, metrics, per-class accuracy and AUC,
+and a paired test of each run against the first on the same test images."""
 
 from __future__ import annotations
 
@@ -8,39 +8,55 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 from imgclf.config import TrackingConfig, field_index
-from imgclf.evaluation.report import md_cell
+from imgclf.evaluation.report import _fmt, md_cell
 from imgclf.tracking.store import (
     TrackingError,
+    class_metrics,
     connect,
     drain_pending,
     experiment_id,
-    flat_metrics,
     param_value,
     reading,
+    run_metrics,
     store_exists,
     tracking_uri,
 )
 
-SECTIONS = ("parameter", "metric", "class accuracy")
-TITLES = {"parameter": "Parameters", "metric": "Metrics", "class accuracy": "Accuracy per class"}
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+T = TypeVar("T")
+SECTIONS = ("parameter", "metric", "class accuracy", "class AUC")
+TITLES = {
+    "parameter": "Parameters",
+    "metric": "Metrics",
+    "class accuracy": "Accuracy per class",
+    "class AUC": "AUC per class",
+}
+CLASS_SECTIONS = {"acc": "class accuracy", "auc": "class AUC"}  # a per-class metric's section
+ACCURACIES = ("overall_accuracy", "class_averaged_accuracy")  # the run's metrics shown in percent
+DIGITS_MAX = 17  # most decimals a cell gets to tell values apart
 ID_LENGTH = 32  # characters of a full MLflow run id; shorter references are prefixes
 RUN_COLUMNS = ("kind", "split", "dataset", "classifier", "backbone", "run_dir")  # tags shown for each run
 
 
 @dataclass
 class RunRecord:
-    """One run as compared: a short label, its parameters (strings), metrics and tags."""
+    """One run as compared: a short label, its parameters (strings), metrics of the whole run, tags, and the
+    metrics of each class (``acc``, ``auc``: class name -> value)."""
 
     label: str
     params: dict[str, str]
     metrics: dict[str, float]
     tags: dict[str, str]
     predictions: dict[str, tuple[str, str]] | None = None  # test image -> (true, predicted label)
+    per_class: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def split(self) -> str:
@@ -99,7 +115,21 @@ def _from_folder(folder: Path) -> RunRecord:
     tags["run_dir"] = str(folder.resolve())
     preds = folder / "predictions.csv"
     predictions = read_predictions(preds.read_text(encoding="utf-8")) if preds.is_file() else None
-    return RunRecord(folder.name, params, flat_metrics(metrics), tags, predictions)
+    return RunRecord(folder.name, params, run_metrics(metrics), tags, predictions, class_metrics(metrics))
+
+
+def _by_mlflow_name(recorded: dict[str, float]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """A run's MLflow metrics as the run's own and those of each class, by the class names in the MLflow names
+    (``acc_<class>``, ``auc_<class>``): made valid for MLflow, numbered where they collided, cut where long."""
+    own: dict[str, float] = {}
+    per_class: dict[str, dict[str, float]] = {kind: {} for kind in CLASS_SECTIONS}
+    for name, value in recorded.items():
+        kind, _, cls = name.partition("_")
+        if kind in per_class and cls and name not in ("auc_micro", "auc_macro"):
+            per_class[kind][cls] = value
+        else:
+            own[name] = value
+    return own, per_class
 
 
 def load_run(ref: str | Path, cfg: TrackingConfig | None = None) -> RunRecord:
@@ -133,17 +163,27 @@ def load_run(ref: str | Path, cfg: TrackingConfig | None = None) -> RunRecord:
             if not found:
                 raise missing
             run = found[0]
-        predictions = None
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per run: noise here
+        prefix = "train_" if run.data.tags.get("split") == "train" else ""  # the files of the split it scored
         with tempfile.TemporaryDirectory() as tmp:
-            try:
-                scored = "train_predictions.csv" if run.data.tags.get("split") == "train" else "predictions.csv"
-                local = client.download_artifacts(run.info.run_id, scored, tmp)
-                predictions = read_predictions(Path(local).read_text(encoding="utf-8"))
-            except (MlflowException, OSError):
-                pass  # recorded without its files: no paired test for it
+            predictions = _artifact(client, run.info.run_id, f"{prefix}predictions.csv", tmp, read_predictions)
+            scored = _artifact(client, run.info.run_id, f"{prefix}metrics.json", tmp, json.loads)
     data = run.data
-    return RunRecord(run.info.run_id[:8], dict(data.params), dict(data.metrics), dict(data.tags), predictions)
+    if scored is None:  # recorded without its files (no paired test either): classes by their MLflow names
+        metrics, per_class = _by_mlflow_name(dict(data.metrics))
+    else:  # the class names as written, which MLflow's names may not tell apart, or may cut
+        metrics, per_class = run_metrics(scored), class_metrics(scored)
+    return RunRecord(run.info.run_id[:8], dict(data.params), metrics, dict(data.tags), predictions, per_class)
+
+
+def _artifact(client: MlflowClient, run_id: str, name: str, tmp: str, read: Callable[[str], T]) -> T | None:
+    """The run's file ``name`` as ``read`` makes of its text; None where the run was recorded without it."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return read(Path(client.download_artifacts(run_id, name, tmp)).read_text(encoding="utf-8"))
+    except (MlflowException, OSError, ValueError):
+        return None
 
 
 def paired_tests(records: Sequence[RunRecord]) -> tuple[list[PairedTest], list[str]]:
@@ -219,8 +259,8 @@ def runs_table(records: Sequence[RunRecord]) -> list[dict[str, str]]:
 
 
 def compare(records: Sequence[RunRecord], all_params: bool = False) -> list[Row]:
-    """Rows of parameters (only those that differ unless ``all_params``), metrics and per-class accuracies;
-    metrics marked best among the runs of the same split."""
+    """Rows of parameters (only those that differ unless ``all_params``), metrics, and accuracies and AUCs per
+    class (by class name); metrics marked best among the runs of the same split."""
     rows: list[Row] = []
     order = {name: i for i, name in enumerate(field_index())}
     names = sorted({n for r in records for n in r.params}, key=lambda n: (order.get(n, len(order)), n))
@@ -229,26 +269,46 @@ def compare(records: Sequence[RunRecord], all_params: bool = False) -> list[Row]
         differs = len(set(values)) > 1
         if differs or all_params:
             rows.append(Row("parameter", name, values, [differs] * len(records)))
-    metrics = sorted({n for r in records for n in r.metrics}, key=_metric_order)
-    for name in metrics:
+    splits = [r.split for r in records]
+    for name in sorted({n for r in records for n in r.metrics}, key=_metric_order):
         nums = [r.metrics.get(name) for r in records]
-        per_class = name.startswith("acc_")
-        section, label = ("class accuracy", name.removeprefix("acc_")) if per_class else ("metric", name)
-        rows.append(Row(section, label, list(nums), _best_per_split(name, nums, [r.split for r in records])))
-    return sorted(rows, key=lambda row: SECTIONS.index(row.section))
+        rows.append(Row("metric", name, list(nums), _best_per_split(name, nums, splits)))
+    for kind, section in CLASS_SECTIONS.items():
+        for cls in sorted({c for r in records for c in r.per_class.get(kind, {})}):
+            nums = [r.per_class.get(kind, {}).get(cls) for r in records]
+            rows.append(Row(section, cls, list(nums), _best_per_split(kind, nums, splits)))
+    return rows
 
 
-def format_value(row: Row, value: str | float | None) -> str:
-    """A cell as shown: accuracies in percent, counts as integers, seconds with two decimals."""
+def format_value(row: Row, value: str | float | None, digits: int = 0) -> str:
+    """A cell as shown: accuracies in percent with one decimal and AUCs with three (more where rounding would
+    show an imperfect value as perfect or a non-zero one as 0, as the report does), counts as integers, seconds
+    with two decimals; numbers with ``digits`` decimals at least."""
     if value is None:
         return "-"
     if isinstance(value, str):
         return value
-    if row.section == "class accuracy" or row.name.endswith("accuracy"):
-        return f"{100 * value:.1f} %"
-    if row.name.startswith("n_"):
+    if row.section == "metric" and row.name.startswith("n_"):
         return str(int(value))
-    return f"{value:.2f}" if row.name.startswith("time_") else f"{value:.3f}"
+    pct = row.section == "class accuracy" or row.name in ACCURACIES
+    if pct or row.section == "class AUC" or row.name.startswith("auc_"):
+        text = _fmt(value, pct)
+    else:
+        text = f"{value:.{2 if row.name.startswith('time_') else 3}f}"
+    x, unit = (100 * value, " %") if pct else (value, "")
+    return text if len(text.removesuffix(unit).partition(".")[2]) >= digits else f"{x:.{digits}f}{unit}"
+
+
+def format_row(row: Row) -> list[str]:
+    """The cells of ``row`` as shown (``format_value``), with as many more decimals as it takes for values that
+    differ to print differently."""
+    digits = 0
+    while True:
+        cells = [format_value(row, v, digits) for v in row.values]
+        seen: dict[str, str | float | None] = {}
+        if digits >= DIGITS_MAX or all(seen.setdefault(c, v) == v for c, v in zip(cells, row.values, strict=True)):
+            return cells
+        digits = max(len(c.partition(".")[2].removesuffix(" %")) for c in cells) + 1
 
 
 def _note(row: Row, labels: Sequence[str]) -> str:
@@ -282,7 +342,7 @@ def to_markdown(rows: Sequence[Row], labels: Sequence[str]) -> str:
             "|---" * (len(labels) + 1) + "|",
         ]
         for row in chosen:
-            cells = [md_cell(format_value(row, v)) for v in row.values]
+            cells = [md_cell(c) for c in format_row(row)]
             cells = [f"**{c}**" if m else c for c, m in zip(cells, row.marked, strict=True)]
             lines.append(f"| {md_cell(row.name)} | " + " | ".join(cells) + " |")
         parts.append("\n".join(lines))

@@ -60,6 +60,10 @@ _SQLITE_FULL = 13  # sqlite3.SQLITE_FULL: "database or disk is full"
 _BATCH = 100  # most parameters per MLflow log_batch call
 _WRITER_LOG_MAX = 1 << 20  # writer.log is moved to writer.log.1 (replacing it) beyond this many bytes
 LOCK_WAIT_S = 15.0  # how long a command waits for another process writing to the same store to write a record
+# MLflow's limits, in characters: metric, parameter and tag names, and run names (a column of 250 characters in
+# a database store); parameter values; tag values
+NAME_MAX, PARAM_VALUE_MAX, TAG_VALUE_MAX = 250, 6000, 8000
+_DIGEST = 10  # hex digits of the digest that ends a shortened text
 _CHECK_SERVER = (
     "check the address and that the server runs; MLFLOW_HTTP_REQUEST_MAX_RETRIES and MLFLOW_HTTP_REQUEST_TIMEOUT "
     "set how long it is tried"
@@ -106,9 +110,19 @@ def sqlite_file(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
+def fit(text: str, limit: int) -> str:
+    """``text``, or where it is longer than ``limit`` characters, its start, ``...`` and a digest of the whole:
+    ``limit`` characters, the same for the same text, and apart from another text of the same start."""
+    if len(text) <= limit:
+        return text
+    digest = hashlib.sha256(text.encode(errors="surrogatepass")).hexdigest()[:_DIGEST]
+    return f"{text[: limit - _DIGEST - 3]}...{digest}"
+
+
 def param_value(value: Any) -> str:
-    """A configuration value as an MLflow parameter string (JSON for everything but strings)."""
-    return value if isinstance(value, str) else json.dumps(value)
+    """A configuration value as an MLflow parameter string (JSON for everything but strings), within MLflow's
+    length limit."""
+    return fit(value if isinstance(value, str) else json.dumps(value), PARAM_VALUE_MAX)
 
 
 def flat_params(cfg: Config) -> dict[str, str]:
@@ -117,44 +131,69 @@ def flat_params(cfg: Config) -> dict[str, str]:
 
 
 def metric_name(name: str) -> str:
-    """``name`` with characters MLflow refuses in metric names replaced by ``_``."""
-    return re.sub(r"[^\w.\- ]", "_", name)
+    """``name`` with characters MLflow refuses in metric names replaced by ``_``, and cut to MLflow's length
+    limit (a digest of the whole name at its end) where longer."""
+    return fit(re.sub(r"[^\w.\- ]", "_", name), NAME_MAX)
 
 
-def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """The numbers of a ``metrics.json``: accuracies, counts, ``auc_micro``, ``auc_macro``, ``acc_<class>``,
-    ``auc_<class>``, ``time_<step>_s``.
-
-    Names that come out the same once made valid for MLflow (classes ``a:b`` and ``a?b``, a class ``micro``)
-    stay apart: the later one gets ``_2`` (``_3``, ...).
-    """
+def _run_level(metrics: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The numbers of a whole run in a ``metrics.json`` by metric name; None where it has none."""
     auc = metrics.get("auc", {})
-    # metrics.json of older runs: the averages among the classes in one dictionary
-    per_class_auc = auc.get("per_class", {c: v for c, v in auc.items() if c not in ("micro", "macro")})
-    named = [
+    return [
         *((k, metrics.get(k)) for k in ("overall_accuracy", "class_averaged_accuracy", "n_train", "n_test")),
         ("n_skipped", len(metrics.get("skipped", []))),
         ("auc_micro", auc.get("micro")),
         ("auc_macro", auc.get("macro")),
-        *((f"acc_{c}", v) for c, v in metrics.get("per_class_accuracy", {}).items()),
-        *((f"auc_{c}", v) for c, v in per_class_auc.items()),
         *((f"time_{k}", v) for k, v in metrics.get("timings_s", {}).items()),
+    ]
+
+
+def _by_class(metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The accuracy (``acc``) and AUC (``auc``) of each class in a ``metrics.json``; None where it has none."""
+    auc = metrics.get("auc", {})
+    # metrics.json of older runs: the averages among the classes in one dictionary
+    per_class_auc = auc.get("per_class", {c: v for c, v in auc.items() if c not in ("micro", "macro")})
+    return {"acc": metrics.get("per_class_accuracy", {}), "auc": per_class_auc}
+
+
+def run_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a whole run in a ``metrics.json``: accuracies, counts, ``auc_micro``, ``auc_macro``,
+    ``time_<step>``."""
+    return {name: float(v) for name, v in _run_level(metrics) if v is not None}
+
+
+def class_metrics(metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """The accuracy (``acc``) and AUC (``auc``) of each class in a ``metrics.json``, by class name as written."""
+    return {kind: {c: float(v) for c, v in by.items() if v is not None} for kind, by in _by_class(metrics).items()}
+
+
+def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a ``metrics.json`` by MLflow name: those of the run (``run_metrics``), ``acc_<class>``,
+    ``auc_<class>``.
+
+    Names that come out the same once made valid for MLflow (classes ``a:b`` and ``a?b``, a class ``micro``)
+    stay apart: the later one gets ``_2`` (``_3``, ...). That number depends on the run's other classes, so
+    ``runs compare`` lines classes up by their names in ``metrics.json`` instead.
+    """
+    named = [
+        *_run_level(metrics),
+        *((f"{kind}_{c}", v) for kind, by in _by_class(metrics).items() for c, v in by.items()),
     ]
     out: dict[str, Any] = {}
     for name, value in named:  # a name is taken even without a value, so that runs number classes alike
-        key = base = metric_name(name)
-        n = 1
+        key, n = metric_name(name), 1
         while key in out:
             n += 1
-            key = f"{base}_{n}"
+            key = metric_name(f"{name}_{n}")
         out[key] = value
     return {k: float(v) for k, v in out.items() if v is not None}
 
 
 def run_tags(kind: str, cfg: Config, result: RunResult, on_train: bool) -> dict[str, str]:
-    """Searchable facts of a run: what it did, on which data, with which model, where its folder is."""
+    """Searchable facts of a run: what it did, on which data, with which model, where its folder is (each
+    within MLflow's length limit)."""
     bundle = result.bundle
-    return {
+    tags = {
         "kind": kind,
         "split": "train" if on_train else "test",
         "dataset": Path(cfg.data.data_root or "").name,
@@ -166,6 +205,7 @@ def run_tags(kind: str, cfg: Config, result: RunResult, on_train: bool) -> dict[
         "model_id": bundle.model_id,
         "imgclf_version": __version__,
     }
+    return {name: fit(value, TAG_VALUE_MAX) for name, value in tags.items()}
 
 
 def connect(cfg: TrackingConfig) -> MlflowClient:
@@ -224,7 +264,7 @@ def run_record(kind: str, cfg: Config, result: RunResult, on_train: bool) -> dic
         "id": uuid.uuid4().hex,
         "uri": absolute_uri(tracking_uri(cfg.tracking)),
         "experiment": cfg.tracking.experiment,
-        "run_name": f"{run_dir.name} {kind}" + (" on train" if on_train else ""),
+        "run_name": fit(f"{run_dir.name} {kind}" + (" on train" if on_train else ""), NAME_MAX),
         "start_ms": int((end - took) * 1000),
         "end_ms": int(end * 1000),
         "tags": run_tags(kind, cfg, result, on_train),
