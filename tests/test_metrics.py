@@ -1,7 +1,10 @@
+import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+from matplotlib.figure import Figure
 from sklearn.metrics import roc_auc_score
 
 from imgclf.evaluation.metrics import compute_metrics, roc_curves
@@ -136,15 +139,123 @@ def test_classes_named_micro_and_macro_keep_their_own_auc():
     assert f"AUC {own['micro']:.3f})" in lines[0] and f"AUC {own['macro']:.3f})" in lines[1]
 
 
-def test_report_md_escapes_pipes_in_class_names():
-    from imgclf.evaluation.report import render_reports
+def test_report_md_shows_class_names_as_written():
+    """A ``|`` ended the cell, and ``<tag>``, ``&amp;``, backticks, ``*``, ``~~``, a leading ``_`` and ``[a](b)`` were
+    read as HTML, an entity, code, emphasis, strikethrough and a link; report.html keeps escaping them its way."""
+    from imgclf.evaluation.report import md_cell, render_reports
 
-    y = np.array([0, 0, 1, 1])
-    scores = np.eye(2)[y]
-    m = {**compute_metrics(y, scores, ["a|b", "c"]), "n_train": 4, "n_test": 4}
-    md = render_reports(y, scores, m, {})["report.md"].decode()
-    rows = [line for line in md.splitlines() if line.startswith("| ")]
-    assert rows[1:] == ["| a\\|b | 100.0 % | 2 | 1.000 |", "| c | 100.0 % | 2 | 1.000 |"]
+    classes = ["a|b", "class with spaces & ampersand <tag>", "&amp; `c`", "*x* ~~y~~ _z_", "[a](b) C:\\d", "run_dir"]
+    y = np.repeat(np.arange(len(classes)), 2)
+    scores = np.eye(len(classes))[y]
+    m = {**compute_metrics(y, scores, classes), "n_train": 4, "n_test": len(y)}
+    reports = render_reports(y, scores, m, {})
+    rows = [line for line in reports["report.md"].decode().splitlines() if line.startswith("| ")]
+    assert [row.split(" | ")[0] for row in rows[1:]] == [
+        "| a\\|b",
+        "| class with spaces &amp; ampersand &lt;tag&gt;",
+        "| &amp;amp; \\`c\\`",
+        "| \\*x\\* \\~\\~y\\~\\~ \\_z\\_",
+        "| [a\\](b) C:\\\\d",
+        "| run_dir",  # an underscore inside a word is no emphasis: left as it is
+    ]
+    assert rows[1] == "| a\\|b | 100.0 % | 2 | 1.000 |"
+    assert md_cell("two\nlines") == "two&#10;lines"  # a line break would end the table row
+    assert "<td>class with spaces &amp; ampersand &lt;tag&gt;</td>" in reports["report.html"].decode()
+
+
+LONG = "a_very_long_class_name_" + "L" * 150  # 173 characters: a folder name can be that long
+
+
+def _figure(classes: list[str], monkeypatch: pytest.MonkeyPatch) -> tuple[Figure, bytes, list[str]]:
+    """The evaluation figure of ``classes`` (kept open: close it), its PNG and the warnings drawing it raised."""
+    import matplotlib.pyplot as plt
+
+    from imgclf.evaluation.report import evaluation_figure
+
+    k = len(classes)
+    y = np.repeat(np.arange(k), 3)
+    scores = np.random.default_rng(0).dirichlet(np.ones(k), len(y)) + np.eye(k)[y]
+    scores /= scores.sum(1, keepdims=True)
+    figs: list = []
+    with monkeypatch.context() as patch, warnings.catch_warnings(record=True) as caught:
+        patch.setattr(plt, "close", figs.append)
+        warnings.simplefilter("always")
+        png = evaluation_figure(y, scores, compute_metrics(y, scores, classes))
+    return figs[0], png, [str(w.message) for w in caught]
+
+
+def test_figure_labels_of_long_class_names_are_shortened_and_unique(monkeypatch: pytest.MonkeyPatch):
+    """A 173-character class name ran off the figure: class names are shortened in the middle, to 24 columns
+    (a CJK character takes two), and names alike at both ends keep more of the middle until they differ."""
+    import matplotlib.pyplot as plt
+
+    from imgclf.evaluation.report import LABEL_COLUMNS, short_labels
+
+    alike = [LONG + "_A" + "x" * 20, LONG + "_B" + "x" * 20]  # the same but for one character in the middle
+    names = ["cat", LONG, "日本語クラス" * 4, "emoji_🐝_bee", "x" * 30 + "e\u0301" * 20, *alike]
+    short = short_labels(names)
+    assert short[0] == "cat" and short[3] == "emoji_🐝_bee"  # short names stay as they are
+    assert short[1] == "a_very_long_…LLLLLLLLLLL" and len(short[1]) == LABEL_COLUMNS
+    assert short[2] == "日本語クラス…本語クラス"  # 12 + 1 + 10 columns
+    assert short[4] == "x" * 12 + "…" + "e\u0301" * 11  # an accent takes no column, nor is torn from its letter
+    assert short[5] != short[6] and short[5].startswith("a_very_long") and short[5].endswith("x")
+    assert len(set(short)) == len(names)
+    fig, _, _ = _figure(names, monkeypatch)
+    ax_roc, ax_cm = fig.axes
+    ticks = [t.get_text() for t in ax_cm.get_xticklabels()]
+    assert ticks == [t.get_text() for t in ax_cm.get_yticklabels()] == short
+    legend = [t.get_text() for t in ax_roc.get_legend().get_texts()]
+    assert [entry.rsplit(" (AUC", 1)[0] for entry in legend] == [*short, "micro-average"]
+    plt.close(fig)
+
+
+@pytest.mark.parametrize("k", [3, 40])
+def test_figure_panels_do_not_overlap_and_draw_without_warnings(k: int, monkeypatch: pytest.MonkeyPatch):
+    """Long and CJK class names: tight_layout gave up ("Tight layout not applied"), the legend ran off the left
+    edge and the matrix's class names into the ROC panel, and each character DejaVu Sans lacks was a warning."""
+    import matplotlib.pyplot as plt
+
+    names = [LONG, "日本語クラス", "emoji_🐝_bee", *(f"class_{i:03d}_" + "z" * i for i in range(k - 3))]
+    fig, png, caught = _figure(names, monkeypatch)
+    assert caught == []
+    renderer = fig.canvas.get_renderer()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # measuring lays out the text again: the missing glyphs again
+        roc, cm = [ax.get_tightbbox(renderer) for ax in fig.axes]  # with tick labels, titles and the legend
+    assert roc.x0 >= 0 and roc.x1 < cm.x0 and cm.x1 <= fig.bbox.x1
+    assert min(roc.y0, cm.y0) >= 0 and max(roc.y1, cm.y1) <= fig.bbox.y1
+    ax_roc, ax_cm = fig.axes
+    assert ax_roc.get_window_extent().width >= 0.4 * ax_cm.get_window_extent().width  # the ROC panel stays usable
+    assert png.startswith(b"\x89PNG")
+    plt.close(fig)
+
+
+def test_figure_falls_back_to_installed_fonts_for_cjk_and_emoji(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    """Characters DejaVu Sans lacks are taken from the first installed fallback font that has them (STIX, shipped
+    with matplotlib, stands in for Noto Sans CJK here); a font not installed is left out without a warning, and
+    characters no font has are named in one log line instead of a warning each."""
+    import matplotlib.pyplot as plt
+
+    from imgclf.evaluation import report
+
+    names = ["script_\u210a", "日本語クラス", "plain"]  # U+210A SCRIPT SMALL G: in STIX, not in DejaVu Sans
+    monkeypatch.setattr(report, "FALLBACK_FONTS", ())
+    with caplog.at_level(logging.INFO, logger="imgclf"):
+        fig, without, caught = _figure(names, monkeypatch)
+    plt.close(fig)
+    assert caught == [] and "no installed font has \u210a ク ス ラ 日 本 語 (drawn as boxes)" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(report, "FALLBACK_FONTS", ("No Such Font", "STIXGeneral"))
+    assert report.font_families() == ["DejaVu Sans", "STIXGeneral"]
+    with caplog.at_level(logging.INFO, logger="imgclf"):
+        fig, png, caught = _figure(names, monkeypatch)
+    assert caught == [] and "findfont" not in caplog.text
+    assert "no installed font has ク ス ラ 日 本 語 (drawn" in caplog.text  # \u210a is drawn from STIX
+    assert fig.axes[1].get_xticklabels()[0].get_fontfamily() == ["DejaVu Sans", "STIXGeneral"]
+    assert png != without  # the glyph drawn, not a box
+    plt.close(fig)
 
 
 def test_an_imperfect_result_is_never_shown_as_perfect():

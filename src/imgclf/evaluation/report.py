@@ -5,6 +5,12 @@ from __future__ import annotations
 import base64
 import html
 import io
+import logging
+import re
+import unicodedata
+import warnings
+from collections import Counter
+from collections.abc import Sequence
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -15,10 +21,19 @@ from imgclf.config import Config
 from imgclf.evaluation.metrics import roc_curves
 from imgclf.utils import Memo
 
+log = logging.getLogger("imgclf")
+
+
+_MD_CELL = str.maketrans(
+    {"&": "&amp;", "<": "&lt;", ">": "&gt;", "\n": "&#10;", "\r": "&#13;"} | {c: "\\" + c for c in "\\`*~|"}
+)
+
 
 def md_cell(text: str) -> str:
-    """``text`` for a Markdown table cell: a ``|`` in it escaped, so that it does not end the cell."""
-    return text.replace("|", "\\|")
+    """``text`` for a Markdown table cell, shown as written: a ``|`` does not end the cell, and no HTML, code,
+    emphasis, strikethrough or link starts (``_`` inside a word, which cannot, stays as it is)."""
+    text = re.sub(r"(?<!\w)_+|_+(?!\w)", lambda m: m[0].replace("_", "\\_"), text.translate(_MD_CELL))
+    return text.replace("](", "\\](")
 
 
 def _fmt(v: float | None, pct: bool = True) -> str:
@@ -34,20 +49,129 @@ def _fmt(v: float | None, pct: bool = True) -> str:
 
 SUMMARY_CLASSES_MAX = 20  # above this, the printed summary lists the least accurate half of this many classes
 MANY_CLASSES = 12  # above this, the figure labels only the weakest ROC curves and writes counts smaller
+LABEL_COLUMNS = 24  # a longer class name is shortened in the figure (a wide CJK character takes two columns)
+# Fonts tried after DejaVu Sans for characters it lacks (CJK, emoji), where matplotlib finds them installed.
+# Not Noto Color Emoji: matplotlib draws outlines only, and that font has bitmaps (not loaded) or COLRv1 (blank).
+FALLBACK_FONTS = (
+    "Noto Sans CJK JP",
+    "Noto Sans CJK SC",
+    "Noto Sans CJK TC",
+    "Noto Sans CJK KR",
+    "Source Han Sans",
+    "Noto Sans JP",
+    "Noto Sans SC",
+    "WenQuanYi Zen Hei",
+    "Droid Sans Fallback",
+    "Hiragino Sans",
+    "Microsoft YaHei",
+    "Malgun Gothic",
+    "Noto Emoji",
+    "Segoe UI Emoji",
+    "Symbola",
+    "Noto Sans Symbols 2",
+)
+
+
+def _columns(text: str) -> int:
+    """Display width: two columns for a wide East Asian character, none for combining and format ones."""
+    return sum(
+        0 if unicodedata.category(c) in ("Mn", "Me", "Cf") else 2 if unicodedata.east_asian_width(c) in "WF" else 1
+        for c in text
+    )
+
+
+def _ellipsize(name: str, columns: int) -> str:
+    """``name`` where it fits ``columns``, else its start and its end around a "…"."""
+    if _columns(name) <= columns:
+        return name
+    head = tail = ""
+    for c in name:
+        if _columns(head + c) > columns // 2:
+            break
+        head += c
+    for c in reversed(name[len(head) :]):
+        if _columns(head + tail + c) >= columns:
+            break
+        tail = c + tail
+    while tail and unicodedata.category(tail[0]) in ("Mn", "Me"):  # no mark without the letter it was on
+        tail = tail[1:]
+    return f"{head}…{tail}"
+
+
+def short_labels(names: Sequence[str], columns: int = LABEL_COLUMNS) -> list[str]:
+    """``names`` shortened for a figure (``_ellipsize``); names that would look alike keep more until they differ."""
+    labels = [_ellipsize(n, columns) for n in names]
+    for wider in range(columns + 1, max(map(_columns, names), default=0) + 1):
+        alike = {label for label, n in Counter(labels).items() if n > 1}
+        if not alike:
+            break
+        labels = [_ellipsize(n, wider) if label in alike else label for n, label in zip(names, labels, strict=True)]
+    return labels
+
+
+def font_families() -> list[str]:
+    """DejaVu Sans, then the installed ``FALLBACK_FONTS``: matplotlib takes a character from the first that has it."""
+    from matplotlib import font_manager
+
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    return ["DejaVu Sans", *(f for f in FALLBACK_FONTS if f in installed)]
+
+
+def _missing_glyphs(text: str, families: Sequence[str]) -> list[str]:
+    """The characters of ``text`` that none of ``families`` has (drawn as boxes)."""
+    from matplotlib import font_manager
+
+    fonts = [font_manager.get_font(font_manager.findfont(f, fallback_to_default=False)) for f in families]
+    return sorted(
+        c
+        for c in set(text)
+        if unicodedata.category(c)[0] not in "CZM" and not any(f.get_char_index(ord(c)) for f in fonts)
+    )
 
 
 def evaluation_figure(y_true: np.ndarray, scores: np.ndarray, metrics: dict[str, Any]) -> bytes:
-    """PNG bytes: ROC curves with AUC (left) and the confusion matrix (right), sized to the number of classes."""
+    """PNG bytes: ROC curves with AUC (left, its legend beside it) and the confusion matrix (right), sized to
+    the number of classes. Long class names are shortened (``short_labels``); characters DejaVu Sans lacks
+    come from an installed ``FALLBACK_FONTS`` font, and are boxes (one log line, no warnings) without one."""
     import matplotlib
 
     matplotlib.use("Agg")
+    classes = metrics["classes"]
+    short = dict(zip(classes, short_labels(classes), strict=True))
+    families = font_families()
+    side = max(4.0, 0.2 * len(classes) + 1.0)  # the confusion matrix gets about 0.2 inch a class
+    roc = max(4.5, 0.45 * side)  # the ROC panel grows with it, less, and its text with it
+    with warnings.catch_warnings(), matplotlib.rc_context({"font.family": families, "font.size": 10 * roc / 4.5}):
+        warnings.filterwarnings("ignore", "Glyph .* missing from font")  # told once below
+        png = _draw(y_true, scores, metrics, short, (side, roc))
+    if missing := _missing_glyphs("".join(short.values()), families):
+        log.info(
+            "evaluation.png: no installed font has %s (drawn as boxes); fonts such as Noto Sans CJK or Noto Emoji do",
+            " ".join(missing[:10]) + (" …" if len(missing) > 10 else ""),
+        )
+    return png
+
+
+def _draw(
+    y_true: np.ndarray,
+    scores: np.ndarray,
+    metrics: dict[str, Any],
+    short: dict[str, str],
+    sizes: tuple[float, float],
+) -> bytes:
+    """``evaluation_figure``'s drawing: class names as ``short`` has them, ``sizes`` the sides of the confusion
+    matrix and the ROC panel in inches, text of ``font.size`` (but the matrix's labels) scaled with the latter."""
     import matplotlib.pyplot as plt
 
     classes = metrics["classes"]
     k = len(classes)
     cm = np.asarray(metrics["confusion_matrix"])
-    side = max(5.2, 0.2 * k + 2.0)  # the confusion matrix gets about 0.2 inch a class
-    fig, (ax_roc, ax_cm) = plt.subplots(1, 2, figsize=(6.5 + side, side), width_ratios=[6.0, side])
+    side, roc = sizes
+    scale = roc / 4.5
+    # Widths: the panels, the ROC axis labels and legend, the matrix's class names (at most LABEL_COLUMNS, at 6 to
+    # 8 points). Both panels hang from the top, as wide as that allows: the space left below is cut off when saved.
+    fig = plt.figure(figsize=(roc + side + 3.6 * scale + 2.0, 1.5 * max(roc, side) + 4), layout="constrained")
+    ax_roc, ax_cm = fig.subplots(1, 2, width_ratios=[roc, side])
     curves, micro = roc_curves(y_true, scores, classes)
     auc = metrics["auc"]["per_class"]
     labelled = set(curves)
@@ -58,46 +182,38 @@ def evaluation_figure(y_true: np.ndarray, scores: np.ndarray, metrics: dict[str,
     labels: list[str] = []
     for name, (fpr, tpr) in curves.items():
         if name in labelled:
-            handles += ax_roc.plot(fpr, tpr, linewidth=1.5)
-            labels.append(f"{name} (AUC {_fmt(auc[name], False)})")
+            handles += ax_roc.plot(fpr, tpr, linewidth=1.5 * scale)
+            labels.append(f"{short[name]} (AUC {_fmt(auc[name], False)})")
         else:
-            ax_roc.plot(fpr, tpr, color="tab:blue", alpha=0.25, linewidth=0.8)
+            ax_roc.plot(fpr, tpr, color="tab:blue", alpha=0.25, linewidth=0.8 * scale)
     if micro is not None:
-        handles += ax_roc.plot(*micro, linestyle="--", color="black", zorder=3)
+        handles += ax_roc.plot(*micro, linestyle="--", color="black", linewidth=1.5 * scale, zorder=3)
         labels.append(f"micro-average (AUC {_fmt(metrics['auc']['micro'], False)})")
-    ax_roc.plot([0, 1], [0, 1], color="grey", linewidth=0.8)
-    ax_roc.set(
-        xlabel="false positive rate",
-        ylabel="true positive rate",
-        title=(f"ROC ({classes[1]} vs {classes[0]})" if k == 2 else "ROC (one vs rest)")
-        + (f"; the {len(labelled)} lowest AUC labelled" if k > MANY_CLASSES else ""),
-        xlim=(0, 1),
-        ylim=(0, 1.01),
-    )
+    ax_roc.plot([0, 1], [0, 1], color="grey", linewidth=0.8 * scale)
+    ax_roc.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01))
+    title = f"ROC ({short[classes[1]]} vs {short[classes[0]]})" if k == 2 else "ROC (one vs rest)"
+    ax_roc.set_title(title + (f"; the {len(labelled)} lowest AUC labelled" if k > MANY_CLASSES else ""))
     ax_roc.set_box_aspect(1)
-    for text in ax_roc.legend(handles, labels, loc="lower right", fontsize=8).get_texts():
+    legend = ax_roc.legend(
+        handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0, fontsize="small"
+    )
+    for text in [*legend.get_texts(), ax_roc.title]:
         text.set_parse_math(False)  # class names as written: a "$" is no mathtext
     ax_cm.imshow(cm, cmap="Blues")
-    ax_cm.set(
-        xticks=range(k),
-        yticks=range(k),
-        xlabel="predicted",
-        ylabel="true",
-        title="confusion matrix",
-    )
+    ax_cm.set(xticks=range(k), yticks=range(k), xlabel="predicted", ylabel="true", title="confusion matrix")
+    for ax in (ax_roc, ax_cm):
+        ax.set_anchor("N")
     font = 8 if k <= MANY_CLASSES else 6
-    ax_cm.set_xticklabels(
-        classes, rotation=45 if k <= MANY_CLASSES else 90, ha="right", fontsize=font, parse_math=False
-    )
-    ax_cm.set_yticklabels(classes, fontsize=font, parse_math=False)
+    ticks = [short[c] for c in classes]
+    ax_cm.set_xticklabels(ticks, rotation=45 if k <= MANY_CLASSES else 90, ha="right", fontsize=font, parse_math=False)
+    ax_cm.set_yticklabels(ticks, fontsize=font, parse_math=False)
     for i in range(k):
         for j in range(k):
             if cm[i, j] or k <= MANY_CLASSES:  # many classes: zeros left blank
                 color = "white" if cm[i, j] > cm.max() / 2 else "black"
                 ax_cm.text(j, i, str(cm[i, j]), ha="center", va="center", color=color, fontsize=font + 1)
-    fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", pad_inches=0.1)
     plt.close(fig)
     return buf.getvalue()
 
