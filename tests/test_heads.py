@@ -175,3 +175,19 @@ def test_groups_stay_whole_in_the_cross_validation():
     for fit, held in splits:
         assert not set(g3[fit]) & set(g3[held]) and set(y3[fit]) == {0, 1, 2} and 2 not in set(y3[held])
     assert sorted(np.concatenate([held for _, held in splits])) == list(range(160))
+
+
+def test_svm_takes_scikit_learn_random_states_with_groups_and_checks_their_length():
+    """random_state=None or a RandomState failed with groups (TypeError); groups of the wrong length gave an
+    IndexError."""
+    from imgclf.heads.svm import LinearSVMHead
+
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(24, 5)), np.repeat([0, 1], 12)
+    X[y == 1] += 2
+    groups = np.arange(24) // 2
+    for state in (None, np.random.RandomState(3), 4):
+        head = LinearSVMHead(c_grid=(0.1, 1.0), cv_folds=3, random_state=state).fit(X, y, groups)
+        assert head.cv_folds_ == 3 and head.score(X, y) > 0.9
+    with pytest.raises(ValueError, match="inconsistent numbers of samples"):
+        LinearSVMHead(cv_folds=3).fit(X, y, groups[:10])

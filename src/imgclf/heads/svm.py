@@ -19,14 +19,18 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.metrics import accuracy_score, balanced_accuracy_score
 from sklearn.model_selection import StratifiedKFold
 from sklearn.svm import LinearSVC
+from sklearn.utils import check_random_state
 from sklearn.utils.class_weight import compute_sample_weight
 from sklearn.utils.multiclass import unique_labels
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_consistent_length, check_is_fitted, validate_data
 
 from imgclf.heads.linear import l2_normalize, softmax
 from imgclf.utils import cpu_count
 
 TEMPERATURES = (1e-3, 1e3)  # the range the calibration's temperature is chosen in
+# cross-validations smaller than this (images x features x fits) run in this process: starting worker
+# processes costs seconds, more than the whole fit of a few hundred images
+IN_PROCESS_WORK = 2e7
 
 
 class LinearSVMHead(ClassifierMixin, BaseEstimator):
@@ -41,8 +45,9 @@ class LinearSVMHead(ClassifierMixin, BaseEstimator):
     cv_folds: folds for choosing C and for the out-of-fold calibration data.
     l2_normalize: scale every feature vector to unit length first.
     class_weight: None or "balanced" (then C is chosen by the class-averaged accuracy).
-    random_state: seed of the fold assignment.
-    n_jobs: processes for the cross-validation fits (None: one per CPU core).
+    random_state: seed of the fold assignment (an int, None or a ``numpy.random.RandomState``).
+    n_jobs: processes for the cross-validation fits (None: one per CPU core; a small cross-validation runs
+        in this process).
     """
 
     def __init__(
@@ -88,7 +93,11 @@ class LinearSVMHead(ClassifierMixin, BaseEstimator):
                 folds = kfold.split(Xp[rest], y[rest])
                 splits = [(np.sort(np.r_[rest[tr], always]), rest[te]) for tr, te in folds]
         else:
-            splits = _group_splits(y, np.asarray(groups), self.cv_folds, self.random_state)
+            check_consistent_length(y, groups)
+            seed = self.random_state
+            if not isinstance(seed, int | np.integer):  # None or a RandomState, as scikit-learn takes them
+                seed = int(check_random_state(seed).randint(2**31 - 1))
+            splits = _group_splits(y, np.asarray(groups), self.cv_folds, int(seed))
             self.cv_folds_ = len(splits)
             single = np.ones(len(y), bool)  # held out by no fold: their decision values are in-sample
             for _, te in splits:
@@ -102,7 +111,8 @@ class LinearSVMHead(ClassifierMixin, BaseEstimator):
             tasks = [(c, tr, te) for c in self.c_grid for tr, te in splits]
             # processes, not threads: liblinear draws from one process-wide random state, which fits
             # running in threads of one process interleave, so their solutions would vary from run to run
-            decisions = Parallel(n_jobs=self.n_jobs or cpu_count())(
+            small = len(y) * X.shape[1] * len(tasks) < IN_PROCESS_WORK
+            decisions = Parallel(n_jobs=1 if small else self.n_jobs or cpu_count())(
                 delayed(_fold_decision)(self._svc(c), Xp, y, tr, te) for c, tr, te in tasks
             )
             for (c, _, te), d in zip(tasks, decisions, strict=True):
