@@ -234,6 +234,18 @@ def test_verbose_keeps_the_message_and_exit_status_of_an_input_error(capsys: pyt
     assert "Traceback" in err and "imgclf: error: data.train_fraction = 2.0 (--train-fraction)" in err
 
 
+def test_verbose_shows_imgclf_details_not_every_library(monkeypatch: pytest.MonkeyPatch):
+    """-v set the root logger to DEBUG: matplotlib's font search alone printed hundreds of lines."""
+    import logging
+
+    monkeypatch.setattr(logging.getLogger("imgclf"), "level", logging.NOTSET)
+    monkeypatch.setattr(logging.root, "handlers", [])  # basicConfig acts once per process
+    monkeypatch.setattr(logging.root, "level", logging.WARNING)
+    assert main(["-v", "config"]) == 0
+    assert logging.getLogger("imgclf.export").isEnabledFor(logging.DEBUG)
+    assert not logging.getLogger("matplotlib.font_manager").isEnabledFor(logging.DEBUG)
+
+
 def test_help_shows_the_defaults_each_command_uses(capsys: pytest.CaptureFixture[str]):
     """predict's help said `--flip-tta [default: false]` while it follows the run; demo's `--out` said
     runs/latest while it writes runs/demo."""

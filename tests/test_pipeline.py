@@ -868,3 +868,38 @@ def test_unbalanced_classes_get_a_hint_unless_balanced(caplog):
     notes = [r.getMessage() for r in caplog.records if "unbalanced" in r.getMessage()]
     assert len(notes) == 3 and "few: 3 training images, many: 15" in notes[0]
     assert "--class-weight balanced" in notes[0] and "--balance-classes" in notes[1] and "few: 2" in notes[2]
+
+
+def test_predict_takes_an_array_of_paths_and_leaves_torch_threads_as_they_were(run):
+    """An array of paths (a DataFrame column) was refused as an image; train, evaluate and predict set
+    PyTorch's thread count (--workers) and left it changed for their caller."""
+    import torch
+
+    data, result, _ = run
+    paths = sorted((data / "squares").glob("squares_0[01].jpg"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _, preds = predict(
+            result.run_dir, np.array([str(p) for p in paths]), Config().updated(runtime="torch", use_cache=False)
+        )
+        assert [p.path for p in preds] == paths and all(p.scores is not None for p in preds)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_predict_on_a_terminal_shows_progress_whatever_the_run_recorded(run, monkeypatch):
+    """A run trained into a log file recorded progress off; predict on a terminal then showed no bar."""
+    from imgclf.cli import build_parser, config_from_args
+
+    _, result, _ = run
+    recorded = Config.from_saved(Bundle.load(result.run_dir).config, "the run").updated(progress=False)
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True)
+    args = build_parser().parse_args(["predict", str(result.run_dir), "x.jpg"])
+    assert config_from_args(args, recorded).output.progress
+    args = build_parser().parse_args(["predict", str(result.run_dir), "x.jpg", "--no-progress"])
+    assert not config_from_args(args, recorded).output.progress
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False)
+    args = build_parser().parse_args(["predict", str(result.run_dir), "x.jpg"])
+    assert not config_from_args(args, recorded.updated(progress=True)).output.progress

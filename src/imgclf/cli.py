@@ -134,8 +134,9 @@ def config_from_args(args: argparse.Namespace, base: Config | None = None, **ove
     """The resolved configuration: ``base`` (default: defaults) < --config file < flags < ``overrides``."""
     flat = {k.removeprefix("cfg__"): v for k, v in vars(args).items() if k.startswith("cfg__")}
     flat.update({k: v for k, v in overrides.items() if v is not None})
-    if "progress" not in flat and not sys.stderr.isatty():
-        flat["progress"] = False  # bars written to a log file or a pipe are noise; --progress keeps them
+    if "progress" not in flat:  # bars where this command runs on a terminal, whatever the run's config.json says
+        # (a run trained into a log file kept predict silent on a terminal); --progress and a --config file decide
+        base = (base or Config()).updated(progress=sys.stderr.isatty())
     if getattr(args, "config", None):
         return Config.from_file(args.config, base, then=flat)
     cfg = base or Config()
@@ -208,7 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         flags = [flag for action in command._actions for flag in action.option_strings]
         close = difflib.get_close_matches(extra[0].split("=")[0], flags, n=1) if extra[0].startswith("-") else []
         command.error(f"unrecognized arguments: {' '.join(extra)}" + (f" (did you mean {close[0]}?)" if close else ""))
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.verbose:  # imgclf's own details, not every library's (matplotlib's font search alone is hundreds)
+        logging.getLogger("imgclf").setLevel(logging.DEBUG)
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # here, where a reader gone away is caught, rather than at exit

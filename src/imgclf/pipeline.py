@@ -46,6 +46,7 @@ from imgclf.utils import (
     make_folder,
     run_folder_lock,
     temp_leftovers,
+    torch_threads_kept,
 )
 
 log = logging.getLogger("imgclf")
@@ -190,8 +191,9 @@ def _check_leaks(cfg: Config, ds: Dataset, split: np.ndarray, run_dir: Path) -> 
     if conflicts:
         _write_pairs(run_dir / "label_conflicts.csv", ("path", "other_path", "distance"), conflicts)
         log.warning(
-            "warning: %d near-duplicate pair(s) carry different labels (listed in %s): at least one label of "
-            "each pair is wrong; fix it with `imgclf ui %s`, or remove one copy",
+            "warning: %d near-duplicate pair(s) carry different labels (listed in %s): check each pair (dhash "
+            "compares brightness only, so colour variants of one picture are pairs too); fix a wrong label with "
+            "`imgclf ui %s`, or remove one copy",
             len(conflicts),
             run_dir / "label_conflicts.csv",
             ds.root,
@@ -283,6 +285,7 @@ def _choose_backbone(
     return best[0], best[1], best[2], best[3], scores
 
 
+@torch_threads_kept()
 def train(cfg: Config) -> RunResult:
     """Scan, split, extract features (or fine-tune), fit the classifier, evaluate on the test split, bundle."""
     t0 = time.perf_counter()
@@ -508,6 +511,7 @@ def _train(cfg: Config, run_dir: Path, t0: float) -> RunResult:
     return result
 
 
+@torch_threads_kept()
 def evaluate(
     run_dir: str | Path, on_train: bool = False, cfg: Config | None = None, flip_tta: bool | None = None
 ) -> RunResult:
@@ -681,6 +685,7 @@ class Prediction:
     error: str | None = None
 
 
+@torch_threads_kept()
 def predict(
     run_dir: str | Path,
     inputs: str | Path | Iterable[str | Path],
@@ -695,7 +700,8 @@ def predict(
     """
     bundle = Bundle.load(run_dir)
     cfg = _with_flip_tta(cfg or Config.from_saved(bundle.config, f"the run {run_dir}"), bundle, flip_tta)
-    if isinstance(inputs, str | os.PathLike) or not isinstance(inputs, Iterable) or isinstance(inputs, np.ndarray):
+    pixels = isinstance(inputs, np.ndarray) and inputs.dtype.kind not in "UO"  # an image, not an array of paths
+    if isinstance(inputs, str | os.PathLike) or not isinstance(inputs, Iterable) or pixels:
         items = [inputs]  # one path; anything else is named by expand_inputs
     else:
         items = list(inputs)

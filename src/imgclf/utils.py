@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import unicodedata
 import warnings
@@ -170,6 +171,18 @@ def scratch_named_as(scratch: Path, final: Path) -> Iterator[None]:
         if e.filename is None or not Path(e.filename).is_relative_to(scratch):
             raise
         raise OSError(e.errno, e.strerror, str(final / Path(e.filename).relative_to(scratch))) from e
+
+
+@contextlib.contextmanager
+def torch_threads_kept() -> Iterator[None]:
+    """Give PyTorch back the thread count its caller had set (computing sets its own: ``--workers``)."""
+    torch = sys.modules.get("torch")  # not imported yet: the caller set nothing
+    threads = torch.get_num_threads() if torch is not None else None
+    try:
+        yield
+    finally:
+        if torch is not None and threads is not None:
+            torch.set_num_threads(threads)
 
 
 _DIGEST = 32  # bytes of the SHA-256 that starts every Memo entry
