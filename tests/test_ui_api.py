@@ -530,6 +530,23 @@ def test_a_read_only_data_folder_is_a_message(tmp_path: Path, monkeypatch: pytes
     assert sha_map(root) == before
 
 
+def test_a_class_folder_that_refuses_a_move_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A move into a read-only class folder named only the image, not the folder that refused it."""
+    import errno
+
+    def refused(src: str, dst: str) -> None:
+        raise OSError(errno.EACCES, "Permission denied", src, None, dst)
+
+    root = make_folder(tmp_path / "d", classes=("a", "b"), n=1)
+    before = sha_map(root)
+    monkeypatch.setattr("os.link", refused)
+    monkeypatch.setattr("os.rename", refused)
+    with Server(create_app(root, analyse_on_start=False)) as server, httpx.Client(base_url=server.url) as client:
+        r = client.post("/api/relabel", json={"path": "a/a_00.jpg", "label": "b"})
+    assert r.status_code == 409 and f"to {root / 'b' / 'a_00.jpg'}" in r.json()["detail"]
+    assert sha_map(root) == before
+
+
 def test_a_loopback_server_refuses_other_host_names(review_data: tuple[Path, Path, Config]) -> None:
     """DNS rebinding: a page of evil.example, its name pointed at 127.0.0.1, must not read or move images."""
     data, _, cfg = review_data

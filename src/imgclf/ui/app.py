@@ -200,6 +200,8 @@ def create_app(
     @app.exception_handler(OSError)
     def _unwritable(_: Request, e: OSError) -> JSONResponse:  # a read-only data folder, a full disk
         where = f" ({e.filename})" if e.filename else ""
+        if e.filename2:  # a move: the folder that refused it is the destination's, as often as the source's
+            where = f" (moving {e.filename} to {e.filename2})"
         return JSONResponse({"detail": f"the data folder cannot be changed: {e.strerror or e}{where}"}, status_code=409)
 
     @app.exception_handler(ImageError)
