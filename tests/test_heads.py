@@ -184,10 +184,24 @@ def test_svm_takes_scikit_learn_random_states_with_groups_and_checks_their_lengt
 
     rng = np.random.default_rng(0)
     X, y = rng.normal(size=(24, 5)), np.repeat([0, 1], 12)
-    X[y == 1] += 2
+    X[y == 1] += 5
     groups = np.arange(24) // 2
     for state in (None, np.random.RandomState(3), 4):
         head = LinearSVMHead(c_grid=(0.1, 1.0), cv_folds=3, random_state=state).fit(X, y, groups)
         assert head.cv_folds_ == 3 and head.score(X, y) > 0.9
     with pytest.raises(ValueError, match="inconsistent numbers of samples"):
         LinearSVMHead(cv_folds=3).fit(X, y, groups[:10])
+
+
+def test_svm_cross_validation_shows_its_progress_when_asked(capsys: pytest.CaptureFixture[str]):
+    """The cross-validation of a large training split ran for about a minute with no sign of progress."""
+    from imgclf.heads.svm import LinearSVMHead
+
+    rng = np.random.default_rng(1)
+    X, y = rng.normal(size=(30, 4)), np.repeat([0, 1, 2], 10)
+    quiet = LinearSVMHead(c_grid=(0.1, 1.0), cv_folds=3).fit(X, y)
+    assert "SVM C by cross-validation" not in capsys.readouterr().err
+    shown = LinearSVMHead(c_grid=(0.1, 1.0), cv_folds=3, verbose=True).fit(X, y)
+    err = capsys.readouterr().err
+    assert "SVM C by cross-validation" in err and "6/6" in err
+    assert np.array_equal(quiet.coef_, shown.coef_)

@@ -464,7 +464,14 @@ def _train(cfg: Config, run_dir: Path, t0: float) -> RunResult:
             memo = Memo(_memo_root(cfg), "heads")
             groups = _groups(cfg, ds, train_idx)
             fit = fit_head(
-                cfg.classifier, x_train, ds.labels[train_idx], cfg.output.seed, memo, len(ds.classes), groups
+                cfg.classifier,
+                x_train,
+                ds.labels[train_idx],
+                cfg.output.seed,
+                memo,
+                len(ds.classes),
+                groups,
+                cfg.output.progress,
             )
         fitted_head = fit.head
         reused = "; the identical earlier fit reused" if fit.reused else ""

@@ -22,8 +22,9 @@ if TYPE_CHECKING:
     from imgclf.heads.svm import LinearSVMHead
 
 
-def create_head(cfg: ClassifierConfig, seed: int = 0) -> LinearSVMHead:
-    """The feature classifier named by the configuration (``svm`` and ``svm_on_refined`` use a linear SVM)."""
+def create_head(cfg: ClassifierConfig, seed: int = 0, progress: bool = False) -> LinearSVMHead:
+    """The feature classifier named by the configuration (``svm`` and ``svm_on_refined`` use a linear SVM);
+    ``progress``: a bar over its cross-validation fits."""
     from imgclf.heads.svm import LinearSVMHead
 
     if cfg.classifier in ("svm", "svm_on_refined"):
@@ -33,6 +34,7 @@ def create_head(cfg: ClassifierConfig, seed: int = 0) -> LinearSVMHead:
             cfg.l2_normalize,
             None if cfg.class_weight == "none" else cfg.class_weight,
             seed,
+            verbose=progress,
         )
     raise ValueError(f"classifier {cfg.classifier!r} is not a feature head")
 
@@ -59,10 +61,11 @@ def fit_head(
     memo: Memo | None = None,
     n_classes: int | None = None,
     groups: Sequence[str] | None = None,
+    progress: bool = False,
 ) -> FittedHead:
     """Fit the configured head on (x, y) and fold it into a :class:`LinearHead` of ``n_classes`` rows (default:
     up to the largest label); a class absent from ``y`` gets a row that never wins. ``groups``: one per row;
-    the cross-validation keeps each group whole.
+    the cross-validation keeps each group whole. ``progress``: a bar over the cross-validation fits.
 
     With ``memo``, an identical earlier fit (same features, labels, settings, seed, code and scikit-learn
     version) is read back instead of cross-validated again.
@@ -84,7 +87,7 @@ def fit_head(
         with np.load(io.BytesIO(data)) as z:
             head = LinearHead(z["weight"], z["bias"], bool(z["l2_normalize"]))
             return FittedHead(head, float(z["C"]), float(z["cv_accuracy"]), int(z["cv_folds"]), reused=True)
-    svm = create_head(cfg, seed).fit(x, y, None if groups is None else np.asarray(groups))
+    svm = create_head(cfg, seed, progress).fit(x, y, None if groups is None else np.asarray(groups))
     w, b = svm.linear()
     n_classes = int(svm.classes_.max()) + 1 if n_classes is None else n_classes
     if len(svm.classes_) < n_classes:

@@ -23,6 +23,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils.class_weight import compute_sample_weight
 from sklearn.utils.multiclass import unique_labels
 from sklearn.utils.validation import check_consistent_length, check_is_fitted, validate_data
+from tqdm import tqdm
 
 from imgclf.heads.linear import l2_normalize, softmax
 from imgclf.utils import cpu_count
@@ -48,6 +49,7 @@ class LinearSVMHead(ClassifierMixin, BaseEstimator):
     random_state: seed of the fold assignment (an int, None or a ``numpy.random.RandomState``).
     n_jobs: processes for the cross-validation fits (None: one per CPU core; a small cross-validation runs
         in this process).
+    verbose: show a progress bar of the cross-validation fits.
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class LinearSVMHead(ClassifierMixin, BaseEstimator):
         class_weight: str | None = None,
         random_state: int = 0,
         n_jobs: int | None = None,
+        verbose: bool = False,
     ) -> None:
         self.c_grid = c_grid
         self.cv_folds = cv_folds
@@ -65,6 +68,7 @@ class LinearSVMHead(ClassifierMixin, BaseEstimator):
         self.class_weight = class_weight
         self.random_state = random_state
         self.n_jobs = n_jobs
+        self.verbose = verbose
 
     def _prep(self, X: np.ndarray) -> np.ndarray:
         X = np.asarray(X, dtype=np.float64)
@@ -112,9 +116,11 @@ class LinearSVMHead(ClassifierMixin, BaseEstimator):
             # processes, not threads: liblinear draws from one process-wide random state, which fits
             # running in threads of one process interleave, so their solutions would vary from run to run
             small = len(y) * X.shape[1] * len(tasks) < IN_PROCESS_WORK
-            decisions = Parallel(n_jobs=1 if small else self.n_jobs or cpu_count())(
+            fits = Parallel(n_jobs=1 if small else self.n_jobs or cpu_count(), return_as="generator")(
                 delayed(_fold_decision)(self._svc(c), Xp, y, tr, te) for c, tr, te in tasks
             )
+            bar = tqdm(fits, total=len(tasks), desc="SVM C by cross-validation", unit="fit", disable=not self.verbose)
+            decisions = list(bar)
             for (c, _, te), d in zip(tasks, decisions, strict=True):
                 oof_by_c[c][te] = d
             # balanced weights aim at the class-averaged accuracy: C is chosen by it too
