@@ -193,8 +193,16 @@ def test_empty_values_and_file_checked_with_the_flags(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ):
     """An unset shell variable must not mean the working folder, every interface or a nameless experiment;
-    a file is checked together with the flags that complete it."""
-    for flat in ({"out": ""}, {"data_root": ""}, {"experiment": ""}, {"host": ""}, {"svm_c_grid": [float("inf")]}):
+    an experiment name MLflow refuses (over 500 characters) is refused before the run; a file is checked
+    together with the flags that complete it."""
+    for flat in (
+        {"out": ""},
+        {"data_root": ""},
+        {"experiment": ""},
+        {"host": ""},
+        {"svm_c_grid": [float("inf")]},
+        {"experiment": "e" * 501},
+    ):
         with pytest.raises(ValidationError):
             Config().updated(**flat)
     assert main(["train", "", "--out", str(tmp_path / "r")]) == 2

@@ -308,7 +308,9 @@ class TrackingConfig(_Section):
         None,
         description="MLflow store; default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db and mlruns/ in the working folder.",
     )
-    experiment: str = Field("imgclf", min_length=1, description="MLflow experiment the runs are recorded in.")
+    experiment: str = Field(
+        "imgclf", min_length=1, max_length=500, description="MLflow experiment the runs are recorded in."
+    )  # 500: MLflow's longest experiment name
     tracking_background: bool = Field(
         True, description="Record runs from a background process, so commands return without waiting for MLflow."
     )
