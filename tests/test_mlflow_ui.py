@@ -141,8 +141,9 @@ def test_runs_compared_in_mlflow_ui(ui: Callable[[], str], store: str, tmp_path:
             page.set_default_timeout(30_000)
             page.goto(f"{url}/#/compare-runs?{query}")
             for text in ("svm-c1 train", "svm-c05 train", "svm_c_grid", "acc_circles"):
-                expect(page.get_by_text(text, exact=True).first).to_be_attached()
-            expect(page.get_by_text("svm_c_grid", exact=True).first).to_be_visible()
+                # MLflow's page loads a large script first: on a busy machine it took longer than expect's 5 s
+                expect(page.get_by_text(text, exact=True).first).to_be_attached(timeout=30_000)
+            expect(page.get_by_text("svm_c_grid", exact=True).first).to_be_visible(timeout=30_000)
             page.screenshot(path=str(artifacts / "mlflow-compare-runs.png"))
             # The page scrolls inside a pane: bring the parameter and metric tables into view.
             page.get_by_text("acc_circles", exact=True).last.scroll_into_view_if_needed()
