@@ -909,6 +909,11 @@ def test_runs_compare_never_rounds_a_difference_away(
     assert "| overall_accuracy | 99.91 % | **99.94 %** |" in md
     assert "| time_total_s | **1.231** | 1.234 |" in md
     assert "| n_test | 2500 | 2500 |" in md
+    from imgclf.tracking.compare import Row, format_row
+
+    # rows no number of decimals tells apart (NaN, a count recorded with a fraction) end, as they print
+    assert format_row(Row("class AUC", "a", [float("nan"), float("nan")], [False, False])) == ["nan", "nan"]
+    assert format_row(Row("metric", "n_train", [10.0, 10.5], [False, False])) == ["10", "10"]
     a = _folder_run(tmp_path / "a", "/data/x", 0.9996, per_class_accuracy={"x": 0.5001, "y": 0.25})
     b = _folder_run(tmp_path / "b", "/data/x", 1.0, per_class_accuracy={"x": 0.5004, "y": 0.25})
     assert main(["runs", "compare", str(a), str(b)]) == 0

@@ -306,9 +306,15 @@ def format_row(row: Row) -> list[str]:
     while True:
         cells = [format_value(row, v, digits) for v in row.values]
         seen: dict[str, str | float | None] = {}
-        if digits >= DIGITS_MAX or all(seen.setdefault(c, v) == v for c, v in zip(cells, row.values, strict=True)):
+        if digits >= DIGITS_MAX or all(_same(seen.setdefault(c, v), v) for c, v in zip(cells, row.values, strict=True)):
             return cells
-        digits = max(len(c.partition(".")[2].removesuffix(" %")) for c in cells) + 1
+        # more decimals than any cell shows; a cell that takes none (a count) cannot hold the loop
+        digits = max(digits, *(len(c.partition(".")[2].removesuffix(" %")) for c in cells)) + 1
+
+
+def _same(a: str | float | None, b: str | float | None) -> bool:
+    """Equal values, NaN equal to NaN (they print alike)."""
+    return a == b or (isinstance(a, float) and isinstance(b, float) and a != a and b != b)
 
 
 def _note(row: Row, labels: Sequence[str]) -> str:
