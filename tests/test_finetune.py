@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
+from unittest.mock import Mock
 
 import numpy as np
 import pytest
@@ -227,6 +228,11 @@ def test_resume_after_interruption(demo: Path, tmp_path: Path, monkeypatch: pyte
         train(cfg)
     assert (tmp_path / "run" / "finetune_ckpt.pt").exists()
     assert any((tmp_path / "run" / "finetune_cache").iterdir())  # kept for --resume (docs/finetuning.md, step 2)
+    # another train into the folder, stopped before it began: the checkpoint there is not its own to resume
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt) as stopped:
+        m.setattr(imgclf.pipeline, "scan_dataset", Mock(side_effect=KeyboardInterrupt))
+        train(cfg.updated(lr=0.002))
+    assert imgclf.pipeline.RESUMABLE not in getattr(stopped.value, "__notes__", ())
     monkeypatch.setattr(imgclf.finetune, "finetune", original)
     with pytest.raises(ValueError, match=r"another fine-tuning run \(epochs 3 -> 4, lr 0.001 -> 0.002\)"):
         train(cfg.updated(resume=True, epochs=4, lr=0.002))  # the schedule depends on both: no continuing

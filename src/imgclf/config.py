@@ -474,9 +474,11 @@ class Config(BaseModel):
         return {name: value for section in dumped.values() for name, value in section.items()}
 
     def save(self, path: str | Path) -> None:
+        """Write the configuration as JSON, atomically, into an existing folder (a run folder removed
+        meanwhile is not made again)."""
         from imgclf.utils import atomic_write_text
 
-        atomic_write_text(Path(path), self.model_dump_json(indent=2))
+        atomic_write_text(Path(path), self.model_dump_json(indent=2), parents=False)
 
 
 def field_index() -> dict[str, str]:

@@ -299,13 +299,16 @@ def train(cfg: Config) -> RunResult:
         )
     make_folder(run_dir, "run folder", "--out")
     _check_run_folder(run_dir)
+    started = time.time()
     with _writing(run_dir, "train"):
         try:
             return _train(cfg, run_dir, t0)
         except (OSError, KeyboardInterrupt) as e:
             from imgclf.finetune.trainer import CKPT_NAME
 
-            if cfg.classifier.classifier in FINE_TUNING and (run_dir / CKPT_NAME).is_file():
+            ckpt = run_dir / CKPT_NAME  # this run's, or the one it resumes: not an earlier run's left in --out
+            ours = ckpt.is_file() and (cfg.finetune.resume or ckpt.stat().st_mtime >= started)
+            if cfg.classifier.classifier in FINE_TUNING and ours:
                 e.add_note(RESUMABLE)
             raise
 

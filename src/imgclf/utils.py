@@ -78,7 +78,8 @@ def make_folder(path: Path, what: str, flag: str) -> None:
 
 def atomic_write_files(files: Mapping[Path, bytes], durable: bool = True, parents: bool = True) -> None:
     """Write ``files`` (path -> content) as one unit: every content goes to a temporary file beside its path
-    first, and only then do they replace their files, so that a failure (a full disk) changes none of them.
+    first, and only then do they replace their files, so that a failed write (a full disk) changes none of
+    them. (A rename that fails after others succeeded, a folder in the way, leaves those replaced.)
 
     ``durable=False`` skips the fsync: for caches, whose entries can be recomputed. ``parents=False``: a
     missing folder is an error (FileNotFoundError naming the file), not made again.

@@ -364,13 +364,14 @@ def _read_list(path: Path, root: Path) -> set[str]:
 
 
 def save_split(path: Path, ds: Dataset, split: np.ndarray) -> None:
-    """Write the split as CSV (path, label, split), atomically."""
+    """Write the split as CSV (path, label, split), atomically, into an existing folder (a run folder removed
+    meanwhile is not made again)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["path", "label", "split"])
     for s, part in zip(ds.samples, split, strict=True):
         w.writerow([s.rel, ds.classes[s.label], part])
-    atomic_write_text(path, buf.getvalue())
+    atomic_write_text(path, buf.getvalue(), parents=False)
 
 
 def load_split(path: Path, root: Path, classes: list[str]) -> tuple[Dataset, np.ndarray]:
