@@ -809,7 +809,7 @@ def test_group_mode_keeps_groups_whole_in_the_heads_folds(tmp_path, caplog, monk
             (data / c).mkdir(parents=True, exist_ok=True)
             (tmp_path / f"g{g}" / c).rename(data / c / f"burst{g}")
     fit_head, seen = imgclf.pipeline.fit_head, []
-    monkeypatch.setattr(imgclf.pipeline, "fit_head", lambda *a: seen.append(a[-1]) or fit_head(*a))
+    monkeypatch.setattr(imgclf.pipeline, "fit_head", lambda *a: seen.append(a[6]) or fit_head(*a))  # a[6]: groups
     with caplog.at_level(logging.INFO, logger="imgclf"):
         result = train(Config().updated(data_root=data, out=tmp_path / "r", split_mode="group", tracking=False, **FAST))
     rels = [s["path"] for s in csv.DictReader((result.run_dir / "split.csv").open()) if s["split"] == "train"]
