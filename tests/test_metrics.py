@@ -163,6 +163,34 @@ def test_report_md_shows_class_names_as_written():
     assert "<td>class with spaces &amp; ampersand &lt;tag&gt;</td>" in reports["report.html"].decode()
 
 
+def test_report_md_shows_skipped_paths_and_reasons_as_written():
+    """A path with a backtick broke its code span and a reason with ``<tag>`` or ``*`` was read as HTML or
+    emphasis: Markdown renders each skipped file's path and reason as written (checked with a CommonMark parser)."""
+    from markdown_it import MarkdownIt
+
+    from imgclf.evaluation.report import render_reports
+
+    skipped = [
+        {"path": "data/a`b/x.jpg", "reason": "not an image <tag> *starred* (re-save it)"},
+        {"path": "`leading.png", "reason": "truncated | cut"},
+        {"path": "data/``two``.jpg", "reason": "a_b _c_"},
+    ]
+    y = np.array([0, 0, 1, 1])
+    m = {**compute_metrics(y, np.eye(2)[y], ["a", "b"]), "n_train": 4, "n_test": 4, "skipped": skipped}
+    m["notes"] = [{"path": "n`1.jpg", "note": "rotated <90>"}]
+    md = render_reports(y, np.eye(2)[y], m, {})["report.md"].decode()
+    items = [
+        t
+        for t in MarkdownIt("commonmark").parse(md)
+        if t.type == "inline" and t.map and "`" in md.splitlines()[t.map[0]]
+    ]
+    shown = [[(c.type, c.content) for c in t.children if c.content] for t in items]
+    assert shown == [
+        [("code_inline", s["path"]), ("text", ": " + s["reason"])]
+        for s in [*skipped, {"path": "n`1.jpg", "reason": "rotated <90>"}]
+    ]
+
+
 LONG = "a_very_long_class_name_" + "L" * 150  # 173 characters: a folder name can be that long
 
 

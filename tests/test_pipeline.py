@@ -92,6 +92,7 @@ def test_run_folder_contents(run):
         "<td>resolution</td><td>64</td><td>None</td>" in changed and "<td>cv_folds</td><td>3</td><td>5</td>" in changed
     )
     assert "<td>lr</td>" not in changed  # left at its default
+    assert "<td>progress</td>" not in changed  # off here, but how a command shows its work is no result parameter
     md = (out / "report.md").read_text().split("## Parameters")[1]
     assert "| resolution | 64 | None |" in md and "| cv_folds | 3 | 5 |" in md and "| lr |" not in md
     assert m["overall_accuracy"] > 0.6  # three visibly different shapes

@@ -36,7 +36,16 @@ def md_cell(text: str) -> str:
     return text.replace("](", "\\](")
 
 
-def _fmt(v: float | None, pct: bool = True) -> str:
+def md_code(text: str) -> str:
+    """``text`` as a Markdown code span shown exactly: the backtick fence is longer than any run of backticks
+    inside, padded with a space where the text starts or ends with a backtick (CommonMark's rule)."""
+    text = text.replace("\r", " ").replace("\n", " ")
+    fence = "`" * (1 + max((len(run) for run in re.findall(r"`+", text)), default=0))
+    pad = " " if text[:1] == "`" or text[-1:] == "`" else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def fmt_fraction(v: float | None, pct: bool = True) -> str:
     """A fraction as a percentage with one decimal (an AUC with three); more decimals where rounding would
     show an imperfect value as perfect (2499 of 2500 is 99.96 %, not 100.0 %) or a non-zero one as 0."""
     if v is None:
@@ -47,6 +56,7 @@ def _fmt(v: float | None, pct: bool = True) -> str:
     return f"{x:.{digits}f}{unit}"
 
 
+DISPLAY_ONLY = {"progress"}  # parameters of how a command shows its work, not of the results: not listed as changed
 SUMMARY_CLASSES_MAX = 20  # above this, the printed summary lists the least accurate half of this many classes
 MANY_CLASSES = 12  # above this, the figure labels only the weakest ROC curves and writes counts smaller
 LABEL_COLUMNS = 24  # a longer class name is shortened in the figure (a wide CJK character takes two columns)
@@ -183,12 +193,12 @@ def _draw(
     for name, (fpr, tpr) in curves.items():
         if name in labelled:
             handles += ax_roc.plot(fpr, tpr, linewidth=1.5 * scale)
-            labels.append(f"{short[name]} (AUC {_fmt(auc[name], False)})")
+            labels.append(f"{short[name]} (AUC {fmt_fraction(auc[name], False)})")
         else:
             ax_roc.plot(fpr, tpr, color="tab:blue", alpha=0.25, linewidth=0.8 * scale)
     if micro is not None:
         handles += ax_roc.plot(*micro, linestyle="--", color="black", linewidth=1.5 * scale, zorder=3)
-        labels.append(f"micro-average (AUC {_fmt(metrics['auc']['micro'], False)})")
+        labels.append(f"micro-average (AUC {fmt_fraction(metrics['auc']['micro'], False)})")
     ax_roc.plot([0, 1], [0, 1], color="grey", linewidth=0.8 * scale)
     ax_roc.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01))
     title = f"ROC ({short[classes[1]]} vs {short[classes[0]]})" if k == 2 else "ROC (one vs rest)"
@@ -232,13 +242,15 @@ def summary_lines(metrics: dict[str, Any], max_classes: int = SUMMARY_CLASSES_MA
     width = max(len(c) for c in classes)
     for c in classes:
         n = metrics["per_class_support"][c]
-        lines.append(f"Class {c:<{width}}: accuracy {_fmt(acc[c]):>8} (n={n}, AUC {_fmt(auc[c], False)})")
+        lines.append(
+            f"Class {c:<{width}}: accuracy {fmt_fraction(acc[c]):>8} (n={n}, AUC {fmt_fraction(auc[c], False)})"
+        )
     lines.append(
-        f"Overall accuracy       : {_fmt(metrics['overall_accuracy'])} (n={metrics['n_test']}{_interval(metrics)})"
+        f"Overall accuracy       : {fmt_fraction(metrics['overall_accuracy'])} (n={metrics['n_test']}{_interval(metrics)})"
     )
-    lines.append(f"Class-averaged accuracy: {_fmt(metrics['class_averaged_accuracy'])}")
+    lines.append(f"Class-averaged accuracy: {fmt_fraction(metrics['class_averaged_accuracy'])}")
     lines.append(
-        f"AUC micro / macro      : {_fmt(metrics['auc']['micro'], False)} / {_fmt(metrics['auc']['macro'], False)}"
+        f"AUC micro / macro      : {fmt_fraction(metrics['auc']['micro'], False)} / {fmt_fraction(metrics['auc']['macro'], False)}"
     )
     if "classifier" in metrics:
         lines.append(f"Model                  : {_model(metrics)}")
@@ -281,8 +293,8 @@ def render_reports(
         **{title: (p.name, p.read_bytes()) for title, p in (extra_figures or {}).items()},
     }
     rows = "".join(
-        f"<tr><td>{html.escape(c)}</td><td>{_fmt(metrics['per_class_accuracy'][c])}</td>"
-        f"<td>{metrics['per_class_support'][c]}</td><td>{_fmt(metrics['auc']['per_class'][c], False)}</td></tr>"
+        f"<tr><td>{html.escape(c)}</td><td>{fmt_fraction(metrics['per_class_accuracy'][c])}</td>"
+        f"<td>{metrics['per_class_support'][c]}</td><td>{fmt_fraction(metrics['auc']['per_class'][c], False)}</td></tr>"
         for c in metrics["classes"]
     )
     skipped = metrics.get("skipped", [])
@@ -298,7 +310,7 @@ def render_reports(
     )
     param_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in params.items())
     defaults = Config().flat()
-    changed = [k for k, v in params.items() if k in defaults and defaults[k] != v]
+    changed = [k for k, v in params.items() if k in defaults and defaults[k] != v and k not in DISPLAY_ONLY]
     changed_rows = "".join(
         f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(params[k]))}</td><td>{html.escape(str(defaults[k]))}</td></tr>"
         for k in changed
@@ -308,9 +320,9 @@ def render_reports(
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}</style></head><body>
 <h1>imgclf report</h1>
-<p>Overall accuracy <b>{_fmt(metrics["overall_accuracy"])}</b> (n={metrics["n_test"]}{_interval(metrics)}), class-averaged accuracy
-<b>{_fmt(metrics["class_averaged_accuracy"])}</b>, AUC micro {_fmt(metrics["auc"]["micro"], False)} /
-macro {_fmt(metrics["auc"]["macro"], False)}; {metrics["n_train"]} training and {metrics["n_test"]} test images.
+<p>Overall accuracy <b>{fmt_fraction(metrics["overall_accuracy"])}</b> (n={metrics["n_test"]}{_interval(metrics)}), class-averaged accuracy
+<b>{fmt_fraction(metrics["class_averaged_accuracy"])}</b>, AUC micro {fmt_fraction(metrics["auc"]["micro"], False)} /
+macro {fmt_fraction(metrics["auc"]["macro"], False)}; {metrics["n_train"]} training and {metrics["n_test"]} test images.
 {f"Model: {html.escape(_model(metrics))}." if "classifier" in metrics else ""}</p>
 <table><tr><th>class</th><th>accuracy</th><th>test images</th><th>AUC</th></tr>{rows}</table>
 {figs_html}
@@ -332,15 +344,15 @@ macro {_fmt(metrics["auc"]["macro"], False)}; {metrics["n_train"]} training and 
         "|---|---|---|---|",
     ]
     md += [
-        f"| {md_cell(c)} | {_fmt(metrics['per_class_accuracy'][c])} | {metrics['per_class_support'][c]} | "
-        f"{_fmt(metrics['auc']['per_class'][c], False)} |"
+        f"| {md_cell(c)} | {fmt_fraction(metrics['per_class_accuracy'][c])} | {metrics['per_class_support'][c]} | "
+        f"{fmt_fraction(metrics['auc']['per_class'][c], False)} |"
         for c in metrics["classes"]
     ]
     md += ["", *[f"![{title}]({file})" for title, (file, _) in figures.items()]]
     md += ["", f"## Skipped files ({len(skipped)})", ""]
-    md += [f"- `{s['path']}`: {s['reason']}" for s in skipped] or ["none"]
+    md += [f"- {md_code(s['path'])}: {md_cell(s['reason'])}" for s in skipped] or ["none"]
     if notes:
-        md += ["", f"## Notes ({len(notes)})", "", *[f"- `{n['path']}`: {n['note']}" for n in notes]]
+        md += ["", f"## Notes ({len(notes)})", "", *[f"- {md_code(n['path'])}: {md_cell(n['note'])}" for n in notes]]
     md += ["", "## Parameters", "", f"Changed from the default ({len(changed)}; all in config.json):", ""]
     md += ["| parameter | value | default |", "|---|---|---|"] if changed else ["none"]
     md += [f"| {k} | {md_cell(str(params[k]))} | {md_cell(str(defaults[k]))} |" for k in changed]

@@ -49,11 +49,11 @@ def _write_outputs(args: argparse.Namespace, csv_text: str, markdown: str) -> No
 
 
 def _list_cell(value: object) -> str:
-    from imgclf.evaluation.report import _fmt
+    from imgclf.evaluation.report import fmt_fraction
 
     if value is None:
         return "-"
-    return _fmt(value) if isinstance(value, float) else str(value)  # 99.96 %, never 100.0 %
+    return fmt_fraction(value) if isinstance(value, float) else str(value)  # 99.96 %, never 100.0 %
 
 
 @_quick_http

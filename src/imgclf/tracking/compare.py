@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from imgclf.config import TrackingConfig, field_index
-from imgclf.evaluation.report import _fmt, md_cell
+from imgclf.evaluation.report import fmt_fraction, md_cell
 from imgclf.tracking.store import (
     TrackingError,
     class_metrics,
@@ -292,7 +292,7 @@ def format_value(row: Row, value: str | float | None, digits: int = 0) -> str:
         return str(int(value))
     pct = row.section == "class accuracy" or row.name in ACCURACIES
     if pct or row.section == "class AUC" or row.name.startswith("auc_"):
-        text = _fmt(value, pct)
+        text = fmt_fraction(value, pct)
     else:
         text = f"{value:.{2 if row.name.startswith('time_') else 3}f}"
     x, unit = (100 * value, " %") if pct else (value, "")
