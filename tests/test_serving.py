@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import os
 import re
 import socket
@@ -392,6 +393,22 @@ def test_bad_requests_elsewhere(client: httpx.Client) -> None:
     wrong_method = client.get("/v1/predict")
     assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
     assert "oversized" in client.post("/v1/predict", **BAD_REQUESTS["pixel_limit"][0]).json()["detail"]
+
+
+def test_too_many_json_images_are_refused_before_any_is_decoded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 20 MB body of millions of empty strings was decoded, one by one, on the event loop (20 s in which the
+    server answered nobody) before the count was checked: the count is now checked first, on both routes."""
+    import imgclf.serving.inputs as inputs
+
+    decoded: list[str] = []
+    monkeypatch.setattr(inputs, "decode_base64", lambda text, name: decoded.append(name))
+    many = json.dumps({"images": [""] * 100_000}).encode()
+    rows = json.dumps({"input_df": [{inputs.TUTORIAL_KEY: ""}] * 100_000}).encode()
+    for parse, body in ((inputs.images_from_json, many), (inputs.images_from_tutorial_json, rows)):
+        with pytest.raises(inputs.ApiError) as refused:
+            parse(body, 16)
+        assert refused.value.status == 413 and str(refused.value) == "100000 images in one request; limit 16"
+    assert decoded == []
 
 
 def test_every_unusable_image_of_a_request_is_named(client: httpx.Client, images: list[bytes]) -> None:

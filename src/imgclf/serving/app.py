@@ -173,7 +173,7 @@ class ModelService:
             self.runtime(np.zeros((n, res, res, 3), np.uint8))
 
     async def predict(self, images: list[ImageInput]) -> list[Prediction]:
-        check_count(images, self.cfg.serve.max_images_per_request)
+        check_count(len(images), self.cfg.serve.max_images_per_request)
         if self.decoders is None:
             raise NotRunning("the service is not running")
         loop = asyncio.get_running_loop()
@@ -311,7 +311,7 @@ def create_app(bundle: Bundle | str | Path, cfg: Config | None = None, flip_tta:
     async def predict(request: Request) -> PredictResponse:
         t0 = time.perf_counter()
         body = await read_body(request, max_body, cfg.serve.request_timeout_s)
-        return await answer(await images_from_request(request, body), t0)
+        return await answer(await images_from_request(request, body, cfg.serve.max_images_per_request), t0)
 
     @app.post(
         "/score",
@@ -323,7 +323,7 @@ def create_app(bundle: Bundle | str | Path, cfg: Config | None = None, flip_tta:
     async def score(request: Request) -> PredictResponse:
         t0 = time.perf_counter()
         body = await read_body(request, max_body, cfg.serve.request_timeout_s)
-        return await answer(images_from_tutorial_json(body), t0)
+        return await answer(images_from_tutorial_json(body, cfg.serve.max_images_per_request), t0)
 
     @app.get("/v1/model", dependencies=auth, responses=_ERRORS, summary="The served model")
     async def model() -> dict[str, Any]:

@@ -122,10 +122,12 @@ def parse_json(body: bytes) -> Any:
         raise ApiError(400, "bad_json", "request body is JSON nested too deeply") from None
 
 
-def images_from_json(body: bytes) -> list[ImageInput]:
-    """``{"images": ["<base64>", ...]}`` or, for one image, ``{"image": "<base64>"}`` -> image bytes."""
+def images_from_json(body: bytes, max_images: int) -> list[ImageInput]:
+    """``{"images": ["<base64>", ...]}`` or, for one image, ``{"image": "<base64>"}`` -> image bytes; the count is
+    checked before anything is decoded (millions of entries took the server's event loop for seconds)."""
     doc = parse_json(body)
     if isinstance(doc, dict) and isinstance(doc.get("images"), list) and "image" not in doc:
+        check_count(len(doc["images"]), max_images)
         return [decode_base64(text, f"images[{i}]") for i, text in enumerate(doc["images"])]
     if isinstance(doc, dict) and "image" in doc and "images" not in doc:
         return [decode_base64(doc["image"], "image")]
@@ -134,22 +136,27 @@ def images_from_json(body: bytes) -> list[ImageInput]:
     )
 
 
-def images_from_tutorial_json(body: bytes) -> list[ImageInput]:
-    """The 2017 tutorial's ``{"input_df": [{"image base64 string": "<base64>"}, ...]}`` -> image bytes."""
+def images_from_tutorial_json(body: bytes, max_images: int) -> list[ImageInput]:
+    """The 2017 tutorial's ``{"input_df": [{"image base64 string": "<base64>"}, ...]}`` -> image bytes; the count is
+    checked before anything is decoded."""
     doc = parse_json(body)
     rows = doc.get("input_df") if isinstance(doc, dict) else None
-    if not isinstance(rows, list) or not all(isinstance(r, dict) and TUTORIAL_KEY in r for r in rows):
+    if not isinstance(rows, list):
+        raise ApiError(400, "bad_json", f'expected {{"input_df": [{{"{TUTORIAL_KEY}": "<base64>"}}, ...]}}')
+    check_count(len(rows), max_images)
+    if not all(isinstance(r, dict) and TUTORIAL_KEY in r for r in rows):
         raise ApiError(400, "bad_json", f'expected {{"input_df": [{{"{TUTORIAL_KEY}": "<base64>"}}, ...]}}')
     return [decode_base64(r[TUTORIAL_KEY], f"input_df[{i}]") for i, r in enumerate(rows)]
 
 
-async def images_from_request(request: Request, body: bytes) -> list[ImageInput]:
-    """Images of a /v1/predict body: multipart files, base64 JSON, or one raw image (image/*)."""
+async def images_from_request(request: Request, body: bytes, max_images: int) -> list[ImageInput]:
+    """Images of a /v1/predict body: multipart files, base64 JSON (at most ``max_images``: 413), or one raw
+    image (image/*)."""
     ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if ctype == "multipart/form-data":
         return await parse_multipart(request, body)
     if ctype == "application/json":
-        return images_from_json(body)
+        return images_from_json(body, max_images)
     if ctype.startswith("image/") or ctype == "application/octet-stream":
         return [ImageInput(body, "body")]
     raise ApiError(
@@ -161,11 +168,12 @@ async def images_from_request(request: Request, body: bytes) -> list[ImageInput]
     )
 
 
-def check_count(images: list[ImageInput], max_images: int) -> None:
-    if not images:
+def check_count(n: int, max_images: int) -> None:
+    """Refuses a request of no image (400) or more than ``max_images`` (413)."""
+    if n == 0:
         raise ApiError(400, "no_images", "the request holds no image")
-    if len(images) > max_images:
-        raise ApiError(413, "too_many_images", f"{len(images)} images in one request; limit {max_images}")
+    if n > max_images:
+        raise ApiError(413, "too_many_images", f"{n} images in one request; limit {max_images}")
 
 
 def decode_image(image: ImageInput, pre: Preprocess, max_pixels: int) -> np.ndarray:
