@@ -26,6 +26,7 @@ from helpers import make_folder
 
 from imgclf.cli import main
 from imgclf.config import Config, TrackingConfig
+from imgclf.evaluation.report import fmt_fraction
 from imgclf.pipeline import RunResult, evaluate, train
 from imgclf.tracking import TrackingError, drain_pending, log_run
 from imgclf.tracking.store import drain, queue_dir, tracking_uri
@@ -163,9 +164,13 @@ def test_train_and_evaluate_land_in_local_store(two_runs: tuple[RunResult, RunRe
 
 
 def test_runs_list_and_compare(two_runs: tuple[RunResult, RunResult], work: Path, capsys: pytest.CaptureFixture[str]):
-    assert main(["runs", "list", "--csv", "list.csv"]) == 0
+    assert main(["runs", "list", "--csv", "list.csv", "--markdown", "list.md"]) == 0
     ids = [line.split(",")[0] for line in (work / "list.csv").read_text().splitlines()[1:]]
     listed_runs = list(csv.DictReader((work / "list.csv").open()))
+    md_rows = [line.split(" | ") for line in (work / "list.md").read_text().splitlines()[2:]]
+    accuracy = list((work / "list.md").read_text().splitlines()[0].split(" | ")).index("accuracy")
+    # the CSV keeps the fraction; the Markdown table shows it as the terminal does (it wrote 0.8888888888888888)
+    assert [r[accuracy] for r in md_rows] == [fmt_fraction(float(r["accuracy"])) for r in listed_runs]
     assert {r["split"] for r in listed_runs if r["kind"] == "train"} == {"test"}  # evaluate --on-train: "train"
     train_a = _runs("sqlite:///mlflow.db")[0].info.run_id
     assert train_a in ids

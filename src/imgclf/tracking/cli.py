@@ -48,20 +48,12 @@ def _write_outputs(args: argparse.Namespace, csv_text: str, markdown: str) -> No
             print(f"wrote {path}")
 
 
-def _list_cell(value: object) -> str:
-    from imgclf.evaluation.report import fmt_fraction
-
-    if value is None:
-        return "-"
-    return fmt_fraction(value) if isinstance(value, float) else str(value)  # 99.96 %, never 100.0 %
-
-
 @_quick_http
 def _list(args: argparse.Namespace) -> int:
     from rich.markup import escape
     from rich.table import Table
 
-    from imgclf.tracking.compare import table_csv, table_markdown
+    from imgclf.tracking.compare import list_cell, table_csv, table_markdown
     from imgclf.tracking.store import list_runs, tracking_uri
 
     cfg = config_from_args(args).tracking
@@ -76,7 +68,7 @@ def _list(args: argparse.Namespace) -> int:
         )
     for run in runs:
         shown = {**run, "status": "" if run["status"] == "FINISHED" else run["status"]}  # the unusual one stands out
-        cells = [escape(_list_cell(v)) for v in shown.values()]
+        cells = [escape(list_cell(v)) for v in shown.values()]
         table.add_row(run["id"][:ID_SHOWN], *cells[1:], style=None if run["status"] == "FINISHED" else "yellow")
     console().print(table)
     _write_outputs(args, table_csv(runs), table_markdown(runs))

@@ -365,12 +365,19 @@ def table_csv(records: Sequence[dict[str, object]]) -> str:
     return buf.getvalue()
 
 
+def list_cell(value: object) -> str:
+    """A ``runs list`` value as shown: a fraction as a percentage (99.96 %, never 100.0 %), none as ``-``."""
+    if value is None:
+        return "-"
+    return fmt_fraction(value) if isinstance(value, float) else str(value)
+
+
 def table_markdown(records: Sequence[dict[str, object]]) -> str:
-    """A Markdown table of dictionaries sharing the same keys (``runs list``)."""
+    """A Markdown table of dictionaries sharing the same keys (``runs list``), values shown as on the terminal."""
     if not records:
         return ""
     keys = list(records[0])
     lines = ["| " + " | ".join(keys) + " |", "|---" * len(keys) + "|"]
     for r in records:
-        lines.append("| " + " | ".join(md_cell("" if r[k] is None else str(r[k])) for k in keys) + " |")
+        lines.append("| " + " | ".join(md_cell(list_cell(r[k])) for k in keys) + " |")
     return "\n".join(lines) + "\n"
