@@ -154,6 +154,33 @@ def test_a_file_changes_only_what_it_sets(tmp_path: Path, monkeypatch: pytest.Mo
     assert [c.output.out for c in trained] == [Path("runs/mine"), Path("runs/demo")]
 
 
+def test_a_file_given_to_evaluate_or_predict_changes_only_what_their_flags_change(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """evaluate --config with a file of backbone/classifier/split settings recorded them in the report and in
+    MLflow as the run's, though the run's model was scored; and --max-image-pixels, which predict's message for an
+    oversized image names, was refused by predict and evaluate."""
+    run_cfg = Config().updated(data_root=tmp_path, resolution=96, max_image_pixels=70_000)
+    f = tmp_path / "ev.toml"
+    f.write_text('backbone = "efficientnet_lite2"\nclassifier = "dnn"\ntrain_fraction = 0.3\nworkers = 1\n')
+    for command in (["evaluate", "run"], ["predict", "run", "a.jpg"]):
+        args = build_parser().parse_args([*command, "--config", str(f), "--max-image-pixels", "1000000"])
+        caplog.clear()
+        cfg = config_from_args(args, run_cfg)
+        assert cfg.features.workers == 1 and cfg.data.max_image_pixels == 1_000_000  # its own settings apply
+        assert (cfg.backbone.backbone, cfg.classifier.classifier, cfg.data.train_fraction) == (
+            "efficientnet_lite0",
+            "svm",
+            0.75,
+        )
+        assert "backbone, classifier, train_fraction left as the run has them" in caplog.text
+    saved = tmp_path / "config.json"
+    saved.write_text(Config().updated(workers=1).model_dump_json())  # a config.json of the defaults: nothing to say
+    caplog.clear()
+    cfg = config_from_args(build_parser().parse_args(["evaluate", "run", "--config", str(saved)]), Config())
+    assert cfg.features.workers == 1 and "left as the run has them" not in caplog.text
+
+
 def test_progress_bars_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch):
     import io
     import sys

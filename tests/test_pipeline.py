@@ -196,7 +196,9 @@ def test_a_damaged_bundle_is_named_not_a_traceback(run, tmp_path, capsys):
     assert "checksum differs from the one recorded in bundle.json" in capsys.readouterr().err
 
 
-def test_a_failed_train_leaves_no_model_to_use_and_a_foreign_folder_is_refused(run, tmp_path, capsys, monkeypatch):
+def test_a_failed_train_leaves_no_model_to_use_and_a_foreign_folder_is_refused(
+    run, tmp_path, capsys, monkeypatch, caplog
+):
     """A train that fails or is interrupted in an earlier run's folder left it half old, half new, which
     evaluate scored without a word; a folder of other files was written over; a mistyped backbone or weights
     file is found before the folder is touched."""
@@ -225,7 +227,12 @@ def test_a_failed_train_leaves_no_model_to_use_and_a_foreign_folder_is_refused(r
         assert main(command) == 2
         assert "did not finish (it failed or was interrupted): its files mix two runs" in capsys.readouterr().err
     assert main(["train", str(data), *args, "--split-seed", "5"]) == 0  # a finished train: usable again
+    caplog.set_level("INFO", logger="imgclf")
+    caplog.clear()
     assert main(["evaluate", str(folder), "--no-tracking", "--no-progress"]) == 0
+    assert "not recorded" not in caplog.text  # asked for: nothing to say
+    assert main(["evaluate", str(folder), "--no-progress"]) == 0  # the run's --no-tracking: it was silent
+    assert "not recorded in the run history: the run was trained with --no-tracking" in caplog.text
     mine = tmp_path / "project"
     mine.mkdir()
     (mine / "config.json").write_text("{my settings}")

@@ -74,7 +74,8 @@ def add_config_args(
     its fields, ``section.field`` one (a command offers only the flags it uses); ``None`` adds every field.
     ``exclude``: ``section.field`` names left out (a field the command takes as an argument instead). The help
     shows the defaults of ``base`` (default: ``Config()``), or "the run's" for the fields the command takes
-    from a trained run (``from_run``: all of them, or these ``section.field`` names)."""
+    from a trained run (``from_run``: all of them, or these ``section.field`` names). A command on a trained run
+    (``from_run`` all) takes from a ``--config`` file only the fields it has flags for."""
     shown = base.model_dump(mode="json") if base is not None else None
     parser.add_argument(
         "--config",
@@ -100,6 +101,9 @@ def add_config_args(
         group.add_argument(
             *flags, dest=f"cfg__{name}", default=argparse.SUPPRESS, help=f"{help_text} [default: {default}]", **kwargs
         )
+    if from_run is True:
+        flagged = [a.dest.removeprefix("cfg__") for a in parser._actions if a.dest.startswith("cfg__")]
+        parser.set_defaults(config_fields=frozenset(flagged))
 
 
 def positive_int(text: str) -> int:
@@ -138,7 +142,7 @@ def config_from_args(args: argparse.Namespace, base: Config | None = None, **ove
         # (a run trained into a log file kept predict silent on a terminal); --progress and a --config file decide
         base = (base or Config()).updated(progress=sys.stderr.isatty())
     if getattr(args, "config", None):
-        return Config.from_file(args.config, base, then=flat)
+        return Config.from_file(args.config, base, then=flat, only=getattr(args, "config_fields", None))
     cfg = base or Config()
     return cfg.updated(**flat) if flat else cfg
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from imgclf.cli import add_config_args, config_from_args, non_negative_int, positive_int
@@ -34,6 +35,10 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args, _run_config(args.run_dir))
     evaluate(args.run_dir, on_train=args.on_train, cfg=cfg, flip_tta=cfg.features.flip_tta)
+    if not cfg.tracking.tracking and not hasattr(args, "cfg__tracking"):  # off by the run's config, not a flag
+        logging.getLogger("imgclf").info(
+            "not recorded in the run history: the run was trained with --no-tracking (--tracking records this)"
+        )
     return 0
 
 
@@ -84,7 +89,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=argparse.SUPPRESS,
         help="The data folder, where it has moved since training. [default: the run's]",
     )
-    add_config_args(p, ("features", "tracking", "output.progress"), from_run=True)
+    add_config_args(p, ("data.max_image_pixels", "features", "tracking", "output.progress"), from_run=True)
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("predict", help="Classify images with a trained model.")
@@ -92,7 +97,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="+", help="Image files, folders (searched recursively) or .txt lists of paths.")
     p.add_argument("--top-k", type=positive_int, default=3, help="Labels shown per image (1 or more).")
     p.add_argument("--csv", help="Also write the predictions to this CSV file.")
-    add_config_args(p, ("features", "output.progress"), from_run=True)
+    add_config_args(p, ("data.max_image_pixels", "features", "output.progress"), from_run=True)
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("demo", help="Generate the built-in texture data set and train on it.")

@@ -15,6 +15,7 @@ import logging
 import tomllib
 import types
 import typing
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Literal
 
@@ -393,12 +394,19 @@ class Config(BaseModel):
         return self
 
     @classmethod
-    def from_file(cls, path: str | Path, base: Config | None = None, then: dict[str, Any] | None = None) -> Config:
+    def from_file(
+        cls,
+        path: str | Path,
+        base: Config | None = None,
+        then: dict[str, Any] | None = None,
+        only: Collection[str] | None = None,
+    ) -> Config:
         """Load a TOML (.toml), YAML (.yaml/.yml) or JSON file with the same sections, or flat parameter names.
 
         The fields the file sets replace those of ``base`` (default: the defaults); ``then`` (flat names: the
         flags) replaces the file's, checked together with them (a file's ``max_distance`` may need the flags'
-        ``hash_size``).
+        ``hash_size``). ``only``: the fields a file may change (a command on a trained run takes the rest from the
+        run); others it sets are left as ``base`` has them, with a warning naming them.
         """
         path = Path(path).expanduser()  # --config=~/x.toml: no shell expands it
         if not path.is_file():
@@ -423,15 +431,32 @@ class Config(BaseModel):
                 raise KeyError(f"unknown parameter {name!r}; see `imgclf config --show`")
             if isinstance(nested, dict) and isinstance(nested.setdefault(index[name], {}), dict):
                 nested[index[name]][name] = value
+
+        def invalid(e: ValidationError) -> ValueError:
+            flagged = {part for err in e.errors() for part in err["loc"]} & set(then or {})
+            return ValueError(f"{path}{' with the flags given' if flagged else ''}: {describe_errors(e)}")
+
         try:
             loaded = cls.model_validate(nested)
-            sections = [getattr(loaded, name) for name in loaded.model_fields_set]
-            return (base or cls()).updated(
-                **{name: getattr(sec, name) for sec in sections for name in sec.model_fields_set}
-            )
         except ValidationError as e:
-            flagged = {part for err in e.errors() for part in err["loc"]} & set(then or {})
-            raise ValueError(f"{path}{' with the flags given' if flagged else ''}: {describe_errors(e)}") from None
+            raise invalid(e) from None
+        base = base or cls()
+        sections = [getattr(loaded, name) for name in loaded.model_fields_set]
+        given = {name: getattr(sec, name) for sec in sections for name in sec.model_fields_set}
+        if only is not None:
+            now = {name: getattr(getattr(base, index[name]), name) for name in given}
+            if unused := sorted(k for k, v in given.items() if k not in only and v != now[k]):
+                log.warning(
+                    "%s: %s left as the run has them: this command takes from a file only the settings of its "
+                    "own flags (see its --help)",
+                    path,
+                    ", ".join(unused),
+                )
+            given = {name: value for name, value in given.items() if name in only}
+        try:
+            return base.updated(**given)
+        except ValidationError as e:
+            raise invalid(e) from None
 
     @classmethod
     def from_saved(cls, raw: dict[str, Any], source: str) -> Config:
