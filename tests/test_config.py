@@ -33,6 +33,16 @@ def test_updated_validates_and_rejects_unknown():
         Config().updated(hash_size=8, max_distance=16)
 
 
+def test_true_or_false_is_no_number(tmp_path: Path):
+    """A file's ``lr = true`` trained with lr 1.0 (1000 times the default), ``epochs = true`` for 1 epoch."""
+    f = tmp_path / "bools.toml"
+    for line in ("lr = true", "epochs = true", "split_seed = false", "svm_c_grid = [0.1, true]"):
+        f.write_text(line + "\n")
+        with pytest.raises(ValueError, match=f"\\.{line.split()[0]} = .*expected a number, got"):
+            Config.from_file(f)
+    assert Config().updated(svm_c_grid=[1, 2.5], epochs=3, aug_flip=False).classifier.svm_c_grid == [1.0, 2.5]
+
+
 @pytest.mark.parametrize(
     "suffix,text",
     [

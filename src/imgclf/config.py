@@ -38,11 +38,16 @@ class _Section(BaseModel):
 
     @field_validator("*", mode="before")
     @classmethod
-    def _no_empty_path(cls, value: Any, info: Any) -> Any:
-        """An empty path (an unset shell variable, ``--out "$OUT"``) would mean the working folder: refused."""
+    def _no_empty_path_nor_bool_number(cls, value: Any, info: Any) -> Any:
+        """An empty path (an unset shell variable, ``--out "$OUT"``) would mean the working folder: refused. So
+        is true/false for a number (a file's ``lr = true`` was read as 1.0)."""
         annotation = cls.model_fields[info.field_name].annotation
-        if value == "" and Path in (annotation, *typing.get_args(annotation)):
+        kinds = (annotation, *typing.get_args(annotation))
+        if value == "" and Path in kinds:
             raise ValueError("an empty path (an unset variable?): give a file or folder name")
+        values = value if isinstance(value, list) else [value]
+        if bool not in kinds and {int, float} & set(kinds) and any(isinstance(v, bool) for v in values):
+            raise ValueError(f"expected a number, got {str(value).lower()}")
         return value
 
     @field_validator("*")
