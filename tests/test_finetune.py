@@ -595,6 +595,25 @@ def test_head_warm_up_over_the_whole_run_warns(demo: Path, tmp_path: Path, caplo
     assert "--head-warmup-epochs 1 covers all 1 epochs: only the new last layer trains" in caplog.text
 
 
+def test_settings_that_others_make_void_are_named(demo: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """--freeze-backbone with --backbone-lr-mult, --schedule step with --warmup-epochs, adamw with --momentum
+    were accepted without a word and recorded as if they took effect."""
+    from imgclf.config import FinetuneConfig
+    from imgclf.finetune.trainer import settings_without_effect
+
+    assert settings_without_effect(FinetuneConfig()) == []
+    assert settings_without_effect(FinetuneConfig(optimizer="sgd", momentum=0.5, schedule="step", step_epochs=2)) == []
+    void = FinetuneConfig(freeze_backbone=True, backbone_lr_mult=0.5, schedule="step", warmup_epochs=3, momentum=0.5)
+    assert settings_without_effect(void) == [
+        "backbone_lr_mult = 0.5 (--freeze-backbone trains the new last layer only)",
+        "warmup_epochs = 3.0 (the warm-up is the cosine schedule's)",
+        "momentum = 0.5 (of --optimizer sgd only)",
+    ]
+    with caplog.at_level(logging.WARNING, logger="imgclf"):
+        train(_cfg(demo, tmp_path / "run", epochs=1, freeze_backbone=True, train_groups=2, val_fraction=0.0))
+    assert "settings with no effect in this run: train_groups = 2 (--freeze-backbone" in caplog.text
+
+
 def test_train_groups_are_the_stages_of_torchvision_networks(caplog: pytest.LogCaptureFixture) -> None:
     """torchvision networks are split at their stages (the stem a group of its own), not at their top-level
     children (convnext_tiny: 2, the second a LayerNorm; efficientnet_b0: 1); without stages, a warning."""

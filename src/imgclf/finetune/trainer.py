@@ -137,6 +137,26 @@ def build_optimizer(model: Classifier, cfg: FinetuneConfig) -> torch.optim.Optim
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
 
 
+def settings_without_effect(cfg: FinetuneConfig) -> list[str]:
+    """The settings changed from their default that others make void, each as ``name = value (why)``."""
+    frozen = "--freeze-backbone trains the new last layer only"
+    rules = [
+        ("head_warmup_epochs", cfg.freeze_backbone, frozen),
+        ("backbone_lr_mult", cfg.freeze_backbone, frozen),
+        ("train_groups", cfg.freeze_backbone, frozen),
+        ("warmup_epochs", cfg.schedule == "step", "the warm-up is the cosine schedule's"),
+        ("step_epochs", cfg.schedule == "cosine", "of --schedule step only"),
+        ("step_gamma", cfg.schedule == "cosine", "of --schedule step only"),
+        ("momentum", cfg.optimizer == "adamw", "of --optimizer sgd only"),
+    ]
+    default = FinetuneConfig()
+    return [
+        f"{name} = {getattr(cfg, name)} ({why})"
+        for name, void, why in rules
+        if void and getattr(cfg, name) != getattr(default, name)
+    ]
+
+
 def _identity(cfg: Config, backbone: Backbone, rels: list[str]) -> dict[str, Any]:
     """What a checkpoint must match to be resumed (settings, backbone, seed and training images): their
     digest, and the settings themselves, to say what differs."""
@@ -716,6 +736,8 @@ def _train(
             ft.head_warmup_epochs,
             ft.epochs,
         )
+    if void := settings_without_effect(ft):
+        log.warning("warning: settings with no effect in this run: %s", "; ".join(void))
     validated = len(val.rows) > 0
     chance = chance_error(val.labels, ft.balance_classes) if validated else math.nan
     if start_epoch == 0:  # epoch 0, the starting weights: kept unless a fine-tuned epoch does better
