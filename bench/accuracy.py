@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imgclf.cli import build_parser, config_from_args
+from imgclf.cli import build_parser, config_from_args, non_negative_int
 from imgclf.cli import main as imgclf_main
 from imgclf.config import DataConfig
 from imgclf.data.dataset import scan_dataset, split_folders
@@ -86,9 +86,11 @@ def cross_validate(data: str, k: int, seed: int, extra: list[str]) -> tuple[int,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--cv", type=int, default=0, metavar="K", help="K-fold cross-validation over DATA instead")
-    parser.add_argument("--cv-seed", type=int, default=0, help="Seed of the fold assignment.")
+    parser.add_argument("--seeds", type=non_negative_int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument(
+        "--cv", type=non_negative_int, default=0, metavar="K", help="K-fold cross-validation over DATA instead"
+    )
+    parser.add_argument("--cv-seed", type=non_negative_int, default=0, help="Seed of the fold assignment.")
     args, extra = parser.parse_known_args()
     extra = [a for a in extra if a != "--"]
     if args.cv and args.cv < 2:

@@ -20,6 +20,7 @@ from collections.abc import Callable
 import imagehash
 import numpy as np
 
+from imgclf.cli import positive_int
 from imgclf.datatools.dedup import HashInfo, group_duplicates
 
 
@@ -76,10 +77,12 @@ def main() -> None:
     ap.add_argument("--n", type=int, nargs="+", default=[10_000, 50_000], help="Hash counts for imgclf alone.")
     ap.add_argument("--baseline-n", type=int, default=1_000, help="Hash count of the pair-by-pair comparison.")
     ap.add_argument("--max-distance", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=positive_int, default=3)
     args = ap.parse_args()
     if args.max_distance < 1:
         ap.error("--max-distance must be at least 1 (0 is always timed too)")
+    if min(*args.n, args.baseline_n) < 10:
+        ap.error("--n and --baseline-n must be at least 10 (the last tenth of the hashes are the planted copies)")
     d, r = args.max_distance, args.repeats
     bits = planted_hashes(args.baseline_n, d)
     t_base, expected = median_time(lambda: baseline_groups(bits, d), r)

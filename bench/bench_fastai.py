@@ -3,6 +3,10 @@ with the same backbone and weights (efficientnet_lite0 from its pip package, in 
 train/test split and the same epoch budget (fastai: 1 frozen epoch + epochs-1 unfrozen).
 
     python bench/bench_fastai.py ../shared/datasets/flowers5 [--split-seed 0] [--epochs 6] [--threads 2]
+                                 [-- IMGCLF_TRAIN_FLAGS ...]
+
+Arguments after ``--`` go to ``imgclf train`` alone (fastai's side never sees them); any other unknown
+argument is an error.
 
 fastai is a benchmark-only dependency (pip install fastai); without it the script says so and exits 0.
 """
@@ -21,6 +25,7 @@ import torch
 
 from imgclf.backbones import create_backbone
 from imgclf.cli import main as imgclf_main
+from imgclf.cli import non_negative_int, positive_int
 from imgclf.config import Config
 from imgclf.data.dataset import make_split, scan_dataset
 
@@ -93,14 +98,28 @@ def run_fastai(data: Path, seed: int, epochs: int, backbone_name: str) -> tuple[
     return acc, time.perf_counter() - t
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """This script's options; everything after the first ``--`` goes to ``imgclf train`` (``train_args``)."""
+    argv = sys.argv[1:] if argv is None else argv
+    cut = argv.index("--") if "--" in argv else len(argv)
+    ap = argparse.ArgumentParser(
+        usage="%(prog)s [-h] [--split-seed N] [--epochs N] [--backbone NAME] [--threads N] data "
+        "[-- IMGCLF_TRAIN_FLAGS ...]",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("data", type=Path)
-    ap.add_argument("--split-seed", type=int, default=0)
-    ap.add_argument("--epochs", type=int, default=Config().finetune.epochs)
+    ap.add_argument("--split-seed", type=non_negative_int, default=0)
+    ap.add_argument("--epochs", type=positive_int, default=Config().finetune.epochs)
     ap.add_argument("--backbone", default="efficientnet_lite0")
-    ap.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all cores)")
-    args, extra = ap.parse_known_args()
+    ap.add_argument("--threads", type=non_negative_int, default=0, help="CPU threads (0 = all cores)")
+    args = ap.parse_args(argv[:cut])
+    args.train_args = argv[cut + 1 :]
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     try:
         import fastai  # noqa: F401
     except ImportError:
@@ -110,9 +129,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     np.random.seed(args.split_seed)
     with tempfile.TemporaryDirectory() as tmp:
-        ours = run_imgclf(
-            args.data, Path(tmp) / "imgclf", args.split_seed, args.epochs, ["--backbone", args.backbone, *extra]
-        )
+        train_args = ["--backbone", args.backbone, *args.train_args]
+        ours = run_imgclf(args.data, Path(tmp) / "imgclf", args.split_seed, args.epochs, train_args)
     theirs = run_fastai(args.data, args.split_seed, args.epochs, args.backbone)
     print(
         f"{'':8} {'accuracy':>9} {'wall s':>8}   ({args.backbone}, split seed {args.split_seed}, {args.epochs} epochs)"

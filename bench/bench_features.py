@@ -24,8 +24,9 @@ import torch
 from torchvision.datasets.folder import default_loader
 
 from imgclf.backbones import create_backbone
+from imgclf.cli import non_negative_int, positive_int
 from imgclf.config import Config
-from imgclf.data.dataset import make_split, scan_dataset
+from imgclf.data.dataset import DatasetError, make_split, scan_dataset
 from imgclf.features import FeatureExtractor
 from imgclf.heads import LinearSVMHead
 
@@ -66,13 +67,16 @@ def svm_accuracy(x: np.ndarray, ds, seeds: list[int]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", type=Path)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--seeds", type=non_negative_int, nargs="+", default=[0, 1, 2, 3, 4])
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     cfg = Config().updated(data_root=args.data, progress=False, workers=args.threads)
-    ds = scan_dataset(cfg.data)
+    try:
+        ds = scan_dataset(cfg.data)
+    except DatasetError as e:
+        parser.error(str(e))
+    torch.set_num_threads(args.threads)
     paths = [ds.path(s) for s in ds.samples]
     bb = create_backbone(cfg.backbone.backbone)
     timm_cfg = {

@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from imgclf.backbones import create_backbone
-from imgclf.config import Config
-from imgclf.data.dataset import Dataset, scan_dataset
+from imgclf.cli import non_negative_int, positive_int
+from imgclf.config import Config, DataConfig
+from imgclf.data.dataset import Dataset, DatasetError, scan_dataset
 from imgclf.features.runtimes import resolve_precision
 from imgclf.finetune import finetune
 from imgclf.finetune.augment import Augment, Normalizer
@@ -63,7 +64,7 @@ def _sync(device: torch.device) -> None:
 
 def bench(
     device: torch.device,
-    data: Path,
+    ds: Dataset,
     cfg: Config,
     batches: int,
     repeats: int,
@@ -75,7 +76,6 @@ def bench(
     name, batch = cfg.backbone.backbone, cfg.finetune.ft_batch_size
     bb = create_backbone(name, drop_path_rate=cfg.finetune.drop_path)  # trained as with the defaults
     res = bb.preprocess.resolution  # fine-tuning trains at the backbone's resolution
-    ds = scan_dataset(cfg.data.model_copy(update={"data_root": data}))
     t = time.perf_counter()
     pre = bb.preprocess
     cache = build_image_cache(
@@ -139,17 +139,26 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, help="image folder (default: a generated demo set)")
     ap.add_argument("--backbone", default="efficientnet_lite0")
-    ap.add_argument("--batch", type=int, default=Config().finetune.ft_batch_size)
+    ap.add_argument("--batch", type=positive_int, default=Config().finetune.ft_batch_size)
     ap.add_argument(
-        "--batches", type=int, default=0, help="timed training steps per measurement (0: 8 on the CPU, 200 on a GPU)"
+        "--batches",
+        type=non_negative_int,
+        default=0,
+        help="timed training steps per measurement (0: 8 on the CPU, 200 on a GPU)",
     )
-    ap.add_argument("--epochs", type=int, default=3, help="epochs of the trainer run (below 2: no trainer run)")
-    ap.add_argument("--repeats", type=int, default=3, help="measurements per device; medians are printed")
-    ap.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all cores)")
+    ap.add_argument(
+        "--epochs", type=non_negative_int, default=3, help="epochs of the trainer run (below 2: no trainer run)"
+    )
+    ap.add_argument("--repeats", type=positive_int, default=3, help="measurements per device; medians are printed")
+    ap.add_argument("--threads", type=non_negative_int, default=0, help="CPU threads (0 = all cores)")
     ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="training precision")
     ap.add_argument("--compile", action="store_true", help="torch.compile the backbone (as --compile in training)")
     ap.add_argument("--devices", choices=["all", "cpu", "cuda"], default="all", help="all: the CPU, then a GPU if any")
     args = ap.parse_args()
+    try:
+        ds = scan_dataset(DataConfig(data_root=args.data)) if args.data else None
+    except DatasetError as e:
+        ap.error(str(e))
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = [torch.device("cpu")] if args.devices in ("all", "cpu") else []
@@ -158,11 +167,11 @@ def main() -> None:
     if not devices:
         ap.error("no CUDA device here")
     with tempfile.TemporaryDirectory() as tmp:
-        data = args.data
-        if data is None:
+        if ds is None:
             from imgclf.data.demo import generate_demo_dataset
 
-            data = generate_demo_dataset(Path(tmp) / "demo", n_per_class=40, seed=0, size=320, progress=False)
+            demo = generate_demo_dataset(Path(tmp) / "demo", n_per_class=40, seed=0, size=320, progress=False)
+            ds = scan_dataset(DataConfig(data_root=demo))
         for device in devices:
             cfg = Config().updated(
                 backbone=args.backbone,
@@ -173,7 +182,7 @@ def main() -> None:
                 out=Path(tmp) / "run",
             )
             batches = args.batches or (8 if device.type == "cpu" else 200)
-            bench(device, data, cfg, batches, args.repeats, args.epochs, Path(tmp) / device.type)
+            bench(device, ds, cfg, batches, args.repeats, args.epochs, Path(tmp) / device.type)
 
 
 if __name__ == "__main__":

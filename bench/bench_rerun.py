@@ -21,11 +21,19 @@ import tempfile
 import time
 from pathlib import Path
 
+from imgclf.cli import positive_int
+
 
 def timed_train(data: Path, out: Path, env: dict[str, str], extra: list[str]) -> float:
-    cmd = [sys.executable, "-m", "imgclf", "train", str(data), "--out", str(out), "--no-progress", *extra]
+    """Wall time of one ``imgclf train`` process; if it fails, print its last log lines and exit 1."""
+    argv = ["train", str(data), "--out", str(out), "--no-progress", *extra]
     t = time.perf_counter()
-    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = subprocess.run(
+        [sys.executable, "-m", "imgclf", *argv], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    if done.returncode:  # its last log lines end with the reason (``imgclf: error: ...`` or a traceback)
+        print(*done.stderr.splitlines()[-40:], sep="\n", file=sys.stderr)
+        sys.exit(f"train failed (exit {done.returncode}): imgclf {' '.join(argv)}")
     return time.perf_counter() - t
 
 
@@ -39,8 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("data", type=Path)
-    ap.add_argument("--repeats", type=int, default=3, help="Cold + warm sequences, each from an empty cache.")
-    ap.add_argument("--warm", type=int, default=2, help="Warm runs after each cold one.")
+    ap.add_argument("--repeats", type=positive_int, default=3, help="Cold + warm sequences, each from an empty cache.")
+    ap.add_argument("--warm", type=positive_int, default=2, help="Warm runs after each cold one (1 or more).")
     args = ap.parse_args(argv[:cut])
     args.train_args = argv[cut + 1 :]
     return args

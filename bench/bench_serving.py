@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import math
 import os
 import socket
 import statistics
@@ -32,6 +33,8 @@ import httpx
 import numpy as np
 from fastapi import FastAPI, UploadFile
 from PIL import Image
+
+from imgclf.cli import positive_int
 
 
 @dataclass
@@ -69,6 +72,17 @@ def cpu_seconds(pid: int) -> float:
     except OSError:
         return float("nan")
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def duration(text: str) -> float:
+    """argparse type: a number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text!r}")
+    return value
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -114,12 +128,18 @@ def baseline_server(run_dir: str, port: int) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
+def log_tail(log: Path) -> str:
+    """The last lines of a server's log, to print: the log's folder is deleted when the script exits."""
+    return "\n".join(log.read_text(errors="replace").splitlines()[-40:]) or "(empty)"
+
+
 def start(cmd: list[str], url: str, log: Path) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 600
     while True:
         if proc.poll() is not None:
-            sys.exit(f"server exited with {proc.returncode}; see {log}:\n{log.read_text()[-2000:]}")
+            sys.exit(f"server exited with {proc.returncode}; the end of its log:\n{log_tail(log)}")
         try:
             if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
                 return proc
@@ -127,7 +147,7 @@ def start(cmd: list[str], url: str, log: Path) -> subprocess.Popen:
             pass
         if time.monotonic() > deadline:
             proc.terminate()
-            sys.exit(f"server did not start in 10 minutes; see {log}")
+            sys.exit(f"server did not start in 10 minutes; the end of its log:\n{log_tail(log)}")
         time.sleep(0.5)
 
 
@@ -209,15 +229,15 @@ def measure(name: str, cmd: list[str], url: str, images: list[bytes], args: argp
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", help="Run folder (or bundle) to serve.")
-    parser.add_argument("--clients", type=int, default=32, help="Concurrent clients. [32]")
-    parser.add_argument("--seconds", type=float, default=20.0, help="Duration of one load run. [20]")
-    parser.add_argument("--repeats", type=int, default=3, help="Load runs per server; medians reported. [3]")
+    parser.add_argument("--clients", type=positive_int, default=32, help="Concurrent clients. [32]")
+    parser.add_argument("--seconds", type=duration, default=20.0, help="Duration of one load run. [20]")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="Load runs per server; medians reported. [3]")
     parser.add_argument(
         "--precision", choices=["fp32", "auto", "bf16"], default="fp32", help="The service's precision. [fp32]"
     )
-    parser.add_argument("--single", type=int, default=50, help="Sequential requests for the idle p50. [50]")
+    parser.add_argument("--single", type=positive_int, default=50, help="Sequential requests for the idle p50. [50]")
     parser.add_argument("--skip-baseline", action="store_true", help="Measure the service only.")
     parser.add_argument("--baseline-server", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)

@@ -8,9 +8,11 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
+import pytest
 from helpers import make_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,7 +22,7 @@ def bench_module(name: str) -> ModuleType:
     """``bench/NAME.py``, imported (the bench folder is no package)."""
     spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
     assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -37,6 +39,83 @@ def test_bench_rerun_passes_what_follows_double_dash_to_train() -> None:
     args = parse_args(["tiny", "--repeats", "1", "--warm", "1", "--", "--classifier", "svm"])  # as its docstring
     assert (str(args.data), args.repeats, args.warm, args.train_args) == ("tiny", 1, 1, ["--classifier", "svm"])
     assert parse_args(["tiny"]).train_args == []
+
+
+def test_bench_rerun_shows_why_train_failed(tmp_path: Path) -> None:
+    missing = tmp_path / "missing"
+    done = run_bench("bench_rerun.py", str(missing), "--repeats", "1", "--warm", "1", cache=tmp_path / "cache")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"imgclf: error: data folder not found: {missing}" in done.stderr, done.stderr
+    assert "train failed (exit 2): imgclf train" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def bench_main(script: str, args: list[str], monkeypatch: pytest.MonkeyPatch) -> int | str | None:
+    """``python bench/SCRIPT ARGS`` run in this process until it exits (the tests of what is refused before any
+    work, without a fresh interpreter's seconds of imports each): its exit code."""
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    with pytest.raises(SystemExit) as e:
+        bench_module(script.removesuffix(".py")).main()
+    return e.value.code
+
+
+@pytest.mark.parametrize(("script", "args"), [("bench_features.py", []), ("bench_finetune.py", ["--data"])])
+def test_bench_refuses_a_missing_data_folder(
+    tmp_path: Path, script: str, args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "missing"
+    assert bench_main(script, [*args, str(missing)], monkeypatch) == 2  # was: a DatasetError traceback
+    assert f"{script}: error: data folder not found: {missing}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("script", "flag", "args"),
+    [
+        ("bench_rerun.py", "--warm", ["DATA", "--repeats", "1", "--warm", "0"]),  # was: a cold train, then a crash
+        ("bench_rerun.py", "--repeats", ["DATA", "--repeats", "0"]),
+        ("bench_features.py", "--repeats", ["DATA", "--repeats", "0", "--threads", "1", "--seeds", "0"]),
+        ("bench_finetune.py", "--repeats", ["--repeats", "0", "--batch", "2", "--batches", "1", "--epochs", "0"]),
+        ("bench_serving.py", "--single", ["RUN", "--single", "0"]),
+        ("bench_dedup.py", "--repeats", ["--n", "20", "--baseline-n", "20", "--repeats", "0"]),
+        ("bench_fastai.py", "--epochs", ["DATA", "--epochs", "0"]),
+        ("accuracy.py", "--seeds", ["DATA", "--seeds", "-1"]),
+    ],
+)
+def test_bench_count_options_are_checked_before_any_work(
+    tmp_path: Path,
+    script: str,
+    flag: str,
+    args: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    data = make_folder(tmp_path / "d", n=3)
+    assert bench_main(script, [str(data) if a == "DATA" else a for a in args], monkeypatch) == 2
+    assert re.search(f"error: argument {flag}: expected a whole number of [01] or more", capsys.readouterr().err)
+
+
+def test_bench_fastai_refuses_unknown_arguments_and_forwards_those_after_double_dash(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    parse_args = bench_module("bench_fastai").parse_args
+    args = parse_args(["tiny", "--epochs", "2", "--", "--lr", "0.01"])
+    assert (str(args.data), args.epochs, args.train_args) == ("tiny", 2, ["--lr", "0.01"])
+    with pytest.raises(SystemExit) as e:
+        parse_args(["tiny", "--split_seed", "1"])  # a typo, once passed on to imgclf train unseen
+    assert e.value.code == 2 and "unrecognized arguments: --split_seed 1" in capsys.readouterr().err
+
+
+def test_bench_serving_prints_the_end_of_a_failed_servers_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    serving = bench_module("bench_serving")
+    log = tmp_path / "service.log"
+    with pytest.raises(SystemExit) as e:
+        serving.start([sys.executable, "-c", "print('no bundle here'); raise SystemExit(2)"], "http://127.0.0.1:9", log)
+    assert str(e.value) == "server exited with 2; the end of its log:\nno bundle here"  # its folder is gone by then
+    logged = SimpleNamespace(monotonic=lambda: 1000.0 * (log.stat().st_size > 0), sleep=time.sleep)
+    monkeypatch.setattr(serving, "time", logged)  # the deadline is set at 0 and passed once the server logged
+    slow = "import time; print('loading', flush=True); time.sleep(30)"  # never ready, exits after 30 s
+    with pytest.raises(SystemExit) as e:
+        serving.start([sys.executable, "-c", slow], "http://127.0.0.1:9", log)
+    assert str(e.value) == "server did not start in 10 minutes; the end of its log:\nloading"
 
 
 def test_bench_features_baseline_decodes_the_images_imgclf_uses(tmp_path: Path) -> None:
