@@ -257,6 +257,27 @@ def test_unsupported_requests_are_refused(run_dir: Path, tmp_path: Path, capsys:
     assert f"cannot make the folder {notes}: a file is in the way; give another --out" in capsys.readouterr().err
 
 
+def test_a_file_is_replaced_only_by_an_export_of_the_same_model(run_dir: Path, check_dir: Path, tmp_path: Path) -> None:
+    """export wrote over whatever --out named: a user's checkpoint, a bundle's own backbone.pt (the fine-tuned
+    weights lost), another run's export of the same name."""
+    mine = tmp_path / "mine.onnx"
+    mine.write_bytes(b"my checkpoint")
+    with pytest.raises(ExportError, match=r"mine\.onnx exists and is no earlier export of this model \(no mine\.json"):
+        export_model(run_dir, "onnx", mine, check_images=check_dir)
+    assert mine.read_bytes() == b"my checkpoint" and [p.name for p in tmp_path.iterdir()] == ["mine.onnx"]
+    out = tmp_path / "m.onnx"
+    export_model(run_dir, "onnx", out, check_images=check_dir)
+    export_model(run_dir, "onnx", out, check_images=check_dir)  # this model again (say, newer imgclf): replaced
+    side = json.loads(out.with_suffix(".json").read_text())
+    out.with_suffix(".json").write_text(json.dumps({**side, "model_id": "0123456789ab"}))  # another run's export
+    before = out.read_bytes()
+    with pytest.raises(
+        ExportError, match=r"m\.onnx exists and is no earlier export of this model \(model 0123456789ab"
+    ):
+        export_model(run_dir, "onnx", out, check_images=check_dir)
+    assert out.read_bytes() == before
+
+
 @pytest.mark.slow
 def test_openvino_bf16_export_agrees_on_top1(run_dir: Path, check_dir: Path, tmp_path: Path) -> None:
     result = export_model(run_dir, "openvino", tmp_path / "bf16.xml", "bf16", check_images=check_dir)

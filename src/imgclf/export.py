@@ -263,7 +263,7 @@ def sidecar(bundle: Bundle, fmt: str, precision: str, files: list[Path], parity:
             "dtype": "uint8",
             "layout": "NHWC",
             "shape": ["batch", pre.resolution, pre.resolution, 3],
-            "preprocessing": f"RGB (a JPEG decoded with Pillow's draft to resize_to, then turned upright by its "
+            "preprocessing": f"RGB (transparent pixels composited on white, 16-bit images scaled to 8 bits; a JPEG decoded with Pillow's draft to resize_to, then turned upright by its "
             f"EXIF orientation); resize the shorter side to resize_to ({pre.interpolation}, Pillow reducing_gap "
             "3.0), then centre-crop resolution x resolution; normalisation (and flip_tta's mirror image) is inside "
             "the model; imgclf.data.io.load_for_model does all this",
@@ -285,20 +285,27 @@ def sidecar(bundle: Bundle, fmt: str, precision: str, files: list[Path], parity:
     return doc
 
 
-def _check_sidecar_free(out: Path, names: list[str], fmt: str) -> None:
-    """Refuse an export whose sidecar (``<out stem>.json``) already describes other model files."""
-    side = out.with_suffix(".json")
-    if not side.exists():
-        return
+def _check_targets_free(out: Path, names: list[str], fmt: str, model_id: str) -> None:
+    """Refuse an export that would replace a file other than an earlier export of this same model: a sidecar
+    (``<out stem>.json``) describing other files, or a model file of another model, of another run or the
+    user's (a bundle's own ``backbone.pt`` was written over)."""
+    side, instead = out.with_suffix(".json"), out.with_name(f"{out.stem}-{fmt}{out.suffix}")
+    advice = f"Give another file name (e.g. --out {instead}), or move that file away."
     try:
-        owner = json.loads(side.read_text(encoding="utf-8")).get("files")
-    except (OSError, ValueError, AttributeError):
-        owner = None
-    if owner != names:
+        doc = json.loads(side.read_text(encoding="utf-8")) if side.exists() else {}
+    except (OSError, ValueError):
+        doc = None
+    doc = doc if isinstance(doc, dict) else {"files": None}
+    if side.exists() and doc.get("files") != names:
         raise ExportError(
-            f"{side} exists and does not describe {out.name} (it lists {owner}): exporting would replace it. "
-            f"Give another file name (e.g. --out {out.with_name(f'{out.stem}-{fmt}{out.suffix}')}), or move "
-            "that file away."
+            f"{side} exists and does not describe {out.name} (it lists {doc.get('files')}): exporting would "
+            f"replace it. {advice}"
+        )
+    taken = [out.parent / name for name in names if (out.parent / name).exists()]
+    if taken and doc.get("model_id") != model_id:
+        whose = f"model {doc['model_id']}" if doc.get("model_id") else f"no {side.name} names it"
+        raise ExportError(
+            f"{taken[0]} exists and is no earlier export of this model ({whose}): exporting would replace it. {advice}"
         )
 
 
@@ -327,8 +334,9 @@ def export_model(
     if out.suffix.lower() not in _ENDINGS[fmt]:
         pair = ", an .xml + .bin pair" if fmt == "openvino" else ""
         raise ExportError(f"--out must end in {' or '.join(_ENDINGS[fmt])} for --format {fmt}{pair} ({out.name})")
-    _check_sidecar_free(out, [out.with_suffix(".bin").name, out.name] if fmt == "openvino" else [out.name], fmt)
     bundle = Bundle.load(run_dir)
+    names = [out.with_suffix(".bin").name, out.name] if fmt == "openvino" else [out.name]
+    _check_targets_free(out, names, fmt, bundle.model_id)
     check_dir = Path(check_images) if check_images else None
     images, source = parity_images(bundle, run_dir, check_dir, max_check_images)
     calibration = images
