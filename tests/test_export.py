@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -276,6 +278,22 @@ def test_a_file_is_replaced_only_by_an_export_of_the_same_model(run_dir: Path, c
     ):
         export_model(run_dir, "onnx", out, check_images=check_dir)
     assert out.read_bytes() == before
+
+
+def test_an_export_stopped_by_sigterm_leaves_no_scratch_folder(run_dir: Path, tmp_path: Path) -> None:
+    """SIGTERM (`timeout`, `docker stop`) left the scratch folder with a partial model behind; it is now a
+    Ctrl-C: the command cleans up and ends with the same message and status."""
+    out = tmp_path / "deploy" / "m.onnx"
+    cmd = [sys.executable, "-m", "imgclf", "export", str(run_dir), "--format", "onnx", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out.parent.is_dir() and any(out.parent.glob(".m.onnx.*.tmp"))):  # the export is under way
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err, err
+    assert list(out.parent.iterdir()) == []
 
 
 @pytest.mark.slow

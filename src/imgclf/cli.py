@@ -9,7 +9,9 @@ import importlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 import typing
 from collections.abc import Sequence
@@ -216,8 +218,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.verbose:  # imgclf's own details, not every library's (matplotlib's font search alone is hundreds)
         logging.getLogger("imgclf").setLevel(logging.DEBUG)
-    try:
-        code = int(args.func(args) or 0)
+    main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers can be set
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+    try:  # SIGTERM (`timeout`, `docker stop`, systemd) as Ctrl-C: a command cleans up after itself (it left an
+        code = int(args.func(args) or 0)  # export's scratch folder, a partial model, behind)
         sys.stdout.flush()  # here, where a reader gone away is caught, rather than at exit
         return code
     except BrokenPipeError:  # `imgclf predict ... | head`: the reader has what it wanted; stop quietly
@@ -234,6 +238,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"imgclf: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 RESUME_HINT = "the same command plus --resume continues the fine-tuning from its last checkpoint"

@@ -180,15 +180,11 @@ def _ui(args: argparse.Namespace) -> int:
     return run_until_stopped(_ui_command(uri, args.port))
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def run_until_stopped(cmd: list[str]) -> int:
     """Run ``cmd`` in a process group of its own (mlflow ui runs its server in child processes) and stop the
-    whole group when this command is stopped, by Ctrl-C or SIGTERM (which left the server running)."""
+    whole group when this command is stopped, by Ctrl-C or SIGTERM (which left the server running; ``main``
+    turns SIGTERM into KeyboardInterrupt)."""
     proc = subprocess.Popen(cmd, start_new_session=True)
-    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return proc.wait()
     except KeyboardInterrupt:
@@ -202,8 +198,6 @@ def run_until_stopped(cmd: list[str]) -> int:
                 proc.wait(wait)
                 break
         return 0
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
