@@ -75,6 +75,7 @@ def test_groups_keep_largest_then_first_path_and_reports(data: Path):
     assert [m.path for m in group] == ["b/zz_large.png", "a/x1.jpg", "b/x0.jpg"]
     assert [m.kept for m in group] == [True, False, False] and (group[0].width, group[0].height) == (320, 240)
     assert result.extras == [("a/x1.jpg", "b/zz_large.png"), ("b/x0.jpg", "b/zz_large.png")]
+    assert result.across_classes == [group]  # a/ and b/ hold the same picture: said, as a label may be wrong
     csv_path, html_path = write_reports(result)
     rows = list(csv.DictReader(csv_path.open()))
     assert [(r["group"], r["path"], r["kept"]) for r in rows] == [
@@ -113,7 +114,10 @@ def test_a_torn_journal_line_loses_no_later_record(data: Path):
 def test_apply_then_undo_restores_exactly(data: Path, capsys: pytest.CaptureFixture[str]):
     before = _digests(data)
     assert run_cli(["dedup", str(data), "--max-distance", "4"]) == 0
-    assert "nothing moved" in capsys.readouterr().out and _digests(data) == before
+    out, err = capsys.readouterr()
+    assert "nothing moved" in out and _digests(data) == before
+    assert "warning: 1 group(s) hold images of different classes" in err  # `a/` lost its picture to `b/` unsaid
+    assert "  b/zz_large.png (kept): a/x1.jpg, b/x0.jpg" in err
     assert run_cli(["dedup", str(data), "--max-distance", "4", "--apply"]) == 0
     assert "moved 2 extra copies" in capsys.readouterr().out
     assert not (data / "a" / "x1.jpg").exists() and (data / "b" / "zz_large.png").exists()

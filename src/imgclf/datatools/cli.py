@@ -10,6 +10,7 @@ from pathlib import Path
 
 from imgclf.cli import add_config_args, config_from_args
 
+ACROSS_SHOWN = 5  # duplicate groups across classes listed by dedup (all are in its report)
 _FETCH = tuple(f"datatools.{n}" for n in ("timeout_s", "retries", "backoff_s", "max_backoff_s"))
 DOWNLOAD_FIELDS = (
     *(f"datatools.{n}" for n in ("download_workers", "max_download_mb", "max_side", "keep_originals")),
@@ -88,6 +89,17 @@ def _dedup(args: argparse.Namespace) -> int:
         )
         for path, why in result.skipped:
             print(f"  not hashed: {path}: {why}")
+        if across := result.across_classes:
+            print(
+                f"warning: {len(across)} group(s) hold images of different classes: a label is wrong, or colour "
+                "alone tells them apart (dhash sees brightness only). The kept image decides which class keeps "
+                "the picture; check these before --apply (or after it: --undo), e.g. in `imgclf ui`:",
+                file=sys.stderr,
+            )
+            for group in across[:ACROSS_SHOWN]:
+                print(f"  {group[0].path} (kept): " + ", ".join(m.path for m in group[1:]), file=sys.stderr)
+            if len(across) > ACROSS_SHOWN:
+                print(f"  ... and {len(across) - ACROSS_SHOWN} more in the report", file=sys.stderr)
         if not args.apply:
             if extras:
                 print(

@@ -100,6 +100,12 @@ class DedupResult:
         """(extra copy, kept image) for every image that is not kept."""
         return [(m.path, g[0].path) for g in self.groups for m in g[1:]]
 
+    @property
+    def across_classes(self) -> list[list[Member]]:
+        """The groups whose images lie in more than one class folder (``unlabeled/`` aside): a wrong label, or
+        pictures that colour alone tells apart; the kept image decides which class keeps the picture."""
+        return [g for g in self.groups if len({m.path.split("/")[0] for m in g} - {UNLABELED_DIR}) > 1]
+
 
 class HashCache:
     """dhashes keyed by (hash size, decoder version, size, mtime, absolute path) in a small SQLite file; no-op if
