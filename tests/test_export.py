@@ -238,8 +238,11 @@ def test_unsupported_requests_are_refused(run_dir: Path, tmp_path: Path, capsys:
         export_model(run_dir, "onnx", tmp_path / "m.onnx", "bf16")
     with pytest.raises(ExportError, match=r"must end in \.xml"):
         export_model(run_dir, "openvino", tmp_path / "m.onnx")
-    with pytest.raises(ExportError, match=r"--out must end in \.onnx for --format onnx \(m\.pt\)"):
+    with pytest.raises(ExportError, match=r"--out must end in \.onnx for --format onnx \(m\.pt\), or in / for a"):
         export_model(run_dir, "onnx", tmp_path / "m.pt")
+    for check, why in ((run_dir / "model" / "bundle.json", "not a folder"), (tmp_path / "none", "no such folder")):
+        with pytest.raises(ExportError, match=f"--check-images {check}: {why}$"):  # was: "check its permissions"
+            export_model(run_dir, "onnx", tmp_path / "m.onnx", check_images=check)
     assert (
         main(
             ["export", str(run_dir), "--format", "torchscript", "--precision", "int8", "--out", str(tmp_path / "m.pt")]

@@ -654,6 +654,11 @@ def test_cli_errors_are_messages(tmp_path, capsys, monkeypatch):
     assert main(["predict", str(tmp_path / "no_run"), str(tmp_path / "x.jpg")]) == 2
     assert "no model bundle in" in capsys.readouterr().err
     (tmp_path / "a_file").write_text("not a folder")
+    for command in ("predict", "serve"):  # an exported model given for the run folder
+        assert (
+            main([command, str(tmp_path / "a_file"), *([str(tmp_path / "x.jpg")] if command == "predict" else [])]) == 2
+        )
+        assert f"{tmp_path / 'a_file'} is a file: give the run folder that train wrote" in capsys.readouterr().err
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])

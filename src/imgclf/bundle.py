@@ -189,6 +189,11 @@ class Bundle:
         if not meta_file.exists():
             if folder_in_use(path):
                 raise BundleError(f"no model bundle in {path} yet: a train into it is still running; wait for it")
+            if path.is_file():  # an exported model, an image: given where a run folder belongs
+                raise BundleError(
+                    f"{path} is a file: give the run folder that train wrote (or its model/ folder); an exported "
+                    "model runs in its own runtime (see docs/deployment.md)"
+                )
             raise BundleError(f"no model bundle in {path} (expected {path}/model/bundle.json: train a model first)")
         with _reading(meta_file):
             meta = json.loads(meta_file.read_text(encoding="utf-8"))

@@ -129,6 +129,10 @@ def random_images(n: int, resolution: int, seed: int = 0) -> list[np.ndarray]:
 def parity_images(bundle: Bundle, run_dir: Path, check_dir: Path | None, limit: int) -> tuple[np.ndarray, str]:
     """Images for the parity check: ``check_dir``, else the run's test split, else random images."""
     if check_dir is not None:
+        if not check_dir.is_dir():
+            raise ExportError(
+                f"--check-images {check_dir}: {'not a folder' if check_dir.exists() else 'no such folder'}"
+            )
         images = load_images(_image_files(check_dir), bundle, limit)
         if not images:
             raise ExportError(f"no readable image in {check_dir} for the parity check")
@@ -333,7 +337,10 @@ def export_model(
         raise ExportError(f"{fmt} export supports precision {', '.join(PRECISIONS[fmt])}, not {precision}")
     if out.suffix.lower() not in _ENDINGS[fmt]:
         pair = ", an .xml + .bin pair" if fmt == "openvino" else ""
-        raise ExportError(f"--out must end in {' or '.join(_ENDINGS[fmt])} for --format {fmt}{pair} ({out.name})")
+        raise ExportError(
+            f"--out must end in {' or '.join(_ENDINGS[fmt])} for --format {fmt}{pair} ({out.name}), or in / for a "
+            "folder"
+        )
     bundle = Bundle.load(run_dir)
     names = [out.with_suffix(".bin").name, out.name] if fmt == "openvino" else [out.name]
     _check_targets_free(out, names, fmt, bundle.model_id)
