@@ -111,6 +111,22 @@ def test_a_torn_journal_line_loses_no_later_record(data: Path):
     assert _digests(data) == before
 
 
+def test_a_second_apply_or_undo_at_once_stops_before_moving(data: Path, capsys: pytest.CaptureFixture[str]):
+    """Two --apply at once on one folder each reported dozens of 'not moved' (and journaled them): the second
+    now stops at once, before its search, with a message; the report alone needs no lock."""
+    from imgclf.cli import main
+    from imgclf.datatools.journal import moving_lock
+
+    before = _digests(data)
+    with moving_lock(data):  # another dedup moving files in the folder
+        for command in (["--apply"], ["--undo"]):
+            assert main(["dedup", str(data), "--max-distance", "4", *command]) == 2
+            assert f"another imgclf dedup --apply or --undo is moving files in {data}" in capsys.readouterr().err
+        assert run_cli(["dedup", str(data), "--max-distance", "4"]) == 0
+    assert _digests(data) == before and not (data / QUARANTINE_DIR).exists()
+    assert run_cli(["dedup", str(data), "--max-distance", "4", "--apply"]) == 0  # released
+
+
 def test_apply_then_undo_restores_exactly(data: Path, capsys: pytest.CaptureFixture[str]):
     before = _digests(data)
     assert run_cli(["dedup", str(data), "--max-distance", "4"]) == 0

@@ -282,23 +282,30 @@ class FolderInUse(RuntimeError):
     """Another imgclf command is writing into the same run folder."""
 
 
-@contextlib.contextmanager
-def run_folder_lock(run_dir: Path) -> Iterator[None]:
+def run_folder_lock(run_dir: Path) -> contextlib.AbstractContextManager[None]:
     """Hold ``run_dir`` for one train or evaluate: a second one into it stops at once (``FolderInUse``)
     instead of mixing two runs' files. The lock (a hidden file, ``flock``) ends with the process."""
+    busy = (
+        f"the run folder {run_dir} is in use by another imgclf train or evaluate: wait for it to end "
+        "(or train into another --out)"
+    )
+    return held(run_dir / RUN_LOCK, busy)
+
+
+@contextlib.contextmanager
+def held(lock_file: Path, busy: str) -> Iterator[None]:
+    """Hold ``lock_file`` (``flock``; released when the process ends, however it ends); ``FolderInUse(busy)``
+    at once where another process holds it. On a file system without flock, unguarded."""
     from filelock import FileLock, Timeout
 
-    lock = FileLock(run_dir / RUN_LOCK, timeout=0)
+    lock = FileLock(lock_file, timeout=0)
     try:
         lock.acquire()
     except NotImplementedError:  # a file system without flock (some network mounts): run unguarded
         yield
         return
     except Timeout:
-        raise FolderInUse(
-            f"the run folder {run_dir} is in use by another imgclf train or evaluate: wait for it to end "
-            "(or train into another --out)"
-        ) from None
+        raise FolderInUse(busy) from None
     try:
         yield
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import shlex
 import sys
@@ -68,10 +69,17 @@ def _scrape(args: argparse.Namespace) -> int:
 
 
 def _dedup(args: argparse.Namespace) -> int:
+    from imgclf.datatools.journal import moving_lock
+
+    root = Path(args.data_dir)
+    with moving_lock(root) if args.apply or args.undo else contextlib.nullcontext():  # the search and the moves
+        return _dedup_held(args, root)
+
+
+def _dedup_held(args: argparse.Namespace, root: Path) -> int:
     from imgclf.datatools.dedup import find_duplicates, write_reports
     from imgclf.datatools.journal import QUARANTINE_DIR, quarantine, undo
 
-    root = Path(args.data_dir)
     if args.undo:
         report = undo(root)
         print(f"restored {len(report.done)} file(s) from {root / QUARANTINE_DIR}")

@@ -7,6 +7,7 @@ The journal (``journal.jsonl``, one JSON record a line) is appended before each 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import stat
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from imgclf.data.dataset import check_data_folder
-from imgclf.utils import file_sha256
+from imgclf.utils import default_cache_dir, file_sha256, held
 
 QUARANTINE_DIR = ".imgclf-quarantine"
 JOURNAL_FILE = "journal.jsonl"
@@ -36,6 +37,22 @@ class JournalReport:
 
     done: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+
+
+def moving_lock(root: Path) -> contextlib.AbstractContextManager[None]:
+    """Hold ``root`` for one ``dedup --apply`` or ``--undo``: a second one stops at once (``FolderInUse``; two
+    at once moved each file once but reported dozens of failed moves, journaled too). The lock file lies in
+    the imgclf cache, not in the data folder; without a writable cache, unguarded."""
+    folder = default_cache_dir() / "locks"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return contextlib.nullcontext()
+    if not os.access(folder, os.W_OK):
+        return contextlib.nullcontext()
+    key = hashlib.sha256(os.path.realpath(root).encode()).hexdigest()[:16]
+    busy = f"another imgclf dedup --apply or --undo is moving files in {root}: wait for it to end"
+    return held(folder / f"dedup-{key}.lock", busy)
 
 
 def journal_path(root: Path) -> Path:
