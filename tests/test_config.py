@@ -307,6 +307,7 @@ def test_help_shows_the_defaults_each_command_uses(capsys: pytest.CaptureFixture
     for command in ("predict", "evaluate"):
         text = help_of(command)
         assert default(text, "--flip-tta") == default(text, "--precision") == "the run's"
+        assert default(text, "--device") == '"auto"' and default(text, "--workers") == "0"  # this machine's
     serve = help_of("serve")
     assert default(serve, "--flip-tta") == "the run's" and default(serve, "--port") == "8000"
     assert default(help_of("demo"), "--out") == '"runs/demo"'

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from imgclf.bundle import Bundle
 from imgclf.cli import main
@@ -642,6 +643,18 @@ def test_warm_rerun_imports_no_heavy_library(run, tmp_path):
     assert (tmp_path / "rerun1" / "evaluation.png").read_bytes() == (
         tmp_path / "rerun0" / "evaluation.png"
     ).read_bytes()
+
+
+def test_predict_and_evaluate_use_this_machines_device_workers_and_cache(tmp_path, capsys):
+    """A run trained with --device cuda (or a --cache-dir of its machine) could not be used where that is not:
+    predict said the device is missing; the machine's settings are now those of where a command runs."""
+    from helpers import make_bundle
+
+    features = {"device": "cuda:3", "workers": 7, "cache_dir": str(tmp_path / "their-disk" / "cache")}
+    make_bundle(tmp_path / "run", {"features": features})
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(tmp_path / "x.jpg")
+    assert main(["predict", str(tmp_path / "run"), str(tmp_path / "x.jpg"), "--no-progress"]) == 0
+    assert "x.jpg\t" in capsys.readouterr().out and not (tmp_path / "their-disk").exists()
 
 
 def test_cli_errors_are_messages(tmp_path, capsys, monkeypatch):

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from imgclf.config import Config, describe_errors, parameter_table
+from imgclf.config import MACHINE_FIELDS, Config, describe_errors, parameter_table
 
 # Errors of the disk rather than of imgclf, and what to do about each: full, over quota, read-only, not
 # permitted, failing (or a library's write that failed for a reason it does not give).
@@ -76,8 +76,8 @@ def add_config_args(
     its fields, ``section.field`` one (a command offers only the flags it uses); ``None`` adds every field.
     ``exclude``: ``section.field`` names left out (a field the command takes as an argument instead). The help
     shows the defaults of ``base`` (default: ``Config()``), or "the run's" for the fields the command takes
-    from a trained run (``from_run``: all of them, or these ``section.field`` names). A command on a trained run
-    (``from_run`` all) takes from a ``--config`` file only the fields it has flags for."""
+    from a trained run (``from_run``: all of them but :data:`MACHINE_FIELDS`, or these ``section.field`` names).
+    A command on a trained run (``from_run`` all) takes from a ``--config`` file only the fields it has flags for."""
     shown = base.model_dump(mode="json") if base is not None else None
     parser.add_argument(
         "--config",
@@ -96,7 +96,9 @@ def add_config_args(
         kwargs = _arg_type(annotation)
         if "choices" not in kwargs and annotation is not bool:
             kwargs["metavar"] = name.upper()
-        if from_run is True or (from_run and f"{section}.{name}" in from_run):
+        if (from_run is True and f"{section}.{name}" not in MACHINE_FIELDS) or (
+            from_run and from_run is not True and f"{section}.{name}" in from_run
+        ):
             default = "the run's"
         elif shown is not None:
             default = json.dumps(shown[section][name])

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from imgclf.cli import add_config_args, config_from_args, non_negative_int, positive_int
-from imgclf.config import Config
+from imgclf.config import MACHINE_FIELDS, Config
 
 CORE_SECTIONS = (
     *("data", "backbone", "features", "classifier", "finetune", "tracking", "output"),
@@ -24,10 +24,13 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _run_config(run_dir: str) -> Config:
-    """The configuration a run was trained with (flags given to evaluate/predict override it)."""
+    """The configuration a run was trained with, but for the settings of this machine (:data:`MACHINE_FIELDS`,
+    their defaults here); flags given to evaluate/predict override it."""
     from imgclf.bundle import Bundle
 
-    return Config.from_saved(Bundle.load(run_dir).config, f"the run {run_dir}")
+    here = Config().flat()
+    saved = Config.from_saved(Bundle.load(run_dir).config, f"the run {run_dir}")
+    return saved.updated(**{name: here[name] for name in (f.split(".")[1] for f in MACHINE_FIELDS)})
 
 
 def _evaluate(args: argparse.Namespace) -> int:

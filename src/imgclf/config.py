@@ -372,6 +372,11 @@ def _nest(raw: Any) -> Any:
     return out
 
 
+# Settings of the machine a command runs on, not of the model: evaluate and predict take them from where they
+# run (a run trained with --device cuda could not be used on a laptop), not from the trained run.
+MACHINE_FIELDS = ("features.device", "features.workers", "features.cache_dir")
+
+
 class Config(BaseModel):
     """The whole configuration of a run."""
 
