@@ -216,6 +216,19 @@ def test_train_groups_leave_the_lower_groups_as_they_were(demo: Path, tmp_path: 
     assert not all(torch.equal(before[k], after[k]) for k in last if k.endswith(("weight", "running_mean")))
 
 
+def test_resume_without_a_fine_tuning_classifier_keeps_the_checkpoint(demo: Path, tmp_path: Path) -> None:
+    """--resume without --classifier dnn (the default svm) was ignored: the interrupted fine-tuning's checkpoint
+    was removed as an earlier run's output and an SVM trained in its place."""
+    from imgclf.finetune.trainer import CKPT_NAME
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / CKPT_NAME).write_bytes(b"hours of fine-tuning")
+    with pytest.raises(ValueError, match="--resume continues an interrupted fine-tuning: give the --classifier"):
+        train(Config().updated(data_root=demo, out=run, resume=True, progress=False, tracking=False))
+    assert (run / CKPT_NAME).read_bytes() == b"hours of fine-tuning" and len(list(run.iterdir())) == 1
+
+
 def test_resume_after_interruption(demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def crash(epoch: int, row: dict[str, float]) -> None:
         if epoch == 1:

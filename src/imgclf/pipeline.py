@@ -291,6 +291,11 @@ def train(cfg: Config) -> RunResult:
     t0 = time.perf_counter()
     if cfg.data.data_root is None:
         raise DatasetError(NO_DATA_ROOT)
+    if cfg.finetune.resume and cfg.classifier.classifier not in FINE_TUNING:  # the checkpoint would be removed
+        raise ValueError(
+            f"--resume continues an interrupted fine-tuning: give the --classifier it was trained with "
+            f"({' or '.join(sorted(FINE_TUNING))}); the {cfg.classifier.classifier} classifier trains no network"
+        )
     run_dir, data_root = Path(cfg.output.out), Path(cfg.data.data_root)
     if data_root.is_dir() and run_dir.resolve().is_relative_to(data_root.resolve()):
         raise DatasetError(
