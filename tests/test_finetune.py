@@ -622,6 +622,11 @@ def test_settings_that_others_make_void_are_named(demo: Path, tmp_path: Path, ca
         "warmup_epochs = 3.0 (the warm-up is the cosine schedule's)",
         "momentum = 0.5 (of --optimizer sgd only)",
     ]
+    unvalidated = FinetuneConfig(val_fraction=0, early_stopping=1, head_init="random", probe_c=2.0)
+    assert settings_without_effect(unvalidated) == [
+        "probe_c = 2.0 (of --head-init linear_probe only)",
+        "early_stopping = 1 (no validation part with --val-fraction 0)",
+    ]
     with caplog.at_level(logging.WARNING, logger="imgclf"):
         train(_cfg(demo, tmp_path / "run", epochs=1, freeze_backbone=True, train_groups=2, val_fraction=0.0))
     assert "settings with no effect in this run: train_groups = 2 (--freeze-backbone" in caplog.text

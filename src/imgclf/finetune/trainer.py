@@ -144,6 +144,11 @@ def settings_without_effect(cfg: FinetuneConfig) -> list[str]:
         ("head_warmup_epochs", cfg.freeze_backbone, frozen),
         ("backbone_lr_mult", cfg.freeze_backbone, frozen),
         ("train_groups", cfg.freeze_backbone, frozen),
+        ("drop_path", cfg.freeze_backbone, frozen),
+        ("freeze_bn", cfg.freeze_backbone, frozen),
+        ("probe_c", cfg.head_init == "random", "of --head-init linear_probe only"),
+        ("early_stopping", cfg.val_fraction == 0, "no validation part with --val-fraction 0"),
+        ("val_tolerance", cfg.val_fraction == 0, "no validation part with --val-fraction 0"),
         ("warmup_epochs", cfg.schedule == "step", "the warm-up is the cosine schedule's"),
         ("step_epochs", cfg.schedule == "cosine", "of --schedule step only"),
         ("step_gamma", cfg.schedule == "cosine", "of --schedule step only"),
@@ -195,8 +200,8 @@ def load_checkpoint(
                 "without --resume to fine-tune afresh"
             )
         raise ValueError(
-            f"{ckpt_path} belongs to another fine-tuning run ({diff}): the learning-rate schedule and the "
-            "data order depend on them, so it cannot be continued; run without --resume to start afresh"
+            f"{ckpt_path} belongs to another fine-tuning run ({diff}): what it trained, and how, depends on "
+            "them, so it cannot be continued; run without --resume to start afresh"
         )
     return ckpt
 
@@ -207,7 +212,7 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
     if set(old) != set(new):
         return EARLIER_VERSION
     changed = [f"{k} {old.get(k)} -> {new.get(k)}" for k in new if old.get(k) != new.get(k)]
-    return ", ".join(changed[:6]) if changed else "the training images (same number, other files)"
+    return ", ".join(changed[:6]) if changed else "other training images, as many"
 
 
 def _state_digest(state: dict[str, torch.Tensor]) -> str:
@@ -393,7 +398,12 @@ def _finetune(
     ckpt_path = run_dir / CKPT_NAME
     ckpt = load_checkpoint(cfg, ds, train_idx, backbone, run_dir)
     if ckpt is not None:
-        log.info("resuming fine-tuning after epoch %d", ckpt["epoch"])
+        if ckpt.get("done"):
+            log.info(
+                "the fine-tuning finished after epoch %d: nothing left to train; its model is evaluated", ckpt["epoch"]
+            )
+        else:
+            log.info("resuming fine-tuning after epoch %d", ckpt["epoch"])
     elif ft.resume:
         log.info("no checkpoint in %s: fine-tuning from the start", run_dir)
 
@@ -871,5 +881,9 @@ def _train(
             on_epoch_end(epoch, row)
         if stop:
             if not diverged:
-                log.info("early stopping: no validation gain for %d epochs", ft.early_stopping)
+                log.info(
+                    "early stopping: no validation gain for %d epoch%s",
+                    ft.early_stopping,
+                    "" if ft.early_stopping == 1 else "s",
+                )
             break
