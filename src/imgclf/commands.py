@@ -98,7 +98,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="Classify images with a trained model.")
     p.add_argument("run_dir", help="Run folder (or its model/ bundle).")
     p.add_argument("inputs", nargs="+", help="Image files, folders (searched recursively) or .txt lists of paths.")
-    p.add_argument("--top-k", type=positive_int, default=3, help="Labels shown per image (1 or more).")
+    p.add_argument("--top-k", type=positive_int, default=3, help="Labels shown per image (1 or more). [default: 3]")
     p.add_argument("--csv", help="Also write the predictions to this CSV file.")
     add_config_args(p, ("data.max_image_pixels", "features", "output.progress"), from_run=True)
     p.set_defaults(func=_predict)

@@ -218,7 +218,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(func=_compare)
 
     q = actions.add_parser("ui", help="Browse the runs in the MLflow web UI (mlflow ui on 127.0.0.1).")
-    q.add_argument("--port", type=port_number, default=5000, help="Port of the web UI.")
+    q.add_argument("--port", type=port_number, default=5000, help="Port of the web UI. [default: 5000]")
     add_config_args(q, ("tracking",))
     q.set_defaults(func=_ui)
 

@@ -60,7 +60,11 @@ def _ui(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ui", help="Review web app: browse, relabel (undoable), results, label errors, labelling.")
     p.add_argument("data_dir", help="Data folder: one sub-folder per class, optional unlabeled/ sub-folder.")
-    p.add_argument("--run", metavar="RUN_DIR", help="Run folder whose results to show (its config is used too).")
+    p.add_argument(
+        "--run",
+        metavar="RUN_DIR",
+        help="Run folder whose results to show; its settings replace the defaults shown below.",
+    )
     p.add_argument(
         "--host",
         type=host_name,
