@@ -655,6 +655,8 @@ def test_predict_and_evaluate_use_this_machines_device_workers_and_cache(tmp_pat
     Image.new("RGB", (64, 48), (200, 30, 30)).save(tmp_path / "x.jpg")
     assert main(["predict", str(tmp_path / "run"), str(tmp_path / "x.jpg"), "--no-progress"]) == 0
     assert "x.jpg\t" in capsys.readouterr().out and not (tmp_path / "their-disk").exists()
+    _, preds = predict(tmp_path / "run", [tmp_path / "x.jpg"])  # the Python API (and ui --run) too
+    assert preds[0].error is None and not (tmp_path / "their-disk").exists()
 
 
 def test_cli_errors_are_messages(tmp_path, capsys, monkeypatch):

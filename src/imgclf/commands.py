@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from imgclf.cli import add_config_args, config_from_args, non_negative_int, positive_int
-from imgclf.config import MACHINE_FIELDS, Config
+from imgclf.config import Config
 
 CORE_SECTIONS = (
     *("data", "backbone", "features", "classifier", "finetune", "tracking", "output"),
@@ -24,13 +24,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _run_config(run_dir: str) -> Config:
-    """The configuration a run was trained with, but for the settings of this machine (:data:`MACHINE_FIELDS`,
-    their defaults here); flags given to evaluate/predict override it."""
+    """The configuration a run was trained with, for this machine (:meth:`Config.of_run`); flags given to
+    evaluate/predict override it."""
     from imgclf.bundle import Bundle
 
-    here = Config().flat()
-    saved = Config.from_saved(Bundle.load(run_dir).config, f"the run {run_dir}")
-    return saved.updated(**{name: here[name] for name in (f.split(".")[1] for f in MACHINE_FIELDS)})
+    return Config.of_run(Bundle.load(run_dir).config, f"the run {run_dir}")
 
 
 def _evaluate(args: argparse.Namespace) -> int:

@@ -469,6 +469,14 @@ class Config(BaseModel):
             raise invalid(e) from None
 
     @classmethod
+    def of_run(cls, raw: dict[str, Any], source: str) -> Config:
+        """A trained run's configuration (:meth:`from_saved`) for a command on this machine: the settings of
+        :data:`MACHINE_FIELDS` are this machine's defaults, not those of the machine it was trained on."""
+        here = cls().flat()
+        names = [field.split(".")[1] for field in MACHINE_FIELDS]
+        return cls.from_saved(raw, source).updated(**{name: here[name] for name in names})
+
+    @classmethod
     def from_saved(cls, raw: dict[str, Any], source: str) -> Config:
         """The configuration a run saved (``config.json``, a bundle's), read by this imgclf: settings it no
         longer knows or accepts are left out, their defaults used, with a warning naming them, so that a run

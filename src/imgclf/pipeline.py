@@ -537,7 +537,7 @@ def evaluate(
     """
     run_dir = Path(run_dir)
     bundle = Bundle.load(run_dir)
-    cfg = _with_flip_tta(cfg or Config.from_saved(bundle.config, f"the run {run_dir}"), bundle, flip_tta)
+    cfg = _with_flip_tta(cfg or Config.of_run(bundle.config, f"the run {run_dir}"), bundle, flip_tta)
     with _writing(run_dir, "evaluate"):
         return _evaluate(run_dir, bundle, on_train, cfg)
 
@@ -714,7 +714,7 @@ def predict(
     given, so that the scores are those of the run's predictions.csv.
     """
     bundle = Bundle.load(run_dir)
-    cfg = _with_flip_tta(cfg or Config.from_saved(bundle.config, f"the run {run_dir}"), bundle, flip_tta)
+    cfg = _with_flip_tta(cfg or Config.of_run(bundle.config, f"the run {run_dir}"), bundle, flip_tta)
     pixels = isinstance(inputs, np.ndarray) and inputs.dtype.kind not in "UO"  # an image, not an array of paths
     if isinstance(inputs, str | os.PathLike) or not isinstance(inputs, Iterable) or pixels:
         items = [inputs]  # one path; anything else is named by expand_inputs

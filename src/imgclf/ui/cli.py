@@ -31,7 +31,7 @@ def _ui(args: argparse.Namespace) -> int:
         config_file = Path(args.run) / "config.json"
         if not config_file.is_file():
             raise FileNotFoundError(f"{config_file} not found: give a run folder written by `imgclf train`")
-        base = Config.from_saved(json.loads(config_file.read_text(encoding="utf-8")), str(config_file))
+        base = Config.of_run(json.loads(config_file.read_text(encoding="utf-8")), str(config_file))
     if args.config:
         base = Config.from_file(args.config, base)
     if args.run:
