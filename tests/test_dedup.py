@@ -88,6 +88,20 @@ def test_groups_keep_largest_then_first_path_and_reports(data: Path):
     assert page.count("data:image/jpeg;base64,") == 3 and "a/broken.jpg" in page
 
 
+def test_groups_across_classes_of_a_folder_laid_out_by_split(tmp_path: Path):
+    """train/ants and val/ants are one class: a copy in both is a leak, not a wrong label; one in train/bees is."""
+    root = tmp_path / "data"
+    leak, wrong = make_image(1, size=(160, 120)), make_image(2, size=(160, 120))
+    for rel, pic in [("train/ants/a.jpg", leak), ("val/ants/a_copy.jpg", leak)]:
+        _put(root / rel, pic)
+    for rel, pic in [("train/ants/b.jpg", wrong), ("train/bees/b_copy.jpg", wrong)]:
+        _put(root / rel, pic)
+    _put(root / "val" / "bees" / "c.jpg", make_image(3, size=(160, 120)))
+    result = find_duplicates(root)
+    assert len(result.groups) == 2
+    assert [[m.path for m in g] for g in result.across_classes] == [["train/ants/b.jpg", "train/bees/b_copy.jpg"]]
+
+
 def test_keep_rule_is_deterministic():
     same = np.packbits(np.arange(256) % 3 == 0).tobytes()
     infos = [HashInfo(same, 100, 100), HashInfo(same, 200, 100), HashInfo(same, 200, 100)]
