@@ -282,6 +282,8 @@ def test_a_file_is_replaced_only_by_an_export_of_the_same_model(run_dir: Path, c
     ):
         export_model(run_dir, "onnx", out, check_images=check_dir)
     assert out.read_bytes() == before
+    export_model(run_dir, "onnx", out, check_images=check_dir, replace=True)  # asked for: replaced
+    assert json.loads(out.with_suffix(".json").read_text())["model_id"] == side["model_id"]
 
 
 def test_an_export_stopped_by_sigterm_leaves_no_scratch_folder(run_dir: Path, tmp_path: Path) -> None:

@@ -267,8 +267,8 @@ def sidecar(bundle: Bundle, fmt: str, precision: str, files: list[Path], parity:
             "dtype": "uint8",
             "layout": "NHWC",
             "shape": ["batch", pre.resolution, pre.resolution, 3],
-            "preprocessing": f"RGB (transparent pixels composited on white, 16-bit images scaled to 8 bits; a JPEG decoded with Pillow's draft to resize_to, then turned upright by its "
-            f"EXIF orientation); resize the shorter side to resize_to ({pre.interpolation}, Pillow reducing_gap "
+            "preprocessing": "RGB (transparent pixels composited on white, 16-bit images scaled to 8 bits; a JPEG "
+            f"decoded with Pillow's draft to resize_to, then turned upright by its EXIF orientation); resize the shorter side to resize_to ({pre.interpolation}, Pillow reducing_gap "
             "3.0), then centre-crop resolution x resolution; normalisation (and flip_tta's mirror image) is inside "
             "the model; imgclf.data.io.load_for_model does all this",
         },
@@ -293,24 +293,26 @@ def _check_targets_free(out: Path, names: list[str], fmt: str, model_id: str) ->
     """Refuse an export that would replace a file other than an earlier export of this same model: a sidecar
     (``<out stem>.json``) describing other files, or a model file of another model, of another run or the
     user's (a bundle's own ``backbone.pt`` was written over)."""
-    side, instead = out.with_suffix(".json"), out.with_name(f"{out.stem}-{fmt}{out.suffix}")
-    advice = f"Give another file name (e.g. --out {instead}), or move that file away."
+    side = out.with_suffix(".json")
+
+    def refused(why: str, instead: str) -> ExportError:
+        return ExportError(
+            f"{why}: exporting would replace it. Give another file name (e.g. --out "
+            f"{out.with_name(f'{out.stem}-{instead}{out.suffix}')}), move that file away, or add --replace if it "
+            "may go (an export of this run before it was trained again, say)"
+        )
+
     try:
         doc = json.loads(side.read_text(encoding="utf-8")) if side.exists() else {}
     except (OSError, ValueError):
         doc = None
     doc = doc if isinstance(doc, dict) else {"files": None}
     if side.exists() and doc.get("files") != names:
-        raise ExportError(
-            f"{side} exists and does not describe {out.name} (it lists {doc.get('files')}): exporting would "
-            f"replace it. {advice}"
-        )
+        raise refused(f"{side} exists and does not describe {out.name} (it lists {doc.get('files')})", fmt)
     taken = [out.parent / name for name in names if (out.parent / name).exists()]
     if taken and doc.get("model_id") != model_id:
         whose = f"model {doc['model_id']}" if doc.get("model_id") else f"no {side.name} names it"
-        raise ExportError(
-            f"{taken[0]} exists and is no earlier export of this model ({whose}): exporting would replace it. {advice}"
-        )
+        raise refused(f"{taken[0]} exists and is no earlier export of this model ({whose})", model_id[:8])
 
 
 def export_model(
@@ -320,10 +322,12 @@ def export_model(
     precision: Precision = "fp32",
     check_images: str | Path | None = None,
     max_check_images: int = 100,
+    replace: bool = False,
 ) -> ExportResult:
     """Export the bundle of ``run_dir``, check it against PyTorch, then move its files into place atomically.
 
-    Raises ExportError (nothing written) when the format/precision pair is unsupported or parity fails.
+    Raises ExportError (nothing written) when the format/precision pair is unsupported, parity fails, or a file
+    at ``out`` is not an earlier export of the same model (unless ``replace``).
     """
     folder = str(out).endswith(("/", os.sep)) or Path(out).is_dir()
     run_dir, out = Path(run_dir), Path(out)
@@ -343,7 +347,8 @@ def export_model(
         )
     bundle = Bundle.load(run_dir)
     names = [out.with_suffix(".bin").name, out.name] if fmt == "openvino" else [out.name]
-    _check_targets_free(out, names, fmt, bundle.model_id)
+    if not replace:
+        _check_targets_free(out, names, fmt, bundle.model_id)
     check_dir = Path(check_images) if check_images else None
     images, source = parity_images(bundle, run_dir, check_dir, max_check_images)
     calibration = images

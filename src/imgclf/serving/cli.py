@@ -36,7 +36,9 @@ def _serve(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from imgclf.export import export_model
 
-    result = export_model(args.run_dir, args.format, args.out, args.precision, args.check_images, args.check_max)
+    result = export_model(
+        args.run_dir, args.format, args.out, args.precision, args.check_images, args.check_max, args.replace
+    )
     p = result.parity
     print(
         f"parity on {p.n_images} images ({p.source}): max |p - p_torch| = {p.max_abs_diff:.2e}, "
@@ -75,5 +77,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--check-max", type=positive_int, default=100, help="Most images used by the parity check. [default: 100]"
+    )
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="Replace the files already at --out (say, this run's export before it was trained again); without "
+        "it only an export of the same model is replaced.",
     )
     p.set_defaults(func=_export)
