@@ -139,6 +139,13 @@ def test_a_second_apply_or_undo_at_once_stops_before_moving(data: Path, capsys: 
         assert run_cli(["dedup", str(data), "--max-distance", "4"]) == 0
     assert _digests(data) == before and not (data / QUARANTINE_DIR).exists()
     assert run_cli(["dedup", str(data), "--max-distance", "4", "--apply"]) == 0  # released
+    assert run_cli(["dedup", str(data), "--undo"]) == 0 and _digests(data) == before
+    from imgclf.utils import default_cache_dir
+
+    key = hashlib.sha256(os.path.realpath(data).encode()).hexdigest()[:16]
+    (default_cache_dir() / "locks" / f"dedup-{key}.lock").unlink()
+    (default_cache_dir() / "locks" / f"dedup-{key}.lock").mkdir()  # a lock file that cannot be opened: unguarded
+    assert main(["dedup", str(data), "--max-distance", "4", "--apply"]) == 0
 
 
 def test_apply_then_undo_restores_exactly(data: Path, capsys: pytest.CaptureFixture[str]):

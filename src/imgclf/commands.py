@@ -34,9 +34,10 @@ def _run_config(run_dir: str) -> Config:
 def _evaluate(args: argparse.Namespace) -> int:
     from imgclf.pipeline import evaluate
 
-    cfg = config_from_args(args, _run_config(args.run_dir))
+    trained = _run_config(args.run_dir)
+    cfg = config_from_args(args, trained)
     evaluate(args.run_dir, on_train=args.on_train, cfg=cfg, flip_tta=cfg.features.flip_tta)
-    if not cfg.tracking.tracking and not hasattr(args, "cfg__tracking"):  # off by the run's config, not a flag
+    if not (cfg.tracking.tracking or trained.tracking.tracking or hasattr(args, "cfg__tracking")):  # the run's
         logging.getLogger("imgclf").info(
             "not recorded in the run history: the run was trained with --no-tracking (--tracking records this)"
         )

@@ -293,19 +293,21 @@ def run_folder_lock(run_dir: Path) -> contextlib.AbstractContextManager[None]:
 
 
 @contextlib.contextmanager
-def held(lock_file: Path, busy: str) -> Iterator[None]:
+def held(lock_file: Path, busy: str, optional: bool = False) -> Iterator[None]:
     """Hold ``lock_file`` (``flock``; released when the process ends, however it ends); ``FolderInUse(busy)``
-    at once where another process holds it. On a file system without flock, unguarded."""
+    at once where another process holds it. On a file system without flock, unguarded; ``optional``: also
+    where the lock file cannot be opened (another user's)."""
     from filelock import FileLock, Timeout
 
     lock = FileLock(lock_file, timeout=0)
+    unguarded = (NotImplementedError, OSError) if optional else (NotImplementedError,)  # no flock: network mounts
     try:
         lock.acquire()
-    except NotImplementedError:  # a file system without flock (some network mounts): run unguarded
+    except Timeout:  # an OSError too: first
+        raise FolderInUse(busy) from None
+    except unguarded:
         yield
         return
-    except Timeout:
-        raise FolderInUse(busy) from None
     try:
         yield
     finally:

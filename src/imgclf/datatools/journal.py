@@ -42,17 +42,15 @@ class JournalReport:
 def moving_lock(root: Path) -> contextlib.AbstractContextManager[None]:
     """Hold ``root`` for one ``dedup --apply`` or ``--undo``: a second one stops at once (``FolderInUse``; two
     at once moved each file once but reported dozens of failed moves, journaled too). The lock file lies in
-    the imgclf cache, not in the data folder; without a writable cache, unguarded."""
+    the imgclf cache, not in the data folder; where it cannot be made or opened there, unguarded."""
     folder = default_cache_dir() / "locks"
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError:
         return contextlib.nullcontext()
-    if not os.access(folder, os.W_OK):
-        return contextlib.nullcontext()
     key = hashlib.sha256(os.path.realpath(root).encode()).hexdigest()[:16]
     busy = f"another imgclf dedup --apply or --undo is moving files in {root}: wait for it to end"
-    return held(folder / f"dedup-{key}.lock", busy)
+    return held(folder / f"dedup-{key}.lock", busy, optional=True)
 
 
 def journal_path(root: Path) -> Path:
