@@ -135,11 +135,18 @@ def bench(
     )
 
 
+def batch_size(text: str) -> int:
+    """argparse type: a training batch of 2 or more images (batch norm needs two)."""
+    if not text.isdigit() or int(text) < 2:
+        raise argparse.ArgumentTypeError(f"expected a whole number of 2 or more, got {text!r}")
+    return int(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, help="image folder (default: a generated demo set)")
     ap.add_argument("--backbone", default="efficientnet_lite0")
-    ap.add_argument("--batch", type=positive_int, default=Config().finetune.ft_batch_size)
+    ap.add_argument("--batch", type=batch_size, default=Config().finetune.ft_batch_size, help="2 or more")
     ap.add_argument(
         "--batches",
         type=non_negative_int,

@@ -74,6 +74,7 @@ def test_bench_refuses_a_missing_data_folder(
         ("bench_rerun.py", "--repeats", ["DATA", "--repeats", "0"]),
         ("bench_features.py", "--repeats", ["DATA", "--repeats", "0", "--threads", "1", "--seeds", "0"]),
         ("bench_finetune.py", "--repeats", ["--repeats", "0", "--batch", "2", "--batches", "1", "--epochs", "0"]),
+        ("bench_finetune.py", "--batch", ["--batch", "1"]),  # was: a demo set made, then a ValidationError
         ("bench_serving.py", "--single", ["RUN", "--single", "0"]),
         ("bench_dedup.py", "--repeats", ["--n", "20", "--baseline-n", "20", "--repeats", "0"]),
         ("bench_fastai.py", "--epochs", ["DATA", "--epochs", "0"]),
@@ -90,7 +91,7 @@ def test_bench_count_options_are_checked_before_any_work(
 ) -> None:
     data = make_folder(tmp_path / "d", n=3)
     assert bench_main(script, [str(data) if a == "DATA" else a for a in args], monkeypatch) == 2
-    assert re.search(f"error: argument {flag}: expected a whole number of [01] or more", capsys.readouterr().err)
+    assert re.search(f"error: argument {flag}: expected a whole number of [012] or more", capsys.readouterr().err)
 
 
 def test_bench_fastai_refuses_unknown_arguments_and_forwards_those_after_double_dash(

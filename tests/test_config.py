@@ -2,6 +2,7 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 from pydantic import ValidationError
 
@@ -41,6 +42,9 @@ def test_true_or_false_is_no_number(tmp_path: Path):
         with pytest.raises(ValueError, match=f"\\.{line.split()[0]} = .*expected a number, got"):
             Config.from_file(f)
     assert Config().updated(svm_c_grid=[1, 2.5], epochs=3, aug_flip=False).classifier.svm_c_grid == [1.0, 2.5]
+    for given in ({"svm_c_grid": (0.1, True)}, {"epochs": np.bool_(True)}):  # from Python: a tuple, numpy's bool
+        with pytest.raises(ValidationError, match="expected a number, got"):
+            Config().updated(**given)
 
 
 @pytest.mark.parametrize(

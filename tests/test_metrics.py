@@ -174,6 +174,7 @@ def test_report_md_shows_skipped_paths_and_reasons_as_written():
         {"path": "data/a`b/x.jpg", "reason": "not an image <tag> *starred* (re-save it)"},
         {"path": "`leading.png", "reason": "truncated | cut"},
         {"path": "data/``two``.jpg", "reason": "a_b _c_"},
+        {"path": " both ends.jpg ", "reason": "spaces"},
     ]
     y = np.array([0, 0, 1, 1])
     m = {**compute_metrics(y, np.eye(2)[y], ["a", "b"]), "n_train": 4, "n_test": 4, "skipped": skipped}

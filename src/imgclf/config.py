@@ -45,8 +45,9 @@ class _Section(BaseModel):
         kinds = (annotation, *typing.get_args(annotation))
         if value == "" and Path in kinds:
             raise ValueError("an empty path (an unset variable?): give a file or folder name")
-        values = value if isinstance(value, list) else [value]
-        if bool not in kinds and {int, float} & set(kinds) and any(isinstance(v, bool) for v in values):
+        values = value if isinstance(value, list | tuple) else [value]
+        bools = any(type(v).__name__ in ("bool", "bool_") for v in values)  # numpy's too
+        if bool not in kinds and {int, float} & set(kinds) and bools:
             raise ValueError(f"expected a number, got {str(value).lower()}")
         return value
 

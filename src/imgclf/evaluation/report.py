@@ -37,11 +37,13 @@ def md_cell(text: str) -> str:
 
 
 def md_code(text: str) -> str:
-    """``text`` as a Markdown code span shown exactly: the backtick fence is longer than any run of backticks
-    inside, padded with a space where the text starts or ends with a backtick (CommonMark's rule)."""
+    """``text`` (not empty) as a Markdown code span shown as written, line breaks as spaces: the backtick fence
+    is longer than any run of backticks inside, padded with a space where the text starts or ends with a
+    backtick, or with a space at both ends (CommonMark strips one there)."""
     text = text.replace("\r", " ").replace("\n", " ")
     fence = "`" * (1 + max((len(run) for run in re.findall(r"`+", text)), default=0))
-    pad = " " if text[:1] == "`" or text[-1:] == "`" else ""
+    spaced = text[:1] == text[-1:] == " " and text.strip(" ")
+    pad = " " if text[:1] == "`" or text[-1:] == "`" or spaced else ""
     return f"{fence}{pad}{text}{pad}{fence}"
 
 
@@ -245,13 +247,14 @@ def summary_lines(metrics: dict[str, Any], max_classes: int = SUMMARY_CLASSES_MA
         lines.append(
             f"Class {c:<{width}}: accuracy {fmt_fraction(acc[c]):>8} (n={n}, AUC {fmt_fraction(auc[c], False)})"
         )
-    lines.append(
-        f"Overall accuracy       : {fmt_fraction(metrics['overall_accuracy'])} (n={metrics['n_test']}{_interval(metrics)})"
+    overall, micro, macro = (
+        fmt_fraction(metrics["overall_accuracy"]),
+        fmt_fraction(metrics["auc"]["micro"], False),
+        fmt_fraction(metrics["auc"]["macro"], False),
     )
+    lines.append(f"Overall accuracy       : {overall} (n={metrics['n_test']}{_interval(metrics)})")
     lines.append(f"Class-averaged accuracy: {fmt_fraction(metrics['class_averaged_accuracy'])}")
-    lines.append(
-        f"AUC micro / macro      : {fmt_fraction(metrics['auc']['micro'], False)} / {fmt_fraction(metrics['auc']['macro'], False)}"
-    )
+    lines.append(f"AUC micro / macro      : {micro} / {macro}")
     if "classifier" in metrics:
         lines.append(f"Model                  : {_model(metrics)}")
     return lines
@@ -320,7 +323,8 @@ def render_reports(
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}</style></head><body>
 <h1>imgclf report</h1>
-<p>Overall accuracy <b>{fmt_fraction(metrics["overall_accuracy"])}</b> (n={metrics["n_test"]}{_interval(metrics)}), class-averaged accuracy
+<p>Overall accuracy <b>{fmt_fraction(metrics["overall_accuracy"])}</b> (n={metrics["n_test"]}{_interval(metrics)}),
+class-averaged accuracy
 <b>{fmt_fraction(metrics["class_averaged_accuracy"])}</b>, AUC micro {fmt_fraction(metrics["auc"]["micro"], False)} /
 macro {fmt_fraction(metrics["auc"]["macro"], False)}; {metrics["n_train"]} training and {metrics["n_test"]} test images.
 {f"Model: {html.escape(_model(metrics))}." if "classifier" in metrics else ""}</p>
