@@ -251,8 +251,9 @@ def test_a_failed_train_leaves_no_model_to_use_and_a_foreign_folder_is_refused(
 
 
 def test_a_run_that_does_not_fine_tune_drops_an_earlier_fine_tuning(run, tmp_path):
-    """An svm train (even with --resume) into a fine-tuned run's folder kept its curves, which were recorded
-    with the new run, and its checkpoint and image cache (54 MB and ~200 KB an image)."""
+    """An svm train into a fine-tuned run's folder kept its curves, which were recorded with the new run, and
+    its checkpoint and image cache (54 MB and ~200 KB an image); with --resume (a fine-tuning's flag, the
+    --classifier forgotten) it is refused and keeps them."""
     import shutil
 
     data, result, _ = run
@@ -268,7 +269,9 @@ def test_a_run_that_does_not_fine_tune_drops_an_earlier_fine_tuning(run, tmp_pat
     for name in users:
         (folder / name).write_text("mine")
     args = ["--out", str(folder), "--no-tracking", "--no-progress", "--resolution", "64", "--cv-folds", "3"]
-    assert main(["train", str(data), *args, "--resume"]) == 0
+    assert main(["train", str(data), *args, "--resume"]) == 2
+    assert (folder / "finetune_ckpt.pt").read_bytes() == b"an earlier fine-tuning"
+    assert main(["train", str(data), *args]) == 0
     assert not [name for name in planted if (folder / name.split("/")[0]).exists()]
     assert all((folder / name).read_text() == "mine" for name in users)
 
