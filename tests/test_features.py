@@ -248,3 +248,15 @@ def test_features_of_random_weights_are_not_cached(tmp_path: Path):
         bb = create_backbone("efficientnet_lite0", resolution=64, pretrained=False)
         results.append(FeatureExtractor(bb, runtime="torch", cache_dir=tmp_path / "c", progress=False).extract(paths))
     assert results[1].n_cached == 0 and not np.allclose(results[0].features, results[1].features)
+
+
+def test_openvino_conversion_sends_no_telemetry() -> None:
+    """OpenVINO's converter sent usage data from a forked process (consent was taken for granted without a
+    consent file); offline it waited on DNS, and a test session hung at its end waiting for it."""
+    tm = pytest.importorskip("openvino_telemetry")
+    import openvino as ov
+
+    import imgclf.features.runtimes  # noqa: F401  (declines on import)
+
+    ov.convert_model(torch.nn.Linear(4, 2), example_input=torch.zeros(1, 4))
+    assert tm.Telemetry().consent is False

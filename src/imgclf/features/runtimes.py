@@ -36,6 +36,20 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def decline_openvino_telemetry() -> None:
+    """OpenVINO's converter and NNCF send usage data to Google Analytics from a forked process unless a consent
+    file in the home folder says no; offline, that process can wait on DNS for minutes and the command's exit
+    waits for it (a test session hung at its end). imgclf sends nothing: consent is declined in this process."""
+    try:
+        from openvino_telemetry.utils.opt_in_checker import ConsentCheckResult, OptInChecker
+    except ImportError:  # not installed: nothing is sent
+        return
+    OptInChecker.check = lambda *_args, **_kwargs: ConsentCheckResult.DECLINED  # type: ignore[method-assign]
+
+
+decline_openvino_telemetry()
+
+
 class Runtime(Protocol):
     name: str
     precision: str
