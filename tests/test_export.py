@@ -298,7 +298,8 @@ def test_an_export_stopped_by_sigterm_leaves_no_scratch_folder(run_dir: Path, tm
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "interrupted" in err, err
+    # 130, or killed by SIGINT (-2) where a second KeyboardInterrupt surfaced at exit (seen once in CI, under load)
+    assert proc.returncode in (130, -signal.SIGINT) and "interrupted" in err, err
     assert list(out.parent.iterdir()) == []
 
 
