@@ -298,8 +298,10 @@ def test_an_export_stopped_by_sigterm_leaves_no_scratch_folder(run_dir: Path, tm
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    # 130, or killed by SIGINT (-2) where a second KeyboardInterrupt surfaced at exit (seen once in CI, under load)
-    assert proc.returncode in (130, -signal.SIGINT) and "interrupted" in err, err
+    # 130; once in CI under load, killed by SIGINT (-2) after printing "interrupted": CPython ends `python -m` so
+    # when a plain KeyboardInterrupt was noted as unhandled (test_sigterm_ends_a_command_with_status_130 covers
+    # the one way found); where it came from in that run is not known
+    assert proc.returncode in (130, -signal.SIGINT) and "interrupted" in err, (proc.returncode, err)
     assert list(out.parent.iterdir()) == []
 
 

@@ -583,6 +583,28 @@ def test_predict_into_a_pipe_closed_early_stops_quietly(run):
     assert proc.returncode == 141 and b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()
 
 
+SIGTERM_PROBE = """
+import ctypes
+import imgclf.cli as cli
+run = ctypes.pythonapi.PyRun_String
+run.restype, run.argtypes = ctypes.py_object, [ctypes.c_char_p, ctypes.c_int, ctypes.py_object, ctypes.py_object]
+def command(args):  # SIGTERM lands in Python code run by PyRun_String, as in torch's pybind11 py::exec
+    run(b"import os, signal, time\\nos.kill(os.getpid(), signal.SIGTERM)\\ntime.sleep(60)\\n", 257, {}, {})
+cli._show_config = command
+raise SystemExit(cli.main(["config", "--show"]))
+"""
+
+
+def test_sigterm_ends_a_command_with_status_130(tmp_path):
+    """An export stopped by SIGTERM printed "interrupted" and then died of SIGINT (-2): CPython had noted the
+    KeyboardInterrupt as unhandled on its way through PyRun_String code and, under ``python -m``, killed the
+    process at exit. SIGTERM now ends every command with 130, as main returns."""
+    (tmp_path / "probe").mkdir()
+    (tmp_path / "probe" / "__main__.py").write_text(SIGTERM_PROBE)
+    proc = subprocess.run([sys.executable, "-m", "probe"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130 and proc.stderr.strip() == "interrupted", (proc.returncode, proc.stderr)
+
+
 def test_predict_on_folders_without_images_says_so(run, tmp_path, capsys, caplog):
     data, result, _ = run
     (tmp_path / "notes").mkdir()

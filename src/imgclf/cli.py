@@ -245,8 +245,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C. A subclass: CPython notes a plain KeyboardInterrupt that passes through code
+    run by ``PyRun_String`` (an extension's embedded Python) and, under ``python -m``, ends the process killed
+    by SIGINT at exit, whatever status ``main`` returned."""
+
+
 def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+    raise Terminated
 
 
 RESUME_HINT = "the same command plus --resume continues the fine-tuning from its last checkpoint"
