@@ -627,6 +627,8 @@ def test_settings_that_others_make_void_are_named(demo: Path, tmp_path: Path, ca
         "probe_c = 2.0 (of --head-init linear_probe only)",
         "early_stopping = 1 (no validation part with --val-fraction 0)",
     ]
+    off = FinetuneConfig(val_fraction=0, early_stopping=0, freeze_backbone=True, backbone_lr_mult=0, momentum=0)
+    assert settings_without_effect(off) == []  # switched off as well: nothing void to name
     with caplog.at_level(logging.WARNING, logger="imgclf"):
         train(_cfg(demo, tmp_path / "run", epochs=1, freeze_backbone=True, train_groups=2, val_fraction=0.0))
     assert "settings with no effect in this run: train_groups = 2 (--freeze-backbone" in caplog.text

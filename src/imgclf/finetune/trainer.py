@@ -138,7 +138,8 @@ def build_optimizer(model: Classifier, cfg: FinetuneConfig) -> torch.optim.Optim
 
 
 def settings_without_effect(cfg: FinetuneConfig) -> list[str]:
-    """The settings changed from their default that others make void, each as ``name = value (why)``."""
+    """The settings changed from their default that others make void, each as ``name = value (why)``; a number
+    set to 0 switches its part off (``--early-stopping 0`` with ``--val-fraction 0``) and is not named."""
     frozen = "--freeze-backbone trains the new last layer only"
     rules = [
         ("head_warmup_epochs", cfg.freeze_backbone, frozen),
@@ -158,8 +159,12 @@ def settings_without_effect(cfg: FinetuneConfig) -> list[str]:
     return [
         f"{name} = {getattr(cfg, name)} ({why})"
         for name, void, why in rules
-        if void and getattr(cfg, name) != getattr(default, name)
+        if void and getattr(cfg, name) != getattr(default, name) and not _switched_off(getattr(cfg, name))
     ]
+
+
+def _switched_off(value: object) -> bool:
+    return not isinstance(value, bool) and value == 0
 
 
 def _identity(cfg: Config, backbone: Backbone, rels: list[str]) -> dict[str, Any]:
