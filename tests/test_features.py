@@ -1,3 +1,4 @@
+import logging
 import warnings
 from pathlib import Path
 
@@ -118,6 +119,25 @@ def test_auto_precision_is_fp32_on_cpus_but_for_the_server(monkeypatch: pytest.M
     assert runtimes.resolve_precision("auto", "openvino", "cpu", serving=True) == ("bf16" if amx else "fp32")
     assert runtimes.resolve_precision("bf16", "torch", "cpu") == "bf16"
     assert runtimes.resolve_precision("fp32", "openvino", "cpu", serving=True) == "fp32"
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_asked_for_on_a_cpu_that_emulates_it_is_warned_about(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, native: bool
+) -> None:
+    """Emulated bf16 measured 40x slower than fp32 in inference here (4-5x in training); it is the user's choice,
+    named with what it costs, once a process."""
+    from imgclf.features import runtimes
+
+    monkeypatch.setattr(runtimes, "cpu_has_bf16", lambda: native)
+    runtimes._warn_emulated_bf16.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="imgclf"):
+        for _ in range(2):
+            assert runtimes.resolve_precision("bf16", "torch", "cpu") == "bf16"
+        runtimes.resolve_precision("auto", "torch", "cpu")
+        runtimes.resolve_precision("bf16", "openvino", "cpu")
+    assert caplog.text.count("PyTorch emulates it") == (0 if native else 1), caplog.text
+    runtimes._warn_emulated_bf16.cache_clear()
 
 
 @pytest.mark.parametrize(

@@ -356,13 +356,22 @@ def cpu_count() -> int:
     return max(1, usable())
 
 
+def _cpu_flags() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
 def cpu_has_amx_bf16() -> bool:
     """True where the CPU has AMX bf16 tile units (where bf16 inference beats fp32)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " amx_bf16" in flags
+    return " amx_bf16" in _cpu_flags()
+
+
+def cpu_has_bf16() -> bool:
+    """True where the CPU computes bf16 itself (AVX-512 BF16 or AMX); elsewhere PyTorch emulates it."""
+    flags = _cpu_flags()
+    return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
 def ensure_port_free(host: str, port: int) -> None:

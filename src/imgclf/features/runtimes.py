@@ -8,6 +8,7 @@ run whose features are all cached, or whose converted model is cached, never bui
 from __future__ import annotations
 
 import errno
+import functools
 import importlib.util
 import logging
 import os
@@ -23,6 +24,7 @@ from imgclf.utils import (
     atomic_write_bytes,
     cpu_count,
     cpu_has_amx_bf16,
+    cpu_has_bf16,
     file_sha256,
     quiet_torch_jit,
     write_failure,
@@ -115,12 +117,23 @@ def resolve_precision(precision: str, runtime: str, device: str, serving: bool =
     depend on which CPU ran them.
     """
     if precision != "auto":
+        if precision == "bf16" and runtime == "torch" and device == "cpu" and not cpu_has_bf16():
+            _warn_emulated_bf16()
         return precision
     if device == "cuda":
         import torch
 
         return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
     return "bf16" if serving and runtime == "openvino" and cpu_has_amx_bf16() else "fp32"
+
+
+@functools.cache
+def _warn_emulated_bf16() -> None:
+    log.warning(
+        "warning: --precision bf16 on a CPU without bf16 units (AVX-512 BF16 or AMX): PyTorch emulates it, "
+        "measured 4-5x slower in training and 40x slower in inference than fp32 on such a CPU; "
+        "--precision auto (fp32 on CPUs) is faster and gives the same results on every CPU"
+    )
 
 
 class TorchRuntime:
