@@ -75,7 +75,7 @@ def ui(tmp_path: Path, store: str) -> Iterator[Callable[[], str]]:
         with open(log, "wb") as log_file:
             procs.append(
                 subprocess.Popen(
-                    [*_ui_command(store, port), "--workers", "1"],
+                    _ui_command(store, port),
                     stdout=log_file,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
