@@ -234,8 +234,8 @@ def test_composed_and_decomposed_names_give_the_same_classes_and_split(tmp_path:
     import shutil
     import unicodedata
 
-    def copy(form: str) -> Path:
-        root = tmp_path / form
+    def copy(form: str, name: str = "") -> Path:
+        root = tmp_path / (name or form)
         for c in ("daisy", "échinacée", "tulip"):
             for i, stem in enumerate(("été", "fleur", "zèbre", "ébène", "rose", "île", "eau", "ère")):
                 f = root / unicodedata.normalize(form, f"{c}/{stem}_{i}.jpg")
@@ -268,6 +268,12 @@ def test_composed_and_decomposed_names_give_the_same_classes_and_split(tmp_path:
     assert ds.classes == ["daisy", "tulip", "échinacée"] and int((ds.labels == 2).sum()) == 16
     notes = [unicodedata.normalize("NFC", n["note"]).split(":")[0] for n in ds.notes]
     assert notes == ["named like échinacée in another Unicode form"]
+    mixed, whole = copy("NFC", "mixed"), copy("NFC", "whole")  # a class's images in its two forms: one folder's split
+    (mixed / unicodedata.normalize("NFD", "échinacée")).mkdir()
+    for f in sorted((mixed / "échinacée").iterdir())[4:]:
+        f.rename(mixed / unicodedata.normalize("NFD", "échinacée") / f.name)
+    for seed in range(3):
+        assert scanned(mixed, split_seed=seed) == scanned(whole, split_seed=seed), seed
 
 
 def test_classes_that_cannot_be_learned_are_left_out_and_reported(tmp_path: Path):

@@ -160,7 +160,7 @@ def scan_dataset(cfg: DataConfig) -> Dataset:
         raise DatasetError(
             f"only one class ({class_names[0]!r}) in {root}: a classifier needs at least two class folders{gone}"
         )
-    found: list[tuple[str, str, str, str | None]] = []  # rel, class name, group, preset
+    found: list[tuple[tuple[int, str, tuple[str, ...]], str, str, str, str | None]] = []  # order, rel, class...
     skipped = [{"path": display_path(d), "reason": f"class folder {why}"} for d, why in bad_names.items()]
     notes: list[dict[str, str]] = []
     max_bytes = int(cfg.max_file_mb * 1e6)
@@ -185,7 +185,7 @@ def scan_dataset(cfg: DataConfig) -> Dataset:
                 skipped.append({"path": display_path(p), "reason": f"folder beside {names}: in no split, not used"})
             elif p.suffix.lower() in IMAGE_EXTENSIONS:
                 skipped.append({"path": display_path(p), "reason": loose})
-    for base, preset in parts:
+    for part, (base, preset) in enumerate(parts):
         for f in sorted(
             p for p in base.iterdir() if p.is_file() and not is_ignored(p.name) and p.suffix.lower() in IMAGE_EXTENSIONS
         ):
@@ -213,9 +213,11 @@ def scan_dataset(cfg: DataConfig) -> Dataset:
                 if note:
                     notes.append({"path": display_path(f), "note": note})
                 group = composed(rel_in_class.parts[0] if len(rel_in_class.parts) > 1 else rel_in_class.as_posix())
-                found.append((f.relative_to(root).as_posix(), name, f"{name}/{group}", preset))
+                order = (part, name, _order(rel_in_class))  # one class's folders in two Unicode forms: one order
+                found.append((order, f.relative_to(root).as_posix(), name, f"{name}/{group}", preset))
             skipped += [{"path": display_path(d), "reason": why} for d, why in unreadable]
-    used = {name for _, name, _, _ in found}
+    found.sort(key=lambda row: row[0])
+    used = {name for _, _, name, _, _ in found}
     empty = [name for name in class_names if name not in used]
     if len(used) < 2:
         shown = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:5])
@@ -229,7 +231,7 @@ def scan_dataset(cfg: DataConfig) -> Dataset:
     ]
     class_names = [name for name in class_names if name in used]
     label_of = {name: i for i, name in enumerate(class_names)}
-    samples = [Sample(rel, label_of[name], group, preset) for rel, name, group, preset in found]
+    samples = [Sample(rel, label_of[name], group, preset) for _, rel, name, group, preset in found]
     return Dataset(root, class_names, samples, skipped, notes)
 
 
