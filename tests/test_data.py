@@ -531,3 +531,40 @@ def test_demo_data_on_a_full_disk_names_the_file(
     image = data / "dotted" / "dotted_0000.jpg"
     assert f"No space left on device: {image} (free space there, or give other --data" in capsys.readouterr().err
     assert sorted(p.name for p in (data / "dotted").iterdir()) == []  # no temporary file left
+
+
+def test_a_folder_that_lists_but_cannot_be_entered_is_reported_not_fatal(tmp_path: Path, monkeypatch):
+    """A folder without search permission (chmod 644: its names list, its files cannot be looked at) stopped
+    train and predict with a PermissionError blamed on writing; its images are now skipped, each named."""
+    root = make_folder(tmp_path / "d", n=4)
+    (root / "circles" / "batch2").mkdir()
+    for i in range(2):
+        draw_image("circles", np.random.default_rng(i)).save(root / "circles" / "batch2" / f"b{i}.jpg")
+    real_stat = os.stat
+
+    def stat(path, *args, **kwargs):
+        if Path(os.fsdecode(path)).parent.name == "batch2":
+            raise PermissionError(13, "Permission denied", os.fsdecode(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat)
+    ds = scan_dataset(DataConfig(data_root=root))
+    assert len(ds.samples) == 12
+    reasons = {Path(s["path"]).name: s["reason"] for s in ds.skipped}
+    assert reasons == {"b0.jpg": "unreadable: Permission denied", "b1.jpg": "unreadable: Permission denied"}
+
+
+def test_a_class_folder_linking_up_the_tree_is_not_followed(tmp_path: Path):
+    """A class folder that links to the data folder or to / read every file below it (a bogus class of all
+    images, or the whole file system); it is left out with its reason."""
+    root = make_folder(tmp_path / "d", n=4)
+    (root / "all").symlink_to(".")
+    (root / "everything").symlink_to("/")
+    ds = scan_dataset(DataConfig(data_root=root))
+    assert ds.classes == ["circles", "squares", "stripes"] and len(ds.samples) == 12
+    reasons = {Path(s["path"]).name: s["reason"] for s in ds.skipped}
+    assert (
+        reasons["all"] == f"class folder is a link to {root.resolve()}, which holds the data folder: not followed "
+        "(it would read all below it)"
+    )
+    assert reasons["everything"].startswith("class folder is a link to /, which holds")

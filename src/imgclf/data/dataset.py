@@ -84,6 +84,14 @@ def _order(rel: Path) -> tuple[str, ...]:
     return tuple(composed(part) for part in rel.parts)
 
 
+def _up_link(class_dir: Path) -> str | None:
+    """Why a class folder that is a link up the tree (to the data folder, or to ``/``) is not read."""
+    target = os.path.realpath(class_dir)
+    if Path(os.path.realpath(class_dir.parent)).is_relative_to(target):
+        return f"is a link to {target}, which holds the data folder: not followed (it would read all below it)"
+    return None
+
+
 def _broken_link(path: Path) -> bool:
     return path.is_symlink() and not path.exists() and not is_ignored(path.name)
 
@@ -149,7 +157,7 @@ def scan_dataset(cfg: DataConfig) -> Dataset:
         log.info("split_mode %s: the images of %s are pooled and split again", cfg.split_mode, names)
     # listed once, in label order (a folder whose name differs from another's only in Unicode form is that class)
     dirs = {base: sorted(_class_dirs(base), key=lambda d: (class_name(d), d.name)) for base, _ in parts}
-    bad_names = {d: why for base, _ in parts for d in dirs[base] if (why := _name_problem(d.name))}
+    bad_names = {d: why for base, _ in parts for d in dirs[base] if (why := _name_problem(d.name) or _up_link(d))}
     class_names = sorted({class_name(d) for base, _ in parts for d in dirs[base] if d not in bad_names})
     broken = [p for base, _ in parts for p in sorted(base.iterdir()) if _broken_link(p)]
     links = ", ".join(f"{p.name} -> {os.readlink(p)}" for p in broken)

@@ -91,9 +91,18 @@ def list_files(
         dirnames[:] = kept
         for name in filenames:
             f = Path(dirpath, name)
-            if not is_ignored(name) and (f.is_file() or not f.exists()):
+            if not is_ignored(name) and _listed(f):
                 out.append(f)
     return sorted(out)
+
+
+def _listed(f: Path) -> bool:
+    """A file, or a broken link; or one that cannot be looked at (in a folder without search permission, or
+    a link into one): listed, so that its reader names it as unreadable."""
+    try:
+        return f.is_file() or not f.exists()
+    except OSError:
+        return True
 
 
 def unreadable_reason(path: Path, e: OSError) -> str:
