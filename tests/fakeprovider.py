@@ -7,6 +7,7 @@ touches the network beyond the loopback interface.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import socket
@@ -62,17 +63,17 @@ def _with_alpha(im: Image.Image) -> Image.Image:
 
 @dataclass
 class Route:
-    """What a path answers: kind is image, 404, reset, slow, 429, html, big or redirect."""
+    """What a path answers: kind is image, 404, reset, slow, trickle, 429, html, big or redirect."""
 
     kind: str
     data: bytes = b""
     content_type: str = "image/jpeg"
     headers: dict[str, str] = field(default_factory=dict)  # image: more response headers
     location: str = ""  # redirect: where to, the request's query string appended
-    delay: float = 0.0  # slow: seconds before answering
+    delay: float = 0.0  # slow: seconds before answering; trickle: between the bytes of its body
     times: int = 0  # 429: how many requests are refused before the image is served
     retry_after: str = "0"
-    size: int = 0  # big: body bytes
+    size: int = 0  # big, trickle: body bytes
     declare_length: bool = True  # big: send Content-Length
 
 
@@ -164,6 +165,17 @@ def _make_handler(server: FakeServer) -> type[BaseHTTPRequestHandler]:
                 return self._send(429, b"slow down", "text/plain", {"Retry-After": route.retry_after})
             if route.kind == "html":
                 return self._send(200, b"<!doctype html><html><body>a web page</body></html>", "text/html")
+            if route.kind == "trickle":  # a byte at a time, each read well within a read timeout
+                self.send_response(200)
+                self.send_header("Content-Type", "image/jpeg")
+                self.send_header("Content-Length", str(route.size))
+                self.end_headers()
+                with contextlib.suppress(OSError):  # the client gave up
+                    for _ in range(route.size):
+                        self.wfile.write(b"\xff")
+                        self.wfile.flush()
+                        time.sleep(route.delay)
+                return None
             if route.kind == "big":
                 self.send_response(200)
                 self.send_header("Content-Type", "image/jpeg")

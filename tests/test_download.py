@@ -191,6 +191,19 @@ def test_slow_server_times_out(server: FakeServer, tmp_path: Path):
     assert report.outcomes[0].reason.startswith("timed out")  # given up before the server's 1.5 s answer
 
 
+def test_a_server_sending_slowly_is_given_up_at_the_timeout(server: FakeServer, tmp_path: Path):
+    """Each read within the read timeout, a byte every 0.1 s: a run waited for ever (a hostile or broken host in
+    a URL list); the whole body must now come within --timeout-s, and the next URL is fetched."""
+    slow = server.add("/trickle.jpg", Route("trickle", delay=0.1, size=10_000))
+    fine = server.image("/fine.jpg", make_image(9))
+    cfg = FAST.model_copy(update={"timeout_s": 0.5, "retries": 0})
+    start = time.monotonic()
+    report = download([UrlEntry("x", slow), UrlEntry("x", fine)], tmp_path / "d", cfg, progress=False)
+    assert time.monotonic() - start < 10  # the body alone takes 1,000 s
+    assert report.outcomes[0].reason.startswith("not all received within 0.5 s"), report.outcomes[0].reason
+    assert report.outcomes[1].status == "downloaded"
+
+
 def test_download_cli(server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     urls = tmp_path / "urls.tsv"
     urls.write_text(

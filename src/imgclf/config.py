@@ -279,7 +279,9 @@ class DataToolsConfig(_Section):
     """Downloading, image search and near-duplicate detection."""
 
     download_workers: int = Field(8, ge=1, description="Concurrent downloads.")
-    timeout_s: float = Field(20.0, gt=0, description="Per-request timeout in seconds.")
+    timeout_s: float = Field(
+        20.0, gt=0, description="Per-request timeout in seconds (connecting, each read, and one image's whole body)."
+    )
     retries: int = Field(3, ge=0, description="Retries per URL, with exponential back-off.")
     backoff_s: float = Field(1.0, ge=0, description="Seconds before the first retry; doubled for each next one.")
     max_backoff_s: float = Field(30.0, ge=0, description="Longest wait between retries (caps Retry-After too).")

@@ -6,6 +6,7 @@ import hashlib
 import io
 import queue
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -226,17 +227,24 @@ def _existing(out: Path, label: str, stem: str, earlier: dict[str, list[str]]) -
     return next((p for p in ranked if (out / p).is_file()), "")
 
 
-def _read_limited(response: httpx.Response, max_bytes: int) -> tuple[bytes, str]:
-    """The body (stopping past ``max_bytes``) and its content type."""
+def _read_limited(response: httpx.Response, max_bytes: int, timeout_s: float) -> tuple[bytes, str]:
+    """The body (stopping past ``max_bytes``, or when it has not all come within ``timeout_s``: a server
+    sending a byte a second held a run for ever) and its content type."""
     too_large = FetchError(f"larger than {max_bytes / 1e6:g} MB (raise --max-download-mb to accept it)")
     length = response.headers.get("content-length", "")
     if length.isdigit() and int(length) > max_bytes:
         raise too_large
+    deadline = time.monotonic() + timeout_s
     buf = bytearray()
-    for chunk in response.iter_bytes(1 << 16):
+    for chunk in response.iter_bytes():  # as it comes (a fixed chunk size waits for it to fill)
         buf += chunk
         if len(buf) > max_bytes:
             raise too_large
+        if time.monotonic() > deadline:
+            raise FetchError(
+                f"not all received within {timeout_s:g} s ({len(buf) / 1e6:.2g} MB so far): raise --timeout-s "
+                "for slow servers"
+            )
     return bytes(buf), response.headers.get("content-type", "").split(";")[0].strip()
 
 
@@ -428,7 +436,7 @@ def _fetch_one(
     max_bytes = int(cfg.max_download_mb * 1e6)
     try:
         data, content_type = with_retries(
-            client, entry.url, policy, lambda r: _read_limited(r, max_bytes), stop=run.stop
+            client, entry.url, policy, lambda r: _read_limited(r, max_bytes, cfg.timeout_s), stop=run.stop
         )
         files = prepare_image(data, content_type, out, entry.label, stem, cfg, max_pixels)
         run.store(files, Outcome(entry, "downloaded", files[-1][0].relative_to(out).as_posix()))
