@@ -65,6 +65,9 @@ def test_read_url_list(tmp_path: Path):
     f.write_text("cats http://x/1.jpg\ndogs\thttp://x/2.jpg\n.hidden\thttp://x/3.jpg\n")  # every bad line at once
     with pytest.raises(ValueError, match=r"(?s)2 bad line.*urls.tsv:1: expected.*urls.tsv:3: label '\.hidden'"):
         read_url_list(f)
+    f.write_text("Download_Failures.tsv\thttp://x/1.jpg\n")  # its images went into a folder of that name, and the
+    with pytest.raises(ValueError, match=r"urls.tsv:1: label 'Download_Failures.tsv' is the name of a file the"):
+        read_url_list(f)  # failure report could then not be written: every run ended in an error
 
 
 def test_download_checks_names_and_reports(server: FakeServer, tmp_path: Path):

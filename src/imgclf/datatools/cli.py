@@ -44,9 +44,9 @@ def _download(args: argparse.Namespace) -> int:
 
 
 def _scrape(args: argparse.Namespace) -> int:
-    from imgclf.datatools.download import DownloadInterrupted
+    from imgclf.datatools.download import URL_LIST_FILE, DownloadInterrupted
     from imgclf.datatools.providers import ProviderError
-    from imgclf.datatools.scrape import URL_LIST_FILE, parse_terms, scrape
+    from imgclf.datatools.scrape import parse_terms, scrape
 
     _quiet_http_log()
     cfg = config_from_args(args)

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from imgclf.config import DataToolsConfig
 from imgclf.data.dataset import subfolders
 from imgclf.data.io import exif_orientation, list_files, open_image, to_8bit, upright
+from imgclf.datatools.dedup import REPORT_CSV, REPORT_HTML
 from imgclf.datatools.fetch import FetchError, RetryPolicy, make_client, with_retries
 from imgclf.datatools.journal import QUARANTINE_DIR
 from imgclf.utils import atomic_write_bytes, atomic_write_text, make_folder
@@ -28,6 +29,9 @@ from imgclf.utils import atomic_write_bytes, atomic_write_text, make_folder
 ORIGINALS_DIR = ".originals"
 SOURCES_FILE = "sources.tsv"
 FAILURES_FILE = "download_failures.tsv"
+URL_LIST_FILE = "urls.tsv"  # scrape's
+# Files the data tools write beside the class folders: no class folder may take their names.
+REPORT_FILES = (SOURCES_FILE, FAILURES_FILE, URL_LIST_FILE, REPORT_CSV, REPORT_HTML)
 SOURCES_COLUMNS = ("file", "label", "url", "source_page", "licence", "creator", "title", "note")
 JPEG_QUALITY = 90
 MAX_NAME_BYTES = 255  # longest file or folder name of common file systems (ext4, APFS, NTFS)
@@ -141,6 +145,11 @@ def check_label(label: str, where: str) -> str:
         raise ValueError(
             f"{where}: label {label!r} cannot be a folder name "
             "(no '/', '\\', tabs, line breaks, leading '.' or empty labels); fix the label"
+        )
+    if label.casefold() in (name.casefold() for name in REPORT_FILES):
+        raise ValueError(
+            f"{where}: label {label!r} is the name of a file the data tools write beside the class folders "
+            f"({', '.join(REPORT_FILES)}); rename the label"
         )
     if len(label.encode("utf-8")) > MAX_NAME_BYTES:
         raise ValueError(

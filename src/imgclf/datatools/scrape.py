@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from imgclf.config import DataToolsConfig
 from imgclf.datatools.download import (
+    URL_LIST_FILE,
     DownloadReport,
     UrlEntry,
     check_label,
@@ -20,8 +21,6 @@ from imgclf.datatools.download import (
 from imgclf.datatools.fetch import RetryPolicy, make_client
 from imgclf.datatools.providers import Provider, ProviderError, make_provider
 from imgclf.utils import make_folder
-
-URL_LIST_FILE = "urls.tsv"
 
 
 @dataclass
