@@ -4,6 +4,7 @@ Each image is sent as base64 JSON; the script prints the label and score, and th
 to the time the server itself reports (the difference is network + HTTP + encoding).
 
     python examples/client.py photo1.jpg photo2.jpg [--url http://127.0.0.1:8000] [--api-key KEY]
+    (the key defaults to $IMGCLF_API_KEY, as the server's does)
     python examples/client.py photo.jpg --tutorial   # the 2017 tutorial's /score request format
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import sys
 import time
 import urllib.error
@@ -48,7 +50,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("images", nargs="+", type=Path, help="Image files to classify.")
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="Server address. [http://127.0.0.1:8000]")
-    parser.add_argument("--api-key", help="Value of the X-API-Key header, if the server needs one.")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("IMGCLF_API_KEY"),
+        help="Value of the X-API-Key header, if the server needs one. [$IMGCLF_API_KEY]",
+    )
     parser.add_argument("--tutorial", action="store_true", help="Use the 2017 tutorial's /score route and format.")
     args = parser.parse_args()
     failures = 0

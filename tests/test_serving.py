@@ -452,6 +452,25 @@ def test_serve_refuses_an_empty_api_key(
     assert "an empty API key (an unset variable?)" in capsys.readouterr().err
 
 
+def test_serve_takes_the_api_key_from_the_environment(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A key on the command line is seen by every local user (ps); $IMGCLF_API_KEY is not, and --api-key wins."""
+    from imgclf.cli import main
+    from imgclf.serving import app as serving_app
+
+    keys: list[str | None] = []
+    monkeypatch.setattr(serving_app, "create_app", lambda bundle, cfg, **k: keys.append(cfg.serve.api_key))
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    monkeypatch.setenv("IMGCLF_API_KEY", "from-env")
+    assert main(["serve", str(run_dir), "--port", str(_free_port())]) == 0
+    assert main(["serve", str(run_dir), "--port", str(_free_port()), "--api-key", "from-flag"]) == 0
+    assert keys == ["from-env", "from-flag"]
+    monkeypatch.setenv("IMGCLF_API_KEY", "")  # set but empty: refused, never an open service
+    assert main(["serve", str(run_dir), "--port", str(_free_port())]) == 2
+    assert "an empty API key (an unset variable?): give one, e.g. IMGCLF_API_KEY=" in capsys.readouterr().err
+
+
 def test_the_api_docs_name_no_class_and_no_backbone(client: httpx.Client) -> None:
     """/openapi.json needs no key (/v1/model does), and /redoc renders its description as HTML: a class folder
     named <img src=x onerror=...> ran its script there."""
@@ -520,7 +539,7 @@ def test_example_client(base_url: str, images: list[bytes], reference: np.ndarra
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
     client = Path(__file__).resolve().parents[1] / "examples" / "client.py"
     label = ["cat", "dog", "fish"][int(np.argmax(reference[2]))]
-    for extra in ([], ["--tutorial"]):
+    for extra in (["--api-key", API_KEY], ["--tutorial"]):  # the second takes the key from $IMGCLF_API_KEY
         proc = subprocess.run(
             [
                 sys.executable,
@@ -529,13 +548,12 @@ def test_example_client(base_url: str, images: list[bytes], reference: np.ndarra
                 str(tmp_path / "bad.jpg"),
                 "--url",
                 base_url,
-                "--api-key",
-                API_KEY,
                 *extra,
             ],
             capture_output=True,
             text=True,
             timeout=60,
+            env={**os.environ, "IMGCLF_API_KEY": API_KEY},
         )
         assert proc.returncode == 1  # one of the two images failed
         found = re.search(rf"a\.jpg: {label} \((0\.\d+)\)", proc.stdout)

@@ -234,7 +234,9 @@ class ServeConfig(_Section):
     host: str = Field("127.0.0.1", min_length=1, description="Address the server listens on (0.0.0.0 for all).")
     port: int = Field(8000, ge=0, le=65535, description="Port the server listens on.")
     api_key: str | None = Field(
-        None, description="If set, requests need header X-API-Key with this value (never written to a file)."
+        None,
+        description="If set (or $IMGCLF_API_KEY), requests need header X-API-Key with this value (never written to a "
+        "file).",
     )
     serve_runtime: Literal["auto", "openvino", "onnxruntime", "torch"] = Field(
         "auto", description="Inference engine of the server (auto: openvino on CPU, torch on GPU)."
@@ -260,7 +262,8 @@ class ServeConfig(_Section):
             return key
         if not key.strip():
             raise ValueError(
-                'an empty API key (an unset variable?): give one, e.g. --api-key "$(openssl rand -hex 16)"'
+                "an empty API key (an unset variable?): give one, e.g. IMGCLF_API_KEY=$(openssl rand -hex 16) or "
+                '--api-key "$(openssl rand -hex 16)"'
             )
         if not (key.isascii() and key.isprintable()) or key != key.strip():
             raise ValueError(

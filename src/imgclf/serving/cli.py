@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from imgclf.cli import add_config_args, config_from_args, positive_int
 from imgclf.utils import ensure_port_free, only_local_hosts
+
+API_KEY_VARIABLE = "IMGCLF_API_KEY"  # the key from the environment: a command line is seen by every local user
 
 # the server runs its own batches (max_batch) on its own runtime (serve_runtime), with no feature cache
 SERVE_FIELDS = (
@@ -22,12 +25,13 @@ def _serve(args: argparse.Namespace) -> int:
     from imgclf.config import Config
     from imgclf.serving.app import create_app
 
-    # Defaults < --config < flags; of the training run's settings only flip_tta (device, threads, cache are
-    # the host's), so that the server scores as predict does.
+    # Defaults < $IMGCLF_API_KEY < --config < flags; of the training run's settings only flip_tta (device,
+    # threads, cache are the host's), so that the server scores as predict does.
     serve = config_from_args(args).serve
     ensure_port_free(serve.host, serve.port)  # before the model loads
     bundle = Bundle.load(args.run_dir)
-    cfg = config_from_args(args, Config().updated(flip_tta=bundle.flip_tta))
+    key = {"api_key": os.environ[API_KEY_VARIABLE]} if API_KEY_VARIABLE in os.environ else {}
+    cfg = config_from_args(args, Config().updated(flip_tta=bundle.flip_tta, **key))
     app = create_app(bundle, cfg, flip_tta=cfg.features.flip_tta)
     uvicorn.run(only_local_hosts(app, cfg.serve.host), host=cfg.serve.host, port=cfg.serve.port, log_level="info")
     return 0
