@@ -322,3 +322,23 @@ def test_api_docs_render_offline(browser: object, site: tuple[str, Path]) -> Non
     expect(pg.locator(".opblock").first).to_be_visible()
     context.close()
     assert not outside, outside
+
+
+def test_the_link_with_its_token_opens_the_app_in_a_browser(browser: object, tmp_path: Path) -> None:
+    """`imgclf ui` prints a link with a token: the browser keeps it in a cookie, and the page, its thumbnails
+    and its moves work; the address without it shows only how to get in."""
+    root = make_folder(tmp_path / "d", classes=("a", "b"), n=2)
+    expect = sync_api.expect
+    with Server(create_app(root, analyse_on_start=False, token="tok-123")) as server:
+        context = browser.new_context()  # type: ignore[attr-defined]
+        pg = context.new_page()
+        pg.set_default_timeout(15_000)
+        pg.goto(server.url + "/")
+        expect(pg.locator("body")).to_contain_text("printed when it started")
+        pg.goto(server.url + "/?token=tok-123")
+        assert pg.url == server.url + "/"  # the token left the address bar (and the history)
+        expect(pg.locator('#class-list button[data-label="a"]')).to_have_text("a (2)")
+        thumb = pg.locator("#browse-grid .card img").first
+        expect(thumb).to_be_visible()
+        pg.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=thumb.element_handle())
+        context.close()

@@ -279,6 +279,34 @@ def test_only_listed_images_are_moved(tmp_path: Path) -> None:
     assert sha_map(root) == before
 
 
+def test_without_the_token_nothing_is_seen_or_moved(tmp_path: Path) -> None:
+    """Every user of a machine reaches its 127.0.0.1: another one moved images and read files through links the
+    folder's permissions kept from them. The link printed at start carries a token, kept in a cookie."""
+    root = make_folder(tmp_path / "d", classes=("a", "b"), n=2)
+    before = sha_map(root)
+    app = create_app(root, analyse_on_start=False, token="s3cret-token")
+    with Server(app) as server, httpx.Client(base_url=server.url) as other:
+        for method, path, body in (
+            ("GET", "/", None),
+            ("GET", "/api/image?path=a/a_00.jpg", None),
+            ("GET", "/api/image?path=a/a_00.jpg&token=guess", None),
+            ("POST", "/api/relabel", {"path": "a/a_00.jpg", "label": "b"}),
+            ("POST", "/api/relabel?token=s3cret-tokeN", {"path": "a/a_00.jpg", "label": "b"}),
+        ):
+            r = other.request(method, path, json=body)
+            assert r.status_code == 401 and "printed when it started" in r.json()["detail"], (path, r.text)
+        other.cookies.set(f"imgclf-ui-{int(server.url.rsplit(':', 1)[1]) + 1}", "s3cret-token")  # another app's
+        assert other.get("/api/info").status_code == 401
+        assert sha_map(root) == before
+    with Server(app) as server, httpx.Client(base_url=server.url) as user:
+        link = user.get("/api/thumb", params={"path": "a/a_00.jpg", "size": 48, "token": "s3cret-token"})
+        assert link.status_code == 303 and link.headers["location"] == "/api/thumb?path=a%2Fa_00.jpg&size=48"
+        assert "HttpOnly" in link.headers["set-cookie"] and "SameSite=strict" in link.headers["set-cookie"]
+        assert user.get(link.headers["location"]).status_code == 200  # with the cookie
+        moved = user.post("/api/relabel", json={"path": "a/a_00.jpg", "label": "b"})
+        assert moved.status_code == 200 and (root / "b" / "a_00.jpg").is_file()
+
+
 def test_a_journal_that_is_a_link_is_neither_written_nor_read(tmp_path: Path) -> None:
     """A link planted as the journal would have every move appended to the file it points at (~/.bashrc)."""
     import os
@@ -711,7 +739,9 @@ def test_an_unreadable_image_is_a_message_naming_it(tmp_path: Path, monkeypatch:
         assert client.get("/api/image", params={"path": "b/b_00.jpg"}).content == (root / "b" / "b_00.jpg").read_bytes()
 
 
-def test_images_are_shown_up_to_the_configured_pixel_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_images_are_shown_up_to_the_configured_pixel_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Pillow's own limit (89.5 Mpx) is below imgclf's (100 Mpx): `imgclf ui --max-image-pixels` sets the one
     thumbnails and previews are decoded under, as training's."""
     from imgclf.cli import main
@@ -725,7 +755,9 @@ def test_images_are_shown_up_to_the_configured_pixel_limit(tmp_path: Path, monke
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
     assert main(["ui", str(root), "--no-analysis", "--port", port, "--max-image-pixels", "100000"]) == 0
-    with Server(apps[0]) as server, httpx.Client(base_url=server.url) as client:
+    token = capsys.readouterr().out.split("?token=")[1].split()[0]  # the link printed
+    with Server(apps[0]) as server, httpx.Client(base_url=server.url, follow_redirects=True) as client:
+        assert client.get("/", params={"token": token}).status_code == 200  # the cookie kept from here on
         assert client.get("/api/thumb", params={"path": "a/a_00.jpg", "size": 48}).status_code == 200
         assert client.get("/api/image", params={"path": "a/scan.tif"}).status_code == 200
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
+from hmac import compare_digest
+from urllib.parse import urlencode, urlsplit
 
 from starlette.datastructures import Headers, MutableHeaders
-from starlette.responses import JSONResponse
+from starlette.requests import Request
+from starlette.responses import JSONResponse, RedirectResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # no page of another site may show ours in a frame (clickjacking); no response is read as another type
@@ -78,4 +80,36 @@ class SameOriginWrites:
                 detail = f"refused: a request from another site ({reason}); use the app's own page"
                 await JSONResponse({"detail": detail}, status_code=403)(scope, receive, send)
                 return
+        await self.app(scope, receive, send)
+
+
+class TokenRequired:
+    """Every request of ``app`` needs ``token`` (as Jupyter's): in the query of the link printed at start
+    (``?token=``; a page asked for so gets a cookie and is sent to its address without it), or in that cookie.
+    Every user of a machine reaches its 127.0.0.1; without the token, none but the one who started the app sees
+    or moves an image."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app, self.token = app, token.encode()
+
+    def _valid(self, given: str | None) -> bool:
+        return given is not None and compare_digest(given.encode("utf-8", "replace"), self.token)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        cookie = f"imgclf-ui-{request.url.port or 80}"  # a cookie is the host's whatever the port: one per app
+        if self._valid(request.query_params.get("token")):
+            if scope["method"] == "GET":
+                rest = [(k, v) for k, v in request.query_params.multi_items() if k != "token"]
+                response = RedirectResponse(request.url.path + (f"?{urlencode(rest)}" if rest else ""), 303)
+                response.set_cookie(cookie, self.token.decode(), httponly=True, samesite="strict")
+                await response(scope, receive, send)
+                return
+        elif not self._valid(request.cookies.get(cookie)):
+            detail = "open the link with its token that `imgclf ui` printed when it started (…/?token=…)"
+            await JSONResponse({"detail": detail}, status_code=401)(scope, receive, send)
+            return
         await self.app(scope, receive, send)

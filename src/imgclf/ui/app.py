@@ -24,7 +24,7 @@ from imgclf.config import Config
 from imgclf.data.dataset import UNLABELED_DIR, check_data_folder, split_folders
 from imgclf.data.io import ImageError, unreadable_reason
 from imgclf.datatools.journal import JournalFileError
-from imgclf.serving.security import SameOriginWrites, SecurityHeaders
+from imgclf.serving.security import SameOriginWrites, SecurityHeaders, TokenRequired
 from imgclf.ui.analysis import Analyzer
 from imgclf.ui.labels import (
     RelabelError,
@@ -148,8 +148,10 @@ def create_app(
     backbone: Backbone | None = None,
     analyse_on_start: bool = True,
     thumbs: ThumbCache | None = None,
+    token: str | None = None,
 ) -> FastAPI:
-    """The app for the data folder ``data_root`` (and optionally the results of ``run_dir``)."""
+    """The app for the data folder ``data_root`` (and optionally the results of ``run_dir``); with ``token``,
+    every request needs it (:class:`TokenRequired`)."""
     root = check_data_folder(Path(data_root)).resolve()
     cfg = cfg or Config()
     index = ImageIndex(root)
@@ -176,6 +178,8 @@ def create_app(
     app.state.analyzer = analyzer
     app.add_middleware(SameOriginWrites)  # another site's page must not move images or restart the analysis
     app.add_middleware(SecurityHeaders)
+    if token is not None:
+        app.add_middleware(TokenRequired, token=token)
 
     @app.exception_handler(UnsafePathError)
     def _unsafe(_: Request, e: UnsafePathError) -> JSONResponse:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import secrets
 from pathlib import Path
 
 from imgclf.cli import add_config_args, host_name, port_number
@@ -51,8 +52,9 @@ def _ui(args: argparse.Namespace) -> int:
         cfg,
         backbone=backbone,
         analyse_on_start=args.analysis,
+        token=(token := secrets.token_urlsafe(24)),
     )
-    print(f"imgclf review app: http://{args.host}:{args.port}/")
+    print(f"imgclf review app: http://{args.host}:{args.port}/?token={token}")
     uvicorn.run(only_local_hosts(app, args.host), host=args.host, port=args.port, log_level="warning")
     return 0
 
