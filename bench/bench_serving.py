@@ -95,9 +95,11 @@ def baseline_server(run_dir: str, port: int) -> None:
     import uvicorn
 
     from imgclf.bundle import Bundle
+    from imgclf.data.io import PixelBudget
     from imgclf.serving.inputs import ImageInput, decode_image
 
     bundle = Bundle.load(run_dir)
+    budget = PixelBudget(100_000_000)  # the service's decoding
     net, pre = bundle.classifier_net(), bundle.preprocess
     app = FastAPI()
 
@@ -111,7 +113,7 @@ def baseline_server(run_dir: str, port: int) -> None:
 
     @app.post("/v1/predict")
     def predict(file: UploadFile) -> dict:
-        x = decode_image(ImageInput(file.file.read(), "upload"), pre, 100_000_000)  # the service's decoding
+        x = decode_image(ImageInput(file.file.read(), "upload"), pre, 100_000_000, budget)
         with torch.inference_mode():
             probs = net(torch.from_numpy(x[None].copy()))[0].numpy()
         best = int(probs.argmax())

@@ -131,6 +131,13 @@ def test_bench_features_baseline_decodes_the_images_imgclf_uses(tmp_path: Path) 
     assert "\n10 images," in done.stdout and re.search(r"speed-up: [\d.]+x", done.stdout), done.stdout
 
 
+def test_bench_decode_memory_compares_both_modes() -> None:
+    done = run_bench("bench_decode_memory.py", "--images", "2", "--megapixels", "4", "--repeats", "1")
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"bounded: 2 x 4 Mpx PNG at once: memory peak \+\d+ MB, after \+-?\d+ MB", done.stdout)
+    assert re.search(r"bounded / unbounded: peak [\d.]+, after -?[\d.]+", done.stdout), done.stdout
+
+
 def test_bench_finetune_runs() -> None:
     done = run_bench(
         "bench_finetune.py",

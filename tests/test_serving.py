@@ -689,6 +689,56 @@ def test_stop_fails_the_running_and_queued_images() -> None:
     asyncio.run(scenario())
 
 
+def test_large_images_are_decoded_within_a_pixel_budget(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One 100 Mpx PNG took 1.2 GB while decoded, and each decoding thread (one a core) could hold one: the
+    pixels decoded at once are now at most --max-image-pixels; smaller images still decode side by side."""
+    from PIL import ImageFile
+
+    loading, peak, lock = [0], [0], threading.Lock()
+    real_load = ImageFile.ImageFile.load
+
+    def load(im: ImageFile.ImageFile) -> object:
+        with lock:
+            loading[0] += 1
+            peak[0] = max(peak[0], loading[0])
+        try:
+            time.sleep(0.1)  # long enough for the other threads to overlap, if they may
+            return real_load(im)
+        finally:
+            with lock:
+                loading[0] -= 1
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    cfg = Config().updated(workers=4, precision="fp32", max_image_pixels=100_000)
+    png = io.BytesIO()
+    Image.new("RGB", (400, 200), (200, 30, 30)).save(png, "PNG")  # 80,000 pixels: two do not fit at once
+    small = io.BytesIO()
+    Image.new("RGB", (200, 100), (30, 30, 200)).save(small, "PNG")  # 20,000: four fit
+    with TestClient(create_app(run_dir, cfg)) as c:
+        for data, alone in ((png, True), (small, False)):
+            peak[0] = 0
+            files = [("file", (f"{i}.png", data.getvalue(), "image/png")) for i in range(4)]
+            r = c.post("/v1/predict", files=files)
+            assert r.status_code == 200 and len(r.json()["predictions"]) == 4, r.text
+            assert peak[0] == 1 if alone else peak[0] >= 2, peak[0]
+
+
+def test_memory_of_a_large_image_goes_back_to_the_system(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server's memory stayed at 3.2 GB after four 100 Mpx PNGs (each decoding thread's malloc arena kept its
+    image); after an image over TRIM_AFTER_PIXELS the freed memory is handed back, with its pixels still held."""
+    from imgclf.serving import inputs
+
+    budget, held_at_trim = inputs.PixelBudget(100_000), []
+    monkeypatch.setattr(inputs, "TRIM_AFTER_PIXELS", 50_000)
+    monkeypatch.setattr(inputs, "release_freed_memory", lambda: held_at_trim.append(budget._free))
+    pre = Bundle.load(run_dir).preprocess
+    for size in ((400, 200), (200, 100)):  # 80,000 pixels, then 20,000
+        png = io.BytesIO()
+        Image.new("RGB", size).save(png, "PNG")
+        assert inputs.decode_image(inputs.ImageInput(png.getvalue(), "x.png"), pre, 100_000, budget).ndim == 3
+    assert held_at_trim == [20_000]  # once, for the large image, while its 80,000 pixels were held
+
+
 def test_a_busy_server_answers_503(run_dir: Path, images: list[bytes]) -> None:
     cfg = Config().updated(workers=1, precision="fp32", request_timeout_s=1e-9)
     with TestClient(create_app(run_dir, cfg)) as slow:

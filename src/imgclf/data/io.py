@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -250,11 +253,41 @@ def to_8bit(im: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
 
 
-def open_rgb(path: Path | BinaryIO, draft_to: int | None = None, max_pixels: int | None = None) -> Image.Image:
+class PixelBudget:
+    """Pixels decoded at once across threads: an image waits until its pixels fit in what is free; one larger
+    than the whole budget waits until it is all free, then decodes alone."""
+
+    def __init__(self, pixels: int) -> None:
+        self.pixels = pixels
+        self._free = pixels
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        """Take ``pixels`` (at most the whole budget) from the budget until the block ends."""
+        n = min(pixels, self.pixels)
+        with self._cond:
+            self._cond.wait_for(lambda: self._free >= n)
+            self._free -= n
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._free += n
+                self._cond.notify_all()
+
+
+def open_rgb(
+    path: Path | BinaryIO,
+    draft_to: int | None = None,
+    max_pixels: int | None = None,
+    budget: tuple[PixelBudget, ExitStack] | None = None,
+) -> Image.Image:
     """Decode an image (a path or a binary file object) as upright RGB.
 
     ``draft_to`` lets JPEG decoding downscale by 1/2..1/8 while keeping the shorter side >= draft_to.
-    EXIF orientation is applied after decoding; transparent pixels are composited on white.
+    EXIF orientation is applied after decoding; transparent pixels are composited on white. With ``budget``
+    (a budget and a stack), the pixels to decode are taken from the budget until the stack closes.
     """
     try:
         if isinstance(path, Path) and _file_size(path) == 0:
@@ -266,6 +299,8 @@ def open_rgb(path: Path | BinaryIO, draft_to: int | None = None, max_pixels: int
             raise ImageError(f"oversized image ({im.size[0]}x{im.size[1]}): downscale it or raise --max-image-pixels")
         if draft_to is not None and im.format == "JPEG":
             im.draft("RGB", (draft_to, draft_to))
+        if budget is not None:
+            budget[1].enter_context(budget[0].hold(im.width * im.height))  # the size to decode, after draft()
         im.load()
         im = to_8bit(upright(im, str(path) if isinstance(path, Path) else "image"))
     except ImageError:

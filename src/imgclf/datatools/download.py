@@ -8,8 +8,8 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from imgclf.config import DataToolsConfig
 from imgclf.data.dataset import subfolders
-from imgclf.data.io import exif_orientation, list_files, open_image, to_8bit, upright
+from imgclf.data.io import PixelBudget, exif_orientation, list_files, open_image, to_8bit, upright
 from imgclf.datatools.dedup import REPORT_CSV, REPORT_HTML
 from imgclf.datatools.fetch import FetchError, RetryPolicy, make_client, with_retries
 from imgclf.datatools.journal import QUARANTINE_DIR
@@ -255,30 +255,6 @@ def _read_limited(response: httpx.Response, max_bytes: int, timeout_s: float) ->
                 "for slow servers"
             )
     return bytes(buf), response.headers.get("content-type", "").split(";")[0].strip()
-
-
-class PixelBudget:
-    """Pixels decoded at once across threads: an image waits until its pixels fit in what is free; one larger
-    than the whole budget waits until it is all free, then decodes alone."""
-
-    def __init__(self, pixels: int) -> None:
-        self.pixels = pixels
-        self._free = pixels
-        self._cond = threading.Condition()
-
-    @contextmanager
-    def hold(self, pixels: int) -> Iterator[None]:
-        """Take ``pixels`` (at most the whole budget) from the budget until the block ends."""
-        n = min(pixels, self.pixels)
-        with self._cond:
-            self._cond.wait_for(lambda: self._free >= n)
-            self._free -= n
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._free += n
-                self._cond.notify_all()
 
 
 # Decoded images take about 4 bytes per pixel, plus a working copy of a ninth while shrinking: at most

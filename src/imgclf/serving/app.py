@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from imgclf import __version__
 from imgclf.bundle import Bundle
 from imgclf.config import Config
+from imgclf.data.io import PixelBudget
 from imgclf.features.extract import default_cache_dir
 from imgclf.features.runtimes import Runtime, create_runtime, device_type, resolve_precision, resolve_runtime
 from imgclf.serving.batching import MicroBatcher, NotRunning
@@ -150,6 +151,9 @@ class ModelService:
         self.top_k = min(cfg.serve.top_k, len(bundle.classes))
         self.batcher = MicroBatcher(runtime, cfg.serve.max_batch, cfg.serve.max_wait_ms)
         self.decoders: ThreadPoolExecutor | None = None
+        # pixels decoded at once, across the decoding threads: one 100 Mpx PNG took 1.2 GB while it was decoded,
+        # so as many at once as threads (the machine's cores) could exhaust the host's memory
+        self.decoding = PixelBudget(cfg.data.max_image_pixels)
         self.model_id = bundle.model_id
         self.started = time.time()
 
@@ -180,7 +184,10 @@ class ModelService:
         pre, max_pixels = self.bundle.preprocess, self.cfg.data.max_image_pixels
         with self.batcher.incoming():
             decoded = await asyncio.gather(
-                *(loop.run_in_executor(self.decoders, decode_image, im, pre, max_pixels) for im in images),
+                *(
+                    loop.run_in_executor(self.decoders, decode_image, im, pre, max_pixels, self.decoding)
+                    for im in images
+                ),
                 return_exceptions=True,
             )
         failed = [d for d in decoded if isinstance(d, BaseException)]

@@ -8,6 +8,7 @@ import binascii
 import io
 import json
 from collections.abc import AsyncIterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +17,8 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
 
-from imgclf.data.io import ImageError, Preprocess, open_rgb, resize_center_crop
+from imgclf.data.io import ImageError, PixelBudget, Preprocess, open_rgb, resize_center_crop
+from imgclf.utils import release_freed_memory
 
 FILE_FIELDS = ("file", "files")
 TUTORIAL_KEY = "image base64 string"
@@ -176,13 +178,24 @@ def check_count(n: int, max_images: int) -> None:
         raise ApiError(413, "too_many_images", f"{n} images in one request; limit {max_images}")
 
 
-def decode_image(image: ImageInput, pre: Preprocess, max_pixels: int) -> np.ndarray:
-    """Bytes -> upright RGB, resized and centre-cropped for the model (HxWx3 uint8); 422 if unusable."""
+# Decoded images larger than this (64 MB as RGBA) give their memory back to the system once cropped
+TRIM_AFTER_PIXELS = 16_000_000
+
+
+def decode_image(image: ImageInput, pre: Preprocess, max_pixels: int, budget: PixelBudget) -> np.ndarray:
+    """Bytes -> upright RGB, resized and centre-cropped for the model (HxWx3 uint8); 422 if unusable. Its
+    pixels are held in ``budget`` from decoding to the crop."""
     if not image.data:
         raise ApiError(422, "bad_image", f"{image.name}: empty image")
     try:
-        im = open_rgb(io.BytesIO(image.data), pre.resize_to, max_pixels)
-        return resize_center_crop(im, pre)
+        with ExitStack() as held:
+            im = open_rgb(io.BytesIO(image.data), pre.resize_to, max_pixels, (budget, held))
+            pixels = im.width * im.height
+            array = resize_center_crop(im, pre)
+            del im
+            if pixels > TRIM_AFTER_PIXELS:
+                release_freed_memory()  # with the pixels still held: the next large image waits for it
+            return array
     except ImageError as e:
         raise ApiError(422, "bad_image", f"{image.name}: {e}") from e
     except Exception as e:  # any failure on user bytes is the image's fault, never a server error
