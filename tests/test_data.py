@@ -568,3 +568,11 @@ def test_a_class_folder_linking_up_the_tree_is_not_followed(tmp_path: Path):
         "(it would read all below it)"
     )
     assert reasons["everything"].startswith("class folder is a link to /, which holds")
+
+
+def test_classes_differing_only_in_letter_case_are_noted(tmp_path: Path):
+    """Rose/ and rose/ were two classes without a word: a copy on macOS or Windows merges their folders."""
+    root = make_folder(tmp_path / "d", classes=("Rose", "rose", "tulip"), n=2)
+    ds = scan_dataset(DataConfig(data_root=root))
+    assert ds.classes == ["Rose", "rose", "tulip"]
+    assert [n["note"].split(":")[0] for n in ds.notes] == ["classes 'Rose' and 'rose' differ only in letter case"]

@@ -182,6 +182,17 @@ def scan_dataset(cfg: DataConfig) -> Dataset:
                         "give the folders one name",
                     }
                 )
+    by_case: dict[str, list[str]] = {}
+    for name in class_names:
+        by_case.setdefault(name.casefold(), []).append(name)
+    for alike in (names for names in by_case.values() if len(names) > 1):
+        notes.append(
+            {
+                "path": display_path(root / alike[1]),
+                "note": f"classes {' and '.join(map(repr, alike))} differ only in letter case: separate classes here, "
+                "but one folder on macOS and Windows (a copy there mixes them); merge or rename them",
+            }
+        )
     loose = "image not inside a class folder: move it into one to use it"
     if predefined:  # what lies beside train/ and val/ or test/ is in no split
         split_dirs = [base for base, _ in parts]
