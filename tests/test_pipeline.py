@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -429,6 +430,37 @@ def test_evaluate_after_the_data_folder_moved(run, tmp_path, capsys, caplog, mon
     monkeypatch.chdir(tmp_path)
     assert main(["evaluate", str(fresh.run_dir), "--data-root", "renamed", "--no-tracking", "--no-progress"]) == 0
     assert json.loads((fresh.run_dir / "metrics.json").read_text())["data_root"] == str(tmp_path / "renamed")
+
+
+def test_evaluate_names_test_images_changed_since_training(run, tmp_path, caplog):
+    """Test images overwritten with training images' content raised a run to 100 % without a word: split.csv
+    records what each test image held, and evaluate names the ones that changed (scored as they are now)."""
+    import shutil
+
+    data, result, _ = run
+    run_dir, copy = tmp_path / "run", tmp_path / "data"
+    shutil.copytree(result.run_dir, run_dir)
+    shutil.copytree(data, copy)
+    rows = list(csv.DictReader(io.StringIO((run_dir / "split.csv").read_text())))
+    tests = [r for r in rows if r["split"] == "test"]
+    assert all(len(r["sha256"]) == 64 for r in tests) and {r["sha256"] for r in rows if r["split"] == "train"} == {""}
+    assert tests[0]["sha256"] == hashlib.sha256((data / tests[0]["path"]).read_bytes()).hexdigest()
+    trained_on = next(r["path"] for r in rows if r["split"] == "train" and r["label"] == tests[0]["label"])
+    original = (copy / tests[0]["path"]).read_bytes()
+    shutil.copy(copy / trained_on, copy / tests[0]["path"])
+    evaluate_cmd = ["evaluate", str(run_dir), "--data-root", str(copy), "--no-tracking", "--no-progress"]
+    assert main(evaluate_cmd) == 0
+    assert re.search(r"1 of the \d+ test images scored changed since training", caplog.text), caplog.text
+    assert tests[0]["path"] in caplog.text
+    notes = json.loads((run_dir / "metrics.json").read_text())["notes"]
+    assert [n["path"] for n in notes if n["note"].startswith("changed since training")] == [
+        str(copy / tests[0]["path"])
+    ]
+    (copy / tests[0]["path"]).write_bytes(original)  # put back: no word, no note left from before
+    caplog.clear()
+    assert main(evaluate_cmd) == 0
+    assert "changed since training" not in caplog.text
+    assert not [n for n in json.loads((run_dir / "metrics.json").read_text())["notes"] if "changed" in n["note"]]
 
 
 def test_predict_api_and_cli(run, tmp_path, capsys, monkeypatch):
@@ -882,9 +914,9 @@ def test_backbone_auto_chooses_on_the_training_split(tmp_path, caplog, monkeypat
     seen: list[tuple[str, list[int]]] = []
     features = imgclf.pipeline._features
 
-    def recording(fx, ds, idx, desc, skipped):
+    def recording(fx, ds, idx, desc, skipped, digests=None):
         seen.append((desc, [int(i) for i in idx]))
-        return features(fx, ds, idx, desc, skipped)
+        return features(fx, ds, idx, desc, skipped, digests)
 
     monkeypatch.setattr(imgclf.pipeline, "_features", recording)
     cfg = Config().updated(data_root=data, out=tmp_path / "run", **FAST, backbone="auto", runtime="torch")

@@ -28,6 +28,7 @@ from imgclf.data.dataset import (
     leave_out_untrained,
     load_split,
     make_split,
+    recorded_digests,
     save_split,
     scan_dataset,
 )
@@ -76,14 +77,25 @@ class RunResult:
     bundle: Bundle
 
 
+CHANGED_SINCE_TRAINING = "changed since training (not the content split.csv records): scored as it is now"
+
+
 def _features(
-    fx: FeatureExtractor, ds: Dataset, idx: np.ndarray, desc: str, skipped: list[dict[str, str]]
+    fx: FeatureExtractor,
+    ds: Dataset,
+    idx: np.ndarray,
+    desc: str,
+    skipped: list[dict[str, str]],
+    digests: dict[int, str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Features of ``ds.samples[idx]``; returns (features, kept idx), appending decode failures to ``skipped``."""
+    """Features of ``ds.samples[idx]``; returns (features, kept idx), appending decode failures to ``skipped``
+    and, into ``digests``, the SHA-256 of each image read (sample index -> digest; with the feature cache)."""
     paths = [ds.path(ds.samples[i]) for i in idx]
     res = fx.extract(paths, desc=desc)
     for j, reason in sorted(res.errors.items()):
         skipped.append({"path": display_path(paths[j]), "reason": reason})
+    if digests is not None:
+        digests.update({int(idx[j]): d for j, d in res.digests.items()})
     return res.features[res.ok], idx[res.ok]
 
 
@@ -449,8 +461,11 @@ def _train(cfg: Config, run_dir: Path, t0: float) -> RunResult:
     if fitted_head is None and fit is None:  # the dnn head comes trained; only feature heads need training features
         x_train, train_idx = _features(fx, ds, train_idx, "train features", skipped)
     n_skipped = len(skipped)
-    x_test, test_idx = _features(fx, ds, test_idx, "test features", skipped)
+    digests: dict[int, str] = {}
+    x_test, test_idx = _features(fx, ds, test_idx, "test features", skipped, digests)
     timings["features_s"] = time.perf_counter() - t
+    if digests:  # what the test images held: evaluate names those changed since
+        save_split(run_dir / "split.csv", ds, split, digests)
     if not len(test_idx):
         raise _none_readable("test", skipped[n_skipped:])
     if len(skipped) > n_scanned:  # the count logged above changes: say so, with the numbers now used
@@ -617,9 +632,22 @@ def _evaluate(run_dir: Path, bundle: Bundle, on_train: bool, cfg: Config) -> Run
         )
     t0 = time.perf_counter()
     failed: list[dict[str, str]] = []
-    x, idx = _features(FeatureExtractor.from_config(cfg, bundle.build_backbone()), ds, idx, f"{part} features", failed)
+    now: dict[int, str] = {}
+    fx = FeatureExtractor.from_config(cfg, bundle.build_backbone())
+    x, idx = _features(fx, ds, idx, f"{part} features", failed, now)
     if not len(idx):
         raise _none_readable(part, failed)
+    recorded = recorded_digests(run_dir / "split.csv")
+    changed = [i for i in idx if recorded[i] and now.get(int(i), recorded[i]) != recorded[i]]
+    if changed:
+        log.warning(
+            "warning: %d of the %d %s images scored changed since training (their content is not what split.csv "
+            "records), e.g. %s: they are scored as they are now; if they were replaced, train again",
+            len(changed),
+            len(idx),
+            part,
+            ", ".join(ds.samples[i].rel for i in changed[:3]),
+        )
     scores = bundle.head.predict_proba(x)
     # the training's facts stay (runs compare weighs runs by its timings), the evaluation's own join them:
     # the images it scored are reported as they read now
@@ -628,7 +656,9 @@ def _evaluate(run_dir: Path, bundle: Bundle, on_train: bool, cfg: Config) -> Run
     skipped = [s for s in trained.skipped if s.get("path") not in scored] + failed
     timings = {**trained.timings, "evaluate_s": time.perf_counter() - t0}
     n_train = int(np.sum(split == "train")) if trained.n_train is None else trained.n_train
-    ds = replace(ds, notes=trained.notes)
+    changes = [{"path": display_path(ds.path(ds.samples[i])), "note": CHANGED_SINCE_TRAINING} for i in changed]
+    earlier = [n for n in trained.notes if n.get("note") != CHANGED_SINCE_TRAINING]  # an earlier evaluate's
+    ds = replace(ds, notes=[*earlier, *changes])
     curves = run_dir / FINETUNE_OUTPUTS[1]  # the fine-tuning's curves stay in the rewritten report
     figures = {"Fine-tuning curves": curves} if bundle.classifier != "svm" and curves.is_file() else None
     metrics = _finish(

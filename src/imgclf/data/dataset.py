@@ -384,15 +384,22 @@ def _read_list(path: Path, root: Path) -> set[str]:
     return out
 
 
-def save_split(path: Path, ds: Dataset, split: np.ndarray) -> None:
-    """Write the split as CSV (path, label, split), atomically, into an existing folder (a run folder removed
+def save_split(path: Path, ds: Dataset, split: np.ndarray, digests: dict[int, str] | None = None) -> None:
+    """Write the split as CSV (path, label, split; with ``digests``, sample index -> SHA-256 of the image,
+    a sha256 column, empty where not known), atomically, into an existing folder (a run folder removed
     meanwhile is not made again)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["path", "label", "split"])
-    for s, part in zip(ds.samples, split, strict=True):
-        w.writerow([s.rel, ds.classes[s.label], part])
+    w.writerow(["path", "label", "split", *(["sha256"] if digests else [])])
+    for i, (s, part) in enumerate(zip(ds.samples, split, strict=True)):
+        w.writerow([s.rel, ds.classes[s.label], part, *([digests.get(i, "")] if digests else [])])
     atomic_write_text(path, buf.getvalue(), parents=False)
+
+
+def recorded_digests(path: Path) -> list[str]:
+    """The sha256 column of a split CSV, one per row ('' where not recorded, all '' in older files)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        return [row.get("sha256") or "" for row in csv.DictReader(f)]
 
 
 def load_split(path: Path, root: Path, classes: list[str]) -> tuple[Dataset, np.ndarray]:

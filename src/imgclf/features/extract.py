@@ -60,6 +60,7 @@ class FeatureResult:
     ok: np.ndarray  # bool mask over the input paths
     errors: dict[int, str] = field(default_factory=dict)
     n_cached: int = 0
+    digests: dict[int, str] = field(default_factory=dict)  # SHA-256 of each image read (with the cache only)
 
 
 class FeatureExtractor:
@@ -236,7 +237,8 @@ class FeatureExtractor:
             if batch:
                 flush()
             bar.close()
-        return FeatureResult(feats, ok, errors, n_cached)
+        sums = {i: d for i, d in enumerate(digests) if d is not None and not d.startswith("!")}
+        return FeatureResult(feats, ok, errors, n_cached, sums)
 
 
 def _digest(path: Path) -> str:
