@@ -342,3 +342,12 @@ def test_the_link_with_its_token_opens_the_app_in_a_browser(browser: object, tmp
         expect(thumb).to_be_visible()
         pg.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=thumb.element_handle())
         context.close()
+        context = browser.new_context()  # type: ignore[attr-defined]
+        link = f'<a href="{server.url}/?token=tok-123">review</a>'  # on another site's page (a notebook, a chat)
+        context.route("http://links.test/", lambda route: route.fulfill(body=link, content_type="text/html"))
+        pg = context.new_page()
+        pg.set_default_timeout(15_000)
+        pg.goto("http://links.test/")
+        pg.click("a")  # a SameSite=Strict cookie was not sent after it: 401
+        expect(pg.locator('#class-list button[data-label="a"]')).to_have_text("a (2)")
+        context.close()

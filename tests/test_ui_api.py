@@ -295,13 +295,17 @@ def test_without_the_token_nothing_is_seen_or_moved(tmp_path: Path) -> None:
         ):
             r = other.request(method, path, json=body)
             assert r.status_code == 401 and "printed when it started" in r.json()["detail"], (path, r.text)
+            assert r.headers["x-frame-options"] == "DENY"
         other.cookies.set(f"imgclf-ui-{int(server.url.rsplit(':', 1)[1]) + 1}", "s3cret-token")  # another app's
         assert other.get("/api/info").status_code == 401
         assert sha_map(root) == before
     with Server(app) as server, httpx.Client(base_url=server.url) as user:
         link = user.get("/api/thumb", params={"path": "a/a_00.jpg", "size": 48, "token": "s3cret-token"})
         assert link.status_code == 303 and link.headers["location"] == "/api/thumb?path=a%2Fa_00.jpg&size=48"
-        assert "HttpOnly" in link.headers["set-cookie"] and "SameSite=strict" in link.headers["set-cookie"]
+        assert "HttpOnly" in link.headers["set-cookie"] and "SameSite=lax" in link.headers["set-cookie"]
+        assert link.headers["x-frame-options"] == "DENY"  # on the token's own answers too
+        away = user.get(server.url + "//evil.example/x", params={"token": "s3cret-token"})  # stays on this site
+        assert away.headers["location"] == "/evil.example/x"
         assert user.get(link.headers["location"]).status_code == 200  # with the cookie
         moved = user.post("/api/relabel", json={"path": "a/a_00.jpg", "label": "b"})
         assert moved.status_code == 200 and (root / "b" / "a_00.jpg").is_file()

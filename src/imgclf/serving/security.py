@@ -87,7 +87,9 @@ class TokenRequired:
     """Every request of ``app`` needs ``token`` (as Jupyter's): in the query of the link printed at start
     (``?token=``; a page asked for so gets a cookie and is sent to its address without it), or in that cookie.
     Every user of a machine reaches its 127.0.0.1; without the token, none but the one who started the app sees
-    or moves an image."""
+    or moves an image. The cookie is SameSite=Lax: a Strict one is not sent after a link followed from another
+    site's page (a notebook, a chat), which then showed 401; writes from other sites are refused by
+    :class:`SameOriginWrites` anyway."""
 
     def __init__(self, app: ASGIApp, token: str) -> None:
         self.app, self.token = app, token.encode()
@@ -104,8 +106,9 @@ class TokenRequired:
         if self._valid(request.query_params.get("token")):
             if scope["method"] == "GET":
                 rest = [(k, v) for k, v in request.query_params.multi_items() if k != "token"]
-                response = RedirectResponse(request.url.path + (f"?{urlencode(rest)}" if rest else ""), 303)
-                response.set_cookie(cookie, self.token.decode(), httponly=True, samesite="strict")
+                path = "/" + request.url.path.lstrip("/")  # "//host/x" would send the browser to another site
+                response = RedirectResponse(path + (f"?{urlencode(rest)}" if rest else ""), 303)
+                response.set_cookie(cookie, self.token.decode(), httponly=True, samesite="lax")
                 await response(scope, receive, send)
                 return
         elif not self._valid(request.cookies.get(cookie)):

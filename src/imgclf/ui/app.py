@@ -177,9 +177,9 @@ def create_app(
     )
     app.state.analyzer = analyzer
     app.add_middleware(SameOriginWrites)  # another site's page must not move images or restart the analysis
-    app.add_middleware(SecurityHeaders)
     if token is not None:
         app.add_middleware(TokenRequired, token=token)
+    app.add_middleware(SecurityHeaders)  # the outermost: on every answer, the token's 401 and redirect too
 
     @app.exception_handler(UnsafePathError)
     def _unsafe(_: Request, e: UnsafePathError) -> JSONResponse:
