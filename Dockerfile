@@ -2,7 +2,7 @@
 #
 #   docker build -t imgclf .
 #   docker run --rm -p 8000:8000 -v "$PWD/runs/flowers:/model:ro" imgclf
-#   docker run --rm -p 8000:8000 -v "$PWD/runs/flowers:/model:ro" -v imgclf-cache:/cache imgclf --api-key SECRET
+#   docker run --rm -p 8000:8000 -v "$PWD/runs/flowers:/model:ro" -v imgclf-cache:/cache -e IMGCLF_API_KEY="$KEY" imgclf
 #
 # Arguments after the image name are appended to `imgclf serve /model --host 0.0.0.0 --port 8000`.
 FROM python:3.11-slim

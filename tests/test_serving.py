@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import json
+import logging
 import os
 import re
 import socket
@@ -468,7 +469,26 @@ def test_serve_takes_the_api_key_from_the_environment(
     assert keys == ["from-env", "from-flag"]
     monkeypatch.setenv("IMGCLF_API_KEY", "")  # set but empty: refused, never an open service
     assert main(["serve", str(run_dir), "--port", str(_free_port())]) == 2
-    assert "an empty API key (an unset variable?): give one, e.g. IMGCLF_API_KEY=" in capsys.readouterr().err
+    assert "$IMGCLF_API_KEY is set but empty (an unset variable?)" in capsys.readouterr().err
+    assert main(["serve", str(run_dir), "--port", str(_free_port()), "--api-key", "from-flag"]) == 0  # the flag's
+    assert keys[-1] == "from-flag"
+
+
+def test_serving_on_all_addresses_without_a_key_is_warned_about(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`docker run -e IMGCLF_API_KEY` with the variable not exported served 0.0.0.0 open, without a word."""
+    from imgclf.cli import main
+    from imgclf.serving import app as serving_app
+
+    monkeypatch.setattr(serving_app, "create_app", lambda *a, **k: None)
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    monkeypatch.delenv("IMGCLF_API_KEY", raising=False)
+    with caplog.at_level(logging.WARNING, logger="imgclf"):
+        assert main(["serve", str(run_dir), "--port", str(_free_port())]) == 0
+        assert "without an API key" not in caplog.text  # 127.0.0.1: this machine's users only
+        assert main(["serve", str(run_dir), "--host", "0.0.0.0", "--port", str(_free_port())]) == 0
+    assert "warning: serving on 0.0.0.0 without an API key: anyone who can reach port" in caplog.text
 
 
 def test_the_api_docs_name_no_class_and_no_backbone(client: httpx.Client) -> None:

@@ -410,18 +410,23 @@ def ensure_port_free(host: str, port: int) -> None:
             raise ValueError(f"cannot listen on {host}:{port} ({e.strerror or e}): {advice}") from None
 
 
+def is_loopback(host: str) -> bool:
+    """Whether a server listening on ``host`` is reachable from this machine only."""
+    name = host.strip("[]")
+    try:
+        return name == "localhost" or ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 def only_local_hosts(app: Any, host: str) -> Any:
     """``app``, refusing (400) requests whose Host header names another machine when it listens on a
     loopback address: against DNS rebinding, where a web page, once its site's name points at 127.0.0.1,
     could read the app and act in it from the user's own browser. Other addresses are the user's choice."""
-    name = host.strip("[]")
-    try:
-        local = name == "localhost" or ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        local = False
-    if not local:
+    if not is_loopback(host):
         return app
     from starlette.middleware.trustedhost import TrustedHostMiddleware
 
+    name = host.strip("[]")
     literal = f"[{name}]" if ":" in name else name
     return TrustedHostMiddleware(app, allowed_hosts=sorted({"localhost", "127.0.0.1", "[::1]", literal}))

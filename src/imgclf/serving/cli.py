@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 
 from imgclf.cli import add_config_args, config_from_args, positive_int
-from imgclf.utils import ensure_port_free, only_local_hosts
+from imgclf.utils import ensure_port_free, is_loopback, only_local_hosts
+
+log = logging.getLogger("imgclf")
 
 API_KEY_VARIABLE = "IMGCLF_API_KEY"  # the key from the environment: a command line is seen by every local user
 
@@ -25,13 +28,27 @@ def _serve(args: argparse.Namespace) -> int:
     from imgclf.config import Config
     from imgclf.serving.app import create_app
 
-    # Defaults < $IMGCLF_API_KEY < --config < flags; of the training run's settings only flip_tta (device,
-    # threads, cache are the host's), so that the server scores as predict does.
+    # Defaults < --config < flags, the key from $IMGCLF_API_KEY where neither gives one; of the training run's
+    # settings only flip_tta (device, threads, cache are the host's), so that the server scores as predict does.
     serve = config_from_args(args).serve
     ensure_port_free(serve.host, serve.port)  # before the model loads
     bundle = Bundle.load(args.run_dir)
-    key = {"api_key": os.environ[API_KEY_VARIABLE]} if API_KEY_VARIABLE in os.environ else {}
-    cfg = config_from_args(args, Config().updated(flip_tta=bundle.flip_tta, **key))
+    cfg = config_from_args(args, Config().updated(flip_tta=bundle.flip_tta))
+    if cfg.serve.api_key is None and (key := os.environ.get(API_KEY_VARIABLE)) is not None:
+        if not key.strip():
+            raise ValueError(
+                f"${API_KEY_VARIABLE} is set but empty (an unset variable?): give it a key, e.g. "
+                f"{API_KEY_VARIABLE}=$(openssl rand -hex 16), or unset it to serve without one"
+            )
+        cfg = cfg.updated(api_key=key)
+    if cfg.serve.api_key is None and not is_loopback(cfg.serve.host):
+        log.warning(
+            "warning: serving on %s without an API key: anyone who can reach port %d can use the model; give "
+            "$%s or --api-key",
+            cfg.serve.host,
+            cfg.serve.port,
+            API_KEY_VARIABLE,
+        )
     app = create_app(bundle, cfg, flip_tta=cfg.features.flip_tta)
     uvicorn.run(only_local_hosts(app, cfg.serve.host), host=cfg.serve.host, port=cfg.serve.port, log_level="info")
     return 0
