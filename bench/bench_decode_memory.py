@@ -5,8 +5,9 @@ by as many threads, as the service's decoding threads do (``imgclf.serving.input
 mode runs in a fresh process, ``--repeats`` times; the script prints the medians of the peak rise of resident
 memory and of what stays after the images are answered:
 
-- *bounded*, the service's own: at most ``--megapixels`` pixels decoded at once across the threads (its
-  ``--max-image-pixels``), and an image over ``TRIM_AFTER_PIXELS`` gives its memory back to the system;
+- *bounded*, the service's own (``DecodingBudget``): at most ``--megapixels`` pixels decoded at once across
+  the threads (its ``--max-image-pixels``), and an image over ``TRIM_AFTER_PIXELS`` gives its memory back to
+  the system before the next large one starts;
 - *unbounded*, the baseline: every thread decodes at once, freed memory stays with each thread's allocator.
 
     python bench/bench_decode_memory.py [--images 4] [--megapixels 100] [--repeats 3]
@@ -44,9 +45,7 @@ def measure(mode: str, images: int, megapixels: float) -> dict[str, float]:
     data = buf.getvalue()
     del buf
     pixels = side * side
-    budget = PixelBudget(pixels if mode == "bounded" else 10**15)
-    if mode == "unbounded":
-        inputs.TRIM_AFTER_PIXELS = 10**15
+    budget = inputs.DecodingBudget(pixels) if mode == "bounded" else PixelBudget(10**15)
     pre = Preprocess(resolution=224)  # EfficientNet-Lite0's
     inputs.release_freed_memory()  # the PNG's making is not counted
     with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to VmRSS (Linux)
@@ -84,9 +83,10 @@ def main() -> None:
                 sys.exit(f"{mode} run failed:\n{done.stderr[-2000:]}")
             runs.append(json.loads(done.stdout))
         result[mode] = {key: statistics.median(r[key] for r in runs) for key in ("peak", "after")}
+        peak, after = result[mode]["peak"], result[mode]["after"]
         print(
-            f"{mode:>9}: {args.images} x {args.megapixels:g} Mpx PNG at once: memory peak +{result[mode]['peak']:.0f} MB, "
-            f"after +{result[mode]['after']:.0f} MB (medians of {args.repeats})"
+            f"{mode:>9}: {args.images} x {args.megapixels:g} Mpx PNG at once: memory peak +{peak:.0f} MB, "
+            f"after +{after:.0f} MB (medians of {args.repeats})"
         )
     b, u = result["bounded"], result["unbounded"]
     print(f"bounded / unbounded: peak {b['peak'] / u['peak']:.2f}, after {b['after'] / max(u['after'], 1.0):.2f}")

@@ -576,3 +576,35 @@ def test_classes_differing_only_in_letter_case_are_noted(tmp_path: Path):
     ds = scan_dataset(DataConfig(data_root=root))
     assert ds.classes == ["Rose", "rose", "tulip"]
     assert [n["note"].split(":")[0] for n in ds.notes] == ["classes 'Rose' and 'rose' differ only in letter case"]
+
+
+def test_a_large_image_is_not_starved_by_a_stream_of_small_ones():
+    """Pixels are taken in the order asked: an image needing the whole budget waited for ever behind four
+    threads decoding small images in turn (the budget was never all free at once)."""
+    import threading
+    import time
+
+    from imgclf.data.io import PixelBudget
+
+    budget, stop, admitted = PixelBudget(100), threading.Event(), threading.Event()
+
+    def small() -> None:
+        while not stop.is_set():
+            with budget.hold(30):
+                time.sleep(0.01)
+
+    def large() -> None:
+        with budget.hold(100):
+            admitted.set()
+
+    workers = [threading.Thread(target=small) for _ in range(4)]
+    for t in workers:
+        t.start()
+    time.sleep(0.1)
+    waiting = threading.Thread(target=large)
+    waiting.start()
+    got_in = admitted.wait(5)
+    stop.set()
+    for t in [*workers, waiting]:
+        t.join(10)
+    assert got_in

@@ -745,18 +745,23 @@ def test_large_images_are_decoded_within_a_pixel_budget(run_dir: Path, monkeypat
 
 def test_memory_of_a_large_image_goes_back_to_the_system(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A server's memory stayed at 3.2 GB after four 100 Mpx PNGs (each decoding thread's malloc arena kept its
-    image); after an image over TRIM_AFTER_PIXELS the freed memory is handed back, with its pixels still held."""
+    image); after an image over TRIM_AFTER_PIXELS, decoded or failed, the freed memory is handed back."""
     from imgclf.serving import inputs
 
-    budget, held_at_trim = inputs.PixelBudget(100_000), []
+    budget, trimmed = inputs.DecodingBudget(100_000), []
     monkeypatch.setattr(inputs, "TRIM_AFTER_PIXELS", 50_000)
-    monkeypatch.setattr(inputs, "release_freed_memory", lambda: held_at_trim.append(budget._free))
+    monkeypatch.setattr(inputs, "release_freed_memory", lambda: trimmed.append(budget._free))
     pre = Bundle.load(run_dir).preprocess
+    pngs = []
     for size in ((400, 200), (200, 100)):  # 80,000 pixels, then 20,000
         png = io.BytesIO()
         Image.new("RGB", size).save(png, "PNG")
-        assert inputs.decode_image(inputs.ImageInput(png.getvalue(), "x.png"), pre, 100_000, budget).ndim == 3
-    assert held_at_trim == [20_000]  # once, for the large image, while its 80,000 pixels were held
+        pngs.append(png.getvalue())
+        assert inputs.decode_image(inputs.ImageInput(pngs[-1], "x.png"), pre, 100_000, budget).ndim == 3
+    assert trimmed == [20_000]  # once, for the large image, while its 80,000 pixels were held
+    with pytest.raises(inputs.ApiError):  # the large one cut short: decoding fails, the memory goes back all the same
+        inputs.decode_image(inputs.ImageInput(pngs[0][: len(pngs[0]) // 2], "cut.png"), pre, 100_000, budget)
+    assert trimmed == [20_000, 20_000]
 
 
 def test_a_busy_server_answers_503(run_dir: Path, images: list[bytes]) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
+import traceback
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -255,20 +257,26 @@ def to_8bit(im: Image.Image) -> Image.Image:
 
 class PixelBudget:
     """Pixels decoded at once across threads: an image waits until its pixels fit in what is free; one larger
-    than the whole budget waits until it is all free, then decodes alone."""
+    than the whole budget waits until it is all free, then decodes alone. Images take their pixels in the
+    order they asked (a large one waited for ever behind a steady stream of small ones)."""
 
     def __init__(self, pixels: int) -> None:
         self.pixels = pixels
         self._free = pixels
         self._cond = threading.Condition()
+        self._tickets = itertools.count()
+        self._next = 0  # the ticket whose turn it is
 
     @contextmanager
     def hold(self, pixels: int) -> Iterator[None]:
         """Take ``pixels`` (at most the whole budget) from the budget until the block ends."""
         n = min(pixels, self.pixels)
         with self._cond:
-            self._cond.wait_for(lambda: self._free >= n)
+            ticket = next(self._tickets)
+            self._cond.wait_for(lambda: self._next == ticket and self._free >= n)
             self._free -= n
+            self._next += 1
+            self._cond.notify_all()
         try:
             yield
         finally:
@@ -289,35 +297,45 @@ def open_rgb(
     EXIF orientation is applied after decoding; transparent pixels are composited on white. With ``budget``
     (a budget and a stack), the pixels to decode are taken from the budget until the stack closes.
     """
-    try:
-        if isinstance(path, Path) and _file_size(path) == 0:
-            raise ImageError("empty file (0 bytes): re-download or remove it")
-        allow_pixels(max_pixels)
-        im = open_image(path)
-        if im.size[0] * im.size[1] > (max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS):
-            im.close()
-            raise ImageError(f"oversized image ({im.size[0]}x{im.size[1]}): downscale it or raise --max-image-pixels")
-        if draft_to is not None and im.format == "JPEG":
-            im.draft("RGB", (draft_to, draft_to))
-        if budget is not None:
-            budget[1].enter_context(budget[0].hold(im.width * im.height))  # the size to decode, after draft()
-        im.load()
-        im = to_8bit(upright(im, str(path) if isinstance(path, Path) else "image"))
-    except ImageError:
-        raise
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"oversized image ({e}): downscale it or raise --max-image-pixels") from e
-    except Image.UnidentifiedImageError as e:
-        raise _unreadable(path, e) from e
-    except OSError as e:
-        if e.errno is not None and isinstance(path, Path):
+    im = None
+    try:  # a failed decoding lets go of its image now, not with the traceback (whose decoder holds it)
+        try:
+            if isinstance(path, Path) and _file_size(path) == 0:
+                raise ImageError("empty file (0 bytes): re-download or remove it")
+            allow_pixels(max_pixels)
+            im = open_image(path)
+            if im.size[0] * im.size[1] > (max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS):
+                im.close()
+                raise ImageError(
+                    f"oversized image ({im.size[0]}x{im.size[1]}): downscale it or raise --max-image-pixels"
+                )
+            if draft_to is not None and im.format == "JPEG":
+                im.draft("RGB", (draft_to, draft_to))
+            if budget is not None:
+                budget[1].enter_context(budget[0].hold(im.width * im.height))  # the size to decode, after draft()
+            im.load()
+            im = to_8bit(upright(im, str(path) if isinstance(path, Path) else "image"))
+        except ImageError:
+            raise
+        except Image.DecompressionBombError as e:
+            raise ImageError(f"oversized image ({e}): downscale it or raise --max-image-pixels") from e
+        except Image.UnidentifiedImageError as e:
             raise _unreadable(path, e) from e
-        msg = str(e)
-        if "truncated" in msg:
-            raise ImageError("truncated or corrupt image data: re-download or re-save the file") from e
-        raise ImageError(f"cannot decode ({msg}): re-download or re-save the file") from e
-    except Exception as e:
-        raise ImageError(f"cannot decode ({type(e).__name__}: {e}): re-download or re-save the file") from e
+        except OSError as e:
+            if e.errno is not None and isinstance(path, Path):
+                raise _unreadable(path, e) from e
+            msg = str(e)
+            if "truncated" in msg:
+                raise ImageError("truncated or corrupt image data: re-download or re-save the file") from e
+            raise ImageError(f"cannot decode ({msg}): re-download or re-save the file") from e
+        except Exception as e:
+            raise ImageError(f"cannot decode ({type(e).__name__}: {e}): re-download or re-save the file") from e
+    except BaseException as e:
+        if im is not None:
+            im.close()
+        if e.__cause__ is not None:
+            traceback.clear_frames(e.__cause__.__traceback__)
+        raise
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         im = im.convert("RGBA")
         background = Image.new("RGBA", im.size, (255, 255, 255, 255))

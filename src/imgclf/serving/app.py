@@ -31,12 +31,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from imgclf import __version__
 from imgclf.bundle import Bundle
 from imgclf.config import Config
-from imgclf.data.io import PixelBudget
 from imgclf.features.extract import default_cache_dir
 from imgclf.features.runtimes import Runtime, create_runtime, device_type, resolve_precision, resolve_runtime
 from imgclf.serving.batching import MicroBatcher, NotRunning
 from imgclf.serving.inputs import (
     ApiError,
+    DecodingBudget,
     ImageInput,
     check_count,
     decode_image,
@@ -153,7 +153,7 @@ class ModelService:
         self.decoders: ThreadPoolExecutor | None = None
         # pixels decoded at once, across the decoding threads: one 100 Mpx PNG took 1.2 GB while it was decoded,
         # so as many at once as threads (the machine's cores) could exhaust the host's memory
-        self.decoding = PixelBudget(cfg.data.max_image_pixels)
+        self.decoding = DecodingBudget(cfg.data.max_image_pixels)
         self.model_id = bundle.model_id
         self.started = time.time()
 

@@ -7,8 +7,8 @@ import base64
 import binascii
 import io
 import json
-from collections.abc import AsyncIterator
-from contextlib import ExitStack
+from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -178,8 +178,22 @@ def check_count(n: int, max_images: int) -> None:
         raise ApiError(413, "too_many_images", f"{n} images in one request; limit {max_images}")
 
 
-# Decoded images larger than this (64 MB as RGBA) give their memory back to the system once cropped
+# Images larger than this (64 MB as RGBA) give their memory back to the system once cropped, or failed
 TRIM_AFTER_PIXELS = 16_000_000
+
+
+class DecodingBudget(PixelBudget):
+    """The service's :class:`PixelBudget`: an image over :data:`TRIM_AFTER_PIXELS` gives the memory freed back
+    to the system before its pixels go back to the budget, so that the next large image waits for it."""
+
+    @contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        with super().hold(pixels):
+            try:
+                yield
+            finally:
+                if pixels > TRIM_AFTER_PIXELS:
+                    release_freed_memory()
 
 
 def decode_image(image: ImageInput, pre: Preprocess, max_pixels: int, budget: PixelBudget) -> np.ndarray:
@@ -188,14 +202,8 @@ def decode_image(image: ImageInput, pre: Preprocess, max_pixels: int, budget: Pi
     if not image.data:
         raise ApiError(422, "bad_image", f"{image.name}: empty image")
     try:
-        with ExitStack() as held:
-            im = open_rgb(io.BytesIO(image.data), pre.resize_to, max_pixels, (budget, held))
-            pixels = im.width * im.height
-            array = resize_center_crop(im, pre)
-            del im
-            if pixels > TRIM_AFTER_PIXELS:
-                release_freed_memory()  # with the pixels still held: the next large image waits for it
-            return array
+        with ExitStack() as held:  # the decoded image is a temporary: freed before the budget lets go
+            return resize_center_crop(open_rgb(io.BytesIO(image.data), pre.resize_to, max_pixels, (budget, held)), pre)
     except ImageError as e:
         raise ApiError(422, "bad_image", f"{image.name}: {e}") from e
     except Exception as e:  # any failure on user bytes is the image's fault, never a server error
