@@ -576,6 +576,9 @@ def test_classes_differing_only_in_letter_case_are_noted(tmp_path: Path):
     ds = scan_dataset(DataConfig(data_root=root))
     assert ds.classes == ["Rose", "rose", "tulip"]
     assert [n["note"].split(":")[0] for n in ds.notes] == ["classes 'Rose' and 'rose' differ only in letter case"]
+    split = make_folder(tmp_path / "s" / "train", classes=("Rose", "rose", "tulip"), n=2).parent
+    make_folder(split / "val", classes=("Rose", "rose", "tulip"), n=2)
+    assert [n["path"] for n in scan_dataset(DataConfig(data_root=split)).notes] == [str(split / "train" / "rose")]
 
 
 def test_a_large_image_is_not_starved_by_a_stream_of_small_ones():

@@ -185,10 +185,14 @@ def scan_dataset(cfg: DataConfig) -> Dataset:
     by_case: dict[str, list[str]] = {}
     for name in class_names:
         by_case.setdefault(name.casefold(), []).append(name)
+    folder_of: dict[str, Path] = {}  # each class's first folder
+    for base, _ in parts:
+        for d in dirs[base]:
+            folder_of.setdefault(class_name(d), d)
     for alike in (names for names in by_case.values() if len(names) > 1):
         notes.append(
             {
-                "path": display_path(root / alike[1]),
+                "path": display_path(folder_of[alike[1]]),
                 "note": f"classes {' and '.join(map(repr, alike))} differ only in letter case: separate classes here, "
                 "but one folder on macOS and Windows (a copy there mixes them); merge or rename them",
             }

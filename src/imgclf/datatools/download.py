@@ -251,8 +251,8 @@ def _read_limited(response: httpx.Response, max_bytes: int, timeout_s: float) ->
             raise too_large
         if time.monotonic() > deadline:
             raise FetchError(
-                f"not all received within {timeout_s:g} s ({len(buf) / 1e6:.2g} MB so far): raise --timeout-s "
-                "for slow servers"
+                f"not all received within {timeout_s:g} s ({len(buf):,} bytes so far; not retried): raise "
+                "--timeout-s for slow servers"
             )
     return bytes(buf), response.headers.get("content-type", "").split(";")[0].strip()
 
