@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -95,3 +97,26 @@ def refuse_listing(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
         return real_scandir(path)
 
     monkeypatch.setattr(os, "scandir", scandir)
+
+
+def count_concurrent_loads(monkeypatch: pytest.MonkeyPatch, seconds: float) -> list[int]:
+    """Watch Pillow's decoding: the list's one item becomes the most decodes seen at once (set it to 0 to watch
+    again); each decode lasts ``seconds`` longer, long enough for threads that may overlap to do so."""
+    from PIL import ImageFile
+
+    loading, peak, lock = [0], [0], threading.Lock()
+    real_load = ImageFile.ImageFile.load
+
+    def load(im: ImageFile.ImageFile) -> object:
+        with lock:
+            loading[0] += 1
+            peak[0] = max(peak[0], loading[0])
+        try:
+            time.sleep(seconds)
+            return real_load(im)
+        finally:
+            with lock:
+                loading[0] -= 1
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    return peak

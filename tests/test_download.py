@@ -1,6 +1,5 @@
 import hashlib
 import io
-import threading
 import time
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -9,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fakeprovider import FakeServer, Route, make_image, run_cli
-from PIL import Image, ImageFile, ImageOps
+from helpers import count_concurrent_loads
+from PIL import Image, ImageOps
 
 from imgclf.config import DataToolsConfig
 from imgclf.datatools.download import (
@@ -364,21 +364,7 @@ def test_large_images_are_decoded_one_at_a_time(server: FakeServer, tmp_path: Pa
     import imgclf.datatools.download as dl
 
     monkeypatch.setattr(dl, "DECODING", dl.PixelBudget(100_000))  # each 400x300 image takes it all
-    loading, peak, lock = [0], [0], threading.Lock()
-    real_load = ImageFile.ImageFile.load
-
-    def load(im: ImageFile.ImageFile) -> object:
-        with lock:
-            loading[0] += 1
-            peak[0] = max(peak[0], loading[0])
-        try:
-            time.sleep(0.05)  # long enough for the other workers to overlap, if they may
-            return real_load(im)
-        finally:
-            with lock:
-                loading[0] -= 1
-
-    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    peak = count_concurrent_loads(monkeypatch, 0.05)
     entries = [UrlEntry("x", server.image(f"/l{i}.png", make_image(50 + i, (400, 300), "PNG"))) for i in range(4)]
     report = download(entries, tmp_path / "d", FAST, progress=False)
     assert [o.status for o in report.outcomes] == ["downloaded"] * 4

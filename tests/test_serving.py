@@ -26,7 +26,7 @@ import pytest
 import torch
 import uvicorn
 from fastapi.testclient import TestClient
-from helpers import CHROMIUM, CHROMIUM_ARGS, make_bundle
+from helpers import CHROMIUM, CHROMIUM_ARGS, count_concurrent_loads, make_bundle
 from PIL import Image
 from test_ui_api import Server
 
@@ -712,23 +712,7 @@ def test_stop_fails_the_running_and_queued_images() -> None:
 def test_large_images_are_decoded_within_a_pixel_budget(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """One 100 Mpx PNG took 1.2 GB while decoded, and each decoding thread (one a core) could hold one: the
     pixels decoded at once are now at most --max-image-pixels; smaller images still decode side by side."""
-    from PIL import ImageFile
-
-    loading, peak, lock = [0], [0], threading.Lock()
-    real_load = ImageFile.ImageFile.load
-
-    def load(im: ImageFile.ImageFile) -> object:
-        with lock:
-            loading[0] += 1
-            peak[0] = max(peak[0], loading[0])
-        try:
-            time.sleep(0.1)  # long enough for the other threads to overlap, if they may
-            return real_load(im)
-        finally:
-            with lock:
-                loading[0] -= 1
-
-    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    peak = count_concurrent_loads(monkeypatch, 0.1)
     cfg = Config().updated(workers=4, precision="fp32", max_image_pixels=100_000)
     png = io.BytesIO()
     Image.new("RGB", (400, 200), (200, 30, 30)).save(png, "PNG")  # 80,000 pixels: two do not fit at once

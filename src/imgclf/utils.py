@@ -356,6 +356,7 @@ def cpu_count() -> int:
     return max(1, usable())
 
 
+@functools.cache
 def _cpu_flags() -> str:
     try:
         return Path("/proc/cpuinfo").read_text()

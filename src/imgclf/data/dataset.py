@@ -120,6 +120,13 @@ def split_folders(root: Path) -> list[str]:
     return [base.name for base, _ in _predefined_parts(Path(root)) or []]
 
 
+def label_of(rel: str, splits: list[str]) -> str:
+    """The class (or ``unlabeled``) of an image path relative to the data folder whose split folders are
+    ``splits`` (:func:`split_folders`): ``train/ants/x.jpg`` is an ant."""
+    parts = rel.split("/")
+    return parts[1] if splits and parts[0] in splits and len(parts) > 2 else parts[0]
+
+
 NO_DATA_ROOT = "no data folder given: give DATA_DIR (data_root), the folder that holds one sub-folder per class"
 
 
@@ -185,14 +192,11 @@ def scan_dataset(cfg: DataConfig) -> Dataset:
     by_case: dict[str, list[str]] = {}
     for name in class_names:
         by_case.setdefault(name.casefold(), []).append(name)
-    folder_of: dict[str, Path] = {}  # each class's first folder
-    for base, _ in parts:
-        for d in dirs[base]:
-            folder_of.setdefault(class_name(d), d)
     for alike in (names for names in by_case.values() if len(names) > 1):
+        folder = next(d for base, _ in parts for d in dirs[base] if class_name(d) == alike[1])
         notes.append(
             {
-                "path": display_path(folder_of[alike[1]]),
+                "path": display_path(folder),
                 "note": f"classes {' and '.join(map(repr, alike))} differ only in letter case: separate classes here, "
                 "but one folder on macOS and Windows (a copy there mixes them); merge or rename them",
             }

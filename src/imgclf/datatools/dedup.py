@@ -27,7 +27,7 @@ import numpy as np
 from PIL import ImageStat
 from tqdm import tqdm
 
-from imgclf.data.dataset import UNLABELED_DIR, check_data_folder, split_folders, subfolders
+from imgclf.data.dataset import UNLABELED_DIR, check_data_folder, label_of, split_folders, subfolders
 from imgclf.data.io import (
     DECODE_VERSION,
     IMAGE_EXTENSIONS,
@@ -104,13 +104,8 @@ class DedupResult:
     def across_classes(self) -> list[list[Member]]:
         """The groups whose images lie in more than one class folder (``unlabeled/`` aside): a wrong label, or
         pictures that colour alone tells apart; the kept image decides which class keeps the picture."""
-        splits = set(split_folders(self.root))  # train/ants/x.jpg: the class is ants, where the layout is by split
-
-        def label(path: str) -> str:
-            parts = path.split("/")
-            return parts[1] if parts[0] in splits and len(parts) > 2 else parts[0]
-
-        return [g for g in self.groups if len({label(m.path) for m in g} - {UNLABELED_DIR}) > 1]
+        splits = split_folders(self.root)  # train/ants/x.jpg: the class is ants, where the layout is by split
+        return [g for g in self.groups if len({label_of(m.path, splits) for m in g} - {UNLABELED_DIR}) > 1]
 
 
 class HashCache:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from sklearn.model_selection import StratifiedKFold
 
-from imgclf.data.dataset import UNLABELED_DIR, split_folders, subfolders
+from imgclf.data.dataset import UNLABELED_DIR, label_of, split_folders, subfolders
 from imgclf.data.io import IMAGE_EXTENSIONS, list_files
 from imgclf.datatools.journal import append_record, move_no_overwrite, read_journal, same_file
 from imgclf.utils import display_path, file_sha256, is_utf8
@@ -69,12 +69,6 @@ def class_folders(root: Path) -> list[Path]:
     if not splits:
         return subfolders(root)
     return [d for s in splits for d in subfolders(root / s)] + [d for d in subfolders(root) if d.name == UNLABELED_DIR]
-
-
-def label_of(rel: str, splits: list[str]) -> str:
-    """The class (or ``unlabeled``) of an image path relative to the data folder."""
-    parts = rel.split("/")
-    return parts[1] if splits and parts[0] in splits and len(parts) > 2 else parts[0]
 
 
 def list_images(root: Path, walked: list[Path] | None = None) -> dict[str, list[str]]:
