@@ -6,6 +6,7 @@ import csv
 import errno
 import functools
 import itertools
+import json
 import logging
 import math
 import os
@@ -96,8 +97,11 @@ def test_dnn_end_to_end(demo: Path, tmp_path: Path) -> None:
     assert res.bundle.backbone_spec["weights_id"].startswith("finetuned:")
     assert res.bundle.preprocess.resolution == 72  # trained at 64, deployed at 64 x test_scale 1.15, rounded to 8
     assert "dnn on efficientnet_lite0, 72 px input" in (run / "report.md").read_text()
-    evaluate(run)  # the rewritten report keeps the fine-tuning curves
+    kept = res.metrics["finetune"]  # the epoch restored, with its validation error as the log shows it
+    assert kept["epochs_trained"] == 2 and kept["kept_val_error"] == float(rows[kept["kept_epoch"]]["val_error"])
+    evaluate(run)  # the rewritten report keeps the fine-tuning curves, metrics.json the kept epoch
     assert "![Fine-tuning curves](finetune_curves.png)" in (run / "report.md").read_text()
+    assert json.loads((run / "metrics.json").read_text())["finetune"] == kept
     import shutil
 
     from imgclf.bundle import Bundle, BundleError

@@ -933,6 +933,7 @@ def test_backbone_auto_chooses_on_the_training_split(tmp_path, caplog, monkeypat
     choosing = [idx for desc, idx in seen if desc.endswith(" train features")]
     assert len(choosing) == 3 and not any(test_rows & set(idx) for idx in choosing)  # the test split plays no part
     assert [desc for desc, _ in seen][3:] == ["test features"]
+    assert evaluate(result.run_dir).metrics["backbone_cv_accuracy"] == cv  # an evaluation cannot choose again
     with pytest.raises(ValidationError, match="use it with --classifier svm"):
         Config().updated(backbone="auto", classifier="dnn")
 

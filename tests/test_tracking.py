@@ -391,6 +391,8 @@ def test_metric_keys_stay_apart_when_class_names_do_not():
     assert (flat["auc_a_b"], flat["auc_a_b_2"], flat["auc_micro_2"]) == (auc["a:b"], auc["a?b"], auc["micro"])
     old = {"auc": {"a": 0.7, "micro": 0.6, "macro": 0.7}}  # metrics.json of older runs: one dictionary
     assert flat_metrics(old) == {"n_skipped": 0, "auc_micro": 0.6, "auc_macro": 0.7, "auc_a": 0.7}
+    tuned = {"finetune": {"kept_epoch": 2, "epochs_trained": 5, "kept_val_error": None}}
+    assert flat_metrics(tuned) == {"n_skipped": 0, "finetune_kept_epoch": 2, "finetune_epochs_trained": 5}
 
 
 def _folder_run(folder: Path, data_root: str, lr: float, predictions: bool = True, **metrics: Any) -> Path:

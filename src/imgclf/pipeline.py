@@ -56,6 +56,7 @@ LOGGED_MAX = 20  # skipped files and notes printed; all of them go to the report
 FINETUNE_OUTPUTS = ("finetune_log.csv", "finetune_curves.png")
 EARLIER_OUTPUTS = ("leaks.csv", "label_conflicts.csv", *FINETUNE_OUTPUTS, "train_metrics.json", "train_predictions.csv")
 # What fine-tuning keeps for --resume: its decoded-image cache (only after an interruption) and checkpoint.
+TRAINING_ONLY = ("backbone_cv_accuracy", "finetune")  # metrics.json entries only train can know
 FINETUNE_STATE = ("finetune_cache", "finetune_ckpt.pt")
 # What a train writes into its run folder (besides hidden files): an --out holding any of them and no run is refused.
 RUN_OUTPUTS = (
@@ -456,6 +457,8 @@ def _train(cfg: Config, run_dir: Path, t0: float) -> RunResult:
         train_idx = np.array([i for i in train_idx if i not in ft.skipped], np.int64)
         if mode == "dnn":
             fitted_head = ft.head
+        if summary := ft.summary():
+            extra["finetune"] = summary
     t = time.perf_counter()
     fx = FeatureExtractor.from_config(cfg, backbone)
     if fitted_head is None and fit is None:  # the dnn head comes trained; only feature heads need training features
@@ -565,12 +568,14 @@ def _with_flip_tta(cfg: Config, bundle: Bundle, flip_tta: bool | None) -> Config
 @dataclass
 class _TrainingFacts:
     """What ``train`` wrote into the run's metrics.json that an evaluation cannot see again (an evaluate since
-    keeps them): its timings, how many images it trained on, the files it skipped and its notes."""
+    keeps them): its timings, how many images it trained on, the files it skipped, its notes and the entries
+    of :data:`TRAINING_ONLY` (the backbone choice, the fine-tuning's kept epoch)."""
 
     timings: dict[str, float]
     n_train: int | None
     skipped: list[dict[str, str]]
     notes: list[dict[str, str]]
+    extra: dict[str, Any]
 
     @classmethod
     def read(cls, run_dir: Path) -> _TrainingFacts:
@@ -587,6 +592,7 @@ class _TrainingFacts:
             n_train if isinstance(n_train, int) else None,
             [s for s in m.get("skipped") or [] if isinstance(s, dict)],
             [n for n in m.get("notes") or [] if isinstance(n, dict)],
+            {k: m[k] for k in TRAINING_ONLY if k in m},
         )
 
 
@@ -662,7 +668,18 @@ def _evaluate(run_dir: Path, bundle: Bundle, on_train: bool, cfg: Config) -> Run
     curves = run_dir / FINETUNE_OUTPUTS[1]  # the fine-tuning's curves stay in the rewritten report
     figures = {"Fine-tuning curves": curves} if bundle.classifier != "svm" and curves.is_file() else None
     metrics = _finish(
-        run_dir, cfg, bundle, ds, idx, scores, n_train, skipped, timings, figures, prefix="train_" if on_train else ""
+        run_dir,
+        cfg,
+        bundle,
+        ds,
+        idx,
+        scores,
+        n_train,
+        skipped,
+        timings,
+        figures,
+        trained.extra,
+        prefix="train_" if on_train else "",
     )
     result = RunResult(run_dir, metrics, bundle)
     if cfg.tracking.tracking:

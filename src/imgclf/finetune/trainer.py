@@ -59,7 +59,20 @@ class FinetuneResult:
     head: LinearHead
     history: list[dict[str, float]]
     figures: dict[str, Path]
+    kept_epoch: int
     skipped: dict[int, str] = field(default_factory=dict)  # sample index -> why it could not be used
+
+    def summary(self) -> dict[str, float | int | None]:
+        """The kept epoch, the epochs trained and the kept epoch's validation error (None where not validated),
+        as metrics.json's ``finetune`` entry; empty where no epoch ran."""
+        if not self.history:
+            return {}
+        error = next((h["val_error"] for h in self.history if h["epoch"] == self.kept_epoch), math.nan)
+        return {
+            "kept_epoch": self.kept_epoch,
+            "epochs_trained": int(self.history[-1]["epoch"]),
+            "kept_val_error": float(error) if math.isfinite(error) else None,
+        }
 
 
 class Classifier(nn.Module):
@@ -521,7 +534,7 @@ def _finetune(
             log.info("fine-tuning: best epoch %d of %d (validation error %.3f)", best_epoch, trained, best["val_error"])
         else:
             log.info("fine-tuning: no validation score, the last finite epoch (%d of %d) is kept", best_epoch, trained)
-    return FinetuneResult(tuned, head, history, figures, skipped)
+    return FinetuneResult(tuned, head, history, figures, int(best["epoch"]), skipped)
 
 
 def _stages(net: nn.Module) -> list[str] | None:

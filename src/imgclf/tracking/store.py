@@ -145,6 +145,7 @@ def _run_level(metrics: dict[str, Any]) -> list[tuple[str, Any]]:
         ("auc_micro", auc.get("micro")),
         ("auc_macro", auc.get("macro")),
         *((f"time_{k}", v) for k, v in metrics.get("timings_s", {}).items()),
+        *((f"finetune_{k}", metrics.get("finetune", {}).get(k)) for k in ("kept_epoch", "epochs_trained")),
     ]
 
 
@@ -158,7 +159,7 @@ def _by_class(metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def run_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """The numbers of a whole run in a ``metrics.json``: accuracies, counts, ``auc_micro``, ``auc_macro``,
-    ``time_<step>``."""
+    ``time_<step>``, ``finetune_kept_epoch`` and ``finetune_epochs_trained`` of a fine-tuned run."""
     return {name: float(v) for name, v in _run_level(metrics) if v is not None}
 
 
