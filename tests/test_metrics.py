@@ -1,4 +1,5 @@
 import logging
+import re
 import warnings
 from pathlib import Path
 
@@ -312,3 +313,31 @@ def test_a_metrics_memo_entry_cut_short_is_computed_again(tmp_path: Path):
     entry.write_bytes(whole[:200])
     assert compute_metrics(y, scores, ["a", "b", "c"], memo) == first
     assert entry.read_bytes() == whole  # replaced by a whole one
+
+
+def test_reports_list_the_wrong_predictions_most_confident_first():
+    """The reports named no misclassified image: the reader had to open predictions.csv or the review app."""
+    from markdown_it import MarkdownIt
+
+    from imgclf.evaluation.report import WRONG_SHOWN, render_reports
+
+    y = np.array([0, 0, 1, 1, 1])
+    scores = np.array([[0.9, 0.1], [0.3, 0.7], [0.2, 0.8], [0.6, 0.4], [0.95, 0.05]])
+    m = {**compute_metrics(y, scores, ["ant", "bee"]), "n_train": 4, "n_test": 5}
+    paths = ["ant/a.jpg", "ant/b|c.jpg", "bee/c.jpg", "bee/<d>.jpg", "bee/e.jpg"]
+    reports = render_reports(y, scores, m, {}, paths=paths)
+    md = reports["report.md"].decode()
+    assert "## Wrong predictions (3)" in md
+    shown = MarkdownIt("commonmark").enable("table").render(md.split("## Wrong predictions (3)")[1])
+    assert re.findall(r"<td>(.*?)</td>", shown.split("</table>")[0]) == [  # image, true, predicted, scores
+        "<code>bee/e.jpg</code>", "bee", "ant", "0.950", "0.050",
+        "<code>ant/b|c.jpg</code>", "ant", "bee", "0.700", "0.300",
+        "<code>bee/&lt;d&gt;.jpg</code>", "bee", "ant", "0.600", "0.400",
+    ]  # fmt: skip
+    page = reports["report.html"].decode()
+    assert "<h2>Wrong predictions (3)</h2>" in page and "<code>bee/&lt;d&gt;.jpg</code>" in page
+    assert "Wrong predictions" not in render_reports(y, np.eye(2)[y], m, {}, paths=paths)["report.md"].decode()
+    n = WRONG_SHOWN + 7
+    many = render_reports(np.zeros(n, int), np.tile([0.2, 0.8], (n, 1)), m, {}, paths=[f"{i}.jpg" for i in range(n)])
+    assert "7 more in predictions.csv" in many["report.md"].decode()
+    assert many["report.md"].decode().count("| bee | 0.800 |") == WRONG_SHOWN

@@ -163,7 +163,7 @@ def _finish(
         f"{prefix}metrics.json": json.dumps(metrics, indent=2).encode(),
     }
     if not prefix:
-        outputs |= render_reports(y, scores, metrics, cfg.flat(), extra_figures, Memo(memo_root, "figures"))
+        outputs |= render_reports(y, scores, metrics, cfg.flat(), extra_figures, Memo(memo_root, "figures"), rels)
     atomic_write_files({run_dir / name: data for name, data in outputs.items()}, parents=False)
     others = [s for s in skipped if s["reason"] != NOT_AN_IMAGE]
     if len(others) < len(skipped):  # annotation or text files beside the images: counted, not listed one by one

@@ -36,6 +36,11 @@ def md_cell(text: str) -> str:
     return text.replace("](", "\\](")
 
 
+def _md_table_code(text: str) -> str:
+    """``text`` as a code span in a Markdown table cell: a ``|`` in it escaped (GFM ends the cell there)."""
+    return md_code(text).replace("|", "\\|")
+
+
 def md_code(text: str) -> str:
     """``text`` (not empty) as a Markdown code span shown as written, line breaks as spaces: the backtick fence
     is longer than any run of backticks inside, padded with a space where the text starts or ends with a
@@ -270,6 +275,21 @@ def _model(metrics: dict[str, Any]) -> str:
 
 
 SKIPPED_OPEN_MAX = 20  # a longer list of skipped files starts folded in report.html
+WRONG_SHOWN = 50  # wrong predictions listed in the reports, the most confident first (predictions.csv has all)
+
+
+def wrong_predictions(
+    paths: Sequence[str], y_true: np.ndarray, scores: np.ndarray, classes: Sequence[str]
+) -> list[tuple[str, str, str, float, float]]:
+    """(path, true class, predicted class, its score, the true class's score) of each wrongly classified
+    image, the most confident mistakes first (ties by path)."""
+    pred = scores.argmax(1)
+    wrong = np.flatnonzero(pred != y_true)
+    rows = [
+        (paths[i], classes[y_true[i]], classes[pred[i]], float(scores[i, pred[i]]), float(scores[i, y_true[i]]))
+        for i in wrong
+    ]
+    return sorted(rows, key=lambda r: (-r[3], r[0]))
 
 
 def render_reports(
@@ -279,11 +299,13 @@ def render_reports(
     params: dict[str, Any],
     extra_figures: dict[str, Path] | None = None,
     memo: Memo | None = None,
+    paths: Sequence[str] | None = None,
 ) -> dict[str, bytes]:
     """The content of ``evaluation.png``, ``report.html`` and ``report.md`` by file name (the caller writes
     them, with the run's other results, as one unit).
 
-    With ``memo``, the figure of identical labels and scores is read back instead of drawn again.
+    With ``memo``, the figure of identical labels and scores is read back instead of drawn again. With
+    ``paths`` (the scored images, in the order of ``y_true``), the reports list the wrong predictions.
     """
     memo = memo or Memo(None, "figures")
     shown = {k: metrics[k] for k in ("classes", "auc", "confusion_matrix")}
@@ -319,6 +341,26 @@ def render_reports(
         for k in changed
     )
     many = len(skipped) > SKIPPED_OPEN_MAX
+    wrong = [] if paths is None else wrong_predictions(paths, y_true, scores, metrics["classes"])
+    more_wrong = (  # own text with a command in backticks: Markdown as is, HTML with <code>
+        f"{len(wrong) - WRONG_SHOWN} more in predictions.csv; `imgclf ui DATA --run RUN` shows all with their images"
+        if len(wrong) > WRONG_SHOWN
+        else "`imgclf ui DATA --run RUN` shows them with their images"
+    )
+    more_wrong_html = re.sub("`(.*?)`", r"<code>\1</code>", more_wrong)
+    wrong_html = "".join(
+        f"<tr><td><code>{html.escape(p)}</code></td><td>{html.escape(t)}</td><td>{html.escape(q)}</td>"
+        f"<td>{sq:.3f}</td><td>{st:.3f}</td></tr>"
+        for p, t, q, sq, st in wrong[:WRONG_SHOWN]
+    )
+    wrong_section = (
+        f"<h2>Wrong predictions ({len(wrong)})</h2><details{' open' if len(wrong) <= SKIPPED_OPEN_MAX else ''}>"
+        f"<summary>the most confident first; {more_wrong_html}</summary><table><tr><th>image</th><th>true</th>"
+        f"<th>predicted</th><th>its score</th><th>true class's score</th></tr>{wrong_html}</table>"
+        "</details>"
+        if wrong
+        else ""
+    )
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>imgclf report</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}</style></head><body>
@@ -330,6 +372,7 @@ macro {fmt_fraction(metrics["auc"]["macro"], False)}; {metrics["n_train"]} train
 {f"Model: {html.escape(_model(metrics))}." if "classifier" in metrics else ""}</p>
 <table><tr><th>class</th><th>accuracy</th><th>test images</th><th>AUC</th></tr>{rows}</table>
 {figs_html}
+{wrong_section}
 <h2>Skipped files ({len(skipped)})</h2>
 {"<details><summary>show them</summary>" if many else ""}<ul>{skipped_html or "<li>none</li>"}</ul>{"</details>" if many else ""}
 {f"<h2>Notes ({len(notes)})</h2><ul>{notes_html}</ul>" if notes else ""}
@@ -353,6 +396,13 @@ macro {fmt_fraction(metrics["auc"]["macro"], False)}; {metrics["n_train"]} train
         for c in metrics["classes"]
     ]
     md += ["", *[f"![{title}]({file})" for title, (file, _) in figures.items()]]
+    if wrong:
+        md += ["", f"## Wrong predictions ({len(wrong)})", "", f"The most confident first; {more_wrong}.", ""]
+        md += ["| image | true | predicted | its score | true class's score |", "|---|---|---|---|---|"]
+        md += [
+            f"| {_md_table_code(p)} | {md_cell(t)} | {md_cell(q)} | {sq:.3f} | {st:.3f} |"
+            for p, t, q, sq, st in wrong[:WRONG_SHOWN]
+        ]
     md += ["", f"## Skipped files ({len(skipped)})", ""]
     md += [f"- {md_code(s['path'])}: {md_cell(s['reason'])}" for s in skipped] or ["none"]
     if notes:
