@@ -82,6 +82,9 @@ def test_run_folder_contents(run):
     assert set(reasons) == {"zero.jpg", "readme.txt", "truncated.jpg"}
     assert reasons["readme.txt"] == "not an image (nor named as one): not used"
     assert m["n_train"] + m["n_test"] == 36  # every good image used, the truncated one skipped
+    with open(out / "split.csv") as f:  # it passes the scan: split.csv listed it as used for training
+        used = {r["path"]: r["used"] for r in csv.DictReader(f)}
+    assert used.pop("circles/truncated.jpg") == "no" and set(used.values()) == {"yes"} and len(used) == 36
     assert _digests(data) == before  # nothing deleted or modified
     with open(out / "predictions.csv") as f:
         rows = list(csv.DictReader(f))

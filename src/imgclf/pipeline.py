@@ -467,8 +467,9 @@ def _train(cfg: Config, run_dir: Path, t0: float) -> RunResult:
     digests: dict[int, str] = {}
     x_test, test_idx = _features(fx, ds, test_idx, "test features", skipped, digests)
     timings["features_s"] = time.perf_counter() - t
-    if digests:  # what the test images held: evaluate names those changed since
-        save_split(run_dir / "split.csv", ds, split, digests)
+    # which images were read (a truncated file passes the scan), and what the test images held: evaluate
+    # names those changed since
+    save_split(run_dir / "split.csv", ds, split, digests, {*train_idx.tolist(), *test_idx.tolist()})
     if not len(test_idx):
         raise _none_readable("test", skipped[n_skipped:])
     if len(skipped) > n_scanned:  # the count logged above changes: say so, with the numbers now used

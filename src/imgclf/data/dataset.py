@@ -9,6 +9,7 @@ import logging
 import os
 import unicodedata
 import zlib
+from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -392,15 +393,23 @@ def _read_list(path: Path, root: Path) -> set[str]:
     return out
 
 
-def save_split(path: Path, ds: Dataset, split: np.ndarray, digests: dict[int, str] | None = None) -> None:
+def save_split(
+    path: Path,
+    ds: Dataset,
+    split: np.ndarray,
+    digests: dict[int, str] | None = None,
+    used: Collection[int] | None = None,
+) -> None:
     """Write the split as CSV (path, label, split; with ``digests``, sample index -> SHA-256 of the image,
-    a sha256 column, empty where not known), atomically, into an existing folder (a run folder removed
-    meanwhile is not made again)."""
+    a sha256 column, empty where not known; with ``used``, the indices of the images the run could read, a
+    used column of yes/no), atomically, into an existing folder (a run folder removed meanwhile is not made
+    again)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["path", "label", "split", *(["sha256"] if digests else [])])
+    w.writerow(["path", "label", "split", *(["sha256"] if digests else []), *(["used"] if used is not None else [])])
     for i, (s, part) in enumerate(zip(ds.samples, split, strict=True)):
-        w.writerow([s.rel, ds.classes[s.label], part, *([digests.get(i, "")] if digests else [])])
+        row = [s.rel, ds.classes[s.label], part, *([digests.get(i, "")] if digests else [])]
+        w.writerow([*row, *([("yes" if i in used else "no")] if used is not None else [])])
     atomic_write_text(path, buf.getvalue(), parents=False)
 
 
