@@ -36,6 +36,8 @@ def test_cache_hit_and_runtime_parity(tmp_path: Path, backbone):
     ).extract(paths)
     assert again.n_cached == 12 and np.array_equal(again.features, first.features)
     as_text = fx.extract([str(paths[0]), str(root / "missing.jpg")])  # paths as strings: a missing one is reported
+    with pytest.raises(TypeError, match="extract takes a list of paths, not one path"):  # not one per letter
+        fx.extract(str(paths[0]))
     assert as_text.ok.tolist() == [True, False] and "No such file" in as_text.errors[1]
     ref = FeatureExtractor(backbone, runtime="torch", use_cache=False, progress=False).extract(paths[:12])
     assert np.allclose(ref.features, first.features[:12], atol=1e-3)

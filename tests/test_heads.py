@@ -137,8 +137,17 @@ def test_fit_head_rows_follow_the_labels_and_misuse_is_named():
     assert head.weight.shape[0] == 6 and np.mean(head.predict(x) == labels) > 0.9
     with pytest.raises(ValueError, match=r"this head takes \(n, 16\): features of another backbone"):
         head.predict_proba(np.zeros((2, 1000)))
-    with pytest.raises(ValueError, match="c_grid is empty"):
+    with pytest.raises(ValueError, match=r"c_grid: give a list of one or more C values, not \(\)"):
         LinearSVMHead(c_grid=()).fit(x, y)
+    # the library's own settings (the configuration refuses them): an error naming the parameter, not
+    # a TypeError from len(), nor cv_folds 0 fitting without any cross-validation
+    with pytest.raises(ValueError, match=r"c_grid: give a list of one or more C values, not 1\.0"):
+        LinearSVMHead(c_grid=1.0).fit(x, y)
+    with pytest.raises(ValueError, match="every C value must be a number above 0"):
+        LinearSVMHead(c_grid=(1.0, -1)).fit(x, y)
+    for folds in (0, 1):
+        with pytest.raises(ValueError, match=f"cv_folds: at least 2 folds .*, got {folds}"):
+            LinearSVMHead(cv_folds=folds).fit(x, y, groups=np.arange(len(y)))
 
 
 def test_a_heads_memo_entry_cut_short_is_fitted_again(tmp_path):

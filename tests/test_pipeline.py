@@ -107,8 +107,12 @@ def test_bundle_reload_and_evaluate_reproduce(run):
     _, result, _ = run
     bundle = Bundle.load(result.run_dir)
     assert bundle.classes == result.bundle.classes and bundle.classifier == "svm"
-    again = evaluate(result.run_dir)
+    # a notebook's configuration changes what it gives: the data folder and the run's settings stay (the data
+    # folder was looked for in the working folder, the report listed the defaults as the run's settings)
+    again = evaluate(result.run_dir, cfg=Config().updated(batch_size=4, cv_folds=5))
     assert again.metrics["overall_accuracy"] == pytest.approx(result.metrics["overall_accuracy"])
+    md = (result.run_dir / "report.md").read_text().split("## Parameters")[1]
+    assert "| resolution | 64 | None |" in md and "| batch_size | 4 |" in md and "| cv_folds |" not in md
     timings = json.loads((result.run_dir / "metrics.json").read_text())["timings_s"]  # training's kept
     assert timings == {**result.metrics["timings_s"], "evaluate_s": pytest.approx(timings["evaluate_s"])}
     on_train = evaluate(result.run_dir, on_train=True)

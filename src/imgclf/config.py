@@ -457,8 +457,7 @@ class Config(BaseModel):
         except ValidationError as e:
             raise invalid(e) from None
         base = base or cls()
-        sections = [getattr(loaded, name) for name in loaded.model_fields_set]
-        given = {name: getattr(sec, name) for sec in sections for name in sec.model_fields_set}
+        given = loaded.given()
         if only is not None:
             now = {name: getattr(getattr(base, index[name]), name) for name in given}
             if unused := sorted(k for k, v in given.items() if k not in only and v != now[k]):
@@ -475,12 +474,21 @@ class Config(BaseModel):
             raise invalid(e) from None
 
     @classmethod
-    def of_run(cls, raw: dict[str, Any], source: str) -> Config:
+    def of_run(cls, raw: dict[str, Any], source: str, changes: Config | None = None) -> Config:
         """A trained run's configuration (:meth:`from_saved`) for a command on this machine: the settings of
-        :data:`MACHINE_FIELDS` are this machine's defaults, not those of the machine it was trained on."""
+        :data:`MACHINE_FIELDS` are this machine's defaults, not those of the machine it was trained on. The
+        settings given in ``changes`` (:meth:`given`) override the run's: a notebook's
+        ``Config().updated(batch_size=8)`` changes the batch size, not the data folder or the resolution."""
         here = cls().flat()
         names = [field.split(".")[1] for field in MACHINE_FIELDS]
-        return cls.from_saved(raw, source).updated(**{name: here[name] for name in names})
+        given = changes.given() if changes is not None else {}
+        return cls.from_saved(raw, source).updated(**{name: here[name] for name in names}, **given)
+
+    def given(self) -> dict[str, Any]:
+        """The settings given by flat name: set when made, by :meth:`updated` or by assignment, even to their
+        default value (a configuration read from a file or a run has all of its fields given)."""
+        sections = [getattr(self, name) for name in self.model_fields_set]
+        return {name: getattr(sec, name) for sec in sections for name in sec.model_fields_set}
 
     @classmethod
     def from_saved(cls, raw: dict[str, Any], source: str) -> Config:
@@ -508,13 +516,14 @@ class Config(BaseModel):
         return cfg
 
     def updated(self, **flat: Any) -> Config:
-        """A copy with fields replaced by flat name (``train_fraction=0.8``), validated."""
-        raw = self.model_dump()
+        """A copy with fields replaced by flat name (``train_fraction=0.8``), validated; the settings given
+        are this one's and those replaced (:meth:`given`)."""
+        raw = self.model_dump(exclude_unset=True)
         index = field_index()
         for name, value in flat.items():
             if name not in index:
                 raise KeyError(f"unknown parameter {name!r}; see `imgclf config --show`")
-            raw[index[name]][name] = value
+            raw.setdefault(index[name], {})[name] = value
         return Config.model_validate(raw)
 
     def flat(self) -> dict[str, Any]:

@@ -551,12 +551,13 @@ def evaluate(
 ) -> RunResult:
     """Score a run's bundle on its saved test split (or training split) and rewrite the metrics.
 
-    ``cfg`` (default: the run's) says how to compute; the mirror averaging (``flip_tta``) follows the run,
-    as it changes the scores, unless ``flip_tta`` is given.
+    The run's configuration says how to compute, with the settings in which ``cfg`` differs from the defaults
+    (:meth:`Config.of_run`); the mirror averaging (``flip_tta``) follows the run, as it changes the scores,
+    unless ``flip_tta`` is given.
     """
     run_dir = Path(run_dir)
     bundle = Bundle.load(run_dir)
-    cfg = _with_flip_tta(cfg or Config.of_run(bundle.config, f"the run {run_dir}"), bundle, flip_tta)
+    cfg = _with_flip_tta(Config.of_run(bundle.config, f"the run {run_dir}", cfg), bundle, flip_tta)
     with _writing(run_dir, "evaluate"):
         return _evaluate(run_dir, bundle, on_train, cfg)
 
@@ -758,11 +759,12 @@ def predict(
     """Class scores for images (a file, folder or list of paths, or several); unreadable images carry an error.
 
     One prediction per file named, in the order given (a file named twice is scored twice), then per image
-    found in a folder. ``cfg`` (default: the run's) says how to compute; ``flip_tta`` follows the run unless
-    given, so that the scores are those of the run's predictions.csv.
+    found in a folder. The run's configuration says how to compute, with the settings in which ``cfg``
+    differs from the defaults (:meth:`Config.of_run`); ``flip_tta`` follows the run unless given, so that the
+    scores are those of the run's predictions.csv.
     """
     bundle = Bundle.load(run_dir)
-    cfg = _with_flip_tta(cfg or Config.of_run(bundle.config, f"the run {run_dir}"), bundle, flip_tta)
+    cfg = _with_flip_tta(Config.of_run(bundle.config, f"the run {run_dir}", cfg), bundle, flip_tta)
     pixels = isinstance(inputs, np.ndarray) and inputs.dtype.kind not in "UO"  # an image, not an array of paths
     if isinstance(inputs, str | os.PathLike) or not isinstance(inputs, Iterable) or pixels:
         items = [inputs]  # one path; anything else is named by expand_inputs

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -185,6 +186,8 @@ class FeatureExtractor:
 
     def extract(self, paths: Sequence[str | Path], desc: str = "features") -> FeatureResult:
         """Features for every path; images that fail to decode are reported in ``errors``, never raised."""
+        if isinstance(paths, str | os.PathLike):  # a str is a sequence too: of one-letter paths
+            raise TypeError(f"extract takes a list of paths, not one path: give [{str(paths)!r}]")
         paths = [Path(p) for p in paths]
         n = len(paths)
         feats = np.zeros((n, self.backbone.num_features), np.float32)

@@ -12,6 +12,8 @@ write.
 
 from __future__ import annotations
 
+from numbers import Integral, Real
+
 import numpy as np
 from joblib import Parallel, delayed
 from scipy.optimize import minimize_scalar
@@ -78,8 +80,12 @@ class LinearSVMHead(ClassifierMixin, BaseEstimator):
         return LinearSVC(C=c, class_weight=self.class_weight, max_iter=20000, random_state=self.random_state)
 
     def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> LinearSVMHead:
-        if not len(self.c_grid):
-            raise ValueError("c_grid is empty: give at least one C value")
+        if np.ndim(self.c_grid) != 1 or not len(self.c_grid):
+            raise ValueError(f"c_grid: give a list of one or more C values, not {self.c_grid!r}")
+        if not all(isinstance(c, Real) and c > 0 for c in self.c_grid):
+            raise ValueError(f"c_grid: every C value must be a number above 0, got {list(self.c_grid)!r}")
+        if not isinstance(self.cv_folds, Integral) or self.cv_folds < 2:
+            raise ValueError(f"cv_folds: at least 2 folds choose C and calibrate the scores, got {self.cv_folds!r}")
         X, y = validate_data(self, X, y)
         self.classes_ = unique_labels(y)
         if len(self.classes_) < 2:
