@@ -482,7 +482,7 @@ class Config(BaseModel):
         here = cls().flat()
         names = [field.split(".")[1] for field in MACHINE_FIELDS]
         given = changes.given() if changes is not None else {}
-        return cls.from_saved(raw, source).updated(**{name: here[name] for name in names}, **given)
+        return cls.from_saved(raw, source).updated(**{**{name: here[name] for name in names}, **given})
 
     def given(self) -> dict[str, Any]:
         """The settings given by flat name: set when made, by :meth:`updated` or by assignment, even to their
