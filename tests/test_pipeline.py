@@ -873,8 +873,13 @@ def test_leak_between_train_and_test_warns_or_refuses(tmp_path, caplog, monkeypa
     mislabelled = data / "train" / "squares" / "a_circle.jpg"  # the same picture under another label
     mislabelled.write_bytes((data / "train" / "circles" / "circles_01.jpg").read_bytes())
     cfg = Config().updated(data_root=data, out=tmp_path / "run", **FAST, tracking=False)
-    with pytest.raises(Exception, match="near-duplicate"):
+    train(cfg)  # an earlier run in the folder: the refusal below left it unusable ("did not finish")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
+    refusal = r"--fail-on-leak: 1 near-duplicate pair\(s\) straddle train and test \(.*circles_00.jpg ~ .*copy_of_train"
+    with pytest.raises(DatasetError, match=refusal + r".*nothing written\. Run `imgclf dedup .*--split-mode group"):
         train(cfg.updated(fail_on_leak=True))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == before
+    assert evaluate(tmp_path / "run").metrics["n_test"] > 0
     make_folder(tmp_path / "extra", classes=("squares",), n=2, seed=2)
     (tmp_path / "extra" / "squares").rename(data / "val" / "only_in_val")  # a class that cannot be learned
     result = train(cfg.updated(max_image_pixels=123_456_789))

@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import shlex
 import shutil
 import time
 from collections import Counter
@@ -189,45 +190,73 @@ def _finish(
     return metrics
 
 
-def _check_leaks(cfg: Config, ds: Dataset, split: np.ndarray, run_dir: Path) -> None:
-    """Warn (or refuse, with fail_on_leak) when near-duplicate images straddle train and test; warn when
-    near-duplicates carry different labels."""
-    from imgclf.datatools.dedup import find_label_conflicts, find_leaks, hash_images
+@dataclass
+class _NearDuplicates:
+    """Near-duplicate pairs found before a train touches its folder: those with different labels and
+    those straddling train and test, as (path, other path, distance)."""
 
-    paths = [ds.path(s) for s in ds.samples]
-    tools = cfg.datatools
-    hashes, _ = hash_images(  # once, for both checks
-        paths, tools.hash_size, cfg.data.max_image_pixels, cache_dir=cfg.features.cache_dir
-    )
-    labels = [ds.classes[s.label] for s in ds.samples]
-    conflicts = find_label_conflicts(paths, labels, tools.hash_size, tools.max_distance, hashes)
-    if conflicts:
-        _write_pairs(run_dir / "label_conflicts.csv", ("path", "other_path", "distance"), conflicts)
-        log.warning(
-            "warning: %d near-duplicate pair(s) carry different labels (listed in %s): check each pair (dhash "
-            "compares brightness only, so colour variants of one picture are pairs too); fix a wrong label with "
-            "`imgclf ui %s`, or remove one copy",
-            len(conflicts),
-            run_dir / "label_conflicts.csv",
-            ds.root,
+    conflicts: list[tuple[str, str, int]]
+    leaks: list[tuple[str, str, int]]
+
+    @classmethod
+    def find(cls, cfg: Config, ds: Dataset, split: np.ndarray) -> _NearDuplicates:
+        """The pairs; with fail_on_leak, refuses straddling pairs here, before the run folder is touched (an
+        earlier run in it stays usable), naming the first of them."""
+        from imgclf.datatools.dedup import find_label_conflicts, find_leaks, hash_images
+
+        paths = [ds.path(s) for s in ds.samples]
+        tools = cfg.datatools
+        hashes, _ = hash_images(  # once, for both checks
+            paths, tools.hash_size, cfg.data.max_image_pixels, cache_dir=cfg.features.cache_dir
         )
-    leaks = find_leaks(
-        [p for p, part in zip(paths, split, strict=True) if part == "train"],
-        [p for p, part in zip(paths, split, strict=True) if part == "test"],
-        tools.hash_size,
-        tools.max_distance,
-        hashes,
-    )
-    if not leaks:
-        return
-    _write_pairs(run_dir / "leaks.csv", ("train_path", "test_path", "distance"), leaks)
-    msg = (
-        f"{len(leaks)} near-duplicate pair(s) straddle train and test (listed in {run_dir / 'leaks.csv'}): "
-        "test accuracy will be optimistic; run `imgclf dedup` on the data, or use --split-mode group"
-    )
-    if cfg.datatools.fail_on_leak:
-        raise DatasetError(msg)
-    log.warning("warning: %s", msg)
+        labels = [ds.classes[s.label] for s in ds.samples]
+        found = cls(
+            find_label_conflicts(paths, labels, tools.hash_size, tools.max_distance, hashes),
+            find_leaks(
+                [p for p, part in zip(paths, split, strict=True) if part == "train"],
+                [p for p, part in zip(paths, split, strict=True) if part == "test"],
+                tools.hash_size,
+                tools.max_distance,
+                hashes,
+            ),
+        )
+        if found.leaks and tools.fail_on_leak:
+            shown = "; ".join(f"{a} ~ {b}" for a, b, _ in found.leaks[:LEAKS_NAMED])
+            more = f" and {len(found.leaks) - LEAKS_NAMED} more" if len(found.leaks) > LEAKS_NAMED else ""
+            raise DatasetError(
+                f"--fail-on-leak: {len(found.leaks)} near-duplicate pair(s) straddle train and test ({shown}{more}); "
+                f"nothing written. {_LEAK_ADVICE.format(root=shlex.quote(str(ds.root)))}"
+            )
+        return found
+
+    def report(self, run_dir: Path, root: Path) -> None:
+        """Write label_conflicts.csv and leaks.csv into the run folder, each with a warning."""
+        if self.conflicts:
+            _write_pairs(run_dir / "label_conflicts.csv", ("path", "other_path", "distance"), self.conflicts)
+            log.warning(
+                "warning: %d near-duplicate pair(s) carry different labels (listed in %s): check each pair (dhash "
+                "compares brightness only, so colour variants of one picture are pairs too); fix a wrong label "
+                "with `imgclf ui %s`, or remove one copy",
+                len(self.conflicts),
+                run_dir / "label_conflicts.csv",
+                shlex.quote(str(root)),
+            )
+        if self.leaks:
+            _write_pairs(run_dir / "leaks.csv", ("train_path", "test_path", "distance"), self.leaks)
+            log.warning(
+                "warning: %d near-duplicate pair(s) straddle train and test (listed in %s): test accuracy will be "
+                "optimistic. %s",
+                len(self.leaks),
+                run_dir / "leaks.csv",
+                _LEAK_ADVICE.format(root=shlex.quote(str(root))),
+            )
+
+
+LEAKS_NAMED = 5  # straddling pairs named in the refusal of --fail-on-leak
+_LEAK_ADVICE = (
+    "Run `imgclf dedup {root}` to set copies aside, or put the related images of a class into one sub-folder of "
+    "it and use --split-mode group (loose files are split one by one)"
+)
 
 
 def _write_pairs(path: Path, header: tuple[str, str, str], rows: list[tuple[str, str, int]]) -> None:
@@ -413,6 +442,7 @@ def _train(cfg: Config, run_dir: Path, t0: float) -> RunResult:
             from imgclf.finetune.trainer import load_checkpoint
 
             load_checkpoint(cfg, ds, np.flatnonzero(split == "train"), backbone, run_dir)
+    near_duplicates = _NearDuplicates.find(cfg, ds, split)
     # from here until the model is saved the folder mixes two runs: nothing reads a model from it meanwhile
     atomic_write_text(run_dir / INCOMPLETE, "imgclf train is writing this run folder\n", parents=False)
     _remove_earlier_outputs(run_dir, cfg.finetune.resume and fine_tunes)
@@ -420,7 +450,7 @@ def _train(cfg: Config, run_dir: Path, t0: float) -> RunResult:
     cfg = cfg.updated(data_root=ds.root)
     cfg.save(run_dir / "config.json")
     timings["scan_s"] = time.perf_counter() - t0
-    _check_leaks(cfg, ds, split, run_dir)
+    near_duplicates.report(run_dir, ds.root)
     skipped = list(ds.skipped)
     n_scanned = len(skipped)
     train_idx, test_idx = np.flatnonzero(split == "train"), np.flatnonzero(split == "test")
