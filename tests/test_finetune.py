@@ -275,6 +275,25 @@ def test_resume_after_interruption(demo: Path, tmp_path: Path, monkeypatch: pyte
     assert all(p.scores is not None for p in preds)
 
 
+def test_a_run_stopped_after_its_last_checkpoint_resumes_without_leaving_its_image_cache(
+    demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopped between the last epoch's checkpoint and the cache's removal, a resumed run finished with the
+    decoded images (about 200 kB each) left in the run folder."""
+
+    def stop(epoch: int, row: dict[str, float]) -> None:
+        raise KeyboardInterrupt
+
+    original = imgclf.finetune.finetune
+    cfg = _cfg(demo, tmp_path / "run", epochs=1)
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(imgclf.finetune, "finetune", functools.partial(original, on_epoch_end=stop))
+        train(cfg)
+    assert any((tmp_path / "run" / "finetune_cache").iterdir())
+    train(cfg.updated(resume=True))
+    assert not (tmp_path / "run" / "finetune_cache").exists()
+
+
 @pytest.mark.parametrize(
     "extra", [{}, {"ema_decay": 0.9, "clip_grad": 1.0, "drop_path": 0.2}], ids=["plain", "ema+clip+drop_path"]
 )

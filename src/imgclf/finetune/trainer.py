@@ -506,10 +506,10 @@ def _finetune(
             on_epoch_end,
         )
         del cache, val_cache, fit, val
-        with contextlib.suppress(OSError):
-            for f in (run_dir / "finetune_cache").iterdir():
-                f.unlink()
-            (run_dir / "finetune_cache").rmdir()
+    with contextlib.suppress(OSError):  # also the cache of a run stopped after its last checkpoint, resumed
+        for f in (run_dir / "finetune_cache").iterdir():
+            f.unlink()
+        (run_dir / "finetune_cache").rmdir()
 
     model.load_state_dict(best["state"])
     model = model.to("cpu", memory_format=torch.contiguous_format).eval()
