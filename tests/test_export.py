@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import shutil
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -261,6 +263,11 @@ def test_unsupported_requests_are_refused(run_dir: Path, tmp_path: Path, capsys:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
     assert main(["export", str(run_dir), "--format", "onnx", "--out", str(tmp_path / "m.json" / "m.onnx")]) == 2
     assert f"cannot make the folder {notes}: a file is in the way; give another --out" in capsys.readouterr().err
+    # installed without the [onnx] extra: torch's exporter failed with a traceback, after the work
+    find_spec = importlib.util.find_spec
+    with mock.patch("importlib.util.find_spec", lambda name, *a: None if name == "onnx" else find_spec(name, *a)):
+        assert main(["export", str(run_dir), "--format", "onnx", "--out", str(tmp_path / "n.onnx")]) == 2
+    assert "--format onnx needs onnx, not installed: pip install 'imgclf[onnx]'" in capsys.readouterr().err
 
 
 def test_a_file_is_replaced_only_by_an_export_of_the_same_model(run_dir: Path, check_dir: Path, tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ Every export is checked against the PyTorch bundle before its files replace anyt
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import json
 import logging
@@ -52,6 +53,7 @@ _SUFFIXES = {fmt: endings[0] for fmt, endings in _ENDINGS.items()}  # of a file 
 FP32_TOLERANCE = 1e-3
 MIN_TOP1_AGREEMENT = 0.99
 SIDECAR_FORMAT = "imgclf-export/1"
+ONNX_MODULES = ("onnx", "onnxruntime")  # the [onnx] extra: the writer and the parity check's runtime
 
 
 class ExportError(ValueError):
@@ -339,6 +341,12 @@ def export_model(
         out = out / f"{(run.parent if run.name == BUNDLE_DIR else run).name}{tag}{_SUFFIXES[fmt]}"
     if precision not in PRECISIONS[fmt]:
         raise ExportError(f"{fmt} export supports precision {', '.join(PRECISIONS[fmt])}, not {precision}")
+    missing = [m for m in ONNX_MODULES if fmt == "onnx" and importlib.util.find_spec(m) is None]
+    if missing:  # torch's exporter failed with a traceback after the work
+        raise ExportError(
+            f"--format onnx needs {' and '.join(missing)}, not installed: pip install 'imgclf[onnx]' (in a clone: "
+            "pip install -e '.[onnx]'); --format openvino and torchscript work without them"
+        )
     if out.suffix.lower() not in _ENDINGS[fmt]:
         pair = ", an .xml + .bin pair" if fmt == "openvino" else ""
         raise ExportError(
