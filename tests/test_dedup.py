@@ -3,6 +3,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -179,6 +180,24 @@ def test_undo_refuses_to_overwrite(data: Path, capsys: pytest.CaptureFixture[str
     assert "a/x1.jpg exists: not overwritten" in capsys.readouterr().err
     assert (data / "a" / "x1.jpg").read_bytes() == b"a new file the user put there"
     assert (data / QUARANTINE_DIR / "a" / "x1.jpg").exists() and (data / "b" / "x0.jpg").exists()
+
+
+def test_a_copy_back_in_place_after_apply_gets_advice_that_helps(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    """The advice was "run `imgclf dedup --undo` first": no folder (an error as pasted), and an undo cannot
+    restore onto the copy, so --apply refused again. Commands printed quote a folder with a space."""
+    root = shutil.copytree(data, tmp_path / "my photos")
+    assert run_cli(["dedup", str(root), "--max-distance", "4"]) == 0
+    assert f"`imgclf dedup '{root}' --apply` moves" in capsys.readouterr().out
+    assert run_cli(["dedup", str(root), "--max-distance", "4", "--apply"]) == 0
+    assert f"(`imgclf dedup '{root}' --undo` restores them)" in capsys.readouterr().out
+    (root / "a" / "x1.jpg").write_bytes((data / "a" / "x1.jpg").read_bytes())  # back, from a sync
+    assert run_cli(["dedup", str(root), "--max-distance", "4", "--apply"]) == 1
+    err = capsys.readouterr().err
+    assert f"{root / QUARANTINE_DIR / 'a' / 'x1.jpg'} exists (an earlier --apply put a copy of that name there)" in err
+    assert "delete one of them or move the quarantined one elsewhere, and run again" in err
+    assert (root / "a" / "x1.jpg").read_bytes() == (data / "a" / "x1.jpg").read_bytes()
 
 
 def test_a_move_cut_short_between_its_two_steps_is_finished(data: Path, monkeypatch: pytest.MonkeyPatch):

@@ -9,6 +9,7 @@ import importlib
 import json
 import logging
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -273,7 +274,7 @@ def _resume_hint(args: argparse.Namespace, e: KeyboardInterrupt) -> str:
     if args.command == "dedup" and getattr(args, "apply", False):
         return (
             " (the copies moved so far are in the quarantine and its journal: the same command again moves the "
-            f"rest, `imgclf dedup {args.data_dir} --undo` brings every one back)"
+            f"rest, `imgclf dedup {shlex.quote(args.data_dir)} --undo` brings every one back)"
         )
     return ""
 

@@ -111,14 +111,14 @@ def _dedup_held(args: argparse.Namespace, root: Path) -> int:
         if not args.apply:
             if extras:
                 print(
-                    f"nothing moved; `imgclf dedup {root} --apply` moves the extra copies to "
+                    f"nothing moved; `imgclf dedup {shlex.quote(str(root))} --apply` moves the extra copies to "
                     f"{root / QUARANTINE_DIR} (and --undo brings them back)"
                 )
             return 0
         report = quarantine(root, extras)
         print(
             f"moved {len(report.done)} extra copies to {root / QUARANTINE_DIR} "
-            f"(`imgclf dedup {root} --undo` restores them)"
+            f"(`imgclf dedup {shlex.quote(str(root))} --undo` restores them)"
         )
     for problem in report.problems:
         print(f"  {problem}", file=sys.stderr)

@@ -16,6 +16,7 @@ import csv
 import html
 import io
 import logging
+import shlex
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -480,7 +481,8 @@ def _html(result: DedupResult) -> str:
         "section{border-bottom:1px solid #ddd;padding:6px 0}</style></head><body>",
         f"<h1>Duplicates in {html.escape(str(result.root))}</h1>",
         f"<p>{result.n_images} images, {len(result.groups)} groups, {n_extra} extra copies "
-        "(green: kept; the others go to .imgclf-quarantine/ with <code>imgclf dedup --apply</code>).</p>",
+        f"(green: kept; the others go to .imgclf-quarantine/ with <code>imgclf dedup "
+        f"{html.escape(shlex.quote(str(result.root)))} --apply</code>).</p>",
     ]
     for n, g in enumerate(result.groups, 1):
         parts.append(f"<section><h3>group {n}</h3>")

@@ -156,7 +156,10 @@ def quarantine(root: Path, moves: Sequence[tuple[str, str]]) -> JournalReport:
     def reason_to_leave(rel: str, kept: str, dst: Path) -> str:
         others = [other for other in by_real[real[rel]] if other != rel]
         if dst.exists() and not same_file(root / rel, dst):
-            return f"{dst} exists (run `imgclf dedup --undo` first)"
+            return (
+                f"{dst} exists (an earlier --apply put a copy of that name there): compare the two, then delete "
+                "one of them or move the quarantined one elsewhere, and run again"
+            )
         if real[rel] == real[kept]:
             return f"it is {kept} itself, reached through a link"
         if not Path(real[rel]).is_relative_to(inside):
