@@ -803,6 +803,12 @@ def test_cli_errors_are_messages(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(imgclf.pipeline, "train", out_of_memory)
     assert main(["train", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
     assert "out of GPU memory: lower --ft-batch-size" in capsys.readouterr().err
+    monkeypatch.setattr(imgclf.pipeline, "predict", lambda *a, **k: out_of_memory(None))
+    (tmp_path / "r").mkdir(exist_ok=True)
+    monkeypatch.setattr("imgclf.commands._run_config", lambda run_dir: Config())
+    assert main(["predict", str(tmp_path / "r"), str(tmp_path)]) == 2  # its own flags: no --ft-batch-size there
+    err = capsys.readouterr().err
+    assert "out of GPU memory: lower --batch-size, or run on the CPU with --device cpu" in err
 
     def disk_full(cfg):
         from imgclf.utils import atomic_write_bytes

@@ -783,6 +783,9 @@ def test_ui_offers_only_the_settings_its_analysis_uses(
     with pytest.raises(SystemExit):
         main(["ui", str(root), "--classifier", "dnn"])
     assert "unrecognized arguments: --classifier dnn" in capsys.readouterr().err
+    if socket.has_ipv6:  # the link printed is a URL (it was http://::1:PORT/...)
+        assert main(["ui", str(root), "--no-analysis", "--host", "::1", "--port", port]) == 0
+        assert f"imgclf review app: http://[::1]:{port}/?token=" in capsys.readouterr().out
 
 
 def test_thumbnails_are_shown_when_their_cache_cannot_be_written(

@@ -39,6 +39,11 @@ ELSEWHERE = {
     "predict": "give --csv another file",
     "export": "give another --out",
 }
+OOM_ADVICE = {  # what makes a command need less GPU memory, by its own flags
+    **dict.fromkeys(("train", "demo"), "lower --ft-batch-size (fine-tuning), --batch-size (features) or --resolution"),
+    **dict.fromkeys(("evaluate", "predict", "ui"), "lower --batch-size"),
+    "serve": "lower --max-batch",
+}
 # Sub-command modules; each defines ``register(subparsers)`` adding its commands.
 COMMAND_MODULES = (
     "imgclf.commands",
@@ -288,10 +293,8 @@ def _user_message(e: Exception, command: str | None = None) -> str | None:
     from imgclf.errors import USER_ERRORS
 
     if type(e).__name__ == "OutOfMemoryError":  # torch's, without importing torch here
-        return (
-            "out of GPU memory: lower --ft-batch-size (fine-tuning), --batch-size (features) or --resolution, "
-            "or train on the CPU with --device cpu"
-        )
+        smaller = OOM_ADVICE.get(command or "", "a smaller batch (see the command's --help)")
+        return f"out of GPU memory: {smaller}, or run on the CPU with --device cpu"
     if isinstance(e, ValidationError):
         return describe_errors(e)
     if isinstance(e, OSError) and e.errno in DISK_ADVICE:

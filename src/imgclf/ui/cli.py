@@ -54,7 +54,8 @@ def _ui(args: argparse.Namespace) -> int:
         analyse_on_start=args.analysis,
         token=(token := secrets.token_urlsafe(24)),
     )
-    print(f"imgclf review app: http://{args.host}:{args.port}/?token={token}")
+    host = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address in a URL
+    print(f"imgclf review app: http://{host}:{args.port}/?token={token}")
     uvicorn.run(only_local_hosts(app, args.host), host=args.host, port=args.port, log_level="warning")
     return 0
 
