@@ -299,6 +299,14 @@ def test_a_run_folder_in_use_is_refused(run, tmp_path, capsys):
     with run_folder_lock(tmp_path / "first"):  # the first train into a folder, its model not written yet
         assert main(["evaluate", str(tmp_path / "first"), "--no-tracking"]) == 2
         assert "a train into it is still running" in capsys.readouterr().err
+    # the model/ bundle alone (predict and serve take it): no test split to score, and no lock file left in it
+    bundle = result.run_dir / "model"
+    assert main(["evaluate", str(bundle), "--no-tracking"]) == 2
+    assert (
+        f"evaluate needs the run folder that train wrote, not a model bundle alone (give the run folder {result.run_dir})"
+        in capsys.readouterr().err
+    )
+    assert not (bundle / ".imgclf.lock").exists()
 
 
 def _full_disk_for(monkeypatch: pytest.MonkeyPatch, full: Callable[[bytes], bool]) -> None:
@@ -523,6 +531,29 @@ def test_predict_api_and_cli(run, tmp_path, capsys, monkeypatch):
     assert main(["predict", str(result.run_dir), str(listing), "--csv", str(listing), "--no-progress"]) == 2
     assert "that is an input, not overwritten" in capsys.readouterr().err
     assert [p.read_bytes() for p in pair] == before and "circles_01.jpg" in listing.read_text()
+    # a --csv folder missing or not writable is refused before the images are scored (was: all scored, then
+    # a raw errno and nothing printed); a file written while the folder goes away still prints the lines
+    with monkeypatch.context() as m:
+        m.setattr("imgclf.pipeline.predict", lambda *a, **k: pytest.fail("scored before the --csv check"))
+        assert main(["predict", str(result.run_dir), str(listing), "--csv", str(tmp_path / "no" / "p.csv")]) == 2
+        assert f"no folder {tmp_path / 'no'}; create it first" in capsys.readouterr().err
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        if not os.access(locked, os.W_OK):  # root writes anywhere
+            assert main(["predict", str(result.run_dir), str(listing), "--csv", str(locked / "p.csv")]) == 2
+            assert "Permission denied" in capsys.readouterr().err
+    with monkeypatch.context() as m:
+        m.setattr("imgclf.pipeline.atomic_write_text", lambda *a: (_ for _ in ()).throw(OSError(5, "I/O error")))
+        assert main(["predict", str(result.run_dir), str(listing), "--csv", str(out_csv), "--no-progress"]) == 2
+    lines, err = capsys.readouterr()
+    assert len(lines.splitlines()) == 2 and "I/O error" in err
+    # a missing file named is reported on its line, the others scored (a missing one in a list was already)
+    missing = tmp_path / "no_such.jpg"
+    assert main(["predict", str(result.run_dir), str(missing), str(pair[0]), "--no-progress"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"{missing}\tERROR\t") and "\tERROR" not in lines[1]
+    assert main(["predict", str(result.run_dir), str(missing), str(tmp_path / "also_none.jpg")]) == 2
+    assert f"no such file or folder: {missing}, " in capsys.readouterr().err
     # `imgclf predict ... --csv f | head -1`: the reader gone, the printing stops; the CSV is written first
     import builtins
 

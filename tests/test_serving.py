@@ -362,6 +362,11 @@ BAD_REQUESTS = {
         400,
         "bad_json",
     ),
+    "json_integer_over_4300_digits": (  # Python refuses to parse it with a ValueError: was a 500
+        {"content": b'{"images": [' + b"9" * 5000 + b"]}", "headers": {"content-type": "application/json"}},
+        400,
+        "bad_json",
+    ),
     "json_without_images": ({"json": {"pictures": []}}, 400, "bad_json"),
     "json_images_not_strings": ({"json": {"images": [42]}}, 400, "bad_json"),
     "bad_base64": ({"json": {"images": ["not base64 at all!"]}}, 400, "bad_base64"),

@@ -52,14 +52,20 @@ def _predict(args: argparse.Namespace) -> int:
         check_csv_target(Path(args.csv), args.inputs)
     cfg = config_from_args(args, _run_config(args.run_dir))
     classes, preds = predict(args.run_dir, args.inputs, cfg, flip_tta=cfg.features.flip_tta)
+    unwritten = None
     if args.csv:  # before the lines: a reader that stops early (`| head`) ends the printing
-        write_predictions_csv(Path(args.csv), classes, preds, args.top_k)
+        try:
+            write_predictions_csv(Path(args.csv), classes, preds, args.top_k)
+        except OSError as e:  # the folder went away or filled up while the images were scored
+            unwritten = e
     for p in preds:
         if p.scores is None:
             print(f"{display_path(p.path)}\tERROR\t{p.error}")
         else:
             top = sorted(zip(classes, p.scores, strict=True), key=lambda t: -t[1])[: args.top_k]
             print(f"{display_path(p.path)}\t" + "\t".join(f"{c} {s:.3f}" for c, s in top))
+    if unwritten:  # the predictions are printed above: only the file is lost
+        raise unwritten
     return 0 if all(p.error is None for p in preds) else 1
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import io
 import json
 import logging
@@ -587,6 +588,12 @@ def evaluate(
     """
     run_dir = Path(run_dir)
     bundle = Bundle.load(run_dir)
+    if not (run_dir / "split.csv").is_file():  # checked before the folder is locked (a bundle kept the lock file)
+        where = f"give the run folder {display_path(run_dir.parent)}" if run_dir.name == BUNDLE_DIR else "train again"
+        raise FileNotFoundError(
+            f"{display_path(run_dir)}: no split.csv, which says what the test images are; evaluate needs the run "
+            f"folder that train wrote, not a model bundle alone ({where})"
+        )
     cfg = _with_flip_tta(Config.of_run(bundle.config, f"the run {run_dir}", cfg), bundle, flip_tta)
     with _writing(run_dir, "evaluate"):
         return _evaluate(run_dir, bundle, on_train, cfg)
@@ -724,12 +731,14 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
     starts a comment line).
 
     Every file named (as an input or in a list) is listed each time it is named, so that results line up
-    with the names given; a folder adds the images in it not listed before. Files in folders whose names
-    are not those of images are left out, counted in one log line.
+    with the names given, a name that is no file too (its line says so); a folder adds the images in it not
+    listed before. Files in folders whose names are not those of images are left out, counted in one log line.
+    Refused where no input given exists.
     """
     out: list[Path] = []
     listed: set[str] = set()
     others: Counter[str] = Counter()
+    missing: list[Path] = []
 
     def named(f: Path) -> None:
         out.append(f)
@@ -758,10 +767,11 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
                 if line and not line.startswith("#"):
                     q = Path(line)
                     named(q if q.is_absolute() else base / q)
-        elif p.exists():
+        else:  # a file, or a name that is none: reported on its line, as one in a list is (the rest go on)
             named(p)
-        else:
-            raise FileNotFoundError(f"no such file or folder: {p}")
+            missing += [] if p.exists() else [p]
+    if missing and len(missing) == len(out):
+        raise FileNotFoundError("no such file or folder: " + ", ".join(map(display_path, missing)))
     if others:
         log.warning(
             "%d file(s) in the folders given not named as images, not classified (%s); "
@@ -811,7 +821,15 @@ def predict(
 
 
 def check_csv_target(path: Path, inputs: Iterable[str | Path]) -> None:
-    """Refuse a predictions file that would overwrite an image or one of the inputs (``--csv a.jpg b.jpg``)."""
+    """Refuse a predictions file that would overwrite an image or one of the inputs (``--csv a.jpg b.jpg``), or
+    whose folder is missing or cannot be written: before the images are scored, not after."""
+    folder = path.parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--csv {display_path(path)}: no folder {display_path(folder)}; create it first")
+    if path.is_dir():
+        raise IsADirectoryError(f"{display_path(path)} is a folder: give the name of a file to write")
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), display_path(path))
     if path.suffix.lower() in IMAGE_EXTENSIONS:
         raise FileExistsError(f"--csv {display_path(path)}: named as an image, not written; name a .csv file")
     if path.exists() and any(Path(i).exists() and os.path.samefile(path, i) for i in inputs):
