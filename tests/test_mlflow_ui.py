@@ -27,7 +27,7 @@ from helpers import CHROMIUM, CHROMIUM_ARGS, make_folder
 from imgclf.config import Config
 from imgclf.pipeline import train
 from imgclf.tracking import drain_pending
-from imgclf.tracking.cli import _ui_command
+from imgclf.tracking.cli import _ui_command, ui_environment
 
 if not CHROMIUM.exists():
     pytest.skip(f"{CHROMIUM} is missing (install it with .ci/install-browser)", allow_module_level=True)
@@ -36,6 +36,25 @@ if importlib.util.find_spec("mlflow") is None:
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (run .ci/install-browser)")
 
 pytestmark = pytest.mark.slow
+
+
+def _process_group_serving(store: str) -> list[str]:
+    """The command lines of the processes in the process group of the ``mlflow ui`` serving ``store``."""
+    import psutil
+
+    def group(proc: psutil.Process) -> int | None:
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            return os.getpgid(proc.pid)
+        return None
+
+    def line(proc: psutil.Process) -> str:
+        with contextlib.suppress(psutil.Error):
+            return " ".join(proc.cmdline())
+        return ""
+
+    procs = list(psutil.process_iter())
+    servers = {group(p) for p in procs if store in line(p) and " ui " in line(p)} - {None}
+    return [line(p) for p in procs if group(p) in servers]
 
 
 def _free_port() -> int:
@@ -80,6 +99,7 @@ def ui(tmp_path: Path, store: str) -> Iterator[Callable[[], str]]:
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
                     cwd=tmp_path,
+                    env=ui_environment(),
                 )
             )
         url = f"http://127.0.0.1:{port}"
@@ -131,6 +151,8 @@ def test_runs_compared_in_mlflow_ui(ui: Callable[[], str], store: str, tmp_path:
     assert "acc_circles" in runs[0].data.metrics
 
     url = ui()
+    group = _process_group_serving(store)  # one worker, no job runner (MLflow's took 8 more processes, 1.5 GB)
+    assert 1 <= len(group) <= 3, group
     ids = json.dumps([r.info.run_id for r in runs])
     query = urllib.parse.urlencode({"runs": ids, "experiments": json.dumps([exp.experiment_id])})
     expect = sync_api.expect

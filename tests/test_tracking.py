@@ -531,6 +531,10 @@ def test_home_folder_in_tracking_uri(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert tracking_uri(Config.from_file(cfg_file).tracking) == f"sqlite:///{tmp_path}/hist/mlflow.db"
     assert tracking_uri(TrackingConfig(tracking_uri="~/t.db")) == f"sqlite:///{tmp_path}/t.db"
     assert tracking_uri(TrackingConfig(tracking_uri="sqlite:///~/t.db")) == f"sqlite:///{tmp_path}/t.db"
+    # file://runs/db named the store /db ("runs" is the URI's host): refused, not written at the root
+    with pytest.raises(TrackingError, match=r"file://runs/db: a file URI names a host \(runs\)"):
+        tracking_uri(TrackingConfig(tracking_uri="file://runs/db"))
+    assert tracking_uri(TrackingConfig(tracking_uri="file://localhost/h")) == "sqlite:////h/mlflow.db"
 
 
 def test_best_values_are_marked_among_runs_of_the_same_split(
@@ -722,6 +726,26 @@ def test_a_store_refusing_records_is_still_read(
     with caplog.at_level(logging.WARNING, logger="imgclf"):
         runs = list_runs(cfg.tracking)
     assert len(runs) == 1 and "PERMISSION_DENIED" in caplog.text and "1 record(s) stay queued" in caplog.text
+
+
+def test_a_read_only_store_is_said_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    """SQLite refusing the write (a read-only store) came with MLflow's ~90-line traceback of each error, and
+    the reason given was SQLAlchemy's "raised as a result of Query-invoked autoflush"."""
+    from imgclf.tracking import list_runs
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    cfg = Config().updated(tracking_uri=uri)
+    assert log_run("train", cfg.updated(tracking_background=False), _result(tmp_path / "a")) is not None
+    _queue_without_writer(monkeypatch, cfg, _result(tmp_path / "b"))
+    with contextlib.closing(sqlite3.connect(tmp_path / "m.db")) as db:  # refused as a read-only file is (as root)
+        db.execute("CREATE TRIGGER ro BEFORE INSERT ON runs BEGIN SELECT RAISE(ABORT, 'readonly database'); END")
+        db.commit()
+    with caplog.at_level(logging.WARNING):
+        runs = list_runs(cfg.tracking)
+    assert len(runs) == 1 and "yet (readonly database)" in caplog.text and "1 record(s) stay queued" in caplog.text
+    assert "Traceback" not in caplog.text and len(caplog.records) == 1, caplog.text
 
 
 def _stored_runs(uri: str) -> list:
@@ -932,3 +956,26 @@ def test_runs_compare_never_rounds_a_difference_away(
     monkeypatch.setattr("imgclf.tracking.store.list_runs", lambda cfg, limit: [listed])
     assert main(["runs", "list"]) == 0
     assert "99.96 %" in capsys.readouterr().out
+
+
+def test_compare_ranks_neither_epoch_counts_nor_rounding_noise(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """finetune_kept_epoch was starred as "higher is better" and shown as 3.000; 7/9 summed in two orders
+    (0.7777777777777777 and 0.7777777777777779) was starred and printed with 16 decimals; two run folders named
+    alike were two columns of one name."""
+    from imgclf.tracking.compare import RunRecord, compare, format_row
+
+    def run(label: str, accuracy: float, epoch: float) -> RunRecord:
+        metrics = {"class_averaged_accuracy": accuracy, "finetune_kept_epoch": epoch, "finetune_epochs_trained": 5.0}
+        return RunRecord(label, {}, metrics, {"split": "test"})
+
+    seven_ninths = [0.7777777777777777, 0.7777777777777779]
+    rows = {r.name: r for r in compare([run("a", seven_ninths[0], 3.0), run("b", seven_ninths[1], 5.0)])}
+    assert rows["class_averaged_accuracy"].marked == [False, False]
+    assert format_row(rows["class_averaged_accuracy"]) == ["77.8 %", "77.8 %"]
+    assert rows["finetune_kept_epoch"].marked == [False, False]
+    assert format_row(rows["finetune_kept_epoch"]) == ["3", "5"]
+    a = _folder_run(tmp_path / "x" / "run", "/data/x", 0.1, finetune={"kept_epoch": 2})
+    b = _folder_run(tmp_path / "y" / "run", "/data/x", 0.2)
+    assert main(["runs", "compare", str(a), str(b), str(a), "--csv", str(tmp_path / "c.csv")]) == 0
+    header = (tmp_path / "c.csv").read_text().splitlines()[0]
+    assert header == "section,name,x/run,y/run,x/run #2,note"

@@ -11,7 +11,7 @@ with warnings.catch_warnings():  # MLflow imports tqdm.auto, which in Jupyter wi
     warnings.simplefilter("ignore", TqdmWarning)  # "IProgress not found" in every notebook: imported once, quietly
     import tqdm.auto  # noqa: F401
 
-from imgclf.tracking.compare import Row, RunRecord, compare, load_run, table_markdown, to_csv, to_markdown
+from imgclf.tracking.compare import Row, RunRecord, compare, load_run, load_runs, table_markdown, to_csv, to_markdown
 from imgclf.tracking.store import TrackingError, drain_pending, list_runs, log_run, tracking_uri
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "drain_pending",
     "list_runs",
     "load_run",
+    "load_runs",
     "log_run",
     "table_markdown",
     "to_csv",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -42,6 +43,8 @@ TITLES = {
 CLASS_SECTIONS = {"acc": "class accuracy", "auc": "class AUC"}  # a per-class metric's section
 ACCURACIES = ("overall_accuracy", "class_averaged_accuracy")  # the run's metrics shown in percent
 DIGITS_MAX = 17  # most decimals a cell gets to tell values apart
+SAME_REL = 1e-12  # values closer than this (relative) are one value: 7/9 summed in another order is still 7/9
+COUNTS = ("n_", "finetune_")  # metrics that count images or epochs: shown as integers, never ranked
 ID_LENGTH = 32  # characters of a full MLflow run id; shorter references are prefixes
 RUN_COLUMNS = ("kind", "split", "dataset", "classifier", "backbone", "run_dir")  # tags shown for each run
 
@@ -130,6 +133,26 @@ def _by_mlflow_name(recorded: dict[str, float]) -> tuple[dict[str, float], dict[
         else:
             own[name] = value
     return own, per_class
+
+
+def load_runs(refs: Sequence[str | Path], cfg: TrackingConfig | None = None) -> list[RunRecord]:
+    """``load_run`` of each reference, labelled apart: run folders of one name by as much of their paths as
+    tells them apart (``a/run`` and ``b/run``), a run given twice numbered (``run``, ``run #2``)."""
+    records = [load_run(ref, cfg) for ref in refs]
+    for label in {r.label for r in records}:
+        same = [r for r in records if r.label == label]
+        paths = [Path(r.tags.get("run_dir") or r.label).parts for r in same]
+        for n in range(2, max(map(len, paths)) + 1) if len(same) > 1 else ():
+            longer = ["/".join(p[-n:]) for p in paths]
+            if len(set(longer)) == len(set(paths)):  # a run given twice is numbered below
+                for r, text in zip(same, longer, strict=True):
+                    r.label = text
+                break
+    seen: dict[str, int] = {}
+    for r in records:
+        seen[r.label] = seen.get(r.label, 0) + 1
+        r.label += f" #{seen[r.label]}" if seen[r.label] > 1 else ""
+    return records
 
 
 def load_run(ref: str | Path, cfg: TrackingConfig | None = None) -> RunRecord:
@@ -221,19 +244,19 @@ def paired_markdown(tests: Sequence[PairedTest], base: str) -> str:
 
 
 def _lower_is_better(name: str) -> bool | None:
-    """Direction of a metric: times lower, counts neither, accuracies and AUCs higher."""
+    """Direction of a metric: times lower, counts (of images, of epochs) neither, accuracies and AUCs higher."""
     if name.startswith("time_"):
         return True
-    return None if name.startswith("n_") else False
+    return None if name.startswith(COUNTS) else False
 
 
 def _best(name: str, values: list[float | None]) -> list[bool]:
     present = [v for v in values if v is not None]
     lower = _lower_is_better(name)
-    if lower is None or len(present) < 2 or len(set(present)) == 1:
+    if lower is None or len(present) < 2 or all(_same(v, present[0]) for v in present):
         return [False] * len(values)
     best = min(present) if lower else max(present)
-    return [v == best for v in values]
+    return [v is not None and _same(v, best) for v in values]
 
 
 def _metric_order(name: str) -> tuple[int, str]:
@@ -288,7 +311,7 @@ def format_value(row: Row, value: str | float | None, digits: int = 0) -> str:
         return "-"
     if isinstance(value, str):
         return value
-    if row.section == "metric" and row.name.startswith("n_"):
+    if row.section == "metric" and row.name.startswith(COUNTS):
         return str(int(value))
     pct = row.section == "class accuracy" or row.name in ACCURACIES
     if pct or row.section == "class AUC" or row.name.startswith("auc_"):
@@ -313,8 +336,10 @@ def format_row(row: Row) -> list[str]:
 
 
 def _same(a: str | float | None, b: str | float | None) -> bool:
-    """Equal values, NaN equal to NaN (they print alike)."""
-    return a == b or (isinstance(a, float) and isinstance(b, float) and a != a and b != b)
+    """Equal values (numbers to ``SAME_REL``), NaN equal to NaN (they print alike)."""
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return math.isclose(a, b, rel_tol=SAME_REL) or (a != a and b != b)
+    return a == b
 
 
 def _note(row: Row, labels: Sequence[str]) -> str:

@@ -95,7 +95,13 @@ def tracking_uri(cfg: TrackingConfig) -> str:
         or os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("1", "true")
     ):
         return uri
-    path = Path(url2pathname(urlparse(uri).path) if uri.startswith("file:") else uri)
+    parts = urlparse(uri) if uri.startswith("file:") else None
+    if parts and parts.netloc not in ("", "localhost"):  # file://runs/db: "runs" is a host, the store /db
+        raise TrackingError(
+            f"{uri}: a file URI names a host ({parts.netloc}), not a folder; give file:///absolute/path or the "
+            "folder's path alone (runs/db)"
+        )
+    path = Path(url2pathname(parts.path) if parts else uri)
     return f"sqlite:///{(path if path.suffix == '.db' else path / 'mlflow.db').as_posix()}"
 
 
@@ -216,6 +222,9 @@ def connect(cfg: TrackingConfig) -> MlflowClient:
     except ModuleNotFoundError as e:
         raise TrackingError("run tracking needs mlflow: pip install mlflow (or pass --no-tracking)") from e
     logging.getLogger("alembic").setLevel(logging.WARNING)  # schema migrations of a new SQLite store
+    # MLflow logs each database error it re-raises with ~90 lines of traceback (a read-only store); imgclf says
+    # what failed and what stays queued itself
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     return MlflowClient(tracking_uri=tracking_uri(cfg))
 
 
@@ -310,7 +319,17 @@ class StoreUnreadable(StoreUnavailable):
 
 
 def _first_line(e: BaseException) -> str:
-    return (str(e).splitlines() or [type(e).__name__])[0]  # not SQLAlchemy's SQL
+    """What went wrong, in a line: the database's own error where one lies beneath (MLflow's first line can be
+    SQLAlchemy's "raised as a result of Query-invoked autoflush"), without SQLAlchemy's SQL."""
+    seen: set[int] = set()
+    cause: BaseException | None = e
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(getattr(cause, "orig", None), Exception):  # SQLAlchemy's wrapper of the driver's error
+            e = cause.orig
+            break
+        cause = cause.__cause__
+    return (str(e).splitlines() or [type(e).__name__])[0]
 
 
 def _disk_full(e: BaseException) -> BaseException | None:
