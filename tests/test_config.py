@@ -34,6 +34,19 @@ def test_updated_validates_and_rejects_unknown():
         Config().updated(hash_size=8, max_distance=16)
 
 
+def test_settings_assigned_into_a_section_are_kept_and_given():
+    """`cfg.classifier.svm_c_grid = [0.01]` then `cfg.updated(...)` (as train does) fell back to the default
+    grid, and `cfg.tracking.tracking = False` recorded the run all the same."""
+    cfg = Config()
+    cfg.classifier.svm_c_grid = [0.01]
+    cfg.tracking.tracking = False
+    assert cfg.given() == {"svm_c_grid": [0.01], "tracking": False}
+    copy = cfg.updated(epochs=3)
+    assert copy.classifier.svm_c_grid == [0.01] and copy.tracking.tracking is False and copy.finetune.epochs == 3
+    assert copy.given() == {"svm_c_grid": [0.01], "tracking": False, "epochs": 3}
+    assert Config.of_run(Config().model_dump(mode="json"), "a run", cfg).tracking.tracking is False
+
+
 def test_true_or_false_is_no_number(tmp_path: Path):
     """A file's ``lr = true`` trained with lr 1.0 (1000 times the default), ``epochs = true`` for 1 epoch."""
     f = tmp_path / "bools.toml"

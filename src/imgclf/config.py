@@ -487,7 +487,7 @@ class Config(BaseModel):
     def given(self) -> dict[str, Any]:
         """The settings given by flat name: set when made, by :meth:`updated` or by assignment, even to their
         default value (a configuration read from a file or a run has all of its fields given)."""
-        sections = [getattr(self, name) for name in self.model_fields_set]
+        sections = [getattr(self, name) for name in type(self).model_fields]  # a section assigned into is unset
         return {name: getattr(sec, name) for sec in sections for name in sec.model_fields_set}
 
     @classmethod
@@ -518,7 +518,7 @@ class Config(BaseModel):
     def updated(self, **flat: Any) -> Config:
         """A copy with fields replaced by flat name (``train_fraction=0.8``), validated; the settings given
         are this one's and those replaced (:meth:`given`)."""
-        raw = self.model_dump(exclude_unset=True)
+        raw = {name: getattr(self, name).model_dump(exclude_unset=True) for name in type(self).model_fields}
         index = field_index()
         for name, value in flat.items():
             if name not in index:
