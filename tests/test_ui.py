@@ -119,6 +119,63 @@ def test_browse_zoom_relabel_undo(page: object, site: tuple[str, Path], artifact
     assert sha_map(data) == before
 
 
+def wait_shown(pg: object, selector: str, width: int) -> None:
+    """Wait until the image ``selector`` picks has loaded a picture ``width`` pixels wide."""
+    pg.wait_for_function(  # type: ignore[attr-defined]
+        "([sel, w]) => { const i = document.querySelector(sel); return !!i && i.complete && i.naturalWidth === w; }",
+        arg=[selector, width],
+    )
+
+
+def test_a_replaced_image_shows_its_new_picture(page: object, site: tuple[str, Path]) -> None:
+    """The thumbnail and the zoom of a path whose file was replaced since they were shown (a file swapped by
+    hand, a relabel and undo) show the new picture, not the one the browser holds for the old URL."""
+    pg, (_, data) = page, site
+    path = "circles/circles_02.jpg"
+    card_img, f = f'.card[data-path="{path}"] img', data / path
+    wait_shown(pg, card_img, 96)
+    pg.locator(card_img).click()
+    wait_shown(pg, "#zoom-img", 96)
+    pg.keyboard.press("Escape")
+    original = f.read_bytes()
+    try:
+        draw_image("squares", np.random.default_rng(5), size=48).resize((48, 24)).save(f)
+        pg.locator('#class-list button[data-label="circles"]').click()  # lists the class anew
+        wait_shown(pg, card_img, 48)
+        pg.locator(card_img).click()
+        wait_shown(pg, "#zoom-img", 48)
+    finally:
+        f.write_bytes(original)
+
+
+def test_a_double_click_on_undo_last_undoes_one_move(page: object, site: tuple[str, Path]) -> None:
+    pg, url, expect = page, site[0], sync_api.expect
+    expect(pg.locator("#browse-grid .card")).to_have_count(12)
+    for i in (6, 7):
+        httpx.post(url + "/api/relabel", json={"path": f"circles/circles_{i:02d}.jpg", "label": "squares"})
+    pg.locator("#undo-last").dblclick()
+    expect(pg.locator("#toast")).to_contain_text("undone: squares/circles_07.jpg → circles/circles_07.jpg")
+    expect(pg.locator("#undo-last")).to_be_enabled()
+    pg.wait_for_timeout(500)  # a second undo, had one been sent, has come back by now
+    assert moves(url) == [("circles/circles_06.jpg", "squares/circles_06.jpg")]
+
+
+def test_a_move_that_fails_shows_why_and_refreshes_the_page(page: object, site: tuple[str, Path]) -> None:
+    """An image moved since the page was drawn (another tab, another request): the error is shown and the page
+    shows where the images are now, not its stale cards and counts."""
+    pg, url, expect = page, site[0], sync_api.expect
+    cards = pg.locator("#browse-grid .card")
+    expect(cards).to_have_count(12)
+    httpx.post(url + "/api/relabel", json={"path": "circles/circles_04.jpg", "label": "squares"})
+    pg.locator('.card[data-path="circles/circles_04.jpg"] button[data-label="stripes"]').click()
+    expect(cards).to_have_count(11)
+    expect(pg.locator('#class-list button[data-label="squares"]')).to_have_text("squares (13)")
+    expect(pg.locator("#toast")).to_have_class("show error")
+    expect(pg.locator("#toast")).to_contain_text("circles/circles_04.jpg")
+    expect(pg.locator("#toast")).to_contain_text("the page is refreshed")
+    assert moves(url) == [("circles/circles_04.jpg", "squares/circles_04.jpg")]
+
+
 def test_results_filter_and_confusion_cell(page: object, artifacts: Path) -> None:
     pg, expect = page, sync_api.expect
     pg.locator('#tabs button[data-tab="results"]').click()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ from imgclf.config import Config
 from imgclf.pipeline import train
 from imgclf.ui.analysis import analyse
 from imgclf.ui.app import create_app
-from imgclf.ui.labels import JOURNAL_FILE
+from imgclf.ui.labels import JOURNAL_FILE, RelabelJournal
 from imgclf.ui.thumbs import ThumbCache
 from imgclf.utils import file_sha256, only_local_hosts
 
@@ -166,6 +167,46 @@ def test_relabel_and_undo_leave_files_byte_identical(review: tuple[httpx.Client,
     assert [m["to"] for m in rest["undone"]] == ["stripes/circles_03.jpg"]
     assert sha_map(data) == before
     assert client.post("/api/undo", json={"all": True}).json()["undone"] == []
+
+
+def test_listed_images_carry_the_version_of_their_file(review: tuple[httpx.Client, Path]) -> None:
+    """Every list gives each image a version (``v``) that changes when its file is replaced: the page puts it in
+    the image URLs, since a browser shows the picture it already holds for a URL again."""
+    client, data = review
+
+    def versions(route: str, **params: str) -> dict[str, str | None]:
+        items = client.get(route, params={"per_page": 500, **params}).json()["items"]
+        return {it.get("now") or it["path"]: it["v"] for it in items}
+
+    path = client.get("/api/results", params={"sort": "path", "per_page": 1}).json()["items"][0]["path"]
+    lists = [("/api/images", {"label": path.split("/")[0]}), ("/api/suspects", {}), ("/api/results", {})]
+    before = [versions(route, **params)[path] for route, params in lists]
+    assert before[0] and before == [before[0]] * 3
+    unlabeled = versions("/api/unlabeled")
+    assert len(unlabeled) == 4 and unlabeled == versions("/api/images", label="unlabeled")
+    f = data / path
+    original = f.read_bytes()
+    try:
+        f.write_bytes((data / "unlabeled" / "new_0.jpg").read_bytes())  # another picture under the same name
+        after = [versions(route, **params)[path] for route, params in lists]
+        assert after[0] and after[0] != before[0] and after == [after[0]] * 3
+    finally:
+        f.write_bytes(original)
+
+
+def test_the_thumbnail_of_a_file_replaced_with_its_size_and_times_kept_is_made_anew(tmp_path: Path) -> None:
+    """A file swapped for another of the same size and modification time (copied with its times kept) got the
+    thumbnail of the one before."""
+    f, other = tmp_path / "x.jpg", tmp_path / "other.jpg"
+    f.write_bytes(b"a" * 100)
+    other.write_bytes(b"b" * 100)
+    cache = ThumbCache(tmp_path / "thumbs")
+    assert cache.digest(f) == file_sha256(f)
+    st = f.stat()
+    os.utime(other, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(other, f)
+    assert (f.stat().st_size, f.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    assert cache.digest(f) == file_sha256(f)
 
 
 CROSS_SITE = [
@@ -358,6 +399,61 @@ def test_name_clash_gets_a_free_name(tmp_path: Path) -> None:
     assert sha_map(data) == before
 
 
+def test_undo_last_undoes_only_the_move_the_page_saw(tmp_path: Path) -> None:
+    """The page sends the id of the last move it saw: a second click (a double click) is refused, not an undo
+    of the move before."""
+    root = make_folder(tmp_path / "d", classes=("a", "b"), n=2)
+    before = sha_map(root)
+    with Server(create_app(root, analyse_on_start=False)) as server, httpx.Client(base_url=server.url) as client:
+        first = client.post("/api/relabel", json={"path": "a/a_00.jpg", "label": "b"}).json()
+        last = client.post("/api/relabel", json={"path": "a/a_01.jpg", "label": "b"}).json()
+        stale = client.post("/api/undo", json={"id": first["id"]})
+        assert stale.status_code == 409 and "no longer the last one" in stale.json()["detail"], stale.text
+        assert len(client.get("/api/journal").json()["items"]) == 2
+        undone = client.post("/api/undo", json={"id": last["id"]})
+        assert [m["id"] for m in undone.json()["undone"]] == [last["id"]], undone.text
+        again = client.post("/api/undo", json={"id": last["id"]})  # the second click of a double click
+        assert again.status_code == 409 and "nothing undone" in again.json()["detail"], again.text
+        assert [m["id"] for m in client.get("/api/journal").json()["items"]] == [first["id"]]
+        assert client.post("/api/undo", json={"id": first["id"]}).status_code == 200
+        assert client.post("/api/undo", json={"id": first["id"]}).status_code == 409  # nothing left
+    assert sha_map(root) == before
+
+
+def test_two_moves_of_one_image_at_once_move_it_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two requests to move the same image (two tabs, a double click): one moves it, the other is told so, with
+    a 409 naming the image, not a 404 with the error number and absolute path of a file gone under it."""
+    from imgclf.ui import labels
+
+    root = make_folder(tmp_path / "d", classes=("a", "b", "c"), n=1)
+    before, real_safe_rel = sha_map(root), labels.safe_rel
+    together, calls = threading.Barrier(2, timeout=10), itertools.count()
+
+    def both_checked(*args: object, **kwargs: object) -> Path:  # both requests reach the move before either moves
+        if next(calls) < 2:
+            together.wait()
+        return real_safe_rel(*args, **kwargs)
+
+    monkeypatch.setattr(labels, "safe_rel", both_checked)
+    answers: list[httpx.Response] = []
+    with Server(create_app(root, analyse_on_start=False)) as server:
+
+        def post(label: str) -> None:
+            answers.append(httpx.post(server.url + "/api/relabel", json={"path": "a/a_00.jpg", "label": label}))
+
+        threads = [threading.Thread(target=post, args=(label,)) for label in ("b", "c")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert sorted(r.status_code for r in answers) == [200, 409], [r.text for r in answers]
+        refused = next(r for r in answers if r.status_code == 409).json()["detail"]
+        assert refused == "a/a_00.jpg is no longer there: already moved by another request, or removed"
+        assert len(RelabelJournal(root).active()) == 1
+        assert httpx.post(server.url + "/api/undo", json={}).json()["problems"] == []
+    assert sha_map(root) == before
+
+
 def test_results_filters_and_sort(review: tuple[httpx.Client, Path]) -> None:
     client, _ = review
     every = client.get("/api/results", params={"per_page": 500}).json()
@@ -389,7 +485,9 @@ def test_a_result_relabelled_since_the_run_is_followed(review: tuple[httpx.Clien
     others = [c for c in CLASSES if c != item["true"]]
     first = client.post("/api/relabel", json={"path": item["path"], "label": others[0]}).json()
     second = client.post("/api/relabel", json={"path": first["to"], "label": others[1]}).json()
-    assert result(item["path"]) | {"exists": None} == item | {"exists": None, "now": second["to"]}
+    moved = result(item["path"])
+    assert moved["v"] and moved["v"] != item["v"]  # the version of its file: a move changes the file's ctime
+    assert moved | {"exists": None, "v": None} == item | {"exists": None, "v": None, "now": second["to"]}
     assert client.post("/api/undo", json={"all": True}).status_code == 200
     assert result(item["path"])["now"] == item["path"] and sha_map(data) == before
 

@@ -49,6 +49,7 @@ class RelabelRequest(BaseModel):
 
 class UndoRequest(BaseModel):
     all: bool = False
+    id: str | None = None  # the last move as the page saw it: refused (409) if another one is last now
 
 
 @dataclass
@@ -82,6 +83,16 @@ class RunResults:
                     }
                 )
         return cls(classes, rows, metrics["confusion_matrix"])
+
+
+def file_version(path: Path) -> str | None:
+    """A key that changes when the file at ``path`` is changed or replaced, for image URLs: a browser shows the
+    picture it holds for a URL again, whatever the cache headers say. None if the file is gone."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return f"{st.st_mtime_ns}-{st.st_size}-{st.st_ino}-{st.st_ctime_ns}"
 
 
 def _mtime(folder: Path) -> int:
@@ -255,7 +266,10 @@ def create_app(
         folders = index.folders()
         if label not in folders:
             raise HTTPException(404, f"no folder {label!r} in the data folder")
-        return _page([{"path": p, "label": label} for p in folders[label]], page, per_page)
+        out = _page([{"path": p, "label": label} for p in folders[label]], page, per_page)
+        for item in out["items"]:  # for this page only: a stat per image
+            item["v"] = file_version(root / item["path"])
+        return out
 
     @app.get("/api/thumb")
     def thumb(path: str, size: Annotated[int, Query(ge=32, le=512)] = 160) -> Response:
@@ -290,7 +304,7 @@ def create_app(
 
     @app.post("/api/undo")
     def undo(req: UndoRequest) -> dict[str, Any]:
-        report = journal.undo(everything=req.all)
+        report = journal.undo(everything=req.all, last_id=req.id)
         index.invalidate()
         return {"undone": report.undone, "problems": report.problems}
 
@@ -323,7 +337,8 @@ def create_app(
         present, moved = index.present(), journal.moved()
         for item in out["items"]:  # where the image lies now: relabelled since the run, it moved
             now = item["path"] if item["path"] in present else moved.get(item["path"])
-            item.update(exists=item["path"] in present, now=now if now in present else None)
+            now = now if now in present else None
+            item.update(exists=item["path"] in present, now=now, v=file_version(root / now) if now else None)
         return out
 
     @app.get("/api/confusion")
@@ -349,7 +364,9 @@ def create_app(
         r = analyzer.result
         present = index.present()
         items = [s for s in getattr(r, kind) if s["path"] in present] if r else []
-        return _page(items, page, per_page, classes=r.classes if r else [], analysis=analyzer.status())
+        out = _page(items, page, per_page, classes=r.classes if r else [], analysis=analyzer.status())
+        out["items"] = [dict(s, v=file_version(root / s["path"])) for s in out["items"]]  # copies: r is shared
+        return out
 
     @app.get("/api/suspects")
     def suspects(page: Page = 1, per_page: PerPage = 60) -> dict[str, Any]:

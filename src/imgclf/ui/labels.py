@@ -46,6 +46,14 @@ class UnknownClassError(RelabelError):
     """A move into a class the data folder does not have (a bad request, not a conflict)."""
 
 
+class MovedAwayError(RelabelError):
+    """The image is no longer where the request saw it: another request (or someone else) moved it first."""
+
+
+class StaleUndoError(RelabelError):
+    """An undo of a move that is no longer the last one (undone already, or another move came after)."""
+
+
 def safe_rel(root: Path, rel: str, through_links: bool = False) -> Path:
     """``root / rel`` if ``rel`` is a relative POSIX path to a visible file inside ``root``; else raise.
 
@@ -145,8 +153,7 @@ class RelabelJournal:
             raise UnknownClassError(f"unknown class {label!r}; classes: {', '.join(classes)}")
         src = safe_rel(self.root, rel)
         rel = src.relative_to(self.root).as_posix()  # as listed: "./a/x.jpg" is "a/x.jpg"
-        if not src.is_file():
-            raise FileNotFoundError(f"no image {rel!r} in {self.root}")
+        gone = f"{rel} is no longer there: already moved by another request, or removed"
         splits = split_folders(self.root)
         if label_of(rel, splits) == label:
             raise RelabelError(f"{rel} is already in class {label!r}")
@@ -160,15 +167,22 @@ class RelabelJournal:
                 "link: move the image by hand"
             )
         with self._lock:
+            # checked under the lock: a concurrent request for the same image may have moved it meanwhile
+            if not src.is_file():
+                raise MovedAwayError(gone)
             for _ in range(3):  # another process may take the free name between the check and the move
                 dst = self._free_name(folder, src.name)
+                try:
+                    digest = file_sha256(src)
+                except FileNotFoundError:  # another process moved it since the check
+                    raise MovedAwayError(gone) from None
                 record = {
                     "op": "move",
                     "id": uuid.uuid4().hex[:12],
                     "time": datetime.now(UTC).isoformat(timespec="seconds"),
                     "from": rel,
                     "to": dst.relative_to(self.root).as_posix(),
-                    "sha256": file_sha256(src),
+                    "sha256": digest,
                 }
                 self._append(record)
                 try:
@@ -178,15 +192,26 @@ class RelabelJournal:
                     continue
                 except OSError as e:  # not moved (no permission, another file system): no move to undo later
                     self._append({"op": "undo", "id": record["id"], "note": f"not moved: {e}"})
+                    if isinstance(e, FileNotFoundError) and not os.path.lexists(src):
+                        raise MovedAwayError(gone) from None
                     raise
                 return record
         raise RelabelError(f"could not find a free name for {src.name} in {label}/")
 
-    def undo(self, everything: bool = False) -> UndoReport:
-        """Move back the last move not undone yet (or all of them, newest first)."""
+    def undo(self, everything: bool = False, last_id: str | None = None) -> UndoReport:
+        """Move back the last move not undone yet (or all of them, newest first).
+
+        ``last_id``: the id of the move the caller means as the last one; StaleUndoError if it is not (a
+        double click must not undo the move before it).
+        """
         report = UndoReport()
         with self._lock:
             moves = self.active()
+            if last_id is not None and (not moves or moves[-1]["id"] != last_id):
+                raise StaleUndoError(
+                    f"move {last_id} is no longer the last one (undone already, or another move came after): "
+                    "nothing undone"
+                )
             for rec in reversed(moves if everything else moves[-1:]):
                 try:
                     src, back = safe_rel(self.root, rec["to"]), safe_rel(self.root, rec["from"])

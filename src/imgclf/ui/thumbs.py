@@ -21,13 +21,17 @@ class ThumbCache:
 
     def __init__(self, root: Path | None = None) -> None:
         self.root = Path(root) if root is not None else default_cache_dir() / "thumbs"
-        self._digests: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> sha256
+        self._digests: dict[tuple[str | int, ...], str] = {}  # (path, identity and times of the file) -> sha256
         self._lock = threading.Lock()
 
     def digest(self, path: Path) -> str:
-        """SHA-256 of the file, remembered while its size and modification time stay the same."""
+        """SHA-256 of the file, remembered while it is the same file (device, inode) of the same size and times.
+
+        Size and modification time alone miss a file replaced by another copied with its times kept; the
+        change time cannot be set back, and moves in and out change it.
+        """
         st = path.stat()
-        key = (str(path), st.st_size, st.st_mtime_ns)
+        key = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         with self._lock:
             known = self._digests.get(key)
         if known is None:

@@ -40,8 +40,11 @@ function toast(msg, error = false) {
   toastTimer = setTimeout(() => { t.className = ""; }, 3500);
 }
 
-const thumb = (path) => el("img", {
-  src: `/api/thumb?${q({ path, size: 256 })}`, loading: "lazy", alt: path, onclick: () => zoom(path), onerror: (ev) => unshown(ev.target, path),
+// v: the server's version of the file (it changes when the file is replaced): in the URL, since a browser
+// shows the picture it already holds for a URL, whatever the cache headers say.
+const thumb = (path, v) => el("img", {
+  src: `/api/thumb?${q({ path, size: 256, v: v ?? "" })}`, loading: "lazy", alt: path,
+  onclick: () => zoom(path, v), onerror: (ev) => unshown(ev.target, path, v),
 });
 
 // Why an image cannot be shown: the server's reason (a small thumbnail it fails to make), else the browser's.
@@ -54,8 +57,8 @@ async function whyUnshown(path) {
 }
 
 // A thumbnail that failed: a placeholder saying why, in its place (a click still opens the zoom and its buttons).
-function unshown(img, path) {
-  const box = el("div", { class: "unshown", onclick: () => zoom(path) }, "cannot show this image");
+function unshown(img, path, v) {
+  const box = el("div", { class: "unshown", onclick: () => zoom(path, v) }, "cannot show this image");
   img.replaceWith(box);
   whyUnshown(path).then((why) => { box.textContent = why; });
 }
@@ -91,14 +94,20 @@ function pager(name, data, go) {
   );
 }
 
+// After a failed request: the page may be out of date (another tab or request moved the image), so it is
+// shown anew; the error stays in the toast.
+async function refreshAfter(e) {
+  toast(`${e.message}; the page is refreshed`, true);
+  try { await refresh(); } catch (e2) { toast(`${e.message}; refreshing the page failed: ${e2.message}`, true); }
+}
+
 // Move an image to the class folder of label; true if it moved.
 async function relabel(path, label) {
-  try {
-    const rec = await api("/api/relabel", { path, label });
-    toast(`moved ${rec.from} → ${rec.to}`);
-    await refresh();
-    return true;
-  } catch (e) { toast(e.message, true); return false; }
+  let rec;
+  try { rec = await api("/api/relabel", { path, label }); } catch (e) { await refreshAfter(e); return false; }
+  toast(`moved ${rec.from} → ${rec.to}`);
+  await refresh();
+  return true;
 }
 
 const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
@@ -113,17 +122,20 @@ function undoText(r) {
   return [undone, problems].filter(Boolean).join("; ") || "nothing to undo";
 }
 
+// The undo buttons are off while an undo runs: a double click undid the move before the last one too. Undo
+// last names the move it means; the server refuses (409) if another one is last by then.
 async function undo(all) {
+  const buttons = [$("#undo-last"), $("#undo-all")];
+  if (buttons.some((b) => b.disabled)) return;
+  buttons.forEach((b) => { b.disabled = true; });
   try {
-    if (all) {
-      const n = (await api("/api/journal?per_page=1")).total;
-      if (!n) { toast("nothing to undo"); return; }
-      if (!confirm(`Undo all ${plural(n, "move")}? Every relabelled image goes back where it was.`)) return;
-    }
-    const r = await api("/api/undo", { all });
+    const last = await api("/api/journal?per_page=1");
+    if (!last.total) { toast("nothing to undo"); return; }
+    if (all && !confirm(`Undo all ${plural(last.total, "move")}? Every relabelled image goes back where it was.`)) return;
+    const r = await api("/api/undo", all ? { all } : { all, id: last.items[0].id });
     toast(undoText(r), r.problems.length > 0);
     await refresh();
-  } catch (e) { toast(e.message, true); }
+  } catch (e) { await refreshAfter(e); } finally { buttons.forEach((b) => { b.disabled = false; }); }
 }
 
 // The class of an image path: its first folder, or its second in a data folder laid out by split (train/ants/x.jpg).
@@ -132,11 +144,11 @@ function labelOf(path) {
   return state.info && state.info.splits.includes(parts[0]) && parts.length > 2 ? parts[1] : parts[0];
 }
 
-function zoom(path) {
+function zoom(path, v) {
   state.zoomPath = path;
   $("#zoom-error").hidden = true;
   $("#zoom-img").hidden = false;
-  $("#zoom-img").src = `/api/image?${q({ path })}`;
+  $("#zoom-img").src = `/api/image?${q({ path, v: v ?? "" })}`;
   $("#zoom-path").textContent = path;
   const current = labelOf(path);
   $("#zoom-labels").replaceChildren(moveButtons(path, current, null));
@@ -173,7 +185,7 @@ async function loadBrowse(page = state.browse.page) {
   state.browse.page = data.page;
   pager("browse", data, (p) => loadBrowse(p));
   $("#browse-grid").replaceChildren(...data.items.map((it) => el("div", { class: "card", "data-path": it.path },
-    thumb(it.path), el("div", { class: "name" }, it.path), moveButtons(it.path, it.label, null))));
+    thumb(it.path, it.v), el("div", { class: "name" }, it.path), moveButtons(it.path, it.label, null))));
 }
 
 // ---- results browser
@@ -211,7 +223,7 @@ async function loadResults(page = state.results.page) {
   r.page = data.page;
   pager("results", data, (p) => loadResults(p));
   $("#results-grid").replaceChildren(...data.items.map((it) => el("div", { class: `card ${it.correct ? "right" : "wrong"}`, "data-path": it.path },
-    it.now ? thumb(it.now) : el("div", { class: "hint" }, "(no longer in the data folder)"),
+    it.now ? thumb(it.now, it.v) : el("div", { class: "hint" }, "(no longer in the data folder)"),
     el("div", { class: "labels" }, `${it.true} → ${it.pred} (${(100 * it.confidence).toFixed(0)}%)`),
     el("div", { class: "name" }, it.now && it.now !== it.path ? `${it.path}, now ${it.now}` : it.path),
     bars(it.scores, data.classes, it.true, it.pred))));
@@ -244,7 +256,7 @@ async function loadScored(kind, page) {
     state.unlabeled.current = Math.min(state.unlabeled.current, Math.max(0, data.items.length - 1));
   }
   $(`#${kind}-grid`).replaceChildren(...data.items.map((it, n) => {
-    const card = el("div", { class: "card", "data-path": it.path }, thumb(it.path));
+    const card = el("div", { class: "card", "data-path": it.path }, thumb(it.path, it.v));
     if (scored) {
       const title = kind === "suspects"
         ? `#${it.rank} labelled ${it.label}, p=${it.p_label.toFixed(2)} · suggests ${it.suggested}`
