@@ -302,6 +302,21 @@ def test_hashes_are_cached(data: Path, monkeypatch: pytest.MonkeyPatch):
     assert again == first and not skipped
 
 
+def test_a_picture_rewritten_at_its_size_and_time_is_hashed_anew(tmp_path: Path):
+    """The cache key was size and mtime: a file rewritten in place with its time put back (`exiftool -P`,
+    `rsync -t`) kept its old hash, and dedup its old groups."""
+    path = tmp_path / "a" / "x.bmp"
+    path.parent.mkdir()
+    Image.open(io.BytesIO(make_image(1, size=(64, 48)))).save(path)
+    (before,) = hash_images([path])[0].values()
+    st = path.stat()
+    Image.open(io.BytesIO(make_image(2, size=(64, 48)))).save(path)  # a BMP: the same size in bytes
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size
+    (after,) = hash_images([path])[0].values()
+    assert after.bits != before.bits
+
+
 def test_grouping_10000_hashes_finds_the_planted_near_duplicates():
     """Its speed is measured in bench/bench_dedup.py, against a pair-by-pair imagehash loop."""
     rng = np.random.default_rng(0)
@@ -349,6 +364,9 @@ def test_links_and_system_folders(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert run_cli(["dedup", str(root), "--apply"]) == 1
     assert "it is a/via_link/pic.jpg itself, reached through a link" in capsys.readouterr().err
     assert (shared / "pic.jpg").read_bytes() == pic
+    (root / "ghost").symlink_to(tmp_path / "unmounted" / "ghost")  # was left out without a word
+    assert run_cli(["dedup", str(root)]) == 0
+    assert "  not hashed: ghost: broken link to " in capsys.readouterr().out
 
 
 def test_reports_can_go_elsewhere_for_a_read_only_data_folder(data: Path, tmp_path: Path):
@@ -404,6 +422,51 @@ def test_a_quarantine_folder_that_is_a_link_is_refused(data: Path, tmp_path: Pat
         assert main(command) == 2
         assert f"{data / QUARANTINE_DIR} is a symbolic link: imgclf neither moves images" in capsys.readouterr().err
     assert images() == before and not any(elsewhere.iterdir())
+
+
+def test_undo_moves_nothing_a_planted_journal_names_outside_the_data_folder(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    """A journal brought with a data set (or edited) moved `../victim/thesis.docx` and absolute paths into the
+    class folders, and a quarantined file out to any path: records are only those dedup writes."""
+    victim = _put(tmp_path / "victim" / "thesis.docx", b"my thesis")
+    planted = _put(data / QUARANTINE_DIR / "a" / "p.jpg", make_image(5))
+    records = [
+        {"op": "move", "path": "a/thesis.docx", "quarantined": "../victim/thesis.docx"},
+        {"op": "move", "path": "a/notes.docx", "quarantined": str(victim)},
+        {"op": "move", "path": str(tmp_path / "out.jpg"), "quarantined": f"{QUARANTINE_DIR}/a/p.jpg"},
+        {"op": "move", "path": "../out.jpg", "quarantined": f"{QUARANTINE_DIR}/../out.jpg"},
+        {"op": "move", "path": "a/p.jpg", "quarantined": f"{QUARANTINE_DIR}/a/p.jpg", "sha256": "x"},  # a fair one
+    ]
+    journal_path(data).write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert run_cli(["dedup", str(data), "--undo"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("record skipped, nothing moved") == 4 and "is not a path inside the data folder" in err
+    assert victim.read_bytes() == b"my thesis" and not (tmp_path / "out.jpg").exists()
+    assert not (data / "a" / "thesis.docx").exists() and not (data / "a" / "notes.docx").exists()
+    assert (data / "a" / "p.jpg").read_bytes() == make_image(5) and not planted.exists()
+
+
+def test_a_class_left_empty_by_apply_is_said_and_names_print_on_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    """--apply moved the only image of `wasps/` (a copy of an ant) without a word; a file name with a line
+    break split the cross-class warning and the problem lines."""
+    root = tmp_path / "data"
+    pic = make_image(1, size=(160, 120))
+    (root / "ants").mkdir(parents=True)
+    Image.open(io.BytesIO(pic)).resize((320, 240)).save(root / "ants" / "big.png")
+    _put(root / "ants" / "other.jpg", make_image(2))
+    _put(root / "wasps" / "odd\nname.jpg", pic)
+    assert run_cli(["dedup", str(root), "--max-distance", "4"]) == 0
+    assert "  ants/big.png (kept): wasps/odd\\nname.jpg\n" in capsys.readouterr().err
+    assert run_cli(["dedup", str(root), "--max-distance", "4", "--apply"]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {root / 'wasps'} holds no image now (each was a copy of one in another class)" in err
+    assert "--undo brings its images back" in err and "ants" not in err.split("holds no image")[0].split("\n")[-1]
+    _put(root / "wasps" / "odd\nname.jpg", b"back from a sync")  # the undo refuses to overwrite it
+    assert run_cli(["dedup", str(root), "--undo"]) == 1
+    assert "wasps/odd\\nname.jpg exists: not overwritten" in capsys.readouterr().err
 
 
 def test_files_that_cannot_be_hashed_are_named_as_io_names_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

@@ -97,6 +97,17 @@ def _broken_link(path: Path) -> bool:
     return path.is_symlink() and not path.exists() and not is_ignored(path.name)
 
 
+def broken_class_link(link: Path) -> str:
+    """Why the broken link ``link``, where a class folder belongs, is skipped."""
+    return f"broken link to {os.readlink(link)} (nothing there): a class folder on a drive not mounted? fix or remove the link"
+
+
+def broken_class_links(root: Path) -> list[Path]:
+    """The broken links where class folders belong: in ``root``, or in its split folders."""
+    bases = [root, *(root / s for s in split_folders(root))]
+    return [p for base in bases for p in sorted(base.iterdir()) if _broken_link(p)]
+
+
 def subfolders(folder: Path) -> list[Path]:
     """The sub-folders of ``folder`` by name, without hidden and system ones."""
     return sorted((p for p in folder.iterdir() if p.is_dir() and not is_ignored(p.name)), key=lambda p: p.name)
@@ -219,8 +230,7 @@ def scan_dataset(cfg: DataConfig) -> Dataset:
         ):
             skipped.append({"path": display_path(f), "reason": loose})
         for link in (p for p in broken if p.parent == base):
-            why = f"broken link to {os.readlink(link)} (nothing there): a class folder on a drive not mounted? "
-            skipped.append({"path": display_path(link), "reason": why + "fix or remove the link"})
+            skipped.append({"path": display_path(link), "reason": broken_class_link(link)})
         for class_dir in dirs[base]:
             if class_dir in bad_names:
                 continue

@@ -78,7 +78,8 @@ def _dedup(args: argparse.Namespace) -> int:
 
 def _dedup_held(args: argparse.Namespace, root: Path) -> int:
     from imgclf.datatools.dedup import find_duplicates, write_reports
-    from imgclf.datatools.journal import QUARANTINE_DIR, quarantine, undo
+    from imgclf.datatools.journal import QUARANTINE_DIR, emptied_classes, quarantine, undo
+    from imgclf.utils import display_path
 
     if args.undo:
         report = undo(root)
@@ -105,7 +106,8 @@ def _dedup_held(args: argparse.Namespace, root: Path) -> int:
                 file=sys.stderr,
             )
             for group in across[:ACROSS_SHOWN]:
-                print(f"  {group[0].path} (kept): " + ", ".join(m.path for m in group[1:]), file=sys.stderr)
+                line = f"  {group[0].path} (kept): " + ", ".join(m.path for m in group[1:])
+                print(display_path(line), file=sys.stderr)
             if len(across) > ACROSS_SHOWN:
                 print(f"  ... and {len(across) - ACROSS_SHOWN} more in the report", file=sys.stderr)
         if not args.apply:
@@ -120,8 +122,14 @@ def _dedup_held(args: argparse.Namespace, root: Path) -> int:
             f"moved {len(report.done)} extra copies to {root / QUARANTINE_DIR} "
             f"(`imgclf dedup {shlex.quote(str(root))} --undo` restores them)"
         )
-    for problem in report.problems:
-        print(f"  {problem}", file=sys.stderr)
+        for folder in emptied_classes(root, report.done):
+            print(
+                f"warning: {display_path(folder)} holds no image now (each was a copy of one in another class): "
+                "train leaves the class out; --undo brings its images back",
+                file=sys.stderr,
+            )
+    for problem in report.problems:  # a line each: control characters in file names escaped
+        print(f"  {display_path(problem)}", file=sys.stderr)
     return 1 if report.problems else 0
 
 

@@ -28,7 +28,15 @@ import numpy as np
 from PIL import ImageStat
 from tqdm import tqdm
 
-from imgclf.data.dataset import UNLABELED_DIR, check_data_folder, label_of, split_folders, subfolders
+from imgclf.data.dataset import (
+    UNLABELED_DIR,
+    broken_class_link,
+    broken_class_links,
+    check_data_folder,
+    label_of,
+    split_folders,
+    subfolders,
+)
 from imgclf.data.io import (
     DECODE_VERSION,
     IMAGE_EXTENSIONS,
@@ -110,7 +118,7 @@ class DedupResult:
 
 
 class HashCache:
-    """dhashes keyed by (hash size, decoder version, size, mtime, absolute path) in a small SQLite file; no-op if
+    """dhashes keyed by (hash size, decoder version, size, mtime, ctime, inode, absolute path) in a small SQLite file; no-op if
     unusable."""
 
     def __init__(self, path: Path | None = None) -> None:
@@ -129,7 +137,10 @@ class HashCache:
     @staticmethod
     def key(path: Path, hash_size: int) -> str:
         st = path.stat()
-        return f"{hash_size}|{DECODE_VERSION}|{st.st_size}|{st.st_mtime_ns}|{path.resolve()}"
+        # the change time and inode too: a file rewritten at its size with its mtime put back (rsync -t, exiftool -P)
+        return (
+            f"{hash_size}|{DECODE_VERSION}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}|{path.resolve()}"
+        )
 
     def get(self, keys: Sequence[str]) -> dict[str, HashInfo]:
         found: dict[str, HashInfo] = {}
@@ -359,9 +370,11 @@ def find_images(root: Path, unreadable: list[tuple[Path, str]] | None = None) ->
     """Image files inside class folders (any depth, hidden and system names excluded): sorted POSIX relative paths.
 
     Files beside the class folders are in no class and not listed. ``unreadable`` receives the folders that
-    could not be listed, with why.
+    could not be listed and the broken links where class folders belong, with why.
     """
     root = Path(root)
+    if unreadable is not None:  # a class folder on a drive not mounted: its images are not compared
+        unreadable += [(link, broken_class_link(link)) for link in broken_class_links(root)]
     return sorted(
         f.relative_to(root).as_posix()
         for d in subfolders(root)

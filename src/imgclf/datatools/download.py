@@ -273,7 +273,7 @@ def _decode(
         im = open_image(io.BytesIO(data))  # Pillow's pixel warning is off (see imgclf/__init__.py)
         w, h = im.size
         if w * h > max_pixels:
-            raise FetchError(f"too many pixels ({w}x{h} > {max_pixels / 1e6:g} Mpx; raise max_image_pixels)")
+            raise FetchError(f"too many pixels ({w}x{h} > {max_pixels / 1e6:g} Mpx; raise --max-image-pixels)")
         if draft_to and im.format == "JPEG" and max(w, h) > draft_to:
             im.draft("RGB", (draft_to, draft_to))  # DCT scaling: less memory and time, same result
         if held is not None:

@@ -14,11 +14,12 @@ import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-from imgclf.data.dataset import check_data_folder
-from imgclf.utils import default_cache_dir, file_sha256, held
+from imgclf.data.dataset import check_data_folder, split_folders
+from imgclf.data.io import IMAGE_EXTENSIONS, list_files
+from imgclf.utils import default_cache_dir, display_path, file_sha256, held
 
 QUARANTINE_DIR = ".imgclf-quarantine"
 JOURNAL_FILE = "journal.jsonl"
@@ -194,8 +195,40 @@ def quarantine(root: Path, moves: Sequence[tuple[str, str]]) -> JournalReport:
     return report
 
 
-def _active_moves(journal: Path, problems: list[str]) -> list[dict[str, Any]]:
-    """Move records not yet undone, oldest first."""
+def _unsafe(root: Path, rec: dict[str, Any]) -> str:
+    """Why a move record's paths are not those dedup writes (``path`` in the data folder, ``quarantined`` the
+    same path in the quarantine), or ''. A journal edited by hand or brought with a data set must not move files
+    into or out of the data folder (``../thesis.docx``, ``/home/me/notes.txt``)."""
+    rel = rec.get("path")
+    if not isinstance(rel, str) or rec.get("quarantined") != f"{QUARANTINE_DIR}/{rel}":
+        return f"its quarantined path is not {QUARANTINE_DIR}/ and its path"
+    parts = PurePosixPath(rel).parts
+    if not parts or PurePosixPath(rel).is_absolute() or Path(rel).is_absolute() or ".." in {*parts, *Path(rel).parts}:
+        return f"{rel!r} is not a path inside the data folder"
+    if parts[0] == QUARANTINE_DIR or "\x00" in rel:
+        return f"{rel!r} is not a path inside the data folder"
+    inside = root.resolve()
+    for f in (root / rel, root / QUARANTINE_DIR / rel):
+        if not f.parent.resolve().is_relative_to(inside):
+            return f"{display_path(f)} leads outside the data folder through a link"
+    return ""
+
+
+def emptied_classes(root: Path, moved: Sequence[str]) -> list[Path]:
+    """The class folders that the moves ``moved`` (paths relative to ``root``) left without an image."""
+    splits = split_folders(root)
+
+    def class_folder(rel: str) -> Path:  # train/ants/x.jpg -> train/ants, ants/x.jpg -> ants
+        parts = rel.split("/")
+        return root.joinpath(*parts[: 2 if splits and parts[0] in splits and len(parts) > 2 else 1])
+
+    folders = {class_folder(rel) for rel in moved}
+    return sorted(f for f in folders if not any(x.suffix.lower() in IMAGE_EXTENSIONS for x in list_files(f)))
+
+
+def _active_moves(root: Path, journal: Path, problems: list[str]) -> list[dict[str, Any]]:
+    """Move records not yet undone, oldest first; records that would move files elsewhere are skipped (named
+    in ``problems``)."""
     active: dict[str, dict[str, Any]] = {}
     for n, line in enumerate(read_journal(journal).splitlines(), 1):
         if not line.strip():
@@ -207,6 +240,9 @@ def _active_moves(journal: Path, problems: list[str]) -> list[dict[str, Any]]:
             problems.append(f"{journal}:{n}: unreadable record skipped")
             continue
         if rec.get("op") == "move":
+            if why := _unsafe(root, rec):
+                problems.append(f"{journal}:{n}: record skipped, nothing moved: {why}")
+                continue
             active[key] = rec
         elif rec.get("op") == "restore":
             active.pop(key, None)
@@ -221,7 +257,7 @@ def undo(root: Path) -> JournalReport:
     if not journal.is_file():
         report.problems.append(f"no journal at {journal}: nothing to undo")
         return report
-    for rec in reversed(_active_moves(journal, report.problems)):
+    for rec in reversed(_active_moves(root, journal, report.problems)):
         src, back = root / rec["quarantined"], root / rec["path"]
         if not src.exists():
             if back.exists():  # moved back by hand, or a move that never happened

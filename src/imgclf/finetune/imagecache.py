@@ -36,7 +36,7 @@ def _key(paths: Sequence[Path], side: int, interpolation: str) -> str:
     h = hashlib.sha256(f"{side}:{interpolation}".encode())
     for p in paths:
         st = p.stat()
-        h.update(f"\0{p}:{st.st_size}:{st.st_mtime_ns}".encode())
+        h.update(f"\0{p}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}".encode())  # ctime: mtime put back
     return h.hexdigest()[:20]
 
 
