@@ -535,8 +535,8 @@ def test_predict_api_and_cli(run, tmp_path, capsys, monkeypatch):
     # a raw errno and nothing printed); a file written while the folder goes away still prints the lines
     with monkeypatch.context() as m:
         m.setattr("imgclf.pipeline.predict", lambda *a, **k: pytest.fail("scored before the --csv check"))
-        assert main(["predict", str(result.run_dir), str(listing), "--csv", str(tmp_path / "no" / "p.csv")]) == 2
-        assert f"no folder {tmp_path / 'no'}; create it first" in capsys.readouterr().err
+        assert main(["predict", str(result.run_dir), str(listing), "--csv", str(listing / "p.csv")]) == 2
+        assert f"--csv {listing / 'p.csv'}: {listing} is a file, not a folder" in capsys.readouterr().err
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
         if not os.access(locked, os.W_OK):  # root writes anywhere
@@ -547,6 +547,9 @@ def test_predict_api_and_cli(run, tmp_path, capsys, monkeypatch):
         assert main(["predict", str(result.run_dir), str(listing), "--csv", str(out_csv), "--no-progress"]) == 2
     lines, err = capsys.readouterr()
     assert len(lines.splitlines()) == 2 and "I/O error" in err
+    assert main(["predict", str(result.run_dir), str(listing), "--csv", str(tmp_path / "new" / "p.csv")]) == 1
+    assert len(list(csv.DictReader((tmp_path / "new" / "p.csv").open()))) == 2  # a missing folder is made
+    capsys.readouterr()
     # a missing file named is reported on its line, the others scored (a missing one in a list was already)
     missing = tmp_path / "no_such.jpg"
     assert main(["predict", str(result.run_dir), str(missing), str(pair[0]), "--no-progress"]) == 1
@@ -916,6 +919,9 @@ def test_leak_between_train_and_test_warns_or_refuses(tmp_path, caplog, monkeypa
     with pytest.raises(DatasetError, match=refusal + r".*nothing written\. Run `imgclf dedup .*--split-mode group"):
         train(cfg.updated(fail_on_leak=True))
     assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == before
+    with pytest.raises(DatasetError, match=refusal):  # a new folder: not left behind, empty but for a lock file
+        train(cfg.updated(fail_on_leak=True, out=tmp_path / "new" / "run"))
+    assert not (tmp_path / "new" / "run").exists()
     assert evaluate(tmp_path / "run").metrics["n_test"] > 0
     make_folder(tmp_path / "extra", classes=("squares",), n=2, seed=2)
     (tmp_path / "extra" / "squares").rename(data / "val" / "only_in_val")  # a class that cannot be learned
@@ -985,6 +991,19 @@ def test_backbone_auto_chooses_on_the_training_split(tmp_path, caplog, monkeypat
     assert evaluate(result.run_dir).metrics["backbone_cv_accuracy"] == cv  # an evaluation cannot choose again
     with pytest.raises(ValidationError, match="use it with --classifier svm"):
         Config().updated(backbone="auto", classifier="dnn")
+
+
+def test_the_cv_accuracy_names_the_classes_it_cannot_score(tmp_path, caplog):
+    """A class of one training image stays on the fitting side of every fold: "CV accuracy 1.000" did not say
+    that class was left out of the score (its test accuracy was 0 %)."""
+    from helpers import make_folder
+
+    data = make_folder(tmp_path / "data" / "train", classes=("circles", "squares"), n=6).parent
+    make_folder(data / "train", classes=("stripes",), n=1)
+    make_folder(data / "val", n=2, seed=1)
+    with caplog.at_level(logging.INFO, logger="imgclf"):
+        train(Config().updated(data_root=data, out=tmp_path / "run", **FAST, tracking=False))
+    assert ", without stripes: one training image, never held out)" in caplog.text
 
 
 def test_unbalanced_classes_get_a_hint_unless_balanced(caplog):

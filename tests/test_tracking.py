@@ -979,3 +979,5 @@ def test_compare_ranks_neither_epoch_counts_nor_rounding_noise(tmp_path: Path, c
     assert main(["runs", "compare", str(a), str(b), str(a), "--csv", str(tmp_path / "c.csv")]) == 0
     header = (tmp_path / "c.csv").read_text().splitlines()[0]
     assert header == "section,name,x/run,y/run,x/run #2,note"
+    assert main(["runs", "compare", str(a), str(a), "--csv", str(tmp_path / "c.csv")]) == 0
+    assert (tmp_path / "c.csv").read_text().splitlines()[0] == "section,name,run,run #2,note"  # not x/run

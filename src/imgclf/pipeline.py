@@ -41,6 +41,7 @@ from imgclf.features import FeatureExtractor
 from imgclf.heads import FittedHead, fit_head
 from imgclf.tracking import log_run
 from imgclf.utils import (
+    RUN_LOCK,
     Memo,
     atomic_write_files,
     atomic_write_text,
@@ -345,20 +346,33 @@ def train(cfg: Config) -> RunResult:
             f"the run folder {run_dir} is inside the data folder {data_root}: its figures would be read as "
             "images of a class; give an --out outside it"
         )
+    created = not run_dir.exists()
     make_folder(run_dir, "run folder", "--out")
     _check_run_folder(run_dir)
     started = time.time()
-    with _writing(run_dir, "train"):
-        try:
-            return _train(cfg, run_dir, t0)
-        except (OSError, KeyboardInterrupt) as e:
-            from imgclf.finetune.trainer import CKPT_NAME
+    try:
+        with _writing(run_dir, "train"):
+            try:
+                return _train(cfg, run_dir, t0)
+            except (OSError, KeyboardInterrupt) as e:
+                from imgclf.finetune.trainer import CKPT_NAME
 
-            ckpt = run_dir / CKPT_NAME  # this run's, or the one it resumes: not an earlier run's left in --out
-            ours = ckpt.is_file() and (cfg.finetune.resume or ckpt.stat().st_mtime >= started)
-            if cfg.classifier.classifier in FINE_TUNING and ours:
-                e.add_note(RESUMABLE)
-            raise
+                ckpt = run_dir / CKPT_NAME  # this run's, or the one it resumes: not an earlier run's left in --out
+                ours = ckpt.is_file() and (cfg.finetune.resume or ckpt.stat().st_mtime >= started)
+                if cfg.classifier.classifier in FINE_TUNING and ours:
+                    e.add_note(RESUMABLE)
+                raise
+    finally:
+        if created:  # stopped before writing a file (a data error, --fail-on-leak): no empty folder left
+            _remove_if_empty(run_dir)
+
+
+def _remove_if_empty(run_dir: Path) -> None:
+    """Remove ``run_dir`` where it holds nothing but its lock file."""
+    with contextlib.suppress(OSError):
+        if set(os.listdir(run_dir)) <= {RUN_LOCK}:
+            (run_dir / RUN_LOCK).unlink(missing_ok=True)
+            run_dir.rmdir()
 
 
 @contextlib.contextmanager
@@ -535,13 +549,16 @@ def _train(cfg: Config, run_dir: Path, t0: float) -> RunResult:
         reused = "; the identical earlier fit reused" if fit.reused else ""
         by_group = cfg.data.split_mode == "group"
         if fit.cv_folds:
+            counts = np.bincount(ds.labels[train_idx], minlength=len(ds.classes))
+            lone = [c for c, n in zip(ds.classes, counts, strict=True) if n == 1] if not by_group else []
             log.info(
-                "SVM C=%g chosen by %d-fold cross-validation on the training split%s (CV %saccuracy %.3f%s)",
+                "SVM C=%g chosen by %d-fold cross-validation on the training split%s (CV %saccuracy %.3f%s%s)",
                 fit.C,
                 fit.cv_folds,
                 ", groups kept whole" if by_group else "",
                 "class-averaged " if cfg.classifier.class_weight == "balanced" else "",
                 fit.cv_accuracy,
+                f", without {', '.join(lone)}: one training image, never held out" if lone else "",
                 reused,
             )
         else:
@@ -822,10 +839,12 @@ def predict(
 
 def check_csv_target(path: Path, inputs: Iterable[str | Path]) -> None:
     """Refuse a predictions file that would overwrite an image or one of the inputs (``--csv a.jpg b.jpg``), or
-    whose folder is missing or cannot be written: before the images are scored, not after."""
-    folder = path.parent
+    that cannot be written (a file where its folder belongs, no permission): before the images are scored."""
+    folder = path.parent  # made where missing: the nearest folder that is there must let it be made
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
     if not folder.is_dir():
-        raise FileNotFoundError(f"--csv {display_path(path)}: no folder {display_path(folder)}; create it first")
+        raise NotADirectoryError(f"--csv {display_path(path)}: {display_path(folder)} is a file, not a folder")
     if path.is_dir():
         raise IsADirectoryError(f"{display_path(path)} is a folder: give the name of a file to write")
     if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):

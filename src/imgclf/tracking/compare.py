@@ -142,9 +142,9 @@ def load_runs(refs: Sequence[str | Path], cfg: TrackingConfig | None = None) -> 
     for label in {r.label for r in records}:
         same = [r for r in records if r.label == label]
         paths = [Path(r.tags.get("run_dir") or r.label).parts for r in same]
-        for n in range(2, max(map(len, paths)) + 1) if len(same) > 1 else ():
+        for n in range(2, max(map(len, paths)) + 1) if len(set(paths)) > 1 else ():
             longer = ["/".join(p[-n:]) for p in paths]
-            if len(set(longer)) == len(set(paths)):  # a run given twice is numbered below
+            if len(set(longer)) == len(set(paths)):  # a run given twice keeps its label, numbered below
                 for r, text in zip(same, longer, strict=True):
                     r.label = text
                 break
