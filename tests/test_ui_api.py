@@ -409,6 +409,8 @@ def test_undo_last_undoes_only_the_move_the_page_saw(tmp_path: Path) -> None:
         last = client.post("/api/relabel", json={"path": "a/a_01.jpg", "label": "b"}).json()
         stale = client.post("/api/undo", json={"id": first["id"]})
         assert stale.status_code == 409 and "no longer the last one" in stale.json()["detail"], stale.text
+        # Undo all confirmed when `first` was the last move: `last`, made since, is not undone with the rest
+        assert client.post("/api/undo", json={"all": True, "id": first["id"]}).status_code == 409
         assert len(client.get("/api/journal").json()["items"]) == 2
         undone = client.post("/api/undo", json={"id": last["id"]})
         assert [m["id"] for m in undone.json()["undone"]] == [last["id"]], undone.text

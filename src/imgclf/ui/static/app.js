@@ -123,7 +123,7 @@ function undoText(r) {
 }
 
 // The undo buttons are off while an undo runs: a double click undid the move before the last one too. Undo
-// last names the move it means; the server refuses (409) if another one is last by then.
+// last and Undo all name the last move they saw; the server refuses (409) if another one is last by then.
 async function undo(all) {
   const buttons = [$("#undo-last"), $("#undo-all")];
   if (buttons.some((b) => b.disabled)) return;
@@ -132,7 +132,7 @@ async function undo(all) {
     const last = await api("/api/journal?per_page=1");
     if (!last.total) { toast("nothing to undo"); return; }
     if (all && !confirm(`Undo all ${plural(last.total, "move")}? Every relabelled image goes back where it was.`)) return;
-    const r = await api("/api/undo", all ? { all } : { all, id: last.items[0].id });
+    const r = await api("/api/undo", { all, id: last.items[0].id });  // all: not a move made after the confirm
     toast(undoText(r), r.problems.length > 0);
     await refresh();
   } catch (e) { await refreshAfter(e); } finally { buttons.forEach((b) => { b.disabled = false; }); }
