@@ -136,7 +136,10 @@ def test_a_second_apply_or_undo_at_once_stops_before_moving(data: Path, capsys: 
     with moving_lock(data):  # another dedup moving files in the folder
         for command in (["--apply"], ["--undo"]):
             assert main(["dedup", str(data), "--max-distance", "4", *command]) == 2
-            assert f"another imgclf dedup --apply or --undo is moving files in {data}" in capsys.readouterr().err
+            assert (
+                f"another imgclf dedup --apply or --undo, download or scrape is changing {data}"
+                in capsys.readouterr().err
+            )
         assert run_cli(["dedup", str(data), "--max-distance", "4"]) == 0
     assert _digests(data) == before and not (data / QUARANTINE_DIR).exists()
     assert run_cli(["dedup", str(data), "--max-distance", "4", "--apply"]) == 0  # released

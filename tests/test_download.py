@@ -24,6 +24,7 @@ from imgclf.datatools.download import (
 )
 from imgclf.datatools.fetch import parse_retry_after
 from imgclf.datatools.journal import QUARANTINE_DIR
+from imgclf.utils import FolderInUse
 
 FAST = DataToolsConfig(download_workers=4, timeout_s=2.0, retries=2, backoff_s=0.01, max_backoff_s=0.5)
 
@@ -122,6 +123,38 @@ def test_resume_skips_existing_and_never_overwrites(server: FakeServer, tmp_path
     assert [o.status for o in again.outcomes] == ["exists", "exists"] and server.hits["/new.jpg"] == 1
     assert {p: p.read_bytes() for p in out.rglob("*.jpg")} == before
     assert len(_read_tsv(out / SOURCES_FILE)) == 2
+
+
+def test_images_removed_since_they_were_downloaded_are_not_fetched_again(
+    server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    """A re-run (or a scrape with one more item) downloaded again the images the user had deleted, or whose
+    dedup quarantine was deleted as the docs say; a sources.tsv of another's was rewritten; a second download
+    into the folder at once lost entries."""
+    out, urls = tmp_path / "data", tmp_path / "urls.tsv"
+    write_url_list(urls, [UrlEntry("cats", server.image(f"/{i}.jpg", make_image(30 + i))) for i in range(3)])
+    assert run_cli(["download", str(urls), "--out", str(out)]) == 0
+    gone = sorted((out / "cats").iterdir())[0]
+    gone.unlink()
+    capsys.readouterr()
+    assert run_cli(["download", str(urls), "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "downloaded 0, already present 2" in said and not gone.exists()
+    assert "not fetched again: 1 image(s) sources.tsv lists as downloaded before and removed" in said
+    assert "--refetch-removed fetches them" in said and len(_read_tsv(out / SOURCES_FILE)) == 3
+    assert run_cli(["download", str(urls), "--out", str(out), "--refetch-removed"]) == 0
+    assert "downloaded 1, already present 2" in capsys.readouterr().out and gone.exists()
+    from imgclf.datatools.journal import moving_lock
+
+    with moving_lock(out), pytest.raises(FolderInUse, match="download or scrape is changing"):
+        run_cli(["download", str(urls), "--out", str(out)])  # while a scrape, download or dedup --apply runs
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / SOURCES_FILE).write_text("file\tphotographer\tapproved_by\nred/a.jpg\tAda\tBob\n")
+    with pytest.raises(ValueError, match=r"sources\.tsv is not a list of sources that imgclf wrote"):
+        run_cli(["download", str(urls), "--out", str(theirs)])
+    assert (theirs / SOURCES_FILE).read_text() == "file\tphotographer\tapproved_by\nred/a.jpg\tAda\tBob\n"
+    assert _all_files(theirs) == {SOURCES_FILE}
 
 
 def test_size_limit_stops_streaming(server: FakeServer, tmp_path: Path):

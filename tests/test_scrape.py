@@ -348,6 +348,25 @@ def test_one_bad_search_answer_fails_its_query_only(server: FakeServer, tmp_path
     assert reasons[2].startswith("answer is not JSON (RecursionError")
 
 
+def test_the_summary_tells_failed_searches_from_empty_ones(server: FakeServer, tmp_path: Path):
+    """A class whose searches failed was described as one whose searches found nothing (nothing said to run
+    again), and a query that found nothing (a misspelt item) was not named."""
+    server.search_routes["striped shirt"] = Route("404")
+    server.results["dotted shirt"] = [{"url": server.image("/d.jpg", make_image(21))}]
+    with make_client(2.0) as client:
+        provider = OpenverseProvider(client, server.base_url, POLICY)
+        report = scrape(
+            ["shirt", "shrit"], ["striped", "dotted"], tmp_path / "d", FAST, progress=False, provider=provider
+        )
+    summary = report.summary()
+    assert (
+        "warning: no image listed for 'striped': its class folder stays empty (1 of its 2 searches failed (above)"
+        in summary
+    )
+    assert "the same command again retries them" in summary
+    assert "searches that found no image (a misspelt item?): 'striped shrit', 'dotted shrit'" in summary
+
+
 def test_a_key_is_never_sent_to_another_site(server: FakeServer, tmp_path: Path):
     """A search service that redirects elsewhere is not followed with the key; a redirect on its own site is."""
     with FakeServer(bing_key="secret-key-123") as elsewhere, make_client(2.0) as client:
@@ -420,7 +439,24 @@ def test_scrape_checks_its_folder_and_terms_before_searching(
     with pytest.raises(ValueError, match=r"--attributes: label 'é+'... is too long for a folder name"):
         run_cli([*args, "--attributes", "é" * 128, "--out", str(tmp_path / "d")])
     (tmp_path / "e").mkdir()
-    (tmp_path / "e" / "urls.tsv").write_text("striped http://x/1.jpg\n")
-    with pytest.raises(ValueError, match=r"(?s)e/urls.tsv, the URL list of an earlier scrape .*fix it.*urls.tsv:1"):
+    (tmp_path / "e" / "urls.tsv").write_text(
+        "# label\turl\tsource_page\tlicence\tcreator\ttitle\tnote\nstriped http://x/1.jpg\n"
+    )
+    with pytest.raises(ValueError, match=r"(?s)e/urls.tsv, the URL list of an earlier scrape .*fix it.*urls.tsv:2"):
         run_cli([*args, "--attributes", "striped", "--out", str(tmp_path / "e")])
+    # files scrape rewrites, written by someone else (a header of their own, a comment, more columns): refused
+    mine = {"urls.tsv": "# my list: checked\nred\thttp://x/a.jpg\tp\tCC0\tAda\tt\tn\tapproved by Bob\n"}
+    mine["sources.tsv"] = "file,photographer,licence\nred/a.jpg,Ada,CC0\n"
+    for name, text in mine.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / name).write_text(text)
+        with pytest.raises(
+            ValueError, match=f"{name} is not .* that imgclf wrote|{name} is not the URL list of an earlier"
+        ):
+            run_cli([*args, "--attributes", "striped", "--out", str(tmp_path / name)])
+        assert (tmp_path / name / name).read_text() == text
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "striped").write_text("mine")  # where the class folder belongs: every download would fail
+    with pytest.raises(NotADirectoryError, match=r"f/striped: a file where a class folder belongs; move it away"):
+        run_cli([*args, "--attributes", "striped", "--out", str(tmp_path / "f")])
     assert server.requests == [] and afile.read_text() == "mine"

@@ -291,6 +291,9 @@ class DataToolsConfig(_Section):
     max_download_mb: float = Field(20.0, gt=0, description="Downloads larger than this are refused.")
     max_side: int = Field(1000, ge=0, description="Downloaded images are resized to this longest side (0 = keep).")
     keep_originals: bool = Field(False, description="Also keep the original downloaded file.")
+    refetch_removed: bool = Field(
+        False, description="Download again the images sources.tsv lists that you removed from the folder since."
+    )
     provider: Literal["openverse", "bing"] = Field("openverse", description="Image search provider for scrape.")
     provider_url: str | None = Field(None, description="Base URL of the search provider (default: the provider's own).")
     per_query: int = Field(50, ge=1, description="Results per search query.")

@@ -8,13 +8,20 @@ import logging
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from imgclf.cli import add_config_args, config_from_args
+
+if TYPE_CHECKING:
+    from imgclf.datatools.download import DownloadReport
 
 ACROSS_SHOWN = 5  # duplicate groups across classes listed by dedup (all are in its report)
 _FETCH = tuple(f"datatools.{n}" for n in ("timeout_s", "retries", "backoff_s", "max_backoff_s"))
 DOWNLOAD_FIELDS = (
-    *(f"datatools.{n}" for n in ("download_workers", "max_download_mb", "max_side", "keep_originals")),
+    *(
+        f"datatools.{n}"
+        for n in ("download_workers", "max_download_mb", "max_side", "keep_originals", "refetch_removed")
+    ),
     *_FETCH,
     "data.max_image_pixels",
     "output.progress",
@@ -30,21 +37,29 @@ def _quiet_http_log() -> None:
 
 def _download(args: argparse.Namespace) -> int:
     from imgclf.datatools.download import DownloadInterrupted, download, read_url_list
+    from imgclf.datatools.journal import moving_lock
 
     _quiet_http_log()
     cfg = config_from_args(args)
     entries = read_url_list(Path(args.url_list))
     try:
-        report = download(entries, Path(args.out), cfg.datatools, cfg.data.max_image_pixels, cfg.output.progress)
+        with moving_lock(Path(args.out)):
+            report = download(entries, Path(args.out), cfg.datatools, cfg.data.max_image_pixels, cfg.output.progress)
     except DownloadInterrupted as e:
         print(e.report.summary())
         return INTERRUPTED
     print(report.summary())
-    return 1 if entries and report.count("downloaded") + report.count("exists") == 0 else 0
+    return 1 if entries and not _any_image(report) else 0
+
+
+def _any_image(report: DownloadReport) -> bool:
+    """Whether the list gave an image: downloaded now, there already, or removed by the user since."""
+    return any(report.count(status) for status in ("downloaded", "exists", "removed"))
 
 
 def _scrape(args: argparse.Namespace) -> int:
     from imgclf.datatools.download import URL_LIST_FILE, DownloadInterrupted
+    from imgclf.datatools.journal import moving_lock
     from imgclf.datatools.providers import ProviderError
     from imgclf.datatools.scrape import parse_terms, scrape
 
@@ -52,9 +67,10 @@ def _scrape(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     items, attributes = parse_terms(args.items, "--items"), parse_terms(args.attributes, "--attributes")
     try:
-        report = scrape(
-            items, attributes, Path(args.out), cfg.datatools, cfg.data.max_image_pixels, cfg.output.progress
-        )
+        with moving_lock(Path(args.out)):
+            report = scrape(
+                items, attributes, Path(args.out), cfg.datatools, cfg.data.max_image_pixels, cfg.output.progress
+            )
     except ProviderError as e:
         print(f"imgclf: error: {e}", file=sys.stderr)
         return 2
@@ -65,7 +81,7 @@ def _scrape(args: argparse.Namespace) -> int:
         return INTERRUPTED
     print(report.summary())
     assert report.download is not None
-    return 1 if report.download.count("downloaded") + report.download.count("exists") == 0 else 0
+    return 0 if _any_image(report.download) else 1
 
 
 def _dedup(args: argparse.Namespace) -> int:

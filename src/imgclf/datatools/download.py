@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import queue
 import threading
 import time
@@ -70,8 +71,9 @@ LIST_COLUMNS = tuple(f.name for f in fields(UrlEntry))
 
 @dataclass(frozen=True)
 class Outcome:
-    """What happened to one entry: downloaded, exists (skipped), duplicate (URL listed before), failed, or
-    not done (the run was interrupted)."""
+    """What happened to one entry: downloaded, exists (skipped), removed (downloaded before, removed by the
+    user since: not fetched again), duplicate (URL listed before), failed, or not done (the run was
+    interrupted)."""
 
     entry: UrlEntry
     status: str
@@ -102,6 +104,11 @@ class DownloadReport:
             f"failed {self.count('failed')}, duplicate URLs skipped {self.count('duplicate')} "
             f"-> {self.out}"
         ]
+        if self.count("removed"):
+            lines.append(
+                f"not fetched again: {self.count('removed')} image(s) {SOURCES_FILE} lists as downloaded before and "
+                "removed from the folder since (by you, or with the dedup quarantine); --refetch-removed fetches them"
+            )
         if self.failures:
             kinds = Counter(_reason_kind(o.reason) for o in self.failures)
             lines.append("failures: " + ", ".join(f"{n} {k}" for k, n in kinds.most_common()))
@@ -408,14 +415,19 @@ def _fetch_one(
     max_pixels: int,
     earlier: dict[str, list[str]],
     run: _Run,
+    removed: dict[str, str],
 ) -> None:
-    """Fetch, check and store one entry; its outcome goes to ``run``."""
+    """Fetch, check and store one entry; its outcome goes to ``run``. ``removed``: URL -> the file it was
+    stored as, for the files no longer there (not fetched again)."""
     stem = file_stem(entry.url)
     existing = _existing(out, entry.label, stem, earlier)
     if existing:
         where = _class_of(existing)
         note = f"in class {where}, listed for {entry.label}" if where != entry.label else ""
         run.record(Outcome(entry, "exists", existing, note))
+        return
+    if entry.url in removed:
+        run.record(Outcome(entry, "removed", reason=f"{removed[entry.url]} removed since it was downloaded"))
         return
     policy = RetryPolicy(cfg.retries, cfg.backoff_s, cfg.max_backoff_s)
     max_bytes = int(cfg.max_download_mb * 1e6)
@@ -486,8 +498,11 @@ def download(
     """
     out = Path(out)
     make_folder(out, "data folder", "--out")
+    sources = read_sources(out)
+    check_class_folders(out, {e.label for e in entries})
     todo, outcomes_by_index = _plan(entries)
     earlier = _earlier_downloads(out)
+    removed = {} if cfg.refetch_removed else {r[2]: r[0] for r in sources.values() if not (out / r[0]).exists()}
     workers = min(cfg.download_workers, len(todo))
     run = _Run(workers)
     work: queue.SimpleQueue[UrlEntry] = queue.SimpleQueue()
@@ -497,7 +512,9 @@ def download(
     try:
         if workers:
             client = make_client(cfg.timeout_s, workers)
-            fetch = partial(_fetch_one, client, out=out, cfg=cfg, max_pixels=max_pixels, earlier=earlier, run=run)
+            fetch = partial(
+                _fetch_one, client, out=out, cfg=cfg, max_pixels=max_pixels, earlier=earlier, run=run, removed=removed
+            )
             for i in range(workers):
                 args = (client, work, fetch, run)
                 threading.Thread(target=_work, args=args, name=f"imgclf-download-{i}", daemon=True).start()
@@ -515,29 +532,53 @@ def download(
     for e in todo:
         outcomes_by_index[first_index[e.url]] = results.get(e.url) or Outcome(e, "not done")
     report = DownloadReport(out, [outcomes_by_index[i] for i in sorted(outcomes_by_index)])
-    _update_sources(out, report.outcomes)
+    _update_sources(out, sources, report.outcomes)
     _write_failures(out, report.failures)
     if interrupted:
         raise DownloadInterrupted(report)
     return report
 
 
-def _update_sources(out: Path, outcomes: Sequence[Outcome]) -> None:
-    """Merge this run's files into ``sources.tsv`` (rows of earlier runs are kept); a new row's label is the
-    class folder its file lies in."""
+def read_sources(out: Path) -> dict[str, list[str]]:
+    """The rows of ``out/sources.tsv`` by file (``SOURCES_COLUMNS`` each); ValueError, before any work, where
+    the file is not one imgclf wrote (it is rewritten: another's header, columns and lines would be lost)."""
     path = out / SOURCES_FILE
+    if not path.is_file():
+        return {}
+    lines = _tsv_lines(path.read_text(encoding="utf-8"))
+    header = "\t".join(SOURCES_COLUMNS)
+    if lines[0] != header:
+        raise ValueError(
+            f"{path} is not a list of sources that imgclf wrote (its first line is not {header!r}); imgclf keeps the "
+            f"source of every image it downloads in that file: move yours away, or give another --out"
+        )
     rows: dict[str, list[str]] = {}
-    if path.is_file():
-        for line in _tsv_lines(path.read_text(encoding="utf-8"))[1:]:
-            cells = [clean_field(c) for c in line.split("\t")]
-            if cells[0]:
-                rows[cells[0]] = (cells + [""] * len(SOURCES_COLUMNS))[: len(SOURCES_COLUMNS)]
+    for line in lines[1:]:
+        cells = [clean_field(c) for c in line.split("\t")]
+        if cells[0]:
+            rows[cells[0]] = (cells + [""] * len(SOURCES_COLUMNS))[: len(SOURCES_COLUMNS)]
+    return rows
+
+
+def check_class_folders(out: Path, labels: Iterable[str]) -> None:
+    """Refuse, before any download, a file where a label's class folder belongs (every image would fail)."""
+    # os.path's: a label too long for a file name is reported per URL, not raised here
+    if blocked := sorted(label for label in labels if os.path.lexists(out / label) and not os.path.isdir(out / label)):
+        raise NotADirectoryError(
+            f"{', '.join(str(out / label) for label in blocked)}: a file where a class folder belongs; move it "
+            "away (or rename the label in the list)"
+        )
+
+
+def _update_sources(out: Path, rows: dict[str, list[str]], outcomes: Sequence[Outcome]) -> None:
+    """Merge this run's files into ``sources.tsv`` (``rows``, those of earlier runs, are kept); a new row's
+    label is the class folder its file lies in."""
     for o in outcomes:
         if o.file and (o.status == "downloaded" or o.file not in rows):
             entry = replace(o.entry, label=_class_of(o.file))
             rows[o.file] = [o.file] + [clean_field(getattr(entry, c)) for c in SOURCES_COLUMNS[1:]]
     lines = ["\t".join(SOURCES_COLUMNS)] + ["\t".join(rows[k]) for k in sorted(rows)]
-    atomic_write_text(path, "\n".join(lines) + "\n")
+    atomic_write_text(out / SOURCES_FILE, "\n".join(lines) + "\n")
 
 
 def _write_failures(out: Path, failures: Sequence[Outcome]) -> None:

@@ -41,16 +41,17 @@ class JournalReport:
 
 
 def moving_lock(root: Path) -> contextlib.AbstractContextManager[None]:
-    """Hold ``root`` for one ``dedup --apply`` or ``--undo``: a second one stops at once (``FolderInUse``; two
-    at once moved each file once but reported dozens of failed moves, journaled too). The lock file lies in
-    the imgclf cache, not in the data folder; where it cannot be made or opened there, unguarded."""
+    """Hold ``root`` for one ``dedup --apply`` or ``--undo``, ``download`` or ``scrape``: a second one stops at
+    once (``FolderInUse``; two dedups at once reported dozens of failed moves, journaled too; two scrapes lost
+    each other's entries of urls.tsv and sources.tsv). The lock file lies in the imgclf cache, not in the data
+    folder; where it cannot be made or opened there, unguarded."""
     folder = default_cache_dir() / "locks"
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError:
         return contextlib.nullcontext()
     key = hashlib.sha256(os.path.realpath(root).encode()).hexdigest()[:16]
-    busy = f"another imgclf dedup --apply or --undo is moving files in {root}: wait for it to end"
+    busy = f"another imgclf dedup --apply or --undo, download or scrape is changing {root}: wait for it to end"
     return held(folder / f"dedup-{key}.lock", busy, optional=True)
 
 

@@ -1,14 +1,16 @@
 """Image search providers: Openverse (default, no key needed) and the Bing Image Search v7 format.
 
 Keys come from environment variables (``IMGCLF_BING_KEY``, optional ``IMGCLF_OPENVERSE_TOKEN``); they are
-sent in request headers only, never logged or written.
+sent in request headers only, never logged or written. Nor is a ``user:password@`` part of the provider URL.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,6 +22,15 @@ from imgclf.datatools.fetch import FetchError, RetryPolicy, with_retries
 
 log = logging.getLogger(__name__)
 MAX_JSON_BYTES = 20_000_000
+
+
+def without_userinfo(url: str) -> str:
+    """``url`` without its ``user:password@`` part, to show in messages (the request itself keeps it)."""
+    scheme, sep, rest = url.partition("://")
+    # Also without a scheme: "user:pw@host" fails as a request, and its message must not show the password.
+    prefix, rest = (scheme + sep, rest) if sep else ("", url)
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    return prefix + rest[:end].rpartition("@")[2] + rest[end:]
 
 
 class ProviderError(RuntimeError):
@@ -71,7 +82,7 @@ class Provider(ABC):
             return int(value)
         except (TypeError, ValueError, OverflowError):  # OverflowError: JSON 1e999 is infinity
             error = ProviderError(
-                f"{self.name} search for {query!r} at {self.base_url + path} failed: "
+                f"{self.name} search for {query!r} at {without_userinfo(self.base_url + path)} failed: "
                 f"malformed answer ({key} {str(value)[:40]!r} is not a number)"
             )
             return self._give_up(error, found)
@@ -83,7 +94,7 @@ class Provider(ABC):
         if isinstance(items, list):
             return items
         error = ProviderError(
-            f"{self.name} search for {query!r} at {self.base_url + path} failed: "
+            f"{self.name} search for {query!r} at {without_userinfo(self.base_url + path)} failed: "
             f"malformed answer ({key} {str(items)[:40]!r} is not a list)"
         )
         return self._give_up(error, found)
@@ -98,12 +109,22 @@ class Provider(ABC):
     def _get_json(
         self, path: str, query: str, params: Mapping[str, Any], headers: Mapping[str, str] | None = None
     ) -> dict[str, Any]:
+        # The client's timeout (--timeout-s) bounds each read only: a server sending a few bytes at a time
+        # could hold a run for days, so the whole answer must come within it (as downloads must).
+        limit_s = self.client.timeout.read
+
         def parse(response: httpx.Response) -> dict[str, Any]:
+            deadline = time.monotonic() + limit_s if limit_s is not None else math.inf
             body = bytearray()
             for chunk in response.iter_bytes():
                 body += chunk
                 if len(body) > MAX_JSON_BYTES:
                     raise FetchError(f"answer larger than {MAX_JSON_BYTES / 1e6:g} MB")
+                if time.monotonic() > deadline:
+                    raise FetchError(
+                        f"answer not all received within {limit_s:g} s ({len(body):,} bytes so far; not retried): "
+                        "raise --timeout-s for slow servers"
+                    )
             try:
                 data = json.loads(body)
             except (ValueError, RecursionError) as e:  # RecursionError: arrays nested thousands deep
@@ -116,7 +137,7 @@ class Provider(ABC):
         try:
             return with_retries(self.client, url, self.policy, parse, params=params, headers=headers)
         except FetchError as e:
-            raise ProviderError(f"{self.name} search for {query!r} at {url} failed: {e}") from e
+            raise ProviderError(f"{self.name} search for {query!r} at {without_userinfo(url)} failed: {e}") from e
 
 
 class OpenverseProvider(Provider):
@@ -160,7 +181,7 @@ class OpenverseProvider(Provider):
                 )
                 for it in items
             ]
-            if len(items) < size:
+            if len(raw) < size:  # a short page is the last; results dropped for lacking a URL do not count
                 break
             page_count = self._paging_number(data, "page_count", page, path, query, len(results))
             if page_count is None or page >= page_count:

@@ -10,17 +10,22 @@ from tqdm import tqdm
 
 from imgclf.config import DataToolsConfig
 from imgclf.datatools.download import (
+    LIST_COLUMNS,
     URL_LIST_FILE,
     DownloadReport,
     UrlEntry,
+    check_class_folders,
     check_label,
     download,
+    read_sources,
     read_url_list,
     write_url_list,
 )
 from imgclf.datatools.fetch import RetryPolicy, make_client
 from imgclf.datatools.providers import Provider, ProviderError, make_provider
 from imgclf.utils import make_folder
+
+QUERIES_SHOWN = 5  # searches that found nothing, named in the summary
 
 
 @dataclass
@@ -35,6 +40,8 @@ class ScrapeReport:
     search_failures: list[tuple[str, str]] = field(default_factory=list)
     download: DownloadReport | None = None
     attributes: list[str] = field(default_factory=list)
+    queries: list[tuple[str, str]] = field(default_factory=list)  # (query, label) searched
+    empty_queries: list[str] = field(default_factory=list)  # searches that found no image URL
 
     def summary(self) -> str:
         line = f"{self.found} distinct image URLs found; list: {self.url_list}"
@@ -42,13 +49,22 @@ class ScrapeReport:
             line += f" ({self.kept} entries of earlier runs kept, {len(self.entries) - self.kept} new added)"
         lines = [line]
         lines += [f"search failed: {reason}" for _, reason in self.search_failures]
-        listed = {e.label for e in self.entries}
-        lines += [
-            f"warning: no image listed for {a!r}: its class folder stays empty (its searches found nothing, or "
-            "only images listed under an earlier attribute: see the note column of the list)"
-            for a in self.attributes
-            if a not in listed
-        ]
+        if self.empty_queries:
+            shown = ", ".join(map(repr, self.empty_queries[:QUERIES_SHOWN]))
+            more = (
+                f" and {len(self.empty_queries) - QUERIES_SHOWN} more"
+                if len(self.empty_queries) > QUERIES_SHOWN
+                else ""
+            )
+            lines.append(f"searches that found no image (a misspelt item?): {shown}{more}")
+        listed, failed = {e.label for e in self.entries}, {q for q, _ in self.search_failures}
+        for a in (a for a in self.attributes if a not in listed):
+            own = [q for q, label in self.queries if label == a]
+            if n_failed := sum(q in failed for q in own):
+                why = f"{n_failed} of its {len(own)} searches failed (above): the same command again retries them"
+            else:
+                why = "its searches found nothing, or only images listed under an earlier attribute: see the note column of the list"
+            lines.append(f"warning: no image listed for {a!r}: its class folder stays empty ({why})")
         if self.download is not None:
             lines.append(self.download.summary())
         return "\n".join(lines)
@@ -69,12 +85,13 @@ def build_queries(items: Sequence[str], attributes: Sequence[str]) -> list[tuple
 
 def collect(
     provider: Provider, queries: Sequence[tuple[str, str]], per_query: int, progress: bool = False
-) -> tuple[list[UrlEntry], list[tuple[str, str]]]:
-    """Search every query; each URL is listed once, under the first query's label, later finds noted.
+) -> tuple[list[UrlEntry], list[tuple[str, str]], list[str]]:
+    """Search every query; each URL is listed once, under the first query's label, later finds noted. Returns
+    the entries, the failed searches (query, reason) and the queries that found no image URL.
 
     A failed search (whatever the error) is a failure of its query only; results without a URL are dropped."""
     found: dict[str, tuple[UrlEntry, list[str]]] = {}
-    failures = []
+    failures, empty = [], []
     for query, label in tqdm(queries, unit="query", desc="search", disable=None if progress else True):
         try:
             results = provider.search(query, per_query)
@@ -84,6 +101,8 @@ def collect(
         except Exception as e:  # noqa: BLE001 - one odd answer (or a provider's bug) must not lose the others
             failures.append((query, f"{provider.name} search for {query!r} failed: {type(e).__name__}: {e}"))
             continue
+        if not any(UrlEntry(label, r.url).url for r in results):
+            empty.append(query)
         for r in results:
             entry = UrlEntry(label, r.url, r.source_page, r.licence, r.creator, r.title)  # URL trimmed here
             if not entry.url:
@@ -96,7 +115,7 @@ def collect(
         UrlEntry(e.label, e.url, e.source_page, e.licence, e.creator, e.title, "; ".join(dict.fromkeys(notes)))
         for e, notes in found.values()
     ]
-    return entries, failures
+    return entries, failures, empty
 
 
 def scrape(
@@ -120,23 +139,36 @@ def scrape(
     make_folder(out, "data folder", "--out")
     url_list = out / URL_LIST_FILE
     earlier = _earlier_list(url_list) if url_list.exists() else []
+    read_sources(out)  # checked before searching, as the download would
+    check_class_folders(out, attributes)
     with make_client(cfg.timeout_s) as client:
         provider = provider or make_provider(
             cfg.provider, client, cfg.provider_url, RetryPolicy(cfg.retries, cfg.backoff_s, cfg.max_backoff_s)
         )
-        entries, failures = collect(provider, queries, cfg.per_query, progress)
+        entries, failures, empty = collect(provider, queries, cfg.per_query, progress)
     if len(failures) == len(queries):
         raise ProviderError(f"every search failed, nothing downloaded; first error: {failures[0][1]}")
     listed = {e.url for e in earlier}
     merged = [*earlier, *(e for e in entries if e.url not in listed)]
-    report = ScrapeReport(url_list, merged, len(entries), len(earlier), failures, attributes=list(attributes))
+    report = ScrapeReport(
+        url_list, merged, len(entries), len(earlier), failures, None, list(attributes), queries, empty
+    )
     write_url_list(url_list, merged)
     report.download = download(merged, out, cfg, max_pixels, progress)
     return report
 
 
 def _earlier_list(path: Path) -> list[UrlEntry]:
-    """The entries of the URL list an earlier scrape left at ``path``; ValueError saying what to do."""
+    """The entries of the URL list an earlier scrape left at ``path``; ValueError saying what to do, also where
+    the file is not one scrape wrote (it is rewritten: another's comments and columns would be lost)."""
+    header = "# " + "\t".join(LIST_COLUMNS)
+    with path.open(encoding="utf-8-sig", errors="replace") as f:
+        first = f.readline().rstrip("\r\n")
+    if first != header:
+        raise ValueError(
+            f"{path} is not the URL list of an earlier scrape (its first line is not {header!r}); scrape adds its "
+            "results to that file and rewrites it: move yours away (`imgclf download` takes it), or give another --out"
+        )
     try:
         return read_url_list(path)
     except ValueError as e:
