@@ -1,5 +1,6 @@
 import hashlib
 import json
+import logging
 from collections import Counter
 from pathlib import Path
 
@@ -365,6 +366,23 @@ def test_the_summary_tells_failed_searches_from_empty_ones(server: FakeServer, t
     )
     assert "the same command again retries them" in summary
     assert "searches that found no image (a misspelt item?): 'striped shrit', 'dotted shrit'" in summary
+
+
+def test_a_split_layout_is_warned_of_and_a_repeat_in_one_answer_is_no_note(
+    server: FakeServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """Scraping into train/ + val/ put the classes beside them, in no split, without a word; a provider
+    repeating a URL in one answer gave the note "query 'x'; also found for 'x'"."""
+    url = server.image("/d.jpg", make_image(22))
+    server.results["dotted shirt"] = [{"url": url}, {"url": url}]
+    out = tmp_path / "d"
+    for split in ("train", "val"):
+        (out / split / "ants").mkdir(parents=True)
+    with make_client(2.0) as client, caplog.at_level(logging.WARNING, logger="imgclf"):
+        provider = OpenverseProvider(client, server.base_url, POLICY)
+        scrape(["shirt"], ["dotted"], out, FAST, progress=False, provider=provider)
+    assert f"{out} is laid out by split (train/, val/)" in caplog.text and f"give --out {out / 'train'}" in caplog.text
+    assert [e.note for e in read_url_list(out / "urls.tsv")] == ["query 'dotted shirt'"]
 
 
 def test_a_key_is_never_sent_to_another_site(server: FakeServer, tmp_path: Path):

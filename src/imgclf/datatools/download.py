@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import queue
 import threading
@@ -20,7 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from imgclf.config import DataToolsConfig
-from imgclf.data.dataset import subfolders
+from imgclf.data.dataset import split_folders, subfolders
 from imgclf.data.io import PixelBudget, exif_orientation, list_files, open_image, to_8bit, upright
 from imgclf.datatools.dedup import REPORT_CSV, REPORT_HTML
 from imgclf.datatools.fetch import FetchError, RetryPolicy, make_client, with_retries
@@ -28,6 +29,7 @@ from imgclf.datatools.journal import QUARANTINE_DIR
 from imgclf.utils import atomic_write_bytes, atomic_write_text, make_folder
 
 ORIGINALS_DIR = ".originals"
+log = logging.getLogger("imgclf")
 SOURCES_FILE = "sources.tsv"
 FAILURES_FILE = "download_failures.tsv"
 URL_LIST_FILE = "urls.tsv"  # scrape's
@@ -561,7 +563,16 @@ def read_sources(out: Path) -> dict[str, list[str]]:
 
 
 def check_class_folders(out: Path, labels: Iterable[str]) -> None:
-    """Refuse, before any download, a file where a label's class folder belongs (every image would fail)."""
+    """Refuse, before any download, a file where a label's class folder belongs (every image would fail); warn
+    where ``out`` is laid out by split (class folders beside ``train/`` are in no split)."""
+    if splits := split_folders(out):
+        log.warning(
+            "warning: %s is laid out by split (%s): the class folders written beside them are in no split, and "
+            "train leaves them out; give --out %s to add training images",
+            out,
+            ", ".join(f"{s}/" for s in splits),
+            out / splits[0],
+        )
     # os.path's: a label too long for a file name is reported per URL, not raised here
     if blocked := sorted(label for label in labels if os.path.lexists(out / label) and not os.path.isdir(out / label)):
         raise NotADirectoryError(

@@ -108,7 +108,8 @@ def collect(
             if not entry.url:
                 continue
             if entry.url in found:
-                found[entry.url][1].append(f"also found for {query!r}")
+                if found[entry.url][1][0] != f"query {query!r}":  # not a provider repeating a URL in one answer
+                    found[entry.url][1].append(f"also found for {query!r}")
             else:
                 found[entry.url] = (entry, [f"query {query!r}"])
     entries = [
