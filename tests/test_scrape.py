@@ -368,6 +368,36 @@ def test_the_summary_tells_failed_searches_from_empty_ones(server: FakeServer, t
     assert "searches that found no image (a misspelt item?): 'striped shrit', 'dotted shrit'" in summary
 
 
+def test_ctrl_c_while_searching_keeps_what_the_searches_done_found(server: FakeServer, tmp_path: Path):
+    """Ctrl-C during the searches printed "interrupted" and threw away every finished search (paid for again
+    on a rate-limited service); the URLs found so far are now added to the list, and the message says how
+    to download them."""
+    from imgclf.datatools.scrape import SearchInterrupted
+
+    server.results["striped shirt"] = [{"url": server.image("/s.jpg", make_image(23))}]
+
+    class Stopped(OpenverseProvider):
+        def search(self, query: str, n: int) -> list:
+            if query == "dotted shirt":
+                raise KeyboardInterrupt
+            return super().search(query, n)
+
+    out = tmp_path / "d"
+    with make_client(2.0) as client, pytest.raises(SearchInterrupted) as e:
+        scrape(
+            ["shirt"],
+            ["striped", "dotted"],
+            out,
+            FAST,
+            progress=False,
+            provider=Stopped(client, server.base_url, POLICY),
+        )
+    assert [x.url for x in read_url_list(out / "urls.tsv")] == [server.url("/s.jpg")]
+    assert "interrupted after 1 of 2 searches, before downloading: 1 new URL(s) they found added to" in str(e.value)
+    assert f"`imgclf download {out / 'urls.tsv'} --out {out}` downloads the list" in str(e.value)
+    assert not (out / "striped").exists()
+
+
 def test_a_split_layout_is_warned_of_and_a_repeat_in_one_answer_is_no_note(
     server: FakeServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ):

@@ -61,7 +61,7 @@ def _scrape(args: argparse.Namespace) -> int:
     from imgclf.datatools.download import URL_LIST_FILE, DownloadInterrupted
     from imgclf.datatools.journal import moving_lock
     from imgclf.datatools.providers import ProviderError
-    from imgclf.datatools.scrape import parse_terms, scrape
+    from imgclf.datatools.scrape import SearchInterrupted, parse_terms, scrape
 
     _quiet_http_log()
     cfg = config_from_args(args)
@@ -74,6 +74,9 @@ def _scrape(args: argparse.Namespace) -> int:
     except ProviderError as e:
         print(f"imgclf: error: {e}", file=sys.stderr)
         return 2
+    except SearchInterrupted as e:
+        print(e, file=sys.stderr)
+        return INTERRUPTED
     except DownloadInterrupted as e:
         print(e.report.summary())
         url_list, out = shlex.quote(str(Path(args.out) / URL_LIST_FILE)), shlex.quote(args.out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,9 +93,11 @@ def collect(
     A failed search (whatever the error) is a failure of its query only; results without a URL are dropped."""
     found: dict[str, tuple[UrlEntry, list[str]]] = {}
     failures, empty = [], []
-    for query, label in tqdm(queries, unit="query", desc="search", disable=None if progress else True):
+    for n, (query, label) in enumerate(tqdm(queries, unit="query", desc="search", disable=None if progress else True)):
         try:
             results = provider.search(query, per_query)
+        except KeyboardInterrupt:  # the searches done are kept (a rate-limited service counts them)
+            raise SearchInterrupted(_entries(found), n, len(queries)) from None
         except ProviderError as e:
             failures.append((query, str(e)))
             continue
@@ -112,11 +115,23 @@ def collect(
                     found[entry.url][1].append(f"also found for {query!r}")
             else:
                 found[entry.url] = (entry, [f"query {query!r}"])
-    entries = [
+    return _entries(found), failures, empty
+
+
+def _entries(found: dict[str, tuple[UrlEntry, list[str]]]) -> list[UrlEntry]:
+    """The entries found, each with its notes (the query that found it first, the others)."""
+    return [
         UrlEntry(e.label, e.url, e.source_page, e.licence, e.creator, e.title, "; ".join(dict.fromkeys(notes)))
         for e, notes in found.values()
     ]
-    return entries, failures, empty
+
+
+class SearchInterrupted(KeyboardInterrupt):
+    """Ctrl-C while searching: the entries the searches done found (:func:`scrape` adds them to its list)."""
+
+    def __init__(self, entries: list[UrlEntry], done: int, total: int, message: str = "") -> None:
+        super().__init__(message or f"interrupted after {done} of {total} searches")
+        self.entries, self.done, self.total = entries, done, total
 
 
 def scrape(
@@ -146,7 +161,22 @@ def scrape(
         provider = provider or make_provider(
             cfg.provider, client, cfg.provider_url, RetryPolicy(cfg.retries, cfg.backoff_s, cfg.max_backoff_s)
         )
-        entries, failures, empty = collect(provider, queries, cfg.per_query, progress)
+        try:
+            entries, failures, empty = collect(provider, queries, cfg.per_query, progress)
+        except SearchInterrupted as e:
+            listed = {x.url for x in earlier}
+            added = [x for x in e.entries if x.url not in listed]
+            if added:
+                write_url_list(url_list, [*earlier, *added])
+            raise SearchInterrupted(
+                e.entries,
+                e.done,
+                e.total,
+                f"interrupted after {e.done} of {e.total} searches, before downloading: {len(added)} new URL(s) they "
+                f"found {'added to ' + str(url_list) if added else 'in none'}; `imgclf download "
+                f"{shlex.quote(str(url_list))} --out {shlex.quote(str(out))}` downloads the list, the same scrape "
+                "again searches everything again",
+            ) from None
     if len(failures) == len(queries):
         raise ProviderError(f"every search failed, nothing downloaded; first error: {failures[0][1]}")
     listed = {e.url for e in earlier}
