@@ -32,7 +32,7 @@ def parameters_page() -> str:
         "`imgclf config --show` prints the same table with the values in effect.",
         "",
         "Set a parameter on the command line with the flag of its name (`--train-fraction 0.8` or",
-        "`--train_fraction 0.8`; `--no-NAME` turns a yes/no parameter off), in a TOML or YAML file with the",
+        "`--train_fraction 0.8`; `--no-NAME` turns a yes/no parameter off), in a TOML, YAML or JSON file with the",
         "same sections (`--config run.toml`; flags override it), or in Python with",
         "`Config().updated(train_fraction=0.8)`.",
         "",

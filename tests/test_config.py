@@ -282,6 +282,41 @@ def test_a_run_saved_by_an_earlier_version_still_loads(caplog: pytest.LogCapture
     assert "finetune.ft_resolution" in caplog.text and "finetune.ft_batch_size" in caplog.text
 
 
+def test_a_setting_given_at_the_top_and_in_its_section_is_refused_unless_alike(tmp_path: Path):
+    """`epochs = 3` then `[finetune] epochs = 5` gave 5 in TOML, and the JSON of the same two 3: order won."""
+    toml, js = tmp_path / "dup.toml", tmp_path / "dup.json"
+    toml.write_text("epochs = 3\n[finetune]\nepochs = 5\n")
+    js.write_text('{"finetune": {"epochs": 5}, "epochs": 3}')
+    for f in (toml, js):
+        with pytest.raises(ValueError, match=r"dup\.\w+: epochs given twice, 3 at the top and 5 in \[finetune\]"):
+            Config.from_file(f)
+    toml.write_text("epochs = 5\n[finetune]\nepochs = 5\n")
+    assert Config.from_file(toml).finetune.epochs == 5
+
+
+def test_an_old_runs_config_file_reruns_and_warns_once(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """A config.json of a run before 11-28 holds "ft_resolution": null: `train --config runs/x/config.json` (the
+    documented rerun) was refused ("unknown parameter, did you mean resolution?": it would also change the
+    side of testing), and every predict or evaluate of such a run warned twice of a setting that changed
+    nothing."""
+    saved = Config().model_dump(mode="json")
+    saved["finetune"]["ft_resolution"] = None
+    old = tmp_path / "config.json"
+    old.write_text(json.dumps(saved))
+    assert Config.from_file(old) == Config.from_saved(saved, "x")
+    saved["finetune"]["ft_resolution"] = 448
+    old.write_text(json.dumps(saved))
+    with pytest.raises(
+        ValueError, match=r"finetune\.ft_resolution = 448 is a setting of an earlier imgclf: .*give resolution"
+    ):
+        Config.from_file(old)
+    with caplog.at_level(logging.WARNING, logger="imgclf"):
+        Config.from_saved({"finetune": {"ft_resolution": None}}, "runs/a")
+        Config.from_saved(saved, "runs/b")
+        Config.from_saved(saved, "runs/b")
+    assert "runs/a" not in caplog.text and caplog.text.count("runs/b: settings this imgclf no longer knows") == 1
+
+
 def test_train_takes_its_data_folder_as_an_argument_only(capsys: pytest.CaptureFixture[str]):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "data", "--data-root", "elsewhere"])

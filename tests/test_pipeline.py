@@ -92,7 +92,7 @@ def test_run_folder_contents(run):
     assert "data:image/png;base64," in (out / "report.html").read_text()
     model = f"{m['classifier']} on {m['backbone']}, {m['resolution']} px input"
     assert model in (out / "report.html").read_text() and model in (out / "report.md").read_text()
-    changed = (out / "report.html").read_text().split("Changed from the default")[1].split("All ")[0]
+    changed = (out / "report.html").read_text().split("Differing from this imgclf's defaults")[1].split("All ")[0]
     assert (
         "<td>resolution</td><td>64</td><td>None</td>" in changed and "<td>cv_folds</td><td>3</td><td>5</td>" in changed
     )
@@ -474,8 +474,16 @@ def test_evaluate_names_test_images_changed_since_training(run, tmp_path, caplog
     (copy / tests[0]["path"]).write_bytes(original)  # put back: no word, no note left from before
     caplog.clear()
     assert main(evaluate_cmd) == 0
-    assert "changed since training" not in caplog.text
+    assert "changed since training" not in caplog.text and "is not checked" not in caplog.text
     assert not [n for n in json.loads((run_dir / "metrics.json").read_text())["notes"] if "changed" in n["note"]]
+    # a run of an earlier imgclf (split.csv without digests), an evaluation without the cache: said, not silent
+    with caplog.at_level(logging.INFO, logger="imgclf"):
+        assert main([*evaluate_cmd, "--no-use-cache"]) == 0
+        assert "not checked: this evaluation reads them without the feature cache (--no-use-cache)" in caplog.text
+        text = (run_dir / "split.csv").read_text()
+        (run_dir / "split.csv").write_text(re.sub(r",[0-9a-f]{64}", ",", text))
+        assert main(evaluate_cmd) == 0
+    assert "not checked: split.csv records no content digests (a run of an earlier imgclf" in caplog.text
 
 
 def test_predict_api_and_cli(run, tmp_path, capsys, monkeypatch):

@@ -479,6 +479,23 @@ def test_serve_takes_the_api_key_from_the_environment(
     assert keys[-1] == "from-flag"
 
 
+def test_serve_refuses_images_over_the_runs_pixel_limit_as_predict_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run trained with --max-image-pixels 200000: predict refused a 600x800 image, the server scored it
+    (the guard was dropped where untrusted images arrive); --max-image-pixels still overrides."""
+    from imgclf.cli import main
+    from imgclf.serving import app as serving_app
+
+    make_bundle(tmp_path / "run", {"data": {"max_image_pixels": 200_000}})
+    limits: list[int] = []
+    monkeypatch.setattr(serving_app, "create_app", lambda bundle, cfg, **k: limits.append(cfg.data.max_image_pixels))
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    assert main(["serve", str(tmp_path / "run"), "--port", str(_free_port())]) == 0
+    assert main(["serve", str(tmp_path / "run"), "--port", str(_free_port()), "--max-image-pixels", "5000000"]) == 0
+    assert limits == [200_000, 5_000_000]
+
+
 def test_serving_on_all_addresses_without_a_key_is_warned_about(
     run_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -366,19 +366,55 @@ class OutputConfig(_Section):
     progress: bool = Field(True, description="Show progress bars (on the command line: only on a terminal).")
 
 
-def _nest(raw: Any) -> Any:
-    """A file's top level with flat parameter names (``epochs: 5``) moved into their sections."""
+def _nest(raw: Any, source: str) -> Any:
+    """A file's top level with flat parameter names (``epochs: 5``) moved into their sections; ValueError for a
+    name given both ways with two values (which one won depended on their order in the file)."""
     if not isinstance(raw, dict):
         return raw
-    index, out = field_index(), {}
+    index, out, flat = field_index(), {}, set()
     for key, value in raw.items():
         if key in index and not (key in Config.model_fields and isinstance(value, dict)):
+            flat.add(key)
             out.setdefault(index[key], {})[key] = value
         elif isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key].update(value)
         else:
-            out[key] = value  # sections, and unknown names left for the validation message
+            # sections (a copy: raw is compared below), and unknown names left for the validation message
+            out[key] = dict(value) if isinstance(value, dict) else value
+    for name in sorted(flat):
+        section = raw.get(index[name])
+        if isinstance(section, dict) and name in section and section[name] != raw[name]:
+            raise ValueError(
+                f"{source}: {name} given twice, {raw[name]!r} at the top and {section[name]!r} in [{index[name]}]: "
+                "keep one"
+            )
     return out
+
+
+# Settings of earlier versions, by section.name, with what to do instead. A config.json of an old run holds
+# them: left out where null (their default then), named where set.
+RETIRED = {
+    "finetune.ft_resolution": (
+        "fine-tuning trains at resolution now, which also sets the side of testing and serving (times test_scale): "
+        "give resolution if that is meant, or leave it out"
+    ),
+}
+_warned: set[str] = set()  # the warnings of from_saved given in this process: once each
+
+
+def _retired(raw: Any, source: str, refuse: bool) -> None:
+    """Take the retired settings (``RETIRED``) out of ``raw`` (nested, or flat at the top), in place: null ones
+    quietly; ValueError for a set one where ``refuse``, else it is left for the caller to drop and name."""
+    if not isinstance(raw, dict):
+        return
+    for key, advice in RETIRED.items():
+        section, name = key.split(".")
+        for holder in (raw.get(section), raw):
+            if isinstance(holder, dict) and name in holder:
+                if holder[name] is None:
+                    del holder[name]
+                elif refuse:
+                    raise ValueError(f"{source}: {key} = {holder[name]!r} is a setting of an earlier imgclf: {advice}")
 
 
 # Settings of the machine a command runs on, not of the model: evaluate and predict take them from where they
@@ -444,7 +480,8 @@ class Config(BaseModel):
             mark = getattr(e, "problem_mark", None)  # YAML's own message spans several lines
             why = f"line {mark.line + 1}, column {mark.column + 1}: {e.problem}" if mark else str(e)  # type: ignore[attr-defined]
             raise ValueError(f"{path}: not a valid {path.suffix.lstrip('.').upper()} file ({why})") from None
-        nested, index = _nest(raw), field_index()
+        _retired(raw, str(path), refuse=True)
+        nested, index = _nest(raw, str(path)), field_index()
         for name, value in (then or {}).items():
             if name not in index:
                 raise KeyError(f"unknown parameter {name!r}; see `imgclf config --show`")
@@ -499,6 +536,7 @@ class Config(BaseModel):
         longer knows or accepts are left out, their defaults used, with a warning naming them, so that a run
         of an older version still loads."""
         raw, dropped = copy.deepcopy(raw), []
+        _retired(raw, source, refuse=False)
         while True:
             try:
                 cfg = cls.model_validate(raw)
@@ -510,12 +548,11 @@ class Config(BaseModel):
                 for section, name in found:
                     raw[section].pop(name, None)
                     dropped.append(f"{section}.{name}")
-        if dropped:
-            log.warning(
-                "%s: settings this imgclf no longer knows or accepts, their defaults used instead: %s",
-                source,
-                ", ".join(dropped),
-            )
+        said = f"{source}: settings this imgclf no longer knows or accepts, their defaults used instead: "
+        said += ", ".join(dropped)
+        if dropped and said not in _warned:  # evaluate and predict read the run's configuration twice
+            _warned.add(said)
+            log.warning("%s", said)
         return cfg
 
     def updated(self, **flat: Any) -> Config:

@@ -701,6 +701,13 @@ def _evaluate(run_dir: Path, bundle: Bundle, on_train: bool, cfg: Config) -> Run
         raise _none_readable(part, failed)
     recorded = recorded_digests(run_dir / "split.csv")
     changed = [i for i in idx if recorded[i] and now.get(int(i), recorded[i]) != recorded[i]]
+    if part == "test" and not (now and any(recorded[i] for i in idx)):  # said, not taken for "unchanged"
+        log.info(
+            "note: whether the test images changed since training is not checked: %s",
+            "this evaluation reads them without the feature cache (--no-use-cache)"
+            if any(recorded[i] for i in idx)
+            else "split.csv records no content digests (a run of an earlier imgclf, or trained with --no-use-cache)",
+        )
     if changed:
         log.warning(
             "warning: %d of the %d %s images scored changed since training (their content is not what split.csv "

@@ -377,7 +377,7 @@ macro {fmt_fraction(metrics["auc"]["macro"], False)}; {metrics["n_train"]} train
 {"<details><summary>show them</summary>" if many else ""}<ul>{skipped_html or "<li>none</li>"}</ul>{"</details>" if many else ""}
 {f"<h2>Notes ({len(notes)})</h2><ul>{notes_html}</ul>" if notes else ""}
 <h2>Parameters</h2>
-<p>Changed from the default ({len(changed)}):</p>
+<p>Differing from this imgclf's defaults ({len(changed)}):</p>
 <table><tr><th>parameter</th><th>value</th><th>default</th></tr>{changed_rows}</table>
 <details><summary>All {len(params)} parameters</summary><table>{param_rows}</table></details></body></html>"""
     md = [
@@ -407,7 +407,7 @@ macro {fmt_fraction(metrics["auc"]["macro"], False)}; {metrics["n_train"]} train
     md += [f"- {md_code(s['path'])}: {md_cell(s['reason'])}" for s in skipped] or ["none"]
     if notes:
         md += ["", f"## Notes ({len(notes)})", "", *[f"- {md_code(n['path'])}: {md_cell(n['note'])}" for n in notes]]
-    md += ["", "## Parameters", "", f"Changed from the default ({len(changed)}; all in config.json):", ""]
+    md += ["", "## Parameters", "", f"Differing from this imgclf's defaults ({len(changed)}; all in config.json):", ""]
     md += ["| parameter | value | default |", "|---|---|---|"] if changed else ["none"]
     md += [f"| {k} | {md_cell(str(params[k]))} | {md_cell(str(defaults[k]))} |" for k in changed]
     return {"evaluation.png": png, "report.html": page.encode(), "report.md": ("\n".join(md) + "\n").encode()}

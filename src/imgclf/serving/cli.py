@@ -29,11 +29,16 @@ def _serve(args: argparse.Namespace) -> int:
     from imgclf.serving.app import create_app
 
     # Defaults < --config < flags, the key from $IMGCLF_API_KEY where neither gives one; of the training run's
-    # settings only flip_tta (device, threads, cache are the host's), so that the server scores as predict does.
+    # settings only flip_tta and max_image_pixels (device, threads, cache are the host's), so that the server
+    # scores and refuses as predict does (a tighter pixel limit chosen at training was dropped where untrusted
+    # images arrive).
     serve = config_from_args(args).serve
     ensure_port_free(serve.host, serve.port)  # before the model loads
     bundle = Bundle.load(args.run_dir)
-    cfg = config_from_args(args, Config().updated(flip_tta=bundle.flip_tta))
+    run = {"flip_tta": bundle.flip_tta}
+    if isinstance(pixels := (bundle.config.get("data") or {}).get("max_image_pixels"), int):
+        run["max_image_pixels"] = pixels
+    cfg = config_from_args(args, Config().updated(**run))
     if cfg.serve.api_key is None and (key := os.environ.get(API_KEY_VARIABLE)) is not None:
         if not key.strip():
             raise ValueError(
