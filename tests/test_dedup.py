@@ -103,6 +103,24 @@ def test_groups_across_classes_of_a_folder_laid_out_by_split(tmp_path: Path):
     assert [[m.path for m in g] for g in result.across_classes] == [["train/ants/b.jpg", "train/bees/b_copy.jpg"]]
 
 
+def test_a_split_left_without_a_class_by_apply_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """val/ants held only a copy of a training ant: the warning said "a copy of one in another class: train
+    leaves the class out", both untrue in a train/val layout."""
+    root = tmp_path / "data"
+    leak = make_image(1, size=(160, 120))
+    _put(root / "train" / "ants" / "a.jpg", leak)
+    _put(root / "val" / "ants" / "a_copy.jpg", leak)
+    for split, seed in (("train", 2), ("val", 3)):
+        _put(root / split / "bees" / "b.jpg", make_image(seed, size=(160, 120)))
+    assert run_cli(["dedup", str(root), "--apply"]) == 0
+    err = capsys.readouterr().err
+    assert (
+        f"warning: {root / 'val' / 'ants'} holds no image now (each was a copy of an image kept in another folder)"
+        in err
+    )
+    assert ": val/ holds no ants now; --undo brings its images back" in err
+
+
 def test_keep_rule_is_deterministic():
     same = np.packbits(np.arange(256) % 3 == 0).tobytes()
     infos = [HashInfo(same, 100, 100), HashInfo(same, 200, 100), HashInfo(same, 200, 100)]
@@ -465,7 +483,10 @@ def test_a_class_left_empty_by_apply_is_said_and_names_print_on_one_line(
     assert "  ants/big.png (kept): wasps/odd\\nname.jpg\n" in capsys.readouterr().err
     assert run_cli(["dedup", str(root), "--max-distance", "4", "--apply"]) == 0
     err = capsys.readouterr().err
-    assert f"warning: {root / 'wasps'} holds no image now (each was a copy of one in another class)" in err
+    assert (
+        f"warning: {root / 'wasps'} holds no image now (each was a copy of an image kept in another folder): train leaves the class out"
+        in err
+    )
     assert "--undo brings its images back" in err and "ants" not in err.split("holds no image")[0].split("\n")[-1]
     _put(root / "wasps" / "odd\nname.jpg", b"back from a sync")  # the undo refuses to overwrite it
     assert run_cli(["dedup", str(root), "--undo"]) == 1

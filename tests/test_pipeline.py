@@ -284,7 +284,7 @@ def test_a_run_that_does_not_fine_tune_drops_an_earlier_fine_tuning(run, tmp_pat
     assert all((folder / name).read_text() == "mine" for name in users)
 
 
-def test_a_run_folder_in_use_is_refused(run, tmp_path, capsys):
+def test_a_run_folder_in_use_is_refused(run, tmp_path, capsys, monkeypatch):
     from imgclf.utils import run_folder_lock
 
     data, result, _ = run
@@ -301,6 +301,9 @@ def test_a_run_folder_in_use_is_refused(run, tmp_path, capsys):
         assert "a train into it is still running" in capsys.readouterr().err
     # the model/ bundle alone (predict and serve take it): no test split to score, and no lock file left in it
     bundle = result.run_dir / "model"
+    monkeypatch.chdir(bundle)  # `evaluate .` inside it names the run folder too
+    assert main(["evaluate", ".", "--no-tracking"]) == 2
+    assert f"(give the run folder {result.run_dir.resolve()})" in capsys.readouterr().err
     assert main(["evaluate", str(bundle), "--no-tracking"]) == 2
     assert (
         f"evaluate needs the run folder that train wrote, not a model bundle alone (give the run folder {result.run_dir})"
@@ -929,7 +932,7 @@ def test_leak_between_train_and_test_warns_or_refuses(tmp_path, caplog, monkeypa
     assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == before
     with pytest.raises(DatasetError, match=refusal):  # a new folder: not left behind, empty but for a lock file
         train(cfg.updated(fail_on_leak=True, out=tmp_path / "new" / "run"))
-    assert not (tmp_path / "new" / "run").exists()
+    assert not (tmp_path / "new").exists()  # nor the folder made to hold it
     assert evaluate(tmp_path / "run").metrics["n_test"] > 0
     make_folder(tmp_path / "extra", classes=("squares",), n=2, seed=2)
     (tmp_path / "extra" / "squares").rename(data / "val" / "only_in_val")  # a class that cannot be learned

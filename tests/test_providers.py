@@ -7,6 +7,7 @@ import httpx
 import pytest
 from fakeprovider import FakeServer, Route, run_cli
 
+from imgclf.config import DataToolsConfig
 from imgclf.datatools.fetch import RetryPolicy, make_client
 from imgclf.datatools.providers import BingProvider, OpenverseProvider, ProviderError, make_provider
 
@@ -105,3 +106,17 @@ def test_provider_url_credentials_are_sent_but_never_shown(
     captured = capsys.readouterr()
     assert code == 2 and "HTTP 404" in captured.err
     assert "hunter2" not in captured.err + captured.out + caplog.text
+
+
+def test_a_password_that_ends_the_host_part_is_refused_unshown(capsys: pytest.CaptureFixture[str]):
+    """`--provider-url http://user:s3cr#et@host`: '#' ends the host part, the request failed and its message
+    showed the password (parsed as a port: "Invalid port: 's3cr'")."""
+    from imgclf.cli import main
+
+    args = ["scrape", "--items", "x", "--attributes", "ok", "--out", "unused"]
+    for url in ("http://user:s3cr#et@127.0.0.1:9/", "http://user:s3/cr@127.0.0.1:9/", "http://user:a?b@h"):
+        assert main([*args, "--provider-url", url]) == 2
+        err = capsys.readouterr().err
+        assert "write them as %23, %3F and %2F" in err and "(not shown)" in err
+        assert "s3" not in err and "a?b" not in err
+    assert DataToolsConfig(provider_url="http://host:8080/x@y").provider_url  # a port and a path: no password

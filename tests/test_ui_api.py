@@ -452,6 +452,14 @@ def test_two_moves_of_one_image_at_once_move_it_once(tmp_path: Path, monkeypatch
         refused = next(r for r in answers if r.status_code == 409).json()["detail"]
         assert refused == "a/a_00.jpg is no longer there: already moved by another request, or removed"
         assert len(RelabelJournal(root).active()) == 1
+        # one after the other (a double click, a second tab): told where it went, not "no image" (404)
+        moved = RelabelJournal(root).active()[0]
+        again = httpx.post(server.url + "/api/relabel", json={"path": "a/a_00.jpg", "label": "c"})
+        assert again.status_code == 409, again.text
+        assert (
+            again.json()["detail"]
+            == f"a/a_00.jpg is no longer there: already moved to {moved['to']} (by another request)"
+        )
         assert httpx.post(server.url + "/api/undo", json={}).json()["problems"] == []
     assert sha_map(root) == before
 

@@ -303,6 +303,18 @@ class DataToolsConfig(_Section):
     )
     fail_on_leak: bool = Field(False, description="train refuses to run when near-duplicates straddle train and test.")
 
+    @field_validator("provider_url")
+    @classmethod
+    def _password_that_parses(cls, url: str | None) -> str | None:
+        """Refuse a ``user:password@`` part holding ``#``, ``?`` or ``/``: they end a URL's host part, so the
+        request fails and its messages would show the password (a proper one is sent, and never shown)."""
+        if url is not None and broken_password(url):
+            raise ValueError(
+                "its user:password part holds '#', '?' or '/', which end the host part of a URL: write them as "
+                "%23, %3F and %2F"
+            )
+        return url
+
     @model_validator(mode="after")
     def _distance_below_unrelated(self) -> DataToolsConfig:
         bits = self.hash_size**2
@@ -313,6 +325,14 @@ class DataToolsConfig(_Section):
                 f"them; use less than {bits // 4}"
             )
         return self
+
+
+def broken_password(url: str) -> bool:
+    """Whether ``url`` holds ``user:password@`` with ``#``, ``?`` or ``/`` in the password, unencoded (a URL
+    parser ends the host part there: ``host:8080/a@b``, a port and a path, is not one)."""
+    user, colon, password = url.partition("://")[2].rpartition("@")[0].partition(":")
+    cut = min((i for i in map(password.find, "/?#") if i >= 0), default=-1)
+    return bool(colon) and "/" not in user and cut >= 0 and not password[:cut].isdigit()
 
 
 class TrackingConfig(_Section):
@@ -634,8 +654,10 @@ def describe_errors(error: ValidationError) -> str:
             kind = "parameter" if len(names) > 1 else "section or parameter"
             out.append(f"{dotted}: unknown {kind}" + (f" (did you mean {close[0]}?)" if close else ""))
         elif len(names) > 1:
-            secret = names[-1] == "api_key" or (
-                names[-1] == "tracking_uri" and TrackingConfig.password_problem(str(err["input"]))
+            secret = (
+                names[-1] == "api_key"
+                or (names[-1] == "tracking_uri" and TrackingConfig.password_problem(str(err["input"])))
+                or (names[-1] == "provider_url" and broken_password(str(err["input"])))
             )
             value = "(not shown)" if secret else repr(err["input"])
             out.append(f"{dotted} = {value} (--{names[-1].replace('_', '-')}): {err['msg']}")

@@ -346,7 +346,7 @@ def train(cfg: Config) -> RunResult:
             f"the run folder {run_dir} is inside the data folder {data_root}: its figures would be read as "
             "images of a class; give an --out outside it"
         )
-    created = not run_dir.exists()
+    fresh = next((f for f in (*reversed(run_dir.absolute().parents), run_dir.absolute()) if not f.exists()), None)
     make_folder(run_dir, "run folder", "--out")
     _check_run_folder(run_dir)
     started = time.time()
@@ -363,16 +363,20 @@ def train(cfg: Config) -> RunResult:
                     e.add_note(RESUMABLE)
                 raise
     finally:
-        if created:  # stopped before writing a file (a data error, --fail-on-leak): no empty folder left
-            _remove_if_empty(run_dir)
+        if fresh is not None:  # stopped before writing a file (a data error, --fail-on-leak): no empty folder left
+            _remove_if_empty(run_dir.absolute(), fresh)
 
 
-def _remove_if_empty(run_dir: Path) -> None:
-    """Remove ``run_dir`` where it holds nothing but its lock file."""
+def _remove_if_empty(run_dir: Path, fresh: Path) -> None:
+    """Remove ``run_dir`` where it holds nothing but its lock file, and the folders up to ``fresh`` (the first
+    one this train made) that are empty then."""
     with contextlib.suppress(OSError):
         if set(os.listdir(run_dir)) <= {RUN_LOCK}:
             (run_dir / RUN_LOCK).unlink(missing_ok=True)
-            run_dir.rmdir()
+            for folder in (run_dir, *run_dir.parents):
+                folder.rmdir()  # an OSError where one is not empty ends it
+                if folder == fresh:
+                    break
 
 
 @contextlib.contextmanager
@@ -606,7 +610,8 @@ def evaluate(
     run_dir = Path(run_dir)
     bundle = Bundle.load(run_dir)
     if not (run_dir / "split.csv").is_file():  # checked before the folder is locked (a bundle kept the lock file)
-        where = f"give the run folder {display_path(run_dir.parent)}" if run_dir.name == BUNDLE_DIR else "train again"
+        real = run_dir.resolve()  # `evaluate .` inside the bundle
+        where = f"give the run folder {display_path(real.parent)}" if real.name == BUNDLE_DIR else "train again"
         raise FileNotFoundError(
             f"{display_path(run_dir)}: no split.csv, which says what the test images are; evaluate needs the run "
             f"folder that train wrote, not a model bundle alone ({where})"

@@ -142,9 +142,11 @@ def _dedup_held(args: argparse.Namespace, root: Path) -> int:
             f"(`imgclf dedup {shlex.quote(str(root))} --undo` restores them)"
         )
         for folder in emptied_classes(root, report.done):
+            split = folder.parent != root  # train/ants: the class is left only in that split
+            effect = f"{folder.parent.name}/ holds no {folder.name} now" if split else "train leaves the class out"
             print(
-                f"warning: {display_path(folder)} holds no image now (each was a copy of one in another class): "
-                "train leaves the class out; --undo brings its images back",
+                f"warning: {display_path(folder)} holds no image now (each was a copy of an image kept in another "
+                f"folder): {effect}; --undo brings its images back",
                 file=sys.stderr,
             )
     for problem in report.problems:  # a line each: control characters in file names escaped

@@ -502,6 +502,7 @@ def download(
     make_folder(out, "data folder", "--out")
     sources = read_sources(out)
     check_class_folders(out, {e.label for e in entries})
+    _warn_split_layout(out)
     todo, outcomes_by_index = _plan(entries)
     earlier = _earlier_downloads(out)
     removed = {} if cfg.refetch_removed else {r[2]: r[0] for r in sources.values() if not (out / r[0]).exists()}
@@ -562,9 +563,8 @@ def read_sources(out: Path) -> dict[str, list[str]]:
     return rows
 
 
-def check_class_folders(out: Path, labels: Iterable[str]) -> None:
-    """Refuse, before any download, a file where a label's class folder belongs (every image would fail); warn
-    where ``out`` is laid out by split (class folders beside ``train/`` are in no split)."""
+def _warn_split_layout(out: Path) -> None:
+    """Warn where ``out`` is laid out by split: class folders beside ``train/`` are in no split."""
     if splits := split_folders(out):
         log.warning(
             "warning: %s is laid out by split (%s): the class folders written beside them are in no split, and "
@@ -573,6 +573,10 @@ def check_class_folders(out: Path, labels: Iterable[str]) -> None:
             ", ".join(f"{s}/" for s in splits),
             out / splits[0],
         )
+
+
+def check_class_folders(out: Path, labels: Iterable[str]) -> None:
+    """Refuse, before any download, a file where a label's class folder belongs (every image would fail)."""
     # os.path's: a label too long for a file name is reported per URL, not raised here
     if blocked := sorted(label for label in labels if os.path.lexists(out / label) and not os.path.isdir(out / label)):
         raise NotADirectoryError(

@@ -27,6 +27,7 @@ from imgclf.datatools.journal import JournalFileError
 from imgclf.serving.security import SameOriginWrites, SecurityHeaders, TokenRequired
 from imgclf.ui.analysis import Analyzer
 from imgclf.ui.labels import (
+    MovedAwayError,
     RelabelError,
     RelabelJournal,
     UnknownClassError,
@@ -288,6 +289,8 @@ def create_app(
         f = safe_rel(root, path)
         rel = f.relative_to(root).as_posix()
         if rel not in index.present():
+            if not f.is_file() and (now := journal.moved().get(rel)):  # a second click, another tab
+                raise MovedAwayError(f"{rel} is no longer there: already moved to {now} (by another request)")
             if not f.is_file():
                 raise FileNotFoundError(f"no image {path!r} in the data folder")
             raise UnsafePathError(
