@@ -541,6 +541,12 @@ def test_predict_api_and_cli(run, tmp_path, capsys, monkeypatch):
     assert "named as an image, not written; name a .csv file" in capsys.readouterr().err
     assert main(["predict", str(result.run_dir), str(listing), "--csv", str(listing), "--no-progress"]) == 2
     assert "that is an input, not overwritten" in capsys.readouterr().err
+    # nor over a file of a run: its split.csv or model/bundle.json replaced lost the run
+    kept = {f: f.read_bytes() for f in (result.run_dir / "split.csv", result.run_dir / "model" / "bundle.json")}
+    for f in kept:
+        assert main(["predict", str(result.run_dir), str(listing), "--csv", str(f), "--no-progress"]) == 2
+        assert f"--csv {f}: a file of the run in {f.parent}, not overwritten" in capsys.readouterr().err
+    assert {f: f.read_bytes() for f in kept} == kept
     assert [p.read_bytes() for p in pair] == before and "circles_01.jpg" in listing.read_text()
     # a --csv folder missing or not writable is refused before the images are scored (was: all scored, then
     # a raw errno and nothing printed); a file written while the folder goes away still prints the lines

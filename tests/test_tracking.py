@@ -981,5 +981,17 @@ def test_compare_ranks_neither_epoch_counts_nor_rounding_noise(tmp_path: Path, c
     assert main(["runs", "compare", str(a), str(b), str(a), "--csv", str(tmp_path / "c.csv")]) == 0
     header = (tmp_path / "c.csv").read_text().splitlines()[0]
     assert header == "section,name,x/run,y/run,x/run #2,note"
+    photo = tmp_path / "photo.jpg"  # --csv or --markdown over an image or a run's file: refused
+    photo.write_bytes(b"a photo")
+    (a / "model").mkdir()
+    (a / "model" / "bundle.json").write_text("{}")
+    capsys.readouterr()
+    for flag, target in (("--csv", photo), ("--markdown", a / "metrics.json"), ("--csv", a / "model" / "bundle.json")):
+        before = target.read_bytes()
+        assert main(["runs", "compare", str(a), str(b), flag, str(target)]) == 2
+        assert re.search(
+            r"named as an image, not written|a file of the run in .*, not overwritten", capsys.readouterr().err
+        )
+        assert target.read_bytes() == before
     assert main(["runs", "compare", str(a), str(a), "--csv", str(tmp_path / "c.csv")]) == 0
     assert (tmp_path / "c.csv").read_text().splitlines()[0] == "section,name,run,run #2,note"  # not x/run

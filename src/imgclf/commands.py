@@ -45,11 +45,11 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from imgclf.pipeline import check_csv_target, predict, write_predictions_csv
-    from imgclf.utils import display_path
+    from imgclf.pipeline import predict, write_predictions_csv
+    from imgclf.utils import check_output_file, display_path
 
     if args.csv:  # before the work, not after it
-        check_csv_target(Path(args.csv), args.inputs)
+        check_output_file(Path(args.csv), "--csv", args.inputs)
     cfg = config_from_args(args, _run_config(args.run_dir))
     classes, preds = predict(args.run_dir, args.inputs, cfg, flip_tta=cfg.features.flip_tta)
     unwritten = None

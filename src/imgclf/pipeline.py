@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import errno
 import io
 import json
 import logging
@@ -45,6 +44,7 @@ from imgclf.utils import (
     Memo,
     atomic_write_files,
     atomic_write_text,
+    check_output_file,
     default_cache_dir,
     display_path,
     make_folder,
@@ -849,30 +849,12 @@ def predict(
     return bundle.classes, preds
 
 
-def check_csv_target(path: Path, inputs: Iterable[str | Path]) -> None:
-    """Refuse a predictions file that would overwrite an image or one of the inputs (``--csv a.jpg b.jpg``), or
-    that cannot be written (a file where its folder belongs, no permission): before the images are scored."""
-    folder = path.parent  # made where missing: the nearest folder that is there must let it be made
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir():
-        raise NotADirectoryError(f"--csv {display_path(path)}: {display_path(folder)} is a file, not a folder")
-    if path.is_dir():
-        raise IsADirectoryError(f"{display_path(path)} is a folder: give the name of a file to write")
-    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), display_path(path))
-    if path.suffix.lower() in IMAGE_EXTENSIONS:
-        raise FileExistsError(f"--csv {display_path(path)}: named as an image, not written; name a .csv file")
-    if path.exists() and any(Path(i).exists() and os.path.samefile(path, i) for i in inputs):
-        raise FileExistsError(f"--csv {display_path(path)}: that is an input, not overwritten; name another file")
-
-
 def write_predictions_csv(path: Path, classes: list[str], preds: list[Prediction], top_k: int) -> None:
     """CSV of the top-k labels and scores per image (errors in their own column); k at most the class count.
 
-    Never written over an image or one of the images classified.
+    Never written over an image, one of the images classified or a file of a run (:func:`check_output_file`).
     """
-    check_csv_target(path, [p.path for p in preds])
+    check_output_file(path, "--csv", [p.path for p in preds])
     top_k = min(top_k, len(classes))
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")

@@ -15,7 +15,7 @@ import sys
 import tempfile
 import unicodedata
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -431,3 +431,33 @@ def only_local_hosts(app: Any, host: str) -> Any:
     name = host.strip("[]")
     literal = f"[{name}]" if ":" in name else name
     return TrustedHostMiddleware(app, allowed_hosts=sorted({"localhost", "127.0.0.1", "[::1]", literal}))
+
+
+def check_output_file(path: Path, flag: str, inputs: Iterable[str | os.PathLike[str]] = ()) -> None:
+    """Refuse, before any work, an output file (``flag``'s) that cannot be written (a file where its folder
+    belongs, no permission) or would be written over what must stay: an image (``--csv a.jpg b.jpg``, the
+    arguments swapped), one of the ``inputs``, or a file of a run folder or model bundle (written over, a run's
+    split.csv or bundle.json lost the run)."""
+    from imgclf.data.io import IMAGE_EXTENSIONS
+
+    folder = path.parent  # made where missing: the nearest folder that is there must let it be made
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{flag} {display_path(path)}: {display_path(folder)} is a file, not a folder")
+    if path.is_dir():
+        raise IsADirectoryError(f"{display_path(path)} is a folder: give the name of a file to write")
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), display_path(path))
+    if path.suffix.lower() in IMAGE_EXTENSIONS:
+        kind = ".md" if flag == "--markdown" else ".csv"
+        raise FileExistsError(f"{flag} {display_path(path)}: named as an image, not written; name a {kind} file")
+    if not path.exists():
+        return
+    if any(Path(i).exists() and os.path.samefile(path, i) for i in inputs):
+        raise FileExistsError(f"{flag} {display_path(path)}: that is an input, not overwritten; name another file")
+    if any((path.parent / bundle).is_file() for bundle in ("bundle.json", "model/bundle.json")):
+        raise FileExistsError(
+            f"{flag} {display_path(path)}: a file of the run in {display_path(path.parent)}, not overwritten; name "
+            "another file"
+        )

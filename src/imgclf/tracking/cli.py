@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from imgclf.cli import add_config_args, config_from_args, console, port_number, positive_int
-from imgclf.utils import atomic_write_text, ensure_port_free
+from imgclf.utils import atomic_write_text, check_output_file, ensure_port_free
 
 ID_SHOWN = 8  # run id characters shown by `runs list`; `runs compare` accepts such prefixes
 # MLflow's HTTP requests in a `runs` command, where not set: seconds, not MLflow's 4 minutes, for a store that
@@ -41,6 +41,13 @@ def _quick_http(command: Callable[[argparse.Namespace], int]) -> Callable[[argpa
     return quick
 
 
+def _check_outputs(args: argparse.Namespace) -> None:
+    """``--csv`` and ``--markdown`` checked before the work (:func:`check_output_file`)."""
+    for flag, path in (("--csv", args.csv), ("--markdown", args.markdown)):
+        if path:
+            check_output_file(Path(path), flag)
+
+
 def _write_outputs(args: argparse.Namespace, csv_text: str, markdown: str) -> None:
     for path, text in ((args.csv, csv_text), (args.markdown, markdown)):
         if path:
@@ -57,6 +64,7 @@ def _list(args: argparse.Namespace) -> int:
     from imgclf.tracking.store import list_runs, tracking_uri
 
     cfg = config_from_args(args).tracking
+    _check_outputs(args)
     runs = list_runs(cfg, args.limit)
     if not runs:
         print(f"no runs recorded in {tracking_uri(cfg)} (experiment {cfg.experiment!r})")
@@ -97,6 +105,7 @@ def _compare(args: argparse.Namespace) -> int:
     if len(args.runs) < 2:
         raise ValueError("runs compare needs at least two runs")
     cfg = config_from_args(args).tracking
+    _check_outputs(args)
     records = load_runs(args.runs, cfg)
     labels = [r.label for r in records]
     out = console()
