@@ -273,6 +273,28 @@ def test_empty_values_and_file_checked_with_the_flags(
     assert main(["config", "--config=~/wide.yaml", "--hash-size", "32"]) == 0  # no shell expanded that ~
 
 
+def test_path_flags_take_the_home_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """`--csv=~/p.csv` (no shell expands it) wrote into a folder named `~`; `demo --data=~/d` wrote there and
+    then trained from the home folder. Every path flag reads `~` as the settings' paths do."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    parser, home = build_parser(), str(tmp_path)
+    cases = {
+        ("predict", "run", "a.jpg", "--csv=~/p.csv"): ("csv", f"{home}/p.csv"),
+        ("demo", "--data=~/d"): ("data", f"{home}/d"),
+        ("export", "run", "--format", "onnx", "--out=~/m.onnx", "--check-images=~/i"): ("out", f"{home}/m.onnx"),
+        ("runs", "compare", "a", "b", "--markdown=~/c.md"): ("markdown", f"{home}/c.md"),
+        ("download", "urls.tsv", "--out=~/data"): ("out", f"{home}/data"),
+        ("dedup", "data", "--report-dir=~/r"): ("report_dir", tmp_path / "r"),
+        ("ui", "data", "--run=~/run"): ("run", f"{home}/run"),
+    }
+    for argv, (name, expected) in cases.items():
+        assert getattr(parser.parse_args(argv), name) == expected, argv
+    assert (
+        parser.parse_args(["export", "r", "--format", "onnx", "--out", "m", "--check-images=~/i"]).check_images
+        == f"{home}/i"
+    )
+
+
 def test_a_run_saved_by_an_earlier_version_still_loads(caplog: pytest.LogCaptureFixture):
     saved = {"finetune": {"ft_resolution": 448, "ft_batch_size": 1, "epochs": 3}, "data": {"split_seed": 2}}
     with caplog.at_level(logging.WARNING, logger="imgclf"):

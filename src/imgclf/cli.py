@@ -116,6 +116,14 @@ def add_config_args(
         parser.set_defaults(config_fields=frozenset(flagged))
 
 
+def user_path(text: str) -> str:
+    """argparse type of a path flag: ``~`` at its start is the home folder, as for the settings' paths (no shell
+    expands ``--out=~/x``: it wrote into a folder named ``~``); an empty one (an unset variable) is refused."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path (an unset variable?): give a file or folder")
+    return os.path.expanduser(text)
+
+
 def positive_int(text: str) -> int:
     """argparse type: a whole number of 1 or more."""
     if not text.isdigit() or int(text) < 1:

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from imgclf.cli import add_config_args, config_from_args, non_negative_int, positive_int
+from imgclf.cli import add_config_args, config_from_args, non_negative_int, positive_int, user_path
 from imgclf.config import Config
 
 CORE_SECTIONS = (
@@ -104,12 +104,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", help="Run folder (or its model/ bundle).")
     p.add_argument("inputs", nargs="+", help="Image files, folders (searched recursively) or .txt lists of paths.")
     p.add_argument("--top-k", type=positive_int, default=3, help="Labels shown per image (1 or more). [default: 3]")
-    p.add_argument("--csv", help="Also write the predictions to this CSV file.")
+    p.add_argument("--csv", type=user_path, help="Also write the predictions to this CSV file.")
     add_config_args(p, ("data.max_image_pixels", "features", "output.progress"), from_run=True)
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("demo", help="Generate the built-in texture data set and train on it.")
-    p.add_argument("--data", default="demo-data", help="Folder for the generated images.")
+    p.add_argument("--data", type=user_path, default="demo-data", help="Folder for the generated images.")
     p.add_argument("--n-per-class", type=positive_int, default=60, help="Generated images per class.")
     p.add_argument("--demo-seed", type=non_negative_int, default=0, help="Seed of the generator.")
     add_config_args(p, CORE_SECTIONS, exclude=("data.data_root",), base=DEMO_BASE)  # --data instead

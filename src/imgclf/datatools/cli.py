@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from imgclf.cli import add_config_args, config_from_args
+from imgclf.cli import add_config_args, config_from_args, user_path
 
 if TYPE_CHECKING:
     from imgclf.datatools.download import DownloadReport
@@ -157,7 +157,9 @@ def _dedup_held(args: argparse.Namespace, root: Path) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("download", help="Download a label<TAB>url list into one folder per label.")
     p.add_argument("url_list", help="File of label<TAB>url[<TAB>source page<TAB>licence<TAB>creator] lines.")
-    p.add_argument("--out", required=True, help="Data folder: images go to OUT/<label>/ (kept if there).")
+    p.add_argument(
+        "--out", type=user_path, required=True, help="Data folder: images go to OUT/<label>/ (kept if there)."
+    )
     add_config_args(p, DOWNLOAD_FIELDS)
     p.set_defaults(func=_download)
 
@@ -168,7 +170,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         required=True,
         help="Comma-separated attributes, e.g. striped,dotted,leopard: one class folder each.",
     )
-    p.add_argument("--out", required=True, help="Data folder; also gets urls.tsv, sources.tsv, failure list.")
+    p.add_argument(
+        "--out", type=user_path, required=True, help="Data folder; also gets urls.tsv, sources.tsv, failure list."
+    )
     add_config_args(p, SCRAPE_FIELDS)
     p.set_defaults(func=_scrape)
 
@@ -176,7 +180,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("data_dir", help="Folder with one sub-folder per class.")
     p.add_argument(
         "--report-dir",
-        type=Path,
+        type=lambda text: Path(user_path(text)),
         help="Folder for dedup_report.csv and .html [default: DATA_DIR; for a read-only one].",
     )
     mode = p.add_mutually_exclusive_group()

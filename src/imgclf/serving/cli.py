@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 
-from imgclf.cli import add_config_args, config_from_args, positive_int
+from imgclf.cli import add_config_args, config_from_args, positive_int, user_path
 from imgclf.utils import ensure_port_free, is_loopback, only_local_hosts
 
 log = logging.getLogger("imgclf")
@@ -86,6 +86,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", required=True, choices=["onnx", "openvino", "torchscript"], help="Model file format.")
     p.add_argument(
         "--out",
+        type=user_path,
         required=True,
         help="Model file to write (.onnx, .xml + .bin, .pt), or a folder to write it into, named after the run; "
         "a .json sidecar goes beside it.",
@@ -98,6 +99,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--check-images",
+        type=user_path,
         metavar="DIR",
         help="Images for the parity check [default: the run's test split, else random images].",
     )

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from imgclf.cli import add_config_args, config_from_args, console, port_number, positive_int
+from imgclf.cli import add_config_args, config_from_args, console, port_number, positive_int, user_path
 from imgclf.utils import atomic_write_text, check_output_file, ensure_port_free
 
 ID_SHOWN = 8  # run id characters shown by `runs list`; `runs compare` accepts such prefixes
@@ -242,5 +242,5 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _output_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--csv", metavar="FILE", help="Also write the table(s) to this CSV file.")
-    p.add_argument("--markdown", metavar="FILE", help="Also write the table(s) to this Markdown file.")
+    p.add_argument("--csv", type=user_path, metavar="FILE", help="Also write the table(s) to this CSV file.")
+    p.add_argument("--markdown", type=user_path, metavar="FILE", help="Also write the table(s) to this Markdown file.")

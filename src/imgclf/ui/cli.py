@@ -7,7 +7,7 @@ import json
 import secrets
 from pathlib import Path
 
-from imgclf.cli import add_config_args, host_name, port_number
+from imgclf.cli import add_config_args, host_name, port_number, user_path
 from imgclf.utils import ensure_port_free, only_local_hosts
 
 # the analysis fits the linear SVM head whatever a run's classifier: only its settings are offered
@@ -65,6 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("data_dir", help="Data folder: one sub-folder per class, optional unlabeled/ sub-folder.")
     p.add_argument(
         "--run",
+        type=user_path,
         metavar="RUN_DIR",
         help="Run folder whose results to show; its settings replace the defaults shown below.",
     )
