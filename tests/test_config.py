@@ -295,6 +295,21 @@ def test_path_flags_take_the_home_folder(tmp_path: Path, monkeypatch: pytest.Mon
     )
 
 
+def test_a_config_file_that_is_no_text_or_a_folder_is_named(tmp_path: Path):
+    """`--config photo.jpg` said only "'utf-8' codec can't decode byte 0xff", naming no file."""
+    (tmp_path / "photo.jpg").write_bytes(b"\xff\xd8\xff\xe0")
+    (tmp_path / "latin1.toml").write_bytes("title = 'caf\xe9'\n".encode("latin-1"))
+    (tmp_path / "folder.toml").mkdir()
+    for name, said in (
+        ("photo.jpg", "photo.jpg: configuration files must end in .toml, .yaml, .yml or .json"),
+        ("latin1.toml", "latin1.toml: not UTF-8 text (byte 0xe9 at 12); save it as UTF-8"),
+        ("folder.toml", "folder.toml is a folder: give a .toml, .yaml or .json file"),
+    ):
+        with pytest.raises((ValueError, IsADirectoryError)) as e:
+            Config.from_file(tmp_path / name)
+        assert said in str(e.value)
+
+
 def test_a_run_saved_by_an_earlier_version_still_loads(caplog: pytest.LogCaptureFixture):
     saved = {"finetune": {"ft_resolution": 448, "ft_batch_size": 1, "epochs": 3}, "data": {"split_seed": 2}}
     with caplog.at_level(logging.WARNING, logger="imgclf"):

@@ -203,6 +203,15 @@ def test_a_damaged_bundle_is_named_not_a_traceback(run, tmp_path, capsys):
     np.savez(model / "head.npz", weight=result.bundle.head.weight[::-1], bias=result.bundle.head.bias[::-1])
     assert main(["predict", str(model), str(tmp_path)]) == 2
     assert "checksum differs from the one recorded in bundle.json" in capsys.readouterr().err
+    # a damaged split.csv: "imgclf: error: 'label'" named neither the file nor what to do
+    run_copy = shutil.copytree(result.run_dir, tmp_path / "run")
+    for text, why in (
+        ("path,split\nx.jpg,test\n", "no label column"),
+        ("path,label,split\nx.jpg,zebra,test\n", "line 2: class 'zebra'"),
+    ):
+        (run_copy / "split.csv").write_text(text)
+        assert main(["evaluate", str(run_copy), "--no-tracking"]) == 2
+        assert f"{run_copy / 'split.csv'} is damaged ({why}" in capsys.readouterr().err
 
 
 def test_a_failed_train_leaves_no_model_to_use_and_a_foreign_folder_is_refused(

@@ -484,18 +484,25 @@ class Config(BaseModel):
         run); others it sets are left as ``base`` has them, with a warning naming them.
         """
         path = Path(path).expanduser()  # --config=~/x.toml: no shell expands it
+        if path.is_dir():
+            raise IsADirectoryError(f"configuration file {path} is a folder: give a .toml, .yaml or .json file")
         if not path.is_file():
             raise FileNotFoundError(f"configuration file not found: {path}")
-        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() not in (".toml", ".yaml", ".yml", ".json"):
+            raise ValueError(f"{path}: configuration files must end in .toml, .yaml, .yml or .json")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at {e.start}); save it as UTF-8"
+            ) from None
         try:
             if path.suffix.lower() == ".toml":
                 raw = tomllib.loads(text)
             elif path.suffix.lower() in (".yaml", ".yml"):
                 raw = yaml.safe_load(text) or {}
-            elif path.suffix.lower() == ".json":
-                raw = json.loads(text)
             else:
-                raise ValueError(f"{path}: configuration files must end in .toml, .yaml, .yml or .json")
+                raw = json.loads(text)
         except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as e:
             mark = getattr(e, "problem_mark", None)  # YAML's own message spans several lines
             why = f"line {mark.line + 1}, column {mark.column + 1}: {e.problem}" if mark else str(e)  # type: ignore[attr-defined]

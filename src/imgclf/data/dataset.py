@@ -436,8 +436,14 @@ def load_split(path: Path, root: Path, classes: list[str]) -> tuple[Dataset, np.
     copy of the data folder that stores names decomposed)."""
     label_of = {c: i for i, c in enumerate(classes)}
     samples, split = [], []
+    damaged = f"{path} is damaged (%s): it says which images are the test split; train again to write it anew"
     with open(path, newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
+        reader = csv.DictReader(f)
+        if lacking := [c for c in ("path", "label", "split") if c not in (reader.fieldnames or [])]:
+            raise DatasetError(damaged % f"no {', '.join(lacking)} column")
+        for n, row in enumerate(reader, 2):
+            if row["label"] not in label_of:
+                raise DatasetError(damaged % f"line {n}: class {row['label']!r}, which the model does not know")
             samples.append(Sample(row["path"], label_of[row["label"]], row["path"]))
             split.append(row["split"])
     root = Path(root)
