@@ -147,6 +147,14 @@ def test_a_mistyped_flag_gets_the_commands_usage_and_a_suggestion(capsys: pytest
     assert (
         "imgclf runs list: error: unrecognized arguments: --limt 3 (did you mean --limit?)" in capsys.readouterr().err
     )
+    # a flag of other commands was "did you mean --csv?" (for --epochs); -v after the command went unexplained
+    for argv, said in (
+        (["predict", "run", "a.jpg", "--epochs", "3"], "--epochs is a flag of config, demo, train; see imgclf predict"),
+        (["predict", "run", "a.jpg", "-v"], "-v goes before the command: imgclf -v predict ..."),
+    ):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert said in capsys.readouterr().err
 
 
 def test_commands_keep_the_flags_they_use():

@@ -212,6 +212,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _flag_hint(parser: argparse.ArgumentParser, command: argparse.ArgumentParser, given: str) -> str:
+    """What was meant by ``given``, a flag ``command`` does not take: a global flag given after the command, a
+    flag of other commands (predict has no --resolution: it takes the run's), or one spelt alike."""
+    flag = given.split("=")[0]
+    if not flag.startswith("-"):
+        return ""
+    if flag in ("-v", "--verbose"):
+        return f" ({flag} goes before the command: imgclf {flag} {command.prog.split(maxsplit=1)[-1]} ...)"
+    flags = [f for action in command._actions for f in action.option_strings]
+    if close := difflib.get_close_matches(flag, flags, n=1, cutoff=0.8):
+        return f" (did you mean {close[0]}?)"
+    others = sorted(
+        name
+        for action in parser._actions
+        if isinstance(action, argparse._SubParsersAction)
+        for name, sub in action.choices.items()
+        if any(flag in a.option_strings for a in sub._actions)
+    )
+    if others:
+        return f" ({flag} is a flag of {', '.join(others)}; see {command.prog} --help for this command's)"
+    close = difflib.get_close_matches(flag, flags, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
     """The parser of the (sub)command given (``imgclf runs list``'s, say), for its own usage and flags."""
     current = parser
@@ -228,9 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra:  # the command's own usage, and the flag meant where one is close (argparse 3.11 gives neither)
         command = _command_parser(parser, args)
-        flags = [flag for action in command._actions for flag in action.option_strings]
-        close = difflib.get_close_matches(extra[0].split("=")[0], flags, n=1) if extra[0].startswith("-") else []
-        command.error(f"unrecognized arguments: {' '.join(extra)}" + (f" (did you mean {close[0]}?)" if close else ""))
+        command.error(f"unrecognized arguments: {' '.join(extra)}{_flag_hint(parser, command, extra[0])}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.verbose:  # imgclf's own details, not every library's (matplotlib's font search alone is hundreds)
         logging.getLogger("imgclf").setLevel(logging.DEBUG)
