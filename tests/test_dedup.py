@@ -493,6 +493,19 @@ def test_a_class_left_empty_by_apply_is_said_and_names_print_on_one_line(
     assert "wasps/odd\\nname.jpg exists: not overwritten" in capsys.readouterr().err
 
 
+def test_an_empty_folder_or_a_run_folder_is_refused(tmp_path: Path):
+    """`dedup empty/` and `dedup runs/demo` said "0 images ... report: ..." (exit 0) and wrote reports into them."""
+    from imgclf.data.dataset import DatasetError
+
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    with pytest.raises(DatasetError, match=r"no images in the class folders of .*empty"):
+        run_cli(["dedup", str(tmp_path / "empty")])
+    _put(tmp_path / "run" / "model" / "bundle.json", b"{}")
+    with pytest.raises(DatasetError, match=r"run.? is a run folder \(what train writes\), not a data folder"):
+        run_cli(["dedup", str(tmp_path / "run")])
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["bundle.json"]
+
+
 def test_files_that_cannot_be_hashed_are_named_as_io_names_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """An empty file, one without read permission; a damaged EXIF block is no reason to skip an image."""
     import builtins

@@ -1028,8 +1028,13 @@ def test_the_cv_accuracy_names_the_classes_it_cannot_score(tmp_path, caplog):
     make_folder(data / "train", classes=("stripes",), n=1)
     make_folder(data / "val", n=2, seed=1)
     with caplog.at_level(logging.INFO, logger="imgclf"):
-        train(Config().updated(data_root=data, out=tmp_path / "run", **FAST, tracking=False))
+        train(Config().updated(data_root=data, out=tmp_path / "run", **FAST, tracking=False, epochs=2, lr=0.5))
     assert ", without stripes: one training image, never held out)" in caplog.text
+    # fine-tuning settings given to the SVM were ignored without a word (a fine-tuning run names its void ones)
+    assert (
+        "settings with no effect in this run: epochs 2, lr 0.5 (they set the fine-tuning of --classifier dnn"
+        in caplog.text
+    )
 
 
 def test_unbalanced_classes_get_a_hint_unless_balanced(caplog):

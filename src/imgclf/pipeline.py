@@ -21,7 +21,7 @@ import numpy as np
 
 from imgclf.backbones import Backbone, create_backbone
 from imgclf.bundle import BUNDLE_DIR, INCOMPLETE, Bundle
-from imgclf.config import AUTO_BACKBONE, AUTO_CANDIDATES, Config
+from imgclf.config import AUTO_BACKBONE, AUTO_CANDIDATES, Config, FinetuneConfig
 from imgclf.data.dataset import (
     NO_DATA_ROOT,
     Dataset,
@@ -339,6 +339,16 @@ def train(cfg: Config) -> RunResult:
         raise ValueError(
             f"--resume continues an interrupted fine-tuning: give the --classifier it was trained with "
             f"({' or '.join(sorted(FINE_TUNING))}); the {cfg.classifier.classifier} classifier trains no network"
+        )
+    if cfg.classifier.classifier not in FINE_TUNING and (
+        void := sorted(
+            f"{k} {v}" for k, v in cfg.finetune.model_dump().items() if v != FinetuneConfig().model_dump()[k]
+        )
+    ):  # a fine-tuning setting given to the SVM: said, as a fine-tuning run says its own void ones
+        log.warning(
+            "warning: settings with no effect in this run: %s (they set the fine-tuning of --classifier %s)",
+            ", ".join(void),
+            " or ".join(FINE_TUNING),
         )
     run_dir, data_root = Path(cfg.output.out), Path(cfg.data.data_root)
     if data_root.is_dir() and run_dir.resolve().is_relative_to(data_root.resolve()):

@@ -150,6 +150,11 @@ def check_data_folder(root: Path) -> Path:
     if not root.is_dir():
         unpack = " (an archive: unpack it first)" if root.name.lower().endswith(ARCHIVE_SUFFIXES) else ""
         raise DatasetError(f"{root} is a file{unpack}; give the folder that holds one sub-folder per class")
+    if (root / "model" / "bundle.json").is_file() or (root / "bundle.json").is_file():
+        raise DatasetError(
+            f"{root} is a run folder (what train writes), not a data folder: give the folder that holds one "
+            "sub-folder per class"
+        )
     return root
 
 

@@ -96,6 +96,7 @@ def _dedup(args: argparse.Namespace) -> int:
 
 
 def _dedup_held(args: argparse.Namespace, root: Path) -> int:
+    from imgclf.data.dataset import DatasetError
     from imgclf.datatools.dedup import find_duplicates, write_reports
     from imgclf.datatools.journal import QUARANTINE_DIR, emptied_classes, quarantine, undo
     from imgclf.utils import display_path
@@ -109,6 +110,8 @@ def _dedup_held(args: argparse.Namespace, root: Path) -> int:
         result = find_duplicates(
             root, tools.hash_size, tools.max_distance, cfg.output.progress, cfg.data.max_image_pixels
         )
+        if not result.n_images and not result.skipped:
+            raise DatasetError(f"no images in the class folders of {root} (dedup compares those of its sub-folders)")
         csv_path, html_path = write_reports(result, args.report_dir)
         extras = result.extras
         print(
