@@ -995,3 +995,14 @@ def test_compare_ranks_neither_epoch_counts_nor_rounding_noise(tmp_path: Path, c
         assert target.read_bytes() == before
     assert main(["runs", "compare", str(a), str(a), "--csv", str(tmp_path / "c.csv")]) == 0
     assert (tmp_path / "c.csv").read_text().splitlines()[0] == "section,name,run,run #2,note"  # not x/run
+
+
+def test_runs_commands_take_only_the_store_settings(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """`runs list --no-tracking` was accepted and did nothing; a mistyped store path read as an empty store."""
+    uri = f"sqlite:///{tmp_path / 'typo' / 'mlflow.db'}"
+    assert main(["runs", "list", "--tracking-uri", uri]) == 0
+    assert "no run store there yet: nothing recorded (a mistyped --tracking-uri?)" in capsys.readouterr().out
+    for flag in ("--no-tracking", "--tracking-background"):
+        with pytest.raises(SystemExit):
+            main(["runs", "list", flag])
+        assert f"unrecognized arguments: {flag}" in capsys.readouterr().err

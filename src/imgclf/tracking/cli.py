@@ -61,13 +61,18 @@ def _list(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from imgclf.tracking.compare import list_cell, table_csv, table_markdown
-    from imgclf.tracking.store import list_runs, tracking_uri
+    from imgclf.tracking.store import list_runs, store_exists, tracking_uri
 
     cfg = config_from_args(args).tracking
     _check_outputs(args)
     runs = list_runs(cfg, args.limit)
     if not runs:
-        print(f"no runs recorded in {tracking_uri(cfg)} (experiment {cfg.experiment!r})")
+        nothing = (
+            "no run store there yet: nothing recorded (a mistyped --tracking-uri?)" if not store_exists(cfg) else ""
+        )
+        print(
+            f"no runs recorded in {tracking_uri(cfg)} (experiment {cfg.experiment!r}){'; ' + nothing if nothing else ''}"
+        )
         return 0
     table = Table(title=f"Latest runs in {escape(tracking_uri(cfg))}")
     for col in runs[0]:
@@ -218,6 +223,9 @@ def run_until_stopped(cmd: list[str], env: dict[str, str] | None = None) -> int:
         return 0
 
 
+STORE_FIELDS = ("tracking.tracking_uri", "tracking.experiment")  # what the runs commands read; not whether to record
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("runs", help="Run history recorded with MLflow: list, compare, browse.")
     actions = p.add_subparsers(dest="runs_command", required=True, metavar="ACTION")
@@ -225,19 +233,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     q = actions.add_parser("list", help="Latest runs: id, date, data set, classifier, backbone, accuracy, status.")
     q.add_argument("--limit", type=positive_int, default=20, help="Most runs shown, newest first.")
     _output_args(q)
-    add_config_args(q, ("tracking",))
+    add_config_args(q, STORE_FIELDS)
     q.set_defaults(func=_list)
 
     q = actions.add_parser("compare", help="Differing parameters, metrics, per-class accuracy side by side.")
     q.add_argument("runs", nargs="+", metavar="RUN", help="MLflow run ids (imgclf runs list) or run folders.")
     q.add_argument("--all-params", action="store_true", help="Show every parameter, not only differing ones.")
     _output_args(q)
-    add_config_args(q, ("tracking",))
+    add_config_args(q, STORE_FIELDS)
     q.set_defaults(func=_compare)
 
     q = actions.add_parser("ui", help="Browse the runs in the MLflow web UI (mlflow ui on 127.0.0.1).")
     q.add_argument("--port", type=port_number, default=5000, help="Port of the web UI. [default: 5000]")
-    add_config_args(q, ("tracking",))
+    add_config_args(q, STORE_FIELDS)
     q.set_defaults(func=_ui)
 
 
