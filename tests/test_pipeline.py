@@ -579,7 +579,9 @@ def test_predict_api_and_cli(run, tmp_path, capsys, monkeypatch):
     # a missing file named is reported on its line, the others scored (a missing one in a list was already)
     missing = tmp_path / "no_such.jpg"
     assert main(["predict", str(result.run_dir), str(missing), str(pair[0]), "--no-progress"]) == 1
-    lines = capsys.readouterr().out.splitlines()
+    lines, err = capsys.readouterr()
+    assert "1 of 2 image(s) could not be classified: see their ERROR lines" in err  # where stdout goes to a file
+    lines = lines.splitlines()
     assert lines[0].startswith(f"{missing}\tERROR\t") and "\tERROR" not in lines[1]
     assert main(["predict", str(result.run_dir), str(missing), str(tmp_path / "also_none.jpg")]) == 2
     assert f"no such file or folder: {missing}, " in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 from imgclf.cli import add_config_args, config_from_args, non_negative_int, positive_int, user_path
@@ -64,9 +65,11 @@ def _predict(args: argparse.Namespace) -> int:
         else:
             top = sorted(zip(classes, p.scores, strict=True), key=lambda t: -t[1])[: args.top_k]
             print(f"{display_path(p.path)}\t" + "\t".join(f"{c} {s:.3f}" for c, s in top))
+    if failed := sum(p.error is not None for p in preds):  # also where the lines go to a file
+        print(f"{failed} of {len(preds)} image(s) could not be classified: see their ERROR lines", file=sys.stderr)
     if unwritten:  # the predictions are printed above: only the file is lost
         raise unwritten
-    return 0 if all(p.error is None for p in preds) else 1
+    return 1 if failed else 0
 
 
 def _demo(args: argparse.Namespace) -> int:
