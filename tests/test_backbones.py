@@ -45,6 +45,12 @@ def test_clear_errors_offline_unknown_and_local_weights(tmp_path):
     (tmp_path / "notes.txt").write_text("not weights")
     with pytest.raises(BackboneError, match=r"notes\.txt is not a state_dict file PyTorch can load"):
         create_backbone("resnet18", weights=tmp_path / "notes.txt")
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "photo.jpg")  # PyTorch's advice was to load it with weights_only=False
+    with pytest.raises(BackboneError) as e:
+        create_backbone("resnet18", weights=tmp_path / "photo.jpg")
+    assert "weights_only" not in str(e.value) and "not a PyTorch file, or one holding objects" in str(e.value)
     torch.save([1, 2], tmp_path / "list.pt")
     with pytest.raises(BackboneError, match="holds a list, not a state_dict"):
         create_backbone("resnet18", weights=tmp_path / "list.pt")

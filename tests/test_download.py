@@ -404,6 +404,11 @@ def test_large_images_are_decoded_one_at_a_time(server: FakeServer, tmp_path: Pa
     assert peak[0] == 1
 
 
+def test_a_folder_given_as_url_list_is_named(tmp_path: Path):
+    with pytest.raises(IsADirectoryError, match="is a folder: give the URL list"):  # was "URL list not found"
+        read_url_list(tmp_path)
+
+
 def test_url_list_not_utf8_names_the_file_and_the_fix(tmp_path: Path):
     f = tmp_path / "urls.tsv"
     f.write_text("cats\thttp://x/1.jpg\n", encoding="utf-16")

@@ -97,6 +97,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--data-root",
         "--data_root",
         dest="cfg__data_root",
+        metavar="DIR",
         default=argparse.SUPPRESS,
         help="The data folder, where it has moved since training. [default: the run's]",
     )

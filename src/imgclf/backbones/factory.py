@@ -244,6 +244,8 @@ def _load_weights(model: nn.Module, path: Path, name: str) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0]
+        if first.startswith("Weights only load failed"):  # its advice (weights_only=False) would run the file's code
+            first = "not a PyTorch file, or one holding objects besides tensors (loaded as tensors only, for safety)"
         raise BackboneError(
             f"{path} is not a state_dict file PyTorch can load ({type(e).__name__}: {first}): give a file saved "
             "with torch.save(model.state_dict(), PATH)"

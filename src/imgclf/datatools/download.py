@@ -174,6 +174,8 @@ def read_url_list(path: Path) -> list[UrlEntry]:
     Blank lines and lines starting with '#' are skipped; ValueError names the file and line of every bad one.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder: give the URL list, a text file of label<TAB>url lines")
     if not path.is_file():
         raise FileNotFoundError(f"URL list not found: {path}")
     data = path.read_bytes()
