@@ -281,6 +281,15 @@ def test_empty_values_and_file_checked_with_the_flags(
     assert main(["config", "--config=~/wide.yaml", "--hash-size", "32"]) == 0  # no shell expanded that ~
 
 
+def test_every_two_word_flag_takes_its_underscore_spelling():
+    """Settings' flags took `--top_k` and `--top-k` alike, a command's own flags only the dashes."""
+    parser = build_parser()
+    assert parser.parse_args(["predict", "run", "a.jpg", "--top_k", "2"]).top_k == 2
+    assert parser.parse_args(["runs", "compare", "a", "b", "--all_params"]).all_params
+    assert parser.parse_args(["demo", "--n_per_class", "5", "--demo_seed", "1"]).n_per_class == 5
+    assert parser.parse_args(["evaluate", "run", "--on_train"]).on_train
+
+
 def test_path_flags_take_the_home_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """`--csv=~/p.csv` (no shell expands it) wrote into a folder named `~`; `demo --data=~/d` wrote there and
     then trained from the home folder. Every path flag reads `~` as the settings' paths do."""

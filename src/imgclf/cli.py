@@ -209,7 +209,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_show_config)
     for module in COMMAND_MODULES:
         importlib.import_module(module).register(sub)
+    _underscore_spellings(parser)
     return parser
+
+
+def _underscore_spellings(parser: argparse.ArgumentParser) -> None:
+    """Give every ``--two-words`` flag of every command its ``--two_words`` spelling too, as the settings' flags
+    have (``predict --top_k`` was refused while ``serve --top_k`` worked)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _underscore_spellings(sub)
+        for flag in list(action.option_strings):
+            alias = "--" + flag[2:].replace("-", "_")
+            if flag.startswith("--") and alias not in parser._option_string_actions:
+                action.option_strings.append(alias)
+                parser._option_string_actions[alias] = action
 
 
 def _flag_hint(parser: argparse.ArgumentParser, command: argparse.ArgumentParser, given: str) -> str:
