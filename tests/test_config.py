@@ -1,3 +1,4 @@
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -288,6 +289,10 @@ def test_every_two_word_flag_takes_its_underscore_spelling():
     assert parser.parse_args(["runs", "compare", "a", "b", "--all_params"]).all_params
     assert parser.parse_args(["demo", "--n_per_class", "5", "--demo_seed", "1"]).n_per_class == 5
     assert parser.parse_args(["evaluate", "run", "--on_train"]).on_train
+    for off in ("--no-tracking", "--no_tracking"):  # --no_tracking turned tracking on
+        with pytest.raises(SystemExit) if off == "--no_tracking" else contextlib.nullcontext():
+            assert parser.parse_args(["train", "data", off]).cfg__tracking is False
+    assert parser.parse_args(["train", "data", "--no-use_cache"]).cfg__use_cache is False
 
 
 def test_path_flags_take_the_home_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

@@ -500,10 +500,15 @@ def test_an_empty_folder_or_a_run_folder_is_refused(tmp_path: Path):
     (tmp_path / "empty" / "a").mkdir(parents=True)
     with pytest.raises(DatasetError, match=r"no images in the class folders of .*empty"):
         run_cli(["dedup", str(tmp_path / "empty")])
-    _put(tmp_path / "run" / "model" / "bundle.json", b"{}")
+    _put(tmp_path / "run" / "model" / "bundle.json", b'{"format": "imgclf-bundle/1"}')
     with pytest.raises(DatasetError, match=r"run.? is a run folder \(what train writes\), not a data folder"):
         run_cli(["dedup", str(tmp_path / "run")])
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["bundle.json"]
+    from imgclf.data.dataset import check_data_folder
+
+    cars = tmp_path / "cars"  # a class named model, with a file of that name in it: a data folder
+    _put(cars / "model" / "bundle.json", b'{"note": "export metadata"}')
+    assert check_data_folder(cars) == cars
 
 
 def test_files_that_cannot_be_hashed_are_named_as_io_names_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

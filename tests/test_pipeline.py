@@ -556,6 +556,11 @@ def test_predict_api_and_cli(run, tmp_path, capsys, monkeypatch):
         assert main(["predict", str(result.run_dir), str(listing), "--csv", str(f), "--no-progress"]) == 2
         assert f"--csv {f}: a file of the run in {f.parent}, not overwritten" in capsys.readouterr().err
     assert {f: f.read_bytes() for f in kept} == kept
+    mine = result.run_dir / "my_predictions.csv"  # the user's own file beside them: written, and again
+    for _ in range(2):
+        assert main(["predict", str(result.run_dir), str(pair[0]), "--csv", str(mine), "--no-progress"]) == 0
+    mine.unlink()
+    capsys.readouterr()
     assert [p.read_bytes() for p in pair] == before and "circles_01.jpg" in listing.read_text()
     # a --csv folder missing or not writable is refused before the images are scored (was: all scored, then
     # a raw errno and nothing printed); a file written while the folder goes away still prints the lines
@@ -950,6 +955,10 @@ def test_leak_between_train_and_test_warns_or_refuses(tmp_path, caplog, monkeypa
     with pytest.raises(DatasetError, match=refusal):  # a new folder: not left behind, empty but for a lock file
         train(cfg.updated(fail_on_leak=True, out=tmp_path / "new" / "run"))
     assert not (tmp_path / "new").exists()  # nor the folder made to hold it
+    (tmp_path / "was_here").mkdir()  # new/../was_here/run: was_here was there before, new never made
+    with pytest.raises(DatasetError, match=refusal):
+        train(cfg.updated(fail_on_leak=True, out=tmp_path / "new" / ".." / "was_here" / "run"))
+    assert (tmp_path / "was_here").is_dir() and not any((tmp_path / "was_here").iterdir())
     assert evaluate(tmp_path / "run").metrics["n_test"] > 0
     make_folder(tmp_path / "extra", classes=("squares",), n=2, seed=2)
     (tmp_path / "extra" / "squares").rename(data / "val" / "only_in_val")  # a class that cannot be learned

@@ -119,4 +119,5 @@ def test_a_password_that_ends_the_host_part_is_refused_unshown(capsys: pytest.Ca
         err = capsys.readouterr().err
         assert "write them as %23, %3F and %2F" in err and "(not shown)" in err
         assert "s3" not in err and "a?b" not in err
-    assert DataToolsConfig(provider_url="http://host:8080/x@y").provider_url  # a port and a path: no password
+    for fine in ("http://host:8080/x@y", "http://[::1]:8080/@proxy/", "http://[fd00::5]/openverse/@x"):
+        assert DataToolsConfig(provider_url=fine).provider_url  # an address, a port and a path: no password

@@ -393,9 +393,19 @@ def test_ctrl_c_while_searching_keeps_what_the_searches_done_found(server: FakeS
             provider=Stopped(client, server.base_url, POLICY),
         )
     assert [x.url for x in read_url_list(out / "urls.tsv")] == [server.url("/s.jpg")]
-    assert "interrupted after 1 of 2 searches, before downloading: 1 new URL(s) they found added to" in str(e.value)
+    assert "interrupted after 1 of 2 searches, before downloading: 1 new URL(s) found, added to" in str(e.value)
     assert f"`imgclf download {out / 'urls.tsv'} --out {out}` downloads the list" in str(e.value)
     assert not (out / "striped").exists()
+    with make_client(2.0) as client, pytest.raises(SearchInterrupted) as e:  # nothing found: download not offered
+        scrape(
+            ["shirt"],
+            ["dotted"],
+            tmp_path / "e",
+            FAST,
+            progress=False,
+            provider=Stopped(client, server.base_url, POLICY),
+        )
+    assert "no URL found yet, nothing written; the same scrape again" in str(e.value) and "imgclf download" not in str(e.value)
 
 
 def test_a_split_layout_is_warned_of_and_a_repeat_in_one_answer_is_no_note(

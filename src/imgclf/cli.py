@@ -214,17 +214,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _underscore_spellings(parser: argparse.ArgumentParser) -> None:
-    """Give every ``--two-words`` flag of every command its ``--two_words`` spelling too, as the settings' flags
-    have (``predict --top_k`` was refused while ``serve --top_k`` worked)."""
+    """Let every ``--two-words`` flag of every command take its ``--two_words`` spelling too, as the settings'
+    flags do (``predict --top_k`` was refused while ``serve --top_k`` worked). Parsed only, not listed in the
+    help; a ``--no-two-words`` keeps its ``--no-`` (argparse turns off only a spelling that starts so)."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for sub in action.choices.values():
                 _underscore_spellings(sub)
-        for flag in list(action.option_strings):
-            alias = "--" + flag[2:].replace("-", "_")
-            if flag.startswith("--") and alias not in parser._option_string_actions:
-                action.option_strings.append(alias)
-                parser._option_string_actions[alias] = action
+        for flag in action.option_strings:
+            prefix = "--no-" if flag.startswith("--no-") else "--"
+            alias = prefix + flag.removeprefix(prefix).replace("-", "_")
+            if flag.startswith("--"):
+                parser._option_string_actions.setdefault(alias, action)
 
 
 def _flag_hint(parser: argparse.ArgumentParser, command: argparse.ArgumentParser, given: str) -> str:

@@ -330,9 +330,11 @@ class DataToolsConfig(_Section):
 def broken_password(url: str) -> bool:
     """Whether ``url`` holds ``user:password@`` with ``#``, ``?`` or ``/`` in the password, unencoded (a URL
     parser ends the host part there: ``host:8080/a@b``, a port and a path, is not one)."""
-    user, colon, password = url.partition("://")[2].rpartition("@")[0].partition(":")
+    userinfo = url.partition("://")[2].rpartition("@")[0]
+    user, colon, password = userinfo.partition(":")
     cut = min((i for i in map(password.find, "/?#") if i >= 0), default=-1)
-    return bool(colon) and "/" not in user and cut >= 0 and not password[:cut].isdigit()
+    ipv6 = userinfo.startswith("[")  # http://[::1]:8080/@x: an address, a port and a path
+    return bool(colon) and not ipv6 and "/" not in user and cut >= 0 and not password[:cut].isdigit()
 
 
 class TrackingConfig(_Section):

@@ -40,6 +40,7 @@ from imgclf.features import FeatureExtractor
 from imgclf.heads import FittedHead, fit_head
 from imgclf.tracking import log_run
 from imgclf.utils import (
+    RUN_FILES,
     RUN_LOCK,
     Memo,
     atomic_write_files,
@@ -62,11 +63,7 @@ EARLIER_OUTPUTS = ("leaks.csv", "label_conflicts.csv", *FINETUNE_OUTPUTS, "train
 TRAINING_ONLY = ("backbone_cv_accuracy", "finetune")  # metrics.json entries only train can know
 FINETUNE_STATE = ("finetune_cache", "finetune_ckpt.pt")
 # What a train writes into its run folder (besides hidden files): an --out holding any of them and no run is refused.
-RUN_OUTPUTS = (
-    *EARLIER_OUTPUTS,
-    *("split.csv", "config.json", "metrics.json", "predictions.csv", "report.html", "report.md", "evaluation.png"),
-    *(BUNDLE_DIR, *FINETUNE_STATE),
-)
+RUN_OUTPUTS = (*RUN_FILES, BUNDLE_DIR, *FINETUNE_STATE)
 FINE_TUNING = ("dnn", "svm_on_refined")  # the classifier modes that fine-tune the backbone
 # Added to an OSError or KeyboardInterrupt that ends a fine-tuning train whose checkpoint is in the run folder.
 RESUMABLE = "train again with --resume (resume=True) to continue the fine-tuning from its last checkpoint"
@@ -356,7 +353,8 @@ def train(cfg: Config) -> RunResult:
             f"the run folder {run_dir} is inside the data folder {data_root}: its figures would be read as "
             "images of a class; give an --out outside it"
         )
-    fresh = next((f for f in (*reversed(run_dir.absolute().parents), run_dir.absolute()) if not f.exists()), None)
+    made = Path(os.path.abspath(run_dir))  # ".." resolved: new/../b/run makes b/run, never removes b
+    fresh = next((f for f in (*reversed(made.parents), made) if not f.exists()), None)
     make_folder(run_dir, "run folder", "--out")
     _check_run_folder(run_dir)
     started = time.time()
@@ -374,7 +372,7 @@ def train(cfg: Config) -> RunResult:
                 raise
     finally:
         if fresh is not None:  # stopped before writing a file (a data error, --fail-on-leak): no empty folder left
-            _remove_if_empty(run_dir.absolute(), fresh)
+            _remove_if_empty(made, fresh)
 
 
 def _remove_if_empty(run_dir: Path, fresh: Path) -> None:

@@ -433,11 +433,19 @@ def only_local_hosts(app: Any, host: str) -> Any:
     return TrustedHostMiddleware(app, allowed_hosts=sorted({"localhost", "127.0.0.1", "[::1]", literal}))
 
 
+# The result files train writes into a run folder (besides model/ and the fine-tuning's state).
+RUN_FILES = (
+    *("split.csv", "config.json", "metrics.json", "predictions.csv", "report.html", "report.md", "evaluation.png"),
+    *("leaks.csv", "label_conflicts.csv", "finetune_log.csv", "finetune_curves.png"),
+    *("train_metrics.json", "train_predictions.csv"),
+)
+
+
 def check_output_file(path: Path, flag: str, inputs: Iterable[str | os.PathLike[str]] = ()) -> None:
     """Refuse, before any work, an output file (``flag``'s) that cannot be written (a file where its folder
     belongs, no permission) or would be written over what must stay: an image (``--csv a.jpg b.jpg``, the
-    arguments swapped), one of the ``inputs``, or a file of a run folder or model bundle (written over, a run's
-    split.csv or bundle.json lost the run)."""
+    arguments swapped), one of the ``inputs``, or a file train wrote into a run folder or model bundle (written
+    over, a run's split.csv or bundle.json lost the run); a file of the user's beside them may be rewritten."""
     from imgclf.data.io import IMAGE_EXTENSIONS
 
     folder = path.parent  # made where missing: the nearest folder that is there must let it be made
@@ -456,7 +464,8 @@ def check_output_file(path: Path, flag: str, inputs: Iterable[str | os.PathLike[
         return
     if any(Path(i).exists() and os.path.samefile(path, i) for i in inputs):
         raise FileExistsError(f"{flag} {display_path(path)}: that is an input, not overwritten; name another file")
-    if any((path.parent / bundle).is_file() for bundle in ("bundle.json", "model/bundle.json")):
+    in_bundle = (path.parent / "bundle.json").is_file()  # every file of a model bundle is the model's
+    if in_bundle or (path.name in RUN_FILES and (path.parent / "model" / "bundle.json").is_file()):
         raise FileExistsError(
             f"{flag} {display_path(path)}: a file of the run in {display_path(path.parent)}, not overwritten; name "
             "another file"

@@ -142,6 +142,16 @@ def label_of(rel: str, splits: list[str]) -> str:
 NO_DATA_ROOT = "no data folder given: give DATA_DIR (data_root), the folder that holds one sub-folder per class"
 
 
+def _is_bundle(folder: Path) -> bool:
+    """Whether ``folder`` holds an imgclf model bundle (a ``bundle.json`` of its format, not any file so named:
+    a class named ``model`` may hold one)."""
+    try:
+        with open(folder / "bundle.json", encoding="utf-8", errors="replace") as f:
+            return '"imgclf-bundle/' in f.read(4096)
+    except OSError:
+        return False
+
+
 def check_data_folder(root: Path) -> Path:
     """``root``, if it is a folder; else DatasetError saying what it is and what to give instead."""
     root = Path(root)
@@ -150,7 +160,7 @@ def check_data_folder(root: Path) -> Path:
     if not root.is_dir():
         unpack = " (an archive: unpack it first)" if root.name.lower().endswith(ARCHIVE_SUFFIXES) else ""
         raise DatasetError(f"{root} is a file{unpack}; give the folder that holds one sub-folder per class")
-    if (root / "model" / "bundle.json").is_file() or (root / "bundle.json").is_file():
+    if _is_bundle(root / "model") or _is_bundle(root):
         raise DatasetError(
             f"{root} is a run folder (what train writes), not a data folder: give the folder that holds one "
             "sub-folder per class"

@@ -168,15 +168,15 @@ def scrape(
             added = [x for x in e.entries if x.url not in listed]
             if added:
                 write_url_list(url_list, [*earlier, *added])
-            raise SearchInterrupted(
-                e.entries,
-                e.done,
-                e.total,
-                f"interrupted after {e.done} of {e.total} searches, before downloading: {len(added)} new URL(s) they "
-                f"found {'added to ' + str(url_list) if added else 'in none'}; `imgclf download "
-                f"{shlex.quote(str(url_list))} --out {shlex.quote(str(out))}` downloads the list, the same scrape "
-                "again searches everything again",
-            ) from None
+            said = f"interrupted after {e.done} of {e.total} searches, before downloading: "
+            if added or earlier:
+                said += (
+                    f"{len(added)} new URL(s) found, added to {url_list}; `imgclf download {shlex.quote(str(url_list))} "
+                    f"--out {shlex.quote(str(out))}` downloads the list, the same scrape again searches everything again"
+                )
+            else:
+                said += "no URL found yet, nothing written; the same scrape again searches everything"
+            raise SearchInterrupted(e.entries, e.done, e.total, said) from None
     if len(failures) == len(queries):
         raise ProviderError(f"every search failed, nothing downloaded; first error: {failures[0][1]}")
     listed = {e.url for e in earlier}
