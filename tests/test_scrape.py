@@ -405,7 +405,8 @@ def test_ctrl_c_while_searching_keeps_what_the_searches_done_found(server: FakeS
             progress=False,
             provider=Stopped(client, server.base_url, POLICY),
         )
-    assert "no URL found yet, nothing written; the same scrape again" in str(e.value) and "imgclf download" not in str(e.value)
+    said = str(e.value)
+    assert "no URL found yet, nothing written; the same scrape again" in said and "imgclf download" not in said
 
 
 def test_a_split_layout_is_warned_of_and_a_repeat_in_one_answer_is_no_note(
