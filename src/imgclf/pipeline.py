@@ -40,6 +40,8 @@ from imgclf.features import FeatureExtractor
 from imgclf.heads import FittedHead, fit_head
 from imgclf.tracking import log_run
 from imgclf.utils import (
+    EARLIER_OUTPUTS,
+    FINETUNE_OUTPUTS,
     RUN_FILES,
     RUN_LOCK,
     Memo,
@@ -56,11 +58,8 @@ from imgclf.utils import (
 
 log = logging.getLogger("imgclf")
 LOGGED_MAX = 20  # skipped files and notes printed; all of them go to the report and metrics.json
-# Results an earlier run in the same folder may have left that a new run does not always rewrite.
-FINETUNE_OUTPUTS = ("finetune_log.csv", "finetune_curves.png")
-EARLIER_OUTPUTS = ("leaks.csv", "label_conflicts.csv", *FINETUNE_OUTPUTS, "train_metrics.json", "train_predictions.csv")
-# What fine-tuning keeps for --resume: its decoded-image cache (only after an interruption) and checkpoint.
 TRAINING_ONLY = ("backbone_cv_accuracy", "finetune")  # metrics.json entries only train can know
+# What fine-tuning keeps for --resume: its decoded-image cache (only after an interruption) and checkpoint.
 FINETUNE_STATE = ("finetune_cache", "finetune_ckpt.pt")
 # What a train writes into its run folder (besides hidden files): an --out holding any of them and no run is refused.
 RUN_OUTPUTS = (*RUN_FILES, BUNDLE_DIR, *FINETUNE_STATE)
@@ -337,11 +336,9 @@ def train(cfg: Config) -> RunResult:
             f"--resume continues an interrupted fine-tuning: give the --classifier it was trained with "
             f"({' or '.join(sorted(FINE_TUNING))}); the {cfg.classifier.classifier} classifier trains no network"
         )
-    if cfg.classifier.classifier not in FINE_TUNING and (
-        void := sorted(
-            f"{k} {v}" for k, v in cfg.finetune.model_dump().items() if v != FinetuneConfig().model_dump()[k]
-        )
-    ):  # a fine-tuning setting given to the SVM: said, as a fine-tuning run says its own void ones
+    defaults = FinetuneConfig().model_dump()
+    void = sorted(f"{k} {v}" for k, v in cfg.finetune.model_dump().items() if v != defaults[k])
+    if void and cfg.classifier.classifier not in FINE_TUNING:  # said, as a fine-tuning run says its own void ones
         log.warning(
             "warning: settings with no effect in this run: %s (they set the fine-tuning of --classifier %s)",
             ", ".join(void),

@@ -433,11 +433,13 @@ def only_local_hosts(app: Any, host: str) -> Any:
     return TrustedHostMiddleware(app, allowed_hosts=sorted({"localhost", "127.0.0.1", "[::1]", literal}))
 
 
+FINETUNE_OUTPUTS = ("finetune_log.csv", "finetune_curves.png")
+# Results an earlier run in the same folder may have left that a new run does not always rewrite.
+EARLIER_OUTPUTS = ("leaks.csv", "label_conflicts.csv", *FINETUNE_OUTPUTS, "train_metrics.json", "train_predictions.csv")
 # The result files train writes into a run folder (besides model/ and the fine-tuning's state).
 RUN_FILES = (
     *("split.csv", "config.json", "metrics.json", "predictions.csv", "report.html", "report.md", "evaluation.png"),
-    *("leaks.csv", "label_conflicts.csv", "finetune_log.csv", "finetune_curves.png"),
-    *("train_metrics.json", "train_predictions.csv"),
+    *EARLIER_OUTPUTS,
 )
 
 

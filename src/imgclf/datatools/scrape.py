@@ -164,8 +164,7 @@ def scrape(
         try:
             entries, failures, empty = collect(provider, queries, cfg.per_query, progress)
         except SearchInterrupted as e:
-            listed = {x.url for x in earlier}
-            added = [x for x in e.entries if x.url not in listed]
+            added = _new(earlier, e.entries)
             if added:
                 write_url_list(url_list, [*earlier, *added])
             said = f"interrupted after {e.done} of {e.total} searches, before downloading: "
@@ -179,14 +178,26 @@ def scrape(
             raise SearchInterrupted(e.entries, e.done, e.total, said) from None
     if len(failures) == len(queries):
         raise ProviderError(f"every search failed, nothing downloaded; first error: {failures[0][1]}")
-    listed = {e.url for e in earlier}
-    merged = [*earlier, *(e for e in entries if e.url not in listed)]
+    merged = [*earlier, *_new(earlier, entries)]
     report = ScrapeReport(
-        url_list, merged, len(entries), len(earlier), failures, None, list(attributes), queries, empty
+        url_list,
+        merged,
+        len(entries),
+        len(earlier),
+        failures,
+        attributes=list(attributes),
+        queries=queries,
+        empty_queries=empty,
     )
     write_url_list(url_list, merged)
     report.download = download(merged, out, cfg, max_pixels, progress)
     return report
+
+
+def _new(earlier: Sequence[UrlEntry], found: Sequence[UrlEntry]) -> list[UrlEntry]:
+    """The entries ``found`` whose URLs the ``earlier`` list lacks (a URL found again stays where it was)."""
+    listed = {e.url for e in earlier}
+    return [e for e in found if e.url not in listed]
 
 
 def _earlier_list(path: Path) -> list[UrlEntry]:
