@@ -36,7 +36,7 @@ from imgclf.data.dataset import Dataset, DatasetError, scan_dataset
 from imgclf.features.runtimes import resolve_precision
 from imgclf.finetune import finetune
 from imgclf.finetune.augment import Augment, Normalizer
-from imgclf.finetune.imagecache import build_image_cache
+from imgclf.finetune.imagecache import build_image_cache, whole_square
 from imgclf.finetune.trainer import CacheLoader, Classifier, build_optimizer
 from imgclf.utils import cpu_count
 
@@ -79,7 +79,7 @@ def bench(
     t = time.perf_counter()
     pre = bb.preprocess
     cache = build_image_cache(
-        [ds.path(s) for s in ds.samples], pre.resize_to, pre.interpolation, tmp / "cache", cpu_count(), progress=False
+        [ds.path(s) for s in ds.samples], whole_square(pre), tmp / "cache", cpu_count(), progress=False
     )
     decode_s = time.perf_counter() - t
     model = Classifier(bb.model, bb.num_features, len(ds.classes), cfg.finetune.dropout)

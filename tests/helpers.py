@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -120,3 +122,26 @@ def count_concurrent_loads(monkeypatch: pytest.MonkeyPatch, seconds: float) -> l
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", load)
     return peak
+
+
+@contextlib.contextmanager
+def held_elsewhere(root: Path) -> Iterator[None]:
+    """``root`` held with ``moving_lock`` by another thread, as by another imgclf process, while the block runs
+    (the thread that holds a folder may hold it again)."""
+    from imgclf.datatools.journal import moving_lock
+
+    taken, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with moving_lock(root):
+            taken.set()
+            done.wait(60)
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    assert taken.wait(60)
+    try:
+        yield
+    finally:
+        done.set()
+        holder.join(60)

@@ -264,6 +264,9 @@ def test_empty_values_and_file_checked_with_the_flags(
         {"experiment": ""},
         {"host": ""},
         {"svm_c_grid": [float("inf")]},
+        {"lr": float("inf")},  # accepted, it trained to NaN and kept epoch 0
+        {"test_scale": float("nan")},
+        {"max_file_mb": float("inf")},
         {"experiment": "e" * 501},
     ):
         with pytest.raises(ValidationError):
@@ -285,7 +288,7 @@ def test_empty_values_and_file_checked_with_the_flags(
 def test_every_two_word_flag_takes_its_underscore_spelling():
     """Settings' flags took `--top_k` and `--top-k` alike, a command's own flags only the dashes."""
     parser = build_parser()
-    assert parser.parse_args(["predict", "run", "a.jpg", "--top_k", "2"]).top_k == 2
+    assert parser.parse_args(["predict", "run", "a.jpg", "--top_k", "2"]).cfg__top_k == 2
     assert parser.parse_args(["runs", "compare", "a", "b", "--all_params"]).all_params
     assert parser.parse_args(["demo", "--n_per_class", "5", "--demo_seed", "1"]).n_per_class == 5
     assert parser.parse_args(["evaluate", "run", "--on_train"]).on_train

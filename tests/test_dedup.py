@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fakeprovider import make_image, run_cli
-from helpers import refuse_listing
+from helpers import held_elsewhere, refuse_listing
 from PIL import Image
 
 import imgclf.datatools.dedup as dedup
@@ -26,7 +26,8 @@ from imgclf.datatools.dedup import (
     popcount_lut,
     write_reports,
 )
-from imgclf.datatools.journal import QUARANTINE_DIR, journal_path
+from imgclf.datatools.journal import QUARANTINE_DIR, journal_path, quarantine, undo
+from imgclf.utils import FolderInUse
 
 
 def _put(path: Path, data: bytes) -> Path:
@@ -132,8 +133,6 @@ def test_keep_rule_is_deterministic():
 
 
 def test_a_torn_journal_line_loses_no_later_record(data: Path):
-    from imgclf.datatools.journal import quarantine, undo
-
     before = _digests(data)
     assert quarantine(data, [("a/x1.jpg", "b/zz_large.png")]).problems == []
     with open(journal_path(data), "a", encoding="utf-8") as f:
@@ -148,16 +147,18 @@ def test_a_second_apply_or_undo_at_once_stops_before_moving(data: Path, capsys: 
     """Two --apply at once on one folder each reported dozens of 'not moved' (and journaled them): the second
     now stops at once, before its search, with a message; the report alone needs no lock."""
     from imgclf.cli import main
-    from imgclf.datatools.journal import moving_lock
 
     before = _digests(data)
-    with moving_lock(data):  # another dedup moving files in the folder
+    with held_elsewhere(data):  # another dedup moving files in the folder
         for command in (["--apply"], ["--undo"]):
             assert main(["dedup", str(data), "--max-distance", "4", *command]) == 2
             assert (
                 f"another imgclf dedup --apply or --undo, download or scrape is changing {data}"
                 in capsys.readouterr().err
             )
+        for call in (lambda: undo(data), lambda: quarantine(data, [])):  # from Python too
+            with pytest.raises(FolderInUse):
+                call()
         assert run_cli(["dedup", str(data), "--max-distance", "4"]) == 0
     assert _digests(data) == before and not (data / QUARANTINE_DIR).exists()
     assert run_cli(["dedup", str(data), "--max-distance", "4", "--apply"]) == 0  # released

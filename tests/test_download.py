@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fakeprovider import FakeServer, Route, make_image, run_cli
-from helpers import count_concurrent_loads
+from helpers import count_concurrent_loads, held_elsewhere
 from PIL import Image, ImageOps
 
 from imgclf.config import DataToolsConfig
@@ -144,10 +144,11 @@ def test_images_removed_since_they_were_downloaded_are_not_fetched_again(
     assert "--refetch-removed fetches them" in said and len(_read_tsv(out / SOURCES_FILE)) == 3
     assert run_cli(["download", str(urls), "--out", str(out), "--refetch-removed"]) == 0
     assert "downloaded 1, already present 2" in capsys.readouterr().out and gone.exists()
-    from imgclf.datatools.journal import moving_lock
-
-    with moving_lock(out), pytest.raises(FolderInUse, match="download or scrape is changing"):
-        run_cli(["download", str(urls), "--out", str(out)])  # while a scrape, download or dedup --apply runs
+    with held_elsewhere(out):  # while a scrape, download or dedup --apply runs; from Python too
+        with pytest.raises(FolderInUse, match="download or scrape is changing"):
+            run_cli(["download", str(urls), "--out", str(out)])
+        with pytest.raises(FolderInUse, match="download or scrape is changing"):
+            download(read_url_list(urls), out, DataToolsConfig(), progress=False)
     theirs = tmp_path / "theirs"
     theirs.mkdir()
     (theirs / SOURCES_FILE).write_text("file\tphotographer\tapproved_by\nred/a.jpg\tAda\tBob\n")

@@ -351,3 +351,17 @@ def test_openvino_int8_export_with_nncf(tmp_path: Path) -> None:
     assert result.parity.passed and result.parity.n_images == len(files)
     fp32_weights = 4 * sum(p.numel() for p in backbone.model.parameters())
     assert (tmp_path / "q.bin").stat().st_size < 0.4 * fp32_weights  # weights stored in 8 bits
+
+
+def test_the_parity_images_keep_the_runs_pixel_limit(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """export checked an image that predict and the server refuse (over the run's --max-image-pixels): the
+    default limit was used, not the run's."""
+    from imgclf.export import load_images
+
+    bundle = make_bundle(tmp_path / "run", {"data": {"max_image_pixels": 200_000}})
+    Image.new("RGB", (600, 400), "red").save(tmp_path / "big.jpg")
+    Image.new("RGB", (300, 200), "red").save(tmp_path / "small.jpg")
+    with caplog.at_level(logging.WARNING, logger="imgclf"):
+        assert len(load_images([tmp_path / "big.jpg", tmp_path / "small.jpg"], bundle, 5)) == 1
+    assert "big.jpg: oversized image (600x400)" in caplog.text
+    assert len(load_images([tmp_path / "big.jpg"], make_bundle(tmp_path / "default"), 5)) == 1

@@ -18,6 +18,7 @@ from unittest.mock import Mock
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import imgclf.finetune
 import imgclf.pipeline
@@ -407,10 +408,10 @@ def test_image_cache_without_room_is_an_error_not_a_crash(
         monkeypatch.setattr(shutil, "disk_usage", lambda path: types.SimpleNamespace(free=1000))
     paths, folder = sorted(demo.rglob("*.jpg"))[:3], tmp_path / "cache"
     with pytest.raises(OSError, match="for the 0 MB fine-tuning image cache") as e:
-        build_image_cache(paths, 64, "bilinear", folder, 1, progress=False)
+        build_image_cache(paths, Preprocess(64, 1.0, "bilinear"), folder, 1, progress=False)
     assert e.value.errno == errno.ENOSPC and [p.name for p in folder.iterdir() if p.suffix != ".lock"] == []
     monkeypatch.undo()
-    cache = build_image_cache(paths, 64, "bilinear", folder, 1, progress=False)
+    cache = build_image_cache(paths, Preprocess(64, 1.0, "bilinear"), folder, 1, progress=False)
     assert cache.ok.all() and cache.images.shape == (3, 64, 64, 3) and cache.images.any()
 
 
@@ -430,9 +431,11 @@ def test_one_process_at_a_time_decodes_an_image_cache(
     built: list = []
     with (
         caplog.at_level(logging.INFO, logger="imgclf"),
-        FileLock(folder / f".images-{_key(paths, 64, 'bilinear')}.lock"),
+        FileLock(folder / f".images-{_key(paths, Preprocess(64, 1.0, 'bilinear'))}.lock"),
     ):
-        worker = threading.Thread(target=lambda: built.append(build_image_cache(paths, 64, "bilinear", folder, 1)))
+        worker = threading.Thread(
+            target=lambda: built.append(build_image_cache(paths, Preprocess(64, 1.0, "bilinear"), folder, 1))
+        )
         worker.start()
         waiting = "waiting for another imgclf process that is decoding the same images"
         for _ in range(600):  # until it says it waits (a busy machine can take seconds to get there)
@@ -707,3 +710,43 @@ def test_training_leaves_the_callers_random_generators_alone(demo: Path, tmp_pat
     train(_cfg(demo, tmp_path / "run", epochs=1, val_fraction=0.0))
     assert np.random.rand() == np.random.RandomState(123).rand()
     assert torch.rand(1).item() == torch.rand(1, generator=torch.Generator().manual_seed(123)).item()
+
+
+def test_finetune_from_python_leaves_the_callers_thread_count(demo: Path, tmp_path: Path) -> None:
+    """`finetune()` called directly set PyTorch's thread count to --workers and left it so (train kept it)."""
+    from imgclf.backbones import create_backbone
+    from imgclf.data.dataset import make_split, scan_dataset
+    from imgclf.finetune import finetune
+
+    cfg = _cfg(demo, tmp_path / "run", epochs=1, val_fraction=0.0, workers=2)
+    ds = scan_dataset(cfg.data)
+    (tmp_path / "run").mkdir()
+    train_idx = np.flatnonzero(make_split(ds, cfg.data) == "train")
+    finetune(cfg, ds, train_idx, create_backbone("efficientnet_lite0", resolution=64), tmp_path / "run")
+    assert torch.get_num_threads() == 1  # as _one_thread set it
+
+
+def test_the_validation_part_is_scored_on_the_test_time_view(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The validation views were cropped from the training square, a pixel off the test-time centre crop
+    along the long side where the margins are odd (150x100 at 64 px: 23 against 22)."""
+    from imgclf.data.io import load_for_model
+    from imgclf.finetune import trainer
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(6):
+            pixels = rng.integers(0, 256, (100, 150, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "data" / c / f"{i}.png")
+    loaders: list[trainer.CacheLoader] = []
+    real = trainer.CacheLoader
+    monkeypatch.setattr(trainer, "CacheLoader", lambda *a: loaders.append(real(*a)) or loaders[-1])
+    result = train(_cfg(tmp_path / "data", tmp_path / "run", epochs=1, test_scale=1.0, val_fraction=0.5))
+    pre = result.bundle.preprocess
+    test_time = [load_for_model(p, pre) for p in sorted((tmp_path / "data").rglob("*.png"))]
+    val = loaders[1]
+    side, r = val.cache.side, pre.resolution
+    o = (side - r) // 2  # as Normalizer.center crops
+    views = val.cache.images[val.rows][:, o : o + r, o : o + r]
+    assert len(views) >= 2
+    assert all(any(np.array_equal(v, t) for t in test_time) for v in views)

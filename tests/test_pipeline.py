@@ -21,6 +21,7 @@ from imgclf.bundle import Bundle
 from imgclf.cli import main
 from imgclf.config import Config
 from imgclf.data.dataset import DatasetError
+from imgclf.data.io import NOT_A_PLAIN_FILE
 from imgclf.features import FeatureExtractor
 from imgclf.pipeline import evaluate, predict, train
 
@@ -539,6 +540,10 @@ def test_predict_api_and_cli(run, tmp_path, capsys, monkeypatch):
     assert shown[1].split()[0] == classes[order[0]] and shown[2].split()[0] == classes[order[1]]
     assert "empty" in rows[1]["error"]
     assert "ERROR" in out
+    assert main(["predict", str(result.run_dir), str(listing), "--top-k", "2", "--csv", "-", "--no-progress"]) == 1
+    piped = capsys.readouterr()  # `--csv -`: the CSV alone on standard output, for a pipe (it wrote a file "-")
+    assert piped.out == out_csv.read_text() and "1 of 2 image(s) could not be classified" in piped.err
+    assert not Path("-").exists()
     main(["predict", str(result.run_dir), str(listing), "--top-k", "9", "--csv", str(out_csv), "--no-progress"])
     code = main(["predict", str(result.run_dir), str(listing), "--csv", str(tmp_path), "--no-progress"])
     assert code == 2 and f"{tmp_path} is a folder: give the name of a file to write" in capsys.readouterr().err
@@ -687,6 +692,44 @@ def test_predict_into_a_pipe_closed_early_stops_quietly(run):
     proc.stdout.close()  # the reader is gone before the first line
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 141 and b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()
+
+
+def test_predict_takes_top_k_from_a_config_file(run, tmp_path, capsys):
+    """`top_k = 1` in a --config file was said to be "left as the run has them", then ignored: predict's
+    --top-k was a flag of its own, not the setting."""
+    data, result, _ = run
+    (tmp_path / "one.toml").write_text("[serve]\ntop_k = 1\n")
+    image = str(data / "squares" / "squares_00.jpg")
+    assert main(["predict", str(result.run_dir), image, "--config", str(tmp_path / "one.toml"), "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()[0].split("\t")) == 2 and "left as the run has them" not in err, (out, err)
+    assert main(["predict", str(result.run_dir), image, "--no-progress"]) == 0  # the default: 3 of the 3 classes
+    assert len(capsys.readouterr().out.splitlines()[0].split("\t")) == 4
+
+
+def test_predict_names_a_named_pipe_and_goes_on(run, tmp_path):
+    """A named pipe given to predict (a FIFO named .jpg) blocked it for ever, in the opening of it to hash it
+    (Ctrl-C could not end it): it is named as no plain file, and the rest are classified."""
+    data, result, _ = run
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "imgclf",
+            "predict",
+            str(result.run_dir),
+            str(fifo),
+            str(data / "squares" / "squares_00.jpg"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 1 and lines[0] == f"{fifo}\tERROR\t{NOT_A_PLAIN_FILE}", (proc.stdout, proc.stderr)
+    assert lines[1].startswith(str(data / "squares" / "squares_00.jpg"))
 
 
 SIGTERM_PROBE = """

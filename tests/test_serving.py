@@ -496,6 +496,33 @@ def test_serve_refuses_images_over_the_runs_pixel_limit_as_predict_does(
     assert limits == [200_000, 5_000_000]
 
 
+def test_a_server_made_in_python_keeps_the_key_and_the_runs_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`create_app(run)` served without a key while $IMGCLF_API_KEY was set, and dropped the run's pixel limit:
+    only `imgclf serve` applied them. Settings given in Python still win."""
+    from imgclf.serving.app import serving_config
+
+    bundle = make_bundle(tmp_path / "run", {"data": {"max_image_pixels": 200_000}})
+    monkeypatch.setenv("IMGCLF_API_KEY", "from-env")
+    cfg = serving_config(bundle, Config().updated(workers=1))
+    assert (cfg.serve.api_key, cfg.data.max_image_pixels, cfg.features.workers) == ("from-env", 200_000, 1)
+    cfg = serving_config(bundle, Config().updated(api_key="mine", max_image_pixels=10**6))
+    assert (cfg.serve.api_key, cfg.data.max_image_pixels) == ("mine", 10**6)
+    monkeypatch.setenv("IMGCLF_API_KEY", " ")
+    with pytest.raises(ValueError, match="set but empty"):
+        serving_config(bundle)
+    monkeypatch.setenv("IMGCLF_API_KEY", "from-env")
+    big = io.BytesIO()
+    Image.new("RGB", (600, 400), "red").save(big, "JPEG")
+    with TestClient(create_app(tmp_path / "run", Config().updated(workers=1, precision="fp32"))) as c:
+        assert c.post("/v1/predict", files={"file": ("a.jpg", big.getvalue(), "image/jpeg")}).status_code == 401
+        sent = c.post(
+            "/v1/predict", files={"file": ("a.jpg", big.getvalue(), "image/jpeg")}, headers={"X-API-Key": "from-env"}
+        )
+    assert sent.status_code == 422 and "oversized image (600x400)" in sent.json()["detail"], sent.text
+
+
 def test_serving_on_all_addresses_without_a_key_is_warned_about(
     run_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

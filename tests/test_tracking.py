@@ -192,8 +192,20 @@ def test_runs_list_and_compare(two_runs: tuple[RunResult, RunResult], work: Path
     n_test = two_runs[1].metrics["n_test"]  # the stored run's predictions.csv paired with the folder's
     assert "Paired test against" in out and f"### Paired test against {train_a[:8]}" in md
     assert f"| b | {n_test} |" in md
+    assert "wrote cmp.csv" in err and "wrote" not in out  # standard output holds the tables alone
     rows = (work / "cmp.csv").read_text().splitlines()
     assert rows[0] == f"section,name,{train_a[:8]},b,note"
+    # `-`: that table on standard output, the rest on standard error (it wrote a file "-")
+    assert main(["runs", "compare", train_a[:8], str(work / "runs" / "b"), "--csv", "-"]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines() == rows and "Paired test against" in err and not (work / "-").exists()
+    assert main(["runs", "list", "--markdown", "-", "--csv", "list2.csv"]) == 0  # one listing, both forms
+    listed_md = capsys.readouterr().out
+    ids = [line.split(",")[0] for line in (work / "list2.csv").read_text().splitlines()[1:]]
+    assert listed_md.startswith("| id |") and len(listed_md.splitlines()) == len(ids) + 2
+    assert all(run_id in listed_md for run_id in ids)
+    assert main(["runs", "list", "--markdown", "-", "--csv", "-"]) == 2
+    assert "both write to standard output" in capsys.readouterr().err
     assert "parameter,l2_normalize,true,false,differs" in rows
     assert any(r.startswith("class accuracy,circles,") for r in rows)
 

@@ -125,6 +125,12 @@ class Bundle:
         """Whether the run was trained on features averaged with the mirror image (predict does the same)."""
         return bool((self.config.get("features") or {}).get("flip_tta", False))
 
+    @property
+    def max_image_pixels(self) -> int | None:
+        """The pixel limit the run was trained with (images above it refused), where its configuration says."""
+        pixels = (self.config.get("data") or {}).get("max_image_pixels")
+        return pixels if isinstance(pixels, int) and not isinstance(pixels, bool) else None
+
     def classifier_net(self, flip_tta: bool = False) -> nn.Module:
         """uint8 NHWC image batch -> class probabilities, as one torch module (for serving, export and parity
         checks); ``flip_tta`` averages each image's features with its mirror image's first."""

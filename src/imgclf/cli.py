@@ -165,12 +165,12 @@ def config_from_args(args: argparse.Namespace, base: Config | None = None, **ove
     return cfg.updated(**flat) if flat else cfg
 
 
-def console() -> Any:
-    """A rich console for tables: the terminal's width, or 200 columns into a file or pipe (not rich's 80,
-    which cuts names to one or two letters)."""
+def console(stderr: bool = False) -> Any:
+    """A rich console for tables, on standard output (or error): the terminal's width, or 200 columns into a
+    file or pipe (not rich's 80, which cuts names to one or two letters)."""
     from rich.console import Console
 
-    return Console(width=None if sys.stdout.isatty() else 200)
+    return Console(stderr=stderr, width=None if (sys.stderr if stderr else sys.stdout).isatty() else 200)
 
 
 def _show_config(args: argparse.Namespace) -> int:

@@ -46,24 +46,27 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from imgclf.pipeline import predict, write_predictions_csv
+    from imgclf.pipeline import predict, predictions_csv, write_predictions_csv
     from imgclf.utils import check_output_file, display_path
 
-    if args.csv:  # before the work, not after it
+    to_stdout = args.csv == "-"  # the CSV in place of the lines, for a pipe
+    if args.csv and not to_stdout:  # before the work, not after it
         check_output_file(Path(args.csv), "--csv", args.inputs)
     cfg = config_from_args(args, _run_config(args.run_dir))
     classes, preds = predict(args.run_dir, args.inputs, cfg, flip_tta=cfg.features.flip_tta)
     unwritten = None
-    if args.csv:  # before the lines: a reader that stops early (`| head`) ends the printing
+    if to_stdout:
+        sys.stdout.write(predictions_csv(classes, preds, cfg.serve.top_k))
+    elif args.csv:  # before the lines: a reader that stops early (`| head`) ends the printing
         try:
-            write_predictions_csv(Path(args.csv), classes, preds, args.top_k)
+            write_predictions_csv(Path(args.csv), classes, preds, cfg.serve.top_k)
         except OSError as e:  # the folder went away or filled up while the images were scored
             unwritten = e
-    for p in preds:
+    for p in [] if to_stdout else preds:
         if p.scores is None:
             print(f"{display_path(p.path)}\tERROR\t{p.error}")
         else:
-            top = sorted(zip(classes, p.scores, strict=True), key=lambda t: -t[1])[: args.top_k]
+            top = sorted(zip(classes, p.scores, strict=True), key=lambda t: -t[1])[: cfg.serve.top_k]
             print(f"{display_path(p.path)}\t" + "\t".join(f"{c} {s:.3f}" for c, s in top))
     if failed := sum(p.error is not None for p in preds):  # also where the lines go to a file
         print(f"{failed} of {len(preds)} image(s) could not be classified: see their ERROR lines", file=sys.stderr)
@@ -107,9 +110,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="Classify images with a trained model.")
     p.add_argument("run_dir", help="Run folder (or its model/ bundle).")
     p.add_argument("inputs", nargs="+", help="Image files, folders (searched recursively) or .txt lists of paths.")
-    p.add_argument("--top-k", type=positive_int, default=3, help="Labels shown per image (1 or more). [default: 3]")
-    p.add_argument("--csv", type=user_path, help="Also write the predictions to this CSV file.")
-    add_config_args(p, ("data.max_image_pixels", "features", "output.progress"), from_run=True)
+    p.add_argument(
+        "--csv",
+        type=user_path,
+        help="Also write the predictions to this CSV file; - writes the CSV to standard output instead of the lines.",
+    )
+    add_config_args(p, ("data.max_image_pixels", "features", "serve.top_k", "output.progress"), from_run=True)
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("demo", help="Generate the built-in texture data set and train on it.")

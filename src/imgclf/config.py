@@ -1,9 +1,9 @@
 """One typed configuration: every parameter, its default and a one-line description.
 
-The configuration is grouped in sections (``data``, ``backbone``, ``features``, ``classifier``,
-``finetune``, ``output``). A TOML or YAML file uses the same sections; on the command line every field is a flag of
-the same name (``--train-fraction 0.8``, ``--train_fraction 0.8``), field names being unique across
-sections. The resolved configuration is saved with every run (``config.json``).
+The configuration is grouped in sections (``data``, ``backbone``, ``features``, ``classifier``, ``finetune``,
+``serve``, ``datatools``, ``tracking``, ``output``). A TOML or YAML file uses the same sections; on the command
+line every field is a flag of the same name (``--train-fraction 0.8``, ``--train_fraction 0.8``), field names
+being unique across sections. The resolved configuration is saved with every run (``config.json``).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ log = logging.getLogger("imgclf")
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)  # --lr inf, nan
 
     @field_validator("*", mode="before")
     @classmethod
@@ -142,7 +142,7 @@ class ClassifierConfig(_Section):
     @field_validator("svm_c_grid")
     @classmethod
     def _c_positive(cls, grid: list[float]) -> list[float]:
-        if any(not 0 < c < float("inf") for c in grid):
+        if any(c <= 0 for c in grid):
             raise ValueError("every C must be a number greater than 0")
         return grid
 
@@ -184,7 +184,8 @@ class FinetuneConfig(_Section):
         0.0,
         ge=0,
         lt=1,
-        description="Stochastic depth in training: residual blocks skipped at random, up to this rate in the last.",
+        description="Stochastic depth in training: residual blocks skipped at random, at rates rising with depth "
+        "towards this one.",
     )
     clip_grad: float = Field(0.0, ge=0, description="Clip the gradient norm to this value before each step (0 = off).")
     ema_decay: float = Field(
@@ -205,7 +206,10 @@ class FinetuneConfig(_Section):
     )
     probe_c: float = Field(0.5, gt=0, description="Inverse L2 strength of the linear-probe logistic regression.")
     head_warmup_epochs: int = Field(
-        0, ge=0, description="Epochs training the head only before unfreezing the backbone."
+        0,
+        ge=0,
+        description="Epochs training the head only before unfreezing the backbone (the learning-rate schedule, "
+        "warm-up included, runs over them too).",
     )
     val_fraction: float = Field(0.1, ge=0, lt=1, description="Share of the training split held out for early stopping.")
     early_stopping: int = Field(3, ge=0, description="Stop after this many epochs past the best epoch (0 = off).")
@@ -439,9 +443,10 @@ def _retired(raw: Any, source: str, refuse: bool) -> None:
                     raise ValueError(f"{source}: {key} = {holder[name]!r} is a setting of an earlier imgclf: {advice}")
 
 
-# Settings of the machine a command runs on, not of the model: evaluate and predict take them from where they
-# run (a run trained with --device cuda could not be used on a laptop), not from the trained run.
-MACHINE_FIELDS = ("features.device", "features.workers", "features.cache_dir")
+# Settings of the machine a command runs on, and of how it shows its answers, not of the model: evaluate and
+# predict take them from where they run (a run trained with --device cuda could not be used on a laptop), not
+# from the trained run.
+MACHINE_FIELDS = ("features.device", "features.workers", "features.cache_dir", "serve.top_k")
 
 
 class Config(BaseModel):

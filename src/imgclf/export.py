@@ -98,10 +98,11 @@ def split_paths(bundle: Bundle, run_dir: Path, part: str) -> list[Path]:
 
 
 def load_images(paths: Sequence[Path], bundle: Bundle, limit: int) -> list[np.ndarray]:
-    """Model-ready arrays of up to ``limit`` readable images (unreadable ones are skipped)."""
+    """Model-ready arrays of up to ``limit`` readable images (unreadable ones, and those over the run's pixel
+    limit, are skipped)."""
     out: list[np.ndarray] = []
     skipped: list[str] = []
-    max_pixels = DataConfig().max_image_pixels
+    max_pixels = bundle.max_image_pixels or DataConfig().max_image_pixels
     for p in paths:
         if len(out) >= limit:
             break

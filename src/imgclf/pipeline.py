@@ -854,12 +854,8 @@ def predict(
     return bundle.classes, preds
 
 
-def write_predictions_csv(path: Path, classes: list[str], preds: list[Prediction], top_k: int) -> None:
-    """CSV of the top-k labels and scores per image (errors in their own column); k at most the class count.
-
-    Never written over an image, one of the images classified or a file of a run (:func:`check_output_file`).
-    """
-    check_output_file(path, "--csv", [p.path for p in preds])
+def predictions_csv(classes: list[str], preds: list[Prediction], top_k: int) -> str:
+    """CSV text of the top-k labels and scores per image (errors in their own column); k at most the class count."""
     top_k = min(top_k, len(classes))
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -872,4 +868,11 @@ def write_predictions_csv(path: Path, classes: list[str], preds: list[Prediction
                 cells += [classes[j], f"{p.scores[j]:.6f}"]
         cells += [""] * (2 * top_k - len(cells))
         w.writerow([display_path(p.path), *cells, p.error or ""])
-    atomic_write_text(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def write_predictions_csv(path: Path, classes: list[str], preds: list[Prediction], top_k: int) -> None:
+    """Write :func:`predictions_csv` to ``path``, never over an image, one of the images classified or a file of
+    a run (:func:`check_output_file`)."""
+    check_output_file(path, "--csv", [p.path for p in preds])
+    atomic_write_text(path, predictions_csv(classes, preds, top_k))

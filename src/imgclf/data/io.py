@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import stat
 import threading
 import traceback
 from collections.abc import Iterator
@@ -118,13 +119,19 @@ def unreadable_reason(path: Path, e: OSError) -> str:
 
 
 def _file_size(path: Path) -> int:
+    """The size of an image file; raise ImageError where it cannot be read, or is no plain file (opening a named
+    pipe waits, for ever, for a writer)."""
     try:
-        return path.stat().st_size
+        st = path.stat()
     except OSError as e:
         raise ImageError(unreadable_reason(path, e)) from e
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError(NOT_A_PLAIN_FILE)
+    return st.st_size
 
 
 NOT_AN_IMAGE = "not an image (nor named as one): not used"
+NOT_A_PLAIN_FILE = "not a plain file (a named pipe, device or socket): not read; give an image file"
 
 
 def _unreadable(path: Path | BinaryIO, e: Exception) -> ImageError:

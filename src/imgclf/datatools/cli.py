@@ -37,14 +37,12 @@ def _quiet_http_log() -> None:
 
 def _download(args: argparse.Namespace) -> int:
     from imgclf.datatools.download import DownloadInterrupted, download, read_url_list
-    from imgclf.datatools.journal import moving_lock
 
     _quiet_http_log()
     cfg = config_from_args(args)
     entries = read_url_list(Path(args.url_list))
     try:
-        with moving_lock(Path(args.out)):
-            report = download(entries, Path(args.out), cfg.datatools, cfg.data.max_image_pixels, cfg.output.progress)
+        report = download(entries, Path(args.out), cfg.datatools, cfg.data.max_image_pixels, cfg.output.progress)
     except DownloadInterrupted as e:
         print(e.report.summary())
         return INTERRUPTED
@@ -59,7 +57,6 @@ def _any_image(report: DownloadReport) -> bool:
 
 def _scrape(args: argparse.Namespace) -> int:
     from imgclf.datatools.download import URL_LIST_FILE, DownloadInterrupted
-    from imgclf.datatools.journal import moving_lock
     from imgclf.datatools.providers import ProviderError
     from imgclf.datatools.scrape import SearchInterrupted, parse_terms, scrape
 
@@ -67,10 +64,9 @@ def _scrape(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     items, attributes = parse_terms(args.items, "--items"), parse_terms(args.attributes, "--attributes")
     try:
-        with moving_lock(Path(args.out)):
-            report = scrape(
-                items, attributes, Path(args.out), cfg.datatools, cfg.data.max_image_pixels, cfg.output.progress
-            )
+        report = scrape(
+            items, attributes, Path(args.out), cfg.datatools, cfg.data.max_image_pixels, cfg.output.progress
+        )
     except ProviderError as e:
         print(f"imgclf: error: {e}", file=sys.stderr)
         return 2
@@ -91,7 +87,8 @@ def _dedup(args: argparse.Namespace) -> int:
     from imgclf.datatools.journal import moving_lock
 
     root = Path(args.data_dir)
-    with moving_lock(root) if args.apply or args.undo else contextlib.nullcontext():  # the search and the moves
+    # the search and the moves together (quarantine and undo hold the folder themselves too)
+    with moving_lock(root) if args.apply or args.undo else contextlib.nullcontext():
         return _dedup_held(args, root)
 
 

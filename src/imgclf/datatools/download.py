@@ -25,7 +25,7 @@ from imgclf.data.dataset import split_folders, subfolders
 from imgclf.data.io import PixelBudget, exif_orientation, list_files, open_image, to_8bit, upright
 from imgclf.datatools.dedup import REPORT_CSV, REPORT_HTML
 from imgclf.datatools.fetch import FetchError, RetryPolicy, make_client, with_retries
-from imgclf.datatools.journal import QUARANTINE_DIR
+from imgclf.datatools.journal import QUARANTINE_DIR, holding_folder
 from imgclf.utils import atomic_write_bytes, atomic_write_text, make_folder
 
 ORIGINALS_DIR = ".originals"
@@ -490,6 +490,7 @@ def _plan(entries: Sequence[UrlEntry]) -> tuple[list[UrlEntry], dict[int, Outcom
     return todo, skipped
 
 
+@holding_folder("out")
 def download(
     entries: Sequence[UrlEntry], out: Path, cfg: DataToolsConfig, max_pixels: int = 100_000_000, progress: bool = True
 ) -> DownloadReport:

@@ -7,19 +7,24 @@ The journal (``journal.jsonl``, one JSON record a line) is appended before each 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import inspect
 import json
 import os
 import stat
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from imgclf.data.dataset import check_data_folder, split_folders
 from imgclf.data.io import IMAGE_EXTENSIONS, list_files
 from imgclf.utils import default_cache_dir, display_path, file_sha256, held
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 QUARANTINE_DIR = ".imgclf-quarantine"
 JOURNAL_FILE = "journal.jsonl"
@@ -40,19 +45,52 @@ class JournalReport:
     problems: list[str] = field(default_factory=list)
 
 
-def moving_lock(root: Path) -> contextlib.AbstractContextManager[None]:
+_held_here = threading.local()  # the folders this thread holds: a scrape's download holds its folder already
+
+
+@contextlib.contextmanager
+def moving_lock(root: Path) -> Iterator[None]:
     """Hold ``root`` for one ``dedup --apply`` or ``--undo``, ``download`` or ``scrape``: a second one stops at
     once (``FolderInUse``; two dedups at once reported dozens of failed moves, journaled too; two scrapes lost
-    each other's entries of urls.tsv and sources.tsv). The lock file lies in the imgclf cache, not in the data
-    folder; where it cannot be made or opened there, unguarded."""
+    each other's entries of urls.tsv and sources.tsv). Held again by the thread that holds it, it holds on.
+    The lock file lies in the imgclf cache, not in the data folder; where it cannot be made or opened there,
+    unguarded."""
+    real = os.path.realpath(root)
+    holding: frozenset[str] = getattr(_held_here, "roots", frozenset())
     folder = default_cache_dir() / "locks"
+    unguarded = real in holding
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError:
-        return contextlib.nullcontext()
-    key = hashlib.sha256(os.path.realpath(root).encode()).hexdigest()[:16]
+        unguarded = True
+    if unguarded:
+        yield
+        return
+    key = hashlib.sha256(real.encode()).hexdigest()[:16]
     busy = f"another imgclf dedup --apply or --undo, download or scrape is changing {root}: wait for it to end"
-    return held(folder / f"dedup-{key}.lock", busy, optional=True)
+    with held(folder / f"dedup-{key}.lock", busy, optional=True):
+        _held_here.roots = holding | {real}
+        try:
+            yield
+        finally:
+            _held_here.roots = holding
+
+
+def holding_folder(param: str) -> Callable[[F], F]:
+    """Decorator: the function runs holding its argument ``param``, a data folder, with :func:`moving_lock`
+    (called from Python as from the command line)."""
+
+    def wrap(fn: F) -> F:
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def held_call(*args: Any, **kwargs: Any) -> Any:
+            with moving_lock(Path(signature.bind(*args, **kwargs).arguments[param])):
+                return fn(*args, **kwargs)
+
+        return cast(F, held_call)
+
+    return wrap
 
 
 def journal_path(root: Path) -> Path:
@@ -140,6 +178,7 @@ def move_no_overwrite(src: Path, dst: Path) -> None:
         raise
 
 
+@holding_folder("root")
 def quarantine(root: Path, moves: Sequence[tuple[str, str]]) -> JournalReport:
     """Move each ``(path, kept)`` (paths relative to ``root``) to the quarantine, journaling it first.
 
@@ -250,6 +289,7 @@ def _active_moves(root: Path, journal: Path, problems: list[str]) -> list[dict[s
     return list(active.values())
 
 
+@holding_folder("root")
 def undo(root: Path) -> JournalReport:
     """Move every quarantined file back; one whose original place is taken stays (reported as a problem)."""
     root = check_data_folder(Path(root))

@@ -23,6 +23,7 @@ from imgclf.datatools.download import (
     write_url_list,
 )
 from imgclf.datatools.fetch import RetryPolicy, make_client
+from imgclf.datatools.journal import holding_folder
 from imgclf.datatools.providers import Provider, ProviderError, make_provider
 from imgclf.utils import make_folder
 
@@ -134,6 +135,7 @@ class SearchInterrupted(KeyboardInterrupt):
         self.entries, self.done, self.total = entries, done, total
 
 
+@holding_folder("out")
 def scrape(
     items: Sequence[str],
     attributes: Sequence[str],

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -16,7 +17,14 @@ from tqdm import tqdm
 
 from imgclf.backbones import Backbone, create_backbone
 from imgclf.config import Config
-from imgclf.data.io import DECODE_VERSION, ImageError, Preprocess, load_for_model, unreadable_reason
+from imgclf.data.io import (
+    DECODE_VERSION,
+    NOT_A_PLAIN_FILE,
+    ImageError,
+    Preprocess,
+    load_for_model,
+    unreadable_reason,
+)
 from imgclf.features.runtimes import Runtime, create_runtime, device_type, resolve_precision, resolve_runtime
 from imgclf.utils import atomic_write_bytes, cpu_count, default_cache_dir, file_sha256, writable_cache_dir
 
@@ -246,6 +254,8 @@ class FeatureExtractor:
 
 def _digest(path: Path) -> str:
     try:
+        if not stat.S_ISREG(path.stat().st_mode):  # opening a named pipe waits, for ever, for a writer
+            return f"!{NOT_A_PLAIN_FILE}"
         return file_sha256(path)
     except OSError as e:
         return f"!{unreadable_reason(path, e)}"

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from imgclf.data.io import ImageError, Preprocess, open_rgb, resize_center_crop
+from imgclf.data.io import ImageError, Preprocess, load_for_model
 from imgclf.utils import atomic_write_text
 
 log = logging.getLogger("imgclf")
@@ -32,24 +32,29 @@ class ImageCache:
     errors: dict[int, str] = field(default_factory=dict)  # why image i failed to decode
 
 
-def _key(paths: Sequence[Path], side: int, interpolation: str) -> str:
-    h = hashlib.sha256(f"{side}:{interpolation}".encode())
+def _key(paths: Sequence[Path], pre: Preprocess) -> str:
+    h = hashlib.sha256(f"{pre.resolution}:{pre.resize_to}:{pre.interpolation}".encode())
     for p in paths:
         st = p.stat()
         h.update(f"\0{p}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}".encode())  # ctime: mtime put back
     return h.hexdigest()[:20]
 
 
+def whole_square(pre: Preprocess) -> Preprocess:
+    """The resized square that ``pre`` centre-crops its view from: the training views are drawn from all of it."""
+    return Preprocess(pre.resize_to, 1.0, pre.interpolation)
+
+
 def build_image_cache(
     paths: Sequence[Path],
-    side: int,
-    interpolation: str,
+    pre: Preprocess,
     folder: Path,
     workers: int,
     max_pixels: int | None = None,
     progress: bool = True,
 ) -> ImageCache:
-    """Decode ``paths`` (EXIF-oriented) into ``folder/images-<key>.u8``; reused while the files are unchanged.
+    """Decode ``paths`` as ``pre`` prepares them for a network (EXIF-oriented, squares of ``pre.resolution``)
+    into ``folder/images-<key>.u8``; reused while the files are unchanged.
 
     Images that fail to decode are zero-filled, marked not ``ok`` and logged as warnings. One process
     decodes a given cache at a time; another that needs it waits, then reuses it.
@@ -57,8 +62,9 @@ def build_image_cache(
     from filelock import FileLock, Timeout
 
     folder.mkdir(parents=True, exist_ok=True)
-    key = _key(paths, side, interpolation)
+    key = _key(paths, pre)
     data, meta = folder / f"images-{key}.u8", folder / f"images-{key}.json"
+    side = pre.resolution
     shape = (len(paths), side, side, 3)
     lock = FileLock(folder / f".images-{key}.lock")
     try:
@@ -72,7 +78,6 @@ def build_image_cache(
             errors = {int(i): why for i, why in info.get("errors", {}).items()}
             images = np.memmap(data, np.uint8, "r", shape=shape)
             return ImageCache(images, np.array(info["ok"], dtype=bool), side, errors)
-        pre = Preprocess(side, 1.0, interpolation)
         tmp = data.with_name(f".{data.name}.tmp")
         try:
             _allocate(tmp, int(np.prod(shape)))
@@ -122,7 +127,7 @@ def _decode_into(
 
     def load(path: Path) -> np.ndarray | str:
         try:
-            return resize_center_crop(open_rgb(path, draft_to=pre.resolution, max_pixels=max_pixels), pre)
+            return load_for_model(path, pre, max_pixels)
         except ImageError as e:
             return str(e)
 

@@ -34,10 +34,10 @@ from imgclf.data.dataset import Dataset
 from imgclf.data.io import Preprocess
 from imgclf.features.runtimes import resolve_device, resolve_precision
 from imgclf.finetune.augment import Augment, Normalizer, to_device
-from imgclf.finetune.imagecache import ImageCache, build_image_cache
+from imgclf.finetune.imagecache import ImageCache, build_image_cache, whole_square
 from imgclf.finetune.schedule import lr_factor
 from imgclf.heads import LinearHead
-from imgclf.utils import atomic_write_bytes, atomic_write_text, cpu_count
+from imgclf.utils import atomic_write_bytes, atomic_write_text, cpu_count, torch_threads_kept
 
 log = logging.getLogger("imgclf")
 
@@ -378,6 +378,7 @@ def _save_ckpt(path: Path, ckpt: dict[str, Any]) -> None:
     atomic_write_bytes(path, buf.getvalue(), parents=False)
 
 
+@torch_threads_kept()
 def finetune(
     cfg: Config,
     ds: Dataset,
@@ -389,7 +390,7 @@ def finetune(
     """Fine-tune ``backbone`` plus a new last layer on ``ds.samples[train_idx]`` (never sees the test split).
 
     ``on_epoch_end(epoch, row)`` is called after each epoch's checkpoint is written. The global random
-    generators are seeded by ``cfg.output.seed`` meanwhile and left as they were.
+    generators are seeded by ``cfg.output.seed`` meanwhile and left as they were, as is PyTorch's thread count.
     """
     with _seeded_global_rngs(cfg.output.seed):
         return _finetune(cfg, ds, train_idx, backbone, Path(run_dir), on_epoch_end)
@@ -446,15 +447,14 @@ def _finetune(
         def decode(idx: np.ndarray, pre: Preprocess) -> ImageCache:
             return build_image_cache(
                 [ds.path(ds.samples[i]) for i in idx],
-                pre.resize_to,
-                pre.interpolation,
+                pre,
                 run_dir / "finetune_cache",
                 workers,
                 cfg.data.max_image_pixels,
                 cfg.output.progress,
             )
 
-        cache = decode(train_idx, backbone.preprocess)
+        cache = decode(train_idx, whole_square(backbone.preprocess))
         skipped = {int(train_idx[r]): why for r, why in cache.errors.items()}
         row_of = {int(s): r for r, s in enumerate(train_idx)}
         fit_idx = np.array([i for i in fit_idx if cache.ok[row_of[int(i)]]], np.int64)
@@ -482,14 +482,10 @@ def _finetune(
         if ckpt is None and ft.head_init == "linear_probe":
             _linear_probe_init(cfg, ds, fit_idx, backbone, model.fc)
         fit = CacheLoader(cache, np.array([row_of[int(i)] for i in fit_idx]), labels_all[fit_idx], device)
-        # the validation part is scored as the test split will be: centre crops at the test resolution
-        val_pre = eval_preprocess(backbone.preprocess, ft.test_scale)
-        val_rows = np.array([row_of[int(i)] for i in val_idx], np.int64)
-        if val_pre != backbone.preprocess:
-            val_cache, val_rows = decode(val_idx, val_pre), np.arange(len(val_idx))
-        else:
-            val_cache = cache
-        val = CacheLoader(val_cache, val_rows, labels_all[val_idx], device)
+        # the validation part is scored as the test split will be: the very centre crops at the test resolution
+        # (decoded apart: cropped from the training square they were a pixel off for odd margins)
+        val_cache = decode(val_idx, eval_preprocess(backbone.preprocess, ft.test_scale)) if len(val_idx) else cache
+        val = CacheLoader(val_cache, np.arange(len(val_idx)), labels_all[val_idx], device)
         _train(
             cfg,
             model,

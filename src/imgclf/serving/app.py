@@ -13,6 +13,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -233,14 +234,34 @@ def _error(status: int, code: str, detail: str) -> JSONResponse:
     return JSONResponse({"error": code, "detail": detail}, status_code=status)
 
 
-def create_app(bundle: Bundle | str | Path, cfg: Config | None = None, flip_tta: bool | None = None) -> FastAPI:
-    """The service for ``bundle`` (a Bundle, run folder or bundle folder); loads the model now.
+API_KEY_VARIABLE = "IMGCLF_API_KEY"  # the key from the environment: a command line is seen by every local user
 
-    ``cfg`` defaults to the default configuration, not the training run's: serving settings (device,
-    threads, limits) belong to the serving host; but ``flip_tta`` follows the run, as in predict, unless given.
-    """
+
+def serving_config(bundle: Bundle, cfg: Config | None = None) -> Config:
+    """The settings a server of ``bundle`` runs with: those given in ``cfg`` (:meth:`Config.given`), over the
+    training run's ``flip_tta`` and ``max_image_pixels`` (so that it scores and refuses as predict does: a
+    tighter pixel limit chosen at training is kept where untrusted images arrive), over the defaults (device,
+    threads and limits are the serving host's); the API key from ``$IMGCLF_API_KEY`` where none is given."""
+    run: dict[str, Any] = {"flip_tta": bundle.flip_tta}
+    if bundle.max_image_pixels is not None:
+        run["max_image_pixels"] = bundle.max_image_pixels
+    out = Config().updated(**{**run, **(cfg.given() if cfg else {})})
+    if out.serve.api_key is None and (key := os.environ.get(API_KEY_VARIABLE)) is not None:
+        if not key.strip():
+            raise ValueError(
+                f"${API_KEY_VARIABLE} is set but empty (an unset variable?): give it a key, e.g. "
+                f"{API_KEY_VARIABLE}=$(openssl rand -hex 16), or unset it to serve without one"
+            )
+        out = out.updated(api_key=key)
+    return out
+
+
+def create_app(bundle: Bundle | str | Path, cfg: Config | None = None, flip_tta: bool | None = None) -> FastAPI:
+    """The service for ``bundle`` (a Bundle, run folder or bundle folder), with the settings of
+    :func:`serving_config` (``flip_tta``, where given, over them, as in predict); loads the model now."""
     bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
-    cfg = (cfg or Config()).updated(flip_tta=bundle.flip_tta if flip_tta is None else flip_tta)
+    cfg = serving_config(bundle, cfg)
+    cfg = cfg if flip_tta is None else cfg.updated(flip_tta=flip_tta)
     service = ModelService(bundle, build_runtime(bundle, cfg), cfg)
     service.warm_up()
     max_body = int(cfg.serve.max_upload_mb * 1e6)

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 
 from imgclf.cli import add_config_args, config_from_args, positive_int, user_path
 from imgclf.utils import ensure_port_free, is_loopback, only_local_hosts
 
 log = logging.getLogger("imgclf")
-
-API_KEY_VARIABLE = "IMGCLF_API_KEY"  # the key from the environment: a command line is seen by every local user
 
 # the server runs its own batches (max_batch) on its own runtime (serve_runtime), with no feature cache
 SERVE_FIELDS = (
@@ -25,27 +22,13 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from imgclf.bundle import Bundle
-    from imgclf.config import Config
-    from imgclf.serving.app import create_app
+    from imgclf.serving.app import API_KEY_VARIABLE, create_app, serving_config
 
-    # Defaults < --config < flags, the key from $IMGCLF_API_KEY where neither gives one; of the training run's
-    # settings only flip_tta and max_image_pixels (device, threads, cache are the host's), so that the server
-    # scores and refuses as predict does (a tighter pixel limit chosen at training was dropped where untrusted
-    # images arrive).
-    serve = config_from_args(args).serve
-    ensure_port_free(serve.host, serve.port)  # before the model loads
+    # defaults < the training run's flip_tta and max_image_pixels < --config < flags; $IMGCLF_API_KEY
+    given = config_from_args(args)
+    ensure_port_free(given.serve.host, given.serve.port)  # before the model loads
     bundle = Bundle.load(args.run_dir)
-    run = {"flip_tta": bundle.flip_tta}
-    if isinstance(pixels := (bundle.config.get("data") or {}).get("max_image_pixels"), int):
-        run["max_image_pixels"] = pixels
-    cfg = config_from_args(args, Config().updated(**run))
-    if cfg.serve.api_key is None and (key := os.environ.get(API_KEY_VARIABLE)) is not None:
-        if not key.strip():
-            raise ValueError(
-                f"${API_KEY_VARIABLE} is set but empty (an unset variable?): give it a key, e.g. "
-                f"{API_KEY_VARIABLE}=$(openssl rand -hex 16), or unset it to serve without one"
-            )
-        cfg = cfg.updated(api_key=key)
+    cfg = serving_config(bundle, given)
     if cfg.serve.api_key is None and not is_loopback(cfg.serve.host):
         log.warning(
             "warning: serving on %s without an API key: anyone who can reach port %d can use the model; give "
@@ -54,7 +37,7 @@ def _serve(args: argparse.Namespace) -> int:
             cfg.serve.port,
             API_KEY_VARIABLE,
         )
-    app = create_app(bundle, cfg, flip_tta=cfg.features.flip_tta)
+    app = create_app(bundle, cfg)
     uvicorn.run(only_local_hosts(app, cfg.serve.host), host=cfg.serve.host, port=cfg.serve.port, log_level="info")
     return 0
 

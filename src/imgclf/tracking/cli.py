@@ -41,18 +41,24 @@ def _quick_http(command: Callable[[argparse.Namespace], int]) -> Callable[[argpa
     return quick
 
 
-def _check_outputs(args: argparse.Namespace) -> None:
-    """``--csv`` and ``--markdown`` checked before the work (:func:`check_output_file`)."""
+def _check_outputs(args: argparse.Namespace) -> bool:
+    """``--csv`` and ``--markdown`` checked before the work (:func:`check_output_file`); whether one of them
+    is ``-``, standard output, where the tables then give way (to standard error)."""
+    if args.csv == args.markdown == "-":
+        raise ValueError("--csv - and --markdown - both write to standard output: give one of them a file")
     for flag, path in (("--csv", args.csv), ("--markdown", args.markdown)):
-        if path:
+        if path and path != "-":
             check_output_file(Path(path), flag)
+    return "-" in (args.csv, args.markdown)
 
 
 def _write_outputs(args: argparse.Namespace, csv_text: str, markdown: str) -> None:
     for path, text in ((args.csv, csv_text), (args.markdown, markdown)):
-        if path:
+        if path == "-":
+            sys.stdout.write(text)
+        elif path:
             atomic_write_text(Path(path), text)
-            print(f"wrote {path}")
+            print(f"wrote {path}", file=sys.stderr)  # standard output holds the tables alone
 
 
 @_quick_http
@@ -64,14 +70,15 @@ def _list(args: argparse.Namespace) -> int:
     from imgclf.tracking.store import list_runs, store_exists, tracking_uri
 
     cfg = config_from_args(args).tracking
-    _check_outputs(args)
+    piped = _check_outputs(args)
     runs = list_runs(cfg, args.limit)
     if not runs:
         nothing = (
             "no run store there yet: nothing recorded (a mistyped --tracking-uri?)" if not store_exists(cfg) else ""
         )
         print(
-            f"no runs recorded in {tracking_uri(cfg)} (experiment {cfg.experiment!r}){'; ' + nothing if nothing else ''}"
+            f"no runs recorded in {tracking_uri(cfg)} (experiment {cfg.experiment!r}){'; ' + nothing if nothing else ''}",
+            file=sys.stderr if piped else sys.stdout,
         )
         return 0
     table = Table(title=f"Latest runs in {escape(tracking_uri(cfg))}")
@@ -83,7 +90,7 @@ def _list(args: argparse.Namespace) -> int:
         shown = {**run, "status": "" if run["status"] == "FINISHED" else run["status"]}  # the unusual one stands out
         cells = [escape(list_cell(v)) for v in shown.values()]
         table.add_row(run["id"][:ID_SHOWN], *cells[1:], style=None if run["status"] == "FINISHED" else "yellow")
-    console().print(table)
+    console(stderr=piped).print(table)
     _write_outputs(args, table_csv(runs), table_markdown(runs))
     return 0
 
@@ -110,10 +117,10 @@ def _compare(args: argparse.Namespace) -> int:
     if len(args.runs) < 2:
         raise ValueError("runs compare needs at least two runs")
     cfg = config_from_args(args).tracking
-    _check_outputs(args)
+    piped = _check_outputs(args)
     records = load_runs(args.runs, cfg)
     labels = [r.label for r in records]
-    out = console()
+    out = console(stderr=piped)
     described = runs_table(records)
     runs = Table(title="runs")
     for col in described[0]:
@@ -250,5 +257,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _output_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--csv", type=user_path, metavar="FILE", help="Also write the table(s) to this CSV file.")
-    p.add_argument("--markdown", type=user_path, metavar="FILE", help="Also write the table(s) to this Markdown file.")
+    also = "; - writes it to standard output, the tables to standard error"
+    p.add_argument("--csv", type=user_path, metavar="FILE", help=f"Also write the table(s) to this CSV file{also}.")
+    p.add_argument(
+        "--markdown", type=user_path, metavar="FILE", help=f"Also write the table(s) to this Markdown file{also}."
+    )
