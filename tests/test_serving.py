@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import logging
@@ -372,6 +373,11 @@ BAD_REQUESTS = {
     "bad_base64": ({"json": {"images": ["not base64 at all!"]}}, 400, "bad_base64"),
     "no_images": ({"json": {"images": []}}, 400, "no_images"),
     "multipart_without_file": ({"data": {"note": "hello"}, "files": {"other": ("x.txt", b"x")}}, 400, "bad_multipart"),
+    "multipart_unended": (  # the parser took the part that never ends for no part: "no_images"
+        {"content": b"--x\r\nfoo", "headers": {"content-type": "multipart/form-data; boundary=x"}},
+        400,
+        "bad_multipart",
+    ),
     "unsupported_content_type": (
         {"content": b"hello", "headers": {"content-type": "text/plain"}},
         415,
@@ -860,3 +866,73 @@ def test_a_run_trained_with_flip_tta_is_served_and_exported_with_it(
     x = torch.from_numpy(load_for_model(tmp_path / "a.jpg", bundle.preprocess)[None].copy())
     with torch.inference_mode():
         assert np.abs(module(x).numpy()[0] - expected.scores).max() <= 1e-3
+
+
+@contextlib.contextmanager
+def _plain_server(protocol: type[asyncio.Protocol]) -> Iterator[int]:
+    """A uvicorn server of a one-route app on ``protocol``, in a thread; yields its port."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    app = Starlette(routes=[Route("/", lambda _: PlainTextResponse("ok"))])
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", http=protocol))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive()
+        time.sleep(0.05)
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def _closed_within(conn: socket.socket, seconds: float) -> bool:
+    conn.settimeout(seconds)
+    try:
+        return conn.recv(100) == b""
+    except TimeoutError:
+        return False
+
+
+def test_connections_whose_headers_never_end_are_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One client holding connections that never finish their headers (or send nothing) kept them for ever:
+    20,000 of them reached the file limit and shut everyone out. Headers now have the request timeout, and
+    the connections open at once stay below the file limit."""
+    from imgclf.serving import security
+
+    with _plain_server(security.http_protocol(0.5)) as port:
+        stalled, silent = socket.create_connection(("127.0.0.1", port)), socket.create_connection(("127.0.0.1", port))
+        stalled.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and never the blank line
+        assert _closed_within(stalled, 5) and _closed_within(silent, 5)
+        with socket.create_connection(("127.0.0.1", port)) as ok:  # a whole request is answered, twice
+            for _ in range(2):
+                ok.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                answer = b""
+                while not answer.endswith(b"\r\n\r\nok"):
+                    answer += ok.recv(1000)
+                assert answer.startswith(b"HTTP/1.1 200")
+    monkeypatch.setattr(security.resource, "getrlimit", lambda _: (300, 300))  # room for 64 connections
+    with _plain_server(security.http_protocol(30)) as port:
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(80)]
+        time.sleep(1)
+        closed = sum(_closed_within(c, 0.01) for c in held)
+        assert 10 <= closed <= 16, closed  # those over 64 (the server counts its own connections as they come)
+        for c in held:
+            c.close()
+
+
+def test_a_refused_body_size_is_not_rounded_below_the_limit() -> None:
+    """`--max-upload-mb 0.01`: "request body of 0.0 MB exceeds the limit of 0.01 MB"."""
+    from starlette.requests import Request
+
+    from imgclf.serving.inputs import ApiError, read_body
+
+    scope = {"type": "http", "method": "POST", "headers": [(b"content-length", b"12000")]}
+    with pytest.raises(ApiError, match=r"request body of 0\.012 MB exceeds the limit of 0\.01 MB"):
+        asyncio.run(read_body(Request(scope), 10_000, 5.0))

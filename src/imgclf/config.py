@@ -254,7 +254,7 @@ class ServeConfig(_Section):
         30.0,
         gt=0,
         description="A request not answered in this many seconds gets 503 (busy; its images are dropped), one whose "
-        "body has not arrived in them 408.",
+        "body has not arrived in them 408; a connection whose request headers have not is closed.",
     )
 
     @field_validator("api_key")

@@ -257,6 +257,7 @@ class OpenVINORuntime:
         core = ov.Core()
         model = _read_kept(core, model_dir) if model_dir is not None else None
         if model is None:
+            _converting("OpenVINO", model_dir)
             model = convert_openvino(net(), resolution)
             if model_dir is not None:
                 _keep(model, model_dir)
@@ -273,6 +274,12 @@ class OpenVINORuntime:
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         self.request.infer([np.ascontiguousarray(batch)])
         return np.array(self.request.get_output_tensor(0).data, dtype=np.float32)
+
+
+def _converting(runtime: str, model_dir: Path | None) -> None:
+    """Say what the seconds of silence before the first image are spent on."""
+    kept = f"once: kept in {model_dir}" if model_dir is not None else "not kept: no cache folder"
+    log.info("converting the network for %s (%s)", runtime, kept)
 
 
 def _onnx_kept(path: Path) -> bool:
@@ -297,6 +304,8 @@ class OnnxRuntime:
         import onnxruntime as ort
 
         path = model_dir / "model.onnx" if model_dir is not None else None
+        if path is None or not _onnx_kept(path):
+            _converting("ONNX Runtime", model_dir)
         if path is None:
             import tempfile
 

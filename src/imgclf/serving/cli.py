@@ -23,6 +23,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from imgclf.bundle import Bundle
     from imgclf.serving.app import API_KEY_VARIABLE, create_app, serving_config
+    from imgclf.serving.security import http_protocol
 
     # defaults < the training run's flip_tta and max_image_pixels < --config < flags; $IMGCLF_API_KEY
     given = config_from_args(args)
@@ -38,7 +39,13 @@ def _serve(args: argparse.Namespace) -> int:
             API_KEY_VARIABLE,
         )
     app = create_app(bundle, cfg)
-    uvicorn.run(only_local_hosts(app, cfg.serve.host), host=cfg.serve.host, port=cfg.serve.port, log_level="info")
+    uvicorn.run(
+        only_local_hosts(app, cfg.serve.host),
+        host=cfg.serve.host,
+        port=cfg.serve.port,
+        log_level="info",
+        http=http_protocol(cfg.serve.request_timeout_s),
+    )
     return 0
 
 

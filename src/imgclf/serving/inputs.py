@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from python_multipart.multipart import parse_options_header
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
@@ -54,7 +55,7 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes
             raise ApiError(
                 413,
                 "body_too_large",
-                f"request body of {int(length) / 1e6:.1f} MB exceeds the limit of {limit_mb:g} MB",
+                f"request body of {int(length) / 1e6:.3g} MB exceeds the limit of {limit_mb:g} MB",
             )
     chunks, size = [], 0
     try:
@@ -83,6 +84,9 @@ async def _once(body: bytes) -> AsyncIterator[bytes]:
 
 async def parse_multipart(request: Request, body: bytes) -> list[ImageInput]:
     """Files of the ``file`` / ``files`` fields of a multipart/form-data body."""
+    boundary = parse_options_header(request.headers.get("content-type", ""))[1].get(b"boundary")
+    if boundary and b"--" + boundary + b"--" not in body:  # the parser takes an unended part for no part
+        raise ApiError(400, "bad_multipart", "malformed multipart body: it ends before its closing boundary")
     try:
         form = await MultiPartParser(request.headers, _once(body)).parse()
     except MultiPartException as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from hmac import compare_digest
 from urllib.parse import urlencode, urlsplit
 
@@ -9,6 +10,11 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None  # type: ignore[assignment]
 
 # no page of another site may show ours in a frame (clickjacking); no response is read as another type
 SECURITY_HEADERS = {
@@ -116,3 +122,41 @@ class TokenRequired:
             await JSONResponse({"detail": detail}, status_code=401)(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+
+def http_protocol(header_timeout_s: float) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP/1.1 protocol (h11, whatever else is installed) with two limits uvicorn lacks: a request's
+    headers must arrive within ``header_timeout_s`` (the body's deadline is the app's), and the connections
+    open at once stay below the process's file limit. One client holding connections whose headers never
+    end shut the server out: 20,000 of them reached the limit, every accept then failed (and logged).
+    """
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE) if resource is not None else (4096, None)
+    most = max(64, (soft if soft != getattr(resource, "RLIM_INFINITY", -1) else 65536) - 256)  # room for files
+
+    class HeadersInTime(H11Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)  # type: ignore[arg-type]
+            if len(self.connections) > most:  # closed at once: the descriptor is free again
+                transport.close()
+                return
+            self._headers_due = self.loop.call_later(header_timeout_s, self._headers_late)
+
+        def _headers_late(self) -> None:
+            waiting = self.conn.their_state is h11.IDLE and (self.cycle is None or self.cycle.response_complete)
+            if waiting and not self.transport.is_closing():
+                self.transport.close()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._headers_due.cancel()  # the next request's headers have their own time (after keep-alive's)
+            self._headers_due = self.loop.call_later(header_timeout_s, self._headers_late)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if hasattr(self, "_headers_due"):
+                self._headers_due.cancel()
+            super().connection_lost(exc)
+
+    return HeadersInTime

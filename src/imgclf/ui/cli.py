@@ -10,6 +10,8 @@ from pathlib import Path
 from imgclf.cli import add_config_args, host_name, port_number, user_path
 from imgclf.utils import ensure_port_free, only_local_hosts
 
+HEADER_TIMEOUT_S = 30.0  # a request's headers arrive within this, or its connection is closed
+
 # the analysis fits the linear SVM head whatever a run's classifier: only its settings are offered
 UI_SECTIONS = (
     *("backbone", "features", "data.max_image_pixels"),
@@ -23,6 +25,7 @@ def _ui(args: argparse.Namespace) -> int:
     from imgclf.backbones import BackboneError
     from imgclf.bundle import Bundle
     from imgclf.config import AUTO_BACKBONE, Config
+    from imgclf.serving.security import http_protocol
     from imgclf.ui.app import create_app
 
     ensure_port_free(args.host, args.port)
@@ -56,7 +59,13 @@ def _ui(args: argparse.Namespace) -> int:
     )
     host = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address in a URL
     print(f"imgclf review app: http://{host}:{args.port}/?token={token}")
-    uvicorn.run(only_local_hosts(app, args.host), host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(
+        only_local_hosts(app, args.host),
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        http=http_protocol(HEADER_TIMEOUT_S),
+    )
     return 0
 
 
