@@ -861,6 +861,8 @@ def test_cli_errors_are_messages(tmp_path, capsys, monkeypatch):
     assert main(["download", str(tmp_path / "urls.tsv"), "--out", str(tmp_path / "a_file" / "data")]) == 2
     assert "cannot make the data folder" in capsys.readouterr().err
     assert (tmp_path / "a_file").read_text() == "not a folder"
+    from helpers import make_bundle
+
     make_bundle(tmp_path / "a_run")
     assert main(["predict", str(tmp_path / "a_run"), str(tmp_path / "x.jpg"), "--top-k", "0"]) == 2
     assert "serve.top_k = 0 (--top-k): Input should be greater than or equal to 1" in capsys.readouterr().err
