@@ -427,3 +427,29 @@ def test_help_shows_the_defaults_each_command_uses(capsys: pytest.CaptureFixture
     assert default(help_of("demo"), "--out") == '"runs/demo"'
     assert default(help_of("train"), "--out") == '"runs/latest"'
     assert default(help_of("train"), "--flip-tta") == "false"
+
+
+def test_a_mistyped_command_or_choice_gets_the_one_meant(capsys: pytest.CaptureFixture[str]):
+    """argparse listed every choice and left the reader to spot the typo."""
+    for argv, meant in (
+        (["trian", "data"], "(did you mean 'train'?)"),
+        (["runs", "lsit"], "(did you mean 'list'?)"),
+        (["train", "data", "--classifier", "svn"], "(did you mean 'svm'?)"),
+    ):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert capsys.readouterr().err.rstrip().endswith(meant)
+    with pytest.raises(SystemExit):
+        main(["xyzzy"])
+    assert "did you mean" not in capsys.readouterr().err
+
+
+def test_a_file_named_like_a_flag_gets_a_hint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+):
+    """`predict run a.jpg -x.jpg`: "unrecognized arguments: -x.jpg", with no word of ./-x.jpg or --."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "-x.jpg").write_bytes(b"")
+    with pytest.raises(SystemExit):
+        main(["predict", "run", "a.jpg", "-x.jpg"])
+    assert "(-x.jpg is a file here: give it as ./-x.jpg, or after --)" in capsys.readouterr().err

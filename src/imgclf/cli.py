@@ -9,6 +9,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import shlex
 import signal
 import sys
@@ -17,7 +18,7 @@ import traceback
 import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 from imgclf.config import MACHINE_FIELDS, Config, describe_errors, parameter_table
 
@@ -195,6 +196,14 @@ class _Parser(argparse.ArgumentParser):
         tuples = super()._get_option_tuples(option_string)  # type: ignore[misc]
         return [t for i, t in enumerate(tuples) if all(t[0] is not u[0] for u in tuples[:i])]
 
+    def error(self, message: str) -> NoReturn:
+        """argparse's error, with the choice meant where one is close (``imgclf trian``, ``--classifier svn``)."""
+        if wrong := re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)$", message):
+            choices = re.findall(r"'([^']*)'", wrong.group(2))
+            if close := difflib.get_close_matches(wrong.group(1), choices, n=1, cutoff=0.6):
+                message += f" (did you mean {close[0]!r}?)"
+        super().error(message)
+
 
 def build_parser() -> argparse.ArgumentParser:
     from imgclf import __version__
@@ -234,6 +243,8 @@ def _flag_hint(parser: argparse.ArgumentParser, command: argparse.ArgumentParser
     flag = given.split("=")[0]
     if not flag.startswith("-"):
         return ""
+    if os.path.lexists(given):  # a file whose name starts with -
+        return f" ({given} is a file here: give it as ./{given}, or after --)"
     if flag in ("-v", "--verbose"):
         return f" ({flag} goes before the command: imgclf {flag} {command.prog.split(maxsplit=1)[-1]} ...)"
     flags = [f for action in command._actions for f in action.option_strings]

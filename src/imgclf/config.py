@@ -253,8 +253,8 @@ class ServeConfig(_Section):
     request_timeout_s: float = Field(
         30.0,
         gt=0,
-        description="A request not answered in this many seconds gets 503 (busy; its images are dropped), one whose "
-        "body has not arrived in them 408; a connection whose request headers have not is closed.",
+        description="Seconds to answer a request (else 503, busy) and for its body to arrive (else 408) or its "
+        "headers (else closed).",
     )
 
     @field_validator("api_key")
