@@ -10,6 +10,7 @@ from helpers import make_folder
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ["HF_HUB_OFFLINE"] = "1"  # no test touches the network
+os.environ.pop("IMGCLF_API_KEY", None)  # a developer's key would lock the servers the tests start
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -730,6 +730,14 @@ def test_predict_names_a_named_pipe_and_goes_on(run, tmp_path):
     lines = proc.stdout.splitlines()
     assert proc.returncode == 1 and lines[0] == f"{fifo}\tERROR\t{NOT_A_PLAIN_FILE}", (proc.stdout, proc.stderr)
     assert lines[1].startswith(str(data / "squares" / "squares_00.jpg"))
+    image = data / "squares" / "squares_00.jpg"  # a pipe the shell hands over has its writer: read
+    piped = subprocess.run(
+        [sys.executable, "-m", "imgclf", "predict", str(result.run_dir), "/dev/stdin", "--no-progress"],
+        input=image.read_bytes(),
+        capture_output=True,
+        timeout=120,
+    )
+    assert piped.returncode == 0 and piped.stdout.startswith(b"/dev/stdin\t"), (piped.stdout, piped.stderr)
 
 
 SIGTERM_PROBE = """

@@ -125,13 +125,27 @@ def _file_size(path: Path) -> int:
         st = path.stat()
     except OSError as e:
         raise ImageError(unreadable_reason(path, e)) from e
-    if not stat.S_ISREG(st.st_mode):
-        raise ImageError(NOT_A_PLAIN_FILE)
+    if why := not_a_plain_file(path, st):
+        raise ImageError(why)
     return st.st_size
 
 
+def not_a_plain_file(path: Path, st: os.stat_result) -> str | None:
+    """Why ``path`` (whose stat is ``st``) is not read as an image file: a named pipe (opening it waits, for
+    ever, for a writer), a device or a socket; None for a plain file, or a pipe the shell hands over
+    (``/dev/stdin``, ``<(...)``), which has its writer."""
+    if stat.S_ISREG(st.st_mode):
+        return None
+    if stat.S_ISFIFO(st.st_mode) and str(path).startswith(HANDED_OVER):
+        return None
+    return NOT_A_PLAIN_FILE
+
+
 NOT_AN_IMAGE = "not an image (nor named as one): not used"
-NOT_A_PLAIN_FILE = "not a plain file (a named pipe, device or socket): not read; give an image file"
+NOT_A_PLAIN_FILE = (
+    "not a plain file (a named pipe, device or socket): not read; give an image file (or pipe one to /dev/stdin)"
+)
+HANDED_OVER = ("/dev/stdin", "/dev/fd/", "/proc/self/fd/")  # the pipes a shell hands over
 
 
 def _unreadable(path: Path | BinaryIO, e: Exception) -> ImageError:

@@ -6,7 +6,6 @@ import hashlib
 import json
 import logging
 import os
-import stat
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,10 +18,10 @@ from imgclf.backbones import Backbone, create_backbone
 from imgclf.config import Config
 from imgclf.data.io import (
     DECODE_VERSION,
-    NOT_A_PLAIN_FILE,
     ImageError,
     Preprocess,
     load_for_model,
+    not_a_plain_file,
     unreadable_reason,
 )
 from imgclf.features.runtimes import Runtime, create_runtime, device_type, resolve_precision, resolve_runtime
@@ -254,8 +253,8 @@ class FeatureExtractor:
 
 def _digest(path: Path) -> str:
     try:
-        if not stat.S_ISREG(path.stat().st_mode):  # opening a named pipe waits, for ever, for a writer
-            return f"!{NOT_A_PLAIN_FILE}"
+        if why := not_a_plain_file(path, path.stat()):
+            return f"!{why}"
         return file_sha256(path)
     except OSError as e:
         return f"!{unreadable_reason(path, e)}"

@@ -55,7 +55,7 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes
             raise ApiError(
                 413,
                 "body_too_large",
-                f"request body of {int(length) / 1e6:.3g} MB exceeds the limit of {limit_mb:g} MB",
+                f"request body of {int(length):,} bytes exceeds the limit of {limit_mb:g} MB ({max_bytes:,} bytes)",
             )
     chunks, size = [], 0
     try:

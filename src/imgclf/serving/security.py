@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import math
+import time
 from hmac import compare_digest
 from urllib.parse import urlencode, urlsplit
 
@@ -10,6 +14,8 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+log = logging.getLogger("imgclf")
 
 try:
     import resource
@@ -124,6 +130,22 @@ class TokenRequired:
         await self.app(scope, receive, send)
 
 
+def _connection_limit() -> int:
+    """The connections a server holds open at once: its open-files limit (raised to the hard limit where it
+    may be: the soft one is 256 on macOS, 1024 on most Linux), less room for its own files."""
+    if resource is None:  # Windows
+        return 4096
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    infinite = resource.RLIM_INFINITY
+    want = 65536 if hard == infinite else min(hard, 65536)
+    if soft != infinite and soft < want:
+        with contextlib.suppress(ValueError, OSError):  # macOS refuses more than its kernel's own limit
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+    soft = 65536 if soft == infinite else soft
+    return max(16, soft - min(256, soft // 4))
+
+
 def http_protocol(header_timeout_s: float) -> type[asyncio.Protocol]:
     """uvicorn's HTTP/1.1 protocol (h11, whatever else is installed) with two limits uvicorn lacks: a request's
     headers must arrive within ``header_timeout_s`` (the body's deadline is the app's), and the connections
@@ -133,14 +155,21 @@ def http_protocol(header_timeout_s: float) -> type[asyncio.Protocol]:
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE) if resource is not None else (4096, None)
-    most = max(64, (soft if soft != getattr(resource, "RLIM_INFINITY", -1) else 65536) - 256)  # room for files
+    most = _connection_limit()
+    said = [-math.inf]  # when the refusals were last logged
 
     class HeadersInTime(H11Protocol):
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)  # type: ignore[arg-type]
             if len(self.connections) > most:  # closed at once: the descriptor is free again
                 transport.close()
+                if time.monotonic() - said[0] > 60:
+                    said[0] = time.monotonic()
+                    log.warning(
+                        "warning: %d connections open at once, the most this server holds (its open-files limit): "
+                        "new ones are closed unanswered until some end",
+                        most,
+                    )
                 return
             self._headers_due = self.loop.call_later(header_timeout_s, self._headers_late)
 
