@@ -192,7 +192,13 @@ def test_parity_failure_exits_non_zero_and_writes_nothing(
     )
     assert code != 0
     assert "parity check failed" in capsys.readouterr().err
-    assert list(out.parent.iterdir()) == []  # neither the model, nor the sidecar, nor scratch files
+    assert not out.parent.exists()  # neither the model, nor the sidecar, nor scratch files, nor the folder made
+    out.parent.mkdir()
+    (out.parent / "notes.txt").write_text("mine")  # a folder that was there stays, with what it held
+    assert main(
+        ["export", str(run_dir), "--format", "torchscript", "--out", str(out), "--check-images", str(check_dir)]
+    )
+    assert [p.name for p in out.parent.iterdir()] == ["notes.txt"]
 
 
 def test_a_full_disk_is_a_message_naming_the_file_and_leaves_nothing(
@@ -220,7 +226,7 @@ def test_a_full_disk_is_a_message_naming_the_file_and_leaves_nothing(
         m.setattr(os, "fdopen", full_write)
         assert main(["export", str(run_dir), "--format", "torchscript", "--out", str(out), *args]) == 2
     assert f"No space left on device: {out} (free space there, or give another --out)" in capsys.readouterr().err
-    assert list(out.parent.iterdir()) == []
+    assert not out.parent.exists()  # nor the folder the export made
 
     def cut_short(model: object, path: str, **kwargs: object) -> None:
         Path(path).write_text("<?xml")
@@ -233,7 +239,7 @@ def test_a_full_disk_is_a_message_naming_the_file_and_leaves_nothing(
         monkeypatch.setattr(shutil, "disk_usage", lambda path, free=free: SimpleNamespace(free=free))
         assert main(["export", str(run_dir), "--format", "openvino", "--out", str(out), *args]) == 2
         assert f"imgclf: error: {said}" in (err := capsys.readouterr().err) and f": {out} (" in err
-        assert list(out.parent.iterdir()) == []
+        assert not out.parent.exists()
 
 
 def test_unsupported_requests_are_refused(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -309,7 +315,7 @@ def test_an_export_stopped_by_sigterm_leaves_no_scratch_folder(run_dir: Path, tm
     # when a plain KeyboardInterrupt was noted as unhandled (test_sigterm_ends_a_command_with_status_130 covers
     # the one way found); where it came from in that run is not known
     assert proc.returncode in (130, -signal.SIGINT) and "interrupted" in err, (proc.returncode, err)
-    assert list(out.parent.iterdir()) == []
+    assert not out.parent.exists()  # nor the folder it made
 
 
 @pytest.mark.slow

@@ -35,7 +35,7 @@ from imgclf.features.runtimes import convert_openvino, export_onnx
 from imgclf.utils import (
     atomic_write_bytes,
     atomic_write_text,
-    make_folder,
+    folder_for,
     quiet_torch_jit,
     scratch_named_as,
     write_failure,
@@ -411,36 +411,38 @@ def export_model(
     if precision == "int8":  # calibrate on training images where the run has them
         train = load_images(split_paths(bundle, run_dir, "train"), bundle, 300)
         calibration = np.stack(train) if train else images
-    make_folder(out.parent, "folder", "--out")
-    try:
-        scratch = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    except OSError as e:  # name the file asked for, not the scratch folder
-        raise OSError(e.errno, e.strerror, str(out)) from e
-    try:
-        net = bundle.classifier_net(bundle.flip_tta)  # scores as predict does: mirror averaging where trained so
-        res = bundle.preprocess.resolution
-        with scratch_named_as(scratch, out.parent):  # a failure names the file asked for, not the scratch one
-            files = _write_model(net, res, fmt, precision, scratch / out.name, calibration)
-        parity = compare(
-            torch_probabilities(net, images),
-            run_exported(scratch / out.name, fmt, precision, images),
-            precision,
-            source,
-        )
-        if not parity.passed:
-            raise ExportError(
-                f"parity check failed: the {fmt} {precision} model differs from the PyTorch bundle on "
-                f"{parity.n_images} images ({source}): max |p - p_torch| = {parity.max_abs_diff:.2e}, "
-                f"top-1 agreement {parity.top1_agreement:.1%}; needed: {parity.criterion}. Nothing written."
-                + _int8_advice(fmt, precision, parity)
+    with folder_for(out.parent, "folder", "--out"):
+        try:
+            scratch = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+        except OSError as e:  # name the file asked for, not the scratch folder
+            raise OSError(e.errno, e.strerror, str(out)) from e
+        try:
+            net = bundle.classifier_net(bundle.flip_tta)  # scores as predict does: mirror averaging where trained so
+            res = bundle.preprocess.resolution
+            with scratch_named_as(scratch, out.parent):  # a failure names the file asked for, not the scratch one
+                files = _write_model(net, res, fmt, precision, scratch / out.name, calibration)
+            parity = compare(
+                torch_probabilities(net, images),
+                run_exported(scratch / out.name, fmt, precision, images),
+                precision,
+                source,
             )
-        final = [out.parent / f.name for f in files]
-        side = out.with_suffix(".json")
-        with scratch_named_as(scratch, out.parent):  # written before any file is replaced, as the model was
-            atomic_write_text(scratch / side.name, json.dumps(sidecar(bundle, fmt, precision, final, parity), indent=2))
-        for f in (*files, scratch / side.name):
-            os.chmod(f, 0o644)  # scratch files are private (0600); exported models are meant to be shared
-            os.replace(f, out.parent / f.name)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+            if not parity.passed:
+                raise ExportError(
+                    f"parity check failed: the {fmt} {precision} model differs from the PyTorch bundle on "
+                    f"{parity.n_images} images ({source}): max |p - p_torch| = {parity.max_abs_diff:.2e}, "
+                    f"top-1 agreement {parity.top1_agreement:.1%}; needed: {parity.criterion}. Nothing written."
+                    + _int8_advice(fmt, precision, parity)
+                )
+            final = [out.parent / f.name for f in files]
+            side = out.with_suffix(".json")
+            with scratch_named_as(scratch, out.parent):  # written before any file is replaced, as the model was
+                atomic_write_text(
+                    scratch / side.name, json.dumps(sidecar(bundle, fmt, precision, final, parity), indent=2)
+                )
+            for f in (*files, scratch / side.name):
+                os.chmod(f, 0o644)  # scratch files are private (0600); exported models are meant to be shared
+                os.replace(f, out.parent / f.name)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     return ExportResult(final, side, parity)

@@ -76,6 +76,24 @@ def make_folder(path: Path, what: str, flag: str) -> None:
         raise NotADirectoryError(f"cannot make the {what} {path}: a file is in the way; give another {flag}") from e
 
 
+@contextlib.contextmanager
+def folder_for(path: Path, what: str, flag: str) -> Iterator[None]:
+    """:func:`make_folder` for the block; where the block fails, the folders it made go again if empty (a
+    refused export into a new ``--out models/`` left an empty ``models``)."""
+    made = Path(os.path.abspath(path))  # ".." resolved, as mkdir resolves it
+    fresh = next((f for f in (*reversed(made.parents), made) if not f.exists()), None)
+    make_folder(path, what, flag)
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(OSError):  # one not empty ends it
+            for folder in (made, *made.parents) if fresh is not None else ():
+                folder.rmdir()
+                if folder == fresh:
+                    break
+        raise
+
+
 def atomic_write_files(files: Mapping[Path, bytes], durable: bool = True, parents: bool = True) -> None:
     """Write ``files`` (path -> content) as one unit: every content goes to a temporary file beside its path
     first, and only then do they replace their files, so that a failed write (a full disk) changes none of
