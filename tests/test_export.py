@@ -399,15 +399,20 @@ def test_int8_uses_full_bias_correction_and_shows_nncfs_bars_only_on_a_terminal(
     from imgclf.export import _quantize
 
     calls: list[dict] = []
+    streams: list[list[object]] = []
 
     def quantize(model: str, data: object, **kwargs: object) -> str:
         calls.append(kwargs)
         logging.getLogger("torch.utils.cpp_extension").warning("No CUDA runtime is found, using CUDA_HOME='/usr'")
+        nncf_log = logging.getLogger("nncf")  # its own handler wrote to standard output
+        streams.append([h.stream for h in nncf_log.handlers if isinstance(h, logging.StreamHandler)])
+        nncf_log.info("Collecting statistics")
         for _ in track(range(3), description="Statistics collection"):
             pass
         return f"int8 {model}"
 
     monkeypatch.setattr(nncf, "quantize", quantize)
+    nncf_level = logging.getLogger("nncf").level  # as NNCF's import set it
     console = rich.get_console()
     before = console.quiet, console.stderr
     for tty in (False, True):
@@ -416,6 +421,8 @@ def test_int8_uses_full_bias_correction_and_shows_nncfs_bars_only_on_a_terminal(
             assert _quantize("model", np.zeros((5, 8, 8, 3), np.uint8), "image") == "int8 model"
         out, err = capsys.readouterr()
         assert out == "" and ("Statistics collection" in err) == tty, (tty, out, err)
+        assert ("Collecting statistics" in err) == tty and logging.getLogger("nncf").level == nncf_level
+        assert streams[-1] and all(stream is sys.stderr for stream in streams[-1])
         assert "No CUDA runtime" not in caplog.text
         assert (console.quiet, console.stderr) == before  # rich's console as it was
         assert logging.getLogger("torch.utils.cpp_extension").level == logging.NOTSET

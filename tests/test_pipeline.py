@@ -722,6 +722,7 @@ def test_predict_names_a_named_pipe_and_goes_on(run, tmp_path):
             str(result.run_dir),
             str(fifo),
             str(data / "squares" / "squares_00.jpg"),
+            f"/dev/fd/../../..{fifo}",  # the same pipe by a path that only starts as a handed-over one does
         ],
         capture_output=True,
         text=True,
@@ -730,6 +731,7 @@ def test_predict_names_a_named_pipe_and_goes_on(run, tmp_path):
     lines = proc.stdout.splitlines()
     assert proc.returncode == 1 and lines[0] == f"{fifo}\tERROR\t{NOT_A_PLAIN_FILE}", (proc.stdout, proc.stderr)
     assert lines[1].startswith(str(data / "squares" / "squares_00.jpg"))
+    assert lines[2] == f"/dev/fd/../../..{fifo}\tERROR\t{NOT_A_PLAIN_FILE}"
     image = data / "squares" / "squares_00.jpg"  # a pipe the shell hands over has its writer: read
     piped = subprocess.run(
         [sys.executable, "-m", "imgclf", "predict", str(result.run_dir), "/dev/stdin", "--no-progress"],

@@ -215,24 +215,42 @@ def _int8_advice(fmt: str, precision: str, parity: ParityReport) -> str:
 
 
 @contextlib.contextmanager
-def _nncf_output(show: bool) -> Iterator[None]:
-    """NNCF's progress bars on standard error where ``show`` (imgclf's bars: on a terminal), else none: they went
-    to standard output, whose log kept their last frames. Torch's "No CUDA runtime is found, using CUDA_HOME=..."
-    (logged once, as NNCF imports torch's C++ extension builder) is not shown at all: an export runs on the CPU."""
+def _nncf(show: bool) -> Iterator[Any]:
+    """NNCF, imported, with its progress bars and log lines on standard error where ``show`` (imgclf's bars: on a
+    terminal), else neither: they went to standard output, whose log kept their last frames. Torch's "No CUDA
+    runtime is found, using CUDA_HOME=..." (logged as NNCF imports torch's C++ extension builder) is not shown
+    at all: an export runs on the CPU. Everything is put back afterwards."""
     import rich
 
+    torch_log = logging.getLogger("torch.utils.cpp_extension")
+    torch_level = torch_log.level
+    torch_log.setLevel(logging.ERROR)
     console = rich.get_console()  # the one NNCF's bars (rich.progress, console=None) draw on
-    loggers = [logging.getLogger("torch.utils.cpp_extension")] + ([] if show else [logging.getLogger("nncf")])
-    saved = console.quiet, console.stderr, [lg.level for lg in loggers]
+    quiet, on_stderr = console.quiet, console.stderr
     console.quiet, console.stderr = not show, True
-    for lg in loggers:
-        lg.setLevel(logging.ERROR if lg.name.startswith("torch") else logging.WARNING)
+    nncf_log = logging.getLogger("nncf")  # NNCF's import sets its level and a handler on standard output
     try:
-        yield
+        try:
+            import nncf
+        except ImportError as e:
+            raise ExportError(
+                "int8 export needs NNCF: pip install nncf (fp32, and bf16 for openvino, work without it)"
+            ) from e
+        level = nncf_log.level
+        handlers = [h for h in nncf_log.handlers if isinstance(h, logging.StreamHandler)]
+        streams = [h.stream for h in handlers]
+        for h in handlers:
+            h.stream = sys.stderr  # set, not setStream: that flushes the old one, perhaps closed by now
+        nncf_log.setLevel(level if show else logging.WARNING)
+        try:
+            yield nncf
+        finally:
+            nncf_log.setLevel(level)
+            for h, stream in zip(handlers, streams, strict=True):
+                h.stream = stream
     finally:
-        console.quiet, console.stderr = saved[0], saved[1]
-        for lg, level in zip(loggers, saved[2], strict=True):
-            lg.setLevel(level)
+        console.quiet, console.stderr = quiet, on_stderr
+        torch_log.setLevel(torch_level)
 
 
 def _quantize(model: Any, calibration: np.ndarray, input_name: str | None) -> Any:
@@ -246,13 +264,7 @@ def _quantize(model: Any, calibration: np.ndarray, input_name: str | None) -> An
     with VNNI: kept on. The mixed preset, a float head MatMul or first convolution did no better; float depthwise
     convolutions no better and as slow as fp32.
     """
-    with _nncf_output(sys.stderr.isatty()):
-        try:
-            import nncf
-        except ImportError as e:
-            raise ExportError(
-                "int8 export needs NNCF: pip install nncf (fp32, and bf16 for openvino, work without it)"
-            ) from e
+    with _nncf(sys.stderr.isatty()) as nncf:
         items = [calibration[i : i + 1] for i in range(len(calibration))]
         data = nncf.Dataset(items, (lambda x: {input_name: x}) if input_name else None)
         return nncf.quantize(model, data, subset_size=len(items), fast_bias_correction=False)

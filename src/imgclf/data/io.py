@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import re
 import stat
 import threading
 import traceback
@@ -136,7 +137,7 @@ def not_a_plain_file(path: Path, st: os.stat_result) -> str | None:
     (``/dev/stdin``, ``<(...)``), which has its writer."""
     if stat.S_ISREG(st.st_mode):
         return None
-    if stat.S_ISFIFO(st.st_mode) and str(path).startswith(HANDED_OVER):
+    if stat.S_ISFIFO(st.st_mode) and HANDED_OVER.fullmatch(str(path)):
         return None
     return NOT_A_PLAIN_FILE
 
@@ -145,7 +146,7 @@ NOT_AN_IMAGE = "not an image (nor named as one): not used"
 NOT_A_PLAIN_FILE = (
     "not a plain file (a named pipe, device or socket): not read; give an image file (or pipe one to /dev/stdin)"
 )
-HANDED_OVER = ("/dev/stdin", "/dev/fd/", "/proc/self/fd/")  # the pipes a shell hands over
+HANDED_OVER = re.compile(r"/dev/stdin|/dev/fd/\d+|/proc/self/fd/\d+")  # the pipes a shell hands over
 
 
 def _unreadable(path: Path | BinaryIO, e: Exception) -> ImageError:
