@@ -51,6 +51,8 @@ from imgclf.utils import (
     default_cache_dir,
     display_path,
     make_folder,
+    missing_from,
+    remove_made,
     run_folder_lock,
     temp_leftovers,
     torch_threads_kept,
@@ -350,8 +352,7 @@ def train(cfg: Config) -> RunResult:
             f"the run folder {run_dir} is inside the data folder {data_root}: its figures would be read as "
             "images of a class; give an --out outside it"
         )
-    made = Path(os.path.abspath(run_dir))  # ".." resolved: new/../b/run makes b/run, never removes b
-    fresh = next((f for f in (*reversed(made.parents), made) if not f.exists()), None)
+    made, fresh = missing_from(run_dir)
     make_folder(run_dir, "run folder", "--out")
     _check_run_folder(run_dir)
     started = time.time()
@@ -378,10 +379,7 @@ def _remove_if_empty(run_dir: Path, fresh: Path) -> None:
     with contextlib.suppress(OSError):
         if set(os.listdir(run_dir)) <= {RUN_LOCK}:
             (run_dir / RUN_LOCK).unlink(missing_ok=True)
-            for folder in (run_dir, *run_dir.parents):
-                folder.rmdir()  # an OSError where one is not empty ends it
-                if folder == fresh:
-                    break
+            remove_made(run_dir, fresh)
 
 
 @contextlib.contextmanager

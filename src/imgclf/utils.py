@@ -76,21 +76,32 @@ def make_folder(path: Path, what: str, flag: str) -> None:
         raise NotADirectoryError(f"cannot make the {what} {path}: a file is in the way; give another {flag}") from e
 
 
+def missing_from(path: Path) -> tuple[Path, Path | None]:
+    """``path`` with ".." resolved (new/../b/run makes b/run, never removes b), and the first folder on the way
+    to it that is not there yet (None where all are): what making it makes, for :func:`remove_made`."""
+    made = Path(os.path.abspath(path))
+    return made, next((f for f in (*reversed(made.parents), made) if not f.exists()), None)
+
+
+def remove_made(made: Path, fresh: Path | None) -> None:
+    """Remove ``made`` and the folders above it up to ``fresh`` (see :func:`missing_from`) while they are empty."""
+    with contextlib.suppress(OSError):  # one not empty ends it
+        for folder in (made, *made.parents) if fresh is not None else ():
+            folder.rmdir()
+            if folder == fresh:
+                break
+
+
 @contextlib.contextmanager
 def folder_for(path: Path, what: str, flag: str) -> Iterator[None]:
     """:func:`make_folder` for the block; where the block fails, the folders it made go again if empty (a
     refused export into a new ``--out models/`` left an empty ``models``)."""
-    made = Path(os.path.abspath(path))  # ".." resolved, as mkdir resolves it
-    fresh = next((f for f in (*reversed(made.parents), made) if not f.exists()), None)
+    made, fresh = missing_from(path)
     make_folder(path, what, flag)
     try:
         yield
     except BaseException:
-        with contextlib.suppress(OSError):  # one not empty ends it
-            for folder in (made, *made.parents) if fresh is not None else ():
-                folder.rmdir()
-                if folder == fresh:
-                    break
+        remove_made(made, fresh)
         raise
 
 

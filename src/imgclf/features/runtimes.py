@@ -304,15 +304,16 @@ class OnnxRuntime:
         import onnxruntime as ort
 
         path = model_dir / "model.onnx" if model_dir is not None else None
-        if path is None or not _onnx_kept(path):
+        if path is None or not _onnx_kept(path):  # checked once: it hashes the file, and warns where damaged
             _converting("ONNX Runtime", model_dir)
-        if path is None:
-            import tempfile
+            if path is None:
+                import tempfile
 
-            export_onnx(net(), resolution, path := Path(tempfile.mkdtemp(prefix="imgclf-onnx-")) / "model.onnx")
-        elif not _onnx_kept(path):
-            export_onnx(net(), resolution, path)
-            atomic_write_bytes(path.with_name("model.onnx.sha256"), file_sha256(path).encode(), durable=False)
+                path = Path(tempfile.mkdtemp(prefix="imgclf-onnx-")) / "model.onnx"
+                export_onnx(net(), resolution, path)
+            else:
+                export_onnx(net(), resolution, path)
+                atomic_write_bytes(path.with_name("model.onnx.sha256"), file_sha256(path).encode(), durable=False)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
