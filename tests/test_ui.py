@@ -408,3 +408,133 @@ def test_the_link_with_its_token_opens_the_app_in_a_browser(browser: object, tmp
         pg.click("a")  # a SameSite=Strict cookie was not sent after it: 401
         expect(pg.locator('#class-list button[data-label="a"]')).to_have_text("a (2)")
         context.close()
+
+
+FOCUSED = """(() => {
+  const a = document.activeElement;
+  if (a === document.body) return "BODY";
+  return a.id || a.getAttribute('aria-label') || a.textContent.trim() || a.tagName;
+})()"""
+
+
+def focused(pg: object) -> str:
+    """What has the keyboard focus: its id, else its accessible name (label or text), else its tag."""
+    return pg.evaluate(FOCUSED)  # type: ignore[attr-defined]
+
+
+def wait_focus(pg: object, name: str) -> None:
+    """Wait until the element named ``name`` (as :func:`focused` names it) has the focus."""
+    try:
+        pg.wait_for_function(f"n => {FOCUSED} === n", arg=name, timeout=5_000)  # type: ignore[attr-defined]
+    except sync_api.TimeoutError:
+        raise AssertionError(f"the focus is on {focused(pg)!r}, not on {name!r}") from None
+
+
+def test_the_zoom_is_a_dialog_for_the_keyboard(page: object, site: tuple[str, Path]) -> None:
+    """A thumbnail opens the zoom by keyboard; the focus moves into it and stays there (Tab cannot reach the
+    buttons behind it), its buttons move the zoomed image, and closing it gives the focus back."""
+    pg, (url, data), expect = page, site, sync_api.expect
+    before = sha_map(data)
+    opener = pg.locator('.card[data-path="circles/circles_01.jpg"] button.thumb')
+    opener.focus()
+    pg.keyboard.press("Enter")
+    expect(pg.locator("#zoom")).to_be_visible()
+    wait_focus(pg, "zoom-close")
+    names = []
+    for _ in range(4):  # two move buttons and Close, round again
+        pg.keyboard.press("Tab")
+        names.append(focused(pg))
+        assert pg.evaluate("document.querySelector('#zoom').contains(document.activeElement)"), names
+    pg.keyboard.press("Escape")
+    expect(pg.locator("#zoom")).to_be_hidden()
+    wait_focus(pg, "Zoom circles/circles_01.jpg")
+
+    pg.keyboard.press("Enter")
+    pg.locator('#zoom-labels button[data-label="squares"]').focus()
+    pg.keyboard.press("Enter")
+    expect(pg.locator("#zoom")).to_be_hidden()
+    expect(pg.locator("#browse-grid .card")).to_have_count(11)
+    assert moves(url) == [("circles/circles_01.jpg", "squares/circles_01.jpg")]
+    wait_focus(pg, "Zoom circles/circles_02.jpg")  # the card now in its place
+    httpx.post(url + "/api/undo", json={})
+    assert sha_map(data) == before
+
+
+def test_the_focus_stays_in_place_when_lists_are_drawn_anew(page: object, site: tuple[str, Path]) -> None:
+    """After a move, a class chosen or a confusion-matrix cell opened by keyboard, the focus is on the
+    equivalent button of the new page, not lost to the page's body."""
+    pg, (url, data), expect = page, site, sync_api.expect
+    before = sha_map(data)
+    pg.locator('.card[data-path="circles/circles_03.jpg"] button[data-label="stripes"]').focus()
+    pg.keyboard.press("Enter")
+    expect(pg.locator("#browse-grid .card")).to_have_count(11)
+    wait_focus(pg, "3 stripes: move circles/circles_04.jpg to stripes")
+    pg.locator('#class-list button[data-label="squares"]').focus()
+    pg.keyboard.press("Enter")
+    expect(pg.locator('#class-list button[data-label="squares"]')).to_have_attribute("aria-pressed", "true")
+    wait_focus(pg, "squares (12)")
+
+    pg.locator('#tabs button[data-tab="results"]').click()
+    cell = pg.locator('#confusion button[data-true="squares"][data-pred="squares"]')
+    n = int(cell.inner_text())
+    cell.focus()
+    pg.keyboard.press("Enter")
+    expect(pg.locator("#res-true")).to_have_value("squares")
+    expect(cell).to_have_attribute("aria-pressed", "true")
+    wait_focus(pg, f"{n} images of squares predicted squares")
+    expect(pg.locator("#results-grid .card .labels").first).to_contain_text("✓ right: squares → squares")
+    httpx.post(url + "/api/undo", json={})
+    assert sha_map(data) == before
+
+
+def test_the_highlight_follows_the_keyboard_focus(page: object, site: tuple[str, Path]) -> None:
+    """In the Unlabeled tab a digit labels the image whose button has the focus (the highlighted one), and the
+    arrow keys move the focus with the highlight."""
+    pg, (url, data), expect = page, site, sync_api.expect
+    before = sha_map(data)
+    pg.locator('#tabs button[data-tab="unlabeled"]').click()
+    queue = pg.locator("#unlabeled-grid .card")
+    expect(queue).to_have_count(4)
+    third = queue.nth(2)
+    path = third.get_attribute("data-path")
+    third.locator("button.thumb").focus()
+    expect(third).to_have_attribute("aria-current", "true")
+    pg.keyboard.press("1")  # 1 = circles
+    expect(queue).to_have_count(3)
+    assert moves(url) == [(path, f"circles/{Path(path).name}")]
+    pg.keyboard.press("ArrowLeft")
+    wait_focus(pg, f"Zoom {queue.nth(1).get_attribute('data-path')}")
+    expect(queue.nth(1)).to_have_attribute("aria-current", "true")
+    httpx.post(url + "/api/undo", json={})
+    assert sha_map(data) == before
+
+
+def test_a_stopped_server_is_named_and_errors_stay_until_closed(
+    browser: object, review_data: tuple[Path, Path, Config]
+) -> None:
+    data, run, cfg = review_data
+    expect = sync_api.expect
+    with Server(create_app(data, run, cfg, analyse_on_start=False)) as server, open_page(browser, server.url) as pg:
+        expect(pg.locator("#browse-grid .card")).to_have_count(12)
+        server.__exit__()
+        pg.locator('.card[data-path="circles/circles_05.jpg"] button[data-label="squares"]').click()
+        expect(pg.locator("#offline")).to_contain_text("the review server does not answer (stopped?)")
+        toast = pg.locator("#toast")
+        expect(toast).to_have_class("show error")
+        pg.wait_for_timeout(4_000)  # longer than news stays
+        expect(toast).to_have_class("show error")
+        toast.locator("button.close").click()
+        expect(toast).not_to_have_class("show error")
+    assert (data / "circles" / "circles_05.jpg").is_file()
+
+
+def test_the_zoom_fits_a_small_screen_with_many_classes(browser: object, tmp_path: Path) -> None:
+    """12 classes at 640 x 360 (200 % zoom on a laptop): the zoom's buttons and Close can be seen and used."""
+    classes = tuple(f"class_{c}" for c in "abcdefghijkl")
+    root = make_folder(tmp_path / "d", classes=classes, n=1)
+    with Server(create_app(root, analyse_on_start=False)) as server, open_page(browser, server.url, 640, 360) as pg:
+        pg.locator(".card img").first.click()
+        close = pg.locator("#zoom-close")
+        sync_api.expect(close).to_be_in_viewport(ratio=1)
+        close.click()
+        sync_api.expect(pg.locator("#zoom")).to_be_hidden()

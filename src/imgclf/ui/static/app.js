@@ -23,29 +23,43 @@ const el = (tag, attrs = {}, ...children) => {
 };
 const q = (params) => new URLSearchParams(Object.entries(params).filter(([, v]) => v !== "" && v !== null)).toString();
 
+// The server stopped (or the network is down): a banner says so until a request gets an answer again.
+class Unreachable extends Error {}
+const UNREACHABLE = "the review server does not answer (stopped?): start imgclf ui again, then reload this page";
+
 async function api(path, body) {
   const opts = body === undefined ? {} : { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) };
-  const r = await fetch(path, opts);
+  let r;
+  try { r = await fetch(path, opts); } catch (e) {
+    $("#offline").textContent = UNREACHABLE;
+    $("#offline").hidden = false;
+    throw new Unreachable(UNREACHABLE);
+  }
+  $("#offline").hidden = true;
   const data = await r.json().catch(() => ({}));
   if (!r.ok) throw new Error(typeof data.detail === "string" ? data.detail : `${r.status} ${r.statusText}`);
   return data;
 }
 
+// A message: news fades after 3.5 s; an error is an alert that stays until closed (×, Esc) or replaced.
 let toastTimer = null;
 function toast(msg, error = false) {
   const t = $("#toast");
-  t.textContent = msg;
-  t.className = "show" + (error ? " error" : "");
   clearTimeout(toastTimer);
-  toastTimer = setTimeout(() => { t.className = ""; }, 3500);
+  if (error) {
+    t.replaceChildren(el("span", { role: "alert" }, msg), el("button", { class: "close", "aria-label": "Close the message", onclick: hideToast }, "×"));
+  } else {
+    t.replaceChildren(msg);
+    toastTimer = setTimeout(hideToast, 3500);
+  }
+  t.className = "show" + (error ? " error" : "");
 }
+function hideToast() { $("#toast").className = ""; $("#toast").replaceChildren(); }
 
 // v: the server's version of the file (it changes when the file is replaced): in the URL, since a browser
 // shows the picture it already holds for a URL, whatever the cache headers say.
-const thumb = (path, v) => el("img", {
-  src: `/api/thumb?${q({ path, size: 256, v: v ?? "" })}`, loading: "lazy", alt: path,
-  onclick: () => zoom(path, v), onerror: (ev) => unshown(ev.target, path, v),
-});
+const thumb = (path, v) => el("button", { class: "thumb", "aria-label": `Zoom ${path}`, onclick: (ev) => zoom(path, v, ev.currentTarget) },
+  el("img", { src: `/api/thumb?${q({ path, size: 256, v: v ?? "" })}`, loading: "lazy", alt: path, onerror: (ev) => unshown(ev.target, path) }));
 
 // Why an image cannot be shown: the server's reason (a small thumbnail it fails to make), else the browser's.
 async function whyUnshown(path) {
@@ -57,8 +71,8 @@ async function whyUnshown(path) {
 }
 
 // A thumbnail that failed: a placeholder saying why, in its place (a click still opens the zoom and its buttons).
-function unshown(img, path, v) {
-  const box = el("div", { class: "unshown", onclick: () => zoom(path, v) }, "cannot show this image");
+function unshown(img, path) {
+  const box = el("span", { class: "unshown" }, "cannot show this image");
   img.replaceWith(box);
   whyUnshown(path).then((why) => { box.textContent = why; });
 }
@@ -73,11 +87,12 @@ function bars(scores, classes, trueLabel, predLabel) {
   return box;
 }
 
-function moveButtons(path, current, suggested) {
+function moveButtons(path, current, suggested, before = null) {
   const box = el("div", { class: "buttons" });
   state.classes.forEach((c, i) => {
     if (c === current) return;
-    const b = el("button", { "data-label": c, title: `Move to ${c}`, onclick: () => relabel(path, c) }, `${i < 9 ? i + 1 + " " : ""}${c}`);
+    const text = `${i < 9 ? i + 1 + " " : ""}${c}`;
+    const b = el("button", { "data-label": c, title: `Move to ${c}`, "aria-label": `${text}: move ${path} to ${c}`, onclick: () => { if (before) before(); keepingFocus(() => relabel(path, c)); } }, text);
     if (c === suggested) b.style.fontWeight = "700";
     box.append(b);
   });
@@ -88,15 +103,51 @@ function pager(name, data, go) {
   const box = document.querySelector(`.pager[data-for="${name}"]`);
   const pages = Math.max(1, Math.ceil(data.total / data.per_page));
   box.replaceChildren(
-    el("button", { class: "prev", onclick: () => go(data.page - 1), ...(data.page <= 1 ? { disabled: "" } : {}) }, "‹ Prev"),
+    el("button", { class: "prev", onclick: () => keepingFocus(() => go(data.page - 1)), ...(data.page <= 1 ? { disabled: "" } : {}) }, "‹ Prev"),
     el("span", { class: "page-info" }, `page ${data.page} / ${pages} · ${data.total} images`),
-    el("button", { class: "next", onclick: () => go(data.page + 1), ...(data.page >= pages ? { disabled: "" } : {}) }, "Next ›"),
+    el("button", { class: "next", onclick: () => keepingFocus(() => go(data.page + 1)), ...(data.page >= pages ? { disabled: "" } : {}) }, "Next ›"),
   );
+}
+
+// A list drawn anew drops the focused element: the focus goes back to it, else to the same button of the card
+// now in its place (or that card's first button), else to the same button of its row (class list, pager).
+function focusKey(a = document.activeElement) {
+  if (!a || a === document.body) return null;
+  const card = a.closest(".card");
+  const row = a.closest(".pager, #class-list, #confusion");
+  return {
+    element: a,
+    grid: card ? card.parentElement.id : null,
+    index: card ? [...card.parentElement.children].indexOf(card) : -1,
+    within: row ? (row.id ? `#${row.id}` : `.pager[data-for="${row.dataset.for}"]`) : null,
+    selector: a.dataset.label !== undefined ? `button[data-label="${CSS.escape(a.dataset.label)}"]`
+      : a.dataset.true !== undefined ? `button[data-true="${CSS.escape(a.dataset.true)}"][data-pred="${CSS.escape(a.dataset.pred)}"]`
+      : a.classList.length ? `.${a.classList[0]}` : null,
+  };
+}
+
+function restoreFocus(k) {
+  if (!k || (document.activeElement && document.activeElement !== document.body)) return;
+  const usable = (e) => e && e.isConnected && !e.disabled && e.offsetParent !== null;
+  const pick = (box) => box && [...(k.selector ? box.querySelectorAll(k.selector) : []), ...box.querySelectorAll("button")].find(usable);
+  let target = usable(k.element) ? k.element : null;
+  if (!target && k.grid) {
+    const cards = document.getElementById(k.grid).children;
+    target = pick(cards[Math.min(k.index, cards.length - 1)]);
+  }
+  if (!target && k.within) target = pick(document.querySelector(k.within));
+  if (target) target.focus();
+}
+
+async function keepingFocus(action) {
+  const k = focusKey();
+  try { return await action(); } finally { restoreFocus(k); }
 }
 
 // After a failed request: the page may be out of date (another tab or request moved the image), so it is
 // shown anew; the error stays in the toast.
 async function refreshAfter(e) {
+  if (e instanceof Unreachable) { toast(e.message, true); return; }
   toast(`${e.message}; the page is refreshed`, true);
   try { await refresh(); } catch (e2) { toast(`${e.message}; refreshing the page failed: ${e2.message}`, true); }
 }
@@ -127,6 +178,7 @@ function undoText(r) {
 async function undo(all) {
   const buttons = [$("#undo-last"), $("#undo-all")];
   if (buttons.some((b) => b.disabled)) return;
+  const k = focusKey();
   buttons.forEach((b) => { b.disabled = true; });
   try {
     const last = await api("/api/journal?per_page=1");
@@ -135,7 +187,7 @@ async function undo(all) {
     const r = await api("/api/undo", { all, id: last.items[0].id });  // all: not a move made after the confirm
     toast(undoText(r), r.problems.length > 0);
     await refresh();
-  } catch (e) { await refreshAfter(e); } finally { buttons.forEach((b) => { b.disabled = false; }); }
+  } catch (e) { await refreshAfter(e); } finally { buttons.forEach((b) => { b.disabled = false; }); restoreFocus(k); }
 }
 
 // The class of an image path: its first folder, or its second in a data folder laid out by split (train/ants/x.jpg).
@@ -144,18 +196,31 @@ function labelOf(path) {
   return state.info && state.info.splits.includes(parts[0]) && parts.length > 2 ? parts[1] : parts[0];
 }
 
-function zoom(path, v) {
+const BEHIND_ZOOM = ["header", "#offline", "#status", "main"];
+
+function zoom(path, v, opener = document.activeElement) {
+  if ($("#zoom").hidden) state.zoomReturn = focusKey(opener);
   state.zoomPath = path;
   $("#zoom-error").hidden = true;
   $("#zoom-img").hidden = false;
   $("#zoom-img").src = `/api/image?${q({ path, v: v ?? "" })}`;
   $("#zoom-path").textContent = path;
   const current = labelOf(path);
-  $("#zoom-labels").replaceChildren(moveButtons(path, current, null));
-  $("#zoom-labels").querySelectorAll("button").forEach((b) => b.addEventListener("click", closeZoom));
+  $("#zoom-labels").replaceChildren(moveButtons(path, current, null, closeZoom));
+  BEHIND_ZOOM.forEach((sel) => { $(sel).inert = true; });
   $("#zoom").hidden = false;
+  $("#zoom-close").focus();
 }
-function closeZoom() { $("#zoom").hidden = true; state.zoomPath = null; $("#zoom-img").removeAttribute("src"); }
+
+function closeZoom() {
+  if ($("#zoom").hidden) return;
+  $("#zoom").hidden = true;
+  BEHIND_ZOOM.forEach((sel) => { $(sel).inert = false; });
+  state.zoomPath = null;
+  $("#zoom-img").removeAttribute("src");
+  document.activeElement?.blur();
+  restoreFocus(state.zoomReturn);
+}
 
 async function zoomFailed() {
   const path = state.zoomPath;
@@ -174,8 +239,8 @@ async function loadInfo() {
   const folders = [...state.classes, ...(state.info.counts[state.info.unlabeled_dir] !== undefined ? [state.info.unlabeled_dir] : [])];
   if (!folders.includes(state.browse.label)) state.browse.label = folders[0];
   $("#class-list").replaceChildren(...folders.map((c) => el("button", {
-    class: c === state.browse.label ? "active" : "", "data-label": c,
-    onclick: () => { state.browse = { label: c, page: 1 }; loadInfo().then(loadBrowse); },
+    class: c === state.browse.label ? "active" : "", "data-label": c, "aria-pressed": String(c === state.browse.label),
+    onclick: () => keepingFocus(() => { state.browse = { label: c, page: 1 }; return loadInfo().then(() => loadBrowse()); }),
   }, `${c} (${state.info.counts[c] ?? 0})`)));
   $("#key-legend").textContent = state.classes.slice(0, 9).map((c, i) => `${i + 1} = ${c}`).join(", ");
 }
@@ -202,11 +267,14 @@ async function loadConfusion() {
   const rows = data.matrix.map((row, i) => el("tr", {}, el("th", { class: "rowhead" }, data.classes[i]), ...row.map((n, j) => {
     const selected = state.results.true === data.classes[i] && state.results.pred === data.classes[j];
     const shade = i === j ? `rgba(22,163,74,${0.1 + 0.6 * n / max})` : (n ? `rgba(220,38,38,${0.15 + 0.6 * n / max})` : "#fff");
+    const show = () => keepingFocus(() => { Object.assign(state.results, { true: data.classes[i], pred: data.classes[j], outcome: "all", page: 1 }); return loadResults(); });
     return el("td", {
       class: [i === j ? "diag" : "", selected ? "selected" : ""].join(" ").trim(),
       "data-true": data.classes[i], "data-pred": data.classes[j], style: `background:${shade}`,
-      onclick: () => { Object.assign(state.results, { true: data.classes[i], pred: data.classes[j], outcome: "all", page: 1 }); loadResults(); },
-    }, String(n));
+    }, el("button", {
+      class: "cell", "data-true": data.classes[i], "data-pred": data.classes[j], "aria-pressed": String(selected),
+      "aria-label": `${plural(n, "image")} of ${data.classes[i]} predicted ${data.classes[j]}`, onclick: show,
+    }, String(n)));
   })));
   t.replaceChildren(head, ...rows);
 }
@@ -224,7 +292,7 @@ async function loadResults(page = state.results.page) {
   pager("results", data, (p) => loadResults(p));
   $("#results-grid").replaceChildren(...data.items.map((it) => el("div", { class: `card ${it.correct ? "right" : "wrong"}`, "data-path": it.path },
     it.now ? thumb(it.now, it.v) : el("div", { class: "hint" }, "(no longer in the data folder)"),
-    el("div", { class: "labels" }, `${it.true} → ${it.pred} (${(100 * it.confidence).toFixed(0)}%)`),
+    el("div", { class: "labels" }, `${it.correct ? "✓ right" : "✗ wrong"}: ${it.true} → ${it.pred} (${(100 * it.confidence).toFixed(0)}%)`),
     el("div", { class: "name" }, it.now && it.now !== it.path ? `${it.path}, now ${it.now}` : it.path),
     bars(it.scores, data.classes, it.true, it.pred))));
 }
@@ -267,40 +335,54 @@ async function loadScored(kind, page) {
       card.append(el("div", { class: "name" }, it.path), moveButtons(it.path, labelOf(it.path), null));
     }
     if (kind === "unlabeled") {
-      if (n === state.unlabeled.current) card.classList.add("current");
+      if (n === state.unlabeled.current) { card.classList.add("current"); card.setAttribute("aria-current", "true"); }
       card.addEventListener("mouseenter", () => setCurrent(n));
+      card.addEventListener("focusin", () => setCurrent(n));
     }
     return card;
   }));
 }
 
+// The highlighted image of the Unlabeled tab; moved by the keys (scroll), it takes the focus too.
 function setCurrent(n, scroll = false) {
   state.unlabeled.current = n;
   document.querySelectorAll("#unlabeled-grid .card").forEach((c, i) => {
     c.classList.toggle("current", i === n);
-    if (i === n && scroll) c.scrollIntoView({ block: "nearest" });
+    if (i === n) c.setAttribute("aria-current", "true"); else c.removeAttribute("aria-current");
+    if (i === n && scroll) { c.querySelector("button")?.focus({ preventScroll: true }); c.scrollIntoView({ block: "nearest" }); }
   });
 }
 
-// Move the zoomed image, else the highlighted one, to label; the zoom closes once its image has moved.
+// Move the zoomed image, else the highlighted one, to label; the zoom closes after the move (or its failure:
+// the page under it was refreshed).
 async function labelShown(label) {
   const zoomed = $("#zoom").hidden ? null : state.zoomPath;
   const it = state.unlabeled.items[state.unlabeled.current];
   const path = zoomed || (it && it.path);
-  if (path && await relabel(path, label) && zoomed && state.zoomPath === zoomed) closeZoom();
+  if (!path) return;
+  await relabel(path, label);
+  if (zoomed && state.zoomPath === zoomed) closeZoom();
 }
 
 let keyMoves = Promise.resolve(); // digit-key moves, one after another: each acts on the image shown when its turn comes
 
 document.addEventListener("keydown", (ev) => {
-  if (ev.key === "Escape") { closeZoom(); return; }
+  if (ev.key === "Escape") { if ($("#zoom").hidden) hideToast(); else closeZoom(); return; }
+  if (ev.key === "Tab" && !$("#zoom").hidden) { // round the zoom's buttons, not out of the page
+    const stops = [...$("#zoom").querySelectorAll("button")];
+    const at = stops.indexOf(document.activeElement);
+    const next = ev.shiftKey ? (at <= 0 ? stops.length - 1 : at - 1) : (at + 1) % stops.length;
+    stops[next].focus();
+    ev.preventDefault();
+    return;
+  }
   if (state.tab !== "unlabeled" || ev.target.tagName === "SELECT" || ev.ctrlKey || ev.metaKey || ev.altKey) return;
   if (ev.key === "ArrowRight" || ev.key === "ArrowLeft") {
     const last = state.unlabeled.items.length - 1;
     setCurrent(Math.max(0, Math.min(last, state.unlabeled.current + (ev.key === "ArrowRight" ? 1 : -1))), true);
   } else if (/^[1-9]$/.test(ev.key) && state.classes[Number(ev.key) - 1]) {
     const label = state.classes[Number(ev.key) - 1];
-    keyMoves = keyMoves.then(() => labelShown(label)).catch((e) => toast(e.message, true));
+    keyMoves = keyMoves.then(() => keepingFocus(() => labelShown(label))).catch((e) => toast(e.message, true));
   }
 });
 
@@ -323,6 +405,7 @@ async function pollStatus() {
       : s.state === "error" ? `analysis failed: ${s.error}`
       : s.state === "done" ? `scores ready (${s.n_suspects} labelled, ${s.n_unlabeled} unlabeled images scored in ${s.seconds}s)`
       : "label-error and active-learning scores are off (--no-analysis)";
+    $("#status").setAttribute("aria-busy", String(s.state === "running"));
     $("#status").replaceChildren(text, ...(s.state === "done" && s.n_skipped ? [await skippedList()] : []));
     if (s.state === "running") setTimeout(pollStatus, 1500);
     if ((changed || s.state !== "running") && (state.tab === "suspects" || state.tab === "unlabeled")) await loadTab();
@@ -344,11 +427,15 @@ async function refresh() { await loadInfo(); await loadTab(); }
 
 function showTab(tab) {
   state.tab = tab;
-  document.querySelectorAll("#tabs button").forEach((b) => b.classList.toggle("active", b.dataset.tab === tab));
+  document.querySelectorAll("#tabs button").forEach((b) => {
+    b.classList.toggle("active", b.dataset.tab === tab);
+    b.setAttribute("aria-pressed", String(b.dataset.tab === tab));
+  });
   document.querySelectorAll(".tab").forEach((s) => s.classList.toggle("active", s.id === `tab-${tab}`));
   infoLoaded.then(loadTab).catch((e) => toast(e.message, true)); // a tab clicked early waits for the classes
 }
 
+new ResizeObserver(([e]) => { document.documentElement.style.scrollPaddingTop = `${e.target.offsetHeight + 8}px`; }).observe($("header"));
 document.querySelectorAll("#tabs button").forEach((b) => b.addEventListener("click", () => showTab(b.dataset.tab)));
 $("#undo-last").addEventListener("click", () => undo(false));
 $("#undo-all").addEventListener("click", () => undo(true));
