@@ -327,12 +327,26 @@ def test_a_config_file_that_is_no_text_or_a_folder_is_named(tmp_path: Path):
     (tmp_path / "folder.toml").mkdir()
     for name, said in (
         ("photo.jpg", "photo.jpg: configuration files must end in .toml, .yaml, .yml or .json"),
-        ("latin1.toml", "latin1.toml: not UTF-8 text (byte 0xe9 at 12); save it as UTF-8"),
+        ("latin1.toml", "latin1.toml is not UTF-8 text: byte 0xe9 at position 12 is not UTF-8; save the file as UTF-8"),
         ("folder.toml", "folder.toml is a folder: give a .toml, .yaml or .json file"),
     ):
         with pytest.raises((ValueError, IsADirectoryError)) as e:
             Config.from_file(tmp_path / name)
         assert said in str(e.value)
+
+
+def test_config_files_saved_by_windows_editors_are_read(tmp_path: Path):
+    """Notepad and PowerShell 5 put a byte-order mark before UTF-8 ("Invalid statement (at line 1, column 1)"
+    in TOML); PowerShell 5's `>` writes UTF-16, which is named as such."""
+    for name, text in (
+        ("a.toml", 'backbone = "efficientnet_lite1"\n'),
+        ("a.json", '{"backbone": "efficientnet_lite1"}'),
+    ):
+        (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + text.encode())
+        assert Config.from_file(tmp_path / name).backbone.backbone == "efficientnet_lite1"
+    (tmp_path / "b.toml").write_bytes("epochs = 3\n".encode("utf-16"))
+    with pytest.raises(ValueError, match=r"configuration file .*b.toml is not UTF-8 text \(it is UTF-16\)"):
+        Config.from_file(tmp_path / "b.toml")
 
 
 def test_a_run_saved_by_an_earlier_version_still_loads(caplog: pytest.LogCaptureFixture):

@@ -375,6 +375,9 @@ def test_predefined_list_and_group_modes(tmp_path: Path, caplog: pytest.LogCaptu
     contradicting = DataConfig(data_root=root, split_mode="random", test_list=tmp_path / "test.txt")
     with pytest.raises(DatasetError, match="--test-list names the test images, --split-mode random splits"):
         make_split(scan_dataset(contradicting), contradicting)
+    (tmp_path / "test.txt").write_text("circles\\circles_00.jpg\n", encoding="utf-16")  # PowerShell 5's `>`
+    with pytest.raises(DatasetError, match=r"test list .*test.txt is not UTF-8 text \(it is UTF-16\).*save the file"):
+        make_split(scan_dataset(cfg), cfg)
     (tmp_path / "test.txt").write_text("circles\\circles_00.jpg\n/elsewhere/x.jpg\n")  # a Windows path; outside
     with pytest.raises(DatasetError, match=r"1 path\(s\) in .*test.txt are not usable images .*'/elsewhere/x.jpg'"):
         make_split(scan_dataset(cfg), cfg)

@@ -185,6 +185,42 @@ def test_atomic_folders_are_readable_and_leftovers_of_a_crash_do_no_harm(tmp_pat
         assert memo.compute("k", lambda: b"png") == b"png" and memo.get("k") == b"png"
 
 
+def test_files_are_written_where_os_has_no_fchmod(tmp_path, monkeypatch):
+    """Windows has no os.fchmod before Python 3.13: every atomic write (the first marker of a train) failed."""
+    from imgclf.utils import atomic_write_text
+
+    monkeypatch.delattr(os, "fchmod")
+    atomic_write_text(tmp_path / "a.txt", "written")
+    assert (tmp_path / "a.txt").read_text() == "written"
+
+
+def test_output_into_a_file_is_utf8_and_a_failed_output_loses_no_model(tmp_path, monkeypatch):
+    """Windows writes output into a file or pipe in cp1252, which has no letter of 蜜蜂: `imgclf train ... > log`
+    stopped at the summary, before the model was saved. The output is UTF-8 now (unless $PYTHONIOENCODING says
+    otherwise), and where it fails all is saved already."""
+    from helpers import make_folder
+
+    from imgclf.pipeline import INCOMPLETE
+
+    data = make_folder(tmp_path / "data", classes=("café", "蜜蜂"), n=6)
+    argv = ["train", str(data), "--resolution", "64", "--no-tracking", "--no-progress"]
+    written = {}
+    for out, code in (("utf8", 0), ("cp1252", 2)):
+        with monkeypatch.context() as m:
+            if out == "cp1252":
+                m.setenv("PYTHONIOENCODING", "cp1252")
+            else:
+                m.delenv("PYTHONIOENCODING", raising=False)
+            buffer = io.BytesIO()
+            m.setattr(sys, "stdout", io.TextIOWrapper(buffer, encoding="cp1252"))
+            assert main([*argv, "--out", str(tmp_path / out)]) == code
+            sys.stdout.flush()
+            written[out] = buffer.getvalue()
+        assert Bundle.load(tmp_path / out).classes == ["café", "蜜蜂"]
+        assert not (tmp_path / out / INCOMPLETE).exists()
+    assert "Class 蜜蜂" in written["utf8"].decode("utf-8")
+
+
 def test_a_damaged_bundle_is_named_not_a_traceback(run, tmp_path, capsys):
     import shutil
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import codecs
 import difflib
 import errno
 import importlib
+import io
 import json
 import logging
 import os
@@ -274,7 +276,23 @@ def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     return current
 
 
+def _utf8_output() -> None:
+    """Standard output into a file or pipe in UTF-8 where Python would write a narrower code page (Windows'
+    cp1252, which has no letter of most class names and stops the command at the first); $PYTHONIOENCODING,
+    where set, decides."""
+    out = sys.stdout
+    asked = "PYTHONIOENCODING" in os.environ
+    if (
+        isinstance(out, io.TextIOWrapper)
+        and not asked
+        and not out.isatty()
+        and codecs.lookup(out.encoding).name != "utf-8"
+    ):
+        out.reconfigure(encoding="utf-8")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _utf8_output()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # the command's own usage, and the flag meant where one is close (argparse 3.11 gives neither)

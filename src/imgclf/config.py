@@ -497,12 +497,9 @@ class Config(BaseModel):
             raise FileNotFoundError(f"configuration file not found: {path}")
         if path.suffix.lower() not in (".toml", ".yaml", ".yml", ".json"):
             raise ValueError(f"{path}: configuration files must end in .toml, .yaml, .yml or .json")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(
-                f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at {e.start}); save it as UTF-8"
-            ) from None
+        from imgclf.utils import read_utf8
+
+        text = read_utf8(path, "configuration file")
         try:
             if path.suffix.lower() == ".toml":
                 raw = tomllib.loads(text)

@@ -186,7 +186,6 @@ def _finish(
             log.warning(
                 "... and %d more %s: all are listed in report.html and metrics.json", len(items) - LOGGED_MAX, what
             )
-    print("\n".join(summary_lines(metrics)))
     return metrics
 
 
@@ -593,6 +592,7 @@ def _train(cfg: Config, run_dir: Path, t0: float) -> RunResult:
     _check_in_place(run_dir)
     bundle.save(run_dir, parents=False)
     (run_dir / INCOMPLETE).unlink()
+    print("\n".join(summary_lines(metrics)))  # once all is saved: an output that fails loses nothing
     log.info("run folder: %s (report.html, metrics.json, predictions.csv, model/)", run_dir)
     result = RunResult(run_dir, metrics, bundle)
     if cfg.tracking.tracking:
@@ -752,6 +752,7 @@ def _evaluate(run_dir: Path, bundle: Bundle, on_train: bool, cfg: Config) -> Run
         trained.extra,
         prefix="train_" if on_train else "",
     )
+    print("\n".join(summary_lines(metrics)))
     result = RunResult(run_dir, metrics, bundle)
     if cfg.tracking.tracking:
         log_run("evaluate", cfg, result, on_train=on_train)

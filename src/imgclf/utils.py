@@ -59,6 +59,20 @@ def has_control_character(name: str) -> bool:
     return any(map(_is_control, name))
 
 
+def read_utf8(path: Path, what: str) -> str:
+    """The text of a user's file (``what``: "URL list", ...), UTF-8 with or without the byte-order mark that
+    Windows editors write; a ValueError names the file, the byte and what to do (UTF-16: PowerShell 5's ``>``)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        utf16 = " (it is UTF-16)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise ValueError(
+            f"{what} {path} is not UTF-8 text{utf16}: byte {data[e.start]:#04x} at position {e.start} is not "
+            "UTF-8; save the file as UTF-8 (your editor's 'Save as' offers the encoding), then run the command again"
+        ) from None
+
+
 def is_utf8(name: str) -> bool:
     """Whether a file name decoded from the file system is valid UTF-8 (no undecodable bytes)."""
     try:
@@ -139,7 +153,8 @@ def _temp_copy(path: Path, data: bytes, durable: bool, parents: bool) -> str:
         if parents:
             path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
+        if hasattr(os, "fchmod"):  # not on Windows before Python 3.13 (where only a read-only bit exists)
+            os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             if durable:

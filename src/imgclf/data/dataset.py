@@ -17,7 +17,7 @@ import numpy as np
 
 from imgclf.config import DataConfig
 from imgclf.data.io import IMAGE_EXTENSIONS, ImageError, check_image, is_ignored, list_files
-from imgclf.utils import atomic_write_text, display_path, has_control_character, is_utf8
+from imgclf.utils import atomic_write_text, display_path, has_control_character, is_utf8, read_utf8
 
 UNLABELED_DIR = "unlabeled"
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".7z", ".rar")
@@ -406,7 +406,11 @@ def _read_list(path: Path, root: Path) -> set[str]:
     if not path.is_file():
         raise DatasetError(f"test list not found: {path}")
     out = set()
-    for line in path.read_text(encoding="utf-8-sig").splitlines():
+    try:
+        text = read_utf8(path, "test list")
+    except ValueError as e:
+        raise DatasetError(str(e)) from None
+    for line in text.splitlines():
         line = line.strip().replace("\\", "/")  # lists written on Windows
         if line and not line.startswith("#"):
             p = Path(line)

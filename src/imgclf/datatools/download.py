@@ -26,7 +26,7 @@ from imgclf.data.io import PixelBudget, exif_orientation, list_files, open_image
 from imgclf.datatools.dedup import REPORT_CSV, REPORT_HTML
 from imgclf.datatools.fetch import FetchError, RetryPolicy, make_client, with_retries
 from imgclf.datatools.journal import QUARANTINE_DIR, holding_folder
-from imgclf.utils import atomic_write_bytes, atomic_write_text, make_folder
+from imgclf.utils import atomic_write_bytes, atomic_write_text, make_folder, read_utf8
 
 ORIGINALS_DIR = ".originals"
 log = logging.getLogger("imgclf")
@@ -178,15 +178,7 @@ def read_url_list(path: Path) -> list[UrlEntry]:
         raise IsADirectoryError(f"{path} is a folder: give the URL list, a text file of label<TAB>url lines")
     if not path.is_file():
         raise FileNotFoundError(f"URL list not found: {path}")
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        utf16 = " (it is UTF-16)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
-        raise ValueError(
-            f"{path} is not UTF-8 text{utf16}: byte {data[e.start]:#04x} at position {e.start} is not UTF-8; "
-            "save the file as UTF-8 (your editor's 'Save as' offers the encoding), then run the command again"
-        ) from e
+    text = read_utf8(path, "URL list")
     entries, errors = [], []
     for n, line in enumerate(_tsv_lines(text), 1):
         if not line.strip() or line.lstrip().startswith("#"):
