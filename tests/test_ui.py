@@ -538,3 +538,30 @@ def test_the_zoom_fits_a_small_screen_with_many_classes(browser: object, tmp_pat
         sync_api.expect(close).to_be_in_viewport(ratio=1)
         close.click()
         sync_api.expect(pg.locator("#zoom")).to_be_hidden()
+
+
+def test_many_classes_keep_cards_small(browser: object, review_data: tuple[Path, Path, Config], tmp_path: Path) -> None:
+    """14 classes: a card shows the 5 highest scores (with the suggested class) and what the others hold together,
+    and moves its image with a list and a Move button, not a button a class (120 classes made cards 4,000 px
+    tall, and long names left the bars 0 px wide)."""
+    classes = tuple(f"{kind}_{i}" for i in range(5) for kind in ("circles", "squares", "stripes"))[:13] + ("x" * 80,)
+    root = make_folder(tmp_path / "d", classes=classes, n=2)
+    (root / "unlabeled").mkdir()
+    draw_image("circles", np.random.default_rng(1)).save(root / "unlabeled" / "u.jpg")
+    expect, cfg = sync_api.expect, review_data[2]
+    with Server(create_app(root, cfg=cfg)) as server:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            wait_analysis(client)
+        with open_page(browser, server.url) as pg:
+            pg.locator('#tabs button[data-tab="unlabeled"]').click()
+            card = pg.locator("#unlabeled-grid .card")
+            expect(card).to_have_count(1)
+            assert card.locator(".bars .bar").count() <= 6  # the 5 highest, and the suggested one wherever it ranks
+            expect(card.locator(".bars .others")).to_contain_text("other classes")
+            assert card.locator(".buttons button").count() == 2  # the suggested class and Move
+            assert card.bounding_box()["height"] < 600
+            assert pg.evaluate("document.documentElement.scrollWidth") <= 1280  # long names are cut, with a title
+            card.locator("select.move-to").select_option(classes[-1])
+            card.locator("button.move").click()
+            expect(card).to_have_count(0)
+    assert (root / classes[-1] / "u.jpg").is_file()

@@ -2,6 +2,9 @@
 "use strict";
 
 const PER_PAGE = 60;
+const ALL_BARS = 8; // more classes: a card shows the TOP_BARS highest scores (and the true and predicted class)
+const TOP_BARS = 5;
+const ALL_BUTTONS = 12; // more classes: a card moves its image with a list and a Move button
 const state = {
   tab: "browse", info: null, classes: [],
   browse: { label: null, page: 1 },
@@ -77,25 +80,51 @@ function unshown(img, path) {
   whyUnshown(path).then((why) => { box.textContent = why; });
 }
 
+// A bar per class score: every class where they are few, else the highest ones (with the true and predicted
+// class wherever they rank) and what the others hold together.
 function bars(scores, classes, trueLabel, predLabel) {
   const box = el("div", { class: "bars" });
-  classes.forEach((c, i) => {
+  let shown = classes.map((c, i) => i);
+  if (classes.length > ALL_BARS) {
+    const ranked = [...shown].sort((a, b) => scores[b] - scores[a]);
+    shown = ranked.filter((i, r) => r < TOP_BARS || classes[i] === trueLabel || classes[i] === predLabel);
+  }
+  for (const i of shown) {
+    const c = classes[i];
     const cls = ["bar", c === trueLabel ? "true" : "", c === predLabel ? "pred" : ""].join(" ").trim();
     const fill = el("div", { style: `width:${(100 * scores[i]).toFixed(1)}%` });
-    box.append(el("span", {}, c), el("div", { class: cls, title: scores[i].toFixed(3) }, fill), el("span", {}, scores[i].toFixed(2)));
-  });
+    box.append(el("span", { title: c }, c), el("div", { class: cls, title: scores[i].toFixed(3) }, fill), el("span", {}, scores[i].toFixed(2)));
+  }
+  if (shown.length < classes.length) {
+    const rest = scores.reduce((sum, v, i) => (shown.includes(i) ? sum : sum + v), 0);
+    const n = classes.length - shown.length;
+    box.append(el("span", { class: "others" }, `${n} other class${n === 1 ? "" : "es"}: ${rest.toFixed(2)} together`));
+  }
   return box;
 }
 
+// The ways to move an image to another class: a button a class where they are few, else the suggested class's
+// button and a list of every class with a Move button.
 function moveButtons(path, current, suggested, before = null) {
   const box = el("div", { class: "buttons" });
-  state.classes.forEach((c, i) => {
-    if (c === current) return;
+  const move = (c) => { if (before) before(); keepingFocus(() => relabel(path, c)); };
+  const button = (c, i) => {
     const text = `${i < 9 ? i + 1 + " " : ""}${c}`;
-    const b = el("button", { "data-label": c, title: `Move to ${c}`, "aria-label": `${text}: move ${path} to ${c}`, onclick: () => { if (before) before(); keepingFocus(() => relabel(path, c)); } }, text);
-    if (c === suggested) b.style.fontWeight = "700";
-    box.append(b);
-  });
+    return el("button", { "data-label": c, title: `Move to ${c}`, "aria-label": `${text}: move ${path} to ${c}`, onclick: () => move(c) }, text);
+  };
+  const others = state.classes.map((c, i) => [c, i]).filter(([c]) => c !== current);
+  if (state.classes.length <= ALL_BUTTONS) {
+    for (const [c, i] of others) {
+      const b = button(c, i);
+      if (c === suggested) b.classList.add("suggested");
+      box.append(b);
+    }
+    return box;
+  }
+  if (suggested && suggested !== current) box.append(Object.assign(button(suggested, state.classes.indexOf(suggested)), { className: "suggested" }));
+  const list = el("select", { class: "move-to", "aria-label": `Class to move ${path} to` },
+    el("option", { value: "" }, "move to…"), ...others.map(([c, i]) => el("option", { value: c }, `${i < 9 ? i + 1 + " " : ""}${c}`)));
+  box.append(list, el("button", { class: "move", "aria-label": `Move ${path} to the class chosen`, onclick: () => { if (list.value) move(list.value); else list.focus(); } }, "Move"));
   return box;
 }
 
@@ -259,12 +288,21 @@ function fillSelect(sel, values, value) {
   sel.value = value;
 }
 
+// The run's confusion matrix, drawn once (120 classes: 14,400 cells); later only the cell shown changes.
 async function loadConfusion() {
-  const data = await api("/api/confusion");
   const t = $("#confusion");
-  const head = el("tr", {}, el("th", {}, "true \\ pred"), ...data.classes.map((c) => el("th", {}, c)));
+  if (t.rows.length) {
+    t.querySelectorAll("td").forEach((td) => {
+      const on = state.results.true === td.dataset.true && state.results.pred === td.dataset.pred;
+      td.classList.toggle("selected", on);
+      td.firstChild.setAttribute("aria-pressed", String(on));
+    });
+    return;
+  }
+  const data = await api("/api/confusion");
+  const head = el("tr", {}, el("th", {}, "true \\ pred"), ...data.classes.map((c) => el("th", { scope: "col", title: c }, c)));
   const max = Math.max(1, ...data.matrix.flat());
-  const rows = data.matrix.map((row, i) => el("tr", {}, el("th", { class: "rowhead" }, data.classes[i]), ...row.map((n, j) => {
+  const rows = data.matrix.map((row, i) => el("tr", {}, el("th", { class: "rowhead", scope: "row", title: data.classes[i] }, data.classes[i]), ...row.map((n, j) => {
     const selected = state.results.true === data.classes[i] && state.results.pred === data.classes[j];
     const shade = i === j ? `rgba(22,163,74,${0.1 + 0.6 * n / max})` : (n ? `rgba(220,38,38,${0.15 + 0.6 * n / max})` : "#fff");
     const show = () => keepingFocus(() => { Object.assign(state.results, { true: data.classes[i], pred: data.classes[j], outcome: "all", page: 1 }); return loadResults(); });
@@ -369,7 +407,7 @@ let keyMoves = Promise.resolve(); // digit-key moves, one after another: each ac
 document.addEventListener("keydown", (ev) => {
   if (ev.key === "Escape") { if ($("#zoom").hidden) hideToast(); else closeZoom(); return; }
   if (ev.key === "Tab" && !$("#zoom").hidden) { // round the zoom's buttons, not out of the page
-    const stops = [...$("#zoom").querySelectorAll("button")];
+    const stops = [...$("#zoom").querySelectorAll("button, select")];
     const at = stops.indexOf(document.activeElement);
     const next = ev.shiftKey ? (at <= 0 ? stops.length - 1 : at - 1) : (at + 1) % stops.length;
     stops[next].focus();
