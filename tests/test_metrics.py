@@ -341,3 +341,25 @@ def test_reports_list_the_wrong_predictions_most_confident_first():
     many = render_reports(np.zeros(n, int), np.tile([0.2, 0.8], (n, 1)), m, {}, paths=[f"{i}.jpg" for i in range(n)])
     assert "7 more in predictions.csv" in many["report.md"].decode()
     assert many["report.md"].decode().count("| bee | 0.800 |") == WRONG_SHOWN
+
+
+def test_report_html_reads_without_the_picture():
+    """report.html had no language, no viewport (phones laid it out 980 px wide) and no <main>; its confusion
+    matrix was only a picture (a screen reader, or 120 classes shrunk to 1,100 px, could not read the counts);
+    the parameters table had no header."""
+    from imgclf.evaluation.report import render_reports
+
+    classes = ["ant", "bee", "two  spaces"]
+    y = np.array([0, 0, 1, 1, 2, 2])
+    scores = np.eye(3)[[0, 1, 1, 1, 2, 0]]
+    m = {**compute_metrics(y, scores, classes), "n_train": 6, "n_test": 6}
+    page = render_reports(y, scores, m, {"svm_c": 1.0})["report.html"].decode()
+    assert '<html lang="en">' in page and 'name="viewport"' in page and "<main>" in page and "</main>" in page
+    table = page.split("<summary>Confusion matrix as a table</summary>")[1].split("</table>")[0]
+    cells = re.findall(r"<th scope='row'>(.*?)</th>((?:<td>\d+</td>)+)", table)
+    assert [(c, re.findall(r"\d+", n)) for c, n in cells] == [
+        ("ant", ["1", "1", "0"]), ("bee", ["0", "2", "0"]), ("two  spaces", ["1", "0", "1"])
+    ]  # fmt: skip
+    assert "<a href='evaluation.png' title='full size'>" in page
+    assert "<table><tr><th>parameter</th><th>value</th></tr><tr><td>svm_c</td>" in page
+    assert "white-space:pre-wrap" in page  # two spaces in a name stay two

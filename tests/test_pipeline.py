@@ -185,6 +185,17 @@ def test_atomic_folders_are_readable_and_leftovers_of_a_crash_do_no_harm(tmp_pat
         assert memo.compute("k", lambda: b"png") == b"png" and memo.get("k") == b"png"
 
 
+def test_memo_keys_are_not_those_of_the_earlier_entry_format():
+    """An imgclf of the earlier format (entries without their digest) computed the same key for the same inputs
+    and read the new entries as its own: "'utf-8' codec can't decode byte 0x85" at every evaluate."""
+    import hashlib
+
+    from imgclf.utils import Memo
+
+    earlier = hashlib.sha256(json.dumps({"a": 1}, sort_keys=True).encode() + b"\0").hexdigest()[:32]
+    assert Memo.key({"a": 1}) != earlier and len(Memo.key({"a": 1})) == 32
+
+
 def test_files_are_written_where_os_has_no_fchmod(tmp_path, monkeypatch):
     """Windows has no os.fchmod before Python 3.13: every atomic write (the first marker of a train) failed."""
     from imgclf.utils import atomic_write_text

@@ -231,6 +231,7 @@ def torch_threads_kept() -> Iterator[None]:
 
 
 _DIGEST = 32  # bytes of the SHA-256 that starts every Memo entry
+_ENTRY_FORMAT = b"memo entry 2: sha256 + data"  # in every key: an imgclf that wrote entries otherwise never reads these
 
 
 class Memo:
@@ -248,7 +249,7 @@ class Memo:
     @staticmethod
     def key(*parts: object) -> str:
         """Digest of ``parts``: arrays by dtype, shape and bytes, paths by file content, the rest as JSON."""
-        h = hashlib.sha256()
+        h = hashlib.sha256(_ENTRY_FORMAT)
         for part in parts:
             if isinstance(part, np.ndarray):
                 a = np.ascontiguousarray(part)

@@ -275,6 +275,7 @@ def _model(metrics: dict[str, Any]) -> str:
 
 
 SKIPPED_OPEN_MAX = 20  # a longer list of skipped files starts folded in report.html
+MATRIX_OPEN_MAX = 10  # the confusion matrix of more classes starts folded as a table in report.html
 WRONG_SHOWN = 50  # wrong predictions listed in the reports, the most confident first (predictions.csv has all)
 
 
@@ -328,10 +329,22 @@ def render_reports(
     skipped_html = "".join(
         f"<li><code>{html.escape(s['path'])}</code>: {html.escape(s['reason'])}</li>" for s in skipped
     )
-    figs_html = "".join(
-        f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' style='max-width:100%' "
-        f"src='data:image/png;base64,{base64.b64encode(data).decode()}'>"
-        for title, (_, data) in figures.items()
+    figs_html = "".join(  # in the page (it travels alone), and a link to the file beside it at full size
+        f"<h2>{html.escape(title)}</h2><a href='{html.escape(name)}' title='full size'><img alt='{html.escape(title)}"
+        f"{' (the confusion matrix also as a table below)' if name == 'evaluation.png' else ''}' style='max-width:100%' "
+        f"src='data:image/png;base64,{base64.b64encode(data).decode()}'></a>"
+        for title, (name, data) in figures.items()
+    )
+    classes = [html.escape(c) for c in metrics["classes"]]
+    matrix_rows = "".join(
+        f"<tr><th scope='row'>{c}</th>{''.join(f'<td>{n}</td>' for n in row)}</tr>"
+        for c, row in zip(classes, metrics["confusion_matrix"], strict=True)
+    )
+    matrix_html = (
+        f"<details{' open' if len(classes) <= MATRIX_OPEN_MAX else ''}><summary>Confusion matrix as a table</summary>"
+        "<table><caption>test images by true class (rows) and predicted class (columns)</caption>"
+        f"<tr><th scope='col'>true \\ predicted</th>{''.join(f'<th scope=col>{c}</th>' for c in classes)}</tr>"
+        f"{matrix_rows}</table></details>"
     )
     param_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in params.items())
     defaults = Config().flat()
@@ -361,9 +374,11 @@ def render_reports(
         if wrong
         else ""
     )
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>imgclf report</title>
+    page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>imgclf report</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}}
-table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}</style></head><body>
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left;white-space:pre-wrap}}
+details{{overflow-x:auto}}caption{{text-align:left;color:#555}}</style></head><body><main>
 <h1>imgclf report</h1>
 <p>Overall accuracy <b>{fmt_fraction(metrics["overall_accuracy"])}</b> (n={metrics["n_test"]}{_interval(metrics)}),
 class-averaged accuracy
@@ -372,6 +387,7 @@ macro {fmt_fraction(metrics["auc"]["macro"], False)}; {metrics["n_train"]} train
 {f"Model: {html.escape(_model(metrics))}." if "classifier" in metrics else ""}</p>
 <table><tr><th>class</th><th>accuracy</th><th>test images</th><th>AUC</th></tr>{rows}</table>
 {figs_html}
+{matrix_html}
 {wrong_section}
 <h2>Skipped files ({len(skipped)})</h2>
 {"<details><summary>show them</summary>" if many else ""}<ul>{skipped_html or "<li>none</li>"}</ul>{"</details>" if many else ""}
@@ -379,7 +395,8 @@ macro {fmt_fraction(metrics["auc"]["macro"], False)}; {metrics["n_train"]} train
 <h2>Parameters</h2>
 <p>Differing from this imgclf's defaults ({len(changed)}):</p>
 <table><tr><th>parameter</th><th>value</th><th>default</th></tr>{changed_rows}</table>
-<details><summary>All {len(params)} parameters</summary><table>{param_rows}</table></details></body></html>"""
+<details><summary>All {len(params)} parameters</summary><table><tr><th>parameter</th><th>value</th></tr>{param_rows}</table>
+</details></main></body></html>"""
     md = [
         "# imgclf report",
         "",
