@@ -253,6 +253,20 @@ def test_web_page_classifies_each_dropped_file(web: object, client: httpx.Client
         expect(body).to_contain_text(result_line(client, data))
 
 
+def test_web_page_shows_the_highest_scores_of_many_classes(web: object) -> None:
+    """120 classes drew 120 rows an image (5 images: a page 13,807 px tall): the 10 highest, then the rest summed."""
+    rows = web.evaluate(  # type: ignore[attr-defined]
+        """() => {
+          const chart = document.createElement("div"), scores = {};
+          for (let i = 0; i < 15; i++) scores[`c${i}`] = (i + 1) / 120;
+          showScores(chart, scores, "c14");
+          return [...chart.children].map((row) => row.textContent);
+        }"""
+    )
+    assert len(rows) == 11 and rows[0] == "c1412.5 %" and rows[9].startswith("c5")
+    assert rows[10] == "5 other classes: 12.5 % together"  # c0...c4: (1 + 2 + 3 + 4 + 5) / 120
+
+
 def test_web_page_takes_the_same_file_twice(web: object, client: httpx.Client, images: list[bytes]) -> None:
     """The chooser is emptied after each pick: choosing the same file again (say after entering the API key)
     is a change, classified again."""
