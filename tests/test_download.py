@@ -1,5 +1,6 @@
 import hashlib
 import io
+import logging
 import time
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -281,7 +282,7 @@ def test_rerun_keeps_relabelled_images_in_their_new_class(server: FakeServer, tm
     assert sources[f"dogs/{a}.jpg"]["label"] == "dogs" and sources[f"dogs/{a}.jpg"]["url"] == server.url("/a.jpg")
 
 
-def test_line_separators_stay_inside_their_cell(server: FakeServer, tmp_path: Path):
+def test_line_separators_stay_inside_their_cell(server: FakeServer, tmp_path: Path, caplog: pytest.LogCaptureFixture):
     separators = "\t\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
     url = server.image("/sep.jpg", make_image(16))
     entry = UrlEntry("cats", url, "http://page", "CC\u2029BY", "Ada\x85Lovelace", f"Sunset{separators}over the bay")
@@ -304,6 +305,14 @@ def test_line_separators_stay_inside_their_cell(server: FakeServer, tmp_path: Pa
     listed.write_text(f"a\u2028b\t{url}\n", encoding="utf-8")  # a label is a folder name: none in it
     with pytest.raises(ValueError, match=r"urls.tsv:1: label 'a\\u2028b' cannot be a folder name"):
         read_url_list(listed)
+    for label in ("what?", "a:b", "CON", "nul.txt", "dots..."):  # folders Windows cannot hold (or makes a stream)
+        listed.write_text(f"{label}\t{url}\n", encoding="utf-8")
+        with pytest.raises(ValueError, match=r"urls.tsv:1: label .* cannot be a folder name on Windows"):
+            read_url_list(listed)
+    listed.write_text(f"Bee\t{url}\nbee\t{url}2\nconsole\t{url}3\n", encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="imgclf"):
+        assert [e.label for e in read_url_list(listed)] == ["Bee", "bee", "console"]
+    assert "labels 'Bee' and 'bee' differ only in letter case" in caplog.text
     sources = out / SOURCES_FILE
     sources.write_text(sources.read_text(encoding="utf-8").replace("Ada Lovelace", "Ada\u2028Lovelace"), "utf-8")
     download([entry], out, FAST, progress=False)

@@ -7,6 +7,7 @@ import io
 import logging
 import os
 import queue
+import re
 import threading
 import time
 from collections import Counter
@@ -147,6 +148,10 @@ def _tsv_lines(text: str) -> list[str]:
     return [line.removesuffix("\r") for line in text.split("\n")]
 
 
+WINDOWS_UNSAFE = '<>:"|?*'  # characters Windows refuses in a file name (":" names an NTFS stream)
+WINDOWS_RESERVED = re.compile(r"(con|prn|aux|nul|com[1-9]|lpt[1-9])(\..*)?", re.IGNORECASE)  # devices there
+
+
 def check_label(label: str, where: str) -> str:
     """A label usable as a class folder name, or ValueError naming ``where``."""
     bad = any(c in "/\\\0" or c in _TSV_BREAKS for c in label)
@@ -154,6 +159,12 @@ def check_label(label: str, where: str) -> str:
         raise ValueError(
             f"{where}: label {label!r} cannot be a folder name "
             "(no '/', '\\', tabs, line breaks, leading '.' or empty labels); fix the label"
+        )
+    if any(c in WINDOWS_UNSAFE for c in label) or label[-1] in ". " or WINDOWS_RESERVED.fullmatch(label):
+        raise ValueError(
+            f"{where}: label {label!r} cannot be a folder name on Windows (no {' '.join(WINDOWS_UNSAFE)}, no "
+            "trailing '.' or space, not CON, PRN, AUX, NUL, COM1-9 or LPT1-9): the data set could not be copied "
+            "there; rename the label"
         )
     if label.casefold() in (name.casefold() for name in REPORT_FILES):
         raise ValueError(
@@ -198,6 +209,16 @@ def read_url_list(path: Path) -> list[UrlEntry]:
     if errors:
         more = f"\n... and {len(errors) - 10} more bad lines" if len(errors) > 10 else ""
         raise ValueError(f"{len(errors)} bad line(s), nothing downloaded:\n" + "\n".join(errors[:10]) + more)
+    by_case: dict[str, set[str]] = {}
+    for e in entries:
+        by_case.setdefault(e.label.casefold(), set()).add(e.label)
+    for alike in (sorted(labels) for labels in by_case.values() if len(labels) > 1):
+        log.warning(
+            "warning: %s: labels %s differ only in letter case: separate classes here, one folder on macOS and "
+            "Windows (their images would be mixed); use one spelling",
+            path,
+            " and ".join(map(repr, alike)),
+        )
     return entries
 
 
