@@ -354,7 +354,7 @@ def test_a_run_saved_by_an_earlier_version_still_loads(caplog: pytest.LogCapture
     with caplog.at_level(logging.WARNING, logger="imgclf"):
         cfg = Config.from_saved(saved, "runs/old")
     assert (cfg.finetune.epochs, cfg.data.split_seed, cfg.finetune.ft_batch_size) == (3, 2, 32)
-    assert "runs/old: settings this imgclf no longer knows or accepts" in caplog.text
+    assert "runs/old: settings this imgclf does not know or accept" in caplog.text
     assert "finetune.ft_resolution" in caplog.text and "finetune.ft_batch_size" in caplog.text
 
 
@@ -390,7 +390,7 @@ def test_an_old_runs_config_file_reruns_and_warns_once(tmp_path: Path, caplog: p
         Config.from_saved({"finetune": {"ft_resolution": None}}, "runs/a")
         Config.from_saved(saved, "runs/b")
         Config.from_saved(saved, "runs/b")
-    assert "runs/a" not in caplog.text and caplog.text.count("runs/b: settings this imgclf no longer knows") == 1
+    assert "runs/a" not in caplog.text and caplog.text.count("runs/b: settings this imgclf does not know") == 1
 
 
 def test_train_takes_its_data_folder_as_an_argument_only(capsys: pytest.CaptureFixture[str]):
