@@ -426,7 +426,7 @@ def test_runs_tables_show_names_as_written(
     """Brackets in data set names, run folders and parameters are text, not rich markup."""
     run = {"id": "0" * 32, "date": "2024-01-01 00:00", "kind": "train", "dataset": "photos [v2]"}
     run |= {"classifier": "svm", "backbone": "misc[/old]", "accuracy": 0.5, "class_averaged_accuracy": None}
-    run["status"] = "FINISHED"
+    run |= {"status": "FINISHED", "run_dir": "/runs/a"}
     monkeypatch.setattr("imgclf.tracking.store.list_runs", lambda cfg, limit: [run])
     assert main(["runs", "list"]) == 0
     out = capsys.readouterr().out
@@ -967,6 +967,7 @@ def test_runs_compare_never_rounds_a_difference_away(
     assert re.search(r"│ y +│ +25\.0 % │ +25\.0 % │", out)  # values alike keep one decimal
     listed = {"id": "0" * 32, "date": "2024-01-01 00:00", "kind": "train", "dataset": "d", "classifier": "svm"}
     listed |= {"backbone": "b", "accuracy": 0.9996, "class_averaged_accuracy": 1.0, "status": "FINISHED"}
+    listed["run_dir"] = "/runs/a"
     monkeypatch.setattr("imgclf.tracking.store.list_runs", lambda cfg, limit: [listed])
     assert main(["runs", "list"]) == 0
     assert "99.96 %" in capsys.readouterr().out
@@ -1018,3 +1019,53 @@ def test_runs_commands_take_only_the_store_settings(tmp_path: Path, capsys: pyte
         with pytest.raises(SystemExit):
             main(["runs", "list", flag])
         assert f"unrecognized arguments: {flag}" in capsys.readouterr().err
+
+
+def test_runs_compare_of_many_runs_prints_them_whole_in_tables_that_fit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    """30 runs side by side were cut to one or two characters a cell (`n…  a…`, `1…`) on a 160-column terminal
+    and into a pipe (200): each section comes in tables of as many runs as fit, each with the name column;
+    --csv and --markdown keep every run in one table."""
+    from rich.cells import cell_len
+    from rich.console import Console
+
+    folders = [_folder_run(tmp_path / f"run-{i:02d}", "/data/x", (i + 1) / 100) for i in range(30)]
+    labels = [f.name for f in folders]
+    for width in (None, 80):  # into a pipe (the code's own 200 columns), and a narrow terminal
+        if width:
+            monkeypatch.setattr("imgclf.tracking.cli.console", lambda stderr=False: Console(width=80, stderr=stderr))
+        md = tmp_path / f"cmp{width}.md"
+        args = [*map(str, folders), "--csv", str(tmp_path / f"cmp{width}.csv"), "--markdown", str(md)]
+        assert main(["runs", "compare", *args]) == 0
+        out = capsys.readouterr().out
+        assert "…" not in out and max(map(cell_len, out.splitlines())) <= (width or 200)
+        i, j = out.index("Metrics (best ★)"), out.index("Accuracy per class (best ★)")
+        for section in (out[:i], out[i:j], out[j:]):  # the labels over each section's tables: each run once
+            headers = [line.split("┃")[2:-1] for line in section.splitlines() if line.startswith("┃ name")]
+            assert len(headers) > 1 and [label.strip() for h in headers for label in h] == labels
+        cells = [line.split("│")[2:-1] for line in out.splitlines() if line.startswith("│ overall_accuracy")]
+        assert [c.strip() for row in cells for c in row] == [f"{i}.0 %" for i in range(1, 30)] + ["30.0 % ★"]
+        assert "Metrics (best ★), runs 1-" in out and "of 30" in out
+        header = (tmp_path / f"cmp{width}.csv").read_text().splitlines()[0]
+        assert header == f"section,name,{','.join(labels)},note"
+        assert f"| name | {' | '.join(labels)} |" in md.read_text()
+
+
+def test_runs_list_says_there_are_more_runs_than_shown(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """`runs list` showed the 20 newest of 30 runs and said nothing of the others; runs alike but for their
+    folder (--out) were rows alike."""
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    cfg = Config().updated(tracking_uri=uri, tracking_background=False)
+    for name in ("first", "second", "third"):
+        assert log_run("train", cfg, _result(tmp_path / name)) is not None
+    assert main(["runs", "list", "--tracking-uri", uri, "--limit", "2", "--csv", str(tmp_path / "l.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "the 2 newest runs of more than 2: --limit N shows more" in out
+    assert re.search(r"│ third +│", out) and re.search(r"│ second +│", out) and "first" not in out
+    rows = list(csv.DictReader((tmp_path / "l.csv").open()))
+    assert [r["run_dir"] for r in rows] == [str((tmp_path / n).resolve()) for n in ("third", "second")]
+    for limit in ("3", "50000"):  # one more than 50000: refused by MLflow
+        assert main(["runs", "list", "--tracking-uri", uri, "--limit", limit]) == 0
+        out = capsys.readouterr().out
+        assert "first" in out and "newest" not in out

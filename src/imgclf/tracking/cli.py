@@ -11,11 +11,18 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from imgclf.cli import add_config_args, config_from_args, console, port_number, positive_int, user_path
 from imgclf.utils import atomic_write_text, check_output_file, ensure_port_free
 
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from imgclf.tracking.compare import Row
+
 ID_SHOWN = 8  # run id characters shown by `runs list`; `runs compare` accepts such prefixes
+NAME_MIN = 16  # characters of a quantity's name `runs compare` shows, however many runs share the width
 # MLflow's HTTP requests in a `runs` command, where not set: seconds, not MLflow's 4 minutes, for a store that
 # does not answer
 QUICK_HTTP = {
@@ -71,7 +78,8 @@ def _list(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args).tracking
     piped = _check_outputs(args)
-    runs = list_runs(cfg, args.limit)
+    runs = list_runs(cfg, args.limit + 1)  # one more than shown: whether there are more
+    more, runs = len(runs) > args.limit, runs[: args.limit]
     if not runs:
         nothing = (
             "no run store there yet: nothing recorded (a mistyped --tracking-uri?)" if not store_exists(cfg) else ""
@@ -84,13 +92,19 @@ def _list(args: argparse.Namespace) -> int:
     table = Table(title=f"Latest runs in {escape(tracking_uri(cfg))}")
     for col in runs[0]:
         table.add_column(
-            col.replace("_", " "), justify="right" if "accuracy" in col else "left", no_wrap=col in ("id", "date")
+            "folder" if col == "run_dir" else col.replace("_", " "),
+            justify="right" if "accuracy" in col else "left",
+            no_wrap=col in ("id", "date"),
         )
     for run in runs:
         shown = {**run, "status": "" if run["status"] == "FINISHED" else run["status"]}  # the unusual one stands out
+        shown["run_dir"] = Path(run["run_dir"]).name  # tells apart runs alike but for --out; the files: the path
         cells = [escape(list_cell(v)) for v in shown.values()]
         table.add_row(run["id"][:ID_SHOWN], *cells[1:], style=None if run["status"] == "FINISHED" else "yellow")
-    console(stderr=piped).print(table)
+    out = console(stderr=piped)
+    out.print(table)
+    if more:
+        out.print(f"the {args.limit} newest runs of more than {args.limit}: --limit N shows more")
     _write_outputs(args, table_csv(runs), table_markdown(runs))
     return 0
 
@@ -104,7 +118,6 @@ def _compare(args: argparse.Namespace) -> int:
         SECTIONS,
         TITLES,
         compare,
-        format_row,
         load_runs,
         paired_markdown,
         paired_tests,
@@ -123,8 +136,8 @@ def _compare(args: argparse.Namespace) -> int:
     out = console(stderr=piped)
     described = runs_table(records)
     runs = Table(title="runs")
-    for col in described[0]:
-        runs.add_column(col)
+    for col in described[0]:  # values folded, not cut, on a narrow console: the run folder tells runs apart
+        runs.add_column(col, no_wrap=col == "run", overflow="fold")
     for run in described:
         runs.add_row(*(escape(v) for v in run.values()))
     out.print(runs)
@@ -136,22 +149,9 @@ def _compare(args: argparse.Namespace) -> int:
     titles = {section: f"{title} (best ★)" for section, title in TITLES.items()}
     titles["parameter"] = "Parameters (differing ones highlighted)" if args.all_params else "Parameters that differ"
     for section in SECTIONS:
-        table = Table(title=titles[section])
-        table.add_column("name")
-        for label in labels:
-            table.add_column(escape(label), justify="left" if section == "parameter" else "right")
         chosen = [r for r in rows if r.section == section]
-        for row in chosen:
-            cells = [escape(c) for c in format_row(row)]
-            if section == "parameter":
-                table.add_row(escape(row.name), *cells, style="bold yellow" if any(row.marked) else None)
-            else:
-                table.add_row(
-                    escape(row.name),
-                    *(f"[bold green]{c} ★[/]" if m else c for c, m in zip(cells, row.marked, strict=True)),
-                )
         if chosen:
-            out.print(table)
+            _print_section(out, titles[section], chosen, labels)
         elif section == "parameter":
             out.print("the runs have the same parameters")
     tests, notes = paired_tests(records)
@@ -171,6 +171,63 @@ def _compare(args: argparse.Namespace) -> int:
     markdown += "\n" + to_markdown(rows, labels) + (f"\n{paired_markdown(tests, labels[0])}" if tests else "")
     _write_outputs(args, to_csv(rows, labels), markdown)
     return 0
+
+
+def _print_section(out: Console, title: str, rows: list[Row], labels: list[str]) -> None:
+    """A section of ``runs compare``, a row per quantity and a column per run: in tables of as many runs as fit
+    the console's width, each with the name column, where all do not (rich cut every cell of 30 runs to one or
+    two characters)."""
+    from rich.cells import cell_len
+    from rich.markup import escape
+    from rich.table import Table
+
+    from imgclf.tracking.compare import format_row
+
+    params = rows[0].section == "parameter"
+    shown = [format_row(row) for row in rows]
+    # a run's column as rich sizes it: its label or its widest cell, " ★" included
+    widths = [cell_len(label) for label in labels]
+    for row, cells in zip(rows, shown, strict=True):
+        for i, (cell, marked) in enumerate(zip(cells, row.marked, strict=True)):
+            widths[i] = max(widths[i], cell_len(cell) + 2 * (marked and not params))
+    longest = max(cell_len("name"), *(cell_len(r.name) for r in rows))
+    name_width = min(longest, max(NAME_MIN, out.width // 3))
+    chunks = _chunks(widths, out.width - name_width - 4)  # 4: the name column's padding and borders, the edge
+    for chunk in chunks:
+        shown_runs = f"{chunk.start + 1}-{chunk.stop}" if len(chunk) > 1 else f"{chunk.start + 1}"
+        part = f", runs {shown_runs} of {len(labels)}" if len(chunks) > 1 else ""
+        table = Table(title=title + part)
+        table.add_column("name", no_wrap=True, min_width=name_width)
+        for i in chunk:
+            table.add_column(escape(labels[i]), justify="left" if params else "right")
+        for row, cells in zip(rows, shown, strict=True):
+            if params:
+                table.add_row(
+                    escape(row.name),
+                    *(escape(cells[i]) for i in chunk),
+                    style="bold yellow" if any(row.marked) else None,
+                )
+            else:
+                marked = (f"[bold green]{escape(cells[i])} ★[/]" if row.marked[i] else escape(cells[i]) for i in chunk)
+                table.add_row(escape(row.name), *marked)
+        out.print(table)
+
+
+def _chunks(widths: list[int], room: int) -> list[range]:
+    """Consecutive columns of ``widths`` characters in as few ranges as fit ``room`` each (one column at least)
+    with a rich table's padding and border, 3 characters a column; as even in size as that allows (a last table
+    of two runs wrapped its title)."""
+    greedy, start, used = [], 0, 0
+    for i, width in enumerate(widths):
+        if i > start and used + width + 3 > room:
+            greedy.append(range(start, i))
+            start, used = i, 0
+        used += width + 3
+    greedy.append(range(start, len(widths)))
+    size = -(-len(widths) // len(greedy))
+    even = [range(i, min(i + size, len(widths))) for i in range(0, len(widths), size)]
+    fit = all(len(r) == 1 or sum(widths[i] + 3 for i in r) <= room for r in even)
+    return even if fit and len(even) == len(greedy) else greedy
 
 
 def _ui_command(uri: str, port: int) -> list[str]:
@@ -238,7 +295,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     actions = p.add_subparsers(dest="runs_command", required=True, metavar="ACTION")
 
     q = actions.add_parser("list", help="Latest runs: id, date, data set, classifier, backbone, accuracy, status.")
-    q.add_argument("--limit", type=positive_int, default=20, help="Most runs shown, newest first.")
+    q.add_argument("--limit", type=positive_int, default=20, help="Most runs shown, newest first. [default: 20]")
     _output_args(q)
     add_config_args(q, STORE_FIELDS)
     q.set_defaults(func=_list)

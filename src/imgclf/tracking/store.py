@@ -58,6 +58,7 @@ RECORD_TAG = "record_id"  # tag of a run: the id of the record it was written fr
 _DISK_FULL = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
 _SQLITE_FULL = 13  # sqlite3.SQLITE_FULL: "database or disk is full"
 _BATCH = 100  # most parameters per MLflow log_batch call
+_SEARCH_MAX = 50000  # most runs one MLflow search returns (it refuses to be asked for more)
 _WRITER_LOG_MAX = 1 << 20  # writer.log is moved to writer.log.1 (replacing it) beyond this many bytes
 LOCK_WAIT_S = 15.0  # how long a command waits for another process writing to the same store to write a record
 # MLflow's limits, in characters: metric, parameter and tag names, and run names (a column of 250 characters in
@@ -623,8 +624,8 @@ def log_run(
 
 
 def list_runs(cfg: TrackingConfig, limit: int = 20) -> list[dict[str, Any]]:
-    """The experiment's latest runs: id, date, kind, data set, classifier, backbone, split scored, accuracies,
-    MLflow status."""
+    """The experiment's ``limit`` latest runs (``_SEARCH_MAX`` at most): id, date, kind, data set, classifier,
+    backbone, split scored, accuracies, MLflow status, run folder."""
     drain_pending(cfg)
     if not store_exists(cfg):
         return []
@@ -633,7 +634,7 @@ def list_runs(cfg: TrackingConfig, limit: int = 20) -> list[dict[str, Any]]:
         exp = experiment_id(client, cfg)
         if exp is None:
             return []
-        runs = client.search_runs([exp], order_by=["attributes.start_time DESC"], max_results=limit)
+        runs = client.search_runs([exp], order_by=["attributes.start_time DESC"], max_results=min(limit, _SEARCH_MAX))
     return [
         {
             "id": r.info.run_id,
@@ -646,6 +647,7 @@ def list_runs(cfg: TrackingConfig, limit: int = 20) -> list[dict[str, Any]]:
             "accuracy": r.data.metrics.get("overall_accuracy"),
             "class_averaged_accuracy": r.data.metrics.get("class_averaged_accuracy"),
             "status": r.info.status,  # FAILED: not all recorded; RUNNING: being written, or its writer was stopped
+            "run_dir": r.data.tags.get("run_dir", ""),
         }
         for r in runs
     ]
