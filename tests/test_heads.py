@@ -214,3 +214,23 @@ def test_svm_cross_validation_shows_its_progress_when_asked(capsys: pytest.Captu
     err = capsys.readouterr().err
     assert "SVM C by cross-validation" in err and "6/6" in err
     assert np.array_equal(quiet.coef_, shown.coef_)
+
+
+def test_many_tiny_classes_fit_without_scikit_learns_regression_warning():
+    """30 images in 25 classes: scikit-learn warned that y 'could represent a regression problem' at every fit,
+    in the worker processes of the cross-validation too (imgclf notes small classes itself)."""
+    import subprocess
+    import sys
+
+    code = """
+import numpy as np
+import imgclf.heads.svm as svm
+svm.IN_PROCESS_WORK = 0  # the cross-validation runs in worker processes, as a large one does
+rng = np.random.default_rng(0)
+y = np.r_[np.arange(25), np.arange(5)]
+head = svm.LinearSVMHead(c_grid=(0.1, 1.0), cv_folds=2, n_jobs=2).fit(rng.normal(size=(30, 8)) + y[:, None], y)
+print("folds", head.cv_folds_)
+"""
+    out = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "folds 2" in out.stdout, out.stderr
+    assert "regression problem" not in out.stderr

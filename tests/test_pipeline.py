@@ -114,8 +114,10 @@ def test_bundle_reload_and_evaluate_reproduce(run):
     assert again.metrics["overall_accuracy"] == pytest.approx(result.metrics["overall_accuracy"])
     md = (result.run_dir / "report.md").read_text().split("## Parameters")[1]
     assert "| resolution | 64 | None |" in md and "| batch_size | 4 |" in md and "| cv_folds |" not in md
-    timings = json.loads((result.run_dir / "metrics.json").read_text())["timings_s"]  # training's kept
+    kept = json.loads((result.run_dir / "metrics.json").read_text())  # training's timings and C (the review app's)
+    timings = kept["timings_s"]
     assert timings == {**result.metrics["timings_s"], "evaluate_s": pytest.approx(timings["evaluate_s"])}
+    assert kept["svm_c"] in FAST["svm_c_grid"]
     on_train = evaluate(result.run_dir, on_train=True)
     assert (result.run_dir / "train_metrics.json").is_file() and on_train.metrics["n_test"] == result.metrics["n_train"]
 

@@ -546,6 +546,7 @@ def test_many_classes_keep_cards_small(browser: object, review_data: tuple[Path,
     tall, and long names left the bars 0 px wide)."""
     classes = tuple(f"{kind}_{i}" for i in range(5) for kind in ("circles", "squares", "stripes"))[:13] + ("x" * 80,)
     root = make_folder(tmp_path / "d", classes=classes, n=2)
+    make_folder(root, classes=("lonely",), n=1)  # cannot be cross-checked: named under the status line
     (root / "unlabeled").mkdir()
     draw_image("circles", np.random.default_rng(1)).save(root / "unlabeled" / "u.jpg")
     expect, cfg = sync_api.expect, review_data[2]
@@ -553,6 +554,8 @@ def test_many_classes_keep_cards_small(browser: object, review_data: tuple[Path,
         with httpx.Client(base_url=server.url, timeout=30) as client:
             wait_analysis(client)
         with open_page(browser, server.url) as pg:
+            expect(pg.locator("#status")).to_contain_text("1 image not ranked: the only image of their class")
+            expect(pg.locator("#status")).to_contain_text("lonely/lonely_00.jpg: only image of its class")
             pg.locator('#tabs button[data-tab="unlabeled"]').click()
             card = pg.locator("#unlabeled-grid .card")
             expect(card).to_have_count(1)

@@ -11,6 +11,7 @@ import shutil
 import socket
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -915,3 +916,113 @@ def test_thumbnails_are_shown_when_their_cache_cannot_be_written(
             r = client.get("/api/thumb", params={"path": "a/a_00.jpg", "size": 48})
             assert r.status_code == 200 and max(Image.open(io.BytesIO(r.content)).size) == 48
     assert "thumbnail not kept in" in caplog.text and "Read-only file system" in caplog.text
+
+
+def test_the_only_image_of_a_class_is_not_ranked_and_cuts_no_folds(tmp_path: Path) -> None:
+    """Every image of a one-image class ranked first (p = 0: no head that did not see it knows its class), and
+    such a class cut everyone's cross-validation to 2 folds. It is fitted in every fold, listed apart."""
+    from imgclf.ui.labels import ALONE, out_of_fold_proba
+
+    rng = np.random.default_rng(0)
+    y = np.r_[np.repeat([0, 1, 2], 6), 3]
+    x = rng.normal(size=(len(y), 4)) + 4 * np.eye(4)[y]
+    fits: list[np.ndarray] = []
+
+    class Head:
+        def fit(self, xs: np.ndarray, ys: np.ndarray) -> Head:
+            fits.append(ys)
+            self.classes_ = np.unique(ys)
+            return self
+
+        def predict_proba(self, xs: np.ndarray) -> np.ndarray:
+            return np.full((len(xs), len(self.classes_)), 1 / len(self.classes_))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nor scikit-learn's "least populated class in y has only 1 members"
+        proba = out_of_fold_proba(x, y, 4, Head, folds=5)
+    assert len(fits) == 5 and all(3 in ys for ys in fits)  # 5 folds, the lone image on the fitting side of each
+    assert proba[-1].sum() == 0 and np.allclose(proba[:-1].sum(axis=1), 1)
+
+    data = make_folder(tmp_path / "d", n=6)
+    make_folder(data, classes=("lone",), n=1, seed=3)
+    cfg = Config().updated(resolution=64, progress=False, cache_dir=tmp_path / "cache", svm_c_grid=[1.0])
+    with Server(create_app(data, cfg=cfg)) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+        assert wait_analysis(client)["n_unchecked"] == 1
+        sus = client.get("/api/suspects", params={"per_page": 500}).json()
+        assert sus["total"] == 18 and "lone/lone_00.jpg" not in {s["path"] for s in sus["items"]}
+        assert [s["rank"] for s in sus["items"]] == list(range(1, 19)) and sus["classes"] == sorted([*CLASSES, "lone"])
+        assert client.get("/api/unchecked").json()["items"] == [{"path": "lone/lone_00.jpg", "reason": ALONE}]
+
+
+def fake_run(run: Path, classes: list[str], rows: list[tuple[str, str, str]], svm_c: float | None = None) -> Path:
+    """A run folder as the review app reads it: predictions.csv (path, true, predicted) and metrics.json."""
+    run.mkdir()
+    lines = [",".join(["path", "true_label", "predicted_label", *(f"score_{c}" for c in classes)])]
+    lines += [",".join([p, t, q, *("1.0" if c == q else "0.0" for c in classes)]) for p, t, q in rows]
+    (run / "predictions.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    confusion = [[sum(t == a and q == b for _, t, q in rows) for b in classes] for a in classes]
+    metrics = {"classes": classes, "confusion_matrix": confusion} | ({} if svm_c is None else {"svm_c": svm_c})
+    (run / "metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
+    return run
+
+
+def test_analysis_fits_one_c_the_runs_or_one_chosen_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The analysis searched the whole C grid in each of the k folds and once more for unlabeled/ (960 images in
+    120 classes: 200 s). With a run, its head's C is fitted; without, the grid is searched once."""
+    from imgclf.heads.svm import LinearSVMHead
+
+    data = make_folder(tmp_path / "d", n=6)
+    make_folder(data / "unlabeled", classes=("new",), n=2, seed=1)
+    cfg = Config().updated(resolution=64, progress=False, cache_dir=tmp_path / "cache", cv_folds=3)
+    grid = cfg.classifier.svm_c_grid
+    used: list[float] = []
+    svc = LinearSVMHead._svc
+    monkeypatch.setattr(LinearSVMHead, "_svc", lambda self, c: used.append(c) or svc(self, c))
+    result = analyse(data, cfg, c=0.3)
+    # 3 folds and the head for unlabeled/: each one fit per calibration fold (3) and a final one
+    assert used == [0.3] * 16 and len(result.suspects) == 18 and len(result.unlabeled) == 2
+    used.clear()
+    analyse(data, cfg)
+    chosen = used[-1]
+    assert all(used.count(c) == 3 for c in grid if c != chosen)  # one search: 3 folds for each C of the grid
+    assert used.count(chosen) == 3 + 1 + 3 * 4  # that search's, its final fit, then 3 folds of one C
+
+    run = fake_run(tmp_path / "run", CLASSES, [("circles/circles_00.jpg", "circles", "circles")], svm_c=0.3)
+    assert create_app(data, run, cfg, analyse_on_start=False).state.analyzer.c == 0.3
+    other_grid = cfg.updated(svm_c_grid=[1.0, 10.0])  # --svm-c-grid without the run's C: searched
+    assert create_app(data, run, other_grid, analyse_on_start=False).state.analyzer.c is None
+
+
+def test_a_decomposed_copy_shows_the_run_of_the_composed_one(tmp_path: Path) -> None:
+    """macOS writes names decomposed (NFD); train names classes composed (NFC). On such a copy the app listed
+    classes in another order (keys 1-9 moved), 404'd the run's class and its results' thumbnails."""
+    import unicodedata
+
+    def nfd(s: str) -> str:
+        return unicodedata.normalize("NFD", s)
+
+    classes = ["café", "Ünï"]  # composed "Ü" sorts after "c"; decomposed ("U" + accent) before
+    data = tmp_path / "d"
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (data / nfd(c)).mkdir(parents=True)
+        for i in range(2):
+            draw_image("circles", rng).save(data / nfd(c) / nfd(f"{c}{i}.jpg"))
+    rows = [(f"{c}/{c}{i}.jpg", c, classes[0]) for c in classes for i in range(2)]
+    run = fake_run(tmp_path / "run", classes, rows)
+    before = sha_map(data)
+    with Server(create_app(data, run, analyse_on_start=False)) as server, httpx.Client(base_url=server.url) as client:
+        assert client.get("/api/info").json()["classes"] == classes
+        listed = client.get("/api/images", params={"label": "café"}).json()["items"]
+        assert [i["path"] for i in listed] == [nfd("café/café0.jpg"), nfd("café/café1.jpg")]
+        res = client.get("/api/results", params={"sort": "path"}).json()["items"]
+        assert [(r["exists"], r["now"]) for r in res] == [(True, nfd(p)) for p, _, _ in rows]
+        assert client.get("/api/thumb", params={"path": "café/café0.jpg"}).status_code == 200
+        assert client.get("/api/results", params={"true": nfd("Ünï")}).json()["total"] == 2
+        same = client.post("/api/relabel", json={"path": "café/café0.jpg", "label": nfd("café")})
+        assert same.status_code == 409 and "already in class" in same.json()["detail"]
+        moved = client.post("/api/relabel", json={"path": "café/café0.jpg", "label": "Ünï"}).json()
+        assert (moved["from"], moved["to"]) == (nfd("café/café0.jpg"), nfd("Ünï/café0.jpg"))  # the folders on disk
+        assert client.get("/api/results", params={"sort": "path"}).json()["items"][0]["now"] == moved["to"]
+        assert client.post("/api/undo", json={}).json()["problems"] == []
+    assert sha_map(data) == before

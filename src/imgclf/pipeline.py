@@ -60,7 +60,7 @@ from imgclf.utils import (
 
 log = logging.getLogger("imgclf")
 LOGGED_MAX = 20  # skipped files and notes printed; all of them go to the report and metrics.json
-TRAINING_ONLY = ("backbone_cv_accuracy", "finetune")  # metrics.json entries only train can know
+TRAINING_ONLY = ("backbone_cv_accuracy", "finetune", "svm_c")  # metrics.json entries only train can know
 # What fine-tuning keeps for --resume: its decoded-image cache (only after an interruption) and checkpoint.
 FINETUNE_STATE = ("finetune_cache", "finetune_ckpt.pt")
 # What a train writes into its run folder (besides hidden files): an --out holding any of them and no run is refused.
@@ -552,6 +552,7 @@ def _train(cfg: Config, run_dir: Path, t0: float) -> RunResult:
                 cfg.output.progress,
             )
         fitted_head = fit.head
+        extra["svm_c"] = fit.C  # the review app's label-error analysis fits this C instead of searching again
         reused = "; the identical earlier fit reused" if fit.reused else ""
         by_group = cfg.data.split_mode == "group"
         if fit.cv_folds:

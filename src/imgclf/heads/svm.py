@@ -12,6 +12,9 @@ write.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from numbers import Integral, Real
 
 import numpy as np
@@ -140,7 +143,8 @@ class LinearSVMHead(ClassifierMixin, BaseEstimator):
         else:  # too few images per class to cross-validate
             self.C_, self.cv_scores_ = 1.0, {}
             oof = None
-        self.svm_ = self._svc(self.C_).fit(Xp, y)
+        with _quiet_small_classes():
+            self.svm_ = self._svc(self.C_).fit(Xp, y)
         decision = self.svm_.decision_function(Xp).reshape(len(y), -1)  # in-sample: only where no fold held it out
         if oof is not None:
             decision[~single] = oof[~single]
@@ -225,9 +229,19 @@ def _temperature(logits: np.ndarray, y: np.ndarray, weight: np.ndarray) -> float
     return float(np.exp(minimize_scalar(loss, bounds=bounds, method="bounded", options={"xatol": 1e-4}).x))
 
 
+@contextmanager
+def _quiet_small_classes() -> Iterator[None]:
+    """Without scikit-learn's warning that many classes of few images look like a regression target: imgclf
+    notes such classes itself. Entered where the fits run, worker processes too (filters stay in a process)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The number of unique classes is greater than 50%", UserWarning)
+        yield
+
+
 def _fold_decision(svc: LinearSVC, X: np.ndarray, y: np.ndarray, tr: np.ndarray, te: np.ndarray) -> np.ndarray:
     """Out-of-fold decision values: fit on rows ``tr``, score rows ``te``."""
-    return svc.fit(X[tr], y[tr]).decision_function(X[te]).reshape(len(te), -1)
+    with _quiet_small_classes():
+        return svc.fit(X[tr], y[tr]).decision_function(X[te]).reshape(len(te), -1)
 
 
 def _argmax_decision(d: np.ndarray) -> np.ndarray:

@@ -17,23 +17,29 @@ from imgclf.config import Config
 from imgclf.data.dataset import UNLABELED_DIR
 from imgclf.features import FeatureExtractor
 from imgclf.heads import create_head
-from imgclf.ui.labels import label_error_order, list_images, margins, out_of_fold_proba
+from imgclf.ui.labels import ALONE, cross_checkable, label_error_order, list_images, margins, out_of_fold_proba
 
 log = logging.getLogger("imgclf")
 
 
 @dataclass
 class AnalysisResult:
-    """Suspected label errors (most suspect first) and unlabeled images (least confident first)."""
+    """Suspected label errors (most suspect first), unlabeled images (least confident first), images not read
+    (``skipped``) and labelled images that cannot be cross-checked (``unchecked``), with why."""
 
     classes: list[str]
     suspects: list[dict[str, Any]] = field(default_factory=list)
     unlabeled: list[dict[str, Any]] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    unchecked: dict[str, str] = field(default_factory=dict)
 
 
-def analyse(root: Path, cfg: Config, backbone: Backbone | None = None) -> AnalysisResult:
-    """Score every image under ``root`` (class folders + ``unlabeled/``) with the configured backbone and head."""
+def analyse(root: Path, cfg: Config, backbone: Backbone | None = None, c: float | None = None) -> AnalysisResult:
+    """Score every image under ``root`` (class folders + ``unlabeled/``) with the configured backbone and head.
+
+    ``c``: the SVM's C (a run's chosen one); None: chosen once, by the head's cross-validation on all labelled
+    images. Every fold's head then fits that C alone (a search of the C grid in every fold took 3-6 times as long).
+    """
     folders = list_images(root)
     classes = sorted(k for k in folders if k != UNLABELED_DIR and folders[k])
     if len(classes) < 2:
@@ -51,12 +57,25 @@ def analyse(root: Path, cfg: Config, backbone: Backbone | None = None) -> Analys
 
     # the SVM's settings whatever the run's classifier (a fine-tuned run gives its backbone, not a feature head)
     svm = cfg.classifier.model_copy(update={"classifier": "svm"})
+    head = None
+    if c is None:
+        head = create_head(svm, cfg.output.seed).fit(x, y)
+        c = float(head.C_)
+    one_c = svm.model_copy(update={"svm_c_grid": [c]})
 
     def make_head() -> Any:
-        return create_head(svm, cfg.output.seed)
+        return create_head(one_c, cfg.output.seed)
 
     proba = out_of_fold_proba(x, y, len(classes), make_head, cfg.classifier.cv_folds, cfg.output.seed)
-    for rank, i in enumerate(label_error_order(proba, y)):
+    checkable = cross_checkable(y)
+    out.unchecked = {kept[i]: ALONE for i in np.flatnonzero(~checkable)}
+    if out.unchecked:
+        log.info(
+            "label errors: %d image(s) not cross-checked, each the only image of its class (add images to it): %s",
+            len(out.unchecked),
+            ", ".join(sorted(out.unchecked)[:5]) + (", ..." if len(out.unchecked) > 5 else ""),
+        )
+    for rank, i in enumerate(i for i in label_error_order(proba, y) if checkable[i]):
         suggested = int(np.argmax(proba[i]))
         out.suspects.append(
             {
@@ -69,7 +88,8 @@ def analyse(root: Path, cfg: Config, backbone: Backbone | None = None) -> Analys
             }
         )
     if unl and ok_u.any():
-        head = make_head().fit(x, y)
+        if head is None:
+            head = make_head().fit(x, y)
         pu = np.zeros((int(ok_u.sum()), len(classes)))
         pu[:, head.classes_] = head.predict_proba(res.features[len(rels) :][ok_u])
         m = margins(pu)
@@ -89,8 +109,8 @@ def analyse(root: Path, cfg: Config, backbone: Backbone | None = None) -> Analys
 class Analyzer:
     """Runs :func:`analyse` in a background thread; ``status()`` says where it stands, ``result`` holds the output."""
 
-    def __init__(self, root: Path, cfg: Config, backbone: Backbone | None = None) -> None:
-        self.root, self.cfg, self.backbone = root, cfg, backbone
+    def __init__(self, root: Path, cfg: Config, backbone: Backbone | None = None, c: float | None = None) -> None:
+        self.root, self.cfg, self.backbone, self.c = root, cfg, backbone, c
         self.result: AnalysisResult | None = None
         self.state, self.error, self.started, self.finished = "idle", "", 0.0, 0.0
         self.runs = 0
@@ -109,7 +129,7 @@ class Analyzer:
 
     def _run(self) -> None:
         try:
-            result = analyse(self.root, self.cfg, self.backbone)
+            result = analyse(self.root, self.cfg, self.backbone, self.c)
         except Exception as e:  # reported through status(), the thread must not die silently
             log.exception("review analysis failed")
             with self._lock:
@@ -136,4 +156,5 @@ class Analyzer:
                 "n_suspects": len(r.suspects) if r else 0,
                 "n_unlabeled": len(r.unlabeled) if r else 0,
                 "n_skipped": len(r.skipped) if r else 0,
+                "n_unchecked": len(r.unchecked) if r else 0,
             }

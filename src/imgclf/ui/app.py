@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from imgclf.backbones import Backbone
 from imgclf.config import Config
-from imgclf.data.dataset import UNLABELED_DIR, check_data_folder, split_folders
+from imgclf.data.dataset import UNLABELED_DIR, check_data_folder, composed, split_folders
 from imgclf.data.io import ImageError, unreadable_reason
 from imgclf.datatools.journal import JournalFileError
 from imgclf.serving.security import SameOriginWrites, SecurityHeaders, TokenRequired
@@ -55,11 +55,13 @@ class UndoRequest(BaseModel):
 
 @dataclass
 class RunResults:
-    """A run's test predictions (predictions.csv) and confusion matrix (metrics.json)."""
+    """A run's test predictions (predictions.csv), confusion matrix and the C its SVM head chose (metrics.json;
+    None for a run without one)."""
 
     classes: list[str]
     rows: list[dict[str, Any]]
     confusion: list[list[int]]
+    svm_c: float | None = None
 
     @classmethod
     def load(cls, run_dir: Path) -> RunResults:
@@ -83,7 +85,7 @@ class RunResults:
                         "scores": scores,
                     }
                 )
-        return cls(classes, rows, metrics["confusion_matrix"])
+        return cls(classes, rows, metrics["confusion_matrix"], metrics.get("svm_c"))
 
 
 def file_version(path: Path) -> str | None:
@@ -113,6 +115,7 @@ class ImageIndex:
         self._walked: list[Path] = []
         self._folders: dict[str, list[str]] = {}
         self._present: frozenset[str] = frozenset()
+        self._by_composed: dict[str, str] = {}
 
     def _current_signature(self) -> tuple[int, ...]:
         dirs = [self.root, *(self.root / s for s in split_folders(self.root)), *class_folders(self.root)]
@@ -126,6 +129,7 @@ class ImageIndex:
             # new to this walk the next signature differs once more: one extra listing, then steady.
             self._walked, self._signature = walked, before
             self._present = frozenset(r for rels in self._folders.values() for r in rels)
+            self._by_composed = {composed(r): r for r in sorted(self._present)}
         return self._folders
 
     def invalidate(self) -> None:
@@ -136,6 +140,11 @@ class ImageIndex:
         """Every listed image path."""
         self.folders()
         return self._present
+
+    def on_disk(self, rel: str) -> str | None:
+        """The listed path of ``rel`` written in either Unicode form (a run trained on a copy from another system
+        names its images composed, macOS writes them decomposed); None if no listed image is so named."""
+        return rel if rel in self.present() else self._by_composed.get(composed(rel))
 
     def classes(self) -> list[str]:
         return [k for k in self.folders() if k != UNLABELED_DIR]
@@ -171,7 +180,9 @@ def create_app(
     max_pixels = cfg.data.max_image_pixels
     thumbs = thumbs or ThumbCache(cfg.features.cache_dir / "thumbs" if cfg.features.cache_dir else None)
     results = RunResults.load(Path(run_dir)) if run_dir is not None else None
-    analyzer = Analyzer(root, cfg, backbone)
+    # the run's C, unless the grid given here (--svm-c-grid) lacks it
+    run_c = results.svm_c if results is not None and results.svm_c in cfg.classifier.svm_c_grid else None
+    analyzer = Analyzer(root, cfg, backbone, run_c)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -232,6 +243,8 @@ def create_app(
             f = safe_rel(root, path, through_links=True)
             if f.relative_to(root).as_posix() not in index.present():
                 raise
+        if not f.is_file() and (listed := index.on_disk(f.relative_to(root).as_posix())):
+            f = root / listed  # named in its other Unicode form
         if not f.is_file():
             raise FileNotFoundError(f"no image {path!r} in the data folder")
         try:  # before a response starts: a file response cannot report a failure once it has
@@ -264,7 +277,7 @@ def create_app(
 
     @app.get("/api/images")
     def images(label: str, page: Page = 1, per_page: PerPage = 60) -> dict[str, Any]:
-        folders = index.folders()
+        folders, label = index.folders(), composed(label)
         if label not in folders:
             raise HTTPException(404, f"no folder {label!r} in the data folder")
         out = _page([{"path": p, "label": label} for p in folders[label]], page, per_page)
@@ -288,6 +301,7 @@ def create_app(
         """``path`` written as the listing writes it, if it names an image the app lists; else refused."""
         f = safe_rel(root, path)
         rel = f.relative_to(root).as_posix()
+        rel = index.on_disk(rel) or rel  # the file on disk, whichever Unicode form names it
         if rel not in index.present():
             if not f.is_file() and (now := journal.moved().get(rel)):  # a second click, another tab
                 raise MovedAwayError(f"{rel} is no longer there: already moved to {now} (by another request)")
@@ -325,6 +339,7 @@ def create_app(
         per_page: PerPage = 60,
     ) -> dict[str, Any]:
         res = need_run()
+        true, pred = (None if v is None else composed(v) for v in (true, pred))
         rows = [
             r
             for r in res.rows
@@ -337,11 +352,13 @@ def create_app(
         else:
             rows.sort(key=lambda r: r["confidence"], reverse=sort == "confidence_desc")
         out = _page(rows, page, per_page, classes=res.classes)
-        present, moved = index.present(), journal.moved()
+        present = index.present()
+        moved = {composed(first): now for first, now in journal.moved().items()}
         for item in out["items"]:  # where the image lies now: relabelled since the run, it moved
-            now = item["path"] if item["path"] in present else moved.get(item["path"])
+            here = index.on_disk(item["path"])
+            now = here or moved.get(composed(item["path"]))
             now = now if now in present else None
-            item.update(exists=item["path"] in present, now=now, v=file_version(root / now) if now else None)
+            item.update(exists=here is not None, now=now, v=file_version(root / now) if now else None)
         return out
 
     @app.get("/api/confusion")
@@ -362,6 +379,14 @@ def create_app(
         """The images the last analysis could not read or decode, with why."""
         r = analyzer.result
         return _page([{"path": p, "reason": why} for p, why in sorted(r.skipped.items())] if r else [], page, per_page)
+
+    @app.get("/api/unchecked")
+    def unchecked(page: Page = 1, per_page: PerPage = 50) -> dict[str, Any]:
+        """The labelled images the last analysis could not cross-check (the only image of their class), with why."""
+        r = analyzer.result
+        return _page(
+            [{"path": p, "reason": why} for p, why in sorted(r.unchecked.items())] if r else [], page, per_page
+        )
 
     def scored(kind: Literal["suspects", "unlabeled"], page: int, per_page: int) -> dict[str, Any]:
         r = analyzer.result

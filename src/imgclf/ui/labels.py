@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from sklearn.model_selection import StratifiedKFold
 
-from imgclf.data.dataset import UNLABELED_DIR, label_of, split_folders, subfolders
+from imgclf.data.dataset import UNLABELED_DIR, class_name, composed, label_of, split_folders, subfolders
 from imgclf.data.io import IMAGE_EXTENSIONS, list_files
 from imgclf.datatools.journal import append_record, move_no_overwrite, read_journal, same_file
 from imgclf.utils import display_path, file_sha256, is_utf8
@@ -80,10 +80,11 @@ def class_folders(root: Path) -> list[Path]:
 
 
 def list_images(root: Path, walked: list[Path] | None = None) -> dict[str, list[str]]:
-    """Image paths (relative, sorted) per class, and ``unlabeled``; hidden and system names skipped.
+    """Image paths (relative, as on disk, sorted) per class, and ``unlabeled``; hidden and system names skipped.
 
-    In a data folder laid out by split, a class gathers its images from every split folder. ``walked``
-    receives every folder listed.
+    Classes are named and ordered as training names them: composed (NFC), so that a copy from macOS, which
+    stores names decomposed, has the run's classes. In a data folder laid out by split, a class gathers its
+    images from every split folder. ``walked`` receives every folder listed.
     """
     found: dict[str, list[str]] = {}
     unnamed: list[str] = []  # not valid UTF-8: no URL or JSON can name them
@@ -91,11 +92,20 @@ def list_images(root: Path, walked: list[Path] | None = None) -> dict[str, list[
         rels = [f.relative_to(root).as_posix() for f in list_files(d, walked) if f.suffix.lower() in IMAGE_EXTENSIONS]
         unnamed += [r for r in rels if not is_utf8(r)]
         if is_utf8(d.name):
-            found.setdefault(d.name, []).extend(r for r in rels if is_utf8(r))
+            found.setdefault(class_name(d), []).extend(r for r in rels if is_utf8(r))
     for rel in sorted(set(unnamed) - _WARNED.get(root, set())):  # once per name, not at every listing
         log.warning("not shown: %s (its name is not valid UTF-8 text; rename it)", display_path(rel))
     _WARNED.setdefault(root, set()).update(unnamed)
-    return {name: sorted(found[name]) for name in sorted(found)}
+    return {name: sorted(found[name], key=lambda r: (composed(r), r)) for name in sorted(found)}
+
+
+def class_folder(parent: Path, label: str) -> Path:
+    """The folder of class ``label`` in ``parent``: ``parent / label``, unless only a folder named so in another
+    Unicode form (decomposed, as macOS writes names) is there."""
+    folder = parent / label
+    if folder.is_dir() or not parent.is_dir():
+        return folder
+    return next((d for d in subfolders(parent) if class_name(d) == label), folder)
 
 
 @dataclass
@@ -149,18 +159,20 @@ class RelabelJournal:
 
     def move(self, rel: str, label: str, classes: list[str]) -> dict[str, Any]:
         """Move the image ``rel`` into the folder of class ``label``; return the journal record."""
+        label = composed(label)
         if label not in classes:
             raise UnknownClassError(f"unknown class {label!r}; classes: {', '.join(classes)}")
         src = safe_rel(self.root, rel)
         rel = src.relative_to(self.root).as_posix()  # as listed: "./a/x.jpg" is "a/x.jpg"
         gone = f"{rel} is no longer there: already moved by another request, or removed"
         splits = split_folders(self.root)
-        if label_of(rel, splits) == label:
+        if composed(label_of(rel, splits)) == label:
             raise RelabelError(f"{rel} is already in class {label!r}")
-        folder = self.root / label
+        parent = self.root
         if splits:  # stay in the image's split folder; a new image joins the first (train/)
             first = PurePosixPath(rel).parts[0]
-            folder = self.root / (first if first in splits else splits[0]) / label
+            parent = self.root / (first if first in splits else splits[0])
+        folder = class_folder(parent, label)
         if not folder.resolve().is_relative_to(self.root):
             raise RelabelError(
                 f"class folder {folder.relative_to(self.root).as_posix()}/ leads outside the data folder through a "
@@ -240,16 +252,32 @@ class RelabelJournal:
         return report
 
 
+ALONE = "only image of its class: cannot be cross-checked (add images to the class)"
+
+
+def cross_checkable(y: np.ndarray) -> np.ndarray:
+    """Which samples a cross-validation can hold out: those of a class with at least two (held out, the only
+    sample of a class would be scored by a head that does not know its class)."""
+    return np.bincount(y)[y] >= 2
+
+
 def out_of_fold_proba(
     x: np.ndarray, y: np.ndarray, n_classes: int, make_head: Callable[[], Any], folds: int = 5, seed: int = 0
 ) -> np.ndarray:
-    """Probabilities of every class for every sample from a head that never saw it (stratified k-fold).
+    """Probabilities of every class for every :func:`cross_checkable` sample from a head that never saw it
+    (stratified k-fold, k at most the size of the smallest such class).
 
-    Classes with fewer samples than folds are still scored; a class absent from a training fold gets 0.
+    The other samples are on the fitting side of every fold; their rows stay 0.
     """
     proba = np.zeros((len(y), n_classes))
-    k = int(max(2, min(folds, np.bincount(y, minlength=n_classes)[np.unique(y)].min())))
-    for train, test in StratifiedKFold(k, shuffle=True, random_state=seed).split(x, y):
+    checkable = cross_checkable(y)
+    held, always = np.flatnonzero(checkable), np.flatnonzero(~checkable)
+    if not len(held):
+        return proba
+    counts = np.bincount(y[held])
+    k = int(min(folds, counts[counts > 0].min()))
+    for tr, te in StratifiedKFold(k, shuffle=True, random_state=seed).split(x[held], y[held]):
+        train, test = np.sort(np.r_[held[tr], always]), held[te]
         if len(np.unique(y[train])) < 2:
             continue
         head = make_head().fit(x[train], y[train])

@@ -219,10 +219,11 @@ async function undo(all) {
   } catch (e) { await refreshAfter(e); } finally { buttons.forEach((b) => { b.disabled = false; }); restoreFocus(k); }
 }
 
-// The class of an image path: its first folder, or its second in a data folder laid out by split (train/ants/x.jpg).
+// The class of an image path: its first folder, or its second in a data folder laid out by split (train/ants/x.jpg),
+// composed as the server names classes (a copy from macOS has decomposed folder names).
 function labelOf(path) {
   const parts = path.split("/");
-  return state.info && state.info.splits.includes(parts[0]) && parts.length > 2 ? parts[1] : parts[0];
+  return (state.info && state.info.splits.includes(parts[0]) && parts.length > 2 ? parts[1] : parts[0]).normalize("NFC");
 }
 
 const BEHIND_ZOOM = ["header", "#offline", "#status", "main"];
@@ -425,13 +426,14 @@ document.addEventListener("keydown", (ev) => {
 });
 
 // ---- analysis status, tabs, refresh
-// The images the analysis could not read, with why (open when they are few).
-async function skippedList() {
-  const data = await api(`/api/skipped?${q({ per_page: 100 })}`);
+// The images the analysis could not read (kind "skipped") or not cross-check ("unchecked"), with why (open when
+// they are few).
+async function analysisList(kind, what) {
+  const data = await api(`/api/${kind}?${q({ per_page: 100 })}`);
   return el("details", { class: "skipped", ...(data.total <= 3 ? { open: "" } : {}) },
-    el("summary", {}, `${plural(data.total, "image")} skipped: cannot be read`),
+    el("summary", {}, `${plural(data.total, "image")} ${what}`),
     el("ul", {}, ...data.items.map((it) => el("li", {}, `${it.path}: ${it.reason}`)),
-      ...(data.total > data.items.length ? [el("li", {}, `…${andMore(data.items.length, data.total)} (GET /api/skipped lists them all)`)] : [])));
+      ...(data.total > data.items.length ? [el("li", {}, `…${andMore(data.items.length, data.total)} (GET /api/${kind} lists them all)`)] : [])));
 }
 
 async function pollStatus() {
@@ -444,7 +446,11 @@ async function pollStatus() {
       : s.state === "done" ? `scores ready (${s.n_suspects} labelled, ${s.n_unlabeled} unlabeled images scored in ${s.seconds}s)`
       : "label-error and active-learning scores are off (--no-analysis)";
     $("#status").setAttribute("aria-busy", String(s.state === "running"));
-    $("#status").replaceChildren(text, ...(s.state === "done" && s.n_skipped ? [await skippedList()] : []));
+    const lists = s.state !== "done" ? [] : [
+      ...(s.n_skipped ? [await analysisList("skipped", "skipped: cannot be read")] : []),
+      ...(s.n_unchecked ? [await analysisList("unchecked", "not ranked: the only image of their class")] : []),
+    ];
+    $("#status").replaceChildren(text, ...lists);
     if (s.state === "running") setTimeout(pollStatus, 1500);
     if ((changed || s.state !== "running") && (state.tab === "suspects" || state.tab === "unlabeled")) await loadTab();
   } catch (e) { $("#status").textContent = e.message; }
