@@ -544,7 +544,7 @@ def test_many_classes_keep_cards_small(browser: object, review_data: tuple[Path,
     """14 classes: a card shows the 5 highest scores (with the suggested class) and what the others hold together,
     and moves its image with a list and a Move button, not a button a class (120 classes made cards 4,000 px
     tall, and long names left the bars 0 px wide)."""
-    classes = tuple(f"{kind}_{i}" for i in range(5) for kind in ("circles", "squares", "stripes"))[:13] + ("x" * 80,)
+    classes = (*(f"{kind}_{i}" for i in range(5) for kind in ("circles", "squares", "stripes")), "x" * 80)[-14:]
     root = make_folder(tmp_path / "d", classes=classes, n=2)
     make_folder(root, classes=("lonely",), n=1)  # cannot be cross-checked: named under the status line
     (root / "unlabeled").mkdir()
