@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import errno
 import functools
 import itertools
@@ -750,3 +751,121 @@ def test_the_validation_part_is_scored_on_the_test_time_view(tmp_path: Path, mon
     views = val.cache.images[val.rows][:, o : o + r, o : o + r]
     assert len(views) >= 2
     assert all(any(np.array_equal(v, t) for t in test_time) for v in views)
+
+
+def _step_memory(resolution: int) -> Callable[[int, int], object]:
+    """The step memory estimate of the demo's network at ``resolution``, with the memory there said to be
+    ``(available, total)``."""
+    from imgclf.backbones import create_backbone
+    from imgclf.finetune import trainer
+
+    bb = create_backbone("efficientnet_lite0", resolution=resolution, pretrained=False)
+    model = trainer.Classifier(bb.model, bb.num_features, 3, 0.2)
+    mem = trainer.step_memory(model, resolution, False, torch.device("cpu"))
+    return lambda available, total: trainer.StepMemory(mem.per_image, mem.fixed, resolution, available, total)
+
+
+def test_the_step_memory_estimate_scales_with_pixels_and_batch() -> None:
+    """Measured on the CPU (docs/finetuning.md): lite0 keeps about 1.6 kB a pixel of each image for the backward
+    pass; a step of 32 images at 896 px needs about 45 GB, of 8 at 448 px about 3 GB."""
+    at_224, at_448 = _step_memory(224)(None, None), _step_memory(448)(None, None)
+    assert 1400 < at_224.per_image / 224**2 < 2000 and 3.5 < at_448.per_image / at_224.per_image < 4.5
+    assert 2.6e9 < at_448.need(8) < 3.4e9  # measured: 2.9 GB above the process's memory before training
+    assert at_224.fixed == at_448.fixed < 0.3e9
+    from imgclf.backbones import create_backbone
+    from imgclf.finetune import trainer
+
+    bb = create_backbone("efficientnet_lite0", resolution=224, pretrained=False)
+    frozen = trainer.Classifier(bb.model.requires_grad_(False), bb.num_features, 3, 0.2)
+    mem = trainer.step_memory(frozen, 224, False, torch.device("cpu"))
+    assert mem.per_image < 0.01 * at_224.per_image  # --freeze-backbone: no backward through it
+    short = dataclasses.replace(mem, available=mem.fixed // 2)  # the network alone does not fit: no division by 0
+    assert short.advice(32) == "even --ft-batch-size 2 does not fit: lower --resolution"
+
+
+def test_a_step_that_cannot_fit_is_refused_and_one_that_may_not_warns(
+    demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At 896 px a batch of 32 needs about 45 GB: Linux killed the run ("Killed", no message), perhaps after its
+    slow first pass decoding the images. Before that: a warning naming the batch size that fits, or a refusal
+    where no other program closed could make room."""
+    from imgclf.cli import _user_message
+    from imgclf.finetune import trainer
+
+    memory = _step_memory(64)
+    need = memory(None, None).need(8)
+    per_image = memory(None, None).per_image
+    fits = memory(need - 3 * per_image, 64 * 10**9).advice(8)
+    assert fits == "--ft-batch-size 5 fits (or lower --resolution)"
+    available = {"now": (need - 3 * per_image, need * 2)}
+    monkeypatch.setattr(trainer, "available_memory", lambda device: available["now"])
+    with caplog.at_level(logging.WARNING, logger="imgclf"):
+        train(_cfg(demo, tmp_path / "warned", epochs=1))
+    mb = f"{need / 1e6:.0f} MB"
+    assert f"a training step of 8 images at 64 px needs about {mb} of memory and " in caplog.text
+    assert "--ft-batch-size 5 fits (or lower --resolution), or close other programs" in caplog.text
+    fixed = memory(None, None).fixed
+    available["now"] = (fixed + per_image, need - 1)  # room for one image, and a machine too small for eight
+    with pytest.raises(trainer.FinetuneMemoryError) as refused:
+        train(_cfg(demo, tmp_path / "refused", epochs=1))
+    assert str(refused.value) == (
+        f"a training step of 8 images at 64 px needs about {mb} of memory, more than the {(need - 1) / 1e6:.0f} MB "
+        "there is: even --ft-batch-size 2 does not fit: lower --resolution (--resolution 32 fits with "
+        "--ft-batch-size 2)"  # 64 px x sqrt(1/2), down to a multiple of 32
+    )
+    assert _user_message(refused.value, "train") == str(refused.value)  # printed, without a traceback
+    assert not (tmp_path / "refused" / "finetune_cache").exists()  # before the images were decoded
+
+
+def test_out_of_memory_while_training_says_what_to_change_and_resumes(
+    demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PyTorch's CPU allocator raised a RuntimeError ("DefaultCPUAllocator: can't allocate memory") with a
+    traceback; now the message says what to lower, and --resume continues from the last finished epoch."""
+    from imgclf.cli import _user_message
+    from imgclf.finetune import trainer
+
+    finished: list[int] = []  # the epochs
+    random = trainer.Normalizer.random
+
+    def short_of_memory(self: object, *args: object) -> torch.Tensor:
+        if finished:  # in epoch 2
+            raise RuntimeError(
+                "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried "
+                "to allocate 60940800 bytes. Error code 12 (Cannot allocate memory)"
+            )
+        return random(self, *args)
+
+    original = imgclf.finetune.finetune
+    cfg = _cfg(demo, tmp_path / "run", epochs=2)
+    with monkeypatch.context() as m, pytest.raises(trainer.FinetuneMemoryError) as e:
+        m.setattr(trainer.Normalizer, "random", short_of_memory)
+        m.setattr(
+            imgclf.finetune, "finetune", functools.partial(original, on_epoch_end=lambda i, _: finished.append(i))
+        )
+        m.setattr(trainer, "available_memory", lambda device: (10**12, 10**12))
+        train(cfg)
+    assert str(e.value).startswith("out of memory while fine-tuning (a step of 8 images at 64 px needs about ")
+    assert str(e.value).endswith(
+        "1000.0 GB was available): lower --ft-batch-size (now 8) or --resolution, or close other programs; "
+        f"{tmp_path / 'run' / 'finetune_ckpt.pt'} holds the last finished epoch: with the same settings --resume "
+        "continues from it"
+    )
+    assert _user_message(e.value, "train") == str(e.value)
+    res = train(cfg.updated(resume=True))
+    assert [int(r["epoch"]) for r in _log(res.run_dir)] == [0, 1, 2]
+
+
+def test_only_out_of_memory_errors_are_taken_for_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from imgclf.finetune import trainer
+
+    assert trainer._out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert trainer._out_of_memory(RuntimeError("MPS backend out of memory (MPS allocated: 17.00 GB)"))
+    assert trainer._out_of_memory(MemoryError())
+    assert not trainer._out_of_memory(RuntimeError("Given groups=1, weight of size [32, 3, 3, 3], expected input"))
+    (tmp_path / "memory.max").write_text("2000000000\n")  # a container's limit, under the machine's memory
+    (tmp_path / "memory.current").write_text("1500000000\n")
+    (tmp_path / "memory.stat").write_text("anon 1000000000\ninactive_file 400000000\n")
+    monkeypatch.setattr(trainer, "CGROUP", tmp_path)
+    available, total = trainer.available_memory(torch.device("cpu"))
+    assert (available, total) == (900_000_000, 2_000_000_000)

@@ -48,6 +48,13 @@ RESUMABLE_CHANGES = ("resume", "compile")  # settings that change neither the sc
 EARLIER_VERSION = "made by an earlier version of imgclf"  # what a checkpoint of other settings' names is
 STAGE_CONTAINERS = ("features", "trunk_output", "blocks", "encoder.layers", "layers")  # torchvision: stages inside
 EpochHook = Callable[[int, dict[str, float]], None]
+# a training step's peak memory: what autograd keeps of one image for the backward, times this, per image (measured
+# 0.99-1.08 on the CPU: efficientnet_lite0 and lite2, 224 and 448 px, batches of 2-32), plus this many times the
+# parameters' bytes (gradients, AdamW's two moments, the copies each checkpoint is written from; measured 9-12)
+STEP_MEMORY_FACTOR = 1.1
+STATE_COPIES = 12
+CGROUP = Path("/sys/fs/cgroup")  # a container's own cgroup (v2): its memory limit, below the machine's
+OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "not enough memory")  # PyTorch's (CUDA, MPS, CPU)
 
 
 @dataclass
@@ -285,6 +292,117 @@ class CacheLoader:
         return [np.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
 
 
+class FinetuneMemoryError(MemoryError, ValueError):
+    """A training step that does not fit in memory; the message names the setting to change (a ValueError, as a
+    setting's error: the command line prints it without a traceback)."""
+
+
+@dataclass(frozen=True)
+class StepMemory:
+    """The memory a training step of ``batch`` images needs, ``batch x per_image + fixed`` bytes, and what the
+    training device has: ``available`` now, ``total`` (both None where unknown)."""
+
+    per_image: int
+    fixed: int
+    resolution: int
+    available: int | None
+    total: int | None
+
+    def need(self, batch: int) -> int:
+        return batch * self.per_image + self.fixed
+
+    def advice(self, batch: int) -> str:
+        """The largest ``--ft-batch-size`` that fits in the memory available, else a ``--resolution`` that does;
+        where ``batch`` was thought to fit (memory taken meanwhile, a limit unseen), to lower either."""
+        room = max(0, (self.available or 0) - self.fixed)
+        fits = room // self.per_image
+        if fits >= batch:
+            return f"lower --ft-batch-size (now {batch}) or --resolution"
+        if fits >= 2:
+            return f"--ft-batch-size {fits} fits (or lower --resolution)"
+        side = int(self.resolution * math.sqrt(room / (2 * self.per_image))) // 32 * 32  # memory goes with pixels
+        fits = f" (--resolution {side} fits with --ft-batch-size 2)" if side >= 32 else ""
+        return f"even --ft-batch-size 2 does not fit: lower --resolution{fits}"
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
+
+
+def _ram() -> tuple[int, int]:
+    """(available, total) bytes of RAM, within a container's limit."""
+    import psutil
+
+    vm = psutil.virtual_memory()
+    available, total = vm.available, vm.total
+    with contextlib.suppress(OSError, KeyError, ValueError):  # no cgroup v2 limit here ("max": ValueError)
+        limit = int((CGROUP / "memory.max").read_text())
+        stat = dict(line.split() for line in (CGROUP / "memory.stat").read_text().splitlines())
+        used = int((CGROUP / "memory.current").read_text()) - int(stat["inactive_file"])  # less what it can drop
+        available, total = min(available, limit - used), min(total, limit)
+    return available, total
+
+
+def available_memory(device: torch.device) -> tuple[int, int] | tuple[None, None]:
+    """(available, total) bytes where training runs: the GPU's free and total memory, or the RAM's; (None, None)
+    where unknown (MPS)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)
+    return _ram() if device.type == "cpu" else (None, None)
+
+
+def step_memory(model: Classifier, resolution: int, bf16: bool, device: torch.device) -> StepMemory:
+    """Estimate what a training step needs from one image's forward pass through the backbone (as it is, in eval
+    mode: no random draw) at ``resolution``: the bytes autograd keeps for the backward, parameters not counted (a
+    frozen part keeps none), x :data:`STEP_MEMORY_FACTOR` per image, plus :data:`STATE_COPIES` x the parameters'
+    bytes. On the CPU it came within 8 % of the measured peak resident memory (see docs/finetuning.md)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()  # each once: several operations keep the same tensor
+        return t
+
+    on = next(model.parameters()).device
+    with (
+        torch.autocast(on.type, dtype=torch.bfloat16, enabled=bf16),
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+    ):
+        model.backbone(torch.zeros(1, 3, resolution, resolution, device=on))
+    per_image = max(1, round(sum(saved.values()) * STEP_MEMORY_FACTOR))  # a frozen backbone keeps nothing
+    fixed = STATE_COPIES * sum(p.numel() * p.element_size() for p in model.parameters())
+    return StepMemory(per_image, fixed, resolution, *available_memory(device))
+
+
+def check_step_memory(mem: StepMemory, batch: int) -> None:
+    """Warn where a training step of ``batch`` images needs more memory than is available (the run would end
+    out of memory, on Linux killed without a word); refuse where it needs more than there is at all: closing
+    other programs cannot make it fit, and the run would only end so after its images were decoded."""
+    if mem.available is None or mem.total is None:
+        return
+    need = mem.need(batch)
+    text = f"a training step of {batch} images at {mem.resolution} px needs about {_gb(need)} of memory"
+    log.debug("%s; %s available", text, _gb(mem.available))
+    if need > mem.total:
+        raise FinetuneMemoryError(f"{text}, more than the {_gb(mem.total)} there is: {mem.advice(batch)}")
+    if need > mem.available:
+        log.warning(
+            "warning: %s and %s is available: the run will likely end out of memory (on Linux killed without a "
+            "message); %s, or close other programs",
+            text,
+            _gb(mem.available),
+            mem.advice(batch),
+        )
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Python's MemoryError, or PyTorch's out-of-memory error (torch.OutOfMemoryError on CUDA, a RuntimeError on
+    the CPU and MPS)."""
+    return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and any(s in str(e) for s in OUT_OF_MEMORY))
+
+
 def _duration(seconds: float) -> str:
     """``45 s``, ``12 min``, ``1 h 05 min``."""
     if seconds < 90:
@@ -441,6 +559,15 @@ def _finetune(
 
     skipped: dict[int, str] = dict(ckpt.get("skipped", {})) if ckpt is not None else {}  # undecodable images
     if not done:
+        res, bs = backbone.preprocess.resolution, ft.ft_batch_size
+        use_bf16 = resolve_precision(cfg.features.precision, "torch", device.type) == "bf16"
+        try:
+            mem = step_memory(model, res, use_bf16, device)
+        except (MemoryError, RuntimeError) as e:
+            if not _out_of_memory(e):
+                raise
+            raise FinetuneMemoryError(f"out of memory for one image at {res} px: lower --resolution") from e
+        check_step_memory(mem, bs)  # before the images are decoded, the first epoch's slow part
         groups = [s.group for s in ds.samples] if cfg.data.split_mode == "group" else None
         fit_idx, val_idx = split_validation(labels_all, train_idx, ft.val_fraction, seed, groups)
 
@@ -486,21 +613,35 @@ def _finetune(
         # (decoded apart: cropped from the training square they were a pixel off for odd margins)
         val_cache = decode(val_idx, eval_preprocess(backbone.preprocess, ft.test_scale)) if len(val_idx) else cache
         val = CacheLoader(val_cache, np.arange(len(val_idx)), labels_all[val_idx], device)
-        _train(
-            cfg,
-            model,
-            backbone,
-            fit,
-            val,
-            device,
-            ckpt,
-            history,
-            best,
-            start_epoch,
-            {**identity, "skipped": skipped},  # a finished run resumed reports them too
-            ckpt_path,
-            on_epoch_end,
-        )
+        try:
+            _train(
+                cfg,
+                model,
+                backbone,
+                fit,
+                val,
+                device,
+                ckpt,
+                history,
+                best,
+                start_epoch,
+                {**identity, "skipped": skipped},  # a finished run resumed reports them too
+                ckpt_path,
+                on_epoch_end,
+            )
+        except (MemoryError, RuntimeError) as e:
+            if not _out_of_memory(e):
+                raise
+            available = f", {_gb(mem.available)} was available" if mem.available is not None else ""
+            resume = (
+                f"; {ckpt_path} holds the last finished epoch: with the same settings --resume continues from it"
+                if ckpt_path.is_file()
+                else ""
+            )
+            raise FinetuneMemoryError(
+                f"out of memory while fine-tuning (a step of {bs} images at {res} px needs about "
+                f"{_gb(mem.need(bs))}{available}): {mem.advice(bs)}, or close other programs{resume}"
+            ) from e
         del cache, val_cache, fit, val
     with contextlib.suppress(OSError):  # also the cache of a run stopped after its last checkpoint, resumed
         for f in (run_dir / "finetune_cache").iterdir():
