@@ -305,7 +305,16 @@ def test_line_separators_stay_inside_their_cell(server: FakeServer, tmp_path: Pa
     listed.write_text(f"a\u2028b\t{url}\n", encoding="utf-8")  # a label is a folder name: none in it
     with pytest.raises(ValueError, match=r"urls.tsv:1: label 'a\\u2028b' cannot be a folder name"):
         read_url_list(listed)
-    for label in ("what?", "a:b", "CON", "nul.txt", "dots..."):  # folders Windows cannot hold (or makes a stream)
+    for label in (
+        "what?",
+        "a:b",
+        "CON",
+        "nul.txt",
+        "dots...",
+        "a\x01b",
+        "COM0",
+        "LPT¹",
+    ):  # folders Windows cannot hold (or makes a stream)
         listed.write_text(f"{label}\t{url}\n", encoding="utf-8")
         with pytest.raises(ValueError, match=r"urls.tsv:1: label .* cannot be a folder name on Windows"):
             read_url_list(listed)

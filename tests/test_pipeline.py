@@ -209,8 +209,8 @@ def test_files_are_written_where_os_has_no_fchmod(tmp_path, monkeypatch):
 
 def test_output_into_a_file_is_utf8_and_a_failed_output_loses_no_model(tmp_path, monkeypatch):
     """Windows writes output into a file or pipe in cp1252, which has no letter of 蜜蜂: `imgclf train ... > log`
-    stopped at the summary, before the model was saved. The output is UTF-8 now (unless $PYTHONIOENCODING says
-    otherwise), and where it fails all is saved already."""
+    stopped at the summary, before the model was saved. Output and error are UTF-8 now (one encoding in
+    `> log 2>&1`); where an encoding is kept ($PYTHONIOENCODING, a terminal's) a missing letter is an escape."""
     from helpers import make_folder
 
     from imgclf.pipeline import INCOMPLETE
@@ -218,20 +218,22 @@ def test_output_into_a_file_is_utf8_and_a_failed_output_loses_no_model(tmp_path,
     data = make_folder(tmp_path / "data", classes=("café", "蜜蜂"), n=6)
     argv = ["train", str(data), "--resolution", "64", "--no-tracking", "--no-progress"]
     written = {}
-    for out, code in (("utf8", 0), ("cp1252", 2)):
+    for out in ("utf8", "cp1252"):
         with monkeypatch.context() as m:
             if out == "cp1252":
                 m.setenv("PYTHONIOENCODING", "cp1252")
             else:
                 m.delenv("PYTHONIOENCODING", raising=False)
-            buffer = io.BytesIO()
-            m.setattr(sys, "stdout", io.TextIOWrapper(buffer, encoding="cp1252"))
-            assert main([*argv, "--out", str(tmp_path / out)]) == code
+            streams = {name: io.BytesIO() for name in ("stdout", "stderr")}
+            for name, buffer in streams.items():
+                m.setattr(sys, name, io.TextIOWrapper(buffer, encoding="cp1252"))
+            assert main([*argv, "--out", str(tmp_path / out)]) == 0
             sys.stdout.flush()
-            written[out] = buffer.getvalue()
+            written[out] = {"stdout": streams["stdout"].getvalue(), "stderr encoding": sys.stderr.encoding}
         assert Bundle.load(tmp_path / out).classes == ["café", "蜜蜂"]
         assert not (tmp_path / out / INCOMPLETE).exists()
-    assert "Class 蜜蜂" in written["utf8"].decode("utf-8")
+    assert "Class 蜜蜂" in written["utf8"]["stdout"].decode("utf-8") and written["utf8"]["stderr encoding"] == "utf-8"
+    assert "Class \\u871c\\u8702" in written["cp1252"]["stdout"].decode("cp1252")
 
 
 def test_a_damaged_bundle_is_named_not_a_traceback(run, tmp_path, capsys):
@@ -570,8 +572,11 @@ def test_predict_api_and_cli(run, tmp_path, capsys, monkeypatch):
         predict(result.run_dir, Image.open(data / "squares" / "squares_00.jpg"))
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("caf\xe9.jpg\n".encode("latin-1"))
-    with pytest.raises(ValueError, match=r"latin1\.txt: not a UTF-8 text list of image paths"):
+    with pytest.raises(ValueError, match=r"list of image paths .*latin1\.txt is not UTF-8 text"):
         predict(result.run_dir, latin1)
+    bom = tmp_path / "bom.txt"  # as Notepad saves it: the first path was "not found"
+    bom.write_bytes(b"\xef\xbb\xbf" + f"{data / 'squares' / 'squares_00.jpg'}\r\n".encode())
+    assert [(p.path.name, p.error) for p in predict(result.run_dir, bom)[1]] == [("squares_00.jpg", None)]
     assert sum(classes[int(p.scores.argmax())] == "squares" for p in preds) >= 8
     listing = tmp_path / "list.txt"
     listing.write_text(f"{data / 'circles' / 'circles_01.jpg'}\n{data / 'circles' / 'zero.jpg'}\n")

@@ -1039,7 +1039,8 @@ def test_runs_compare_of_many_runs_prints_them_whole_in_tables_that_fit(
         args = [*map(str, folders), "--csv", str(tmp_path / f"cmp{width}.csv"), "--markdown", str(md)]
         assert main(["runs", "compare", *args]) == 0
         out = capsys.readouterr().out
-        assert "…" not in out and max(map(cell_len, out.splitlines())) <= (width or 200)
+        sections = out[out.index("Parameters") :]  # the runs table above may cut a long folder name, as before
+        assert "…" not in sections and max(map(cell_len, out.splitlines())) <= (width or 200)
         i, j = out.index("Metrics (best ★)"), out.index("Accuracy per class (best ★)")
         for section in (out[:i], out[i:j], out[j:]):  # the labels over each section's tables: each run once
             headers = [line.split("┃")[2:-1] for line in section.splitlines() if line.startswith("┃ name")]
@@ -1069,3 +1070,24 @@ def test_runs_list_says_there_are_more_runs_than_shown(tmp_path: Path, capsys: p
         assert main(["runs", "list", "--tracking-uri", uri, "--limit", limit]) == 0
         out = capsys.readouterr().out
         assert "first" in out and "newest" not in out
+
+
+def test_runs_compare_of_long_names_and_values_on_a_narrow_console(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    """Two runs with 44-character names at 80 columns folded the runs table's other columns to 2-3 characters
+    (71 lines); a 62-character data folder put each run's parameters in a table of its own (no side by side)."""
+    from rich.console import Console
+
+    monkeypatch.setattr("imgclf.tracking.cli.console", lambda stderr=False: Console(width=80, stderr=stderr))
+    long_root = "/data/" + "d" * 56
+    folders = [
+        _folder_run(tmp_path / f"flowers-efficientnet_lite2-dnn-lr0.001-ep{e}", f"{long_root}{e}", e / 100)
+        for e in (10, 30)
+    ]
+    assert main(["runs", "compare", *map(str, folders)]) == 0
+    out = capsys.readouterr().out
+    runs_table = out[: out.index("Parameters")]
+    assert len(runs_table.splitlines()) < 20, runs_table
+    assert "Parameters that differ, runs" not in out  # one table: the two runs side by side
+    assert "│ data_root │ /data/ddd" in out and "│ lr        │ 0.1 " in out

@@ -330,6 +330,11 @@ def test_without_analysis_the_tabs_say_so_and_keys_still_label(
         expect(queue).to_have_count(3)
         assert moves(server.url) == [(first, "squares/new_0.jpg")]
         httpx.post(server.url + "/api/undo", json={})
+        pg.locator('#tabs button[data-tab="suspects"]').click()
+        pg.locator("#tab-suspects button", has_text="Compute scores").focus()
+        pg.keyboard.press("Enter")  # the note and its button are drawn anew: the focus goes to the tab shown
+        expect(pg.locator("#status")).to_contain_text("scores ready")
+        wait_focus(pg, "Label errors")
     assert sha_map(data) == before
 
 

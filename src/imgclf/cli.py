@@ -277,18 +277,18 @@ def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -
 
 
 def _utf8_output() -> None:
-    """Standard output into a file or pipe in UTF-8 where Python would write a narrower code page (Windows'
-    cp1252, which has no letter of most class names and stops the command at the first); $PYTHONIOENCODING,
-    where set, decides."""
-    out = sys.stdout
+    """Standard output and error into a file or pipe in UTF-8 where Python would write a narrower code page
+    (Windows' cp1252, which has no letter of most class names and stopped the command at the first; both, so that
+    `> log 2>&1` is one encoding). Where the encoding stays (a terminal's, or $PYTHONIOENCODING's), a character
+    it lacks is written as an escape (``\\u8702``), not an error."""
     asked = "PYTHONIOENCODING" in os.environ
-    if (
-        isinstance(out, io.TextIOWrapper)
-        and not asked
-        and not out.isatty()
-        and codecs.lookup(out.encoding).name != "utf-8"
-    ):
-        out.reconfigure(encoding="utf-8")
+    for out in (sys.stdout, sys.stderr):
+        if not isinstance(out, io.TextIOWrapper) or codecs.lookup(out.encoding).name == "utf-8":
+            continue
+        if asked or out.isatty():
+            out.reconfigure(errors="backslashreplace")
+        else:
+            out.reconfigure(encoding="utf-8")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -52,6 +52,7 @@ from imgclf.utils import (
     display_path,
     make_folder,
     missing_from,
+    read_utf8,
     remove_made,
     run_folder_lock,
     temp_leftovers,
@@ -793,10 +794,7 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
                     named(f)
         elif p.suffix.lower() == ".txt" and p.is_file():
             base = p.parent
-            try:
-                lines = p.read_text(encoding="utf-8").splitlines()
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{p}: not a UTF-8 text list of image paths ({e.reason}); save it as UTF-8") from e
+            lines = read_utf8(p, "list of image paths").splitlines()
             for line in map(str.strip, lines):
                 if line and not line.startswith("#"):
                     q = Path(line)

@@ -149,7 +149,7 @@ def _tsv_lines(text: str) -> list[str]:
 
 
 WINDOWS_UNSAFE = '<>:"|?*'  # characters Windows refuses in a file name (":" names an NTFS stream)
-WINDOWS_RESERVED = re.compile(r"(con|prn|aux|nul|com[1-9]|lpt[1-9])(\..*)?", re.IGNORECASE)  # devices there
+WINDOWS_RESERVED = re.compile(r"(con|prn|aux|nul|com[0-9¹²³]|lpt[0-9¹²³])(\..*)?", re.IGNORECASE)  # devices there
 
 
 def check_label(label: str, where: str) -> str:
@@ -160,11 +160,12 @@ def check_label(label: str, where: str) -> str:
             f"{where}: label {label!r} cannot be a folder name "
             "(no '/', '\\', tabs, line breaks, leading '.' or empty labels); fix the label"
         )
-    if any(c in WINDOWS_UNSAFE for c in label) or label[-1] in ". " or WINDOWS_RESERVED.fullmatch(label):
+    unsafe = any(c in WINDOWS_UNSAFE or ord(c) < 32 for c in label)
+    if unsafe or label[-1] in ". " or WINDOWS_RESERVED.fullmatch(label):
         raise ValueError(
-            f"{where}: label {label!r} cannot be a folder name on Windows (no {' '.join(WINDOWS_UNSAFE)}, no "
-            "trailing '.' or space, not CON, PRN, AUX, NUL, COM1-9 or LPT1-9): the data set could not be copied "
-            "there; rename the label"
+            f"{where}: label {label!r} cannot be a folder name on Windows (no {' '.join(WINDOWS_UNSAFE)} or control "
+            "character, no trailing '.' or space, not CON, PRN, AUX, NUL, COM0-9 or LPT0-9): the data set could not "
+            "be copied there; rename the label"
         )
     if label.casefold() in (name.casefold() for name in REPORT_FILES):
         raise ValueError(

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 ID_SHOWN = 8  # run id characters shown by `runs list`; `runs compare` accepts such prefixes
 NAME_MIN = 16  # characters of a quantity's name `runs compare` shows, however many runs share the width
+VALUE_WIDTH = 24  # characters of a run's label or parameter value `runs compare` shows on a line (longer: folded)
 # MLflow's HTTP requests in a `runs` command, where not set: seconds, not MLflow's 4 minutes, for a store that
 # does not answer
 QUICK_HTTP = {
@@ -136,8 +137,8 @@ def _compare(args: argparse.Namespace) -> int:
     out = console(stderr=piped)
     described = runs_table(records)
     runs = Table(title="runs")
-    for col in described[0]:  # values folded, not cut, on a narrow console: the run folder tells runs apart
-        runs.add_column(col, no_wrap=col == "run", overflow="fold")
+    for col in described[0]:  # a run's label folded, not cut, on a narrow console: it tells runs apart
+        runs.add_column(col, min_width=len(col), overflow="fold" if col == "run" else "ellipsis")
     for run in described:
         runs.add_row(*(escape(v) for v in run.values()))
     out.print(runs)
@@ -185,11 +186,16 @@ def _print_section(out: Console, title: str, rows: list[Row], labels: list[str])
 
     params = rows[0].section == "parameter"
     shown = [format_row(row) for row in rows]
-    # a run's column as rich sizes it: its label or its widest cell, " ★" included
-    widths = [cell_len(label) for label in labels]
+    # a run's column: its widest cell (" ★" included), its label folded beyond VALUE_WIDTH, and so a parameter's
+    # long value (a path, a list): runs stay side by side rather than take a table each
+    content = [0] * len(labels)
     for row, cells in zip(rows, shown, strict=True):
         for i, (cell, marked) in enumerate(zip(cells, row.marked, strict=True)):
-            widths[i] = max(widths[i], cell_len(cell) + 2 * (marked and not params))
+            content[i] = max(content[i], cell_len(cell) + 2 * (marked and not params))
+    widths = [
+        max(min(cell_len(label), VALUE_WIDTH), min(c, VALUE_WIDTH) if params else c)
+        for label, c in zip(labels, content, strict=True)
+    ]
     longest = max(cell_len("name"), *(cell_len(r.name) for r in rows))
     name_width = min(longest, max(NAME_MIN, out.width // 3))
     chunks = _chunks(widths, out.width - name_width - 4)  # 4: the name column's padding and borders, the edge
@@ -199,7 +205,9 @@ def _print_section(out: Console, title: str, rows: list[Row], labels: list[str])
         table = Table(title=title + part)
         table.add_column("name", no_wrap=True, min_width=name_width)
         for i in chunk:
-            table.add_column(escape(labels[i]), justify="left" if params else "right")
+            table.add_column(
+                escape(labels[i]), justify="left" if params else "right", max_width=widths[i], overflow="fold"
+            )
         for row, cells in zip(rows, shown, strict=True):
             if params:
                 table.add_row(

@@ -139,7 +139,8 @@ function pager(name, data, go) {
 }
 
 // A list drawn anew drops the focused element: the focus goes back to it, else to the same button of the card
-// now in its place (or that card's first button), else to the same button of its row (class list, pager).
+// now in its place (or that card's first button), else to the same button of its row (class list, pager),
+// else to the tab shown.
 function focusKey(a = document.activeElement) {
   if (!a || a === document.body) return null;
   const card = a.closest(".card");
@@ -165,7 +166,7 @@ function restoreFocus(k) {
     target = pick(cards[Math.min(k.index, cards.length - 1)]);
   }
   if (!target && k.within) target = pick(document.querySelector(k.within));
-  if (target) target.focus();
+  (target || $("#tabs button.active")).focus(); // nothing alike left (a note's button): the tab shown
 }
 
 async function keepingFocus(action) {
@@ -340,7 +341,7 @@ async function loadResults(page = state.results.page) {
 // What a tab without scores says instead: the analysis is off, running or failed.
 function analysisNote(a, kind) {
   if (a.state === "done") return [];
-  const compute = el("button", { onclick: computeScores }, "Compute scores");
+  const compute = el("button", { class: "compute", onclick: () => keepingFocus(computeScores) }, "Compute scores");
   const why = a.state === "running" ? ["Computing features and scores…"]
     : a.state === "error" ? [`Analysis failed: ${a.error}. `, compute]
     : ["Scores are off: the app was started with --no-analysis. ", compute, " now, or start the app without --no-analysis."];
