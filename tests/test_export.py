@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 import shutil
 import signal
 import subprocess
@@ -297,6 +298,28 @@ def test_a_file_is_replaced_only_by_an_export_of_the_same_model(run_dir: Path, c
     assert out.read_bytes() == before
     export_model(run_dir, "onnx", out, check_images=check_dir, replace=True)  # asked for: replaced
     assert json.loads(out.with_suffix(".json").read_text())["model_id"] == side["model_id"]
+
+
+def test_an_export_cut_while_it_replaces_another_leaves_no_sidecar_of_the_other(
+    run_dir: Path, check_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed between its renames, `export --replace` left the new model beside the old sidecar: another run's
+    classes and model id read with this network, every prediction mislabelled without a word."""
+    out = tmp_path / "m.onnx"
+    export_model(run_dir, "onnx", out, check_images=check_dir)
+    side = out.with_suffix(".json")
+    side.write_text(json.dumps({**json.loads(side.read_text()), "model_id": "0123456789ab", "classes": ["x", "y"]}))
+    real_replace = os.replace
+
+    def cut_before_the_sidecar(src: object, dst: object) -> None:
+        if Path(dst) == side:  # the sidecar into its place, the model replaced already
+            raise KeyboardInterrupt  # as a kill at that moment
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", cut_before_the_sidecar)
+    with pytest.raises(KeyboardInterrupt):
+        export_model(run_dir, "onnx", out, check_images=check_dir, replace=True)
+    assert not side.exists()  # the model has no sidecar now (a loud failure), not the other run's
 
 
 def test_an_export_stopped_by_sigterm_leaves_no_scratch_folder(run_dir: Path, tmp_path: Path) -> None:

@@ -356,6 +356,15 @@ def test_a_run_folder_in_use_is_refused(run, tmp_path, capsys, monkeypatch):
         assert main(["evaluate", str(result.run_dir), "--no-tracking"]) == 2
     assert _digests(result.run_dir) == before  # neither wrote a file
     assert main(["evaluate", str(result.run_dir), "--no-tracking", "--no-progress"]) == 0  # released
+    import imgclf.pipeline
+    from imgclf.utils import RUN_LOCK, missing_from
+
+    seen = missing_from(tmp_path / "race")  # a second train started with the first into a new --out: both saw it
+    monkeypatch.setattr(imgclf.pipeline, "missing_from", lambda run_dir: seen)  # missing, the first made it
+    with run_folder_lock(tmp_path / "race"):
+        assert main(["train", str(data), "--out", str(tmp_path / "race"), "--no-tracking"]) == 2
+        assert (tmp_path / "race" / RUN_LOCK).is_file()  # the refused one removed the first one's folder and lock
+    monkeypatch.undo()
     (tmp_path / "first").mkdir()
     with run_folder_lock(tmp_path / "first"):  # the first train into a folder, its model not written yet
         assert main(["evaluate", str(tmp_path / "first"), "--no-tracking"]) == 2

@@ -423,6 +423,41 @@ def test_undo_last_undoes_only_the_move_the_page_saw(tmp_path: Path) -> None:
     assert sha_map(root) == before
 
 
+def test_a_folder_another_process_changes_is_not_moved_in(tmp_path: Path) -> None:
+    """Two review apps (or an app and a dedup --apply) on one folder raced: both moved the same image, and the
+    one that found it gone took back the other's new name, the file's last one (images lost)."""
+    from helpers import held_elsewhere
+
+    root = make_folder(tmp_path / "d", classes=("a", "b"), n=1)
+    before = sha_map(root)
+    with Server(create_app(root, analyse_on_start=False)) as server, held_elsewhere(root):
+        answer = httpx.post(server.url + "/api/relabel", json={"path": "a/a_00.jpg", "label": "b"})
+        assert answer.status_code == 409
+        assert "another imgclf dedup --apply or --undo, download, scrape or review app is changing" in answer.text
+        assert httpx.post(server.url + "/api/undo", json={}).status_code == 409
+    assert sha_map(root) == before
+
+
+def test_a_move_finished_by_another_process_keeps_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The other process found the file under both names between this one's link and unlink, and finished the
+    move: this one's unlink found nothing, and its clean-up removed the new name, the file's last."""
+    from imgclf.datatools import journal
+
+    src, dst = tmp_path / "a" / "x.jpg", tmp_path / "b" / "x.jpg"
+    src.parent.mkdir()
+    src.write_bytes(b"the only copy")
+    real_link = os.link
+
+    def link_then_the_other_finishes(a: object, b: object) -> None:
+        real_link(a, b)
+        assert journal.same_file(Path(a), Path(b))
+        os.unlink(a)  # the other process, finding the file under both names, finished the move
+
+    monkeypatch.setattr(os, "link", link_then_the_other_finishes)
+    journal.move_no_overwrite(src, dst)
+    assert dst.read_bytes() == b"the only copy" and not src.exists()
+
+
 def test_two_moves_of_one_image_at_once_move_it_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two requests to move the same image (two tabs, a double click): one moves it, the other is told so, with
     a 409 naming the image, not a 404 with the error number and absolute path of a file gone under it."""

@@ -452,6 +452,9 @@ def export_model(
                 atomic_write_text(
                     scratch / side.name, json.dumps(sidecar(bundle, fmt, precision, final, parity), indent=2)
                 )
+            for f in (side, *final):  # the export replaced goes first, its sidecar before its model: a crash
+                with contextlib.suppress(FileNotFoundError):  # between the replaces left no sidecar naming
+                    os.unlink(f)  # another model's classes (nor an .xml with another model's .bin)
             for f in (*files, scratch / side.name):
                 os.chmod(f, 0o644)  # scratch files are private (0600); exported models are meant to be shared
                 os.replace(f, out.parent / f.name)

@@ -355,9 +355,10 @@ def train(cfg: Config) -> RunResult:
     made, fresh = missing_from(run_dir)
     make_folder(run_dir, "run folder", "--out")
     _check_run_folder(run_dir)
-    started = time.time()
+    started, held = time.time(), False
     try:
         with _writing(run_dir, "train"):
+            held = True
             try:
                 return _train(cfg, run_dir, t0)
             except (OSError, KeyboardInterrupt) as e:
@@ -368,8 +369,8 @@ def train(cfg: Config) -> RunResult:
                 if cfg.classifier.classifier in FINE_TUNING and ours:
                     e.add_note(RESUMABLE)
                 raise
-    finally:
-        if fresh is not None:  # stopped before writing a file (a data error, --fail-on-leak): no empty folder left
+    finally:  # stopped before writing a file (a data error, --fail-on-leak): no empty folder left; not by a train
+        if fresh is not None and held:  # refused because another holds the folder (it removed that one's lock)
             _remove_if_empty(made, fresh)
 
 

@@ -50,8 +50,8 @@ _held_here = threading.local()  # the folders this thread holds: a scrape's down
 
 @contextlib.contextmanager
 def moving_lock(root: Path) -> Iterator[None]:
-    """Hold ``root`` for one ``dedup --apply`` or ``--undo``, ``download`` or ``scrape``: a second one stops at
-    once (``FolderInUse``; two dedups at once reported dozens of failed moves, journaled too; two scrapes lost
+    """Hold ``root`` for one ``dedup --apply`` or ``--undo``, ``download``, ``scrape`` or review-app move: a
+    second one stops at once (``FolderInUse``; two dedups at once reported dozens of failed moves, journaled too; two scrapes lost
     each other's entries of urls.tsv and sources.tsv). Held again by the thread that holds it, it holds on.
     The lock file lies in the imgclf cache, not in the data folder; where it cannot be made or opened there,
     unguarded."""
@@ -67,7 +67,9 @@ def moving_lock(root: Path) -> Iterator[None]:
         yield
         return
     key = hashlib.sha256(real.encode()).hexdigest()[:16]
-    busy = f"another imgclf dedup --apply or --undo, download or scrape is changing {root}: wait for it to end"
+    busy = (
+        f"another imgclf dedup --apply or --undo, download, scrape or review app is changing {root}: wait for it to end"
+    )
     with held(folder / f"dedup-{key}.lock", busy, optional=True):
         _held_here.roots = holding | {real}
         try:
@@ -163,7 +165,8 @@ def move_no_overwrite(src: Path, dst: Path) -> None:
         os.link(src, dst)  # fails if dst exists
     except FileExistsError:
         if same_file(src, dst):
-            os.unlink(src)
+            with contextlib.suppress(FileNotFoundError):  # the other process finished it meanwhile
+                os.unlink(src)
             return
         raise FileExistsError(f"{dst} exists") from None
     except OSError:  # file system without hard links
@@ -173,6 +176,8 @@ def move_no_overwrite(src: Path, dst: Path) -> None:
         return
     try:
         os.unlink(src)
+    except FileNotFoundError:  # another process finished this very move (it found the file under both names):
+        return  # dst is the file's last name now, kept
     except OSError:  # the source folder cannot be changed: take the new link back, the file stays where it was
         os.unlink(dst)
         raise

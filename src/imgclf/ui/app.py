@@ -37,6 +37,7 @@ from imgclf.ui.labels import (
     safe_rel,
 )
 from imgclf.ui.thumbs import ThumbCache
+from imgclf.utils import FolderInUse
 
 BROWSER_FORMATS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp"})
 Page = Annotated[int, Query(ge=1)]
@@ -217,7 +218,8 @@ def create_app(
         return JSONResponse({"detail": str(e)}, status_code=409)
 
     @app.exception_handler(JournalFileError)
-    def _bad_journal(_: Request, e: JournalFileError) -> JSONResponse:
+    @app.exception_handler(FolderInUse)  # another review app, a dedup --apply or a download moving its files
+    def _bad_journal_or_busy(_: Request, e: Exception) -> JSONResponse:
         return JSONResponse({"detail": str(e)}, status_code=409)
 
     @app.exception_handler(FileNotFoundError)

@@ -23,7 +23,7 @@ from sklearn.model_selection import StratifiedKFold
 
 from imgclf.data.dataset import UNLABELED_DIR, class_name, composed, label_of, split_folders, subfolders
 from imgclf.data.io import IMAGE_EXTENSIONS, list_files
-from imgclf.datatools.journal import append_record, move_no_overwrite, read_journal, same_file
+from imgclf.datatools.journal import append_record, move_no_overwrite, moving_lock, read_journal, same_file
 from imgclf.utils import display_path, file_sha256, is_utf8
 
 log = logging.getLogger("imgclf")
@@ -178,7 +178,7 @@ class RelabelJournal:
                 f"class folder {folder.relative_to(self.root).as_posix()}/ leads outside the data folder through a "
                 "link: move the image by hand"
             )
-        with self._lock:
+        with self._lock, moving_lock(self.root):  # another app (or a dedup) on the folder: 409, not a race
             # checked under the lock: a concurrent request for the same image may have moved it meanwhile
             if not src.is_file():
                 raise MovedAwayError(gone)
@@ -217,7 +217,7 @@ class RelabelJournal:
         double click must not undo the move before it).
         """
         report = UndoReport()
-        with self._lock:
+        with self._lock, moving_lock(self.root):
             moves = self.active()
             if last_id is not None and (not moves or moves[-1]["id"] != last_id):
                 raise StaleUndoError(
