@@ -27,7 +27,7 @@ import numpy as np
 from imgclf.cli import build_parser, config_from_args, non_negative_int
 from imgclf.cli import main as imgclf_main
 from imgclf.config import DataConfig
-from imgclf.data.dataset import scan_dataset, split_folders
+from imgclf.data.dataset import DatasetError, scan_dataset, split_folders
 
 
 def _train(argv: list[str], out: Path) -> dict:
@@ -84,7 +84,9 @@ def cross_validate(data: str, k: int, seed: int, extra: list[str]) -> tuple[int,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(  # no abbreviations: `--seed 3` (train's seed, passed on) is not --seeds
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("data")
     parser.add_argument("--seeds", type=non_negative_int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument(
@@ -96,7 +98,15 @@ def main() -> None:
     if args.cv and args.cv < 2:
         parser.error("--cv needs at least 2 folds")
     if args.cv:
-        right, total = cross_validate(args.data, args.cv, args.cv_seed, extra)
+        if folders := split_folders(Path(args.data)) if Path(args.data).is_dir() else []:
+            parser.error(  # its folds would hold the test split's images: settings chosen on them
+                f"{args.data} has its own split ({', '.join(folders)}/): give its training folder to --cv "
+                f"({Path(args.data) / folders[0]})"
+            )
+        try:
+            right, total = cross_validate(args.data, args.cv, args.cv_seed, extra)
+        except DatasetError as e:
+            parser.error(str(e))
         print(f"{args.cv}-fold cross-validation: {right} of {total} right ({right / total:.4f})")
         return
     if (why := fixed_split(args.data, extra)) and len(set(args.seeds)) > 1:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -61,6 +62,7 @@ def run_fastai(data: Path, seed: int, epochs: int, backbone_name: str) -> tuple[
         Resize,
         accuracy,
         aug_transforms,
+        set_seed,
         vision_learner,
     )
 
@@ -77,6 +79,7 @@ def run_fastai(data: Path, seed: int, epochs: int, backbone_name: str) -> tuple[
     def get_y(path: Path) -> str:
         return label[path]
 
+    set_seed(seed, reproducible=True)  # fastai's shuffling and augmentation draw from Python's random too
     block = DataBlock(
         blocks=(ImageBlock, CategoryBlock),
         get_items=lambda _: items,
@@ -125,15 +128,16 @@ def main() -> None:
     except ImportError:
         print("fastai is not installed (pip install fastai); nothing to compare against.")
         return
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads or os.cpu_count() or 1  # both sides alike (imgclf's --workers sets its torch threads)
+    torch.set_num_threads(threads)
     np.random.seed(args.split_seed)
     with tempfile.TemporaryDirectory() as tmp:
-        train_args = ["--backbone", args.backbone, *args.train_args]
+        train_args = ["--backbone", args.backbone, "--workers", str(threads), *args.train_args]
         ours = run_imgclf(args.data, Path(tmp) / "imgclf", args.split_seed, args.epochs, train_args)
     theirs = run_fastai(args.data, args.split_seed, args.epochs, args.backbone)
     print(
-        f"{'':8} {'accuracy':>9} {'wall s':>8}   ({args.backbone}, split seed {args.split_seed}, {args.epochs} epochs)"
+        f"{'':8} {'accuracy':>9} {'wall s':>8}   ({args.backbone}, split seed {args.split_seed}, {args.epochs} epochs, "
+        f"CPU, {threads} threads)"
     )
     for name, (acc, secs) in (("imgclf", ours), ("fastai", theirs)):
         print(f"{name:8} {acc:9.4f} {secs:8.1f}")

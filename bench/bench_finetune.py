@@ -20,6 +20,7 @@ autocast on GPUs with native bf16 (Ampere and newer), fp32 on the CPU and older 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -166,8 +167,8 @@ def main() -> None:
         ds = scan_dataset(DataConfig(data_root=args.data)) if args.data else None
     except DatasetError as e:
         ap.error(str(e))
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads or os.cpu_count() or 1  # the trainer's too (its --workers sets its torch threads)
+    torch.set_num_threads(threads)
     devices = [torch.device("cpu")] if args.devices in ("all", "cpu") else []
     if args.devices in ("all", "cuda") and torch.cuda.is_available():
         devices.append(torch.device("cuda"))
@@ -186,6 +187,7 @@ def main() -> None:
                 precision=args.precision,
                 device=device.type,
                 compile=args.compile,
+                workers=threads,
                 out=Path(tmp) / "run",
             )
             batches = args.batches or (8 if device.type == "cpu" else 200)

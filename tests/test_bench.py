@@ -67,6 +67,27 @@ def test_bench_refuses_a_missing_data_folder(
     assert f"{script}: error: data folder not found: {missing}" in capsys.readouterr().err
 
 
+def test_accuracy_cv_refuses_a_test_split_a_missing_folder_and_abbreviations(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--cv` on a data set's root cross-validated over its val/ (test) images; on a missing folder it gave a
+    traceback; `--seed 3` (train's seed) was taken as --seeds 3."""
+    data = tmp_path / "hym"
+    for part in ("train", "val"):
+        make_folder(data / part, classes=("a", "b"), n=2)
+    assert bench_main("accuracy.py", [str(data), "--cv", "2"], monkeypatch) == 2
+    assert f"has its own split (train, val/): give its training folder to --cv ({data / 'train'})" in (
+        capsys.readouterr().err
+    )
+    assert bench_main("accuracy.py", [str(tmp_path / "missing"), "--cv", "2"], monkeypatch) == 2
+    assert "accuracy.py: error: data folder not found" in capsys.readouterr().err
+    accuracy, runs = bench_module("accuracy"), []
+    monkeypatch.setattr(accuracy, "run", lambda data, seeds, extra: runs.append((seeds, extra)) or [0.5] * len(seeds))
+    monkeypatch.setattr(sys, "argv", ["accuracy.py", str(data / "train"), "--seed", "3"])
+    accuracy.main()
+    assert runs == [([0, 1, 2, 3, 4], ["--seed", "3"])]  # passed on to train, not read as --seeds
+
+
 @pytest.mark.parametrize(
     ("script", "flag", "args"),
     [

@@ -153,7 +153,7 @@ def test_a_second_apply_or_undo_at_once_stops_before_moving(data: Path, capsys: 
         for command in (["--apply"], ["--undo"]):
             assert main(["dedup", str(data), "--max-distance", "4", *command]) == 2
             assert (
-                f"another imgclf dedup --apply or --undo, download or scrape is changing {data}"
+                f"another imgclf dedup --apply or --undo, download, scrape or review app is changing {data}"
                 in capsys.readouterr().err
             )
         for call in (lambda: undo(data), lambda: quarantine(data, [])):  # from Python too

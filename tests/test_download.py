@@ -146,9 +146,9 @@ def test_images_removed_since_they_were_downloaded_are_not_fetched_again(
     assert run_cli(["download", str(urls), "--out", str(out), "--refetch-removed"]) == 0
     assert "downloaded 1, already present 2" in capsys.readouterr().out and gone.exists()
     with held_elsewhere(out):  # while a scrape, download or dedup --apply runs; from Python too
-        with pytest.raises(FolderInUse, match="download or scrape is changing"):
+        with pytest.raises(FolderInUse, match="download, scrape or review app is changing"):
             run_cli(["download", str(urls), "--out", str(out)])
-        with pytest.raises(FolderInUse, match="download or scrape is changing"):
+        with pytest.raises(FolderInUse, match="download, scrape or review app is changing"):
             download(read_url_list(urls), out, DataToolsConfig(), progress=False)
     theirs = tmp_path / "theirs"
     theirs.mkdir()
