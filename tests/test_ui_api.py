@@ -423,6 +423,23 @@ def test_undo_last_undoes_only_the_move_the_page_saw(tmp_path: Path) -> None:
     assert sha_map(root) == before
 
 
+def test_a_move_cut_by_a_crash_is_finished_when_the_app_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed between a move's link and unlink, the image was listed in both classes after a restart, and moving
+    the copy still shown in its old class made a second file of it."""
+    from imgclf.ui import labels
+
+    root = make_folder(tmp_path / "d", classes=("a", "b"), n=2)
+    monkeypatch.setattr(labels, "move_no_overwrite", lambda src, dst: os.link(src, dst))  # cut after the link
+    RelabelJournal(root).move("a/a_00.jpg", "b", ["a", "b"])
+    monkeypatch.undo()
+    assert (root / "a" / "a_00.jpg").is_file() and (root / "b" / "a_00.jpg").is_file()
+    with Server(create_app(root, analyse_on_start=False)) as server:
+        assert httpx.get(server.url + "/api/info").json()["counts"] == {"a": 1, "b": 3}
+    assert not (root / "a" / "a_00.jpg").exists() and (root / "b" / "a_00.jpg").is_file()
+    RelabelJournal(root).undo()
+    assert (root / "a" / "a_00.jpg").is_file() and not (root / "b" / "a_00.jpg").exists()
+
+
 def test_a_folder_another_process_changes_is_not_moved_in(tmp_path: Path) -> None:
     """Two review apps (or an app and a dedup --apply) on one folder raced: both moved the same image, and the
     one that found it gone took back the other's new name, the file's last one (images lost)."""

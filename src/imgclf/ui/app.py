@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from importlib import resources
@@ -39,6 +40,7 @@ from imgclf.ui.labels import (
 from imgclf.ui.thumbs import ThumbCache
 from imgclf.utils import FolderInUse
 
+log = logging.getLogger("imgclf")
 BROWSER_FORMATS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp"})
 Page = Annotated[int, Query(ge=1)]
 PerPage = Annotated[int, Query(ge=1, le=500)]
@@ -178,6 +180,9 @@ def create_app(
     cfg = cfg or Config()
     index = ImageIndex(root)
     journal = RelabelJournal(root)
+    with contextlib.suppress(FolderInUse, JournalFileError):  # another process moving files: it finishes them
+        if finished := journal.finish_cut_moves():
+            log.info("finished %d move(s) cut short by a crash: %s", len(finished), ", ".join(finished[:5]))
     max_pixels = cfg.data.max_image_pixels
     thumbs = thumbs or ThumbCache(cfg.features.cache_dir / "thumbs" if cfg.features.cache_dir else None)
     results = RunResults.load(Path(run_dir)) if run_dir is not None else None

@@ -7,6 +7,7 @@ the target folder gets a free ``-1``, ``-2``... suffix, recorded in the journal.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -209,6 +210,23 @@ class RelabelJournal:
                     raise
                 return record
         raise RelabelError(f"could not find a free name for {src.name} in {label}/")
+
+    def finish_cut_moves(self) -> list[str]:
+        """Finish the moves a crash cut between their two steps (the file under both names: listed in both
+        classes, and moved again it would be copied), as a ``dedup`` re-run finishes its own; the paths
+        whose move was finished."""
+        finished = []
+        with self._lock, moving_lock(self.root):
+            for rec in self.active():
+                try:
+                    src, dst = safe_rel(self.root, rec["from"]), safe_rel(self.root, rec["to"])
+                except UnsafePathError:
+                    continue
+                if same_file(src, dst):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(src)
+                    finished.append(rec["from"])
+        return finished
 
     def undo(self, everything: bool = False, last_id: str | None = None) -> UndoReport:
         """Move back the last move not undone yet (or all of them, newest first).
