@@ -69,10 +69,13 @@ def cv_folds(data: str, k: int, seed: int) -> list[list[str]]:
     return [sorted(f) for f in folds]
 
 
-def cross_validate(data: str, k: int, seed: int, extra: list[str]) -> tuple[int, int]:
+def cross_validate(data: str, k: int, seed: int, extra: list[str]) -> tuple[int, int, int]:
+    """Images right, images dealt into the folds, and those of them no fold scored (train left them out: a class
+    with no training image in that fold, an unreadable file), which count as wrong."""
     right = total = 0
+    folds = cv_folds(data, k, seed)
     with tempfile.TemporaryDirectory() as tmp:
-        for i, fold in enumerate(cv_folds(data, k, seed)):
+        for i, fold in enumerate(folds):
             listing = Path(tmp) / f"fold{i}.txt"
             listing.write_text("\n".join(fold) + "\n")
             t = time.perf_counter()
@@ -80,7 +83,8 @@ def cross_validate(data: str, k: int, seed: int, extra: list[str]) -> tuple[int,
             n_right = round(m["overall_accuracy"] * m["n_test"])
             right, total = right + n_right, total + m["n_test"]
             print(f"fold {i}: {n_right} of {m['n_test']} right ({time.perf_counter() - t:.0f} s)", flush=True)
-    return right, total
+    listed = sum(map(len, folds))
+    return right, listed, listed - total
 
 
 def main() -> None:
@@ -104,10 +108,11 @@ def main() -> None:
                 f"({Path(args.data) / folders[0]})"
             )
         try:
-            right, total = cross_validate(args.data, args.cv, args.cv_seed, extra)
+            right, total, unscored = cross_validate(args.data, args.cv, args.cv_seed, extra)
         except DatasetError as e:
             parser.error(str(e))
-        print(f"{args.cv}-fold cross-validation: {right} of {total} right ({right / total:.4f})")
+        left = f"; {unscored} not scored (left out by train: see the folds' logs), counted as wrong" if unscored else ""
+        print(f"{args.cv}-fold cross-validation: {right} of {total} right ({right / total:.4f}){left}")
         return
     if (why := fixed_split(args.data, extra)) and len(set(args.seeds)) > 1:
         parser.error(

@@ -81,7 +81,13 @@ def test_accuracy_cv_refuses_a_test_split_a_missing_folder_and_abbreviations(
     )
     assert bench_main("accuracy.py", [str(tmp_path / "missing"), "--cv", "2"], monkeypatch) == 2
     assert "accuracy.py: error: data folder not found" in capsys.readouterr().err
-    accuracy, runs = bench_module("accuracy"), []
+    accuracy = bench_module("accuracy")  # an image train leaves out (the one image of a class) counts as wrong
+    monkeypatch.setattr(accuracy, "_train", lambda argv, out: {"overall_accuracy": 1.0, "n_test": 2})
+    monkeypatch.setattr(sys, "argv", ["accuracy.py", str(data / "train"), "--cv", "2"])
+    make_folder(data / "train", classes=("solo",), n=1)
+    accuracy.main()
+    assert "2-fold cross-validation: 4 of 5 right (0.8000); 1 not scored (left out by train" in capsys.readouterr().out
+    runs: list[tuple[list[int], list[str]]] = []
     monkeypatch.setattr(accuracy, "run", lambda data, seeds, extra: runs.append((seeds, extra)) or [0.5] * len(seeds))
     monkeypatch.setattr(sys, "argv", ["accuracy.py", str(data / "train"), "--seed", "3"])
     accuracy.main()
