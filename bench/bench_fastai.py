@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ from imgclf.cli import main as imgclf_main
 from imgclf.cli import non_negative_int, positive_int
 from imgclf.config import Config
 from imgclf.data.dataset import make_split, scan_dataset
+from imgclf.utils import cpu_count
 
 
 def run_imgclf(data: Path, out: Path, seed: int, epochs: int, extra: list[str]) -> tuple[float, float]:
@@ -128,7 +128,7 @@ def main() -> None:
     except ImportError:
         print("fastai is not installed (pip install fastai); nothing to compare against.")
         return
-    threads = args.threads or os.cpu_count() or 1  # both sides alike (imgclf's --workers sets its torch threads)
+    threads = args.threads or cpu_count()  # a container's quota too; both sides (imgclf's --workers: its threads)
     torch.set_num_threads(threads)
     np.random.seed(args.split_seed)
     with tempfile.TemporaryDirectory() as tmp:

@@ -20,7 +20,6 @@ autocast on GPUs with native bf16 (Ampere and newer), fp32 on the CPU and older 
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -167,7 +166,7 @@ def main() -> None:
         ds = scan_dataset(DataConfig(data_root=args.data)) if args.data else None
     except DatasetError as e:
         ap.error(str(e))
-    threads = args.threads or os.cpu_count() or 1  # the trainer's too (its --workers sets its torch threads)
+    threads = args.threads or cpu_count()  # a container's quota too; the trainer's also (its --workers)
     torch.set_num_threads(threads)
     devices = [torch.device("cpu")] if args.devices in ("all", "cpu") else []
     if args.devices in ("all", "cuda") and torch.cuda.is_available():

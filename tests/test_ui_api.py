@@ -473,6 +473,19 @@ def test_a_move_finished_by_another_process_keeps_the_file(tmp_path: Path, monke
     monkeypatch.setattr(os, "link", link_then_the_other_finishes)
     journal.move_no_overwrite(src, dst)
     assert dst.read_bytes() == b"the only copy" and not src.exists()
+    # the other moved it to a name of its own meanwhile (another class, or a free name): this one's is taken back
+    other = tmp_path / "b" / "x-1.jpg"
+
+    def link_then_the_other_moves_it_elsewhere(a: object, b: object) -> None:
+        real_link(a, b)
+        real_link(a, other)
+        os.unlink(a)
+
+    monkeypatch.setattr(os, "link", link_then_the_other_moves_it_elsewhere)
+    with pytest.raises(FileNotFoundError, match="moved meanwhile by another process"):
+        journal.move_no_overwrite(dst, tmp_path / "c" / "x.jpg")
+    assert other.read_bytes() == b"the only copy" and os.stat(other).st_nlink == 1
+    assert not dst.exists() and not (tmp_path / "c" / "x.jpg").exists()
 
 
 def test_two_moves_of_one_image_at_once_move_it_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

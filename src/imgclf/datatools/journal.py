@@ -7,6 +7,7 @@ The journal (``journal.jsonl``, one JSON record a line) is appended before each 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import inspect
@@ -162,6 +163,7 @@ def move_no_overwrite(src: Path, dst: Path) -> None:
     cut short earlier (the file under both names) is finished."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
+        names = os.stat(src).st_nlink
         os.link(src, dst)  # fails if dst exists
     except FileExistsError:
         if same_file(src, dst):
@@ -176,8 +178,11 @@ def move_no_overwrite(src: Path, dst: Path) -> None:
         return
     try:
         os.unlink(src)
-    except FileNotFoundError:  # another process finished this very move (it found the file under both names):
-        return  # dst is the file's last name now, kept
+    except FileNotFoundError:  # another process moved the file meanwhile: to this dst (it found the file under
+        if os.stat(dst).st_nlink > names:  # both names and finished the move: dst, its last name, is kept), or
+            os.unlink(dst)  # to a name of its own: this one is taken back, the file is there
+            raise FileNotFoundError(errno.ENOENT, "moved meanwhile by another process", str(src)) from None
+        return
     except OSError:  # the source folder cannot be changed: take the new link back, the file stays where it was
         os.unlink(dst)
         raise

@@ -53,6 +53,7 @@ EpochHook = Callable[[int, dict[str, float]], None]
 # parameters' bytes (gradients, AdamW's two moments, the copies each checkpoint is written from; measured 9-12)
 STEP_MEMORY_FACTOR = 1.1
 STATE_COPIES = 12
+FROZEN_COPIES = 3  # a frozen parameter has no gradient or moments: itself, and the copies a checkpoint is made of
 CGROUP = Path("/sys/fs/cgroup")  # a container's own cgroup (v2): its memory limit, below the machine's
 OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "not enough memory")  # PyTorch's (CUDA, MPS, CPU)
 
@@ -320,6 +321,8 @@ class StepMemory:
             return f"lower --ft-batch-size (now {batch}) or --resolution"
         if fits >= 2:
             return f"--ft-batch-size {fits} fits (or lower --resolution)"
+        if not room:  # the network and its training state alone: no image size helps
+            return "the network itself does not fit: a smaller --backbone, or --freeze-backbone"
         side = int(self.resolution * math.sqrt(room / (2 * self.per_image))) // 32 * 32  # memory goes with pixels
         fits = f" (--resolution {side} fits with --ft-batch-size 2)" if side >= 32 else ""
         return f"even --ft-batch-size 2 does not fit: lower --resolution{fits}"
@@ -354,8 +357,8 @@ def available_memory(device: torch.device) -> tuple[int, int] | tuple[None, None
 def step_memory(model: Classifier, resolution: int, bf16: bool, device: torch.device) -> StepMemory:
     """Estimate what a training step needs from one image's forward pass through the backbone (as it is, in eval
     mode: no random draw) at ``resolution``: the bytes autograd keeps for the backward, parameters not counted (a
-    frozen part keeps none), x :data:`STEP_MEMORY_FACTOR` per image, plus :data:`STATE_COPIES` x the parameters'
-    bytes. On the CPU it came within 8 % of the measured peak resident memory (see docs/finetuning.md)."""
+    frozen part keeps none), x :data:`STEP_MEMORY_FACTOR` per image, plus :data:`STATE_COPIES` x the trainable
+    parameters' bytes and :data:`FROZEN_COPIES` x the frozen ones'. On the CPU it came within 8 % of the measured peak resident memory (see docs/finetuning.md)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
 
@@ -372,7 +375,9 @@ def step_memory(model: Classifier, resolution: int, bf16: bool, device: torch.de
     ):
         model.backbone(torch.zeros(1, 3, resolution, resolution, device=on))
     per_image = max(1, round(sum(saved.values()) * STEP_MEMORY_FACTOR))  # a frozen backbone keeps nothing
-    fixed = STATE_COPIES * sum(p.numel() * p.element_size() for p in model.parameters())
+    fixed = sum(  # a frozen part (--freeze-backbone) needs no gradients nor AdamW's moments
+        (STATE_COPIES if p.requires_grad else FROZEN_COPIES) * p.numel() * p.element_size() for p in model.parameters()
+    )
     return StepMemory(per_image, fixed, resolution, *available_memory(device))
 
 
