@@ -579,7 +579,8 @@ class Config(BaseModel):
                 for section, name in found:
                     raw[section].pop(name, None)
                     dropped.append(f"{section}.{name}")
-        said = f"{source}: settings this imgclf does not know or accept (the run was made by another version), their defaults used instead: "
+        said = f"{source}: settings this imgclf does not know or accept (the run was made by another version), "
+        said += "their defaults used instead: "
         said += ", ".join(dropped)
         if dropped and said not in _warned:  # evaluate and predict read the run's configuration twice
             _warned.add(said)

@@ -52,10 +52,10 @@ _held_here = threading.local()  # the folders this thread holds: a scrape's down
 @contextlib.contextmanager
 def moving_lock(root: Path) -> Iterator[None]:
     """Hold ``root`` for one ``dedup --apply`` or ``--undo``, ``download``, ``scrape`` or review-app move: a
-    second one stops at once (``FolderInUse``; two dedups at once reported dozens of failed moves, journaled too; two scrapes lost
-    each other's entries of urls.tsv and sources.tsv). Held again by the thread that holds it, it holds on.
-    The lock file lies in the imgclf cache, not in the data folder; where it cannot be made or opened there,
-    unguarded."""
+    second one stops at once (``FolderInUse``; two dedups at once reported dozens of failed moves, journaled too;
+    two scrapes lost each other's entries of urls.tsv and sources.tsv; two review apps, images). Held again by the
+    thread that holds it, it holds on. The lock file lies in the imgclf cache, not in the data folder; where it
+    cannot be made or opened there, unguarded."""
     real = os.path.realpath(root)
     holding: frozenset[str] = getattr(_held_here, "roots", frozenset())
     folder = default_cache_dir() / "locks"

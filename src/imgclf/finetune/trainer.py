@@ -358,7 +358,8 @@ def step_memory(model: Classifier, resolution: int, bf16: bool, device: torch.de
     """Estimate what a training step needs from one image's forward pass through the backbone (as it is, in eval
     mode: no random draw) at ``resolution``: the bytes autograd keeps for the backward, parameters not counted (a
     frozen part keeps none), x :data:`STEP_MEMORY_FACTOR` per image, plus :data:`STATE_COPIES` x the trainable
-    parameters' bytes and :data:`FROZEN_COPIES` x the frozen ones'. On the CPU it came within 8 % of the measured peak resident memory (see docs/finetuning.md)."""
+    parameters' bytes and :data:`FROZEN_COPIES` x the frozen ones'. On the CPU it came within 8 % of the measured
+    peak resident memory (see docs/finetuning.md)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
 

@@ -381,19 +381,19 @@ def create_app(
     def analysis_start() -> dict[str, Any]:
         return dict(analyzer.status(), started=analyzer.start())
 
+    def with_why(kind: Literal["skipped", "unchecked"], page: int, per_page: int) -> dict[str, Any]:
+        reasons: dict[str, str] = getattr(analyzer.result, kind, {})
+        return _page([{"path": p, "reason": why} for p, why in sorted(reasons.items())], page, per_page)
+
     @app.get("/api/skipped")
     def skipped(page: Page = 1, per_page: PerPage = 50) -> dict[str, Any]:
         """The images the last analysis could not read or decode, with why."""
-        r = analyzer.result
-        return _page([{"path": p, "reason": why} for p, why in sorted(r.skipped.items())] if r else [], page, per_page)
+        return with_why("skipped", page, per_page)
 
     @app.get("/api/unchecked")
     def unchecked(page: Page = 1, per_page: PerPage = 50) -> dict[str, Any]:
         """The labelled images the last analysis could not cross-check (the only image of their class), with why."""
-        r = analyzer.result
-        return _page(
-            [{"path": p, "reason": why} for p, why in sorted(r.unchecked.items())] if r else [], page, per_page
-        )
+        return with_why("unchecked", page, per_page)
 
     def scored(kind: Literal["suspects", "unlabeled"], page: int, per_page: int) -> dict[str, Any]:
         r = analyzer.result
