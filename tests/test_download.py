@@ -1,6 +1,7 @@
 import hashlib
 import io
 import logging
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -386,7 +387,9 @@ def test_ctrl_c_stops_at_once_and_records_what_was_stored(
     cfg = FAST.model_copy(update={"download_workers": 2, "timeout_s": 30.0, "retries": 3})
     sent: list[float] = []
 
-    def ctrl_c_once_both_workers_wait(run: object, seen: int) -> int:  # each took a fast entry, then a slow one
+    def ctrl_c_once_both_workers_wait(
+        run: object, seen: int, timeout: float
+    ) -> int:  # each took a fast entry, then a slow one
         while server.hits["/slow0.jpg"] + server.hits["/slow1.jpg"] < 2:
             time.sleep(0.01)
         sent.append(time.perf_counter())
@@ -409,6 +412,28 @@ def test_ctrl_c_stops_at_once_and_records_what_was_stored(
     again = download(fast + slow, out, cfg, progress=False)  # the same command resumes
     assert [o.status for o in again.outcomes] == ["exists"] * 2 + ["downloaded"] * 4
     assert len(_read_tsv(out / SOURCES_FILE)) == 6
+
+
+def test_sources_are_saved_during_the_run(server: FakeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A run killed while one download hangs keeps the sources of the files it stored before."""
+    import imgclf.datatools.download as dl
+
+    monkeypatch.setattr(dl, "SOURCES_EVERY_S", 0.05)
+    fast = [UrlEntry("x", server.image(f"/f{i}.jpg", make_image(61 + i))) for i in range(2)]
+    slow = UrlEntry("y", server.add("/slow.jpg", Route("slow", make_image(63), delay=3)))
+    out = tmp_path / "d"
+    cfg = FAST.model_copy(update={"download_workers": 1, "timeout_s": 30.0})
+    worker = threading.Thread(target=download, args=([*fast, slow], out, cfg), kwargs={"progress": False})
+    worker.start()
+    deadline = time.monotonic() + 2.5
+    while time.monotonic() < deadline and not (
+        (out / SOURCES_FILE).is_file() and len(_read_tsv(out / SOURCES_FILE)) == 2
+    ):
+        time.sleep(0.02)
+    assert worker.is_alive()  # the slow image is still being sent
+    assert sorted(r["url"] for r in _read_tsv(out / SOURCES_FILE)) == sorted(e.url for e in fast)
+    worker.join()
+    assert len(_read_tsv(out / SOURCES_FILE)) == 3
 
 
 def test_large_images_are_decoded_one_at_a_time(server: FakeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

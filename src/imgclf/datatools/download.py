@@ -34,6 +34,7 @@ log = logging.getLogger("imgclf")
 SOURCES_FILE = "sources.tsv"
 FAILURES_FILE = "download_failures.tsv"
 URL_LIST_FILE = "urls.tsv"  # scrape's
+SOURCES_EVERY_S = 10.0  # sources.tsv is brought up to date this often during a download (a killed run keeps it)
 # Files the data tools write beside the class folders: no class folder may take their names.
 REPORT_FILES = (SOURCES_FILE, FAILURES_FILE, URL_LIST_FILE, REPORT_CSV, REPORT_HTML)
 SOURCES_COLUMNS = ("file", "label", "url", "source_page", "licence", "creator", "title", "note")
@@ -409,13 +410,20 @@ class _Run:
             self._cond.notify_all()
             return not self._workers
 
-    def wait(self, seen: int) -> int:
-        """Wait for more than ``seen`` outcomes (or no worker left); the number of outcomes."""
+    def wait(self, seen: int, timeout: float) -> tuple[int, bool]:
+        """Wait up to ``timeout`` s for more than ``seen`` outcomes; the number of outcomes, and whether a
+        worker is left."""
+        end = time.monotonic() + timeout
         with self._cond:
-            while len(self.outcomes) <= seen and self._workers:
+            while len(self.outcomes) <= seen and self._workers and (left := end - time.monotonic()) > 0:
                 # woken at times, so that a Ctrl-C the system handed to a worker thread is acted on at once
-                self._cond.wait(0.2)
-            return len(self.outcomes)
+                self._cond.wait(min(left, 0.2))
+            return len(self.outcomes), bool(self._workers)
+
+    def so_far(self) -> list[Outcome]:
+        """The outcomes kept so far."""
+        with self._cond:
+            return list(self.outcomes.values())
 
     def halt(self) -> dict[str, Outcome]:
         """Stop: no file is written after this returns; the outcomes kept, by URL."""
@@ -511,7 +519,8 @@ def download(
     """Download every entry into ``out/<label>/``; write ``sources.tsv`` and ``download_failures.tsv`` there.
 
     Files already present are skipped (the run resumes), never overwritten, also where they were moved to
-    another class folder or quarantined; each URL is fetched once. On Ctrl-C, no request is started or
+    another class folder or quarantined; each URL is fetched once. ``sources.tsv`` is also brought up to date
+    every ``SOURCES_EVERY_S`` seconds, so that the files of a killed run keep their sources. On Ctrl-C, no request is started or
     retried any more, requests under way are abandoned (the workers are daemon threads), the reports are
     written for the files stored so far and DownloadInterrupted is raised.
     """
@@ -540,11 +549,16 @@ def download(
                 threading.Thread(target=_work, args=args, name=f"imgclf-download-{i}", daemon=True).start()
         bar_off = None if progress else True  # None: on where the output is a terminal
         with tqdm(total=len(todo), unit="img", desc="download", disable=bar_off) as bar:
-            done = 0
-            while done < len(todo) and (now := run.wait(done)) > done:  # not more: no worker is left
+            done = saved = 0
+            last_save, working = time.monotonic(), True
+            while done < len(todo) and working:
+                now, working = run.wait(done, SOURCES_EVERY_S)
                 bar.set_postfix(failed=run.failed, refresh=False)
                 bar.update(now - done)
                 done = now
+                if done > saved and time.monotonic() - last_save >= SOURCES_EVERY_S:
+                    _update_sources(out, sources, run.so_far())  # what a killed run stored keeps its source
+                    saved, last_save = done, time.monotonic()
     except KeyboardInterrupt:
         interrupted = True
     results = run.halt()
