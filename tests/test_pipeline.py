@@ -707,6 +707,26 @@ def test_a_backbone_from_a_weights_file_travels_in_the_bundle(run, tmp_path):
         bundle.build_backbone()
 
 
+def test_a_class_folder_renamed_during_the_run_stops_it(tmp_path, monkeypatch):
+    """A class whose images are all gone since the scan (its folder renamed while features were extracted) is
+    a message, not a model that never predicts it with an accuracy over the other classes."""
+    from helpers import make_folder
+
+    data = tmp_path / "data"
+    make_folder(data, classes=("a", "b", "c"), n=6)
+    extract = FeatureExtractor.extract
+
+    def rename_first(self, paths, desc=""):
+        if (data / "c").is_dir():
+            (data / "c").rename(data / "c2")
+        return extract(self, paths, desc=desc)
+
+    monkeypatch.setattr(FeatureExtractor, "extract", rename_first)
+    with pytest.raises(DatasetError, match=r"images of class 'c' are gone since .* \(e\.g\. .*c_0.\.jpg\): was its"):
+        train(Config().updated(data_root=data, out=tmp_path / "r", tracking=False, **FAST))
+    assert sorted(p.name for p in (data / "c2").iterdir()) == [f"c_{i:02d}.jpg" for i in range(6)]  # nothing lost
+
+
 def test_images_that_pass_the_scan_but_cannot_be_decoded(tmp_path, caplog):
     """A class whose every training image is cut short is never predicted (the run goes on and says so);
     a test split that no image of can be read is a message before the classifier is fitted."""

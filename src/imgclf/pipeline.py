@@ -533,6 +533,13 @@ def _train(cfg: Config, run_dir: Path, t0: float) -> RunResult:
             len(test_idx),
         )
     for c in sorted(set(range(len(ds.classes))) - set(ds.labels[train_idx].tolist())):
+        paths = [ds.path(s) for s in ds.samples if s.label == c]
+        if not any(p.exists() for p in paths):  # not unreadable: gone, e.g. its folder renamed during the run
+            raise DatasetError(
+                f"the images of class {ds.classes[c]!r} are gone since the data folder was listed (e.g. "
+                f"{display_path(paths[0])}): was its folder moved, renamed or deleted during the run? Train again "
+                "once the data folder is as it should be"
+            )
         log.warning(
             "warning: class %r has no training image that could be read: it is never predicted (its unreadable "
             "images are listed as skipped; replace them)",
