@@ -11,6 +11,14 @@ from sklearn.metrics import roc_auc_score
 from imgclf.evaluation.metrics import compute_metrics, roc_curves
 
 
+def _kept_figures(monkeypatch: pytest.MonkeyPatch) -> list[Figure]:
+    """The figures saved from now on (to look into once drawn)."""
+    figs: list[Figure] = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: figs.append(fig) or save(fig, *a, **k))
+    return figs
+
+
 def test_known_values():
     classes = ["a", "b", "c"]
     y = np.array([0, 0, 0, 0, 1, 1, 2, 2])
@@ -49,14 +57,10 @@ def test_binary_and_missing_class():
 
 def test_evaluation_figure_stays_readable_with_many_classes(monkeypatch: pytest.MonkeyPatch):
     """Above a dozen classes only the five lowest-AUC ROC curves get a legend entry, and the figure grows."""
-    import matplotlib.pyplot as plt
-
     from imgclf.evaluation.report import evaluation_figure
 
     rng = np.random.default_rng(0)
-    figs: list = []
-    close = plt.close
-    monkeypatch.setattr(plt, "close", figs.append)  # keep the figures to look into
+    figs = _kept_figures(monkeypatch)
     for k in (3, 20):
         classes = [f"class{i:02d}" for i in range(k)]
         y = np.repeat(np.arange(k), 4)
@@ -73,8 +77,6 @@ def test_evaluation_figure_stays_readable_with_many_classes(monkeypatch: pytest.
         ]
     small, large = (f.get_size_inches() for f in figs[::2])
     assert large[0] > small[0] and large[1] > small[1]
-    for f in figs:
-        close(f)
 
 
 def test_printed_summary_lists_the_least_accurate_classes_when_there_are_many():
@@ -96,8 +98,6 @@ def test_printed_summary_lists_the_least_accurate_classes_when_there_are_many():
 def test_class_names_are_drawn_literally(monkeypatch: pytest.MonkeyPatch):
     """Dollar signs (mathtext), a leading underscore (matplotlib's "leave out of the legend") and the
     averages' own names are drawn as written, as every other class name."""
-    import matplotlib.pyplot as plt
-
     from imgclf.evaluation.report import evaluation_figure
 
     classes = ["cash$$", "$100_$200", "$x^2$", "_tmp", "micro", "macro"]
@@ -105,9 +105,7 @@ def test_class_names_are_drawn_literally(monkeypatch: pytest.MonkeyPatch):
     scores = np.random.default_rng(0).dirichlet(np.ones(len(classes)), len(y)) + np.eye(len(classes))[y]
     scores /= scores.sum(1, keepdims=True)
     m = compute_metrics(y, scores, classes)
-    figs: list = []
-    close = plt.close
-    monkeypatch.setattr(plt, "close", figs.append)
+    figs = _kept_figures(monkeypatch)
     evaluation_figure(y, scores, m)  # drawn, not a ParseException
     ax_roc, ax_cm = figs[0].axes
     legend = ax_roc.get_legend().get_texts()
@@ -118,7 +116,6 @@ def test_class_names_are_drawn_literally(monkeypatch: pytest.MonkeyPatch):
     ticks = [*ax_cm.get_xticklabels(), *ax_cm.get_yticklabels()]
     assert [t.get_text() for t in ticks] == classes * 2
     assert not any(t.get_parse_math() for t in [*legend, *ticks])
-    close(figs[0])
 
 
 def test_classes_named_micro_and_macro_keep_their_own_auc():
@@ -197,18 +194,15 @@ LONG = "a_very_long_class_name_" + "L" * 150  # 173 characters: a folder name ca
 
 
 def _figure(classes: list[str], monkeypatch: pytest.MonkeyPatch) -> tuple[Figure, bytes, list[str]]:
-    """The evaluation figure of ``classes`` (kept open: close it), its PNG and the warnings drawing it raised."""
-    import matplotlib.pyplot as plt
-
+    """The evaluation figure of ``classes``, its PNG and the warnings drawing it raised."""
     from imgclf.evaluation.report import evaluation_figure
 
     k = len(classes)
     y = np.repeat(np.arange(k), 3)
     scores = np.random.default_rng(0).dirichlet(np.ones(k), len(y)) + np.eye(k)[y]
     scores /= scores.sum(1, keepdims=True)
-    figs: list = []
     with monkeypatch.context() as patch, warnings.catch_warnings(record=True) as caught:
-        patch.setattr(plt, "close", figs.append)
+        figs = _kept_figures(patch)
         warnings.simplefilter("always")
         png = evaluation_figure(y, scores, compute_metrics(y, scores, classes))
     return figs[0], png, [str(w.message) for w in caught]
@@ -217,8 +211,6 @@ def _figure(classes: list[str], monkeypatch: pytest.MonkeyPatch) -> tuple[Figure
 def test_figure_labels_of_long_class_names_are_shortened_and_unique(monkeypatch: pytest.MonkeyPatch):
     """A 173-character class name ran off the figure: class names are shortened in the middle, to 24 columns
     (a CJK character takes two), and names alike at both ends keep more of the middle until they differ."""
-    import matplotlib.pyplot as plt
-
     from imgclf.evaluation.report import LABEL_COLUMNS, short_labels
 
     alike = [LONG + "_A" + "x" * 20, LONG + "_B" + "x" * 20]  # the same but for one character in the middle
@@ -236,19 +228,18 @@ def test_figure_labels_of_long_class_names_are_shortened_and_unique(monkeypatch:
     assert ticks == [t.get_text() for t in ax_cm.get_yticklabels()] == short
     legend = [t.get_text() for t in ax_roc.get_legend().get_texts()]
     assert [entry.rsplit(" (AUC", 1)[0] for entry in legend] == [*short, "micro-average"]
-    plt.close(fig)
 
 
 @pytest.mark.parametrize("k", [3, 40])
 def test_figure_panels_do_not_overlap_and_draw_without_warnings(k: int, monkeypatch: pytest.MonkeyPatch):
     """Long and CJK class names: tight_layout gave up ("Tight layout not applied"), the legend ran off the left
     edge and the matrix's class names into the ROC panel, and each character DejaVu Sans lacks was a warning."""
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     names = [LONG, "日本語クラス", "emoji_🐝_bee", *(f"class_{i:03d}_" + "z" * i for i in range(k - 3))]
     fig, png, caught = _figure(names, monkeypatch)
     assert caught == []
-    renderer = fig.canvas.get_renderer()
+    renderer = FigureCanvasAgg(fig).get_renderer()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # measuring lays out the text again: the missing glyphs again
         roc, cm = [ax.get_tightbbox(renderer) for ax in fig.axes]  # with tick labels, titles and the legend
@@ -257,7 +248,6 @@ def test_figure_panels_do_not_overlap_and_draw_without_warnings(k: int, monkeypa
     ax_roc, ax_cm = fig.axes
     assert ax_roc.get_window_extent().width >= 0.4 * ax_cm.get_window_extent().width  # the ROC panel stays usable
     assert png.startswith(b"\x89PNG")
-    plt.close(fig)
 
 
 def test_figure_falls_back_to_installed_fonts_for_cjk_and_emoji(
@@ -266,15 +256,12 @@ def test_figure_falls_back_to_installed_fonts_for_cjk_and_emoji(
     """Characters DejaVu Sans lacks are taken from the first installed fallback font that has them (STIX, shipped
     with matplotlib, stands in for Noto Sans CJK here); a font not installed is left out without a warning, and
     characters no font has are named in one log line instead of a warning each."""
-    import matplotlib.pyplot as plt
-
     from imgclf.evaluation import report
 
     names = ["script_\u210a", "日本語クラス", "plain"]  # U+210A SCRIPT SMALL G: in STIX, not in DejaVu Sans
     monkeypatch.setattr(report, "FALLBACK_FONTS", ())
     with caplog.at_level(logging.INFO, logger="imgclf"):
         fig, without, caught = _figure(names, monkeypatch)
-    plt.close(fig)
     assert caught == [] and "no installed font has \u210a ク ス ラ 日 本 語 (drawn as boxes)" in caplog.text
     caplog.clear()
     monkeypatch.setattr(report, "FALLBACK_FONTS", ("No Such Font", "STIXGeneral"))
@@ -285,7 +272,6 @@ def test_figure_falls_back_to_installed_fonts_for_cjk_and_emoji(
     assert "no installed font has ク ス ラ 日 本 語 (drawn" in caplog.text  # \u210a is drawn from STIX
     assert fig.axes[1].get_xticklabels()[0].get_fontfamily() == ["DejaVu Sans", "STIXGeneral"]
     assert png != without  # the glyph drawn, not a box
-    plt.close(fig)
 
 
 def test_an_imperfect_result_is_never_shown_as_perfect():
@@ -363,3 +349,24 @@ def test_report_html_reads_without_the_picture():
     assert "<a href='evaluation.png' title='full size'>" in page
     assert "<table><tr><th>parameter</th><th>value</th></tr><tr><td>svm_c</td>" in page
     assert "white-space:pre-wrap" in page  # two spaces in a name stay two
+
+
+def test_drawing_leaves_the_callers_matplotlib_backend_alone(tmp_path: Path):
+    """train() in a notebook switched matplotlib to Agg for the whole process: plt.show() showed nothing after."""
+    import matplotlib
+
+    from imgclf.evaluation.report import evaluation_figure
+    from imgclf.finetune.trainer import _plot
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")  # the caller's: any backend but Agg
+    try:
+        y = np.array([0, 0, 1, 1])
+        scores = np.array([[0.9, 0.1], [0.4, 0.6], [0.2, 0.8], [0.3, 0.7]])
+        assert evaluation_figure(y, scores, compute_metrics(y, scores, ["a", "b"])).startswith(b"\x89PNG")
+        row = {"train_loss": 0.5, "train_error": 0.2, "val_loss": 0.4, "val_error": 0.1}
+        _plot(tmp_path / "curves.png", [{"epoch": 1, **row}, {"epoch": 2, **row}], 2)
+        assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)

@@ -152,7 +152,6 @@ def evaluation_figure(y_true: np.ndarray, scores: np.ndarray, metrics: dict[str,
     come from an installed ``FALLBACK_FONTS`` font, and are boxes (one log line, no warnings) without one."""
     import matplotlib
 
-    matplotlib.use("Agg")
     classes = metrics["classes"]
     short = dict(zip(classes, short_labels(classes), strict=True))
     families = font_families()
@@ -178,7 +177,7 @@ def _draw(
 ) -> bytes:
     """``evaluation_figure``'s drawing: class names as ``short`` has them, ``sizes`` the sides of the confusion
     matrix and the ROC panel in inches, text of ``font.size`` (but the matrix's labels) scaled with the latter."""
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: the caller's backend (a notebook's) stays as it is
 
     classes = metrics["classes"]
     k = len(classes)
@@ -187,7 +186,7 @@ def _draw(
     scale = roc / 4.5
     # Widths: the panels, the ROC axis labels and legend, the matrix's class names (at most LABEL_COLUMNS, at 6 to
     # 8 points). Both panels hang from the top, as wide as that allows: the space left below is cut off when saved.
-    fig = plt.figure(figsize=(roc + side + 3.6 * scale + 2.0, 1.5 * max(roc, side) + 4), layout="constrained")
+    fig = Figure(figsize=(roc + side + 3.6 * scale + 2.0, 1.5 * max(roc, side) + 4), layout="constrained")
     ax_roc, ax_cm = fig.subplots(1, 2, width_ratios=[roc, side])
     curves, micro = roc_curves(y_true, scores, classes)
     auc = metrics["auc"]["per_class"]
@@ -231,7 +230,6 @@ def _draw(
                 ax_cm.text(j, i, str(cm[i, j]), ha="center", va="center", color=color, fontsize=font + 1)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", pad_inches=0.1)
-    plt.close(fig)
     return buf.getvalue()
 
 

@@ -427,15 +427,13 @@ def _write_log(path: Path, history: list[dict[str, float]]) -> None:
 
 
 def _plot(path: Path, history: list[dict[str, float]], best_epoch: int) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: the caller's backend (a notebook's) stays as it is
     from matplotlib.ticker import MaxNLocator
 
     ep = [h["epoch"] for h in history]
     validated = any(np.isfinite(h["val_error"]) for h in history)
-    fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig = Figure(figsize=(10, 3.8))
+    ax_loss, ax_err = fig.subplots(1, 2)
     # both losses are the plain cross-entropy (no label smoothing); the training one is averaged over the
     # epoch's augmented batches, in training mode (dropout on), while the weights change
     ax_loss.plot(ep, [h["train_loss"] for h in history], "o-", label="training (augmented, during the epoch)")
@@ -455,7 +453,6 @@ def _plot(path: Path, history: list[dict[str, float]], best_epoch: int) -> Path:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
     atomic_write_bytes(path, buf.getvalue(), parents=False)
     return path
 
