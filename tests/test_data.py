@@ -442,9 +442,25 @@ def test_readers_leave_warning_filters_alone(tmp_path: Path, monkeypatch: pytest
     assert open_rgb(path, max_pixels=10_000).size == (30, 20)
     assert _decode(path.read_bytes(), "image/png", 10_000)[1:] == (30, 20)
     assert not entered
-    # Pillow's warning is filtered once, when imgclf is imported, even where warnings are errors
+    # Pillow's warning is filtered once, when imgclf is imported; behind the program's own filters, such as
+    # "error" (Pillow's advice against decompression bombs), set before or after the import
     code = f"import imgclf; from PIL import Image; Image.MAX_IMAGE_PIXELS = 500; Image.open({str(path)!r}).load()"
-    subprocess.run([sys.executable, "-W", "error", "-c", code], check=True)
+    quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert quiet.stderr == ""
+    for where in ("-W", "error", "-c", code), ("-c", f"import warnings; warnings.simplefilter('error'); {code}"):
+        refused = subprocess.run([sys.executable, *where], capture_output=True, text=True)
+        assert refused.returncode == 1 and "DecompressionBombWarning: Image size (600 pixels)" in refused.stderr
+
+
+def test_pillow_without_a_pixel_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """``Image.MAX_IMAGE_PIXELS = None`` (a common line in a program's own code) made every image "cannot decode"
+    (a TypeError comparing with None): no limit of Pillow's and none given is no limit."""
+    path = tmp_path / "a.png"
+    Image.new("RGB", (30, 20), "red").save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    assert open_rgb(path).size == (30, 20)
+    with pytest.raises(ImageError, match="oversized"):
+        open_rgb(path, max_pixels=500)
 
 
 def test_exif_orientation_applied(tmp_path: Path):

@@ -7,6 +7,6 @@ __version__ = "0.1.0"
 # Pillow warns about images above its pixel limit; every imgclf reader checks the pixel count against its own
 # limit (max_image_pixels) instead. Set once here, not per call: warnings.catch_warnings is not thread-safe,
 # and images are decoded in threads, where a per-call context drops filters that other code set meanwhile.
-warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit", module=r"PIL\.Image")
-# A class name with a character the plot font lacks (an emoji) is drawn as a box; matplotlib warns once per draw.
-warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font", category=UserWarning)
+# Appended: a filter of the program's own (such as "error", Pillow's advice against decompression bombs) still
+# decides, whenever it was set.
+warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit", module=r"PIL\.Image", append=True)

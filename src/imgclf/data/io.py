@@ -326,7 +326,8 @@ def open_rgb(
                 raise ImageError("empty file (0 bytes): re-download or remove it")
             allow_pixels(max_pixels)
             im = open_image(path)
-            if im.size[0] * im.size[1] > (max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS):
+            limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS  # None: no limit at all
+            if limit is not None and im.size[0] * im.size[1] > limit:
                 im.close()
                 raise ImageError(
                     f"oversized image ({im.size[0]}x{im.size[1]}): downscale it or raise --max-image-pixels"
