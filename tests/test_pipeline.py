@@ -727,6 +727,15 @@ def test_a_class_folder_renamed_during_the_run_stops_it(tmp_path, monkeypatch):
     assert sorted(p.name for p in (data / "c2").iterdir()) == [f"c_{i:02d}.jpg" for i in range(6)]  # nothing lost
 
 
+def test_predict_names_an_image_given_as_bytes(run):
+    """An image file's bytes were taken for a list of ints: "not int"."""
+    data, result, _ = run
+    image = (data / "circles" / "circles_00.jpg").read_bytes()
+    for given in (image, bytearray(image), memoryview(image)):
+        with pytest.raises(TypeError, match=f"give images as paths .*, not {type(given).__name__}: save an image"):
+            predict(result.run_dir, given)
+
+
 def test_images_that_pass_the_scan_but_cannot_be_decoded(tmp_path, caplog):
     """A class whose every training image is cut short is never predicted (the run goes on and says so);
     a test split that no image of can be read is a message before the classifier is fitted."""

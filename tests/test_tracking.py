@@ -129,7 +129,9 @@ def _runs(uri: str) -> list:
     return [] if exp is None else client.search_runs([exp.experiment_id], order_by=order)
 
 
-def test_train_and_evaluate_land_in_local_store(two_runs: tuple[RunResult, RunResult], work: Path):
+def test_train_and_evaluate_land_in_local_store(
+    two_runs: tuple[RunResult, RunResult], work: Path, monkeypatch: pytest.MonkeyPatch
+):
     evaluate(two_runs[0].run_dir, on_train=True)
     runs = _runs("sqlite:///mlflow.db")
     assert (work / "mlflow.db").is_file() and (work / "mlruns").is_dir()
@@ -159,8 +161,10 @@ def test_train_and_evaluate_land_in_local_store(two_runs: tuple[RunResult, RunRe
     assert runs[2].data.metrics["n_test"] == runs[2].data.metrics["n_train"]
     from imgclf.tracking.compare import load_run
 
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)  # as a notebook's process has it
     on_train = load_run(runs[2].info.run_id[:8], TrackingConfig())  # pairs its training-split predictions
     assert on_train.predictions is not None and len(on_train.predictions) == runs[2].data.metrics["n_train"]
+    assert "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR" not in os.environ  # the caller's MLflow keeps its bars
 
 
 def test_runs_list_and_compare(two_runs: tuple[RunResult, RunResult], work: Path, capsys: pytest.CaptureFixture[str]):

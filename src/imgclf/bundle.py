@@ -74,6 +74,7 @@ class Bundle:
 
     @property
     def preprocess(self) -> Preprocess:
+        """How the bundle's network wants its images: size, crop, normalisation."""
         return Preprocess(**self.backbone_spec["preprocess"])
 
     @property

@@ -616,8 +616,8 @@ def evaluate(
 ) -> RunResult:
     """Score a run's bundle on its saved test split (or training split) and rewrite the metrics.
 
-    The run's configuration says how to compute, with the settings in which ``cfg`` differs from the defaults
-    (:meth:`Config.of_run`); the mirror averaging (``flip_tta``) follows the run, as it changes the scores,
+    The run's configuration says how to compute, but for the settings given in ``cfg`` (:meth:`Config.given`:
+    set by :meth:`Config.updated`, even to their default value; :meth:`Config.of_run`); the mirror averaging (``flip_tta``) follows the run, as it changes the scores,
     unless ``flip_tta`` is given.
     """
     run_dir = Path(run_dir)
@@ -839,14 +839,16 @@ def predict(
     """Class scores for images (a file, folder or list of paths, or several); unreadable images carry an error.
 
     One prediction per file named, in the order given (a file named twice is scored twice), then per image
-    found in a folder. The run's configuration says how to compute, with the settings in which ``cfg``
-    differs from the defaults (:meth:`Config.of_run`); ``flip_tta`` follows the run unless given, so that the
+    found in a folder. The run's configuration says how to compute, but for the settings given in ``cfg``
+    (:meth:`Config.given`: set by :meth:`Config.updated`, even to their default value; :meth:`Config.of_run`);
+    ``flip_tta`` follows the run unless given, so that the
     scores are those of the run's predictions.csv.
     """
     bundle = Bundle.load(run_dir)
     cfg = _with_flip_tta(Config.of_run(bundle.config, f"the run {run_dir}", cfg), bundle, flip_tta)
     pixels = isinstance(inputs, np.ndarray) and inputs.dtype.kind not in "UO"  # an image, not an array of paths
-    if isinstance(inputs, str | os.PathLike) or not isinstance(inputs, Iterable) or pixels:
+    encoded = isinstance(inputs, bytes | bytearray | memoryview)  # an image file's bytes, not a list of ints
+    if isinstance(inputs, str | os.PathLike) or not isinstance(inputs, Iterable) or pixels or encoded:
         items = [inputs]  # one path; anything else is named by expand_inputs
     else:
         items = list(inputs)

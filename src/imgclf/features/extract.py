@@ -106,6 +106,7 @@ class FeatureExtractor:
 
     @classmethod
     def from_config(cls, cfg: Config, backbone: Backbone | None = None) -> FeatureExtractor:
+        """The extractor ``cfg`` describes, on ``backbone`` where given (else the one ``cfg`` names)."""
         b, f = cfg.backbone, cfg.features
         backbone = backbone or create_backbone(b.backbone, weights=b.weights, resolution=b.resolution)
         return cls(

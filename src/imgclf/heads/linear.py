@@ -12,10 +12,12 @@ if TYPE_CHECKING:
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Each row scaled to unit length (an all-zero row stays zero)."""
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of scores (n, k): probabilities that sum to 1 per row."""
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
@@ -39,9 +41,11 @@ class LinearHead:
         return x @ self.weight.T + self.bias
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        """Class probabilities (n, k), in the order of the weight's rows."""
         return softmax(self.decision_function(np.asarray(x, dtype=np.float64)))
 
     def predict(self, x: np.ndarray) -> np.ndarray:
+        """Class indices (n,), rows of the weight (not labels: ``Bundle.classes`` names them)."""
         return np.argmax(self.decision_function(x), axis=1)
 
     def module(self) -> nn.Module:

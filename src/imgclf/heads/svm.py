@@ -13,7 +13,7 @@ write.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from numbers import Integral, Real
 
@@ -59,11 +59,11 @@ class LinearSVMHead(ClassifierMixin, BaseEstimator):
 
     def __init__(
         self,
-        c_grid: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0),
+        c_grid: Sequence[float] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0),
         cv_folds: int = 5,
         l2_normalize: bool = True,
         class_weight: str | None = None,
-        random_state: int = 0,
+        random_state: int | np.random.RandomState | None = 0,
         n_jobs: int | None = None,
         verbose: bool = False,
     ) -> None:
@@ -83,6 +83,8 @@ class LinearSVMHead(ClassifierMixin, BaseEstimator):
         return LinearSVC(C=c, class_weight=self.class_weight, max_iter=20000, random_state=self.random_state)
 
     def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> LinearSVMHead:
+        """Choose C by cross-validation over ``c_grid`` (folds keep ``groups`` whole where given), fit on all of
+        ``X``, ``y`` and calibrate the scores (a temperature fitted to the out-of-fold decisions)."""
         if np.ndim(self.c_grid) != 1 or not len(self.c_grid):
             raise ValueError(f"c_grid: give a list of one or more C values, not {self.c_grid!r}")
         if not all(isinstance(c, Real) and c > 0 for c in self.c_grid):
@@ -173,9 +175,11 @@ class LinearSVMHead(ClassifierMixin, BaseEstimator):
         return z[:, 1] - z[:, 0] if len(self.classes_) == 2 else z
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        """Class scores (n, k) summing to 1, columns in the order of ``classes_``."""
         return softmax(self._logits(X))
 
     def predict(self, X: np.ndarray) -> np.ndarray:
+        """Labels (n,), values of ``classes_``."""
         z = self._logits(X)  # first: it checks that the head is fitted
         return self.classes_[np.argmax(z, axis=1)]
 

@@ -132,6 +132,7 @@ def _compare(args: argparse.Namespace) -> int:
         raise ValueError("runs compare needs at least two runs")
     cfg = config_from_args(args).tracking
     piped = _check_outputs(args)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per run's file: noise here
     records = load_runs(args.runs, cfg)
     labels = [r.label for r in records]
     out = console(stderr=piped)

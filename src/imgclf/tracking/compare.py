@@ -7,9 +7,8 @@ import csv
 import io
 import json
 import math
-import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -186,7 +185,6 @@ def load_run(ref: str | Path, cfg: TrackingConfig | None = None) -> RunRecord:
             if not found:
                 raise missing
             run = found[0]
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per run: noise here
         prefix = "train_" if run.data.tags.get("split") == "train" else ""  # the files of the split it scored
         with tempfile.TemporaryDirectory() as tmp:
             predictions = _artifact(client, run.info.run_id, f"{prefix}predictions.csv", tmp, read_predictions)
@@ -397,7 +395,7 @@ def list_cell(value: object) -> str:
     return fmt_fraction(value) if isinstance(value, float) else str(value)
 
 
-def table_markdown(records: Sequence[dict[str, object]]) -> str:
+def table_markdown(records: Sequence[Mapping[str, object]]) -> str:
     """A Markdown table of dictionaries sharing the same keys (``runs list``), values shown as on the terminal."""
     if not records:
         return ""
