@@ -173,6 +173,27 @@ def test_only_known_formats_are_decoded_whatever_the_name(tmp_path: Path, monkey
         with pytest.raises(ImageError, match="format imgclf reads"):  # bytes sent to the server
             open_rgb(io.BytesIO((root / "circles" / name).read_bytes()))
     assert opened and all(k.get("formats") for k in opened)
+    # named as what they are: said so, with the way to use them (not "not an image")
+    Image.new("RGB", (32, 32), "blue").save(root / "circles" / "icon.ico")
+    Image.new("RGB", (32, 32), "blue").save(root / "circles" / "pic.tga")
+    (root / "circles" / "vector.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg"/>')
+    reasons = {Path(s["path"]).name: s["reason"] for s in scan_dataset(DataConfig(data_root=root)).skipped}
+    for name, kind in (("icon.ico", "ICO"), ("pic.tga", "TGA"), ("vector.svg", "SVG")):
+        assert reasons[name] == f"{kind} image, a format imgclf does not read: convert it to PNG or JPEG to use it"
+
+
+def test_a_jpeg_cut_short_in_its_header_is_named_so_by_every_reader(tmp_path: Path):
+    """The scan called it "not an image in a format imgclf reads ... convert the file"; decoding said
+    "cannot decode (Truncated File Read)": one reason now, re-download."""
+    root = make_folder(tmp_path / "d", n=4)
+    path = root / "circles" / "cut.jpg"
+    path.write_bytes((root / "circles" / "circles_00.jpg").read_bytes()[:40])
+    reasons = {Path(s["path"]).name: s["reason"] for s in scan_dataset(DataConfig(data_root=root)).skipped}
+    expected = "truncated or corrupt image data: re-download or re-save the file"
+    assert reasons["cut.jpg"] == expected
+    with pytest.raises(ImageError) as raised:
+        open_rgb(path)
+    assert str(raised.value) == expected
 
 
 def test_damaged_exif_unreadable_folders_and_pillow_limit(
@@ -479,6 +500,11 @@ def test_transparency_and_modes(tmp_path: Path):
     Image.new("RGBA", (30, 30), (0, 0, 0, 0)).save(tmp_path / "clear.png")
     Image.new("L", (30, 30), 128).save(tmp_path / "grey.gif")
     assert np.asarray(open_rgb(tmp_path / "clear.png")).min() == 255  # composited on white
+    # a colour key (tRNS on an RGB or grey PNG, what optimisers write for on/off alpha) is transparency too
+    Image.new("RGB", (30, 30), (0, 0, 0)).save(tmp_path / "key_rgb.png", transparency=(0, 0, 0))
+    Image.new("L", (30, 30), 0).save(tmp_path / "key_grey.png", transparency=0)
+    for name in ("key_rgb.png", "key_grey.png"):
+        assert np.asarray(open_rgb(tmp_path / name)).min() == 255, name
     arr = load_for_model(tmp_path / "grey.gif", Preprocess(24))
     assert arr.shape == (24, 24, 3) and arr.dtype == np.uint8
 

@@ -625,3 +625,15 @@ def test_one_name_reached_by_two_paths_is_not_a_move_to_finish(tmp_path: Path):
     with pytest.raises(FileExistsError):
         move_no_overwrite(real, tmp_path / "b" / "x.jpg")
     assert real.read_bytes() == b"only copy"
+
+
+def test_report_sizes_are_upright_for_every_format(tmp_path: Path):
+    """The report's size of an image turned by its EXIF orientation: a TIFF got its sides swapped twice (Pillow
+    turns a TIFF as it opens it)."""
+    stored = Image.new("RGB", (80, 120), (200, 30, 30))  # kept sideways: shown 120 wide, 80 high
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    for ext in ("jpg", "png", "tif", "webp"):
+        stored.save(tmp_path / f"o6.{ext}", exif=exif)
+        info = dedup.compute_hash(tmp_path / f"o6.{ext}")
+        assert (info.width, info.height) == (120, 80), ext

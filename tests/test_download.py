@@ -188,6 +188,13 @@ def test_exif_orientation_then_resize_and_originals(server: FakeServer, tmp_path
     large = server.image("/large.jpg", make_image(11, size=(2400, 1800)))  # JPEG draft at 1/2, then resize
     download([UrlEntry("z", large)], tmp_path / "d", cfg, progress=False)
     assert Image.open(tmp_path / "d" / "z" / f"{file_stem(large)}.jpg").size == (1000, 750)
+    # a colour key (tRNS on an RGB PNG) stays transparency when the image is made smaller
+    keyed = io.BytesIO()
+    Image.new("RGB", (1200, 600), (0, 0, 0)).save(keyed, "PNG", transparency=(0, 0, 0))
+    url = server.image("/keyed.png", keyed.getvalue())
+    download([UrlEntry("k", url)], tmp_path / "d", cfg, progress=False)
+    with Image.open(tmp_path / "d" / "k" / f"{file_stem(url)}.png") as saved:
+        assert saved.size == (1000, 500) and saved.convert("RGBA").getextrema()[3] == (0, 0)
 
 
 def test_retry_after_honoured_and_bounded(server: FakeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

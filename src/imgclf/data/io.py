@@ -34,8 +34,9 @@ _FORMAT_EXTENSIONS = {
 IMAGE_EXTENSIONS = frozenset(ext for exts in _FORMAT_EXTENSIONS.values() for ext in exts)
 HEIF_EXTENSIONS = frozenset({".heic", ".heif"})
 # Bump when decoding gives some image other pixels than before: cached features and hashes are keyed by it.
-# 2: high-bit-depth one-channel images scaled to 8 bits instead of clipped; 3: only the formats listed above
-DECODE_VERSION = 3
+# 2: high-bit-depth one-channel images scaled to 8 bits instead of clipped; 3: only the formats listed above;
+# 4: a colour key (PNG tRNS on a grey or RGB image) composited on white, as an alpha channel is
+DECODE_VERSION = 4
 # What file managers and archivers leave in folders (lower case); ignored like hidden names.
 SYSTEM_NAMES = frozenset({"__macosx", "thumbs.db", "ehthumbs.db", "desktop.ini"})
 
@@ -157,11 +158,29 @@ def _unreadable(path: Path | BinaryIO, e: Exception) -> ImageError:
             'HEIC/HEIF image: install the plugin that reads it (pip install "imgclf[heif]") or convert it'
         )
     if isinstance(path, Path) and path.suffix.lower() not in IMAGE_EXTENSIONS:  # notes, annotations beside images
+        if kind := _other_image_kind(path.suffix.lower()):
+            return ImageError(f"{kind} image, a format imgclf does not read: convert it to PNG or JPEG to use it")
         return ImageError(NOT_AN_IMAGE)
+    if isinstance(e, OSError) and not isinstance(e, Image.UnidentifiedImageError):  # a known format, cut short
+        return ImageError(_decode_failure(e))
     return ImageError(
         f"not an image in a format imgclf reads ({type(e).__name__}; {', '.join(_FORMAT_EXTENSIONS)}): "
         "check or convert the file"
     )
+
+
+def _other_image_kind(ext: str) -> str | None:
+    """The image format an extension imgclf does not read names (TGA, ICO, PSD, EPS, SVG...), or None."""
+    Image.init()
+    kind = Image.registered_extensions().get(ext)
+    return kind if kind in Image.OPEN else {".svg": "SVG", ".svgz": "SVG"}.get(ext)
+
+
+def _decode_failure(e: OSError) -> str:
+    """Why an image of a format imgclf reads did not decode (Pillow's OSError without an errno)."""
+    if "truncated" in str(e).lower():
+        return "truncated or corrupt image data: re-download or re-save the file"
+    return f"cannot decode ({e}): re-download or re-save the file"
 
 
 def allow_pixels(max_pixels: int | None) -> None:
@@ -347,10 +366,7 @@ def open_rgb(
         except OSError as e:
             if e.errno is not None and isinstance(path, Path):
                 raise _unreadable(path, e) from e
-            msg = str(e)
-            if "truncated" in msg:
-                raise ImageError("truncated or corrupt image data: re-download or re-save the file") from e
-            raise ImageError(f"cannot decode ({msg}): re-download or re-save the file") from e
+            raise ImageError(_decode_failure(e)) from e
         except Exception as e:
             raise ImageError(f"cannot decode ({type(e).__name__}: {e}): re-download or re-save the file") from e
     except BaseException as e:
@@ -359,11 +375,16 @@ def open_rgb(
         if e.__cause__ is not None:
             traceback.clear_frames(e.__cause__.__traceback__)
         raise
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+    if has_transparency(im):
         im = im.convert("RGBA")
         background = Image.new("RGBA", im.size, (255, 255, 255, 255))
         im = Image.alpha_composite(background, im)
     return im.convert("RGB") if im.mode != "RGB" else im
+
+
+def has_transparency(im: Image.Image) -> bool:
+    """An alpha channel, or a transparent palette entry or colour key (PNG's tRNS on a palette, grey or RGB image)."""
+    return im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
 
 
 def resize_center_crop(im: Image.Image, pre: Preprocess) -> np.ndarray:

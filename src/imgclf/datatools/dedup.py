@@ -184,9 +184,9 @@ def compute_hash(path: Path, hash_size: int = 16, max_pixels: int = DEFAULT_MAX_
         colour = bytes(round(c) for c in ImageStat.Stat(im).mean)
         vertical = np.packbits(imagehash.dhash_vertical(im, hash_size).hash.ravel()).tobytes()
     try:
-        with open_image(path) as stored:  # the size before draft decoding
-            w, h = stored.size
-            if exif_orientation(stored) in (5, 6, 7, 8):
+        with open_image(path) as stored:  # a JPEG's size before draft decoding; other images decode whole
+            w, h = stored.size if stored.format == "JPEG" else im.size  # (Pillow turns a TIFF as it opens it)
+            if stored.format == "JPEG" and exif_orientation(stored) in (5, 6, 7, 8):
                 w, h = h, w
     except Exception as e:  # Pillow raises many types for broken files
         raise _unreadable(path, e) from e

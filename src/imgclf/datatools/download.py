@@ -23,7 +23,15 @@ from tqdm import tqdm
 
 from imgclf.config import DataToolsConfig
 from imgclf.data.dataset import split_folders, subfolders
-from imgclf.data.io import PixelBudget, exif_orientation, list_files, open_image, to_8bit, upright
+from imgclf.data.io import (
+    PixelBudget,
+    exif_orientation,
+    has_transparency,
+    list_files,
+    open_image,
+    to_8bit,
+    upright,
+)
 from imgclf.datatools.dedup import REPORT_CSV, REPORT_HTML
 from imgclf.datatools.fetch import FetchError, RetryPolicy, make_client, with_retries
 from imgclf.datatools.journal import QUARANTINE_DIR, holding_folder
@@ -330,7 +338,7 @@ def prepare_image(
     """
     with ExitStack() as held:
         im, w, h = _decode(data, content_type, max_pixels, cfg.max_side, held)
-        has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
+        has_alpha = has_transparency(im)
         needs_resize = cfg.max_side > 0 and max(w, h) > cfg.max_side
         orientation = exif_orientation(im)
         if not needs_resize and orientation == 1 and im.format in ("JPEG", "PNG"):
