@@ -727,6 +727,26 @@ def test_finetune_from_python_leaves_the_callers_thread_count(demo: Path, tmp_pa
     assert torch.get_num_threads() == 1  # as _one_thread set it
 
 
+def test_a_network_built_before_fine_tuning_trains_the_same(demo: Path, tmp_path: Path) -> None:
+    """Building the network (timm's random initialisation, before its weights are loaded) drew from the seeded
+    stream: a network read before fine-tuning (its layers listed, say) trained to other weights."""
+    from imgclf.backbones import create_backbone
+    from imgclf.data.dataset import make_split, scan_dataset
+    from imgclf.finetune import finetune
+
+    cfg = _cfg(demo, tmp_path / "run", epochs=1, val_fraction=0.0, dropout=0.5)
+    ds = scan_dataset(cfg.data)
+    train_idx = np.flatnonzero(make_split(ds, cfg.data) == "train")
+    heads = []
+    for early in (False, True):
+        backbone = create_backbone("efficientnet_lite0", resolution=64)
+        if early:
+            list(backbone.model.modules())
+        (run := tmp_path / f"run{early}").mkdir()
+        heads.append(finetune(cfg, ds, train_idx, backbone, run).head.weight)
+    np.testing.assert_array_equal(*heads)
+
+
 def test_the_validation_part_is_scored_on_the_test_time_view(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The validation views were cropped from the training square, a pixel off the test-time centre crop
     along the long side where the margins are odd (150x100 at 64 px: 23 against 22)."""

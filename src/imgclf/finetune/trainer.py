@@ -513,6 +513,10 @@ def finetune(
     ``on_epoch_end(epoch, row)`` is called after each epoch's checkpoint is written. The global random
     generators are seeded by ``cfg.output.seed`` meanwhile and left as they were, as is PyTorch's thread count.
     """
+    # The network is built (on first use) before the seeding: its random initialisation, then overwritten by the
+    # pretrained weights, drew from the seeded stream, so that one built earlier (say, to read its layers)
+    # gave the training other dropout masks, hence other weights.
+    backbone.model  # noqa: B018 - built for its side effect
     with _seeded_global_rngs(cfg.output.seed):
         return _finetune(cfg, ds, train_idx, backbone, Path(run_dir), on_epoch_end)
 
