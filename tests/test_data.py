@@ -15,7 +15,7 @@ from PIL import Image
 
 from imgclf.config import DataConfig
 from imgclf.data.dataset import DatasetError, leave_out_untrained, load_split, make_split, save_split, scan_dataset
-from imgclf.data.io import ImageError, Preprocess, _unreadable, check_image, load_for_model, open_rgb
+from imgclf.data.io import ImageError, Preprocess, _unreadable, check_image, load_for_model, open_rgb, to_8bit
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
@@ -519,6 +519,30 @@ def test_high_bit_depth_images_are_scaled_not_clipped(tmp_path: Path):
     for name in ("g16.png", "g16.tif", "unit.tif", "wide.tif"):
         row = np.asarray(open_rgb(tmp_path / name))[0, :, 0].astype(int)
         assert row[0] == 0 and row[-1] == 255 and abs(row[128] - 128) <= 1, name
+
+
+def test_high_bit_depth_images_are_scaled_in_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A 0.1 MB 16-bit PNG of 16 Mpx took 8 bytes a pixel several times over (float64 copies of the whole):
+    the server's memory promise held for 8-bit images only. Block by block, the result is the same."""
+    ramp = (np.arange(4000 * 4000, dtype=np.uint32) % 65535).astype(np.uint16).reshape(4000, 4000)
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    code = (
+        "from pathlib import Path; from imgclf.data.io import open_rgb;"
+        f"im = open_rgb(Path({str(tmp_path / 'g16.png')!r}), max_pixels=10**9);"
+        "peak = int(Path('/proc/self/status').read_text().split('VmHWM:')[1].split()[0]);"
+        "print(im.size[0], im.getpixel((1000, 0))[0], peak // 1024)"
+    )
+    width, pixel, peak = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert (width, pixel) == ("4000", str(round(1000 * 255 / 65535)))
+    assert int(peak) < 350, f"peak memory {peak} MB"  # 600 MB before
+    small = Image.fromarray(np.random.default_rng(0).normal(0, 3, (700, 300)).astype(np.float32), mode="F")
+    whole = np.asarray(small, np.float64)
+    expected = np.clip(np.rint((whole - whole.min()) * (255.0 / (whole.max() - whole.min()))), 0, 255)
+    for block in (1 << 20, 301, 1):  # one block, uneven blocks, a row at a time
+        monkeypatch.setattr("imgclf.data.io._BLOCK_PIXELS", block)
+        np.testing.assert_array_equal(np.asarray(to_8bit(small)), expected.astype(np.uint8))
 
 
 def test_a_thin_strip_is_cropped_before_it_is_enlarged(tmp_path: Path):

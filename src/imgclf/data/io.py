@@ -275,6 +275,7 @@ def check_image(path: Path, max_pixels: int, max_bytes: int) -> str | None:
 
 
 _HIGH_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
+_BLOCK_PIXELS = 1 << 20
 
 
 def to_8bit(im: Image.Image) -> Image.Image:
@@ -286,14 +287,24 @@ def to_8bit(im: Image.Image) -> Image.Image:
     """
     if im.mode not in _HIGH_BIT_MODES:
         return im
-    a = np.nan_to_num(np.asarray(im, dtype=np.float64))
-    lo, hi = float(a.min()), float(a.max())
+    w, h = im.size
+    rows = max(1, _BLOCK_PIXELS // max(w, 1))  # a block of rows at a time: 8 bytes a pixel for the whole took GBs
+
+    def blocks() -> Iterator[tuple[int, np.ndarray]]:
+        for top in range(0, h, rows):
+            yield top, np.nan_to_num(np.asarray(im.crop((0, top, w, min(h, top + rows))), dtype=np.float64))
+
+    lo, hi = np.inf, -np.inf
+    for _, a in blocks():
+        lo, hi = min(lo, float(a.min())), max(hi, float(a.max()))
     if im.mode == "F" and lo >= 0 and hi <= 1:
         lo, hi = 0.0, 1.0
     elif im.mode != "F" and lo >= 0 and hi <= 65535:
         lo, hi = 0.0, 65535.0
-    scaled = (a - lo) * (255.0 / max(hi - lo, 1e-12))
-    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
+    out = np.empty((h, w), np.uint8)
+    for top, a in blocks():
+        out[top : top + len(a)] = np.clip(np.rint((a - lo) * (255.0 / max(hi - lo, 1e-12))), 0, 255)
+    return Image.fromarray(out, "L")
 
 
 class PixelBudget:
