@@ -101,6 +101,7 @@ def test_dnn_end_to_end(demo: Path, tmp_path: Path) -> None:
     assert "dnn on efficientnet_lite0, 72 px input" in (run / "report.md").read_text()
     kept = res.metrics["finetune"]  # the epoch restored, with its validation error as the log shows it
     assert kept["epochs_trained"] == 2 and kept["kept_val_error"] == float(rows[kept["kept_epoch"]]["val_error"])
+    assert kept["cpu_threads"] == 1  # --workers 1: what makes two machines' weights the same
     evaluate(run)  # the rewritten report keeps the fine-tuning curves, metrics.json the kept epoch
     assert "![Fine-tuning curves](finetune_curves.png)" in (run / "report.md").read_text()
     assert json.loads((run / "metrics.json").read_text())["finetune"] == kept

@@ -69,10 +69,11 @@ class FinetuneResult:
     figures: dict[str, Path]
     kept_epoch: int
     skipped: dict[int, str] = field(default_factory=dict)  # sample index -> why it could not be used
+    cpu_threads: int | None = None  # PyTorch's threads on the CPU (their number changes the last digits)
 
     def summary(self) -> dict[str, float | int | None]:
-        """The kept epoch, the epochs trained and the kept epoch's validation error (None where not validated),
-        as metrics.json's ``finetune`` entry; empty where no epoch ran."""
+        """The kept epoch, the epochs trained, the kept epoch's validation error (None where not validated) and
+        the CPU threads (None on a GPU), as metrics.json's ``finetune`` entry; empty where no epoch ran."""
         if not self.history:
             return {}
         error = next((h["val_error"] for h in self.history if h["epoch"] == self.kept_epoch), math.nan)
@@ -80,6 +81,7 @@ class FinetuneResult:
             "kept_epoch": self.kept_epoch,
             "epochs_trained": int(self.history[-1]["epoch"]),
             "kept_val_error": float(error) if math.isfinite(error) else None,
+            "cpu_threads": self.cpu_threads,
         }
 
 
@@ -678,7 +680,8 @@ def _finetune(
             log.info("fine-tuning: best epoch %d of %d (validation error %.3f)", best_epoch, trained, best["val_error"])
         else:
             log.info("fine-tuning: no validation score, the last finite epoch (%d of %d) is kept", best_epoch, trained)
-    return FinetuneResult(tuned, head, history, figures, int(best["epoch"]), skipped)
+    threads = workers if device.type == "cpu" else None
+    return FinetuneResult(tuned, head, history, figures, int(best["epoch"]), skipped, threads)
 
 
 def _stages(net: nn.Module) -> list[str] | None:
