@@ -484,6 +484,21 @@ def test_pillow_without_a_pixel_limit(tmp_path: Path, monkeypatch: pytest.Monkey
         open_rgb(path, max_pixels=500)
 
 
+def test_a_progressive_jpeg_of_very_many_scans_is_refused(tmp_path: Path):
+    """Each scan of a progressive JPEG is another pass over every block: a 1.4 MB file of 10,000 repeated scans
+    held a server's decoding threads for minutes. Refused before decoding, from a file or from bytes."""
+    buf = io.BytesIO()
+    Image.new("L", (64, 64), 128).save(buf, "JPEG", progressive=True)
+    data = buf.getvalue()
+    assert data.count(b"\xff\xda") < 20
+    assert open_rgb(io.BytesIO(data)).size == (64, 64)  # an ordinary progressive JPEG
+    last = data.rindex(b"\xff\xda")  # the last scan (its header and data, up to the end-of-image marker)
+    (tmp_path / "scans.jpg").write_bytes(data[:-2] + data[last:-2] * 150 + data[-2:])
+    for given in (tmp_path / "scans.jpg", io.BytesIO((tmp_path / "scans.jpg").read_bytes())):
+        with pytest.raises(ImageError, match=r"progressive JPEG of 1\d\d scans \(more than 100: .*re-save the file"):
+            open_rgb(given)
+
+
 def test_exif_orientation_applied(tmp_path: Path):
     im = Image.new("RGB", (60, 20), "white")
     im.paste((255, 0, 0), (0, 0, 10, 20))  # red band on the left

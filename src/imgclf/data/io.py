@@ -362,6 +362,12 @@ def open_rgb(
                 raise ImageError(
                     f"oversized image ({im.size[0]}x{im.size[1]}): downscale it or raise --max-image-pixels"
                 )
+            if im.format == "JPEG" and im.info.get("progressive") and (scans := _jpeg_scans(path)) > MAX_JPEG_SCANS:
+                im.close()
+                raise ImageError(
+                    f"progressive JPEG of {scans} scans (more than {MAX_JPEG_SCANS}: each is another pass over "
+                    "the whole image, minutes of decoding): re-save the file"
+                )
             if draft_to is not None and im.format == "JPEG":
                 im.draft("RGB", (draft_to, draft_to))
             if budget is not None:
@@ -391,6 +397,21 @@ def open_rgb(
         background = Image.new("RGBA", im.size, (255, 255, 255, 255))
         im = Image.alpha_composite(background, im)
     return im.convert("RGB") if im.mode != "RGB" else im
+
+
+MAX_JPEG_SCANS = 100  # a progressive JPEG has about 10; a 1 MB file of 10,000 repeated scans decoded for minutes
+
+
+def _jpeg_scans(path: Path | BinaryIO) -> int:
+    """Start-of-scan markers in a JPEG file (entropy-coded data never holds one: its 0xFF bytes are stuffed)."""
+    if isinstance(path, Path):
+        return path.read_bytes().count(b"\xff\xda")
+    where = path.tell()
+    path.seek(0)
+    try:
+        return path.read().count(b"\xff\xda")
+    finally:
+        path.seek(where)
 
 
 def has_transparency(im: Image.Image) -> bool:
