@@ -311,6 +311,12 @@ def test_predict_base64_json_and_raw_body(client: httpx.Client, images: list[byt
     check_prediction(one[0], reference[7])
     both = client.post("/v1/predict", json={"image": b64[0], "images": b64})
     assert both.status_code == 400 and both.json()["error"] == "bad_json"
+    # the URL-safe alphabet (JavaScript's and JWT's), without padding: was "not valid base64"
+    url_safe = [base64.urlsafe_b64encode(images[i]).decode().rstrip("=") for i in (4, 5)]
+    assert any(c in "".join(url_safe) for c in "-_")
+    preds = client.post("/v1/predict", json={"images": url_safe}).json()["predictions"]
+    check_prediction(preds[0], reference[4])
+    check_prediction(preds[1], reference[5])
 
 
 def test_tutorial_compat_route_returns_real_json(
@@ -435,6 +441,31 @@ def test_too_many_json_images_are_refused_before_any_is_decoded(monkeypatch: pyt
             parse(body, 16)
         assert refused.value.status == 413 and str(refused.value) == "100000 images in one request; limit 16"
     assert decoded == []
+
+
+def test_json_is_parsed_off_the_event_loop(run_dir: Path, images: list[bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 20 MB JSON body was parsed on the event loop: /healthz waited 5 s (a liveness probe's limit is 1 s)."""
+    import asyncio
+
+    import imgclf.serving.inputs as inputs
+
+    on_loop: list[bool] = []
+    parse = inputs.parse_json
+
+    def parse_where(body: bytes) -> object:
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:  # no loop runs in this thread
+            on_loop.append(False)
+        return parse(body)
+
+    monkeypatch.setattr(inputs, "parse_json", parse_where)
+    b64 = base64.b64encode(images[0]).decode()
+    with TestClient(create_app(run_dir, Config().updated(workers=1, precision="fp32"))) as c:
+        assert c.post("/v1/predict", json={"images": [b64]}).status_code == 200
+        assert c.post("/score", json={"input_df": [{inputs.TUTORIAL_KEY: b64}]}).status_code == 200
+    assert on_loop == [False, False]
 
 
 def test_every_unusable_image_of_a_request_is_named(client: httpx.Client, images: list[bytes]) -> None:

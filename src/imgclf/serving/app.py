@@ -351,7 +351,8 @@ def create_app(bundle: Bundle | str | Path, cfg: Config | None = None, flip_tta:
     async def score(request: Request) -> PredictResponse:
         t0 = time.perf_counter()
         body = await read_body(request, max_body, cfg.serve.request_timeout_s)
-        return await answer(images_from_tutorial_json(body, cfg.serve.max_images_per_request), t0)
+        images = await asyncio.to_thread(images_from_tutorial_json, body, cfg.serve.max_images_per_request)
+        return await answer(images, t0)
 
     @app.get("/v1/model", dependencies=auth, responses=_ERRORS, summary="The served model")
     async def model() -> dict[str, Any]:

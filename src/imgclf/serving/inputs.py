@@ -107,13 +107,17 @@ async def parse_multipart(request: Request, body: bytes) -> list[ImageInput]:
 
 
 def decode_base64(text: Any, name: str) -> ImageInput:
-    """Standard base64 (a ``data:...;base64,`` prefix and line breaks allowed) -> bytes."""
+    """Base64 -> bytes: the standard alphabet or the URL-safe one (``-_``), padded or not; a ``data:...;base64,``
+    prefix and line breaks allowed."""
     if not isinstance(text, str):
         raise ApiError(400, "bad_json", f"{name}: expected a base64 string, got {type(text).__name__}")
     if text.startswith("data:") and "," in text:
         text = text.split(",", 1)[1]
+    text = "".join(text.split())
+    url_safe = ("-" in text or "_" in text) and not ("+" in text or "/" in text)
+    text += "=" * (-len(text.rstrip("=")) % 4) if not text.endswith("=") else ""
     try:
-        data = base64.b64decode("".join(text.split()), validate=True)
+        data = base64.b64decode(text, altchars=b"-_" if url_safe else None, validate=True)
     except (binascii.Error, ValueError) as e:
         raise ApiError(400, "bad_base64", f"{name}: not valid base64 ({e})") from e
     return ImageInput(data, name)
@@ -161,8 +165,8 @@ async def images_from_request(request: Request, body: bytes, max_images: int) ->
     ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if ctype == "multipart/form-data":
         return await parse_multipart(request, body)
-    if ctype == "application/json":
-        return images_from_json(body, max_images)
+    if ctype == "application/json":  # parsed in a thread: 20 MB of JSON held the event loop for seconds
+        return await asyncio.to_thread(images_from_json, body, max_images)
     if ctype.startswith("image/") or ctype == "application/octet-stream":
         return [ImageInput(body, "body")]
     raise ApiError(
