@@ -213,6 +213,30 @@ def test_a_tab_clicked_before_the_classes_came_waits_for_them(browser: object, s
         sync_api.expect(pg.locator("#confusion td")).to_have_count(9)
 
 
+def test_a_tab_clicked_lists_the_classes_anew(page: object, site: tuple[str, Path]) -> None:
+    """A class folder made or removed outside the app: clicking a tab (or coming back to the page) showed the
+    classes of the page's start (no button for the new one; the removed one's answered "unknown class")."""
+    pg, (_, data), expect = page, site, sync_api.expect
+    chip, card_buttons = '#class-list button[data-label="dots"]', '#browse-grid button[data-label="dots"]'
+    expect(pg.locator("#browse-grid .card")).to_have_count(12)
+    try:
+        (data / "dots").mkdir()
+        pg.locator('#tabs button[data-tab="browse"]').click()
+        expect(pg.locator(chip)).to_have_text("dots (0)")
+        expect(pg.locator(card_buttons)).to_have_count(12)
+        (data / "dots").rmdir()
+        pg.locator('#tabs button[data-tab="browse"]').click()
+        expect(pg.locator(chip)).to_have_count(0)
+        expect(pg.locator(card_buttons)).to_have_count(0)
+        (data / "dots").mkdir()
+        pg.evaluate("document.dispatchEvent(new Event('visibilitychange'))")  # back from another window
+        expect(pg.locator(chip)).to_have_text("dots (0)")
+        expect(pg.locator(card_buttons)).to_have_count(12)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            (data / "dots").rmdir()
+
+
 def test_label_errors_and_keyboard_labelling(page: object, site: tuple[str, Path], artifacts: Path) -> None:
     pg, (_, data), expect = page, site, sync_api.expect
     before = sha_map(data)
@@ -354,12 +378,16 @@ def test_unreadable_images_are_named_with_why(
         with open_page(browser, server.url) as pg:
             status = pg.locator("#status")
             expect(status).to_contain_text("1 image skipped: cannot be read")
-            expect(status).to_contain_text("unlabeled/broken.jpg: cannot decode")
+            expect(status).to_contain_text("unlabeled/broken.jpg: truncated or corrupt image data")
             pg.locator('#class-list button[data-label="unlabeled"]').click()
             broken = pg.locator('.card[data-path="unlabeled/broken.jpg"]')
-            expect(broken.locator(".unshown")).to_contain_text("cannot show unlabeled/broken.jpg: cannot decode")
+            expect(broken.locator(".unshown")).to_contain_text(
+                "cannot show unlabeled/broken.jpg: truncated or corrupt image data"
+            )
             broken.locator(".unshown").click()
-            expect(pg.locator("#zoom-error")).to_contain_text("cannot show unlabeled/broken.jpg: cannot decode")
+            expect(pg.locator("#zoom-error")).to_contain_text(
+                "cannot show unlabeled/broken.jpg: truncated or corrupt image data"
+            )
             expect(pg.locator("#zoom-img")).to_be_hidden()
 
 

@@ -210,6 +210,33 @@ def test_the_thumbnail_of_a_file_replaced_with_its_size_and_times_kept_is_made_a
     assert cache.digest(f) == file_sha256(f)
 
 
+def test_a_thumbnail_made_while_its_image_is_replaced_is_kept_under_the_picture_it_shows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file was hashed, then opened again to decode: replaced in between, the new picture's thumbnail was
+    kept under the old content's digest and shown from then on for every image of that content."""
+    red, blue = tmp_path / "red.jpg", tmp_path / "blue.jpg"
+    Image.new("RGB", (64, 64), "red").save(red)
+    Image.new("RGB", (64, 64), "blue").save(blue)
+    f = tmp_path / "x.jpg"
+    shutil.copy(red, f)
+    cache = ThumbCache(tmp_path / "thumbs")
+    hashed = cache.digest
+
+    def hashed_then_replaced(path: Path) -> str:
+        digest = hashed(path)
+        shutil.copy(blue, tmp_path / "new.jpg")
+        os.replace(tmp_path / "new.jpg", path)
+        return digest
+
+    monkeypatch.setattr(cache, "digest", hashed_then_replaced)
+    cache.get(f, 32)
+    monkeypatch.undo()
+    for path, channel in ((red, 0), (blue, 2)):  # each shown as its own picture
+        colour = Image.open(io.BytesIO(ThumbCache(tmp_path / "thumbs").get(path, 32))).getpixel((16, 16))
+        assert max(range(3), key=colour.__getitem__) == channel, (path.name, colour)
+
+
 CROSS_SITE = [
     {"Origin": "http://evil.example"},
     {"Origin": "null"},  # a sandboxed frame, a file:// page
@@ -423,6 +450,23 @@ def test_undo_last_undoes_only_the_move_the_page_saw(tmp_path: Path) -> None:
     assert sha_map(root) == before
 
 
+def test_undo_leaves_another_picture_saved_under_the_moved_name(tmp_path: Path) -> None:
+    """Another picture saved since under the name a move gave (an editor's "save as"): undo moved it into the
+    image's old class and said nothing."""
+    root = make_folder(tmp_path / "d", classes=("a", "b"), n=1)
+    other = (root / "b" / "b_00.jpg").read_bytes()
+    with Server(create_app(root, analyse_on_start=False)) as server, httpx.Client(base_url=server.url) as client:
+        move = client.post("/api/relabel", json={"path": "a/a_00.jpg", "label": "b"}).json()
+        (root / "b" / "a_00.jpg").write_bytes(other)
+        r = client.post("/api/undo", json={"id": move["id"]}).json()
+        assert r == {
+            "undone": [],
+            "problems": ["b/a_00.jpg is no longer the image moved (changed since): not moved back"],
+        }
+        assert [m["id"] for m in client.get("/api/journal").json()["items"]] == [move["id"]]  # kept, as a missing one
+    assert not (root / "a" / "a_00.jpg").exists() and (root / "b" / "a_00.jpg").read_bytes() == other
+
+
 def test_a_move_cut_by_a_crash_is_finished_when_the_app_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Killed between a move's link and unlink, the image was listed in both classes after a restart, and moving
     the copy still shown in its old class made a second file of it."""
@@ -566,6 +610,21 @@ def test_a_result_relabelled_since_the_run_is_followed(review: tuple[httpx.Clien
     assert moved | {"exists": None, "v": None} == item | {"exists": None, "v": None, "now": second["to"]}
     assert client.post("/api/undo", json={"all": True}).status_code == 200
     assert result(item["path"])["now"] == item["path"] and sha_map(data) == before
+
+
+def test_a_result_moved_by_hand_is_found_by_its_content(review: tuple[httpx.Client, Path]) -> None:
+    """An image of the run's test split moved and renamed outside the app was "no longer in the data folder";
+    split.csv records its content."""
+    client, data = review
+    item = client.get("/api/results", params={"sort": "path", "per_page": 1}).json()["items"][0]
+    elsewhere = f"{next(c for c in CLASSES if c != item['true'])}/renamed by hand.jpg"
+    (data / item["path"]).rename(data / elsewhere)
+    try:
+        moved = client.get("/api/results", params={"sort": "path", "per_page": 1}).json()["items"][0]
+        assert (moved["path"], moved["exists"], moved["now"]) == (item["path"], False, elsewhere)
+        assert moved["v"]
+    finally:
+        (data / elsewhere).rename(data / item["path"])
 
 
 def test_confusion_cells_list_their_images(review: tuple[httpx.Client, Path]) -> None:
@@ -915,6 +974,128 @@ def test_an_unreadable_image_is_a_message_naming_it(tmp_path: Path, monkeypatch:
             assert r.status_code == 422, (route, r.text)
             assert r.json()["detail"].startswith("cannot show a/a_00.jpg: unreadable: Permission denied: make the")
         assert client.get("/api/image", params={"path": "b/b_00.jpg"}).content == (root / "b" / "b_00.jpg").read_bytes()
+
+
+def test_a_refused_read_is_named_as_a_read_not_as_a_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An image in a folder without read permission, a data folder without it: every answer said "the data
+    folder cannot be changed" (409); so did the relabel of an unreadable file (hashed for the journal)."""
+    import builtins
+    import errno
+
+    root = make_folder(tmp_path / "d", classes=("a", "b"), n=1).resolve()
+    image, real_stat, real_listdir, real_open = root / "a" / "a_00.jpg", os.stat, os.listdir, builtins.open
+
+    def refusing(real: object, locked: Path) -> object:
+        def call(path: object, *args: object, **kwargs: object) -> object:
+            if isinstance(path, str | Path) and Path(path) == locked:
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            return real(path, *args, **kwargs)  # type: ignore[operator]
+
+        return call
+
+    with Server(create_app(root, analyse_on_start=False)) as server, httpx.Client(base_url=server.url) as client:
+        monkeypatch.setattr(os, "stat", refusing(real_stat, image))  # its folder unreadable
+        r = client.get("/api/thumb", params={"path": "a/a_00.jpg"})
+        assert r.status_code == 422, r.text
+        assert r.json()["detail"] == (
+            f"cannot read {image}: Permission denied: check the permissions of it and of the folders above it"
+        )
+        monkeypatch.undo()
+        monkeypatch.setattr(os, "listdir", refusing(real_listdir, root))
+        r = client.get("/api/info")
+        assert r.status_code == 422 and r.json()["detail"].startswith(f"cannot read {root}: Permission denied"), r.text
+        monkeypatch.undo()
+        monkeypatch.setattr(builtins, "open", refusing(real_open, image))
+        r = client.post("/api/relabel", json={"path": "a/a_00.jpg", "label": "b"})
+        assert r.status_code == 409, r.text
+        assert r.json()["detail"] == "cannot read a/a_00.jpg (Permission denied): make it readable to relabel it"
+        assert image.is_file() and RelabelJournal(root).active() == []
+        monkeypatch.undo()
+        move = client.post("/api/relabel", json={"path": "a/a_00.jpg", "label": "b"}).json()
+        monkeypatch.setattr(builtins, "open", refusing(real_open, root / "b" / "a_00.jpg"))
+        r = client.post("/api/undo", json={"id": move["id"]})
+        assert r.json()["problems"] == ["cannot read b/a_00.jpg (Permission denied): make it readable to move it back"]
+
+
+def test_a_folder_made_readable_again_is_listed_anew(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chmod changes a folder's change time, not its modification time: a class folder listed while it could
+    not be read stayed empty once readable again."""
+    import errno
+
+    root = make_folder(tmp_path / "d", classes=("a", "b"), n=2).resolve()
+    real_walk = os.walk
+
+    def unreadable_a(top: object, *args: object, onerror: object = None, **kwargs: object) -> Iterator[object]:
+        if Path(str(top)) == root / "a":
+            onerror(PermissionError(errno.EACCES, "Permission denied", str(top)))  # type: ignore[operator]
+            return iter(())
+        return real_walk(top, *args, onerror=onerror, **kwargs)  # type: ignore[call-overload]
+
+    with Server(create_app(root, analyse_on_start=False)) as server, httpx.Client(base_url=server.url) as client:
+        monkeypatch.setattr(os, "walk", unreadable_a)
+        for _ in range(2):  # listed, then listed again with the folders the first listing walked: steady
+            assert client.get("/api/info").json()["counts"] == {"a": 0, "b": 2}
+        monkeypatch.undo()
+        os.chmod(root / "a", 0o755)
+        assert client.get("/api/info").json()["counts"] == {"a": 2, "b": 2}
+
+
+def test_a_data_folder_gone_is_named_with_what_to_do(tmp_path: Path) -> None:
+    """Deleted or renamed while the app runs: every request answered "[Errno 2] No such file or directory"."""
+    root = make_folder(tmp_path / "d", classes=("a", "b"), n=1).resolve()
+    gone = (
+        f"the data folder {root} is gone (deleted, moved or renamed since the app started): restore it, or start "
+        "imgclf ui on its new place"
+    )
+    with Server(create_app(root, analyse_on_start=False)) as server, httpx.Client(base_url=server.url) as client:
+        root.rename(tmp_path / "renamed")
+        for r in (
+            client.get("/api/info"),
+            client.get("/api/images", params={"label": "a"}),
+            client.get("/api/thumb", params={"path": "a/a_00.jpg"}),
+            client.post("/api/relabel", json={"path": "a/a_00.jpg", "label": "b"}),
+        ):
+            assert (r.status_code, r.json()["detail"]) == (404, gone), r.request.url
+        (tmp_path / "renamed").rename(root)  # restored
+        assert client.get("/api/info").json()["counts"] == {"a": 1, "b": 1}
+
+
+def test_the_full_image_is_one_file_read_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Removed (or replaced) between the app's check and the file response's own stat and open: a 500 (File at
+    path ... does not exist), or a body of the one file with the length of the other."""
+    import builtins
+
+    root = make_folder(tmp_path / "d", classes=("a", "b"), n=1).resolve()
+    image, real_open = root / "a" / "a_00.jpg", builtins.open
+    original = image.read_bytes()
+
+    def removed_once_opened(file: object, *args: object, **kwargs: object) -> object:
+        handle = real_open(file, *args, **kwargs)
+        if isinstance(file, str | Path) and Path(file) == image:
+            image.unlink()
+        return handle
+
+    with Server(create_app(root, analyse_on_start=False)) as server, httpx.Client(base_url=server.url) as client:
+        monkeypatch.setattr(builtins, "open", removed_once_opened)
+        r = client.get("/api/image", params={"path": "a/a_00.jpg"})
+        assert (r.status_code, r.headers["content-type"], r.content) == (200, "image/jpeg", original)
+        r = client.get("/api/image", params={"path": "a/a_00.jpg"})
+        assert (r.status_code, r.json()["detail"]) == (404, "no image 'a/a_00.jpg' in the data folder")
+
+
+def test_the_zoom_of_a_webp_turned_by_exif_is_upright(tmp_path: Path) -> None:
+    """Browsers apply the EXIF orientation of JPEG and PNG files, not WebP's: the zoom showed it sideways."""
+    root = make_folder(tmp_path / "d", classes=("a", "b"), n=1).resolve()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 80 wide, 120 high; shown 120 wide
+    for ext in ("webp", "jpg"):
+        Image.new("RGB", (80, 120), (200, 30, 30)).save(root / "a" / f"turned.{ext}", exif=exif)
+    with Server(create_app(root, analyse_on_start=False)) as server, httpx.Client(base_url=server.url) as client:
+        webp = client.get("/api/image", params={"path": "a/turned.webp"})
+        assert webp.headers["content-type"] == "image/jpeg"  # the preview, turned as the model sees it
+        assert Image.open(io.BytesIO(webp.content)).size == (120, 80)
+        jpeg = client.get("/api/image", params={"path": "a/turned.jpg"})  # the browser turns it: sent as it is
+        assert jpeg.content == (root / "a" / "turned.jpg").read_bytes()
 
 
 def test_images_are_shown_up_to_the_configured_pixel_limit(

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import logging
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+import mimetypes
+from collections.abc import AsyncIterator, Callable, Collection
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -23,7 +25,7 @@ from pydantic import BaseModel
 from imgclf.backbones import Backbone
 from imgclf.config import Config
 from imgclf.data.dataset import UNLABELED_DIR, check_data_folder, composed, split_folders
-from imgclf.data.io import ImageError, unreadable_reason
+from imgclf.data.io import ImageError, exif_orientation, open_image, unreadable_reason
 from imgclf.datatools.journal import JournalFileError
 from imgclf.serving.security import SameOriginWrites, SecurityHeaders, TokenRequired
 from imgclf.ui.analysis import Analyzer
@@ -59,12 +61,14 @@ class UndoRequest(BaseModel):
 @dataclass
 class RunResults:
     """A run's test predictions (predictions.csv), confusion matrix and the C its SVM head chose (metrics.json;
-    None for a run without one)."""
+    None for a run without one), and the content (SHA-256) of each image split.csv names, by composed path ('' where
+    not recorded)."""
 
     classes: list[str]
     rows: list[dict[str, Any]]
     confusion: list[list[int]]
     svm_c: float | None = None
+    digests: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def load(cls, run_dir: Path) -> RunResults:
@@ -88,7 +92,11 @@ class RunResults:
                         "scores": scores,
                     }
                 )
-        return cls(classes, rows, metrics["confusion_matrix"], metrics.get("svm_c"))
+        digests = {}
+        if (split_file := run_dir / "split.csv").is_file():  # not in runs written before it was
+            with open(split_file, newline="", encoding="utf-8") as f:
+                digests = {composed(r["path"]): r.get("sha256") or "" for r in csv.DictReader(f) if r.get("path")}
+        return cls(classes, rows, metrics["confusion_matrix"], metrics.get("svm_c"), digests)
 
 
 def file_version(path: Path) -> str | None:
@@ -101,15 +109,18 @@ def file_version(path: Path) -> str | None:
     return f"{st.st_mtime_ns}-{st.st_size}-{st.st_ino}-{st.st_ctime_ns}"
 
 
-def _mtime(folder: Path) -> int:
+def _times(folder: Path) -> tuple[int, int]:
+    """The modification and change times of ``folder``: a chmod changes the latter only (a folder made readable
+    again is listed anew)."""
     try:
-        return folder.stat().st_mtime_ns
+        st = folder.stat()
     except OSError:  # removed since it was listed
-        return -1
+        return -1, -1
+    return st.st_mtime_ns, st.st_ctime_ns
 
 
 class ImageIndex:
-    """Image paths per top-level folder, re-listed when the modification time of a folder changes (of the
+    """Image paths per top-level folder, re-listed when the modification or change time of a folder changes (of the
     data folder's own, or of any folder the last listing walked, sub-folders of classes included)."""
 
     def __init__(self, root: Path) -> None:
@@ -122,7 +133,7 @@ class ImageIndex:
 
     def _current_signature(self) -> tuple[int, ...]:
         dirs = [self.root, *(self.root / s for s in split_folders(self.root)), *class_folders(self.root)]
-        return (*(_mtime(d) for d in [*dirs, *self._walked]), len(dirs))
+        return (*(t for d in [*dirs, *self._walked] for t in _times(d)), len(dirs))
 
     def folders(self) -> dict[str, list[str]]:
         if (before := self._current_signature()) != self._signature:
@@ -151,6 +162,37 @@ class ImageIndex:
 
     def classes(self) -> list[str]:
         return [k for k in self.folders() if k != UNLABELED_DIR]
+
+
+class ByContent:
+    """The listed images a run's split.csv does not name (moved or renamed by hand since the run, or new), by
+    content: hashed when first asked for after each listing, with ``digest`` (which remembers unchanged files)."""
+
+    def __init__(self, index: ImageIndex, digest: Callable[[Path], str], named: Collection[str]) -> None:
+        self.index, self.digest, self.named = index, digest, named
+        self._built: tuple[frozenset[str] | None, dict[str, str]] = (None, {})
+
+    def find(self, digest: str) -> str | None:
+        """The path of a listed image not named in split.csv whose content is ``digest``; None if none is."""
+        present = self.index.present()
+        listing, paths = self._built
+        if listing is not present:
+            paths = {}
+            for rel in sorted(present):
+                if composed(rel) not in self.named:
+                    with contextlib.suppress(OSError):  # gone or unreadable since the listing
+                        paths.setdefault(self.digest(self.index.root / rel), rel)
+            self._built = (present, paths)
+        return paths.get(digest) if digest else None
+
+
+def _turned_by_exif(data: bytes) -> bool:
+    """An image of an EXIF orientation that browsers do not apply (they do in JPEG and PNG files, not in WebP)."""
+    try:
+        with open_image(io.BytesIO(data)) as im:
+            return im.format not in ("JPEG", "PNG") and exif_orientation(im) != 1
+    except Exception:  # noqa: BLE001 - not decodable: shown as it is (the browser says what it can)
+        return False
 
 
 def _page(items: list[Any], page: int, per_page: int, **extra: Any) -> dict[str, Any]:
@@ -189,6 +231,7 @@ def create_app(
     # the run's C, unless the grid given here (--svm-c-grid) lacks it
     run_c = results.svm_c if results is not None and results.svm_c in cfg.classifier.svm_c_grid else None
     analyzer = Analyzer(root, cfg, backbone, run_c)
+    by_content = ByContent(index, thumbs.digest, results.digests if results is not None else {})
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -227,12 +270,30 @@ def create_app(
     def _bad_journal_or_busy(_: Request, e: Exception) -> JSONResponse:
         return JSONResponse({"detail": str(e)}, status_code=409)
 
+    def data_folder_gone() -> JSONResponse | None:
+        """The answer to every request once the data folder is gone (not when it is only unreadable)."""
+        try:
+            root.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            why = f"the data folder {root} is gone (deleted, moved or renamed since the app started)"
+            return JSONResponse({"detail": f"{why}: restore it, or start imgclf ui on its new place"}, status_code=404)
+        except OSError:  # there, but unreadable: answered as such
+            pass
+        return None
+
     @app.exception_handler(FileNotFoundError)
     def _missing(_: Request, e: FileNotFoundError) -> JSONResponse:
-        return JSONResponse({"detail": str(e)}, status_code=404)
+        return data_folder_gone() or JSONResponse({"detail": str(e)}, status_code=404)
 
     @app.exception_handler(OSError)
-    def _unwritable(_: Request, e: OSError) -> JSONResponse:  # a read-only data folder, a full disk
+    def _os_error(request: Request, e: OSError) -> JSONResponse:
+        if gone := data_folder_gone():
+            return gone
+        if request.method in ("GET", "HEAD"):  # reads only: a file or folder without read permission, a bad disk
+            hint = ": check the permissions of it and of the folders above it" if isinstance(e, PermissionError) else ""
+            what = e.filename or "the data folder"
+            return JSONResponse({"detail": f"cannot read {what}: {e.strerror or e}{hint}"}, status_code=422)
+        # a change refused: a read-only data folder, a full disk
         where = f" ({e.filename})" if e.filename else ""
         if e.filename2:  # a move: the folder that refused it is the destination's, as often as the source's
             where = f" (moving {e.filename} to {e.filename2})"
@@ -243,7 +304,8 @@ def create_app(
         name = request.query_params.get("path", "this image")  # /api/thumb and /api/image name it
         return JSONResponse({"detail": f"cannot show {name}: {e}"}, status_code=422)
 
-    def image_file(path: str) -> Path:
+    def find_image(path: str) -> Path:
+        """The file of the image ``path`` names (404 if none)."""
         try:
             f = safe_rel(root, path)
         except UnsafePathError:  # outside through a link: readable if listed (it is inside the data set)
@@ -254,11 +316,24 @@ def create_app(
             f = root / listed  # named in its other Unicode form
         if not f.is_file():
             raise FileNotFoundError(f"no image {path!r} in the data folder")
-        try:  # before a response starts: a file response cannot report a failure once it has
-            open(f, "rb").close()
+        return f
+
+    def image_file(path: str) -> Path:
+        """The file of the image ``path`` names, found readable (if not, refused with why: not as an image that
+        fails to decode)."""
+        f = find_image(path)
+        read(f, path, 0)
+        return f
+
+    def read(f: Path, path: str, size: int = -1) -> bytes:
+        """The first ``size`` bytes of the image file ``f`` (named ``path`` in the request), all by default."""
+        try:
+            with open(f, "rb") as file:
+                return file.read(size)
+        except FileNotFoundError:  # removed since it was found
+            raise FileNotFoundError(f"no image {path!r} in the data folder") from None
         except OSError as e:
             raise ImageError(f"{unreadable_reason(f, e)}: make the file readable (check its permissions)") from e
-        return f
 
     def need_run() -> RunResults:
         if results is None:
@@ -299,9 +374,14 @@ def create_app(
 
     @app.get("/api/image")
     def image(path: str) -> Response:
-        f = image_file(path)
-        if f.suffix.lower() in BROWSER_FORMATS:
-            return FileResponse(f, headers={"Cache-Control": "no-cache"})
+        f = find_image(path)
+        if f.suffix.lower() in BROWSER_FORMATS:  # read from one open file: a file response stats and opens the path
+            # again, and a file removed or replaced in between made a 500 or a body of another length than announced
+            data = read(f, path)
+            if not _turned_by_exif(data):  # else the preview, upright as the model sees it
+                media_type = mimetypes.guess_type(f.name)[0]
+                return Response(data, media_type=media_type, headers={"Cache-Control": "no-cache"})
+        read(f, path, 0)  # unreadable: refused with why (as image_file does)
         return Response(thumbs.preview(f, max_pixels=max_pixels), media_type="image/jpeg")
 
     def listed_image(path: str) -> str:
@@ -364,7 +444,8 @@ def create_app(
         for item in out["items"]:  # where the image lies now: relabelled since the run, it moved
             here = index.on_disk(item["path"])
             now = here or moved.get(composed(item["path"]))
-            now = now if now in present else None
+            if now not in present:  # moved or renamed by hand: found by the content split.csv records
+                now = by_content.find(res.digests.get(composed(item["path"]), ""))
             item.update(exists=here is not None, now=now, v=file_version(root / now) if now else None)
         return out
 

@@ -189,6 +189,8 @@ class RelabelJournal:
                     digest = file_sha256(src)
                 except FileNotFoundError:  # another process moved it since the check
                     raise MovedAwayError(gone) from None
+                except OSError as e:  # the journal records its content: read permission needed
+                    raise RelabelError(f"cannot read {rel} ({e.strerror or e}): make it readable to relabel it") from e
                 record = {
                     "op": "move",
                     "id": uuid.uuid4().hex[:12],
@@ -258,14 +260,22 @@ class RelabelJournal:
                 if back.exists() and not same_file(src, back):
                     report.problems.append(f"{rec['from']} exists: not overwritten; {rec['to']} stays")
                     continue
-                digest = file_sha256(src)
+                try:
+                    digest = file_sha256(src)
+                except OSError as e:
+                    report.problems.append(
+                        f"cannot read {rec['to']} ({e.strerror or e}): make it readable to move it back"
+                    )
+                    continue
+                if rec.get("sha256") not in (None, digest):  # another picture saved under its name since
+                    report.problems.append(f"{rec['to']} is no longer the image moved (changed since): not moved back")
+                    continue
                 try:
                     move_no_overwrite(src, back)
                 except OSError as e:
                     report.problems.append(f"{rec['to']}: not moved back ({e})")
                     continue
-                note = {} if digest == rec.get("sha256") else {"note": "content changed since the move"}
-                self._append({"op": "undo", "id": rec["id"], "time": datetime.now(UTC).isoformat(), **note})
+                self._append({"op": "undo", "id": rec["id"], "time": datetime.now(UTC).isoformat()})
                 report.undone.append(rec)
         return report
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import threading
@@ -9,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from imgclf.data.io import open_rgb
+from imgclf.data.io import ImageError, open_rgb
 from imgclf.features.extract import default_cache_dir
 from imgclf.utils import atomic_write_bytes, file_sha256
 
@@ -40,22 +41,32 @@ class ThumbCache:
                 self._digests[key] = known
         return known
 
+    def _file(self, digest: str, size: int) -> Path:
+        return self.root / digest[:2] / f"{digest}-{size}.jpg"
+
     def get(self, path: Path, size: int, max_pixels: int | None = None) -> bytes:
         """The JPEG thumbnail of ``path``, made on first use and kept (raises ImageError for undecodable images
         and those of more than ``max_pixels`` pixels; None: Pillow's limit). A cache folder that cannot be
         written costs speed only: the thumbnail is made again next time."""
         digest = self.digest(path)
-        thumb = self.root / digest[:2] / f"{digest}-{size}.jpg"
         try:
-            return thumb.read_bytes()
+            return self._file(digest, size).read_bytes()
         except OSError:
             pass
-        im = open_rgb(path, draft_to=size, max_pixels=max_pixels)
+        # hashed and decoded from the same bytes: a file replaced meanwhile must not have its new picture kept
+        # under its old content's digest (shown from then on for every image of that content)
+        data = path.read_bytes()
+        try:
+            im = open_rgb(io.BytesIO(data), draft_to=size, max_pixels=max_pixels)
+        except ImageError:
+            # the reason the file tells (empty, HEIC without its plugin, a format by its extension), if it still fails
+            open_rgb(path, draft_to=size, max_pixels=max_pixels).close()
+            raise
         im.thumbnail((size, size), Image.Resampling.LANCZOS)
         buf = io.BytesIO()
         im.save(buf, "JPEG", quality=85)
         try:
-            atomic_write_bytes(thumb, buf.getvalue())
+            atomic_write_bytes(self._file(hashlib.sha256(data).hexdigest(), size), buf.getvalue())
         except OSError as e:
             log.warning("thumbnail not kept in %s (%s): made again each time", self.root, e.strerror or e)
         return buf.getvalue()

@@ -477,7 +477,17 @@ function showTab(tab) {
     b.setAttribute("aria-pressed", String(b.dataset.tab === tab));
   });
   document.querySelectorAll(".tab").forEach((s) => s.classList.toggle("active", s.id === `tab-${tab}`));
-  infoLoaded.then(loadTab).catch((e) => toast(e.message, true)); // a tab clicked early waits for the classes
+  // the classes anew too (a class folder made or removed outside the app); a tab clicked early waits for the first
+  infoLoaded.catch(() => {}).then(refresh).catch((e) => toast(e.message, true));
+}
+
+// Back to the page: the classes and counts anew, the images too where they changed meanwhile.
+async function refreshShown() {
+  if (document.hidden) return;
+  const before = JSON.stringify(state.info?.counts); // none: the first load failed (the data folder was gone)
+  try {
+    await keepingFocus(async () => { await loadInfo(); if (JSON.stringify(state.info.counts) !== before) await loadTab(); });
+  } catch (e) { toast(e.message, true); }
 }
 
 new ResizeObserver(([e]) => { document.documentElement.style.scrollPaddingTop = `${e.target.offsetHeight + 8}px`; }).observe($("header"));
@@ -488,8 +498,10 @@ $("#zoom-close").addEventListener("click", closeZoom);
 $("#zoom").addEventListener("click", (ev) => { if (ev.target.id === "zoom") closeZoom(); });
 $("#zoom-img").addEventListener("error", zoomFailed);
 $("#recompute").addEventListener("click", computeScores);
+document.addEventListener("visibilitychange", refreshShown);
 for (const [id, key] of [["#res-outcome", "outcome"], ["#res-sort", "sort"], ["#res-true", "true"], ["#res-pred", "pred"]]) {
   $(id).addEventListener("change", (ev) => { state.results[key] = ev.target.value; state.results.page = 1; loadResults(); });
 }
 const infoLoaded = loadInfo();
-infoLoaded.then(loadBrowse).then(pollStatus).catch((e) => toast(e.message, true));
+infoLoaded.then(loadBrowse).catch((e) => toast(e.message, true));
+infoLoaded.then(pollStatus, pollStatus); // the status line, whether the images could be listed or not
