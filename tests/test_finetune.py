@@ -891,3 +891,25 @@ def test_only_out_of_memory_errors_are_taken_for_them(tmp_path: Path, monkeypatc
     monkeypatch.setattr(trainer, "CGROUP", tmp_path)
     available, total = trainer.available_memory(torch.device("cpu"))
     assert (available, total) == (900_000_000, 2_000_000_000)
+
+
+def test_a_network_of_one_input_size_is_refused_other_sizes_before_training(demo: Path, tmp_path: Path) -> None:
+    """A ViT fine-tuned at 224 px failed after its training, at the first test image (256 px: the default
+    --test-scale): the sizes it does not take are refused before anything is decoded or written."""
+    import timm
+
+    weights = tmp_path / "vit.pt"
+    torch.save(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0).state_dict(), weights)
+    cfg = _cfg(demo, tmp_path / "run", backbone="vit_tiny_patch16_224", weights=weights, resolution=224)
+    with pytest.raises(ValueError) as refused:
+        train(cfg)
+    assert str(refused.value) == (
+        "vit_tiny_patch16_224 takes 224 px inputs only: give --resolution 224 and --test-scale 1 (now 224 px in "
+        "training, 256 px at test time)"
+    )
+    assert not (tmp_path / "run").exists()
+    from imgclf.backbones import create_backbone
+    from imgclf.finetune.trainer import check_input_size
+
+    check_input_size(create_backbone("vit_tiny_patch16_224", weights=weights, resolution=224), 1.0)  # taken
+    check_input_size(create_backbone("efficientnet_lite0", resolution=96), 1.15)  # any size: no refusal

@@ -461,10 +461,12 @@ def _train(cfg: Config, run_dir: Path, t0: float) -> RunResult:
             resolution=cfg.backbone.resolution,
             drop_path_rate=cfg.finetune.drop_path if fine_tunes else 0.0,
         )
-        if fine_tunes and cfg.finetune.resume:  # a checkpoint --resume cannot continue is refused here too
-            from imgclf.finetune.trainer import load_checkpoint
+        if fine_tunes:  # a checkpoint --resume cannot continue, or sizes a ViT does not take, refused here too
+            from imgclf.finetune.trainer import check_input_size, load_checkpoint
 
-            load_checkpoint(cfg, ds, np.flatnonzero(split == "train"), backbone, run_dir)
+            check_input_size(backbone, cfg.finetune.test_scale)
+            if cfg.finetune.resume:
+                load_checkpoint(cfg, ds, np.flatnonzero(split == "train"), backbone, run_dir)
     near_duplicates = _NearDuplicates.find(cfg, ds, split)
     # from here until the model is saved the folder mixes two runs: nothing reads a model from it meanwhile
     atomic_write_text(run_dir / INCOMPLETE, "imgclf train is writing this run folder\n", parents=False)

@@ -807,6 +807,24 @@ def choose_epoch(
     return max([ref, *near])
 
 
+def check_input_size(backbone: Backbone, test_scale: float) -> None:
+    """ValueError where the network takes one input size only (a vision transformer's patch grid: timm's,
+    torchvision's) and the run would train or test at another: said before training, not after it (a ViT
+    fine-tuned at 224 px failed at its first test image, 256 px with the default --test-scale)."""
+    fixed = None
+    for m in backbone.model.modules():
+        if getattr(m, "strict_img_size", False) and getattr(m, "img_size", None):  # timm's patch embedding
+            fixed = int(m.img_size[0])
+        elif type(m).__name__ == "VisionTransformer" and isinstance(getattr(m, "image_size", None), int):
+            fixed = m.image_size  # torchvision's
+    train, test = backbone.preprocess.resolution, eval_preprocess(backbone.preprocess, test_scale).resolution
+    if fixed is not None and (train, test) != (fixed, fixed):
+        raise ValueError(
+            f"{backbone.name} takes {fixed} px inputs only: give --resolution {fixed} and --test-scale 1 (now "
+            f"{train} px in training, {test} px at test time)"
+        )
+
+
 def eval_preprocess(train: Preprocess, scale: float) -> Preprocess:
     """Eval-time geometry of a network fine-tuned at ``train.resolution``: the side times ``scale``, rounded to 8
     (``scale`` 1: the training side as it is).
