@@ -827,9 +827,12 @@ def test_a_step_that_cannot_fit_is_refused_and_one_that_may_not_warns(
     assert f"a training step of 8 images at 64 px needs about {mb} of memory and " in caplog.text
     assert "--ft-batch-size 5 fits (or lower --resolution), or close other programs" in caplog.text
     fixed = memory(None, None).fixed
+    earlier = train(_cfg(demo, tmp_path / "refused", classifier="svm")).run_dir  # a finished run in that --out
+    kept = {p: p.read_bytes() for p in sorted(earlier.rglob("*")) if p.is_file()}
     available["now"] = (fixed + per_image, need - 1)  # room for one image, and a machine too small for eight
     with pytest.raises(trainer.FinetuneMemoryError) as refused:
         train(_cfg(demo, tmp_path / "refused", epochs=1))
+    assert {p: p.read_bytes() for p in sorted(earlier.rglob("*")) if p.is_file()} == kept  # not marked unfinished
     assert str(refused.value) == (
         f"a training step of 8 images at 64 px needs about {mb} of memory, more than the {(need - 1) / 1e6:.0f} MB "
         "there is: even --ft-batch-size 2 does not fit: lower --resolution (--resolution 32 fits with "

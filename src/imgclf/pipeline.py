@@ -462,11 +462,13 @@ def _train(cfg: Config, run_dir: Path, t0: float) -> RunResult:
             drop_path_rate=cfg.finetune.drop_path if fine_tunes else 0.0,
         )
         if fine_tunes:  # a checkpoint --resume cannot continue, or sizes a ViT does not take, refused here too
-            from imgclf.finetune.trainer import check_input_size, load_checkpoint
+            from imgclf.finetune.trainer import check_input_size, check_memory_ahead, load_checkpoint
 
             check_input_size(backbone, cfg.finetune.test_scale)
             if cfg.finetune.resume:
                 load_checkpoint(cfg, ds, np.flatnonzero(split == "train"), backbone, run_dir)
+            else:  # a step that cannot fit in memory: refused before an earlier run here is marked unfinished
+                check_memory_ahead(cfg, backbone, len(ds.classes))
     near_duplicates = _NearDuplicates.find(cfg, ds, split)
     # from here until the model is saved the folder mixes two runs: nothing reads a model from it meanwhile
     atomic_write_text(run_dir / INCOMPLETE, "imgclf train is writing this run folder\n", parents=False)

@@ -45,7 +45,12 @@ class Backbone:
     def model(self) -> nn.Module:
         """The network in eval mode (built, with its weights, on first use)."""
         if self._model is None:
-            self._model = self.loader().eval()
+            import torch
+
+            # Building draws random initial weights (then overwritten by the pretrained ones): from a copy of the
+            # generator, so that when the network is built changes neither a seeded run's draws nor the caller's.
+            with torch.random.fork_rng(devices=[]):
+                self._model = self.loader().eval()
         return self._model
 
     def spec(self) -> dict[str, Any]:

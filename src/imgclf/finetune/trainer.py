@@ -405,6 +405,43 @@ def check_step_memory(mem: StepMemory, batch: int) -> None:
         )
 
 
+def _classifier(ft: FinetuneConfig, backbone: Backbone, n_classes: int) -> Classifier:
+    """The network to fine-tune: ``backbone``'s, a new last layer, its lower parts frozen as ``ft`` says."""
+    model = Classifier(backbone.model, backbone.num_features, n_classes, ft.dropout)
+    if ft.freeze_backbone:
+        model.backbone.requires_grad_(False)
+    elif ft.train_groups:
+        _freeze_lower_groups(model.backbone, ft.train_groups)
+    return model
+
+
+def _check_memory(model: Classifier, cfg: Config, backbone: Backbone) -> StepMemory:
+    """:func:`check_step_memory` of ``model`` at the run's resolution, batch, device and precision; the estimate."""
+    device = resolve_device(cfg.features.device)
+    res = backbone.preprocess.resolution
+    use_bf16 = resolve_precision(cfg.features.precision, "torch", device.type) == "bf16"
+    try:
+        mem = step_memory(model, res, use_bf16, device)
+    except (MemoryError, RuntimeError) as e:
+        if not _out_of_memory(e):
+            raise
+        raise FinetuneMemoryError(f"out of memory for one image at {res} px: lower --resolution") from e
+    check_step_memory(mem, cfg.finetune.ft_batch_size)
+    return mem
+
+
+def check_memory_ahead(cfg: Config, backbone: Backbone, n_classes: int) -> None:
+    """:func:`check_step_memory` of the network :func:`finetune` would train, before a run folder is touched (a
+    refusal leaves an earlier run there whole); ``backbone`` and the random generators are left as they were."""
+    flags = [p.requires_grad for p in backbone.model.parameters()]
+    try:
+        with _seeded_global_rngs(cfg.output.seed):  # the new layer's draws: the caller's states given back
+            _check_memory(_classifier(cfg.finetune, backbone, n_classes), cfg, backbone)
+    finally:
+        for p, flag in zip(backbone.model.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
+
+
 def _out_of_memory(e: BaseException) -> bool:
     """Python's MemoryError, or PyTorch's out-of-memory error (torch.OutOfMemoryError on CUDA, a RuntimeError on
     the CPU and MPS)."""
@@ -515,10 +552,6 @@ def finetune(
     ``on_epoch_end(epoch, row)`` is called after each epoch's checkpoint is written. The global random
     generators are seeded by ``cfg.output.seed`` meanwhile and left as they were, as is PyTorch's thread count.
     """
-    # The network is built (on first use) before the seeding: its random initialisation, then overwritten by the
-    # pretrained weights, drew from the seeded stream, so that one built earlier (say, to read its layers)
-    # gave the training other dropout masks, hence other weights.
-    backbone.model  # noqa: B018 - built for its side effect
     with _seeded_global_rngs(cfg.output.seed):
         return _finetune(cfg, ds, train_idx, backbone, Path(run_dir), on_epoch_end)
 
@@ -553,11 +586,7 @@ def _finetune(
     elif ft.resume:
         log.info("no checkpoint in %s: fine-tuning from the start", run_dir)
 
-    model = Classifier(backbone.model, backbone.num_features, n_classes, ft.dropout)
-    if ft.freeze_backbone:
-        model.backbone.requires_grad_(False)
-    elif ft.train_groups:
-        _freeze_lower_groups(model.backbone, ft.train_groups)
+    model = _classifier(ft, backbone, n_classes)
     history: list[dict[str, float]] = []
     inf = float("inf")
     best: dict[str, Any] = {"epoch": 0, "val_error": inf, "val_loss": inf, "state": None}  # the weights to keep
@@ -568,15 +597,8 @@ def _finetune(
 
     skipped: dict[int, str] = dict(ckpt.get("skipped", {})) if ckpt is not None else {}  # undecodable images
     if not done:
+        mem = _check_memory(model, cfg, backbone)  # before the images are decoded, the first epoch's slow part
         res, bs = backbone.preprocess.resolution, ft.ft_batch_size
-        use_bf16 = resolve_precision(cfg.features.precision, "torch", device.type) == "bf16"
-        try:
-            mem = step_memory(model, res, use_bf16, device)
-        except (MemoryError, RuntimeError) as e:
-            if not _out_of_memory(e):
-                raise
-            raise FinetuneMemoryError(f"out of memory for one image at {res} px: lower --resolution") from e
-        check_step_memory(mem, bs)  # before the images are decoded, the first epoch's slow part
         groups = [s.group for s in ds.samples] if cfg.data.split_mode == "group" else None
         fit_idx, val_idx = split_validation(labels_all, train_idx, ft.val_fraction, seed, groups)
 
