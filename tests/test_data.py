@@ -180,6 +180,11 @@ def test_only_known_formats_are_decoded_whatever_the_name(tmp_path: Path, monkey
     reasons = {Path(s["path"]).name: s["reason"] for s in scan_dataset(DataConfig(data_root=root)).skipped}
     for name, kind in (("icon.ico", "ICO"), ("pic.tga", "TGA"), ("vector.svg", "SVG")):
         assert reasons[name] == f"{kind} image, a format imgclf does not read: convert it to PNG or JPEG to use it"
+    (root / "circles" / "broken.apng").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)  # a format imgclf reads
+    (root / "circles" / "weights.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00" * 40)  # data, no image
+    reasons = {Path(s["path"]).name: s["reason"] for s in scan_dataset(DataConfig(data_root=root)).skipped}
+    assert reasons["broken.apng"] == "PNG image named .apng: imgclf reads PNG files named .png; rename it to use it"
+    assert reasons["weights.h5"] == "not an image (nor named as one): not used"
 
 
 def test_a_jpeg_cut_short_in_its_header_is_named_so_by_every_reader(tmp_path: Path):
@@ -495,8 +500,21 @@ def test_a_progressive_jpeg_of_very_many_scans_is_refused(tmp_path: Path):
     last = data.rindex(b"\xff\xda")  # the last scan (its header and data, up to the end-of-image marker)
     (tmp_path / "scans.jpg").write_bytes(data[:-2] + data[last:-2] * 150 + data[-2:])
     for given in (tmp_path / "scans.jpg", io.BytesIO((tmp_path / "scans.jpg").read_bytes())):
-        with pytest.raises(ImageError, match=r"progressive JPEG of 1\d\d scans \(more than 100: .*re-save the file"):
+        with pytest.raises(ImageError, match=r"progressive JPEG of 156 scans \(more than 100: .*re-save the file"):
             open_rgb(given)
+    # an MPO (a camera's JPEG with a preview frame): Pillow names its format so, and it was not checked
+    frames = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(
+        frames, "MPO", save_all=True, append_images=[Image.new("RGB", (64, 64), "blue")], progressive=True
+    )
+    mpo = frames.getvalue()
+    end = mpo.index(b"\xff\xd9")  # the first frame's end
+    scan = mpo[mpo.rindex(b"\xff\xda", 0, end) : end]
+    with pytest.raises(ImageError, match="progressive JPEG of 160 scans"):
+        open_rgb(io.BytesIO(mpo[:end] + scan * 150 + mpo[end:]))
+    # what follows the image (a motion photo's video) holds the marker's bytes by chance: not counted
+    after = data + b"\xff\xda\x00\x08" * 500
+    assert open_rgb(io.BytesIO(after)).size == (64, 64)
 
 
 def test_exif_orientation_applied(tmp_path: Path):

@@ -195,6 +195,19 @@ def test_listed_images_carry_the_version_of_their_file(review: tuple[httpx.Clien
         f.write_bytes(original)
 
 
+def test_a_thumbnails_warning_names_its_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Decoded from its bytes (read once), a thumbnail's damaged-EXIF warning said "image", not which file."""
+    good = io.BytesIO()
+    Image.new("RGB", (40, 30), "red").save(good, "JPEG", dpi=(72, 72))
+    payload = b"Exif\x00\x00" + b"\x00" * 40  # an APP1 block that is no TIFF structure
+    app1 = b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload
+    f = tmp_path / "holiday_0042.jpg"
+    f.write_bytes(good.getvalue()[:2] + app1 + good.getvalue()[2:])
+    with caplog.at_level(logging.WARNING, logger="imgclf"):
+        ThumbCache(tmp_path / "thumbs").get(f, 32)
+    assert f"{f}: EXIF data unreadable" in caplog.text
+
+
 def test_the_thumbnail_of_a_file_replaced_with_its_size_and_times_kept_is_made_anew(tmp_path: Path) -> None:
     """A file swapped for another of the same size and modification time (copied with its times kept) got the
     thumbnail of the one before."""
@@ -452,19 +465,26 @@ def test_undo_last_undoes_only_the_move_the_page_saw(tmp_path: Path) -> None:
 
 def test_undo_leaves_another_picture_saved_under_the_moved_name(tmp_path: Path) -> None:
     """Another picture saved since under the name a move gave (an editor's "save as"): undo moved it into the
-    image's old class and said nothing."""
-    root = make_folder(tmp_path / "d", classes=("a", "b"), n=1)
+    image's old class and said nothing. It stays; the move is retired, so that the moves before it can be undone
+    (else every "undo last" met it again)."""
+    root = make_folder(tmp_path / "d", classes=("a", "b"), n=2)
     other = (root / "b" / "b_00.jpg").read_bytes()
     with Server(create_app(root, analyse_on_start=False)) as server, httpx.Client(base_url=server.url) as client:
+        first = client.post("/api/relabel", json={"path": "a/a_01.jpg", "label": "b"}).json()
         move = client.post("/api/relabel", json={"path": "a/a_00.jpg", "label": "b"}).json()
         (root / "b" / "a_00.jpg").write_bytes(other)
         r = client.post("/api/undo", json={"id": move["id"]}).json()
         assert r == {
             "undone": [],
-            "problems": ["b/a_00.jpg is no longer the image moved (changed since): not moved back"],
+            "problems": [
+                "b/a_00.jpg is no longer the image moved (changed since): left where it is; the next undo goes on "
+                "to the move before"
+            ],
         }
-        assert [m["id"] for m in client.get("/api/journal").json()["items"]] == [move["id"]]  # kept, as a missing one
+        assert [m["id"] for m in client.get("/api/journal").json()["items"]] == [first["id"]]
+        assert client.post("/api/undo", json={"id": first["id"]}).json()["undone"][0]["id"] == first["id"]
     assert not (root / "a" / "a_00.jpg").exists() and (root / "b" / "a_00.jpg").read_bytes() == other
+    assert (root / "a" / "a_01.jpg").is_file()
 
 
 def test_a_move_cut_by_a_crash_is_finished_when_the_app_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -621,8 +621,8 @@ def evaluate(
     """Score a run's bundle on its saved test split (or training split) and rewrite the metrics.
 
     The run's configuration says how to compute, but for the settings given in ``cfg`` (:meth:`Config.given`:
-    set by :meth:`Config.updated`, even to their default value; :meth:`Config.of_run`); the mirror averaging (``flip_tta``) follows the run, as it changes the scores,
-    unless ``flip_tta`` is given.
+    set by :meth:`Config.updated`, even to their default value; :meth:`Config.of_run`); the mirror averaging
+    (``flip_tta``) follows the run, as it changes the scores, unless ``flip_tta`` is given.
     """
     run_dir = Path(run_dir)
     bundle = Bundle.load(run_dir)

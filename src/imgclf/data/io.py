@@ -27,12 +27,12 @@ _FORMAT_EXTENSIONS = {
     "WEBP": (".webp",),
     "TIFF": (".tif", ".tiff"),
     "AVIF": (".avif",),
-    "HEIF": (".heic", ".heif"),
+    "HEIF": (".heic", ".heif", ".hif"),
     "PPM": (".ppm", ".pgm", ".pbm", ".pnm"),  # Netpbm, the format of some classic data sets
     "JPEG2000": (".jp2", ".j2k"),
 }
 IMAGE_EXTENSIONS = frozenset(ext for exts in _FORMAT_EXTENSIONS.values() for ext in exts)
-HEIF_EXTENSIONS = frozenset({".heic", ".heif"})
+HEIF_EXTENSIONS = frozenset({".heic", ".heif", ".hif"})
 # Bump when decoding gives some image other pixels than before: cached features and hashes are keyed by it.
 # 2: high-bit-depth one-channel images scaled to 8 bits instead of clipped; 3: only the formats listed above;
 # 4: a colour key (PNG tRNS on a grey or RGB image) composited on white, as an alpha channel is
@@ -158,9 +158,7 @@ def _unreadable(path: Path | BinaryIO, e: Exception) -> ImageError:
             'HEIC/HEIF image: install the plugin that reads it (pip install "imgclf[heif]") or convert it'
         )
     if isinstance(path, Path) and path.suffix.lower() not in IMAGE_EXTENSIONS:  # notes, annotations beside images
-        if kind := _other_image_kind(path.suffix.lower()):
-            return ImageError(f"{kind} image, a format imgclf does not read: convert it to PNG or JPEG to use it")
-        return ImageError(NOT_AN_IMAGE)
+        return ImageError(_other_format(path.suffix.lower()) or NOT_AN_IMAGE)
     if isinstance(e, OSError) and not isinstance(e, Image.UnidentifiedImageError):  # a known format, cut short
         return ImageError(_decode_failure(e))
     return ImageError(
@@ -169,11 +167,20 @@ def _unreadable(path: Path | BinaryIO, e: Exception) -> ImageError:
     )
 
 
-def _other_image_kind(ext: str) -> str | None:
-    """The image format an extension imgclf does not read names (TGA, ICO, PSD, EPS, SVG...), or None."""
+_DATA_FORMATS = frozenset({"HDF5", "GRIB", "BUFR"})  # Pillow knows their extensions: data files, not images
+
+
+def _other_format(ext: str) -> str | None:
+    """What a file with an extension imgclf does not read holds, and what to do, where the extension names an
+    image format (TGA, ICO, PSD, EPS, SVG; or a format imgclf reads under another name, .apng); else None."""
     Image.init()
-    kind = Image.registered_extensions().get(ext)
-    return kind if kind in Image.OPEN else {".svg": "SVG", ".svgz": "SVG"}.get(ext)
+    kind = Image.registered_extensions().get(ext) or {".svg": "SVG", ".svgz": "SVG"}.get(ext)
+    if kind in _FORMAT_EXTENSIONS:
+        names = ", ".join(_FORMAT_EXTENSIONS[kind])
+        return f"{kind} image named {ext}: imgclf reads {kind} files named {names}; rename it to use it"
+    if kind is None or kind in _DATA_FORMATS or (kind not in Image.OPEN and kind != "SVG"):
+        return None
+    return f"{kind} image, a format imgclf does not read: convert it to PNG or JPEG to use it"
 
 
 def _decode_failure(e: OSError) -> str:
@@ -342,8 +349,9 @@ def open_rgb(
     draft_to: int | None = None,
     max_pixels: int | None = None,
     budget: tuple[PixelBudget, ExitStack] | None = None,
+    name: str | None = None,
 ) -> Image.Image:
-    """Decode an image (a path or a binary file object) as upright RGB.
+    """Decode an image (a path or a binary file object, ``name`` in messages) as upright RGB.
 
     ``draft_to`` lets JPEG decoding downscale by 1/2..1/8 while keeping the shorter side >= draft_to.
     EXIF orientation is applied after decoding; transparent pixels are composited on white. With ``budget``
@@ -362,18 +370,17 @@ def open_rgb(
                 raise ImageError(
                     f"oversized image ({im.size[0]}x{im.size[1]}): downscale it or raise --max-image-pixels"
                 )
-            if im.format == "JPEG" and im.info.get("progressive") and (scans := _jpeg_scans(path)) > MAX_JPEG_SCANS:
+            try:
+                check_jpeg_scans(im, path)
+            except ImageError:
                 im.close()
-                raise ImageError(
-                    f"progressive JPEG of {scans} scans (more than {MAX_JPEG_SCANS}: each is another pass over "
-                    "the whole image, minutes of decoding): re-save the file"
-                )
+                raise
             if draft_to is not None and im.format == "JPEG":
                 im.draft("RGB", (draft_to, draft_to))
             if budget is not None:
                 budget[1].enter_context(budget[0].hold(im.width * im.height))  # the size to decode, after draft()
             im.load()
-            im = to_8bit(upright(im, str(path) if isinstance(path, Path) else "image"))
+            im = to_8bit(upright(im, name or (str(path) if isinstance(path, Path) else "image")))
         except ImageError:
             raise
         except Image.DecompressionBombError as e:
@@ -402,21 +409,52 @@ def open_rgb(
 MAX_JPEG_SCANS = 100  # a progressive JPEG has about 10; a 1 MB file of 10,000 repeated scans decoded for minutes
 
 
-def _jpeg_scans(path: Path | BinaryIO) -> int:
-    """Start-of-scan markers in a JPEG file (entropy-coded data never holds one: its 0xFF bytes are stuffed)."""
-    if isinstance(path, Path):
-        return path.read_bytes().count(b"\xff\xda")
-    where = path.tell()
-    path.seek(0)
-    try:
-        return path.read().count(b"\xff\xda")
-    finally:
-        path.seek(where)
+def jpeg_scans(data: bytes) -> int:
+    """The scans (start-of-scan segments) of a JPEG file's first image, its markers walked up to end-of-image:
+    what follows it (a motion photo's video, an MPO's other frames) is not counted."""
+    i, n, scans = 2, len(data), 0
+    while i + 4 <= n and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xFF:  # a fill byte before a marker
+            i += 1
+            continue
+        if marker == 0xD9:  # end of image
+            break
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            i += 2
+            continue
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+        if marker == 0xDA:  # entropy-coded data follows, up to the next marker (0xFF not stuffed nor a restart)
+            scans += 1
+            while (i := data.find(b"\xff", i)) >= 0 and i + 1 < n and (data[i + 1] == 0 or 0xD0 <= data[i + 1] <= 0xD7):
+                i += 2
+            if i < 0:
+                break
+    return scans
+
+
+def check_jpeg_scans(im: Image.Image, data: bytes | Path | BinaryIO) -> None:
+    """ImageError where ``im`` (opened from ``data``) is a progressive JPEG of more than :data:`MAX_JPEG_SCANS`
+    scans: each is another pass over every block of the image."""
+    if im.format not in ("JPEG", "MPO") or not im.info.get("progressive"):
+        return
+    if isinstance(data, Path):
+        data = data.read_bytes()
+    elif not isinstance(data, bytes):
+        where = data.tell()
+        data.seek(0)
+        data, _ = data.read(), data.seek(where)
+    if (scans := jpeg_scans(data)) > MAX_JPEG_SCANS:
+        raise ImageError(
+            f"progressive JPEG of {scans} scans (more than {MAX_JPEG_SCANS}: each is another pass over the whole "
+            "image, minutes of decoding): re-save the file"
+        )
 
 
 def has_transparency(im: Image.Image) -> bool:
-    """An alpha channel, or a transparent palette entry or colour key (PNG's tRNS on a palette, grey or RGB image)."""
-    return im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
+    """An alpha channel, or a transparent palette entry or colour key (PNG's tRNS on a palette, grey or RGB image;
+    not on a 16-bit grey one: its scaling to 8 bits leaves the key out)."""
+    return im.mode in ("RGBA", "LA", "PA") or ("transparency" in im.info and im.mode not in _HIGH_BIT_MODES)
 
 
 def resize_center_crop(im: Image.Image, pre: Preprocess) -> np.ndarray:

@@ -24,7 +24,9 @@ from tqdm import tqdm
 from imgclf.config import DataToolsConfig
 from imgclf.data.dataset import split_folders, subfolders
 from imgclf.data.io import (
+    ImageError,
     PixelBudget,
+    check_jpeg_scans,
     exif_orientation,
     has_transparency,
     list_files,
@@ -308,6 +310,7 @@ def _decode(
         w, h = im.size
         if w * h > max_pixels:
             raise FetchError(f"too many pixels ({w}x{h} > {max_pixels / 1e6:g} Mpx; raise --max-image-pixels)")
+        check_jpeg_scans(im, data)
         if draft_to and im.format == "JPEG" and max(w, h) > draft_to:
             im.draft("RGB", (draft_to, draft_to))  # DCT scaling: less memory and time, same result
         if held is not None:
@@ -315,6 +318,8 @@ def _decode(
         im.load()
     except FetchError:
         raise
+    except ImageError as e:
+        raise FetchError(str(e)) from e
     except Image.DecompressionBombError as e:
         raise FetchError(f"too many pixels ({e})") from e
     except Image.UnidentifiedImageError as e:
@@ -528,8 +533,8 @@ def download(
 
     Files already present are skipped (the run resumes), never overwritten, also where they were moved to
     another class folder or quarantined; each URL is fetched once. ``sources.tsv`` is also brought up to date
-    every ``SOURCES_EVERY_S`` seconds, so that the files of a killed run keep their sources. On Ctrl-C, no request is started or
-    retried any more, requests under way are abandoned (the workers are daemon threads), the reports are
+    every ``SOURCES_EVERY_S`` seconds, so that the files of a killed run keep their sources. On Ctrl-C, no
+    request is started or retried any more, requests under way are abandoned (the workers are daemon threads), the reports are
     written for the files stored so far and DownloadInterrupted is raised.
     """
     out = Path(out)

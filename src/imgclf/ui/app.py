@@ -174,6 +174,8 @@ class ByContent:
 
     def find(self, digest: str) -> str | None:
         """The path of a listed image not named in split.csv whose content is ``digest``; None if none is."""
+        if not digest:  # not recorded (a run of an earlier version): nothing to look for
+            return None
         present = self.index.present()
         listing, paths = self._built
         if listing is not present:
@@ -183,7 +185,7 @@ class ByContent:
                     with contextlib.suppress(OSError):  # gone or unreadable since the listing
                         paths.setdefault(self.digest(self.index.root / rel), rel)
             self._built = (present, paths)
-        return paths.get(digest) if digest else None
+        return paths.get(digest)
 
 
 def _turned_by_exif(data: bytes) -> bool:

@@ -268,7 +268,11 @@ class RelabelJournal:
                     )
                     continue
                 if rec.get("sha256") not in (None, digest):  # another picture saved under its name since
-                    report.problems.append(f"{rec['to']} is no longer the image moved (changed since): not moved back")
+                    report.problems.append(
+                        f"{rec['to']} is no longer the image moved (changed since): left where it is; the next undo "
+                        "goes on to the move before"
+                    )  # the move is retired: else every "undo last" met it again, and the moves before it stuck
+                    self._append({"op": "undo", "id": rec["id"], "note": "not moved back: changed since the move"})
                     continue
                 try:
                     move_no_overwrite(src, back)

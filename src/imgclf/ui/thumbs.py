@@ -57,7 +57,7 @@ class ThumbCache:
         # under its old content's digest (shown from then on for every image of that content)
         data = path.read_bytes()
         try:
-            im = open_rgb(io.BytesIO(data), draft_to=size, max_pixels=max_pixels)
+            im = open_rgb(io.BytesIO(data), draft_to=size, max_pixels=max_pixels, name=str(path))
         except ImageError:
             # the reason the file tells (empty, HEIC without its plugin, a format by its extension), if it still fails
             open_rgb(path, draft_to=size, max_pixels=max_pixels).close()
