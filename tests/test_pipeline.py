@@ -824,10 +824,13 @@ def test_predict_names_a_named_pipe_and_goes_on(run, tmp_path):
     assert proc.returncode == 1 and lines[0] == f"{fifo}\tERROR\t{NOT_A_PLAIN_FILE}", (proc.stdout, proc.stderr)
     assert lines[1].startswith(str(data / "squares" / "squares_00.jpg"))
     assert lines[2] == f"/dev/fd/../../..{fifo}\tERROR\t{NOT_A_PLAIN_FILE}"
-    image = data / "squares" / "squares_00.jpg"  # a pipe the shell hands over has its writer: read
+    # a pipe the shell hands over has its writer: read, once (hashing it for the feature cache left nothing to
+    # decode, "empty file", but for an image whose features were cached already)
+    fresh = io.BytesIO()
+    Image.fromarray(np.random.default_rng(7).integers(0, 256, (80, 90, 3), dtype=np.uint8)).save(fresh, "JPEG")
     piped = subprocess.run(
         [sys.executable, "-m", "imgclf", "predict", str(result.run_dir), "/dev/stdin", "--no-progress"],
-        input=image.read_bytes(),
+        input=fresh.getvalue(),
         capture_output=True,
         timeout=120,
     )

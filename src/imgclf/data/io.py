@@ -143,6 +143,14 @@ def not_a_plain_file(path: Path, st: os.stat_result) -> str | None:
     return NOT_A_PLAIN_FILE
 
 
+def is_handed_over_pipe(path: Path) -> bool:
+    """A pipe the shell hands over (``/dev/stdin``, ``<(...)``): its bytes can be read once only."""
+    try:
+        return stat.S_ISFIFO(path.stat().st_mode) and bool(HANDED_OVER.fullmatch(str(path)))
+    except OSError:
+        return False
+
+
 NOT_AN_IMAGE = "not an image (nor named as one): not used"
 NOT_A_PLAIN_FILE = (
     "not a plain file (a named pipe, device or socket): not read; give an image file (or pipe one to /dev/stdin)"

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,6 +23,7 @@ from imgclf.data.io import (
     DECODE_VERSION,
     ImageError,
     Preprocess,
+    is_handed_over_pipe,
     load_for_model,
     not_a_plain_file,
     unreadable_reason,
@@ -197,6 +201,18 @@ class FeatureExtractor:
         if isinstance(paths, str | os.PathLike):  # a str is a sequence too: of one-letter paths
             raise TypeError(f"extract takes a list of paths, not one path: give [{str(paths)!r}]")
         paths = [Path(p) for p in paths]
+        if not any(map(is_handed_over_pipe, paths)):
+            return self._extract(paths, desc)
+        # a pipe's bytes can be read once: hashing them left nothing to decode ("empty file"), unless cached
+        with tempfile.TemporaryDirectory(prefix="imgclf-") as spool:
+            for i, p in enumerate(paths):
+                if is_handed_over_pipe(p):
+                    with contextlib.suppress(OSError), open(p, "rb") as src, open(Path(spool, str(i)), "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+                        paths[i] = Path(spool, str(i))
+            return self._extract(paths, desc)
+
+    def _extract(self, paths: list[Path], desc: str) -> FeatureResult:
         n = len(paths)
         feats = np.zeros((n, self.backbone.num_features), np.float32)
         ok = np.zeros(n, bool)
