@@ -114,7 +114,10 @@ class FeatureConfig(_Section):
     device: str = Field("auto", description="torch device: auto (cuda if present, else cpu), cpu, cuda, cuda:1...")
     batch_size: int = Field(32, ge=1, description="Images per forward pass.")
     workers: int = Field(
-        0, ge=0, description="Decoding threads and inference threads; 0 = the CPU cores this process may use."
+        0,
+        ge=0,
+        description="Decoding, inference and fine-tuning threads (the count changes fine-tuned weights slightly); "
+        "0 = the usable CPU cores.",
     )
     cache_dir: Path | None = Field(None, description="Feature cache folder; default $IMGCLF_CACHE or ~/.cache/imgclf.")
     use_cache: bool = Field(
