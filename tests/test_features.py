@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import make_folder
+from PIL import Image
 
 from imgclf.backbones import create_backbone
 from imgclf.features import FeatureExtractor
@@ -286,3 +287,49 @@ def test_openvino_conversion_sends_no_telemetry() -> None:
 
     ov.convert_model(torch.nn.Linear(4, 2), example_input=torch.zeros(1, 4))
     assert tm.Telemetry().consent is False
+
+
+def _pipe(data: bytes) -> str:
+    """A pipe as the shell hands one over (``/dev/fd/N``), ``data`` written to it from a thread."""
+    import os
+    import threading
+
+    r, w = os.pipe()
+
+    def write() -> None:
+        with os.fdopen(w, "wb") as f:
+            f.write(data)
+
+    threading.Thread(target=write, daemon=True).start()
+    return f"/dev/fd/{r}"
+
+
+def test_a_piped_image_is_read_once_and_named_as_given(
+    tmp_path: Path, backbone, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+):
+    """A pipe's bytes can be read once: hashing them for the cache left nothing to decode ("empty file"), a pipe
+    named twice got "empty file" the second time, messages named a temporary copy, and a copy that failed
+    (a full /tmp) was "empty file" too."""
+    import errno
+    import shutil
+
+    root = make_folder(tmp_path / "d", n=1)
+    image = sorted(root.rglob("*.jpg"))[0]
+    fx = FeatureExtractor(backbone, runtime="torch", cache_dir=tmp_path / "c", progress=False)
+    pipe = _pipe(image.read_bytes())
+    res = fx.extract([pipe, image, pipe])
+    assert res.ok.all(), res.errors
+    np.testing.assert_allclose(res.features[0], res.features[1], atol=1e-6)
+    np.testing.assert_array_equal(res.features[0], res.features[2])
+    payload = b"Exif\x00\x00" + b"\x00" * 40  # an APP1 block that is no TIFF structure: a warning naming the file
+    app1 = b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload
+    good = tmp_path / "good.jpg"
+    Image.new("RGB", (40, 30), "red").save(good, dpi=(72, 72))  # as cameras write them
+    pipe = _pipe(good.read_bytes()[:2] + app1 + good.read_bytes()[2:])
+    with caplog.at_level(logging.WARNING, logger="imgclf"):
+        assert fx.extract([pipe]).ok.all()
+    assert f"{pipe}: EXIF data unreadable" in caplog.text
+    full = OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(shutil, "copyfileobj", lambda *a: (_ for _ in ()).throw(full))
+    pipe = _pipe(image.read_bytes())
+    assert fx.extract([pipe]).errors == {0: "could not read the pipe (No space left on device)"}

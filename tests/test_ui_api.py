@@ -483,8 +483,14 @@ def test_undo_leaves_another_picture_saved_under_the_moved_name(tmp_path: Path) 
         }
         assert [m["id"] for m in client.get("/api/journal").json()["items"]] == [first["id"]]
         assert client.post("/api/undo", json={"id": first["id"]}).json()["undone"][0]["id"] == first["id"]
+        again = client.post("/api/relabel", json={"path": "a/a_01.jpg", "label": "b"}).json()  # undo all: no "next"
+        (root / again["to"]).write_bytes(other)
+        r = client.post("/api/undo", json={"all": True, "id": again["id"]}).json()
+        assert r["problems"] == [
+            f"{again['to']} is no longer the image moved (changed since): left where it is; its move is retired"
+        ]
     assert not (root / "a" / "a_00.jpg").exists() and (root / "b" / "a_00.jpg").read_bytes() == other
-    assert (root / "a" / "a_01.jpg").is_file()
+    assert (root / "b" / "a_01.jpg").read_bytes() == other
 
 
 def test_a_move_cut_by_a_crash_is_finished_when_the_app_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

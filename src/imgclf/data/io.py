@@ -166,7 +166,13 @@ def _unreadable(path: Path | BinaryIO, e: Exception) -> ImageError:
             'HEIC/HEIF image: install the plugin that reads it (pip install "imgclf[heif]") or convert it'
         )
     if isinstance(path, Path) and path.suffix.lower() not in IMAGE_EXTENSIONS:  # notes, annotations beside images
-        return ImageError(_other_format(path.suffix.lower()) or NOT_AN_IMAGE)
+        kind = _other_format(path.suffix.lower())
+        if kind not in _FORMAT_EXTENSIONS:  # else a format imgclf reads, under another name: said below
+            return ImageError(
+                f"{kind} image, a format imgclf does not read: convert it to PNG or JPEG to use it"
+                if kind
+                else NOT_AN_IMAGE
+            )
     if isinstance(e, OSError) and not isinstance(e, Image.UnidentifiedImageError):  # a known format, cut short
         return ImageError(_decode_failure(e))
     return ImageError(
@@ -175,20 +181,17 @@ def _unreadable(path: Path | BinaryIO, e: Exception) -> ImageError:
     )
 
 
-_DATA_FORMATS = frozenset({"HDF5", "GRIB", "BUFR"})  # Pillow knows their extensions: data files, not images
+_DATA_FORMATS = frozenset({"HDF5", "GRIB", "BUFR", "MPEG"})  # extensions Pillow knows: data and video, no images
 
 
 def _other_format(ext: str) -> str | None:
-    """What a file with an extension imgclf does not read holds, and what to do, where the extension names an
-    image format (TGA, ICO, PSD, EPS, SVG; or a format imgclf reads under another name, .apng); else None."""
+    """The image format an extension imgclf does not read names (TGA, ICO, PSD, EPS, SVG; or one imgclf reads
+    under other names, such as PNG for .apng), or None for other files."""
     Image.init()
     kind = Image.registered_extensions().get(ext) or {".svg": "SVG", ".svgz": "SVG"}.get(ext)
-    if kind in _FORMAT_EXTENSIONS:
-        names = ", ".join(_FORMAT_EXTENSIONS[kind])
-        return f"{kind} image named {ext}: imgclf reads {kind} files named {names}; rename it to use it"
     if kind is None or kind in _DATA_FORMATS or (kind not in Image.OPEN and kind != "SVG"):
         return None
-    return f"{kind} image, a format imgclf does not read: convert it to PNG or JPEG to use it"
+    return kind
 
 
 def _decode_failure(e: OSError) -> str:
@@ -417,27 +420,23 @@ def open_rgb(
 MAX_JPEG_SCANS = 100  # a progressive JPEG has about 10; a 1 MB file of 10,000 repeated scans decoded for minutes
 
 
+_MARKER = re.compile(rb"\xff[^\x00\xff]")  # between segments: other bytes (fill, garbage, 0xFF00) skipped
+_SCAN_END = re.compile(rb"\xff[^\x00\xff\xd0-\xd7]")  # entropy-coded data ends at a marker but a restart
+
+
 def jpeg_scans(data: bytes) -> int:
-    """The scans (start-of-scan segments) of a JPEG file's first image, its markers walked up to end-of-image:
-    what follows it (a motion photo's video, an MPO's other frames) is not counted."""
-    i, n, scans = 2, len(data), 0
-    while i + 4 <= n and data[i] == 0xFF:
-        marker = data[i + 1]
-        if marker == 0xFF:  # a fill byte before a marker
-            i += 1
-            continue
-        if marker == 0xD9:  # end of image
+    """The scans (start-of-scan segments) of a JPEG file's first image, its markers walked as a decoder walks
+    them, up to end-of-image: what follows it (a motion photo's video, an MPO's other frames) is not counted.
+    Linear in the file's size (single-byte regular expressions, no backtracking)."""
+    scans, i, pattern = 0, 2, _MARKER
+    while m := pattern.search(data, i):
+        code, i, pattern = data[m.start() + 1], m.end(), _MARKER
+        if code == 0xD9:  # end of image
             break
-        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
-            i += 2
-            continue
-        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
-        if marker == 0xDA:  # entropy-coded data follows, up to the next marker (0xFF not stuffed nor a restart)
-            scans += 1
-            while (i := data.find(b"\xff", i)) >= 0 and i + 1 < n and (data[i + 1] == 0 or 0xD0 <= data[i + 1] <= 0xD7):
-                i += 2
-            if i < 0:
-                break
+        if code != 0x01 and not 0xD0 <= code <= 0xD7:  # a segment with a length (its own two bytes included)
+            i += int.from_bytes(data[i : i + 2], "big")
+            if code == 0xDA:
+                scans, pattern = scans + 1, _SCAN_END
     return scans
 
 
@@ -483,6 +482,6 @@ def resize_center_crop(im: Image.Image, pre: Preprocess) -> np.ndarray:
     return np.asarray(im, dtype=np.uint8)
 
 
-def load_for_model(path: Path, pre: Preprocess, max_pixels: int | None = None) -> np.ndarray:
-    """Decode, orient and crop one image for a backbone: HxWx3 uint8."""
-    return resize_center_crop(open_rgb(path, draft_to=pre.resize_to, max_pixels=max_pixels), pre)
+def load_for_model(path: Path, pre: Preprocess, max_pixels: int | None = None, name: str | None = None) -> np.ndarray:
+    """Decode, orient and crop one image for a backbone: HxWx3 uint8 (``name``: the image's in messages)."""
+    return resize_center_crop(open_rgb(path, draft_to=pre.resize_to, max_pixels=max_pixels, name=name), pre)

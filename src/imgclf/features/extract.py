@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -173,26 +172,31 @@ class FeatureExtractor:
             parts.append(f)
         return np.concatenate(parts)
 
-    def _decode(self, path: Path, digest: str | None) -> tuple[np.ndarray | str, bool]:
+    def _decode(self, path: Path, digest: str | None, name: str | None = None) -> tuple[np.ndarray | str, bool]:
         """The decoded image (or why not), and whether the file still has ``digest`` after decoding: a file
-        replaced meanwhile must not have its new features cached under its old content's digest."""
+        replaced meanwhile must not have its new features cached under its old content's digest. ``name``: the
+        path's name in messages, where not its own."""
         try:
-            image = load_for_model(path, self.preprocess, self.max_pixels)
+            image = load_for_model(path, self.preprocess, self.max_pixels, name)
         except ImageError as e:
             return str(e), False
         except OSError as e:
-            return unreadable_reason(path, e), False
+            return unreadable_reason(Path(name) if name else path, e), False
         return image, digest is not None and _digest(path) == digest
 
     def _decoded(
-        self, pool: ThreadPoolExecutor, paths: Sequence[Path], digests: Sequence[str | None]
+        self, pool: ThreadPoolExecutor, paths: Sequence[Path], digests: Sequence[str | None], shown: dict[Path, str]
     ) -> Iterator[tuple[np.ndarray | str, bool]]:
         """Decoded images in order (see :meth:`_decode`), with a bounded number decoding ahead."""
         ahead = 3 * self.batch_size
-        futures: list[Future] = [pool.submit(self._decode, p, d) for p, d in zip(paths[:ahead], digests, strict=False)]
+
+        def submit(i: int) -> Future:
+            return pool.submit(self._decode, paths[i], digests[i], shown.get(paths[i]))
+
+        futures: list[Future] = [submit(i) for i in range(min(ahead, len(paths)))]
         for i in range(len(paths)):
             if i + ahead < len(paths):
-                futures.append(pool.submit(self._decode, paths[i + ahead], digests[i + ahead]))
+                futures.append(submit(i + ahead))
             yield futures[i].result()
             futures[i] = None  # type: ignore[call-overload]  # free the decoded image
 
@@ -203,25 +207,39 @@ class FeatureExtractor:
         paths = [Path(p) for p in paths]
         if not any(map(is_handed_over_pipe, paths)):
             return self._extract(paths, desc)
-        # a pipe's bytes can be read once: hashing them left nothing to decode ("empty file"), unless cached
+        # a pipe's bytes can be read once (hashing them for the cache left nothing to decode: "empty file"):
+        # each pipe is read once into a file, named as given in messages
         with tempfile.TemporaryDirectory(prefix="imgclf-") as spool:
-            for i, p in enumerate(paths):
-                if is_handed_over_pipe(p):
-                    with contextlib.suppress(OSError), open(p, "rb") as src, open(Path(spool, str(i)), "wb") as dst:
+            copies: dict[Path, Path | str] = {}  # pipe -> its copy, or why it could not be read
+            for pipe in dict.fromkeys(p for p in paths if is_handed_over_pipe(p)):
+                copy = Path(spool, str(len(copies)))
+                try:
+                    with open(pipe, "rb") as src, open(copy, "wb") as dst:
                         shutil.copyfileobj(src, dst)
-                        paths[i] = Path(spool, str(i))
-            return self._extract(paths, desc)
+                    copies[pipe] = copy
+                except OSError as e:
+                    copies[pipe] = f"could not read the pipe ({e.strerror or e})"
+            failed = {i: why for i, p in enumerate(paths) if isinstance(why := copies.get(p), str)}
+            shown = {copy: str(pipe) for pipe, copy in copies.items() if isinstance(copy, Path)}
+            read = [copy if isinstance(copy := copies.get(p), Path) else p for p in paths]
+            return self._extract(read, desc, shown, failed)
 
-    def _extract(self, paths: list[Path], desc: str) -> FeatureResult:
+    def _extract(
+        self, paths: list[Path], desc: str, shown: dict[Path, str] | None = None, failed: dict[int, str] | None = None
+    ) -> FeatureResult:
+        """:meth:`extract` of ``paths``; ``shown``: the name a path has in messages where not its own (a pipe's
+        copy), ``failed``: why the paths of these indices cannot be read."""
         n = len(paths)
         feats = np.zeros((n, self.backbone.num_features), np.float32)
         ok = np.zeros(n, bool)
-        errors: dict[int, str] = {}
+        errors: dict[int, str] = dict(failed or {})
         digests: list[str | None] = [None] * n
         todo: list[int] = []
         with ThreadPoolExecutor(self.workers) as pool:
             if self.cache is not None:
                 for i, d in enumerate(pool.map(_digest, paths)):
+                    if i in errors:
+                        continue
                     digests[i] = d
                     if isinstance(d, str) and d.startswith("!"):
                         errors[i] = d[1:]
@@ -232,7 +250,7 @@ class FeatureExtractor:
                     else:
                         todo.append(i)
             else:
-                todo = list(range(n))
+                todo = [i for i in range(n) if i not in errors]
             n_cached = int(ok.sum())
             bar = tqdm(total=len(todo), desc=desc, unit="img", disable=not self.progress or not todo, leave=False)
             batch_idx: list[int] = []
@@ -249,7 +267,7 @@ class FeatureExtractor:
                 batch.clear()
                 batch_idx.clear()
 
-            decoded = self._decoded(pool, [paths[i] for i in todo], [digests[i] for i in todo])
+            decoded = self._decoded(pool, [paths[i] for i in todo], [digests[i] for i in todo], shown or {})
             for i, (img, same) in zip(todo, decoded, strict=True):
                 if isinstance(img, str):
                     errors[i] = img

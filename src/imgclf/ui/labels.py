@@ -268,9 +268,9 @@ class RelabelJournal:
                     )
                     continue
                 if rec.get("sha256") not in (None, digest):  # another picture saved under its name since
+                    then = "its move is retired" if everything else "the next undo goes on to the move before"
                     report.problems.append(
-                        f"{rec['to']} is no longer the image moved (changed since): left where it is; the next undo "
-                        "goes on to the move before"
+                        f"{rec['to']} is no longer the image moved (changed since): left where it is; {then}"
                     )  # the move is retired: else every "undo last" met it again, and the moves before it stuck
                     self._append({"op": "undo", "id": rec["id"], "note": "not moved back: changed since the move"})
                     continue
