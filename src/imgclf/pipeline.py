@@ -845,8 +845,7 @@ def predict(
     One prediction per file named, in the order given (a file named twice is scored twice), then per image
     found in a folder. The run's configuration says how to compute, but for the settings given in ``cfg``
     (:meth:`Config.given`: set by :meth:`Config.updated`, even to their default value; :meth:`Config.of_run`);
-    ``flip_tta`` follows the run unless given, so that the
-    scores are those of the run's predictions.csv.
+    ``flip_tta`` follows the run unless given, so that the scores are those of the run's predictions.csv.
     """
     bundle = Bundle.load(run_dir)
     cfg = _with_flip_tta(Config.of_run(bundle.config, f"the run {run_dir}", cfg), bundle, flip_tta)

@@ -145,8 +145,8 @@ def not_a_plain_file(path: Path, st: os.stat_result) -> str | None:
 
 def is_handed_over_pipe(path: Path) -> bool:
     """A pipe the shell hands over (``/dev/stdin``, ``<(...)``): its bytes can be read once only."""
-    try:
-        return stat.S_ISFIFO(path.stat().st_mode) and bool(HANDED_OVER.fullmatch(str(path)))
+    try:  # the name first: no stat for the paths of a whole data set
+        return bool(HANDED_OVER.fullmatch(str(path))) and stat.S_ISFIFO(path.stat().st_mode)
     except OSError:
         return False
 
@@ -167,12 +167,10 @@ def _unreadable(path: Path | BinaryIO, e: Exception) -> ImageError:
         )
     if isinstance(path, Path) and path.suffix.lower() not in IMAGE_EXTENSIONS:  # notes, annotations beside images
         kind = _other_format(path.suffix.lower())
-        if kind not in _FORMAT_EXTENSIONS:  # else a format imgclf reads, under another name: said below
-            return ImageError(
-                f"{kind} image, a format imgclf does not read: convert it to PNG or JPEG to use it"
-                if kind
-                else NOT_AN_IMAGE
-            )
+        if kind is None:
+            return ImageError(NOT_AN_IMAGE)
+        if kind not in _FORMAT_EXTENSIONS:  # a format imgclf reads, under another name, is told below
+            return ImageError(f"{kind} image, a format imgclf does not read: convert it to PNG or JPEG to use it")
     if isinstance(e, OSError) and not isinstance(e, Image.UnidentifiedImageError):  # a known format, cut short
         return ImageError(_decode_failure(e))
     return ImageError(
@@ -447,10 +445,12 @@ def check_jpeg_scans(im: Image.Image, data: bytes | Path | BinaryIO) -> None:
         return
     if isinstance(data, Path):
         data = data.read_bytes()
-    elif not isinstance(data, bytes):
+    elif not isinstance(data, bytes):  # a file object: read whole, its position given back
         where = data.tell()
         data.seek(0)
-        data, _ = data.read(), data.seek(where)
+        content = data.read()
+        data.seek(where)
+        data = content
     if (scans := jpeg_scans(data)) > MAX_JPEG_SCANS:
         raise ImageError(
             f"progressive JPEG of {scans} scans (more than {MAX_JPEG_SCANS}: each is another pass over the whole "

@@ -534,8 +534,8 @@ def download(
     Files already present are skipped (the run resumes), never overwritten, also where they were moved to
     another class folder or quarantined; each URL is fetched once. ``sources.tsv`` is also brought up to date
     every ``SOURCES_EVERY_S`` seconds, so that the files of a killed run keep their sources. On Ctrl-C, no
-    request is started or retried any more, requests under way are abandoned (the workers are daemon threads), the reports are
-    written for the files stored so far and DownloadInterrupted is raised.
+    request is started or retried any more, requests under way are abandoned (the workers are daemon threads),
+    the reports are written for the files stored so far and DownloadInterrupted is raised.
     """
     out = Path(out)
     make_folder(out, "data folder", "--out")

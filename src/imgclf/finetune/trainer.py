@@ -384,10 +384,11 @@ def step_memory(model: Classifier, resolution: int, bf16: bool, device: torch.de
     return StepMemory(per_image, fixed, resolution, *available_memory(device))
 
 
-def check_step_memory(mem: StepMemory, batch: int) -> None:
+def check_step_memory(mem: StepMemory, batch: int, warn: bool = True) -> None:
     """Warn where a training step of ``batch`` images needs more memory than is available (the run would end
     out of memory, on Linux killed without a word); refuse where it needs more than there is at all: closing
-    other programs cannot make it fit, and the run would only end so after its images were decoded."""
+    other programs cannot make it fit, and the run would only end so after its images were decoded. ``warn``
+    False: the refusal only."""
     if mem.available is None or mem.total is None:
         return
     need = mem.need(batch)
@@ -395,7 +396,7 @@ def check_step_memory(mem: StepMemory, batch: int) -> None:
     log.debug("%s; %s available", text, _gb(mem.available))
     if need > mem.total:
         raise FinetuneMemoryError(f"{text}, more than the {_gb(mem.total)} there is: {mem.advice(batch)}")
-    if need > mem.available:
+    if warn and need > mem.available:
         log.warning(
             "warning: %s and %s is available: the run will likely end out of memory (on Linux killed without a "
             "message); %s, or close other programs",
@@ -415,7 +416,7 @@ def _classifier(ft: FinetuneConfig, backbone: Backbone, n_classes: int) -> Class
     return model
 
 
-def _check_memory(model: Classifier, cfg: Config, backbone: Backbone) -> StepMemory:
+def _check_memory(model: Classifier, cfg: Config, backbone: Backbone, warn: bool = True) -> StepMemory:
     """:func:`check_step_memory` of ``model`` at the run's resolution, batch, device and precision; the estimate."""
     device = resolve_device(cfg.features.device)
     res = backbone.preprocess.resolution
@@ -426,17 +427,18 @@ def _check_memory(model: Classifier, cfg: Config, backbone: Backbone) -> StepMem
         if not _out_of_memory(e):
             raise
         raise FinetuneMemoryError(f"out of memory for one image at {res} px: lower --resolution") from e
-    check_step_memory(mem, cfg.finetune.ft_batch_size)
+    check_step_memory(mem, cfg.finetune.ft_batch_size, warn)
     return mem
 
 
 def check_memory_ahead(cfg: Config, backbone: Backbone, n_classes: int) -> None:
-    """:func:`check_step_memory` of the network :func:`finetune` would train, before a run folder is touched (a
-    refusal leaves an earlier run there whole); ``backbone`` and the random generators are left as they were."""
+    """The refusal of :func:`check_step_memory` for the network :func:`finetune` would train, before a run folder
+    is touched (an earlier run there stays whole; the warning is :func:`finetune`'s, once); ``backbone`` and the
+    random generators are left as they were."""
     flags = [p.requires_grad for p in backbone.model.parameters()]
     try:
         with _seeded_global_rngs(cfg.output.seed):  # the new layer's draws: the caller's states given back
-            _check_memory(_classifier(cfg.finetune, backbone, n_classes), cfg, backbone)
+            _check_memory(_classifier(cfg.finetune, backbone, n_classes), cfg, backbone, warn=False)
     finally:
         for p, flag in zip(backbone.model.parameters(), flags, strict=True):
             p.requires_grad_(flag)

@@ -115,7 +115,8 @@ def decode_base64(text: Any, name: str) -> ImageInput:
         text = text.split(",", 1)[1]
     text = "".join(text.split())
     url_safe = ("-" in text or "_" in text) and not ("+" in text or "/" in text)
-    text += "=" * (-len(text.rstrip("=")) % 4) if not text.endswith("=") else ""
+    if not text.endswith("="):  # unpadded: padded
+        text += "=" * (-len(text) % 4)
     try:
         data = base64.b64decode(text, altchars=b"-_" if url_safe else None, validate=True)
     except (binascii.Error, ValueError) as e:

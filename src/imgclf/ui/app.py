@@ -376,14 +376,15 @@ def create_app(
 
     @app.get("/api/image")
     def image(path: str) -> Response:
+        # A browser's format is sent as read from one open file (a file response stats and opens the path again,
+        # and a file removed or replaced in between made a 500 or a body of another length than announced), unless
+        # turned by an EXIF orientation browsers do not apply; else the preview, upright as the model sees it.
         f = find_image(path)
-        if f.suffix.lower() in BROWSER_FORMATS:  # read from one open file: a file response stats and opens the path
-            # again, and a file removed or replaced in between made a 500 or a body of another length than announced
-            data = read(f, path)
-            if not _turned_by_exif(data):  # else the preview, upright as the model sees it
-                media_type = mimetypes.guess_type(f.name)[0]
-                return Response(data, media_type=media_type, headers={"Cache-Control": "no-cache"})
-        read(f, path, 0)  # unreadable: refused with why (as image_file does)
+        if f.suffix.lower() not in BROWSER_FORMATS:
+            read(f, path, 0)  # unreadable: refused with why (as image_file does)
+        elif not _turned_by_exif(data := read(f, path)):
+            media_type = mimetypes.guess_type(f.name)[0]
+            return Response(data, media_type=media_type, headers={"Cache-Control": "no-cache"})
         return Response(thumbs.preview(f, max_pixels=max_pixels), media_type="image/jpeg")
 
     def listed_image(path: str) -> str:
