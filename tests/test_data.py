@@ -535,6 +535,25 @@ def test_exif_orientation_applied(tmp_path: Path):
     assert top[0] > 200 and top[1] < 80  # the red band is now on top
 
 
+def test_an_mpo_is_draft_decoded_as_the_same_jpeg_is(tmp_path: Path):
+    """A camera JPEG with a second (MPF) frame, which Pillow calls MPO, was decoded at full size: slower, and
+    other pixels than the same picture without that frame."""
+    from imgclf.datatools.download import _decode
+
+    rng = np.random.default_rng(0)
+    im = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize((800, 600), Image.Resampling.BICUBIC)
+    im.save(tmp_path / "plain.jpg", quality=90)
+    im.save(tmp_path / "mpo.jpg", "MPO", save_all=True, append_images=[im.resize((200, 150))], quality=90)
+    with Image.open(tmp_path / "mpo.jpg") as mpo:
+        assert mpo.format == "MPO"
+    assert open_rgb(tmp_path / "mpo.jpg", draft_to=100).size == open_rgb(tmp_path / "plain.jpg", draft_to=100).size
+    assert open_rgb(tmp_path / "mpo.jpg", draft_to=100).size == (200, 150)
+    pre = Preprocess(96)
+    assert np.array_equal(load_for_model(tmp_path / "mpo.jpg", pre), load_for_model(tmp_path / "plain.jpg", pre))
+    decoded = [_decode((tmp_path / n).read_bytes(), "image/jpeg", 10**6, 100)[0] for n in ("mpo.jpg", "plain.jpg")]
+    assert decoded[0].size == decoded[1].size == (200, 150)  # the downloader drafts it too
+
+
 def test_transparency_and_modes(tmp_path: Path):
     Image.new("RGBA", (30, 30), (0, 0, 0, 0)).save(tmp_path / "clear.png")
     Image.new("L", (30, 30), 128).save(tmp_path / "grey.gif")

@@ -180,6 +180,101 @@ def test_torchscript_export_checks_on_the_test_split(
     assert f"the run's data folder {data} is not there (moved or renamed?)" in caplog.text
 
 
+def test_bf16_and_int8_need_real_images(
+    run_dir: Path, check_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without the run's test split (a model folder copied alone, its data moved), int8 was calibrated and checked
+    on random images: it passed, and changed the top class of 8-12 % of real images. fp32 keeps random images."""
+    import imgclf.export as export
+
+    class Written(Exception):
+        pass
+
+    calibrations: list[np.ndarray] = []
+
+    def write_model(*args: object) -> list[Path]:  # what int8 is calibrated on, without NNCF's minute
+        calibrations.append(args[-1])  # type: ignore[arg-type]
+        raise Written
+
+    monkeypatch.setattr(export, "_write_model", write_model)
+    out = f"{tmp_path / 'out'}/"
+    for fmt, precision, need in (("onnx", "int8", "calibrate and check"), ("openvino", "bf16", "check")):
+        assert main(["export", str(run_dir), "--format", fmt, "--precision", precision, "--out", out]) == 2
+        err = capsys.readouterr().err
+        assert f"{precision} needs real images to {need}" in err and "give --check-images DIR" in err, err
+    assert not (tmp_path / "out").exists() and not calibrations
+    with pytest.raises(Written):  # the check images: checked and calibrated on
+        export_model(run_dir, "onnx", tmp_path / "q.onnx", "int8", check_images=check_dir)
+    assert len(calibrations.pop()) == 8
+    data, rows = tmp_path / "data", ["path,label,split"]
+    shutil.copytree(check_dir, data / "cat")
+    rows += [f"cat/{p.name},cat,{'test' if i < 5 else 'train'}" for i, p in enumerate(sorted(check_dir.iterdir()))]
+    run = tmp_path / "run"
+    make_bundle(run, {"data": {"data_root": str(data)}})
+    (run / "split.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(Written):  # checked on the test split, calibrated on the training images
+        export_model(run, "onnx", tmp_path / "q.onnx", "int8")
+    train = [load_for_model(data / "cat" / p.name, Bundle.load(run).preprocess) for p in sorted(check_dir.iterdir())]
+    assert np.array_equal(calibrations.pop(), np.stack(train[5:]))
+    data.rename(tmp_path / "moved")
+    with pytest.raises(ExportError, match=r"^int8 needs real images to calibrate and check, and the run's test split"):
+        export_model(run, "onnx", tmp_path / "q.onnx", "int8")
+    assert not calibrations
+
+
+def test_exported_files_follow_the_umask(
+    run_dir: Path, check_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """export made its files 0644 whatever the umask: under `umask 077` others could read them."""
+    import imgclf.export as export
+
+    monkeypatch.setattr(export, "UMASK", 0o077, raising=False)  # as read when imported under umask 077
+    before = os.umask(0o077)
+    try:
+        result = export_model(run_dir, "onnx", tmp_path / "m.onnx", check_images=check_dir)
+    finally:
+        os.umask(before)
+    assert [oct(f.stat().st_mode & 0o777) for f in (*result.files, result.sidecar)] == ["0o600", "0o600"]
+
+
+def test_the_docs_prepare_gives_load_for_models_arrays(tmp_path: Path) -> None:
+    """The prepare() of docs/deployment.md (numpy and Pillow only) changed the top class of transparent and 16-bit
+    images: no white background, 16-bit values clipped; an MPO was not draft-decoded as imgclf then did."""
+    import ast
+    import re
+
+    from PIL import ImageOps
+
+    from imgclf.data.io import Preprocess
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "deployment.md").read_text(encoding="utf-8")
+    block = re.search(r"### Using an exported model without imgclf\n\n```python\n(.*?)```", text, re.S)
+    assert block, "the snippet's heading or code block moved"
+    fn = next(n for n in ast.parse(block[1]).body if isinstance(n, ast.FunctionDef) and n.name == "prepare")
+    pre = Preprocess(64)
+    meta = {"resolution": 64, "resize_to": pre.resize_to, "interpolation": pre.interpolation}
+    space: dict = {"np": np, "Image": Image, "ImageOps": ImageOps, "meta": meta, "r": 64}
+    exec(ast.get_source_segment(block[1], fn) or "", space)  # the docs' own prepare()
+    rng = np.random.default_rng(0)
+    rgb = np.asarray(Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((400, 300)))
+    grey = rgb.mean(2)
+    rgba = np.dstack([rgb, np.where(np.arange(400) < 150, 0, 255).astype(np.uint8) + np.zeros((300, 1), np.uint8)])
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    Image.fromarray(rgba[..., [0, 3]]).convert("LA").save(tmp_path / "la.png")  # grey with alpha
+    Image.fromarray((grey * 257).astype(np.uint16)).save(tmp_path / "grey16.png")
+    Image.fromarray((grey * 16).astype(np.uint16)).save(tmp_path / "grey12in16.png")  # 12-bit values in 16 bits
+    Image.fromarray(rgb).quantize(16).save(tmp_path / "palette.png", transparency=3)
+    keyed = rgb.copy()
+    keyed[100:200, 150:250] = (1, 2, 3)
+    Image.fromarray(keyed).save(tmp_path / "key.png", transparency=(1, 2, 3))  # a transparent colour
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rgb).save(tmp_path / "rotated.jpg", exif=exif.tobytes(), quality=90)
+    Image.fromarray(rgb).save(tmp_path / "camera.jpg", "MPO", save_all=True, append_images=[Image.new("RGB", (40, 30))])
+    for path in sorted(tmp_path.iterdir()):
+        assert np.array_equal(space["prepare"](str(path)), load_for_model(path, pre)), path.name
+
+
 def test_parity_failure_exits_non_zero_and_writes_nothing(
     run_dir: Path, check_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -262,9 +357,13 @@ def test_unsupported_requests_are_refused(run_dir: Path, tmp_path: Path, capsys:
     assert "torchscript export supports precision fp32" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
     notes = tmp_path / "m.json"  # a sidecar of another export, or a file of the user's: never replaced
-    for text in ('{"files": ["m.xml", "m.bin"]}', "my notes"):
+    for text, what in (
+        ('{"files": ["m.xml", "m.bin"]}', r"it lists \['m\.xml', 'm\.bin'\]"),
+        ("my notes", "it is not an imgclf export sidecar"),
+        ('{"name": "my settings"}', "it is not an imgclf export sidecar"),  # was: "it lists None"
+    ):
         notes.write_text(text)
-        with pytest.raises(ExportError, match=r"m\.json exists and does not describe m\.onnx"):
+        with pytest.raises(ExportError, match=rf"m\.json exists and does not describe m\.onnx \({what}\)"):
             export_model(run_dir, "onnx", tmp_path / "m.onnx")
         assert notes.read_text() == text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]

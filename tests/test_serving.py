@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import http.client
 import io
 import json
 import logging
@@ -19,7 +20,9 @@ import time
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -504,7 +507,7 @@ def test_serve_refuses_an_empty_api_key(
 ) -> None:
     from imgclf.cli import main
 
-    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("served without authentication"))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda *a, **k: pytest.fail("served without authentication"))
     assert main(["serve", str(run_dir), "--port", str(_free_port()), "--api-key", ""]) == 2
     assert "an empty API key (an unset variable?)" in capsys.readouterr().err
 
@@ -518,7 +521,7 @@ def test_serve_takes_the_api_key_from_the_environment(
 
     keys: list[str | None] = []
     monkeypatch.setattr(serving_app, "create_app", lambda bundle, cfg, **k: keys.append(cfg.serve.api_key))
-    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    monkeypatch.setattr(uvicorn.Server, "run", lambda *a, **k: None)
     monkeypatch.setenv("IMGCLF_API_KEY", "from-env")
     assert main(["serve", str(run_dir), "--port", str(_free_port())]) == 0
     assert main(["serve", str(run_dir), "--port", str(_free_port()), "--api-key", "from-flag"]) == 0
@@ -541,7 +544,7 @@ def test_serve_refuses_images_over_the_runs_pixel_limit_as_predict_does(
     make_bundle(tmp_path / "run", {"data": {"max_image_pixels": 200_000}})
     limits: list[int] = []
     monkeypatch.setattr(serving_app, "create_app", lambda bundle, cfg, **k: limits.append(cfg.data.max_image_pixels))
-    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    monkeypatch.setattr(uvicorn.Server, "run", lambda *a, **k: None)
     assert main(["serve", str(tmp_path / "run"), "--port", str(_free_port())]) == 0
     assert main(["serve", str(tmp_path / "run"), "--port", str(_free_port()), "--max-image-pixels", "5000000"]) == 0
     assert limits == [200_000, 5_000_000]
@@ -582,7 +585,7 @@ def test_serving_on_all_addresses_without_a_key_is_warned_about(
     from imgclf.serving import app as serving_app
 
     monkeypatch.setattr(serving_app, "create_app", lambda *a, **k: None)
-    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    monkeypatch.setattr(uvicorn.Server, "run", lambda *a, **k: None)
     monkeypatch.delenv("IMGCLF_API_KEY", raising=False)
     with caplog.at_level(logging.WARNING, logger="imgclf"):
         assert main(["serve", str(run_dir), "--port", str(_free_port())]) == 0
@@ -914,13 +917,14 @@ def test_a_run_trained_with_flip_tta_is_served_and_exported_with_it(
 
 
 @contextlib.contextmanager
-def _plain_server(protocol: type[asyncio.Protocol]) -> Iterator[int]:
-    """A uvicorn server of a one-route app on ``protocol``, in a thread; yields its port."""
+def _plain_server(protocol: type[asyncio.Protocol], endpoint: Any = None) -> Iterator[tuple[int, uvicorn.Server]]:
+    """A uvicorn server of a one-route app (``endpoint``, else one answering "ok") on ``protocol``, in a thread;
+    yields its port and the server."""
     from starlette.applications import Starlette
     from starlette.responses import PlainTextResponse
     from starlette.routing import Route
 
-    app = Starlette(routes=[Route("/", lambda _: PlainTextResponse("ok"))])
+    app = Starlette(routes=[Route("/", endpoint or (lambda _: PlainTextResponse("ok")))])
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", http=protocol))
@@ -930,7 +934,7 @@ def _plain_server(protocol: type[asyncio.Protocol]) -> Iterator[int]:
         assert thread.is_alive()
         time.sleep(0.05)
     try:
-        yield sock.getsockname()[1]
+        yield sock.getsockname()[1], server
     finally:
         server.should_exit = True
         thread.join(10)
@@ -953,7 +957,7 @@ def test_connections_whose_headers_never_end_are_closed(
     the connections open at once stay below the file limit."""
     from imgclf.serving import security
 
-    with _plain_server(security.http_protocol(0.5)) as port:
+    with _plain_server(security.http_protocol(0.5)) as (port, _):
         stalled, silent = socket.create_connection(("127.0.0.1", port)), socket.create_connection(("127.0.0.1", port))
         stalled.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and never the blank line
         assert _closed_within(stalled, 5) and _closed_within(silent, 5)
@@ -965,7 +969,7 @@ def test_connections_whose_headers_never_end_are_closed(
                     answer += ok.recv(1000)
                 assert answer.startswith(b"HTTP/1.1 200")
     monkeypatch.setattr(security.resource, "getrlimit", lambda _: (100, 100))  # room for 75 connections
-    with caplog.at_level(logging.WARNING, logger="imgclf"), _plain_server(security.http_protocol(30)) as port:
+    with caplog.at_level(logging.WARNING, logger="imgclf"), _plain_server(security.http_protocol(30)) as (port, _):
         held = [socket.create_connection(("127.0.0.1", port)) for _ in range(90)]
         time.sleep(1)
         closed = sum(_closed_within(c, 0.01) for c in held)
@@ -1002,3 +1006,162 @@ def test_a_small_open_files_limit_is_raised_for_the_connections(monkeypatch: pyt
 
     monkeypatch.setattr(security.resource, "setrlimit", refuse)
     assert security._connection_limit() == 256 - 64  # kept: a quarter for the server's own files
+
+
+def test_answers_given_while_stopping_say_that_the_connection_closes() -> None:
+    """uvicorn closes a connection after the answer it gives while stopping, but the answer did not say so: a
+    client keeping the connection alive sent its next request into the closed socket (broken pipe)."""
+    from starlette.responses import PlainTextResponse
+
+    from imgclf.serving import security
+
+    started = threading.Event()
+
+    async def slow(_: object) -> PlainTextResponse:
+        started.set()
+        await asyncio.sleep(0.3)
+        return PlainTextResponse("ok")
+
+    with _plain_server(security.http_protocol(30), slow) as (port, server):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/")
+        assert started.wait(5)
+        server.should_exit = True  # Ctrl-C once, with the request in progress
+        answer = conn.getresponse()
+        assert answer.read() == b"ok" and answer.getheader("connection") == "close"
+        conn.close()
+
+
+def test_a_forced_stop_answers_the_requests_in_flight_with_503(
+    run_dir: Path, images: list[bytes], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ctrl-C twice while images were scored: uvicorn answered them with a plain-text 500 and logged a
+    traceback for each, and one for the app's lifespan. They get the documented 503, and the server stops."""
+    from imgclf.serving import app as serving_app
+
+    decoding, decode = threading.Event(), serving_app.decode_image
+
+    def slow_decode(*args: Any) -> np.ndarray:
+        decoding.set()
+        time.sleep(1)
+        return decode(*args)
+
+    monkeypatch.setattr(serving_app, "decode_image", slow_decode)
+    server = Server(create_app(run_dir, Config().updated(workers=1, max_batch=1, precision="fp32")))
+    uvicorn_log = logging.getLogger("uvicorn.error")  # configured by the server: caplog's handler added after
+    uvicorn_log.addHandler(caplog.handler)
+    try:
+        with server, ThreadPoolExecutor(1) as pool:
+            jpeg = {"content-type": "image/jpeg"}
+            sent = pool.submit(httpx.post, server.url + "/v1/predict", content=images[0], headers=jpeg, timeout=10)
+            assert decoding.wait(10)
+            server.server.should_exit = server.server.force_exit = True
+            r = sent.result()
+        assert not server.thread.is_alive()
+    finally:
+        uvicorn_log.removeHandler(caplog.handler)
+    assert r.status_code == 503 and r.json()["error"] == "not_running", r.text
+    assert r.headers["connection"] == "close"
+    assert not [rec.getMessage() for rec in caplog.records if rec.levelno >= logging.ERROR]
+
+
+def test_a_second_server_on_the_port_is_refused_while_the_first_loads(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The port was tested, then bound again after the model loaded (20-45 s at a first conversion): a second
+    `imgclf serve` took it meanwhile, and the first failed after loading with uvicorn's bare "address already
+    in use" (exit 3). The port is now held from before the model loads: the second is refused at once."""
+    from imgclf.cli import main
+    from imgclf.serving import app as serving_app
+
+    port, load, second, served = _free_port(), Bundle.load, [], []
+
+    def load_while_another_starts(path: Path) -> Bundle:
+        if not second:
+            second.append(None)
+            second[0] = main(["serve", str(run_dir), "--port", str(port)])
+        return load(path)
+
+    monkeypatch.setattr(Bundle, "load", load_while_another_starts)
+    monkeypatch.setattr(serving_app, "create_app", lambda *a, **k: None)
+    monkeypatch.setattr(uvicorn.Server, "run", lambda _, sockets: served.extend(s.getsockname() for s in sockets))
+    assert main(["serve", str(run_dir), "--port", str(port)]) == 0
+    assert second == [2]
+    assert (
+        f"cannot listen on 127.0.0.1:{port} (Address already in use): choose another --port" in capsys.readouterr().err
+    )
+    assert served == [("127.0.0.1", port)]  # the server was given the socket held since before the model loaded
+
+
+def _run_client(*args: str) -> subprocess.CompletedProcess[str]:
+    client = Path(__file__).resolve().parents[1] / "examples" / "client.py"
+    return subprocess.run([sys.executable, str(client), *args], capture_output=True, text=True, timeout=60)
+
+
+def test_example_client_shows_the_413_of_an_image_over_the_limit(base_url: str, tmp_path: Path) -> None:
+    """urllib sent the body whole before reading an answer: the server's early 413 came as "Connection reset by
+    peer" (every image over ~15 MB at the default limit, base64 adding a third)."""
+    big = tmp_path / "big.jpg"
+    big.write_bytes(os.urandom(12_000_000))  # 16 MB as base64, over the limit of 1 MB
+    proc = _run_client(str(big), "--url", base_url, "--api-key", API_KEY)
+    assert proc.returncode == 1
+    assert re.fullmatch(
+        r".*big\.jpg: HTTP 413: request body of [\d,]+ bytes exceeds the limit of 1 MB .*\n", proc.stdout
+    )
+
+
+class _Foreign(BaseHTTPRequestHandler):
+    """Servers that are not imgclf's, chosen by the path's first part: an HTML page, JSON of another kind, an
+    answer cut short, or none."""
+
+    hang = threading.Event()
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        kind = self.path.split("/")[1]
+        if kind == "hang":
+            self.hang.wait(10)
+            return
+        body = {"html": b"<html>Welcome to nginx!</html>", "json": b'{"status": "ok"}', "cut": b'{"predictions": ['}
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body[kind]) + (100 if kind == "cut" else 0)))
+        self.end_headers()
+        self.wfile.write(body[kind])
+        self.close_connection = True
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+def test_example_client_says_what_to_do_when_there_is_no_imgclf_server(
+    base_url: str, images: list[bytes], tmp_path: Path
+) -> None:
+    """No server, another kind of server, an answer cut short or none: the client printed a bare "Connection
+    refused" for each image, a traceback, or waited 60 s for each. It now names the URL and what to do, and stops at
+    the first image."""
+    photos = [str(tmp_path / f"{i}.jpg") for i in range(2)]
+    for photo in photos:
+        Path(photo).write_bytes(images[0])
+    nobody = f"http://127.0.0.1:{_free_port()}"
+    proc = _run_client(*photos, "--url", nobody)
+    assert proc.returncode == 1 and proc.stdout.count("\n") == 1, proc.stdout
+    assert f"cannot reach a server at {nobody} (Connection refused): start one with `imgclf serve RUN`" in proc.stdout
+    foreign = ThreadingHTTPServer(("127.0.0.1", 0), _Foreign)
+    threading.Thread(target=foreign.serve_forever, daemon=True).start()
+    try:
+        for kind, error in (("html", "JSONDecodeError"), ("json", "KeyError"), ("cut", "IncompleteRead")):
+            url = f"http://127.0.0.1:{foreign.server_port}/{kind}"
+            proc = _run_client(*photos, "--url", url)
+            assert proc.returncode == 1 and proc.stdout.count("\n") == 1 and not proc.stderr, proc
+            assert f"the answer from {url} is not imgclf's ({error}" in proc.stdout
+        url = f"http://127.0.0.1:{foreign.server_port}/hang"
+        t0 = time.monotonic()
+        proc = _run_client(*photos, "--url", url, "--timeout", "0.5")
+        assert proc.returncode == 1 and proc.stdout.count("\n") == 1 and time.monotonic() - t0 < 5
+        assert f"no answer from {url} within 0.5 s (--timeout)" in proc.stdout
+    finally:
+        _Foreign.hang.set()
+        foreign.shutdown()
+    proc = _run_client(*photos, "--url", base_url + "/v1/predict", "--api-key", API_KEY)
+    assert proc.returncode == 1 and proc.stdout.count("\n") == 1
+    assert "HTTP 404 (Not Found) from" in proc.stdout and "--url takes the server's address" in proc.stdout

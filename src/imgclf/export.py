@@ -33,6 +33,7 @@ from imgclf.config import DataConfig
 from imgclf.data.io import IMAGE_EXTENSIONS, ImageError, list_files, load_for_model
 from imgclf.features.runtimes import convert_openvino, export_onnx
 from imgclf.utils import (
+    UMASK,
     atomic_write_bytes,
     atomic_write_text,
     folder_for,
@@ -131,8 +132,13 @@ def random_images(n: int, resolution: int, seed: int = 0) -> list[np.ndarray]:
     ]
 
 
-def parity_images(bundle: Bundle, run_dir: Path, check_dir: Path | None, limit: int) -> tuple[np.ndarray, str]:
-    """Images for the parity check: ``check_dir``, else the run's test split, else random images."""
+def parity_images(
+    bundle: Bundle, run_dir: Path, check_dir: Path | None, limit: int, precision: str = "fp32"
+) -> tuple[np.ndarray, str]:
+    """Images for the parity check: ``check_dir``, else the run's test split, else (fp32 only) random images.
+
+    bf16 and int8 are refused without real images: on random ones an int8 model calibrated on them passed the
+    check, then changed the top class of 8-12 % of real images."""
     if check_dir is not None:
         if not check_dir.is_dir():
             raise ExportError(
@@ -145,6 +151,13 @@ def parity_images(bundle: Bundle, run_dir: Path, check_dir: Path | None, limit: 
     images = load_images(split_paths(bundle, run_dir, "test"), bundle, limit)
     if images:
         return np.stack(images), "test split"
+    if precision != "fp32":
+        need = "calibrate and check" if precision == "int8" else "check"
+        raise ExportError(
+            f"{precision} needs real images to {need}, and the run's test split is not at hand (a model folder "
+            "copied without its split.csv, or the data moved): give --check-images DIR (a hundred or more images "
+            "of the kind the model will see)"
+        )
     log.warning("no test-split images found: checking parity on random images (--check-images FOLDER: on real ones)")
     return np.stack(random_images(min(limit, 32), bundle.preprocess.resolution)), "random images"
 
@@ -329,9 +342,10 @@ def sidecar(bundle: Bundle, fmt: str, precision: str, files: list[Path], parity:
             "dtype": "uint8",
             "layout": "NHWC",
             "shape": ["batch", pre.resolution, pre.resolution, 3],
-            "preprocessing": "RGB (transparent pixels composited on white, 16-bit images scaled to 8 bits; a JPEG "
-            f"decoded with Pillow's draft to resize_to, then turned upright by its EXIF orientation); resize the shorter side to resize_to ({pre.interpolation}, Pillow reducing_gap "
-            "3.0), then centre-crop resolution x resolution; normalisation (and flip_tta's mirror image) is inside "
+            "preprocessing": "RGB (transparent pixels composited on white, 16-bit images scaled to 8 bits; a JPEG, "
+            "MPO too, decoded with Pillow's draft to resize_to, then turned upright by its EXIF orientation); resize "
+            f"the shorter side to resize_to ({pre.interpolation}, Pillow reducing_gap 3.0), then centre-crop "
+            "resolution x resolution; normalisation (and flip_tta's mirror image) is inside "
             "the model; imgclf.data.io.load_for_model does all this",
         },
         "output": {
@@ -368,9 +382,11 @@ def _check_targets_free(out: Path, names: list[str], fmt: str, model_id: str) ->
         doc = json.loads(side.read_text(encoding="utf-8")) if side.exists() else {}
     except (OSError, ValueError):
         doc = None
-    doc = doc if isinstance(doc, dict) else {"files": None}
-    if side.exists() and doc.get("files") != names:
-        raise refused(f"{side} exists and does not describe {out.name} (it lists {doc.get('files')})", fmt)
+    doc = doc if isinstance(doc, dict) else {}
+    files = doc.get("files")
+    if side.exists() and files != names:
+        what = f"it lists {files}" if isinstance(files, list) else "it is not an imgclf export sidecar"
+        raise refused(f"{side} exists and does not describe {out.name} ({what})", fmt)
     taken = [out.parent / name for name in names if (out.parent / name).exists()]
     if taken and doc.get("model_id") != model_id:
         whose = f"model {doc['model_id']}" if doc.get("model_id") else f"no {side.name} names it"
@@ -418,9 +434,9 @@ def export_model(
     if not replace:
         _check_targets_free(out, names, fmt, bundle.model_id)
     check_dir = Path(check_images) if check_images else None
-    images, source = parity_images(bundle, run_dir, check_dir, max_check_images)
+    images, source = parity_images(bundle, run_dir, check_dir, max_check_images, precision)
     calibration = images
-    if precision == "int8":  # calibrate on training images where the run has them
+    if precision == "int8":  # calibrate on training images where the run has them, else on the (real) check images
         train = load_images(split_paths(bundle, run_dir, "train"), bundle, 300)
         calibration = np.stack(train) if train else images
     with folder_for(out.parent, "folder", "--out"):
@@ -456,7 +472,7 @@ def export_model(
                 with contextlib.suppress(FileNotFoundError):  # between the replaces left no sidecar naming
                     os.unlink(f)  # another model's classes (nor an .xml with another model's .bin)
             for f in (*files, scratch / side.name):
-                os.chmod(f, 0o644)  # scratch files are private (0600); exported models are meant to be shared
+                os.chmod(f, 0o666 & ~UMASK)  # scratch files are private (0600): the usual permissions, as umask says
                 os.replace(f, out.parent / f.name)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)

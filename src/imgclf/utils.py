@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+UMASK = os.umask(0)
+os.umask(UMASK)
 
 
 def default_cache_dir() -> Path:
@@ -154,7 +154,7 @@ def _temp_copy(path: Path, data: bytes, durable: bool, parents: bool) -> str:
             path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         if hasattr(os, "fchmod"):  # not on Windows before Python 3.13 (where only a read-only bit exists)
-            os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
+            os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp makes 0600 files; give the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             if durable:
@@ -299,7 +299,7 @@ def atomic_dir(path: Path, parents: bool = True) -> Iterator[Path]:
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     except OSError as e:  # name the folder wanted, not the temporary one
         raise OSError(e.errno, e.strerror, str(path)) from e
-    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700 folders; a model is meant to be read by others too
+    os.chmod(tmp, 0o777 & ~UMASK)  # mkdtemp makes 0700 folders; a model is meant to be read by others too
     try:
         yield tmp
         old = None
@@ -442,18 +442,38 @@ def cpu_has_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
+def listening_sockets(host: str, port: int) -> list[socket.socket]:
+    """Sockets listening on ``host:port``, one for each of its addresses (``localhost`` may be 127.0.0.1 and
+    ::1), as uvicorn would open them; ValueError, saying what to do, when one cannot be. A server opens them
+    before it loads its model and keeps them: a port only tested for then was taken meanwhile by a second
+    server, which failed after loading with uvicorn's bare "address already in use"."""
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(
+            socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        ):
+            sockets.append(sock := socket.socket(family, kind, proto))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            if family == socket.AF_INET6:  # as asyncio does: "::" is IPv6 only
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((address[0], port, *address[2:]))
+            port = port or sock.getsockname()[1]  # port 0: the one the first address got, for all of them
+            sock.listen()  # binding alone does not keep another SO_REUSEADDR socket off the port
+    except OSError as e:
+        for sock in sockets:
+            sock.close()
+        if isinstance(e, socket.gaierror) or e.errno == errno.EADDRNOTAVAIL:
+            advice = "give --host an address of this machine (127.0.0.1, or 0.0.0.0 for all)"
+        else:
+            advice = "choose another --port, or stop what uses it"
+        raise ValueError(f"cannot listen on {host}:{port} ({e.strerror or e}): {advice}") from None
+    return sockets
+
+
 def ensure_port_free(host: str, port: int) -> None:
     """Raise ValueError, saying what to do, when a server could not listen on ``host:port``."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            if isinstance(e, socket.gaierror) or e.errno == errno.EADDRNOTAVAIL:
-                advice = "give --host an address of this machine (127.0.0.1, or 0.0.0.0 for all)"
-            else:
-                advice = "choose another --port, or stop what uses it"
-            raise ValueError(f"cannot listen on {host}:{port} ({e.strerror or e}): {advice}") from None
+    for sock in listening_sockets(host, port):
+        sock.close()
 
 
 def is_loopback(host: str) -> bool:

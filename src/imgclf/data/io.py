@@ -35,8 +35,9 @@ IMAGE_EXTENSIONS = frozenset(ext for exts in _FORMAT_EXTENSIONS.values() for ext
 HEIF_EXTENSIONS = frozenset({".heic", ".heif", ".hif"})
 # Bump when decoding gives some image other pixels than before: cached features and hashes are keyed by it.
 # 2: high-bit-depth one-channel images scaled to 8 bits instead of clipped; 3: only the formats listed above;
-# 4: a colour key (PNG tRNS on a grey or RGB image) composited on white, as an alpha channel is
-DECODE_VERSION = 4
+# 4: a colour key (PNG tRNS on a grey or RGB image) composited on white, as an alpha channel is; 5: MPO (a camera
+# JPEG with more frames) draft-decoded as JPEG is
+DECODE_VERSION = 5
 # What file managers and archivers leave in folders (lower case); ignored like hidden names.
 SYSTEM_NAMES = frozenset({"__macosx", "thumbs.db", "ehthumbs.db", "desktop.ini"})
 
@@ -384,7 +385,7 @@ def open_rgb(
             except ImageError:
                 im.close()
                 raise
-            if draft_to is not None and im.format == "JPEG":
+            if draft_to is not None and im.format in ("JPEG", "MPO"):  # MPO: a JPEG with more frames
                 im.draft("RGB", (draft_to, draft_to))
             if budget is not None:
                 budget[1].enter_context(budget[0].hold(im.width * im.height))  # the size to decode, after draft()

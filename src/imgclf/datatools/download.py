@@ -311,7 +311,7 @@ def _decode(
         if w * h > max_pixels:
             raise FetchError(f"too many pixels ({w}x{h} > {max_pixels / 1e6:g} Mpx; raise --max-image-pixels)")
         check_jpeg_scans(im, data)
-        if draft_to and im.format == "JPEG" and max(w, h) > draft_to:
+        if draft_to and im.format in ("JPEG", "MPO") and max(w, h) > draft_to:
             im.draft("RGB", (draft_to, draft_to))  # DCT scaling: less memory and time, same result
         if held is not None:
             held.enter_context(DECODING.hold(im.width * im.height))  # the size to decode, after draft()

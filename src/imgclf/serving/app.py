@@ -16,7 +16,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
@@ -234,6 +234,23 @@ def _error(status: int, code: str, detail: str) -> JSONResponse:
     return JSONResponse({"error": code, "detail": detail}, status_code=status)
 
 
+@contextlib.contextmanager
+def _stopped_as_not_running() -> Iterator[None]:
+    """A request cancelled by a forced stop (Ctrl-C twice) answered with the documented 503, not with
+    uvicorn's plain-text 500 and a traceback in the log."""
+    try:
+        yield
+    except asyncio.CancelledError:
+        if (task := asyncio.current_task()) is not None:
+            task.uncancel()  # this request is answered; the stop goes on
+        raise ApiError(
+            503,
+            "not_running",
+            "the server was stopped before answering this request; try again later",
+            {"Connection": "close"},
+        ) from None
+
+
 API_KEY_VARIABLE = "IMGCLF_API_KEY"  # the key from the environment: a command line is seen by every local user
 
 
@@ -272,6 +289,9 @@ def create_app(bundle: Bundle | str | Path, cfg: Config | None = None, flip_tta:
         await service.start()
         try:
             yield
+        except asyncio.CancelledError:  # a forced stop (Ctrl-C twice) stops the service too, without a traceback
+            if (task := asyncio.current_task()) is not None:
+                task.uncancel()
         finally:
             await service.stop()
 
@@ -338,8 +358,9 @@ def create_app(bundle: Bundle | str | Path, cfg: Config | None = None, flip_tta:
     )
     async def predict(request: Request) -> PredictResponse:
         t0 = time.perf_counter()
-        body = await read_body(request, max_body, cfg.serve.request_timeout_s)
-        return await answer(await images_from_request(request, body, cfg.serve.max_images_per_request), t0)
+        with _stopped_as_not_running():
+            body = await read_body(request, max_body, cfg.serve.request_timeout_s)
+            return await answer(await images_from_request(request, body, cfg.serve.max_images_per_request), t0)
 
     @app.post(
         "/score",
@@ -350,9 +371,10 @@ def create_app(bundle: Bundle | str | Path, cfg: Config | None = None, flip_tta:
     )
     async def score(request: Request) -> PredictResponse:
         t0 = time.perf_counter()
-        body = await read_body(request, max_body, cfg.serve.request_timeout_s)
-        images = await asyncio.to_thread(images_from_tutorial_json, body, cfg.serve.max_images_per_request)
-        return await answer(images, t0)
+        with _stopped_as_not_running():
+            body = await read_body(request, max_body, cfg.serve.request_timeout_s)
+            images = await asyncio.to_thread(images_from_tutorial_json, body, cfg.serve.max_images_per_request)
+            return await answer(images, t0)
 
     @app.get("/v1/model", dependencies=auth, responses=_ERRORS, summary="The served model")
     async def model() -> dict[str, Any]:

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import logging
+import socket
+from typing import Any
 
 from imgclf.cli import add_config_args, config_from_args, positive_int, user_path
-from imgclf.utils import ensure_port_free, is_loopback, only_local_hosts
+from imgclf.utils import is_loopback, listening_sockets, only_local_hosts
 
 log = logging.getLogger("imgclf")
+uvicorn_log = logging.getLogger("uvicorn.error")
 
 # the server runs its own batches (max_batch) on its own runtime (serve_runtime), with no feature cache
 SERVE_FIELDS = (
@@ -19,34 +24,51 @@ SERVE_FIELDS = (
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from imgclf.bundle import Bundle
     from imgclf.serving.app import API_KEY_VARIABLE, create_app, serving_config
     from imgclf.serving.security import http_protocol
 
     # defaults < the training run's flip_tta and max_image_pixels < --config < flags; $IMGCLF_API_KEY
     given = config_from_args(args)
-    ensure_port_free(given.serve.host, given.serve.port)  # before the model loads
-    bundle = Bundle.load(args.run_dir)
-    cfg = serving_config(bundle, given)
-    if cfg.serve.api_key is None and not is_loopback(cfg.serve.host):
-        log.warning(
-            "warning: serving on %s without an API key: anyone who can reach port %d can use the model; give "
-            "$%s or --api-key",
-            cfg.serve.host,
-            cfg.serve.port,
-            API_KEY_VARIABLE,
-        )
-    app = create_app(bundle, cfg)
-    uvicorn.run(
-        only_local_hosts(app, cfg.serve.host),
-        host=cfg.serve.host,
-        port=cfg.serve.port,
-        log_level="info",
-        http=http_protocol(cfg.serve.request_timeout_s),
-    )
+    host, port = given.serve.host, given.serve.port
+    sockets = listening_sockets(host, port)  # held from before the model loads: no second server takes the port
+    try:
+        bundle = Bundle.load(args.run_dir)
+        cfg = serving_config(bundle, given)
+        if cfg.serve.api_key is None and not is_loopback(host):
+            log.warning(
+                "warning: serving on %s without an API key: anyone who can reach port %d can use the model; "
+                "give $%s or --api-key",
+                host,
+                port,
+                API_KEY_VARIABLE,
+            )
+        app = only_local_hosts(create_app(bundle, cfg), host)
+        run_server(app, sockets, host, port, "info", http_protocol(cfg.serve.request_timeout_s))
+    finally:
+        for sock in sockets:
+            sock.close()
     return 0
+
+
+def run_server(
+    app: Any, sockets: list[socket.socket], host: str, port: int, log_level: str, http: type[asyncio.Protocol]
+) -> None:
+    """Serve ``app`` with uvicorn on ``sockets`` (:func:`~imgclf.utils.listening_sockets` of ``host:port``,
+    opened before the app's model loaded) until Ctrl-C or SIGTERM."""
+    import uvicorn
+
+    class Server(uvicorn.Server):  # uvicorn says where it listens only on sockets it opened itself
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                name = f"[{host}]" if ":" in host else host
+                bound = sockets[0].getsockname()[1] if sockets else port  # --port 0: the port the system chose
+                uvicorn_log.info("Uvicorn running on http://%s:%d (Press CTRL+C to quit)", name, bound)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, http=http)
+    with contextlib.suppress(KeyboardInterrupt):  # as uvicorn.run: Ctrl-C or SIGTERM is the stop asked for
+        Server(config).run(sockets=sockets)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -91,7 +113,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--check-images",
         type=user_path,
         metavar="DIR",
-        help="Images for the parity check [default: the run's test split, else random images].",
+        help="Images for the parity check (and int8 calibration) [default: the run's test split; fp32: else random images].",
     )
     p.add_argument(
         "--check-max", type=positive_int, default=100, help="Most images used by the parity check. [default: 100]"

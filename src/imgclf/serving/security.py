@@ -183,6 +183,14 @@ def http_protocol(header_timeout_s: float) -> type[asyncio.Protocol]:
             self._headers_due.cancel()  # the next request's headers have their own time (after keep-alive's)
             self._headers_due = self.loop.call_later(header_timeout_s, self._headers_late)
 
+        def shutdown(self) -> None:
+            # uvicorn closes the connection after the answer in progress but did not say so in it: a client
+            # keeping the connection alive sent its next request into the closed socket (broken pipe). The
+            # request's own Connection: close makes uvicorn add the header to the answer.
+            if self.cycle is not None and not self.cycle.response_started:
+                self.cycle.scope["headers"].append((b"connection", b"close"))
+            super().shutdown()
+
         def connection_lost(self, exc: Exception | None) -> None:
             if hasattr(self, "_headers_due"):
                 self._headers_due.cancel()

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import secrets
+import socket
 from pathlib import Path
 
 from imgclf.cli import add_config_args, host_name, port_number, user_path
-from imgclf.utils import ensure_port_free, only_local_hosts
+from imgclf.utils import listening_sockets, only_local_hosts
 
 HEADER_TIMEOUT_S = 30.0  # a request's headers arrive within this, or its connection is closed
 
@@ -20,15 +21,22 @@ UI_SECTIONS = (
 
 
 def _ui(args: argparse.Namespace) -> int:
-    import uvicorn
+    sockets = listening_sockets(args.host, args.port)  # held from before the model loads
+    try:
+        return _serve_ui(args, sockets)
+    finally:
+        for sock in sockets:
+            sock.close()
 
+
+def _serve_ui(args: argparse.Namespace, sockets: list[socket.socket]) -> int:
     from imgclf.backbones import BackboneError
     from imgclf.bundle import Bundle
     from imgclf.config import AUTO_BACKBONE, Config
+    from imgclf.serving.cli import run_server
     from imgclf.serving.security import http_protocol
     from imgclf.ui.app import create_app
 
-    ensure_port_free(args.host, args.port)
     backbone = None
     base = Config()
     if args.run:
@@ -59,12 +67,8 @@ def _ui(args: argparse.Namespace) -> int:
     )
     host = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address in a URL
     print(f"imgclf review app: http://{host}:{args.port}/?token={token}")
-    uvicorn.run(
-        only_local_hosts(app, args.host),
-        host=args.host,
-        port=args.port,
-        log_level="warning",
-        http=http_protocol(HEADER_TIMEOUT_S),
+    run_server(
+        only_local_hosts(app, args.host), sockets, args.host, args.port, "warning", http_protocol(HEADER_TIMEOUT_S)
     )
     return 0
 
