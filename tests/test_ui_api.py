@@ -1135,7 +1135,7 @@ def test_images_are_shown_up_to_the_configured_pixel_limit(
     Image.open(root / "a" / "a_00.jpg").save(root / "a" / "scan.tif")  # no browser shows TIFF: a preview
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # Pillow's limit, below the images' pixels
     apps: list[object] = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **_: apps.append(app))
+    monkeypatch.setattr("imgclf.serving.cli.run_server", lambda app, *_: apps.append(app))  # not served
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
@@ -1153,7 +1153,7 @@ def test_ui_offers_only_the_settings_its_analysis_uses(
     """`--backbone auto` started the app and failed in the analysis; `--classifier dnn` was taken and ignored."""
     from imgclf.cli import main
 
-    monkeypatch.setattr(uvicorn, "run", lambda app, **_: None)
+    monkeypatch.setattr("imgclf.serving.cli.run_server", lambda app, *_: None)  # not served
 
     root = make_folder(tmp_path / "d", classes=("a", "b"), n=1)
     with socket.socket() as s:
