@@ -1,8 +1,9 @@
 """Recorded runs in the real MLflow web UI (`imgclf runs ui`), opened in Debian's headless Chromium.
 
 Two tiny SVM runs that differ in ``svm_c_grid`` are recorded in a private SQLite store, the store is served with
-the command line of ``imgclf runs ui``, and MLflow's compare-runs page for both runs must show their names, the
-differing parameter and a per-class accuracy metric. The screenshot goes to $IMGCLF_TEST_ARTIFACTS (default: the
+the command line of ``imgclf runs ui``, the address it prints must show both runs (MLflow 3 opens on its GenAI
+view, which shows none), and MLflow's compare-runs page for both runs must show their names, the differing
+parameter and a per-class accuracy metric. The screenshot goes to $IMGCLF_TEST_ARTIFACTS (default: the
 test's tmp_path).
 """
 
@@ -27,7 +28,7 @@ from helpers import CHROMIUM, CHROMIUM_ARGS, make_folder
 from imgclf.config import Config
 from imgclf.pipeline import train
 from imgclf.tracking import drain_pending
-from imgclf.tracking.cli import _ui_command, ui_environment
+from imgclf.tracking.cli import _ui_command, ui_address, ui_environment
 
 if not CHROMIUM.exists():
     pytest.skip(f"{CHROMIUM} is missing (install it with .ci/install-browser)", allow_module_level=True)
@@ -161,6 +162,10 @@ def test_runs_compared_in_mlflow_ui(ui: Callable[[], str], store: str, tmp_path:
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.set_default_timeout(30_000)
+            page.goto(ui_address(base.tracking, urllib.parse.urlparse(url).port))  # as `imgclf runs ui` prints it
+            for run in runs:
+                expect(page.get_by_text(run.info.run_name, exact=True).first).to_be_visible(timeout=60_000)
+            page.screenshot(path=str(artifacts / "mlflow-runs.png"))
             page.goto(f"{url}/#/compare-runs?{query}")
             for text in ("svm-c1 train", "svm-c05 train", "svm_c_grid", "acc_circles"):
                 # MLflow's page loads a large script first: on a busy machine it took longer than expect's 5 s

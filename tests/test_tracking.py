@@ -179,7 +179,7 @@ def test_runs_list_and_compare(two_runs: tuple[RunResult, RunResult], work: Path
     train_a = _runs("sqlite:///mlflow.db")[0].info.run_id
     assert train_a in ids
     listed = capsys.readouterr().out  # into a pipe: whole names, not rich's 80 columns of "effi…"
-    assert "efficientnet_lite0" in listed and "class averaged accuracy" in listed
+    assert "every run: data set data, classifier svm, backbone efficientnet_lite0" in listed  # said once
     # A run id prefix (as `runs list` shows it) and a run folder.
     assert (
         main(["runs", "compare", train_a[:8], str(work / "runs" / "b"), "--markdown", "cmp.md", "--csv", "cmp.csv"])
@@ -430,7 +430,7 @@ def test_runs_tables_show_names_as_written(
     """Brackets in data set names, run folders and parameters are text, not rich markup."""
     run = {"id": "0" * 32, "date": "2024-01-01 00:00", "kind": "train", "dataset": "photos [v2]"}
     run |= {"classifier": "svm", "backbone": "misc[/old]", "accuracy": 0.5, "class_averaged_accuracy": None}
-    run |= {"status": "FINISHED", "run_dir": "/runs/a"}
+    run |= {"split": "test", "status": "FINISHED", "run_dir": "/runs/a"}
     monkeypatch.setattr("imgclf.tracking.store.list_runs", lambda cfg, limit: [run])
     assert main(["runs", "list"]) == 0
     out = capsys.readouterr().out
@@ -956,7 +956,7 @@ def test_runs_compare_never_rounds_a_difference_away(
     md = to_markdown(compare([run("a", 0.9996, 0.9991, 1.231), run("b", 1.0, 0.9994, 1.234)]), ["a", "b"])
     assert "| auc_macro | 0.9996 | **1.000** |" in md
     assert "| overall_accuracy | 99.91 % | **99.94 %** |" in md
-    assert "| time_total_s | **1.231** | 1.234 |" in md
+    assert "| time_total_s | 1.23 | 1.23 |" in md  # 3 significant digits, ranked as shown
     assert "| n_test | 2500 | 2500 |" in md
     from imgclf.tracking.compare import Row, format_row
 
@@ -970,7 +970,8 @@ def test_runs_compare_never_rounds_a_difference_away(
     assert "99.96 % │ 100.0 % ★" in out and "50.01 % │ 50.04 % ★" in out
     assert re.search(r"│ y +│ +25\.0 % │ +25\.0 % │", out)  # values alike keep one decimal
     listed = {"id": "0" * 32, "date": "2024-01-01 00:00", "kind": "train", "dataset": "d", "classifier": "svm"}
-    listed |= {"backbone": "b", "accuracy": 0.9996, "class_averaged_accuracy": 1.0, "status": "FINISHED"}
+    listed |= {"backbone": "b", "split": "test", "accuracy": 0.9996, "class_averaged_accuracy": 1.0}
+    listed["status"] = "FINISHED"
     listed["run_dir"] = "/runs/a"
     monkeypatch.setattr("imgclf.tracking.store.list_runs", lambda cfg, limit: [listed])
     assert main(["runs", "list"]) == 0
@@ -1080,7 +1081,8 @@ def test_runs_compare_of_long_names_and_values_on_a_narrow_console(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ):
     """Two runs with 44-character names at 80 columns folded the runs table's other columns to 2-3 characters
-    (71 lines); a 62-character data folder put each run's parameters in a table of its own (no side by side)."""
+    (71 lines); a 62-character data folder put each run's parameters in a table of its own (no side by side); the
+    runs table cut run_dir (`/tmp/h27…`) and lost its right border."""
     from rich.console import Console
 
     monkeypatch.setattr("imgclf.tracking.cli.console", lambda stderr=False: Console(width=80, stderr=stderr))
@@ -1092,6 +1094,243 @@ def test_runs_compare_of_long_names_and_values_on_a_narrow_console(
     assert main(["runs", "compare", *map(str, folders)]) == 0
     out = capsys.readouterr().out
     runs_table = out[: out.index("Parameters")]
-    assert len(runs_table.splitlines()) < 20, runs_table
+    assert "│ folder │ test  │" in runs_table, runs_table  # the short columns whole, the long ones folded
+    assert "…" not in runs_table, runs_table  # run_dir and the data set folded, not cut
+    table = [line for line in runs_table.splitlines() if line[:1] in "┏┃┡│└"]
+    assert all(line.endswith(("┓", "┃", "┩", "│", "┘")) for line in table), runs_table
     assert "Parameters that differ, runs" not in out  # one table: the two runs side by side
     assert "│ data_root │ /data/ddd" in out and "│ lr        │ 0.1 " in out
+
+
+def test_runs_list_fits_a_terminal_of_80_columns(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    """`runs list` took ~155 columns: at 80, rich cut columns to one or two characters and wrapped the accuracies.
+    Each run's id, date and accuracies stay whole on a line, the other columns fold, and what every run shares
+    is said once below the table."""
+    from rich.cells import cell_len
+    from rich.console import Console
+
+    def run(n: int, kind: str, dataset: str, classifier: str, split: str, acc: float, avg: float) -> dict[str, Any]:
+        row = {"id": f"{n}{'f' * 31}", "date": f"2026-12-0{n} 16:02", "kind": kind, "dataset": dataset}
+        row |= {"classifier": classifier, "backbone": "efficientnet_lite0", "split": split, "accuracy": acc}
+        return row | {"class_averaged_accuracy": avg, "status": "FINISHED", "run_dir": f"/runs/flowers-{classifier}"}
+
+    runs = [
+        run(1, "evaluate", "flowers_small", "svm_on_refined", "train", 0.9777, 0.9612),
+        run(2, "train", "hymenoptera", "dnn", "test", 0.55, 0.5234),
+        run(3, "train", "demo", "svm", "test", 0.9996, 1.0),
+    ]
+    runs[1]["status"] = "FAILED"
+    monkeypatch.setattr("imgclf.tracking.store.list_runs", lambda cfg, limit: runs)
+    monkeypatch.setattr("imgclf.tracking.cli.console", lambda stderr=False: Console(width=80, stderr=stderr))
+    assert main(["runs", "list"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    for r in runs:
+        whole = (r["id"][:8], r["date"][5:], fmt_fraction(r["accuracy"]), fmt_fraction(r["class_averaged_accuracy"]))
+        assert any(all(text in line for text in whole) for line in lines), out
+    assert max(map(cell_len, lines)) <= 80 and "…" not in out and "│ FAILED │" in out
+    assert all(line.endswith(("┓", "┃", "┩", "│", "┘")) for line in lines[1:] if line[0] in "┏┃┡│└"), out
+    assert "date (2026)" in out and lines[-1] == "every run: backbone efficientnet_lite0"
+    runs[1]["status"] = "FINISHED"
+    runs[2]["class_averaged_accuracy"] = 0.9996
+    for r in runs:
+        r["kind"], r["class_averaged_accuracy"] = "train", r["accuracy"]
+    assert main(["runs", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "status" not in out and "avg acc" not in out
+    said = "every run: kind train, backbone efficientnet_lite0, class-averaged accuracy = acc"
+    assert said in " ".join(out.split())  # wrapped at 80 columns
+
+
+def test_runs_ui_prints_the_address_of_the_experiments_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    """MLflow 3's web UI opens on its GenAI view, which shows none of the runs: `runs ui` prints their page."""
+    monkeypatch.setattr("imgclf.tracking.cli.run_until_stopped", lambda cmd, env=None: 0)  # no server started
+    uri, port = f"sqlite:///{tmp_path / 'm.db'}", _free_port()
+    assert main(["runs", "ui", "--port", str(port), "--tracking-uri", uri]) == 0
+    assert f"serving {uri} at http://127.0.0.1:{port} (Ctrl-C stops it)" in capsys.readouterr().out  # no runs yet
+    assert log_run("train", Config().updated(tracking_uri=uri, tracking_background=False), _result(tmp_path / "a"))
+    exp = _client(uri).get_experiment_by_name("imgclf").experiment_id
+    assert main(["runs", "ui", "--port", str(port), "--tracking-uri", uri]) == 0
+    page = f"http://127.0.0.1:{port}/#/experiments/{exp}/runs?workflowType=machine_learning"
+    assert f"serving {uri} at {page} (Ctrl-C stops it)" in capsys.readouterr().out
+
+
+def test_an_unreachable_server_keeps_the_record_queued_within_seconds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    """A run recorded in-process (--no-tracking-background, Windows) tried a closed port with MLflow's retries
+    for 259 s (a server that never answers: 18 minutes), then dropped the record; each background writer tried
+    for 4 minutes. Both give up within seconds (QUICK_HTTP, where not set), and the record stays queued."""
+    quick = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+    for name in quick:
+        monkeypatch.delenv(name, raising=False)
+    uri = f"http://127.0.0.1:{_free_port()}"  # closed: nothing listens there
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="imgclf"):
+        cfg = Config().updated(tracking_uri=uri, tracking_background=False)
+        assert log_run("train", cfg, _result(tmp_path / "run")) is None
+    assert time.monotonic() - started < 30
+    assert len(list(queue_dir(uri).glob("*.json"))) == 1 and "1 record(s) stay queued in" in caplog.text
+    assert "check the address and that the server runs" in caplog.text
+    assert not set(quick) & set(os.environ)  # for the record only
+    started = time.monotonic()
+    writer = [sys.executable, "-m", "imgclf.tracking.writer", uri]
+    done = subprocess.run(writer, capture_output=True, text=True, timeout=120, check=True)
+    assert time.monotonic() - started < 60 and "1 record(s) stay queued in" in done.stderr
+
+
+def test_a_writer_finding_the_queue_busy_leaves_its_record_to_the_holder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Each train's background writer waited for the queue's lock without limit, one process a train, each then
+    trying a server that does not answer for minutes. A writer finding the lock held leaves at once; whoever
+    holds it writes every record queued until none is left, those queued meanwhile too."""
+    import imgclf.tracking.store as store
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    cfg = Config().updated(tracking_uri=uri)
+    _queue_without_writer(monkeypatch, cfg, _result(tmp_path / "first"))
+    hold = (
+        "import sys, time, filelock; f = filelock.FileLock(sys.argv[1]); f.acquire(); print(flush=True); time.sleep(30)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(queue_dir(uri) / ".lock")], stdout=subprocess.PIPE)
+    try:
+        holder.stdout.readline()  # the lock is held
+        started = time.monotonic()
+        drain(uri)  # a background writer
+        assert time.monotonic() - started < 5
+    finally:
+        holder.kill()
+        holder.wait()
+    assert len(list(queue_dir(uri).glob("*.json"))) == 1  # left to the holder
+    record = store._record
+
+    def record_while_another_train_queues(rec: dict[str, Any]) -> str:
+        if rec["run_dir"].endswith("first"):  # a train that finds this writer holding the lock
+            with monkeypatch.context() as m:
+                m.setattr("imgclf.tracking.store.subprocess.Popen", lambda *a, **k: None)
+                log_run("train", cfg, _result(tmp_path / "second"))
+        return record(rec)
+
+    monkeypatch.setattr(store, "_record", record_while_another_train_queues)
+    drain(uri)
+    assert not any(queue_dir(uri).glob("*.json"))
+    assert sorted(Path(r.data.tags["run_dir"]).name for r in _stored_runs(uri)) == ["first", "second"]
+
+
+def test_deleted_runs_and_experiments_are_said_and_never_restored(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+):
+    """A deleted run was compared by its full id (nothing said) and refused by its first characters as "neither a
+    run folder nor the id of a run"; a deleted experiment was listed as "no runs recorded", and the next train
+    restored it, bringing back every run deleted by hand. Both are said, with what restores them; a run recorded
+    into a deleted experiment stays queued until it is restored."""
+    from imgclf.tracking.compare import load_run
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    cfg = Config().updated(tracking_uri=uri, tracking_background=False)
+    kept, removed = (log_run("train", cfg, _result(tmp_path / name)) for name in ("kept", "removed"))
+    assert kept and removed
+    client = _client(uri)
+    client.delete_run(removed)
+    said = f"run {removed} was deleted (restore it: MLFLOW_TRACKING_URI={uri} mlflow runs restore --run-id {removed})"
+    for ref in (removed, removed[:8]):
+        with pytest.raises(TrackingError, match=re.escape(said)):
+            load_run(ref, cfg.tracking)
+    exp = client.get_experiment_by_name("imgclf").experiment_id
+    client.delete_experiment(exp)
+    said = f"experiment 'imgclf' in {uri} was deleted (restore it: MLFLOW_TRACKING_URI={uri} mlflow experiments "
+    said += f"restore --experiment-id {exp})"
+    assert main(["runs", "list", "--tracking-uri", uri]) == 2
+    assert said in capsys.readouterr().err
+    for ref in (kept, kept[:8]):
+        with pytest.raises(TrackingError, match=re.escape(said)):
+            load_run(ref, cfg.tracking)
+    with caplog.at_level(logging.WARNING, logger="imgclf"):
+        assert log_run("train", cfg, _result(tmp_path / "new")) is None
+    assert f"{said}; its record stays queued in" in caplog.text
+    assert client.get_experiment(exp).lifecycle_stage == "deleted"
+    assert client.get_run(removed).info.lifecycle_stage == "deleted"
+    assert len(list(queue_dir(uri).glob("*.json"))) == 1
+    client.restore_experiment(exp)  # the user's choice: MLflow's restore brings back `removed` too
+    drain(uri)
+    assert "new" in {Path(r.data.tags["run_dir"]).name for r in _stored_runs(uri)}
+    assert not any(queue_dir(uri).glob("*.json"))
+
+
+def test_a_damaged_local_store_names_its_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    """A damaged mlflow.db was answered with advice for a tracking server; a damaged meta.yaml in MLflow's file
+    store with "'NoneType' object has no attribute 'copy'" or "while parsing a flow sequence", naming no file,
+    and no run of the store could be listed, compared or recorded. The message names the file; a run whose
+    meta.yaml is damaged is left out, with a warning naming it."""
+    from imgclf.tracking import list_runs
+    from imgclf.tracking.compare import load_run
+
+    db = tmp_path / "mlflow.db"
+    db.write_bytes(b"not a database" * 1000)
+    with pytest.raises(TrackingError) as e:
+        list_runs(TrackingConfig(tracking_uri=f"sqlite:///{db}"))
+    assert f"(the store's file may be damaged: {db})" in str(e.value) and "MLFLOW_HTTP" not in str(e.value)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    folder = tmp_path / "files"
+    cfg = Config().updated(tracking_uri=folder.as_uri(), tracking_background=False)
+    ids = [log_run("train", cfg, _result(tmp_path / f"run{i}", 0.1 * i)) for i in range(3)]
+    assert all(ids)
+    (meta,) = folder.glob(f"*/{ids[1]}/meta.yaml")
+    healthy = meta.read_text()
+    for damage in ("run_id: [unclosed\n  : : :\n", ""):
+        meta.write_text(damage)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="imgclf"):
+            assert [r["id"] for r in list_runs(cfg.tracking)] == [ids[2], ids[0]]
+        assert f"runs left out, their files damaged (repair or remove them): {meta}" in caplog.text
+        assert load_run(ids[0][:8], cfg.tracking).metrics["overall_accuracy"] == 0
+    assert log_run("train", cfg, _result(tmp_path / "run3")) is not None  # recorded beside the damaged run
+    meta.write_text(healthy)
+    experiment = meta.parent.parent / "meta.yaml"
+    experiment.write_text("{{{")
+    with pytest.raises(TrackingError, match=re.escape(f"(the store's file may be damaged: {experiment})")):
+        list_runs(cfg.tracking)
+
+
+def test_compare_shows_times_as_measured_and_no_fit_time_for_a_dnn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    """A dnn run's time_fit_s (~1 µs: its head comes trained, there is no fit step) was starred over an SVM's;
+    times printed with 5-6 decimals; the SVM's C was not recorded. Times show 3 significant digits and are
+    ranked as shown, a dnn's fit time is "-", svm_c is recorded and not ranked."""
+    from imgclf.tracking.compare import RunRecord, compare, format_row
+    from imgclf.tracking.store import flat_metrics
+
+    def run(label: str, classifier: str, fit: float, total: float, **more: float) -> RunRecord:
+        metrics = {"time_fit_s": fit, "time_total_s": total, "time_scan_s": 1.231, **more}
+        return RunRecord(label, {}, metrics, {"split": "test", "classifier": classifier})
+
+    dnn, svm = run("dnn", "dnn", 7.7e-7, 51.84780355599651), run("svm", "svm", 0.5234, 12.3456, svm_c=10.0)
+    rows = {r.name: r for r in compare([dnn, svm, run("svm2", "svm", 0.5231, 1234.5, svm_c=0.1)])}
+    assert rows["time_fit_s"].values[0] is None and not any(rows["time_fit_s"].marked)  # 0.523 twice: no best
+    assert format_row(rows["time_fit_s"]) == ["-", "0.523", "0.523"]
+    assert format_row(rows["time_total_s"]) == ["51.8", "12.3", "1234"] and rows["time_total_s"].marked[1]
+    assert format_row(rows["time_scan_s"]) == ["1.23"] * 3 and not any(rows["time_scan_s"].marked)
+    assert format_row(rows["svm_c"]) == ["-", "10", "0.1"] and not any(rows["svm_c"].marked)
+    assert flat_metrics({"svm_c": 0.5})["svm_c"] == 0.5
+
+
+def test_svm_c_and_its_cross_validated_accuracy_are_recorded_once():
+    """metrics.json's svm_c and svm_cv were not recorded: svm_c and svm_cv's accuracy are metrics (under one name
+    each; the accuracy of every C tried stays in metrics.json), shown by `runs compare` unranked and in percent."""
+    from imgclf.tracking.compare import RunRecord, compare, format_row
+    from imgclf.tracking.store import flat_metrics, run_metrics
+
+    cv = {"folds": 5, "accuracy": 0.875, "accuracy_by_c": {"0.01": 0.5, "1.0": 0.875}}
+    flat = flat_metrics({"overall_accuracy": 0.9, "svm_c": 1.0, "svm_cv": cv})
+    assert flat == {"overall_accuracy": 0.9, "n_skipped": 0.0, "svm_c": 1.0, "svm_cv_accuracy": 0.875}
+    no_cv = {"svm_c": 1.0, "svm_cv": {"folds": 0, "accuracy": None, "accuracy_by_c": {"1.0": None}}}
+    assert set(flat_metrics(no_cv)) == {"n_skipped", "svm_c"}
+    runs = [RunRecord(c, {}, run_metrics({"svm_c": float(c), "svm_cv": cv}), {"split": "test"}) for c in "12"]
+    rows = {r.name: r for r in compare(runs)}
+    assert format_row(rows["svm_cv_accuracy"]) == ["87.5 %", "87.5 %"]

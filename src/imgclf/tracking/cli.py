@@ -9,11 +9,13 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from imgclf.cli import add_config_args, config_from_args, console, port_number, positive_int, user_path
+from imgclf.config import TrackingConfig
+from imgclf.tracking.store import quick_http
 from imgclf.utils import atomic_write_text, check_output_file, ensure_port_free
 
 if TYPE_CHECKING:
@@ -24,13 +26,23 @@ if TYPE_CHECKING:
 ID_SHOWN = 8  # run id characters shown by `runs list`; `runs compare` accepts such prefixes
 NAME_MIN = 16  # characters of a quantity's name `runs compare` shows, however many runs share the width
 VALUE_WIDTH = 24  # characters of a run's label or parameter value `runs compare` shows on a line (longer: folded)
-# MLflow's HTTP requests in a `runs` command, where not set: seconds, not MLflow's 4 minutes, for a store that
-# does not answer
-QUICK_HTTP = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+# `runs list`'s columns by header; those kept whole on a narrow console (the others fold)
+LIST_HEADERS = {
+    "id": "id",
+    "date": "date",
+    "kind": "kind",
+    "dataset": "data set",
+    "classifier": "classifier",
+    "backbone": "backbone",
+    "split": "split",
+    "accuracy": "acc",
+    "class_averaged_accuracy": "class\navg acc",
+    "status": "status",
+    "run_dir": "folder",
 }
+LIST_WHOLE = ("id", "date", "accuracy", "class_averaged_accuracy", "status")
+LIST_SHARED = ("kind", "dataset", "classifier", "backbone", "split")  # said once below the table where alike
+UI_RUNS = "/#/experiments/{}/runs?workflowType=machine_learning"  # MLflow 3 opens on its GenAI view: no runs
 
 
 def _quick_http(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -38,13 +50,8 @@ def _quick_http(command: Callable[[argparse.Namespace], int]) -> Callable[[argpa
 
     @functools.wraps(command)
     def quick(args: argparse.Namespace) -> int:
-        added = {name: value for name, value in QUICK_HTTP.items() if name not in os.environ}
-        os.environ.update(added)
-        try:
+        with quick_http():
             return command(args)
-        finally:
-            for name in added:
-                os.environ.pop(name, None)
 
     return quick
 
@@ -90,24 +97,50 @@ def _list(args: argparse.Namespace) -> int:
             file=sys.stderr if piped else sys.stdout,
         )
         return 0
+    columns, shared = _list_columns(runs)
+    years = {run["date"][:4] for run in runs}
+    year = years.pop() if len(years) == 1 else None  # said once, in the header
     table = Table(title=f"Latest runs in {escape(tracking_uri(cfg))}")
-    for col in runs[0]:
-        table.add_column(
-            "folder" if col == "run_dir" else col.replace("_", " "),
-            justify="right" if "accuracy" in col else "left",
-            no_wrap=col in ("id", "date"),
-        )
+    for col in columns:
+        header = f"date ({year})" if col == "date" and year else LIST_HEADERS.get(col, col)
+        whole = col in LIST_WHOLE  # on a narrow console the others fold (rich cut every column to "e…")
+        justify = "right" if "accuracy" in col else "left"
+        table.add_column(escape(header), justify=justify, no_wrap=whole, overflow="ellipsis" if whole else "fold")
     for run in runs:
-        shown = {**run, "status": "" if run["status"] == "FINISHED" else run["status"]}  # the unusual one stands out
-        shown["run_dir"] = Path(run["run_dir"]).name  # tells apart runs alike but for --out; the files: the path
-        cells = [escape(list_cell(v)) for v in shown.values()]
-        table.add_row(run["id"][:ID_SHOWN], *cells[1:], style=None if run["status"] == "FINISHED" else "yellow")
+        shown = {**run, "id": run["id"][:ID_SHOWN], "run_dir": Path(run["run_dir"]).name}  # the files: the path
+        shown["date"] = run["date"][5:] if year else run["date"]
+        shown["status"] = "" if run["status"] == "FINISHED" else run["status"]  # the unusual one stands out
+        style = None if run["status"] == "FINISHED" else "yellow"
+        table.add_row(*(escape(list_cell(shown[col])) for col in columns), style=style)
     out = console(stderr=piped)
     out.print(table)
+    if shared:
+        out.print(escape(f"every run: {', '.join(shared)}"))
     if more:
         out.print(f"the {args.limit} newest runs of more than {args.limit}: --limit N shows more")
     _write_outputs(args, table_csv(runs), table_markdown(runs))
     return 0
+
+
+def _list_columns(runs: Sequence[Mapping[str, object]]) -> tuple[list[str], list[str]]:
+    """The columns ``runs list`` shows, and what every run shares, said once instead: a column of
+    ``LIST_SHARED`` alike in every run (of two or more), the class-averaged accuracy where it is the accuracy as
+    shown; the status is left out where every run is ``FINISHED``."""
+    from imgclf.tracking.compare import list_cell
+
+    columns, shared = list(runs[0]), []
+    if len(runs) > 1:
+        for col in LIST_SHARED:
+            values = {list_cell(run[col]) or "-" for run in runs}
+            if len(values) == 1:
+                columns.remove(col)
+                shared.append(f"{LIST_HEADERS[col]} {values.pop()}")
+        if all(list_cell(run["class_averaged_accuracy"]) == list_cell(run["accuracy"]) for run in runs):
+            columns.remove("class_averaged_accuracy")
+            shared.append("class-averaged accuracy = acc")
+    if all(run["status"] == "FINISHED" for run in runs):
+        columns.remove("status")
+    return columns, shared
 
 
 @_quick_http
@@ -138,8 +171,8 @@ def _compare(args: argparse.Namespace) -> int:
     out = console(stderr=piped)
     described = runs_table(records)
     runs = Table(title="runs")
-    for col in described[0]:  # a run's label folded, not cut, on a narrow console: it tells runs apart
-        runs.add_column(col, min_width=len(col), overflow="fold" if col == "run" else "ellipsis")
+    for col in described[0]:  # on a narrow console the short columns whole, the others folded, never cut
+        runs.add_column(col, no_wrap=col in ("kind", "split"), overflow="fold")
     for run in described:
         runs.add_row(*(escape(v) for v in run.values()))
     out.print(runs)
@@ -272,8 +305,21 @@ def _ui(args: argparse.Namespace) -> int:
     if remote:
         print(f"the runs are on a tracking server: open {uri} in a browser")
         return 0
-    print(f"serving {uri} at http://127.0.0.1:{args.port} (Ctrl-C stops it)")
+    print(f"serving {uri} at {ui_address(cfg, args.port)} (Ctrl-C stops it)")
     return run_until_stopped(_ui_command(uri, args.port), ui_environment())
+
+
+def ui_address(cfg: TrackingConfig, port: int) -> str:
+    """The address ``runs ui`` prints: the page of the experiment's runs (MLflow 3's UI opens on its GenAI view,
+    which shows none of them), or the UI's own before the experiment exists (or while it is deleted)."""
+    from imgclf.tracking.store import connect, reading, store_exists
+
+    base = f"http://127.0.0.1:{port}"
+    if not store_exists(cfg):
+        return base
+    with reading(cfg):
+        exp = connect(cfg).get_experiment_by_name(cfg.experiment)
+    return base if exp is None or exp.lifecycle_stage == "deleted" else base + UI_RUNS.format(exp.experiment_id)
 
 
 def run_until_stopped(cmd: list[str], env: dict[str, str] | None = None) -> int:

@@ -16,9 +16,12 @@ from typing import TYPE_CHECKING, TypeVar
 from imgclf.config import TrackingConfig, field_index
 from imgclf.evaluation.report import fmt_fraction, md_cell
 from imgclf.tracking.store import (
+    ExperimentDeleted,
     TrackingError,
     class_metrics,
     connect,
+    deleted_experiment,
+    deleted_run,
     drain_pending,
     experiment_id,
     param_value,
@@ -40,10 +43,12 @@ TITLES = {
     "class AUC": "AUC per class",
 }
 CLASS_SECTIONS = {"acc": "class accuracy", "auc": "class AUC"}  # a per-class metric's section
-ACCURACIES = ("overall_accuracy", "class_averaged_accuracy")  # the run's metrics shown in percent
+ACCURACIES = ("overall_accuracy", "class_averaged_accuracy", "svm_cv_accuracy")  # the run's metrics shown in percent
 DIGITS_MAX = 17  # most decimals a cell gets to tell values apart
 SAME_REL = 1e-12  # values closer than this (relative) are one value: 7/9 summed in another order is still 7/9
 COUNTS = ("n_", "finetune_")  # metrics that count images or epochs: shown as integers, never ranked
+SETTINGS = ("svm_c",)  # metrics that are choices made in training, not scores: never ranked
+TIME_DIGITS = 3  # significant digits of a time shown (and ranked: more tell noise apart)
 ID_LENGTH = 32  # characters of a full MLflow run id; shorter references are prefixes
 RUN_COLUMNS = ("kind", "split", "dataset", "classifier", "backbone", "run_dir")  # tags shown for each run
 
@@ -177,14 +182,22 @@ def load_run(ref: str | Path, cfg: TrackingConfig | None = None) -> RunRecord:
                 if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
                     raise
                 raise missing from e
+            exp = client.get_experiment(run.info.experiment_id)
+            if exp.lifecycle_stage == "deleted":
+                raise ExperimentDeleted(deleted_experiment(tracking_uri(cfg), exp.name, exp.experiment_id))
         else:
+            from mlflow.entities import ViewType
+
             exp = experiment_id(client, cfg) if ref.isalnum() else None
-            found = client.search_runs([exp], f"attributes.run_id LIKE '{ref}%'", max_results=2) if exp else []
+            where = f"attributes.run_id LIKE '{ref}%'"
+            found = client.search_runs([exp], where, ViewType.ALL, max_results=2) if exp else []  # deleted: said
             if len(found) > 1:
                 raise TrackingError(f"{ref}: several runs have ids starting so; give more characters")
             if not found:
                 raise missing
             run = found[0]
+        if run.info.lifecycle_stage == "deleted":
+            raise TrackingError(deleted_run(tracking_uri(cfg), run.info.run_id))
         prefix = "train_" if run.data.tags.get("split") == "train" else ""  # the files of the split it scored
         with tempfile.TemporaryDirectory() as tmp:
             predictions = _artifact(client, run.info.run_id, f"{prefix}predictions.csv", tmp, read_predictions)
@@ -242,13 +255,16 @@ def paired_markdown(tests: Sequence[PairedTest], base: str) -> str:
 
 
 def _lower_is_better(name: str) -> bool | None:
-    """Direction of a metric: times lower, counts (of images, of epochs) neither, accuracies and AUCs higher."""
+    """Direction of a metric: times lower, counts (of images, of epochs) and settings (the SVM's C) neither,
+    accuracies and AUCs higher."""
     if name.startswith("time_"):
         return True
-    return None if name.startswith(COUNTS) else False
+    return None if name.startswith(COUNTS) or name in SETTINGS else False
 
 
 def _best(name: str, values: list[float | None]) -> list[bool]:
+    if name.startswith("time_"):  # ranked as shown: 1.231 and 1.234 s are one time
+        values = [None if v is None else float(_time_text(v)) for v in values]
     present = [v for v in values if v is not None]
     lower = _lower_is_better(name)
     if lower is None or len(present) < 2 or all(_same(v, present[0]) for v in present):
@@ -292,7 +308,7 @@ def compare(records: Sequence[RunRecord], all_params: bool = False) -> list[Row]
             rows.append(Row("parameter", name, values, [differs] * len(records)))
     splits = [r.split for r in records]
     for name in sorted({n for r in records for n in r.metrics}, key=_metric_order):
-        nums = [r.metrics.get(name) for r in records]
+        nums = [_metric(r, name) for r in records]
         rows.append(Row("metric", name, list(nums), _best_per_split(name, nums, splits)))
     for kind, section in CLASS_SECTIONS.items():
         for cls in sorted({c for r in records for c in r.per_class.get(kind, {})}):
@@ -301,28 +317,49 @@ def compare(records: Sequence[RunRecord], all_params: bool = False) -> list[Row]
     return rows
 
 
+def _metric(record: RunRecord, name: str) -> float | None:
+    """The metric ``name`` of ``record``; None where it has none, and for a ``dnn``'s ``time_fit_s`` (its head
+    comes trained with the network: the ~1 µs measured is no fit step)."""
+    if name == "time_fit_s" and record.tags.get("classifier") == "dnn":
+        return None
+    return record.metrics.get(name)
+
+
+def _time_text(seconds: float) -> str:
+    """``seconds`` with ``TIME_DIGITS`` significant digits, as a plain number (1234, not 1.23e+03)."""
+    if seconds == 0 or not math.isfinite(seconds):
+        return f"{seconds:g}"
+    return f"{seconds:.{max(0, TIME_DIGITS - 1 - math.floor(math.log10(abs(seconds))))}f}"
+
+
 def format_value(row: Row, value: str | float | None, digits: int = 0) -> str:
     """A cell as shown: accuracies in percent with one decimal and AUCs with three (more where rounding would
     show an imperfect value as perfect or a non-zero one as 0, as the report does), counts as integers, seconds
-    with two decimals; numbers with ``digits`` decimals at least."""
+    with ``TIME_DIGITS`` significant digits, settings as given; numbers with ``digits`` decimals at least."""
     if value is None:
         return "-"
     if isinstance(value, str):
         return value
     if row.section == "metric" and row.name.startswith(COUNTS):
         return str(int(value))
+    if row.section == "metric" and row.name in SETTINGS:
+        return f"{value:g}"
+    if row.section == "metric" and row.name.startswith("time_"):
+        return _time_text(value)
     pct = row.section == "class accuracy" or row.name in ACCURACIES
     if pct or row.section == "class AUC" or row.name.startswith("auc_"):
         text = fmt_fraction(value, pct)
     else:
-        text = f"{value:.{2 if row.name.startswith('time_') else 3}f}"
+        text = f"{value:.3f}"
     x, unit = (100 * value, " %") if pct else (value, "")
     return text if len(text.removesuffix(unit).partition(".")[2]) >= digits else f"{x:.{digits}f}{unit}"
 
 
 def format_row(row: Row) -> list[str]:
     """The cells of ``row`` as shown (``format_value``), with as many more decimals as it takes for values that
-    differ to print differently."""
+    differ to print differently; times as measured, to ``TIME_DIGITS`` significant digits (ranked so too)."""
+    if row.section == "metric" and row.name.startswith("time_"):
+        return [format_value(row, v) for v in row.values]
     digits = 0
     while True:
         cells = [format_value(row, v, digits) for v in row.values]

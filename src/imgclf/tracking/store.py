@@ -69,10 +69,34 @@ _CHECK_SERVER = (
     "check the address and that the server runs; MLFLOW_HTTP_REQUEST_MAX_RETRIES and MLFLOW_HTTP_REQUEST_TIMEOUT "
     "set how long it is tried"
 )
+# MLflow's HTTP requests, where not set: seconds, not MLflow's 4 minutes (18 for a server that never answers), for
+# a store that does not answer
+QUICK_HTTP = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+_META = "meta.yaml"  # MLflow's file store: an experiment's and a run's description
 
 
 class TrackingError(ValueError):
     """The run store cannot be read or has no such run; the message says why."""
+
+
+class ExperimentDeleted(TrackingError):
+    """The experiment was deleted in MLflow: neither read nor recorded into (restoring it is the user's choice)."""
+
+
+@contextlib.contextmanager
+def quick_http() -> Iterator[None]:
+    """The environment variables of ``QUICK_HTTP`` that are not set, for the duration of the block only."""
+    added = {name: value for name, value in QUICK_HTTP.items() if name not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:
@@ -153,7 +177,14 @@ def _run_level(metrics: dict[str, Any]) -> list[tuple[str, Any]]:
         ("auc_macro", auc.get("macro")),
         *((f"time_{k}", v) for k, v in metrics.get("timings_s", {}).items()),
         *((f"finetune_{k}", metrics.get("finetune", {}).get(k)) for k in ("kept_epoch", "epochs_trained")),
+        ("svm_c", metrics.get("svm_c")),
+        ("svm_cv_accuracy", _number((metrics.get("svm_cv") or {}).get("accuracy"))),
     ]
+
+
+def _number(value: Any) -> float | None:
+    """``value`` where it is a number (not a bool), else None."""
+    return value if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def _by_class(metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -166,7 +197,8 @@ def _by_class(metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def run_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """The numbers of a whole run in a ``metrics.json``: accuracies, counts, ``auc_micro``, ``auc_macro``,
-    ``time_<step>``, ``finetune_kept_epoch`` and ``finetune_epochs_trained`` of a fine-tuned run."""
+    ``time_<step>``, ``finetune_kept_epoch`` and ``finetune_epochs_trained`` of a fine-tuned run, ``svm_c`` and
+    ``svm_cv_accuracy`` (``svm_cv``'s ``accuracy``) of an SVM."""
     return {name: float(v) for name, v in _run_level(metrics) if v is not None}
 
 
@@ -226,7 +258,33 @@ def connect(cfg: TrackingConfig) -> MlflowClient:
     # MLflow logs each database error it re-raises with ~90 lines of traceback (a read-only store); imgclf says
     # what failed and what stays queued itself
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
-    return MlflowClient(tracking_uri=tracking_uri(cfg))
+    client = MlflowClient(tracking_uri=tracking_uri(cfg))
+    if _file_store_root(tracking_uri(cfg)) is not None:
+        _skip_damaged_runs(client)
+    return client
+
+
+def _skip_damaged_runs(client: MlflowClient) -> None:
+    """In MLflow's file store, a run whose ``meta.yaml`` is damaged (empty, not YAML) is left out with a warning
+    naming the file, as MLflow leaves out one without it; MLflow failed every listing of the store instead."""
+    import yaml
+    from mlflow.exceptions import MissingConfigException
+    from mlflow.store.tracking.file_store import FileStore
+
+    store = client._tracking_client.store  # MLflow offers no other way to its file store's run reader
+    if not isinstance(store, FileStore) or "_get_run_info_from_dir" in vars(store):  # a store MLflow kept: wrapped
+        return
+    read = store._get_run_info_from_dir
+
+    def read_or_skip(run_dir: str) -> Any:
+        try:
+            return read(run_dir)
+        except (yaml.YAMLError, ValueError, TypeError, AttributeError, KeyError) as e:  # an empty file: None.copy()
+            meta = Path(run_dir) / _META
+            log.warning("runs left out, their files damaged (repair or remove them): %s", meta)
+            raise MissingConfigException(f"{meta} is damaged: {e}") from e
+
+    store._get_run_info_from_dir = read_or_skip
 
 
 @contextlib.contextmanager
@@ -237,8 +295,39 @@ def reading(cfg: TrackingConfig) -> Iterator[None]:
     except TrackingError:
         raise
     except Exception as e:
+        uri = tracking_uri(cfg)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TrackingError(f"cannot read the run store {tracking_uri(cfg)}: {first[:300]} ({_CHECK_SERVER})") from e
+        raise TrackingError(f"cannot read the run store {uri}: {first[:300]}{advice(uri)}") from e
+
+
+def advice(uri: str) -> str:
+    """What to check, said after the reason, where the store ``uri`` cannot be read: a server's address, or a
+    local store's file (the damaged ``meta.yaml`` of a file store, found by reading each)."""
+    if (db := sqlite_file(uri)) is not None:
+        return f" (the store's file may be damaged: {db}); repair it, or move it away to start a new store"
+    root = _file_store_root(uri)
+    if root is None:
+        return f" ({_CHECK_SERVER})"
+    damaged = [str(meta) for meta in sorted([*root.glob(f"*/{_META}"), *root.glob(f"*/*/{_META}")]) if _damaged(meta)]
+    files = ", ".join(damaged) or f"a {_META} in {root}"
+    return f" (the store's file may be damaged: {files}); repair it, or remove the folder holding it"
+
+
+def _file_store_root(uri: str) -> Path | None:
+    """The folder of MLflow's file store ``uri`` (``file:`` or a path), else None."""
+    if uri.startswith("file:"):
+        return Path(url2pathname(urlparse(uri).path))
+    return None if _SCHEME.match(uri) or uri == "databricks" else Path(uri)
+
+
+def _damaged(meta: Path) -> bool:
+    """Whether ``meta`` (a ``meta.yaml``) is not a YAML mapping."""
+    import yaml
+
+    try:
+        return not isinstance(yaml.safe_load(meta.read_text(encoding="utf-8")), dict)
+    except (OSError, ValueError, yaml.YAMLError):
+        return True
 
 
 def store_exists(cfg: TrackingConfig) -> bool:
@@ -248,7 +337,8 @@ def store_exists(cfg: TrackingConfig) -> bool:
 
 
 def experiment_id(client: MlflowClient, cfg: TrackingConfig, create: bool = False) -> str | None:
-    """Id of the configured experiment (created or restored when ``create``), None when absent."""
+    """Id of the configured experiment (created when ``create``), None when absent; ExperimentDeleted where it was
+    deleted (restoring it would bring back every run it held, those deleted one by one too: the user's choice)."""
     exp = client.get_experiment_by_name(cfg.experiment)
     if exp is None:
         if not create:
@@ -256,9 +346,25 @@ def experiment_id(client: MlflowClient, cfg: TrackingConfig, create: bool = Fals
         db = sqlite_file(tracking_uri(cfg))
         location = (db.resolve().parent / ARTIFACT_FOLDER).as_uri() if db else None
         return client.create_experiment(cfg.experiment, artifact_location=location)
-    if exp.lifecycle_stage == "deleted" and create:
-        client.restore_experiment(exp.experiment_id)
+    if exp.lifecycle_stage == "deleted":
+        raise ExperimentDeleted(deleted_experiment(tracking_uri(cfg), exp.name, exp.experiment_id))
     return exp.experiment_id
+
+
+def _with_store(uri: str, command: str) -> str:
+    """The shell command ``command`` run on the store ``uri``."""
+    return f"MLFLOW_TRACKING_URI={shlex.quote(uri)} {command}"
+
+
+def deleted_experiment(uri: str, name: str, exp_id: str) -> str:
+    """What to say of the experiment ``name`` deleted in the store ``uri``."""
+    restore = _with_store(uri, f"mlflow experiments restore --experiment-id {exp_id}")
+    return f"experiment {name!r} in {uri} was deleted (restore it: {restore})"
+
+
+def deleted_run(uri: str, run_id: str) -> str:
+    """What to say of the run ``run_id`` deleted in the store ``uri``."""
+    return f"run {run_id} was deleted (restore it: {_with_store(uri, f'mlflow runs restore --run-id {run_id}')})"
 
 
 def run_record(kind: str, cfg: Config, result: RunResult, on_train: bool) -> dict[str, Any]:
@@ -367,6 +473,8 @@ def _record(rec: dict[str, Any]) -> str:
             db.parent.mkdir(parents=True, exist_ok=True)  # a new store in a new folder
         client = connect(store)
         experiment_id(client, store)  # a read first: a store out of reach is told from one refusing the record
+    except ExperimentDeleted as e:
+        raise StoreUnavailable(str(e)) from e
     except Exception as e:
         raise StoreUnreadable(_first_line(e)) from e
     try:
@@ -438,20 +546,21 @@ def _queued(uri: str) -> int:
 
 
 @contextlib.contextmanager
-def _locked(uri: str, wait: float | None = None) -> Iterator[bool]:
-    """Hold the lock of the store ``uri``'s queue: one process writes to a store at a time. With ``wait``, a
-    process holding it is waited for, after saying so, while it writes a queued record at least every ``wait``
-    seconds; else False is yielded, the lock not held (a writer stuck on a store that does not answer)."""
-    from filelock import FileLock
+def _locked(uri: str, wait: float = 0.0) -> Iterator[bool]:
+    """Hold the lock of the store ``uri``'s queue: one process writes to a store at a time. A process holding it
+    is waited for, after saying so, while it writes a queued record at least every ``wait`` seconds (0: not
+    waited for); else False is yielded, the lock not held (a writer stuck on a store that does not answer)."""
+    from filelock import FileLock, Timeout
 
     folder = queue_dir(uri)
     folder.mkdir(parents=True, exist_ok=True)
     lock = FileLock(folder / ".lock")
-    if wait is None:
-        lock.acquire()
-    elif not _acquire_while_writing(lock, uri, wait):
-        yield False
-        return
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if not wait or not _acquire_while_writing(lock, uri, wait):
+            yield False
+            return
     try:
         yield True
     finally:
@@ -459,14 +568,11 @@ def _locked(uri: str, wait: float | None = None) -> Iterator[bool]:
 
 
 def _acquire_while_writing(lock: FileLock, uri: str, wait: float) -> bool:
-    """Acquire ``lock``, waiting while its holder writes a record queued for ``uri`` every ``wait`` seconds."""
+    """Acquire ``lock``, held by another process, waiting while it writes a record queued for ``uri`` every
+    ``wait`` seconds."""
     from filelock import Timeout
 
-    try:
-        lock.acquire(timeout=0)
-        return True
-    except Timeout:
-        log.info("another imgclf process is writing runs to %s: waiting for it", uri)
+    log.info("another imgclf process is writing runs to %s: waiting for it", uri)
     left, deadline = _queued_jobs(uri), time.monotonic() + wait
     while time.monotonic() < deadline:
         with contextlib.suppress(Timeout):
@@ -480,9 +586,11 @@ def _acquire_while_writing(lock: FileLock, uri: str, wait: float) -> bool:
 
 
 def _drain_locked(uri: str) -> None:
-    """Write every queued record of ``uri``, oldest first, holding its lock; StoreUnavailable where the store
-    cannot be reached, read or written to, or its disk is full (the records stay queued)."""
-    for job in sorted(queue_dir(uri).glob("*.json")):
+    """Write every queued record of ``uri``, oldest first, holding its lock, until none is left (those queued
+    meanwhile too); StoreUnavailable where the store cannot be reached, read or written to, or its disk is full
+    (the records stay queued)."""
+    while jobs := sorted(queue_dir(uri).glob("*.json")):
+        job = jobs[0]
         with contextlib.suppress(FileNotFoundError, ValueError):  # gone, or not a record: it leaves the queue
             rec = json.loads(job.read_text(encoding="utf-8"))
             _record_or_warn({"id": job.stem, **rec}, keep=True)  # records queued by older versions: no id
@@ -492,30 +600,35 @@ def _drain_locked(uri: str) -> None:
 
 def _warn_queued(uri: str, e: StoreUnavailable) -> None:
     log.warning(
-        "runs not recorded in %s yet (%s): %d record(s) stay queued in %s, written by the next imgclf train, "
+        "runs not recorded in %s yet (%s)%s: %d record(s) stay queued in %s, written by the next imgclf train, "
         "evaluate or runs command",
         uri,
         e,
+        advice(uri) if isinstance(e, StoreUnreadable) else "",
         _queued(uri),
         queue_dir(uri),
     )
 
 
 def drain(uri: str) -> None:
-    """Write every queued record of the store ``uri`` (waiting for a process already doing it), oldest first.
+    """Write every queued record of the store ``uri``, oldest first, unless another process is doing it (it
+    writes this process's records too: a writer for each train, all waiting on a server that does not answer,
+    made a queue of processes).
 
     While the store cannot be reached or read (a server offline, a damaged database) or its disk is full, the
     records stay queued for the next drain: nothing is lost. A record that fails otherwise once the store is
     reached is logged as a warning and leaves the queue (MLflow shows its run as failed; its run folder is
     untouched).
     """
-    if not queue_dir(uri).is_dir():
-        return
-    with _locked(uri):
-        try:
-            _drain_locked(uri)
-        except StoreUnavailable as e:
-            _warn_queued(uri, e)
+    while _queued(uri):  # again after the lock's release: a record queued just before it found it held
+        with _locked(uri) as held:
+            if not held:
+                return
+            try:
+                _drain_locked(uri)
+            except StoreUnavailable as e:
+                _warn_queued(uri, e)
+                return
 
 
 def drain_pending(cfg: TrackingConfig) -> None:
@@ -543,11 +656,23 @@ def drain_pending(cfg: TrackingConfig) -> None:
         except StoreUnreadable as e:
             answer = "does not answer" if uri.startswith(("http://", "https://")) else "cannot be read"
             raise TrackingError(
-                f"the run store {uri} {answer}: {str(e)[:300]} ({_CHECK_SERVER}); {_queued(uri)} run(s) stay queued "
-                f"in {queue_dir(uri)}, written by the next imgclf command that reaches it"
+                f"the run store {uri} {answer}: {str(e)[:300]}{advice(uri)}; {_queued(uri)} run(s) stay queued in "
+                f"{queue_dir(uri)}, written by the next imgclf command that reaches it"
             ) from e
         except StoreUnavailable as e:  # it answers but refuses the records: what it holds can still be read
             _warn_queued(uri, e)
+
+
+def _enqueue(rec: dict[str, Any]) -> Path:
+    """Queue ``rec`` with a snapshot of its files; the record's file. OSError where it cannot be written."""
+    job = queue_dir(rec["uri"]) / f"{rec['start_ms']:015d}-{uuid.uuid4().hex[:8]}.json"
+    try:
+        snapshot(Path(rec["run_dir"]), job.with_suffix(".files"))
+        atomic_write_text(job, json.dumps({**rec, "files": str(job.with_suffix(".files"))}))
+    except OSError:
+        shutil.rmtree(job.with_suffix(".files"), ignore_errors=True)
+        raise
+    return job
 
 
 def _queue(rec: dict[str, Any]) -> bool:
@@ -555,10 +680,8 @@ def _queue(rec: dict[str, Any]) -> bool:
     if sys.platform == "win32":
         return False
     folder = queue_dir(rec["uri"])
-    job = folder / f"{rec['start_ms']:015d}-{uuid.uuid4().hex[:8]}.json"
     try:
-        snapshot(Path(rec["run_dir"]), job.with_suffix(".files"))
-        atomic_write_text(job, json.dumps({**rec, "files": str(job.with_suffix(".files"))}))
+        _enqueue(rec)
         errors_path = folder / "writer.log"
         with contextlib.suppress(FileNotFoundError):
             if errors_path.stat().st_size > _WRITER_LOG_MAX:
@@ -572,9 +695,7 @@ def _queue(rec: dict[str, Any]) -> bool:
                 start_new_session=True,
                 close_fds=True,
             )
-    except OSError as e:
-        if not job.exists():
-            shutil.rmtree(job.with_suffix(".files"), ignore_errors=True)
+    except OSError as e:  # a record queued all the same is written first, as its run (by its id): once
         log.warning("cannot record in the background (%s); recording now", e)
         return False
     return True
@@ -582,21 +703,43 @@ def _queue(rec: dict[str, Any]) -> bool:
 
 def _record_now(rec: dict[str, Any]) -> str | None:
     """Record ``rec`` in this process, after the runs queued before it, holding the queue's lock; queued for a
-    background writer instead while another process keeps writing to the store."""
+    background writer instead while another process keeps writing to the store, and queued (no writer started)
+    where the store cannot take it now. MLflow's HTTP requests are tried for seconds (``QUICK_HTTP``)."""
     uri = rec["uri"]
-    with _locked(uri, LOCK_WAIT_S) as held:
+    with quick_http(), _locked(uri, LOCK_WAIT_S) as held:
         if held:
             try:
                 _drain_locked(uri)
-            except StoreUnavailable as e:  # the store failed just now: not tried again for this run
-                _warn_queued(uri, e)
-                log.warning("run %s not recorded in %s: %s", rec["run_dir"], uri, e)
+                return _record_or_warn(rec, keep=True)
+            except StoreUnavailable as e:  # out of reach, its disk full, the experiment deleted: tried again later
+                _keep_queued(rec, e)
                 return None
-            return _record_or_warn(rec)
     if _queue(rec):
         log.info("another imgclf process is still writing to %s: this run is queued for it instead", uri)
         return None
-    return _record_or_warn(rec)
+    with quick_http():
+        return _record_or_warn(rec)
+
+
+def _keep_queued(rec: dict[str, Any], e: StoreUnavailable) -> None:
+    """Queue ``rec``, which the store could not take (``e``), for the next imgclf command that reaches it."""
+    uri = rec["uri"]
+    try:
+        job = _enqueue(rec)
+    except OSError as queueing:
+        log.warning("run %s not recorded in %s: %s; nor queued: %s", rec["run_dir"], uri, e, queueing)
+        return
+    if isinstance(e, StoreUnreadable):
+        _warn_queued(uri, e)
+    else:
+        log.warning(
+            "run %s not recorded in %s: %s; its record stays queued in %s, written by the next imgclf train, "
+            "evaluate or runs command that can",
+            rec["run_dir"],
+            uri,
+            e,
+            job.parent,
+        )
 
 
 def log_run(

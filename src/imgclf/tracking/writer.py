@@ -3,8 +3,9 @@
 import logging
 import sys
 
-from imgclf.tracking.store import drain
+from imgclf.tracking.store import drain, quick_http
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
-    drain(sys.argv[1])
+    with quick_http():  # a server that does not answer: given up within seconds, the records kept queued
+        drain(sys.argv[1])
