@@ -1,6 +1,8 @@
 import contextlib
 import json
 import logging
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from imgclf.cli import build_parser, config_from_args, main
-from imgclf.config import Config, field_index, parameter_table
+from imgclf.config import Config, describe_errors, field_index, parameter_table
 from imgclf.datatools.dedup import HashCache
 
 
@@ -271,8 +273,9 @@ def test_empty_values_and_file_checked_with_the_flags(
     ):
         with pytest.raises(ValidationError):
             Config().updated(**flat)
-    assert main(["train", "", "--out", str(tmp_path / "r")]) == 2
-    assert "an empty path (an unset variable?)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "", "--out", str(tmp_path / "r")])
+    assert "argument data_dir: an empty path (an unset variable?)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["ui", str(tmp_path), "--host", ""])
     assert "argument --host: an empty address" in capsys.readouterr().err
@@ -421,8 +424,8 @@ def test_verbose_shows_imgclf_details_not_every_library(monkeypatch: pytest.Monk
 
 def test_help_shows_the_defaults_each_command_uses(capsys: pytest.CaptureFixture[str]):
     """predict's help said `--flip-tta [default: false]` while it follows the run; demo's `--out` said
-    runs/latest while it writes runs/demo."""
-    import re
+    runs/latest while it writes runs/demo; demo's own flags showed none; `--progress [default: the run's]`
+    while bars show where the command runs on a terminal."""
 
     def help_of(*command: str) -> str:
         with pytest.raises(SystemExit):
@@ -441,6 +444,10 @@ def test_help_shows_the_defaults_each_command_uses(capsys: pytest.CaptureFixture
     assert default(help_of("demo"), "--out") == '"runs/demo"'
     assert default(help_of("train"), "--out") == '"runs/latest"'
     assert default(help_of("train"), "--flip-tta") == "false"
+    demo = help_of("demo")
+    assert [default(demo, flag) for flag in ("--data", "--n-per-class", "--demo-seed")] == ["demo-data", "60", "0"]
+    for command in ("train", "evaluate", "predict", "dedup"):
+        assert default(help_of(command), "--progress") == "on a terminal"
 
 
 def test_a_mistyped_command_or_choice_gets_the_one_meant(capsys: pytest.CaptureFixture[str]):
@@ -467,3 +474,102 @@ def test_a_file_named_like_a_flag_gets_a_hint(
     with pytest.raises(SystemExit):
         main(["predict", "run", "a.jpg", "-x.jpg"])
     assert "(-x.jpg is a file here: give it as ./-x.jpg, or after --)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", ""],
+        ["evaluate", ""],
+        ["predict", "", "a.jpg"],
+        ["predict", "run", "a.jpg", ""],
+        ["dedup", "", "--apply"],
+        ["download", "", "--out", "d"],
+        ["serve", ""],
+        ["export", "", "--format", "onnx", "--out", "m.onnx"],
+        ["ui", ""],
+        ["config", "--config", ""],
+    ],
+)
+def test_an_empty_path_argument_is_refused(
+    argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+):
+    """An unset variable ("$DIR") meant the working folder: `dedup "" --apply` moved its copies into
+    ./.imgclf-quarantine, `predict run ""` classified every image below it; `--config ""` was ignored."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2 and "an empty path (an unset variable?)" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_bad_flag_value_gets_one_line_of_usage(capsys: pytest.CaptureFixture[str]):
+    """A value of the wrong type printed the whole usage (48 lines for train) before the error, and said
+    "invalid int value"; a value out of range got the error alone."""
+    for argv, said in (
+        (["train", "d", "--epochs", "abc"], "argument --epochs: expected a whole number, got 'abc'"),
+        (["train", "d", "--lr", "fast"], "argument --lr: expected a number, got 'fast'"),
+        (["demo", "--n-per-class", "0"], "argument --n-per-class: expected a whole number of 1 or more, got '0'"),
+        (["train", "d", "--classifier", "svn"], "(did you mean 'svm'?)"),
+        (["predict", "run"], "the following arguments are required: inputs"),
+    ):
+        with pytest.raises(SystemExit):
+            main(argv)
+        usage, error = capsys.readouterr().err.splitlines()
+        command = f"imgclf {argv[0]}"
+        assert usage.startswith(f"usage: {command} [options]") and usage.endswith(f"(see {command} --help)")
+        assert error.startswith(f"{command}: error: ") and said in error
+    with pytest.raises(SystemExit):
+        main(["predict"])
+    assert capsys.readouterr().err.startswith("usage: imgclf predict [options] run_dir inputs [inputs ...] (see")
+
+
+def test_the_seeds_device_resolution_and_paths_are_checked_as_given(tmp_path: Path):
+    """Refused by numpy, torch, Pillow or the JSON writer in the middle of a train, its run folder marked: a
+    seed past 2**32 - 1, --device gpu, a model input past --max-image-pixels, a path that is not UTF-8."""
+    for flat, said in (
+        ({"seed": 2**32}, r"output.seed = 4294967296 \(--seed\): Input should be less than or equal to 4294967295"),
+        ({"split_seed": 2**32}, r"\(--split-seed\): Input should be less than or equal to 4294967295"),
+        ({"device": "gpu"}, r"features.device = 'gpu' \(--device\): expected auto, cpu, cuda, cuda:N"),
+        ({"device": "cuda:x"}, r"expected auto, cpu, cuda, cuda:N"),
+        ({"resolution": 20000}, r"--resolution 20000 makes model inputs of 400000000 pixels, more than"),
+        ({"resolution": 9000, "classifier": "dnn"}, r"--resolution 9000 \(tested at 10352 px: x --test-scale\)"),
+        ({"out": os.fsdecode(b"o\xff")}, r"output.out = 'o\\udcff' \(--out\): o\\xff is not valid UTF-8 text"),
+        ({"data_root": tmp_path / os.fsdecode(b"d\xff")}, r"d\\xff is not valid UTF-8 text, .*: rename it"),
+    ):
+        with pytest.raises(ValidationError) as refused:
+            Config().updated(**flat)
+        assert re.search(said, describe_errors(refused.value))
+    for flat in (
+        {"seed": 2**32 - 1, "split_seed": 2**32 - 1},
+        {"device": "cuda:1"},
+        {"device": "mps"},
+        {"resolution": 10000},
+        {"resolution": 9000, "test_scale": 1.0, "classifier": "dnn"},
+        {"resolution": 12000, "max_image_pixels": 144_000_000},
+    ):
+        Config().updated(**flat)
+
+
+def test_config_show_prints_values_as_written_not_as_markup(capsys: pytest.CaptureFixture[str]):
+    """rich read the values as markup: `/photos/[old] trip` showed as `/photos/ trip`, `[/]` ended in a
+    traceback, the type list[float] as `list`; None and True are JSON's null and true."""
+    assert main(["config", "--show", "--data-root", "/photos/[old] trip", "--experiment", "[/]"]) == 0
+    cells = [[c.strip() for c in line.split("│")[2:5]] for line in capsys.readouterr().out.splitlines()]
+    rows = {name: (type_, value) for name, type_, value in (c for c in cells if len(c) == 3 and c[0])}
+    assert rows["data_root"] == ("Path | None", '"/photos/[old] trip"') and rows["experiment"] == ("str", '"[/]"')
+    assert rows["svm_c_grid"] == ("list[float]", "[0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0]")
+    assert rows["test_list"][1] == "null" and rows["use_cache"][1] == "true"
+
+
+def test_a_clash_of_flags_is_not_blamed_on_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """`--config e.toml --hash-size 2 --max-distance 1` said "e.toml: datatools: ..." of a file without them."""
+    (tmp_path / "e.toml").write_text("[finetune]\nepochs = 3\n")
+    (tmp_path / "d.toml").write_text("[datatools]\nmax_distance = 1\n")
+    for config, flags, said in (
+        ("e.toml", ["--hash-size", "2", "--max-distance", "1"], "imgclf: error: datatools: max_distance 1"),
+        ("d.toml", ["--hash-size", "2"], f"imgclf: error: {tmp_path / 'd.toml'} with the flags given: datatools:"),
+        ("e.toml", ["--epochs", "0"], "imgclf: error: finetune.epochs = 0 (--epochs)"),
+    ):
+        assert main(["config", "--config", str(tmp_path / config), *flags]) == 2
+        assert capsys.readouterr().err.startswith(said)

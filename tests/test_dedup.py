@@ -637,3 +637,50 @@ def test_report_sizes_are_upright_for_every_format(tmp_path: Path):
         stored.save(tmp_path / f"o6.{ext}", exif=exif)
         info = dedup.compute_hash(tmp_path / f"o6.{ext}")
         assert (info.width, info.height) == (120, 80), ext
+
+
+def test_a_report_folder_in_the_way_is_refused_before_the_hashing(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+):
+    """`--report-dir FILE` failed after every image was hashed, with "[Errno 17] File exists" and no flag named;
+    a report folder made for a dedup that then failed stayed behind, empty."""
+    from imgclf.cli import main
+
+    (tmp_path / "a_file").write_text("")
+    hashed: list[Path] = []
+    with monkeypatch.context() as m:
+        m.setattr(dedup, "hash_images", lambda paths, *a, **k: hashed.extend(paths) or ({}, {}))
+        for report_dir in ("a_file", "a_file/reports"):
+            assert main(["dedup", str(data), "--report-dir", str(tmp_path / report_dir)]) == 2
+            said = f"cannot make the report folder {tmp_path / report_dir}: a file is in the way; give another"
+            assert f"{said} --report-dir" in capsys.readouterr().err
+    assert hashed == [] and (tmp_path / "a_file").read_text() == ""
+    assert main(["dedup", str(tmp_path / "no_data"), "--report-dir", str(tmp_path / "new" / "reports")]) == 2
+    assert "data folder not found" in capsys.readouterr().err and not (tmp_path / "new").exists()
+
+
+def test_a_hash_size_past_64_is_refused(data: Path, capsys: pytest.CaptureFixture[str]):
+    """--hash-size 100000 ran out of memory, 99999999999999999999999 overflowed: tracebacks, exit status 1."""
+    from imgclf.cli import main
+
+    for size in ("100000", "99999999999999999999999"):
+        assert main(["dedup", str(data), "--hash-size", size]) == 2
+        said = f"datatools.hash_size = {size} (--hash-size): Input should be less than or equal to 64"
+        assert said in capsys.readouterr().err
+    assert main(["dedup", str(data), "--hash-size", "64", "--no-progress"]) == 0
+    assert capsys.readouterr().out.startswith("5 images, 1 duplicate groups")  # the copies of one size
+
+
+def test_a_data_folder_whose_path_is_not_utf8_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """Its hash cache failed with "'utf-8' codec can't encode character '\\udcff' ... surrogates not allowed",
+    naming no path (names that are not UTF-8 inside the class folders are skipped and named instead)."""
+    from imgclf.cli import main
+
+    root = tmp_path / os.fsdecode(b"d\xff")
+    try:
+        _put(root / "a" / "one.jpg", make_image(4, size=(200, 150)))
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system refuses file names that are not UTF-8")
+    with pytest.raises(SystemExit):
+        main(["dedup", str(root)])
+    assert f"argument data_dir: {tmp_path}/d\\xff is not valid UTF-8 text" in capsys.readouterr().err

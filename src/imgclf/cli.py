@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
-from imgclf.config import MACHINE_FIELDS, Config, describe_errors, parameter_table
+from imgclf.config import MACHINE_FIELDS, Config, describe_errors, parameter_table, utf8_problem
 
 # Errors of the disk rather than of imgclf, and what to do about each: full, over quota, read-only, not
 # permitted, failing (or a library's write that failed for a reason it does not give).
@@ -90,6 +90,7 @@ def add_config_args(
     shown = base.model_dump(mode="json") if base is not None else None
     parser.add_argument(
         "--config",
+        type=user_path,
         metavar="FILE",
         help="TOML, YAML or JSON configuration file (a run's config.json); flags override it.",
     )
@@ -105,7 +106,9 @@ def add_config_args(
         kwargs = _arg_type(annotation)
         if "choices" not in kwargs and annotation is not bool:
             kwargs["metavar"] = name.upper()
-        if (from_run is True and f"{section}.{name}" not in MACHINE_FIELDS) or (
+        if name == "progress":  # config_from_args asks the terminal: not the run's value, nor the field's default
+            default = "on a terminal"
+        elif (from_run is True and f"{section}.{name}" not in MACHINE_FIELDS) or (
             from_run and from_run is not True and f"{section}.{name}" in from_run
         ):
             default = "the run's"
@@ -125,6 +128,16 @@ def user_path(text: str) -> str:
     if not text:
         raise argparse.ArgumentTypeError("an empty path (an unset variable?): give a file or folder")
     return os.path.expanduser(text)
+
+
+def utf8_path(text: str) -> str:
+    """:func:`user_path` of a folder whose path imgclf records (a data folder: in config.json, the hash cache):
+    one that is not UTF-8 is refused, as the settings' paths are (:func:`~imgclf.config.utf8_problem`); made
+    absolute, so that the working folder's name counts too."""
+    path = user_path(text)
+    if problem := utf8_problem(os.path.abspath(path)):
+        raise argparse.ArgumentTypeError(problem)
+    return path
 
 
 def positive_int(text: str) -> int:
@@ -162,7 +175,7 @@ def config_from_args(args: argparse.Namespace, base: Config | None = None, **ove
     if "progress" not in flat:  # bars where this command runs on a terminal, whatever the run's config.json says
         # (a run trained into a log file kept predict silent on a terminal); --progress and a --config file decide
         base = (base or Config()).updated(progress=sys.stderr.isatty())
-    if getattr(args, "config", None):
+    if getattr(args, "config", None) is not None:
         return Config.from_file(args.config, base, then=flat, only=getattr(args, "config_fields", None))
     cfg = base or Config()
     return cfg.updated(**flat) if flat else cfg
@@ -177,6 +190,7 @@ def console(stderr: bool = False) -> Any:
 
 
 def _show_config(args: argparse.Namespace) -> int:
+    from rich.markup import escape
     from rich.table import Table
 
     cfg = config_from_args(args)
@@ -184,8 +198,9 @@ def _show_config(args: argparse.Namespace) -> int:
     for col in ("section", "parameter", "type", "value", "description"):
         table.add_column(col, overflow="fold")
     flat = cfg.flat()
-    for section, name, type_, _, help_text in parameter_table():
-        table.add_row(section, name, type_, str(flat[name]), help_text)
+    for section, name, type_, _, help_text in parameter_table():  # values as JSON writes them (null, true, "a")
+        cells = (section, name, type_, json.dumps(flat[name], ensure_ascii=False), help_text)
+        table.add_row(*map(escape, cells))  # text, not rich markup: "[old] trip", list[float]
     console().print(table)
     return 0
 
@@ -199,12 +214,29 @@ class _Parser(argparse.ArgumentParser):
         return [t for i, t in enumerate(tuples) if all(t[0] is not u[0] for u in tuples[:i])]
 
     def error(self, message: str) -> NoReturn:
-        """argparse's error, with the choice meant where one is close (``imgclf trian``, ``--classifier svn``)."""
+        """argparse's error after one line of usage, not the whole usage (48 lines for train, while a value out
+        of range got none); with the choice meant where one is close (``imgclf trian``, ``--classifier svn``),
+        and what a number flag takes (argparse: "invalid int value: 'abc'")."""
         if wrong := re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)$", message):
             choices = re.findall(r"'([^']*)'", wrong.group(2))
             if close := difflib.get_close_matches(wrong.group(1), choices, n=1, cutoff=0.6):
                 message += f" (did you mean {close[0]!r}?)"
-        super().error(message)
+        message = re.sub(r"invalid int value: (.*)$", r"expected a whole number, got \1", message)
+        message = re.sub(r"invalid float value: (.*)$", r"expected a number, got \1", message)
+        positionals = " ".join(_usage_of(action) for action in self._get_positional_actions())
+        usage = f"usage: {self.prog} [options] {positionals}".rstrip()
+        self.exit(2, f"{usage} (see {self.prog} --help)\n{self.prog}: error: {message}\n")
+
+
+def _usage_of(action: argparse.Action) -> str:
+    """How a positional argument shows in a usage line: ``data_dir``, ``inputs [inputs ...]``, ``COMMAND ...``."""
+    name = str(action.metavar or action.dest)
+    return {
+        argparse.PARSER: f"{name} ...",
+        argparse.ONE_OR_MORE: f"{name} [{name} ...]",
+        argparse.ZERO_OR_MORE: f"[{name} ...]",
+        argparse.OPTIONAL: f"[{name}]",
+    }.get(str(action.nargs), name)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from imgclf.cli import add_config_args, config_from_args, non_negative_int, positive_int, user_path
+from imgclf.cli import add_config_args, config_from_args, non_negative_int, positive_int, user_path, utf8_path
 from imgclf.config import Config
 
 CORE_SECTIONS = (
@@ -80,6 +80,8 @@ def _demo(args: argparse.Namespace) -> int:
     from imgclf.pipeline import train
 
     cfg = config_from_args(args, DEMO_BASE)
+    if Path(args.data).exists() and not Path(args.data).is_dir():  # the generator said "it is not empty"
+        raise NotADirectoryError(f"--data {args.data} is a file: give a folder for the generated images")
     data = generate_demo_dataset(
         args.data, n_per_class=args.n_per_class, seed=args.demo_seed, progress=cfg.output.progress
     )
@@ -89,12 +91,14 @@ def _demo(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="Train and evaluate a classifier on a folder of labelled images.")
-    p.add_argument("data_dir", help="Folder with one sub-folder per class (or train/ and val/ or test/).")
+    p.add_argument(
+        "data_dir", type=utf8_path, help="Folder with one sub-folder per class (or train/ and val/ or test/)."
+    )
     add_config_args(p, CORE_SECTIONS, exclude=("data.data_root",))  # DATA_DIR instead
     p.set_defaults(func=_train)
 
     p = sub.add_parser("evaluate", help="Score a run's model on its test split (or training split) again.")
-    p.add_argument("run_dir", help="Run folder written by train.")
+    p.add_argument("run_dir", type=user_path, help="Run folder written by train.")
     p.add_argument("--on-train", action="store_true", help="Evaluate on the training split instead.")
     p.add_argument(
         "--data-root",
@@ -108,8 +112,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("predict", help="Classify images with a trained model.")
-    p.add_argument("run_dir", help="Run folder (or its model/ bundle).")
-    p.add_argument("inputs", nargs="+", help="Image files, folders (searched recursively) or .txt lists of paths.")
+    p.add_argument("run_dir", type=user_path, help="Run folder (or its model/ bundle).")
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        type=user_path,
+        help="Image files, folders (searched recursively) or .txt lists of paths.",
+    )
     p.add_argument(
         "--csv",
         type=user_path,
@@ -119,8 +128,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("demo", help="Generate the built-in texture data set and train on it.")
-    p.add_argument("--data", type=user_path, default="demo-data", help="Folder for the generated images.")
-    p.add_argument("--n-per-class", type=positive_int, default=60, help="Generated images per class.")
-    p.add_argument("--demo-seed", type=non_negative_int, default=0, help="Seed of the generator.")
+    p.add_argument(
+        "--data", type=utf8_path, default="demo-data", help="Folder for the generated images. [default: demo-data]"
+    )
+    p.add_argument("--n-per-class", type=positive_int, default=60, help="Generated images per class. [default: 60]")
+    p.add_argument("--demo-seed", type=non_negative_int, default=0, help="Seed of the generator. [default: 0]")
     add_config_args(p, CORE_SECTIONS, exclude=("data.data_root",), base=DEMO_BASE)  # --data instead
     p.set_defaults(func=_demo)

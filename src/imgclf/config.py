@@ -12,6 +12,8 @@ import copy
 import difflib
 import json
 import logging
+import os
+import re
 import tomllib
 import types
 import typing
@@ -33,18 +35,25 @@ from pydantic import (
 log = logging.getLogger("imgclf")
 
 
+MAX_SEED = 2**32 - 1  # numpy's largest seed
+MAX_HASH_SIZE = 64  # a dhash of 4096 bits; hash_size 100000 ran out of memory
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)  # --lr inf, nan
 
     @field_validator("*", mode="before")
     @classmethod
     def _no_empty_path_nor_bool_number(cls, value: Any, info: Any) -> Any:
-        """An empty path (an unset shell variable, ``--out "$OUT"``) would mean the working folder: refused. So
-        is true/false for a number (a file's ``lr = true`` was read as 1.0)."""
+        """An empty path (an unset shell variable, ``--out "$OUT"``) would mean the working folder: refused, as
+        is one that is not UTF-8 (:func:`utf8_problem`). So is true/false for a number (a file's ``lr = true``
+        was read as 1.0)."""
         annotation = cls.model_fields[info.field_name].annotation
         kinds = (annotation, *typing.get_args(annotation))
         if value == "" and Path in kinds:
             raise ValueError("an empty path (an unset variable?): give a file or folder name")
+        if isinstance(value, str | Path) and Path in kinds and (problem := utf8_problem(value)):
+            raise ValueError(problem)
         values = value if isinstance(value, list | tuple) else [value]
         bools = any(type(v).__name__ in ("bool", "bool_") for v in values)  # numpy's too
         if bool not in kinds and {int, float} & set(kinds) and bools:
@@ -56,6 +65,19 @@ class _Section(BaseModel):
     def _expand_home(cls, value: Any) -> Any:
         """``~`` in a path is the home folder, in a configuration file too (the shell expands only flags)."""
         return value.expanduser() if isinstance(value, Path) else value
+
+
+def utf8_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` cannot be a setting: a name holding bytes that are not UTF-8 (which Python reads as
+    ``\\udcff``; config.json, metrics.json and the hash cache hold paths as UTF-8 text, and writing them
+    failed, after the run folder was marked); None where it can be."""
+    text = os.fspath(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(text).decode("utf-8", "backslashreplace")
+        return f"{shown} is not valid UTF-8 text, which imgclf records paths in: rename it"
+    return None
 
 
 class DataConfig(_Section):
@@ -70,7 +92,7 @@ class DataConfig(_Section):
         "group: class sub-folders stay whole.",
     )
     train_fraction: float = Field(0.75, gt=0.0, lt=1.0, description="Share of each class put in the training split.")
-    split_seed: int = Field(0, ge=0, description="Seed of the random split (same split on every machine).")
+    split_seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of the random split (same split on every machine).")
     test_list: Path | None = Field(
         None, description="Text file of image paths (relative to data_root) that form the test split."
     )
@@ -97,7 +119,7 @@ class BackboneConfig(_Section):
         None,
         ge=32,
         description="Input resolution in pixels (224, 448, 896...); default: the backbone's. Fine-tuning trains at it.",
-    )
+    )  # at most the side max_image_pixels allows: see Config._resolution_within_pixel_limit
 
 
 class FeatureConfig(_Section):
@@ -112,6 +134,16 @@ class FeatureConfig(_Section):
         "AMX CPUs), else fp32.",
     )
     device: str = Field("auto", description="torch device: auto (cuda if present, else cpu), cpu, cuda, cuda:1...")
+
+    @field_validator("device")
+    @classmethod
+    def _device_spelling(cls, device: str) -> str:
+        """A device imgclf runs on, spelt as torch spells it (``gpu`` was refused only once a train had marked
+        its run folder; whether this machine has it is train's check, before that)."""
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
+            raise ValueError("expected auto, cpu, cuda, cuda:N (N: the GPU's number) or mps")
+        return device
+
     batch_size: int = Field(32, ge=1, description="Images per forward pass.")
     workers: int = Field(
         0,
@@ -304,7 +336,7 @@ class DataToolsConfig(_Section):
     provider: Literal["openverse", "bing"] = Field("openverse", description="Image search provider for scrape.")
     provider_url: str | None = Field(None, description="Base URL of the search provider (default: the provider's own).")
     per_query: int = Field(50, ge=1, description="Results per search query.")
-    hash_size: int = Field(16, ge=2, description="dhash size for near-duplicate detection.")
+    hash_size: int = Field(16, ge=2, le=MAX_HASH_SIZE, description="dhash size for near-duplicate detection.")
     max_distance: int = Field(
         0, ge=0, description="Images whose dhashes differ in at most this many bits are duplicates."
     )
@@ -327,9 +359,9 @@ class DataToolsConfig(_Section):
         bits = self.hash_size**2
         if self.max_distance >= bits // 4:
             raise ValueError(
-                f"max_distance {self.max_distance} would make unrelated images duplicates: a dhash of "
-                f"hash_size {self.hash_size} has {bits} bits, and unrelated images differ in about half of "
-                f"them; use less than {bits // 4}"
+                f"max_distance {self.max_distance} (--max-distance) would make unrelated images duplicates: a "
+                f"dhash of hash_size {self.hash_size} (--hash-size) has {bits} bits, and unrelated images differ "
+                f"in about half of them; use less than {bits // 4}"
             )
         return self
 
@@ -391,7 +423,7 @@ class OutputConfig(_Section):
     """Where results go."""
 
     out: Path = Field(Path("runs/latest"), description="Run folder: split, metrics, report, predictions, model bundle.")
-    seed: int = Field(0, ge=0, description="Seed for everything random besides the split.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed for everything random besides the split.")
     progress: bool = Field(True, description="Show progress bars (on the command line: only on a terminal).")
 
 
@@ -478,6 +510,25 @@ class Config(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _resolution_within_pixel_limit(self) -> Config:
+        """Refuse a model input of more pixels than ``max_image_pixels`` (--resolution 20000 ended in Pillow's
+        decompression-bomb error at the first image, its run folder marked unfinished); a fine-tuned network
+        is also tested at resolution x test_scale (finetune's eval_preprocess: rounded to 8)."""
+        side = self.backbone.resolution
+        if side is None:
+            return self
+        if self.classifier.classifier != "svm" and self.finetune.test_scale > 1:
+            side = round(side * self.finetune.test_scale / 8) * 8
+        if side * side > self.data.max_image_pixels:
+            tested = f" (tested at {side} px: x --test-scale)" if side != self.backbone.resolution else ""
+            raise ValueError(
+                f"--resolution {self.backbone.resolution}{tested} makes model inputs of {side * side} pixels, "
+                f"more than --max-image-pixels {self.data.max_image_pixels} lets an image have: lower --resolution "
+                "or raise --max-image-pixels"
+            )
+        return self
+
     @classmethod
     def from_file(
         cls,
@@ -516,6 +567,9 @@ class Config(BaseModel):
             raise ValueError(f"{path}: not a valid {path.suffix.lstrip('.').upper()} file ({why})") from None
         _retired(raw, str(path), refuse=True)
         nested, index = _nest(raw, str(path)), field_index()
+        sections = nested.values() if isinstance(nested, dict) else ()
+        flags = set(then or {})
+        filed = {name for section in sections if isinstance(section, dict) for name in section} - flags
         for name, value in (then or {}).items():
             if name not in index:
                 raise KeyError(f"unknown parameter {name!r}; see `imgclf config --show`")
@@ -523,8 +577,16 @@ class Config(BaseModel):
                 nested[index[name]][name] = value
 
         def invalid(e: ValidationError) -> ValueError:
-            flagged = {part for err in e.errors() for part in err["loc"]} & set(then or {})
-            return ValueError(f"{path}{' with the flags given' if flagged else ''}: {describe_errors(e)}")
+            named: set[str] = set()  # the settings each error is about: a section's check, all given in it
+            for err in e.errors():
+                names = [part for part in err["loc"] if isinstance(part, str)]
+                if len(names) == 1 and names[0] in cls.model_fields:
+                    named |= {name for name in filed | flags if index.get(name) == names[0]}
+                else:
+                    named |= set(names[1:] or names) if names else filed | flags
+            if named and named <= flags:  # the flags' values alone: not the file's fault
+                return ValueError(describe_errors(e))
+            return ValueError(f"{path}{' with the flags given' if named & flags else ''}: {describe_errors(e)}")
 
         try:
             loaded = cls.model_validate(nested)

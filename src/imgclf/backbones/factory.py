@@ -300,6 +300,10 @@ def create_backbone(
 
     if weights is not None:
         weights = Path(weights)
+        if weights.is_dir():
+            raise BackboneError(
+                f"weights file {weights} is a folder: give the file torch.save(model.state_dict()) wrote"
+            )
         if not weights.is_file():
             raise BackboneError(f"weights file not found: {weights}")
         loaded = loader()

@@ -403,6 +403,8 @@ def leave_out_untrained(ds: Dataset, split: np.ndarray) -> tuple[Dataset, np.nda
 
 
 def _read_list(path: Path, root: Path) -> set[str]:
+    if path.is_dir():
+        raise DatasetError(f"test list {path} is a folder: give the text file that lists the test images")
     if not path.is_file():
         raise DatasetError(f"test list not found: {path}")
     out = set()

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from imgclf.cli import add_config_args, config_from_args, user_path
+from imgclf.cli import add_config_args, config_from_args, user_path, utf8_path
 
 if TYPE_CHECKING:
     from imgclf.datatools.download import DownloadReport
@@ -96,7 +96,7 @@ def _dedup_held(args: argparse.Namespace, root: Path) -> int:
     from imgclf.data.dataset import DatasetError
     from imgclf.datatools.dedup import find_duplicates, write_reports
     from imgclf.datatools.journal import QUARANTINE_DIR, emptied_classes, quarantine, undo
-    from imgclf.utils import display_path
+    from imgclf.utils import display_path, folder_for
 
     if args.undo:
         report = undo(root)
@@ -104,12 +104,18 @@ def _dedup_held(args: argparse.Namespace, root: Path) -> int:
     else:
         cfg = config_from_args(args)
         tools = cfg.datatools
-        result = find_duplicates(
-            root, tools.hash_size, tools.max_distance, cfg.output.progress, cfg.data.max_image_pixels
-        )
-        if not result.n_images and not result.skipped:
-            raise DatasetError(f"no images in the class folders of {root} (dedup compares those of its sub-folders)")
-        csv_path, html_path = write_reports(result, args.report_dir)
+        # made before the hashing (a file in the way was found after it, as "[Errno 17] File exists"); removed
+        # again where dedup stops before writing into it
+        reports = folder_for(args.report_dir, "report folder", "--report-dir") if args.report_dir else None
+        with reports or contextlib.nullcontext():
+            result = find_duplicates(
+                root, tools.hash_size, tools.max_distance, cfg.output.progress, cfg.data.max_image_pixels
+            )
+            if not result.n_images and not result.skipped:
+                raise DatasetError(
+                    f"no images in the class folders of {root} (dedup compares those of its sub-folders)"
+                )
+            csv_path, html_path = write_reports(result, args.report_dir)
         extras = result.extras
         print(
             f"{result.n_images} images, {len(result.groups)} duplicate groups, {len(extras)} extra copies; "
@@ -156,7 +162,9 @@ def _dedup_held(args: argparse.Namespace, root: Path) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("download", help="Download a label<TAB>url list into one folder per label.")
-    p.add_argument("url_list", help="File of label<TAB>url[<TAB>source page<TAB>licence<TAB>creator] lines.")
+    p.add_argument(
+        "url_list", type=user_path, help="File of label<TAB>url[<TAB>source page<TAB>licence<TAB>creator] lines."
+    )
     p.add_argument(
         "--out", type=user_path, required=True, help="Data folder: images go to OUT/<label>/ (kept if there)."
     )
@@ -177,7 +185,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_scrape)
 
     p = sub.add_parser("dedup", help="Find duplicate images (dhash), report them, quarantine extra copies.")
-    p.add_argument("data_dir", help="Folder with one sub-folder per class.")
+    p.add_argument("data_dir", type=utf8_path, help="Folder with one sub-folder per class.")
     p.add_argument(
         "--report-dir",
         type=lambda text: Path(user_path(text)),

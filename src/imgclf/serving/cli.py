@@ -89,12 +89,12 @@ def _export(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="Serve a trained model over HTTP: REST API, web page, OpenAPI docs.")
-    p.add_argument("run_dir", help="Run folder (or its model/ bundle).")
+    p.add_argument("run_dir", type=user_path, help="Run folder (or its model/ bundle).")
     add_config_args(p, SERVE_FIELDS, from_run=("features.flip_tta", "data.max_image_pixels"))
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("export", help="Export a trained model as one ONNX, OpenVINO or TorchScript file.")
-    p.add_argument("run_dir", help="Run folder (or its model/ bundle).")
+    p.add_argument("run_dir", type=user_path, help="Run folder (or its model/ bundle).")
     p.add_argument("--format", required=True, choices=["onnx", "openvino", "torchscript"], help="Model file format.")
     p.add_argument(
         "--out",

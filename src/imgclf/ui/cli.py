@@ -8,7 +8,7 @@ import secrets
 import socket
 from pathlib import Path
 
-from imgclf.cli import add_config_args, host_name, port_number, user_path
+from imgclf.cli import add_config_args, host_name, port_number, user_path, utf8_path
 from imgclf.utils import listening_sockets, only_local_hosts
 
 HEADER_TIMEOUT_S = 30.0  # a request's headers arrive within this, or its connection is closed
@@ -75,7 +75,9 @@ def _serve_ui(args: argparse.Namespace, sockets: list[socket.socket]) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ui", help="Review web app: browse, relabel (undoable), results, label errors, labelling.")
-    p.add_argument("data_dir", help="Data folder: one sub-folder per class, optional unlabeled/ sub-folder.")
+    p.add_argument(
+        "data_dir", type=utf8_path, help="Data folder: one sub-folder per class, optional unlabeled/ sub-folder."
+    )
     p.add_argument(
         "--run",
         type=user_path,
