@@ -251,7 +251,7 @@ def test_resume_after_interruption(demo: Path, tmp_path: Path, monkeypatch: pyte
     # another train into the folder, stopped before it began: the checkpoint there is not its own to resume
     with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt) as stopped:
         m.setattr(imgclf.pipeline, "scan_dataset", Mock(side_effect=KeyboardInterrupt))
-        train(cfg.updated(lr=0.002))
+        train(cfg.updated(lr=0.002, resume=False))  # without either: refused (test_an_interrupted_fine_tuning_...)
     assert imgclf.pipeline.RESUMABLE not in getattr(stopped.value, "__notes__", ())
     monkeypatch.setattr(imgclf.finetune, "finetune", original)
     with pytest.raises(ValueError, match=r"another fine-tuning run \(epochs 3 -> 4, lr 0.001 -> 0.002\)"):
@@ -293,6 +293,8 @@ def test_a_run_stopped_after_its_last_checkpoint_resumes_without_leaving_its_ima
         m.setattr(imgclf.finetune, "finetune", functools.partial(original, on_epoch_end=stop))
         train(cfg)
     assert any((tmp_path / "run" / "finetune_cache").iterdir())
+    with pytest.raises(FileExistsError, match=r"interrupted fine-tuning \(epoch 1 of 1, its model not saved\)"):
+        train(cfg)  # trained to the end, yet its model is in its checkpoint only
     train(cfg.updated(resume=True))
     assert not (tmp_path / "run" / "finetune_cache").exists()
 
@@ -316,6 +318,10 @@ def test_resume_matches_uninterrupted(
     monkeypatch.setattr(imgclf.finetune, "finetune", original)
     resumed = train(cfg.updated(resume=True))
     np.testing.assert_allclose(resumed.bundle.head.weight, full.bundle.head.weight, atol=1e-5)
+    # recorded as not resuming (it was recorded as resuming): training again from them starts afresh
+    bundle_json = json.loads((resumed.run_dir / "model" / "bundle.json").read_text())
+    assert bundle_json["config"]["finetune"]["resume"] is False and resumed.bundle.config["finetune"]["resume"] is False
+    assert not Config.from_file(resumed.run_dir / "config.json").finetune.resume
 
 
 def test_validation_part_never_overlaps_test(demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -357,6 +363,13 @@ def test_a_diverged_run_keeps_the_linear_probe_and_stops_early(
 @pytest.mark.parametrize("mode", ["svm", "dnn", "svm_on_refined"])
 def test_bundles_of_all_modes_predict(demo: Path, tmp_path: Path, mode: str) -> None:
     res = train(_cfg(demo, tmp_path / mode, classifier=mode, epochs=1))
+    cv = res.metrics.get("svm_cv")  # an SVM's cross-validation (svm_on_refined's: optimistic, docs/finetuning.md)
+    assert (
+        cv is None
+        if mode == "dnn"
+        else cv == {"folds": 2, "accuracy": cv["accuracy"], "accuracy_by_c": {"1.0": cv["accuracy"]}}
+    )
+    assert mode == "dnn" or 0 < cv["accuracy"] <= 1
     classes, preds = predict(res.run_dir, [demo])
     assert len(classes) == 3 and len(preds) == 24
     assert all(p.scores is not None and abs(p.scores.sum() - 1) < 1e-5 for p in preds)
@@ -916,3 +929,102 @@ def test_a_network_of_one_input_size_is_refused_other_sizes_before_training(demo
 
     check_input_size(create_backbone("vit_tiny_patch16_224", weights=weights, resolution=224), 1.0)  # taken
     check_input_size(create_backbone("efficientnet_lite0", resolution=96), 1.15)  # any size: no refusal
+
+
+def _stop_at_first_epoch(cfg: Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Train ``cfg``, stopped (as by Ctrl-C) once epoch 1 is checkpointed."""
+
+    def stop(epoch: int, row: dict[str, float]) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(imgclf.finetune, "finetune", functools.partial(imgclf.finetune.finetune, on_epoch_end=stop))
+        train(cfg)
+
+
+def test_an_interrupted_fine_tuning_is_kept_unless_resume_is_given_either_way(
+    demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same train again without --resume, into the folder of an interrupted fine-tuning, removed its
+    checkpoint (hours of training on a CPU) without a word: refused now unless --resume or --no-resume says
+    which; a finished run's checkpoint is no reason to refuse."""
+    from imgclf.cli import main
+    from imgclf.finetune.trainer import CKPT_NAME
+
+    assert imgclf.pipeline.FINETUNE_CKPT == CKPT_NAME  # the pipeline names it without importing torch
+    run = tmp_path / "run"
+    cfg = _cfg(demo, run, epochs=3)
+    _stop_at_first_epoch(cfg, monkeypatch)
+    kept = (run / CKPT_NAME).read_bytes()
+    with pytest.raises(FileExistsError) as refused:
+        train(cfg)
+    assert str(refused.value) == (
+        f"{run} holds an interrupted fine-tuning (epoch 1 of 3): --resume (resume=True) to go on from it, "
+        f"--no-resume (resume=False) to start again, which removes its checkpoint {run / CKPT_NAME}"
+    )
+    assert main(["train", str(demo), "--out", str(run), "--no-tracking", "--no-progress"]) == 2  # an svm train
+    assert (
+        "(epoch 1 of 3): --resume (resume=True) with the --classifier it trains (dnn or svm_on_refined) to go on"
+        in (capsys.readouterr().err)
+    )
+    assert (run / CKPT_NAME).read_bytes() == kept
+    train(cfg.updated(resume=False, epochs=1))  # said so: the fine-tuning starts again
+    assert [int(r["epoch"]) for r in _log(run)] == [0, 1]
+    train(cfg.updated(epochs=1))  # into a finished fine-tuning's folder: replaced, as any finished run is
+
+
+def test_the_checkpoint_is_written_before_the_log_and_resume_puts_the_log_right(
+    demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An epoch's log row was written before its checkpoint: a run stopped between the two had a row for an
+    epoch its checkpoint lacked (trained again by --resume). The checkpoint comes first now, and a resumed run
+    writes the log its checkpoint holds: one stopped after its last checkpoint lacked that epoch's row."""
+    import imgclf.finetune.trainer as trainer
+    from imgclf.finetune.trainer import CKPT_NAME
+
+    run = tmp_path / "run"
+    cfg = _cfg(demo, run, epochs=2)
+
+    def stopped_at_epoch_2(write: Callable[[Path, object], None], epoch_of: Callable[[object], int]) -> object:
+        def stopped(path: Path, what: object) -> None:
+            if epoch_of(what) == 2:  # Ctrl-C just before it is written
+                raise KeyboardInterrupt
+            write(path, what)
+
+        return stopped
+
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(trainer, "_save_ckpt", stopped_at_epoch_2(trainer._save_ckpt, lambda ckpt: ckpt["epoch"]))
+        train(cfg)
+    assert torch.load(run / CKPT_NAME, weights_only=False)["epoch"] == 1
+    assert [int(r["epoch"]) for r in _log(run)] == [0, 1]
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(trainer, "_write_log", stopped_at_epoch_2(trainer._write_log, lambda rows: rows[-1]["epoch"]))
+        train(cfg.updated(resume=True))
+    assert torch.load(run / CKPT_NAME, weights_only=False)["done"]
+    assert [int(r["epoch"]) for r in _log(run)] == [0, 1]
+    res = train(cfg.updated(resume=True))  # nothing left to train
+    assert [int(r["epoch"]) for r in _log(run)] == [0, 1, 2] and res.metrics["finetune"]["epochs_trained"] == 2
+
+
+def test_the_decoded_images_of_a_run_stopped_before_its_first_checkpoint_are_reused(
+    demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopped in epoch 1, before its first checkpoint, a fine-tuning left its decoded images in
+    finetune_cache; the train again (with --resume, or the same command as the command line advises) removed
+    them and decoded every image anew."""
+    import imgclf.finetune.imagecache as imagecache
+    import imgclf.finetune.trainer as trainer
+
+    run = tmp_path / "run"
+    cfg = _cfg(demo, run, epochs=1)
+    decoded = Mock(side_effect=imagecache._decode_into)
+    monkeypatch.setattr(imagecache, "_decode_into", decoded)
+    for again in (cfg, cfg.updated(resume=True)):
+        with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+            m.setattr(trainer, "_save_ckpt", Mock(side_effect=KeyboardInterrupt))
+            train(again)
+        assert any((run / "finetune_cache").iterdir()) and not (run / "finetune_ckpt.pt").exists()
+    assert decoded.call_count == 2  # the training images and the validation part, once each
+    train(cfg)
+    assert decoded.call_count == 2 and not (run / "finetune_cache").exists()

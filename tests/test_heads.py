@@ -234,3 +234,18 @@ print("folds", head.cv_folds_)
     out = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "folds 2" in out.stdout, out.stderr
     assert "regression problem" not in out.stderr
+
+
+def test_a_memoised_fit_keeps_the_cv_accuracy_of_every_c(tmp_path):
+    """train records the cross-validated accuracy of every C tried (metrics.json's svm_cv): a fit read back
+    from the memo has them too."""
+    from imgclf.config import ClassifierConfig
+    from imgclf.heads import fit_head
+    from imgclf.utils import Memo
+
+    x, y = _blobs(3, n=10)
+    memo, cfg = Memo(tmp_path, "heads"), ClassifierConfig(svm_c_grid=[0.1, 1.0], cv_folds=2)
+    first, again = fit_head(cfg, x, y, memo=memo), fit_head(cfg, x, y, memo=memo)
+    assert not first.reused and again.reused
+    assert first.cv_scores == again.cv_scores == LinearSVMHead(c_grid=(0.1, 1.0), cv_folds=2).fit(x, y).cv_scores_
+    assert first.cv_scores[first.C] == first.cv_accuracy and first.cv_folds == 2

@@ -319,6 +319,62 @@ def test_a_failed_train_leaves_no_model_to_use_and_a_foreign_folder_is_refused(
     assert main(["train", str(data), *args[2:], "--out", str(logged)]) == 0 and (logged / "model").is_dir()
 
 
+def test_machine_settings_and_sizes_are_checked_before_the_run_folder_is_touched(run, tmp_path, capsys):
+    """A wrong --device, --seed, --cache-dir or --resolution failed only once train had marked the earlier run in
+    --out unfinished: predict refused that model ("did not finish") until a train succeeded."""
+    import shutil
+
+    data, result, _ = run
+    folder = shutil.copytree(result.run_dir, tmp_path / "run")
+    before = _digests(folder)
+    (tmp_path / "a_file").write_text("")
+    train_args = ["train", str(data), "--out", str(folder), "--no-tracking", "--no-progress", "--resolution", "64"]
+    for mistake, said in (
+        (["--device", "gpu"], "features.device = 'gpu' (--device): expected auto, cpu, cuda, cuda:N"),
+        (["--device", "cuda:99"], "device 'cuda:99' asked for, but"),  # no GPU, or fewer than 100
+        (["--seed", str(2**32)], "output.seed = 4294967296 (--seed): Input should be less than or equal to"),
+        (["--cache-dir", str(tmp_path / "a_file")], f"cache folder {tmp_path / 'a_file'} cannot be written"),
+        (["--resolution", "20000"], "--resolution 20000 makes model inputs of 400000000 pixels, more than"),
+    ):
+        assert main([*train_args, *mistake]) == 2
+        assert said in capsys.readouterr().err
+        assert _digests(folder) == before
+    assert main(["predict", str(folder), str(data / "squares"), "--no-progress"]) == 0
+    assert main([*train_args[:2], "--out", str(tmp_path / "new" / "run"), "--device", "cuda:99"]) == 2
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_folder_where_a_file_is_meant_and_back_is_named(run, tmp_path, capsys):
+    """--test-list and --weights said "not found" of a folder that is there; demo --data FILE "is not empty"."""
+    data, _, _ = run
+    args = ["train", str(data), "--out", str(tmp_path / "r"), "--no-tracking", "--no-progress"]
+    for flag, said in (("--test-list", "test list"), ("--weights", "weights file")):
+        assert main([*args, flag, str(data / "squares")]) == 2
+        assert f"{said} {data / 'squares'} is a folder: give the" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("mine")
+    assert main(["demo", "--data", str(tmp_path / "a_file"), "--out", str(tmp_path / "d")]) == 2
+    assert f"--data {tmp_path / 'a_file'} is a file: give a folder" in capsys.readouterr().err
+    assert (tmp_path / "a_file").read_text() == "mine" and not (tmp_path / "r").exists()
+
+
+def test_a_run_or_data_folder_whose_name_is_not_utf8_is_refused_first(run, tmp_path, capsys):
+    """--out o\\xff failed writing config.json ("Error serializing to JSON", naming no path) and left a marked
+    folder; a data folder d\\xff failed in the hash cache."""
+    data, _, _ = run
+    out = tmp_path / os.fsdecode(b"o\xff")
+    try:
+        out.mkdir()
+        out.rmdir()
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system refuses file names that are not UTF-8")
+    assert main(["train", str(data), "--out", str(out), "--no-tracking", "--no-progress"]) == 2
+    assert f"(--out): {tmp_path}/o\\xff is not valid UTF-8 text" in capsys.readouterr().err
+    assert not out.exists()
+    with pytest.raises(SystemExit):
+        main(["train", str(tmp_path / os.fsdecode(b"d\xff")), "--out", str(tmp_path / "r")])
+    assert f"argument data_dir: {tmp_path}/d\\xff is not valid UTF-8 text" in capsys.readouterr().err
+
+
 def test_a_run_that_does_not_fine_tune_drops_an_earlier_fine_tuning(run, tmp_path):
     """An svm train into a fine-tuned run's folder kept its curves, which were recorded with the new run, and
     its checkpoint and image cache (54 MB and ~200 KB an image); with --resume (a fine-tuning's flag, the
@@ -491,8 +547,11 @@ def test_evaluate_after_the_data_folder_moved(run, tmp_path, capsys, caplog, mon
     run_dir, moved = tmp_path / "run", tmp_path / "moved"
     shutil.copytree(result.run_dir, run_dir)
     shutil.copytree(data, moved)
-    assert main(["evaluate", str(run_dir), "--data-root", str(tmp_path / "gone"), "--no-tracking"]) == 2
-    assert "is not there (moved or renamed?): give it with --data-root" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("")
+    for given, what in (("gone", "is not there"), ("a_file", "is a file")):  # "give it with --data-root": given
+        assert main(["evaluate", str(run_dir), "--data-root", str(tmp_path / given), "--no-tracking"]) == 2
+        said = f"--data-root {tmp_path / given} {what}: give the data folder the run was trained on, where it is now"
+        assert said in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert main(["evaluate", str(run_dir), "--data-root", str(tmp_path / "empty"), "--no-tracking"]) == 2
     assert "none of the" in capsys.readouterr().err
@@ -507,6 +566,7 @@ def test_evaluate_after_the_data_folder_moved(run, tmp_path, capsys, caplog, mon
     fresh = train(Config().updated(data_root=tmp_path / "own", out=tmp_path / "fresh", tracking=False, **FAST))
     (tmp_path / "own").rename(tmp_path / "renamed")
     assert main(["evaluate", str(fresh.run_dir), "--no-tracking"]) == 2
+    assert "is not there (moved or renamed?): give it with --data-root" in capsys.readouterr().err
     renamed = ["--data-root", str(tmp_path / "renamed")]
     assert main(["evaluate", str(fresh.run_dir), *renamed, "--no-tracking", "--no-progress"]) == 0
     with caplog.at_level(logging.INFO, logger="imgclf"):
@@ -1249,3 +1309,26 @@ def test_predict_on_a_terminal_shows_progress_whatever_the_run_recorded(run, mon
     monkeypatch.setattr("sys.stderr.isatty", lambda: False)
     args = build_parser().parse_args(["predict", str(result.run_dir), "x.jpg"])
     assert not config_from_args(args, recorded.updated(progress=True)).output.progress
+
+
+def test_train_records_the_svm_cross_validation(run, tmp_path):
+    """metrics.json had the C chosen but not how: now the folds and the cross-validated accuracy of the C kept
+    and of every C tried (None for a NaN: JSON has none), which an evaluate keeps (only train knows them)."""
+    import math
+    import shutil
+
+    from imgclf.heads import FittedHead, LinearHead
+    from imgclf.pipeline import _svm_cv
+
+    _, result, _ = run
+    cv = result.metrics["svm_cv"]
+    assert cv["folds"] == FAST["cv_folds"] and list(cv["accuracy_by_c"]) == ["0.1", "1.0", "10.0"]
+    assert cv["accuracy"] == cv["accuracy_by_c"][str(result.metrics["svm_c"])] == max(cv["accuracy_by_c"].values())
+    assert 0 < cv["accuracy"] <= 1
+    folder = shutil.copytree(result.run_dir, tmp_path / "run")
+    assert json.loads((folder / "metrics.json").read_text())["svm_cv"] == cv
+    assert evaluate(folder).metrics["svm_cv"] == cv
+    assert json.loads((folder / "metrics.json").read_text())["svm_cv"] == cv
+    head = LinearHead(np.zeros((2, 3)), np.zeros(2), True)
+    not_validated = FittedHead(head, 1.0, math.nan, 0, {1.0: math.nan})
+    assert _svm_cv(not_validated) == {"folds": 0, "accuracy": None, "accuracy_by_c": {"1.0": None}}

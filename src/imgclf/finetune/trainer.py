@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -43,6 +43,7 @@ log = logging.getLogger("imgclf")
 
 LOG_FIELDS = ("epoch", "lr", "train_loss", "train_error", "val_loss", "val_error", "img_per_s", "seconds")
 CKPT_NAME = "finetune_ckpt.pt"
+LOG_NAME = "finetune_log.csv"
 FEW_VALIDATION_IMAGES = 20  # fewer: one image moves the validation error by more than 5 points
 RESUMABLE_CHANGES = ("resume", "compile")  # settings that change neither the schedule, the data order nor the numbers
 EARLIER_VERSION = "made by an earlier version of imgclf"  # what a checkpoint of other settings' names is
@@ -232,6 +233,26 @@ def load_checkpoint(
             "them, so it cannot be continued; run without --resume to start afresh"
         )
     return ckpt
+
+
+class CheckpointProgress(NamedTuple):
+    """How far a checkpoint's fine-tuning got: the last epoch it holds, the epochs its run was set to (None where
+    it does not say) and whether its training ended (the last epoch, early stopping, divergence)."""
+
+    epoch: int
+    epochs: int | None
+    done: bool
+
+
+def checkpoint_progress(path: Path) -> CheckpointProgress | None:
+    """:class:`CheckpointProgress` of the checkpoint at ``path`` (its tensors memory-mapped, not read); None where
+    it cannot be read."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        epochs = (ckpt.get("settings") or {}).get("epochs")
+        return CheckpointProgress(int(ckpt["epoch"]), int(epochs) if epochs is not None else None, bool(ckpt["done"]))
+    except Exception:  # noqa: BLE001 - cut short, altered, another format: nothing to go on from
+        return None
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -596,6 +617,8 @@ def _finetune(
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         history, best, start_epoch, done = ckpt["history"], ckpt["best"], ckpt["epoch"], ckpt["done"]
+        if history:  # the log as the checkpoint has it: a run stopped between the two wrote one of them only
+            _write_log(run_dir / LOG_NAME, history)
 
     skipped: dict[int, str] = dict(ckpt.get("skipped", {})) if ckpt is not None else {}  # undecodable images
     if not done:
@@ -909,7 +932,7 @@ def _train(
     ckpt_path: Path,
     on_epoch_end: EpochHook | None,
 ) -> None:
-    """The epoch loop: writes the log, the checkpoint (with ``best``) after every epoch."""
+    """The epoch loop: writes the checkpoint (with ``best``), then the log, after every epoch."""
     ft = cfg.finetune
     model.to(device, memory_format=torch.channels_last)
     opt = build_optimizer(model, ft)
@@ -1068,8 +1091,7 @@ def _train(
         no_gain = epoch - best["epoch"] if validated else 0
         stop = diverged or (ft.early_stopping > 0 and no_gain >= ft.early_stopping)
         done = stop or epoch == ft.epochs
-        _write_log(ckpt_path.parent / "finetune_log.csv", history)
-        _save_ckpt(
+        _save_ckpt(  # before the log: a run stopped between the two has no log row its checkpoint lacks
             ckpt_path,
             {
                 **identity,
@@ -1084,6 +1106,7 @@ def _train(
                 "rng": _rng_state(gen),
             },
         )
+        _write_log(ckpt_path.parent / LOG_NAME, history)
         if on_epoch_end is not None:
             on_epoch_end(epoch, row)
         if stop:

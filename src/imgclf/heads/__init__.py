@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,12 +41,14 @@ def create_head(cfg: ClassifierConfig, seed: int = 0, progress: bool = False) ->
 
 @dataclass
 class FittedHead:
-    """A fitted feature head in its deployed form, with the C chosen and its cross-validated accuracy."""
+    """A fitted feature head in its deployed form, with the C chosen, its cross-validated accuracy and that of
+    every C tried (empty where not cross-validated)."""
 
     head: LinearHead
     C: float
     cv_accuracy: float
     cv_folds: int  # folds actually used (0: too few images per class to cross-validate)
+    cv_scores: dict[float, float] = field(default_factory=dict)  # C -> its cross-validated accuracy
     reused: bool = False
 
 
@@ -86,7 +88,8 @@ def fit_head(
     if (data := memo.get(key)) is not None:  # whole (Memo checks): written by this code, as the key holds it
         with np.load(io.BytesIO(data)) as z:
             head = LinearHead(z["weight"], z["bias"], bool(z["l2_normalize"]))
-            return FittedHead(head, float(z["C"]), float(z["cv_accuracy"]), int(z["cv_folds"]), reused=True)
+            scores = dict(zip(z["cv_c"].tolist(), z["cv_scores"].tolist(), strict=True))
+            return FittedHead(head, float(z["C"]), float(z["cv_accuracy"]), int(z["cv_folds"]), scores, reused=True)
     svm = create_head(cfg, seed, progress).fit(x, y, None if groups is None else np.asarray(groups))
     w, b = svm.linear()
     n_classes = int(svm.classes_.max()) + 1 if n_classes is None else n_classes
@@ -95,7 +98,8 @@ def fit_head(
         w_all[svm.classes_], b_all[svm.classes_] = w, b
         w, b = w_all, b_all
     cv_accuracy = svm.cv_scores_.get(svm.C_, float("nan"))
-    fitted = FittedHead(LinearHead(w, b, svm.l2_normalize), svm.C_, cv_accuracy, svm.cv_folds_)
+    scores = {float(c): float(a) for c, a in svm.cv_scores_.items()}
+    fitted = FittedHead(LinearHead(w, b, svm.l2_normalize), svm.C_, cv_accuracy, svm.cv_folds_, scores)
     buf = io.BytesIO()
     np.savez(
         buf,
@@ -105,6 +109,8 @@ def fit_head(
         C=fitted.C,
         cv_accuracy=fitted.cv_accuracy,
         cv_folds=fitted.cv_folds,
+        cv_c=np.array(list(scores), np.float64),
+        cv_scores=np.array(list(scores.values()), np.float64),
     )
     memo.put(key, buf.getvalue())
     return fitted
