@@ -320,7 +320,8 @@ def test_resume_matches_uninterrupted(
     np.testing.assert_allclose(resumed.bundle.head.weight, full.bundle.head.weight, atol=1e-5)
     # recorded as not resuming (it was recorded as resuming): training again from them starts afresh
     bundle_json = json.loads((resumed.run_dir / "model" / "bundle.json").read_text())
-    assert bundle_json["config"]["finetune"]["resume"] is False and resumed.bundle.config["finetune"]["resume"] is False
+    assert "resume" not in bundle_json["config"]["finetune"] and "resume" not in resumed.bundle.config["finetune"]
+    assert "resume" not in json.loads((resumed.run_dir / "config.json").read_text())["finetune"]
     assert not Config.from_file(resumed.run_dir / "config.json").finetune.resume
 
 
@@ -967,6 +968,10 @@ def test_an_interrupted_fine_tuning_is_kept_unless_resume_is_given_either_way(
         "(epoch 1 of 3): --resume (resume=True) with the --classifier it trains (dnn or svm_on_refined) to go on"
         in (capsys.readouterr().err)
     )
+    assert (run / CKPT_NAME).read_bytes() == kept
+    again = ["train", str(demo), "--config", str(run / "config.json"), "--out", str(run), "--no-tracking"]
+    assert main(again) == 2  # the run's record says nothing of resume: a config.json saying false removed it
+    assert "holds an interrupted fine-tuning (epoch 1 of 3)" in capsys.readouterr().err
     assert (run / CKPT_NAME).read_bytes() == kept
     train(cfg.updated(resume=False, epochs=1))  # said so: the fine-tuning starts again
     assert [int(r["epoch"]) for r in _log(run)] == [0, 1]

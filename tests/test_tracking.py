@@ -139,6 +139,8 @@ def test_train_and_evaluate_land_in_local_store(
     run = runs[0]
     assert run.data.params["l2_normalize"] == "true" and run.data.params["svm_c_grid"] == "[1.0]"
     assert run.data.params["train_fraction"] == "0.75"
+    recorded = json.loads((two_runs[0].run_dir / "config.json").read_text(encoding="utf-8"))
+    assert set(run.data.params) == {name for section in recorded.values() for name in section}  # no resume
     assert {
         "overall_accuracy",
         "class_averaged_accuracy",

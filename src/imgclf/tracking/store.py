@@ -157,8 +157,9 @@ def param_value(value: Any) -> str:
 
 
 def flat_params(cfg: Config) -> dict[str, str]:
-    """The whole configuration by flat parameter name, as strings."""
-    return {name: param_value(value) for name, value in cfg.flat().items()}
+    """The configuration by flat parameter name, as strings, as a run folder's config.json records it: without
+    ``resume`` (an instruction about a checkpoint, not a setting of the run)."""
+    return {name: param_value(value) for name, value in cfg.flat().items() if name != "resume"}
 
 
 def metric_name(name: str) -> str:
