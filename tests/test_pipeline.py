@@ -334,7 +334,7 @@ def test_machine_settings_and_sizes_are_checked_before_the_run_folder_is_touched
         (["--device", "cuda:99"], "device 'cuda:99' asked for, but"),  # no GPU, or fewer than 100
         (["--seed", str(2**32)], "output.seed = 4294967296 (--seed): Input should be less than or equal to"),
         (["--cache-dir", str(tmp_path / "a_file")], f"cache folder {tmp_path / 'a_file'} cannot be written"),
-        (["--resolution", "20000"], "--resolution 20000 makes model inputs of 400000000 pixels, more than"),
+        (["--resolution", "20000"], "backbone.resolution = 20000 (--resolution): Input should be less than or"),
     ):
         assert main([*train_args, *mistake]) == 2
         assert said in capsys.readouterr().err
@@ -1136,6 +1136,8 @@ def test_cli_errors_are_messages(tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().err.strip() == f"interrupted {hint}"
     assert main(["train", str(tmp_path), "--out", str(tmp_path / "r"), "--no-use-cache"]) == 130
     assert capsys.readouterr().err.strip() == "interrupted"
+    assert main(["train", str(tmp_path), "--out", str(tmp_path / "r"), "--classifier", "dnn"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted (the same command again reuses the images decoded so far)"
 
 
 def test_leak_between_train_and_test_warns_or_refuses(tmp_path, caplog, monkeypatch):

@@ -1336,3 +1336,47 @@ def test_svm_c_and_its_cross_validated_accuracy_are_recorded_once():
     runs = [RunRecord(c, {}, run_metrics({"svm_c": float(c), "svm_cv": cv}), {"split": "test"}) for c in "12"]
     rows = {r.name: r for r in compare(runs)}
     assert format_row(rows["svm_cv_accuracy"]) == ["87.5 %", "87.5 %"]
+
+
+def test_a_record_for_a_deleted_experiment_holds_up_no_other(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    """A record queued for a deleted experiment stopped every drain of the store at it: each later run, in any
+    experiment, stayed queued behind it, with the deleted experiment's message. It waits alone now."""
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    scratch = Config().updated(tracking_uri=uri, tracking_background=False, experiment="scratch")
+    assert log_run("train", scratch, _result(tmp_path / "a"))
+    client = _client(uri)
+    client.delete_experiment(client.get_experiment_by_name("scratch").experiment_id)
+    with caplog.at_level(logging.WARNING, logger="imgclf"):
+        assert log_run("train", scratch, _result(tmp_path / "b")) is None  # queued: its experiment was deleted
+        default = Config().updated(tracking_uri=uri, tracking_background=False)
+        assert log_run("train", default, _result(tmp_path / "c"))  # written, past the record queued before it
+        monkeypatch.setattr("imgclf.tracking.store.subprocess.Popen", lambda *a, **k: None)  # no writer
+        assert log_run("train", default.updated(tracking_background=True), _result(tmp_path / "d")) is None
+        drain(uri)  # writes d, keeps b, and ends
+    assert [Path(r.data.tags["run_dir"]).name for r in _runs(uri)] == ["c", "d"]
+    assert len(list(queue_dir(uri).glob("*.json"))) == 1
+    assert f"run {tmp_path / 'b'} not recorded in {uri} yet: experiment 'scratch'" in caplog.text
+
+
+def test_a_record_queued_while_a_run_is_recorded_in_process_is_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A train's background writer that finds the queue's lock held leaves its record to the holder; a run
+    recorded in-process (or `runs list`) held it, wrote what was queued when it looked, and let go: a record
+    queued meanwhile stayed unwritten until some later imgclf command."""
+    import imgclf.tracking.store as store
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    cfg = Config().updated(tracking_uri=uri, tracking_background=False)
+    drain_locked = store._drain_locked
+
+    def another_train_finishes(at: str) -> int:  # its record queued, its writer gone: the lock is held
+        kept = drain_locked(at)
+        monkeypatch.setattr(store, "_drain_locked", drain_locked)
+        _queue_without_writer(monkeypatch, cfg.updated(tracking_background=True), _result(tmp_path / "queued"))
+        return kept
+
+    monkeypatch.setattr(store, "_drain_locked", another_train_finishes)
+    assert log_run("train", cfg, _result(tmp_path / "in-process"))
+    assert not list(queue_dir(uri).glob("*.json"))  # before _runs, which writes what is queued
+    assert sorted(Path(r.data.tags["run_dir"]).name for r in _runs(uri)) == ["in-process", "queued"]

@@ -381,6 +381,8 @@ def _resume_hint(args: argparse.Namespace, e: KeyboardInterrupt) -> str:
     """How to go on after Ctrl-C, for the commands that leave work half done."""
     if _resumable(e):
         return f" ({RESUME_HINT})"
+    if args.command == "train" and getattr(args, "cfg__classifier", None) in ("dnn", "svm_on_refined"):
+        return " (the same command again reuses the images decoded so far)"  # stopped before its first checkpoint
     if args.command == "train" and getattr(args, "cfg__use_cache", True):
         return " (the same command again reuses the image features computed so far)"
     if args.command == "dedup" and getattr(args, "apply", False):

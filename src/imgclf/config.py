@@ -37,6 +37,9 @@ log = logging.getLogger("imgclf")
 
 MAX_SEED = 2**32 - 1  # numpy's largest seed
 MAX_HASH_SIZE = 64  # a dhash of 4096 bits; hash_size 100000 ran out of memory
+# A model input's side: at test_scale 2, 8192 x 8192 = 67 Mpx, below the 179 Mpx Pillow refuses to make (which
+# stopped --resolution 20000 at the first image, its run folder marked unfinished); the tutorial's largest is 896.
+MAX_RESOLUTION = 4096
 
 
 class _Section(BaseModel):
@@ -118,8 +121,9 @@ class BackboneConfig(_Section):
     resolution: int | None = Field(
         None,
         ge=32,
+        le=MAX_RESOLUTION,
         description="Input resolution in pixels (224, 448, 896...); default: the backbone's. Fine-tuning trains at it.",
-    )  # at most the side max_image_pixels allows: see Config._resolution_within_pixel_limit
+    )
 
 
 class FeatureConfig(_Section):
@@ -140,7 +144,7 @@ class FeatureConfig(_Section):
     def _device_spelling(cls, device: str) -> str:
         """A device imgclf runs on, spelt as torch spells it (``gpu`` was refused only once a train had marked
         its run folder; whether this machine has it is train's check, before that)."""
-        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
+        if not re.fullmatch(r"auto|(cpu|mps|cuda)(:\d+)?", device):
             raise ValueError("expected auto, cpu, cuda, cuda:N (N: the GPU's number) or mps")
         return device
 
@@ -507,25 +511,6 @@ class Config(BaseModel):
             raise ValueError(
                 "backbone auto chooses by the SVM's cross-validation on frozen features: use it with "
                 "--classifier svm and without --weights"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _resolution_within_pixel_limit(self) -> Config:
-        """Refuse a model input of more pixels than ``max_image_pixels`` (--resolution 20000 ended in Pillow's
-        decompression-bomb error at the first image, its run folder marked unfinished); a fine-tuned network
-        is also tested at resolution x test_scale (finetune's eval_preprocess: rounded to 8)."""
-        side = self.backbone.resolution
-        if side is None:
-            return self
-        if self.classifier.classifier != "svm" and self.finetune.test_scale > 1:
-            side = round(side * self.finetune.test_scale / 8) * 8
-        if side * side > self.data.max_image_pixels:
-            tested = f" (tested at {side} px: x --test-scale)" if side != self.backbone.resolution else ""
-            raise ValueError(
-                f"--resolution {self.backbone.resolution}{tested} makes model inputs of {side * side} pixels, "
-                f"more than --max-image-pixels {self.data.max_image_pixels} lets an image have: lower --resolution "
-                "or raise --max-image-pixels"
             )
         return self
 

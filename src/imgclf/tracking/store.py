@@ -426,6 +426,11 @@ class StoreUnreadable(StoreUnavailable):
     """The store could not even be read (a server that does not answer, a damaged database)."""
 
 
+class ExperimentUnavailable(StoreUnavailable):
+    """The record's experiment was deleted: the record waits for it to be restored, the store's other records
+    are written."""
+
+
 def _first_line(e: BaseException) -> str:
     """What went wrong, in a line: the database's own error where one lies beneath (MLflow's first line can be
     SQLAlchemy's "raised as a result of Query-invoked autoflush"), without SQLAlchemy's SQL."""
@@ -475,7 +480,7 @@ def _record(rec: dict[str, Any]) -> str:
         client = connect(store)
         experiment_id(client, store)  # a read first: a store out of reach is told from one refusing the record
     except ExperimentDeleted as e:
-        raise StoreUnavailable(str(e)) from e
+        raise ExperimentUnavailable(str(e)) from e
     except Exception as e:
         raise StoreUnreadable(_first_line(e)) from e
     try:
@@ -586,17 +591,25 @@ def _acquire_while_writing(lock: FileLock, uri: str, wait: float) -> bool:
     return False
 
 
-def _drain_locked(uri: str) -> None:
+def _drain_locked(uri: str) -> int:
     """Write every queued record of ``uri``, oldest first, holding its lock, until none is left (those queued
-    meanwhile too); StoreUnavailable where the store cannot be reached, read or written to, or its disk is full
-    (the records stay queued)."""
-    while jobs := sorted(queue_dir(uri).glob("*.json")):
+    meanwhile too) but those of deleted experiments, which stay queued, with a warning (one of them blocked every
+    later record of the store); their number. StoreUnavailable where the store cannot be reached, read or written
+    to, or its disk is full (the records stay queued)."""
+    kept: set[Path] = set()
+    while jobs := [job for job in sorted(queue_dir(uri).glob("*.json")) if job not in kept]:
         job = jobs[0]
         with contextlib.suppress(FileNotFoundError, ValueError):  # gone, or not a record: it leaves the queue
             rec = json.loads(job.read_text(encoding="utf-8"))
-            _record_or_warn({"id": job.stem, **rec}, keep=True)  # records queued by older versions: no id
+            try:
+                _record_or_warn({"id": job.stem, **rec}, keep=True)  # records queued by older versions: no id
+            except ExperimentUnavailable as e:
+                log.warning("run %s not recorded in %s yet: %s; its record stays queued", rec["run_dir"], uri, e)
+                kept.add(job)
+                continue
         job.unlink(missing_ok=True)
         shutil.rmtree(job.with_suffix(".files"), ignore_errors=True)
+    return len(kept)
 
 
 def _warn_queued(uri: str, e: StoreUnavailable) -> None:
@@ -621,12 +634,13 @@ def drain(uri: str) -> None:
     reached is logged as a warning and leaves the queue (MLflow shows its run as failed; its run folder is
     untouched).
     """
-    while _queued(uri):  # again after the lock's release: a record queued just before it found it held
+    kept = 0
+    while _queued(uri) > kept:  # again after the lock's release: a record queued just before it found it held
         with _locked(uri) as held:
             if not held:
                 return
             try:
-                _drain_locked(uri)
+                kept = _drain_locked(uri)
             except StoreUnavailable as e:
                 _warn_queued(uri, e)
                 return
@@ -653,7 +667,7 @@ def drain_pending(cfg: TrackingConfig) -> None:
             )
             return
         try:
-            _drain_locked(uri)
+            kept = _drain_locked(uri)
         except StoreUnreadable as e:
             answer = "does not answer" if uri.startswith(("http://", "https://")) else "cannot be read"
             raise TrackingError(
@@ -662,6 +676,9 @@ def drain_pending(cfg: TrackingConfig) -> None:
             ) from e
         except StoreUnavailable as e:  # it answers but refuses the records: what it holds can still be read
             _warn_queued(uri, e)
+            return
+    if _queued(uri) > kept:  # queued while the lock was held: its writer found it held and left it to this one
+        drain(uri)
 
 
 def _enqueue(rec: dict[str, Any]) -> Path:
@@ -707,14 +724,19 @@ def _record_now(rec: dict[str, Any]) -> str | None:
     background writer instead while another process keeps writing to the store, and queued (no writer started)
     where the store cannot take it now. MLflow's HTTP requests are tried for seconds (``QUICK_HTTP``)."""
     uri = rec["uri"]
-    with quick_http(), _locked(uri, LOCK_WAIT_S) as held:
+    with quick_http():
+        with _locked(uri, LOCK_WAIT_S) as held:
+            if held:
+                try:
+                    kept = _drain_locked(uri)
+                    run_id = _record_or_warn(rec, keep=True)
+                except StoreUnavailable as e:  # out of reach, its disk full, the experiment deleted: tried later
+                    _keep_queued(rec, e)
+                    return None
         if held:
-            try:
-                _drain_locked(uri)
-                return _record_or_warn(rec, keep=True)
-            except StoreUnavailable as e:  # out of reach, its disk full, the experiment deleted: tried again later
-                _keep_queued(rec, e)
-                return None
+            if _queued(uri) > kept:  # queued while the lock was held: its writer found it held and left it to us
+                drain(uri)
+            return run_id
     if _queue(rec):
         log.info("another imgclf process is still writing to %s: this run is queued for it instead", uri)
         return None
