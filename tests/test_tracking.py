@@ -1380,3 +1380,31 @@ def test_a_record_queued_while_a_run_is_recorded_in_process_is_written(tmp_path:
     assert log_run("train", cfg, _result(tmp_path / "in-process"))
     assert not list(queue_dir(uri).glob("*.json"))  # before _runs, which writes what is queued
     assert sorted(Path(r.data.tags["run_dir"]).name for r in _runs(uri)) == ["in-process", "queued"]
+
+
+def test_a_record_queued_while_a_deleted_experiments_run_is_kept_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The same, where the in-process run's own experiment was deleted (its record kept queued): the record
+    queued meanwhile stayed unwritten. A queue file that holds no record (``[]``) is left out, not in the way."""
+    import imgclf.tracking.store as store
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    scratch = Config().updated(tracking_uri=uri, tracking_background=False, experiment="scratch")
+    assert log_run("train", scratch, _result(tmp_path / "a"))
+    client = _client(uri)
+    client.delete_experiment(client.get_experiment_by_name("scratch").experiment_id)
+    (queue_dir(uri) / "0-not-a-record.json").write_text("[]")
+    drain_locked = store._drain_locked
+
+    def another_train_finishes(at: str) -> int:
+        kept = drain_locked(at)
+        monkeypatch.setattr(store, "_drain_locked", drain_locked)
+        other = scratch.updated(experiment="imgclf", tracking_background=True)
+        _queue_without_writer(monkeypatch, other, _result(tmp_path / "queued"))
+        return kept
+
+    monkeypatch.setattr(store, "_drain_locked", another_train_finishes)
+    assert log_run("train", scratch, _result(tmp_path / "b")) is None  # kept queued: scratch was deleted
+    assert len(list(queue_dir(uri).glob("*.json"))) == 1  # b's, before _runs (which writes what is queued)
+    assert [Path(r.data.tags["run_dir"]).name for r in _runs(uri)] == ["queued"]

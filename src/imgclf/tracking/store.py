@@ -601,6 +601,8 @@ def _drain_locked(uri: str) -> int:
         job = jobs[0]
         with contextlib.suppress(FileNotFoundError, ValueError):  # gone, or not a record: it leaves the queue
             rec = json.loads(job.read_text(encoding="utf-8"))
+            if not isinstance(rec, dict):
+                raise ValueError(f"{job} is not a record")
             try:
                 _record_or_warn({"id": job.stem, **rec}, keep=True)  # records queued by older versions: no id
             except ExperimentUnavailable as e:
@@ -725,12 +727,16 @@ def _record_now(rec: dict[str, Any]) -> str | None:
     where the store cannot take it now. MLflow's HTTP requests are tried for seconds (``QUICK_HTTP``)."""
     uri = rec["uri"]
     with quick_http():
+        kept, run_id = 0, None
         with _locked(uri, LOCK_WAIT_S) as held:
             if held:
                 try:
                     kept = _drain_locked(uri)
                     run_id = _record_or_warn(rec, keep=True)
-                except StoreUnavailable as e:  # out of reach, its disk full, the experiment deleted: tried later
+                except ExperimentUnavailable as e:  # its experiment deleted: the store takes the others
+                    _keep_queued(rec, e)
+                    kept += 1
+                except StoreUnavailable as e:  # out of reach, its disk full: tried again later
                     _keep_queued(rec, e)
                     return None
         if held:
