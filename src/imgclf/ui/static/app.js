@@ -276,8 +276,15 @@ async function loadInfo() {
   $("#key-legend").textContent = state.classes.slice(0, 9).map((c, i) => `${i + 1} = ${c}`).join(", ");
 }
 
+// The latest request of each list: an answer to an earlier one is dropped (a confusion cell clicked while the
+// Results tab loaded got its list drawn over by the whole tab's, which answered later).
+const requested = {};
+const request = (list) => { requested[list] = (requested[list] || 0) + 1; return requested[list]; };
+
 async function loadBrowse(page = state.browse.page) {
+  const mine = request("browse");
   const data = await api(`/api/images?${q({ label: state.browse.label, page, per_page: PER_PAGE })}`);
+  if (mine !== requested.browse) return;
   state.browse.page = data.page;
   pager("browse", data, (p) => loadBrowse(p));
   $("#browse-grid").replaceChildren(...data.items.map((it) => el("div", { class: "card", "data-path": it.path },
@@ -326,8 +333,10 @@ async function loadResults(page = state.results.page) {
   $("#res-sort").value = r.sort;
   fillSelect($("#res-true"), state.info.run.classes, r.true);
   fillSelect($("#res-pred"), state.info.run.classes, r.pred);
+  const mine = request("results");
   await loadConfusion();
   const data = await api(`/api/results?${q({ outcome: r.outcome, sort: r.sort, true: r.true, pred: r.pred, page, per_page: PER_PAGE })}`);
+  if (mine !== requested.results) return;
   r.page = data.page;
   pager("results", data, (p) => loadResults(p));
   $("#results-grid").replaceChildren(...data.items.map((it) => el("div", { class: `card ${it.correct ? "right" : "wrong"}`, "data-path": it.path },
@@ -350,12 +359,15 @@ function analysisNote(a, kind) {
 }
 
 async function loadScored(kind, page) {
+  const mine = request(kind);
   let data = await api(`/api/${kind}?${q({ page, per_page: PER_PAGE })}`);
+  if (mine !== requested[kind]) return;
   const scored = data.analysis.state === "done";
   $(`#${kind}-note`).replaceChildren(...analysisNote(data.analysis, kind));
   if (!scored) data.items = [];
   if (!scored && kind === "unlabeled" && state.info.counts[state.info.unlabeled_dir] !== undefined) {
     data = await api(`/api/images?${q({ label: state.info.unlabeled_dir, page, per_page: PER_PAGE })}`);
+    if (mine !== requested[kind]) return;
   }
   state[kind].page = data.page;
   pager(kind, data, (p) => loadScored(kind, p));
