@@ -509,6 +509,20 @@ def _queue_without_writer(monkeypatch: pytest.MonkeyPatch, cfg: Config, result: 
     assert len(list(queue_dir(tracking_uri(cfg.tracking)).glob("*.json"))) == 1
 
 
+@contextlib.contextmanager
+def _lock_held_elsewhere(uri: str, seconds: float) -> Iterator[None]:
+    """The queue's lock of the store ``uri`` held by another process, for at most ``seconds``."""
+    hold = "import sys, time, filelock; f = filelock.FileLock(sys.argv[1]); f.acquire(); print(flush=True); "
+    hold += f"time.sleep({seconds})"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(queue_dir(uri) / ".lock")], stdout=subprocess.PIPE)
+    try:
+        holder.stdout.readline()  # the lock is held
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_compare_refuses_a_run_folder_whose_train_did_not_finish(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     """An interrupted train leaves the new config.json beside the old run's metrics: not one run."""
     from imgclf.bundle import INCOMPLETE
@@ -637,24 +651,15 @@ def test_a_busy_writer_is_said_and_not_waited_for(
     cfg = Config().updated(tracking_uri=uri)
     _queue_without_writer(monkeypatch, cfg, _result(tmp_path / "run"))
     monkeypatch.setattr("imgclf.tracking.store.LOCK_WAIT_S", 0.5)
-    hold = (
-        "import sys, time, filelock; f = filelock.FileLock(sys.argv[1]); f.acquire(); print(flush=True); time.sleep(8)"
-    )
-    holder = subprocess.Popen([sys.executable, "-c", hold, str(queue_dir(uri) / ".lock")], stdout=subprocess.PIPE)
-    try:
-        holder.stdout.readline()  # the lock is held
+    with _lock_held_elsewhere(uri, 8), caplog.at_level(logging.INFO, logger="imgclf"):
         started = time.monotonic()
-        with caplog.at_level(logging.INFO, logger="imgclf"):
-            drain_pending(cfg.tracking)
-            assert time.monotonic() - started < 4
-            assert "another imgclf process is writing runs to" in caplog.text
-            assert "1 queued run(s) not shown: another imgclf process (the background writer" in caplog.text
-            monkeypatch.setattr("imgclf.tracking.store.subprocess.Popen", lambda *a, **k: None)
-            assert log_run("train", cfg.updated(tracking_background=False), _result(tmp_path / "b")) is None
-            assert time.monotonic() - started < 6
-    finally:
-        holder.kill()
-        holder.wait()
+        drain_pending(cfg.tracking)
+        assert time.monotonic() - started < 4
+        assert "another imgclf process is writing runs to" in caplog.text
+        assert "1 queued run(s) not shown: another imgclf process (the background writer" in caplog.text
+        monkeypatch.setattr("imgclf.tracking.store.subprocess.Popen", lambda *a, **k: None)
+        assert log_run("train", cfg.updated(tracking_background=False), _result(tmp_path / "b")) is None
+        assert time.monotonic() - started < 6
     assert "this run is queued for it instead" in caplog.text
     assert len(list(queue_dir(uri).glob("*.json"))) == 2
 
@@ -1194,18 +1199,10 @@ def test_a_writer_finding_the_queue_busy_leaves_its_record_to_the_holder(
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     cfg = Config().updated(tracking_uri=uri)
     _queue_without_writer(monkeypatch, cfg, _result(tmp_path / "first"))
-    hold = (
-        "import sys, time, filelock; f = filelock.FileLock(sys.argv[1]); f.acquire(); print(flush=True); time.sleep(30)"
-    )
-    holder = subprocess.Popen([sys.executable, "-c", hold, str(queue_dir(uri) / ".lock")], stdout=subprocess.PIPE)
-    try:
-        holder.stdout.readline()  # the lock is held
+    with _lock_held_elsewhere(uri, 30):
         started = time.monotonic()
         drain(uri)  # a background writer
         assert time.monotonic() - started < 5
-    finally:
-        holder.kill()
-        holder.wait()
     assert len(list(queue_dir(uri).glob("*.json"))) == 1  # left to the holder
     record = store._record
 

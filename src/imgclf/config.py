@@ -653,12 +653,21 @@ class Config(BaseModel):
         dumped = self.model_dump(mode="json")
         return {name: value for section in dumped.values() for name, value in section.items()}
 
+    def record(self) -> dict[str, Any]:
+        """The configuration as a run records it (config.json, the bundle's, MLflow's parameters), JSON-ready:
+        without ``resume``, an instruction about a checkpoint rather than a setting of the run (training again
+        from a record that said false removed an interrupted fine-tuning's checkpoint, one that said true
+        continued it)."""
+        recorded = self.model_dump(mode="json")
+        del recorded["finetune"]["resume"]
+        return recorded
+
     def save(self, path: str | Path) -> None:
-        """Write the configuration as JSON, atomically, into an existing folder (a run folder removed
-        meanwhile is not made again)."""
+        """Write :meth:`record` as JSON, atomically, into an existing folder (a run folder removed meanwhile is
+        not made again)."""
         from imgclf.utils import atomic_write_text
 
-        atomic_write_text(Path(path), self.model_dump_json(indent=2), parents=False)
+        atomic_write_text(Path(path), json.dumps(self.record(), indent=2, ensure_ascii=False), parents=False)
 
 
 def field_index() -> dict[str, str]:

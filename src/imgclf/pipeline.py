@@ -453,21 +453,6 @@ def _note_unbalanced(cfg: Config, ds: Dataset, train_idx: np.ndarray, fine_tunes
     )
 
 
-def _recorded(cfg: Config) -> dict[str, Any]:
-    """The configuration a run records (config.json, the bundle's), without ``resume``: an instruction about a
-    checkpoint, not a setting of the run. Training again from the record (``--config run/config.json``) into a
-    folder of an interrupted fine-tuning is then refused until --resume or --no-resume says which (a recorded
-    ``resume: true`` continued it, a recorded ``false`` removed its checkpoint without a word)."""
-    recorded = cfg.model_dump(mode="json")
-    del recorded["finetune"]["resume"]
-    return recorded
-
-
-def _save_config(cfg: Config, run_dir: Path) -> None:
-    """Write the run's ``config.json``: :func:`_recorded`, atomically."""
-    atomic_write_text(run_dir / "config.json", json.dumps(_recorded(cfg), indent=2, ensure_ascii=False), parents=False)
-
-
 def _svm_cv(fit: FittedHead) -> dict[str, Any]:
     """metrics.json's ``svm_cv``: the cross-validation's folds (0: none), the accuracy of the C chosen and of every
     C tried, by C as text (``str(svm_c)``); None where there is none (JSON has no NaN)."""
@@ -533,7 +518,7 @@ def _train(cfg: Config, run_dir: Path, t0: float) -> RunResult:
     _remove_earlier_outputs(run_dir, fine_tunes, cfg.finetune.resume and fine_tunes)
     save_split(run_dir / "split.csv", ds, split)
     cfg = cfg.updated(data_root=ds.root)
-    _save_config(cfg, run_dir)
+    cfg.save(run_dir / "config.json")
     timings["scan_s"] = time.perf_counter() - t0
     near_duplicates.report(run_dir, ds.root)
     skipped = list(ds.skipped)
@@ -554,7 +539,7 @@ def _train(cfg: Config, run_dir: Path, t0: float) -> RunResult:
         timings["backbone_choice_s"] = time.perf_counter() - t
         cfg = cfg.updated(backbone=backbone.name)  # the run is repeated by its config.json
         _check_in_place(run_dir)
-        _save_config(cfg, run_dir)
+        cfg.save(run_dir / "config.json")
     extra_figures: dict[str, Path] = {}
     backbone_state = None
     fitted_head = None
@@ -657,7 +642,7 @@ def _train(cfg: Config, run_dir: Path, t0: float) -> RunResult:
         backbone.spec(),
         fitted_head,
         mode,
-        _recorded(cfg),
+        cfg.record(),
         backbone_state=backbone_state,
     )
     _check_in_place(run_dir)

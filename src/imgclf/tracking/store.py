@@ -157,9 +157,9 @@ def param_value(value: Any) -> str:
 
 
 def flat_params(cfg: Config) -> dict[str, str]:
-    """The configuration by flat parameter name, as strings, as a run folder's config.json records it: without
-    ``resume`` (an instruction about a checkpoint, not a setting of the run)."""
-    return {name: param_value(value) for name, value in cfg.flat().items() if name != "resume"}
+    """The configuration as a run records it (:meth:`~imgclf.config.Config.record`), by flat parameter name, as
+    strings."""
+    return {name: param_value(value) for section in cfg.record().values() for name, value in section.items()}
 
 
 def metric_name(name: str) -> str:
